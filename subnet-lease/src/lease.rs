@@ -1,0 +1,200 @@
+//! flannel's lease data model: the key under `<prefix>/subnets/` and the JSON value.
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A lease value, as flannel writes it:
+/// `{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{…}}`.
+/// Fields this version does not know are kept and written back unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseAttrs {
+    #[serde(rename = "PublicIP", default = "unspecified_v4")]
+    pub public_ip: Ipv4Addr,
+    /// Always serialized (as `null` when absent), like flannel's `*ip.IP6`.
+    #[serde(rename = "PublicIPv6", default)]
+    pub public_ipv6: Option<Ipv6Addr>,
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub backend_type: String,
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_data: Option<Value>,
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_v6_data: Option<Value>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn unspecified_v4() -> Ipv4Addr {
+    Ipv4Addr::UNSPECIFIED
+}
+
+impl LeaseAttrs {
+    /// Attributes for a node with no backend data (udp, host-gw, alloc leases).
+    pub fn new(public_ip: Ipv4Addr, backend_type: impl Into<String>) -> Self {
+        LeaseAttrs {
+            public_ip,
+            public_ipv6: None,
+            backend_type: backend_type.into(),
+            backend_data: None,
+            backend_v6_data: None,
+            extra: Map::new(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing a struct of strings, IPs and JSON values cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The subnets a lease key names: always IPv4 (flannel's key format), optionally IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubnetKey {
+    pub ipv4: Ipv4Net,
+    pub ipv6: Option<Ipv6Net>,
+}
+
+/// A lease key that is not of flannel's form `10.5.52.0-24[&fc00::-64]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid subnet key {0:?}: expected like 10.5.52.0-24 or 10.5.52.0-24&fc00::-64")]
+pub struct BadKey(pub String);
+
+impl SubnetKey {
+    pub fn v4(ipv4: Ipv4Net) -> Self {
+        SubnetKey { ipv4, ipv6: None }
+    }
+
+    /// Parses the last path element of a lease key.
+    pub fn parse(text: &str) -> Result<Self, BadKey> {
+        let bad = || BadKey(text.to_string());
+        let (v4, v6) = match text.split_once('&') {
+            Some((a, b)) => (a, Some(b)),
+            None => (text, None),
+        };
+        let parse_net = |s: &str| -> Option<(String, u8)> {
+            let (addr, len) = s.rsplit_once('-')?;
+            let len: u8 = len.parse().ok()?;
+            Some((addr.to_string(), len))
+        };
+        let (a4, l4) = parse_net(v4).ok_or_else(bad)?;
+        let a4: Ipv4Addr = a4.parse().map_err(|_| bad())?;
+        let ipv4 = Ipv4Net::new(a4, l4).map_err(|_| bad())?;
+        if ipv4.trunc() != ipv4 {
+            return Err(bad());
+        }
+        let ipv6 = match v6 {
+            None => None,
+            Some(v6) => {
+                let (a6, l6) = parse_net(v6).ok_or_else(bad)?;
+                let a6: Ipv6Addr = a6.parse().map_err(|_| bad())?;
+                let net = Ipv6Net::new(a6, l6).map_err(|_| bad())?;
+                if net.trunc() != net {
+                    return Err(bad());
+                }
+                Some(net)
+            }
+        };
+        Ok(SubnetKey { ipv4, ipv6 })
+    }
+}
+
+impl fmt::Display for SubnetKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ipv4.network(), self.ipv4.prefix_len())?;
+        if let Some(v6) = self.ipv6 {
+            write!(f, "&{}-{}", v6.network(), v6.prefix_len())?;
+        }
+        Ok(())
+    }
+}
+
+/// A lease as read from etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub key: SubnetKey,
+    pub attrs: LeaseAttrs,
+    /// The etcd lease the key is bound to; 0 for a reservation (a key without TTL).
+    pub etcd_lease: i64,
+    /// The key's etcd mod revision when read.
+    pub mod_revision: i64,
+}
+
+impl Lease {
+    /// Keys without a TTL are reservations: only the node with their PublicIP may use them.
+    pub fn is_reservation(&self) -> bool {
+        self.etcd_lease == 0
+    }
+
+    pub fn subnet(&self) -> Ipv4Net {
+        self.key.ipv4
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attrs_round_trip_like_flannel() {
+        let text = r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#;
+        let a: LeaseAttrs = serde_json::from_str(text).unwrap();
+        assert_eq!(a.public_ip, Ipv4Addr::new(192, 168, 64, 3));
+        assert_eq!(a.backend_type, "vxlan");
+        assert_eq!(a.to_json(), text);
+    }
+
+    #[test]
+    fn no_backend_data_is_omitted_and_ipv6_is_null() {
+        let a = LeaseAttrs::new(Ipv4Addr::new(10, 0, 0, 1), "udp");
+        assert_eq!(
+            a.to_json(),
+            r#"{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"udp"}"#
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_preserved() {
+        let text = r#"{"PublicIP":"10.0.0.1","PublicIPv6":"fd00::1","BackendType":"host-gw","FutureField":{"x":[1,2]}}"#;
+        let a: LeaseAttrs = serde_json::from_str(text).unwrap();
+        assert_eq!(a.public_ipv6, Some("fd00::1".parse().unwrap()));
+        assert_eq!(a.to_json(), text);
+    }
+
+    #[test]
+    fn keys() {
+        let k = SubnetKey::parse("10.5.52.0-24").unwrap();
+        assert_eq!(k.ipv4, "10.5.52.0/24".parse::<Ipv4Net>().unwrap());
+        assert_eq!(k.to_string(), "10.5.52.0-24");
+        let k = SubnetKey::parse("10.5.52.0-24&fc00::-64").unwrap();
+        assert_eq!(k.ipv6, Some("fc00::/64".parse().unwrap()));
+        assert_eq!(k.to_string(), "10.5.52.0-24&fc00::-64");
+        for bad in [
+            "",
+            "10.5.52.0",
+            "10.5.52.0-33",
+            "10.5.52.1-24",
+            "x-24",
+            "10.5.52.0-24&",
+            "10.5.52.0-24&fc00::1-64",
+            "10.5.52.0-2x",
+        ] {
+            assert!(SubnetKey::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

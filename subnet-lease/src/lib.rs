@@ -1,0 +1,27 @@
+//! flannel-compatible subnet leases on etcd v3.
+//!
+//! Contract: [`config::parse`] validates net-conf.json with flannel's keys and defaults;
+//! [`LeaseManager::acquire`] gets this node a subnet (own lease → subnet-file subnet → random
+//! among the first 100 free), atomically; [`LeaseManager::run`] keeps it renewed with keep-alive
+//! on the same etcd lease, re-acquires it if it disappears, and streams peer [`Event`]s from a
+//! watch that misses nothing (list, then watch from revision + 1; re-list on compaction).
+//! Keys and JSON are flannel's (`<prefix>/config`, `<prefix>/subnets/10.5.52.0-24`).
+//! Pure parts (config, allocation, key/JSON model, subnet file) need no etcd.
+
+#![forbid(unsafe_code)]
+
+pub mod alloc;
+pub mod config;
+pub mod ipmath;
+pub mod lease;
+pub mod manager;
+pub mod registry;
+pub mod subnet_env;
+pub mod watch;
+
+pub use config::{BackendConfig, ConfigError, NetConfig};
+pub use lease::{Lease, LeaseAttrs, SubnetKey};
+pub use manager::{Event, LeaseError, LeaseManager, ManagerOptions};
+pub use registry::{EtcdOptions, EtcdRegistry, Registry, RegistryError};
+pub use subnet_env::SubnetEnv;
+pub use watch::{Backoff, Change, LeaseWatcher};

@@ -1,0 +1,279 @@
+//! The lease manager: acquires this node's lease, keeps it renewed, re-acquires it when it
+//! disappears, and turns the lease watch into peer events.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::alloc::{self, AllocError, Choice, Identity};
+use crate::config::NetConfig;
+use crate::lease::{Lease, LeaseAttrs, SubnetKey};
+use crate::registry::{Registry, RegistryError};
+use crate::watch::{Backoff, Change, LeaseWatcher};
+
+/// flannel's lease TTL: 24 hours.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// flannel's default renew margin: 60 minutes before expiry.
+pub const DEFAULT_RENEW_MARGIN: Duration = Duration::from_secs(60 * 60);
+/// How many times acquisition retries after losing a race for a subnet.
+pub const ACQUIRE_ATTEMPTS: usize = 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    #[error("could not acquire a lease after {0} attempts: other nodes kept taking the chosen subnets")]
+    Contention(usize),
+}
+
+impl LeaseError {
+    /// Whether retrying later may help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            LeaseError::Registry(e) => e.is_transient(),
+            LeaseError::Contention(_) => true,
+            LeaseError::Alloc(_) => false,
+        }
+    }
+}
+
+/// What consumers (backends, the daemon) are told.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A peer's lease appeared or changed.
+    PeerAdded(Lease),
+    /// A peer's lease was deleted or expired.
+    PeerRemoved(Lease),
+    /// Our own lease was lost and re-acquired (possibly with another subnet).
+    OwnLease(Lease),
+}
+
+#[derive(Debug, Clone)]
+pub struct ManagerOptions {
+    pub ttl: Duration,
+    pub renew_margin: Duration,
+    pub backoff: Backoff,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> Self {
+        ManagerOptions {
+            ttl: DEFAULT_TTL,
+            renew_margin: DEFAULT_RENEW_MARGIN,
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Acquires and keeps one node's lease.
+#[derive(Debug, Clone)]
+pub struct LeaseManager<R> {
+    reg: R,
+    cfg: NetConfig,
+    attrs: LeaseAttrs,
+    opts: ManagerOptions,
+}
+
+impl<R: Registry> LeaseManager<R> {
+    /// `attrs` is what this node publishes: PublicIP(v6), BackendType, BackendData.
+    pub fn new(reg: R, cfg: NetConfig, attrs: LeaseAttrs, opts: ManagerOptions) -> Self {
+        LeaseManager {
+            reg,
+            cfg,
+            attrs,
+            opts,
+        }
+    }
+
+    pub fn registry(&self) -> &R {
+        &self.reg
+    }
+
+    fn identity(&self) -> Identity {
+        Identity {
+            public_ip: self.attrs.public_ip,
+            public_ipv6: self.attrs.public_ipv6,
+        }
+    }
+
+    /// Acquires a lease: our existing one, else `previous` (from the subnet file) if free,
+    /// else a random free subnet. Losing a race for a subnet retries with a fresh view.
+    pub async fn acquire(&self, previous: Option<SubnetKey>) -> Result<Lease, LeaseError> {
+        for attempt in 1..=ACQUIRE_ATTEMPTS {
+            let list = self.reg.list_leases().await?;
+            let plan = alloc::plan(
+                &self.cfg,
+                &list.leases,
+                self.identity(),
+                previous,
+                &mut rand::rng(),
+            )?;
+            for stale in &plan.stale {
+                tracing::info!(subnet = %stale.key, "deleting our lease that no longer fits the network config");
+                self.reg.delete_lease(stale).await?;
+            }
+            match plan.choice {
+                Choice::Reuse(old) => {
+                    let mut attrs = self.attrs.clone();
+                    // Keep fields a newer version wrote.
+                    for (k, v) in &old.attrs.extra {
+                        attrs.extra.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
+                    if !self.reg.update_lease(&old, &attrs).await? {
+                        tracing::debug!(subnet = %old.key, attempt, "own lease changed while reusing it; retrying");
+                        continue;
+                    }
+                    if !old.is_reservation() && self.reg.renew(old.etcd_lease).await?.is_none() {
+                        // Expired between the read and the renewal; start over.
+                        continue;
+                    }
+                    tracing::info!(subnet = %old.key, reservation = old.is_reservation(), "reusing existing lease");
+                    return Ok(Lease {
+                        attrs,
+                        mod_revision: 0,
+                        ..old
+                    });
+                }
+                Choice::Create(key) => {
+                    match self.reg.create_lease(key, &self.attrs, self.opts.ttl).await? {
+                        Some(id) => {
+                            tracing::info!(subnet = %key, "acquired new lease");
+                            return Ok(Lease {
+                                key,
+                                attrs: self.attrs.clone(),
+                                etcd_lease: id,
+                                mod_revision: 0,
+                            });
+                        }
+                        None => {
+                            tracing::info!(subnet = %key, attempt, "lost the race for a subnet; choosing again");
+                            // A little jitter so concurrent joiners spread out.
+                            let ms = rand::random_range(0..20u64 * attempt as u64);
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                    }
+                }
+            }
+        }
+        Err(LeaseError::Contention(ACQUIRE_ATTEMPTS))
+    }
+
+    /// Keeps `own` renewed and re-acquired, and sends peer events, until `events` is closed
+    /// (the consumer dropped its receiver) — which is how the caller stops it.
+    pub async fn run(self, mut own: Lease, events: mpsc::Sender<Event>) {
+        let (tx, mut changes) = mpsc::channel::<Vec<Change>>(64);
+        let watcher = LeaseWatcher::new(self.reg.clone()).with_backoff(self.opts.backoff);
+        let watch_task = tokio::spawn(watcher.run(tx));
+        let mut renew_at = self.renew_deadline(self.opts.ttl);
+        let mut backoff = self.opts.backoff;
+        let mut lost = false;
+        loop {
+            if lost {
+                match self.reacquire(&own, &events).await {
+                    Some(l) => {
+                        own = l;
+                        lost = false;
+                        renew_at = self.renew_deadline(self.opts.ttl);
+                        if events.send(Event::OwnLease(own.clone())).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            let sleep_until = if own.is_reservation() {
+                Instant::now() + Duration::from_secs(3600 * 24 * 365)
+            } else {
+                renew_at
+            };
+            tokio::select! {
+                _ = events.closed() => break,
+                _ = tokio::time::sleep_until(sleep_until) => {
+                    match self.reg.renew(own.etcd_lease).await {
+                        Ok(Some(ttl)) => {
+                            backoff.reset();
+                            renew_at = self.renew_deadline(ttl);
+                            tracing::info!(subnet = %own.key, "lease renewed, TTL {ttl:?}");
+                        }
+                        Ok(None) => {
+                            tracing::warn!(subnet = %own.key, "lease expired; re-acquiring");
+                            lost = true;
+                        }
+                        Err(e) => {
+                            let d = backoff.next_delay();
+                            tracing::warn!(subnet = %own.key, "lease renewal failed: {e}; retrying in {d:?}");
+                            renew_at = Instant::now() + d;
+                        }
+                    }
+                }
+                batch = changes.recv() => {
+                    let Some(batch) = batch else { break };
+                    for change in batch {
+                        let lease = change.lease();
+                        if lease.key == own.key {
+                            let ours = lease.attrs.public_ip == own.attrs.public_ip;
+                            match &change {
+                                Change::Removed(_) => {
+                                    tracing::warn!(subnet = %own.key, "our lease was deleted; re-acquiring");
+                                    lost = true;
+                                }
+                                Change::Added(l) if !ours => {
+                                    tracing::warn!(subnet = %own.key, other = %l.attrs.public_ip, "our subnet was taken over by another node; re-acquiring");
+                                    lost = true;
+                                }
+                                Change::Added(_) => {}
+                            }
+                            continue;
+                        }
+                        let ev = match change {
+                            Change::Added(l) => Event::PeerAdded(l),
+                            Change::Removed(l) => Event::PeerRemoved(l),
+                        };
+                        if events.send(ev).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        watch_task.abort();
+    }
+
+    fn renew_deadline(&self, ttl: Duration) -> Instant {
+        let wait = ttl
+            .saturating_sub(self.opts.renew_margin)
+            .max(Duration::from_secs(1));
+        Instant::now() + wait
+    }
+
+    /// Re-acquires after our lease went away, preferring the same subnet; retries transient
+    /// errors until it succeeds or the consumer goes away (None).
+    async fn reacquire(&self, own: &Lease, events: &mpsc::Sender<Event>) -> Option<Lease> {
+        let mut backoff = self.opts.backoff;
+        loop {
+            let result = tokio::select! {
+                r = self.acquire(Some(own.key)) => r,
+                _ = events.closed() => return None,
+            };
+            match result {
+                Ok(l) => {
+                    if l.key != own.key {
+                        tracing::warn!(old = %own.key, new = %l.key, "re-acquired a different subnet");
+                    }
+                    return Some(l);
+                }
+                Err(e) => {
+                    let d = backoff.next_delay();
+                    tracing::error!("re-acquiring our lease failed: {e}; retrying in {d:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = events.closed() => return None,
+                    }
+                }
+            }
+        }
+    }
+}

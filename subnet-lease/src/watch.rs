@@ -1,0 +1,236 @@
+//! The peer view: list every lease, then watch from the list's revision + 1 so nothing written
+//! in between is missed (flannel v0.20 watches from "now" and loses such peers). A compacted or
+//! cancelled watch re-lists and reports the difference; an unreachable etcd is retried with
+//! backoff, resuming the watch where it stopped.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::lease::{Lease, SubnetKey};
+use crate::registry::{KeyEvent, Registry, WatchBatch, WatchStream};
+
+/// A change to the set of leases.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A lease appeared or its value changed.
+    Added(Lease),
+    /// A lease went away (deleted or expired); the last value seen.
+    Removed(Lease),
+}
+
+impl Change {
+    pub fn lease(&self) -> &Lease {
+        match self {
+            Change::Added(l) | Change::Removed(l) => l,
+        }
+    }
+}
+
+/// Retry delays: doubling from `min` to `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    /// The next delay to wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(10))
+    }
+}
+
+/// Keeps a view of every lease in step with etcd.
+#[derive(Debug)]
+pub struct LeaseWatcher<R> {
+    reg: R,
+    view: BTreeMap<SubnetKey, Lease>,
+    /// Every event up to this revision is reflected in `view`; 0 = list needed.
+    revision: i64,
+    backoff: Backoff,
+}
+
+impl<R: Registry> LeaseWatcher<R> {
+    pub fn new(reg: R) -> Self {
+        LeaseWatcher {
+            reg,
+            view: BTreeMap::new(),
+            revision: 0,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Resumes from a known view and revision (as after a restart from saved state).
+    pub fn resume(reg: R, leases: Vec<Lease>, revision: i64) -> Self {
+        let mut w = Self::new(reg);
+        w.view = leases.into_iter().map(|l| (l.key, l)).collect();
+        w.revision = revision;
+        w
+    }
+
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The leases currently known.
+    pub fn view(&self) -> impl Iterator<Item = &Lease> {
+        self.view.values()
+    }
+
+    /// Runs until `tx` is closed, sending every change. Never gives up on etcd errors.
+    pub async fn run(mut self, tx: mpsc::Sender<Vec<Change>>) {
+        let mut stream: Option<WatchStream> = None;
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            if self.revision == 0 {
+                match self.reg.list_leases().await {
+                    Ok(list) => {
+                        for (key, why) in &list.invalid {
+                            tracing::warn!(%key, "ignoring invalid lease: {why}");
+                        }
+                        let changes = self.replace_view(list.leases);
+                        self.revision = list.revision;
+                        if !changes.is_empty() && tx.send(changes).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        self.wait_after_error(&e.to_string(), &tx).await;
+                        continue;
+                    }
+                }
+            }
+            let s = match stream.as_mut() {
+                Some(s) => s,
+                None => match self.reg.watch_leases(self.revision + 1).await {
+                    Ok(s) => stream.insert(s),
+                    Err(e) => {
+                        self.wait_after_error(&e.to_string(), &tx).await;
+                        continue;
+                    }
+                },
+            };
+            let item = tokio::select! {
+                item = s.next() => item,
+                _ = tx.closed() => return,
+            };
+            match item {
+                Some(Ok(WatchBatch::Events { events, revision })) => {
+                    self.backoff.reset();
+                    let changes = self.apply(events);
+                    if let Some(r) = revision {
+                        self.revision = self.revision.max(r);
+                    }
+                    if !changes.is_empty() && tx.send(changes).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(WatchBatch::Lost { reason })) => {
+                    tracing::info!("lease watch lost ({reason}); re-listing");
+                    stream = None;
+                    self.revision = 0;
+                }
+                Some(Err(e)) => {
+                    stream = None;
+                    self.wait_after_error(&e.to_string(), &tx).await;
+                }
+                None => {
+                    stream = None;
+                    self.wait_after_error("watch stream ended", &tx).await;
+                }
+            }
+        }
+    }
+
+    async fn wait_after_error(&mut self, err: &str, tx: &mpsc::Sender<Vec<Change>>) {
+        let d = self.backoff.next_delay();
+        tracing::warn!("lease watch: {err}; retrying in {d:?}");
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = tx.closed() => {}
+        }
+    }
+
+    fn replace_view(&mut self, leases: Vec<Lease>) -> Vec<Change> {
+        let fresh: BTreeMap<SubnetKey, Lease> = leases.into_iter().map(|l| (l.key, l)).collect();
+        let mut changes: Vec<Change> = self
+            .view
+            .iter()
+            .filter(|(k, _)| !fresh.contains_key(k))
+            .map(|(_, l)| Change::Removed(l.clone()))
+            .collect();
+        for (k, l) in &fresh {
+            if self.view.get(k).map(|old| &old.attrs) != Some(&l.attrs) {
+                changes.push(Change::Added(l.clone()));
+            }
+        }
+        self.view = fresh;
+        changes
+    }
+
+    fn apply(&mut self, events: Vec<KeyEvent>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for ev in events {
+            match ev {
+                KeyEvent::Put(l) => {
+                    if l.mod_revision <= self.revision && self.view.contains_key(&l.key) {
+                        continue; // already seen by the list
+                    }
+                    let changed = self.view.get(&l.key).map(|old| &old.attrs) != Some(&l.attrs);
+                    self.view.insert(l.key, l.clone());
+                    if changed {
+                        changes.push(Change::Added(l));
+                    }
+                }
+                KeyEvent::Delete(k) => {
+                    if let Some(old) = self.view.remove(&k) {
+                        changes.push(Change::Removed(old));
+                    }
+                }
+            }
+        }
+        changes
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_max_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let got: Vec<_> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(got, vec![100, 200, 350, 350]);
+        b.reset();
+        assert_eq!(b.next_delay().as_millis(), 100);
+    }
+}
