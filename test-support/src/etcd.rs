@@ -1,0 +1,208 @@
+//! A real etcd (Debian `etcd-server`) on a free port with a temporary data dir.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{find_program, require, run_bounded, wait_for};
+
+/// A running etcd; stopped (by its own PID) and its data dir removed on drop.
+#[derive(Debug)]
+pub struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// Address etcd listens on for clients and peers.
+    ip: String,
+    client_port: u16,
+    peer_port: u16,
+    /// Network namespace to run in (None = the test's own namespace).
+    netns: Option<String>,
+    starts: u32,
+}
+
+impl Etcd {
+    /// Starts etcd on 127.0.0.1 (free ports). Returns None (after printing why) when etcd is
+    /// not installed and CI is not set; panics under CI.
+    pub fn start() -> Option<Etcd> {
+        if !require(
+            find_program("etcd").is_some(),
+            "needs etcd (Debian package etcd-server)",
+        ) {
+            return None;
+        }
+        let mut e = Etcd::new(
+            "127.0.0.1",
+            crate::free_port(),
+            crate::free_port(),
+            None,
+        );
+        e.spawn();
+        Some(e)
+    }
+
+    /// Starts etcd inside a network namespace, listening on `ip` and loopback.
+    pub fn start_in_netns(netns: &str, ip: &str) -> Etcd {
+        let mut e = Etcd::new(ip, 2379, 2380, Some(netns.to_string()));
+        e.spawn();
+        e
+    }
+
+    fn new(ip: &str, client_port: u16, peer_port: u16, netns: Option<String>) -> Etcd {
+        let dir = tempfile::Builder::new()
+            .prefix("flannel-etcd-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("creating a temp dir for etcd: {e}"));
+        Etcd {
+            child: None,
+            dir,
+            ip: ip.to_string(),
+            client_port,
+            peer_port,
+            netns,
+            starts: 0,
+        }
+    }
+
+    /// The client URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}:{}", self.ip, self.client_port)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("etcd-{}.log", self.starts))
+    }
+
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = File::create(self.log_path())
+            .unwrap_or_else(|e| panic!("creating the etcd log: {e}"));
+        let log2 = log
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cloning the etcd log handle: {e}"));
+        let peer = format!("http://{}:{}", self.ip, self.peer_port);
+        let mut clients = self.endpoint();
+        if self.ip != "127.0.0.1" {
+            clients += &format!(",http://127.0.0.1:{}", self.client_port);
+        }
+        let child = self
+            .command("etcd")
+            .args([
+                "--name",
+                "default",
+                "--data-dir",
+                &self.dir.path().join("data").to_string_lossy(),
+                "--listen-client-urls",
+                &clients,
+                "--advertise-client-urls",
+                &self.endpoint(),
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &format!("default={peer}"),
+                "--log-level",
+                "warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting etcd: {e}"));
+        self.child = Some(child);
+        if !self.wait_healthy(Duration::from_secs(20)) {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            self.stop();
+            panic!(
+                "etcd did not become healthy within 20 s; its log:\n{}",
+                tail(&log, 30)
+            );
+        }
+    }
+
+    fn wait_healthy(&mut self, limit: Duration) -> bool {
+        let endpoint = self.endpoint();
+        wait_for(limit, || {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return Some(false); // exited
+                }
+            }
+            let ok = self
+                .etcdctl(&["--endpoints", &endpoint, "endpoint", "health"])
+                .is_ok();
+            ok.then_some(true)
+        })
+        .unwrap_or(false)
+    }
+
+    /// Runs etcdctl (v3 API) against this etcd, in its namespace, bounded to 10 s.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String, String> {
+        let endpoint = self.endpoint();
+        let mut cmd = self.command("etcdctl");
+        if !args.contains(&"--endpoints") {
+            cmd.args(["--endpoints", &endpoint]);
+        }
+        cmd.args(["--command-timeout", "5s"])
+            .args(args)
+            .env("ETCDCTL_API", "3");
+        let out = run_bounded(&mut cmd, Duration::from_secs(10))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "etcdctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Stops etcd (SIGTERM, then SIGKILL after 5 s). Data is kept for [`Etcd::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            crate::netns::stop_child(&mut child, Duration::from_secs(5));
+        }
+    }
+
+    /// Starts etcd again on the same ports and data dir.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// The last lines of etcd's current log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(
+            &std::fs::read_to_string(self.log_path()).unwrap_or_default(),
+            lines,
+        )
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,267 @@
+//! Multi-node testbeds in network namespaces.
+//!
+//! Layout: a hub namespace holds bridge `br0` (the underlay, 172.30.0.1/24) and optionally etcd;
+//! each node namespace has `eth0` (172.30.0.(10+i)/24, default route via the hub) as a veth to the
+//! hub's bridge; pods are namespaces with `eth0` as a veth to their node's bridge `cni0`.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::{random_tag, run_bounded, sh, Etcd};
+
+/// The hub's address on the underlay.
+pub const HUB_IP: &str = "172.30.0.1";
+
+/// A node of the testbed.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Network namespace name.
+    pub ns: String,
+    /// Address on the underlay (eth0).
+    pub ip: String,
+}
+
+/// A pod behind a node's bridge.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub ns: String,
+    pub ip: String,
+    pub node: usize,
+}
+
+/// A process started in a namespace.
+#[derive(Debug)]
+struct Proc {
+    child: Option<Child>,
+    name: String,
+}
+
+/// Namespaces, processes and etcd created for one test; all torn down on drop.
+#[derive(Debug)]
+pub struct Testbed {
+    pub tag: String,
+    pub hub: String,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub etcd: Option<Etcd>,
+    created: Vec<String>,
+    procs: Vec<Proc>,
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps.
+pub(crate) fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+fn ip(args: &[&str]) -> Result<String, String> {
+    sh("ip", args)
+}
+
+impl Testbed {
+    /// Creates the hub and `nodes` nodes. Fails if any name already exists.
+    pub fn new(nodes: usize) -> Result<Testbed, String> {
+        let tag = random_tag(6);
+        let mut tb = Testbed {
+            hub: format!("fl{tag}-hub"),
+            tag,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            etcd: None,
+            created: Vec::new(),
+            procs: Vec::new(),
+        };
+        let hub = tb.hub.clone();
+        tb.add_netns(&hub)?;
+        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &hub, "addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"])?;
+        ip(&["-n", &hub, "link", "set", "br0", "up"])?;
+        for i in 1..=nodes {
+            let ns = format!("fl{}-n{i}", tb.tag);
+            let node_ip = format!("172.30.0.{}", 10 + i);
+            tb.add_netns(&ns)?;
+            let hub_end = format!("n{i}");
+            ip(&[
+                "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &hub_end,
+                "netns", &hub,
+            ])?;
+            ip(&["-n", &hub, "link", "set", &hub_end, "master", "br0", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "route", "add", "default", "via", HUB_IP])?;
+            tb.nodes.push(Node { ns, ip: node_ip });
+        }
+        Ok(tb)
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<(), String> {
+        if Path::new("/run/netns").join(name).exists() {
+            return Err(format!("network namespace {name} already exists"));
+        }
+        ip(&["netns", "add", name])?;
+        self.created.push(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// Starts etcd in the hub on the hub's underlay address; returns its endpoint.
+    pub fn start_etcd(&mut self) -> String {
+        let etcd = Etcd::start_in_netns(&self.hub, HUB_IP);
+        let ep = etcd.endpoint();
+        self.etcd = Some(etcd);
+        ep
+    }
+
+    /// Runs a command in a namespace (bounded to 20 s) and returns stdout.
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Result<String, String> {
+        let mut full = vec!["netns", "exec", ns];
+        full.extend_from_slice(args);
+        sh("ip", &full)
+    }
+
+    /// Runs a command in a namespace with a custom time bound; returns (success, stdout+stderr).
+    pub fn exec_status(&self, ns: &str, args: &[&str], limit: Duration) -> (bool, String) {
+        match run_bounded(
+            Command::new("ip").args(["netns", "exec", ns]).args(args),
+            limit,
+        ) {
+            Ok(out) => (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ),
+            Err(e) => (false, e),
+        }
+    }
+
+    /// Starts a long-running process in a namespace, output to `log`. Returns a handle.
+    pub fn spawn(
+        &mut self,
+        ns: &str,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<usize, String> {
+        let out = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, program])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting {program} in {ns}: {e}"))?;
+        self.procs.push(Proc {
+            child: Some(child),
+            name: format!("{program} in {ns}"),
+        });
+        Ok(self.procs.len() - 1)
+    }
+
+    /// The PID of a started process (None once stopped).
+    pub fn pid(&self, handle: usize) -> Option<u32> {
+        self.procs
+            .get(handle)
+            .and_then(|p| p.child.as_ref())
+            .map(|c| c.id())
+    }
+
+    /// Whether a started process is still running.
+    pub fn running(&mut self, handle: usize) -> bool {
+        self.procs
+            .get_mut(handle)
+            .and_then(|p| p.child.as_mut())
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Stops a started process: SIGTERM, then SIGKILL after `grace`. Returns its exit status.
+    pub fn stop(&mut self, handle: usize, grace: Duration) -> Option<ExitStatus> {
+        let p = self.procs.get_mut(handle)?;
+        let mut child = p.child.take()?;
+        stop_child(&mut child, grace)
+    }
+
+    /// Adds a pod namespace behind node `node` (index into `nodes`) with address `ip_cidr`
+    /// (e.g. "10.5.3.2/24") and default gateway `gateway`, which the node's bridge `cni0`
+    /// gets as its address (created on first use).
+    pub fn add_pod(&mut self, node: usize, ip_cidr: &str, gateway_cidr: &str) -> Result<Pod, String> {
+        let node_ns = self
+            .nodes
+            .get(node)
+            .ok_or_else(|| format!("no node {node}"))?
+            .ns
+            .clone();
+        let k = self.pods.iter().filter(|p| p.node == node).count() + 1;
+        let ns = format!("{node_ns}p{k}");
+        self.add_netns(&ns)?;
+        if ip(&["-n", &node_ns, "link", "show", "cni0"]).is_err() {
+            ip(&["-n", &node_ns, "link", "add", "cni0", "type", "bridge"])?;
+            ip(&["-n", &node_ns, "addr", "add", gateway_cidr, "dev", "cni0"])?;
+            ip(&["-n", &node_ns, "link", "set", "cni0", "up"])?;
+        }
+        let host_end = format!("vp{k}");
+        ip(&[
+            "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &host_end, "netns",
+            &node_ns,
+        ])?;
+        ip(&["-n", &node_ns, "link", "set", &host_end, "master", "cni0", "up"])?;
+        ip(&["-n", &ns, "addr", "add", ip_cidr, "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        let gw = gateway_cidr.split('/').next().unwrap_or(gateway_cidr);
+        ip(&["-n", &ns, "route", "add", "default", "via", gw])?;
+        let pod = Pod {
+            ns,
+            ip: ip_cidr.split('/').next().unwrap_or(ip_cidr).to_string(),
+            node,
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let mut errors = Vec::new();
+        for p in &mut self.procs {
+            if let Some(mut c) = p.child.take() {
+                if stop_child(&mut c, Duration::from_secs(5)).is_none() {
+                    errors.push(format!("could not reap {}", p.name));
+                }
+            }
+        }
+        // etcd runs in the hub: stop it before the namespace goes.
+        self.etcd = None;
+        for ns in self.created.iter().rev() {
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                errors.push(e);
+            }
+        }
+        if !errors.is_empty() {
+            eprintln!("testbed {} cleanup: {}", self.tag, errors.join("; "));
+        }
+    }
+}
