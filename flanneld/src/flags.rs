@@ -1,0 +1,146 @@
+//! Command-line flags, named as flannel's, each also read from `FLANNELD_<FLAG>`.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "flanneld",
+    version,
+    about = "flannel-compatible overlay network daemon: leases this node's subnet from etcd"
+)]
+pub struct Flags {
+    /// etcd endpoints, comma separated.
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// etcd prefix holding `config` and `subnets/`.
+    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = subnet_lease::registry::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+
+    /// TLS client key for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+
+    /// TLS client certificate for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+
+    /// CA that signed etcd's certificate. Setting it (alone or with a client certificate)
+    /// requires https:// endpoints.
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+
+    /// etcd user name.
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+
+    /// etcd password.
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+
+    /// Interface (name or IP) for inter-host traffic; repeat to give candidates in order.
+    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+
+    /// Regex matched against interface IPs, then names; repeat for candidates in order.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    pub iface_regex: Vec<String>,
+
+    /// IP published to other nodes (default: the interface's IP).
+    #[arg(long, env = "FLANNELD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+
+    /// Where to write the subnet file for the CNI plugin.
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
+    pub subnet_file: PathBuf,
+
+    /// Renew the lease this many minutes before it expires.
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..1440)
+    )]
+    pub subnet_lease_renew_margin: u64,
+}
+
+/// Accepts Go-style single-dash long flags (`-etcd-endpoints=…`), as flannel's flag package
+/// does, by rewriting them to `--etcd-endpoints=…`.
+pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let b = a.as_bytes();
+            let go_style = i > 0
+                && b.len() > 2
+                && b[0] == b'-'
+                && b[1].is_ascii_alphabetic()
+                && b[2] != b'='
+                && a[1..].split('=').next().is_some_and(|n| n.len() > 1);
+            if go_style {
+                format!("-{a}")
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Flags {
+        let v = normalize_args(args.iter().map(|s| s.to_string()));
+        Flags::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_flannels() {
+        let f = parse(&["flanneld"]);
+        assert_eq!(f.etcd_endpoints, vec!["http://127.0.0.1:2379"]);
+        assert_eq!(f.etcd_prefix, "/coreos.com/network");
+        assert_eq!(f.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(f.subnet_lease_renew_margin, 60);
+        assert!(f.iface.is_empty() && f.public_ip.is_none());
+    }
+
+    #[test]
+    fn go_style_single_dash_flags_and_lists() {
+        let f = parse(&[
+            "flanneld",
+            "-etcd-endpoints=http://a:2379,http://b:2379",
+            "-iface",
+            "eth1",
+            "--iface=10.0.0.5",
+            "-public-ip=1.2.3.4",
+        ]);
+        assert_eq!(f.etcd_endpoints, vec!["http://a:2379", "http://b:2379"]);
+        assert_eq!(f.iface, vec!["eth1", "10.0.0.5"]);
+        assert_eq!(f.public_ip, Some(Ipv4Addr::new(1, 2, 3, 4)));
+        assert_eq!(normalize_args(["x".into(), "-h".into()]), vec!["x", "-h"]);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let v = normalize_args(["flanneld", "--public-ip=nope"].map(String::from));
+        assert!(Flags::try_parse_from(v).is_err());
+        let v = normalize_args(["flanneld", "--subnet-lease-renew-margin=0"].map(String::from));
+        assert!(Flags::try_parse_from(v).is_err());
+        let v = normalize_args(["flanneld", "--kube-subnet-mgr"].map(String::from));
+        assert!(Flags::try_parse_from(v).is_err());
+    }
+}

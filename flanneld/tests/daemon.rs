@@ -1,0 +1,183 @@
+//! flanneld end to end against a real etcd on loopback, run as a child process. No root needed:
+//! `--iface lo` and a subnet file in a temp dir; nothing on the host is changed.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use subnet_lease::SubnetEnv;
+use test_support::{random_tag, wait_for, Etcd};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(args: &[&str], log: &Path) -> Daemon {
+        let out = std::fs::File::create(log).unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Daemon {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait (bounded); returns the exit code.
+    fn terminate(&mut self) -> Option<i32> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = wait_for(Duration::from_secs(10), || self.child.try_wait().unwrap());
+        status.and_then(|s| s.code())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn acquires_writes_subnet_file_exits_zero_on_sigterm_and_keeps_subnet_on_restart() {
+    let Some(etcd) = Etcd::start() else { return };
+    let prefix = format!("/t{}/network", random_tag(6));
+    etcd.etcdctl(&[
+        "put",
+        &format!("{prefix}/config"),
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let subnet_file = dir.path().join("run/subnet.env");
+    let endpoints = etcd.endpoint();
+    // Go-style single-dash flags are accepted, like flannel's.
+    let args = [
+        "-etcd-endpoints",
+        endpoints.as_str(),
+        "-etcd-prefix",
+        prefix.as_str(),
+        "--iface=lo",
+        "--public-ip=10.9.8.7",
+        "--subnet-file",
+        subnet_file.to_str().unwrap(),
+    ];
+    let mut d = Daemon::start(&args, &dir.path().join("1.log"));
+    let env = wait_for(Duration::from_secs(20), || SubnetEnv::read(&subnet_file).ok())
+        .unwrap_or_else(|| panic!("no subnet file; log:\n{}", d.log()));
+    assert_eq!(env.network, Some("10.5.0.0/16".parse().unwrap()));
+    assert_eq!(env.mtu, 65536, "alloc uses the interface MTU (lo)");
+    let text = std::fs::read_to_string(&subnet_file).unwrap();
+    let subnet = env.subnet.unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET={}/24\nFLANNEL_MTU=65536\nFLANNEL_IPMASQ=false\n",
+            std::net::Ipv4Addr::from(u32::from(subnet.network()) + 1)
+        )
+    );
+    let key = format!("{prefix}/subnets/{}-24", subnet.network());
+    let value = etcd.etcdctl(&["get", &key, "--print-value-only"]).unwrap();
+    assert_eq!(
+        value.trim(),
+        r#"{"PublicIP":"10.9.8.7","PublicIPv6":null,"BackendType":"alloc"}"#
+    );
+    let lease_of = || {
+        let json = etcd.etcdctl(&["get", &key, "-w", "json"]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["kvs"][0]["lease"].as_i64().unwrap()
+    };
+    let lease_id = lease_of();
+    assert_eq!(d.terminate(), Some(0), "exit 0 on SIGTERM; log:\n{}", d.log());
+
+    // Restarted with the subnet file removed: the lease in etcd (same PublicIP) is reused.
+    std::fs::remove_file(&subnet_file).unwrap();
+    let mut d = Daemon::start(&args, &dir.path().join("2.log"));
+    let env2 = wait_for(Duration::from_secs(20), || SubnetEnv::read(&subnet_file).ok())
+        .unwrap_or_else(|| panic!("no subnet file after restart; log:\n{}", d.log()));
+    assert_eq!(env2.subnet, Some(subnet));
+    assert_eq!(lease_of(), lease_id, "same etcd lease after restart");
+    assert!(d.log().contains("reusing existing lease"), "{}", d.log());
+    // A peer appearing is logged.
+    let peer_key = format!("{prefix}/subnets/10.5.99.0-24");
+    etcd.etcdctl(&["put", &peer_key, r#"{"PublicIP":"10.9.8.1","PublicIPv6":null,"BackendType":"alloc"}"#])
+        .unwrap();
+    wait_for(Duration::from_secs(10), || {
+        d.log().contains("peer joined or changed: 10.5.99.0-24").then_some(())
+    })
+    .unwrap_or_else(|| panic!("peer not logged:\n{}", d.log()));
+    etcd.etcdctl(&["del", &peer_key]).unwrap();
+    wait_for(Duration::from_secs(10), || d.log().contains("peer left: 10.5.99.0-24").then_some(()))
+        .unwrap_or_else(|| panic!("peer leaving not logged:\n{}", d.log()));
+    assert_eq!(d.terminate(), Some(0));
+}
+
+#[test]
+fn waits_for_the_network_config_and_sigint_exits_zero() {
+    let Some(etcd) = Etcd::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ep = etcd.endpoint();
+    let prefix = format!("/t{}/network", random_tag(6));
+    let mut d = Daemon::start(
+        &[
+            "--etcd-endpoints",
+            &ep,
+            "--etcd-prefix",
+            &prefix,
+            "--iface",
+            "127.0.0.1",
+            "--subnet-file",
+            dir.path().join("s.env").to_str().unwrap(),
+        ],
+        &dir.path().join("log"),
+    );
+    wait_for(Duration::from_secs(10), || d.log().contains("no network config").then_some(()))
+        .unwrap_or_else(|| panic!("{}", d.log()));
+    // An invalid config is reported by key and rule, and the daemon keeps waiting.
+    etcd.etcdctl(&["put", &format!("{prefix}/config"), r#"{"Network":"10.5.0.0/29"}"#])
+        .unwrap();
+    wait_for(Duration::from_secs(10), || d.log().contains("Network: /29 is too small").then_some(()))
+        .unwrap_or_else(|| panic!("{}", d.log()));
+    etcd.etcdctl(&["put", &format!("{prefix}/config"), r#"{"Network":"10.5.0.0/16"}"#])
+        .unwrap();
+    wait_for(Duration::from_secs(20), || dir.path().join("s.env").exists().then_some(()))
+        .unwrap_or_else(|| panic!("{}", d.log()));
+    assert!(d.log().contains("running lease-only (alloc)"), "{}", d.log());
+    let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = wait_for(Duration::from_secs(10), || d.child.try_wait().unwrap()).unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn tls_files_with_plain_http_endpoint_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--etcd-endpoints=http://127.0.0.1:1",
+            "--etcd-cafile=/nonexistent/ca.pem",
+            "--iface=lo",
+        ])
+        .arg(format!("--subnet-file={}", dir.path().join("s").display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("use https:// so the connection is encrypted"), "{err}");
+}
