@@ -49,15 +49,18 @@ mod tests {
             public_ip: Ipv4Addr::new(10, 0, 0, 1),
             mtu: 1500,
         };
-        let cfg = subnet_lease::config::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#)
-            .unwrap()
-            .config;
+        let cfg =
+            subnet_lease::config::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#)
+                .unwrap()
+                .config;
         let (b, note) = crate::create(&cfg.backend, &ext).unwrap();
         assert!(note.is_none());
         assert_eq!(b.backend_type(), "alloc");
         assert_eq!(b.backend_data(), None);
         assert_eq!(b.mtu(), 1500);
-        let cfg = subnet_lease::config::parse(r#"{"Network":"10.5.0.0/16"}"#).unwrap().config;
+        let cfg = subnet_lease::config::parse(r#"{"Network":"10.5.0.0/16"}"#)
+            .unwrap()
+            .config;
         let (b, note) = crate::create(&cfg.backend, &ext).unwrap();
         assert_eq!(b.backend_type(), "alloc");
         assert!(note.unwrap().contains("\"vxlan\""));

@@ -41,7 +41,10 @@ impl Shutdown {
 }
 
 /// Runs `fut`, or returns None if a shutdown signal comes first.
-async fn or_shutdown<T>(shutdown: &mut Shutdown, fut: impl std::future::Future<Output = T>) -> Option<T> {
+async fn or_shutdown<T>(
+    shutdown: &mut Shutdown,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
     tokio::select! {
         v = fut => Some(v),
         sig = shutdown.wait() => {
@@ -127,7 +130,10 @@ fn write_subnet_file(path: &Path, cfg: &NetConfig, lease: &Lease, mtu: u32) -> R
     Ok(())
 }
 
-async fn acquire(manager: &LeaseManager<EtcdRegistry>, previous: Option<SubnetKey>) -> Result<Lease> {
+async fn acquire(
+    manager: &LeaseManager<EtcdRegistry>,
+    previous: Option<SubnetKey>,
+) -> Result<Lease> {
     let mut backoff = Backoff::default();
     loop {
         match manager.acquire(previous).await {
@@ -147,7 +153,11 @@ fn describe(l: &Lease) -> String {
         "{} (public IP {}, backend {})",
         l.key,
         l.attrs.public_ip,
-        if l.attrs.backend_type.is_empty() { "none" } else { &l.attrs.backend_type }
+        if l.attrs.backend_type.is_empty() {
+            "none"
+        } else {
+            &l.attrs.backend_type
+        }
     )
 }
 

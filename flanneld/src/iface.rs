@@ -18,7 +18,11 @@ pub struct IfaceInfo {
     pub mtu: u32,
 }
 
-fn build(i: &IfaceInfo, ip: Option<Ipv4Addr>, public_ip: Option<Ipv4Addr>) -> Result<ExternalInterface> {
+fn build(
+    i: &IfaceInfo,
+    ip: Option<Ipv4Addr>,
+    public_ip: Option<Ipv4Addr>,
+) -> Result<ExternalInterface> {
     let iface_ip = match ip.or_else(|| i.ipv4.first().copied()) {
         Some(ip) => ip,
         None => bail!("interface {} has no IPv4 address", i.name),
@@ -53,7 +57,9 @@ pub fn choose(
         };
         match found {
             Some(r) => return r,
-            None => tracing::warn!("--iface {want}: no such interface or address; trying the next candidate"),
+            None => tracing::warn!(
+                "--iface {want}: no such interface or address; trying the next candidate"
+            ),
         }
     }
     for pattern in iface_regex {
@@ -136,15 +142,30 @@ mod tests {
 
     fn ifaces() -> Vec<IfaceInfo> {
         vec![
-            IfaceInfo { name: "lo".into(), index: 1, ipv4: vec![Ipv4Addr::LOCALHOST], mtu: 65536 },
-            IfaceInfo { name: "eth0".into(), index: 2, ipv4: vec![Ipv4Addr::new(192, 168, 1, 5)], mtu: 1500 },
+            IfaceInfo {
+                name: "lo".into(),
+                index: 1,
+                ipv4: vec![Ipv4Addr::LOCALHOST],
+                mtu: 65536,
+            },
+            IfaceInfo {
+                name: "eth0".into(),
+                index: 2,
+                ipv4: vec![Ipv4Addr::new(192, 168, 1, 5)],
+                mtu: 1500,
+            },
             IfaceInfo {
                 name: "eth1".into(),
                 index: 3,
                 ipv4: vec![Ipv4Addr::new(10, 1, 0, 7), Ipv4Addr::new(10, 1, 0, 8)],
                 mtu: 9000,
             },
-            IfaceInfo { name: "eth2".into(), index: 4, ipv4: vec![], mtu: 1500 },
+            IfaceInfo {
+                name: "eth2".into(),
+                index: 4,
+                ipv4: vec![],
+                mtu: 1500,
+            },
         ]
     }
 
@@ -164,9 +185,15 @@ mod tests {
     #[test]
     fn iface_by_name_or_ip_in_order() {
         let e = choose(&ifaces(), Some("eth0"), &s(&["eth9", "eth1"]), &[], None).unwrap();
-        assert_eq!((e.name.as_str(), e.iface_ip), ("eth1", Ipv4Addr::new(10, 1, 0, 7)));
+        assert_eq!(
+            (e.name.as_str(), e.iface_ip),
+            ("eth1", Ipv4Addr::new(10, 1, 0, 7))
+        );
         let e = choose(&ifaces(), None, &s(&["10.1.0.8"]), &[], None).unwrap();
-        assert_eq!((e.name.as_str(), e.iface_ip), ("eth1", Ipv4Addr::new(10, 1, 0, 8)));
+        assert_eq!(
+            (e.name.as_str(), e.iface_ip),
+            ("eth1", Ipv4Addr::new(10, 1, 0, 8))
+        );
         let err = choose(&ifaces(), Some("eth0"), &s(&["eth9"]), &[], None).unwrap_err();
         assert!(err.to_string().contains("none of the interfaces"));
         let err = choose(&ifaces(), None, &s(&["eth2"]), &[], None).unwrap_err();
@@ -184,14 +211,22 @@ mod tests {
 
     #[test]
     fn public_ip_overrides_the_published_address() {
-        let e = choose(&ifaces(), Some("eth0"), &[], &[], Some(Ipv4Addr::new(1, 2, 3, 4))).unwrap();
+        let e = choose(
+            &ifaces(),
+            Some("eth0"),
+            &[],
+            &[],
+            Some(Ipv4Addr::new(1, 2, 3, 4)),
+        )
+        .unwrap();
         assert_eq!(e.iface_ip, Ipv4Addr::new(192, 168, 1, 5));
         assert_eq!(e.public_ip, Ipv4Addr::new(1, 2, 3, 4));
     }
 
     #[test]
     fn proc_net_route() {
-        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        let t =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                  eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
                  eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
         assert_eq!(parse_default_route(t), Some("eth0".into()));

@@ -79,8 +79,10 @@ fn acquires_writes_subnet_file_exits_zero_on_sigterm_and_keeps_subnet_on_restart
         subnet_file.to_str().unwrap(),
     ];
     let mut d = Daemon::start(&args, &dir.path().join("1.log"));
-    let env = wait_for(Duration::from_secs(20), || SubnetEnv::read(&subnet_file).ok())
-        .unwrap_or_else(|| panic!("no subnet file; log:\n{}", d.log()));
+    let env = wait_for(Duration::from_secs(20), || {
+        SubnetEnv::read(&subnet_file).ok()
+    })
+    .unwrap_or_else(|| panic!("no subnet file; log:\n{}", d.log()));
     assert_eq!(env.network, Some("10.5.0.0/16".parse().unwrap()));
     assert_eq!(env.mtu, 65536, "alloc uses the interface MTU (lo)");
     let text = std::fs::read_to_string(&subnet_file).unwrap();
@@ -104,27 +106,42 @@ fn acquires_writes_subnet_file_exits_zero_on_sigterm_and_keeps_subnet_on_restart
         v["kvs"][0]["lease"].as_i64().unwrap()
     };
     let lease_id = lease_of();
-    assert_eq!(d.terminate(), Some(0), "exit 0 on SIGTERM; log:\n{}", d.log());
+    assert_eq!(
+        d.terminate(),
+        Some(0),
+        "exit 0 on SIGTERM; log:\n{}",
+        d.log()
+    );
 
     // Restarted with the subnet file removed: the lease in etcd (same PublicIP) is reused.
     std::fs::remove_file(&subnet_file).unwrap();
     let mut d = Daemon::start(&args, &dir.path().join("2.log"));
-    let env2 = wait_for(Duration::from_secs(20), || SubnetEnv::read(&subnet_file).ok())
-        .unwrap_or_else(|| panic!("no subnet file after restart; log:\n{}", d.log()));
+    let env2 = wait_for(Duration::from_secs(20), || {
+        SubnetEnv::read(&subnet_file).ok()
+    })
+    .unwrap_or_else(|| panic!("no subnet file after restart; log:\n{}", d.log()));
     assert_eq!(env2.subnet, Some(subnet));
     assert_eq!(lease_of(), lease_id, "same etcd lease after restart");
     assert!(d.log().contains("reusing existing lease"), "{}", d.log());
     // A peer appearing is logged.
     let peer_key = format!("{prefix}/subnets/10.5.99.0-24");
-    etcd.etcdctl(&["put", &peer_key, r#"{"PublicIP":"10.9.8.1","PublicIPv6":null,"BackendType":"alloc"}"#])
-        .unwrap();
+    etcd.etcdctl(&[
+        "put",
+        &peer_key,
+        r#"{"PublicIP":"10.9.8.1","PublicIPv6":null,"BackendType":"alloc"}"#,
+    ])
+    .unwrap();
     wait_for(Duration::from_secs(10), || {
-        d.log().contains("peer joined or changed: 10.5.99.0-24").then_some(())
+        d.log()
+            .contains("peer joined or changed: 10.5.99.0-24")
+            .then_some(())
     })
     .unwrap_or_else(|| panic!("peer not logged:\n{}", d.log()));
     etcd.etcdctl(&["del", &peer_key]).unwrap();
-    wait_for(Duration::from_secs(10), || d.log().contains("peer left: 10.5.99.0-24").then_some(()))
-        .unwrap_or_else(|| panic!("peer leaving not logged:\n{}", d.log()));
+    wait_for(Duration::from_secs(10), || {
+        d.log().contains("peer left: 10.5.99.0-24").then_some(())
+    })
+    .unwrap_or_else(|| panic!("peer leaving not logged:\n{}", d.log()));
     assert_eq!(d.terminate(), Some(0));
 }
 
@@ -147,18 +164,36 @@ fn waits_for_the_network_config_and_sigint_exits_zero() {
         ],
         &dir.path().join("log"),
     );
-    wait_for(Duration::from_secs(10), || d.log().contains("no network config").then_some(()))
-        .unwrap_or_else(|| panic!("{}", d.log()));
+    wait_for(Duration::from_secs(10), || {
+        d.log().contains("no network config").then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", d.log()));
     // An invalid config is reported by key and rule, and the daemon keeps waiting.
-    etcd.etcdctl(&["put", &format!("{prefix}/config"), r#"{"Network":"10.5.0.0/29"}"#])
-        .unwrap();
-    wait_for(Duration::from_secs(10), || d.log().contains("Network: /29 is too small").then_some(()))
-        .unwrap_or_else(|| panic!("{}", d.log()));
-    etcd.etcdctl(&["put", &format!("{prefix}/config"), r#"{"Network":"10.5.0.0/16"}"#])
-        .unwrap();
-    wait_for(Duration::from_secs(20), || dir.path().join("s.env").exists().then_some(()))
-        .unwrap_or_else(|| panic!("{}", d.log()));
-    assert!(d.log().contains("running lease-only (alloc)"), "{}", d.log());
+    etcd.etcdctl(&[
+        "put",
+        &format!("{prefix}/config"),
+        r#"{"Network":"10.5.0.0/29"}"#,
+    ])
+    .unwrap();
+    wait_for(Duration::from_secs(10), || {
+        d.log().contains("Network: /29 is too small").then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", d.log()));
+    etcd.etcdctl(&[
+        "put",
+        &format!("{prefix}/config"),
+        r#"{"Network":"10.5.0.0/16"}"#,
+    ])
+    .unwrap();
+    wait_for(Duration::from_secs(20), || {
+        dir.path().join("s.env").exists().then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", d.log()));
+    assert!(
+        d.log().contains("running lease-only (alloc)"),
+        "{}",
+        d.log()
+    );
     let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let status = wait_for(Duration::from_secs(10), || d.child.try_wait().unwrap()).unwrap();
@@ -179,5 +214,8 @@ fn tls_files_with_plain_http_endpoint_fail_clearly() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("use https:// so the connection is encrypted"), "{err}");
+    assert!(
+        err.contains("use https:// so the connection is encrypted"),
+        "{err}"
+    );
 }

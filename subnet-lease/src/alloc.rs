@@ -33,7 +33,7 @@ pub enum AllocError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Choice {
     /// A lease with our PublicIP exists and fits: update it in place.
-    Reuse(Lease),
+    Reuse(Box<Lease>),
     /// Create this (free) subnet.
     Create(SubnetKey),
 }
@@ -68,12 +68,19 @@ fn key_fits(cfg: &NetConfig, key: &SubnetKey) -> bool {
         }
 }
 
-/// Chooses the subnet(s) this node should hold.
+/// The random pool for the `attempt`-th try (1-based): flannel's 100 on the first, doubling
+/// after each lost race (up to 6400) so concurrent joiners stop colliding quickly.
+pub fn pool_size(attempt: usize) -> usize {
+    RANDOM_POOL << attempt.saturating_sub(1).min(6)
+}
+
+/// Chooses the subnet(s) this node should hold, picking at random among the first `pool` free.
 pub fn plan<R: Rng>(
     cfg: &NetConfig,
     leases: &[Lease],
     me: Identity,
     previous: Option<SubnetKey>,
+    pool: usize,
     rng: &mut R,
 ) -> Result<Plan, AllocError> {
     let network = cfg.ipv4_network().ok_or(AllocError::NoIpv4)?;
@@ -94,7 +101,7 @@ pub fn plan<R: Rng>(
         .or_else(|| fitting.first())
     {
         return Ok(Plan {
-            choice: Choice::Reuse((*own).clone()),
+            choice: Choice::Reuse(Box::new((*own).clone())),
             stale,
         });
     }
@@ -123,6 +130,7 @@ pub fn plan<R: Rng>(
         cfg.subnet_min,
         cfg.subnet_max,
         &taken_v4,
+        pool,
         rng,
     )?;
     let ipv6 = match cfg.ipv6_network() {
@@ -133,6 +141,7 @@ pub fn plan<R: Rng>(
             cfg.ipv6_subnet_min,
             cfg.ipv6_subnet_max,
             &taken_v6,
+            pool,
             rng,
         )?),
     };
@@ -150,16 +159,17 @@ fn overlaps<N: Family>(taken: &[N], candidate: N) -> bool {
     })
 }
 
-/// Random pick among the first [`RANDOM_POOL`] free subnets in `[min, max]`.
+/// Random pick among the first `pool` free subnets in `[min, max]`.
 fn pick<N: Family, R: Rng>(
     network: N,
     len: u8,
     min: N::Addr,
     max: N::Addr,
     taken: &[N],
+    pool: usize,
     rng: &mut R,
 ) -> Result<N, AllocError> {
-    let free = free_subnets(len, min, max, taken, RANDOM_POOL);
+    let free = free_subnets(len, min, max, taken, pool.max(1));
     if free.is_empty() {
         return Err(AllocError::Full {
             network: network.to_string(),
@@ -261,8 +271,8 @@ mod tests {
             lease("10.5.3.0-24", [1, 1, 1, 1], 5),
             lease("10.5.9.0-24", [2, 2, 2, 2], 6),
         ];
-        let p = plan(&c, &leases, me([2, 2, 2, 2]), None, &mut rng()).unwrap();
-        assert_eq!(p.choice, Choice::Reuse(leases[1].clone()));
+        let p = plan(&c, &leases, me([2, 2, 2, 2]), None, RANDOM_POOL, &mut rng()).unwrap();
+        assert_eq!(p.choice, Choice::Reuse(Box::new(leases[1].clone())));
         assert!(p.stale.is_empty());
     }
 
@@ -273,8 +283,12 @@ mod tests {
             lease("10.5.3.0-24", [2, 2, 2, 2], 5),
             lease("10.5.4.0-24", [2, 2, 2, 2], 0),
         ];
-        let p = plan(&c, &leases, me([2, 2, 2, 2]), None, &mut rng()).unwrap();
-        assert_eq!(p.stale, vec![leases[0].clone()], "reservations are never stale");
+        let p = plan(&c, &leases, me([2, 2, 2, 2]), None, RANDOM_POOL, &mut rng()).unwrap();
+        assert_eq!(
+            p.stale,
+            vec![leases[0].clone()],
+            "reservations are never stale"
+        );
         let Choice::Create(k) = p.choice else {
             panic!("expected a new subnet")
         };
@@ -287,14 +301,15 @@ mod tests {
         let c = cfg(r#"{"Network":"10.5.0.0/28","SubnetLen":30}"#);
         // Subnets: .0 (skipped as SubnetMin), .4, .8, .12. Reserve .4 for 9.9.9.9.
         let leases = vec![lease("10.5.0.4-30", [9, 9, 9, 9], 0)];
-        let p = plan(&c, &leases, me([9, 9, 9, 9]), None, &mut rng()).unwrap();
-        assert_eq!(p.choice, Choice::Reuse(leases[0].clone()));
+        let p = plan(&c, &leases, me([9, 9, 9, 9]), None, RANDOM_POOL, &mut rng()).unwrap();
+        assert_eq!(p.choice, Choice::Reuse(Box::new(leases[0].clone())));
         for seed in 0..20 {
             let p = plan(
                 &c,
                 &leases,
                 me([1, 1, 1, 1]),
                 None,
+                RANDOM_POOL,
                 &mut StdRng::seed_from_u64(seed),
             )
             .unwrap();
@@ -309,15 +324,39 @@ mod tests {
     fn previous_subnet_reused_when_free_and_fitting() {
         let c = cfg(r#"{"Network":"10.5.0.0/16"}"#);
         let prev = SubnetKey::parse("10.5.77.0-24").unwrap();
-        let p = plan(&c, &[], me([1, 1, 1, 1]), Some(prev), &mut rng()).unwrap();
+        let p = plan(
+            &c,
+            &[],
+            me([1, 1, 1, 1]),
+            Some(prev),
+            RANDOM_POOL,
+            &mut rng(),
+        )
+        .unwrap();
         assert_eq!(p.choice, Choice::Create(prev));
         // Taken by someone else: pick another.
         let leases = vec![lease("10.5.77.0-24", [3, 3, 3, 3], 4)];
-        let p = plan(&c, &leases, me([1, 1, 1, 1]), Some(prev), &mut rng()).unwrap();
+        let p = plan(
+            &c,
+            &leases,
+            me([1, 1, 1, 1]),
+            Some(prev),
+            RANDOM_POOL,
+            &mut rng(),
+        )
+        .unwrap();
         assert_ne!(p.choice, Choice::Create(prev));
         // Outside the config (below SubnetMin): pick another.
         let prev0 = SubnetKey::parse("10.5.0.0-24").unwrap();
-        let p = plan(&c, &[], me([1, 1, 1, 1]), Some(prev0), &mut rng()).unwrap();
+        let p = plan(
+            &c,
+            &[],
+            me([1, 1, 1, 1]),
+            Some(prev0),
+            RANDOM_POOL,
+            &mut rng(),
+        )
+        .unwrap();
         assert_ne!(p.choice, Choice::Create(prev0));
     }
 
@@ -331,6 +370,7 @@ mod tests {
                 &leases,
                 me([1, 1, 1, 1]),
                 None,
+                RANDOM_POOL,
                 &mut StdRng::seed_from_u64(seed),
             )
             .unwrap();
@@ -343,6 +383,14 @@ mod tests {
     }
 
     #[test]
+    fn pool_doubles_per_attempt_up_to_6400() {
+        assert_eq!(pool_size(1), 100);
+        assert_eq!(pool_size(2), 200);
+        assert_eq!(pool_size(7), 6400);
+        assert_eq!(pool_size(30), 6400);
+    }
+
+    #[test]
     fn full_network_is_a_clear_error() {
         let c = cfg(r#"{"Network":"10.5.0.0/28","SubnetLen":30}"#);
         let leases = vec![
@@ -350,7 +398,7 @@ mod tests {
             lease("10.5.0.8-30", [4, 4, 4, 4], 4),
             lease("10.5.0.12-30", [5, 5, 5, 5], 0),
         ];
-        let e = plan(&c, &leases, me([1, 1, 1, 1]), None, &mut rng()).unwrap_err();
+        let e = plan(&c, &leases, me([1, 1, 1, 1]), None, RANDOM_POOL, &mut rng()).unwrap_err();
         assert_eq!(
             e.to_string(),
             "network 10.5.0.0/28 is full: every /30 subnet between 10.5.0.4 and 10.5.0.12 is leased or reserved"
@@ -387,7 +435,7 @@ mod tests {
     #[test]
     fn dual_stack_picks_both() {
         let c = cfg(r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48"}"#);
-        let p = plan(&c, &[], me([1, 1, 1, 1]), None, &mut rng()).unwrap();
+        let p = plan(&c, &[], me([1, 1, 1, 1]), None, RANDOM_POOL, &mut rng()).unwrap();
         let Choice::Create(k) = p.choice else {
             panic!()
         };
@@ -396,7 +444,7 @@ mod tests {
         assert!(c.fits_v6(v6));
         // A v4-only lease of ours does not fit a dual-stack config.
         let leases = vec![lease("10.5.3.0-24", [1, 1, 1, 1], 5)];
-        let p = plan(&c, &leases, me([1, 1, 1, 1]), None, &mut rng()).unwrap();
+        let p = plan(&c, &leases, me([1, 1, 1, 1]), None, RANDOM_POOL, &mut rng()).unwrap();
         assert_eq!(p.stale.len(), 1);
     }
 
@@ -404,7 +452,7 @@ mod tests {
     fn ipv4_disabled_is_refused() {
         let c = cfg(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#);
         assert_eq!(
-            plan(&c, &[], me([1, 1, 1, 1]), None, &mut rng()).unwrap_err(),
+            plan(&c, &[], me([1, 1, 1, 1]), None, RANDOM_POOL, &mut rng()).unwrap_err(),
             AllocError::NoIpv4
         );
     }

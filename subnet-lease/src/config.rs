@@ -221,7 +221,10 @@ fn parse_family<N: Family>(
         return Ok(None);
     }
     let Some(network_text) = network_text else {
-        return Err(invalid(keys.network, "missing: the cluster network is required"));
+        return Err(invalid(
+            keys.network,
+            "missing: the cluster network is required",
+        ));
     };
     let network: N = network_text.parse().map_err(|_| {
         invalid(
@@ -282,7 +285,7 @@ fn parse_family<N: Family>(
         if !network.contains_addr(&addr) {
             return Err(invalid(key, format!("{text} is outside Network {network}")));
         }
-        if (v - first) % size != 0 {
+        if !(v - first).is_multiple_of(size) {
             return Err(invalid(
                 key,
                 format!("{text} is not on a /{len} subnet boundary"),
@@ -315,7 +318,12 @@ fn parse_backend(value: Option<&Value>) -> Result<BackendConfig, ConfigError> {
     let mut options = match value {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => m.clone(),
-        Some(other) => return Err(invalid("Backend", format!("must be an object, got {other}"))),
+        Some(other) => {
+            return Err(invalid(
+                "Backend",
+                format!("must be an object, got {other}"),
+            ))
+        }
     };
     let type_key = options
         .keys()
@@ -417,8 +425,10 @@ mod tests {
 
     #[test]
     fn explicit_values_are_kept() {
-        let c = ok(r#"{"Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0",
-            "SubnetMax":"10.99.240.0","Backend":{"Type":"UDP","Port":7890}}"#);
+        let c = ok(
+            r#"{"Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0",
+            "SubnetMax":"10.99.240.0","Backend":{"Type":"UDP","Port":7890}}"#,
+        );
         assert_eq!(c.subnet_len, 20);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 10, 0, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 99, 240, 0));
@@ -482,8 +492,10 @@ mod tests {
 
     #[test]
     fn unknown_backend_type() {
-        assert!(err(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}"#)
-            .starts_with("Backend.Type: unknown backend type \"wireguard\""));
+        assert!(
+            err(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}"#)
+                .starts_with("Backend.Type: unknown backend type \"wireguard\"")
+        );
         assert!(err(r#"{"Network":"10.5.0.0/16","Backend":"vxlan"}"#)
             .starts_with("Backend: must be an object"));
     }
@@ -491,7 +503,10 @@ mod tests {
     #[test]
     fn unknown_keys_are_warned_not_rejected() {
         let p = parse(r#"{"Network":"10.5.0.0/16","Netwrok":"x","EnableNFTables":true}"#).unwrap();
-        assert_eq!(p.warnings, vec![r#"net-conf.json: unknown key "Netwrok" ignored"#]);
+        assert_eq!(
+            p.warnings,
+            vec![r#"net-conf.json: unknown key "Netwrok" ignored"#]
+        );
         assert!(p.config.enable_nftables);
     }
 
@@ -499,7 +514,10 @@ mod tests {
     fn ipv6_parsed_and_validated() {
         let c = ok(r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48"}"#);
         assert_eq!(c.ipv6_subnet_len, 64);
-        assert_eq!(c.ipv6_subnet_min, "fc00:0:0:1::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            c.ipv6_subnet_min,
+            "fc00:0:0:1::".parse::<Ipv6Addr>().unwrap()
+        );
         assert_eq!(
             c.ipv6_subnet_max,
             "fc00:0:0:ffff::".parse::<Ipv6Addr>().unwrap()
@@ -536,7 +554,10 @@ mod tests {
     fn fits() {
         let c = ok(r#"{"Network":"10.5.0.0/16"}"#);
         assert!(c.fits_v4("10.5.7.0/24".parse().unwrap()));
-        assert!(!c.fits_v4("10.5.0.0/24".parse().unwrap()), "below SubnetMin");
+        assert!(
+            !c.fits_v4("10.5.0.0/24".parse().unwrap()),
+            "below SubnetMin"
+        );
         assert!(!c.fits_v4("10.5.7.0/25".parse().unwrap()));
         assert!(!c.fits_v4("10.6.7.0/24".parse().unwrap()));
     }

@@ -25,7 +25,9 @@ pub enum LeaseError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Alloc(#[from] AllocError),
-    #[error("could not acquire a lease after {0} attempts: other nodes kept taking the chosen subnets")]
+    #[error(
+        "could not acquire a lease after {0} attempts: other nodes kept taking the chosen subnets"
+    )]
     Contention(usize),
 }
 
@@ -100,20 +102,41 @@ impl<R: Registry> LeaseManager<R> {
     }
 
     /// Acquires a lease: our existing one, else `previous` (from the subnet file) if free,
-    /// else a random free subnet. Losing a race for a subnet retries with a fresh view.
+    /// else a random free subnet. A lost race costs one more txn, not a re-list: the lost key
+    /// joins the local view, the random pool widens, and the etcd lease granted for the first
+    /// try is reused (and revoked if nothing is created, so no grant leaks).
     pub async fn acquire(&self, previous: Option<SubnetKey>) -> Result<Lease, LeaseError> {
+        let mut grant = None;
+        let result = self.try_acquire(previous, &mut grant).await;
+        if let Some(id) = grant {
+            if let Err(e) = self.reg.revoke(id).await {
+                tracing::warn!("revoking unused etcd lease {id:x}: {e} (it expires with its TTL)");
+            }
+        }
+        result
+    }
+
+    async fn try_acquire(
+        &self,
+        previous: Option<SubnetKey>,
+        grant: &mut Option<i64>,
+    ) -> Result<Lease, LeaseError> {
+        let mut leases = self.reg.list_leases().await?.leases;
         for attempt in 1..=ACQUIRE_ATTEMPTS {
-            let list = self.reg.list_leases().await?;
             let plan = alloc::plan(
                 &self.cfg,
-                &list.leases,
+                &leases,
                 self.identity(),
                 previous,
+                alloc::pool_size(attempt),
                 &mut rand::rng(),
             )?;
             for stale in &plan.stale {
                 tracing::info!(subnet = %stale.key, "deleting our lease that no longer fits the network config");
                 self.reg.delete_lease(stale).await?;
+            }
+            if !plan.stale.is_empty() {
+                leases.retain(|l| !plan.stale.contains(l));
             }
             match plan.choice {
                 Choice::Reuse(old) => {
@@ -122,39 +145,44 @@ impl<R: Registry> LeaseManager<R> {
                     for (k, v) in &old.attrs.extra {
                         attrs.extra.entry(k.clone()).or_insert_with(|| v.clone());
                     }
-                    if !self.reg.update_lease(&old, &attrs).await? {
-                        tracing::debug!(subnet = %old.key, attempt, "own lease changed while reusing it; retrying");
-                        continue;
-                    }
-                    if !old.is_reservation() && self.reg.renew(old.etcd_lease).await?.is_none() {
-                        // Expired between the read and the renewal; start over.
+                    let renewed = self.reg.update_lease(&old, &attrs).await?
+                        && (old.is_reservation()
+                            || self.reg.renew(old.etcd_lease).await?.is_some());
+                    if !renewed {
+                        tracing::debug!(subnet = %old.key, attempt, "own lease changed or expired while reusing it; re-reading");
+                        leases = self.reg.list_leases().await?.leases;
                         continue;
                     }
                     tracing::info!(subnet = %old.key, reservation = old.is_reservation(), "reusing existing lease");
                     return Ok(Lease {
                         attrs,
                         mod_revision: 0,
-                        ..old
+                        ..*old
                     });
                 }
                 Choice::Create(key) => {
-                    match self.reg.create_lease(key, &self.attrs, self.opts.ttl).await? {
-                        Some(id) => {
-                            tracing::info!(subnet = %key, "acquired new lease");
-                            return Ok(Lease {
-                                key,
-                                attrs: self.attrs.clone(),
-                                etcd_lease: id,
-                                mod_revision: 0,
-                            });
-                        }
-                        None => {
-                            tracing::info!(subnet = %key, attempt, "lost the race for a subnet; choosing again");
-                            // A little jitter so concurrent joiners spread out.
-                            let ms = rand::random_range(0..20u64 * attempt as u64);
-                            tokio::time::sleep(Duration::from_millis(ms)).await;
-                        }
+                    let id = match *grant {
+                        Some(id) => id,
+                        None => *grant.insert(self.reg.grant(self.opts.ttl).await?),
+                    };
+                    if self.reg.create_lease(key, &self.attrs, id).await? {
+                        *grant = None;
+                        tracing::info!(subnet = %key, "acquired new lease");
+                        return Ok(Lease {
+                            key,
+                            attrs: self.attrs.clone(),
+                            etcd_lease: id,
+                            mod_revision: 0,
+                        });
                     }
+                    tracing::info!(subnet = %key, attempt, "lost the race for a subnet; choosing again");
+                    // Someone holds it now: count it as taken without re-reading everything.
+                    leases.push(Lease {
+                        key,
+                        attrs: LeaseAttrs::new(std::net::Ipv4Addr::UNSPECIFIED, ""),
+                        etcd_lease: -1,
+                        mod_revision: 0,
+                    });
                 }
             }
         }

@@ -56,7 +56,7 @@ pub struct LeaseList {
 /// A change to one lease key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeyEvent {
-    Put(Lease),
+    Put(Box<Lease>),
     Delete(SubnetKey),
 }
 
@@ -81,14 +81,18 @@ pub trait Registry: Clone + Send + Sync + 'static {
     fn get_config(&self) -> impl Future<Output = Result<Option<String>, RegistryError>> + Send;
     /// Every lease and the revision of the read.
     fn list_leases(&self) -> impl Future<Output = Result<LeaseList, RegistryError>> + Send;
-    /// Creates `key` bound to a fresh etcd lease of `ttl`, only if the key does not exist.
-    /// Returns the etcd lease id, or None when someone else holds the key.
+    /// Grants an etcd lease of `ttl`; returns its id.
+    fn grant(&self, ttl: Duration) -> impl Future<Output = Result<i64, RegistryError>> + Send;
+    /// Revokes an etcd lease (and deletes the keys bound to it).
+    fn revoke(&self, etcd_lease: i64) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    /// Creates `key` bound to `etcd_lease`, only if the key does not exist (one txn).
+    /// Returns false when someone else holds the key.
     fn create_lease(
         &self,
         key: SubnetKey,
         attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<Option<i64>, RegistryError>> + Send;
+        etcd_lease: i64,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
     /// Rewrites an existing lease's attributes, keeping its etcd lease (or lack of one), only if
     /// the key is unchanged since it was read. Returns false if it changed.
     fn update_lease(
@@ -97,8 +101,10 @@ pub trait Registry: Clone + Send + Sync + 'static {
         attrs: &LeaseAttrs,
     ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
     /// Deletes a lease only if unchanged since it was read. Returns false if it changed.
-    fn delete_lease(&self, lease: &Lease)
-        -> impl Future<Output = Result<bool, RegistryError>> + Send;
+    fn delete_lease(
+        &self,
+        lease: &Lease,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
     /// One keep-alive of an etcd lease. Returns its new TTL, or None if the lease is gone.
     fn renew(
         &self,
@@ -166,7 +172,8 @@ impl EtcdRegistry {
     /// configuration mistakes (bad URLs, unreadable certificates, TLS flags with http://
     /// endpoints) fail here.
     pub async fn connect(opts: &EtcdOptions) -> Result<Self, RegistryError> {
-        let tls_wanted = opts.ca_file.is_some() || opts.cert_file.is_some() || opts.key_file.is_some();
+        let tls_wanted =
+            opts.ca_file.is_some() || opts.cert_file.is_some() || opts.key_file.is_some();
         for ep in &opts.endpoints {
             let bad = |msg: &str| RegistryError::Endpoint {
                 endpoint: ep.clone(),
@@ -303,7 +310,9 @@ impl EtcdRegistry {
 impl Registry for EtcdRegistry {
     async fn get_config(&self) -> Result<Option<String>, RegistryError> {
         let mut c = self.client.clone();
-        let resp = self.call("get config", c.get(self.config_key(), None)).await?;
+        let resp = self
+            .call("get config", c.get(self.config_key(), None))
+            .await?;
         Ok(resp
             .kvs()
             .first()
@@ -333,45 +342,45 @@ impl Registry for EtcdRegistry {
         Ok(out)
     }
 
+    async fn grant(&self, ttl: Duration) -> Result<i64, RegistryError> {
+        let mut c = self.client.clone();
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+        Ok(self
+            .call("lease grant", c.lease_grant(ttl_secs, None))
+            .await?
+            .id())
+    }
+
+    async fn revoke(&self, etcd_lease: i64) -> Result<(), RegistryError> {
+        let mut c = self.client.clone();
+        self.call("lease revoke", c.lease_revoke(etcd_lease))
+            .await
+            .map(|_| ())
+    }
+
     async fn create_lease(
         &self,
         key: SubnetKey,
         attrs: &LeaseAttrs,
-        ttl: Duration,
-    ) -> Result<Option<i64>, RegistryError> {
+        etcd_lease: i64,
+    ) -> Result<bool, RegistryError> {
         let mut c = self.client.clone();
-        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
-        let grant = self
-            .call("lease grant", c.lease_grant(ttl_secs, None))
-            .await?;
-        let id = grant.id();
         let k = self.lease_key(&key);
         let txn = Txn::new()
             .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
                 k,
                 attrs.to_json(),
-                Some(PutOptions::new().with_lease(id)),
+                Some(PutOptions::new().with_lease(etcd_lease)),
             )]);
-        let created = match self.call("create lease", c.txn(txn)).await {
-            Ok(r) => r.succeeded(),
-            Err(e) => {
-                // Do not leak the grant (flannel does on every renewal).
-                let _ = self.call("lease revoke", c.lease_revoke(id)).await;
-                return Err(e);
-            }
-        };
-        if !created {
-            self.call("lease revoke", c.lease_revoke(id)).await?;
-            return Ok(None);
-        }
-        Ok(Some(id))
+        Ok(self.call("create lease", c.txn(txn)).await?.succeeded())
     }
 
     async fn update_lease(&self, lease: &Lease, attrs: &LeaseAttrs) -> Result<bool, RegistryError> {
         let mut c = self.client.clone();
         let k = self.lease_key(&lease.key);
-        let put_opts = (!lease.is_reservation()).then(|| PutOptions::new().with_lease(lease.etcd_lease));
+        let put_opts =
+            (!lease.is_reservation()).then(|| PutOptions::new().with_lease(lease.etcd_lease));
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 k.clone(),
@@ -449,7 +458,7 @@ impl Registry for EtcdRegistry {
                 revision = Some(kv.mod_revision());
                 match ev.event_type() {
                     EventType::Put => match this.decode(kv) {
-                        Ok(l) => events.push(KeyEvent::Put(l)),
+                        Ok(l) => events.push(KeyEvent::Put(Box::new(l))),
                         Err(e) => tracing::warn!(
                             key = %String::from_utf8_lossy(kv.key()),
                             "ignoring invalid lease: {e}"

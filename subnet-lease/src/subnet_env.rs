@@ -111,8 +111,7 @@ impl SubnetEnv {
                     env.subnet = Some(n.trunc());
                 }
                 "FLANNEL_IPV6_NETWORK" => {
-                    env.ipv6_network =
-                        Some(v.parse().map_err(|_| perr(format!("bad CIDR {v:?}")))?)
+                    env.ipv6_network = Some(v.parse().map_err(|_| perr(format!("bad CIDR {v:?}")))?)
                 }
                 "FLANNEL_IPV6_SUBNET" => {
                     let n: Ipv6Net = v.parse().map_err(|_| perr(format!("bad CIDR {v:?}")))?;
@@ -228,7 +227,10 @@ mod tests {
         sample().write(&path).unwrap();
         assert_eq!(SubnetEnv::read(&path).unwrap(), sample());
         // No temp file is left behind.
-        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
     }
 
     #[test]
@@ -236,8 +238,11 @@ mod tests {
         let e = SubnetEnv::parse("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_MTU=1450\n", "/run/x")
             .unwrap_err();
         assert_eq!(e.to_string(), "/run/x: missing FLANNEL_SUBNET");
-        let e = SubnetEnv::parse("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.1.1/24\n", "f")
-            .unwrap_err();
+        let e = SubnetEnv::parse(
+            "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.1.1/24\n",
+            "f",
+        )
+        .unwrap_err();
         assert_eq!(e.to_string(), "f: missing FLANNEL_MTU");
         let e = SubnetEnv::parse("FLANNEL_MTU=abc\n", "f").unwrap_err();
         assert_eq!(e.to_string(), "f: line 1: bad MTU \"abc\"");

@@ -204,9 +204,9 @@ impl<R: Registry> LeaseWatcher<R> {
                         continue; // already seen by the list
                     }
                     let changed = self.view.get(&l.key).map(|old| &old.attrs) != Some(&l.attrs);
-                    self.view.insert(l.key, l.clone());
+                    self.view.insert(l.key, (*l).clone());
                     if changed {
-                        changes.push(Change::Added(l));
+                        changes.push(Change::Added(*l));
                     }
                 }
                 KeyEvent::Delete(k) => {

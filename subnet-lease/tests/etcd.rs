@@ -90,7 +90,10 @@ async fn fifty_concurrent_joiners_get_distinct_non_overlapping_subnets() {
     assert_eq!(distinct.len(), 50, "{subnets:?}");
     for (i, a) in subnets.iter().enumerate() {
         assert_eq!(a.prefix_len(), 24);
-        assert!(a.network() >= Ipv4Addr::new(10, 5, 1, 0), "below SubnetMin: {a}");
+        assert!(
+            a.network() >= Ipv4Addr::new(10, 5, 1, 0),
+            "below SubnetMin: {a}"
+        );
         for b in &subnets[i + 1..] {
             assert!(!a.contains(b) && !b.contains(a), "{a} overlaps {b}");
         }
@@ -114,7 +117,10 @@ async fn restarted_node_keeps_its_subnet_and_etcd_lease() {
     }
     let again = env.node(ip(1), fast()).await.acquire(None).await.unwrap();
     assert_eq!(again.key, first.key);
-    assert_eq!(again.etcd_lease, first.etcd_lease, "same etcd lease, no new grant");
+    assert_eq!(
+        again.etcd_lease, first.etcd_lease,
+        "same etcd lease, no new grant"
+    );
     assert_eq!(env.etcd_lease_count().await, 5);
     // The value in etcd is flannel's JSON.
     let resp = env
@@ -136,10 +142,20 @@ async fn subnet_from_the_subnet_file_is_reused_when_free() {
         return;
     };
     let prev = SubnetKey::parse("10.5.200.0-24").unwrap();
-    let got = env.node(ip(1), fast()).await.acquire(Some(prev)).await.unwrap();
+    let got = env
+        .node(ip(1), fast())
+        .await
+        .acquire(Some(prev))
+        .await
+        .unwrap();
     assert_eq!(got.key, prev);
     // Another node that had the same subnet file gets something else.
-    let other = env.node(ip(2), fast()).await.acquire(Some(prev)).await.unwrap();
+    let other = env
+        .node(ip(2), fast())
+        .await
+        .acquire(Some(prev))
+        .await
+        .unwrap();
     assert_ne!(other.key, prev);
 }
 
@@ -163,8 +179,16 @@ async fn exhaustion_and_reservations() {
     let a = env.node(ip(1), fast()).await.acquire(None).await.unwrap();
     let b = env.node(ip(2), fast()).await.acquire(None).await.unwrap();
     let got: HashSet<String> = [a.key.to_string(), b.key.to_string()].into();
-    assert_eq!(got, HashSet::from(["10.5.0.4-30".into(), "10.5.0.12-30".into()]));
-    let err = env.node(ip(3), fast()).await.acquire(None).await.unwrap_err();
+    assert_eq!(
+        got,
+        HashSet::from(["10.5.0.4-30".into(), "10.5.0.12-30".into()])
+    );
+    let err = env
+        .node(ip(3), fast())
+        .await
+        .acquire(None)
+        .await
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
         "network 10.5.0.0/28 is full: every /30 subnet between 10.5.0.4 and 10.5.0.12 is leased or reserved"
@@ -297,9 +321,16 @@ async fn lease_is_renewed_by_keepalive_on_the_same_etcd_lease() {
     let (tx, mut rx) = mpsc::channel(16);
     let _run = tokio::spawn(a.run(own.clone(), tx));
     tokio::time::sleep(Duration::from_secs(9)).await;
-    assert!(rx.try_recv().is_err(), "no re-acquisition should have happened");
+    assert!(
+        rx.try_recv().is_err(),
+        "no re-acquisition should have happened"
+    );
     let list = env.reg.list_leases().await.unwrap();
-    let l = list.leases.iter().find(|l| l.key == own.key).expect("lease kept alive");
+    let l = list
+        .leases
+        .iter()
+        .find(|l| l.key == own.key)
+        .expect("lease kept alive");
     assert_eq!(l.etcd_lease, own.etcd_lease);
     assert_eq!(env.etcd_lease_count().await, 1, "no leaked etcd leases");
 }
@@ -324,7 +355,11 @@ async fn etcd_restart_keeps_the_lease_and_the_peer_view_catches_up() {
         other => panic!("expected PeerAdded after the etcd restart, got {other:?}"),
     }
     let list = env.reg.list_leases().await.unwrap();
-    let mine = list.leases.iter().find(|l| l.key == own.key).expect("own lease kept");
+    let mine = list
+        .leases
+        .iter()
+        .find(|l| l.key == own.key)
+        .expect("own lease kept");
     assert_eq!(mine.etcd_lease, own.etcd_lease);
 }
 
@@ -336,7 +371,14 @@ async fn compacted_watch_recovers_by_relisting() {
     let start = env.reg.list_leases().await.unwrap().revision;
     let mut keys = HashSet::new();
     for i in 1..=5 {
-        keys.insert(env.node(ip(i), fast()).await.acquire(None).await.unwrap().key);
+        keys.insert(
+            env.node(ip(i), fast())
+                .await
+                .acquire(None)
+                .await
+                .unwrap()
+                .key,
+        );
     }
     let gone = *keys.iter().next().unwrap();
     env.reg
@@ -349,8 +391,10 @@ async fn compacted_watch_recovers_by_relisting() {
     env.reg.client().compact(now, None).await.unwrap();
     // A watcher resuming from before the compaction (it knew no leases then).
     let (tx, mut rx) = mpsc::channel(16);
-    let w = LeaseWatcher::resume(env.reg.clone(), Vec::new(), start)
-        .with_backoff(Backoff::new(Duration::from_millis(50), Duration::from_millis(200)));
+    let w = LeaseWatcher::resume(env.reg.clone(), Vec::new(), start).with_backoff(Backoff::new(
+        Duration::from_millis(50),
+        Duration::from_millis(200),
+    ));
     let _task = tokio::spawn(w.run(tx));
     let batch = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await

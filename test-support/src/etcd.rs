@@ -31,12 +31,7 @@ impl Etcd {
         ) {
             return None;
         }
-        let mut e = Etcd::new(
-            "127.0.0.1",
-            crate::free_port(),
-            crate::free_port(),
-            None,
-        );
+        let mut e = Etcd::new("127.0.0.1", crate::free_port(), crate::free_port(), None);
         e.spawn();
         Some(e)
     }
@@ -90,8 +85,8 @@ impl Etcd {
 
     fn spawn(&mut self) {
         self.starts += 1;
-        let log = File::create(self.log_path())
-            .unwrap_or_else(|e| panic!("creating the etcd log: {e}"));
+        let log =
+            File::create(self.log_path()).unwrap_or_else(|e| panic!("creating the etcd log: {e}"));
         let log2 = log
             .try_clone()
             .unwrap_or_else(|e| panic!("cloning the etcd log handle: {e}"));

@@ -88,10 +88,7 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<Output, String>
 
 /// Runs a command (bounded to 20 s) and returns stdout, or an error with stderr.
 pub fn sh(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = run_bounded(
-        Command::new(program).args(args),
-        Duration::from_secs(20),
-    )?;
+    let out = run_bounded(Command::new(program).args(args), Duration::from_secs(20))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {

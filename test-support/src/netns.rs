@@ -92,7 +92,15 @@ impl Testbed {
         let hub = tb.hub.clone();
         tb.add_netns(&hub)?;
         ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &hub, "addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"])?;
+        ip(&[
+            "-n",
+            &hub,
+            "addr",
+            "add",
+            &format!("{HUB_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
         ip(&["-n", &hub, "link", "set", "br0", "up"])?;
         for i in 1..=nodes {
             let ns = format!("fl{}-n{i}", tb.tag);
@@ -104,7 +112,15 @@ impl Testbed {
                 "netns", &hub,
             ])?;
             ip(&["-n", &hub, "link", "set", &hub_end, "master", "br0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{node_ip}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "route", "add", "default", "via", HUB_IP])?;
             tb.nodes.push(Node { ns, ip: node_ip });
@@ -208,7 +224,12 @@ impl Testbed {
     /// Adds a pod namespace behind node `node` (index into `nodes`) with address `ip_cidr`
     /// (e.g. "10.5.3.2/24") and default gateway `gateway`, which the node's bridge `cni0`
     /// gets as its address (created on first use).
-    pub fn add_pod(&mut self, node: usize, ip_cidr: &str, gateway_cidr: &str) -> Result<Pod, String> {
+    pub fn add_pod(
+        &mut self,
+        node: usize,
+        ip_cidr: &str,
+        gateway_cidr: &str,
+    ) -> Result<Pod, String> {
         let node_ns = self
             .nodes
             .get(node)
@@ -228,7 +249,9 @@ impl Testbed {
             "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &host_end, "netns",
             &node_ns,
         ])?;
-        ip(&["-n", &node_ns, "link", "set", &host_end, "master", "cni0", "up"])?;
+        ip(&[
+            "-n", &node_ns, "link", "set", &host_end, "master", "cni0", "up",
+        ])?;
         ip(&["-n", &ns, "addr", "add", ip_cidr, "dev", "eth0"])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         let gw = gateway_cidr.split('/').next().unwrap_or(gateway_cidr);
