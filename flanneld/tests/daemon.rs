@@ -19,9 +19,14 @@ struct Daemon {
 
 impl Daemon {
     fn start(args: &[&str], log: &Path) -> Daemon {
+        Self::start_env(args, &[], log)
+    }
+
+    fn start_env(args: &[&str], env: &[(&str, &str)], log: &Path) -> Daemon {
         let out = std::fs::File::create(log).unwrap();
         let child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -151,16 +156,16 @@ fn waits_for_the_network_config_and_sigint_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let ep = etcd.endpoint();
     let prefix = format!("/t{}/network", random_tag(6));
-    let mut d = Daemon::start(
+    // Flags from FLANNELD_* environment variables, as flannel reads them.
+    let mut d = Daemon::start_env(
+        &["--iface", "127.0.0.1"],
         &[
-            "--etcd-endpoints",
-            &ep,
-            "--etcd-prefix",
-            &prefix,
-            "--iface",
-            "127.0.0.1",
-            "--subnet-file",
-            dir.path().join("s.env").to_str().unwrap(),
+            ("FLANNELD_ETCD_ENDPOINTS", ep.as_str()),
+            ("FLANNELD_ETCD_PREFIX", prefix.as_str()),
+            (
+                "FLANNELD_SUBNET_FILE",
+                dir.path().join("s.env").to_str().unwrap(),
+            ),
         ],
         &dir.path().join("log"),
     );

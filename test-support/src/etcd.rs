@@ -19,6 +19,87 @@ pub struct Etcd {
     /// Network namespace to run in (None = the test's own namespace).
     netns: Option<String>,
     starts: u32,
+    tls: Option<TlsFiles>,
+}
+
+/// PEM files for a TLS etcd: a CA, a server certificate for 127.0.0.1, a client certificate.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// Whether etcd demands client certificates.
+    pub client_cert_auth: bool,
+}
+
+impl TlsFiles {
+    /// Makes a throwaway CA and certificates with the openssl command in `dir`.
+    pub fn generate(dir: &Path, client_cert_auth: bool) -> Result<TlsFiles, String> {
+        let p = |n: &str| dir.join(n);
+        let s = |x: &Path| x.to_string_lossy().into_owned();
+        let ossl = |args: &[&str]| crate::sh("openssl", args).map(|_| ());
+        std::fs::write(
+            p("ext.cnf"),
+            "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .map_err(|e| e.to_string())?;
+        ossl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=flannel-test-ca",
+            "-keyout",
+            &s(&p("ca.key")),
+            "-out",
+            &s(&p("ca.pem")),
+        ])?;
+        for name in ["server", "client"] {
+            ossl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &s(&p(&format!("{name}.key"))),
+                "-out",
+                &s(&p(&format!("{name}.csr"))),
+            ])?;
+            ossl(&[
+                "x509",
+                "-req",
+                "-days",
+                "1",
+                "-in",
+                &s(&p(&format!("{name}.csr"))),
+                "-CA",
+                &s(&p("ca.pem")),
+                "-CAkey",
+                &s(&p("ca.key")),
+                "-CAcreateserial",
+                "-extfile",
+                &s(&p("ext.cnf")),
+                "-out",
+                &s(&p(&format!("{name}.pem"))),
+            ])?;
+        }
+        Ok(TlsFiles {
+            ca: p("ca.pem"),
+            server_cert: p("server.pem"),
+            server_key: p("server.key"),
+            client_cert: p("client.pem"),
+            client_key: p("client.key"),
+            client_cert_auth,
+        })
+    }
 }
 
 impl Etcd {
@@ -32,6 +113,20 @@ impl Etcd {
             return None;
         }
         let mut e = Etcd::new("127.0.0.1", crate::free_port(), crate::free_port(), None);
+        e.spawn();
+        Some(e)
+    }
+
+    /// Starts etcd on 127.0.0.1 serving clients over TLS with `tls`. None = skip (see start).
+    pub fn start_tls(tls: TlsFiles) -> Option<Etcd> {
+        if !require(
+            find_program("etcd").is_some(),
+            "needs etcd (Debian package etcd-server)",
+        ) {
+            return None;
+        }
+        let mut e = Etcd::new("127.0.0.1", crate::free_port(), crate::free_port(), None);
+        e.tls = Some(tls);
         e.spawn();
         Some(e)
     }
@@ -56,12 +151,14 @@ impl Etcd {
             peer_port,
             netns,
             starts: 0,
+            tls: None,
         }
     }
 
     /// The client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{}", self.ip, self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.ip, self.client_port)
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -95,8 +192,24 @@ impl Etcd {
         if self.ip != "127.0.0.1" {
             clients += &format!(",http://127.0.0.1:{}", self.client_port);
         }
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some(t) = &self.tls {
+            for (flag, path) in [
+                ("--cert-file", &t.server_cert),
+                ("--key-file", &t.server_key),
+            ] {
+                tls_args.push(flag.into());
+                tls_args.push(path.to_string_lossy().into_owned());
+            }
+            if t.client_cert_auth {
+                tls_args.push("--client-cert-auth".into());
+                tls_args.push("--trusted-ca-file".into());
+                tls_args.push(t.ca.to_string_lossy().into_owned());
+            }
+        }
         let child = self
             .command("etcd")
+            .args(&tls_args)
             .args([
                 "--name",
                 "default",
@@ -153,6 +266,11 @@ impl Etcd {
         let mut cmd = self.command("etcdctl");
         if !args.contains(&"--endpoints") {
             cmd.args(["--endpoints", &endpoint]);
+        }
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cacert={}", t.ca.display()));
+            cmd.arg(format!("--cert={}", t.client_cert.display()));
+            cmd.arg(format!("--key={}", t.client_key.display()));
         }
         cmd.args(["--command-timeout", "5s"])
             .args(args)

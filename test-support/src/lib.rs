@@ -12,7 +12,7 @@
 mod etcd;
 mod netns;
 
-pub use etcd::Etcd;
+pub use etcd::{Etcd, TlsFiles};
 pub use netns::{Node, Pod, Testbed};
 
 use std::process::{Command, Output};
