@@ -1,20 +1,27 @@
 //! `alloc`: lease a subnet and publish it, with no data plane (flannel's alloc backend).
 
+use async_trait::async_trait;
 use subnet_lease::manager::Event;
+use subnet_lease::{Lease, SubnetKey};
 
-use crate::{Backend, BackendError, ExternalInterface};
+use crate::{Backend, BackendError, ExternalInterface, PeerTable};
 
 #[derive(Debug)]
 pub struct AllocBackend {
     mtu: u32,
+    peers: PeerTable,
 }
 
 impl AllocBackend {
     pub fn new(ext: &ExternalInterface) -> Self {
-        AllocBackend { mtu: ext.mtu }
+        AllocBackend {
+            mtu: ext.mtu,
+            peers: PeerTable::default(),
+        }
     }
 }
 
+#[async_trait]
 impl Backend for AllocBackend {
     fn backend_type(&self) -> &'static str {
         "alloc"
@@ -28,9 +35,25 @@ impl Backend for AllocBackend {
         self.mtu
     }
 
-    fn handle(&mut self, _event: &Event) -> Result<(), BackendError> {
-        // No data plane: peers need no routes from this node.
+    async fn set_lease(&mut self, _own: &Lease) -> Result<(), BackendError> {
         Ok(())
+    }
+
+    fn peer_event(&mut self, ev: &Event) {
+        self.peers.apply(ev);
+    }
+
+    async fn reconcile(&mut self) -> Result<usize, BackendError> {
+        // No data plane: peers need nothing from this node.
+        Ok(0)
+    }
+
+    async fn teardown(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn peer_keys(&self) -> Vec<SubnetKey> {
+        self.peers.leases().map(|l| l.key).collect()
     }
 }
 
@@ -38,31 +61,41 @@ impl Backend for AllocBackend {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::netlink::FakeNetlink;
+    use crate::BackendContext;
     use std::net::Ipv4Addr;
+    use std::sync::Arc;
 
-    #[test]
-    fn publishes_alloc_without_data_and_interface_mtu() {
-        let ext = ExternalInterface {
-            name: "eth0".into(),
-            index: 2,
-            iface_ip: Ipv4Addr::new(10, 0, 0, 1),
-            public_ip: Ipv4Addr::new(10, 0, 0, 1),
-            mtu: 1500,
+    #[tokio::test]
+    async fn publishes_alloc_without_data_and_interface_mtu() {
+        let ctx = BackendContext {
+            ext: ExternalInterface {
+                name: "eth0".into(),
+                index: 2,
+                iface_ip: Ipv4Addr::new(10, 0, 0, 1),
+                prefix_len: 24,
+                public_ip: Ipv4Addr::new(10, 0, 0, 1),
+                mtu: 1500,
+            },
+            network: "10.5.0.0/16".parse().unwrap(),
+            node_id: "m".into(),
+            netlink: Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500)),
         };
         let cfg =
             subnet_lease::config::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#)
                 .unwrap()
                 .config;
-        let (b, note) = crate::create(&cfg.backend, &ext).unwrap();
-        assert!(note.is_none());
+        let (b, notes) = crate::create(&cfg.backend, &ctx).await.unwrap();
+        assert!(notes.is_empty());
         assert_eq!(b.backend_type(), "alloc");
         assert_eq!(b.backend_data(), None);
         assert_eq!(b.mtu(), 1500);
-        let cfg = subnet_lease::config::parse(r#"{"Network":"10.5.0.0/16"}"#)
-            .unwrap()
-            .config;
-        let (b, note) = crate::create(&cfg.backend, &ext).unwrap();
+        let cfg =
+            subnet_lease::config::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#)
+                .unwrap()
+                .config;
+        let (b, notes) = crate::create(&cfg.backend, &ctx).await.unwrap();
         assert_eq!(b.backend_type(), "alloc");
-        assert!(note.unwrap().contains("\"vxlan\""));
+        assert!(notes[0].contains("\"udp\""));
     }
 }

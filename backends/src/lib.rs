@@ -2,23 +2,32 @@
 //!
 //! Contract: [`create`] turns the `Backend` section of the network config into a running
 //! [`Backend`] for the chosen external interface. A backend says what it publishes in this
-//! node's lease (`BackendType`, `BackendData`), what MTU pods get (`FLANNEL_MTU`), and consumes
-//! peer lease events. Adding a backend is one module plus one line in [`create`].
+//! node's lease (`BackendType`, `BackendData`) and what MTU pods get (`FLANNEL_MTU`); it is told
+//! its own lease ([`Backend::set_lease`]) and peer events ([`Backend::peer_event`], pure), and
+//! [`Backend::reconcile`] brings the kernel to the state those imply, idempotently. Adding a
+//! backend is one module plus one arm in [`create`]. Kernel access goes through the
+//! [`netlink::Netlink`] trait.
 //!
-//! This build carries the `alloc` backend (lease only, no data plane). The data-plane backends
-//! (`vxlan`, `udp`, `host-gw`) are accepted in the config and run as `alloc` until they land;
-//! the daemon logs that clearly and publishes `BackendType: "alloc"` so no peer mistakes this
-//! node for one it can tunnel to.
+//! Implemented: `vxlan` (kernel VXLAN) and `alloc` (lease only). `udp` and `host-gw` are accepted
+//! in the config and, until they land, run as `alloc` with a warning, publishing
+//! `BackendType: "alloc"` so no peer mistakes this node for one it can reach.
 
 #![forbid(unsafe_code)]
 
 mod alloc;
+pub mod netlink;
+pub mod netlink_rt;
+pub mod vxlan;
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 pub use alloc::AllocBackend;
+use async_trait::async_trait;
+use ipnet::Ipv4Net;
 use subnet_lease::manager::Event;
-use subnet_lease::BackendConfig;
+use subnet_lease::{BackendConfig, Lease, SubnetKey};
 
 /// The interface flannel carries traffic on, and the address it publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,42 +36,107 @@ pub struct ExternalInterface {
     pub index: u32,
     /// The interface's own IPv4 address.
     pub iface_ip: Ipv4Addr,
+    /// Prefix length of `iface_ip` (peers inside that subnet are on the same L2 segment).
+    pub prefix_len: u8,
     /// The address published in the lease (`--public-ip`, else `iface_ip`).
     pub public_ip: Ipv4Addr,
     pub mtu: u32,
+}
+
+impl ExternalInterface {
+    /// The subnet the interface's address is on.
+    pub fn network(&self) -> Ipv4Net {
+        Ipv4Net::new(self.iface_ip, self.prefix_len)
+            .map(|n| n.trunc())
+            .unwrap_or_default()
+    }
+}
+
+/// What a backend is built with.
+#[derive(Debug, Clone)]
+pub struct BackendContext {
+    pub ext: ExternalInterface,
+    /// The cluster Network.
+    pub network: Ipv4Net,
+    /// A stable identity of this machine (machine-id), for derived values such as the VTEP MAC.
+    pub node_id: String,
+    pub netlink: Arc<dyn netlink::Netlink>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("Backend.{key}: {msg}")]
     Config { key: String, msg: String },
+    #[error(transparent)]
+    Netlink(#[from] netlink::NetlinkError),
+}
+
+/// The current peer leases, as events describe them.
+#[derive(Debug, Clone, Default)]
+pub struct PeerTable(BTreeMap<SubnetKey, Lease>);
+
+impl PeerTable {
+    pub fn apply(&mut self, ev: &Event) {
+        match ev {
+            Event::PeerAdded(l) => {
+                self.0.insert(l.key, l.clone());
+            }
+            Event::PeerRemoved(l) => {
+                self.0.remove(&l.key);
+            }
+            Event::OwnLease(l) => {
+                self.0.remove(&l.key);
+            }
+        }
+    }
+
+    pub fn remove(&mut self, key: &SubnetKey) {
+        self.0.remove(key);
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.0.values()
+    }
 }
 
 /// A running backend.
-pub trait Backend: Send + std::fmt::Debug {
+#[async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
     /// `BackendType` published in the lease.
     fn backend_type(&self) -> &'static str;
     /// `BackendData` published in the lease (None = omitted, as flannel's udp/host-gw/alloc).
     fn backend_data(&self) -> Option<serde_json::Value>;
     /// The MTU pods should use (`FLANNEL_MTU`).
     fn mtu(&self) -> u32;
-    /// Applies a lease event (peers joining, leaving, changing).
-    fn handle(&mut self, event: &Event) -> Result<(), BackendError>;
+    /// Our lease, after acquisition and whenever it changes.
+    async fn set_lease(&mut self, own: &Lease) -> Result<(), BackendError>;
+    /// Records a peer event; no kernel calls ([`Backend::reconcile`] applies them).
+    fn peer_event(&mut self, ev: &Event);
+    /// Brings the kernel to the desired state; returns the number of changes made.
+    async fn reconcile(&mut self) -> Result<usize, BackendError>;
+    /// Removes every device, route and entry this backend made.
+    async fn teardown(&mut self) -> Result<(), BackendError>;
+    /// The peers currently known (for status and metrics).
+    fn peer_keys(&self) -> Vec<SubnetKey>;
 }
 
-/// Builds the backend the config asks for. Returns it with a note to log when the requested
-/// type runs as a different one in this build.
-pub fn create(
+/// Builds the backend the config asks for. Returns it with warnings to log (unknown options,
+/// or a type that runs as another in this build).
+pub async fn create(
     cfg: &BackendConfig,
-    ext: &ExternalInterface,
-) -> Result<(Box<dyn Backend>, Option<String>), BackendError> {
+    ctx: &BackendContext,
+) -> Result<(Box<dyn Backend>, Vec<String>), BackendError> {
     match cfg.backend_type.as_str() {
-        "alloc" => Ok((Box::new(AllocBackend::new(ext)), None)),
+        "vxlan" => {
+            let (vcfg, warnings) = vxlan::VxlanConfig::parse(&cfg.options)?;
+            Ok((Box::new(vxlan::VxlanBackend::new(vcfg, ctx).await?), warnings))
+        }
+        "alloc" => Ok((Box::new(AllocBackend::new(&ctx.ext)), Vec::new())),
         other => Ok((
-            Box::new(AllocBackend::new(ext)),
-            Some(format!(
+            Box::new(AllocBackend::new(&ctx.ext)),
+            vec![format!(
                 "backend type {other:?}: its data plane is not part of this build; running lease-only (alloc) and publishing BackendType \"alloc\""
-            )),
+            )],
         )),
     }
 }
