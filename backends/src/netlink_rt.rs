@@ -371,6 +371,10 @@ impl Netlink for RtNetlink {
                         NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
                             dst = Some(*v)
                         }
+                        // For AF_BRIDGE dumps the crate leaves NDA_DST as raw bytes.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                            dst = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                        }
                         NeighbourAttribute::LinkLayerAddress(l) => mac = mac_of(l),
                         _ => {}
                     }

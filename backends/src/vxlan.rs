@@ -758,11 +758,12 @@ mod tests {
         // Someone deletes the device: the next reconcile recreates and reprograms it.
         nl.delete_link(dev).await.unwrap();
         assert!(b.reconcile().await.unwrap() >= 5);
-        let s = nl.lock();
-        let l = s.links.values().find(|l| l.name == "flannel.1").unwrap();
-        assert_eq!(l.mac, mac);
-        assert_eq!(s.routes.len(), 1);
-        drop(s);
+        {
+            let s = nl.lock();
+            let l = s.links.values().find(|l| l.name == "flannel.1").unwrap();
+            assert_eq!(l.mac, mac);
+            assert_eq!(s.routes.len(), 1);
+        }
         // The peer leaves: its entries go.
         b.peer_event(&Event::PeerRemoved(p2));
         b.reconcile().await.unwrap();

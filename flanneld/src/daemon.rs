@@ -1,12 +1,17 @@
 //! The daemon's run loop: interface → etcd → network config → backend → lease → subnet file,
 //! then renewal and peer events until SIGTERM/SIGINT.
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use backends::{Backend, ExternalInterface};
-use subnet_lease::manager::{Event, ManagerOptions};
+use backends::netlink::Netlink;
+use backends::netlink_rt::RtNetlink;
+use backends::{Backend, BackendContext, ExternalInterface};
+use subnet_lease::manager::{Event, LeaseStats, ManagerOptions};
 use subnet_lease::registry::Registry;
 use subnet_lease::{
     config, Backoff, EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, LeaseManager, NetConfig,
@@ -16,7 +21,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::flags::Flags;
+use crate::health::{self, Status};
 use crate::iface;
+use crate::nft::{self, HostRules, Nft, RuleKeeper};
 
 /// Resolves when SIGTERM or SIGINT arrives.
 struct Shutdown {
@@ -115,14 +122,20 @@ fn previous_subnet(path: &Path) -> Option<SubnetKey> {
     }
 }
 
-fn write_subnet_file(path: &Path, cfg: &NetConfig, lease: &Lease, mtu: u32) -> Result<()> {
+fn write_subnet_file(
+    path: &Path,
+    cfg: &NetConfig,
+    lease: &Lease,
+    mtu: u32,
+    ip_masq: bool,
+) -> Result<()> {
     let env = SubnetEnv {
         network: cfg.ipv4_network(),
         subnet: Some(lease.key.ipv4),
         ipv6_network: cfg.ipv6_network(),
         ipv6_subnet: lease.key.ipv6,
         mtu,
-        ip_masq: false,
+        ip_masq,
     };
     env.write(path)
         .with_context(|| format!("writing the subnet file {}", path.display()))?;
@@ -161,11 +174,23 @@ fn describe(l: &Lease) -> String {
     )
 }
 
-/// The whole daemon. Returns Ok on a clean shutdown.
-pub async fn run(flags: Flags) -> Result<()> {
-    let mut shutdown = Shutdown::install()?;
-    let ext = external_interface(&flags)?;
-    let etcd = EtcdOptions {
+/// A stable identity of this machine: machine-id, else the hostname.
+fn node_id() -> String {
+    for path in ["/etc/machine-id", "/var/lib/dbus/machine-id"] {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            let s = s.trim();
+            if !s.is_empty() {
+                return s.to_string();
+            }
+        }
+    }
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn etcd_options(flags: &Flags) -> EtcdOptions {
+    EtcdOptions {
         endpoints: flags.etcd_endpoints.clone(),
         prefix: flags.etcd_prefix.clone(),
         ca_file: flags.etcd_cafile.clone(),
@@ -174,28 +199,131 @@ pub async fn run(flags: Flags) -> Result<()> {
         username: flags.etcd_username.clone(),
         password: flags.etcd_password.clone(),
         ..EtcdOptions::default()
-    };
-    let reg = EtcdRegistry::connect(&etcd)
+    }
+}
+
+/// `--cleanup`: remove the host rules and the VXLAN device, keep the lease. Collects errors and
+/// keeps going.
+async fn cleanup(flags: &Flags) -> Result<()> {
+    let mut errors = Vec::new();
+    if let Err(e) = Nft::default().apply(&nft::render_cleanup()).await {
+        errors.push(format!("removing the nftables table: {e:#}"));
+    }
+    // The VNI comes from the config when etcd answers; flannel's default otherwise.
+    let mut vni = 1;
+    if let Ok(reg) = EtcdRegistry::connect(&etcd_options(flags)).await {
+        if let Ok(Some(text)) = reg.get_config().await {
+            if let Ok(p) = config::parse(&text) {
+                if let Ok((c, _)) = backends::vxlan::VxlanConfig::parse(&p.config.backend.options) {
+                    vni = c.vni;
+                }
+            }
+        }
+    }
+    let nl = RtNetlink::connect()?;
+    let name = format!("flannel.{vni}");
+    match nl.link_by_name(&name).await {
+        Ok(Some(l)) => {
+            if let Err(e) = nl.delete_link(l.index).await {
+                errors.push(format!("deleting {name}: {e}"));
+            } else {
+                tracing::info!("deleted {name}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => errors.push(format!("looking up {name}: {e}")),
+    }
+    if errors.is_empty() {
+        tracing::info!("cleanup done (the lease stays in etcd)");
+        Ok(())
+    } else {
+        bail!("cleanup: {}", errors.join("; "))
+    }
+}
+
+/// Reconciles the backend and the host rules, recording the outcome.
+async fn sync(backend: &mut dyn Backend, rules: &mut RuleKeeper, status: &Status) {
+    let started = Instant::now();
+    status.reconciles.inc();
+    match backend.reconcile().await {
+        Ok(n) => {
+            if n > 0 {
+                tracing::info!("reconciled: {n} kernel changes");
+            }
+            status.reconcile_changes.inc_by(n as u64);
+            status.backend_ok.store(true, Ordering::Relaxed);
+        }
+        Err(e) => {
+            status.reconcile_errors.inc();
+            status.backend_ok.store(false, Ordering::Relaxed);
+            tracing::error!("backend reconcile: {e}");
+        }
+    }
+    status
+        .reconcile_seconds
+        .observe(started.elapsed().as_secs_f64());
+    status.peers.set(backend.peer_keys().len() as i64);
+    match rules.ensure().await {
+        Ok(true) => {
+            status.rules_installs.inc();
+        }
+        Ok(false) => {}
+        Err(e) => {
+            status.rules_errors.inc();
+            tracing::error!("host rules: {e:#}");
+        }
+    }
+}
+
+/// The whole daemon. Returns Ok on a clean shutdown.
+pub async fn run(flags: Flags) -> Result<()> {
+    if flags.cleanup {
+        return cleanup(&flags).await;
+    }
+    let mut shutdown = Shutdown::install()?;
+    let ext = external_interface(&flags)?;
+    let reg = EtcdRegistry::connect(&etcd_options(&flags))
         .await
         .context("connecting to etcd")?;
+    let lease_stats: Arc<LeaseStats> = Arc::default();
+    let status = Status::new(lease_stats.clone());
+    let _health = if flags.healthz_port != 0 {
+        Some(
+            health::serve(
+                SocketAddr::new(flags.healthz_ip, flags.healthz_port),
+                status.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
 
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     let Some(cfg) = or_shutdown(&mut shutdown, network_config(&reg, &mut backoff)).await else {
         return Ok(());
     };
-    if cfg.ipv4_network().is_none() {
+    let Some(network) = cfg.ipv4_network() else {
         bail!("EnableIPv4 is false: this daemon's etcd leases need an IPv4 Network");
-    }
-    let (mut backend, note): (Box<dyn Backend>, _) =
-        backends::create(&cfg.backend, &ext).context("creating the backend")?;
-    if let Some(note) = note {
-        tracing::warn!("{note}");
+    };
+    let ctx = BackendContext {
+        ext: ext.clone(),
+        network,
+        node_id: node_id(),
+        netlink: Arc::new(RtNetlink::connect().context("opening netlink")?),
+    };
+    let (mut backend, warnings) = backends::create(&cfg.backend, &ctx)
+        .await
+        .with_context(|| format!("starting the {} backend", cfg.backend.backend_type))?;
+    for w in warnings {
+        tracing::warn!("{w}");
     }
 
     let mut attrs = LeaseAttrs::new(ext.public_ip, backend.backend_type());
     attrs.backend_data = backend.backend_data();
     let opts = ManagerOptions {
         renew_margin: Duration::from_secs(flags.subnet_lease_renew_margin * 60),
+        stats: lease_stats,
         ..ManagerOptions::default()
     };
     let manager = LeaseManager::new(reg, cfg.clone(), attrs, opts);
@@ -205,32 +333,73 @@ pub async fn run(flags: Flags) -> Result<()> {
     };
     let lease = lease?;
     tracing::info!("leased {}", describe(&lease));
-    write_subnet_file(&flags.subnet_file, &cfg, &lease, backend.mtu())?;
+    status.lease_held.store(true, Ordering::Relaxed);
+
+    let mut rules = RuleKeeper::new(Nft::default());
+    let host_rules = |l: &Lease| HostRules {
+        network,
+        subnet: l.key.ipv4,
+        forward: flags.iptables_forward_rules,
+        ip_masq: flags.ip_masq,
+    };
+    rules.set(host_rules(&lease));
+    backend
+        .set_lease(&lease)
+        .await
+        .context("configuring the backend for our lease")?;
+    sync(backend.as_mut(), &mut rules, &status).await;
+    write_subnet_file(
+        &flags.subnet_file,
+        &cfg,
+        &lease,
+        backend.mtu(),
+        flags.ip_masq,
+    )?;
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::debug!("sd_notify: {e}");
+    }
 
     let (tx, mut events) = mpsc::channel(256);
     let run = tokio::spawn(manager.run(lease, tx));
+    let mut resync = tokio::time::interval(Duration::from_secs(flags.iptables_resync));
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let ev = tokio::select! {
+        let first = tokio::select! {
             ev = events.recv() => ev,
+            _ = resync.tick() => {
+                sync(backend.as_mut(), &mut rules, &status).await;
+                continue;
+            }
             sig = shutdown.wait() => {
-                tracing::info!("{sig} received; exiting (the lease stays, to be reused on restart)");
+                tracing::info!("{sig} received; exiting (lease, devices, routes and rules stay for the restart)");
                 break;
             }
         };
-        let Some(ev) = ev else {
+        let Some(first) = first else {
             bail!("the lease manager stopped unexpectedly");
         };
-        match &ev {
-            Event::PeerAdded(l) => tracing::info!("peer joined or changed: {}", describe(l)),
-            Event::PeerRemoved(l) => tracing::info!("peer left: {}", describe(l)),
-            Event::OwnLease(l) => {
-                tracing::warn!("our lease was re-acquired: {}", describe(l));
-                write_subnet_file(&flags.subnet_file, &cfg, l, backend.mtu())?;
+        // Apply everything that is queued, then reconcile once.
+        let mut batch = vec![first];
+        while let Ok(ev) = events.try_recv() {
+            batch.push(ev);
+        }
+        for ev in &batch {
+            match ev {
+                Event::PeerAdded(l) => tracing::info!("peer joined or changed: {}", describe(l)),
+                Event::PeerRemoved(l) => tracing::info!("peer left: {}", describe(l)),
+                Event::OwnLease(l) => {
+                    tracing::warn!("our lease was re-acquired: {}", describe(l));
+                    backend
+                        .set_lease(l)
+                        .await
+                        .context("configuring the backend for our new lease")?;
+                    rules.set(host_rules(l));
+                    write_subnet_file(&flags.subnet_file, &cfg, l, backend.mtu(), flags.ip_masq)?;
+                }
             }
+            backend.peer_event(ev);
         }
-        if let Err(e) = backend.handle(&ev) {
-            tracing::error!("backend: {e}");
-        }
+        sync(backend.as_mut(), &mut rules, &status).await;
     }
     drop(events);
     let _ = tokio::time::timeout(Duration::from_secs(5), run).await;

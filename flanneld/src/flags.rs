@@ -74,6 +74,37 @@ pub struct Flags {
         value_parser = clap::value_parser!(u64).range(1..1440)
     )]
     pub subnet_lease_renew_margin: u64,
+
+    /// Masquerade traffic from pods leaving the cluster Network (flannel's rules).
+    #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub ip_masq: bool,
+
+    /// Accept forwarded traffic from and to the cluster Network.
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_value_t = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub iptables_forward_rules: bool,
+
+    /// Seconds between checks (and repairs) of routes, devices and host rules.
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..3600))]
+    pub iptables_resync: u64,
+
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    pub healthz_ip: std::net::IpAddr,
+
+    /// Port for /healthz, /readyz and /metrics; 0 disables them.
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    pub healthz_port: u16,
+
+    /// Remove the host rules and the backend's device, then exit (the lease is kept).
+    #[arg(long)]
+    pub cleanup: bool,
+
+    /// Log verbosity as flannel's glog -v: 0-1 info, 2-4 debug, 5+ trace. RUST_LOG wins.
+    #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
+    pub verbosity: u8,
 }
 
 /// Accepts Go-style single-dash long flags (`-etcd-endpoints=…`), as flannel's flag package
@@ -116,6 +147,8 @@ mod tests {
         assert_eq!(f.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
         assert_eq!(f.subnet_lease_renew_margin, 60);
         assert!(f.iface.is_empty() && f.public_ip.is_none());
+        assert!(!f.ip_masq && f.iptables_forward_rules && !f.cleanup);
+        assert_eq!((f.healthz_port, f.iptables_resync, f.verbosity), (0, 5, 0));
     }
 
     #[test]
@@ -132,6 +165,17 @@ mod tests {
         assert_eq!(f.iface, vec!["eth1", "10.0.0.5"]);
         assert_eq!(f.public_ip, Some(Ipv4Addr::new(1, 2, 3, 4)));
         assert_eq!(normalize_args(["x".into(), "-h".into()]), vec!["x", "-h"]);
+        let f = parse(&[
+            "flanneld",
+            "-ip-masq",
+            "-v=3",
+            "--iptables-forward-rules=false",
+            "-healthz-port=8471",
+        ]);
+        assert!(f.ip_masq && !f.iptables_forward_rules);
+        assert_eq!((f.verbosity, f.healthz_port), (3, 8471));
+        let f = parse(&["flanneld", "--ip-masq=false"]);
+        assert!(!f.ip_masq);
     }
 
     #[test]

@@ -14,7 +14,8 @@ use regex::Regex;
 pub struct IfaceInfo {
     pub name: String,
     pub index: u32,
-    pub ipv4: Vec<Ipv4Addr>,
+    /// Addresses with their prefix lengths.
+    pub ipv4: Vec<(Ipv4Addr, u8)>,
     pub mtu: u32,
 }
 
@@ -23,14 +24,18 @@ fn build(
     ip: Option<Ipv4Addr>,
     public_ip: Option<Ipv4Addr>,
 ) -> Result<ExternalInterface> {
-    let iface_ip = match ip.or_else(|| i.ipv4.first().copied()) {
-        Some(ip) => ip,
-        None => bail!("interface {} has no IPv4 address", i.name),
+    let chosen = match ip {
+        Some(ip) => i.ipv4.iter().find(|(a, _)| *a == ip).copied(),
+        None => i.ipv4.first().copied(),
+    };
+    let Some((iface_ip, prefix_len)) = chosen else {
+        bail!("interface {} has no IPv4 address", i.name)
     };
     Ok(ExternalInterface {
         name: i.name.clone(),
         index: i.index,
         iface_ip,
+        prefix_len,
         public_ip: public_ip.unwrap_or(iface_ip),
         mtu: i.mtu,
     })
@@ -48,7 +53,7 @@ pub fn choose(
         let found = match want.parse::<Ipv4Addr>() {
             Ok(ip) => ifaces
                 .iter()
-                .find(|i| i.ipv4.contains(&ip))
+                .find(|i| i.ipv4.iter().any(|(a, _)| *a == ip))
                 .map(|i| build(i, Some(ip), public_ip)),
             Err(_) => ifaces
                 .iter()
@@ -65,7 +70,7 @@ pub fn choose(
     for pattern in iface_regex {
         let re = Regex::new(pattern).with_context(|| format!("--iface-regex {pattern:?}"))?;
         for i in ifaces {
-            if let Some(ip) = i.ipv4.iter().find(|ip| re.is_match(&ip.to_string())) {
+            if let Some((ip, _)) = i.ipv4.iter().find(|(ip, _)| re.is_match(&ip.to_string())) {
                 return build(i, Some(*ip), public_ip);
             }
         }
@@ -93,11 +98,17 @@ pub fn choose(
 
 /// Every interface with its IPv4 addresses and MTU.
 pub fn system_interfaces() -> Result<Vec<IfaceInfo>> {
-    let mut by_name: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+    let mut by_name: BTreeMap<String, Vec<(Ipv4Addr, u8)>> = BTreeMap::new();
     for ifa in nix::ifaddrs::getifaddrs().context("listing interfaces (getifaddrs)")? {
         let entry = by_name.entry(ifa.interface_name.clone()).or_default();
         if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-            entry.push(sin.ip());
+            let prefix = ifa
+                .netmask
+                .as_ref()
+                .and_then(|m| m.as_sockaddr_in())
+                .map(|m| u32::from(m.ip()).count_ones() as u8)
+                .unwrap_or(32);
+            entry.push((sin.ip(), prefix));
         }
     }
     let mut out = Vec::new();
@@ -145,19 +156,22 @@ mod tests {
             IfaceInfo {
                 name: "lo".into(),
                 index: 1,
-                ipv4: vec![Ipv4Addr::LOCALHOST],
+                ipv4: vec![(Ipv4Addr::LOCALHOST, 8)],
                 mtu: 65536,
             },
             IfaceInfo {
                 name: "eth0".into(),
                 index: 2,
-                ipv4: vec![Ipv4Addr::new(192, 168, 1, 5)],
+                ipv4: vec![(Ipv4Addr::new(192, 168, 1, 5), 24)],
                 mtu: 1500,
             },
             IfaceInfo {
                 name: "eth1".into(),
                 index: 3,
-                ipv4: vec![Ipv4Addr::new(10, 1, 0, 7), Ipv4Addr::new(10, 1, 0, 8)],
+                ipv4: vec![
+                    (Ipv4Addr::new(10, 1, 0, 7), 16),
+                    (Ipv4Addr::new(10, 1, 0, 8), 16),
+                ],
                 mtu: 9000,
             },
             IfaceInfo {
@@ -176,7 +190,10 @@ mod tests {
     #[test]
     fn default_route_interface() {
         let e = choose(&ifaces(), Some("eth0"), &[], &[], None).unwrap();
-        assert_eq!((e.name.as_str(), e.index, e.mtu), ("eth0", 2, 1500));
+        assert_eq!(
+            (e.name.as_str(), e.index, e.mtu, e.prefix_len),
+            ("eth0", 2, 1500, 24)
+        );
         assert_eq!(e.public_ip, Ipv4Addr::new(192, 168, 1, 5));
         let err = choose(&ifaces(), None, &[], &[], None).unwrap_err();
         assert!(err.to_string().contains("no default route"));

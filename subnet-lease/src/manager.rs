@@ -1,7 +1,9 @@
 //! The lease manager: acquires this node's lease, keeps it renewed, re-acquires it when it
 //! disappears, and turns the lease watch into peer events.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -58,6 +60,8 @@ pub struct ManagerOptions {
     pub ttl: Duration,
     pub renew_margin: Duration,
     pub backoff: Backoff,
+    /// Counters for metrics, shared with the caller.
+    pub stats: Arc<LeaseStats>,
 }
 
 impl Default for ManagerOptions {
@@ -66,7 +70,31 @@ impl Default for ManagerOptions {
             ttl: DEFAULT_TTL,
             renew_margin: DEFAULT_RENEW_MARGIN,
             backoff: Backoff::default(),
+            stats: Arc::default(),
         }
+    }
+}
+
+/// What the manager has been doing, for metrics and readiness.
+#[derive(Debug, Default)]
+pub struct LeaseStats {
+    /// Failed etcd calls while renewing or re-acquiring.
+    pub etcd_errors: AtomicU64,
+    pub renewals: AtomicU64,
+    pub reacquisitions: AtomicU64,
+    /// Unix time (s) when our lease expires unless renewed; 0 = no TTL (reservation) or unknown.
+    pub lease_expiry_unix: AtomicI64,
+    /// Whether the last etcd call of the renewal loop succeeded.
+    pub etcd_reachable: AtomicBool,
+}
+
+impl LeaseStats {
+    fn expires_in(&self, ttl: Duration) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let at = i64::try_from((now + ttl).as_secs()).unwrap_or(i64::MAX);
+        self.lease_expiry_unix.store(at, Ordering::Relaxed);
     }
 }
 
@@ -193,17 +221,29 @@ impl<R: Registry> LeaseManager<R> {
     /// (the consumer dropped its receiver) — which is how the caller stops it.
     pub async fn run(self, mut own: Lease, events: mpsc::Sender<Event>) {
         let (tx, mut changes) = mpsc::channel::<Vec<Change>>(64);
-        let watcher = LeaseWatcher::new(self.reg.clone()).with_backoff(self.opts.backoff);
+        let watcher = LeaseWatcher::new(self.reg.clone())
+            .with_backoff(self.opts.backoff)
+            .with_stats(self.opts.stats.clone());
         let watch_task = tokio::spawn(watcher.run(tx));
         let mut renew_at = self.renew_deadline(self.opts.ttl);
         let mut backoff = self.opts.backoff;
         let mut lost = false;
+        let stats = self.opts.stats.clone();
+        stats.etcd_reachable.store(true, Ordering::Relaxed);
+        if own.is_reservation() {
+            stats.lease_expiry_unix.store(0, Ordering::Relaxed);
+        } else {
+            stats.expires_in(self.opts.ttl);
+        }
         loop {
             if lost {
                 match self.reacquire(&own, &events).await {
                     Some(l) => {
                         own = l;
                         lost = false;
+                        stats.reacquisitions.fetch_add(1, Ordering::Relaxed);
+                        stats.etcd_reachable.store(true, Ordering::Relaxed);
+                        stats.expires_in(self.opts.ttl);
                         renew_at = self.renew_deadline(self.opts.ttl);
                         if events.send(Event::OwnLease(own.clone())).await.is_err() {
                             break;
@@ -223,6 +263,9 @@ impl<R: Registry> LeaseManager<R> {
                     match self.reg.renew(own.etcd_lease).await {
                         Ok(Some(ttl)) => {
                             backoff.reset();
+                            stats.renewals.fetch_add(1, Ordering::Relaxed);
+                            stats.etcd_reachable.store(true, Ordering::Relaxed);
+                            stats.expires_in(ttl);
                             renew_at = self.renew_deadline(ttl);
                             tracing::info!(subnet = %own.key, "lease renewed, TTL {ttl:?}");
                         }
@@ -231,6 +274,8 @@ impl<R: Registry> LeaseManager<R> {
                             lost = true;
                         }
                         Err(e) => {
+                            stats.etcd_errors.fetch_add(1, Ordering::Relaxed);
+                            stats.etcd_reachable.store(false, Ordering::Relaxed);
                             let d = backoff.next_delay();
                             tracing::warn!(subnet = %own.key, "lease renewal failed: {e}; retrying in {d:?}");
                             renew_at = Instant::now() + d;
@@ -294,6 +339,11 @@ impl<R: Registry> LeaseManager<R> {
                     return Some(l);
                 }
                 Err(e) => {
+                    self.opts.stats.etcd_errors.fetch_add(1, Ordering::Relaxed);
+                    self.opts
+                        .stats
+                        .etcd_reachable
+                        .store(!e.is_transient(), Ordering::Relaxed);
                     let d = backoff.next_delay();
                     tracing::error!("re-acquiring our lease failed: {e}; retrying in {d:?}");
                     tokio::select! {

@@ -4,12 +4,15 @@
 //! backoff, resuming the watch where it stopped.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::lease::{Lease, SubnetKey};
+use crate::manager::LeaseStats;
 use crate::registry::{KeyEvent, Registry, WatchBatch, WatchStream};
 
 /// A change to the set of leases.
@@ -72,6 +75,7 @@ pub struct LeaseWatcher<R> {
     /// Every event up to this revision is reflected in `view`; 0 = list needed.
     revision: i64,
     backoff: Backoff,
+    stats: Option<Arc<LeaseStats>>,
 }
 
 impl<R: Registry> LeaseWatcher<R> {
@@ -81,6 +85,7 @@ impl<R: Registry> LeaseWatcher<R> {
             view: BTreeMap::new(),
             revision: 0,
             backoff: Backoff::default(),
+            stats: None,
         }
     }
 
@@ -95,6 +100,21 @@ impl<R: Registry> LeaseWatcher<R> {
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
         self
+    }
+
+    /// Reports etcd reachability and errors into `stats`.
+    pub fn with_stats(mut self, stats: Arc<LeaseStats>) -> Self {
+        self.stats = Some(stats);
+        self
+    }
+
+    fn reachable(&self, ok: bool) {
+        if let Some(s) = &self.stats {
+            s.etcd_reachable.store(ok, Ordering::Relaxed);
+            if !ok {
+                s.etcd_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The leases currently known.
@@ -112,6 +132,7 @@ impl<R: Registry> LeaseWatcher<R> {
             if self.revision == 0 {
                 match self.reg.list_leases().await {
                     Ok(list) => {
+                        self.reachable(true);
                         for (key, why) in &list.invalid {
                             tracing::warn!(%key, "ignoring invalid lease: {why}");
                         }
@@ -144,6 +165,7 @@ impl<R: Registry> LeaseWatcher<R> {
             match item {
                 Some(Ok(WatchBatch::Events { events, revision })) => {
                     self.backoff.reset();
+                    self.reachable(true);
                     let changes = self.apply(events);
                     if let Some(r) = revision {
                         self.revision = self.revision.max(r);
@@ -170,6 +192,7 @@ impl<R: Registry> LeaseWatcher<R> {
     }
 
     async fn wait_after_error(&mut self, err: &str, tx: &mpsc::Sender<Vec<Change>>) {
+        self.reachable(false);
         let d = self.backoff.next_delay();
         tracing::warn!("lease watch: {err}; retrying in {d:?}");
         tokio::select! {

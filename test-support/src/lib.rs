@@ -11,9 +11,11 @@
 
 mod etcd;
 mod netns;
+mod tcp;
 
 pub use etcd::{Etcd, TlsFiles};
-pub use netns::{Node, Pod, Testbed};
+pub use netns::{in_netns, Node, Pod, Testbed};
+pub use tcp::{whoami, WhoAmIServer};
 
 use std::process::{Command, Output};
 use std::time::Duration;

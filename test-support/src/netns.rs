@@ -92,40 +92,61 @@ impl Testbed {
         let hub = tb.hub.clone();
         tb.add_netns(&hub)?;
         ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
-        ip(&[
-            "-n",
-            &hub,
-            "addr",
-            "add",
-            &format!("{HUB_IP}/24"),
-            "dev",
-            "br0",
-        ])?;
+        let hub_cidr = format!("{HUB_IP}/24");
+        ip(&["-n", &hub, "addr", "add", &hub_cidr, "dev", "br0"])?;
         ip(&["-n", &hub, "link", "set", "br0", "up"])?;
-        for i in 1..=nodes {
-            let ns = format!("fl{}-n{i}", tb.tag);
-            let node_ip = format!("172.30.0.{}", 10 + i);
-            tb.add_netns(&ns)?;
-            let hub_end = format!("n{i}");
-            ip(&[
-                "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &hub_end,
-                "netns", &hub,
-            ])?;
-            ip(&["-n", &hub, "link", "set", &hub_end, "master", "br0", "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{node_ip}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &ns, "route", "add", "default", "via", HUB_IP])?;
-            tb.nodes.push(Node { ns, ip: node_ip });
+        for _ in 0..nodes {
+            tb.add_node()?;
         }
         Ok(tb)
+    }
+
+    /// Adds a namespace on the hub's bridge at 172.30.0.`last_octet`, default route via the hub.
+    fn add_host(&mut self, ns: &str, last_octet: u8) -> Result<String, String> {
+        let hub = self.hub.clone();
+        let host_ip = format!("172.30.0.{last_octet}");
+        self.add_netns(ns)?;
+        let hub_end = format!("h{last_octet}");
+        ip(&[
+            "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", &hub_end, "netns",
+            &hub,
+        ])?;
+        ip(&["-n", &hub, "link", "set", &hub_end, "master", "br0", "up"])?;
+        let cidr = format!("{host_ip}/24");
+        ip(&["-n", ns, "addr", "add", &cidr, "dev", "eth0"])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", ns, "route", "add", "default", "via", HUB_IP])?;
+        Ok(host_ip)
+    }
+
+    /// Adds one more node (also while others run). Node i (1-based) is at 172.30.0.(10+i) and
+    /// forwards IPv4 (it routes for its pods).
+    pub fn add_node(&mut self) -> Result<Node, String> {
+        let i = self.nodes.len() + 1;
+        let ns = format!("fl{}-n{i}", self.tag);
+        let octet = u8::try_from(10 + i).map_err(|_| "too many nodes".to_string())?;
+        let node_ip = self.add_host(&ns, octet)?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
+        let node = Node { ns, ip: node_ip };
+        self.nodes.push(node.clone());
+        Ok(node)
+    }
+
+    /// Adds a host outside the cluster on the underlay (172.30.0.200); returns (namespace, IP).
+    pub fn add_outside_host(&mut self) -> Result<(String, String), String> {
+        let ns = format!("fl{}-out", self.tag);
+        let ip = self.add_host(&ns, 200)?;
+        Ok((ns, ip))
     }
 
     fn add_netns(&mut self, name: &str) -> Result<(), String> {
@@ -214,6 +235,14 @@ impl Testbed {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Kills a started process with SIGKILL (as a crash would) and reaps it.
+    pub fn kill(&mut self, handle: usize) {
+        if let Some(mut child) = self.procs.get_mut(handle).and_then(|p| p.child.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops a started process: SIGTERM, then SIGKILL after `grace`. Returns its exit status.
     pub fn stop(&mut self, handle: usize, grace: Duration) -> Option<ExitStatus> {
         let p = self.procs.get_mut(handle)?;
@@ -222,13 +251,14 @@ impl Testbed {
     }
 
     /// Adds a pod namespace behind node `node` (index into `nodes`) with address `ip_cidr`
-    /// (e.g. "10.5.3.2/24") and default gateway `gateway`, which the node's bridge `cni0`
-    /// gets as its address (created on first use).
+    /// (e.g. "10.5.3.2/24"), default gateway `gateway_cidr`'s address (the node's bridge `cni0`
+    /// gets it, created on first use) and `mtu` on both veth ends.
     pub fn add_pod(
         &mut self,
         node: usize,
         ip_cidr: &str,
         gateway_cidr: &str,
+        mtu: u32,
     ) -> Result<Pod, String> {
         let node_ns = self
             .nodes
@@ -249,11 +279,12 @@ impl Testbed {
             "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &host_end, "netns",
             &node_ns,
         ])?;
+        let mtu = mtu.to_string();
         ip(&[
-            "-n", &node_ns, "link", "set", &host_end, "master", "cni0", "up",
+            "-n", &node_ns, "link", "set", &host_end, "mtu", &mtu, "master", "cni0", "up",
         ])?;
         ip(&["-n", &ns, "addr", "add", ip_cidr, "dev", "eth0"])?;
-        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "mtu", &mtu, "up"])?;
         let gw = gateway_cidr.split('/').next().unwrap_or(gateway_cidr);
         ip(&["-n", &ns, "route", "add", "default", "via", gw])?;
         let pod = Pod {
@@ -264,6 +295,23 @@ impl Testbed {
         self.pods.push(pod.clone());
         Ok(pod)
     }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns` (by name, under /run/netns).
+/// Sockets it creates belong to that namespace and may be used from any thread afterwards.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let path = Path::new("/run/netns").join(ns);
+    let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns: {e}"))?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| "thread in namespace panicked".to_string())?
 }
 
 impl Drop for Testbed {

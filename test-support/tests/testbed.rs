@@ -16,7 +16,7 @@ fn nodes_pods_and_cleanup() {
     let dir = tempfile::tempdir().unwrap();
     let (names, pid) = {
         let mut tb = Testbed::new(2).unwrap();
-        let pod = tb.add_pod(0, "10.5.1.2/24", "10.5.1.1/24").unwrap();
+        let pod = tb.add_pod(0, "10.5.1.2/24", "10.5.1.1/24", 1500).unwrap();
         let n0 = tb.nodes[0].clone();
         let n1 = tb.nodes[1].clone();
         let ping = |ns: &str, to: &str| {

@@ -1,0 +1,253 @@
+//! `/healthz`, `/readyz` and `/metrics` on `--healthz-ip:--healthz-port`.
+//!
+//! - `/healthz`: 200 while the process runs; the body says whether etcd is reachable.
+//! - `/readyz`: 200 once the lease is held and the backend's last reconcile succeeded; 503 before.
+//! - `/metrics`: Prometheus text format.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use subnet_lease::manager::LeaseStats;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Everything the endpoints report; shared by the daemon loop and the server.
+#[derive(Debug)]
+pub struct Status {
+    pub lease_held: AtomicBool,
+    pub backend_ok: AtomicBool,
+    pub lease: Arc<LeaseStats>,
+    pub peers: Gauge,
+    pub reconciles: Counter,
+    pub reconcile_errors: Counter,
+    pub reconcile_changes: Counter,
+    pub reconcile_seconds: Histogram,
+    pub rules_installs: Counter,
+    pub rules_errors: Counter,
+    lease_expiry: Gauge,
+    etcd_errors: Counter,
+    etcd_up: Gauge,
+    renewals: Counter,
+    registry: Registry,
+}
+
+impl Status {
+    pub fn new(lease: Arc<LeaseStats>) -> Arc<Status> {
+        let mut s = Status {
+            lease_held: AtomicBool::new(false),
+            backend_ok: AtomicBool::new(false),
+            lease,
+            peers: Gauge::default(),
+            reconciles: Counter::default(),
+            reconcile_errors: Counter::default(),
+            reconcile_changes: Counter::default(),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            rules_installs: Counter::default(),
+            rules_errors: Counter::default(),
+            lease_expiry: Gauge::default(),
+            etcd_errors: Counter::default(),
+            etcd_up: Gauge::default(),
+            renewals: Counter::default(),
+            registry: Registry::with_prefix("flannel"),
+        };
+        let r = &mut s.registry;
+        r.register("peers", "Peer leases currently known", s.peers.clone());
+        r.register("reconcile", "Backend reconcile runs", s.reconciles.clone());
+        r.register(
+            "reconcile_errors",
+            "Backend reconcile runs that failed",
+            s.reconcile_errors.clone(),
+        );
+        r.register(
+            "reconcile_changes",
+            "Kernel changes made by reconciles",
+            s.reconcile_changes.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Duration of backend reconciles",
+            s.reconcile_seconds.clone(),
+        );
+        r.register(
+            "host_rules_installs",
+            "nftables table (re)installs",
+            s.rules_installs.clone(),
+        );
+        r.register(
+            "host_rules_errors",
+            "Failed nftables installs",
+            s.rules_errors.clone(),
+        );
+        r.register(
+            "lease_expiry_timestamp_seconds",
+            "When our lease expires unless renewed (0: no TTL)",
+            s.lease_expiry.clone(),
+        );
+        r.register("etcd_errors", "Failed etcd calls", s.etcd_errors.clone());
+        r.register(
+            "etcd_up",
+            "1 if the last etcd call succeeded",
+            s.etcd_up.clone(),
+        );
+        r.register(
+            "lease_renewals",
+            "Lease keep-alives that succeeded",
+            s.renewals.clone(),
+        );
+        Arc::new(s)
+    }
+
+    fn refresh(&self) {
+        let l = &self.lease;
+        self.lease_expiry
+            .set(l.lease_expiry_unix.load(Ordering::Relaxed));
+        self.etcd_up
+            .set(i64::from(l.etcd_reachable.load(Ordering::Relaxed)));
+        // Counters only move forward: add what is new since the last scrape.
+        let sync = |c: &Counter, total: u64| {
+            let have = c.get();
+            if total > have {
+                c.inc_by(total - have);
+            }
+        };
+        sync(&self.etcd_errors, l.etcd_errors.load(Ordering::Relaxed));
+        sync(&self.renewals, l.renewals.load(Ordering::Relaxed));
+    }
+
+    pub fn metrics_text(&self) -> String {
+        self.refresh();
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn ready(&self) -> bool {
+        self.lease_held.load(Ordering::Relaxed) && self.backend_ok.load(Ordering::Relaxed)
+    }
+}
+
+/// The answer for one request line (pure).
+pub fn respond(status: &Status, request_line: &str) -> (u16, &'static str, String) {
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" {
+        return (405, "text/plain", "only GET\n".into());
+    }
+    match path.split('?').next().unwrap_or("") {
+        "/healthz" => {
+            let etcd = if status.lease.etcd_reachable.load(Ordering::Relaxed) {
+                "reachable"
+            } else {
+                "unreachable"
+            };
+            (200, "text/plain", format!("ok\netcd: {etcd}\n"))
+        }
+        "/readyz" => {
+            let lease = status.lease_held.load(Ordering::Relaxed);
+            let backend = status.backend_ok.load(Ordering::Relaxed);
+            let body = format!("lease held: {lease}\nbackend programmed: {backend}\n");
+            (if status.ready() { 200 } else { 503 }, "text/plain", body)
+        }
+        "/metrics" => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            status.metrics_text(),
+        ),
+        _ => (404, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Serves the endpoints until the task is dropped.
+pub async fn serve(addr: SocketAddr, status: Arc<Status>) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the health endpoint on {addr}"))?;
+    tracing::info!("serving /healthz, /readyz and /metrics on {addr}");
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let status = status.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                // Read the request head (bounded in size and time).
+                let read = tokio::time::timeout(Duration::from_secs(5), async {
+                    while n < buf.len() {
+                        match sock.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k,
+                        }
+                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+                            || buf[..n].contains(&b'\n')
+                        {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                if read.is_err() {
+                    return;
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let line = head.lines().next().unwrap_or("");
+                let (code, ctype, body) = respond(&status, line);
+                let reason = match code {
+                    200 => "OK",
+                    404 => "Not Found",
+                    405 => "Method Not Allowed",
+                    _ => "Service Unavailable",
+                };
+                let resp = format!(
+                    "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), sock.write_all(resp.as_bytes()))
+                        .await;
+            });
+        }
+    }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        let st = Status::new(Arc::default());
+        assert_eq!(respond(&st, "GET /healthz HTTP/1.1").0, 200);
+        assert!(respond(&st, "GET /healthz HTTP/1.1")
+            .2
+            .contains("etcd: unreachable"));
+        assert_eq!(respond(&st, "GET /readyz HTTP/1.1").0, 503);
+        st.lease_held.store(true, Ordering::Relaxed);
+        st.backend_ok.store(true, Ordering::Relaxed);
+        assert_eq!(respond(&st, "GET /readyz HTTP/1.1").0, 200);
+        assert_eq!(respond(&st, "GET /nope HTTP/1.1").0, 404);
+        assert_eq!(respond(&st, "POST /healthz HTTP/1.1").0, 405);
+        st.peers.set(3);
+        st.lease.etcd_errors.store(2, Ordering::Relaxed);
+        let m = respond(&st, "GET /metrics HTTP/1.1").2;
+        assert!(m.contains("flannel_peers 3"), "{m}");
+        assert!(m.contains("flannel_etcd_errors_total 2"), "{m}");
+        assert!(
+            m.contains("flannel_reconcile_duration_seconds_bucket"),
+            "{m}"
+        );
+        // A second scrape does not double-count.
+        let m = respond(&st, "GET /metrics HTTP/1.1").2;
+        assert!(m.contains("flannel_etcd_errors_total 2"), "{m}");
+    }
+}

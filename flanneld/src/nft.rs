@@ -1,0 +1,236 @@
+//! Host rules in one nftables table the daemon owns (`ip flannel`), applied as one atomic
+//! `nft -f -` transaction. The ruleset is rendered by [`render`] (pure); data lives in sets,
+//! rules are static.
+//!
+//! - `forward`: accept traffic from and to the cluster Network (flannel's FLANNEL-FWD).
+//! - `postrouting` (with `--ip-masq`), flannel's masquerade rules in flannel's order: leave
+//!   packets marked 0x4000/0x4000 to the service proxy; never masquerade pod ↔ pod inside the
+//!   Network; masquerade pods leaving the Network (except to multicast) and non-cluster sources
+//!   reaching the Network, with fully random ports.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ipnet::Ipv4Net;
+use tokio::io::AsyncWriteExt;
+
+pub const TABLE: &str = "flannel";
+
+/// What the rules depend on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRules {
+    pub network: Ipv4Net,
+    pub subnet: Ipv4Net,
+    pub forward: bool,
+    pub ip_masq: bool,
+}
+
+/// The nft script that replaces our table with the rules for `r` (one transaction).
+pub fn render(r: &HostRules) -> String {
+    let t = format!("ip {TABLE}");
+    let mut s = String::new();
+    // nft 1.0.6 has no "destroy": add-then-delete removes the table whether or not it exists.
+    s += &format!("add table {t}\ndelete table {t}\nadd table {t}\n");
+    s += &format!("add set {t} cluster {{ type ipv4_addr; flags interval; }}\n");
+    s += &format!("add element {t} cluster {{ {} }}\n", r.network);
+    if r.forward {
+        s += &format!(
+            "add chain {t} forward {{ type filter hook forward priority filter; policy accept; }}\n"
+        );
+        s += &format!("add rule {t} forward ip saddr @cluster accept\n");
+        s += &format!("add rule {t} forward ip daddr @cluster accept\n");
+    }
+    if r.ip_masq {
+        s += &format!("add set {t} node_subnet {{ type ipv4_addr; flags interval; }}\n");
+        s += &format!("add element {t} node_subnet {{ {} }}\n", r.subnet);
+        s += &format!("add set {t} multicast {{ type ipv4_addr; flags interval; }}\n");
+        s += &format!("add element {t} multicast {{ 224.0.0.0/4 }}\n");
+        s += &format!(
+            "add chain {t} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n"
+        );
+        let rules = [
+            "meta mark & 0x00004000 == 0x00004000 return",
+            "ip saddr @node_subnet ip daddr @cluster return",
+            "ip saddr @cluster ip daddr @node_subnet return",
+            "ip saddr != @cluster ip daddr @node_subnet return",
+            "ip saddr @cluster ip daddr != @multicast masquerade fully-random",
+            "ip saddr != @cluster ip daddr @cluster masquerade fully-random",
+        ];
+        for rule in rules {
+            s += &format!("add rule {t} postrouting {rule}\n");
+        }
+    }
+    s
+}
+
+/// The script that removes our table (used by `--cleanup`).
+pub fn render_cleanup() -> String {
+    format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+}
+
+/// Runs `nft`. Bounded in time.
+#[derive(Debug, Clone)]
+pub struct Nft {
+    pub program: String,
+}
+
+impl Default for Nft {
+    fn default() -> Self {
+        Nft {
+            program: "nft".into(),
+        }
+    }
+}
+
+const NFT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Nft {
+    /// Applies a script atomically with `nft -f -`.
+    pub async fn apply(&self, script: &str) -> Result<()> {
+        let mut child = tokio::process::Command::new(&self.program)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("running {}", self.program))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(script.as_bytes()).await?;
+        }
+        let out = tokio::time::timeout(NFT_TIMEOUT, child.wait_with_output())
+            .await
+            .context("nft did not finish in 10 s")??;
+        if !out.status.success() {
+            bail!(
+                "nft -f: {}\nscript:\n{script}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Our table as nft prints it, or None if it does not exist.
+    pub async fn list(&self) -> Result<Option<String>> {
+        let fut = tokio::process::Command::new(&self.program)
+            .args(["list", "table", "ip", TABLE])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(NFT_TIMEOUT, fut)
+            .await
+            .context("nft list did not finish in 10 s")?
+            .with_context(|| format!("running {}", self.program))?;
+        Ok(out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+    }
+}
+
+/// Keeps our table equal to the rendered rules: installs it, and re-installs it when nft's
+/// listing no longer matches the one taken right after the last install (a rule or the table
+/// was removed or changed by hand).
+#[derive(Debug, Default)]
+pub struct RuleKeeper {
+    nft: Nft,
+    want: Option<HostRules>,
+    installed_listing: Option<String>,
+}
+
+impl RuleKeeper {
+    pub fn new(nft: Nft) -> Self {
+        RuleKeeper {
+            nft,
+            ..RuleKeeper::default()
+        }
+    }
+
+    pub fn set(&mut self, rules: HostRules) {
+        if self.want.as_ref() != Some(&rules) {
+            self.want = Some(rules);
+            self.installed_listing = None;
+        }
+    }
+
+    /// Ensures the rules; returns true if it (re)installed (or removed) them.
+    pub async fn ensure(&mut self) -> Result<bool> {
+        let Some(want) = &self.want else {
+            return Ok(false);
+        };
+        let now = self.nft.list().await?;
+        if !want.forward && !want.ip_masq {
+            // Nothing to install; remove a table left from a run that had rules.
+            if now.is_some() {
+                self.nft.apply(&render_cleanup()).await?;
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        if now.is_some() && now == self.installed_listing {
+            return Ok(false);
+        }
+        if self.installed_listing.is_some() {
+            tracing::warn!("nftables table ip {TABLE} was removed or changed; re-installing it");
+        }
+        self.nft.apply(&render(want)).await?;
+        self.installed_listing = self.nft.list().await?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn rules(ip_masq: bool) -> HostRules {
+        HostRules {
+            network: "10.5.0.0/16".parse().unwrap(),
+            subnet: "10.5.3.0/24".parse().unwrap(),
+            forward: true,
+            ip_masq,
+        }
+    }
+
+    #[test]
+    fn forward_only() {
+        let s = render(&rules(false));
+        assert!(
+            s.starts_with("add table ip flannel\ndelete table ip flannel\nadd table ip flannel\n")
+        );
+        assert!(s.contains("add element ip flannel cluster { 10.5.0.0/16 }"));
+        assert!(s.contains("add rule ip flannel forward ip saddr @cluster accept\n"));
+        assert!(s.contains("add rule ip flannel forward ip daddr @cluster accept\n"));
+        assert!(!s.contains("masquerade"));
+    }
+
+    #[test]
+    fn masquerade_rules_in_flannels_order() {
+        let s = render(&rules(true));
+        let masq: Vec<&str> = s
+            .lines()
+            .filter(|l| l.starts_with("add rule ip flannel postrouting"))
+            .collect();
+        assert_eq!(masq.len(), 6);
+        assert!(masq[0].ends_with("meta mark & 0x00004000 == 0x00004000 return"));
+        assert!(
+            masq[4].ends_with("ip saddr @cluster ip daddr != @multicast masquerade fully-random")
+        );
+        assert!(s.contains("add element ip flannel node_subnet { 10.5.3.0/24 }"));
+        let no_fwd = render(&HostRules {
+            forward: false,
+            ..rules(true)
+        });
+        assert!(!no_fwd.contains("chain ip flannel forward"));
+    }
+
+    #[test]
+    fn cleanup_is_add_then_delete() {
+        assert_eq!(
+            render_cleanup(),
+            "add table ip flannel\ndelete table ip flannel\n"
+        );
+    }
+}
