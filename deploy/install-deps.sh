@@ -2,7 +2,7 @@
 # Installs what building and testing need on Debian 12 (run as root). Idempotent.
 set -euo pipefail
 pkgs=(protobuf-compiler etcd-server etcd-client iproute2 nftables iperf3
-      containernetworking-plugins conntrack jq procps iputils-ping openssl)
+      containernetworking-plugins conntrack jq procps iputils-ping openssl socat)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
