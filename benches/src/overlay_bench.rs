@@ -1,0 +1,347 @@
+//! Pod-to-pod throughput and latency across two namespace "nodes", in one run, for:
+//! - plain routes via the peer node (no encapsulation): the baseline;
+//! - kernel VXLAN programmed by hand exactly as flannel's backend programs it;
+//! - our flanneld with `Backend.Type: vxlan`.
+//!
+//! Rounds alternate the three setups (default 3 rounds, `--rounds N`, `--seconds S` per iperf3
+//! run); each figure is the median over rounds. Needs root, iperf3, etcd, and a release build of
+//! flanneld next to this binary (`cargo build --release -p flanneld`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use test_support::{wait_for, Pod, Testbed};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Plain,
+    HandVxlan,
+    Flanneld,
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::Plain => "plain routes via the peer (baseline)",
+            Setup::HandVxlan => "kernel VXLAN programmed by hand",
+            Setup::Flanneld => "flanneld vxlan backend",
+        }
+    }
+}
+
+const SUBNETS: [&str; 2] = ["10.5.1.0/24", "10.5.2.0/24"];
+
+fn ip(tb: &Testbed, node: usize, args: &[&str]) -> Result<()> {
+    let mut full = vec!["ip"];
+    full.extend_from_slice(args);
+    tb.exec(&tb.nodes[node].ns, &full)
+        .map(|_| ())
+        .map_err(anyhow::Error::msg)
+}
+
+fn mac_of(tb: &Testbed, node: usize) -> Result<String> {
+    let out = tb
+        .exec(
+            &tb.nodes[node].ns,
+            &["cat", "/sys/class/net/flannel.1/address"],
+        )
+        .map_err(anyhow::Error::msg)?;
+    Ok(out.trim().to_string())
+}
+
+/// Programs node `n` like flannel's vxlan backend would, by hand with iproute2.
+fn hand_vxlan(tb: &Testbed) -> Result<()> {
+    for n in 0..2 {
+        let local = tb.nodes[n].ip.clone();
+        ip(
+            tb,
+            n,
+            &[
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &local,
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            ],
+        )?;
+        ip(tb, n, &["link", "set", "flannel.1", "mtu", "1450", "up"])?;
+        let own = SUBNETS[n].replace(".0/24", ".0/32");
+        ip(tb, n, &["addr", "add", &own, "dev", "flannel.1"])?;
+    }
+    for n in 0..2 {
+        let p = 1 - n;
+        let peer_mac = mac_of(tb, p)?;
+        let peer_gw = SUBNETS[p].replace(".0/24", ".0");
+        ip(
+            tb,
+            n,
+            &[
+                "neigh",
+                "replace",
+                &peer_gw,
+                "lladdr",
+                &peer_mac,
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        tb.exec(
+            &tb.nodes[n].ns,
+            &[
+                "bridge",
+                "fdb",
+                "append",
+                &peer_mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &tb.nodes[p].ip,
+                "self",
+                "permanent",
+            ],
+        )
+        .map_err(anyhow::Error::msg)?;
+        ip(
+            tb,
+            n,
+            &[
+                "route",
+                "add",
+                SUBNETS[p],
+                "via",
+                &peer_gw,
+                "dev",
+                "flannel.1",
+                "onlink",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn plain_routes(tb: &Testbed) -> Result<()> {
+    for n in 0..2 {
+        let p = 1 - n;
+        let via = tb.nodes[p].ip.clone();
+        ip(tb, n, &["route", "add", SUBNETS[p], "via", &via])?;
+    }
+    Ok(())
+}
+
+fn flanneld_bin() -> Result<PathBuf> {
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("no directory for this binary")?
+        .join("flanneld");
+    if !bin.is_file() {
+        bail!(
+            "{} missing: run `cargo build --release -p flanneld` first",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn run_flanneld(tb: &mut Testbed, dir: &std::path::Path) -> Result<()> {
+    let bin = flanneld_bin()?;
+    let endpoint = tb.start_etcd();
+    // Reserve each node's subnet (keys without TTL) so the pods' addresses are known upfront.
+    let etcd = tb.etcd.as_ref().context("etcd")?;
+    etcd.etcdctl(&[
+        "put",
+        "/coreos.com/network/config",
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+    ])
+    .map_err(anyhow::Error::msg)?;
+    for n in 0..2 {
+        let key = format!(
+            "/coreos.com/network/subnets/{}",
+            SUBNETS[n].replace('/', "-")
+        );
+        let value = format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, tb.nodes[n].ip);
+        etcd.etcdctl(&["put", &key, &value])
+            .map_err(anyhow::Error::msg)?;
+    }
+    for n in 0..2 {
+        let ns = tb.nodes[n].ns.clone();
+        let env = dir.join(format!("n{n}.env"));
+        tb.spawn(
+            &ns,
+            bin.to_str().context("path")?,
+            &[
+                "--etcd-endpoints",
+                &endpoint,
+                "--subnet-file",
+                env.to_str().context("path")?,
+            ],
+            &[("RUST_LOG", "warn")],
+            &dir.join(format!("n{n}.log")),
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
+    for n in 0..2 {
+        let p = 1 - n;
+        let want = format!("{} via", SUBNETS[p]);
+        wait_for(Duration::from_secs(30), || {
+            tb.exec(
+                &tb.nodes[n].ns,
+                &["ip", "route", "show", "dev", "flannel.1"],
+            )
+            .ok()
+            .filter(|r| r.contains(&want))
+        })
+        .context("flanneld did not program the peer route in 30 s")?;
+    }
+    Ok(())
+}
+
+fn iperf(tb: &Testbed, from: &Pod, to: &Pod, seconds: u32, dir: &std::path::Path) -> Result<f64> {
+    let log = dir.join("iperf3-server.log");
+    let server = std::process::Command::new("ip")
+        .args(["netns", "exec", &to.ns, "iperf3", "-s", "-1"])
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut server = Guard(server);
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = seconds.to_string();
+    let (ok, out) = tb.exec_status(
+        &from.ns,
+        &["iperf3", "-c", &to.ip, "-t", &secs, "-J"],
+        Duration::from_secs(u64::from(seconds) + 20),
+    );
+    let _ = server.0.wait();
+    if !ok {
+        bail!("iperf3 failed: {out}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("no bits_per_second in iperf3 output")
+}
+
+/// Kills the child on drop (bounded cleanup of the iperf3 server).
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ping_ms(tb: &Testbed, from: &Pod, to: &Pod) -> Result<f64> {
+    let (ok, out) = tb.exec_status(
+        &from.ns,
+        &["ping", "-q", "-c", "50", "-i", "0.02", &to.ip],
+        Duration::from_secs(20),
+    );
+    if !ok {
+        bail!("ping failed: {out}");
+    }
+    // rtt min/avg/max/mdev = 0.041/0.058/0.101/0.012 ms
+    let stats = out
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .and_then(|l| l.split('=').nth(1))
+        .context("no rtt line")?;
+    stats
+        .trim()
+        .split('/')
+        .nth(1)
+        .context("no avg")?
+        .parse()
+        .context("avg rtt")
+}
+
+fn one(setup: Setup, seconds: u32) -> Result<(f64, f64)> {
+    let mut tb = Testbed::new(2).map_err(anyhow::Error::msg)?;
+    let dir = tempfile::tempdir()?;
+    let mtu = if setup == Setup::Plain { 1500 } else { 1450 };
+    match setup {
+        Setup::Plain => plain_routes(&tb)?,
+        Setup::HandVxlan => hand_vxlan(&tb)?,
+        Setup::Flanneld => run_flanneld(&mut tb, dir.path())?,
+    }
+    let p1 = tb
+        .add_pod(0, "10.5.1.2/24", "10.5.1.1/24", mtu)
+        .map_err(anyhow::Error::msg)?;
+    let p2 = tb
+        .add_pod(1, "10.5.2.2/24", "10.5.2.1/24", mtu)
+        .map_err(anyhow::Error::msg)?;
+    wait_for(Duration::from_secs(10), || {
+        tb.exec_status(
+            &p1.ns,
+            &["ping", "-c1", "-W1", &p2.ip],
+            Duration::from_secs(3),
+        )
+        .0
+        .then_some(())
+    })
+    .context("pods cannot reach each other")?;
+    let gbps = iperf(&tb, &p1, &p2, seconds, dir.path())?;
+    let rtt = ping_ms(&tb, &p1, &p2)?;
+    Ok((gbps, rtt))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> Result<()> {
+    let mut rounds = 3u32;
+    let mut seconds = 5u32;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--rounds" => rounds = args.next().context("--rounds N")?.parse()?,
+            "--seconds" => seconds = args.next().context("--seconds S")?.parse()?,
+            other => bail!("unknown argument {other} (use --rounds N --seconds S)"),
+        }
+    }
+    if !test_support::is_root() {
+        bail!("needs root (network namespaces)");
+    }
+    flanneld_bin()?;
+    let setups = [Setup::Plain, Setup::HandVxlan, Setup::Flanneld];
+    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); 3];
+    for r in 1..=rounds {
+        for (i, s) in setups.iter().enumerate() {
+            eprintln!("round {r}/{rounds}: {}", s.name());
+            let (g, l) = one(*s, seconds)?;
+            eprintln!("  {g:.2} Gbit/s, {l:.3} ms");
+            results[i].0.push(g);
+            results[i].1.push(l);
+        }
+    }
+    let base = median(&mut results[0].0.clone());
+    let hand = median(&mut results[1].0.clone());
+    println!("Pod-to-pod across two namespace nodes, one TCP stream (iperf3 {seconds} s), median of {rounds} rounds.\n");
+    println!("| path | Gbit/s | ratio to plain routes | ratio to hand VXLAN | ping RTT avg (ms) |");
+    println!("|---|---|---|---|---|");
+    for (i, s) in setups.iter().enumerate() {
+        let g = median(&mut results[i].0);
+        let l = median(&mut results[i].1);
+        println!(
+            "| {} | {g:.2} | {:.2} | {:.2} | {l:.3} |",
+            s.name(),
+            g / base,
+            g / hand
+        );
+    }
+    Ok(())
+}
