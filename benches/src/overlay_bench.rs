@@ -3,11 +3,14 @@
 //! - kernel VXLAN programmed by hand exactly as flannel's backend programs it;
 //! - our flanneld with `Backend.Type: vxlan`.
 //!
+//! etcd runs in the hub in all three setups (it is part of the cluster, not of the data plane).
 //! Rounds alternate the three setups (default 3 rounds, `--rounds N`, `--seconds S` per iperf3
 //! run); each figure is the median over rounds. Needs root, iperf3, etcd, and a release build of
 //! flanneld next to this binary (`cargo build --release -p flanneld`).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +21,7 @@ enum Setup {
     Plain,
     HandVxlan,
     Flanneld,
+    FlanneldNoRules,
 }
 
 impl Setup {
@@ -25,7 +29,8 @@ impl Setup {
         match self {
             Setup::Plain => "plain routes via the peer (baseline)",
             Setup::HandVxlan => "kernel VXLAN programmed by hand",
-            Setup::Flanneld => "flanneld vxlan backend",
+            Setup::Flanneld => "flanneld vxlan backend (default host rules)",
+            Setup::FlanneldNoRules => "flanneld vxlan backend, --iptables-forward-rules=false",
         }
     }
 }
@@ -52,7 +57,7 @@ fn mac_of(tb: &Testbed, node: usize) -> Result<String> {
 
 /// Programs node `n` like flannel's vxlan backend would, by hand with iproute2.
 fn hand_vxlan(tb: &Testbed) -> Result<()> {
-    for n in 0..2 {
+    for (n, subnet) in SUBNETS.iter().enumerate() {
         let local = tb.nodes[n].ip.clone();
         ip(
             tb,
@@ -75,7 +80,7 @@ fn hand_vxlan(tb: &Testbed) -> Result<()> {
             ],
         )?;
         ip(tb, n, &["link", "set", "flannel.1", "mtu", "1450", "up"])?;
-        let own = SUBNETS[n].replace(".0/24", ".0/32");
+        let own = subnet.replace(".0/24", ".0/32");
         ip(tb, n, &["addr", "add", &own, "dev", "flannel.1"])?;
     }
     for n in 0..2 {
@@ -154,9 +159,13 @@ fn flanneld_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn run_flanneld(tb: &mut Testbed, dir: &std::path::Path) -> Result<()> {
+fn run_flanneld(
+    tb: &mut Testbed,
+    dir: &std::path::Path,
+    endpoint: &str,
+    forward_rules: bool,
+) -> Result<()> {
     let bin = flanneld_bin()?;
-    let endpoint = tb.start_etcd();
     // Reserve each node's subnet (keys without TTL) so the pods' addresses are known upfront.
     let etcd = tb.etcd.as_ref().context("etcd")?;
     etcd.etcdctl(&[
@@ -165,11 +174,8 @@ fn run_flanneld(tb: &mut Testbed, dir: &std::path::Path) -> Result<()> {
         r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
     ])
     .map_err(anyhow::Error::msg)?;
-    for n in 0..2 {
-        let key = format!(
-            "/coreos.com/network/subnets/{}",
-            SUBNETS[n].replace('/', "-")
-        );
+    for (n, subnet) in SUBNETS.iter().enumerate() {
+        let key = format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-"));
         let value = format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, tb.nodes[n].ip);
         etcd.etcdctl(&["put", &key, &value])
             .map_err(anyhow::Error::msg)?;
@@ -182,9 +188,14 @@ fn run_flanneld(tb: &mut Testbed, dir: &std::path::Path) -> Result<()> {
             bin.to_str().context("path")?,
             &[
                 "--etcd-endpoints",
-                &endpoint,
+                endpoint,
                 "--subnet-file",
                 env.to_str().context("path")?,
+                if forward_rules {
+                    "--iptables-forward-rules=true"
+                } else {
+                    "--iptables-forward-rules=false"
+                },
             ],
             &[("RUST_LOG", "warn")],
             &dir.join(format!("n{n}.log")),
@@ -267,14 +278,30 @@ fn ping_ms(tb: &Testbed, from: &Pod, to: &Pod) -> Result<f64> {
         .context("avg rtt")
 }
 
+/// Set by SIGINT/SIGTERM; checked between steps so the testbed guard always runs.
+static STOP: std::sync::LazyLock<Arc<AtomicBool>> =
+    std::sync::LazyLock::new(|| Arc::new(AtomicBool::new(false)));
+
+fn check_stop() -> Result<()> {
+    if STOP.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
 fn one(setup: Setup, seconds: u32) -> Result<(f64, f64)> {
+    check_stop()?;
     let mut tb = Testbed::new(2).map_err(anyhow::Error::msg)?;
     let dir = tempfile::tempdir()?;
     let mtu = if setup == Setup::Plain { 1500 } else { 1450 };
+    // etcd runs in every setup: it is part of the cluster whatever the data plane, and on a
+    // 2-core machine its background work would otherwise count against flanneld alone.
+    let endpoint = tb.start_etcd();
     match setup {
         Setup::Plain => plain_routes(&tb)?,
         Setup::HandVxlan => hand_vxlan(&tb)?,
-        Setup::Flanneld => run_flanneld(&mut tb, dir.path())?,
+        Setup::Flanneld => run_flanneld(&mut tb, dir.path(), &endpoint, true)?,
+        Setup::FlanneldNoRules => run_flanneld(&mut tb, dir.path(), &endpoint, false)?,
     }
     let p1 = tb
         .add_pod(0, "10.5.1.2/24", "10.5.1.1/24", mtu)
@@ -292,7 +319,12 @@ fn one(setup: Setup, seconds: u32) -> Result<(f64, f64)> {
         .then_some(())
     })
     .context("pods cannot reach each other")?;
+    // Same settle time for every setup: let start-up work (etcd's WAL, the daemons' first
+    // reconcile) finish so the figures are steady state.
+    std::thread::sleep(Duration::from_secs(3));
+    check_stop()?;
     let gbps = iperf(&tb, &p1, &p2, seconds, dir.path())?;
+    check_stop()?;
     let rtt = ping_ms(&tb, &p1, &p2)?;
     Ok((gbps, rtt))
 }
@@ -316,31 +348,58 @@ fn main() -> Result<()> {
     if !test_support::is_root() {
         bail!("needs root (network namespaces)");
     }
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, STOP.clone())?;
+    }
     flanneld_bin()?;
-    let setups = [Setup::Plain, Setup::HandVxlan, Setup::Flanneld];
-    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); 3];
+    let setups = [
+        Setup::Plain,
+        Setup::HandVxlan,
+        Setup::Flanneld,
+        Setup::FlanneldNoRules,
+    ];
+    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); setups.len()];
     for r in 1..=rounds {
-        for (i, s) in setups.iter().enumerate() {
+        // Reverse the order every other round so no setup always runs first or last.
+        let mut order: Vec<usize> = (0..setups.len()).collect();
+        if r % 2 == 0 {
+            order.reverse();
+        }
+        for i in order {
+            let s = setups[i];
             eprintln!("round {r}/{rounds}: {}", s.name());
-            let (g, l) = one(*s, seconds)?;
+            let (g, l) = one(s, seconds)?;
             eprintln!("  {g:.2} Gbit/s, {l:.3} ms");
             results[i].0.push(g);
             results[i].1.push(l);
         }
     }
-    let base = median(&mut results[0].0.clone());
-    let hand = median(&mut results[1].0.clone());
-    println!("Pod-to-pod across two namespace nodes, one TCP stream (iperf3 {seconds} s), median of {rounds} rounds.\n");
+    // Ratios are medians of per-round ratios: the setups of one round ran back to back, so
+    // pairing them cancels slow drift of the machine.
+    let paired = |i: usize, base: usize| -> f64 {
+        let mut v: Vec<f64> = results[i]
+            .0
+            .iter()
+            .zip(&results[base].0)
+            .map(|(a, b)| a / b)
+            .collect();
+        median(&mut v)
+    };
+    println!(
+        "Pod-to-pod across two namespace nodes, one TCP stream (iperf3 {seconds} s), {rounds} rounds \
+         (order reversed every other round); Gbit/s and RTT are medians, ratios are medians of \
+         per-round ratios.\n"
+    );
     println!("| path | Gbit/s | ratio to plain routes | ratio to hand VXLAN | ping RTT avg (ms) |");
     println!("|---|---|---|---|---|");
     for (i, s) in setups.iter().enumerate() {
-        let g = median(&mut results[i].0);
-        let l = median(&mut results[i].1);
+        let g = median(&mut results[i].0.clone());
+        let l = median(&mut results[i].1.clone());
         println!(
-            "| {} | {g:.2} | {:.2} | {:.2} | {l:.3} |",
+            "| {} | {g:.2} | {:.3} | {:.3} | {l:.3} |",
             s.name(),
-            g / base,
-            g / hand
+            paired(i, 0),
+            paired(i, 1)
         );
     }
     Ok(())

@@ -183,6 +183,12 @@ fn waits_for_the_network_config_and_sigint_exits_zero() {
     let ep = etcd.endpoint();
     let prefix = format!("/t{}/network", random_tag(6));
     // Flags from FLANNELD_* environment variables, as flannel reads them.
+    // systemd's notification socket: READY=1 must come once the subnet file is written.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let mut d = Daemon::start_env(
         &["--iface", "127.0.0.1"],
         &[
@@ -192,6 +198,7 @@ fn waits_for_the_network_config_and_sigint_exits_zero() {
                 "FLANNELD_SUBNET_FILE",
                 dir.path().join("s.env").to_str().unwrap(),
             ),
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
         ],
         &dir.path().join("log"),
     );
@@ -220,6 +227,13 @@ fn waits_for_the_network_config_and_sigint_exits_zero() {
         dir.path().join("s.env").exists().then_some(())
     })
     .unwrap_or_else(|| panic!("{}", d.log()));
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("no sd_notify message");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    assert!(
+        dir.path().join("s.env").exists(),
+        "READY=1 only after the subnet file"
+    );
     let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let status = wait_for(Duration::from_secs(10), || d.child.try_wait().unwrap()).unwrap();
