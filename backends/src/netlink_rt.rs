@@ -153,6 +153,40 @@ fn parse_link(msg: &rtnetlink::packet_route::link::LinkMessage) -> Link {
     link
 }
 
+/// The IPv4 destination and link-layer address of a neighbour or FDB message. For AF_BRIDGE
+/// dumps the crate leaves NDA_DST as raw bytes, so both forms are read.
+fn ip_and_mac(m: &NeighbourMessage) -> (Option<Ipv4Addr>, Option<Mac>) {
+    let mut ip = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+            }
+            NeighbourAttribute::LinkLayerAddress(l) => mac = mac_of(l),
+            _ => {}
+        }
+    }
+    (ip, mac)
+}
+
+impl RtNetlink {
+    async fn dump_neighbours(
+        &self,
+        family: AddressFamily,
+        op: &str,
+    ) -> Result<Vec<NeighbourMessage>, NetlinkError> {
+        let s = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
+        bounded(op, s.try_collect()).await
+    }
+}
+
 fn route_message(r: &Route) -> RouteMessage {
     let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(r.dst.network(), r.dst.prefix_len())
@@ -300,27 +334,15 @@ impl Netlink for RtNetlink {
     }
 
     async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>, NetlinkError> {
-        let s = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute();
-        let msgs: Vec<NeighbourMessage> = bounded("list neighbours", s.try_collect()).await?;
+        let msgs = self
+            .dump_neighbours(AddressFamily::Inet, "list neighbours")
+            .await?;
         Ok(msgs
             .iter()
             .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
-            .filter_map(|m| {
-                let mut ip = None;
-                let mut mac = None;
-                for a in &m.attributes {
-                    match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
-                        NeighbourAttribute::LinkLayerAddress(l) => mac = mac_of(l),
-                        _ => {}
-                    }
-                }
-                Some(Neighbour { ip: ip?, mac: mac? })
+            .filter_map(|m| match ip_and_mac(m) {
+                (Some(ip), Some(mac)) => Some(Neighbour { ip, mac }),
+                _ => None,
             })
             .collect())
     }
@@ -353,36 +375,15 @@ impl Netlink for RtNetlink {
     }
 
     async fn fdb(&self, index: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
-        let s = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute();
-        let msgs: Vec<NeighbourMessage> = bounded("list fdb", s.try_collect()).await?;
+        let msgs = self
+            .dump_neighbours(AddressFamily::Bridge, "list fdb")
+            .await?;
         Ok(msgs
             .iter()
             .filter(|m| m.header.ifindex == index)
-            .filter_map(|m| {
-                let mut dst = None;
-                let mut mac = None;
-                for a in &m.attributes {
-                    match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
-                            dst = Some(*v)
-                        }
-                        // For AF_BRIDGE dumps the crate leaves NDA_DST as raw bytes.
-                        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-                            dst = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
-                        }
-                        NeighbourAttribute::LinkLayerAddress(l) => mac = mac_of(l),
-                        _ => {}
-                    }
-                }
-                Some(FdbEntry {
-                    mac: mac?,
-                    dst: dst?,
-                })
+            .filter_map(|m| match ip_and_mac(m) {
+                (Some(dst), Some(mac)) => Some(FdbEntry { mac, dst }),
+                _ => None,
             })
             .collect())
     }

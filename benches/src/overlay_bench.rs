@@ -337,12 +337,24 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() -> Result<()> {
     let mut rounds = 3u32;
     let mut seconds = 5u32;
+    let mut only: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--rounds" => rounds = args.next().context("--rounds N")?.parse()?,
             "--seconds" => seconds = args.next().context("--seconds S")?.parse()?,
-            other => bail!("unknown argument {other} (use --rounds N --seconds S)"),
+            "--setups" => {
+                only = Some(
+                    args.next()
+                        .context("--setups plain,hand,flanneld,norules")?
+                        .split(',')
+                        .map(str::to_string)
+                        .collect(),
+                )
+            }
+            other => bail!(
+                "unknown argument {other} (use --rounds N --seconds S --setups plain,hand,flanneld,norules)"
+            ),
         }
     }
     if !test_support::is_root() {
@@ -352,12 +364,21 @@ fn main() -> Result<()> {
         signal_hook::flag::register(sig, STOP.clone())?;
     }
     flanneld_bin()?;
-    let setups = [
-        Setup::Plain,
-        Setup::HandVxlan,
-        Setup::Flanneld,
-        Setup::FlanneldNoRules,
+    let all = [
+        ("plain", Setup::Plain),
+        ("hand", Setup::HandVxlan),
+        ("flanneld", Setup::Flanneld),
+        ("norules", Setup::FlanneldNoRules),
     ];
+    // Plain routes and hand VXLAN are the baselines the ratios need: always measured.
+    let setups: Vec<Setup> = all
+        .iter()
+        .filter(|(name, s)| {
+            matches!(s, Setup::Plain | Setup::HandVxlan)
+                || only.as_ref().is_none_or(|o| o.iter().any(|x| x == name))
+        })
+        .map(|(_, s)| *s)
+        .collect();
     let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); setups.len()];
     for r in 1..=rounds {
         // Reverse the order every other round so no setup always runs first or last.

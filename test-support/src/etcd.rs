@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::{find_program, require, run_bounded, wait_for};
+use crate::{find_program, require, wait_for};
 
 /// A running etcd; stopped (by its own PID) and its data dir removed on drop.
 #[derive(Debug)]
@@ -275,16 +275,7 @@ impl Etcd {
         cmd.args(["--command-timeout", "5s"])
             .args(args)
             .env("ETCDCTL_API", "3");
-        let out = run_bounded(&mut cmd, Duration::from_secs(10))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "etcdctl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        crate::run_checked(&mut cmd, Duration::from_secs(10))
     }
 
     /// Stops etcd (SIGTERM, then SIGKILL after 5 s). Data is kept for [`Etcd::restart`].

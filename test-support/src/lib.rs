@@ -90,13 +90,19 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<Output, String>
 
 /// Runs a command (bounded to 20 s) and returns stdout, or an error with stderr.
 pub fn sh(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = run_bounded(Command::new(program).args(args), Duration::from_secs(20))?;
+    run_checked(Command::new(program).args(args), Duration::from_secs(20))
+}
+
+/// Runs a command with a time bound; stdout on success, else an error naming the command with
+/// its status and stderr.
+pub fn run_checked(cmd: &mut Command, limit: Duration) -> Result<String, String> {
+    let desc = format!("{cmd:?}");
+    let out = run_bounded(cmd, limit)?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!(
-            "{program} {}: {}: {}",
-            args.join(" "),
+            "{desc}: {}: {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ))
