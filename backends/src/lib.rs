@@ -8,15 +8,16 @@
 //! backend is one module plus one arm in [`create`]. Kernel access goes through the
 //! [`netlink::Netlink`] trait.
 //!
-//! Implemented: `vxlan` (kernel VXLAN) and `alloc` (lease only). `udp` and `host-gw` are accepted
-//! in the config and, until they land, run as `alloc` with a warning, publishing
-//! `BackendType: "alloc"` so no peer mistakes this node for one it can reach.
+//! Implemented: `vxlan` (kernel VXLAN), `udp` (userspace TUN, flannel's wire format) and `alloc`
+//! (lease only). `host-gw` is accepted in the config and, until it lands, runs as `alloc` with a
+//! warning, publishing `BackendType: "alloc"` so no peer mistakes this node for one it can reach.
 
 #![forbid(unsafe_code)]
 
 mod alloc;
 pub mod netlink;
 pub mod netlink_rt;
+pub mod udp;
 pub mod vxlan;
 
 use std::collections::BTreeMap;
@@ -69,6 +70,8 @@ pub enum BackendError {
     Config { key: String, msg: String },
     #[error(transparent)]
     Netlink(#[from] netlink::NetlinkError),
+    #[error("{0}")]
+    Io(String),
 }
 
 /// The current peer leases, as events describe them.
@@ -118,6 +121,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     async fn teardown(&mut self) -> Result<(), BackendError>;
     /// The peers currently known (for status and metrics).
     fn peer_keys(&self) -> Vec<SubnetKey>;
+    /// Data-plane counters for metrics (name → value; names are metric-safe).
+    fn counters(&self) -> BTreeMap<String, u64> {
+        BTreeMap::new()
+    }
 }
 
 /// Builds the backend the config asks for. Returns it with warnings to log (unknown options,
@@ -130,6 +137,10 @@ pub async fn create(
         "vxlan" => {
             let (vcfg, warnings) = vxlan::VxlanConfig::parse(&cfg.options)?;
             Ok((Box::new(vxlan::VxlanBackend::new(vcfg, ctx).await?), warnings))
+        }
+        "udp" => {
+            let (ucfg, warnings) = udp::UdpConfig::parse(&cfg.options)?;
+            Ok((Box::new(udp::UdpBackend::new(ucfg, ctx).await?), warnings))
         }
         "alloc" => Ok((Box::new(AllocBackend::new(&ctx.ext)), Vec::new())),
         other => Ok((

@@ -263,6 +263,7 @@ async fn sync(backend: &mut dyn Backend, rules: &mut RuleKeeper, status: &Status
         .reconcile_seconds
         .observe(started.elapsed().as_secs_f64());
     status.peers.set(backend.peer_keys().len() as i64);
+    status.set_backend_counters(&backend.counters());
     match rules.ensure().await {
         Ok(true) => {
             status.rules_installs.inc();

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -32,6 +33,8 @@ pub struct Status {
     pub reconcile_seconds: Histogram,
     pub rules_installs: Counter,
     pub rules_errors: Counter,
+    /// The backend's data-plane counters, labelled by name.
+    backend: Family<Vec<(String, String)>, Counter>,
     lease_expiry: Gauge,
     etcd_errors: Counter,
     etcd_up: Gauge,
@@ -52,6 +55,7 @@ impl Status {
             reconcile_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             rules_installs: Counter::default(),
             rules_errors: Counter::default(),
+            backend: Family::default(),
             lease_expiry: Gauge::default(),
             etcd_errors: Counter::default(),
             etcd_up: Gauge::default(),
@@ -102,7 +106,25 @@ impl Status {
             "Lease keep-alives that succeeded",
             s.renewals.clone(),
         );
+        r.register(
+            "backend",
+            "Backend data-plane counters (udp: packets, bytes, drops by reason)",
+            s.backend.clone(),
+        );
         Arc::new(s)
+    }
+
+    /// Records the backend's counters (monotonic totals kept by the backend).
+    pub fn set_backend_counters(&self, counters: &std::collections::BTreeMap<String, u64>) {
+        for (name, total) in counters {
+            let c = self
+                .backend
+                .get_or_create(&vec![("counter".to_string(), name.clone())]);
+            let have = c.get();
+            if *total > have {
+                c.inc_by(total - have);
+            }
+        }
     }
 
     fn refresh(&self) {
@@ -249,5 +271,14 @@ mod tests {
         // A second scrape does not double-count.
         let m = respond(&st, "GET /metrics HTTP/1.1").2;
         assert!(m.contains("flannel_etcd_errors_total 2"), "{m}");
+        let mut c = std::collections::BTreeMap::new();
+        c.insert("udp_dropped_short".to_string(), 5u64);
+        st.set_backend_counters(&c);
+        st.set_backend_counters(&c);
+        let m = respond(&st, "GET /metrics HTTP/1.1").2;
+        assert!(
+            m.contains("flannel_backend_total{counter=\"udp_dropped_short\"} 5"),
+            "{m}"
+        );
     }
 }

@@ -15,7 +15,10 @@ mod tcp;
 
 pub use etcd::{Etcd, TlsFiles};
 pub use netns::{in_netns, Node, Pod, Testbed};
-pub use tcp::{whoami, WhoAmIServer};
+pub use tcp::{
+    send_and_verify, send_spoofed_udp, udp_whoami, whoami, HashServer, UdpWhoAmIServer,
+    WhoAmIServer,
+};
 
 use std::process::{Command, Output};
 use std::time::Duration;

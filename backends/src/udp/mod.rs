@@ -1,0 +1,407 @@
+//! `udp`: flannel's userspace backend, wire-compatible. TUN `flannel0` (no packet-info header)
+//! with our subnet's network address /32 and one route for the whole Network; each IPv4 packet
+//! read from it travels as the bare payload of a UDP datagram from our interface IP:port to the
+//! peer's PublicIP:port, with its TTL decremented. Unlike flannel, arriving datagrams are checked
+//! (known peer address and port, inner source in that peer's subnet, destination in ours) and
+//! every drop is counted by reason. Buffers are fixed; nothing queues, so memory is bounded.
+//!
+//! This version moves one packet per system call (no offloads yet).
+
+pub mod packet;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use ipnet::Ipv4Net;
+use serde_json::{Map, Value};
+use subnet_lease::manager::Event;
+use subnet_lease::{Lease, SubnetKey};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+use crate::netlink::{Netlink, Route};
+use crate::{Backend, BackendContext, BackendError, PeerTable};
+use packet::{DropReason, Egress, Routes, UdpPeer};
+
+/// flannel's udp port.
+pub const DEFAULT_PORT: u16 = 8285;
+/// IPv4 header 20 + UDP header 8.
+pub const OVERHEAD_V4: u32 = 28;
+pub const DEVICE: &str = "flannel0";
+
+/// `Backend` options of the udp type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpConfig {
+    pub port: u16,
+}
+
+impl UdpConfig {
+    pub fn parse(options: &Map<String, Value>) -> Result<(Self, Vec<String>), BackendError> {
+        let mut port = DEFAULT_PORT;
+        let mut warnings = Vec::new();
+        for (k, v) in options {
+            if k.eq_ignore_ascii_case("Port") {
+                port = match v.as_u64() {
+                    Some(0) | None if v.is_null() => DEFAULT_PORT,
+                    Some(0) => DEFAULT_PORT,
+                    Some(p) if p <= 65535 => p as u16,
+                    _ => {
+                        return Err(BackendError::Config {
+                            key: "Port".into(),
+                            msg: format!("must be an integer from 0 to 65535, got {v}"),
+                        })
+                    }
+                };
+            } else if !k.eq_ignore_ascii_case("Fallback") {
+                warnings.push(format!("Backend.{k}: unknown udp option ignored"));
+            }
+        }
+        Ok((UdpConfig { port }, warnings))
+    }
+}
+
+/// Packet counters, read by metrics.
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub icmp_sent: AtomicU64,
+    dropped: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl UdpStats {
+    pub fn count(&self, d: DropReason) {
+        if let Some(i) = DropReason::ALL.iter().position(|x| *x == d) {
+            self.dropped[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn dropped(&self, d: DropReason) -> u64 {
+        DropReason::ALL
+            .iter()
+            .position(|x| *x == d)
+            .map(|i| self.dropped[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+}
+
+/// The running udp backend.
+#[derive(Debug)]
+pub struct UdpBackend {
+    nl: Arc<dyn Netlink>,
+    cfg: UdpConfig,
+    network: Ipv4Net,
+    index: u32,
+    mtu: u32,
+    peers: PeerTable,
+    routes: Arc<RwLock<Routes>>,
+    stats: Arc<UdpStats>,
+    tasks: Vec<JoinHandle<()>>,
+    own: Option<Ipv4Net>,
+}
+
+fn io_err(op: &str, e: std::io::Error) -> BackendError {
+    BackendError::Io(format!("{op}: {e}"))
+}
+
+impl UdpBackend {
+    pub async fn new(cfg: UdpConfig, ctx: &BackendContext) -> Result<Self, BackendError> {
+        let mtu = ctx.ext.mtu.saturating_sub(OVERHEAD_V4);
+        let dev = tun_rs::DeviceBuilder::new()
+            .name(DEVICE)
+            .mtu(u16::try_from(mtu).unwrap_or(1472))
+            .packet_information(false)
+            .build_async()
+            .map_err(|e| io_err("creating TUN flannel0", e))?;
+        let link = ctx
+            .netlink
+            .link_by_name(DEVICE)
+            .await?
+            .ok_or_else(|| BackendError::Io("TUN flannel0 created but not found".into()))?;
+        ctx.netlink.set_link_mtu_up(link.index, mtu).await?;
+        let sock = std::net::UdpSocket::bind(SocketAddrV4::new(ctx.ext.iface_ip, cfg.port))
+            .map_err(|e| io_err(&format!("binding UDP {}:{}", ctx.ext.iface_ip, cfg.port), e))?;
+        sock.set_nonblocking(true)
+            .map_err(|e| io_err("socket", e))?;
+        let sock = Arc::new(UdpSocket::from_std(sock).map_err(|e| io_err("socket", e))?);
+        let dev = Arc::new(dev);
+        let routes = Arc::new(RwLock::new(Routes::default()));
+        let stats = Arc::new(UdpStats::default());
+        let tasks = vec![
+            tokio::spawn(tun_to_udp(
+                dev.clone(),
+                sock.clone(),
+                routes.clone(),
+                stats.clone(),
+                mtu,
+            )),
+            tokio::spawn(udp_to_tun(dev, sock, routes.clone(), stats.clone())),
+        ];
+        tracing::info!(device = DEVICE, mtu, port = cfg.port, "udp backend up");
+        Ok(UdpBackend {
+            nl: ctx.netlink.clone(),
+            cfg,
+            network: ctx.network,
+            index: link.index,
+            mtu,
+            peers: PeerTable::default(),
+            routes,
+            stats,
+            tasks,
+            own: None,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<UdpStats> {
+        self.stats.clone()
+    }
+
+    fn peer_addr(&self, l: &Lease) -> Result<UdpPeer, String> {
+        if l.attrs.backend_type != "udp" {
+            return Err(format!("backend type {:?}, not udp", l.attrs.backend_type));
+        }
+        Ok(UdpPeer {
+            subnet: l.key.ipv4,
+            addr: SocketAddrV4::new(l.attrs.public_ip, self.cfg.port),
+        })
+    }
+
+    async fn ensure_link_state(&self) -> Result<usize, BackendError> {
+        let Some(own) = self.own else { return Ok(0) };
+        let mut changes = 0;
+        let want = Ipv4Net::new(own.network(), 32).unwrap_or_default();
+        let have = self.nl.addresses(self.index).await?;
+        for a in have.iter().filter(|a| **a != want) {
+            self.nl.del_address(self.index, *a).await?;
+            changes += 1;
+        }
+        if !have.contains(&want) {
+            self.nl.add_address(self.index, want).await?;
+            changes += 1;
+        }
+        let route = Route {
+            dst: self.network,
+            gateway: None,
+            oif: self.index,
+            onlink: false,
+        };
+        let routes = self.nl.routes().await?;
+        if !routes.contains(&route) {
+            self.nl.set_route(route).await?;
+            changes += 1;
+        }
+        Ok(changes)
+    }
+}
+
+impl std::ops::Drop for UdpBackend {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn tun_to_udp(
+    dev: Arc<tun_rs::AsyncDevice>,
+    sock: Arc<UdpSocket>,
+    routes: Arc<RwLock<Routes>>,
+    stats: Arc<UdpStats>,
+    mtu: u32,
+) {
+    let mut buf = vec![0u8; 65536];
+    let mut limiter = packet::icmp_limiter(Instant::now());
+    loop {
+        let n = match dev.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!("reading {DEVICE}: {e}");
+                stats.count(DropReason::IoError);
+                tokio::time::sleep(packet::POLL).await;
+                continue;
+            }
+        };
+        let pkt = &mut buf[..n];
+        let decision = routes.read().unwrap_or_else(|e| e.into_inner()).egress(pkt);
+        match decision {
+            Egress::Send(to) => match sock.send_to(pkt, to).await {
+                Ok(_) => {
+                    stats.tx_packets.fetch_add(1, Ordering::Relaxed);
+                    stats.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::debug!("send to {to}: {e}");
+                    stats.count(DropReason::IoError);
+                }
+            },
+            Egress::Unreachable => {
+                stats.count(DropReason::NoRoute);
+                if limiter.allow(Instant::now()) {
+                    if let Some(reply) = packet::icmp_net_unreachable(pkt) {
+                        if reply.len() <= mtu as usize && dev.send(&reply).await.is_ok() {
+                            stats.icmp_sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            Egress::Drop(DropReason::NotIpv4) => {
+                // IPv6 link-local noise of a fresh TUN: counted, not logged.
+                stats.count(DropReason::NotIpv4);
+            }
+            Egress::Drop(d) => stats.count(d),
+        }
+    }
+}
+
+async fn udp_to_tun(
+    dev: Arc<tun_rs::AsyncDevice>,
+    sock: Arc<UdpSocket>,
+    routes: Arc<RwLock<Routes>>,
+    stats: Arc<UdpStats>,
+) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!("udp receive: {e}");
+                stats.count(DropReason::IoError);
+                continue;
+            }
+        };
+        let SocketAddr::V4(from) = from else {
+            stats.count(DropReason::UnknownSender);
+            continue;
+        };
+        let pkt = &buf[..n];
+        let verdict = routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .ingress(from, pkt);
+        match verdict {
+            Ok(()) => match dev.send(pkt).await {
+                Ok(_) => {
+                    stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+                    stats.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(_) => stats.count(DropReason::IoError),
+            },
+            Err(d) => stats.count(d),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for UdpBackend {
+    fn backend_type(&self) -> &'static str {
+        "udp"
+    }
+
+    fn backend_data(&self) -> Option<Value> {
+        None
+    }
+
+    fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    async fn set_lease(&mut self, own: &Lease) -> Result<(), BackendError> {
+        self.own = Some(own.key.ipv4);
+        self.peers.remove(&own.key);
+        self.routes.write().unwrap_or_else(|e| e.into_inner()).own = Some(own.key.ipv4);
+        self.ensure_link_state().await?;
+        Ok(())
+    }
+
+    fn peer_event(&mut self, ev: &Event) {
+        if let Event::PeerAdded(l) = ev {
+            if let Err(why) = self.peer_addr(l) {
+                tracing::warn!(peer = %l.key, public_ip = %l.attrs.public_ip, "peer not routed: {why}");
+            }
+        }
+        self.peers.apply(ev);
+    }
+
+    async fn reconcile(&mut self) -> Result<usize, BackendError> {
+        let changes = self.ensure_link_state().await?;
+        let peers: Vec<UdpPeer> = self
+            .peers
+            .leases()
+            .filter_map(|l| self.peer_addr(l).ok())
+            .collect();
+        let mut r = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        let changed = r.peers != peers;
+        r.peers = peers;
+        Ok(changes + usize::from(changed))
+    }
+
+    async fn teardown(&mut self) -> Result<(), BackendError> {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.nl
+            .del_route(Route {
+                dst: self.network,
+                gateway: None,
+                oif: self.index,
+                onlink: false,
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn peer_keys(&self) -> Vec<SubnetKey> {
+        self.peers.leases().map(|l| l.key).collect()
+    }
+
+    fn counters(&self) -> BTreeMap<String, u64> {
+        let s = &self.stats;
+        let mut m = BTreeMap::new();
+        m.insert(
+            "udp_tx_packets".into(),
+            s.tx_packets.load(Ordering::Relaxed),
+        );
+        m.insert("udp_tx_bytes".into(), s.tx_bytes.load(Ordering::Relaxed));
+        m.insert(
+            "udp_rx_packets".into(),
+            s.rx_packets.load(Ordering::Relaxed),
+        );
+        m.insert("udp_rx_bytes".into(), s.rx_bytes.load(Ordering::Relaxed));
+        m.insert("udp_icmp_sent".into(), s.icmp_sent.load(Ordering::Relaxed));
+        for d in DropReason::ALL {
+            m.insert(format!("udp_dropped_{}", d.label()), s.dropped(d));
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        let o = |j: &str| serde_json::from_str::<Map<String, Value>>(j).unwrap();
+        assert_eq!(UdpConfig::parse(&o("{}")).unwrap().0.port, 8285);
+        assert_eq!(UdpConfig::parse(&o(r#"{"Port":0}"#)).unwrap().0.port, 8285);
+        assert_eq!(
+            UdpConfig::parse(&o(r#"{"Port":7890}"#)).unwrap().0.port,
+            7890
+        );
+        assert!(UdpConfig::parse(&o(r#"{"Port":70000}"#))
+            .unwrap_err()
+            .to_string()
+            .starts_with("Backend.Port"));
+        assert_eq!(
+            UdpConfig::parse(&o(r#"{"Bogus":1}"#)).unwrap().1,
+            vec!["Backend.Bogus: unknown udp option ignored"]
+        );
+    }
+}
