@@ -90,10 +90,11 @@ mod tests {
         assert_eq!(b.backend_type(), "alloc");
         assert_eq!(b.backend_data(), None);
         assert_eq!(b.mtu(), 1500);
-        let cfg =
-            subnet_lease::config::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
-                .unwrap()
-                .config;
+        let cfg = subnet_lease::config::parse(
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#,
+        )
+        .unwrap()
+        .config;
         let (b, notes) = crate::create(&cfg.backend, &ctx).await.unwrap();
         assert_eq!(b.backend_type(), "alloc");
         assert!(notes[0].contains("\"host-gw\""));
