@@ -36,6 +36,29 @@ impl Drop for ServerThread {
     }
 }
 
+/// Accepts TCP connections on `port` in namespace `ns` and hands each to `handle` (blocking
+/// socket), until dropped.
+fn serve_tcp(
+    ns: &str,
+    port: u16,
+    handle: impl Fn(TcpStream, SocketAddr) + Send + 'static,
+) -> Result<ServerThread, String> {
+    let listener = in_netns(ns, move || TcpListener::bind(("0.0.0.0", port)))?
+        .map_err(|e| format!("bind :{port} in {ns}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(ServerThread::spawn(move |flag| {
+        while !flag.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((s, peer)) => {
+                    let _ = s.set_nonblocking(false);
+                    handle(s, peer);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }))
+}
+
 /// Answers every connection on `port` in a namespace with "<source IP>\n"; stops on drop.
 #[derive(Debug)]
 pub struct WhoAmIServer {
@@ -44,21 +67,10 @@ pub struct WhoAmIServer {
 
 impl WhoAmIServer {
     pub fn start(ns: &str, port: u16) -> Result<WhoAmIServer, String> {
-        let listener = in_netns(ns, move || TcpListener::bind(("0.0.0.0", port)))?
-            .map_err(|e| format!("bind :{port} in {ns}: {e}"))?;
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let thread = ServerThread::spawn(move |flag| {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, peer)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-                        let _ = s.write_all(format!("{}\n", peer.ip()).as_bytes());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
+        let thread = serve_tcp(ns, port, |mut s, peer| {
+            let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+            let _ = s.write_all(format!("{}\n", peer.ip()).as_bytes());
+        })?;
         Ok(WhoAmIServer { _thread: thread })
     }
 }
@@ -134,30 +146,19 @@ pub struct HashServer {
 
 impl HashServer {
     pub fn start(ns: &str, port: u16) -> Result<HashServer, String> {
-        let listener = in_netns(ns, move || TcpListener::bind(("0.0.0.0", port)))?
-            .map_err(|e| format!("bind :{port} in {ns}: {e}"))?;
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let thread = ServerThread::spawn(move |flag| {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
-                        let (mut len, mut h) = (0u64, FNV_START);
-                        let mut buf = vec![0u8; 65536];
-                        while let Ok(n) = s.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            len += n as u64;
-                            h = fnv(h, &buf[..n]);
-                        }
-                        let _ = s.write_all(format!("{len} {h:x}\n").as_bytes());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        let thread = serve_tcp(ns, port, |mut s, _| {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+            let (mut len, mut h) = (0u64, FNV_START);
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
                 }
+                len += n as u64;
+                h = fnv(h, &buf[..n]);
             }
-        });
+            let _ = s.write_all(format!("{len} {h:x}\n").as_bytes());
+        })?;
         Ok(HashServer { _thread: thread })
     }
 }
