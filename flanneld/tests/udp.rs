@@ -45,7 +45,16 @@ fn sock(ip: &str, port: u16) -> SocketAddr {
 }
 
 #[test]
-fn udp_backend_end_to_end() {
+fn udp_backend_end_to_end_with_offloads() {
+    udp_backend_end_to_end(r#"{"Type":"udp"}"#, 0);
+}
+
+#[test]
+fn udp_backend_end_to_end_with_offloads_forced_off() {
+    udp_backend_end_to_end(r#"{"Type":"udp","Offload":false}"#, 1);
+}
+
+fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
     if !require_root_with(&["ip", "nft", "etcd", "etcdctl", "ping", "bash"]) {
         return;
     }
@@ -57,7 +66,7 @@ fn udp_backend_end_to_end() {
         .etcdctl(&[
             "put",
             "/coreos.com/network/config",
-            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#,
+            &format!(r#"{{"Network":"10.5.0.0/16","Backend":{backend}}}"#),
         ])
         .unwrap();
     let (outside_ns, _) = tb.add_outside_host().unwrap();
@@ -160,6 +169,32 @@ fn udp_backend_end_to_end() {
         Duration::from_secs(30),
     )
     .unwrap();
+    // The offloads are in the mode configured: on, with GSO sends; or off (reported as such).
+    wait_for(Duration::from_secs(5), || {
+        (metric(&tb, 0, "udp_gso_disabled") == offload_disabled
+            && metric(&tb, 0, "udp_offload_disabled") == offload_disabled)
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "offload mode not as configured: gso_disabled {} offload_disabled {}\n{}",
+            metric(&tb, 0, "udp_gso_disabled"),
+            metric(&tb, 0, "udp_offload_disabled"),
+            log(0)
+        )
+    });
+    if offload_disabled == 0 {
+        // Counters reach /metrics at each resync (1 s here).
+        let sent = wait_for(Duration::from_secs(5), || {
+            (metric(&tb, 0, "udp_gso_sends") > 0).then_some(())
+        });
+        assert!(
+            sent.is_some(),
+            "GSO sends expected with offloads on: tun_reads {} tx {}",
+            metric(&tb, 0, "udp_tun_reads"),
+            metric(&tb, 0, "udp_tx_packets")
+        );
+    }
 
     // A datagram from a host that is no peer is dropped and counted.
     let node0 = SocketAddrV4::new(tb.nodes[0].ip.parse().unwrap(), 8285);

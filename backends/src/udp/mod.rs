@@ -42,11 +42,14 @@ pub const DEVICE: &str = "flannel0";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UdpConfig {
     pub port: u16,
+    /// TUN vnet-header offload, UDP GSO and UDP GRO (our extension; default true).
+    pub offload: bool,
 }
 
 impl UdpConfig {
     pub fn parse(options: &Map<String, Value>) -> Result<(Self, Vec<String>), BackendError> {
         let mut port = DEFAULT_PORT;
+        let mut offload = true;
         let mut warnings = Vec::new();
         for (k, v) in options {
             if k.eq_ignore_ascii_case("Port") {
@@ -61,11 +64,22 @@ impl UdpConfig {
                         })
                     }
                 };
+            } else if k.eq_ignore_ascii_case("Offload") {
+                offload = match v {
+                    Value::Bool(b) => *b,
+                    Value::Null => true,
+                    _ => {
+                        return Err(BackendError::Config {
+                            key: "Offload".into(),
+                            msg: format!("must be true or false, got {v}"),
+                        })
+                    }
+                };
             } else if !k.eq_ignore_ascii_case("Fallback") {
                 warnings.push(format!("Backend.{k}: unknown udp option ignored"));
             }
         }
-        Ok((UdpConfig { port }, warnings))
+        Ok((UdpConfig { port, offload }, warnings))
     }
 }
 
@@ -78,6 +92,9 @@ pub struct UdpStats {
     pub rx_bytes: AtomicU64,
     pub icmp_sent: AtomicU64,
     pub gso_sends: AtomicU64,
+    /// TUN reads and UDP receives: packets per call = tx_packets / tun_reads, rx / udp_receives.
+    pub tun_reads: AtomicU64,
+    pub udp_receives: AtomicU64,
     /// 1 when the TUN runs without the vnet-header offload (one packet per read/write).
     pub offload_disabled: AtomicU64,
     /// 1 once the kernel refused UDP GSO (sends fall back to one datagram per call).
@@ -134,14 +151,17 @@ impl UdpBackend {
                 .offload(offload)
                 .build_async()
         };
-        let dev = match build(true) {
+        let first = if cfg.offload {
+            build(true)
+        } else {
+            Err(std::io::Error::other("switched off by Backend.Offload"))
+        };
+        let dev = match first {
             Ok(d) if d.tcp_gso() => d,
             other => {
                 match other {
                     Ok(_) => tracing::warn!("TUN offload (TSO) not available; one packet per read"),
-                    Err(e) => {
-                        tracing::warn!("TUN with vnet header refused ({e}); one packet per read")
-                    }
+                    Err(e) => tracing::warn!("TUN without vnet header ({e}); one packet per read"),
                 }
                 stats.offload_disabled.store(1, Ordering::Relaxed);
                 build(false).map_err(|e| io_err("creating TUN flannel0", e))?
@@ -167,8 +187,15 @@ impl UdpBackend {
                 routes.clone(),
                 stats.clone(),
                 mtu,
+                cfg.offload,
             )),
-            tokio::spawn(udp_to_tun(dev, sock, routes.clone(), stats.clone())),
+            tokio::spawn(udp_to_tun(
+                dev,
+                sock,
+                routes.clone(),
+                stats.clone(),
+                cfg.offload,
+            )),
         ];
         tracing::info!(device = DEVICE, mtu, port = cfg.port, "udp backend up");
         Ok(UdpBackend {
@@ -315,13 +342,17 @@ async fn tun_to_udp(
     routes: Arc<RwLock<Routes>>,
     stats: Arc<UdpStats>,
     mtu: u32,
+    offload: bool,
 ) {
     // One read may return a 64 KiB super-packet (vnet header offload), split into MTU packets.
     let mut orig = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65535];
     let mut bufs = vec![vec![0u8; mtu as usize + 64]; tun_rs::IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
     let mut batch: Vec<u8> = Vec::with_capacity(GSO_MAX_BYTES + 2048);
-    let mut gso = true;
+    let mut gso = offload;
+    if !gso {
+        stats.gso_disabled.store(1, Ordering::Relaxed);
+    }
     let mut limiter = packet::icmp_limiter(Instant::now());
     let mut icmp_table = tun_rs::GROTable::default();
     loop {
@@ -333,6 +364,7 @@ async fn tun_to_udp(
                 continue;
             }
         };
+        stats.tun_reads.fetch_add(1, Ordering::Relaxed);
         // Consecutive packets to the same peer with the same size go out in one GSO send.
         let (mut dst, mut seg, mut closed) = (None::<SocketAddrV4>, 0usize, false);
         for i in 0..n {
@@ -395,11 +427,13 @@ async fn udp_to_tun(
     sock: Arc<UdpSocket>,
     routes: Arc<RwLock<Routes>>,
     stats: Arc<UdpStats>,
+    offload: bool,
 ) {
     const HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
     // With UDP_GRO one receive returns many datagrams of one size (given in a cmsg).
-    let gro = nix::sys::socket::setsockopt(&*sock, nix::sys::socket::sockopt::UdpGroSegment, &true)
-        .is_ok();
+    let gro = offload
+        && nix::sys::socket::setsockopt(&*sock, nix::sys::socket::sockopt::UdpGroSegment, &true)
+            .is_ok();
     if !gro {
         stats.gro_disabled.store(1, Ordering::Relaxed);
         tracing::warn!("UDP GRO not available; receiving one datagram per call");
@@ -440,6 +474,7 @@ async fn udp_to_tun(
                 continue;
             }
         };
+        stats.udp_receives.fetch_add(1, Ordering::Relaxed);
         let Some(from) = from else {
             stats.count(DropReason::UnknownSender);
             continue;
@@ -560,6 +595,11 @@ impl Backend for UdpBackend {
         m.insert("udp_rx_bytes".into(), s.rx_bytes.load(Ordering::Relaxed));
         m.insert("udp_icmp_sent".into(), s.icmp_sent.load(Ordering::Relaxed));
         m.insert("udp_gso_sends".into(), s.gso_sends.load(Ordering::Relaxed));
+        m.insert("udp_tun_reads".into(), s.tun_reads.load(Ordering::Relaxed));
+        m.insert(
+            "udp_receives".into(),
+            s.udp_receives.load(Ordering::Relaxed),
+        );
         m.insert(
             "udp_offload_disabled".into(),
             s.offload_disabled.load(Ordering::Relaxed),
@@ -587,7 +627,20 @@ mod tests {
     #[test]
     fn options() {
         let o = |j: &str| serde_json::from_str::<Map<String, Value>>(j).unwrap();
-        assert_eq!(UdpConfig::parse(&o("{}")).unwrap().0.port, 8285);
+        assert_eq!(
+            UdpConfig::parse(&o("{}")).unwrap().0,
+            UdpConfig {
+                port: 8285,
+                offload: true
+            }
+        );
+        assert!(
+            !UdpConfig::parse(&o(r#"{"Offload":false}"#))
+                .unwrap()
+                .0
+                .offload
+        );
+        assert!(UdpConfig::parse(&o(r#"{"Offload":"no"}"#)).is_err());
         assert_eq!(UdpConfig::parse(&o(r#"{"Port":0}"#)).unwrap().0.port, 8285);
         assert_eq!(
             UdpConfig::parse(&o(r#"{"Port":7890}"#)).unwrap().0.port,
