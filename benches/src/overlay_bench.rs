@@ -1,7 +1,8 @@
 //! Pod-to-pod throughput and latency across two namespace "nodes", in one run, for:
 //! - plain routes via the peer node (no encapsulation): the baseline;
 //! - kernel VXLAN programmed by hand exactly as flannel's backend programs it;
-//! - our flanneld with `Backend.Type: vxlan`.
+//! - our flanneld with `Backend.Type: vxlan` (optionally with forward rules off);
+//! - our flanneld with `Backend.Type: udp` (userspace TUN + UDP with offloads).
 //!
 //! etcd runs in the hub in all three setups (it is part of the cluster, not of the data plane).
 //! Rounds alternate the three setups (default 3 rounds, `--rounds N`, `--seconds S` per iperf3
@@ -22,6 +23,7 @@ enum Setup {
     HandVxlan,
     Flanneld,
     FlanneldNoRules,
+    FlanneldUdp,
 }
 
 impl Setup {
@@ -31,6 +33,7 @@ impl Setup {
             Setup::HandVxlan => "kernel VXLAN programmed by hand",
             Setup::Flanneld => "flanneld vxlan backend (default host rules)",
             Setup::FlanneldNoRules => "flanneld vxlan backend, --iptables-forward-rules=false",
+            Setup::FlanneldUdp => "flanneld udp backend (userspace, offloads on)",
         }
     }
 }
@@ -164,6 +167,7 @@ fn run_flanneld(
     dir: &std::path::Path,
     endpoint: &str,
     forward_rules: bool,
+    backend: &str,
 ) -> Result<()> {
     let bin = flanneld_bin()?;
     // Reserve each node's subnet (keys without TTL) so the pods' addresses are known upfront.
@@ -171,12 +175,13 @@ fn run_flanneld(
     etcd.etcdctl(&[
         "put",
         "/coreos.com/network/config",
-        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        &format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
     ])
     .map_err(anyhow::Error::msg)?;
     for (n, subnet) in SUBNETS.iter().enumerate() {
         let key = format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-"));
         let value = format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, tb.nodes[n].ip);
+
         etcd.etcdctl(&["put", &key, &value])
             .map_err(anyhow::Error::msg)?;
     }
@@ -202,18 +207,23 @@ fn run_flanneld(
         )
         .map_err(anyhow::Error::msg)?;
     }
-    for n in 0..2 {
-        let p = 1 - n;
-        let want = format!("{} via", SUBNETS[p]);
+    // vxlan: a route per peer on flannel.1; udp: the Network route on flannel0 (the peer table
+    // lives in the daemon, so the pods' ping in `one` confirms it).
+    let (dev, want) = if backend == "udp" {
+        ("flannel0", vec!["10.5.0.0/16".to_string(); 2])
+    } else {
+        (
+            "flannel.1",
+            vec![format!("{} via", SUBNETS[1]), format!("{} via", SUBNETS[0])],
+        )
+    };
+    for (n, want) in want.iter().enumerate() {
         wait_for(Duration::from_secs(30), || {
-            tb.exec(
-                &tb.nodes[n].ns,
-                &["ip", "route", "show", "dev", "flannel.1"],
-            )
-            .ok()
-            .filter(|r| r.contains(&want))
+            tb.exec(&tb.nodes[n].ns, &["ip", "route", "show", "dev", dev])
+                .ok()
+                .filter(|r| r.contains(want.as_str()))
         })
-        .context("flanneld did not program the peer route in 30 s")?;
+        .context("flanneld did not program its routes in 30 s")?;
     }
     Ok(())
 }
@@ -293,15 +303,20 @@ fn one(setup: Setup, seconds: u32) -> Result<(f64, f64)> {
     check_stop()?;
     let mut tb = Testbed::new(2).map_err(anyhow::Error::msg)?;
     let dir = tempfile::tempdir()?;
-    let mtu = if setup == Setup::Plain { 1500 } else { 1450 };
+    let mtu = match setup {
+        Setup::Plain => 1500,
+        Setup::FlanneldUdp => 1472,
+        _ => 1450,
+    };
     // etcd runs in every setup: it is part of the cluster whatever the data plane, and on a
     // 2-core machine its background work would otherwise count against flanneld alone.
     let endpoint = tb.start_etcd();
     match setup {
         Setup::Plain => plain_routes(&tb)?,
         Setup::HandVxlan => hand_vxlan(&tb)?,
-        Setup::Flanneld => run_flanneld(&mut tb, dir.path(), &endpoint, true)?,
-        Setup::FlanneldNoRules => run_flanneld(&mut tb, dir.path(), &endpoint, false)?,
+        Setup::Flanneld => run_flanneld(&mut tb, dir.path(), &endpoint, true, "vxlan")?,
+        Setup::FlanneldNoRules => run_flanneld(&mut tb, dir.path(), &endpoint, false, "vxlan")?,
+        Setup::FlanneldUdp => run_flanneld(&mut tb, dir.path(), &endpoint, true, "udp")?,
     }
     let p1 = tb
         .add_pod(0, "10.5.1.2/24", "10.5.1.1/24", mtu)
@@ -346,14 +361,14 @@ fn main() -> Result<()> {
             "--setups" => {
                 only = Some(
                     args.next()
-                        .context("--setups plain,hand,flanneld,norules")?
+                        .context("--setups plain,hand,flanneld,norules,udp")?
                         .split(',')
                         .map(str::to_string)
                         .collect(),
                 )
             }
             other => bail!(
-                "unknown argument {other} (use --rounds N --seconds S --setups plain,hand,flanneld,norules)"
+                "unknown argument {other} (use --rounds N --seconds S --setups plain,hand,flanneld,norules,udp)"
             ),
         }
     }
@@ -369,6 +384,7 @@ fn main() -> Result<()> {
         ("hand", Setup::HandVxlan),
         ("flanneld", Setup::Flanneld),
         ("norules", Setup::FlanneldNoRules),
+        ("udp", Setup::FlanneldUdp),
     ];
     // Plain routes and hand VXLAN are the baselines the ratios need: always measured.
     let setups: Vec<Setup> = all
