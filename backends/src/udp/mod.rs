@@ -267,27 +267,27 @@ const GSO_MAX_SEGMENTS: usize = 64;
 /// Most payload bytes one UDP GSO send may carry.
 const GSO_MAX_BYTES: usize = 65_000;
 
-/// Sends `batch` (equal-size datagrams of `seg` bytes, the last possibly shorter) to `to`: one
-/// sendmsg with UDP_SEGMENT when GSO works, else one datagram per call. GSO is switched off
-/// for good (and counted) the first time the kernel refuses it.
+/// Sends `run` (datagrams of `seg` bytes, the last possibly shorter, all to `to`): one sendmsg
+/// with UDP_SEGMENT and one iovec per datagram when GSO works (no copy: the kernel joins the
+/// iovecs and cuts them at `seg`), else one datagram per call. GSO is switched off for good
+/// (and counted) the first time the kernel refuses it.
 async fn flush(
     sock: &UdpSocket,
-    batch: &[u8],
+    run: &[&[u8]],
     seg: usize,
     to: SocketAddrV4,
     gso: &mut bool,
     stats: &UdpStats,
 ) {
-    if batch.is_empty() {
+    if run.is_empty() {
         return;
     }
-    let count = batch.len().div_ceil(seg.max(1));
-    if *gso && count > 1 {
+    if *gso && run.len() > 1 {
         let addr = nix::sys::socket::SockaddrIn::from(to);
         let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
+        let iov: Vec<std::io::IoSlice<'_>> = run.iter().map(|p| std::io::IoSlice::new(p)).collect();
         let r = sock
             .async_io(tokio::io::Interest::WRITABLE, || {
-                let iov = [std::io::IoSlice::new(batch)];
                 let cmsg = [nix::sys::socket::ControlMessage::UdpGsoSegments(&seg16)];
                 nix::sys::socket::sendmsg(
                     sock.as_raw_fd(),
@@ -300,11 +300,11 @@ async fn flush(
             })
             .await;
         match r {
-            Ok(_) => {
-                stats.tx_packets.fetch_add(count as u64, Ordering::Relaxed);
+            Ok(bytes) => {
                 stats
-                    .tx_bytes
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    .tx_packets
+                    .fetch_add(run.len() as u64, Ordering::Relaxed);
+                stats.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                 stats.gso_sends.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -320,7 +320,7 @@ async fn flush(
             }
         }
     }
-    for pkt in batch.chunks(seg.max(1)) {
+    for pkt in run {
         match sock.send_to(pkt, to).await {
             Ok(_) => {
                 stats.tx_packets.fetch_add(1, Ordering::Relaxed);
@@ -348,7 +348,7 @@ async fn tun_to_udp(
     let mut orig = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65535];
     let mut bufs = vec![vec![0u8; mtu as usize + 64]; tun_rs::IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
-    let mut batch: Vec<u8> = Vec::with_capacity(GSO_MAX_BYTES + 2048);
+    let mut decisions: Vec<Egress> = Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE);
     let mut gso = offload;
     if !gso {
         stats.gso_disabled.store(1, Ordering::Relaxed);
@@ -365,28 +365,40 @@ async fn tun_to_udp(
             }
         };
         stats.tun_reads.fetch_add(1, Ordering::Relaxed);
-        // Consecutive packets to the same peer with the same size go out in one GSO send.
-        let (mut dst, mut seg, mut closed) = (None::<SocketAddrV4>, 0usize, false);
+        // Pass 1: validate, decrement TTL, pick the peer (one lock for the whole read).
+        decisions.clear();
+        {
+            let r = routes.read().unwrap_or_else(|e| e.into_inner());
+            for i in 0..n {
+                decisions.push(r.egress(&mut bufs[i][..sizes[i]]));
+            }
+        }
+        // Pass 2: runs of consecutive packets to one peer, same size (the last may be shorter),
+        // leave in one GSO send.
+        let mut run: Vec<&[u8]> = Vec::with_capacity(GSO_MAX_SEGMENTS);
+        let (mut dst, mut seg, mut bytes, mut closed) =
+            (None::<SocketAddrV4>, 0usize, 0usize, false);
         for i in 0..n {
-            let pkt = &mut bufs[i][..sizes[i]];
-            let decision = routes.read().unwrap_or_else(|e| e.into_inner()).egress(pkt);
-            match decision {
+            let pkt = &bufs[i][..sizes[i]];
+            match decisions[i] {
                 Egress::Send(to) => {
                     let fits = dst == Some(to)
                         && !closed
                         && pkt.len() <= seg
-                        && batch.len() / seg.max(1) < GSO_MAX_SEGMENTS
-                        && batch.len() + pkt.len() <= GSO_MAX_BYTES;
+                        && run.len() < GSO_MAX_SEGMENTS
+                        && bytes + pkt.len() <= GSO_MAX_BYTES;
                     if !fits {
                         if let Some(d) = dst {
-                            flush(&sock, &batch, seg, d, &mut gso, &stats).await;
+                            flush(&sock, &run, seg, d, &mut gso, &stats).await;
                         }
-                        batch.clear();
+                        run.clear();
                         dst = Some(to);
                         seg = pkt.len();
+                        bytes = 0;
                         closed = false;
                     }
-                    batch.extend_from_slice(pkt);
+                    run.push(pkt);
+                    bytes += pkt.len();
                     // A shorter packet can only be the last of a GSO batch.
                     closed |= pkt.len() < seg;
                 }
@@ -416,9 +428,8 @@ async fn tun_to_udp(
             }
         }
         if let Some(d) = dst {
-            flush(&sock, &batch, seg, d, &mut gso, &stats).await;
+            flush(&sock, &run, seg, d, &mut gso, &stats).await;
         }
-        batch.clear();
     }
 }
 
