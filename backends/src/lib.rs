@@ -17,6 +17,7 @@
 mod alloc;
 pub mod netlink;
 pub mod netlink_rt;
+mod options;
 pub mod udp;
 pub mod vxlan;
 

@@ -18,6 +18,7 @@ use subnet_lease::manager::Event;
 use subnet_lease::{Lease, SubnetKey};
 
 use crate::netlink::{FdbEntry, Mac, Neighbour, Netlink, NetlinkError, Route, VxlanParams};
+use crate::options::{bad, Options};
 use crate::{Backend, BackendContext, BackendError, ExternalInterface, PeerTable};
 
 /// The kernel's (and flannel's) VXLAN port when `Port` is 0 or absent.
@@ -35,81 +36,34 @@ pub struct VxlanConfig {
     pub mtu: Option<u32>,
 }
 
-fn opt<'a>(options: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    options
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(key))
-        .map(|(_, v)| v)
-        .filter(|v| !v.is_null())
-}
-
-fn bad(key: &str, msg: impl Into<String>) -> BackendError {
-    BackendError::Config {
-        key: key.to_string(),
-        msg: msg.into(),
-    }
-}
-
-/// Options every backend may carry that vxlan does not use itself.
-const SHARED_KEYS: &[&str] = &["Fallback"];
-
 impl VxlanConfig {
     /// Parses the options; returns warnings for keys it does not know.
     pub fn parse(options: &Map<String, Value>) -> Result<(Self, Vec<String>), BackendError> {
-        let uint = |key: &str, max: u64| -> Result<Option<u64>, BackendError> {
-            match opt(options, key) {
-                None => Ok(None),
-                Some(v) => match v.as_u64() {
-                    Some(n) if n <= max => Ok(Some(n)),
-                    _ => Err(bad(
-                        key,
-                        format!("must be an integer from 0 to {max}, got {v}"),
-                    )),
-                },
-            }
-        };
-        let boolean = |key: &str| -> Result<bool, BackendError> {
-            match opt(options, key) {
-                None => Ok(false),
-                Some(Value::Bool(b)) => Ok(*b),
-                Some(v) => Err(bad(key, format!("must be true or false, got {v}"))),
-            }
-        };
-        let vni = match uint("VNI", (1 << 24) - 1)? {
+        let o = Options::new(options, "vxlan");
+        let vni = match o.uint("VNI", (1 << 24) - 1)? {
             None | Some(0) => 1,
             Some(v) => v as u32,
         };
-        let port = match uint("Port", 65535)? {
+        let port = match o.uint("Port", 65535)? {
             None | Some(0) => DEFAULT_PORT,
             Some(p) => p as u16,
         };
-        let mtu = match uint("MTU", 65535)? {
+        let mtu = match o.uint("MTU", 65535)? {
             None | Some(0) => None,
             Some(m) if m < 68 => {
                 return Err(bad("MTU", format!("{m} is below the IPv4 minimum of 68")))
             }
             Some(m) => Some(m as u32),
         };
-        let known = ["VNI", "Port", "GBP", "DirectRouting", "MTU"];
-        let warnings = options
-            .keys()
-            .filter(|k| {
-                !known
-                    .iter()
-                    .chain(SHARED_KEYS)
-                    .any(|n| n.eq_ignore_ascii_case(k))
-            })
-            .map(|k| format!("Backend.{k}: unknown vxlan option ignored"))
-            .collect();
         Ok((
             VxlanConfig {
                 vni,
                 port,
-                gbp: boolean("GBP")?,
-                direct_routing: boolean("DirectRouting")?,
+                gbp: o.boolean("GBP", false)?,
+                direct_routing: o.boolean("DirectRouting", false)?,
                 mtu,
             },
-            warnings,
+            o.warnings(&["VNI", "Port", "GBP", "DirectRouting", "MTU"]),
         ))
     }
 

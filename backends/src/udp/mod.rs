@@ -29,6 +29,7 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
 use crate::netlink::{Netlink, Route};
+use crate::options::Options;
 use crate::{Backend, BackendContext, BackendError, PeerTable};
 use packet::{DropReason, Egress, Routes, UdpPeer};
 
@@ -48,38 +49,18 @@ pub struct UdpConfig {
 
 impl UdpConfig {
     pub fn parse(options: &Map<String, Value>) -> Result<(Self, Vec<String>), BackendError> {
-        let mut port = DEFAULT_PORT;
-        let mut offload = true;
-        let mut warnings = Vec::new();
-        for (k, v) in options {
-            if k.eq_ignore_ascii_case("Port") {
-                port = match v.as_u64() {
-                    Some(0) | None if v.is_null() => DEFAULT_PORT,
-                    Some(0) => DEFAULT_PORT,
-                    Some(p) if p <= 65535 => p as u16,
-                    _ => {
-                        return Err(BackendError::Config {
-                            key: "Port".into(),
-                            msg: format!("must be an integer from 0 to 65535, got {v}"),
-                        })
-                    }
-                };
-            } else if k.eq_ignore_ascii_case("Offload") {
-                offload = match v {
-                    Value::Bool(b) => *b,
-                    Value::Null => true,
-                    _ => {
-                        return Err(BackendError::Config {
-                            key: "Offload".into(),
-                            msg: format!("must be true or false, got {v}"),
-                        })
-                    }
-                };
-            } else if !k.eq_ignore_ascii_case("Fallback") {
-                warnings.push(format!("Backend.{k}: unknown udp option ignored"));
-            }
-        }
-        Ok((UdpConfig { port, offload }, warnings))
+        let o = Options::new(options, "udp");
+        let port = match o.uint("Port", 65535)? {
+            None | Some(0) => DEFAULT_PORT,
+            Some(p) => p as u16,
+        };
+        Ok((
+            UdpConfig {
+                port,
+                offload: o.boolean("Offload", true)?,
+            },
+            o.warnings(&["Port", "Offload"]),
+        ))
     }
 }
 
