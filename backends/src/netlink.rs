@@ -147,6 +147,27 @@ pub trait Netlink: Send + Sync + fmt::Debug {
     async fn del_route(&self, r: Route) -> Result<(), NetlinkError>;
 }
 
+/// Makes our subnet's network address /32 the only IPv4 address of device `index` (flannel's
+/// device address for both the VXLAN and the TUN device). Returns the number of changes.
+pub async fn ensure_subnet_address(
+    nl: &dyn Netlink,
+    index: u32,
+    subnet: Ipv4Net,
+) -> Result<usize, NetlinkError> {
+    let want = Ipv4Net::new(subnet.network(), 32).unwrap_or_default();
+    let have = nl.addresses(index).await?;
+    let mut changes = 0;
+    for a in have.iter().filter(|a| **a != want) {
+        nl.del_address(index, *a).await?;
+        changes += 1;
+    }
+    if !have.contains(&want) {
+        nl.add_address(index, want).await?;
+        changes += 1;
+    }
+    Ok(changes)
+}
+
 /// An in-memory kernel for unit tests: links, addresses, neighbours, FDB and routes, plus a log
 /// of every mutating call.
 #[derive(Debug, Default)]

@@ -17,7 +17,9 @@ use serde_json::{Map, Value};
 use subnet_lease::manager::Event;
 use subnet_lease::{Lease, SubnetKey};
 
-use crate::netlink::{FdbEntry, Mac, Neighbour, Netlink, NetlinkError, Route, VxlanParams};
+use crate::netlink::{
+    ensure_subnet_address, FdbEntry, Mac, Neighbour, Netlink, NetlinkError, Route, VxlanParams,
+};
 use crate::options::{bad, Options};
 use crate::{Backend, BackendContext, BackendError, ExternalInterface, PeerTable};
 
@@ -341,20 +343,7 @@ impl VxlanBackend {
     /// Device address = our subnet's network address /32; nothing else.
     async fn ensure_address(&mut self) -> Result<usize, BackendError> {
         let Some(own) = self.own else { return Ok(0) };
-        let want = Ipv4Net::new(own.network(), 32).unwrap_or_default();
-        let mut changes = 0;
-        let have = self.nl.addresses(self.index).await?;
-        for a in &have {
-            if *a != want {
-                self.nl.del_address(self.index, *a).await?;
-                changes += 1;
-            }
-        }
-        if !have.contains(&want) {
-            self.nl.add_address(self.index, want).await?;
-            changes += 1;
-        }
-        Ok(changes)
+        Ok(ensure_subnet_address(self.nl.as_ref(), self.index, own).await?)
     }
 
     async fn actual(&self) -> Result<Actual, NetlinkError> {

@@ -28,7 +28,7 @@ use subnet_lease::{Lease, SubnetKey};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use crate::netlink::{Netlink, Route};
+use crate::netlink::{ensure_subnet_address, Netlink, Route};
 use crate::options::Options;
 use crate::{Backend, BackendContext, BackendError, PeerTable};
 use packet::{DropReason, Egress, Routes, UdpPeer};
@@ -209,17 +209,7 @@ impl UdpBackend {
 
     async fn ensure_link_state(&self) -> Result<usize, BackendError> {
         let Some(own) = self.own else { return Ok(0) };
-        let mut changes = 0;
-        let want = Ipv4Net::new(own.network(), 32).unwrap_or_default();
-        let have = self.nl.addresses(self.index).await?;
-        for a in have.iter().filter(|a| **a != want) {
-            self.nl.del_address(self.index, *a).await?;
-            changes += 1;
-        }
-        if !have.contains(&want) {
-            self.nl.add_address(self.index, want).await?;
-            changes += 1;
-        }
+        let mut changes = ensure_subnet_address(self.nl.as_ref(), self.index, own).await?;
         let route = Route {
             dst: self.network,
             gateway: None,
