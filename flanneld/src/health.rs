@@ -120,10 +120,7 @@ impl Status {
             let c = self
                 .backend
                 .get_or_create(&vec![("counter".to_string(), name.clone())]);
-            let have = c.get();
-            if *total > have {
-                c.inc_by(total - have);
-            }
+            advance(&c, *total);
         }
     }
 
@@ -133,15 +130,8 @@ impl Status {
             .set(l.lease_expiry_unix.load(Ordering::Relaxed));
         self.etcd_up
             .set(i64::from(l.etcd_reachable.load(Ordering::Relaxed)));
-        // Counters only move forward: add what is new since the last scrape.
-        let sync = |c: &Counter, total: u64| {
-            let have = c.get();
-            if total > have {
-                c.inc_by(total - have);
-            }
-        };
-        sync(&self.etcd_errors, l.etcd_errors.load(Ordering::Relaxed));
-        sync(&self.renewals, l.renewals.load(Ordering::Relaxed));
+        advance(&self.etcd_errors, l.etcd_errors.load(Ordering::Relaxed));
+        advance(&self.renewals, l.renewals.load(Ordering::Relaxed));
     }
 
     pub fn metrics_text(&self) -> String {
@@ -153,6 +143,14 @@ impl Status {
 
     pub fn ready(&self) -> bool {
         self.lease_held.load(Ordering::Relaxed) && self.backend_ok.load(Ordering::Relaxed)
+    }
+}
+
+/// Brings a counter up to a total kept elsewhere (counters only move forward).
+fn advance(c: &Counter, total: u64) {
+    let have = c.get();
+    if total > have {
+        c.inc_by(total - have);
     }
 }
 
