@@ -17,14 +17,9 @@ fn three_nodes_lease_distinct_subnets_see_each_other_and_restart_cleanly() {
         return;
     }
     let mut tb = Testbed::new(3).unwrap();
-    let endpoint = tb.start_etcd();
-    let etcd = tb.etcd.as_ref().unwrap();
-    etcd.etcdctl(&[
-        "put",
-        "/coreos.com/network/config",
-        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
-    ])
-    .unwrap();
+    let endpoint = tb
+        .start_etcd_with_config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#)
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let nodes = tb.nodes.clone();
     let start = |tb: &mut Testbed, i: usize, run: u32| -> usize {
@@ -65,14 +60,13 @@ fn three_nodes_lease_distinct_subnets_see_each_other_and_restart_cleanly() {
     );
 
     // etcd holds flannel's keys and JSON with each node's underlay address.
-    let etcd = tb.etcd.as_ref().unwrap();
     for (i, sn) in subnets.iter().enumerate() {
         let key = format!(
             "/coreos.com/network/subnets/{}-{}",
             sn.network(),
             sn.prefix_len()
         );
-        let value = etcd.etcdctl(&["get", &key, "--print-value-only"]).unwrap();
+        let value = tb.etcdctl(&["get", &key, "--print-value-only"]).unwrap();
         assert_eq!(
             value.trim(),
             format!(
@@ -112,7 +106,7 @@ fn three_nodes_lease_distinct_subnets_see_each_other_and_restart_cleanly() {
     assert_eq!(status.code(), Some(0));
     let sn2 = subnets[2];
     let key2 = format!("/coreos.com/network/subnets/{}-24", sn2.network());
-    tb.etcd.as_ref().unwrap().etcdctl(&["del", &key2]).unwrap();
+    tb.etcdctl(&["del", &key2]).unwrap();
     let needle = format!("peer left: {}-24", sn2.network());
     wait_for(Duration::from_secs(15), || {
         log(1, 1).contains(&needle).then_some(())

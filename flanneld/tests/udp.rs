@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use subnet_lease::SubnetEnv;
 use test_support::{
-    require_root_with, send_and_verify, send_spoofed_udp, udp_whoami, wait_for, whoami, HashServer,
-    Pod, Testbed, UdpWhoAmIServer, WhoAmIServer,
+    http_get, require_root_with, send_and_verify, send_spoofed_udp, udp_whoami, wait_for, whoami,
+    HashServer, Pod, Testbed, UdpWhoAmIServer, WhoAmIServer,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
@@ -22,17 +22,11 @@ fn env_file(dir: &std::path::Path, i: usize) -> PathBuf {
     dir.join(format!("n{i}.env"))
 }
 
+/// A backend counter from node `node`'s /metrics (0 when absent).
 fn metric(tb: &Testbed, node: usize, name: &str) -> u64 {
-    let out = tb
-        .exec(
-            &tb.nodes[node].ns,
-            &[
-                "bash",
-                "-c",
-                "exec 3<>/dev/tcp/127.0.0.1/8471; printf 'GET /metrics HTTP/1.1\\r\\n\\r\\n' >&3; timeout 3 cat <&3",
-            ],
-        )
-        .unwrap_or_default();
+    let addr = SocketAddr::from(([127, 0, 0, 1], 8471));
+    let out =
+        http_get(&tb.nodes[node].ns, addr, "/metrics", Duration::from_secs(3)).unwrap_or_default();
     let key = format!("flannel_backend_total{{counter=\"{name}\"}} ");
     out.lines()
         .find_map(|l| l.strip_prefix(&key))
@@ -55,19 +49,14 @@ fn udp_backend_end_to_end_with_offloads_forced_off() {
 }
 
 fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
-    if !require_root_with(&["ip", "nft", "etcd", "etcdctl", "ping", "bash"]) {
+    if !require_root_with(&["ip", "nft", "etcd", "etcdctl", "ping"]) {
         return;
     }
     let mut tb = Testbed::new(3).unwrap();
-    let endpoint = tb.start_etcd();
-    tb.etcd
-        .as_ref()
-        .unwrap()
-        .etcdctl(&[
-            "put",
-            "/coreos.com/network/config",
-            &format!(r#"{{"Network":"10.5.0.0/16","Backend":{backend}}}"#),
-        ])
+    let endpoint = tb
+        .start_etcd_with_config(&format!(
+            r#"{{"Network":"10.5.0.0/16","Backend":{backend}}}"#
+        ))
         .unwrap();
     let (outside_ns, _) = tb.add_outside_host().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -116,9 +105,6 @@ fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
     }
     // flannel's lease: BackendType udp, no BackendData.
     let lease = tb
-        .etcd
-        .as_ref()
-        .unwrap()
         .etcdctl(&[
             "get",
             &format!("/coreos.com/network/subnets/{}-24", subnets[0].network()),
@@ -210,11 +196,14 @@ fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
         &inner,
     )
     .unwrap();
-    wait_for(Duration::from_secs(5), || (metric(&tb, 0, "udp_dropped_unknown_sender") > before).then_some(()))
-        .unwrap_or_else(|| {
-            let m = tb.exec(&tb.nodes[0].ns, &["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8471; printf 'GET /metrics HTTP/1.1\\r\\n\\r\\n' >&3; timeout 3 cat <&3"]);
-            panic!("unknown sender not counted; metrics:\n{m:?}")
-        });
+    wait_for(Duration::from_secs(5), || {
+        (metric(&tb, 0, "udp_dropped_unknown_sender") > before).then_some(())
+    })
+    .unwrap_or_else(|| {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 8471));
+        let m = http_get(&tb.nodes[0].ns, addr, "/metrics", Duration::from_secs(3));
+        panic!("unknown sender not counted; metrics:\n{m:?}")
+    });
     // A datagram that claims to come from peer node 1 but carries a source outside its subnet.
     let foreign = ipv4_packet(
         Ipv4Addr::new(10, 99, 0, 1),
@@ -248,14 +237,11 @@ fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
     // A peer that leaves: traffic to it stops, answered with ICMP net unreachable.
     let st = tb.stop(handles[2], Duration::from_secs(10)).unwrap();
     assert_eq!(st.code(), Some(0));
-    tb.etcd
-        .as_ref()
-        .unwrap()
-        .etcdctl(&[
-            "del",
-            &format!("/coreos.com/network/subnets/{}-24", subnets[2].network()),
-        ])
-        .unwrap();
+    tb.etcdctl(&[
+        "del",
+        &format!("/coreos.com/network/subnets/{}-24", subnets[2].network()),
+    ])
+    .unwrap();
     let unreachable = wait_for(Duration::from_secs(10), || {
         let (ok, out) = tb.exec_status(
             &pods[0].ns,

@@ -115,28 +115,20 @@ fn reach(from: &Pod, to: &str, limit: Duration) -> String {
     .unwrap_or_else(|| panic!("{} cannot reach {to}: {last}", from.ip))
 }
 
-fn http_get(tb: &Testbed, ns: &str, path: &str) -> String {
-    tb.exec(ns, &["bash", "-c", &format!(
-        "exec 3<>/dev/tcp/127.0.0.1/8471; printf 'GET {path} HTTP/1.1\\r\\n\\r\\n' >&3; timeout 3 cat <&3"
-    )])
-    .unwrap_or_default()
+/// GET from node 0's health endpoint (127.0.0.1:8471 inside its namespace).
+fn health(tb: &Testbed, path: &str) -> String {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 8471));
+    test_support::http_get(&tb.nodes[0].ns, addr, path, Duration::from_secs(3)).unwrap_or_default()
 }
 
 #[test]
 fn vxlan_overlay_end_to_end() {
-    if !require_root_with(&["ip", "bridge", "nft", "etcd", "etcdctl", "ping", "bash"]) {
+    if !require_root_with(&["ip", "bridge", "nft", "etcd", "etcdctl", "ping"]) {
         return;
     }
     let mut tb = Testbed::new(3).unwrap();
-    let endpoint = tb.start_etcd();
-    tb.etcd
-        .as_ref()
-        .unwrap()
-        .etcdctl(&[
-            "put",
-            "/coreos.com/network/config",
-            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
-        ])
+    let endpoint = tb
+        .start_etcd_with_config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#)
         .unwrap();
     let (outside_ns, outside_ip) = tb.add_outside_host().unwrap();
     let mut c = Cluster {
@@ -202,15 +194,12 @@ fn vxlan_overlay_end_to_end() {
         "{routes}"
     );
     let lease_json =
-        c.tb.etcd
-            .as_ref()
-            .unwrap()
-            .etcdctl(&[
-                "get",
-                &format!("/coreos.com/network/subnets/{}-24", sn1.network()),
-                "--print-value-only",
-            ])
-            .unwrap();
+        c.tb.etcdctl(&[
+            "get",
+            &format!("/coreos.com/network/subnets/{}-24", sn1.network()),
+            "--print-value-only",
+        ])
+        .unwrap();
     assert!(
         lease_json.contains(r#""BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":""#),
         "{lease_json}"
@@ -230,9 +219,9 @@ fn vxlan_overlay_end_to_end() {
     assert!(table.contains("masquerade fully-random"), "{table}");
 
     // Health, readiness and metrics.
-    let ready = http_get(&c.tb, &c.tb.nodes[0].ns, "/readyz");
+    let ready = health(&c.tb, "/readyz");
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
-    let metrics = http_get(&c.tb, &c.tb.nodes[0].ns, "/metrics");
+    let metrics = health(&c.tb, "/metrics");
     assert!(metrics.contains("flannel_peers 2"), "{metrics}");
     assert!(metrics.contains("flannel_etcd_up 1"), "{metrics}");
 
@@ -307,14 +296,11 @@ fn vxlan_overlay_end_to_end() {
             .unwrap();
     assert_eq!(status.code(), Some(0), "SIGTERM exits 0:\n{}", c.log(2));
     let sn2 = c.subnet_env(2).subnet.unwrap();
-    c.tb.etcd
-        .as_ref()
-        .unwrap()
-        .etcdctl(&[
-            "del",
-            &format!("/coreos.com/network/subnets/{}-24", sn2.network()),
-        ])
-        .unwrap();
+    c.tb.etcdctl(&[
+        "del",
+        &format!("/coreos.com/network/subnets/{}-24", sn2.network()),
+    ])
+    .unwrap();
     let gone = wait_for(Duration::from_secs(10), || {
         let r = c.ip(0, &["route", "show", "dev", "flannel.1"]);
         let n = c.ip(0, &["neigh", "show", "dev", "flannel.1"]);

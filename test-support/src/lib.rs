@@ -16,7 +16,7 @@ mod tcp;
 pub use etcd::{Etcd, TlsFiles};
 pub use netns::{in_netns, Node, Pod, Testbed};
 pub use tcp::{
-    send_and_verify, send_spoofed_udp, udp_whoami, whoami, HashServer, UdpWhoAmIServer,
+    http_get, send_and_verify, send_spoofed_udp, udp_whoami, whoami, HashServer, UdpWhoAmIServer,
     WhoAmIServer,
 };
 

@@ -167,6 +167,22 @@ impl Testbed {
         ep
     }
 
+    /// Starts etcd in the hub and writes `config` as the network config at flannel's default
+    /// prefix; returns the endpoint.
+    pub fn start_etcd_with_config(&mut self, config: &str) -> Result<String, String> {
+        let endpoint = self.start_etcd();
+        self.etcdctl(&["put", "/coreos.com/network/config", config])?;
+        Ok(endpoint)
+    }
+
+    /// etcdctl against the hub's etcd (see [`Testbed::start_etcd`]).
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String, String> {
+        self.etcd
+            .as_ref()
+            .ok_or_else(|| "etcd is not started in this testbed".to_string())?
+            .etcdctl(args)
+    }
+
     /// Runs a command in a namespace (bounded to 20 s) and returns stdout.
     pub fn exec(&self, ns: &str, args: &[&str]) -> Result<String, String> {
         let mut full = vec!["netns", "exec", ns];

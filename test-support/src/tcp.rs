@@ -230,3 +230,19 @@ pub fn send_spoofed_udp(
         .map_err(|e| format!("raw send: {e}"))?;
     Ok(())
 }
+
+/// `GET path` over HTTP/1.1 from namespace `ns`; returns the whole response (status line,
+/// headers, body) once the server closes the connection.
+pub fn http_get(ns: &str, to: SocketAddr, path: &str, limit: Duration) -> Result<String, String> {
+    let mut s = in_netns(ns, move || TcpStream::connect_timeout(&to, limit))?
+        .map_err(|e| format!("connect {to} from {ns}: {e}"))?;
+    s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {to}\r\n\r\n").as_bytes())
+        .map_err(|e| format!("send to {to}: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read from {to}: {e}"))?;
+    Ok(out)
+}
