@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on Debian 12 (run as root). Idempotent.
 set -euo pipefail
-pkgs=(protobuf-compiler etcd-server etcd-client iproute2 nftables iperf3
+pkgs=(protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 nftables iperf3
       containernetworking-plugins conntrack jq procps iputils-ping openssl socat)
 missing=()
 for p in "${pkgs[@]}"; do
