@@ -11,27 +11,25 @@
 //! GRO table to write coalesced super-packets. Each offload falls back on its own when the kernel
 //! refuses it, reported in the log and in `/metrics`.
 
+mod dataplane;
 pub mod packet;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use ipnet::Ipv4Net;
 use serde_json::{Map, Value};
 use subnet_lease::manager::Event;
 use subnet_lease::{Lease, SubnetKey};
-use tokio::net::UdpSocket;
-use tokio::task::JoinHandle;
 
 use crate::netlink::{ensure_subnet_address, Netlink, Route};
 use crate::options::Options;
 use crate::{Backend, BackendContext, BackendError, PeerTable};
-use packet::{DropReason, Egress, Routes, UdpPeer};
+use packet::{DropReason, Routes, UdpPeer};
 
 /// flannel's udp port.
 pub const DEFAULT_PORT: u16 = 8285;
@@ -112,7 +110,9 @@ pub struct UdpBackend {
     peers: PeerTable,
     routes: Arc<RwLock<Routes>>,
     stats: Arc<UdpStats>,
-    tasks: Vec<JoinHandle<()>>,
+    /// The two packet threads (egress, ingress) and their stop flag.
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
     own: Option<Ipv4Net>,
 }
 
@@ -130,7 +130,7 @@ impl UdpBackend {
                 .mtu(u16::try_from(mtu).unwrap_or(1472))
                 .packet_information(false)
                 .offload(offload)
-                .build_async()
+                .build_sync()
         };
         let first = if cfg.offload {
             build(true)
@@ -156,28 +156,38 @@ impl UdpBackend {
         ctx.netlink.set_link_mtu_up(link.index, mtu).await?;
         let sock = std::net::UdpSocket::bind(SocketAddrV4::new(ctx.ext.iface_ip, cfg.port))
             .map_err(|e| io_err(&format!("binding UDP {}:{}", ctx.ext.iface_ip, cfg.port), e))?;
-        sock.set_nonblocking(true)
-            .map_err(|e| io_err("socket", e))?;
-        let sock = Arc::new(UdpSocket::from_std(sock).map_err(|e| io_err("socket", e))?);
-        let dev = Arc::new(dev);
+        dataplane::prepare(&dev, &sock).map_err(|e| io_err("preparing TUN and socket", e))?;
         let routes = Arc::new(RwLock::new(Routes::default()));
-        let tasks = vec![
-            tokio::spawn(tun_to_udp(
-                dev.clone(),
-                sock.clone(),
-                routes.clone(),
-                stats.clone(),
-                mtu,
-                cfg.offload,
-            )),
-            tokio::spawn(udp_to_tun(
-                dev,
-                sock,
-                routes.clone(),
-                stats.clone(),
-                cfg.offload,
-            )),
-        ];
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(dataplane::Shared {
+            dev,
+            sock,
+            routes: routes.clone(),
+            stats: stats.clone(),
+            stop: stop.clone(),
+            mtu,
+            offload: cfg.offload,
+        });
+        let mut threads = Vec::new();
+        for (name, f) in [
+            (
+                "udp-egress",
+                dataplane::tun_to_udp as fn(Arc<dataplane::Shared>),
+            ),
+            ("udp-ingress", dataplane::udp_to_tun),
+        ] {
+            let sh = shared.clone();
+            match std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(sh))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(io_err(&format!("starting thread {name}"), e));
+                }
+            }
+        }
         tracing::info!(device = DEVICE, mtu, port = cfg.port, "udp backend up");
         Ok(UdpBackend {
             nl: ctx.netlink.clone(),
@@ -188,7 +198,8 @@ impl UdpBackend {
             peers: PeerTable::default(),
             routes,
             stats,
-            tasks,
+            threads,
+            stop,
             own: None,
         })
     }
@@ -225,277 +236,26 @@ impl UdpBackend {
     }
 }
 
+impl UdpBackend {
+    /// Stops the packet threads and waits for them (each wakes within POLL_INTERVAL).
+    async fn stop_threads(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let threads: Vec<JoinHandle<()>> = self.threads.drain(..).collect();
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                if t.join().is_err() {
+                    tracing::error!("a udp packet thread panicked");
+                }
+            }
+        });
+        let _ = joined.await;
+    }
+}
+
 impl std::ops::Drop for UdpBackend {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-/// Most segments one UDP GSO send may carry (kernel limit UDP_MAX_SEGMENTS).
-const GSO_MAX_SEGMENTS: usize = 64;
-/// Most payload bytes one UDP GSO send may carry.
-const GSO_MAX_BYTES: usize = 65_000;
-
-/// Sends `run` (datagrams of `seg` bytes, the last possibly shorter, all to `to`): one sendmsg
-/// with UDP_SEGMENT and one iovec per datagram when GSO works (no copy: the kernel joins the
-/// iovecs and cuts them at `seg`), else one datagram per call. GSO is switched off for good
-/// (and counted) the first time the kernel refuses it.
-async fn flush(
-    sock: &UdpSocket,
-    run: &[&[u8]],
-    seg: usize,
-    to: SocketAddrV4,
-    gso: &mut bool,
-    stats: &UdpStats,
-) {
-    if run.is_empty() {
-        return;
-    }
-    if *gso && run.len() > 1 {
-        let addr = nix::sys::socket::SockaddrIn::from(to);
-        let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
-        let iov: Vec<std::io::IoSlice<'_>> = run.iter().map(|p| std::io::IoSlice::new(p)).collect();
-        let r = sock
-            .async_io(tokio::io::Interest::WRITABLE, || {
-                let cmsg = [nix::sys::socket::ControlMessage::UdpGsoSegments(&seg16)];
-                nix::sys::socket::sendmsg(
-                    sock.as_raw_fd(),
-                    &iov,
-                    &cmsg,
-                    nix::sys::socket::MsgFlags::empty(),
-                    Some(&addr),
-                )
-                .map_err(std::io::Error::from)
-            })
-            .await;
-        match r {
-            Ok(bytes) => {
-                stats
-                    .tx_packets
-                    .fetch_add(run.len() as u64, Ordering::Relaxed);
-                stats.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-                stats.gso_sends.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Err(e) if matches!(e.raw_os_error(), Some(5) | Some(22) | Some(95)) => {
-                tracing::warn!("UDP GSO refused ({e}); sending one datagram per call from now on");
-                *gso = false;
-                stats.gso_disabled.store(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                tracing::debug!("gso send to {to}: {e}");
-                stats.count(DropReason::IoError);
-                return;
-            }
-        }
-    }
-    for pkt in run {
-        match sock.send_to(pkt, to).await {
-            Ok(_) => {
-                stats.tx_packets.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .tx_bytes
-                    .fetch_add(pkt.len() as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                tracing::debug!("send to {to}: {e}");
-                stats.count(DropReason::IoError);
-            }
-        }
-    }
-}
-
-async fn tun_to_udp(
-    dev: Arc<tun_rs::AsyncDevice>,
-    sock: Arc<UdpSocket>,
-    routes: Arc<RwLock<Routes>>,
-    stats: Arc<UdpStats>,
-    mtu: u32,
-    offload: bool,
-) {
-    // One read may return a 64 KiB super-packet (vnet header offload), split into MTU packets.
-    let mut orig = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65535];
-    let mut bufs = vec![vec![0u8; mtu as usize + 64]; tun_rs::IDEAL_BATCH_SIZE];
-    let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
-    let mut decisions: Vec<Egress> = Vec::with_capacity(tun_rs::IDEAL_BATCH_SIZE);
-    let mut gso = offload;
-    if !gso {
-        stats.gso_disabled.store(1, Ordering::Relaxed);
-    }
-    let mut limiter = packet::icmp_limiter(Instant::now());
-    let mut icmp_table = tun_rs::GROTable::default();
-    loop {
-        let n = match dev.recv_multiple(&mut orig, &mut bufs, &mut sizes, 0).await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::debug!("reading {DEVICE}: {e}");
-                stats.count(DropReason::IoError);
-                continue;
-            }
-        };
-        stats.tun_reads.fetch_add(1, Ordering::Relaxed);
-        // Pass 1: validate, decrement TTL, pick the peer (one lock for the whole read).
-        decisions.clear();
-        {
-            let r = routes.read().unwrap_or_else(|e| e.into_inner());
-            for i in 0..n {
-                decisions.push(r.egress(&mut bufs[i][..sizes[i]]));
-            }
-        }
-        // Pass 2: runs of consecutive packets to one peer, same size (the last may be shorter),
-        // leave in one GSO send.
-        let mut run: Vec<&[u8]> = Vec::with_capacity(GSO_MAX_SEGMENTS);
-        let (mut dst, mut seg, mut bytes, mut closed) =
-            (None::<SocketAddrV4>, 0usize, 0usize, false);
-        for i in 0..n {
-            let pkt = &bufs[i][..sizes[i]];
-            match decisions[i] {
-                Egress::Send(to) => {
-                    let fits = dst == Some(to)
-                        && !closed
-                        && pkt.len() <= seg
-                        && run.len() < GSO_MAX_SEGMENTS
-                        && bytes + pkt.len() <= GSO_MAX_BYTES;
-                    if !fits {
-                        if let Some(d) = dst {
-                            flush(&sock, &run, seg, d, &mut gso, &stats).await;
-                        }
-                        run.clear();
-                        dst = Some(to);
-                        seg = pkt.len();
-                        bytes = 0;
-                        closed = false;
-                    }
-                    run.push(pkt);
-                    bytes += pkt.len();
-                    // A shorter packet can only be the last of a GSO batch.
-                    closed |= pkt.len() < seg;
-                }
-                Egress::Unreachable => {
-                    stats.count(DropReason::NoRoute);
-                    if limiter.allow(Instant::now()) {
-                        if let Some(reply) = packet::icmp_net_unreachable(pkt) {
-                            // Written like every TUN write: after a (zeroed) virtio-net header
-                            // when the offload is on; send_multiple handles both modes.
-                            let mut out = [vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN]];
-                            out[0].extend_from_slice(&reply);
-                            let sent = dev
-                                .send_multiple(
-                                    &mut icmp_table,
-                                    &mut out,
-                                    tun_rs::VIRTIO_NET_HDR_LEN,
-                                )
-                                .await;
-                            if sent.is_ok() {
-                                stats.icmp_sent.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                }
-                // IPv6 link-local noise of a fresh TUN lands in not_ipv4: counted, not logged.
-                Egress::Drop(d) => stats.count(d),
-            }
-        }
-        if let Some(d) = dst {
-            flush(&sock, &run, seg, d, &mut gso, &stats).await;
-        }
-    }
-}
-
-async fn udp_to_tun(
-    dev: Arc<tun_rs::AsyncDevice>,
-    sock: Arc<UdpSocket>,
-    routes: Arc<RwLock<Routes>>,
-    stats: Arc<UdpStats>,
-    offload: bool,
-) {
-    const HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
-    // With UDP_GRO one receive returns many datagrams of one size (given in a cmsg).
-    let gro = offload
-        && nix::sys::socket::setsockopt(&*sock, nix::sys::socket::sockopt::UdpGroSegment, &true)
-            .is_ok();
-    if !gro {
-        stats.gro_disabled.store(1, Ordering::Relaxed);
-        tracing::warn!("UDP GRO not available; receiving one datagram per call");
-    }
-    let mut buf = vec![0u8; 65536];
-    let mut out: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE)
-        .map(|_| Vec::with_capacity(HDR + 65536))
-        .collect();
-    let mut table = tun_rs::GROTable::default();
-    loop {
-        let r = sock
-            .async_io(tokio::io::Interest::READABLE, || {
-                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-                let mut cmsg = nix::cmsg_space!(i32);
-                let msg = nix::sys::socket::recvmsg::<nix::sys::socket::SockaddrIn>(
-                    sock.as_raw_fd(),
-                    &mut iov,
-                    Some(&mut cmsg),
-                    nix::sys::socket::MsgFlags::empty(),
-                )
-                .map_err(std::io::Error::from)?;
-                let mut seg = None;
-                if let Ok(cmsgs) = msg.cmsgs() {
-                    for c in cmsgs {
-                        if let nix::sys::socket::ControlMessageOwned::UdpGroSegments(s) = c {
-                            seg = usize::try_from(s).ok().filter(|s| *s > 0);
-                        }
-                    }
-                }
-                Ok((msg.bytes, msg.address, seg))
-            })
-            .await;
-        let (len, from, seg) = match r {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!("udp receive: {e}");
-                stats.count(DropReason::IoError);
-                continue;
-            }
-        };
-        stats.udp_receives.fetch_add(1, Ordering::Relaxed);
-        let Some(from) = from else {
-            stats.count(DropReason::UnknownSender);
-            continue;
-        };
-        let from = SocketAddrV4::new(from.ip(), from.port());
-        let seg = seg.unwrap_or(len).max(1);
-        let mut k = 0;
-        {
-            let r = routes.read().unwrap_or_else(|e| e.into_inner());
-            for pkt in buf[..len].chunks(seg) {
-                match r.ingress(from, pkt) {
-                    Ok(()) => {
-                        if k == out.len() {
-                            break;
-                        }
-                        let o = &mut out[k];
-                        o.clear();
-                        o.resize(HDR, 0);
-                        o.extend_from_slice(pkt);
-                        k += 1;
-                    }
-                    Err(d) => stats.count(d),
-                }
-            }
-        }
-        if k == 0 {
-            continue;
-        }
-        let bytes: usize = out[..k].iter().map(|o| o.len() - HDR).sum();
-        match dev.send_multiple(&mut table, &mut out[..k], HDR).await {
-            Ok(_) => {
-                stats.rx_packets.fetch_add(k as u64, Ordering::Relaxed);
-                stats.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                tracing::debug!("writing {DEVICE}: {e}");
-                stats.count(DropReason::IoError);
-            }
-        }
+        // The threads see the flag within POLL_INTERVAL and exit, closing TUN and socket.
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -544,9 +304,7 @@ impl Backend for UdpBackend {
     }
 
     async fn teardown(&mut self) -> Result<(), BackendError> {
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
+        self.stop_threads().await;
         self.nl
             .del_route(Route {
                 dst: self.network,
