@@ -181,6 +181,19 @@ fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
             metric(&tb, 0, "udp_tx_packets")
         );
     }
+    // The large transfers arrived intact (checked above); with offloads on the receivers wrote
+    // coalesced runs (TSO super-packets gathered from the GRO buffer), never with them off.
+    let coalesced = || {
+        (0..3)
+            .map(|n| metric(&tb, n, "udp_tun_coalesced_writes"))
+            .sum::<u64>()
+    };
+    if offload_disabled == 0 {
+        let seen = wait_for(Duration::from_secs(5), || (coalesced() > 0).then_some(()));
+        assert!(seen.is_some(), "no coalesced TUN write with offloads on");
+    } else {
+        assert_eq!(coalesced(), 0, "coalesced TUN writes with offloads off");
+    }
 
     // A datagram from a host that is no peer is dropped and counted.
     let node0 = SocketAddrV4::new(tb.nodes[0].ip.parse().unwrap(), 8285);

@@ -11,6 +11,7 @@
 //! non-blocking and polled, the socket blocks with a receive timeout. Sends block, which turns a
 //! full socket buffer into back-pressure on the TUN queue rather than a drop in userspace.
 
+use std::io::IoSlice;
 use std::net::{SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{self, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn};
 use tun_rs::SyncDevice;
 
+use super::coalesce;
 use super::packet::{self, DropReason, Egress, Routes};
 use super::{UdpStats, DEVICE};
 
@@ -273,7 +275,6 @@ fn receive(
 
 /// Ingress loop: UDP → TUN, until the stop flag is set.
 pub fn udp_to_tun(sh: Arc<Shared>) {
-    const HDR: usize = tun_rs::VIRTIO_NET_HDR_LEN;
     let Shared {
         dev,
         sock,
@@ -289,11 +290,10 @@ pub fn udp_to_tun(sh: Arc<Shared>) {
         stats.gro_disabled.store(1, Ordering::Relaxed);
         tracing::warn!("UDP GRO not available; receiving one datagram per call");
     }
+    let vnet = dev.tcp_gso();
     let mut buf = vec![0u8; 65536];
-    let mut out: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE)
-        .map(|_| Vec::with_capacity(HDR + 65536))
-        .collect();
-    let mut table = tun_rs::GROTable::default();
+    let mut runs: Vec<coalesce::Run> = Vec::with_capacity(GSO_MAX_SEGMENTS);
+    let mut hdr: Vec<u8> = Vec::with_capacity(128);
     while !stop.load(Ordering::Relaxed) {
         let (len, from, seg) = match receive(sock, &mut buf) {
             Ok(x) => x,
@@ -312,38 +312,67 @@ pub fn udp_to_tun(sh: Arc<Shared>) {
         };
         let from = SocketAddrV4::new(from.ip(), from.port());
         let seg = seg.unwrap_or(len).max(1);
-        let mut k = 0;
+        // The valid packets, as slices of `buf` (one small allocation per receive).
+        let mut valid: Vec<&[u8]> = Vec::with_capacity(len / seg + 1);
         {
             let r = routes.read().unwrap_or_else(|e| e.into_inner());
             for pkt in buf[..len].chunks(seg) {
                 match r.ingress(from, pkt) {
-                    Ok(()) => {
-                        if k == out.len() {
-                            break;
-                        }
-                        let o = &mut out[k];
-                        o.clear();
-                        o.resize(HDR, 0);
-                        o.extend_from_slice(pkt);
-                        k += 1;
-                    }
+                    Ok(()) => valid.push(pkt),
                     Err(d) => stats.count(d),
                 }
             }
         }
-        if k == 0 {
-            continue;
+        if vnet {
+            coalesce::plan(&valid, &mut runs);
+            for run in &runs {
+                let pkts = &valid[run.start..run.start + run.count];
+                let vhdr = if run.count > 1 {
+                    coalesce::merged_header(pkts, &mut hdr)
+                } else {
+                    coalesce::plain_vnet_header()
+                };
+                let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(run.count + 2);
+                iov.push(IoSlice::new(&vhdr));
+                if run.count > 1 {
+                    iov.push(IoSlice::new(&hdr));
+                    let h = hdr.len();
+                    iov.extend(pkts.iter().map(|p| IoSlice::new(&p[h..])));
+                } else {
+                    iov.push(IoSlice::new(pkts[0]));
+                }
+                write_tun(dev, &iov, pkts, stats);
+            }
+        } else {
+            for pkt in &valid {
+                write_tun(dev, &[IoSlice::new(pkt)], std::slice::from_ref(pkt), stats);
+            }
         }
-        let bytes: usize = out[..k].iter().map(|o| o.len() - HDR).sum();
-        match dev.send_multiple(&mut table, &mut out[..k], HDR) {
-            Ok(_) => {
-                stats.rx_packets.fetch_add(k as u64, Ordering::Relaxed);
-                stats.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// One TUN write (a packet, or a coalesced run gathered from its parts), counted.
+fn write_tun(dev: &SyncDevice, iov: &[IoSlice<'_>], pkts: &[&[u8]], stats: &UdpStats) {
+    let r = loop {
+        match nix::sys::uio::writev(dev, iov) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    match r {
+        Ok(_) => {
+            stats
+                .rx_packets
+                .fetch_add(pkts.len() as u64, Ordering::Relaxed);
+            let bytes: usize = pkts.iter().map(|p| p.len()).sum();
+            stats.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            if pkts.len() > 1 {
+                stats.tun_coalesced_writes.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => {
-                tracing::debug!("writing {DEVICE}: {e}");
-                stats.count(DropReason::IoError);
-            }
+        }
+        Err(e) => {
+            tracing::debug!("writing {DEVICE}: {e}");
+            stats.count(DropReason::IoError);
         }
     }
 }

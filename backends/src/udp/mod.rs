@@ -11,6 +11,7 @@
 //! GRO table to write coalesced super-packets. Each offload falls back on its own when the kernel
 //! refuses it, reported in the log and in `/metrics`.
 
+pub mod coalesce;
 mod dataplane;
 pub mod packet;
 
@@ -74,6 +75,8 @@ pub struct UdpStats {
     /// TUN reads and UDP receives: packets per call = tx_packets / tun_reads, rx / udp_receives.
     pub tun_reads: AtomicU64,
     pub udp_receives: AtomicU64,
+    /// TUN writes that carried a coalesced run of segments (one TSO super-packet).
+    pub tun_coalesced_writes: AtomicU64,
     /// 1 when the TUN runs without the vnet-header offload (one packet per read/write).
     pub offload_disabled: AtomicU64,
     /// 1 once the kernel refused UDP GSO (sends fall back to one datagram per call).
@@ -336,6 +339,10 @@ impl Backend for UdpBackend {
         m.insert("udp_icmp_sent".into(), s.icmp_sent.load(Ordering::Relaxed));
         m.insert("udp_gso_sends".into(), s.gso_sends.load(Ordering::Relaxed));
         m.insert("udp_tun_reads".into(), s.tun_reads.load(Ordering::Relaxed));
+        m.insert(
+            "udp_tun_coalesced_writes".into(),
+            s.tun_coalesced_writes.load(Ordering::Relaxed),
+        );
         m.insert(
             "udp_receives".into(),
             s.udp_receives.load(Ordering::Relaxed),

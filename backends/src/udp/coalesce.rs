@@ -1,0 +1,358 @@
+//! Receive-side coalescing without copies (pure; no I/O).
+//!
+//! One UDP_GRO receive hands us up to 64 datagrams from one peer, each a bare IPv4 packet, and in
+//! a bulk transfer they are consecutive segments of one TCP flow. [`plan`] cuts such a batch into
+//! runs that the kernel can take as one TSO super-packet; [`merged_header`] builds the virtio-net
+//! header and the rewritten IPv4+TCP header of a run. The TUN write is then a `writev` of that
+//! header followed by the segments' payloads where they already lie in the receive buffer: no
+//! byte of payload is copied in userspace.
+//!
+//! A run follows Linux's own TCP GRO rules: same addresses, ports, TOS, TTL, DF, IP header
+//! without options, identical TCP header apart from sequence number and PSH (same ack, window,
+//! options such as timestamps), only ACK (and PSH on the last segment) set, contiguous sequence
+//! numbers, equal payload sizes with only the last one possibly shorter, at most 64 KiB in all.
+//! Anything else (UDP, ICMP, SYN/FIN/RST, out-of-order segments) goes to the TUN as it came.
+
+use super::packet::checksum;
+
+/// Size of the virtio-net header that precedes every TUN read and write with offload on.
+pub const VNET_HDR_LEN: usize = 10;
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const TCP_FLAG_PSH: u8 = 0x08;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// Largest IPv4 packet.
+const MAX_TOTAL: usize = 65_535;
+
+/// A run of packets `start..start + count` of a batch, written to the TUN as one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub start: usize,
+    pub count: usize,
+}
+
+/// The parts of a TCP/IPv4 segment that decide whether it joins a run.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    /// IPv4 + TCP header length.
+    hdr_len: usize,
+    payload: usize,
+    seq: u32,
+    flags: u8,
+}
+
+/// Parses a TCP/IPv4 segment that may be coalesced: IPv4 without options, not a fragment,
+/// TCP with a payload and no flag other than ACK and PSH.
+fn segment(pkt: &[u8]) -> Option<Segment> {
+    if pkt.len() < 40 || pkt[0] != 0x45 || pkt[9] != 6 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+    // Fragment offset or More Fragments set: not a whole segment.
+    let frag = u16::from_be_bytes([pkt[6], pkt[7]]);
+    if total != pkt.len() || frag & 0x3fff != 0 {
+        return None;
+    }
+    let tcp_len = usize::from(pkt[32] >> 4) * 4;
+    let hdr_len = 20 + tcp_len;
+    let flags = pkt[33];
+    if tcp_len < 20 || hdr_len >= total || flags & !(TCP_FLAG_ACK | TCP_FLAG_PSH) != 0 {
+        return None;
+    }
+    if flags & TCP_FLAG_ACK == 0 {
+        return None;
+    }
+    Some(Segment {
+        hdr_len,
+        payload: total - hdr_len,
+        seq: u32::from_be_bytes([pkt[24], pkt[25], pkt[26], pkt[27]]),
+        flags,
+    })
+}
+
+/// Whether `next` continues the run that starts with `first` and currently ends with `last`
+/// (`bytes` = IP packet size of the run so far).
+fn continues(
+    first_pkt: &[u8],
+    first: &Segment,
+    last: &Segment,
+    next_pkt: &[u8],
+    next: &Segment,
+    bytes: usize,
+) -> bool {
+    // A shorter segment or a PSH can only end a run.
+    if last.payload < first.payload || last.flags & TCP_FLAG_PSH != 0 {
+        return false;
+    }
+    if next.hdr_len != first.hdr_len
+        || next.payload > first.payload
+        || next.seq != last.seq.wrapping_add(last.payload as u32)
+        || bytes + next.payload > MAX_TOTAL
+    {
+        return false;
+    }
+    let h = first.hdr_len;
+    // IPv4: TOS (1), DF/flags (6), TTL and protocol (8..10), addresses (12..20).
+    first_pkt[1] == next_pkt[1]
+        && first_pkt[6] == next_pkt[6]
+        && first_pkt[8..10] == next_pkt[8..10]
+        && first_pkt[12..20] == next_pkt[12..20]
+        // TCP: ports (20..24), ack (28..32), data offset (32), window (34..36), urgent
+        // pointer (38..40) and options (40..h); not the sequence number, flags or checksum.
+        && first_pkt[20..24] == next_pkt[20..24]
+        && first_pkt[28..33] == next_pkt[28..33]
+        && first_pkt[34..36] == next_pkt[34..36]
+        && first_pkt[38..h] == next_pkt[38..h]
+}
+
+/// Cuts a batch of validated IPv4 packets into runs; each packet is in exactly one run, in
+/// order. Runs of one are packets to write as they are.
+pub fn plan(pkts: &[&[u8]], runs: &mut Vec<Run>) {
+    runs.clear();
+    let mut i = 0;
+    while i < pkts.len() {
+        let mut count = 1;
+        if let Some(first) = segment(pkts[i]) {
+            let mut last = first;
+            let mut bytes = pkts[i].len();
+            while let Some(next_pkt) = pkts.get(i + count) {
+                let Some(next) = segment(next_pkt) else { break };
+                if !continues(pkts[i], &first, &last, next_pkt, &next, bytes) {
+                    break;
+                }
+                bytes += next.payload;
+                last = next;
+                count += 1;
+            }
+        }
+        runs.push(Run { start: i, count });
+        i += count;
+    }
+}
+
+/// The virtio-net header for a packet written unchanged (no offload requested; the kernel
+/// verifies its checksums as for any received packet).
+pub fn plain_vnet_header() -> [u8; VNET_HDR_LEN] {
+    [0; VNET_HDR_LEN]
+}
+
+/// For a run of more than one segment (`run` as cut by [`plan`]): the virtio-net header and
+/// the IPv4+TCP header of the super-packet, which is that header followed by every segment's
+/// payload. The header is the first segment's with the total length, the IPv4 checksum, PSH
+/// from the last segment, and the TCP checksum field set to the pseudo-header sum the kernel
+/// completes (NEEDS_CSUM), as a NIC doing GRO would hand it over.
+pub fn merged_header(run: &[&[u8]], hdr: &mut Vec<u8>) -> [u8; VNET_HDR_LEN] {
+    let first = run[0];
+    let tcp_len = usize::from(first[32] >> 4) * 4;
+    let hdr_len = 20 + tcp_len;
+    let gso_size = first.len() - hdr_len;
+    let total: usize = hdr_len + run.iter().map(|p| p.len() - hdr_len).sum::<usize>();
+    hdr.clear();
+    hdr.extend_from_slice(&first[..hdr_len]);
+    hdr[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    hdr[10..12].copy_from_slice(&[0, 0]);
+    let ip_csum = checksum(&hdr[..20]);
+    hdr[10..12].copy_from_slice(&ip_csum.to_be_bytes());
+    if let Some(last) = run.last() {
+        hdr[33] |= last[33] & TCP_FLAG_PSH;
+    }
+    // Pseudo header: source, destination, zero + protocol, TCP length; folded, not inverted.
+    let tcp_total = (total - 20) as u32;
+    let mut sum: u32 = 6 + tcp_total;
+    for c in hdr[12..20].chunks_exact(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    hdr[36..38].copy_from_slice(&(sum as u16).to_be_bytes());
+    let mut v = [0u8; VNET_HDR_LEN];
+    v[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    v[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+    v[2..4].copy_from_slice(&(hdr_len as u16).to_ne_bytes());
+    v[4..6].copy_from_slice(&(gso_size as u16).to_ne_bytes());
+    v[6..8].copy_from_slice(&20u16.to_ne_bytes());
+    v[8..10].copy_from_slice(&16u16.to_ne_bytes());
+    v
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Full TCP checksum over pseudo header + segment (field included as it is).
+    fn tcp_sum(pkt: &[u8]) -> u16 {
+        let mut v = Vec::new();
+        v.extend_from_slice(&pkt[12..20]);
+        v.extend_from_slice(&[0, 6]);
+        v.extend_from_slice(&((pkt.len() - 20) as u16).to_be_bytes());
+        v.extend_from_slice(&pkt[20..]);
+        checksum(&v)
+    }
+
+    /// A TCP/IPv4 segment with valid checksums; timestamps option (12 bytes) as Linux sends.
+    fn seg(seq: u32, payload: &[u8], flags: u8, id: u16) -> Vec<u8> {
+        let hdr = 20 + 32;
+        let mut p = vec![0u8; hdr + payload.len()];
+        p[0] = 0x45;
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p[4..6].copy_from_slice(&id.to_be_bytes());
+        p[6] = 0x40; // DF
+        p[8] = 63;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[10, 5, 2, 2]);
+        p[16..20].copy_from_slice(&[10, 5, 1, 2]);
+        p[20..22].copy_from_slice(&5201u16.to_be_bytes());
+        p[22..24].copy_from_slice(&40000u16.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[28..32].copy_from_slice(&7u32.to_be_bytes());
+        p[32] = 8 << 4;
+        p[33] = flags;
+        p[34..36].copy_from_slice(&500u16.to_be_bytes());
+        p[40..52].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 4]);
+        p[hdr..].copy_from_slice(payload);
+        let c = checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        let t = tcp_sum(&p);
+        p[36..38].copy_from_slice(&t.to_be_bytes());
+        p
+    }
+
+    /// `n` segments of `size` bytes of a byte stream starting at `seq`, the last `last` long.
+    fn stream(seq: u32, n: usize, size: usize, last: usize) -> Vec<Vec<u8>> {
+        let mut s = seq;
+        (0..n)
+            .map(|i| {
+                let len = if i + 1 == n { last } else { size };
+                let data: Vec<u8> = (0..len).map(|b| (s as usize + b) as u8).collect();
+                let p = seg(s, &data, TCP_FLAG_ACK, i as u16);
+                s = s.wrapping_add(len as u32);
+                p
+            })
+            .collect()
+    }
+
+    fn runs(pkts: &[Vec<u8>]) -> Vec<(usize, usize)> {
+        let refs: Vec<&[u8]> = pkts.iter().map(|p| p.as_slice()).collect();
+        let mut r = Vec::new();
+        plan(&refs, &mut r);
+        r.iter().map(|r| (r.start, r.count)).collect()
+    }
+
+    #[test]
+    fn a_bulk_stream_is_one_run() {
+        let pkts = stream(1000, 44, 1380, 700);
+        assert_eq!(runs(&pkts), vec![(0, 44)]);
+    }
+
+    #[test]
+    fn merged_packet_is_the_stream_with_a_completable_checksum() {
+        let mut pkts = stream(u32::MAX - 3000, 5, 1380, 1380);
+        // PSH on the last segment carries over to the merged header.
+        let last = pkts.len() - 1;
+        let payload = pkts[last][52..].to_vec();
+        let seq = u32::from_be_bytes(pkts[last][24..28].try_into().unwrap());
+        pkts[last] = seg(seq, &payload, TCP_FLAG_ACK | TCP_FLAG_PSH, 4);
+        assert_eq!(runs(&pkts), vec![(0, 5)]);
+        let refs: Vec<&[u8]> = pkts.iter().map(|p| p.as_slice()).collect();
+        let mut hdr = Vec::new();
+        let v = merged_header(&refs, &mut hdr);
+        assert_eq!(v[0], VIRTIO_NET_HDR_F_NEEDS_CSUM);
+        assert_eq!(v[1], VIRTIO_NET_HDR_GSO_TCPV4);
+        assert_eq!(u16::from_ne_bytes([v[2], v[3]]), 52);
+        assert_eq!(u16::from_ne_bytes([v[4], v[5]]), 1380);
+        assert_eq!(u16::from_ne_bytes([v[6], v[7]]), 20);
+        assert_eq!(u16::from_ne_bytes([v[8], v[9]]), 16);
+        let mut whole = hdr.clone();
+        for p in &refs {
+            whole.extend_from_slice(&p[52..]);
+        }
+        assert_eq!(whole.len(), 52 + 5 * 1380);
+        assert_eq!(
+            u16::from_be_bytes([whole[2], whole[3]]) as usize,
+            whole.len()
+        );
+        assert_eq!(checksum(&whole[..20]), 0, "IPv4 header checksum");
+        assert_eq!(whole[33], TCP_FLAG_ACK | TCP_FLAG_PSH);
+        assert_eq!(&whole[24..28], &pkts[0][24..28], "first sequence number");
+        // The kernel completes NEEDS_CSUM by summing from csum_start to the end with the
+        // field holding the pseudo-header sum, and storing the complement.
+        let mut body_only = whole.clone();
+        let partial = u16::from_be_bytes([whole[36], whole[37]]);
+        body_only[36..38].copy_from_slice(&[0, 0]);
+        let mut sum = u32::from(!checksum(&body_only[20..])) + u32::from(partial);
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        whole[36..38].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        assert_eq!(tcp_sum(&whole), 0, "completed TCP checksum verifies");
+    }
+
+    #[test]
+    fn runs_break_where_linux_gro_would() {
+        // A gap in sequence numbers.
+        let mut pkts = stream(1, 3, 100, 100);
+        pkts.extend(stream(10_000, 2, 100, 100));
+        assert_eq!(runs(&pkts), vec![(0, 3), (3, 2)]);
+        // A shorter segment ends a run.
+        let mut pkts = stream(1, 2, 100, 50);
+        pkts.extend(stream(151, 2, 100, 100));
+        assert_eq!(runs(&pkts), vec![(0, 2), (2, 2)]);
+        // PSH in the middle ends the run after it.
+        let mut pkts = stream(1, 4, 100, 100);
+        pkts[1][33] |= TCP_FLAG_PSH;
+        assert_eq!(runs(&pkts), vec![(0, 2), (2, 2)]);
+        // FIN, SYN or no ACK: alone.
+        let mut pkts = stream(1, 3, 100, 100);
+        pkts[1][33] = TCP_FLAG_ACK | 0x01;
+        assert_eq!(runs(&pkts), vec![(0, 1), (1, 1), (2, 1)]);
+        // Another flow (port), another ack number, another window, other options.
+        for (at, val) in [(22usize, 9u8), (31, 8), (35, 1), (51, 5)] {
+            let mut pkts = stream(1, 3, 100, 100);
+            pkts[2][at] = val;
+            assert_eq!(runs(&pkts), vec![(0, 2), (2, 1)], "byte {at}");
+        }
+        // A bigger segment after the first.
+        let mut pkts = stream(1, 1, 100, 100);
+        pkts.extend(stream(101, 1, 200, 200));
+        assert_eq!(runs(&pkts), vec![(0, 1), (1, 1)]);
+        // Not TCP, IP options, fragments, pure ACKs: alone.
+        let mut pkts = stream(1, 3, 100, 100);
+        pkts[0][9] = 17;
+        pkts[1][0] = 0x46;
+        pkts[2][6] = 0x20;
+        assert_eq!(runs(&pkts), vec![(0, 1), (1, 1), (2, 1)]);
+        let acks = vec![seg(5, b"", TCP_FLAG_ACK, 1), seg(5, b"", TCP_FLAG_ACK, 2)];
+        assert_eq!(runs(&acks), vec![(0, 1), (1, 1)]);
+    }
+
+    #[test]
+    fn runs_stay_under_64k() {
+        let pkts = stream(1, 60, 1400, 1400);
+        let r = runs(&pkts);
+        assert_eq!(r.iter().map(|r| r.1).sum::<usize>(), 60);
+        for (start, count) in r {
+            let total = 52
+                + pkts[start..start + count]
+                    .iter()
+                    .map(|p| p.len() - 52)
+                    .sum::<usize>();
+            assert!(total <= MAX_TOTAL, "{total}");
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut r = Vec::new();
+        for len in 0..80 {
+            for fill in [0u8, 0x45, 0xff, 6] {
+                let p = vec![fill; len];
+                let q = vec![fill; len];
+                plan(&[p.as_slice(), q.as_slice()], &mut r);
+                assert_eq!(r.iter().map(|r| r.count).sum::<usize>(), 2);
+            }
+        }
+    }
+}
