@@ -1,12 +1,14 @@
 //! Fuzzes the udp backend's packet path: validation of arriving datagrams (sender, inner source
 //! and destination), the egress decision with TTL decrement, and ICMP reply building. Any input
-//! must give a verdict without panicking, and accepted packets must satisfy the checks.
+//! must give a verdict without panicking, and accepted packets must satisfy the checks. The
+//! datagram is also cut like a UDP_GRO batch and run through the receive-side coalescer.
 //! Run: cd backends/fuzz && cargo fuzz run udp_packet
 
 #![no_main]
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use backends::udp::coalesce;
 use backends::udp::packet::{self, checksum, Egress, Routes, UdpPeer};
 use libfuzzer_sys::fuzz_target;
 
@@ -38,6 +40,24 @@ fuzz_target!(|data: &[u8]| {
         let h = packet::parse_ipv4(pkt).expect("accepted packets parse");
         assert!(own.contains(&h.dst));
         assert_eq!(h.total_len, pkt.len());
+    }
+    // A GRO batch: the payload cut at a size the input picks; valid segments are coalesced.
+    let seg = 20 + usize::from(data[5] % 64) * 8;
+    let valid: Vec<&[u8]> = pkt
+        .chunks(seg)
+        .filter(|p| routes.ingress(from, p).is_ok())
+        .collect();
+    let mut runs = Vec::new();
+    coalesce::plan(&valid, &mut runs);
+    assert_eq!(runs.iter().map(|r| r.count).sum::<usize>(), valid.len());
+    let mut hdr = Vec::new();
+    for r in runs.iter().filter(|r| r.count > 1) {
+        let run = &valid[r.start..r.start + r.count];
+        coalesce::merged_header(run, &mut hdr);
+        let payload: usize = run.iter().map(|p| p.len() - hdr.len()).sum();
+        let total = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
+        assert_eq!(total, hdr.len() + payload, "merged length");
+        assert_eq!(checksum(&hdr[..20]), 0, "merged IPv4 checksum");
     }
     let mut copy = pkt.to_vec();
     let header_ok = packet::parse_ipv4(pkt).map(|h| checksum(&pkt[..h.header_len]) == 0);

@@ -3,7 +3,7 @@
 //! decisions for packets leaving (TUN → peer) and arriving (peer → TUN).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ipnet::Ipv4Net;
 
@@ -267,9 +267,6 @@ pub fn icmp_limiter(now: Instant) -> TokenBucket {
     TokenBucket::new(10.0, 10.0, now)
 }
 
-/// How long an idle loop waits before re-checking shutdown.
-pub const POLL: Duration = Duration::from_millis(200);
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -361,8 +358,8 @@ mod tests {
         let t0 = Instant::now();
         let mut b = TokenBucket::new(10.0, 3.0, t0);
         assert_eq!((0..5).filter(|_| b.allow(t0)).count(), 3);
-        assert!(b.allow(t0 + Duration::from_millis(100)));
-        assert!(!b.allow(t0 + Duration::from_millis(100)));
+        assert!(b.allow(t0 + std::time::Duration::from_millis(100)));
+        assert!(!b.allow(t0 + std::time::Duration::from_millis(100)));
     }
 
     fn routes() -> Routes {
