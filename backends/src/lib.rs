@@ -8,13 +8,15 @@
 //! backend is one module plus one arm in [`create`]. Kernel access goes through the
 //! [`netlink::Netlink`] trait.
 //!
-//! Implemented: `vxlan` (kernel VXLAN), `udp` (userspace TUN, flannel's wire format) and `alloc`
-//! (lease only). `host-gw` is accepted in the config and, until it lands, runs as `alloc` with a
-//! warning, publishing `BackendType: "alloc"` so no peer mistakes this node for one it can reach.
+//! Implemented: `vxlan` (kernel VXLAN), `udp` (userspace TUN, flannel's wire format), `host-gw`
+//! (routes via the peers' addresses, no encapsulation) and `alloc` (lease only). Any other type
+//! runs as `alloc` with a warning, publishing `BackendType: "alloc"` so no peer mistakes this
+//! node for one it can reach.
 
 #![forbid(unsafe_code)]
 
 mod alloc;
+pub mod hostgw;
 pub mod netlink;
 pub mod netlink_rt;
 mod options;
@@ -143,6 +145,10 @@ pub async fn create(
             let (ucfg, warnings) = udp::UdpConfig::parse(&cfg.options)?;
             Ok((Box::new(udp::UdpBackend::new(ucfg, ctx).await?), warnings))
         }
+        "host-gw" => Ok((
+            Box::new(hostgw::HostGwBackend::new(ctx)?),
+            hostgw::parse_options(&cfg.options),
+        )),
         "alloc" => Ok((Box::new(AllocBackend::new(&ctx.ext)), Vec::new())),
         other => Ok((
             Box::new(AllocBackend::new(&ctx.ext)),

@@ -1,0 +1,197 @@
+//! The host-gw backend on nodes built from network namespaces (one L2 underlay): flannel's
+//! lease, one route per peer via its PublicIP, pod traffic over TCP and UDP, a peer off our L2
+//! subnet warned about and not routed, a leaving peer's route removed. Needs root; skips with a
+//! reason without it, fails under CI.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use subnet_lease::SubnetEnv;
+use test_support::{
+    require_root_with, send_and_verify, udp_whoami, wait_for, whoami, HashServer, Pod, Testbed,
+    UdpWhoAmIServer, WhoAmIServer,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
+const PORT: u16 = 5001;
+const HASH_PORT: u16 = 5002;
+
+fn env_file(dir: &std::path::Path, i: usize) -> PathBuf {
+    dir.join(format!("n{i}.env"))
+}
+
+fn sock(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+#[test]
+fn host_gw_end_to_end() {
+    if !require_root_with(&["ip", "nft", "etcd", "etcdctl", "ping"]) {
+        return;
+    }
+    let mut tb = Testbed::new(3).unwrap();
+    let endpoint = tb
+        .start_etcd_with_config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut handles = Vec::new();
+    for i in 0..3 {
+        let ns = tb.nodes[i].ns.clone();
+        let file = env_file(dir.path(), i);
+        handles.push(
+            tb.spawn(
+                &ns,
+                BIN,
+                &[
+                    "--etcd-endpoints",
+                    &endpoint,
+                    "--subnet-file",
+                    file.to_str().unwrap(),
+                    "--iptables-resync=1",
+                ],
+                &[("RUST_LOG", "info")],
+                &dir.path().join(format!("n{i}.log")),
+            )
+            .unwrap(),
+        );
+    }
+    let log = |i: usize| {
+        std::fs::read_to_string(dir.path().join(format!("n{i}.log"))).unwrap_or_default()
+    };
+    let mut pods: Vec<Pod> = Vec::new();
+    let mut subnets = Vec::new();
+    for i in 0..3 {
+        let env = wait_for(Duration::from_secs(30), || {
+            SubnetEnv::read(&env_file(dir.path(), i)).ok()
+        })
+        .unwrap_or_else(|| panic!("node {i} wrote no subnet file:\n{}", log(i)));
+        assert_eq!(env.mtu, 1500, "host-gw MTU = interface MTU");
+        let sn = env.subnet.unwrap();
+        subnets.push(sn);
+        let base = u32::from(sn.network());
+        let gw = format!("{}/24", Ipv4Addr::from(base + 1));
+        for k in 0..2 {
+            let ip = format!("{}/24", Ipv4Addr::from(base + 2 + k));
+            pods.push(tb.add_pod(i, &ip, &gw, env.mtu).unwrap());
+        }
+    }
+    // flannel's lease: BackendType host-gw, no BackendData.
+    let lease = tb
+        .etcdctl(&[
+            "get",
+            &format!("/coreos.com/network/subnets/{}-24", subnets[0].network()),
+            "--print-value-only",
+        ])
+        .unwrap();
+    assert_eq!(
+        lease.trim(),
+        format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#,
+            tb.nodes[0].ip
+        )
+    );
+    // One route per peer subnet via the peer's address on eth0, no device of ours.
+    for (n, node) in tb.nodes.iter().enumerate() {
+        let routes = wait_for(Duration::from_secs(20), || {
+            let r = tb
+                .exec(&node.ns, &["ip", "-4", "route", "show", "dev", "eth0"])
+                .ok()?;
+            (0..3)
+                .filter(|p| *p != n)
+                .all(|p| r.contains(&format!("{} via {} ", subnets[p], tb.nodes[p].ip)))
+                .then_some(r)
+        })
+        .unwrap_or_else(|| panic!("node {n} lacks host-gw routes:\n{}", log(n)));
+        assert!(!routes.contains(&subnets[n].to_string()), "{routes}");
+        let links = tb.exec(&node.ns, &["ip", "-o", "link"]).unwrap();
+        assert!(
+            !links.contains("flannel"),
+            "host-gw makes no device: {links}"
+        );
+    }
+    let _servers: Vec<_> = pods
+        .iter()
+        .map(|p| {
+            (
+                WhoAmIServer::start(&p.ns, PORT).unwrap(),
+                UdpWhoAmIServer::start(&p.ns, PORT).unwrap(),
+                HashServer::start(&p.ns, HASH_PORT).unwrap(),
+            )
+        })
+        .collect();
+    // Every pod reaches every other over TCP and UDP, with its own address as the source.
+    for a in &pods {
+        for b in &pods {
+            if a.ns == b.ns {
+                continue;
+            }
+            let seen = wait_for(Duration::from_secs(20), || {
+                whoami(&a.ns, sock(&b.ip, PORT), Duration::from_secs(2)).ok()
+            })
+            .unwrap_or_else(|| panic!("TCP {} -> {} failed:\n{}", a.ip, b.ip, log(a.node)));
+            assert_eq!(seen, a.ip);
+            let seen = wait_for(Duration::from_secs(10), || {
+                udp_whoami(&a.ns, sock(&b.ip, PORT), Duration::from_secs(1)).ok()
+            })
+            .unwrap_or_else(|| panic!("UDP {} -> {} failed", a.ip, b.ip));
+            assert_eq!(seen, a.ip);
+        }
+    }
+    send_and_verify(
+        &pods[0].ns,
+        sock(&pods[5].ip, HASH_PORT),
+        8 << 20,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+
+    // A host-gw peer whose PublicIP is off our L2 subnet: warned about, not routed.
+    tb.etcdctl(&[
+        "put",
+        "/coreos.com/network/subnets/10.5.250.0-24",
+        r#"{"PublicIP":"192.168.77.7","PublicIPv6":null,"BackendType":"host-gw"}"#,
+    ])
+    .unwrap();
+    wait_for(Duration::from_secs(10), || {
+        log(0)
+            .contains("192.168.77.7 is not on this node's L2 subnet")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no warning for the far peer:\n{}", log(0)));
+    let routes = tb.exec(&tb.nodes[0].ns, &["ip", "-4", "route"]).unwrap();
+    assert!(!routes.contains("10.5.250.0"), "{routes}");
+
+    // A peer that leaves: its route goes.
+    let st = tb.stop(handles[2], Duration::from_secs(10)).unwrap();
+    assert_eq!(st.code(), Some(0));
+    tb.etcdctl(&[
+        "del",
+        &format!("/coreos.com/network/subnets/{}-24", subnets[2].network()),
+    ])
+    .unwrap();
+    wait_for(Duration::from_secs(10), || {
+        let r = tb
+            .exec(
+                &tb.nodes[0].ns,
+                &["ip", "-4", "route", "show", "dev", "eth0"],
+            )
+            .ok()?;
+        (!r.contains(&subnets[2].to_string())).then_some(())
+    })
+    .expect("route to the departed peer still there");
+    let (ok, _) = tb.exec_status(
+        &pods[0].ns,
+        &["ping", "-c1", "-W1", &pods[4].ip],
+        Duration::from_secs(5),
+    );
+    assert!(!ok, "the departed peer's pods are no longer routed");
+    let (ok, out) = tb.exec_status(
+        &pods[0].ns,
+        &["ping", "-c1", "-W2", &pods[2].ip],
+        Duration::from_secs(5),
+    );
+    assert!(ok, "the remaining peer still works: {out}");
+}
