@@ -130,6 +130,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Whether creating a VXLAN device failed because the kernel has no VXLAN support.
+fn vxlan_unsupported(e: &BackendError) -> bool {
+    matches!(
+        e,
+        BackendError::Netlink(netlink::NetlinkError::NotSupported { .. })
+    )
+}
+
 /// Builds the backend the config asks for. Returns it with warnings to log (unknown options,
 /// or a type that runs as another in this build).
 pub async fn create(
@@ -138,8 +146,31 @@ pub async fn create(
 ) -> Result<(Box<dyn Backend>, Vec<String>), BackendError> {
     match cfg.backend_type.as_str() {
         "vxlan" => {
-            let (vcfg, warnings) = vxlan::VxlanConfig::parse(&cfg.options)?;
-            Ok((Box::new(vxlan::VxlanBackend::new(vcfg, ctx).await?), warnings))
+            let (vcfg, mut warnings) = vxlan::VxlanConfig::parse(&cfg.options)?;
+            let fallback = vcfg.fallback;
+            match vxlan::VxlanBackend::new(vcfg, ctx).await {
+                Ok(b) => Ok((Box::new(b), warnings)),
+                Err(e) if vxlan_unsupported(&e) => match fallback {
+                    Some("udp") => {
+                        warnings.push(format!(
+                            "{e}; Backend.Fallback is \"udp\": running the udp backend (port {}) instead",
+                            udp::DEFAULT_PORT
+                        ));
+                        let ucfg = udp::UdpConfig {
+                            port: udp::DEFAULT_PORT,
+                            offload: true,
+                        };
+                        Ok((Box::new(udp::UdpBackend::new(ucfg, ctx).await?), warnings))
+                    }
+                    _ => Err(BackendError::Config {
+                        key: "Type".into(),
+                        msg: format!(
+                            "vxlan: {e}; this kernel cannot make VXLAN devices (set \"Fallback\": \"udp\" in Backend to run the udp backend instead)"
+                        ),
+                    }),
+                },
+                Err(e) => Err(e),
+            }
         }
         "udp" => {
             let (ucfg, warnings) = udp::UdpConfig::parse(&cfg.options)?;

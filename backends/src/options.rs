@@ -59,6 +59,24 @@ impl<'a> Options<'a> {
         }
     }
 
+    /// One of `allowed` (compared case-insensitively, returned as listed), if present.
+    pub(crate) fn choice(
+        &self,
+        key: &str,
+        allowed: &[&'static str],
+    ) -> Result<Option<&'static str>, BackendError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(v)) => allowed
+                .iter()
+                .find(|a| a.eq_ignore_ascii_case(v))
+                .copied()
+                .map(Some)
+                .ok_or_else(|| bad(key, format!("must be one of {allowed:?}, got {v:?}"))),
+            Some(v) => Err(bad(key, format!("must be one of {allowed:?}, got {v}"))),
+        }
+    }
+
     /// A warning for every key that is neither in `known` nor shared by all backends.
     pub(crate) fn warnings(&self, known: &[&str]) -> Vec<String> {
         self.map
