@@ -1,21 +1,36 @@
-//! Pod-to-pod throughput and latency across two namespace "nodes", in one run, for:
-//! - plain routes via the peer node (no encapsulation): the baseline;
-//! - kernel VXLAN programmed by hand exactly as flannel's backend programs it;
-//! - our flanneld with `Backend.Type: vxlan` (optionally with forward rules off);
+//! Pod-to-pod data-plane benchmark across two namespace "nodes", in one run, for:
+//! - plain routes via the peer node (no encapsulation): a baseline, always measured;
+//! - kernel VXLAN programmed by hand exactly as flannel's backend programs it: the baseline the
+//!   ratios refer to, always measured;
+//! - our flanneld with `Backend.Type: vxlan` (`flanneld`; `norules` adds
+//!   `--iptables-forward-rules=false`, measured only when listed in `--setups`);
 //! - our flanneld with `Backend.Type: udp` (userspace TUN + UDP with offloads).
 //!
-//! etcd runs in the hub in all three setups (it is part of the cluster, not of the data plane).
-//! Rounds alternate the three setups (default 3 rounds, `--rounds N`, `--seconds S` per iperf3
-//! run); each figure is the median over rounds. Needs root, iperf3, etcd, and a release build of
-//! flanneld next to this binary (`cargo build --release -p flanneld`).
+//! Per setup and round: TCP with one stream and with 4 parallel streams, UDP loss at fixed
+//! offered rates (`--udp-rates 1,3`, Gbit/s), ping RTT p50/p99 over 200 pings, and CPU seconds
+//! per GB during the one-stream TCP run (the flanneld processes' own, and the whole machine's).
+//! etcd runs in the hub in every setup (it is part of the cluster, not of the data plane).
+//! Rounds alternate the setups' order (`--rounds N`, `--seconds S` per iperf3 run); each figure
+//! is the median over rounds. Prints a markdown table (also to `--out FILE`) and writes an SVG
+//! chart (`--svg FILE`, default `bench-results/overlay.svg`). Needs root, iperf3, etcd, ping and
+//! a release build of flanneld next to this binary (`cargo build --release -p flanneld`).
 
-use std::path::PathBuf;
+#[path = "overlay/parse.rs"]
+mod parse;
+#[path = "overlay/report.rs"]
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use test_support::{wait_for, Pod, Testbed};
+use anyhow::{bail, ensure, Context, Result};
+use test_support::{run_bounded, run_checked, wait_for, Pod, Testbed};
+
+use parse::{TcpRun, UdpRun};
+use report::{Meta, Sample};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Setup {
@@ -26,6 +41,26 @@ enum Setup {
     FlanneldUdp,
 }
 
+/// Every setup, in table order, with its `--setups` key. The first two are the baselines.
+const ALL: [(&str, Setup); 5] = [
+    ("plain", Setup::Plain),
+    ("hand", Setup::HandVxlan),
+    ("flanneld", Setup::Flanneld),
+    ("norules", Setup::FlanneldNoRules),
+    ("udp", Setup::FlanneldUdp),
+];
+
+/// Measured when `--setups` is not given (besides the baselines).
+const DEFAULT_SETUPS: [Setup; 2] = [Setup::Flanneld, Setup::FlanneldUdp];
+
+/// Index of hand VXLAN in the selected setups (the baselines always come first).
+const HAND: usize = 1;
+
+const PINGS: u32 = 200;
+const PING_INTERVAL_MS: u32 = 10;
+/// UDP payload: fits the smallest pod MTU (1450) minus IPv4 and UDP headers.
+const UDP_DATAGRAM: &str = "1400";
+
 impl Setup {
     fn name(self) -> &'static str {
         match self {
@@ -34,6 +69,28 @@ impl Setup {
             Setup::Flanneld => "flanneld vxlan backend (default host rules)",
             Setup::FlanneldNoRules => "flanneld vxlan backend, --iptables-forward-rules=false",
             Setup::FlanneldUdp => "flanneld udp backend (userspace, offloads on)",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Setup::Plain => "plain routes",
+            Setup::HandVxlan => "hand VXLAN",
+            Setup::Flanneld => "flanneld vxlan",
+            Setup::FlanneldNoRules => "flanneld vxlan, no fwd rules",
+            Setup::FlanneldUdp => "flanneld udp",
+        }
+    }
+
+    fn has_daemon(self) -> bool {
+        !matches!(self, Setup::Plain | Setup::HandVxlan)
+    }
+
+    fn pod_mtu(self) -> u32 {
+        match self {
+            Setup::Plain => 1500,
+            Setup::FlanneldUdp => 1472,
+            _ => 1450,
         }
     }
 }
@@ -162,13 +219,15 @@ fn flanneld_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Starts flanneld on both nodes with `backend`, waits for its routes, and returns the two
+/// daemons' PIDs.
 fn run_flanneld(
     tb: &mut Testbed,
-    dir: &std::path::Path,
+    dir: &Path,
     endpoint: &str,
     forward_rules: bool,
     backend: &str,
-) -> Result<()> {
+) -> Result<Vec<u32>> {
     let bin = flanneld_bin()?;
     // Reserve each node's subnet (keys without TTL) so the pods' addresses are known upfront.
     let etcd = tb.etcd.as_ref().context("etcd")?;
@@ -185,27 +244,30 @@ fn run_flanneld(
         etcd.etcdctl(&["put", &key, &value])
             .map_err(anyhow::Error::msg)?;
     }
+    let mut handles = Vec::new();
     for n in 0..2 {
         let ns = tb.nodes[n].ns.clone();
         let env = dir.join(format!("n{n}.env"));
-        tb.spawn(
-            &ns,
-            bin.to_str().context("path")?,
-            &[
-                "--etcd-endpoints",
-                endpoint,
-                "--subnet-file",
-                env.to_str().context("path")?,
-                if forward_rules {
-                    "--iptables-forward-rules=true"
-                } else {
-                    "--iptables-forward-rules=false"
-                },
-            ],
-            &[("RUST_LOG", "warn")],
-            &dir.join(format!("n{n}.log")),
-        )
-        .map_err(anyhow::Error::msg)?;
+        let handle = tb
+            .spawn(
+                &ns,
+                bin.to_str().context("path")?,
+                &[
+                    "--etcd-endpoints",
+                    endpoint,
+                    "--subnet-file",
+                    env.to_str().context("path")?,
+                    if forward_rules {
+                        "--iptables-forward-rules=true"
+                    } else {
+                        "--iptables-forward-rules=false"
+                    },
+                ],
+                &[("RUST_LOG", "warn")],
+                &dir.join(format!("n{n}.log")),
+            )
+            .map_err(anyhow::Error::msg)?;
+        handles.push((handle, ns));
     }
     // vxlan: a route per peer on flannel.1; udp: the Network route on flannel0 (the peer table
     // lives in the daemon, so the pods' ping in `one` confirms it).
@@ -225,37 +287,63 @@ fn run_flanneld(
         })
         .context("flanneld did not program its routes in 30 s")?;
     }
-    Ok(())
+    handles
+        .iter()
+        .map(|(handle, ns)| daemon_pid(tb, *handle, ns))
+        .collect()
 }
 
-fn iperf(tb: &Testbed, from: &Pod, to: &Pod, seconds: u32, dir: &std::path::Path) -> Result<f64> {
-    let log = dir.join("iperf3-server.log");
-    let server = std::process::Command::new("ip")
-        .args(["netns", "exec", &to.ns, "iperf3", "-s", "-1"])
-        .stdout(std::fs::File::create(&log)?)
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let mut server = Guard(server);
-    std::thread::sleep(Duration::from_millis(300));
-    let secs = seconds.to_string();
-    let (ok, out) = tb.exec_status(
-        &from.ns,
-        &["iperf3", "-c", &to.ip, "-t", &secs, "-J"],
-        Duration::from_secs(u64::from(seconds) + 20),
-    );
-    let _ = server.0.wait();
-    if !ok {
-        bail!("iperf3 failed: {out}");
+/// The short command name of a process (`/proc/PID/comm`), if it still exists.
+fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim_end().to_string())
+}
+
+/// flanneld's PID. `ip netns exec` normally execs the program, so the spawned child is
+/// flanneld itself; should it fork instead, look for flanneld among the namespace's processes.
+fn daemon_pid(tb: &Testbed, handle: usize, ns: &str) -> Result<u32> {
+    let pid = tb
+        .pid(handle)
+        .with_context(|| format!("flanneld in {ns} is not running"))?;
+    if comm(pid).as_deref() == Some("flanneld") {
+        return Ok(pid);
     }
-    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .context("no bits_per_second in iperf3 output")
+    let pids = run_checked(
+        Command::new("ip").args(["netns", "pids", ns]),
+        Duration::from_secs(10),
+    )
+    .map_err(anyhow::Error::msg)?;
+    pids.split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find(|&p| comm(p).as_deref() == Some("flanneld"))
+        .with_context(|| format!("no flanneld process in namespace {ns}"))
+}
+
+/// Runs a command in a namespace with a time bound; stdout and stderr kept apart.
+fn ns_run(ns: &str, args: &[&str], limit: Duration) -> Result<Output> {
+    run_bounded(
+        Command::new("ip").args(["netns", "exec", ns]).args(args),
+        limit,
+    )
+    .map_err(anyhow::Error::msg)
 }
 
 /// Kills the child on drop (bounded cleanup of the iperf3 server).
 struct Guard(std::process::Child);
+
+impl Guard {
+    /// Waits up to `limit` for the child to exit by itself.
+    fn wait_for_exit(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -264,28 +352,134 @@ impl Drop for Guard {
     }
 }
 
-fn ping_ms(tb: &Testbed, from: &Pod, to: &Pod) -> Result<f64> {
-    let (ok, out) = tb.exec_status(
+/// One iperf3 test from `from` to `to` (`client_args` added to `-c IP -t S -J`); returns the
+/// client's JSON output. The one-shot server is stopped whatever happens.
+fn iperf(from: &Pod, to: &Pod, seconds: u32, client_args: &[&str], dir: &Path) -> Result<String> {
+    let log = dir.join("iperf3-server.log");
+    let server = Command::new("ip")
+        .args(["netns", "exec", &to.ns, "iperf3", "-s", "-1"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).context("iperf3 server log")?)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the iperf3 server")?;
+    let mut server = Guard(server);
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = seconds.to_string();
+    let mut args = vec!["iperf3", "-c", &to.ip, "-t", &secs, "-J"];
+    args.extend_from_slice(client_args);
+    let out = ns_run(
         &from.ns,
-        &["ping", "-q", "-c", "50", "-i", "0.02", &to.ip],
-        Duration::from_secs(20),
-    );
-    if !ok {
-        bail!("ping failed: {out}");
+        &args,
+        Duration::from_secs(u64::from(seconds) + 20),
+    )
+    .context("iperf3 client")?;
+    server.wait_for_exit(Duration::from_secs(5));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() && !stdout.trim_start().starts_with('{') {
+        bail!(
+            "iperf3 {}: {}: {}",
+            client_args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
-    // rtt min/avg/max/mdev = 0.041/0.058/0.101/0.012 ms
-    let stats = out
-        .lines()
-        .find(|l| l.contains("min/avg/max"))
-        .and_then(|l| l.split('=').nth(1))
-        .context("no rtt line")?;
-    stats
-        .trim()
-        .split('/')
-        .nth(1)
-        .context("no avg")?
-        .parse()
-        .context("avg rtt")
+    Ok(stdout)
+}
+
+/// TCP with `streams` parallel streams.
+fn iperf_tcp(from: &Pod, to: &Pod, seconds: u32, streams: u32, dir: &Path) -> Result<TcpRun> {
+    let p = streams.to_string();
+    let out = iperf(from, to, seconds, &["-P", &p], dir)?;
+    parse::tcp_run(&out).with_context(|| format!("iperf3 TCP with {streams} stream(s)"))
+}
+
+/// UDP offered at `gbps` Gbit/s in datagrams that fit every setup's pod MTU. Socket buffers
+/// of 4 MiB at both ends (`-w`, applied by the server too), so the loss measured is the path's
+/// and not the receiving iperf3's 208 KiB default buffer overflowing.
+fn iperf_udp(from: &Pod, to: &Pod, seconds: u32, gbps: f64, dir: &Path) -> Result<UdpRun> {
+    let rate = format!("{gbps}G");
+    let out = iperf(
+        from,
+        to,
+        seconds,
+        &["-u", "-b", &rate, "-l", UDP_DATAGRAM, "-w", "4M"],
+        dir,
+    )?;
+    parse::udp_run(&out).with_context(|| format!("iperf3 UDP at {rate}"))
+}
+
+/// Ping RTT (p50, p99) in ms from the per-reply times of `PINGS` pings.
+fn ping_rtt(from: &Pod, to: &Pod) -> Result<(f64, f64)> {
+    let count = PINGS.to_string();
+    let interval = (f64::from(PING_INTERVAL_MS) / 1000.0).to_string();
+    let out = ns_run(
+        &from.ns,
+        &["ping", "-c", &count, "-i", &interval, "-W", "1", &to.ip],
+        Duration::from_secs(30),
+    )
+    .context("ping")?;
+    let times = parse::ping_times_ms(&String::from_utf8_lossy(&out.stdout));
+    // Losing a few pings is a figure, not a failure; losing half means the path is broken.
+    if times.len() < PINGS as usize / 2 {
+        bail!(
+            "ping: {} of {PINGS} replies ({}): {}",
+            times.len(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let p50 = parse::percentile(&times, 0.5).context("no RTT")?;
+    let p99 = parse::percentile(&times, 0.99).context("no RTT")?;
+    Ok((p50, p99))
+}
+
+/// CPU counters at one instant: the daemons' ticks (None without daemons) and the machine's.
+struct CpuSnapshot {
+    daemons: Option<u64>,
+    system: u64,
+}
+
+impl CpuSnapshot {
+    fn take(daemons: &[u32]) -> Result<CpuSnapshot> {
+        let daemons = if daemons.is_empty() {
+            None
+        } else {
+            Some(
+                daemons
+                    .iter()
+                    .map(|&pid| daemon_ticks(pid))
+                    .sum::<Result<u64>>()?,
+            )
+        };
+        let stat = std::fs::read_to_string("/proc/stat").context("/proc/stat")?;
+        Ok(CpuSnapshot {
+            daemons,
+            system: parse::proc_stat_busy_ticks(&stat)?,
+        })
+    }
+}
+
+/// utime + stime of a running daemon, in clock ticks.
+fn daemon_ticks(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path)
+        .with_context(|| format!("{path}: flanneld (pid {pid}) exited"))?;
+    let cpu = parse::proc_pid_cpu(&stat).with_context(|| path.clone())?;
+    ensure!(cpu.state != 'Z', "flanneld (pid {pid}) exited");
+    Ok(cpu.ticks)
+}
+
+/// `getconf CLK_TCK`: the unit of the /proc CPU counters.
+fn clock_ticks_per_second() -> Result<u64> {
+    let out = run_checked(
+        Command::new("getconf").arg("CLK_TCK"),
+        Duration::from_secs(10),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let tck: u64 = out.trim().parse().context("getconf CLK_TCK")?;
+    ensure!(tck > 0, "getconf CLK_TCK says 0");
+    Ok(tck)
 }
 
 /// Set by SIGINT/SIGTERM; checked between steps so the testbed guard always runs.
@@ -299,25 +493,22 @@ fn check_stop() -> Result<()> {
     Ok(())
 }
 
-fn one(setup: Setup, seconds: u32) -> Result<(f64, f64)> {
+/// Builds a fresh testbed for `setup` and takes one round of every measurement.
+fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Sample> {
     check_stop()?;
     let mut tb = Testbed::new(2).map_err(anyhow::Error::msg)?;
     let dir = tempfile::tempdir()?;
-    let mtu = match setup {
-        Setup::Plain => 1500,
-        Setup::FlanneldUdp => 1472,
-        _ => 1450,
-    };
     // etcd runs in every setup: it is part of the cluster whatever the data plane, and on a
     // 2-core machine its background work would otherwise count against flanneld alone.
     let endpoint = tb.start_etcd();
-    match setup {
-        Setup::Plain => plain_routes(&tb)?,
-        Setup::HandVxlan => hand_vxlan(&tb)?,
+    let daemons = match setup {
+        Setup::Plain => plain_routes(&tb).map(|()| Vec::new())?,
+        Setup::HandVxlan => hand_vxlan(&tb).map(|()| Vec::new())?,
         Setup::Flanneld => run_flanneld(&mut tb, dir.path(), &endpoint, true, "vxlan")?,
         Setup::FlanneldNoRules => run_flanneld(&mut tb, dir.path(), &endpoint, false, "vxlan")?,
         Setup::FlanneldUdp => run_flanneld(&mut tb, dir.path(), &endpoint, true, "udp")?,
-    }
+    };
+    let mtu = setup.pod_mtu();
     let p1 = tb
         .add_pod(0, "10.5.1.2/24", "10.5.1.1/24", mtu)
         .map_err(anyhow::Error::msg)?;
@@ -338,106 +529,304 @@ fn one(setup: Setup, seconds: u32) -> Result<(f64, f64)> {
     // reconcile) finish so the figures are steady state.
     std::thread::sleep(Duration::from_secs(3));
     check_stop()?;
-    let gbps = iperf(&tb, &p1, &p2, seconds, dir.path())?;
+
+    let before = CpuSnapshot::take(&daemons)?;
+    let tcp1 = iperf_tcp(&p1, &p2, opts.seconds, 1, dir.path())?;
+    let after = CpuSnapshot::take(&daemons)?;
+    let per_gb =
+        |b: u64, a: u64| parse::cpu_seconds_per_gb(a.saturating_sub(b), clk_tck, tcp1.bytes);
+    let daemon_cpu = before
+        .daemons
+        .zip(after.daemons)
+        .and_then(|(b, a)| per_gb(b, a));
+    let system_cpu = per_gb(before.system, after.system);
     check_stop()?;
-    let rtt = ping_ms(&tb, &p1, &p2)?;
-    Ok((gbps, rtt))
+
+    let tcp4 = iperf_tcp(&p1, &p2, opts.seconds, 4, dir.path())?;
+    let mut udp = Vec::new();
+    for &gbps in &opts.udp_rates {
+        check_stop()?;
+        udp.push(iperf_udp(&p1, &p2, opts.seconds, gbps, dir.path())?);
+    }
+    check_stop()?;
+    let (rtt_p50, rtt_p99) = ping_rtt(&p1, &p2)?;
+    Ok(Sample {
+        tcp1: tcp1.gbps,
+        tcp4: tcp4.gbps,
+        udp,
+        rtt_p50,
+        rtt_p99,
+        daemon_cpu,
+        system_cpu,
+    })
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+/// One line per measurement on stderr, while the run goes on.
+fn progress(s: &Sample, rates: &[f64]) -> String {
+    let udp: Vec<String> = rates
+        .iter()
+        .zip(&s.udp)
+        .map(|(r, u)| format!("{r}G {:.2}% lost (sent {:.2})", u.lost_percent, u.sent_gbps))
+        .collect();
+    let cpu = |v: Option<f64>| v.map_or("-".to_string(), |c| format!("{c:.3}"));
+    format!(
+        "tcp {:.2} / 4 streams {:.2} Gbit/s; udp {}; rtt p50 {:.3} p99 {:.3} ms; cpu s/GB daemon {} system {}",
+        s.tcp1,
+        s.tcp4,
+        if udp.is_empty() { "-".to_string() } else { udp.join(", ") },
+        s.rtt_p50,
+        s.rtt_p99,
+        cpu(s.daemon_cpu),
+        cpu(s.system_cpu),
+    )
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Opts {
+    rounds: u32,
+    seconds: u32,
+    /// Selected setups in table order; plain and hand VXLAN always first.
+    setups: Vec<Setup>,
+    /// Offered UDP rates, Gbit/s.
+    udp_rates: Vec<f64>,
+    svg: PathBuf,
+    out: Option<PathBuf>,
+}
+
+const USAGE: &str = "overlay-bench [--rounds N] [--seconds S] [--setups flanneld,norules,udp] \
+                     [--udp-rates 1,3] [--svg FILE] [--out FILE]";
+
+fn parse_rates(list: &str) -> Result<Vec<f64>> {
+    list.split(',')
+        .filter(|r| !r.trim().is_empty())
+        .map(|r| {
+            let g: f64 = r
+                .trim()
+                .parse()
+                .with_context(|| format!("--udp-rates: {r:?} is not a number (Gbit/s)"))?;
+            ensure!(
+                g.is_finite() && g > 0.0,
+                "--udp-rates: {r} must be positive"
+            );
+            Ok(g)
+        })
+        .collect()
+}
+
+fn parse_setups(list: &str) -> Result<Vec<Setup>> {
+    let mut wanted = Vec::new();
+    for key in list.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        let (_, s) = ALL.iter().find(|(k, _)| *k == key).with_context(|| {
+            let keys: Vec<&str> = ALL.iter().map(|(k, _)| *k).collect();
+            format!("--setups: unknown setup {key} (known: {})", keys.join(", "))
+        })?;
+        wanted.push(*s);
+    }
+    Ok(wanted)
+}
+
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
+    let mut opts = Opts {
+        rounds: 3,
+        seconds: 5,
+        setups: Vec::new(),
+        udp_rates: vec![1.0, 3.0],
+        svg: PathBuf::from("bench-results/overlay.svg"),
+        out: None,
+    };
+    let mut wanted = DEFAULT_SETUPS.to_vec();
+    let mut args = args.into_iter();
+    while let Some(a) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{a} needs a value ({USAGE})"))
+        };
+        match a.as_str() {
+            "--rounds" => opts.rounds = value()?.parse().context("--rounds")?,
+            "--seconds" => opts.seconds = value()?.parse().context("--seconds")?,
+            "--setups" => wanted = parse_setups(&value()?)?,
+            "--udp-rates" => opts.udp_rates = parse_rates(&value()?)?,
+            "--svg" => opts.svg = PathBuf::from(value()?),
+            "--out" => opts.out = Some(PathBuf::from(value()?)),
+            other => bail!("unknown argument {other} ({USAGE})"),
+        }
+    }
+    ensure!(opts.rounds >= 1, "--rounds must be at least 1");
+    ensure!(opts.seconds >= 1, "--seconds must be at least 1");
+    // Plain routes and hand VXLAN are the baselines the ratios need: always measured.
+    opts.setups = ALL
+        .iter()
+        .map(|(_, s)| *s)
+        .filter(|s| !s.has_daemon() || wanted.contains(s))
+        .collect();
+    Ok(opts)
+}
+
+/// Runs every round; returns one Vec of per-round samples per selected setup.
+fn run_rounds(opts: &Opts, clk_tck: u64) -> Result<Vec<Vec<Sample>>> {
+    let mut results: Vec<Vec<Sample>> = vec![Vec::new(); opts.setups.len()];
+    for r in 1..=opts.rounds {
+        // Reverse the order every other round so no setup always runs first or last.
+        let mut order: Vec<usize> = (0..opts.setups.len()).collect();
+        if r % 2 == 0 {
+            order.reverse();
+        }
+        for i in order {
+            let s = opts.setups[i];
+            eprintln!("round {r}/{}: {}", opts.rounds, s.name());
+            let sample =
+                one(s, opts, clk_tck).with_context(|| format!("round {r}: {}", s.name()))?;
+            eprintln!("  {}", progress(&sample, &opts.udp_rates));
+            results[i].push(sample);
+        }
+    }
+    Ok(results)
+}
+
+/// Writes `text` to `path`, creating its directory.
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 fn main() -> Result<()> {
-    let mut rounds = 3u32;
-    let mut seconds = 5u32;
-    let mut only: Option<Vec<String>> = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--rounds" => rounds = args.next().context("--rounds N")?.parse()?,
-            "--seconds" => seconds = args.next().context("--seconds S")?.parse()?,
-            "--setups" => {
-                only = Some(
-                    args.next()
-                        .context("--setups plain,hand,flanneld,norules,udp")?
-                        .split(',')
-                        .map(str::to_string)
-                        .collect(),
-                )
-            }
-            other => bail!(
-                "unknown argument {other} (use --rounds N --seconds S --setups plain,hand,flanneld,norules,udp)"
-            ),
-        }
-    }
+    let opts = parse_args(std::env::args().skip(1))?;
     if !test_support::is_root() {
         bail!("needs root (network namespaces)");
     }
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, STOP.clone())?;
     }
-    flanneld_bin()?;
-    let all = [
-        ("plain", Setup::Plain),
-        ("hand", Setup::HandVxlan),
-        ("flanneld", Setup::Flanneld),
-        ("norules", Setup::FlanneldNoRules),
-        ("udp", Setup::FlanneldUdp),
-    ];
-    // Plain routes and hand VXLAN are the baselines the ratios need: always measured.
-    let setups: Vec<Setup> = all
-        .iter()
-        .filter(|(name, s)| {
-            matches!(s, Setup::Plain | Setup::HandVxlan)
-                || only.as_ref().is_none_or(|o| o.iter().any(|x| x == name))
-        })
-        .map(|(_, s)| *s)
-        .collect();
-    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); setups.len()];
-    for r in 1..=rounds {
-        // Reverse the order every other round so no setup always runs first or last.
-        let mut order: Vec<usize> = (0..setups.len()).collect();
-        if r % 2 == 0 {
-            order.reverse();
-        }
-        for i in order {
-            let s = setups[i];
-            eprintln!("round {r}/{rounds}: {}", s.name());
-            let (g, l) = one(s, seconds)?;
-            eprintln!("  {g:.2} Gbit/s, {l:.3} ms");
-            results[i].0.push(g);
-            results[i].1.push(l);
-        }
+    if opts.setups.iter().any(|s| s.has_daemon()) {
+        flanneld_bin()?;
     }
-    // Ratios are medians of per-round ratios: the setups of one round ran back to back, so
-    // pairing them cancels slow drift of the machine.
-    let paired = |i: usize, base: usize| -> f64 {
-        let mut v: Vec<f64> = results[i]
-            .0
-            .iter()
-            .zip(&results[base].0)
-            .map(|(a, b)| a / b)
-            .collect();
-        median(&mut v)
+    let clk_tck = clock_ticks_per_second()?;
+    let samples = run_rounds(&opts, clk_tck)?;
+
+    let names: Vec<(&str, &str)> = opts.setups.iter().map(|s| (s.name(), s.short())).collect();
+    let rows = report::summarize(&names, &samples, HAND, opts.udp_rates.len());
+    let meta = Meta {
+        rounds: opts.rounds,
+        seconds: opts.seconds,
+        udp_rates: opts.udp_rates.clone(),
+        pings: PINGS,
+        ping_interval_ms: PING_INTERVAL_MS,
     };
-    println!(
-        "Pod-to-pod across two namespace nodes, one TCP stream (iperf3 {seconds} s), {rounds} rounds \
-         (order reversed every other round); Gbit/s and RTT are medians, ratios are medians of \
-         per-round ratios.\n"
-    );
-    println!("| path | Gbit/s | ratio to plain routes | ratio to hand VXLAN | ping RTT avg (ms) |");
-    println!("|---|---|---|---|---|");
-    for (i, s) in setups.iter().enumerate() {
-        let g = median(&mut results[i].0.clone());
-        let l = median(&mut results[i].1.clone());
-        println!(
-            "| {} | {g:.2} | {:.3} | {:.3} | {l:.3} |",
-            s.name(),
-            paired(i, 0),
-            paired(i, 1)
+    let table = report::render_table(&meta, &rows);
+    print!("{table}");
+    if let Some(out) = &opts.out {
+        write_file(out, &table)?;
+        eprintln!("table written to {}", out.display());
+    }
+    write_file(&opts.svg, &report::render_svg(&meta, &rows))?;
+    eprintln!("chart written to {}", opts.svg.display());
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Opts> {
+        parse_args(list.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn defaults() {
+        let o = args(&[]).unwrap();
+        assert_eq!(o.rounds, 3);
+        assert_eq!(o.seconds, 5);
+        assert_eq!(
+            o.setups,
+            vec![
+                Setup::Plain,
+                Setup::HandVxlan,
+                Setup::Flanneld,
+                Setup::FlanneldUdp
+            ]
+        );
+        assert_eq!(o.setups[HAND], Setup::HandVxlan);
+        assert_eq!(o.udp_rates, vec![1.0, 3.0]);
+        assert_eq!(o.svg, PathBuf::from("bench-results/overlay.svg"));
+        assert_eq!(o.out, None);
+    }
+
+    #[test]
+    fn options() {
+        let o = args(&[
+            "--rounds",
+            "1",
+            "--seconds",
+            "2",
+            "--setups",
+            "udp,norules",
+            "--udp-rates",
+            "0.5,2",
+            "--svg",
+            "/tmp/x.svg",
+            "--out",
+            "t.md",
+        ])
+        .unwrap();
+        assert_eq!((o.rounds, o.seconds), (1, 2));
+        // Table order, baselines first, whatever the order asked.
+        assert_eq!(
+            o.setups,
+            vec![
+                Setup::Plain,
+                Setup::HandVxlan,
+                Setup::FlanneldNoRules,
+                Setup::FlanneldUdp
+            ]
+        );
+        assert_eq!(o.udp_rates, vec![0.5, 2.0]);
+        assert_eq!(o.svg, PathBuf::from("/tmp/x.svg"));
+        assert_eq!(o.out, Some(PathBuf::from("t.md")));
+        // Baselines only; no UDP rates.
+        let o = args(&["--setups", "hand", "--udp-rates", ""]).unwrap();
+        assert_eq!(o.setups, vec![Setup::Plain, Setup::HandVxlan]);
+        assert!(o.udp_rates.is_empty());
+    }
+
+    #[test]
+    fn bad_options() {
+        for bad in [
+            &["--rounds"][..],
+            &["--rounds", "0"],
+            &["--seconds", "x"],
+            &["--setups", "flanneld,wireguard"],
+            &["--udp-rates", "1,fast"],
+            &["--udp-rates", "-1"],
+            &["--frobnicate"],
+        ] {
+            assert!(args(bad).is_err(), "{bad:?} accepted");
+        }
+        let e = args(&["--setups", "wg"]).unwrap_err().to_string();
+        assert!(
+            e.contains("known: plain, hand, flanneld, norules, udp"),
+            "{e}"
         );
     }
-    Ok(())
+
+    #[test]
+    fn progress_line() {
+        let s = Sample {
+            tcp1: 13.1,
+            tcp4: 14.2,
+            udp: vec![UdpRun {
+                sent_gbps: 1.0,
+                lost_percent: 0.25,
+            }],
+            rtt_p50: 0.04,
+            rtt_p99: 0.1,
+            daemon_cpu: None,
+            system_cpu: Some(0.5),
+        };
+        let line = progress(&s, &[1.0]);
+        assert!(line.contains("1G 0.25% lost"), "{line}");
+        assert!(line.contains("daemon - system 0.500"), "{line}");
+    }
 }
