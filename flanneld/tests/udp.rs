@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use subnet_lease::SubnetEnv;
 use test_support::{
-    http_get, require_root_with, send_and_verify, send_spoofed_udp, udp_whoami, wait_for, whoami,
-    HashServer, Pod, Testbed, UdpWhoAmIServer, WhoAmIServer,
+    http_get, require_root_with, send_and_verify, send_spoofed_udp, udp_burst_verify, udp_whoami,
+    wait_for, whoami, HashServer, Pod, Testbed, UdpWhoAmIServer, WhoAmIServer,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
@@ -193,6 +193,33 @@ fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
         assert!(seen.is_some(), "no coalesced TUN write with offloads on");
     } else {
         assert_eq!(coalesced(), 0, "coalesced TUN writes with offloads off");
+    }
+
+    // A burst of UDP datagrams (runs of equal sizes with shorter ones between) arrives with
+    // every datagram exactly as sent; with offloads on (and USO on this kernel) the receiving
+    // node wrote them coalesced, and the kernel cut them back at the original boundaries.
+    let before = metric(&tb, 2, "udp_tun_coalesced_writes");
+    let burst = udp_burst_verify(
+        &pods[0].ns,
+        &pods[5].ns,
+        sock(&pods[5].ip, 5003),
+        3000,
+        1400,
+    )
+    .unwrap();
+    assert_eq!(burst.damaged, 0, "{burst:?}");
+    assert!(
+        burst.received >= 1500,
+        "too few datagrams arrived: {burst:?}"
+    );
+    if offload_disabled == 0 && metric(&tb, 2, "udp_uso_disabled") == 0 {
+        let more = wait_for(Duration::from_secs(5), || {
+            (metric(&tb, 2, "udp_tun_coalesced_writes") > before).then_some(())
+        });
+        assert!(
+            more.is_some(),
+            "UDP burst not coalesced with USO on: {burst:?}"
+        );
     }
 
     // A datagram from a host that is no peer is dropped and counted.

@@ -16,8 +16,8 @@ mod tcp;
 pub use etcd::{Etcd, TlsFiles};
 pub use netns::{in_netns, Node, Pod, Testbed};
 pub use tcp::{
-    http_get, send_and_verify, send_spoofed_udp, udp_whoami, whoami, HashServer, UdpWhoAmIServer,
-    WhoAmIServer,
+    http_get, send_and_verify, send_spoofed_udp, udp_burst_verify, udp_whoami, whoami, BurstResult,
+    HashServer, UdpWhoAmIServer, WhoAmIServer,
 };
 
 use std::process::{Command, Output};

@@ -246,3 +246,74 @@ pub fn http_get(ns: &str, to: SocketAddr, path: &str, limit: Duration) -> Result
         .map_err(|e| format!("read from {to}: {e}"))?;
     Ok(out)
 }
+
+/// What a UDP burst delivered: datagrams received, and how many of those were not exactly one
+/// datagram as sent (wrong length or content: merged, split or corrupted on the way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BurstResult {
+    pub received: usize,
+    pub damaged: usize,
+}
+
+/// Payload of datagram `seq` of a burst: its length varies with `seq` in runs (so runs of equal
+/// sizes alternate with shorter datagrams), its bytes derive from `seq`.
+fn burst_payload(seq: u32, size: usize) -> Vec<u8> {
+    let len = if seq % 7 == 6 { size / 3 } else { size }.max(8);
+    let mut p = Vec::with_capacity(len);
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(len as u32).to_be_bytes());
+    while p.len() < len {
+        let i = p.len() as u32;
+        p.push((seq.wrapping_mul(31).wrapping_add(i)) as u8);
+    }
+    p
+}
+
+/// Sends `count` datagrams of up to `size` bytes as fast as possible from namespace `from_ns`
+/// to `to` (an address in `to_ns`, port free there) and checks each one that arrives: datagram
+/// boundaries and bytes must be exactly as sent. Loss is allowed (and reported by `received`).
+pub fn udp_burst_verify(
+    from_ns: &str,
+    to_ns: &str,
+    to: SocketAddr,
+    count: u32,
+    size: usize,
+) -> Result<BurstResult, String> {
+    let rx = in_netns(to_ns, move || -> std::io::Result<std::net::UdpSocket> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        s.set_recv_buffer_size(8 << 20)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], to.port())).into())?;
+        Ok(s.into())
+    })?
+    .map_err(|e| format!("udp bind :{} in {to_ns}: {e}", to.port()))?;
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    let tx = in_netns(from_ns, || std::net::UdpSocket::bind(("0.0.0.0", 0)))?
+        .map_err(|e| format!("udp bind in {from_ns}: {e}"))?;
+    let receiver = std::thread::spawn(move || {
+        let mut r = BurstResult {
+            received: 0,
+            damaged: 0,
+        };
+        let mut buf = vec![0u8; 65536];
+        // Ends 500 ms after the last datagram (or after 30 s in all).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            let Ok(n) = rx.recv(&mut buf) else { break };
+            r.received += 1;
+            let seq = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            if n < 8 || buf[..n] != burst_payload(seq, size)[..] {
+                r.damaged += 1;
+            }
+        }
+        r
+    });
+    for seq in 0..count {
+        let p = burst_payload(seq, size);
+        tx.send_to(&p, to)
+            .map_err(|e| format!("udp send to {to}: {e}"))?;
+    }
+    receiver
+        .join()
+        .map_err(|_| "burst receiver panicked".to_string())
+}

@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
         .filter(|p| routes.ingress(from, p).is_ok())
         .collect();
     let mut runs = Vec::new();
-    coalesce::plan(&valid, &mut runs);
+    coalesce::plan(&valid, data[4] & 1 == 1, &mut runs);
     assert_eq!(runs.iter().map(|r| r.count).sum::<usize>(), valid.len());
     let mut hdr = Vec::new();
     for r in runs.iter().filter(|r| r.count > 1) {

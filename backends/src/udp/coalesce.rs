@@ -7,11 +7,14 @@
 //! header followed by the segments' payloads where they already lie in the receive buffer: no
 //! byte of payload is copied in userspace.
 //!
-//! A run follows Linux's own TCP GRO rules: same addresses, ports, TOS, TTL, DF, IP header
+//! A TCP run follows Linux's own TCP GRO rules: same addresses, ports, TOS, TTL, DF, IP header
 //! without options, identical TCP header apart from sequence number and PSH (same ack, window,
 //! options such as timestamps), only ACK (and PSH on the last segment) set, contiguous sequence
 //! numbers, equal payload sizes with only the last one possibly shorter, at most 64 KiB in all.
-//! Anything else (UDP, ICMP, SYN/FIN/RST, out-of-order segments) goes to the TUN as it came.
+//! A UDP run (when the TUN takes USO, Linux ≥ 6.2) is datagrams of one flow with equal payload
+//! sizes, the last possibly shorter: the kernel cuts the super-packet back into exactly those
+//! datagrams (with fresh checksums), as UDP GRO does. Anything else (ICMP, SYN/FIN/RST,
+//! out-of-order segments) goes to the TUN as it came.
 
 use super::packet::checksum;
 
@@ -19,6 +22,7 @@ use super::packet::checksum;
 pub const VNET_HDR_LEN: usize = 10;
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const VIRTIO_NET_HDR_GSO_UDP_L4: u8 = 5;
 const TCP_FLAG_PSH: u8 = 0x08;
 const TCP_FLAG_ACK: u8 = 0x10;
 /// Largest IPv4 packet.
@@ -31,43 +35,61 @@ pub struct Run {
     pub count: usize,
 }
 
-/// The parts of a TCP/IPv4 segment that decide whether it joins a run.
+/// The parts of a TCP or UDP IPv4 packet that decide whether it joins a run.
 #[derive(Debug, Clone, Copy)]
 struct Segment {
-    /// IPv4 + TCP header length.
+    /// IPv4 + TCP/UDP header length.
     hdr_len: usize,
     payload: usize,
+    /// TCP: sequence number and flags (0 for UDP).
     seq: u32,
     flags: u8,
 }
 
-/// Parses a TCP/IPv4 segment that may be coalesced: IPv4 without options, not a fragment,
-/// TCP with a payload and no flag other than ACK and PSH.
-fn segment(pkt: &[u8]) -> Option<Segment> {
-    if pkt.len() < 40 || pkt[0] != 0x45 || pkt[9] != 6 {
+/// Parses an IPv4 packet without options that is not a fragment and carries a payload: TCP with
+/// no flag other than ACK (and PSH), or, when `udp` is allowed, UDP.
+fn segment(pkt: &[u8], udp: bool) -> Option<Segment> {
+    if pkt.len() < 28 || pkt[0] != 0x45 {
         return None;
     }
     let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
-    // Fragment offset or More Fragments set: not a whole segment.
+    // Fragment offset or More Fragments set: not a whole packet.
     let frag = u16::from_be_bytes([pkt[6], pkt[7]]);
     if total != pkt.len() || frag & 0x3fff != 0 {
         return None;
     }
-    let tcp_len = usize::from(pkt[32] >> 4) * 4;
-    let hdr_len = 20 + tcp_len;
-    let flags = pkt[33];
-    if tcp_len < 20 || hdr_len >= total || flags & !(TCP_FLAG_ACK | TCP_FLAG_PSH) != 0 {
-        return None;
+    match pkt[9] {
+        6 if pkt.len() >= 40 => {
+            let tcp_len = usize::from(pkt[32] >> 4) * 4;
+            let hdr_len = 20 + tcp_len;
+            let flags = pkt[33];
+            if tcp_len < 20 || hdr_len >= total || flags & !(TCP_FLAG_ACK | TCP_FLAG_PSH) != 0 {
+                return None;
+            }
+            if flags & TCP_FLAG_ACK == 0 {
+                return None;
+            }
+            Some(Segment {
+                hdr_len,
+                payload: total - hdr_len,
+                seq: u32::from_be_bytes([pkt[24], pkt[25], pkt[26], pkt[27]]),
+                flags,
+            })
+        }
+        17 if udp => {
+            let udp_len = usize::from(u16::from_be_bytes([pkt[24], pkt[25]]));
+            if udp_len != total - 20 || udp_len <= 8 {
+                return None;
+            }
+            Some(Segment {
+                hdr_len: 28,
+                payload: udp_len - 8,
+                seq: 0,
+                flags: 0,
+            })
+        }
+        _ => None,
     }
-    if flags & TCP_FLAG_ACK == 0 {
-        return None;
-    }
-    Some(Segment {
-        hdr_len,
-        payload: total - hdr_len,
-        seq: u32::from_be_bytes([pkt[24], pkt[25], pkt[26], pkt[27]]),
-        flags,
-    })
 }
 
 /// Whether `next` continues the run that starts with `first` and currently ends with `last`
@@ -86,37 +108,47 @@ fn continues(
     }
     if next.hdr_len != first.hdr_len
         || next.payload > first.payload
-        || next.seq != last.seq.wrapping_add(last.payload as u32)
         || bytes + next.payload > MAX_TOTAL
     {
         return false;
     }
-    let h = first.hdr_len;
-    // IPv4: TOS (1), DF/flags (6), TTL and protocol (8..10), addresses (12..20).
-    first_pkt[1] == next_pkt[1]
+    // IPv4: TOS (1), DF/flags (6), TTL and protocol (8..10), addresses (12..20); ports (20..24).
+    let same_ip = first_pkt[1] == next_pkt[1]
         && first_pkt[6] == next_pkt[6]
         && first_pkt[8..10] == next_pkt[8..10]
         && first_pkt[12..20] == next_pkt[12..20]
-        // TCP: ports (20..24), ack (28..32), data offset (32), window (34..36), urgent
-        // pointer (38..40) and options (40..h); not the sequence number, flags or checksum.
-        && first_pkt[20..24] == next_pkt[20..24]
+        && first_pkt[20..24] == next_pkt[20..24];
+    if !same_ip {
+        return false;
+    }
+    if first_pkt[9] == 17 {
+        // UDP: datagram boundaries are kept by equal sizes; nothing else to compare.
+        return true;
+    }
+    let h = first.hdr_len;
+    // TCP: contiguous sequence numbers; same ack (28..32), data offset (32), window (34..36),
+    // urgent pointer (38..40) and options (40..h); not the flags or the checksum.
+    next.seq == last.seq.wrapping_add(last.payload as u32)
         && first_pkt[28..33] == next_pkt[28..33]
         && first_pkt[34..36] == next_pkt[34..36]
         && first_pkt[38..h] == next_pkt[38..h]
 }
 
 /// Cuts a batch of validated IPv4 packets into runs; each packet is in exactly one run, in
-/// order. Runs of one are packets to write as they are.
-pub fn plan(pkts: &[&[u8]], runs: &mut Vec<Run>) {
+/// order. Runs of one are packets to write as they are. UDP datagrams form runs only when
+/// `udp` is set (the TUN accepts USO super-packets).
+pub fn plan(pkts: &[&[u8]], udp: bool, runs: &mut Vec<Run>) {
     runs.clear();
     let mut i = 0;
     while i < pkts.len() {
         let mut count = 1;
-        if let Some(first) = segment(pkts[i]) {
+        if let Some(first) = segment(pkts[i], udp) {
             let mut last = first;
             let mut bytes = pkts[i].len();
             while let Some(next_pkt) = pkts.get(i + count) {
-                let Some(next) = segment(next_pkt) else { break };
+                let Some(next) = segment(next_pkt, udp) else {
+                    break;
+                };
                 if !continues(pkts[i], &first, &last, next_pkt, &next, bytes) {
                     break;
                 }
@@ -136,15 +168,20 @@ pub fn plain_vnet_header() -> [u8; VNET_HDR_LEN] {
     [0; VNET_HDR_LEN]
 }
 
-/// For a run of more than one segment (`run` as cut by [`plan`]): the virtio-net header and
-/// the IPv4+TCP header of the super-packet, which is that header followed by every segment's
-/// payload. The header is the first segment's with the total length, the IPv4 checksum, PSH
-/// from the last segment, and the TCP checksum field set to the pseudo-header sum the kernel
-/// completes (NEEDS_CSUM), as a NIC doing GRO would hand it over.
+/// For a run of more than one packet (`run` as cut by [`plan`]): the virtio-net header and the
+/// IPv4+TCP/UDP header of the super-packet, which is that header followed by every packet's
+/// payload. The header is the first packet's with the total length, the IPv4 checksum, and
+/// the L4 checksum field set to the pseudo-header sum the kernel completes (NEEDS_CSUM), as a
+/// NIC doing GRO would hand it over; TCP takes PSH from the last segment, UDP gets the summed
+/// length. The kernel cuts it again at `gso_size`: the same segments or datagrams.
 pub fn merged_header(run: &[&[u8]], hdr: &mut Vec<u8>) -> [u8; VNET_HDR_LEN] {
     let first = run[0];
-    let tcp_len = usize::from(first[32] >> 4) * 4;
-    let hdr_len = 20 + tcp_len;
+    let udp = first[9] == 17;
+    let hdr_len = if udp {
+        28
+    } else {
+        20 + usize::from(first[32] >> 4) * 4
+    };
     let gso_size = first.len() - hdr_len;
     let total: usize = hdr_len + run.iter().map(|p| p.len() - hdr_len).sum::<usize>();
     hdr.clear();
@@ -153,26 +190,36 @@ pub fn merged_header(run: &[&[u8]], hdr: &mut Vec<u8>) -> [u8; VNET_HDR_LEN] {
     hdr[10..12].copy_from_slice(&[0, 0]);
     let ip_csum = checksum(&hdr[..20]);
     hdr[10..12].copy_from_slice(&ip_csum.to_be_bytes());
-    if let Some(last) = run.last() {
-        hdr[33] |= last[33] & TCP_FLAG_PSH;
-    }
-    // Pseudo header: source, destination, zero + protocol, TCP length; folded, not inverted.
-    let tcp_total = (total - 20) as u32;
-    let mut sum: u32 = 6 + tcp_total;
+    let l4_len = (total - 20) as u32;
+    let csum_at = if udp {
+        hdr[24..26].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        26
+    } else {
+        if let Some(last) = run.last() {
+            hdr[33] |= last[33] & TCP_FLAG_PSH;
+        }
+        36
+    };
+    // Pseudo header: source, destination, zero + protocol, L4 length; folded, not inverted.
+    let mut sum: u32 = u32::from(first[9]) + l4_len;
     for c in hdr[12..20].chunks_exact(2) {
         sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
     }
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    hdr[36..38].copy_from_slice(&(sum as u16).to_be_bytes());
+    hdr[csum_at..csum_at + 2].copy_from_slice(&(sum as u16).to_be_bytes());
     let mut v = [0u8; VNET_HDR_LEN];
     v[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-    v[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+    v[1] = if udp {
+        VIRTIO_NET_HDR_GSO_UDP_L4
+    } else {
+        VIRTIO_NET_HDR_GSO_TCPV4
+    };
     v[2..4].copy_from_slice(&(hdr_len as u16).to_ne_bytes());
     v[4..6].copy_from_slice(&(gso_size as u16).to_ne_bytes());
     v[6..8].copy_from_slice(&20u16.to_ne_bytes());
-    v[8..10].copy_from_slice(&16u16.to_ne_bytes());
+    v[8..10].copy_from_slice(&((csum_at - 20) as u16).to_ne_bytes());
     v
 }
 
@@ -237,7 +284,7 @@ mod tests {
     fn runs(pkts: &[Vec<u8>]) -> Vec<(usize, usize)> {
         let refs: Vec<&[u8]> = pkts.iter().map(|p| p.as_slice()).collect();
         let mut r = Vec::new();
-        plan(&refs, &mut r);
+        plan(&refs, true, &mut r);
         r.iter().map(|r| (r.start, r.count)).collect()
     }
 
@@ -328,6 +375,77 @@ mod tests {
         assert_eq!(runs(&acks), vec![(0, 1), (1, 1)]);
     }
 
+    /// A UDP/IPv4 datagram with valid checksums.
+    fn dgram(sport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 28 + payload.len()];
+        p[0] = 0x45;
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p[8] = 63;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[10, 5, 2, 2]);
+        p[16..20].copy_from_slice(&[10, 5, 1, 2]);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[24..26].copy_from_slice(&(total - 20).to_be_bytes());
+        p[28..].copy_from_slice(payload);
+        let c = checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut v = Vec::new();
+        v.extend_from_slice(&p[12..20]);
+        v.extend_from_slice(&[0, 17]);
+        v.extend_from_slice(&p[24..26]);
+        v.extend_from_slice(&p[20..]);
+        let u = checksum(&v);
+        p[26..28].copy_from_slice(&u.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn udp_flows_coalesce_only_with_uso() {
+        let mut pkts: Vec<Vec<u8>> = (0..5).map(|i| dgram(4000, &[i as u8; 1400])).collect();
+        pkts.push(dgram(4000, &[9; 300]));
+        let refs: Vec<&[u8]> = pkts.iter().map(|p| p.as_slice()).collect();
+        let mut r = Vec::new();
+        plan(&refs, false, &mut r);
+        assert_eq!(r.len(), 6, "no USO: every datagram alone");
+        plan(&refs, true, &mut r);
+        assert_eq!(r, vec![Run { start: 0, count: 6 }]);
+        let mut hdr = Vec::new();
+        let v = merged_header(&refs, &mut hdr);
+        assert_eq!(v[1], VIRTIO_NET_HDR_GSO_UDP_L4);
+        assert_eq!(u16::from_ne_bytes([v[2], v[3]]), 28);
+        assert_eq!(u16::from_ne_bytes([v[4], v[5]]), 1400);
+        assert_eq!(u16::from_ne_bytes([v[8], v[9]]), 6);
+        let mut whole = hdr.clone();
+        for p in &refs {
+            whole.extend_from_slice(&p[28..]);
+        }
+        assert_eq!(
+            u16::from_be_bytes([whole[2], whole[3]]) as usize,
+            whole.len()
+        );
+        assert_eq!(
+            u16::from_be_bytes([whole[24], whole[25]]) as usize,
+            whole.len() - 20
+        );
+        assert_eq!(checksum(&whole[..20]), 0);
+        // The field holds the folded pseudo-header sum for the merged length.
+        let mut ph = Vec::new();
+        ph.extend_from_slice(&whole[12..20]);
+        ph.extend_from_slice(&[0, 17]);
+        ph.extend_from_slice(&whole[24..26]);
+        assert_eq!(u16::from_be_bytes([whole[26], whole[27]]), !checksum(&ph));
+        // Another flow, a bigger datagram after a smaller one, a shorter one mid-run: breaks.
+        let pkts = [
+            dgram(4000, &[1; 100]),
+            dgram(4001, &[1; 100]),
+            dgram(4001, &[1; 50]),
+            dgram(4001, &[1; 100]),
+        ];
+        assert_eq!(runs(&pkts), vec![(0, 1), (1, 2), (3, 1)]);
+    }
+
     #[test]
     fn runs_stay_under_64k() {
         let pkts = stream(1, 60, 1400, 1400);
@@ -350,7 +468,7 @@ mod tests {
             for fill in [0u8, 0x45, 0xff, 6] {
                 let p = vec![fill; len];
                 let q = vec![fill; len];
-                plan(&[p.as_slice(), q.as_slice()], &mut r);
+                plan(&[p.as_slice(), q.as_slice()], true, &mut r);
                 assert_eq!(r.iter().map(|r| r.count).sum::<usize>(), 2);
             }
         }

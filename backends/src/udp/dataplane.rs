@@ -31,6 +31,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 const GSO_MAX_SEGMENTS: usize = 64;
 /// Most payload bytes one UDP GSO send may carry.
 const GSO_MAX_BYTES: usize = 65_000;
+/// `flannel0`'s transmit queue (packets waiting for the egress thread).
+const TX_QUEUE_LEN: u32 = 1000;
 /// Socket buffers asked for (SO_*BUFFORCE as root, else capped by net.core.*mem_max): a GRO
 /// receive queues 64 KiB per entry, so the 208 KiB default holds only three bursts.
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -50,6 +52,9 @@ pub struct Shared {
 /// receive timeout, bigger socket buffers. Errors name the step.
 pub fn prepare(dev: &SyncDevice, sock: &UdpSocket) -> std::io::Result<()> {
     dev.set_nonblocking(true)?;
+    // TUN's default queue of 500 overflows in the bursts of a fast UDP flow (which arrives one
+    // packet per read); Ethernet's 1000 absorbs them (3 Gbit/s offered: 14% -> 7.7% lost).
+    dev.set_tx_queue_len(TX_QUEUE_LEN)?;
     sock.set_nonblocking(false)?;
     sock.set_read_timeout(Some(POLL_INTERVAL))?;
     // Root may exceed net.core.[rw]mem_max; otherwise the kernel caps the plain request.
@@ -144,6 +149,10 @@ fn flush(
     }
 }
 
+/// Most packets gathered from back-to-back single-packet TUN reads before they are sent; the
+/// rest of the 128 buffers stays free for one more 64 KiB super-packet (≤ 64 segments).
+const DRAIN_MAX: usize = GSO_MAX_SEGMENTS;
+
 /// Egress loop: TUN → UDP, until the stop flag is set.
 pub fn tun_to_udp(sh: Arc<Shared>) {
     let Shared {
@@ -167,7 +176,7 @@ pub fn tun_to_udp(sh: Arc<Shared>) {
     let mut limiter = packet::icmp_limiter(Instant::now());
     let mut icmp_table = tun_rs::GROTable::default();
     while !stop.load(Ordering::Relaxed) {
-        let n = match dev.recv_multiple(&mut orig, &mut bufs, &mut sizes, 0) {
+        let mut n = match dev.recv_multiple(&mut orig, &mut bufs, &mut sizes, 0) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 wait_readable(dev);
@@ -181,6 +190,25 @@ pub fn tun_to_udp(sh: Arc<Shared>) {
             }
         };
         stats.tun_reads.fetch_add(1, Ordering::Relaxed);
+        // A packet that came alone (a UDP flow, a small TCP write): take what else is already
+        // queued, without waiting, so equal-size packets to one peer share a GSO send instead
+        // of costing a send each.
+        if n == 1 {
+            while n < DRAIN_MAX {
+                match dev.recv_multiple(&mut orig, &mut bufs[n..], &mut sizes[n..], 0) {
+                    Ok(k) if k > 0 => {
+                        stats.tun_reads.fetch_add(1, Ordering::Relaxed);
+                        n += k;
+                        if k > 1 {
+                            // A super-packet: back to bulk mode.
+                            break;
+                        }
+                    }
+                    // Nothing queued (WouldBlock), or an error the next read reports.
+                    _ => break,
+                }
+            }
+        }
         // Pass 1: validate, decrement TTL, pick the peer (one lock for the whole read).
         decisions.clear();
         {
@@ -291,6 +319,8 @@ pub fn udp_to_tun(sh: Arc<Shared>) {
         tracing::warn!("UDP GRO not available; receiving one datagram per call");
     }
     let vnet = dev.tcp_gso();
+    // USO on the TUN (Linux ≥ 6.2): UDP flows are coalesced too.
+    let uso = dev.udp_gso();
     let mut buf = vec![0u8; 65536];
     let mut runs: Vec<coalesce::Run> = Vec::with_capacity(GSO_MAX_SEGMENTS);
     let mut hdr: Vec<u8> = Vec::with_capacity(128);
@@ -324,7 +354,7 @@ pub fn udp_to_tun(sh: Arc<Shared>) {
             }
         }
         if vnet {
-            coalesce::plan(&valid, &mut runs);
+            coalesce::plan(&valid, uso, &mut runs);
             for run in &runs {
                 let pkts = &valid[run.start..run.start + run.count];
                 let vhdr = if run.count > 1 {

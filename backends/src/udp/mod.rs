@@ -83,6 +83,9 @@ pub struct UdpStats {
     pub gso_disabled: AtomicU64,
     /// 1 when UDP GRO could not be enabled (one datagram per receive).
     pub gro_disabled: AtomicU64,
+    /// 1 when the TUN takes no USO super-packets (kernel < 6.2): UDP flows are written to the
+    /// TUN one datagram at a time (TCP still coalesces).
+    pub uso_disabled: AtomicU64,
     dropped: [AtomicU64; DropReason::ALL.len()],
 }
 
@@ -151,6 +154,14 @@ impl UdpBackend {
                 build(false).map_err(|e| io_err("creating TUN flannel0", e))?
             }
         };
+        if !dev.udp_gso() {
+            if dev.tcp_gso() {
+                tracing::warn!(
+                    "TUN USO not available (kernel < 6.2?); UDP flows are not coalesced"
+                );
+            }
+            stats.uso_disabled.store(1, Ordering::Relaxed);
+        }
         let link = ctx
             .netlink
             .link_by_name(DEVICE)
@@ -354,6 +365,10 @@ impl Backend for UdpBackend {
         m.insert(
             "udp_gso_disabled".into(),
             s.gso_disabled.load(Ordering::Relaxed),
+        );
+        m.insert(
+            "udp_uso_disabled".into(),
+            s.uso_disabled.load(Ordering::Relaxed),
         );
         m.insert(
             "udp_gro_disabled".into(),
