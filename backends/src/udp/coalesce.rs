@@ -446,6 +446,59 @@ mod tests {
         assert_eq!(runs(&pkts), vec![(0, 1), (1, 2), (3, 1)]);
     }
 
+    /// Builds the super-packet of a run and cuts it again with tun-rs's segmentation (what the
+    /// egress side does with a TSO/USO read): returns the segments.
+    fn resegment(pkts: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let refs: Vec<&[u8]> = pkts.iter().map(|p| p.as_slice()).collect();
+        let mut hdr = Vec::new();
+        let v = merged_header(&refs, &mut hdr);
+        let mut whole = hdr.clone();
+        for p in &refs {
+            whole.extend_from_slice(&p[hdr.len()..]);
+        }
+        let h = |i: usize| u16::from_ne_bytes([v[i], v[i + 1]]);
+        let vh = tun_rs::VirtioNetHdr {
+            flags: v[0],
+            gso_type: v[1],
+            hdr_len: h(2),
+            gso_size: h(4),
+            csum_start: h(6),
+            csum_offset: h(8),
+        };
+        let mut out = vec![vec![0u8; 2048]; 128];
+        let mut sizes = vec![0usize; 128];
+        let n = tun_rs::gso_split(&mut whole, vh, &mut out, &mut sizes, 0, false).unwrap();
+        (0..n).map(|i| out[i][..sizes[i]].to_vec()).collect()
+    }
+
+    #[test]
+    fn segmentation_gives_back_the_coalesced_segments() {
+        // TCP: byte for byte the original segments (IP ids, seq, PSH on the last, checksums).
+        let mut pkts = stream(77, 30, 1380, 512);
+        let last = pkts.len() - 1;
+        let seq = u32::from_be_bytes(pkts[last][24..28].try_into().unwrap());
+        let payload = pkts[last][52..].to_vec();
+        pkts[last] = seg(seq, &payload, TCP_FLAG_ACK | TCP_FLAG_PSH, last as u16);
+        assert_eq!(resegment(&pkts), pkts);
+        // UDP (USO): the same datagrams, each with valid IPv4 and UDP checksums.
+        let mut d: Vec<Vec<u8>> = (0..20).map(|i| dgram(4000, &[i as u8; 1400])).collect();
+        d.push(dgram(4000, &[7; 99]));
+        let back = resegment(&d);
+        assert_eq!(back.len(), d.len());
+        for (a, b) in back.iter().zip(&d) {
+            assert_eq!(a.len(), b.len());
+            assert_eq!(a[20..26], b[20..26], "ports and UDP length");
+            assert_eq!(a[28..], b[28..], "payload");
+            assert_eq!(checksum(&a[..20]), 0, "IPv4 checksum");
+            let mut v = Vec::new();
+            v.extend_from_slice(&a[12..20]);
+            v.extend_from_slice(&[0, 17]);
+            v.extend_from_slice(&a[24..26]);
+            v.extend_from_slice(&a[20..]);
+            assert_eq!(checksum(&v), 0, "UDP checksum");
+        }
+    }
+
     #[test]
     fn runs_stay_under_64k() {
         let pkts = stream(1, 60, 1400, 1400);
