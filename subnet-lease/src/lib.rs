@@ -21,7 +21,7 @@ pub mod watch;
 
 pub use config::{BackendConfig, ConfigError, NetConfig};
 pub use lease::{Lease, LeaseAttrs, SubnetKey};
-pub use manager::{Event, LeaseError, LeaseManager, ManagerOptions};
+pub use manager::{Event, LeaseError, LeaseManager, ManagerOptions, Republish};
 pub use registry::{EtcdOptions, EtcdRegistry, Registry, RegistryError};
 pub use subnet_env::SubnetEnv;
 pub use watch::{Backoff, Change, LeaseWatcher};

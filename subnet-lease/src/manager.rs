@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::alloc::{self, AllocError, Choice, Identity};
@@ -31,6 +31,8 @@ pub enum LeaseError {
         "could not acquire a lease after {0} attempts: other nodes kept taking the chosen subnets"
     )]
     Contention(usize),
+    #[error("lease {0} is gone or no longer ours; it is re-acquired with the new attributes")]
+    NotOurs(SubnetKey),
 }
 
 impl LeaseError {
@@ -38,7 +40,7 @@ impl LeaseError {
     pub fn is_transient(&self) -> bool {
         match self {
             LeaseError::Registry(e) => e.is_transient(),
-            LeaseError::Contention(_) => true,
+            LeaseError::Contention(_) | LeaseError::NotOurs(_) => true,
             LeaseError::Alloc(_) => false,
         }
     }
@@ -53,6 +55,14 @@ pub enum Event {
     PeerRemoved(Lease),
     /// Our own lease was lost and re-acquired (possibly with another subnet).
     OwnLease(Lease),
+}
+
+/// Asks a running manager to publish new attributes (BackendType, BackendData) on our lease:
+/// same subnet, same etcd lease. The answer is the lease as now stored.
+#[derive(Debug)]
+pub struct Republish {
+    pub attrs: LeaseAttrs,
+    pub done: oneshot::Sender<Result<Lease, LeaseError>>,
 }
 
 #[derive(Debug, Clone)]
@@ -219,7 +229,21 @@ impl<R: Registry> LeaseManager<R> {
 
     /// Keeps `own` renewed and re-acquired, and sends peer events, until `events` is closed
     /// (the consumer dropped its receiver) — which is how the caller stops it.
-    pub async fn run(self, mut own: Lease, events: mpsc::Sender<Event>) {
+    pub async fn run(self, own: Lease, events: mpsc::Sender<Event>) {
+        // A control channel nobody sends on: `run_with_control` without republishing.
+        let (_keep, control) = mpsc::channel(1);
+        self.run_with_control(own, events, control).await
+    }
+
+    /// [`LeaseManager::run`], also serving [`Republish`] requests from `control` (a closed
+    /// channel just means no more requests).
+    pub async fn run_with_control(
+        mut self,
+        mut own: Lease,
+        events: mpsc::Sender<Event>,
+        control: mpsc::Receiver<Republish>,
+    ) {
+        let mut control = Some(control);
         let (tx, mut changes) = mpsc::channel::<Vec<Change>>(64);
         let watcher = LeaseWatcher::new(self.reg.clone())
             .with_backoff(self.opts.backoff)
@@ -257,8 +281,24 @@ impl<R: Registry> LeaseManager<R> {
             } else {
                 renew_at
             };
+            let request = async {
+                match control.as_mut() {
+                    Some(c) => c.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = events.closed() => break,
+                req = request => match req {
+                    None => control = None,
+                    Some(Republish { attrs, done }) => {
+                        let r = self.republish(&own, attrs).await;
+                        if let Ok(l) = &r {
+                            own = l.clone();
+                        }
+                        let _ = done.send(r);
+                    }
+                },
                 _ = tokio::time::sleep_until(sleep_until) => {
                     match self.reg.renew(own.etcd_lease).await {
                         Ok(Some(ttl)) => {
@@ -313,6 +353,34 @@ impl<R: Registry> LeaseManager<R> {
             }
         }
         watch_task.abort();
+    }
+
+    /// Rewrites our lease with `attrs` (unknown fields of the stored value kept), compare-and-
+    /// swap on its revision, retried a few times if it changed meanwhile; later re-acquisitions
+    /// publish `attrs` too. Fails if the lease is gone or no longer ours.
+    async fn republish(&mut self, own: &Lease, attrs: LeaseAttrs) -> Result<Lease, LeaseError> {
+        let find = |list: crate::registry::LeaseList| {
+            list.leases
+                .into_iter()
+                .find(|l| l.key == own.key && l.attrs.public_ip == own.attrs.public_ip)
+        };
+        // From now on this node publishes `attrs`, also when the lease has to be re-acquired.
+        self.attrs = attrs.clone();
+        for _ in 0..5 {
+            let Some(current) = find(self.reg.list_leases().await?) else {
+                return Err(LeaseError::NotOurs(own.key));
+            };
+            let mut new = attrs.clone();
+            for (k, v) in &current.attrs.extra {
+                new.extra.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            if self.reg.update_lease(&current, &new).await? {
+                if let Some(l) = find(self.reg.list_leases().await?) {
+                    return Ok(l);
+                }
+            }
+        }
+        Err(LeaseError::Contention(5))
     }
 
     fn renew_deadline(&self, ttl: Duration) -> Instant {

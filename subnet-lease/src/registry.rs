@@ -307,6 +307,43 @@ impl EtcdRegistry {
     }
 }
 
+/// Changes of the network config key: the new text, or None when the key was deleted.
+pub type ConfigStream = Pin<Box<dyn Stream<Item = Result<Option<String>, RegistryError>> + Send>>;
+
+impl EtcdRegistry {
+    /// Watches `<prefix>/config` from now on. The stream ends or errs when the watch breaks;
+    /// the caller re-reads the key and watches again.
+    pub async fn watch_config(&self) -> Result<ConfigStream, RegistryError> {
+        let mut c = self.client.clone();
+        let stream = self
+            .call("watch config", c.watch(self.config_key(), None))
+            .await?;
+        let mapped = stream.flat_map(|item| {
+            let out: Vec<Result<Option<String>, RegistryError>> = match item {
+                Err(source) => vec![Err(RegistryError::Etcd {
+                    op: "watch config",
+                    source,
+                })],
+                Ok(resp) => resp
+                    .events()
+                    .iter()
+                    .filter_map(|ev| {
+                        let kv = ev.kv()?;
+                        Some(Ok(match ev.event_type() {
+                            EventType::Put => {
+                                Some(String::from_utf8_lossy(kv.value()).into_owned())
+                            }
+                            EventType::Delete => None,
+                        }))
+                    })
+                    .collect(),
+            };
+            futures::stream::iter(out)
+        });
+        Ok(Box::pin(mapped))
+    }
+}
+
 impl Registry for EtcdRegistry {
     async fn get_config(&self) -> Result<Option<String>, RegistryError> {
         let mut c = self.client.clone();

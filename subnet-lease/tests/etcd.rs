@@ -434,3 +434,76 @@ async fn tls_files_with_an_http_endpoint_are_refused() {
     let err = EtcdRegistry::connect(&opts).await.unwrap_err().to_string();
     assert!(err.contains("--etcd-cafile /nonexistent/ca.pem"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_changes_the_backend_in_place_and_config_changes_are_watched() {
+    let Some(env) = Env::start(r#"{"Network":"10.5.0.0/16"}"#).await else {
+        return;
+    };
+    let mut config = env.reg.watch_config().await.unwrap();
+    let a = env.node(ip(1), fast()).await;
+    let own = a.acquire(None).await.unwrap();
+    // A peer watching sees the change as one PeerAdded with the new type.
+    let b = env.node(ip(2), fast()).await;
+    let b_own = b.acquire(None).await.unwrap();
+    let (btx, mut brx) = mpsc::channel(16);
+    let _b_run = tokio::spawn(b.run(b_own, btx));
+    let (tx, _rx) = mpsc::channel(16);
+    let (ctl, control) = mpsc::channel(1);
+    let _run = tokio::spawn(a.run_with_control(own.clone(), tx, control));
+    // b's first events: a's lease as it is now.
+    match next_event(&mut brx, Duration::from_secs(10)).await {
+        Event::PeerAdded(l) => assert_eq!(l.attrs.backend_type, "alloc"),
+        other => panic!("expected PeerAdded, got {other:?}"),
+    }
+    let mut attrs = LeaseAttrs::new(ip(1), "vxlan");
+    attrs.backend_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": "02:00:00:00:00:01"}));
+    let (done, answer) = tokio::sync::oneshot::channel();
+    ctl.send(subnet_lease::Republish {
+        attrs: attrs.clone(),
+        done,
+    })
+    .await
+    .unwrap();
+    let l = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.key, own.key, "same subnet");
+    assert_eq!(l.etcd_lease, own.etcd_lease, "same etcd lease");
+    assert_eq!(l.attrs.backend_type, "vxlan");
+    assert_eq!(l.attrs.backend_data, attrs.backend_data);
+    match next_event(&mut brx, Duration::from_secs(10)).await {
+        Event::PeerAdded(p) => {
+            assert_eq!(p.key, own.key);
+            assert_eq!(p.attrs.backend_type, "vxlan");
+        }
+        other => panic!("expected PeerAdded with the new type, got {other:?}"),
+    }
+    // The config watch reports a rewrite and a deletion.
+    let new_conf = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#;
+    env.reg
+        .client()
+        .put(env.reg.config_key(), new_conf, None)
+        .await
+        .unwrap();
+    env.reg
+        .client()
+        .delete(env.reg.config_key(), None)
+        .await
+        .unwrap();
+    use futures::StreamExt;
+    let first = tokio::time::timeout(Duration::from_secs(10), config.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.as_deref(), Some(new_conf));
+    let second = tokio::time::timeout(Duration::from_secs(10), config.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second, None);
+}
