@@ -101,8 +101,16 @@ impl HostGwBackend {
     }
 
     /// The routes this backend owns: via a gateway on the external interface, to a subnet of
-    /// the Network (longer than the Network itself), not our own subnet.
+    /// the Network (longer than the Network itself), not our own subnet, and not the subnet of
+    /// a peer of another backend type (vxlan's DirectRouting makes such routes too, and another
+    /// backend may run beside this one while the cluster switches).
     async fn actual(&self) -> Result<Vec<Route>, NetlinkError> {
+        let others: Vec<Ipv4Net> = self
+            .peers
+            .leases()
+            .filter(|l| l.attrs.backend_type != "host-gw")
+            .map(|l| l.key.ipv4)
+            .collect();
         Ok(self
             .nl
             .routes()
@@ -114,6 +122,7 @@ impl HostGwBackend {
                     && Some(r.dst) != self.own
                     && self.network.contains(&r.dst)
                     && r.dst.prefix_len() > self.network.prefix_len()
+                    && !others.contains(&r.dst)
             })
             .collect())
     }
@@ -310,13 +319,29 @@ mod tests {
             [172, 30, 0, 14],
             "host-gw",
         )));
+        // A vxlan peer's DirectRouting route (made by a vxlan backend running beside this one
+        // during a switch) is not ours: neither reconcile nor teardown touches it.
+        let direct = Route {
+            dst: "10.5.9.0/24".parse().unwrap(),
+            gateway: Some(Ipv4Addr::new(172, 30, 0, 19)),
+            oif: 2,
+            onlink: false,
+        };
+        nl.set_route(direct).await.unwrap();
+        b.peer_event(&Event::PeerAdded(lease(
+            "10.5.9.0/24",
+            [172, 30, 0, 19],
+            "vxlan",
+        )));
         b.reconcile().await.unwrap();
         b.teardown().await.unwrap();
-        assert!(nl
+        let left: Vec<Route> = nl
             .routes()
             .await
             .unwrap()
-            .iter()
-            .all(|r| !"10.5.0.0/16".parse::<Ipv4Net>().unwrap().contains(&r.dst)));
+            .into_iter()
+            .filter(|r| "10.5.0.0/16".parse::<Ipv4Net>().unwrap().contains(&r.dst))
+            .collect();
+        assert_eq!(left, vec![direct]);
     }
 }

@@ -352,6 +352,15 @@ impl VxlanBackend {
 
     async fn actual(&self) -> Result<Actual, NetlinkError> {
         let own = self.own;
+        // DirectRouting routes sit on the external interface, where host-gw (running beside
+        // us while the cluster switches) makes the same kind: we own only those to subnets of
+        // no peer of another type, and none at all without DirectRouting.
+        let others: Vec<Ipv4Net> = self
+            .peers
+            .leases()
+            .filter(|l| l.attrs.backend_type != "vxlan")
+            .map(|l| l.key.ipv4)
+            .collect();
         let routes = self
             .nl
             .routes()
@@ -360,10 +369,12 @@ impl VxlanBackend {
             .filter(|r| Some(r.dst) != own)
             .filter(|r| {
                 r.oif == self.index
-                    || (r.oif == self.ext.index
+                    || (self.cfg.direct_routing
+                        && r.oif == self.ext.index
                         && r.gateway.is_some()
                         && self.network.contains(&r.dst)
-                        && r.dst.prefix_len() > self.network.prefix_len())
+                        && r.dst.prefix_len() > self.network.prefix_len()
+                        && !others.contains(&r.dst))
             })
             .collect();
         Ok(Actual {
