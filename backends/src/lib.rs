@@ -20,6 +20,7 @@ pub mod hostgw;
 pub mod netlink;
 pub mod netlink_rt;
 mod options;
+pub mod set;
 pub mod udp;
 pub mod vxlan;
 
@@ -128,6 +129,17 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn counters(&self) -> BTreeMap<String, u64> {
         BTreeMap::new()
     }
+}
+
+/// Checks a `Backend` section without touching the kernel: the options parse for the type.
+/// Returns the warnings [`create`] would give for unknown keys.
+pub fn validate(cfg: &BackendConfig) -> Result<Vec<String>, BackendError> {
+    Ok(match cfg.backend_type.as_str() {
+        "vxlan" => vxlan::VxlanConfig::parse(&cfg.options)?.1,
+        "udp" => udp::UdpConfig::parse(&cfg.options)?.1,
+        "host-gw" => hostgw::parse_options(&cfg.options),
+        _ => Vec::new(),
+    })
 }
 
 /// Whether creating a VXLAN device failed because the kernel has no VXLAN support.

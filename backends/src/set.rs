@@ -1,0 +1,432 @@
+//! The backends a node runs: the primary one (what the config asks for; its type and data are
+//! published in our lease, its MTU goes to pods) and, beside it, one for each other type that
+//! peers advertise, so a node keeps reaching every peer while a cluster switches backends (a
+//! vxlan node reaches a udp peer over its own udp path, and the other way round). A secondary
+//! backend is torn down once no peer advertises its type. [`BackendSet::switch`] changes the
+//! primary live: the new backend comes up (and gets every known peer) before the old one steps
+//! back to secondary, so traffic keeps flowing.
+//!
+//! Peers of a type this node cannot run (`alloc`, a backend that fails to start here such as
+//! host-gw behind NAT) are reported by [`BackendSet::unreachable`] with the reason.
+
+use std::collections::BTreeMap;
+
+use subnet_lease::manager::Event;
+use subnet_lease::{BackendConfig, Lease, SubnetKey};
+
+use crate::{create, Backend, BackendContext, BackendError, PeerTable};
+
+/// Types a node can run beside its primary for peers that advertise them.
+const DATA_PLANES: &[&str] = &["vxlan", "udp", "host-gw"];
+
+#[derive(Debug)]
+pub struct BackendSet {
+    ctx: BackendContext,
+    /// The config of the primary backend, and the backend.
+    primary_cfg: BackendConfig,
+    primary: Box<dyn Backend>,
+    /// Backends run for peers of other types, by type.
+    backends: BTreeMap<String, Box<dyn Backend>>,
+    peers: PeerTable,
+    own: Option<Lease>,
+    /// Types that could not be started for peers: type → reason.
+    failed: BTreeMap<String, String>,
+}
+
+impl BackendSet {
+    /// Starts the primary backend. Returns the set and warnings to log.
+    pub async fn start(
+        cfg: &BackendConfig,
+        ctx: BackendContext,
+    ) -> Result<(Self, Vec<String>), BackendError> {
+        let (b, warnings) = create(cfg, &ctx).await?;
+        let mut primary_cfg = cfg.clone();
+        // A fallback (vxlan → udp) or an unknown type (→ alloc) runs as another type.
+        primary_cfg.backend_type = b.backend_type().to_string();
+        Ok((
+            BackendSet {
+                ctx,
+                primary_cfg,
+                primary: b,
+                backends: BTreeMap::new(),
+                peers: PeerTable::default(),
+                own: None,
+                failed: BTreeMap::new(),
+            },
+            warnings,
+        ))
+    }
+
+    /// The backend whose type, data and MTU this node publishes.
+    pub fn primary(&self) -> &dyn Backend {
+        self.primary.as_ref()
+    }
+
+    /// The config the primary runs with.
+    pub fn primary_config(&self) -> &BackendConfig {
+        &self.primary_cfg
+    }
+
+    /// Types running now, primary included.
+    pub fn running(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.backends.keys().cloned().collect();
+        v.push(self.primary_cfg.backend_type.clone());
+        v.sort();
+        v
+    }
+
+    fn runs(&self, t: &str) -> bool {
+        t == self.primary_cfg.backend_type || self.backends.contains_key(t)
+    }
+
+    pub async fn set_lease(&mut self, own: &Lease) -> Result<(), BackendError> {
+        self.own = Some(own.clone());
+        self.peers.remove(&own.key);
+        self.primary.set_lease(own).await?;
+        for b in self.backends.values_mut() {
+            b.set_lease(own).await?;
+        }
+        Ok(())
+    }
+
+    pub fn peer_event(&mut self, ev: &Event) {
+        self.peers.apply(ev);
+        self.primary.peer_event(ev);
+        for b in self.backends.values_mut() {
+            b.peer_event(ev);
+        }
+    }
+
+    /// Starts backends for peer types not running yet, retires those no peer needs, and
+    /// reconciles every running backend. Returns the number of kernel changes.
+    pub async fn reconcile(&mut self) -> Result<usize, BackendError> {
+        let wanted = self.peer_types();
+        for t in &wanted {
+            if self.runs(t) || !DATA_PLANES.contains(&t.as_str()) {
+                continue;
+            }
+            let cfg = BackendConfig {
+                backend_type: t.clone(),
+                options: Default::default(),
+            };
+            match self.start_secondary(&cfg).await {
+                Ok(()) => {
+                    self.failed.remove(t);
+                    tracing::info!(backend = %t, "started for peers that advertise it");
+                }
+                Err(e) => {
+                    if self.failed.insert(t.clone(), e.to_string()).is_none() {
+                        tracing::warn!(backend = %t, "cannot run it for its peers: {e}");
+                    }
+                }
+            }
+        }
+        self.failed.retain(|t, _| wanted.contains(t));
+        let retire: Vec<String> = self
+            .backends
+            .keys()
+            .filter(|t| !wanted.contains(t))
+            .cloned()
+            .collect();
+        for t in retire {
+            if let Some(mut b) = self.backends.remove(&t) {
+                tracing::info!(backend = %t, "no peer advertises it any more; tearing it down");
+                if let Err(e) = b.teardown().await {
+                    tracing::warn!(backend = %t, "teardown: {e}");
+                }
+            }
+        }
+        let mut changes = 0;
+        let mut first_err = None;
+        match self.primary.reconcile().await {
+            Ok(n) => changes += n,
+            Err(e) => first_err = Some(e),
+        }
+        for b in self.backends.values_mut() {
+            match b.reconcile().await {
+                Ok(n) => changes += n,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(changes),
+        }
+    }
+
+    /// Makes `cfg` the primary. A new type comes up beside the old one, which stays as a
+    /// secondary while peers still advertise it; new options for the running type replace it
+    /// (brief interruption: both cannot hold the same device). On failure the running state is
+    /// kept (or restored) and the error returned.
+    pub async fn switch(&mut self, cfg: &BackendConfig) -> Result<Vec<String>, BackendError> {
+        // Bad options are refused before anything running is touched.
+        crate::validate(cfg)?;
+        if cfg.backend_type == self.primary_cfg.backend_type {
+            self.primary.teardown().await?;
+            match create(cfg, &self.ctx).await {
+                Ok((b, warnings)) => {
+                    self.install_primary(b, cfg).await?;
+                    Ok(warnings)
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "new {} options failed ({e}); restoring the old ones",
+                        cfg.backend_type
+                    );
+                    let restore = self.primary_cfg.clone();
+                    let (b, _) = create(&restore, &self.ctx).await?;
+                    self.install_primary(b, &restore).await?;
+                    Err(e)
+                }
+            }
+        } else {
+            // A secondary of the new type ran with default options: replace it.
+            if let Some(mut b) = self.backends.remove(&cfg.backend_type) {
+                if let Err(e) = b.teardown().await {
+                    tracing::warn!(backend = %cfg.backend_type, "teardown: {e}");
+                }
+            }
+            let (b, warnings) = create(cfg, &self.ctx).await?;
+            if let Some(old) = self.install_primary(b, cfg).await? {
+                let t = old.backend_type().to_string();
+                self.backends.insert(t, old);
+            }
+            Ok(warnings)
+        }
+    }
+
+    /// Gives a new backend our lease and every peer, reconciles it, and makes it the primary;
+    /// returns the backend it replaced (None when the same type was replaced in place).
+    async fn install_primary(
+        &mut self,
+        mut b: Box<dyn Backend>,
+        cfg: &BackendConfig,
+    ) -> Result<Option<Box<dyn Backend>>, BackendError> {
+        self.feed(b.as_mut()).await?;
+        b.reconcile().await?;
+        let mut cfg = cfg.clone();
+        cfg.backend_type = b.backend_type().to_string();
+        self.failed.remove(&cfg.backend_type);
+        let same = cfg.backend_type == self.primary_cfg.backend_type;
+        self.primary_cfg = cfg;
+        let old = std::mem::replace(&mut self.primary, b);
+        Ok((!same).then_some(old))
+    }
+
+    async fn start_secondary(&mut self, cfg: &BackendConfig) -> Result<(), BackendError> {
+        let (mut b, warnings) = create(cfg, &self.ctx).await?;
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        if b.backend_type() != cfg.backend_type {
+            // A fallback made it another type: not what these peers need.
+            let _ = b.teardown().await;
+            return Err(BackendError::Io(format!(
+                "{} runs as {} here",
+                cfg.backend_type,
+                b.backend_type()
+            )));
+        }
+        self.feed(b.as_mut()).await?;
+        self.backends.insert(cfg.backend_type.clone(), b);
+        Ok(())
+    }
+
+    /// Gives a new backend our lease and every known peer.
+    async fn feed(&self, b: &mut dyn Backend) -> Result<(), BackendError> {
+        if let Some(own) = &self.own {
+            b.set_lease(own).await?;
+        }
+        for l in self.peers.leases() {
+            b.peer_event(&Event::PeerAdded(l.clone()));
+        }
+        Ok(())
+    }
+
+    /// Backend types the peers advertise.
+    fn peer_types(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .peers
+            .leases()
+            .map(|l| l.attrs.backend_type.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Peers this node cannot reach, with the reason.
+    pub fn unreachable(&self) -> Vec<(SubnetKey, String)> {
+        self.peers
+            .leases()
+            .filter(|l| !self.runs(&l.attrs.backend_type))
+            .map(|l| {
+                let t = &l.attrs.backend_type;
+                let why = match self.failed.get(t) {
+                    Some(e) => format!("its backend {t} cannot run here: {e}"),
+                    None if !DATA_PLANES.contains(&t.as_str()) => {
+                        format!("it advertises {t:?}, which has no data plane")
+                    }
+                    None => format!("its backend {t} is not running yet"),
+                };
+                (l.key, why)
+            })
+            .collect()
+    }
+
+    pub fn peer_keys(&self) -> Vec<SubnetKey> {
+        self.peers.leases().map(|l| l.key).collect()
+    }
+
+    /// Every running backend's counters (names are already per type).
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        let mut m = self.primary.counters();
+        for b in self.backends.values() {
+            m.extend(b.counters());
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::netlink::{FakeNetlink, Netlink};
+    use crate::ExternalInterface;
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+    use subnet_lease::LeaseAttrs;
+
+    fn ctx(nl: Arc<FakeNetlink>) -> BackendContext {
+        BackendContext {
+            ext: ExternalInterface {
+                name: "eth0".into(),
+                index: 2,
+                iface_ip: Ipv4Addr::new(172, 30, 0, 11),
+                prefix_len: 24,
+                public_ip: Ipv4Addr::new(172, 30, 0, 11),
+                mtu: 1500,
+            },
+            network: "10.5.0.0/16".parse().unwrap(),
+            node_id: "machine-1".into(),
+            netlink: nl,
+        }
+    }
+
+    fn cfg(t: &str) -> BackendConfig {
+        BackendConfig {
+            backend_type: t.into(),
+            options: Default::default(),
+        }
+    }
+
+    fn lease(subnet: &str, last: u8, t: &str) -> Lease {
+        let mut attrs = LeaseAttrs::new(Ipv4Addr::new(172, 30, 0, last), t);
+        if t == "vxlan" {
+            attrs.backend_data = Some(
+                serde_json::json!({"VNI": 1, "VtepMAC": format!("02:00:00:00:00:{last:02x}")}),
+            );
+        }
+        Lease {
+            key: SubnetKey::v4(subnet.parse().unwrap()),
+            attrs,
+            etcd_lease: 1,
+            mod_revision: 1,
+        }
+    }
+
+    async fn route_dev(nl: &FakeNetlink, dst: &str) -> Option<u32> {
+        nl.routes()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|r| r.dst.to_string() == dst)
+            .map(|r| r.oif)
+    }
+
+    #[tokio::test]
+    async fn peers_of_other_types_get_their_backend_until_none_is_left() {
+        let nl = Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500));
+        let (mut set, _) = BackendSet::start(&cfg("vxlan"), ctx(nl.clone()))
+            .await
+            .unwrap();
+        set.set_lease(&lease("10.5.1.0/24", 11, "vxlan"))
+            .await
+            .unwrap();
+        // A peer still (or already) on host-gw: a host-gw path starts beside vxlan.
+        set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "host-gw")));
+        // A peer with no data plane: reported, nothing started.
+        set.peer_event(&Event::PeerAdded(lease("10.5.3.0/24", 13, "alloc")));
+        set.reconcile().await.unwrap();
+        assert_eq!(set.running(), vec!["host-gw", "vxlan"]);
+        assert_eq!(set.primary().backend_type(), "vxlan");
+        assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(2), "via eth0");
+        let unreachable = set.unreachable();
+        assert_eq!(unreachable.len(), 1);
+        assert!(
+            unreachable[0].1.contains("no data plane"),
+            "{unreachable:?}"
+        );
+        // The peer switches to vxlan: its route moves to flannel.1, host-gw retires.
+        set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "vxlan")));
+        set.reconcile().await.unwrap();
+        assert_eq!(set.running(), vec!["vxlan"]);
+        let vx = nl.link_by_name("flannel.1").await.unwrap().unwrap().index;
+        assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(vx));
+    }
+
+    #[tokio::test]
+    async fn switching_keeps_the_old_backend_while_peers_use_it() {
+        let nl = Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500));
+        let (mut set, _) = BackendSet::start(&cfg("vxlan"), ctx(nl.clone()))
+            .await
+            .unwrap();
+        set.set_lease(&lease("10.5.1.0/24", 11, "vxlan"))
+            .await
+            .unwrap();
+        set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "vxlan")));
+        set.reconcile().await.unwrap();
+        set.switch(&cfg("host-gw")).await.unwrap();
+        assert_eq!(set.primary().backend_type(), "host-gw");
+        assert_eq!(set.primary().mtu(), 1500);
+        assert_eq!(
+            set.running(),
+            vec!["host-gw", "vxlan"],
+            "vxlan stays for the peer"
+        );
+        set.reconcile().await.unwrap();
+        let vx = nl.link_by_name("flannel.1").await.unwrap().unwrap().index;
+        assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(vx));
+        // The peer follows: host-gw routes it, vxlan goes with its device.
+        set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "host-gw")));
+        set.reconcile().await.unwrap();
+        assert_eq!(set.running(), vec!["host-gw"]);
+        assert!(nl.link_by_name("flannel.1").await.unwrap().is_none());
+        assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(2));
+        // New options for the running type replace it in place.
+        let mut c = cfg("vxlan");
+        set.switch(&c).await.unwrap();
+        c.options.insert("VNI".into(), serde_json::json!(7));
+        set.switch(&c).await.unwrap();
+        assert_eq!(set.primary().backend_type(), "vxlan");
+        assert!(nl.link_by_name("flannel.7").await.unwrap().is_some());
+        assert!(nl.link_by_name("flannel.1").await.unwrap().is_none());
+        // A config the backend rejects leaves the running one as it was.
+        let before = nl.link_by_name("flannel.7").await.unwrap().unwrap().index;
+        let calls = nl.lock().calls.len();
+        let mut bad = cfg("vxlan");
+        bad.options.insert("VNI".into(), serde_json::json!("seven"));
+        let e = set.switch(&bad).await.unwrap_err();
+        assert!(e.to_string().starts_with("Backend.VNI"), "{e}");
+        assert_eq!(nl.lock().calls.len(), calls, "no kernel call for a rejected config");
+        let after = nl.link_by_name("flannel.7").await.unwrap().unwrap().index;
+        assert_eq!(before, after, "the device was not touched");
+        assert_eq!(
+            set.primary_config().options.get("VNI"),
+            Some(&serde_json::json!(7))
+        );
+    }
+}
