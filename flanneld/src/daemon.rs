@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use backends::netlink::Netlink;
 use backends::netlink_rt::RtNetlink;
-use backends::{Backend, BackendContext, ExternalInterface};
+use backends::set::BackendSet;
+use backends::{BackendContext, ExternalInterface};
 use subnet_lease::manager::{Event, LeaseStats, ManagerOptions};
 use subnet_lease::registry::Registry;
 use subnet_lease::{
-    config, Backoff, EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, LeaseManager, NetConfig,
-    SubnetEnv, SubnetKey,
+    config, Backoff, BackendConfig, EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, LeaseManager,
+    NetConfig, Republish, SubnetEnv, SubnetKey,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -241,8 +242,8 @@ async fn cleanup(flags: &Flags) -> Result<()> {
     }
 }
 
-/// Reconciles the backend and the host rules, recording the outcome.
-async fn sync(backend: &mut dyn Backend, rules: &mut RuleKeeper, status: &Status) {
+/// Reconciles the backends and the host rules, recording the outcome.
+async fn sync(backend: &mut BackendSet, rules: &mut RuleKeeper, status: &Status) {
     let started = Instant::now();
     status.reconciles.inc();
     match backend.reconcile().await {
@@ -263,6 +264,13 @@ async fn sync(backend: &mut dyn Backend, rules: &mut RuleKeeper, status: &Status
         .reconcile_seconds
         .observe(started.elapsed().as_secs_f64());
     status.peers.set(backend.peer_keys().len() as i64);
+    let unreachable = backend.unreachable();
+    if unreachable.len() as i64 != status.peers_unreachable.get() {
+        for (peer, why) in &unreachable {
+            tracing::warn!(%peer, "peer unreachable from this node: {why}");
+        }
+    }
+    status.peers_unreachable.set(unreachable.len() as i64);
     status.set_backend_counters(&backend.counters());
     match rules.ensure().await {
         Ok(true) => {
@@ -274,6 +282,131 @@ async fn sync(backend: &mut dyn Backend, rules: &mut RuleKeeper, status: &Status
             tracing::error!("host rules: {e:#}");
         }
     }
+}
+
+/// What this node publishes in its lease: its public IP and the primary backend's type/data.
+fn published(ext: &ExternalInterface, set: &BackendSet) -> LeaseAttrs {
+    let mut attrs = LeaseAttrs::new(ext.public_ip, set.primary().backend_type());
+    attrs.backend_data = set.primary().backend_data();
+    attrs
+}
+
+/// Follows `<prefix>/config` and forwards every value it sees (the current one first, again
+/// after each re-established watch, so nothing changed meanwhile is missed).
+async fn watch_config(reg: EtcdRegistry, tx: mpsc::Sender<String>) {
+    use futures::StreamExt;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    loop {
+        match reg.watch_config().await {
+            Ok(mut stream) => {
+                if let Ok(Some(text)) = reg.get_config().await {
+                    if tx.send(text).await.is_err() {
+                        return;
+                    }
+                }
+                backoff.reset();
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(Some(text)) => {
+                            if tx.send(text).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => tracing::warn!(
+                            "network config {} deleted; keeping the running config",
+                            reg.config_key()
+                        ),
+                        Err(e) => {
+                            tracing::warn!("config watch: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("config watch: {e}"),
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// A new network config text: refused (logged, counted) when invalid or when it changes more
+/// than `Backend` (that needs a restart); a changed `Backend` switches the data plane live and
+/// republishes our lease. Returns our lease as republished after a switch.
+async fn apply_config(
+    text: &str,
+    running: &NetConfig,
+    requested: &mut BackendConfig,
+    set: &mut BackendSet,
+    control: &mpsc::Sender<Republish>,
+    status: &Status,
+    ext: &ExternalInterface,
+) -> Option<Lease> {
+    let parsed = match config::parse(text) {
+        Ok(p) => p.config,
+        Err(e) => {
+            status.config_rejected.inc();
+            tracing::error!("new network config refused, the running one stays: {e}");
+            return None;
+        }
+    };
+    if parsed.backend == *requested {
+        return None;
+    }
+    let mut rest = parsed.clone();
+    rest.backend = running.backend.clone();
+    if rest != *running {
+        status.config_rejected.inc();
+        tracing::error!(
+            "new network config refused: only Backend can change while running (restart flanneld for Network or subnet settings)"
+        );
+        return None;
+    }
+    let from = set.primary().backend_type();
+    match set.switch(&parsed.backend).await {
+        Ok(warnings) => {
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+        }
+        Err(e) => {
+            status.config_rejected.inc();
+            tracing::error!(
+                "switching to backend {} failed, {from} stays: {e}",
+                parsed.backend.backend_type
+            );
+            return None;
+        }
+    }
+    *requested = parsed.backend.clone();
+    let to = set.primary().backend_type();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    for _ in 0..10 {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let req = Republish {
+            attrs: published(ext, set),
+            done,
+        };
+        if control.send(req).await.is_err() {
+            tracing::error!("the lease manager is gone; cannot republish the lease");
+            return None;
+        }
+        match answer.await {
+            Ok(Ok(l)) => {
+                status.backend_switches.inc();
+                tracing::info!(
+                    "switched backend {from} -> {to}; running {:?}; lease republished: {}",
+                    set.running(),
+                    describe(&l)
+                );
+                return Some(l);
+            }
+            Ok(Err(e)) => tracing::warn!("republishing the lease: {e}"),
+            Err(_) => tracing::warn!("republishing the lease: no answer"),
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+    tracing::error!("switched backend {from} -> {to} but could not republish the lease");
+    None
 }
 
 /// The whole daemon. Returns Ok on a clean shutdown.
@@ -313,15 +446,14 @@ pub async fn run(flags: Flags) -> Result<()> {
         node_id: node_id(),
         netlink: Arc::new(RtNetlink::connect().context("opening netlink")?),
     };
-    let (mut backend, warnings) = backends::create(&cfg.backend, &ctx)
+    let (mut backend, warnings) = BackendSet::start(&cfg.backend, ctx)
         .await
         .with_context(|| format!("starting the {} backend", cfg.backend.backend_type))?;
     for w in warnings {
         tracing::warn!("{w}");
     }
 
-    let mut attrs = LeaseAttrs::new(ext.public_ip, backend.backend_type());
-    attrs.backend_data = backend.backend_data();
+    let attrs = published(&ext, &backend);
     let opts = ManagerOptions {
         renew_margin: Duration::from_secs(flags.subnet_lease_renew_margin * 60),
         stats: lease_stats,
@@ -348,12 +480,12 @@ pub async fn run(flags: Flags) -> Result<()> {
         .set_lease(&lease)
         .await
         .context("configuring the backend for our lease")?;
-    sync(backend.as_mut(), &mut rules, &status).await;
+    sync(&mut backend, &mut rules, &status).await;
     write_subnet_file(
         &flags.subnet_file,
         &cfg,
         &lease,
-        backend.mtu(),
+        backend.primary().mtu(),
         flags.ip_masq,
     )?;
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
@@ -361,14 +493,29 @@ pub async fn run(flags: Flags) -> Result<()> {
     }
 
     let (tx, mut events) = mpsc::channel(256);
-    let run = tokio::spawn(manager.run(lease, tx));
+    let (control, control_rx) = mpsc::channel(4);
+    let (config_tx, mut config_changes) = mpsc::channel::<String>(8);
+    let config_watch = tokio::spawn(watch_config(manager.registry().clone(), config_tx));
+    let mut requested = cfg.backend.clone();
+    let mut own = lease.clone();
+    let run = tokio::spawn(manager.run_with_control(lease, tx, control_rx));
     let mut resync = tokio::time::interval(Duration::from_secs(flags.iptables_resync));
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             ev = events.recv() => ev,
             _ = resync.tick() => {
-                sync(backend.as_mut(), &mut rules, &status).await;
+                sync(&mut backend, &mut rules, &status).await;
+                continue;
+            }
+            text = config_changes.recv() => {
+                if let Some(text) = text {
+                    if let Some(l) = apply_config(&text, &cfg, &mut requested, &mut backend, &control, &status, &ext).await {
+                        own = l;
+                        write_subnet_file(&flags.subnet_file, &cfg, &own, backend.primary().mtu(), flags.ip_masq)?;
+                        sync(&mut backend, &mut rules, &status).await;
+                    }
+                }
                 continue;
             }
             sig = shutdown.wait() => {
@@ -390,18 +537,27 @@ pub async fn run(flags: Flags) -> Result<()> {
                 Event::PeerRemoved(l) => tracing::info!("peer left: {}", describe(l)),
                 Event::OwnLease(l) => {
                     tracing::warn!("our lease was re-acquired: {}", describe(l));
+                    own = l.clone();
                     backend
                         .set_lease(l)
                         .await
                         .context("configuring the backend for our new lease")?;
                     rules.set(host_rules(l));
-                    write_subnet_file(&flags.subnet_file, &cfg, l, backend.mtu(), flags.ip_masq)?;
+                    write_subnet_file(
+                        &flags.subnet_file,
+                        &cfg,
+                        l,
+                        backend.primary().mtu(),
+                        flags.ip_masq,
+                    )?;
                 }
             }
             backend.peer_event(ev);
         }
-        sync(backend.as_mut(), &mut rules, &status).await;
+        sync(&mut backend, &mut rules, &status).await;
     }
+    tracing::debug!("stopping with lease {}", describe(&own));
+    config_watch.abort();
     drop(events);
     let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
     Ok(())

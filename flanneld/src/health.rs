@@ -33,6 +33,11 @@ pub struct Status {
     pub reconcile_seconds: Histogram,
     pub rules_installs: Counter,
     pub rules_errors: Counter,
+    /// Peers this node cannot reach (their backend type cannot run here).
+    pub peers_unreachable: Gauge,
+    /// Live backend switches done, and config changes refused.
+    pub backend_switches: Counter,
+    pub config_rejected: Counter,
     /// The backend's data-plane counters, labelled by name.
     backend: Family<Vec<(String, String)>, Counter>,
     lease_expiry: Gauge,
@@ -55,6 +60,9 @@ impl Status {
             reconcile_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             rules_installs: Counter::default(),
             rules_errors: Counter::default(),
+            peers_unreachable: Gauge::default(),
+            backend_switches: Counter::default(),
+            config_rejected: Counter::default(),
             backend: Family::default(),
             lease_expiry: Gauge::default(),
             etcd_errors: Counter::default(),
@@ -65,6 +73,21 @@ impl Status {
         let r = &mut s.registry;
         r.register("peers", "Peer leases currently known", s.peers.clone());
         r.register("reconcile", "Backend reconcile runs", s.reconciles.clone());
+        r.register(
+            "peers_unreachable",
+            "Peers whose backend type this node cannot run (reasons in the log)",
+            s.peers_unreachable.clone(),
+        );
+        r.register(
+            "backend_switches",
+            "Live switches of the backend after a config change",
+            s.backend_switches.clone(),
+        );
+        r.register(
+            "config_rejected",
+            "Network config changes refused (invalid, or not changeable live)",
+            s.config_rejected.clone(),
+        );
         r.register(
             "reconcile_errors",
             "Backend reconcile runs that failed",
