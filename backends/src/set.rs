@@ -136,7 +136,7 @@ impl BackendSet {
                 }
             }
         }
-        let mut changes = 0;
+        let mut changes = self.sweep().await;
         let mut first_err = None;
         match self.primary.reconcile().await {
             Ok(n) => changes += n,
@@ -232,6 +232,63 @@ impl BackendSet {
         self.feed(b.as_mut()).await?;
         self.backends.insert(cfg.backend_type.clone(), b);
         Ok(())
+    }
+
+    /// Removes what a backend type that no longer runs here left behind, e.g. before a restart
+    /// with another type: the default VXLAN device `flannel.1`, and host-gw's routes (gateway
+    /// routes on the interface to subnets of the Network that are not ours and not a vxlan
+    /// peer's, whose DirectRouting routes look the same). A udp TUN goes with its process.
+    /// Errors are logged; returns the number of removals.
+    async fn sweep(&self) -> usize {
+        let nl = self.ctx.netlink.as_ref();
+        let mut n = 0;
+        if !self.runs("vxlan") {
+            if let Ok(Some(l)) = nl.link_by_name("flannel.1").await {
+                if l.vxlan.is_some() {
+                    match nl.delete_link(l.index).await {
+                        Ok(()) => {
+                            tracing::info!("removed flannel.1 left by an earlier vxlan backend");
+                            n += 1;
+                        }
+                        Err(e) => tracing::warn!("removing the old flannel.1: {e}"),
+                    }
+                }
+            }
+        }
+        if !self.runs("host-gw") {
+            let own = self.own.as_ref().map(|l| l.key.ipv4);
+            let vxlan_peers: Vec<_> = self
+                .peers
+                .leases()
+                .filter(|l| l.attrs.backend_type == "vxlan")
+                .map(|l| l.key.ipv4)
+                .collect();
+            let network = self.ctx.network;
+            let stale: Vec<_> = match nl.routes().await {
+                Ok(r) => r
+                    .into_iter()
+                    .filter(|r| {
+                        r.oif == self.ctx.ext.index
+                            && r.gateway.is_some()
+                            && network.contains(&r.dst)
+                            && r.dst.prefix_len() > network.prefix_len()
+                            && Some(r.dst) != own
+                            && !vxlan_peers.contains(&r.dst)
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!("reading routes: {e}");
+                    Vec::new()
+                }
+            };
+            for r in stale {
+                match nl.del_route(r).await {
+                    Ok(()) => n += 1,
+                    Err(e) => tracing::warn!("removing the old host-gw route to {}: {e}", r.dst),
+                }
+            }
+        }
+        n
     }
 
     /// Gives a new backend our lease and every known peer.
@@ -421,7 +478,11 @@ mod tests {
         bad.options.insert("VNI".into(), serde_json::json!("seven"));
         let e = set.switch(&bad).await.unwrap_err();
         assert!(e.to_string().starts_with("Backend.VNI"), "{e}");
-        assert_eq!(nl.lock().calls.len(), calls, "no kernel call for a rejected config");
+        assert_eq!(
+            nl.lock().calls.len(),
+            calls,
+            "no kernel call for a rejected config"
+        );
         let after = nl.link_by_name("flannel.7").await.unwrap().unwrap().index;
         assert_eq!(before, after, "the device was not touched");
         assert_eq!(

@@ -15,7 +15,7 @@ use backends::{BackendContext, ExternalInterface};
 use subnet_lease::manager::{Event, LeaseStats, ManagerOptions};
 use subnet_lease::registry::Registry;
 use subnet_lease::{
-    config, Backoff, BackendConfig, EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, LeaseManager,
+    config, BackendConfig, Backoff, EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, LeaseManager,
     NetConfig, Republish, SubnetEnv, SubnetKey,
 };
 use tokio::signal::unix::{signal, SignalKind};

@@ -1,0 +1,341 @@
+//! Live backend switches on 3 namespace nodes: vxlan → udp → host-gw → vxlan by rewriting the
+//! network config, with a TCP stream between pods on different nodes running throughout (it must
+//! survive every switch; the longest gap is printed), nothing of the old backend left after
+//! each switch, an invalid config refused with traffic untouched, and a mixed cluster (one node
+//! held on the old type) keeping full pod connectivity. Needs root; skips without it, fails
+//! under CI.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use subnet_lease::SubnetEnv;
+use test_support::{http_get, in_netns, require_root_with, wait_for, Pod, Testbed};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
+const ECHO_PORT: u16 = 5010;
+
+fn env_file(dir: &std::path::Path, i: usize) -> PathBuf {
+    dir.join(format!("n{i}.env"))
+}
+
+fn metric(tb: &Testbed, node: usize, name: &str) -> u64 {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 8471));
+    let out =
+        http_get(&tb.nodes[node].ns, addr, "/metrics", Duration::from_secs(3)).unwrap_or_default();
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A TCP conversation of 8-byte pings every 10 ms, echoed by the server: the longest time
+/// without an answer since the last `take_max_gap`, and whether the connection broke.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    max_gap_us: Arc<AtomicU64>,
+    broken: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(client: &Pod, server: &Pod) -> Ticker {
+        let listener = in_netns(&server.ns, || TcpListener::bind(("0.0.0.0", ECHO_PORT)))
+            .unwrap()
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let echo = std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                let mut b = [0u8; 8];
+                while s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {}
+            }
+        });
+        let to = SocketAddr::new(server.ip.parse().unwrap(), ECHO_PORT);
+        let mut conn = in_netns(&client.ns, move || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        })
+        .unwrap()
+        .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let max_gap_us = Arc::new(AtomicU64::new(0));
+        let broken = Arc::new(AtomicBool::new(false));
+        let (s, g, br) = (stop.clone(), max_gap_us.clone(), broken.clone());
+        let pinger = std::thread::spawn(move || {
+            let mut last = Instant::now();
+            let mut n: u64 = 0;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let mut b = [0u8; 8];
+                if conn.write_all(&n.to_be_bytes()).is_err()
+                    || conn.read_exact(&mut b).is_err()
+                    || u64::from_be_bytes(b) != n
+                {
+                    br.store(true, Ordering::Relaxed);
+                    return;
+                }
+                let gap = last.elapsed().as_micros() as u64;
+                g.fetch_max(gap, Ordering::Relaxed);
+                last = Instant::now();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        });
+        Ticker {
+            stop,
+            max_gap_us,
+            broken,
+            threads: vec![echo, pinger],
+        }
+    }
+
+    /// The longest gap (ms) since the last call, minus the 10 ms pacing.
+    fn take_max_gap_ms(&self) -> f64 {
+        let us = self.max_gap_us.swap(0, Ordering::Relaxed);
+        (us as f64 / 1000.0 - 10.0).max(0.0)
+    }
+
+    fn alive(&self) -> bool {
+        !self.broken.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn config(backend: &str) -> String {
+    format!(r#"{{"Network":"10.5.0.0/16","Backend":{backend}}}"#)
+}
+
+fn lease_type(tb: &Testbed, subnet: ipnet::Ipv4Net) -> String {
+    let v = tb
+        .etcdctl(&[
+            "get",
+            &format!("/coreos.com/network/subnets/{}-24", subnet.network()),
+            "--print-value-only",
+        ])
+        .unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(v.trim())
+        .ok()
+        .and_then(|j| j["BackendType"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Whether node `n` still holds anything of backend `t`.
+fn leftovers(tb: &Testbed, n: usize, t: &str) -> Option<String> {
+    let ns = &tb.nodes[n].ns;
+    match t {
+        "vxlan" => {
+            let l = tb.exec(ns, &["ip", "-o", "link", "show"]).unwrap();
+            l.contains("flannel.1").then_some(l)
+        }
+        "udp" => {
+            let l = tb.exec(ns, &["ip", "-o", "link", "show"]).unwrap();
+            l.contains("flannel0").then_some(l)
+        }
+        "host-gw" => {
+            let r = tb
+                .exec(ns, &["ip", "-4", "route", "show", "dev", "eth0"])
+                .unwrap();
+            r.lines()
+                .any(|l| l.starts_with("10.5.") && l.contains(" via "))
+                .then_some(r)
+        }
+        _ => None,
+    }
+}
+
+fn all_pods_reach(tb: &Testbed, pods: &[Pod]) -> Result<(), String> {
+    for a in pods {
+        for b in pods {
+            if a.ns == b.ns {
+                continue;
+            }
+            let ok = wait_for(Duration::from_secs(10), || {
+                tb.exec_status(
+                    &a.ns,
+                    &["ping", "-c1", "-W1", &b.ip],
+                    Duration::from_secs(3),
+                )
+                .0
+                .then_some(())
+            });
+            if ok.is_none() {
+                return Err(format!("{} cannot reach {}", a.ip, b.ip));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn live_backend_switches_keep_traffic_flowing() {
+    if !require_root_with(&["ip", "nft", "etcd", "etcdctl", "ping"]) {
+        return;
+    }
+    let mut tb = Testbed::new(3).unwrap();
+    let endpoint = tb
+        .start_etcd_with_config(&config(r#"{"Type":"vxlan"}"#))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |tb: &mut Testbed, i: usize| {
+        let ns = tb.nodes[i].ns.clone();
+        let file = env_file(dir.path(), i);
+        tb.spawn(
+            &ns,
+            BIN,
+            &[
+                "--etcd-endpoints",
+                &endpoint,
+                "--subnet-file",
+                file.to_str().unwrap(),
+                "--iptables-resync=1",
+                "--healthz-ip=127.0.0.1",
+                "--healthz-port=8471",
+            ],
+            &[("RUST_LOG", "info")],
+            &dir.path().join(format!("n{i}.log")),
+        )
+        .unwrap()
+    };
+    let mut handles: Vec<usize> = (0..3).map(|i| spawn(&mut tb, i)).collect();
+    let log = |i: usize| {
+        std::fs::read_to_string(dir.path().join(format!("n{i}.log"))).unwrap_or_default()
+    };
+    let mut pods: Vec<Pod> = Vec::new();
+    let mut subnets = Vec::new();
+    for i in 0..3 {
+        let env = wait_for(Duration::from_secs(30), || {
+            SubnetEnv::read(&env_file(dir.path(), i)).ok()
+        })
+        .unwrap_or_else(|| panic!("node {i} wrote no subnet file:\n{}", log(i)));
+        let sn = env.subnet.unwrap();
+        subnets.push(sn);
+        let base = u32::from(sn.network());
+        let gw = format!("{}/24", Ipv4Addr::from(base + 1));
+        let ip = format!("{}/24", Ipv4Addr::from(base + 2));
+        // The smallest MTU of the three backends, so pods work on every one.
+        pods.push(tb.add_pod(i, &ip, &gw, 1450).unwrap());
+    }
+    all_pods_reach(&tb, &pods).unwrap();
+    let ticker = Ticker::start(&pods[0], &pods[1]);
+    std::thread::sleep(Duration::from_millis(500));
+    ticker.take_max_gap_ms();
+
+    let mut gaps = Vec::new();
+    let mut old = "vxlan";
+    for (new, backend) in [
+        ("udp", r#"{"Type":"udp"}"#),
+        ("host-gw", r#"{"Type":"host-gw"}"#),
+        ("vxlan", r#"{"Type":"vxlan"}"#),
+    ] {
+        tb.etcdctl(&["put", "/coreos.com/network/config", &config(backend)])
+            .unwrap();
+        for (n, sn) in subnets.iter().enumerate() {
+            wait_for(Duration::from_secs(20), || {
+                (lease_type(&tb, *sn) == new).then_some(())
+            })
+            .unwrap_or_else(|| panic!("node {n} did not switch to {new}:\n{}", log(n)));
+        }
+        // Once every peer advertises the new type, the old backend goes (next resync, 1 s).
+        for n in 0..3 {
+            let gone = wait_for(Duration::from_secs(10), || {
+                leftovers(&tb, n, old).is_none().then_some(())
+            });
+            assert!(
+                gone.is_some(),
+                "node {n} still has {old} state after switching to {new}: {:?}\n{}",
+                leftovers(&tb, n, old),
+                log(n)
+            );
+        }
+        all_pods_reach(&tb, &pods).unwrap_or_else(|e| panic!("after {old} -> {new}: {e}"));
+        assert!(
+            ticker.alive(),
+            "the TCP stream broke switching {old} -> {new}"
+        );
+        let gap = ticker.take_max_gap_ms();
+        println!("switch {old} -> {new}: longest gap in the TCP stream {gap:.0} ms");
+        gaps.push((old, new, gap));
+        assert!(
+            (0..3).all(|n| metric(&tb, n, "flannel_backend_switches_total") >= 1),
+            "switch not counted"
+        );
+        old = new;
+    }
+
+    // An invalid config: refused on every node, traffic and leases untouched.
+    tb.etcdctl(&[
+        "put",
+        "/coreos.com/network/config",
+        &config(r#"{"Type":"vxlan","VNI":"seven"}"#),
+    ])
+    .unwrap();
+    for n in 0..3 {
+        wait_for(Duration::from_secs(10), || {
+            (metric(&tb, n, "flannel_config_rejected_total") >= 1).then_some(())
+        })
+        .unwrap_or_else(|| panic!("node {n} did not refuse the invalid config:\n{}", log(n)));
+        assert_eq!(lease_type(&tb, subnets[n]), "vxlan");
+    }
+    all_pods_reach(&tb, &pods).unwrap();
+    assert!(ticker.alive(), "the TCP stream broke on an invalid config");
+    println!(
+        "invalid config: longest gap {:.0} ms",
+        ticker.take_max_gap_ms()
+    );
+
+    // A mixed cluster: node 2 is held on vxlan (its daemon stopped, its lease and kernel
+    // state kept) while the others switch to udp; every pod still reaches every pod.
+    let st = tb.stop(handles[2], Duration::from_secs(10)).unwrap();
+    assert_eq!(st.code(), Some(0));
+    tb.etcdctl(&[
+        "put",
+        "/coreos.com/network/config",
+        &config(r#"{"Type":"udp"}"#),
+    ])
+    .unwrap();
+    for n in 0..2 {
+        wait_for(Duration::from_secs(20), || {
+            (lease_type(&tb, subnets[n]) == "udp").then_some(())
+        })
+        .unwrap_or_else(|| panic!("node {n} did not switch to udp:\n{}", log(n)));
+    }
+    assert_eq!(lease_type(&tb, subnets[2]), "vxlan", "node 2 held on vxlan");
+    all_pods_reach(&tb, &pods).unwrap_or_else(|e| panic!("mixed cluster: {e}"));
+    for n in 0..2 {
+        assert!(
+            leftovers(&tb, n, "vxlan").is_some(),
+            "node {n} must keep vxlan for node 2"
+        );
+    }
+    // Node 2 comes back and follows the config; vxlan then goes everywhere.
+    handles[2] = spawn(&mut tb, 2);
+    wait_for(Duration::from_secs(20), || {
+        (lease_type(&tb, subnets[2]) == "udp").then_some(())
+    })
+    .unwrap_or_else(|| panic!("node 2 did not come back on udp:\n{}", log(2)));
+    for n in 0..3 {
+        wait_for(Duration::from_secs(10), || {
+            leftovers(&tb, n, "vxlan").is_none().then_some(())
+        })
+        .unwrap_or_else(|| panic!("node {n} kept vxlan after the cluster left it:\n{}", log(n)));
+    }
+    all_pods_reach(&tb, &pods).unwrap();
+    assert!(ticker.alive(), "the TCP stream broke in the mixed cluster");
+    drop(ticker);
+    for (a, b, g) in gaps {
+        println!("gap {a} -> {b}: {g:.0} ms");
+    }
+}
