@@ -5,7 +5,7 @@
 //! held on the old type) keeping full pod connectivity. Needs root; skips without it, fails
 //! under CI.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
