@@ -39,19 +39,21 @@ enum Setup {
     Flanneld,
     FlanneldNoRules,
     FlanneldUdp,
+    FlanneldHostGw,
 }
 
 /// Every setup, in table order, with its `--setups` key. The first two are the baselines.
-const ALL: [(&str, Setup); 5] = [
+const ALL: [(&str, Setup); 6] = [
     ("plain", Setup::Plain),
     ("hand", Setup::HandVxlan),
     ("flanneld", Setup::Flanneld),
     ("norules", Setup::FlanneldNoRules),
     ("udp", Setup::FlanneldUdp),
+    ("hostgw", Setup::FlanneldHostGw),
 ];
 
 /// Measured when `--setups` is not given (besides the baselines).
-const DEFAULT_SETUPS: [Setup; 2] = [Setup::Flanneld, Setup::FlanneldUdp];
+const DEFAULT_SETUPS: [Setup; 3] = [Setup::Flanneld, Setup::FlanneldUdp, Setup::FlanneldHostGw];
 
 /// Index of hand VXLAN in the selected setups (the baselines always come first).
 const HAND: usize = 1;
@@ -69,6 +71,7 @@ impl Setup {
             Setup::Flanneld => "flanneld vxlan backend (default host rules)",
             Setup::FlanneldNoRules => "flanneld vxlan backend, --iptables-forward-rules=false",
             Setup::FlanneldUdp => "flanneld udp backend (userspace, offloads on)",
+            Setup::FlanneldHostGw => "flanneld host-gw backend (routes via the peer)",
         }
     }
 
@@ -79,6 +82,7 @@ impl Setup {
             Setup::Flanneld => "flanneld vxlan",
             Setup::FlanneldNoRules => "flanneld vxlan, no fwd rules",
             Setup::FlanneldUdp => "flanneld udp",
+            Setup::FlanneldHostGw => "flanneld host-gw",
         }
     }
 
@@ -88,7 +92,7 @@ impl Setup {
 
     fn pod_mtu(self) -> u32 {
         match self {
-            Setup::Plain => 1500,
+            Setup::Plain | Setup::FlanneldHostGw => 1500,
             Setup::FlanneldUdp => 1472,
             _ => 1450,
         }
@@ -270,9 +274,15 @@ fn run_flanneld(
         handles.push((handle, ns));
     }
     // vxlan: a route per peer on flannel.1; udp: the Network route on flannel0 (the peer table
-    // lives in the daemon, so the pods' ping in `one` confirms it).
+    // lives in the daemon, so the pods' ping in `one` confirms it); host-gw: a route per peer
+    // via its address on eth0.
     let (dev, want) = if backend == "udp" {
         ("flannel0", vec!["10.5.0.0/16".to_string(); 2])
+    } else if backend == "host-gw" {
+        (
+            "eth0",
+            vec![format!("{} via", SUBNETS[1]), format!("{} via", SUBNETS[0])],
+        )
     } else {
         (
             "flannel.1",
@@ -507,6 +517,7 @@ fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Sample> {
         Setup::Flanneld => run_flanneld(&mut tb, dir.path(), &endpoint, true, "vxlan")?,
         Setup::FlanneldNoRules => run_flanneld(&mut tb, dir.path(), &endpoint, false, "vxlan")?,
         Setup::FlanneldUdp => run_flanneld(&mut tb, dir.path(), &endpoint, true, "udp")?,
+        Setup::FlanneldHostGw => run_flanneld(&mut tb, dir.path(), &endpoint, true, "host-gw")?,
     };
     let mtu = setup.pod_mtu();
     let p1 = tb
@@ -593,7 +604,8 @@ struct Opts {
     out: Option<PathBuf>,
 }
 
-const USAGE: &str = "overlay-bench [--rounds N] [--seconds S] [--setups flanneld,norules,udp] \
+const USAGE: &str =
+    "overlay-bench [--rounds N] [--seconds S] [--setups flanneld,norules,udp,hostgw] \
                      [--udp-rates 1,3] [--svg FILE] [--out FILE]";
 
 fn parse_rates(list: &str) -> Result<Vec<f64>> {
@@ -745,7 +757,8 @@ mod tests {
                 Setup::Plain,
                 Setup::HandVxlan,
                 Setup::Flanneld,
-                Setup::FlanneldUdp
+                Setup::FlanneldUdp,
+                Setup::FlanneldHostGw
             ]
         );
         assert_eq!(o.setups[HAND], Setup::HandVxlan);
