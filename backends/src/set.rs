@@ -16,6 +16,25 @@ use subnet_lease::{BackendConfig, Lease, SubnetKey};
 
 use crate::{create, Backend, BackendContext, BackendError, PeerTable};
 
+/// Whether two configs of one type give the same backend (options compared as parsed).
+fn same_settings(a: &BackendConfig, b: &BackendConfig) -> bool {
+    if a.backend_type != b.backend_type {
+        return false;
+    }
+    match a.backend_type.as_str() {
+        "vxlan" => matches!(
+            (crate::vxlan::VxlanConfig::parse(&a.options), crate::vxlan::VxlanConfig::parse(&b.options)),
+            (Ok((x, _)), Ok((y, _))) if x == y
+        ),
+        "udp" => matches!(
+            (crate::udp::UdpConfig::parse(&a.options), crate::udp::UdpConfig::parse(&b.options)),
+            (Ok((x, _)), Ok((y, _))) if x == y
+        ),
+        "host-gw" | "alloc" => true,
+        _ => a.options == b.options,
+    }
+}
+
 /// Types a node can run beside its primary for peers that advertise them.
 const DATA_PLANES: &[&str] = &["vxlan", "udp", "host-gw"];
 
@@ -182,8 +201,20 @@ impl BackendSet {
                 }
             }
         } else {
-            // A secondary of the new type ran with default options: replace it.
+            // A secondary of the new type runs with default options already: promote it when
+            // the new config means the same (no moment without its routes), else replace it.
+            let defaults = BackendConfig {
+                backend_type: cfg.backend_type.clone(),
+                options: Default::default(),
+            };
             if let Some(mut b) = self.backends.remove(&cfg.backend_type) {
+                if same_settings(&defaults, cfg) {
+                    if let Some(old) = self.install_primary(b, cfg).await? {
+                        let t = old.backend_type().to_string();
+                        self.backends.insert(t, old);
+                    }
+                    return Ok(crate::validate(cfg)?);
+                }
                 if let Err(e) = b.teardown().await {
                     tracing::warn!(backend = %cfg.backend_type, "teardown: {e}");
                 }
@@ -457,6 +488,13 @@ mod tests {
         set.reconcile().await.unwrap();
         let vx = nl.link_by_name("flannel.1").await.unwrap().unwrap().index;
         assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(vx));
+        // Back to vxlan: the running secondary is promoted, not recreated (its routes never go).
+        set.switch(&cfg("vxlan")).await.unwrap();
+        assert_eq!(set.primary().backend_type(), "vxlan");
+        assert_eq!(nl.link_by_name("flannel.1").await.unwrap().unwrap().index, vx);
+        set.switch(&cfg("host-gw")).await.unwrap();
+        set.reconcile().await.unwrap();
+        assert_eq!(nl.link_by_name("flannel.1").await.unwrap().unwrap().index, vx);
         // The peer follows: host-gw routes it, vxlan goes with its device.
         set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "host-gw")));
         set.reconcile().await.unwrap();
