@@ -213,7 +213,7 @@ impl BackendSet {
                         let t = old.backend_type().to_string();
                         self.backends.insert(t, old);
                     }
-                    return Ok(crate::validate(cfg)?);
+                    return crate::validate(cfg);
                 }
                 if let Err(e) = b.teardown().await {
                     tracing::warn!(backend = %cfg.backend_type, "teardown: {e}");
@@ -491,10 +491,16 @@ mod tests {
         // Back to vxlan: the running secondary is promoted, not recreated (its routes never go).
         set.switch(&cfg("vxlan")).await.unwrap();
         assert_eq!(set.primary().backend_type(), "vxlan");
-        assert_eq!(nl.link_by_name("flannel.1").await.unwrap().unwrap().index, vx);
+        assert_eq!(
+            nl.link_by_name("flannel.1").await.unwrap().unwrap().index,
+            vx
+        );
         set.switch(&cfg("host-gw")).await.unwrap();
         set.reconcile().await.unwrap();
-        assert_eq!(nl.link_by_name("flannel.1").await.unwrap().unwrap().index, vx);
+        assert_eq!(
+            nl.link_by_name("flannel.1").await.unwrap().unwrap().index,
+            vx
+        );
         // The peer follows: host-gw routes it, vxlan goes with its device.
         set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "host-gw")));
         set.reconcile().await.unwrap();
