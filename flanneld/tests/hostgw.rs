@@ -5,27 +5,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
-use subnet_lease::SubnetEnv;
 use test_support::{
     require_root_with, send_and_verify, udp_whoami, wait_for, whoami, HashServer, Pod, Testbed,
     UdpWhoAmIServer, WhoAmIServer,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
+mod common;
+
+use common::{add_pods, sock, Daemons};
+
 const PORT: u16 = 5001;
 const HASH_PORT: u16 = 5002;
-
-fn env_file(dir: &std::path::Path, i: usize) -> PathBuf {
-    dir.join(format!("n{i}.env"))
-}
-
-fn sock(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
 
 #[test]
 fn host_gw_end_to_end() {
@@ -36,47 +28,16 @@ fn host_gw_end_to_end() {
     let endpoint = tb
         .start_etcd_with_config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut handles = Vec::new();
-    for i in 0..3 {
-        let ns = tb.nodes[i].ns.clone();
-        let file = env_file(dir.path(), i);
-        handles.push(
-            tb.spawn(
-                &ns,
-                BIN,
-                &[
-                    "--etcd-endpoints",
-                    &endpoint,
-                    "--subnet-file",
-                    file.to_str().unwrap(),
-                    "--iptables-resync=1",
-                ],
-                &[("RUST_LOG", "info")],
-                &dir.path().join(format!("n{i}.log")),
-            )
-            .unwrap(),
-        );
-    }
-    let log = |i: usize| {
-        std::fs::read_to_string(dir.path().join(format!("n{i}.log"))).unwrap_or_default()
-    };
+    let mut d = Daemons::new(&endpoint, &[]);
+    let handles: Vec<usize> = (0..3).map(|i| d.start(&mut tb, i)).collect();
+    let log = |i: usize| d.log(i);
     let mut pods: Vec<Pod> = Vec::new();
     let mut subnets = Vec::new();
     for i in 0..3 {
-        let env = wait_for(Duration::from_secs(30), || {
-            SubnetEnv::read(&env_file(dir.path(), i)).ok()
-        })
-        .unwrap_or_else(|| panic!("node {i} wrote no subnet file:\n{}", log(i)));
+        let env = d.subnet_env(i);
         assert_eq!(env.mtu, 1500, "host-gw MTU = interface MTU");
-        let sn = env.subnet.unwrap();
-        subnets.push(sn);
-        let base = u32::from(sn.network());
-        let gw = format!("{}/24", Ipv4Addr::from(base + 1));
-        for k in 0..2 {
-            let ip = format!("{}/24", Ipv4Addr::from(base + 2 + k));
-            pods.push(tb.add_pod(i, &ip, &gw, env.mtu).unwrap());
-        }
+        subnets.push(env.subnet.unwrap());
+        pods.extend(add_pods(&mut tb, i, &env, 2, env.mtu));
     }
     // flannel's lease: BackendType host-gw, no BackendData.
     let lease = tb

@@ -8,31 +8,18 @@
 #![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use subnet_lease::SubnetEnv;
-use test_support::{http_get, in_netns, require_root_with, wait_for, Pod, Testbed};
+use test_support::{in_netns, require_root_with, wait_for, Pod, Testbed};
 
-const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
+mod common;
+
+use common::{add_pods, metric, Daemons};
+
 const ECHO_PORT: u16 = 5010;
-
-fn env_file(dir: &std::path::Path, i: usize) -> PathBuf {
-    dir.join(format!("n{i}.env"))
-}
-
-fn metric(tb: &Testbed, node: usize, name: &str) -> u64 {
-    let addr = SocketAddr::from(([127, 0, 0, 1], 8471));
-    let out =
-        http_get(&tb.nodes[node].ns, addr, "/metrics", Duration::from_secs(3)).unwrap_or_default();
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
 
 /// A TCP conversation of 8-byte pings every 10 ms, echoed by the server: the longest time
 /// without an answer since the last `take_max_gap`, and whether the connection broke.
@@ -188,45 +175,15 @@ fn live_backend_switches_keep_traffic_flowing() {
     let endpoint = tb
         .start_etcd_with_config(&config(r#"{"Type":"vxlan"}"#))
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let spawn = |tb: &mut Testbed, i: usize| {
-        let ns = tb.nodes[i].ns.clone();
-        let file = env_file(dir.path(), i);
-        tb.spawn(
-            &ns,
-            BIN,
-            &[
-                "--etcd-endpoints",
-                &endpoint,
-                "--subnet-file",
-                file.to_str().unwrap(),
-                "--iptables-resync=1",
-                "--healthz-ip=127.0.0.1",
-                "--healthz-port=8471",
-            ],
-            &[("RUST_LOG", "info")],
-            &dir.path().join(format!("n{i}.log")),
-        )
-        .unwrap()
-    };
-    let mut handles: Vec<usize> = (0..3).map(|i| spawn(&mut tb, i)).collect();
-    let log = |i: usize| {
-        std::fs::read_to_string(dir.path().join(format!("n{i}.log"))).unwrap_or_default()
-    };
+    let mut d = Daemons::new(&endpoint, &[]);
+    let mut handles: Vec<usize> = (0..3).map(|i| d.start(&mut tb, i)).collect();
     let mut pods: Vec<Pod> = Vec::new();
     let mut subnets = Vec::new();
     for i in 0..3 {
-        let env = wait_for(Duration::from_secs(30), || {
-            SubnetEnv::read(&env_file(dir.path(), i)).ok()
-        })
-        .unwrap_or_else(|| panic!("node {i} wrote no subnet file:\n{}", log(i)));
-        let sn = env.subnet.unwrap();
-        subnets.push(sn);
-        let base = u32::from(sn.network());
-        let gw = format!("{}/24", Ipv4Addr::from(base + 1));
-        let ip = format!("{}/24", Ipv4Addr::from(base + 2));
+        let env = d.subnet_env(i);
+        subnets.push(env.subnet.unwrap());
         // The smallest MTU of the three backends, so pods work on every one.
-        pods.push(tb.add_pod(i, &ip, &gw, 1450).unwrap());
+        pods.extend(add_pods(&mut tb, i, &env, 1, 1450));
     }
     all_pods_reach(&tb, &pods).unwrap();
     let ticker = Ticker::start(&pods[0], &pods[1]);
@@ -246,7 +203,7 @@ fn live_backend_switches_keep_traffic_flowing() {
             wait_for(Duration::from_secs(20), || {
                 (lease_type(&tb, *sn) == new).then_some(())
             })
-            .unwrap_or_else(|| panic!("node {n} did not switch to {new}:\n{}", log(n)));
+            .unwrap_or_else(|| panic!("node {n} did not switch to {new}:\n{}", d.log(n)));
         }
         // Once every peer advertises the new type, the old backend goes (next resync, 1 s).
         for n in 0..3 {
@@ -257,7 +214,7 @@ fn live_backend_switches_keep_traffic_flowing() {
                 gone.is_some(),
                 "node {n} still has {old} state after switching to {new}: {:?}\n{}",
                 leftovers(&tb, n, old),
-                log(n)
+                d.log(n)
             );
         }
         all_pods_reach(&tb, &pods).unwrap_or_else(|e| panic!("after {old} -> {new}: {e}"));
@@ -286,7 +243,7 @@ fn live_backend_switches_keep_traffic_flowing() {
         wait_for(Duration::from_secs(10), || {
             (metric(&tb, n, "flannel_config_rejected_total") >= 1).then_some(())
         })
-        .unwrap_or_else(|| panic!("node {n} did not refuse the invalid config:\n{}", log(n)));
+        .unwrap_or_else(|| panic!("node {n} did not refuse the invalid config:\n{}", d.log(n)));
         assert_eq!(lease_type(&tb, subnets[n]), "vxlan");
     }
     all_pods_reach(&tb, &pods).unwrap();
@@ -310,7 +267,7 @@ fn live_backend_switches_keep_traffic_flowing() {
         wait_for(Duration::from_secs(20), || {
             (lease_type(&tb, subnets[n]) == "udp").then_some(())
         })
-        .unwrap_or_else(|| panic!("node {n} did not switch to udp:\n{}", log(n)));
+        .unwrap_or_else(|| panic!("node {n} did not switch to udp:\n{}", d.log(n)));
     }
     assert_eq!(lease_type(&tb, subnets[2]), "vxlan", "node 2 held on vxlan");
     all_pods_reach(&tb, &pods).unwrap_or_else(|e| panic!("mixed cluster: {e}"));
@@ -321,16 +278,21 @@ fn live_backend_switches_keep_traffic_flowing() {
         );
     }
     // Node 2 comes back and follows the config; vxlan then goes everywhere.
-    handles[2] = spawn(&mut tb, 2);
+    handles[2] = d.start(&mut tb, 2);
     wait_for(Duration::from_secs(20), || {
         (lease_type(&tb, subnets[2]) == "udp").then_some(())
     })
-    .unwrap_or_else(|| panic!("node 2 did not come back on udp:\n{}", log(2)));
+    .unwrap_or_else(|| panic!("node 2 did not come back on udp:\n{}", d.log(2)));
     for n in 0..3 {
         wait_for(Duration::from_secs(10), || {
             leftovers(&tb, n, "vxlan").is_none().then_some(())
         })
-        .unwrap_or_else(|| panic!("node {n} kept vxlan after the cluster left it:\n{}", log(n)));
+        .unwrap_or_else(|| {
+            panic!(
+                "node {n} kept vxlan after the cluster left it:\n{}",
+                d.log(n)
+            )
+        });
     }
     all_pods_reach(&tb, &pods).unwrap();
     assert!(ticker.alive(), "the TCP stream broke in the mixed cluster");

@@ -4,39 +4,20 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-use subnet_lease::SubnetEnv;
 use test_support::{
-    http_get, require_root_with, send_and_verify, send_spoofed_udp, udp_burst_verify, udp_whoami,
-    wait_for, whoami, HashServer, Pod, Testbed, UdpWhoAmIServer, WhoAmIServer,
+    require_root_with, send_and_verify, send_spoofed_udp, udp_burst_verify, udp_whoami, wait_for,
+    whoami, HashServer, Pod, Testbed, UdpWhoAmIServer, WhoAmIServer,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
+mod common;
+
+use common::{add_pods, backend_counter as metric, sock, Daemons};
+
 const PORT: u16 = 5001;
 const HASH_PORT: u16 = 5002;
-
-fn env_file(dir: &std::path::Path, i: usize) -> PathBuf {
-    dir.join(format!("n{i}.env"))
-}
-
-/// A backend counter from node `node`'s /metrics (0 when absent).
-fn metric(tb: &Testbed, node: usize, name: &str) -> u64 {
-    let addr = SocketAddr::from(([127, 0, 0, 1], 8471));
-    let out =
-        http_get(&tb.nodes[node].ns, addr, "/metrics", Duration::from_secs(3)).unwrap_or_default();
-    let key = format!("flannel_backend_total{{counter=\"{name}\"}} ");
-    out.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn sock(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
 
 #[test]
 fn udp_backend_end_to_end_with_offloads() {
@@ -59,49 +40,16 @@ fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
         ))
         .unwrap();
     let (outside_ns, _) = tb.add_outside_host().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut handles = Vec::new();
-    for i in 0..3 {
-        let ns = tb.nodes[i].ns.clone();
-        let file = env_file(dir.path(), i);
-        handles.push(
-            tb.spawn(
-                &ns,
-                BIN,
-                &[
-                    "--etcd-endpoints",
-                    &endpoint,
-                    "--subnet-file",
-                    file.to_str().unwrap(),
-                    "--iptables-resync=1",
-                    "--healthz-ip=127.0.0.1",
-                    "--healthz-port=8471",
-                ],
-                &[("RUST_LOG", "info")],
-                &dir.path().join(format!("n{i}.log")),
-            )
-            .unwrap(),
-        );
-    }
-    let log = |i: usize| {
-        std::fs::read_to_string(dir.path().join(format!("n{i}.log"))).unwrap_or_default()
-    };
+    let mut d = Daemons::new(&endpoint, &[]);
+    let handles: Vec<usize> = (0..3).map(|i| d.start(&mut tb, i)).collect();
+    let log = |i: usize| d.log(i);
     let mut pods: Vec<Pod> = Vec::new();
     let mut subnets = Vec::new();
     for i in 0..3 {
-        let env = wait_for(Duration::from_secs(30), || {
-            SubnetEnv::read(&env_file(dir.path(), i)).ok()
-        })
-        .unwrap_or_else(|| panic!("node {i} wrote no subnet file:\n{}", log(i)));
+        let env = d.subnet_env(i);
         assert_eq!(env.mtu, 1472, "udp MTU = 1500 - 28");
-        let sn = env.subnet.unwrap();
-        subnets.push(sn);
-        let base = u32::from(sn.network());
-        let gw = format!("{}/24", Ipv4Addr::from(base + 1));
-        for k in 0..2 {
-            let ip = format!("{}/24", Ipv4Addr::from(base + 2 + k));
-            pods.push(tb.add_pod(i, &ip, &gw, env.mtu).unwrap());
-        }
+        subnets.push(env.subnet.unwrap());
+        pods.extend(add_pods(&mut tb, i, &env, 2, env.mtu));
     }
     // flannel's lease: BackendType udp, no BackendData.
     let lease = tb
@@ -240,9 +188,8 @@ fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
         (metric(&tb, 0, "udp_dropped_unknown_sender") > before).then_some(())
     })
     .unwrap_or_else(|| {
-        let addr = SocketAddr::from(([127, 0, 0, 1], 8471));
-        let m = http_get(&tb.nodes[0].ns, addr, "/metrics", Duration::from_secs(3));
-        panic!("unknown sender not counted; metrics:\n{m:?}")
+        let m = common::http(&tb, 0, "/metrics");
+        panic!("unknown sender not counted; metrics:\n{m}")
     });
     // A datagram that claims to come from peer node 1 but carries a source outside its subnet.
     let foreign = ipv4_packet(

@@ -3,89 +3,45 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use subnet_lease::SubnetEnv;
 use test_support::{require_root_with, wait_for, whoami, Pod, Testbed, WhoAmIServer};
 
-const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
+mod common;
+
+use common::{add_pods, Daemons};
+
 const PORT: u16 = 5001;
 
 struct Cluster {
     tb: Testbed,
-    dir: tempfile::TempDir,
-    endpoint: String,
+    d: Daemons,
     handles: Vec<Option<usize>>,
-    runs: Vec<u32>,
 }
 
 impl Cluster {
-    fn env_file(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("n{i}.env"))
-    }
-
     fn log(&self, i: usize) -> String {
-        let path = self.dir.path().join(format!("n{i}-{}.log", self.runs[i]));
-        std::fs::read_to_string(path).unwrap_or_default()
+        self.d.log(i)
     }
 
     fn start(&mut self, i: usize) {
-        while self.handles.len() <= i {
-            self.handles.push(None);
-            self.runs.push(0);
+        if self.handles.len() <= i {
+            self.handles.resize(i + 1, None);
         }
-        self.runs[i] += 1;
-        let log = self.dir.path().join(format!("n{i}-{}.log", self.runs[i]));
-        let ns = self.tb.nodes[i].ns.clone();
-        let file = self.env_file(i);
-        let h = self
-            .tb
-            .spawn(
-                &ns,
-                BIN,
-                &[
-                    "--etcd-endpoints",
-                    &self.endpoint,
-                    "--subnet-file",
-                    file.to_str().unwrap(),
-                    "--ip-masq",
-                    "--iptables-resync=1",
-                    "--healthz-ip=127.0.0.1",
-                    "--healthz-port=8471",
-                ],
-                &[("RUST_LOG", "info")],
-                &log,
-            )
-            .unwrap();
-        self.handles[i] = Some(h);
+        self.handles[i] = Some(self.d.start(&mut self.tb, i));
     }
 
     fn subnet_env(&self, i: usize) -> SubnetEnv {
-        wait_for(Duration::from_secs(30), || {
-            SubnetEnv::read(&self.env_file(i)).ok()
-        })
-        .unwrap_or_else(|| panic!("node {i} wrote no subnet file:\n{}", self.log(i)))
+        self.d.subnet_env(i)
     }
 
-    /// Two pods (.2, .3) behind node i's cni0, wired from its subnet file.
+    /// `count` pods (.2, .3, …) behind node i's cni0, wired from its subnet file.
     fn add_pods(&mut self, i: usize, count: u8) -> Vec<Pod> {
         let env = self.subnet_env(i);
-        let sn = env.subnet.unwrap();
-        let base = u32::from(sn.network());
-        let gw = format!("{}/{}", Ipv4Addr::from(base + 1), sn.prefix_len());
-        (0..count)
-            .map(|k| {
-                let ip = format!(
-                    "{}/{}",
-                    Ipv4Addr::from(base + 2 + u32::from(k)),
-                    sn.prefix_len()
-                );
-                self.tb.add_pod(i, &ip, &gw, env.mtu).unwrap()
-            })
-            .collect()
+        add_pods(&mut self.tb, i, &env, count, env.mtu)
     }
 
     fn ip(&self, i: usize, args: &[&str]) -> String {
@@ -117,8 +73,7 @@ fn reach(from: &Pod, to: &str, limit: Duration) -> String {
 
 /// GET from node 0's health endpoint (127.0.0.1:8471 inside its namespace).
 fn health(tb: &Testbed, path: &str) -> String {
-    let addr = SocketAddr::from(([127, 0, 0, 1], 8471));
-    test_support::http_get(&tb.nodes[0].ns, addr, path, Duration::from_secs(3)).unwrap_or_default()
+    common::http(tb, 0, path)
 }
 
 #[test]
@@ -133,10 +88,8 @@ fn vxlan_overlay_end_to_end() {
     let (outside_ns, outside_ip) = tb.add_outside_host().unwrap();
     let mut c = Cluster {
         tb,
-        dir: tempfile::tempdir().unwrap(),
-        endpoint,
+        d: Daemons::new(&endpoint, &["--ip-masq"]),
         handles: Vec::new(),
-        runs: Vec::new(),
     };
     for i in 0..3 {
         c.start(i);

@@ -1,0 +1,127 @@
+//! What the namespace tests of flanneld share: starting a daemon per node with the test flags,
+//! its log and subnet file, pods wired from the subnet file, and reading /metrics.
+
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use subnet_lease::SubnetEnv;
+use test_support::{http_get, wait_for, Pod, Testbed};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
+/// Where every test daemon serves /healthz, /readyz and /metrics (inside its node).
+pub const HEALTH: (Ipv4Addr, u16) = (Ipv4Addr::LOCALHOST, 8471);
+
+/// The flanneld processes of a testbed: one per node, each (re)start with its own log.
+pub struct Daemons {
+    pub dir: tempfile::TempDir,
+    endpoint: String,
+    extra: Vec<String>,
+    runs: Vec<u32>,
+}
+
+impl Daemons {
+    /// Daemons talking to `endpoint`, with a 1 s resync, health on [`HEALTH`], plus `extra`.
+    pub fn new(endpoint: &str, extra: &[&str]) -> Daemons {
+        Daemons {
+            dir: tempfile::tempdir().unwrap(),
+            endpoint: endpoint.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            runs: Vec::new(),
+        }
+    }
+
+    pub fn env_file(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{i}.env"))
+    }
+
+    fn log_file(&self, i: usize) -> PathBuf {
+        let run = self.runs.get(i).copied().unwrap_or(0);
+        self.dir.path().join(format!("n{i}-{run}.log"))
+    }
+
+    /// The log of node i's latest run.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log_file(i)).unwrap_or_default()
+    }
+
+    /// Starts flanneld on node i; returns the testbed handle.
+    pub fn start(&mut self, tb: &mut Testbed, i: usize) -> usize {
+        if self.runs.len() <= i {
+            self.runs.resize(i + 1, 0);
+        }
+        self.runs[i] += 1;
+        let file = self.env_file(i);
+        let health_ip = format!("--healthz-ip={}", HEALTH.0);
+        let health_port = format!("--healthz-port={}", HEALTH.1);
+        let mut args = vec![
+            "--etcd-endpoints",
+            &self.endpoint,
+            "--subnet-file",
+            file.to_str().unwrap(),
+            "--iptables-resync=1",
+            &health_ip,
+            &health_port,
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        let ns = tb.nodes[i].ns.clone();
+        tb.spawn(&ns, BIN, &args, &[("RUST_LOG", "info")], &self.log_file(i))
+            .unwrap()
+    }
+
+    /// Node i's subnet file, waiting up to 30 s for it.
+    pub fn subnet_env(&self, i: usize) -> SubnetEnv {
+        wait_for(Duration::from_secs(30), || {
+            SubnetEnv::read(&self.env_file(i)).ok()
+        })
+        .unwrap_or_else(|| panic!("node {i} wrote no subnet file:\n{}", self.log(i)))
+    }
+}
+
+/// `count` pods (.2, .3, …) behind node i's cni0 (gateway .1) in `env`'s subnet, with `mtu`.
+pub fn add_pods(tb: &mut Testbed, i: usize, env: &SubnetEnv, count: u8, mtu: u32) -> Vec<Pod> {
+    let sn = env.subnet.unwrap();
+    let base = u32::from(sn.network());
+    let gw = format!("{}/{}", Ipv4Addr::from(base + 1), sn.prefix_len());
+    (0..count)
+        .map(|k| {
+            let ip = format!(
+                "{}/{}",
+                Ipv4Addr::from(base + 2 + u32::from(k)),
+                sn.prefix_len()
+            );
+            tb.add_pod(i, &ip, &gw, mtu).unwrap()
+        })
+        .collect()
+}
+
+/// GET `path` from node i's health endpoint (empty on failure).
+pub fn http(tb: &Testbed, i: usize, path: &str) -> String {
+    let addr = SocketAddr::from(HEALTH);
+    http_get(&tb.nodes[i].ns, addr, path, Duration::from_secs(3)).unwrap_or_default()
+}
+
+/// A sample of node i's /metrics by its full name with labels (0 when absent).
+pub fn metric(tb: &Testbed, i: usize, name: &str) -> u64 {
+    let key = format!("{name} ");
+    http(tb, i, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A backend counter of node i (`flannel_backend_total{counter="name"}`).
+pub fn backend_counter(tb: &Testbed, i: usize, name: &str) -> u64 {
+    metric(
+        tb,
+        i,
+        &format!("flannel_backend_total{{counter=\"{name}\"}}"),
+    )
+}
+
+pub fn sock(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
