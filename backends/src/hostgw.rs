@@ -15,7 +15,9 @@ use subnet_lease::{Lease, SubnetKey};
 
 use crate::netlink::{Netlink, NetlinkError, Route};
 use crate::options::Options;
-use crate::{Backend, BackendContext, BackendError, ExternalInterface, PeerTable};
+use crate::{
+    peer_gateway_route, Backend, BackendContext, BackendError, ExternalInterface, PeerTable,
+};
 
 /// host-gw has no options; unknown keys are warned about.
 pub fn parse_options(options: &Map<String, Value>) -> Vec<String> {
@@ -105,25 +107,13 @@ impl HostGwBackend {
     /// a peer of another backend type (vxlan's DirectRouting makes such routes too, and another
     /// backend may run beside this one while the cluster switches).
     async fn actual(&self) -> Result<Vec<Route>, NetlinkError> {
-        let others: Vec<Ipv4Net> = self
-            .peers
-            .leases()
-            .filter(|l| l.attrs.backend_type != "host-gw")
-            .map(|l| l.key.ipv4)
-            .collect();
+        let others = self.peers.subnets("host-gw", false);
         Ok(self
             .nl
             .routes()
             .await?
             .into_iter()
-            .filter(|r| {
-                r.oif == self.ext.index
-                    && r.gateway.is_some()
-                    && Some(r.dst) != self.own
-                    && self.network.contains(&r.dst)
-                    && r.dst.prefix_len() > self.network.prefix_len()
-                    && !others.contains(&r.dst)
-            })
+            .filter(|r| peer_gateway_route(r, &self.ext, self.network, self.own, &others))
             .collect())
     }
 }

@@ -104,6 +104,33 @@ impl PeerTable {
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
         self.0.values()
     }
+
+    /// Subnets of the peers whose lease advertises (`of == true`) or does not advertise
+    /// backend type `t`.
+    pub fn subnets(&self, t: &str, of: bool) -> Vec<Ipv4Net> {
+        self.leases()
+            .filter(|l| (l.attrs.backend_type == t) == of)
+            .map(|l| l.key.ipv4)
+            .collect()
+    }
+}
+
+/// A route of the kind host-gw and vxlan DirectRouting make for a peer: via a gateway on the
+/// external interface, to a subnet of the Network (longer than the Network itself) that is
+/// neither `own` nor in `skip` (subnets whose routes belong to another backend).
+pub fn peer_gateway_route(
+    r: &netlink::Route,
+    ext: &ExternalInterface,
+    network: Ipv4Net,
+    own: Option<Ipv4Net>,
+    skip: &[Ipv4Net],
+) -> bool {
+    r.oif == ext.index
+        && r.gateway.is_some()
+        && network.contains(&r.dst)
+        && r.dst.prefix_len() > network.prefix_len()
+        && Some(r.dst) != own
+        && !skip.contains(&r.dst)
 }
 
 /// A running backend.

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use subnet_lease::manager::Event;
 use subnet_lease::{BackendConfig, Lease, SubnetKey};
 
-use crate::{create, Backend, BackendContext, BackendError, PeerTable};
+use crate::{create, peer_gateway_route, Backend, BackendContext, BackendError, PeerTable};
 
 /// Whether two configs of one type give the same backend (options compared as parsed).
 fn same_settings(a: &BackendConfig, b: &BackendConfig) -> bool {
@@ -50,6 +50,8 @@ pub struct BackendSet {
     own: Option<Lease>,
     /// Types that could not be started for peers: type → reason.
     failed: BTreeMap<String, String>,
+    /// The running types when [`BackendSet::sweep`] last ran (it runs again when they change).
+    swept: Option<Vec<String>>,
 }
 
 impl BackendSet {
@@ -71,6 +73,7 @@ impl BackendSet {
                 peers: PeerTable::default(),
                 own: None,
                 failed: BTreeMap::new(),
+                swept: None,
             },
             warnings,
         ))
@@ -155,7 +158,12 @@ impl BackendSet {
                 }
             }
         }
-        let mut changes = self.sweep().await;
+        let running = self.running();
+        let mut changes = 0;
+        if self.swept.as_ref() != Some(&running) {
+            changes += self.sweep().await;
+            self.swept = Some(running);
+        }
         let mut first_err = None;
         match self.primary.reconcile().await {
             Ok(n) => changes += n,
@@ -209,10 +217,7 @@ impl BackendSet {
             };
             if let Some(mut b) = self.backends.remove(&cfg.backend_type) {
                 if same_settings(&defaults, cfg) {
-                    if let Some(old) = self.install_primary(b, cfg).await? {
-                        let t = old.backend_type().to_string();
-                        self.backends.insert(t, old);
-                    }
+                    self.install_primary(b, cfg).await?;
                     return crate::validate(cfg);
                 }
                 if let Err(e) = b.teardown().await {
@@ -220,30 +225,30 @@ impl BackendSet {
                 }
             }
             let (b, warnings) = create(cfg, &self.ctx).await?;
-            if let Some(old) = self.install_primary(b, cfg).await? {
-                let t = old.backend_type().to_string();
-                self.backends.insert(t, old);
-            }
+            self.install_primary(b, cfg).await?;
             Ok(warnings)
         }
     }
 
     /// Gives a new backend our lease and every peer, reconciles it, and makes it the primary;
-    /// returns the backend it replaced (None when the same type was replaced in place).
+    /// the one it replaces stays as a secondary unless it was of the same type (replaced in
+    /// place, already torn down).
     async fn install_primary(
         &mut self,
         mut b: Box<dyn Backend>,
         cfg: &BackendConfig,
-    ) -> Result<Option<Box<dyn Backend>>, BackendError> {
+    ) -> Result<(), BackendError> {
         self.feed(b.as_mut()).await?;
         b.reconcile().await?;
         let mut cfg = cfg.clone();
         cfg.backend_type = b.backend_type().to_string();
         self.failed.remove(&cfg.backend_type);
-        let same = cfg.backend_type == self.primary_cfg.backend_type;
-        self.primary_cfg = cfg;
+        let old_type = std::mem::replace(&mut self.primary_cfg, cfg).backend_type;
         let old = std::mem::replace(&mut self.primary, b);
-        Ok((!same).then_some(old))
+        if old_type != self.primary_cfg.backend_type {
+            self.backends.insert(old_type, old);
+        }
+        Ok(())
     }
 
     async fn start_secondary(&mut self, cfg: &BackendConfig) -> Result<(), BackendError> {
@@ -266,7 +271,7 @@ impl BackendSet {
     }
 
     /// Removes what a backend type that no longer runs here left behind, e.g. before a restart
-    /// with another type: the default VXLAN device `flannel.1`, and host-gw's routes (gateway
+    /// with another type (run by `reconcile` at start and whenever the running types change): the default VXLAN device `flannel.1`, and host-gw's routes (gateway
     /// routes on the interface to subnets of the Network that are not ours and not a vxlan
     /// peer's, whose DirectRouting routes look the same). A udp TUN goes with its process.
     /// Errors are logged; returns the number of removals.
@@ -288,23 +293,13 @@ impl BackendSet {
         }
         if !self.runs("host-gw") {
             let own = self.own.as_ref().map(|l| l.key.ipv4);
-            let vxlan_peers: Vec<_> = self
-                .peers
-                .leases()
-                .filter(|l| l.attrs.backend_type == "vxlan")
-                .map(|l| l.key.ipv4)
-                .collect();
-            let network = self.ctx.network;
+            // vxlan DirectRouting routes look the same; those of vxlan peers stay.
+            let vxlan_peers = self.peers.subnets("vxlan", true);
             let stale: Vec<_> = match nl.routes().await {
                 Ok(r) => r
                     .into_iter()
                     .filter(|r| {
-                        r.oif == self.ctx.ext.index
-                            && r.gateway.is_some()
-                            && network.contains(&r.dst)
-                            && r.dst.prefix_len() > network.prefix_len()
-                            && Some(r.dst) != own
-                            && !vxlan_peers.contains(&r.dst)
+                        peer_gateway_route(r, &self.ctx.ext, self.ctx.network, own, &vxlan_peers)
                     })
                     .collect(),
                 Err(e) => {
@@ -435,8 +430,8 @@ mod tests {
             .map(|r| r.oif)
     }
 
-    #[tokio::test]
-    async fn peers_of_other_types_get_their_backend_until_none_is_left() {
+    /// A node on vxlan with its lease 10.5.1.0/24, on a fake kernel.
+    async fn vxlan_node() -> (Arc<FakeNetlink>, BackendSet) {
         let nl = Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500));
         let (mut set, _) = BackendSet::start(&cfg("vxlan"), ctx(nl.clone()))
             .await
@@ -444,6 +439,12 @@ mod tests {
         set.set_lease(&lease("10.5.1.0/24", 11, "vxlan"))
             .await
             .unwrap();
+        (nl, set)
+    }
+
+    #[tokio::test]
+    async fn peers_of_other_types_get_their_backend_until_none_is_left() {
+        let (nl, mut set) = vxlan_node().await;
         // A peer still (or already) on host-gw: a host-gw path starts beside vxlan.
         set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "host-gw")));
         // A peer with no data plane: reported, nothing started.
@@ -468,13 +469,7 @@ mod tests {
 
     #[tokio::test]
     async fn switching_keeps_the_old_backend_while_peers_use_it() {
-        let nl = Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500));
-        let (mut set, _) = BackendSet::start(&cfg("vxlan"), ctx(nl.clone()))
-            .await
-            .unwrap();
-        set.set_lease(&lease("10.5.1.0/24", 11, "vxlan"))
-            .await
-            .unwrap();
+        let (nl, mut set) = vxlan_node().await;
         set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "vxlan")));
         set.reconcile().await.unwrap();
         set.switch(&cfg("host-gw")).await.unwrap();

@@ -21,7 +21,9 @@ use crate::netlink::{
     ensure_subnet_address, FdbEntry, Mac, Neighbour, Netlink, NetlinkError, Route, VxlanParams,
 };
 use crate::options::{bad, Options};
-use crate::{Backend, BackendContext, BackendError, ExternalInterface, PeerTable};
+use crate::{
+    peer_gateway_route, Backend, BackendContext, BackendError, ExternalInterface, PeerTable,
+};
 
 /// The kernel's (and flannel's) VXLAN port when `Port` is 0 or absent.
 pub const DEFAULT_PORT: u16 = 8472;
@@ -355,12 +357,7 @@ impl VxlanBackend {
         // DirectRouting routes sit on the external interface, where host-gw (running beside
         // us while the cluster switches) makes the same kind: we own only those to subnets of
         // no peer of another type, and none at all without DirectRouting.
-        let others: Vec<Ipv4Net> = self
-            .peers
-            .leases()
-            .filter(|l| l.attrs.backend_type != "vxlan")
-            .map(|l| l.key.ipv4)
-            .collect();
+        let others = self.peers.subnets("vxlan", false);
         let routes = self
             .nl
             .routes()
@@ -370,11 +367,7 @@ impl VxlanBackend {
             .filter(|r| {
                 r.oif == self.index
                     || (self.cfg.direct_routing
-                        && r.oif == self.ext.index
-                        && r.gateway.is_some()
-                        && self.network.contains(&r.dst)
-                        && r.dst.prefix_len() > self.network.prefix_len()
-                        && !others.contains(&r.dst))
+                        && peer_gateway_route(r, &self.ext, self.network, own, &others))
             })
             .collect();
         Ok(Actual {

@@ -481,13 +481,17 @@ pub async fn run(flags: Flags) -> Result<()> {
         .await
         .context("configuring the backend for our lease")?;
     sync(&mut backend, &mut rules, &status).await;
-    write_subnet_file(
-        &flags.subnet_file,
-        &cfg,
-        &lease,
-        backend.primary().mtu(),
-        flags.ip_masq,
-    )?;
+    // The subnet file for a lease, with the MTU of the backend running now.
+    let write_env = |l: &Lease, set: &BackendSet| {
+        write_subnet_file(
+            &flags.subnet_file,
+            &cfg,
+            l,
+            set.primary().mtu(),
+            flags.ip_masq,
+        )
+    };
+    write_env(&lease, &backend)?;
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::debug!("sd_notify: {e}");
     }
@@ -512,7 +516,7 @@ pub async fn run(flags: Flags) -> Result<()> {
                 if let Some(text) = text {
                     if let Some(l) = apply_config(&text, &cfg, &mut requested, &mut backend, &control, &status, &ext).await {
                         own = l;
-                        write_subnet_file(&flags.subnet_file, &cfg, &own, backend.primary().mtu(), flags.ip_masq)?;
+                        write_env(&own, &backend)?;
                         sync(&mut backend, &mut rules, &status).await;
                     }
                 }
@@ -543,13 +547,7 @@ pub async fn run(flags: Flags) -> Result<()> {
                         .await
                         .context("configuring the backend for our new lease")?;
                     rules.set(host_rules(l));
-                    write_subnet_file(
-                        &flags.subnet_file,
-                        &cfg,
-                        l,
-                        backend.primary().mtu(),
-                        flags.ip_masq,
-                    )?;
+                    write_env(l, &backend)?;
                 }
             }
             backend.peer_event(ev);

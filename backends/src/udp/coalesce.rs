@@ -16,13 +16,14 @@
 //! datagrams (with fresh checksums), as UDP GRO does. Anything else (ICMP, SYN/FIN/RST,
 //! out-of-order segments) goes to the TUN as it came.
 
+use tun_rs::{VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_UDP_L4};
+
 use super::packet::checksum;
 
 /// Size of the virtio-net header that precedes every TUN read and write with offload on.
-pub const VNET_HDR_LEN: usize = 10;
+pub const VNET_HDR_LEN: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+/// virtio-net header flag: the checksum at csum_start + csum_offset is to be completed.
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
-const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
-const VIRTIO_NET_HDR_GSO_UDP_L4: u8 = 5;
 const TCP_FLAG_PSH: u8 = 0x08;
 const TCP_FLAG_ACK: u8 = 0x10;
 /// Largest IPv4 packet.
@@ -209,17 +210,21 @@ pub fn merged_header(run: &[&[u8]], hdr: &mut Vec<u8>) -> [u8; VNET_HDR_LEN] {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     hdr[csum_at..csum_at + 2].copy_from_slice(&(sum as u16).to_be_bytes());
-    let mut v = [0u8; VNET_HDR_LEN];
-    v[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-    v[1] = if udp {
-        VIRTIO_NET_HDR_GSO_UDP_L4
-    } else {
-        VIRTIO_NET_HDR_GSO_TCPV4
+    let vnet = tun_rs::VirtioNetHdr {
+        flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        gso_type: if udp {
+            VIRTIO_NET_HDR_GSO_UDP_L4
+        } else {
+            VIRTIO_NET_HDR_GSO_TCPV4
+        },
+        hdr_len: hdr_len as u16,
+        gso_size: gso_size as u16,
+        csum_start: 20,
+        csum_offset: (csum_at - 20) as u16,
     };
-    v[2..4].copy_from_slice(&(hdr_len as u16).to_ne_bytes());
-    v[4..6].copy_from_slice(&(gso_size as u16).to_ne_bytes());
-    v[6..8].copy_from_slice(&20u16.to_ne_bytes());
-    v[8..10].copy_from_slice(&((csum_at - 20) as u16).to_ne_bytes());
+    let mut v = [0u8; VNET_HDR_LEN];
+    // encode fails only on a buffer shorter than the header; this one is exactly its size.
+    let _ = vnet.encode(&mut v);
     v
 }
 
@@ -456,15 +461,7 @@ mod tests {
         for p in &refs {
             whole.extend_from_slice(&p[hdr.len()..]);
         }
-        let h = |i: usize| u16::from_ne_bytes([v[i], v[i + 1]]);
-        let vh = tun_rs::VirtioNetHdr {
-            flags: v[0],
-            gso_type: v[1],
-            hdr_len: h(2),
-            gso_size: h(4),
-            csum_start: h(6),
-            csum_offset: h(8),
-        };
+        let vh = tun_rs::VirtioNetHdr::decode(&v).unwrap();
         let mut out = vec![vec![0u8; 2048]; 128];
         let mut sizes = vec![0usize; 128];
         let n = tun_rs::gso_split(&mut whole, vh, &mut out, &mut sizes, 0, false).unwrap();

@@ -336,44 +336,25 @@ impl Backend for UdpBackend {
 
     fn counters(&self) -> BTreeMap<String, u64> {
         let s = &self.stats;
-        let mut m = BTreeMap::new();
-        m.insert(
-            "udp_tx_packets".into(),
-            s.tx_packets.load(Ordering::Relaxed),
-        );
-        m.insert("udp_tx_bytes".into(), s.tx_bytes.load(Ordering::Relaxed));
-        m.insert(
-            "udp_rx_packets".into(),
-            s.rx_packets.load(Ordering::Relaxed),
-        );
-        m.insert("udp_rx_bytes".into(), s.rx_bytes.load(Ordering::Relaxed));
-        m.insert("udp_icmp_sent".into(), s.icmp_sent.load(Ordering::Relaxed));
-        m.insert("udp_gso_sends".into(), s.gso_sends.load(Ordering::Relaxed));
-        m.insert("udp_tun_reads".into(), s.tun_reads.load(Ordering::Relaxed));
-        m.insert(
-            "udp_tun_coalesced_writes".into(),
-            s.tun_coalesced_writes.load(Ordering::Relaxed),
-        );
-        m.insert(
-            "udp_receives".into(),
-            s.udp_receives.load(Ordering::Relaxed),
-        );
-        m.insert(
-            "udp_offload_disabled".into(),
-            s.offload_disabled.load(Ordering::Relaxed),
-        );
-        m.insert(
-            "udp_gso_disabled".into(),
-            s.gso_disabled.load(Ordering::Relaxed),
-        );
-        m.insert(
-            "udp_uso_disabled".into(),
-            s.uso_disabled.load(Ordering::Relaxed),
-        );
-        m.insert(
-            "udp_gro_disabled".into(),
-            s.gro_disabled.load(Ordering::Relaxed),
-        );
+        let named = [
+            ("udp_tx_packets", &s.tx_packets),
+            ("udp_tx_bytes", &s.tx_bytes),
+            ("udp_rx_packets", &s.rx_packets),
+            ("udp_rx_bytes", &s.rx_bytes),
+            ("udp_icmp_sent", &s.icmp_sent),
+            ("udp_gso_sends", &s.gso_sends),
+            ("udp_tun_reads", &s.tun_reads),
+            ("udp_tun_coalesced_writes", &s.tun_coalesced_writes),
+            ("udp_receives", &s.udp_receives),
+            ("udp_offload_disabled", &s.offload_disabled),
+            ("udp_gso_disabled", &s.gso_disabled),
+            ("udp_uso_disabled", &s.uso_disabled),
+            ("udp_gro_disabled", &s.gro_disabled),
+        ];
+        let mut m: BTreeMap<String, u64> = named
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+            .collect();
         for d in DropReason::ALL {
             m.insert(format!("udp_dropped_{}", d.label()), s.dropped(d));
         }
