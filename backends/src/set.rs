@@ -10,6 +10,7 @@
 //! host-gw behind NAT) are reported by [`BackendSet::unreachable`] with the reason.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use subnet_lease::manager::Event;
 use subnet_lease::{BackendConfig, Lease, SubnetKey};
@@ -38,6 +39,13 @@ fn same_settings(a: &BackendConfig, b: &BackendConfig) -> bool {
 /// Types a node can run beside its primary for peers that advertise them.
 const DATA_PLANES: &[&str] = &["vxlan", "udp", "host-gw"];
 
+/// How long a backend no peer advertises any more is kept before it is torn down. Peers
+/// reach us the way *our* lease said until they see it change: when this node and its peers
+/// switch at the same moment, a peer may still send over the old type for a few
+/// milliseconds after we have seen all of them move on (measured: a TCP segment lost to the
+/// retransmission timer, ~200 ms gap, without this grace).
+pub const RETIRE_GRACE: Duration = Duration::from_secs(3);
+
 #[derive(Debug)]
 pub struct BackendSet {
     ctx: BackendContext,
@@ -52,6 +60,8 @@ pub struct BackendSet {
     failed: BTreeMap<String, String>,
     /// The running types when [`BackendSet::sweep`] last ran (it runs again when they change).
     swept: Option<Vec<String>>,
+    /// Secondaries no peer advertises, by type: since when (torn down after [`RETIRE_GRACE`]).
+    unwanted_since: BTreeMap<String, Instant>,
 }
 
 impl BackendSet {
@@ -74,6 +84,7 @@ impl BackendSet {
                 own: None,
                 failed: BTreeMap::new(),
                 swept: None,
+                unwanted_since: BTreeMap::new(),
             },
             warnings,
         ))
@@ -119,9 +130,15 @@ impl BackendSet {
         }
     }
 
-    /// Starts backends for peer types not running yet, retires those no peer needs, and
-    /// reconciles every running backend. Returns the number of kernel changes.
+    /// [`BackendSet::reconcile_at`] now.
     pub async fn reconcile(&mut self) -> Result<usize, BackendError> {
+        self.reconcile_at(Instant::now()).await
+    }
+
+    /// Starts backends for peer types not running yet, reconciles every running backend,
+    /// then retires those no peer has needed for [`RETIRE_GRACE`] (`now` is the caller's
+    /// clock, so tests drive the grace without waiting). Returns the number of kernel changes.
+    pub async fn reconcile_at(&mut self, now: Instant) -> Result<usize, BackendError> {
         let wanted = self.peer_types();
         for t in &wanted {
             if self.runs(t) || !DATA_PLANES.contains(&t.as_str()) {
@@ -144,26 +161,11 @@ impl BackendSet {
             }
         }
         self.failed.retain(|t, _| wanted.contains(t));
-        let retire: Vec<String> = self
-            .backends
-            .keys()
-            .filter(|t| !wanted.contains(t))
-            .cloned()
-            .collect();
-        for t in retire {
-            if let Some(mut b) = self.backends.remove(&t) {
-                tracing::info!(backend = %t, "no peer advertises it any more; tearing it down");
-                if let Err(e) = b.teardown().await {
-                    tracing::warn!(backend = %t, "teardown: {e}");
-                }
-            }
-        }
-        let running = self.running();
+        // Make before break: every running backend first takes its peers (routes of a peer
+        // that changed type move to the backend now carrying it), then the backends no peer
+        // needs are torn down. The other order leaves a window (a udp teardown joins its
+        // threads, ~100 ms) in which a moved peer has no route at all.
         let mut changes = 0;
-        if self.swept.as_ref() != Some(&running) {
-            changes += self.sweep().await;
-            self.swept = Some(running);
-        }
         let mut first_err = None;
         match self.primary.reconcile().await {
             Ok(n) => changes += n,
@@ -176,6 +178,28 @@ impl BackendSet {
                     first_err.get_or_insert(e);
                 }
             }
+        }
+        self.unwanted_since.retain(|t, _| !wanted.contains(t));
+        let mut retire = Vec::new();
+        for t in self.backends.keys().filter(|t| !wanted.contains(t)) {
+            let since = *self.unwanted_since.entry(t.clone()).or_insert(now);
+            if now.saturating_duration_since(since) >= RETIRE_GRACE {
+                retire.push(t.clone());
+            }
+        }
+        for t in retire {
+            self.unwanted_since.remove(&t);
+            if let Some(mut b) = self.backends.remove(&t) {
+                tracing::info!(backend = %t, "no peer advertises it any more; tearing it down");
+                if let Err(e) = b.teardown().await {
+                    tracing::warn!(backend = %t, "teardown: {e}");
+                }
+            }
+        }
+        let running = self.running();
+        if self.swept.as_ref() != Some(&running) {
+            changes += self.sweep().await;
+            self.swept = Some(running);
         }
         match first_err {
             Some(e) => Err(e),
@@ -459,11 +483,26 @@ mod tests {
             unreachable[0].1.contains("no data plane"),
             "{unreachable:?}"
         );
-        // The peer switches to vxlan: its route moves to flannel.1, host-gw retires.
+        // The peer switches to vxlan: its route moves to flannel.1 at once; host-gw stays for
+        // the grace (the peer may still send that way until it sees our lease), then retires.
+        let t0 = Instant::now();
         set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "vxlan")));
-        set.reconcile().await.unwrap();
-        assert_eq!(set.running(), vec!["vxlan"]);
+        set.reconcile_at(t0).await.unwrap();
         let vx = nl.link_by_name("flannel.1").await.unwrap().unwrap().index;
+        assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(vx));
+        set.reconcile_at(t0 + RETIRE_GRACE / 2).await.unwrap();
+        assert_eq!(set.running(), vec!["host-gw", "vxlan"]);
+        // Wanted again within the grace: the clock restarts.
+        set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "host-gw")));
+        set.reconcile_at(t0 + RETIRE_GRACE).await.unwrap();
+        assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(2));
+        set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "vxlan")));
+        let t1 = t0 + RETIRE_GRACE * 2;
+        set.reconcile_at(t1).await.unwrap();
+        set.reconcile_at(t1 + RETIRE_GRACE / 2).await.unwrap();
+        assert_eq!(set.running(), vec!["host-gw", "vxlan"]);
+        set.reconcile_at(t1 + RETIRE_GRACE).await.unwrap();
+        assert_eq!(set.running(), vec!["vxlan"]);
         assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(vx));
     }
 
@@ -496,9 +535,12 @@ mod tests {
             nl.link_by_name("flannel.1").await.unwrap().unwrap().index,
             vx
         );
-        // The peer follows: host-gw routes it, vxlan goes with its device.
+        // The peer follows: host-gw routes it, vxlan goes with its device after the grace.
         set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "host-gw")));
-        set.reconcile().await.unwrap();
+        let t0 = Instant::now();
+        set.reconcile_at(t0).await.unwrap();
+        assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(2));
+        set.reconcile_at(t0 + RETIRE_GRACE).await.unwrap();
         assert_eq!(set.running(), vec!["host-gw"]);
         assert!(nl.link_by_name("flannel.1").await.unwrap().is_none());
         assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(2));

@@ -306,14 +306,21 @@ impl Backend for UdpBackend {
 
     async fn reconcile(&mut self) -> Result<usize, BackendError> {
         let changes = self.ensure_link_state().await?;
-        let peers: Vec<UdpPeer> = self
-            .peers
-            .leases()
-            .filter_map(|l| self.peer_addr(l).ok())
-            .collect();
+        let (mut peers, mut switching) = (Vec::new(), Vec::new());
+        for l in self.peers.leases() {
+            let p = UdpPeer {
+                subnet: l.key.ipv4,
+                addr: SocketAddrV4::new(l.attrs.public_ip, self.cfg.port),
+            };
+            match self.peer_addr(l) {
+                Ok(p) => peers.push(p),
+                Err(_) => switching.push(p),
+            }
+        }
         let mut r = self.routes.write().unwrap_or_else(|e| e.into_inner());
         let changed = r.peers != peers;
         r.peers = peers;
+        r.switching = switching;
         Ok(changes + usize::from(changed))
     }
 

@@ -212,7 +212,12 @@ pub struct UdpPeer {
 #[derive(Debug, Clone, Default)]
 pub struct Routes {
     pub own: Option<Ipv4Net>,
+    /// Peers whose lease says udp: where egress sends.
     pub peers: Vec<UdpPeer>,
+    /// Peers whose lease says another type: accepted on ingress as well. A peer switching
+    /// backend live sends over udp as soon as it has republished, before its new lease
+    /// reaches us; it is the same member (address, port, subnet), so its packets are taken.
+    pub switching: Vec<UdpPeer>,
 }
 
 /// What to do with a packet read from TUN.
@@ -248,7 +253,12 @@ impl Routes {
     /// source is in that peer's subnet and whose destination is in ours.
     pub fn ingress(&self, from: SocketAddrV4, pkt: &[u8]) -> Result<(), DropReason> {
         let h = parse_ipv4(pkt)?;
-        let mut known = self.peers.iter().filter(|p| p.addr == from).peekable();
+        let mut known = self
+            .peers
+            .iter()
+            .chain(&self.switching)
+            .filter(|p| p.addr == from)
+            .peekable();
         if known.peek().is_none() {
             return Err(DropReason::UnknownSender);
         }
@@ -369,6 +379,10 @@ mod tests {
                 subnet: "10.5.2.0/24".parse().unwrap(),
                 addr: "172.30.0.12:8285".parse().unwrap(),
             }],
+            switching: vec![UdpPeer {
+                subnet: "10.5.3.0/24".parse().unwrap(),
+                addr: "172.30.0.13:8285".parse().unwrap(),
+            }],
         }
     }
 
@@ -407,5 +421,13 @@ mod tests {
         let elsewhere = packet([10, 5, 2, 2], [10, 5, 4, 2], 63, b"x");
         assert_eq!(r.ingress(peer, &elsewhere), Err(DropReason::NotForUs));
         assert_eq!(r.ingress(peer, &ok[..10]), Err(DropReason::Short));
+        // A peer still advertising another type (mid-switch) is accepted on ingress, with
+        // the same source check, but never sent to.
+        let switching: SocketAddrV4 = "172.30.0.13:8285".parse().unwrap();
+        let from3 = packet([10, 5, 3, 2], [10, 5, 1, 2], 63, b"x");
+        assert_eq!(r.ingress(switching, &from3), Ok(()));
+        assert_eq!(r.ingress(switching, &ok), Err(DropReason::ForeignSource));
+        let mut to3 = packet([10, 5, 1, 2], [10, 5, 3, 2], 64, b"x");
+        assert_eq!(r.egress(&mut to3), Egress::Unreachable);
     }
 }
