@@ -16,7 +16,8 @@ pub mod ipmath;
 pub mod lease;
 pub mod manager;
 pub mod registry;
-pub mod subnet_env;
+/// The subnet file, from its own small crate (the CNI plugin reads it without etcd).
+pub use subnet_env;
 pub mod watch;
 
 pub use config::{BackendConfig, ConfigError, NetConfig};

@@ -1,0 +1,59 @@
+//! `flannel`: the CNI plugin binary. Reads CNI_* from the environment and the network
+//! configuration from stdin; prints the result (or a CNI error) on stdout.
+
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use cni::cmd::{dispatch, Context, Env};
+use cni::exec::PathExec;
+use cni::{conf, version};
+
+/// How long a delegate call may take before it is killed.
+const DELEGATE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// When this machine booted (`btime` in /proc/stat).
+fn booted() -> Option<SystemTime> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let secs: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+fn main() -> ExitCode {
+    let mut stdin = Vec::new();
+    let env = Env::from_lookup(|k| std::env::var(k).ok());
+    let exec = PathExec::new(env.path.as_deref().unwrap_or_default(), DELEGATE_TIMEOUT);
+    let cx = Context {
+        exec: &exec,
+        now: SystemTime::now(),
+        booted: booted(),
+    };
+    // VERSION may come without stdin; every other command reads its config.
+    let read = std::io::stdin().read_to_end(&mut stdin);
+    let outcome =
+        match read {
+            Ok(_) => dispatch(&env, &stdin, &cx),
+            Err(e) => Err(cni::CniError::new(cni::error::code::IO, "reading stdin")
+                .with_details(e.to_string())),
+        };
+    let mut out = std::io::stdout().lock();
+    match outcome {
+        Ok(Some(v)) => {
+            let _ = writeln!(out, "{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            let v = conf::peek_version(&stdin).unwrap_or_else(|| version::LATEST.to_string());
+            let _ = writeln!(out, "{}", e.to_json(&v));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! What the plugin keeps in its data directory (default `/var/lib/cni/flannel`, mode 0700):
+//!
+//! - `<containerID>`: the delegate config ADD used (as flannel stores it, so DEL works after a
+//!   swap from or to flannel), mode 0600;
+//! - `attachments/<containerID>.json`: the attachment record ([`Attachment`]) that flanneld
+//!   publishes for the service proxy and the policy module, mode 0600.
+//!
+//! Every file is written atomically (temporary file, fsync, rename, fsync of the directory).
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::attachment::{Attachment, ATTACHMENTS_DIR};
+use crate::error::{code, CniError};
+
+/// Checks a container ID as the spec defines it (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`); it names files
+/// here, so nothing else may pass.
+pub fn check_container_id(id: &str) -> Result<(), CniError> {
+    let mut chars = id.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::INVALID_ENV,
+            format!(
+                "CNI_CONTAINERID {id:?} is not a valid container ID ([a-zA-Z0-9][a-zA-Z0-9_.-]*)"
+            ),
+        ))
+    }
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> CniError {
+    CniError::new(code::IO, format!("{what} {}", path.display())).with_details(e.to_string())
+}
+
+/// Creates `dir` (and parents) with mode 0700.
+fn ensure_dir(dir: &Path) -> Result<(), CniError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io_err("creating", dir, e))
+}
+
+/// Writes `bytes` to `path` atomically with mode 0600.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CniError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    ensure_dir(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err("writing", path, e));
+    }
+    Ok(())
+}
+
+/// Removes a file; a missing one is fine.
+fn remove(path: &Path) -> Result<(), CniError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("removing", path, e)),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Store { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn config_path(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    fn attachment_path(&self, id: &str) -> PathBuf {
+        self.dir.join(ATTACHMENTS_DIR).join(format!("{id}.json"))
+    }
+
+    pub fn save_config(&self, id: &str, conf: &Value) -> Result<(), CniError> {
+        let bytes = serde_json::to_vec(conf).map_err(|e| CniError::new(code::IO, e.to_string()))?;
+        write_atomic(&self.config_path(id), &bytes)
+    }
+
+    /// The stored delegate config, `None` when there is none.
+    pub fn load_config(&self, id: &str) -> Result<Option<Value>, CniError> {
+        let path = self.config_path(id);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                CniError::new(
+                    code::DECODE,
+                    format!("stored delegate config {}", path.display()),
+                )
+                .with_details(e.to_string())
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("reading", &path, e)),
+        }
+    }
+
+    pub fn save_attachment(&self, a: &Attachment) -> Result<(), CniError> {
+        let bytes =
+            serde_json::to_vec_pretty(a).map_err(|e| CniError::new(code::IO, e.to_string()))?;
+        write_atomic(&self.attachment_path(&a.container_id), &bytes)
+    }
+
+    pub fn load_attachment(&self, id: &str) -> Result<Option<Attachment>, CniError> {
+        let path = self.attachment_path(id);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                CniError::new(
+                    code::DECODE,
+                    format!("attachment record {}", path.display()),
+                )
+                .with_details(e.to_string())
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("reading", &path, e)),
+        }
+    }
+
+    /// Removes the attachment record first (flanneld unpublishes it), then the delegate config.
+    pub fn remove_all(&self, id: &str) -> Result<(), CniError> {
+        remove(&self.attachment_path(id))?;
+        remove(&self.config_path(id))
+    }
+
+    /// Container IDs with a stored delegate config or an attachment record.
+    pub fn container_ids(&self) -> Result<Vec<String>, CniError> {
+        let mut ids = std::collections::BTreeSet::new();
+        for (dir, suffix) in [
+            (self.dir.clone(), ""),
+            (self.dir.join(ATTACHMENTS_DIR), ".json"),
+        ] {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("listing", &dir, e)),
+            };
+            for e in entries.flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_file()) {
+                    continue;
+                }
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(id) = name.strip_suffix(suffix) {
+                    if check_container_id(id).is_ok() {
+                        ids.insert(id.to_string());
+                    }
+                }
+            }
+        }
+        Ok(ids.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn container_ids_are_checked() {
+        for ok in ["abc", "a1_b.c-d", "0"] {
+            assert!(check_container_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "../x", "a/b", "-a", ".x", "a b"] {
+            assert_eq!(check_container_id(bad).unwrap_err().code, 4, "{bad}");
+        }
+    }
+
+    #[test]
+    fn files_modes_and_listing() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::new(t.path().join("flannel"));
+        assert_eq!(s.container_ids().unwrap(), Vec::<String>::new());
+        assert_eq!(s.load_config("c1").unwrap(), None);
+        s.save_config("c1", &serde_json::json!({"type": "bridge"}))
+            .unwrap();
+        assert_eq!(mode(s.dir()), 0o700);
+        assert_eq!(mode(&s.dir().join("c1")), 0o600);
+        assert_eq!(s.load_config("c1").unwrap().unwrap()["type"], "bridge");
+        let a = Attachment {
+            container_id: "c2".into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/x".into(),
+            pod_namespace: Some("default".into()),
+            pod_name: Some("web".into()),
+            ips: vec!["10.5.1.2/24".parse().unwrap()],
+            network: "cbr0".into(),
+            time: "2026-11-23T00:00:00Z".into(),
+        };
+        s.save_attachment(&a).unwrap();
+        assert_eq!(mode(&s.dir().join("attachments/c2.json")), 0o600);
+        assert_eq!(s.load_attachment("c2").unwrap().unwrap(), a);
+        std::fs::write(s.dir().join(".tmpjunk"), "x").unwrap();
+        assert_eq!(s.container_ids().unwrap(), vec!["c1", "c2"]);
+        s.remove_all("c1").unwrap();
+        s.remove_all("c2").unwrap();
+        s.remove_all("c3").unwrap();
+        assert_eq!(s.container_ids().unwrap(), Vec::<String>::new());
+    }
+}
