@@ -7,7 +7,8 @@
 //! - `mtu` = `FLANNEL_MTU` unless given; for `bridge`, `isGateway: true` unless given;
 //! - `ipam` = the config's `ipam` (type `host-local` unless given) with `ranges` = the node's
 //!   subnet (and IPv6 subnet) and `routes` = its own plus one to the cluster Network (and IPv6
-//!   Network); a `subnet` key of its own is dropped (the node subnet is the range);
+//!   Network), via the bridge's address for `bridge` (flannel omits the gateway, which breaks
+//!   the bridge's CHECK); a `subnet` key of its own is dropped (the node subnet is the range);
 //! - `runtimeConfig` passed on when present.
 
 use serde_json::{json, Map, Value};
@@ -43,11 +44,39 @@ pub fn build(conf: &NetConf, env: &SubnetEnv, cni_version: &str) -> Map<String, 
         Some(Value::Array(r)) => r.clone(),
         _ => Vec::new(),
     };
-    if let Some(nw) = env.network {
-        routes.push(json!({ "dst": nw.to_string() }));
-    }
-    if let Some(nw) = env.ipv6_network {
-        routes.push(json!({ "dst": nw.to_string() }));
+    // flannel leaves the gateway out; the bridge then routes via its own address at ADD but
+    // its CHECK compares the pod's routes with a gateway-less one and always fails. Naming the
+    // gateway host-local gives the bridge (the subnet's first address) makes CHECK pass and
+    // changes nothing else.
+    let bridge = d.get("type").and_then(Value::as_str) == Some("bridge");
+    // The subnet's first address (network + 1), as host-local's default gateway.
+    let first = |n: ipnet::IpNet| {
+        Some(match n.network() {
+            std::net::IpAddr::V4(a) => {
+                std::net::Ipv4Addr::from(u32::from(a).wrapping_add(1)).to_string()
+            }
+            std::net::IpAddr::V6(a) => {
+                std::net::Ipv6Addr::from(u128::from(a).wrapping_add(1)).to_string()
+            }
+        })
+    };
+    for (nw, sn) in [
+        (
+            env.network.map(ipnet::IpNet::V4),
+            env.subnet.map(ipnet::IpNet::V4),
+        ),
+        (
+            env.ipv6_network.map(ipnet::IpNet::V6),
+            env.ipv6_subnet.map(ipnet::IpNet::V6),
+        ),
+    ] {
+        if let Some(nw) = nw {
+            let mut r = json!({ "dst": nw.to_string() });
+            if let Some(gw) = sn.filter(|_| bridge).and_then(first) {
+                r["gw"] = gw.into();
+            }
+            routes.push(r);
+        }
     }
     ipam.insert("routes".into(), Value::Array(routes));
     d.insert("ipam".into(), Value::Object(ipam));
@@ -93,7 +122,7 @@ mod tests {
                 "name": "cbr0", "type": "bridge", "ipMasq": false, "mtu": 1450,
                 "isGateway": true, "cniVersion": "1.0.0",
                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.5.52.0/24"}]],
-                         "routes": [{"dst": "10.5.0.0/16"}]}
+                         "routes": [{"dst": "10.5.0.0/16", "gw": "10.5.52.1"}]}
             })
         );
         // flanneld without --ip-masq: the bridge masquerades.

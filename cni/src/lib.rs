@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attachment;
+pub mod chain;
 pub mod cmd;
 pub mod conf;
 pub mod delegate;

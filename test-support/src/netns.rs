@@ -51,6 +51,8 @@ pub struct Testbed {
     pub etcd: Option<Etcd>,
     created: Vec<String>,
     procs: Vec<Proc>,
+    /// Empty pod namespaces created so far (for unique names).
+    empty_pods: usize,
 }
 
 /// SIGTERM, wait up to `grace`, then SIGKILL; always reaps.
@@ -88,6 +90,7 @@ impl Testbed {
             etcd: None,
             created: Vec::new(),
             procs: Vec::new(),
+            empty_pods: 0,
         };
         let hub = tb.hub.clone();
         tb.add_netns(&hub)?;
@@ -264,6 +267,22 @@ impl Testbed {
         let p = self.procs.get_mut(handle)?;
         let mut child = p.child.take()?;
         stop_child(&mut child, grace)
+    }
+
+    /// Creates an empty pod namespace named after node `node` (`<node ns>c<k>`, loopback up),
+    /// removed with the testbed: for a CNI plugin to attach, as a runtime would. Returns its
+    /// name; `/run/netns/<name>` is the CNI_NETNS to pass.
+    pub fn add_empty_pod_netns(&mut self, node: usize) -> Result<String, String> {
+        let node_ns = self
+            .nodes
+            .get(node)
+            .ok_or_else(|| format!("no node {node}"))?
+            .ns
+            .clone();
+        self.empty_pods += 1;
+        let ns = format!("{node_ns}c{}", self.empty_pods);
+        self.add_netns(&ns)?;
+        Ok(ns)
     }
 
     /// Adds a pod namespace behind node `node` (index into `nodes`) with address `ip_cidr`
