@@ -11,14 +11,19 @@ use test_support::{require_root_with, run_bounded};
 
 #[test]
 fn testbed_up_shows_traffic_and_down_removes_everything() {
-    if !require_root_with(&["ip", "etcd", "etcdctl", "socat", "iperf3", "ping"]) {
+    if !require_root_with(&["ip", "etcd", "etcdctl", "socat", "iperf3", "ping", "jq"]) {
         return;
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/testbed/testbed");
     let up = run_bounded(
         Command::new(&script)
             .args(["up", "--nodes", "2", "--pods", "2"])
-            .env("FLANNELD_BIN", env!("CARGO_BIN_EXE_flanneld")),
+            // flanneld's directory also holds `flannel` and `flannelctl` under
+            // `cargo test --workspace` (the testbed checks and says so otherwise).
+            .env(
+                "FLANNEL_BIN_DIR",
+                PathBuf::from(env!("CARGO_BIN_EXE_flanneld")).parent().unwrap(),
+            ),
         Duration::from_secs(240),
     )
     .unwrap();
