@@ -261,6 +261,8 @@ fn run_flanneld(
                     endpoint,
                     "--subnet-file",
                     env.to_str().context("path")?,
+                    // No pods are attached through the CNI plugin here: publishing off.
+                    "--cni-data-dir=",
                     if forward_rules {
                         "--iptables-forward-rules=true"
                     } else {

@@ -269,6 +269,8 @@ fn run(rounds: u32) -> Result<Results> {
                 &endpoint,
                 "--subnet-file",
                 env.to_str().context("path")?,
+                // No pods are attached through the CNI plugin here: publishing off.
+                "--cni-data-dir=",
             ],
             &[("RUST_LOG", "info")],
             &dir.path().join(format!("n{n}.log")),

@@ -184,6 +184,10 @@ fn pods_attached_through_the_chain_reach_each_other_across_nodes() {
                 &endpoint,
                 "--subnet-file",
                 n.subnet_file.to_str().unwrap(),
+                "--cni-data-dir",
+                n.data_dir.to_str().unwrap(),
+                "--node-name",
+                &format!("node{i}"),
             ],
             &[("RUST_LOG", "info")],
             &dir.path().join(format!("flanneld{i}.log")),
@@ -234,6 +238,18 @@ fn pods_attached_through_the_chain_reach_each_other_across_nodes() {
             .subnet
             .unwrap()
             .contains(&ip_of(&r).parse::<std::net::Ipv4Addr>().unwrap()));
+        // flanneld publishes the attachment for the service proxy and the policy module.
+        let key = format!("/coreos.com/network/pods/x/a{i}");
+        let published = wait_for(Duration::from_secs(20), || {
+            tb.etcdctl(&["get", &key, "--print-value-only"])
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+        })
+        .unwrap_or_else(|| panic!("{key} not published"));
+        let v: Value = serde_json::from_str(published.trim()).unwrap();
+        assert_eq!(v["IP"], ip_of(&r).as_str(), "{v}");
+        assert_eq!(v["NodeIP"], tb.nodes[i].ip.as_str(), "{v}");
+        assert_eq!(v["ContainerID"], id.as_str(), "{v}");
         pods.push((pod_ns, ip_of(&r), c, rt, r));
     }
     // Across the overlay, both ways.
@@ -326,6 +342,12 @@ fn pods_attached_through_the_chain_reach_each_other_across_nodes() {
         .unwrap_or_else(|e| panic!("DEL #{round}: {e}"));
     }
     assert!(nodes[1].stored().is_empty(), "state left after DEL");
+    let gone = wait_for(Duration::from_secs(20), || {
+        tb.etcdctl(&["get", "/coreos.com/network/pods/x/a1", "--print-value-only"])
+            .ok()
+            .filter(|v| v.trim().is_empty())
+    });
+    assert!(gone.is_some(), "pod x/a1 still published after DEL");
     assert!(
         nodes[1].reserved().is_empty(),
         "address still reserved after DEL"

@@ -25,6 +25,7 @@ use crate::flags::Flags;
 use crate::health::{self, Status};
 use crate::iface;
 use crate::nft::{self, HostRules, Nft, RuleKeeper};
+use crate::pods::{self, PodOptions};
 
 /// Resolves when SIGTERM or SIGINT arrives.
 struct Shutdown {
@@ -500,6 +501,18 @@ pub async fn run(flags: Flags) -> Result<()> {
     let (control, control_rx) = mpsc::channel(4);
     let (config_tx, mut config_changes) = mpsc::channel::<String>(8);
     let config_watch = tokio::spawn(watch_config(manager.registry().clone(), config_tx));
+    // Pods are published for the subnet we hold now; a re-acquired lease is passed on.
+    let (subnet_tx, subnet_rx) = tokio::sync::watch::channel(lease.key);
+    let pod_task = pods::spawn(
+        PodOptions {
+            data_dir: flags.cni_data_dir.clone(),
+            node: flags.node_name(),
+            node_ip: ext.public_ip,
+        },
+        manager.registry().clone(),
+        subnet_rx,
+        status.clone(),
+    );
     let mut requested = cfg.backend.clone();
     let mut own = lease.clone();
     let run = tokio::spawn(manager.run_with_control(lease, tx, control_rx));
@@ -548,6 +561,7 @@ pub async fn run(flags: Flags) -> Result<()> {
                         .context("configuring the backend for our new lease")?;
                     rules.set(host_rules(l));
                     write_env(l, &backend)?;
+                    let _ = subnet_tx.send(l.key);
                 }
             }
             backend.peer_event(ev);
@@ -556,6 +570,10 @@ pub async fn run(flags: Flags) -> Result<()> {
     }
     tracing::debug!("stopping with lease {}", describe(&own));
     config_watch.abort();
+    // Pod keys stay (on their own 60 s etcd lease) for the restart, like the data plane.
+    if let Some(t) = pod_task {
+        t.abort();
+    }
     drop(events);
     let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
     Ok(())

@@ -3,6 +3,7 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
+use clap::builder::TypedValueParser;
 use clap::Parser;
 
 #[derive(Debug, Clone, Parser)]
@@ -98,6 +99,21 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     pub healthz_port: u16,
 
+    /// The CNI plugin's data directory: the pod attachment records in its `attachments/` are
+    /// published to etcd under `<prefix>/pods/`. Empty: publish no pods.
+    #[arg(
+        long,
+        env = "FLANNELD_CNI_DATA_DIR",
+        default_value = "/var/lib/cni/flannel",
+        value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from)
+    )]
+    pub cni_data_dir: PathBuf,
+
+    /// This node's name in the published pod records (default: env NODE_NAME, else the
+    /// hostname).
+    #[arg(long, env = "FLANNELD_NODE_NAME")]
+    pub node_name: Option<String>,
+
     /// Remove the host rules and the backend's device, then exit (the lease is kept).
     #[arg(long)]
     pub cleanup: bool,
@@ -105,6 +121,37 @@ pub struct Flags {
     /// Log verbosity as flannel's glog -v: 0-1 info, 2-4 debug, 5+ trace. RUST_LOG wins.
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
+}
+
+impl Flags {
+    /// `--node-name`, else the environment's `NODE_NAME`, else the hostname.
+    pub fn node_name(&self) -> String {
+        let hostname = || {
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        resolve_node_name(
+            self.node_name.as_deref(),
+            std::env::var("NODE_NAME").ok().as_deref(),
+            hostname,
+        )
+    }
+}
+
+/// The first non-empty of the flag and `NODE_NAME`, else the hostname.
+fn resolve_node_name(
+    flag: Option<&str>,
+    env: Option<&str>,
+    hostname: impl FnOnce() -> String,
+) -> String {
+    [flag, env]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .find(|s| !s.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(hostname)
 }
 
 /// Accepts Go-style single-dash long flags (`-etcd-endpoints=…`), as flannel's flag package
@@ -149,6 +196,22 @@ mod tests {
         assert!(f.iface.is_empty() && f.public_ip.is_none());
         assert!(!f.ip_masq && f.iptables_forward_rules && !f.cleanup);
         assert_eq!((f.healthz_port, f.iptables_resync, f.verbosity), (0, 5, 0));
+        assert_eq!(f.cni_data_dir, PathBuf::from("/var/lib/cni/flannel"));
+        assert_eq!(f.node_name, None);
+    }
+
+    #[test]
+    fn pod_publishing_flags() {
+        let f = parse(&["flanneld", "-cni-data-dir=/tmp/x", "--node-name", "node-7"]);
+        assert_eq!(f.cni_data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(f.node_name(), "node-7");
+        let f = parse(&["flanneld", "--cni-data-dir="]);
+        assert_eq!(f.cni_data_dir, PathBuf::new());
+        let host = || "host-1".to_string();
+        assert_eq!(resolve_node_name(Some("a"), Some("b"), host), "a");
+        assert_eq!(resolve_node_name(None, Some("b"), host), "b");
+        assert_eq!(resolve_node_name(Some(" "), Some(""), host), "host-1");
+        assert_eq!(resolve_node_name(None, None, host), "host-1");
     }
 
     #[test]

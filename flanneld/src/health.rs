@@ -38,6 +38,9 @@ pub struct Status {
     /// Live backend switches done, and config changes refused.
     pub backend_switches: Counter,
     pub config_rejected: Counter,
+    /// Pod records this node holds in etcd, and failed attempts to publish them.
+    pub pods_published: Gauge,
+    pub pod_publish_errors: Counter,
     /// The backend's data-plane counters, labelled by name.
     backend: Family<Vec<(String, String)>, Counter>,
     lease_expiry: Gauge,
@@ -63,6 +66,8 @@ impl Status {
             peers_unreachable: Gauge::default(),
             backend_switches: Counter::default(),
             config_rejected: Counter::default(),
+            pods_published: Gauge::default(),
+            pod_publish_errors: Counter::default(),
             backend: Family::default(),
             lease_expiry: Gauge::default(),
             etcd_errors: Counter::default(),
@@ -87,6 +92,16 @@ impl Status {
             "config_rejected",
             "Network config changes refused (invalid, or not changeable live)",
             s.config_rejected.clone(),
+        );
+        r.register(
+            "pods_published",
+            "Pod records this node holds in etcd under <prefix>/pods/",
+            s.pods_published.clone(),
+        );
+        r.register(
+            "pod_publish_errors",
+            "Failed attempts to publish pod records (etcd errors, unreadable attachment directory)",
+            s.pod_publish_errors.clone(),
         );
         r.register(
             "reconcile_errors",
@@ -285,6 +300,8 @@ mod tests {
         let m = respond(&st, "GET /metrics HTTP/1.1").2;
         assert!(m.contains("flannel_peers 3"), "{m}");
         assert!(m.contains("flannel_etcd_errors_total 2"), "{m}");
+        assert!(m.contains("flannel_pods_published 0"), "{m}");
+        assert!(m.contains("flannel_pod_publish_errors_total 0"), "{m}");
         assert!(
             m.contains("flannel_reconcile_duration_seconds_bucket"),
             "{m}"

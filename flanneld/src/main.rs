@@ -8,6 +8,7 @@ mod flags;
 mod health;
 mod iface;
 mod nft;
+mod pods;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;

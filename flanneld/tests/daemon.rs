@@ -29,6 +29,11 @@ impl Daemon {
         let child = Command::new(BIN)
             .args(args)
             .arg("--iptables-forward-rules=false")
+            // Pod records from a directory of the test's, not the host's /var/lib/cni/flannel.
+            .arg(format!(
+                "--cni-data-dir={}",
+                log.with_extension("cni").display()
+            ))
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

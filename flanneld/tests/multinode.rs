@@ -26,7 +26,9 @@ fn three_nodes_lease_distinct_subnets_see_each_other_and_restart_cleanly() {
         let node = &nodes[i];
         let file = dir.path().join(format!("n{i}.env"));
         let log = dir.path().join(format!("n{i}-{run}.log"));
+        let cni = dir.path().join(format!("cni{i}"));
         // Default interface (eth0, via the default route) and default prefix: flannel's defaults.
+        // (Pod records from a directory of the test's, not the host's /var/lib/cni/flannel.)
         tb.spawn(
             &node.ns,
             BIN,
@@ -35,6 +37,8 @@ fn three_nodes_lease_distinct_subnets_see_each_other_and_restart_cleanly() {
                 &endpoint,
                 "--subnet-file",
                 file.to_str().unwrap(),
+                "--cni-data-dir",
+                cni.to_str().unwrap(),
             ],
             &[("RUST_LOG", "info")],
             &log,

@@ -22,7 +22,9 @@ fn testbed_up_shows_traffic_and_down_removes_everything() {
             // `cargo test --workspace` (the testbed checks and says so otherwise).
             .env(
                 "FLANNEL_BIN_DIR",
-                PathBuf::from(env!("CARGO_BIN_EXE_flanneld")).parent().unwrap(),
+                PathBuf::from(env!("CARGO_BIN_EXE_flanneld"))
+                    .parent()
+                    .unwrap(),
             ),
         Duration::from_secs(240),
     )

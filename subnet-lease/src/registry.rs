@@ -32,15 +32,46 @@ pub enum RegistryError {
     Tls(String),
     #[error("etcd endpoint {endpoint:?}: {msg}")]
     Endpoint { endpoint: String, msg: String },
+    /// A call about one key failed; `source` says how.
+    #[error("{source} (key {key})")]
+    Key {
+        key: String,
+        source: Box<RegistryError>,
+    },
 }
 
 impl RegistryError {
     /// Whether retrying later may help (etcd unreachable or slow) rather than a setup error.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            RegistryError::Etcd { .. } | RegistryError::Timeout { .. }
-        )
+        match self {
+            RegistryError::Etcd { .. } | RegistryError::Timeout { .. } => true,
+            RegistryError::Key { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
+
+    /// Whether etcd answered that the etcd lease named in the call does not exist (it expired
+    /// or was revoked).
+    pub fn is_lease_not_found(&self) -> bool {
+        match self {
+            // A put or grant names it in a gRPC status ("etcdserver: requested lease not
+            // found"); etcd-client's keep-alive reports a TTL of 0 as its own error.
+            RegistryError::Etcd { source, .. } => match source {
+                etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+                etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+                _ => false,
+            },
+            RegistryError::Key { source, .. } => source.is_lease_not_found(),
+            _ => false,
+        }
+    }
+
+    /// This error with the key it was about.
+    pub fn for_key(self, key: impl Into<String>) -> RegistryError {
+        RegistryError::Key {
+            key: key.into(),
+            source: Box::new(self),
+        }
     }
 }
 
@@ -254,6 +285,11 @@ impl EtcdRegistry {
         self.round_trips.load(Ordering::Relaxed)
     }
 
+    /// The etcd prefix, without a trailing slash.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn config_key(&self) -> String {
         format!("{}/config", self.prefix)
     }
@@ -271,7 +307,7 @@ impl EtcdRegistry {
         self.client.clone()
     }
 
-    async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RegistryError>
+    pub(crate) async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RegistryError>
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
@@ -448,7 +484,11 @@ impl Registry for EtcdRegistry {
             keeper.keep_alive().await?;
             stream.message().await
         };
-        let resp = self.call("lease keep-alive", fut).await?;
+        let resp = match self.call("lease keep-alive", fut).await {
+            // etcd-client answers a TTL of 0 (no such lease) with an error: that is "gone".
+            Err(e) if e.is_lease_not_found() => return Ok(None),
+            r => r?,
+        };
         Ok(match resp {
             Some(r) if r.ttl() > 0 => Some(Duration::from_secs(r.ttl() as u64)),
             _ => None,

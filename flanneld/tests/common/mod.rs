@@ -47,7 +47,13 @@ impl Daemons {
         std::fs::read_to_string(self.log_file(i)).unwrap_or_default()
     }
 
-    /// Starts flanneld on node i; returns the testbed handle.
+    /// Node i's CNI data directory (`--cni-data-dir`; its own, so no test daemon reads or
+    /// creates the host's /var/lib/cni/flannel).
+    pub fn cni_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("cni{i}"))
+    }
+
+    /// Starts flanneld on node i (`--node-name node<i>`); returns the testbed handle.
     pub fn start(&mut self, tb: &mut Testbed, i: usize) -> usize {
         if self.runs.len() <= i {
             self.runs.resize(i + 1, 0);
@@ -65,6 +71,14 @@ impl Daemons {
             &health_ip,
             &health_port,
         ];
+        let cni_dir = self.cni_dir(i);
+        let node_name = format!("node{i}");
+        args.extend([
+            "--cni-data-dir",
+            cni_dir.to_str().unwrap(),
+            "--node-name",
+            &node_name,
+        ]);
         args.extend(self.extra.iter().map(String::as_str));
         let ns = tb.nodes[i].ns.clone();
         tb.spawn(&ns, BIN, &args, &[("RUST_LOG", "info")], &self.log_file(i))
