@@ -1,0 +1,48 @@
+//! The binary's errors: one line for humans, exit status 1, nothing touched. (Also makes
+//! `cargo test --workspace` build `flannelctl`, which the testbed test runs.)
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flannelctl");
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn errors_are_one_clear_line() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("none.conflist");
+    let (code, err) = run(&["pod", "up", "p1", "--conflist", missing.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.starts_with("flannelctl: reading "), "{err}");
+    assert!(err.contains("No such file"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+
+    let bad = t.path().join("bad.conflist");
+    std::fs::write(
+        &bad,
+        r#"{"cniVersion":"1.0.0","name":"x","plugins":[{"type":"../x"}]}"#,
+    )
+    .unwrap();
+    let (code, err) = run(&["pod", "up", "p1", "--conflist", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("plugins[0].type"), "{err}");
+
+    let (code, err) = run(&["pod", "up", "../p", "--conflist", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("pod name"), "{err}");
+
+    let (code, err) = run(&["pod", "up", "p1", "--port", "80"]);
+    assert_eq!(code, 2, "clap usage error");
+    assert!(err.contains("HOST:CONTAINER"), "{err}");
+}
