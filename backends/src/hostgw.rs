@@ -167,17 +167,7 @@ impl Backend for HostGwBackend {
     }
 
     async fn teardown(&mut self) -> Result<(), BackendError> {
-        // Keep going on errors; report the first.
-        let mut first = None;
-        for r in self.actual().await? {
-            if let Err(e) = self.nl.del_route(r).await {
-                first.get_or_insert(e);
-            }
-        }
-        match first {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        Ok(crate::netlink::del_routes(self.nl.as_ref(), self.actual().await?).await?)
     }
 
     fn peer_keys(&self) -> Vec<SubnetKey> {

@@ -168,6 +168,20 @@ pub async fn ensure_subnet_address(
     Ok(changes)
 }
 
+/// Deletes every route in `routes`, going on past errors (teardown); the first error, if any.
+pub async fn del_routes(
+    nl: &dyn Netlink,
+    routes: impl IntoIterator<Item = Route> + Send,
+) -> Result<(), NetlinkError> {
+    let mut first = None;
+    for r in routes {
+        if let Err(e) = nl.del_route(r).await {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
 /// An in-memory kernel for unit tests: links, addresses, neighbours, FDB and routes, plus a log
 /// of every mutating call.
 #[derive(Debug, Default)]

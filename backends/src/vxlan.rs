@@ -452,19 +452,12 @@ impl Backend for VxlanBackend {
                     .collect()
             })
             .unwrap_or_default();
-        let mut first_err = None;
-        for r in direct {
-            if let Err(e) = self.nl.del_route(r).await {
-                first_err.get_or_insert(e);
-            }
-        }
+        // The device goes even when a direct route could not be removed (reported after).
+        let routes = crate::netlink::del_routes(self.nl.as_ref(), direct).await;
         if let Some(l) = self.nl.link_by_name(&self.name).await? {
             self.nl.delete_link(l.index).await?;
         }
-        match first_err {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        Ok(routes?)
     }
 
     fn peer_keys(&self) -> Vec<SubnetKey> {

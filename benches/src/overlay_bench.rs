@@ -15,6 +15,8 @@
 //! chart (`--svg FILE`, default `bench-results/overlay.svg`). Needs root, iperf3, etcd, ping and
 //! a release build of flanneld next to this binary (`cargo build --release -p flanneld`).
 
+#[path = "common.rs"]
+mod common;
 #[path = "overlay/parse.rs"]
 mod parse;
 #[path = "overlay/report.rs"]
@@ -22,13 +24,12 @@ mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use test_support::{run_bounded, run_checked, wait_for, Pod, Testbed};
 
+use common::{check_stop, flanneld_bin, write_file};
 use parse::{TcpRun, UdpRun};
 use report::{Meta, Sample};
 
@@ -207,20 +208,6 @@ fn plain_routes(tb: &Testbed) -> Result<()> {
         ip(tb, n, &["route", "add", SUBNETS[p], "via", &via])?;
     }
     Ok(())
-}
-
-fn flanneld_bin() -> Result<PathBuf> {
-    let bin = std::env::current_exe()?
-        .parent()
-        .context("no directory for this binary")?
-        .join("flanneld");
-    if !bin.is_file() {
-        bail!(
-            "{} missing: run `cargo build --release -p flanneld` first",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 /// Starts flanneld on both nodes with `backend`, waits for its routes, and returns the two
@@ -494,17 +481,6 @@ fn clock_ticks_per_second() -> Result<u64> {
     Ok(tck)
 }
 
-/// Set by SIGINT/SIGTERM; checked between steps so the testbed guard always runs.
-static STOP: std::sync::LazyLock<Arc<AtomicBool>> =
-    std::sync::LazyLock::new(|| Arc::new(AtomicBool::new(false)));
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
 /// Builds a fresh testbed for `setup` and takes one round of every measurement.
 fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Sample> {
     check_stop()?;
@@ -697,22 +673,12 @@ fn run_rounds(opts: &Opts, clk_tck: u64) -> Result<Vec<Vec<Sample>>> {
     Ok(results)
 }
 
-/// Writes `text` to `path`, creating its directory.
-fn write_file(path: &Path, text: &str) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
 fn main() -> Result<()> {
     let opts = parse_args(std::env::args().skip(1))?;
     if !test_support::is_root() {
         bail!("needs root (network namespaces)");
     }
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, STOP.clone())?;
-    }
+    common::on_signals()?;
     if opts.setups.iter().any(|s| s.has_daemon()) {
         flanneld_bin()?;
     }

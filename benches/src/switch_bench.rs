@@ -12,15 +12,20 @@
 //! cycle; the table shows medians and the worst round. Needs root, etcd and a release build of
 //! flanneld next to this binary (`cargo build --release -p flanneld`).
 
+#[path = "common.rs"]
+mod common;
+
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use test_support::{in_netns, wait_for, Pod, Testbed};
+
+use common::{check_stop, flanneld_bin, write_file};
 
 const PROBE_PORT: u16 = 5011;
 const INTERVAL: Duration = Duration::from_millis(1);
@@ -30,9 +35,6 @@ const SUBNETS: [&str; NODES] = ["10.5.1.0/24", "10.5.2.0/24", "10.5.3.0/24"];
 const CYCLE: [&str; 7] = [
     "vxlan", "udp", "host-gw", "vxlan", "host-gw", "udp", "vxlan",
 ];
-
-static STOP: std::sync::LazyLock<Arc<AtomicBool>> =
-    std::sync::LazyLock::new(|| Arc::new(AtomicBool::new(false)));
 
 /// What one window scored in one direction.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -149,19 +151,6 @@ impl Probe {
     }
 }
 
-fn flanneld_bin() -> Result<PathBuf> {
-    let bin = std::env::current_exe()?
-        .parent()
-        .context("no directory for this binary")?
-        .join("flanneld");
-    ensure!(
-        bin.is_file(),
-        "{} missing: run `cargo build --release -p flanneld` first",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 fn config(backend: &str) -> String {
     format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{backend}"}}}}"#)
 }
@@ -205,13 +194,6 @@ fn holds(tb: &Testbed, n: usize, backend: &str) -> bool {
                     .any(|l| l.starts_with("10.5.") && l.contains(" via "))
             }),
     }
-}
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
 }
 
 /// Per switch (or "none" for the baseline), one Score per round: the worse direction's gap,
@@ -409,21 +391,12 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<(u32, Option<Pat
     Ok((rounds, out))
 }
 
-fn write_file(path: &Path, text: &str) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
-}
-
 fn main() -> Result<()> {
     let (rounds, out) = parse_args(std::env::args().skip(1))?;
     if !test_support::is_root() {
         bail!("needs root (network namespaces)");
     }
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, STOP.clone())?;
-    }
+    common::on_signals()?;
     let results = run(rounds)?;
     let table = render(&results, rounds);
     print!("{table}");

@@ -154,6 +154,19 @@ fn delegate_versions(exec: &dyn Exec, plugin: &str) -> Result<Vec<String>, CniEr
         .unwrap_or_default())
 }
 
+/// The version to call `plugin` with for `conf`: ours or the newest older one it speaks.
+fn delegate_version(exec: &dyn Exec, conf: &NetConf, plugin: &str) -> Result<String, CniError> {
+    version::negotiate(&conf.cni_version, plugin, &delegate_versions(exec, plugin)?)
+}
+
+/// The plugin type of a stored delegate config.
+fn stored_plugin(dconf: &Value) -> String {
+    dconf
+        .as_object()
+        .map_or("bridge", delegate::plugin_type)
+        .to_string()
+}
+
 fn add(env: &Env, conf: &NetConf, cx: &Context) -> Result<Value, CniError> {
     let id = Env::need(&env.container_id, "CNI_CONTAINERID", "ADD")?;
     check_container_id(id)?;
@@ -164,11 +177,7 @@ fn add(env: &Env, conf: &NetConf, cx: &Context) -> Result<Value, CniError> {
     // Everything that can be refused is checked before anything is written.
     let senv = subnet_env(&conf.subnet_file)?;
     let plugin = delegate::plugin_type(&conf.delegate).to_string();
-    let dver = version::negotiate(
-        &conf.cni_version,
-        &plugin,
-        &delegate_versions(cx.exec, &plugin)?,
-    )?;
+    let dver = delegate_version(cx.exec, conf, &plugin)?;
     let dconf = Value::Object(delegate::build(conf, &senv, &dver));
     let store = Store::new(&conf.data_dir);
     // Stored first (as flannel does): a DEL after a crash mid-ADD still finds it.
@@ -243,8 +252,7 @@ fn release(
             Ok(senv) => {
                 let plugin = delegate::plugin_type(&conf.delegate).to_string();
                 // Without a stored version, call the delegate with one it speaks.
-                let dver = delegate_versions(cx.exec, &plugin)
-                    .and_then(|v| version::negotiate(&conf.cni_version, &plugin, &v))
+                let dver = delegate_version(cx.exec, conf, &plugin)
                     .unwrap_or_else(|_| conf.cni_version.clone());
                 Some(Value::Object(delegate::build(conf, &senv, &dver)))
             }
@@ -252,11 +260,7 @@ fn release(
         },
     };
     if let Some(dconf) = dconf {
-        let plugin = dconf
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or("bridge")
-            .to_string();
+        let plugin = stored_plugin(&dconf);
         let call = Call {
             command: "DEL".into(),
             container_id: id.into(),
@@ -349,8 +353,7 @@ fn check(env: &Env, conf: &NetConf, cx: &Context) -> Result<(), CniError> {
         return Ok(());
     }
     dconf["prevResult"] = version::convert_result(prev, &dver)?;
-    let plugin =
-        delegate::plugin_type(dconf.as_object().unwrap_or(&Default::default())).to_string();
+    let plugin = stored_plugin(&dconf);
     let call = Call {
         command: "CHECK".into(),
         container_id: id.into(),

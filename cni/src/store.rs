@@ -76,6 +76,21 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CniError> {
     Ok(())
 }
 
+/// Reads and decodes a JSON file; `None` when there is none. `what` names it in errors.
+fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+) -> Result<Option<T>, CniError> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            CniError::new(code::DECODE, format!("{what} {}", path.display()))
+                .with_details(e.to_string())
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("reading", path, e)),
+    }
+}
+
 /// Removes a file; a missing one is fine.
 fn remove(path: &Path) -> Result<(), CniError> {
     match std::fs::remove_file(path) {
@@ -113,18 +128,7 @@ impl Store {
 
     /// The stored delegate config, `None` when there is none.
     pub fn load_config(&self, id: &str) -> Result<Option<Value>, CniError> {
-        let path = self.config_path(id);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
-                CniError::new(
-                    code::DECODE,
-                    format!("stored delegate config {}", path.display()),
-                )
-                .with_details(e.to_string())
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("reading", &path, e)),
-        }
+        read_json(&self.config_path(id), "stored delegate config")
     }
 
     pub fn save_attachment(&self, a: &Attachment) -> Result<(), CniError> {
@@ -134,18 +138,7 @@ impl Store {
     }
 
     pub fn load_attachment(&self, id: &str) -> Result<Option<Attachment>, CniError> {
-        let path = self.attachment_path(id);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
-                CniError::new(
-                    code::DECODE,
-                    format!("attachment record {}", path.display()),
-                )
-                .with_details(e.to_string())
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("reading", &path, e)),
-        }
+        read_json(&self.attachment_path(id), "attachment record")
     }
 
     /// Removes the attachment record first (flanneld unpublishes it), then the delegate config.

@@ -7,14 +7,11 @@
 
 use std::time::Duration;
 
-use test_support::{
-    require_root_with, send_and_verify, udp_whoami, wait_for, whoami, HashServer, Pod, Testbed,
-    UdpWhoAmIServer, WhoAmIServer,
-};
+use test_support::{require_root_with, send_and_verify, wait_for, Pod, Testbed};
 
 mod common;
 
-use common::{add_pods, sock, Daemons};
+use common::{add_pods, full_mesh, sock, start_servers, Daemons};
 
 const PORT: u16 = 5001;
 const HASH_PORT: u16 = 5002;
@@ -73,34 +70,9 @@ fn host_gw_end_to_end() {
             "host-gw makes no device: {links}"
         );
     }
-    let _servers: Vec<_> = pods
-        .iter()
-        .map(|p| {
-            (
-                WhoAmIServer::start(&p.ns, PORT).unwrap(),
-                UdpWhoAmIServer::start(&p.ns, PORT).unwrap(),
-                HashServer::start(&p.ns, HASH_PORT).unwrap(),
-            )
-        })
-        .collect();
+    let _servers = start_servers(&pods, PORT, HASH_PORT);
     // Every pod reaches every other over TCP and UDP, with its own address as the source.
-    for a in &pods {
-        for b in &pods {
-            if a.ns == b.ns {
-                continue;
-            }
-            let seen = wait_for(Duration::from_secs(20), || {
-                whoami(&a.ns, sock(&b.ip, PORT), Duration::from_secs(2)).ok()
-            })
-            .unwrap_or_else(|| panic!("TCP {} -> {} failed:\n{}", a.ip, b.ip, log(a.node)));
-            assert_eq!(seen, a.ip);
-            let seen = wait_for(Duration::from_secs(10), || {
-                udp_whoami(&a.ns, sock(&b.ip, PORT), Duration::from_secs(1)).ok()
-            })
-            .unwrap_or_else(|| panic!("UDP {} -> {} failed", a.ip, b.ip));
-            assert_eq!(seen, a.ip);
-        }
-    }
+    full_mesh(&pods, PORT, log);
     send_and_verify(
         &pods[0].ns,
         sock(&pods[5].ip, HASH_PORT),

@@ -8,13 +8,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use test_support::{
-    require_root_with, send_and_verify, send_spoofed_udp, udp_burst_verify, udp_whoami, wait_for,
-    whoami, HashServer, Pod, Testbed, UdpWhoAmIServer, WhoAmIServer,
+    require_root_with, send_and_verify, send_spoofed_udp, udp_burst_verify, wait_for, Pod, Testbed,
 };
 
 mod common;
 
-use common::{add_pods, backend_counter as metric, sock, Daemons};
+use common::{add_pods, backend_counter as metric, full_mesh, sock, start_servers, Daemons};
 
 const PORT: u16 = 5001;
 const HASH_PORT: u16 = 5002;
@@ -66,35 +65,10 @@ fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
             tb.nodes[0].ip
         )
     );
-    let _servers: Vec<_> = pods
-        .iter()
-        .map(|p| {
-            (
-                WhoAmIServer::start(&p.ns, PORT).unwrap(),
-                UdpWhoAmIServer::start(&p.ns, PORT).unwrap(),
-                HashServer::start(&p.ns, HASH_PORT).unwrap(),
-            )
-        })
-        .collect();
+    let _servers = start_servers(&pods, PORT, HASH_PORT);
 
     // Every pod reaches every other over TCP and UDP, with its own address as the source.
-    for a in &pods {
-        for b in &pods {
-            if a.ns == b.ns {
-                continue;
-            }
-            let seen = wait_for(Duration::from_secs(20), || {
-                whoami(&a.ns, sock(&b.ip, PORT), Duration::from_secs(2)).ok()
-            })
-            .unwrap_or_else(|| panic!("TCP {} -> {} failed:\n{}", a.ip, b.ip, log(a.node)));
-            assert_eq!(seen, a.ip);
-            let seen = wait_for(Duration::from_secs(10), || {
-                udp_whoami(&a.ns, sock(&b.ip, PORT), Duration::from_secs(1)).ok()
-            })
-            .unwrap_or_else(|| panic!("UDP {} -> {} failed", a.ip, b.ip));
-            assert_eq!(seen, a.ip);
-        }
-    }
+    full_mesh(&pods, PORT, log);
     // A large transfer across nodes arrives byte for byte.
     send_and_verify(
         &pods[0].ns,

@@ -222,14 +222,19 @@ impl UdpBackend {
         self.stats.clone()
     }
 
+    /// Where a peer's datagrams come from and ours to it go (whatever its lease's type).
+    fn udp_peer(&self, l: &Lease) -> UdpPeer {
+        UdpPeer {
+            subnet: l.key.ipv4,
+            addr: SocketAddrV4::new(l.attrs.public_ip, self.cfg.port),
+        }
+    }
+
     fn peer_addr(&self, l: &Lease) -> Result<UdpPeer, String> {
         if l.attrs.backend_type != "udp" {
             return Err(format!("backend type {:?}, not udp", l.attrs.backend_type));
         }
-        Ok(UdpPeer {
-            subnet: l.key.ipv4,
-            addr: SocketAddrV4::new(l.attrs.public_ip, self.cfg.port),
-        })
+        Ok(self.udp_peer(l))
     }
 
     async fn ensure_link_state(&self) -> Result<usize, BackendError> {
@@ -308,13 +313,9 @@ impl Backend for UdpBackend {
         let changes = self.ensure_link_state().await?;
         let (mut peers, mut switching) = (Vec::new(), Vec::new());
         for l in self.peers.leases() {
-            let p = UdpPeer {
-                subnet: l.key.ipv4,
-                addr: SocketAddrV4::new(l.attrs.public_ip, self.cfg.port),
-            };
             match self.peer_addr(l) {
                 Ok(p) => peers.push(p),
-                Err(_) => switching.push(p),
+                Err(_) => switching.push(self.udp_peer(l)),
             }
         }
         let mut r = self.routes.write().unwrap_or_else(|e| e.into_inner());

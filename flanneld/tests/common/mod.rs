@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use subnet_lease::SubnetEnv;
-use test_support::{http_get, wait_for, Pod, Testbed};
+use test_support::{
+    http_get, udp_whoami, wait_for, whoami, HashServer, Pod, Testbed, UdpWhoAmIServer, WhoAmIServer,
+};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
 /// Where every test daemon serves /healthz, /readyz and /metrics (inside its node).
@@ -138,4 +140,44 @@ pub fn backend_counter(tb: &Testbed, i: usize, name: &str) -> u64 {
 
 pub fn sock(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// In every pod: a TCP and a UDP whoami server on `port` and a hash server on `hash_port`
+/// (stopped when the returned value is dropped).
+pub fn start_servers(
+    pods: &[Pod],
+    port: u16,
+    hash_port: u16,
+) -> Vec<(WhoAmIServer, UdpWhoAmIServer, HashServer)> {
+    pods.iter()
+        .map(|p| {
+            (
+                WhoAmIServer::start(&p.ns, port).unwrap(),
+                UdpWhoAmIServer::start(&p.ns, port).unwrap(),
+                HashServer::start(&p.ns, hash_port).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Every pod reaches every other over TCP and UDP on `port`, seen with its own address as the
+/// source; `log(node)` is printed when TCP fails.
+pub fn full_mesh(pods: &[Pod], port: u16, log: impl Fn(usize) -> String) {
+    for a in pods {
+        for b in pods {
+            if a.ns == b.ns {
+                continue;
+            }
+            let seen = wait_for(Duration::from_secs(20), || {
+                whoami(&a.ns, sock(&b.ip, port), Duration::from_secs(2)).ok()
+            })
+            .unwrap_or_else(|| panic!("TCP {} -> {} failed:\n{}", a.ip, b.ip, log(a.node)));
+            assert_eq!(seen, a.ip);
+            let seen = wait_for(Duration::from_secs(10), || {
+                udp_whoami(&a.ns, sock(&b.ip, port), Duration::from_secs(1)).ok()
+            })
+            .unwrap_or_else(|| panic!("UDP {} -> {} failed", a.ip, b.ip));
+            assert_eq!(seen, a.ip);
+        }
+    }
 }
