@@ -31,7 +31,11 @@ const KNOWN_KEYS: &[&str] = &[
     "EnableIPv6",
     "EnableNFTables",
     "Backend",
+    "ServiceNetwork",
 ];
+
+/// The default `ServiceNetwork` (Kubernetes' default service CIDR): ClusterIPs come from it.
+pub const DEFAULT_SERVICE_NETWORK: &str = "10.96.0.0/12";
 
 /// A config that failed validation. The message names the key and the rule broken.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -75,6 +79,9 @@ pub struct NetConfig {
     pub ipv6_subnet_max: Ipv6Addr,
     pub enable_nftables: bool,
     pub backend: BackendConfig,
+    /// `ServiceNetwork` (our extension; flannel ignores the key): where Service ClusterIPs are
+    /// allocated. Default [`DEFAULT_SERVICE_NETWORK`]; never overlaps `Network`.
+    pub service_network: Ipv4Net,
 }
 
 /// A parsed config plus the warnings (unknown keys) the caller should log.
@@ -132,7 +139,7 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
     let Value::Object(obj) = value else {
         return Err(ConfigError::NotAnObject);
     };
-    let warnings = obj
+    let mut warnings: Vec<String> = obj
         .keys()
         .filter(|k| !KNOWN_KEYS.iter().any(|known| known.eq_ignore_ascii_case(k)))
         .map(|k| format!("net-conf.json: unknown key {k:?} ignored"))
@@ -169,6 +176,8 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
         },
     )?;
     let backend = parse_backend(lookup(&obj, "Backend"))?;
+    let service_network =
+        parse_service_network(&obj, v4.as_ref().map(|f| f.network), &mut warnings)?;
 
     let (network, subnet_len, subnet_min, subnet_max) = match v4 {
         Some(f) => (Some(f.network), f.len, f.min, f.max),
@@ -192,6 +201,7 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
             ipv6_subnet_max,
             enable_nftables,
             backend,
+            service_network,
         },
         warnings,
     })
@@ -314,6 +324,57 @@ fn parse_family<N: Family>(
     }))
 }
 
+/// `ServiceNetwork`: an IPv4 CIDR without host bits, with at least two usable addresses, not
+/// overlapping `Network`. Absent, the default is used; a default that overlaps `Network` (e.g.
+/// `Network` 10.0.0.0/8) is only warned about, so every config flannel accepts still parses
+/// (the registry refuses to allocate ClusterIPs from it, see [`NetConfig::service_network_overlap`]).
+fn parse_service_network(
+    obj: &Map<String, Value>,
+    network: Option<Ipv4Net>,
+    warnings: &mut Vec<String>,
+) -> Result<Ipv4Net, ConfigError> {
+    const KEY: &str = "ServiceNetwork";
+    let Some(text) = get_str(obj, KEY)? else {
+        let net = default_service_network();
+        if let Some(n) = network.filter(|n| overlaps(*n, net)) {
+            warnings.push(format!(
+                "net-conf.json: the default ServiceNetwork {net} overlaps Network {n}: set ServiceNetwork before creating Services"
+            ));
+        }
+        return Ok(net);
+    };
+    let net: Ipv4Net = text
+        .parse()
+        .map_err(|_| invalid(KEY, format!("{text:?} is not an IPv4 CIDR")))?;
+    if net.trunc() != net {
+        return Err(invalid(
+            KEY,
+            format!("{text:?} has host bits set (did you mean {}?)", net.trunc()),
+        ));
+    }
+    if net.prefix_len() > 30 {
+        return Err(invalid(
+            KEY,
+            format!(
+                "/{} is too small: at most /30 (two usable addresses)",
+                net.prefix_len()
+            ),
+        ));
+    }
+    if let Some(n) = network.filter(|n| overlaps(*n, net)) {
+        return Err(invalid(KEY, format!("{net} overlaps Network {n}")));
+    }
+    Ok(net)
+}
+
+fn default_service_network() -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::new(10, 96, 0, 0), 12).unwrap_or_default()
+}
+
+fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b) || b.contains(&a)
+}
+
 fn parse_backend(value: Option<&Value>) -> Result<BackendConfig, ConfigError> {
     let mut options = match value {
         None | Some(Value::Null) => Map::new(),
@@ -355,6 +416,13 @@ fn parse_backend(value: Option<&Value>) -> Result<BackendConfig, ConfigError> {
 }
 
 impl NetConfig {
+    /// The IPv4 `Network` that `ServiceNetwork` overlaps, if any (only possible when
+    /// `ServiceNetwork` was left at its default).
+    pub fn service_network_overlap(&self) -> Option<Ipv4Net> {
+        self.ipv4_network()
+            .filter(|n| overlaps(*n, self.service_network))
+    }
+
     /// The IPv4 network, or an error for configs this subnet manager cannot lease from
     /// (flannel's etcd key format always carries an IPv4 subnet).
     pub fn ipv4_network(&self) -> Option<Ipv4Net> {
@@ -548,6 +616,82 @@ mod tests {
         assert!(err(r#"{"EnableIPv4":false}"#).starts_with("EnableIPv4: EnableIPv4 and EnableIPv6"));
         assert!(err(r#"{"Network":"10.5.0.0/16","EnableIPv4":"yes"}"#)
             .starts_with("EnableIPv4: must be true or false"));
+    }
+
+    #[test]
+    fn service_network_default() {
+        let c = ok(r#"{"Network":"10.5.0.0/16"}"#);
+        assert_eq!(
+            c.service_network,
+            "10.96.0.0/12".parse::<Ipv4Net>().unwrap()
+        );
+        assert_eq!(
+            DEFAULT_SERVICE_NETWORK.parse::<Ipv4Net>().unwrap(),
+            c.service_network
+        );
+    }
+
+    #[test]
+    fn service_network_given_is_known_not_warned() {
+        let p = parse(r#"{"Network":"10.5.0.0/16","ServiceNetwork":"172.30.0.0/24"}"#).unwrap();
+        assert_eq!(
+            p.config.service_network,
+            "172.30.0.0/24".parse::<Ipv4Net>().unwrap()
+        );
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        // Case-insensitive like every other key.
+        assert_eq!(
+            ok(r#"{"Network":"10.5.0.0/16","servicenetwork":"172.30.0.0/27"}"#).service_network,
+            "172.30.0.0/27".parse::<Ipv4Net>().unwrap()
+        );
+    }
+
+    #[test]
+    fn service_network_overlapping_network_rejected() {
+        assert_eq!(
+            err(r#"{"Network":"10.0.0.0/8","ServiceNetwork":"10.96.0.0/12"}"#),
+            "ServiceNetwork: 10.96.0.0/12 overlaps Network 10.0.0.0/8"
+        );
+        assert_eq!(
+            err(r#"{"Network":"10.5.0.0/16","ServiceNetwork":"10.0.0.0/8"}"#),
+            "ServiceNetwork: 10.0.0.0/8 overlaps Network 10.5.0.0/16"
+        );
+        // A default that overlaps is only a warning: every config flannel takes still parses.
+        let p = parse(r#"{"Network":"10.0.0.0/8"}"#).unwrap();
+        assert_eq!(
+            p.warnings,
+            vec!["net-conf.json: the default ServiceNetwork 10.96.0.0/12 overlaps Network 10.0.0.0/8: set ServiceNetwork before creating Services"]
+        );
+        assert_eq!(
+            p.config.service_network_overlap(),
+            Some("10.0.0.0/8".parse().unwrap())
+        );
+        assert_eq!(
+            ok(r#"{"Network":"10.5.0.0/16"}"#).service_network_overlap(),
+            None
+        );
+    }
+
+    #[test]
+    fn service_network_not_a_cidr_rejected() {
+        assert_eq!(
+            err(r#"{"Network":"10.5.0.0/16","ServiceNetwork":"10.96.0.1"}"#),
+            "ServiceNetwork: \"10.96.0.1\" is not an IPv4 CIDR"
+        );
+        assert_eq!(
+            err(r#"{"Network":"10.5.0.0/16","ServiceNetwork":"fd00::/108"}"#),
+            "ServiceNetwork: \"fd00::/108\" is not an IPv4 CIDR"
+        );
+        assert!(err(r#"{"Network":"10.5.0.0/16","ServiceNetwork":24}"#)
+            .starts_with("ServiceNetwork: must be a string"));
+        assert!(
+            err(r#"{"Network":"10.5.0.0/16","ServiceNetwork":"10.96.0.1/12"}"#)
+                .starts_with("ServiceNetwork: \"10.96.0.1/12\" has host bits set")
+        );
+        assert!(
+            err(r#"{"Network":"10.5.0.0/16","ServiceNetwork":"10.96.0.0/31"}"#)
+                .starts_with("ServiceNetwork: /31 is too small")
+        );
     }
 
     #[test]
