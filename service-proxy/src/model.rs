@@ -1,0 +1,504 @@
+//! The proxy's view of the cluster (pure): from the registry's Services, Endpoints and Pods
+//! and the pods' CNI attachment records, the list of service ports this node must serve,
+//! each with its endpoints resolved (named target ports per pod, locality per node).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use registry::{Endpoints, IntOrString, Pod, Protocol, Service, ServiceType, TrafficPolicy};
+use subnet_lease::PodRecord;
+
+/// Identifies one port of one Service: `namespace/name:portname/PROTO`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortId {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for PortId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+/// One endpoint of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// Runs on this node.
+    pub local: bool,
+}
+
+/// Everything the data path needs for one service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub id: PortId,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity: Option<u32>,
+    /// `externalTrafficPolicy: Local`: NodePort / external IP traffic goes to local endpoints
+    /// only, without masquerade (the client address is preserved).
+    pub external_local: bool,
+    /// `internalTrafficPolicy: Local`: ClusterIP traffic goes to local endpoints only.
+    pub internal_local: bool,
+    /// Sorted, no duplicates.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ServicePort {
+    pub fn local_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter().filter(|e| e.local)
+    }
+
+    /// The endpoints ClusterIP traffic may use.
+    pub fn cluster_targets(&self) -> Vec<Endpoint> {
+        if self.internal_local {
+            self.local_endpoints().copied().collect()
+        } else {
+            self.endpoints.clone()
+        }
+    }
+
+    /// Served on node addresses or external IPs.
+    pub fn is_external(&self) -> bool {
+        self.node_port.is_some() || !self.external_ips.is_empty()
+    }
+}
+
+/// What the proxy knows, as plain data.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub services: Vec<Service>,
+    pub endpoints: Vec<Endpoints>,
+    pub pods: Vec<Pod>,
+    /// Attachment records keyed by (namespace, name).
+    pub records: BTreeMap<(String, String), PodRecord>,
+}
+
+/// This node, for locality.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// The node's pod subnet: an Endpoints address inside it is local.
+    pub subnet: Option<Ipv4Net>,
+}
+
+/// The service ports this node serves, keyed by id. Headless and ExternalName Services and
+/// Services without a usable ClusterIP are left out.
+pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, ServicePort> {
+    let pods: BTreeMap<(&str, &str), &Pod> = snap
+        .pods
+        .iter()
+        .map(|p| {
+            (
+                (
+                    namespace_of(&p.metadata.namespace),
+                    p.metadata.name.as_str(),
+                ),
+                p,
+            )
+        })
+        .collect();
+    let endpoints: BTreeMap<(&str, &str), &Endpoints> = snap
+        .endpoints
+        .iter()
+        .map(|e| {
+            (
+                (
+                    namespace_of(&e.metadata.namespace),
+                    e.metadata.name.as_str(),
+                ),
+                e,
+            )
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for svc in &snap.services {
+        if svc.is_headless() || svc.spec.type_ == ServiceType::ExternalName {
+            continue;
+        }
+        let Some(cluster_ip) = svc
+            .spec
+            .cluster_ip
+            .as_deref()
+            .and_then(|s| s.parse::<Ipv4Addr>().ok())
+        else {
+            continue;
+        };
+        let ns = namespace_of(&svc.metadata.namespace);
+        let external_ips: Vec<Ipv4Addr> = svc
+            .spec
+            .external_ips
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        let node_port_type = matches!(
+            svc.spec.type_,
+            ServiceType::NodePort | ServiceType::LoadBalancer
+        );
+        for sp in &svc.spec.ports {
+            let (Ok(port), protocol) = (u16::try_from(sp.port), sp.protocol) else {
+                continue;
+            };
+            if port == 0 {
+                continue;
+            }
+            let id = PortId {
+                namespace: ns.to_string(),
+                name: svc.metadata.name.clone(),
+                port_name: sp.name().to_string(),
+                protocol,
+            };
+            let selector = svc.spec.selector.as_ref().filter(|s| !s.is_empty());
+            let mut eps: BTreeSet<Endpoint> = BTreeSet::new();
+            match selector {
+                Some(selector) => {
+                    for ((pns, pname), rec) in &snap.records {
+                        if pns != ns {
+                            continue;
+                        }
+                        let Some(pod) = pods.get(&(pns.as_str(), pname.as_str())) else {
+                            continue;
+                        };
+                        if !selector
+                            .iter()
+                            .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
+                        {
+                            continue;
+                        }
+                        let target = match &sp.target_port {
+                            None => Some(port),
+                            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                            Some(IntOrString::String(name)) => pod.named_port(name, protocol),
+                        };
+                        if let Some(target) = target.filter(|p| *p != 0) {
+                            eps.insert(Endpoint {
+                                ip: rec.ip,
+                                port: target,
+                                local: rec.node == node.name,
+                            });
+                        }
+                    }
+                }
+                None => {
+                    if let Some(e) = endpoints.get(&(ns, svc.metadata.name.as_str())) {
+                        for subset in &e.subsets {
+                            let Some(ep_port) = subset.ports.iter().find(|p| {
+                                p.name.as_deref().unwrap_or("") == sp.name()
+                                    && p.protocol == protocol
+                            }) else {
+                                continue;
+                            };
+                            let Ok(target) = u16::try_from(ep_port.port) else {
+                                continue;
+                            };
+                            for a in &subset.addresses {
+                                let Ok(ip) = a.ip.parse::<Ipv4Addr>() else {
+                                    continue;
+                                };
+                                let local = match &a.node_name {
+                                    Some(n) => *n == node.name,
+                                    None => node.subnet.is_some_and(|s| s.contains(&ip)),
+                                };
+                                eps.insert(Endpoint {
+                                    ip,
+                                    port: target,
+                                    local,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            let node_port = if node_port_type {
+                sp.node_port.and_then(|p| u16::try_from(p).ok())
+            } else {
+                None
+            };
+            let external = node_port.is_some() || !external_ips.is_empty();
+            out.insert(
+                id.clone(),
+                ServicePort {
+                    id,
+                    cluster_ip,
+                    port,
+                    protocol,
+                    node_port,
+                    external_ips: external_ips.clone(),
+                    affinity: svc.affinity_timeout(),
+                    external_local: external
+                        && svc.spec.external_traffic_policy == Some(TrafficPolicy::Local),
+                    internal_local: svc.spec.internal_traffic_policy == Some(TrafficPolicy::Local),
+                    endpoints: eps.into_iter().collect(),
+                },
+            );
+        }
+    }
+    out
+}
+
+fn namespace_of(ns: &Option<String>) -> &str {
+    ns.as_deref().unwrap_or("default")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use registry::{
+        Container, ContainerPort, EndpointAddress, EndpointPort, EndpointSubset, ObjectMeta,
+        PodSpec, ServiceSpec,
+    };
+
+    fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: name.into(),
+            namespace: Some(ns.into()),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn pod(name: &str, app: &str, http_port: i64) -> Pod {
+        Pod {
+            metadata: meta("default", name, &[("app", app)]),
+            spec: PodSpec {
+                containers: vec![Container {
+                    name: "c".into(),
+                    image: None,
+                    ports: vec![ContainerPort {
+                        name: Some("http".into()),
+                        container_port: http_port,
+                        protocol: Protocol::Tcp,
+                    }],
+                }],
+                node_name: None,
+            },
+        }
+    }
+
+    fn record(ip: [u8; 4], node: &str) -> PodRecord {
+        PodRecord {
+            ip: Ipv4Addr::from(ip),
+            ips: vec![Ipv4Addr::from(ip).into()],
+            node: node.into(),
+            node_ip: Ipv4Addr::new(172, 30, 0, 11),
+            subnet: "10.5.1.0/24".parse().expect("subnet"),
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    fn web(target: Option<IntOrString>) -> Service {
+        Service {
+            metadata: meta("default", "web", &[]),
+            spec: ServiceSpec {
+                type_: ServiceType::NodePort,
+                selector: Some([("app".to_string(), "web".to_string())].into()),
+                ports: vec![registry::ServicePort {
+                    name: Some("http".into()),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    target_port: target,
+                    node_port: Some(30080),
+                }],
+                cluster_ip: Some("10.96.0.10".into()),
+                external_traffic_policy: Some(TrafficPolicy::Local),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: "node1".into(),
+            subnet: Some("10.5.1.0/24".parse().expect("subnet")),
+        }
+    }
+
+    fn snap(services: Vec<Service>) -> Snapshot {
+        let mut s = Snapshot {
+            services,
+            pods: vec![
+                pod("a", "web", 8080),
+                pod("b", "web", 9090),
+                pod("c", "db", 5432),
+            ],
+            ..Default::default()
+        };
+        s.records.insert(
+            ("default".into(), "a".into()),
+            record([10, 5, 1, 2], "node1"),
+        );
+        s.records.insert(
+            ("default".into(), "b".into()),
+            record([10, 5, 2, 2], "node2"),
+        );
+        s.records.insert(
+            ("default".into(), "c".into()),
+            record([10, 5, 2, 3], "node2"),
+        );
+        s
+    }
+
+    #[test]
+    fn selector_picks_attached_matching_pods_and_resolves_named_ports_per_pod() {
+        let ports = service_ports(
+            &snap(vec![web(Some(IntOrString::String("http".into())))]),
+            &node(),
+        );
+        let sp = ports.values().next().expect("one port");
+        assert_eq!(sp.id.to_string(), "default/web:http/TCP");
+        assert_eq!(sp.node_port, Some(30080));
+        assert!(sp.external_local);
+        assert_eq!(
+            sp.endpoints,
+            vec![
+                Endpoint {
+                    ip: Ipv4Addr::new(10, 5, 1, 2),
+                    port: 8080,
+                    local: true
+                },
+                Endpoint {
+                    ip: Ipv4Addr::new(10, 5, 2, 2),
+                    port: 9090,
+                    local: false
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn target_port_defaults_to_port_and_unattached_pods_are_not_endpoints() {
+        let mut s = snap(vec![web(None)]);
+        s.records.remove(&("default".to_string(), "b".to_string()));
+        let ports = service_ports(&s, &node());
+        let sp = ports.values().next().expect("one port");
+        assert_eq!(
+            sp.endpoints,
+            vec![Endpoint {
+                ip: Ipv4Addr::new(10, 5, 1, 2),
+                port: 80,
+                local: true
+            }]
+        );
+    }
+
+    #[test]
+    fn pods_in_other_namespaces_do_not_match() {
+        let mut s = snap(vec![web(None)]);
+        s.pods[0].metadata.namespace = Some("other".into());
+        s.records
+            .insert(("other".into(), "a".into()), record([10, 5, 1, 9], "node1"));
+        let ports = service_ports(&s, &node());
+        let sp = ports.values().next().expect("one port");
+        assert_eq!(sp.endpoints.len(), 1);
+        assert_eq!(sp.endpoints[0].ip, Ipv4Addr::new(10, 5, 2, 2));
+    }
+
+    #[test]
+    fn headless_and_external_name_are_ignored() {
+        let mut headless = web(None);
+        headless.spec.cluster_ip = Some("None".into());
+        let mut ext = web(None);
+        ext.metadata.name = "ext".into();
+        ext.spec.type_ = ServiceType::ExternalName;
+        assert!(service_ports(&snap(vec![headless, ext]), &node()).is_empty());
+    }
+
+    #[test]
+    fn endpoints_object_feeds_a_service_without_selector() {
+        let mut svc = web(None);
+        svc.spec.selector = None;
+        svc.spec.type_ = ServiceType::ClusterIP;
+        svc.spec.ports[0].node_port = None;
+        let mut s = snap(vec![svc]);
+        s.endpoints.push(Endpoints {
+            metadata: meta("default", "web", &[]),
+            subsets: vec![EndpointSubset {
+                addresses: vec![
+                    EndpointAddress {
+                        ip: "10.5.1.7".into(),
+                        ..Default::default()
+                    },
+                    EndpointAddress {
+                        ip: "192.168.9.9".into(),
+                        node_name: Some("node1".into()),
+                        ..Default::default()
+                    },
+                ],
+                not_ready_addresses: vec![EndpointAddress {
+                    ip: "10.5.1.8".into(),
+                    ..Default::default()
+                }],
+                ports: vec![
+                    EndpointPort {
+                        name: Some("http".into()),
+                        port: 8000,
+                        protocol: Protocol::Tcp,
+                    },
+                    EndpointPort {
+                        name: Some("other".into()),
+                        port: 1,
+                        protocol: Protocol::Tcp,
+                    },
+                ],
+            }],
+        });
+        let ports = service_ports(&s, &node());
+        let sp = ports.values().next().expect("one port");
+        assert_eq!(sp.node_port, None);
+        assert!(
+            !sp.external_local,
+            "Local only matters for external traffic"
+        );
+        assert_eq!(
+            sp.endpoints,
+            vec![
+                Endpoint {
+                    ip: Ipv4Addr::new(10, 5, 1, 7),
+                    port: 8000,
+                    local: true
+                },
+                Endpoint {
+                    ip: Ipv4Addr::new(192, 168, 9, 9),
+                    port: 8000,
+                    local: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn internal_local_limits_cluster_targets() {
+        let mut svc = web(None);
+        svc.spec.internal_traffic_policy = Some(TrafficPolicy::Local);
+        let ports = service_ports(&snap(vec![svc]), &node());
+        let sp = ports.values().next().expect("one port");
+        assert_eq!(sp.endpoints.len(), 2);
+        assert_eq!(sp.cluster_targets().len(), 1);
+        assert!(sp.cluster_targets()[0].local);
+    }
+
+    #[test]
+    fn affinity_defaults_to_three_hours() {
+        let mut svc = web(None);
+        svc.spec.session_affinity = registry::SessionAffinity::ClientIP;
+        let ports = service_ports(&snap(vec![svc]), &node());
+        assert_eq!(ports.values().next().expect("port").affinity, Some(10800));
+    }
+}

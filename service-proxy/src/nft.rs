@@ -1,0 +1,736 @@
+//! The nftables data path, rendered as text (pure) and applied as one `nft -f -` transaction
+//! per sync into the table `ip flannel-proxy`, which this module owns.
+//!
+//! Layout (modelled on kube-proxy's nftables mode):
+//! - base chains `nat-prerouting` / `nat-output` (dstnat) jump to `services`, which dispatches
+//!   through ONE verdict map `service-ips` keyed `daddr . l4proto . dport` (ClusterIPs and
+//!   external IPs) and, for local destination addresses, `service-nodeports` keyed
+//!   `l4proto . dport`: the per-packet cost does not grow with the number of Services;
+//! - per service port: `svc-H-ns/name/proto/port` picks an endpoint with
+//!   `numgen random mod N`, after the ClientIP affinity checks (one `dynamic,timeout` set per
+//!   endpoint, filled by the endpoint chain); `svl-…` does the same over local endpoints only
+//!   (`internalTrafficPolicy`/`externalTrafficPolicy: Local`); `ext-…` is the entry for NodePort
+//!   and external-IP traffic (masquerade for `Cluster`; for `Local`, straight to `svl-…` so the
+//!   client address is kept, except traffic from the node itself);
+//! - endpoint chains `ep-H-ns/name/proto/port__ip_port` mark hairpin traffic (a pod reaching
+//!   itself) for masquerade, refresh affinity, and `dnat to ip:port`;
+//! - Services without endpoints: `no-endpoint-services` / `no-endpoint-nodeports` maps, checked
+//!   in filter chains before DNAT (`filter-prerouting`, `filter-output` at priority -110), whose
+//!   verdict is `goto reject-chain` (reject is not a map verdict) or `drop` (Local policy with
+//!   endpoints only on other nodes, as kube-proxy does);
+//! - `nat-postrouting` masquerades packets carrying the mark bit 0x4000 (then clears it).
+//!
+//! [`Ruleset`] is the dynamic part (chains, sets, map elements) as data; [`transaction`] diffs
+//! two of them into the minimal update (only changed chains are rewritten, only changed map
+//! elements touched), [`full`] rebuilds the whole table.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::model::{Endpoint, PortId, ServicePort};
+
+/// The table this module owns.
+pub const TABLE: &str = "flannel-proxy";
+
+/// The packet mark bit that asks for masquerade (kube-proxy's and flannel's 0x4000).
+pub const MASQ_MARK: u32 = 0x4000;
+
+/// The maps the dynamic part fills.
+pub const MAP_SERVICE_IPS: &str = "service-ips";
+pub const MAP_NODEPORTS: &str = "service-nodeports";
+pub const MAP_NO_EP_SERVICES: &str = "no-endpoint-services";
+pub const MAP_NO_EP_NODEPORTS: &str = "no-endpoint-nodeports";
+
+/// The dynamic part of the table as data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    /// Chain name -> its rules, in order.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// Set name -> its definition (`{ type …; flags …; }`).
+    pub sets: BTreeMap<String, String>,
+    /// (map, key) -> verdict.
+    pub elements: BTreeMap<(&'static str, String), String>,
+}
+
+impl Ruleset {
+    pub fn len_chains(&self) -> usize {
+        self.chains.len()
+    }
+}
+
+/// What the rules depend on besides the service ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// The cluster Network: ClusterIP traffic from outside it is masqueraded.
+    pub cluster_cidr: Option<Ipv4Net>,
+}
+
+/// FNV-1a 64, stable across builds: chain names must not change between versions.
+fn fnv1a(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Eight base32 characters of the id's hash (keeps names unique however they are cut).
+fn hash8(s: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let h = fnv1a(s);
+    (0..8)
+        .map(|i| ALPHABET[((h >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
+/// `ns/name/proto/port` (the port's name, or its number when unnamed).
+fn id_path(id: &PortId, port: u16) -> String {
+    let port_name = if id.port_name.is_empty() {
+        port.to_string()
+    } else {
+        id.port_name.clone()
+    };
+    format!(
+        "{}/{}/{}/{}",
+        id.namespace,
+        id.name,
+        id.protocol.nft(),
+        port_name
+    )
+}
+
+/// Chain names of one service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub svc: String,
+    pub svl: String,
+    pub ext: String,
+    base: String,
+}
+
+impl Names {
+    pub fn new(sp: &ServicePort) -> Names {
+        let path = id_path(&sp.id, sp.port);
+        let base = format!("{}-{}", hash8(&path), path);
+        Names {
+            svc: format!("svc-{base}"),
+            svl: format!("svl-{base}"),
+            ext: format!("ext-{base}"),
+            base,
+        }
+    }
+
+    pub fn endpoint(&self, ep: &Endpoint) -> String {
+        format!("ep-{}__{}_{}", self.base, dashed(ep.ip), ep.port)
+    }
+
+    pub fn affinity(&self, ep: &Endpoint, timeout: u32) -> String {
+        format!(
+            "aff-{}__{}_{}__{}",
+            self.base,
+            dashed(ep.ip),
+            ep.port,
+            timeout
+        )
+    }
+}
+
+fn dashed(ip: Ipv4Addr) -> String {
+    ip.to_string().replace('.', "-")
+}
+
+/// Renders the dynamic part for `ports`.
+pub fn ruleset<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, cfg: &ProxyConfig) -> Ruleset {
+    let mut rs = Ruleset::default();
+    for sp in ports {
+        add_port(&mut rs, sp, cfg);
+    }
+    rs
+}
+
+fn add_port(rs: &mut Ruleset, sp: &ServicePort, cfg: &ProxyConfig) {
+    let names = Names::new(sp);
+    let proto = sp.protocol.nft();
+    let masq_outside = cfg.cluster_cidr.map(|net| {
+        format!(
+            "ip daddr {} ip saddr != {net} jump mark-for-masquerade",
+            sp.cluster_ip
+        )
+    });
+    let all: Vec<Endpoint> = sp.endpoints.clone();
+    let local: Vec<Endpoint> = sp.local_endpoints().copied().collect();
+
+    // Endpoint chains (and affinity sets) for every endpoint.
+    for ep in &all {
+        let mut rules = vec![format!("ip saddr {} jump mark-for-masquerade", ep.ip)];
+        if let Some(t) = sp.affinity {
+            let set = names.affinity(ep, t);
+            rs.sets.insert(
+                set.clone(),
+                format!("{{ type ipv4_addr; flags dynamic,timeout; timeout {t}s; }}"),
+            );
+            rules.push(format!("update @{set} {{ ip saddr }}"));
+        }
+        rules.push(format!(
+            "meta l4proto {proto} dnat to {}:{}",
+            ep.ip, ep.port
+        ));
+        rs.chains.insert(names.endpoint(ep), rules);
+    }
+
+    let pick = |targets: &[Endpoint]| -> Vec<String> {
+        let mut rules = Vec::new();
+        if let Some(r) = &masq_outside {
+            rules.push(r.clone());
+        }
+        if let Some(t) = sp.affinity {
+            for ep in targets {
+                rules.push(format!(
+                    "ip saddr @{} goto {}",
+                    names.affinity(ep, t),
+                    names.endpoint(ep)
+                ));
+            }
+        }
+        if targets.is_empty() {
+            rules.push("drop".to_string());
+        } else {
+            let arms: Vec<String> = targets
+                .iter()
+                .enumerate()
+                .map(|(i, ep)| format!("{i} : goto {}", names.endpoint(ep)))
+                .collect();
+            rules.push(format!(
+                "numgen random mod {} vmap {{ {} }}",
+                targets.len(),
+                arms.join(", ")
+            ));
+        }
+        rules
+    };
+
+    let uses_local = sp.internal_local || sp.external_local;
+    if !all.is_empty() {
+        rs.chains.insert(names.svc.clone(), pick(&all));
+    }
+    if uses_local && !all.is_empty() {
+        rs.chains.insert(names.svl.clone(), pick(&local));
+    }
+
+    // ClusterIP.
+    let key = format!("{} . {proto} . {}", sp.cluster_ip, sp.port);
+    let internal = sp.cluster_targets();
+    if internal.is_empty() {
+        rs.elements
+            .insert((MAP_NO_EP_SERVICES, key), "goto reject-chain".into());
+    } else {
+        let chain = if sp.internal_local {
+            &names.svl
+        } else {
+            &names.svc
+        };
+        rs.elements
+            .insert((MAP_SERVICE_IPS, key), format!("goto {chain}"));
+    }
+
+    // NodePort and external IPs.
+    if sp.is_external() {
+        let verdict = if all.is_empty() {
+            Err("goto reject-chain")
+        } else if sp.external_local && local.is_empty() {
+            // Endpoints exist, but none here: drop, as kube-proxy does, so that a load
+            // balancer's health check (not a refused connection) steers clients away.
+            Err("drop")
+        } else {
+            let rules = if sp.external_local {
+                vec![
+                    "fib saddr type local jump mark-for-masquerade".to_string(),
+                    format!("fib saddr type local goto {}", names.svc),
+                    format!("goto {}", names.svl),
+                ]
+            } else {
+                vec![
+                    "jump mark-for-masquerade".to_string(),
+                    format!("goto {}", names.svc),
+                ]
+            };
+            rs.chains.insert(names.ext.clone(), rules);
+            Ok(format!("goto {}", names.ext))
+        };
+        for ip in &sp.external_ips {
+            let key = format!("{ip} . {proto} . {}", sp.port);
+            match &verdict {
+                Ok(v) => rs.elements.insert((MAP_SERVICE_IPS, key), v.clone()),
+                Err(v) => rs.elements.insert((MAP_NO_EP_SERVICES, key), v.to_string()),
+            };
+        }
+        if let Some(np) = sp.node_port {
+            let key = format!("{proto} . {np}");
+            match &verdict {
+                Ok(v) => rs.elements.insert((MAP_NODEPORTS, key), v.clone()),
+                Err(v) => rs
+                    .elements
+                    .insert((MAP_NO_EP_NODEPORTS, key), v.to_string()),
+            };
+        }
+    }
+}
+
+/// The static part: the table, base chains, helper chains and maps. Recreates the table
+/// (add + delete + add: nft 1.0.6 has no `destroy`).
+pub fn base() -> String {
+    let t = format!("ip {TABLE}");
+    let mut s = String::new();
+    let _ = writeln!(s, "add table {t}");
+    let _ = writeln!(s, "delete table {t}");
+    let _ = writeln!(s, "add table {t}");
+    let _ = writeln!(
+        s,
+        "add map {t} {MAP_SERVICE_IPS} {{ type ipv4_addr . inet_proto . inet_service : verdict; }}"
+    );
+    let _ = writeln!(
+        s,
+        "add map {t} {MAP_NODEPORTS} {{ type inet_proto . inet_service : verdict; }}"
+    );
+    let _ = writeln!(
+        s,
+        "add map {t} {MAP_NO_EP_SERVICES} {{ type ipv4_addr . inet_proto . inet_service : verdict; }}"
+    );
+    let _ = writeln!(
+        s,
+        "add map {t} {MAP_NO_EP_NODEPORTS} {{ type inet_proto . inet_service : verdict; }}"
+    );
+    for (name, hook) in [
+        ("nat-prerouting", "type nat hook prerouting priority dstnat"),
+        ("nat-output", "type nat hook output priority -100"),
+        (
+            "nat-postrouting",
+            "type nat hook postrouting priority srcnat",
+        ),
+        (
+            "filter-prerouting",
+            "type filter hook prerouting priority -110",
+        ),
+        ("filter-output", "type filter hook output priority -110"),
+    ] {
+        let _ = writeln!(s, "add chain {t} {name} {{ {hook}; policy accept; }}");
+    }
+    for name in [
+        "services",
+        "masquerading",
+        "mark-for-masquerade",
+        "reject-chain",
+        "endpoints-check",
+    ] {
+        let _ = writeln!(s, "add chain {t} {name}");
+    }
+    let rules: [(&str, String); 13] = [
+        ("nat-prerouting", "jump services".into()),
+        ("nat-output", "jump services".into()),
+        ("nat-postrouting", "jump masquerading".into()),
+        ("filter-prerouting", "ct state new jump endpoints-check".into()),
+        ("filter-output", "ct state new jump endpoints-check".into()),
+        (
+            "services",
+            format!("ip daddr . meta l4proto . th dport vmap @{MAP_SERVICE_IPS}"),
+        ),
+        (
+            "services",
+            format!(
+                "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @{MAP_NODEPORTS}"
+            ),
+        ),
+        (
+            "endpoints-check",
+            format!("ip daddr . meta l4proto . th dport vmap @{MAP_NO_EP_SERVICES}"),
+        ),
+        (
+            "endpoints-check",
+            format!(
+                "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @{MAP_NO_EP_NODEPORTS}"
+            ),
+        ),
+        (
+            "masquerading",
+            format!("meta mark & {MASQ_MARK:#x} == 0 return"),
+        ),
+        (
+            "masquerading",
+            format!("meta mark set meta mark ^ {MASQ_MARK:#x} masquerade fully-random"),
+        ),
+        (
+            "mark-for-masquerade",
+            format!("meta mark set meta mark | {MASQ_MARK:#x}"),
+        ),
+        ("reject-chain", "reject".into()),
+    ];
+    for (chain, rule) in rules {
+        let _ = writeln!(s, "add rule {t} {chain} {rule}");
+    }
+    s
+}
+
+/// The whole table for `rs`, as one transaction.
+pub fn full(rs: &Ruleset) -> String {
+    let mut tx = Tx::default();
+    tx.diff(&Ruleset::default(), rs);
+    let mut s = base();
+    s.push_str(&tx.finish());
+    s
+}
+
+/// The minimal transaction turning `old` (what the kernel has) into `new`.
+pub fn transaction(old: &Ruleset, new: &Ruleset) -> String {
+    let mut tx = Tx::default();
+    tx.diff(old, new);
+    tx.finish()
+}
+
+/// A transaction being built from several diffs (one per changed service port), kept in
+/// phases so that the order is right across all of them: new sets and chains first, then
+/// rules, then map elements out and in (so a ClusterIP handed from a deleted Service to a new
+/// one is freed before it is taken), then what nothing refers to any more.
+#[derive(Debug, Default)]
+pub struct Tx {
+    add_sets: String,
+    add_chains: String,
+    rules: String,
+    del_elements: String,
+    add_elements: String,
+    flush_gone: String,
+    del_chains: String,
+    del_sets: String,
+}
+
+impl Tx {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.add_sets.is_empty()
+            && self.add_chains.is_empty()
+            && self.rules.is_empty()
+            && self.del_elements.is_empty()
+            && self.add_elements.is_empty()
+            && self.del_chains.is_empty()
+            && self.del_sets.is_empty()
+    }
+
+    /// Adds what turns `old` into `new`.
+    pub fn diff(&mut self, old: &Ruleset, new: &Ruleset) {
+        let t = format!("ip {TABLE}");
+        for (name, def) in &new.sets {
+            if old.sets.get(name) != Some(def) {
+                let _ = writeln!(self.add_sets, "add set {t} {name} {def}");
+            }
+        }
+        for name in new.chains.keys() {
+            if !old.chains.contains_key(name) {
+                let _ = writeln!(self.add_chains, "add chain {t} {name}");
+            }
+        }
+        for (name, rules) in &new.chains {
+            match old.chains.get(name) {
+                Some(old_rules) if old_rules == rules => continue,
+                Some(_) => {
+                    let _ = writeln!(self.rules, "flush chain {t} {name}");
+                }
+                None => {}
+            }
+            for r in rules {
+                let _ = writeln!(self.rules, "add rule {t} {name} {r}");
+            }
+        }
+        for (key, verdict) in &old.elements {
+            if new.elements.get(key) != Some(verdict) {
+                let _ = writeln!(
+                    self.del_elements,
+                    "delete element {t} {} {{ {} }}",
+                    key.0, key.1
+                );
+            }
+        }
+        for (key, verdict) in &new.elements {
+            if old.elements.get(key) != Some(verdict) {
+                let _ = writeln!(
+                    self.add_elements,
+                    "add element {t} {} {{ {} : {verdict} }}",
+                    key.0, key.1
+                );
+            }
+        }
+        // A chain that goes may refer to another chain or set that goes too: all are
+        // flushed before any is deleted.
+        for name in old.chains.keys() {
+            if !new.chains.contains_key(name) {
+                let _ = writeln!(self.flush_gone, "flush chain {t} {name}");
+                let _ = writeln!(self.del_chains, "delete chain {t} {name}");
+            }
+        }
+        for name in old.sets.keys() {
+            if !new.sets.contains_key(name) {
+                let _ = writeln!(self.del_sets, "delete set {t} {name}");
+            }
+        }
+    }
+
+    /// The transaction text.
+    pub fn finish(self) -> String {
+        [
+            self.add_sets,
+            self.add_chains,
+            self.rules,
+            self.del_elements,
+            self.add_elements,
+            self.flush_gone,
+            self.del_chains,
+            self.del_sets,
+        ]
+        .concat()
+    }
+}
+
+/// Removes the table (`--cleanup`, proxy mode switched off).
+pub fn cleanup() -> String {
+    format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use registry::Protocol;
+
+    fn sp(name: &str, eps: &[([u8; 4], bool)]) -> ServicePort {
+        ServicePort {
+            id: PortId {
+                namespace: "default".into(),
+                name: name.into(),
+                port_name: "http".into(),
+                protocol: Protocol::Tcp,
+            },
+            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: Protocol::Tcp,
+            node_port: None,
+            external_ips: vec![],
+            affinity: None,
+            external_local: false,
+            internal_local: false,
+            endpoints: eps
+                .iter()
+                .map(|(ip, local)| Endpoint {
+                    ip: Ipv4Addr::from(*ip),
+                    port: 8080,
+                    local: *local,
+                })
+                .collect(),
+        }
+    }
+
+    fn cfg() -> ProxyConfig {
+        ProxyConfig {
+            cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
+        }
+    }
+
+    #[test]
+    fn chain_names_are_stable_and_readable() {
+        let names = Names::new(&sp("web", &[]));
+        assert_eq!(
+            names.svc,
+            format!("svc-{}-default/web/tcp/http", hash8("default/web/tcp/http"))
+        );
+        assert_eq!(hash8("default/web/tcp/http"), hash8("default/web/tcp/http"));
+        assert_ne!(hash8("default/web/tcp/http"), hash8("default/web/udp/http"));
+        let ep = Endpoint {
+            ip: Ipv4Addr::new(10, 5, 1, 2),
+            port: 8080,
+            local: true,
+        };
+        assert!(names
+            .endpoint(&ep)
+            .ends_with("default/web/tcp/http__10-5-1-2_8080"));
+    }
+
+    #[test]
+    fn cluster_ip_dispatch_picks_among_endpoints() {
+        let rs = ruleset(
+            [&sp("web", &[([10, 5, 1, 2], true), ([10, 5, 2, 2], false)])],
+            &cfg(),
+        );
+        let names = Names::new(&sp("web", &[]));
+        let svc = &rs.chains[&names.svc];
+        assert_eq!(
+            svc[0],
+            "ip daddr 10.96.0.10 ip saddr != 10.5.0.0/16 jump mark-for-masquerade"
+        );
+        assert!(
+            svc[1].starts_with("numgen random mod 2 vmap { 0 : goto ep-"),
+            "{svc:?}"
+        );
+        assert_eq!(
+            rs.elements[&(MAP_SERVICE_IPS, "10.96.0.10 . tcp . 80".to_string())],
+            format!("goto {}", names.svc)
+        );
+        let ep = &rs.chains[&names.endpoint(&Endpoint {
+            ip: Ipv4Addr::new(10, 5, 1, 2),
+            port: 8080,
+            local: true,
+        })];
+        assert_eq!(
+            ep,
+            &vec![
+                "ip saddr 10.5.1.2 jump mark-for-masquerade".to_string(),
+                "meta l4proto tcp dnat to 10.5.1.2:8080".to_string()
+            ]
+        );
+        assert_eq!(rs.chains.len(), 3);
+    }
+
+    #[test]
+    fn no_endpoints_rejects() {
+        let mut p = sp("web", &[]);
+        p.node_port = Some(30080);
+        let rs = ruleset([&p], &cfg());
+        assert!(rs.chains.is_empty());
+        assert_eq!(
+            rs.elements[&(MAP_NO_EP_SERVICES, "10.96.0.10 . tcp . 80".to_string())],
+            "goto reject-chain"
+        );
+        assert_eq!(
+            rs.elements[&(MAP_NO_EP_NODEPORTS, "tcp . 30080".to_string())],
+            "goto reject-chain"
+        );
+    }
+
+    #[test]
+    fn external_local_keeps_source_and_drops_without_local_endpoints() {
+        let mut p = sp("web", &[([10, 5, 1, 2], true), ([10, 5, 2, 2], false)]);
+        p.node_port = Some(30080);
+        p.external_ips = vec![Ipv4Addr::new(192, 0, 2, 1)];
+        p.external_local = true;
+        let names = Names::new(&p);
+        let rs = ruleset([&p], &cfg());
+        assert_eq!(
+            rs.chains[&names.ext],
+            vec![
+                "fib saddr type local jump mark-for-masquerade".to_string(),
+                format!("fib saddr type local goto {}", names.svc),
+                format!("goto {}", names.svl),
+            ]
+        );
+        assert!(rs.chains[&names.svl][1].starts_with("numgen random mod 1 "));
+        assert_eq!(
+            rs.elements[&(MAP_NODEPORTS, "tcp . 30080".to_string())],
+            format!("goto {}", names.ext)
+        );
+        assert_eq!(
+            rs.elements[&(MAP_SERVICE_IPS, "192.0.2.1 . tcp . 80".to_string())],
+            format!("goto {}", names.ext)
+        );
+        // No local endpoint: external traffic dropped, cluster traffic still served.
+        p.endpoints.retain(|e| !e.local);
+        let rs = ruleset([&p], &cfg());
+        assert_eq!(
+            rs.elements[&(MAP_NO_EP_NODEPORTS, "tcp . 30080".to_string())],
+            "drop"
+        );
+        assert!(rs
+            .elements
+            .contains_key(&(MAP_SERVICE_IPS, "10.96.0.10 . tcp . 80".to_string())));
+    }
+
+    #[test]
+    fn cluster_policy_masquerades_external_traffic() {
+        let mut p = sp("web", &[([10, 5, 2, 2], false)]);
+        p.node_port = Some(30080);
+        let names = Names::new(&p);
+        let rs = ruleset([&p], &cfg());
+        assert_eq!(
+            rs.chains[&names.ext],
+            vec![
+                "jump mark-for-masquerade".to_string(),
+                format!("goto {}", names.svc)
+            ]
+        );
+    }
+
+    #[test]
+    fn affinity_sets_per_endpoint_checked_before_numgen() {
+        let mut p = sp("web", &[([10, 5, 1, 2], true), ([10, 5, 2, 2], false)]);
+        p.affinity = Some(60);
+        let names = Names::new(&p);
+        let rs = ruleset([&p], &cfg());
+        assert_eq!(rs.sets.len(), 2);
+        assert!(rs
+            .sets
+            .values()
+            .all(|d| d.contains("flags dynamic,timeout; timeout 60s;")));
+        let svc = &rs.chains[&names.svc];
+        assert!(svc[1].starts_with("ip saddr @aff-") && svc[1].contains(" goto ep-"));
+        assert!(svc[3].starts_with("numgen"));
+        let ep_chain = &rs.chains[&names.endpoint(&p.endpoints[0])];
+        assert!(ep_chain[1].starts_with("update @aff-") && ep_chain[1].ends_with("{ ip saddr }"));
+    }
+
+    #[test]
+    fn internal_local_without_local_endpoints_rejects_cluster_traffic() {
+        let mut p = sp("web", &[([10, 5, 2, 2], false)]);
+        p.internal_local = true;
+        let rs = ruleset([&p], &cfg());
+        assert_eq!(
+            rs.elements[&(MAP_NO_EP_SERVICES, "10.96.0.10 . tcp . 80".to_string())],
+            "goto reject-chain"
+        );
+    }
+
+    #[test]
+    fn unchanged_is_an_empty_transaction_and_changes_touch_only_what_changed() {
+        let a = sp("a", &[([10, 5, 1, 2], true)]);
+        let mut b = sp("b", &[([10, 5, 1, 3], true)]);
+        b.cluster_ip = Ipv4Addr::new(10, 96, 0, 11);
+        let old = ruleset([&a, &b], &cfg());
+        assert_eq!(transaction(&old, &old), "");
+        // Scale b up: b's service chain is rewritten, one endpoint chain added, a untouched.
+        let mut b2 = b.clone();
+        b2.endpoints.push(Endpoint {
+            ip: Ipv4Addr::new(10, 5, 2, 9),
+            port: 8080,
+            local: false,
+        });
+        let new = ruleset([&a, &b2], &cfg());
+        let tx = transaction(&old, &new);
+        let names_a = Names::new(&a);
+        let names_b = Names::new(&b);
+        assert!(!tx.contains(&names_a.svc), "{tx}");
+        assert!(
+            tx.contains(&format!("flush chain ip {TABLE} {}\n", names_b.svc)),
+            "{tx}"
+        );
+        assert!(tx.contains("add chain ip flannel-proxy ep-"), "{tx}");
+        assert!(
+            !tx.contains("element"),
+            "the map element did not change: {tx}"
+        );
+        // Remove b entirely: element deleted before its chains go.
+        let gone = ruleset([&a], &cfg());
+        let tx = transaction(&new, &gone);
+        let del_el = tx.find("delete element").expect("element deleted");
+        let del_chain = tx.find("delete chain").expect("chains deleted");
+        assert!(del_el < del_chain, "{tx}");
+        assert_eq!(tx.matches("delete chain").count(), 3, "{tx}");
+    }
+
+    #[test]
+    fn full_contains_base_and_everything() {
+        let rs = ruleset([&sp("a", &[([10, 5, 1, 2], true)])], &cfg());
+        let f = full(&rs);
+        assert!(f.starts_with("add table ip flannel-proxy\ndelete table ip flannel-proxy\n"));
+        assert_eq!(f.matches("add chain ip flannel-proxy svc-").count(), 1);
+        assert!(f.contains(
+            "add element ip flannel-proxy service-ips { 10.96.0.10 . tcp . 80 : goto svc-"
+        ));
+    }
+}

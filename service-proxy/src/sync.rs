@@ -1,0 +1,557 @@
+//! Keeping the kernel's table equal to the wanted service ports (nftables mode).
+//!
+//! [`Syncer`] remembers, per service port, what it last applied; a sync renders only the
+//! ports that changed and sends one transaction with their diffs. The first sync, and the
+//! first after any failure, rebuilds the whole table instead. UDP conntrack entries that
+//! point at removed endpoints (or that were made while a Service had none) are deleted after
+//! the transaction, so clients are not stuck on a dead backend.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use registry::Protocol;
+use tokio::io::AsyncWriteExt;
+
+use crate::model::{PortId, ServicePort};
+use crate::nft::{self, ProxyConfig, Ruleset, Tx};
+
+/// How long one `nft -f -` or `conntrack` run may take.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("nft -f - failed: {0}")]
+    Nft(String),
+    #[error("could not run {program}: {msg}")]
+    Spawn { program: String, msg: String },
+}
+
+/// Applies nft scripts. The real one runs `nft -f -`; tests may record instead.
+pub trait NftApply: Send + Sync {
+    fn apply(
+        &self,
+        script: &str,
+    ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send;
+}
+
+/// Runs `nft -f -` (optionally behind a prefix such as `ip netns exec NAME`).
+#[derive(Debug, Clone, Default)]
+pub struct NftCommand {
+    pub prefix: Vec<String>,
+}
+
+async fn run_with_stdin(argv: &[String], input: &str) -> Result<(bool, String), SyncError> {
+    let (program, args) = argv.split_first().ok_or_else(|| SyncError::Spawn {
+        program: String::new(),
+        msg: "empty command".into(),
+    })?;
+    let spawn_err = |e: std::io::Error| SyncError::Spawn {
+        program: program.clone(),
+        msg: e.to_string(),
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(spawn_err)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes()).await.map_err(spawn_err)?;
+    }
+    let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| SyncError::Spawn {
+            program: program.clone(),
+            msg: format!("no answer within {COMMAND_TIMEOUT:?}"),
+        })?
+        .map_err(spawn_err)?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    ))
+}
+
+impl NftApply for NftCommand {
+    async fn apply(&self, script: &str) -> Result<(), SyncError> {
+        let mut argv = self.prefix.clone();
+        argv.extend(["nft".to_string(), "-f".to_string(), "-".to_string()]);
+        let (ok, stderr) = run_with_stdin(&argv, script).await?;
+        if ok {
+            Ok(())
+        } else {
+            // nft names the failing line; keep the first lines of its complaint.
+            let msg: Vec<&str> = stderr.lines().take(6).collect();
+            Err(SyncError::Nft(msg.join(" | ")))
+        }
+    }
+}
+
+/// One UDP conntrack deletion: flows to `orig_dst` (a service address, or any local address
+/// when `None` with a node port) that were DNATed to `endpoint` (or to anything when `None`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StaleFlows {
+    pub orig_dst: Option<Ipv4Addr>,
+    pub orig_port: u16,
+    pub endpoint: Option<Ipv4Addr>,
+}
+
+impl StaleFlows {
+    /// `conntrack -D` arguments.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec!["-D".to_string(), "-p".into(), "udp".into()];
+        if let Some(d) = self.orig_dst {
+            a.extend(["--orig-dst".into(), d.to_string()]);
+        }
+        a.extend(["--orig-port-dst".into(), self.orig_port.to_string()]);
+        if let Some(e) = self.endpoint {
+            a.extend(["--dst-nat".into(), e.to_string()]);
+        }
+        a
+    }
+}
+
+/// Which UDP flows became stale between `old` and `new` (pure): flows DNATed to an endpoint
+/// that is gone, and flows to a service address that had no endpoint (they hold a reject or
+/// no NAT at all) now that it has some.
+pub fn stale_udp_flows(
+    old: &BTreeMap<PortId, ServicePort>,
+    new: &BTreeMap<PortId, ServicePort>,
+) -> BTreeSet<StaleFlows> {
+    let mut out = BTreeSet::new();
+    for (id, o) in old {
+        if o.protocol != Protocol::Udp {
+            continue;
+        }
+        let n = new.get(id);
+        let kept: BTreeSet<Ipv4Addr> = n
+            .map(|n| n.endpoints.iter().map(|e| e.ip).collect())
+            .unwrap_or_default();
+        for ep in &o.endpoints {
+            if kept.contains(&ep.ip) {
+                continue;
+            }
+            for dst in std::iter::once(o.cluster_ip).chain(o.external_ips.iter().copied()) {
+                out.insert(StaleFlows {
+                    orig_dst: Some(dst),
+                    orig_port: o.port,
+                    endpoint: Some(ep.ip),
+                });
+            }
+            if let Some(np) = o.node_port {
+                out.insert(StaleFlows {
+                    orig_dst: None,
+                    orig_port: np,
+                    endpoint: Some(ep.ip),
+                });
+            }
+        }
+    }
+    for (id, n) in new {
+        if n.protocol != Protocol::Udp || n.endpoints.is_empty() {
+            continue;
+        }
+        let had_none = old.get(id).is_none_or(|o| o.endpoints.is_empty());
+        if had_none {
+            for dst in std::iter::once(n.cluster_ip).chain(n.external_ips.iter().copied()) {
+                out.insert(StaleFlows {
+                    orig_dst: Some(dst),
+                    orig_port: n.port,
+                    endpoint: None,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Deletes conntrack entries. The real one runs `conntrack -D`.
+pub trait Conntrack: Send + Sync {
+    fn delete(
+        &self,
+        flows: &StaleFlows,
+    ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send;
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ConntrackCommand {
+    pub prefix: Vec<String>,
+}
+
+impl Conntrack for ConntrackCommand {
+    async fn delete(&self, flows: &StaleFlows) -> Result<(), SyncError> {
+        let mut argv = self.prefix.clone();
+        argv.push("conntrack".into());
+        argv.extend(flows.args());
+        let (ok, stderr) = run_with_stdin(&argv, "").await?;
+        // conntrack exits 1 when nothing matched: that is success here.
+        if ok || stderr.contains("0 flow entries") {
+            Ok(())
+        } else {
+            Err(SyncError::Spawn {
+                program: "conntrack".into(),
+                msg: stderr,
+            })
+        }
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub full: bool,
+    /// Service ports rendered (changed, added or removed).
+    pub changed: usize,
+    pub script_bytes: usize,
+    pub stale_flows: usize,
+    pub elapsed: Duration,
+    /// Map keys claimed by two service ports (the later one, by id, is left out).
+    pub conflicts: Vec<String>,
+}
+
+/// The nftables-mode syncer.
+#[derive(Debug)]
+pub struct Syncer<N, C> {
+    nft: N,
+    conntrack: C,
+    cfg: ProxyConfig,
+    /// What the kernel has, per service port; `None` when unknown (start, after a failure).
+    applied: Option<BTreeMap<PortId, (ServicePort, Ruleset)>>,
+    /// The service ports as last applied (for conntrack).
+    last_ports: BTreeMap<PortId, ServicePort>,
+}
+
+impl<N: NftApply, C: Conntrack> Syncer<N, C> {
+    pub fn new(nft: N, conntrack: C, cfg: ProxyConfig) -> Self {
+        Syncer {
+            nft,
+            conntrack,
+            cfg,
+            applied: None,
+            last_ports: BTreeMap::new(),
+        }
+    }
+
+    /// Forces the next sync to rebuild the whole table.
+    pub fn invalidate(&mut self) {
+        self.applied = None;
+    }
+
+    /// Makes the kernel serve `ports`.
+    pub async fn sync(
+        &mut self,
+        ports: &BTreeMap<PortId, ServicePort>,
+    ) -> Result<SyncReport, SyncError> {
+        let started = Instant::now();
+        let mut report = SyncReport::default();
+        let previous = self.applied.take();
+        let full = previous.is_none();
+        let mut old = previous.unwrap_or_default();
+        let mut tx = Tx::default();
+        let mut next: BTreeMap<PortId, (ServicePort, Ruleset)> = BTreeMap::new();
+        // Map keys already claimed, to keep two ports from claiming one (user error, e.g.
+        // the same external IP and port in two Services); the port first by id wins.
+        let mut owners: BTreeMap<(&'static str, String), PortId> = BTreeMap::new();
+        for (id, sp) in ports {
+            let (unchanged, prev_rules) = match old.remove(id) {
+                Some((prev_sp, prev_rs)) => (prev_sp == *sp && !full, Some(prev_rs)),
+                None => (false, None),
+            };
+            let rs = match (unchanged, prev_rules) {
+                (true, Some(rs)) => rs,
+                (_, prev) => {
+                    let mut rs = nft::ruleset([sp], &self.cfg);
+                    rs.elements.retain(|key, _| match owners.get(key) {
+                        Some(owner) => {
+                            report.conflicts.push(format!(
+                                "{} {} is served by {owner}; ignored for {id}",
+                                key.0, key.1
+                            ));
+                            false
+                        }
+                        None => true,
+                    });
+                    let base = if full {
+                        Ruleset::default()
+                    } else {
+                        prev.unwrap_or_default()
+                    };
+                    if base != rs || full {
+                        report.changed += 1;
+                    }
+                    tx.diff(&base, &rs);
+                    rs
+                }
+            };
+            for key in rs.elements.keys() {
+                owners.insert(key.clone(), id.clone());
+            }
+            next.insert(id.clone(), (sp.clone(), rs));
+        }
+        if !full {
+            for (_, (_, rs)) in old {
+                report.changed += 1;
+                tx.diff(&rs, &Ruleset::default());
+            }
+        }
+        let script = if full {
+            let mut s = nft::base();
+            s.push_str(&tx.finish());
+            s
+        } else {
+            tx.finish()
+        };
+        report.full = full;
+        report.script_bytes = script.len();
+        if !script.is_empty() {
+            // On failure `applied` stays None: the next sync rebuilds everything.
+            self.nft.apply(&script).await?;
+        }
+        self.applied = Some(next);
+        let stale = stale_udp_flows(&self.last_ports, ports);
+        report.stale_flows = stale.len();
+        self.last_ports = ports.clone();
+        for flows in &stale {
+            if let Err(e) = self.conntrack.delete(flows).await {
+                tracing::warn!(error = %e, "could not delete stale UDP conntrack entries");
+            }
+        }
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Endpoint;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug, Clone, Default)]
+    struct Recorder {
+        scripts: Arc<Mutex<Vec<String>>>,
+        fail_next: Arc<Mutex<bool>>,
+        deleted: Arc<Mutex<Vec<StaleFlows>>>,
+    }
+
+    impl NftApply for Recorder {
+        async fn apply(&self, script: &str) -> Result<(), SyncError> {
+            let mut fail = self.fail_next.lock().expect("lock");
+            if *fail {
+                *fail = false;
+                return Err(SyncError::Nft("injected".into()));
+            }
+            self.scripts.lock().expect("lock").push(script.to_string());
+            Ok(())
+        }
+    }
+
+    impl Conntrack for Recorder {
+        async fn delete(&self, flows: &StaleFlows) -> Result<(), SyncError> {
+            self.deleted.lock().expect("lock").push(flows.clone());
+            Ok(())
+        }
+    }
+
+    fn sp(name: &str, ip: [u8; 4], proto: Protocol, eps: &[[u8; 4]]) -> (PortId, ServicePort) {
+        let id = PortId {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: String::new(),
+            protocol: proto,
+        };
+        (
+            id.clone(),
+            ServicePort {
+                id,
+                cluster_ip: Ipv4Addr::from(ip),
+                port: 53,
+                protocol: proto,
+                node_port: None,
+                external_ips: vec![],
+                affinity: None,
+                external_local: false,
+                internal_local: false,
+                endpoints: eps
+                    .iter()
+                    .map(|e| Endpoint {
+                        ip: Ipv4Addr::from(*e),
+                        port: 5353,
+                        local: false,
+                    })
+                    .collect(),
+            },
+        )
+    }
+
+    fn syncer(r: &Recorder) -> Syncer<Recorder, Recorder> {
+        Syncer::new(r.clone(), r.clone(), ProxyConfig { cluster_cidr: None })
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn first_sync_is_full_then_only_changes_are_sent() {
+        let r = Recorder::default();
+        let mut s = syncer(&r);
+        let mut ports: BTreeMap<_, _> = [
+            sp("a", [10, 96, 0, 1], Protocol::Tcp, &[[10, 5, 1, 2]]),
+            sp("b", [10, 96, 0, 2], Protocol::Tcp, &[[10, 5, 1, 3]]),
+        ]
+        .into();
+        let rep = run(s.sync(&ports)).expect("sync");
+        assert!(rep.full);
+        assert_eq!(rep.changed, 2);
+        let rep = run(s.sync(&ports)).expect("sync");
+        assert!(!rep.full);
+        assert_eq!((rep.changed, rep.script_bytes), (0, 0));
+        assert_eq!(
+            r.scripts.lock().expect("lock").len(),
+            1,
+            "nothing sent when unchanged"
+        );
+        let (id, c) = sp("c", [10, 96, 0, 3], Protocol::Tcp, &[[10, 5, 1, 4]]);
+        ports.insert(id, c);
+        let rep = run(s.sync(&ports)).expect("sync");
+        assert_eq!(rep.changed, 1);
+        let last = r
+            .scripts
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("script");
+        assert!(
+            !last.contains("delete table") && last.contains("10.96.0.3"),
+            "{last}"
+        );
+        assert!(!last.contains("10.96.0.1 "), "{last}");
+    }
+
+    #[test]
+    fn failure_leads_to_a_full_resync() {
+        let r = Recorder::default();
+        let mut s = syncer(&r);
+        let mut ports: BTreeMap<_, _> =
+            [sp("a", [10, 96, 0, 1], Protocol::Tcp, &[[10, 5, 1, 2]])].into();
+        run(s.sync(&ports)).expect("sync");
+        *r.fail_next.lock().expect("lock") = true;
+        let (id, b) = sp("b", [10, 96, 0, 2], Protocol::Tcp, &[]);
+        ports.insert(id, b);
+        assert!(run(s.sync(&ports)).is_err());
+        let rep = run(s.sync(&ports)).expect("sync");
+        assert!(rep.full);
+        let last = r
+            .scripts
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("script");
+        assert!(last.contains("delete table ip flannel-proxy"));
+    }
+
+    #[test]
+    fn a_cluster_ip_moving_between_services_is_freed_first() {
+        let r = Recorder::default();
+        let mut s = syncer(&r);
+        let ports: BTreeMap<_, _> =
+            [sp("a", [10, 96, 0, 1], Protocol::Tcp, &[[10, 5, 1, 2]])].into();
+        run(s.sync(&ports)).expect("sync");
+        let ports: BTreeMap<_, _> =
+            [sp("b", [10, 96, 0, 1], Protocol::Tcp, &[[10, 5, 1, 2]])].into();
+        run(s.sync(&ports)).expect("sync");
+        let last = r
+            .scripts
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("script");
+        let del = last.find("delete element").expect("delete");
+        let add = last.find("add element").expect("add");
+        assert!(del < add, "{last}");
+    }
+
+    #[test]
+    fn duplicate_keys_are_reported_not_sent_twice() {
+        let r = Recorder::default();
+        let mut s = syncer(&r);
+        let ports: BTreeMap<_, _> = [
+            sp("a", [10, 96, 0, 1], Protocol::Tcp, &[[10, 5, 1, 2]]),
+            sp("b", [10, 96, 0, 1], Protocol::Tcp, &[[10, 5, 1, 3]]),
+        ]
+        .into();
+        let rep = run(s.sync(&ports)).expect("sync");
+        assert_eq!(rep.conflicts.len(), 1, "{:?}", rep.conflicts);
+        let last = r
+            .scripts
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("script");
+        assert_eq!(
+            last.matches("add element ip flannel-proxy service-ips")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn removed_udp_endpoint_flows_are_deleted() {
+        let r = Recorder::default();
+        let mut s = syncer(&r);
+        let ports: BTreeMap<_, _> = [sp(
+            "dns",
+            [10, 96, 0, 10],
+            Protocol::Udp,
+            &[[10, 5, 1, 2], [10, 5, 2, 2]],
+        )]
+        .into();
+        run(s.sync(&ports)).expect("sync");
+        // The first sync saw the Service appear with endpoints: flows to it are cleared.
+        assert_eq!(
+            r.deleted
+                .lock()
+                .expect("lock")
+                .drain(..)
+                .collect::<Vec<_>>(),
+            vec![StaleFlows {
+                orig_dst: Some(Ipv4Addr::new(10, 96, 0, 10)),
+                orig_port: 53,
+                endpoint: None
+            }]
+        );
+        let ports: BTreeMap<_, _> =
+            [sp("dns", [10, 96, 0, 10], Protocol::Udp, &[[10, 5, 2, 2]])].into();
+        run(s.sync(&ports)).expect("sync");
+        let deleted = r.deleted.lock().expect("lock").clone();
+        assert_eq!(
+            deleted,
+            vec![StaleFlows {
+                orig_dst: Some(Ipv4Addr::new(10, 96, 0, 10)),
+                orig_port: 53,
+                endpoint: Some(Ipv4Addr::new(10, 5, 1, 2))
+            }]
+        );
+        assert_eq!(
+            deleted[0].args().join(" "),
+            "-D -p udp --orig-dst 10.96.0.10 --orig-port-dst 53 --dst-nat 10.5.1.2"
+        );
+    }
+
+    #[test]
+    fn tcp_flows_are_left_alone() {
+        let old: BTreeMap<_, _> = [sp("a", [10, 96, 0, 1], Protocol::Tcp, &[[10, 5, 1, 2]])].into();
+        assert!(stale_udp_flows(&old, &BTreeMap::new()).is_empty());
+    }
+}
