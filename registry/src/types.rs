@@ -10,6 +10,15 @@ use serde::{Deserialize, Serialize};
 /// Labels or a selector's `matchLabels`: sorted for stable output.
 pub type Labels = BTreeMap<String, String>;
 
+/// Labels as `k=v,k2=v2` (sorted by key), as `kubectl get --show-labels` prints them.
+pub fn labels_string(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// `metadata`: what every object carries.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -29,7 +38,9 @@ pub struct ObjectMeta {
 }
 
 /// Transport protocol of a port.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub enum Protocol {
     #[default]
     #[serde(rename = "TCP")]
@@ -148,6 +159,23 @@ pub enum ServiceType {
     /// Accepted and treated as NodePort (there is no load balancer to provision).
     LoadBalancer,
     ExternalName,
+}
+
+impl ServiceType {
+    /// The API spelling (`ClusterIP`, `NodePort`, `LoadBalancer`, `ExternalName`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+            ServiceType::ExternalName => "ExternalName",
+        }
+    }
+
+    /// NodePort and LoadBalancer Services get node ports.
+    pub fn has_node_ports(self) -> bool {
+        matches!(self, ServiceType::NodePort | ServiceType::LoadBalancer)
+    }
 }
 
 /// `spec.sessionAffinity`.
