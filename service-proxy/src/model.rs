@@ -2,7 +2,7 @@
 //! and the pods' CNI attachment records, the list of service ports this node must serve,
 //! each with its endpoints resolved (named target ports per pod, locality per node).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -77,14 +77,40 @@ impl ServicePort {
     }
 }
 
-/// What the proxy knows, as plain data.
+/// (namespace, name).
+pub type Key = (String, String);
+
+/// What the proxy knows, as plain data, each kind keyed by (namespace, name).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub endpoints: Vec<Endpoints>,
-    pub pods: Vec<Pod>,
-    /// Attachment records keyed by (namespace, name).
-    pub records: BTreeMap<(String, String), PodRecord>,
+    pub services: BTreeMap<Key, Service>,
+    pub endpoints: BTreeMap<Key, Endpoints>,
+    pub pods: BTreeMap<Key, Pod>,
+    /// Attachment records.
+    pub records: BTreeMap<Key, PodRecord>,
+}
+
+/// Attached pods (Pod object and record) by (namespace, label key, label value).
+type LabelIndex<'a> = HashMap<(&'a str, &'a str, &'a str), Vec<(&'a Pod, &'a PodRecord)>>;
+
+impl Snapshot {
+    /// The label index, so that a selector is matched against the pods carrying one of its
+    /// labels rather than against every pod.
+    fn label_index(&self) -> LabelIndex<'_> {
+        let mut index: LabelIndex<'_> = HashMap::new();
+        for (key, rec) in &self.records {
+            let Some(pod) = self.pods.get(key) else {
+                continue;
+            };
+            for (k, v) in &pod.metadata.labels {
+                index
+                    .entry((key.0.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push((pod, rec));
+            }
+        }
+        index
+    }
 }
 
 /// This node, for locality.
@@ -98,34 +124,9 @@ pub struct NodeInfo {
 /// The service ports this node serves, keyed by id. Headless and ExternalName Services and
 /// Services without a usable ClusterIP are left out.
 pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, ServicePort> {
-    let pods: BTreeMap<(&str, &str), &Pod> = snap
-        .pods
-        .iter()
-        .map(|p| {
-            (
-                (
-                    namespace_of(&p.metadata.namespace),
-                    p.metadata.name.as_str(),
-                ),
-                p,
-            )
-        })
-        .collect();
-    let endpoints: BTreeMap<(&str, &str), &Endpoints> = snap
-        .endpoints
-        .iter()
-        .map(|e| {
-            (
-                (
-                    namespace_of(&e.metadata.namespace),
-                    e.metadata.name.as_str(),
-                ),
-                e,
-            )
-        })
-        .collect();
+    let index = snap.label_index();
     let mut out = BTreeMap::new();
-    for svc in &snap.services {
+    for ((ns, name), svc) in &snap.services {
         if svc.is_headless() || svc.spec.type_ == ServiceType::ExternalName {
             continue;
         }
@@ -137,7 +138,6 @@ pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, Servi
         else {
             continue;
         };
-        let ns = namespace_of(&svc.metadata.namespace);
         let external_ips: Vec<Ipv4Addr> = svc
             .spec
             .external_ips
@@ -156,8 +156,8 @@ pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, Servi
                 continue;
             }
             let id = PortId {
-                namespace: ns.to_string(),
-                name: svc.metadata.name.clone(),
+                namespace: ns.clone(),
+                name: name.clone(),
                 port_name: sp.name().to_string(),
                 protocol,
             };
@@ -165,13 +165,18 @@ pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, Servi
             let mut eps: BTreeSet<Endpoint> = BTreeSet::new();
             match selector {
                 Some(selector) => {
-                    for ((pns, pname), rec) in &snap.records {
-                        if pns != ns {
-                            continue;
-                        }
-                        let Some(pod) = pods.get(&(pns.as_str(), pname.as_str())) else {
-                            continue;
-                        };
+                    // Candidates: the pods carrying the selector's least common label.
+                    let candidates = selector
+                        .iter()
+                        .map(|(k, v)| {
+                            index
+                                .get(&(ns.as_str(), k.as_str(), v.as_str()))
+                                .map(Vec::as_slice)
+                                .unwrap_or_default()
+                        })
+                        .min_by_key(|c| c.len())
+                        .unwrap_or_default();
+                    for (pod, rec) in candidates {
                         if !selector
                             .iter()
                             .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
@@ -193,7 +198,7 @@ pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, Servi
                     }
                 }
                 None => {
-                    if let Some(e) = endpoints.get(&(ns, svc.metadata.name.as_str())) {
+                    if let Some(e) = snap.endpoints.get(&(ns.clone(), name.clone())) {
                         for subset in &e.subsets {
                             let Some(ep_port) = subset.ports.iter().find(|p| {
                                 p.name.as_deref().unwrap_or("") == sp.name()
@@ -249,9 +254,6 @@ pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, Servi
     out
 }
 
-fn namespace_of(ns: &Option<String>) -> &str {
-    ns.as_deref().unwrap_or("default")
-}
 
 #[cfg(test)]
 mod tests {
@@ -330,16 +332,21 @@ mod tests {
         }
     }
 
+    fn key(ns: &str, name: &str) -> Key {
+        (ns.to_string(), name.to_string())
+    }
+
     fn snap(services: Vec<Service>) -> Snapshot {
         let mut s = Snapshot {
-            services,
-            pods: vec![
-                pod("a", "web", 8080),
-                pod("b", "web", 9090),
-                pod("c", "db", 5432),
-            ],
+            services: services
+                .into_iter()
+                .map(|svc| (key("default", &svc.metadata.name), svc))
+                .collect(),
             ..Default::default()
         };
+        for p in [pod("a", "web", 8080), pod("b", "web", 9090), pod("c", "db", 5432)] {
+            s.pods.insert(key("default", &p.metadata.name), p);
+        }
         s.records.insert(
             ("default".into(), "a".into()),
             record([10, 5, 1, 2], "node1"),
@@ -401,9 +408,11 @@ mod tests {
     #[test]
     fn pods_in_other_namespaces_do_not_match() {
         let mut s = snap(vec![web(None)]);
-        s.pods[0].metadata.namespace = Some("other".into());
-        s.records
-            .insert(("other".into(), "a".into()), record([10, 5, 1, 9], "node1"));
+        let mut moved = s.pods.remove(&key("default", "a")).expect("pod a");
+        moved.metadata.namespace = Some("other".into());
+        s.pods.insert(key("other", "a"), moved);
+        s.records.remove(&key("default", "a"));
+        s.records.insert(key("other", "a"), record([10, 5, 1, 9], "node1"));
         let ports = service_ports(&s, &node());
         let sp = ports.values().next().expect("one port");
         assert_eq!(sp.endpoints.len(), 1);
@@ -427,7 +436,7 @@ mod tests {
         svc.spec.type_ = ServiceType::ClusterIP;
         svc.spec.ports[0].node_port = None;
         let mut s = snap(vec![svc]);
-        s.endpoints.push(Endpoints {
+        s.endpoints.insert(key("default", "web"), Endpoints {
             metadata: meta("default", "web", &[]),
             subsets: vec![EndpointSubset {
                 addresses: vec![
