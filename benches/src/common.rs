@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each bench binary uses a different part
 //! What the namespace benchmarks share: the flanneld binary beside them, stopping between
 //! steps on SIGINT/SIGTERM (so the testbed guard always runs), and writing their reports.
 

@@ -211,6 +211,9 @@ async fn cleanup(flags: &Flags) -> Result<()> {
     if let Err(e) = Nft::default().apply(&nft::render_cleanup()).await {
         errors.push(format!("removing the nftables table: {e:#}"));
     }
+    if let Err(e) = Nft::default().apply(&service_proxy::nft::cleanup()).await {
+        errors.push(format!("removing the service proxy's table: {e:#}"));
+    }
     // The VNI comes from the config when etcd answers; flannel's default otherwise.
     let mut vni = 1;
     if let Ok(reg) = EtcdRegistry::connect(&etcd_options(flags)).await {
@@ -513,6 +516,30 @@ pub async fn run(flags: Flags) -> Result<()> {
         subnet_rx,
         status.clone(),
     );
+    let (proxy_stop, proxy_stop_rx) = tokio::sync::watch::channel(false);
+    let proxy_task = match flags.proxy_mode.parse::<service_proxy::run::Mode>() {
+        Ok(mode) => {
+            let node = service_proxy::model::NodeInfo {
+                name: flags.node_name(),
+                subnet: Some(lease.key.ipv4),
+            };
+            let opts = service_proxy::run::ProxyOptions::new(mode, node, Some(network));
+            tracing::info!("service proxy on ({})", flags.proxy_mode);
+            Some(tokio::spawn(service_proxy::run::run(
+                manager.registry().clone(),
+                opts,
+                status.proxy.clone(),
+                proxy_stop_rx,
+            )))
+        }
+        Err(_) => {
+            // `none`: remove what an earlier run with a proxy mode may have left.
+            if let Err(e) = Nft::default().apply(&service_proxy::nft::cleanup()).await {
+                tracing::debug!("no service proxy table to remove: {e:#}");
+            }
+            None
+        }
+    };
     let mut requested = cfg.backend.clone();
     let mut own = lease.clone();
     let run = tokio::spawn(manager.run_with_control(lease, tx, control_rx));
@@ -573,6 +600,10 @@ pub async fn run(flags: Flags) -> Result<()> {
     // Pod keys stay (on their own 60 s etcd lease) for the restart, like the data plane.
     if let Some(t) = pod_task {
         t.abort();
+    }
+    let _ = proxy_stop.send(true);
+    if let Some(t) = proxy_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     drop(events);
     let _ = tokio::time::timeout(Duration::from_secs(5), run).await;

@@ -114,6 +114,14 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_NODE_NAME")]
     pub node_name: Option<String>,
 
+    /// The service proxy (Kubernetes Services from the etcd registry): `nftables` (kernel
+    /// DNAT, kube-proxy's nftables design), `userspace` (this process relays connections and
+    /// retries the next endpoint), or `none` (flannel's behaviour; a table left by an earlier
+    /// run is removed).
+    #[arg(long, env = "FLANNELD_PROXY_MODE", default_value = "none",
+          value_parser = ["none", "nftables", "userspace"])]
+    pub proxy_mode: String,
+
     /// Remove the host rules and the backend's device, then exit (the lease is kept).
     #[arg(long)]
     pub cleanup: bool,

@@ -41,6 +41,8 @@ pub struct Status {
     /// Pod records this node holds in etcd, and failed attempts to publish them.
     pub pods_published: Gauge,
     pub pod_publish_errors: Counter,
+    /// The service proxy's metrics (`flannel_proxy_*`).
+    pub proxy: service_proxy::metrics::ProxyMetrics,
     /// The backend's data-plane counters, labelled by name.
     backend: Family<Vec<(String, String)>, Counter>,
     lease_expiry: Gauge,
@@ -68,6 +70,7 @@ impl Status {
             config_rejected: Counter::default(),
             pods_published: Gauge::default(),
             pod_publish_errors: Counter::default(),
+            proxy: service_proxy::metrics::ProxyMetrics::default(),
             backend: Family::default(),
             lease_expiry: Gauge::default(),
             etcd_errors: Counter::default(),
@@ -76,6 +79,7 @@ impl Status {
             registry: Registry::with_prefix("flannel"),
         };
         let r = &mut s.registry;
+        s.proxy.register(r);
         r.register("peers", "Peer leases currently known", s.peers.clone());
         r.register("reconcile", "Backend reconcile runs", s.reconciles.clone());
         r.register(

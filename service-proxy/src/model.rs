@@ -254,7 +254,6 @@ pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, Servi
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,7 +343,11 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        for p in [pod("a", "web", 8080), pod("b", "web", 9090), pod("c", "db", 5432)] {
+        for p in [
+            pod("a", "web", 8080),
+            pod("b", "web", 9090),
+            pod("c", "db", 5432),
+        ] {
             s.pods.insert(key("default", &p.metadata.name), p);
         }
         s.records.insert(
@@ -412,7 +415,8 @@ mod tests {
         moved.metadata.namespace = Some("other".into());
         s.pods.insert(key("other", "a"), moved);
         s.records.remove(&key("default", "a"));
-        s.records.insert(key("other", "a"), record([10, 5, 1, 9], "node1"));
+        s.records
+            .insert(key("other", "a"), record([10, 5, 1, 9], "node1"));
         let ports = service_ports(&s, &node());
         let sp = ports.values().next().expect("one port");
         assert_eq!(sp.endpoints.len(), 1);
@@ -436,38 +440,41 @@ mod tests {
         svc.spec.type_ = ServiceType::ClusterIP;
         svc.spec.ports[0].node_port = None;
         let mut s = snap(vec![svc]);
-        s.endpoints.insert(key("default", "web"), Endpoints {
-            metadata: meta("default", "web", &[]),
-            subsets: vec![EndpointSubset {
-                addresses: vec![
-                    EndpointAddress {
-                        ip: "10.5.1.7".into(),
+        s.endpoints.insert(
+            key("default", "web"),
+            Endpoints {
+                metadata: meta("default", "web", &[]),
+                subsets: vec![EndpointSubset {
+                    addresses: vec![
+                        EndpointAddress {
+                            ip: "10.5.1.7".into(),
+                            ..Default::default()
+                        },
+                        EndpointAddress {
+                            ip: "192.168.9.9".into(),
+                            node_name: Some("node1".into()),
+                            ..Default::default()
+                        },
+                    ],
+                    not_ready_addresses: vec![EndpointAddress {
+                        ip: "10.5.1.8".into(),
                         ..Default::default()
-                    },
-                    EndpointAddress {
-                        ip: "192.168.9.9".into(),
-                        node_name: Some("node1".into()),
-                        ..Default::default()
-                    },
-                ],
-                not_ready_addresses: vec![EndpointAddress {
-                    ip: "10.5.1.8".into(),
-                    ..Default::default()
+                    }],
+                    ports: vec![
+                        EndpointPort {
+                            name: Some("http".into()),
+                            port: 8000,
+                            protocol: Protocol::Tcp,
+                        },
+                        EndpointPort {
+                            name: Some("other".into()),
+                            port: 1,
+                            protocol: Protocol::Tcp,
+                        },
+                    ],
                 }],
-                ports: vec![
-                    EndpointPort {
-                        name: Some("http".into()),
-                        port: 8000,
-                        protocol: Protocol::Tcp,
-                    },
-                    EndpointPort {
-                        name: Some("other".into()),
-                        port: 1,
-                        protocol: Protocol::Tcp,
-                    },
-                ],
-            }],
-        });
+            },
+        );
         let ports = service_ports(&s, &node());
         let sp = ports.values().next().expect("one port");
         assert_eq!(sp.node_port, None);

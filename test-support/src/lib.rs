@@ -16,8 +16,9 @@ mod tcp;
 pub use etcd::{Etcd, TlsFiles};
 pub use netns::{in_netns, Node, Pod, Testbed};
 pub use tcp::{
-    http_get, send_and_verify, send_spoofed_udp, udp_burst_verify, udp_whoami, whoami, BurstResult,
-    HashServer, UdpWhoAmIServer, WhoAmIServer,
+    http_get, send_and_verify, send_spoofed_udp, udp_burst_verify, udp_who_serves, udp_whoami,
+    who_serves, whoami, BurstResult, HashServer, IdServer, UdpIdServer, UdpWhoAmIServer,
+    WhoAmIServer,
 };
 
 use std::process::{Command, Output};

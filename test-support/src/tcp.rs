@@ -317,3 +317,77 @@ pub fn udp_burst_verify(
         .join()
         .map_err(|_| "burst receiver panicked".to_string())
 }
+
+/// Answers every connection on `port` in a namespace with "<server address> <source IP>\n":
+/// which endpoint served (behind a service address) and whom it saw. Stops on drop.
+#[derive(Debug)]
+pub struct IdServer {
+    _thread: ServerThread,
+}
+
+impl IdServer {
+    pub fn start(ns: &str, port: u16) -> Result<IdServer, String> {
+        let thread = serve_tcp(ns, port, |mut s, peer| {
+            let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+            let local = s
+                .local_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            let _ = s.write_all(format!("{local} {}\n", peer.ip()).as_bytes());
+        })?;
+        Ok(IdServer { _thread: thread })
+    }
+}
+
+/// Answers every UDP datagram on `port` in a namespace with "<server address> <source IP>\n"
+/// (the server address is the namespace's `addr`, given since a wildcard socket does not
+/// know which of its addresses a datagram was for). Stops on drop.
+#[derive(Debug)]
+pub struct UdpIdServer {
+    _thread: ServerThread,
+}
+
+impl UdpIdServer {
+    pub fn start(ns: &str, addr: &str, port: u16) -> Result<UdpIdServer, String> {
+        let sock = in_netns(ns, move || std::net::UdpSocket::bind(("0.0.0.0", port)))?
+            .map_err(|e| format!("bind udp :{port} in {ns}: {e}"))?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .map_err(|e| e.to_string())?;
+        let addr = addr.to_string();
+        let thread = ServerThread::spawn(move |flag| {
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(format!("{addr} {}\n", from.ip()).as_bytes(), from);
+                }
+            }
+        });
+        Ok(UdpIdServer { _thread: thread })
+    }
+}
+
+/// Connects from namespace `ns` to `to`; returns (server address, source address it saw),
+/// as answered by an [`IdServer`].
+pub fn who_serves(ns: &str, to: SocketAddr, limit: Duration) -> Result<(String, String), String> {
+    let line = whoami(ns, to, limit)?;
+    split_id(&line, to)
+}
+
+/// One datagram from `ns` to `to`; returns (server address, source address) from a
+/// [`UdpIdServer`].
+pub fn udp_who_serves(
+    ns: &str,
+    to: SocketAddr,
+    limit: Duration,
+) -> Result<(String, String), String> {
+    let line = udp_whoami(ns, to, limit)?;
+    split_id(&line, to)
+}
+
+fn split_id(line: &str, to: SocketAddr) -> Result<(String, String), String> {
+    let mut parts = line.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some(a), Some(b)) => Ok((a.to_string(), b.to_string())),
+        _ => Err(format!("unexpected answer {line:?} from {to}")),
+    }
+}

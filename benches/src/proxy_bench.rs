@@ -1,0 +1,465 @@
+//! Service proxy scale and data path.
+//!
+//! One namespace node with two pods behind its bridge (a server and a client). Control plane
+//! (nftables mode, the daemon's own code path: model → render → diff → `nft -f -`): full sync
+//! of 1k and 10k Services × 3 endpoints, then adding one Service and removing one when 10k
+//! exist (each `--adds` times; model recomputed from the objects every time, as flanneld does).
+//! Data path: TCP connection set-up latency (connect + one byte back) from the client pod to a
+//! ClusterIP with 10 and with 10k Services installed, and to the pod IP directly, p50/p99 over
+//! `--connections`; iperf3 throughput client → server directly, through the ClusterIP in
+//! nftables mode and in userspace mode, in the same run. Needs root, nft and iperf3.
+//!
+//! Writes a markdown table (`--out FILE`, default `bench-results/proxy.md`).
+
+#[path = "common.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use registry::{
+    Container, ContainerPort, IntOrString, ObjectMeta, Pod as PodObj, PodSpec, Protocol, Service,
+    ServicePort as SvcPort, ServiceSpec,
+};
+use service_proxy::metrics::ProxyMetrics;
+use service_proxy::model::{service_ports, NodeInfo, Snapshot};
+use service_proxy::nft::ProxyConfig;
+use service_proxy::sync::{ConntrackCommand, NftCommand, Syncer};
+use service_proxy::userspace::{UserspaceOptions, UserspaceProxy};
+use subnet_lease::PodRecord;
+use test_support::{in_netns, run_bounded, Testbed};
+
+use common::{check_stop, write_file};
+
+const SERVER_PORT: u16 = 8080;
+const TARGET_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+
+struct Args {
+    adds: usize,
+    connections: usize,
+    seconds: u32,
+    out: PathBuf,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        adds: 20,
+        connections: 2000,
+        seconds: 5,
+        out: PathBuf::from("bench-results/proxy.md"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--adds" => a.adds = val()?.parse()?,
+            "--connections" => a.connections = val()?.parse()?,
+            "--seconds" => a.seconds = val()?.parse()?,
+            "--out" => a.out = PathBuf::from(val()?),
+            "-h" | "--help" => {
+                println!("proxy-bench [--adds N] [--connections N] [--seconds S] [--out FILE]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: name.into(),
+        namespace: Some("default".into()),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Service i: ClusterIP 10.96.x.y, selector app=s<i>, port 80 → named port http.
+fn service(i: usize) -> Service {
+    let ip = Ipv4Addr::from(u32::from(TARGET_VIP) + i as u32);
+    Service {
+        metadata: meta(&format!("s{i}"), &[]),
+        spec: ServiceSpec {
+            selector: Some([("app".to_string(), format!("s{i}"))].into()),
+            ports: vec![SvcPort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: Some(IntOrString::String("http".into())),
+                node_port: None,
+            }],
+            cluster_ip: Some(ip.to_string()),
+            ..Default::default()
+        },
+    }
+}
+
+/// Adds Service i and its 3 pods (records on this node). Service 0's endpoints are the real
+/// server pod; the others get addresses nobody answers on.
+fn add_service(snap: &mut Snapshot, i: usize, server: Ipv4Addr) {
+    let svc = service(i);
+    snap.services
+        .insert(("default".into(), svc.metadata.name.clone()), svc);
+    for k in 0..3 {
+        let name = format!("s{i}-{k}");
+        let ip = if i == 0 {
+            server
+        } else {
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 6, 0, 0)) + (i * 3 + k) as u32)
+        };
+        let pod = PodObj {
+            metadata: meta(&name, &[("app", &format!("s{i}"))]),
+            spec: PodSpec {
+                containers: vec![Container {
+                    name: "c".into(),
+                    image: None,
+                    ports: vec![ContainerPort {
+                        name: Some("http".into()),
+                        container_port: i64::from(SERVER_PORT),
+                        protocol: Protocol::Tcp,
+                    }],
+                }],
+                node_name: None,
+            },
+        };
+        snap.pods.insert(("default".into(), name.clone()), pod);
+        snap.records.insert(
+            ("default".into(), name),
+            PodRecord {
+                ip,
+                ips: vec![ip.into()],
+                node: "node0".into(),
+                node_ip: Ipv4Addr::new(172, 30, 0, 10),
+                subnet: "10.5.1.0/24".parse().expect("subnet"),
+                container_id: format!("c{i}{k}"),
+                ifname: "eth0".into(),
+            },
+        );
+    }
+}
+
+fn remove_service(snap: &mut Snapshot, i: usize) {
+    snap.services.remove(&("default".into(), format!("s{i}")));
+    for k in 0..3 {
+        let key = ("default".to_string(), format!("s{i}-{k}"));
+        snap.pods.remove(&key);
+        snap.records.remove(&key);
+    }
+}
+
+fn node() -> NodeInfo {
+    NodeInfo {
+        name: "node0".into(),
+        subnet: Some("10.5.1.0/24".parse().expect("subnet")),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+/// Accepts connections in `ns` and answers each with one byte (latency server).
+fn byte_server(ns: &str) -> Result<()> {
+    let l = in_netns(ns, || TcpListener::bind(("0.0.0.0", SERVER_PORT)))
+        .map_err(anyhow::Error::msg)??;
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut s = s;
+            let _ = s.write_all(b"x");
+        }
+    });
+    Ok(())
+}
+
+/// Connect + first byte, `n` times from `ns` to `to`, sorted.
+fn connect_latencies(ns: &str, to: SocketAddr, n: usize) -> Result<Vec<Duration>> {
+    let v = in_netns(ns, move || -> Result<Vec<Duration>, String> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                .map_err(|e| format!("connect {to}: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .map_err(|e| e.to_string())?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)
+                .map_err(|e| format!("read {to}: {e}"))?;
+            v.push(t.elapsed());
+        }
+        Ok(v)
+    })
+    .map_err(anyhow::Error::msg)?
+    .map_err(anyhow::Error::msg)?;
+    let mut v = v;
+    v.sort();
+    Ok(v)
+}
+
+/// iperf3 Gbit/s from `client_ns` to `to` (server in `server_ns`).
+fn iperf(
+    tb: &Testbed,
+    server_ns: &str,
+    client_ns: &str,
+    to: Ipv4Addr,
+    seconds: u32,
+) -> Result<f64> {
+    let mut server = Command::new("ip")
+        .args([
+            "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5201",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("iperf3 server")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = run_bounded(
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            client_ns,
+            "iperf3",
+            "-c",
+            &to.to_string(),
+            "-p",
+            "5201",
+            "-t",
+            &seconds.to_string(),
+            "-J",
+        ]),
+        Duration::from_secs(u64::from(seconds) + 30),
+    )
+    .map_err(anyhow::Error::msg);
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = tb;
+    let out = out?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| {
+            format!(
+                "iperf3 gave no result: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })?;
+    Ok(bps / 1e9)
+}
+
+fn main() -> Result<()> {
+    let a = args()?;
+    common::on_signals()?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("proxy-bench needs root (network namespaces, nft)");
+    }
+    let mut tb = Testbed::new(1).map_err(anyhow::Error::msg)?;
+    let server = tb
+        .add_pod(0, "10.5.1.2/24", "10.5.1.1/24", 1500)
+        .map_err(anyhow::Error::msg)?;
+    let client = tb
+        .add_pod(0, "10.5.1.3/24", "10.5.1.1/24", 1500)
+        .map_err(anyhow::Error::msg)?;
+    let node_ns = tb.nodes[0].ns.clone();
+    let server_ip: Ipv4Addr = server.ip.parse()?;
+    byte_server(&server.ns)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let prefix: Vec<String> = ["ip", "netns", "exec", node_ns.as_str()]
+        .map(String::from)
+        .to_vec();
+    let new_syncer = || {
+        Syncer::new(
+            NftCommand {
+                prefix: prefix.clone(),
+            },
+            ConntrackCommand {
+                prefix: prefix.clone(),
+            },
+            ProxyConfig {
+                cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
+            },
+        )
+    };
+    let mut report = String::from("# Service proxy benchmark\n\n");
+    let mut rows = Vec::new();
+
+    // Control plane.
+    let mut at_10k = None;
+    for n in [1000usize, 10_000] {
+        check_stop()?;
+        let mut snap = Snapshot::default();
+        for i in 0..n {
+            add_service(&mut snap, i, server_ip);
+        }
+        let mut syncer = new_syncer();
+        let t = Instant::now();
+        let ports = service_ports(&snap, &node());
+        let model = t.elapsed();
+        let rep = rt.block_on(syncer.sync(&ports))?;
+        let full = t.elapsed();
+        rows.push(format!(
+            "| full sync, {n} Services × 3 endpoints | {} ms (model {} ms, script {:.1} MB) |",
+            ms(full),
+            ms(model),
+            rep.script_bytes as f64 / 1e6
+        ));
+        eprintln!("full sync {n}: {full:?}");
+        if n == 10_000 {
+            at_10k = Some((snap, syncer));
+        }
+    }
+    let (mut snap, mut syncer) = at_10k.context("10k state")?;
+    let mut adds = Vec::new();
+    let mut removes = Vec::new();
+    for k in 0..a.adds {
+        check_stop()?;
+        let i = 10_000 + k;
+        add_service(&mut snap, i, server_ip);
+        let t = Instant::now();
+        let ports = service_ports(&snap, &node());
+        let rep = rt.block_on(syncer.sync(&ports))?;
+        adds.push(t.elapsed());
+        if rep.full || rep.changed != 1 {
+            bail!("adding one Service was not an incremental sync of one port: {rep:?}");
+        }
+        remove_service(&mut snap, i);
+        let t = Instant::now();
+        let ports = service_ports(&snap, &node());
+        rt.block_on(syncer.sync(&ports))?;
+        removes.push(t.elapsed());
+    }
+    adds.sort();
+    removes.sort();
+    rows.push(format!(
+        "| add one Service at 10k (median / p90 of {}) | {} / {} ms |",
+        a.adds,
+        ms(percentile(&adds, 0.5)),
+        ms(percentile(&adds, 0.9))
+    ));
+    rows.push(format!(
+        "| remove one Service at 10k (median / p90) | {} / {} ms |",
+        ms(percentile(&removes, 0.5)),
+        ms(percentile(&removes, 0.9))
+    ));
+
+    // Connection set-up latency: 10k Services installed now; then 10.
+    let vip = SocketAddr::from((TARGET_VIP, 80));
+    let direct = SocketAddr::from((server_ip, SERVER_PORT));
+    let lat_direct = connect_latencies(&client.ns, direct, a.connections)?;
+    let lat_10k = connect_latencies(&client.ns, vip, a.connections)?;
+    let mut small = Snapshot::default();
+    for i in 0..10 {
+        add_service(&mut small, i, server_ip);
+    }
+    rt.block_on(syncer.sync(&service_ports(&small, &node())))?;
+    let lat_10 = connect_latencies(&client.ns, vip, a.connections)?;
+    for (what, v) in [
+        ("pod IP directly", &lat_direct),
+        ("ClusterIP, 10 Services", &lat_10),
+        ("ClusterIP, 10k Services", &lat_10k),
+    ] {
+        rows.push(format!(
+            "| connect + first byte, {what} (p50 / p99 of {}) | {} / {} ms |",
+            a.connections,
+            format!("{:.3}", percentile(v, 0.5).as_secs_f64() * 1000.0),
+            format!("{:.3}", percentile(v, 0.99).as_secs_f64() * 1000.0)
+        ));
+    }
+    report += "## Control plane and connection set-up (nftables mode)\n\n| measure | result |\n|---|---|\n";
+    report += &rows.join("\n");
+    report += "\n\n";
+
+    // Throughput: direct, nftables ClusterIP, userspace ClusterIP. The latency server holds
+    // 8080 in the server pod; iperf3 listens on 5201, so the Service targets 5201.
+    check_stop()?;
+    let mut iperf_snap = Snapshot::default();
+    add_service(&mut iperf_snap, 0, server_ip);
+    if let Some(p) = iperf_snap.pods.values_mut().next() {
+        p.spec.containers[0].ports[0].container_port = 5201;
+    }
+    for p in iperf_snap.pods.values_mut() {
+        p.spec.containers[0].ports[0].container_port = 5201;
+    }
+    let mut svc = iperf_snap
+        .services
+        .values()
+        .next()
+        .cloned()
+        .context("service")?;
+    svc.spec.ports[0].port = 5201;
+    iperf_snap
+        .services
+        .insert(("default".into(), "s0".into()), svc);
+    let ports = service_ports(&iperf_snap, &node());
+    let gbit_direct = iperf(&tb, &server.ns, &client.ns, server_ip, a.seconds)?;
+    rt.block_on(syncer.sync(&ports))?;
+    let gbit_nft = iperf(&tb, &server.ns, &client.ns, TARGET_VIP, a.seconds)?;
+    // Userspace: the proxy runs in the node's namespace (a thread entered into it).
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let node_for_thread = node_ns.clone();
+    let ports_for_thread = ports.clone();
+    let user = std::thread::spawn(move || {
+        let outcome = in_netns(&node_for_thread, move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return Err(e.to_string()),
+            };
+            rt.block_on(async move {
+                let mut p = UserspaceProxy::new(
+                    NftCommand::default(),
+                    UserspaceOptions::default(),
+                    ProxyMetrics::default(),
+                );
+                let r = p
+                    .apply(&ports_for_thread)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                let _ = ready_tx.send(r);
+                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+                p.shutdown().await;
+            });
+            Ok(())
+        });
+        let _ = outcome;
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("userspace proxy start")?
+        .map_err(anyhow::Error::msg)?;
+    let gbit_user = iperf(&tb, &server.ns, &client.ns, TARGET_VIP, a.seconds);
+    let _ = stop_tx.send(());
+    let _ = user.join();
+    let gbit_user = gbit_user?;
+    report += "## Throughput through a ClusterIP (one TCP stream, iperf3)\n\n| path | Gbit/s | ratio to direct |\n|---|---|---|\n";
+    for (what, g) in [
+        ("pod IP directly", gbit_direct),
+        ("ClusterIP, nftables mode", gbit_nft),
+        ("ClusterIP, userspace mode", gbit_user),
+    ] {
+        report += &format!("| {what} | {g:.2} | {:.3} |\n", g / gbit_direct);
+    }
+    let _ = BTreeMap::<u8, u8>::new();
+    print!("{report}");
+    write_file(&a.out, &report)?;
+    Ok(())
+}

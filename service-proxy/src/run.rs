@@ -1,0 +1,362 @@
+//! The proxy's loop: list the registry and the pod records from etcd, watch them from the
+//! next revision (re-list when the watch loses history), and after each burst of changes
+//! recompute the service ports and hand them to the data plane (nftables or userspace).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use registry::{Kind, Object};
+use subnet_lease::pods::{parse_pod_key, pods_prefix};
+use subnet_lease::{EtcdRegistry, PodRecord};
+use tokio::sync::watch;
+
+use crate::metrics::ProxyMetrics;
+use crate::model::{service_ports, NodeInfo, PortId, ServicePort, Snapshot};
+use crate::nft::ProxyConfig;
+use crate::sync::{ConntrackCommand, NftApply, NftCommand, Syncer};
+use crate::userspace::{UserspaceOptions, UserspaceProxy};
+
+/// How the proxy implements Services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Nftables,
+    Userspace,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "nftables" => Ok(Mode::Nftables),
+            "userspace" => Ok(Mode::Userspace),
+            other => Err(format!(
+                "unknown proxy mode {other:?} (nftables, userspace)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    pub mode: Mode,
+    pub node: NodeInfo,
+    /// The cluster Network (ClusterIP traffic from outside it is masqueraded).
+    pub cluster_cidr: Option<Ipv4Net>,
+    /// How long to wait for more changes after one arrives before syncing.
+    pub debounce: Duration,
+    /// How often to check that the table is still there (and rebuild it when not).
+    pub check_interval: Duration,
+    pub userspace: UserspaceOptions,
+}
+
+impl ProxyOptions {
+    pub fn new(mode: Mode, node: NodeInfo, cluster_cidr: Option<Ipv4Net>) -> Self {
+        ProxyOptions {
+            mode,
+            node,
+            cluster_cidr,
+            debounce: Duration::from_millis(5),
+            check_interval: Duration::from_secs(10),
+            userspace: UserspaceOptions::default(),
+        }
+    }
+}
+
+/// The proxy's copy of the etcd data it uses, updated key by key (pure).
+#[derive(Debug, Clone)]
+pub struct Cache {
+    prefix: String,
+    registry_prefix: String,
+    pods_prefix: String,
+    pub snap: Snapshot,
+}
+
+impl Cache {
+    pub fn new(prefix: &str) -> Cache {
+        Cache {
+            prefix: prefix.to_string(),
+            registry_prefix: registry::store::registry_prefix(prefix),
+            pods_prefix: pods_prefix(prefix),
+            snap: Snapshot::default(),
+        }
+    }
+
+    /// Applies one key's new value (`None`: deleted). Returns whether anything the proxy
+    /// uses changed. Values that do not decode are logged and treated as absent.
+    pub fn apply(&mut self, key: &str, value: Option<&[u8]>, mod_revision: i64) -> bool {
+        if key.starts_with(&self.registry_prefix) {
+            let Some((kind, ns, name)) = registry::store::parse_key(&self.prefix, key) else {
+                return false;
+            };
+            if !matches!(kind, Kind::Service | Kind::Endpoints | Kind::Pod) {
+                return false;
+            }
+            let k = (ns.unwrap_or_default(), name);
+            let obj = value.and_then(|v| {
+                match registry::store::decode(&self.prefix, key, v, mod_revision) {
+                    Ok(o) => Some(o),
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "ignoring an object that does not decode");
+                        None
+                    }
+                }
+            });
+            let s = &mut self.snap;
+            match (kind, obj) {
+                (_, Some(Object::Service(o))) => s.services.insert(k, o).is_none_or(|_| true),
+                (_, Some(Object::Endpoints(o))) => s.endpoints.insert(k, o).is_none_or(|_| true),
+                (_, Some(Object::Pod(o))) => s.pods.insert(k, o).is_none_or(|_| true),
+                (Kind::Service, _) => s.services.remove(&k).is_some(),
+                (Kind::Endpoints, _) => s.endpoints.remove(&k).is_some(),
+                (Kind::Pod, _) => s.pods.remove(&k).is_some(),
+                _ => false,
+            }
+        } else if key.starts_with(&self.pods_prefix) {
+            let Ok((ns, name)) = parse_pod_key(&self.prefix, key) else {
+                return false;
+            };
+            let k = (ns.to_string(), name.to_string());
+            let rec = value.and_then(|v| match serde_json::from_slice::<PodRecord>(v) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "ignoring a pod record that does not decode");
+                    None
+                }
+            });
+            match rec {
+                Some(r) => self.snap.records.insert(k, r).is_none_or(|_| true),
+                None => self.snap.records.remove(&k).is_some(),
+            }
+        } else {
+            false
+        }
+    }
+}
+
+/// The data plane behind the loop.
+enum Plane {
+    Nft(Box<Syncer<NftCommand, ConntrackCommand>>),
+    User(Box<UserspaceProxy<NftCommand>>),
+}
+
+impl Plane {
+    async fn apply(
+        &mut self,
+        ports: &BTreeMap<PortId, ServicePort>,
+        metrics: &ProxyMetrics,
+    ) -> Result<(), String> {
+        match self {
+            Plane::Nft(s) => match s.sync(ports).await {
+                Ok(rep) => {
+                    for c in &rep.conflicts {
+                        tracing::warn!("{c}");
+                    }
+                    metrics.observe_sync(rep.full, rep.elapsed, rep.changed);
+                    tracing::debug!(?rep, "nftables sync");
+                    Ok(())
+                }
+                Err(e) => {
+                    metrics.sync_errors.inc();
+                    Err(e.to_string())
+                }
+            },
+            Plane::User(p) => {
+                let started = std::time::Instant::now();
+                match p.apply(ports).await {
+                    Ok(changed) => {
+                        metrics.observe_sync(false, started.elapsed(), changed);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        metrics.sync_errors.inc();
+                        Err(e.to_string())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether our table is still in the kernel.
+    async fn table_present(&self, nft: &NftCommand) -> bool {
+        let probe = format!("list chain ip {} services\n", crate::nft::TABLE);
+        let _ = self;
+        nft.apply(&probe).await.is_ok()
+    }
+
+    fn invalidate(&mut self) {
+        match self {
+            Plane::Nft(s) => s.invalidate(),
+            Plane::User(p) => p.invalidate(),
+        }
+    }
+}
+
+async fn list(reg: &EtcdRegistry, cache: &mut Cache) -> Result<i64, etcd_client::Error> {
+    let mut c = reg.client();
+    let resp = c
+        .get(
+            format!("{}/", reg.prefix()),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await?;
+    let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+    cache.snap = Snapshot::default();
+    for kv in resp.kvs() {
+        if let Ok(key) = kv.key_str() {
+            cache.apply(key, Some(kv.value()), kv.mod_revision());
+        }
+    }
+    Ok(revision)
+}
+
+/// Runs the proxy until `stop` turns true; then removes what it installed.
+pub async fn run(
+    reg: EtcdRegistry,
+    opts: ProxyOptions,
+    metrics: ProxyMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let nft = NftCommand::default();
+    let mut plane = match opts.mode {
+        Mode::Nftables => Plane::Nft(Box::new(Syncer::new(
+            nft.clone(),
+            ConntrackCommand::default(),
+            ProxyConfig {
+                cluster_cidr: opts.cluster_cidr,
+            },
+        ))),
+        Mode::Userspace => Plane::User(Box::new(UserspaceProxy::new(
+            nft.clone(),
+            opts.userspace.clone(),
+            metrics.clone(),
+        ))),
+    };
+    let mut cache = Cache::new(reg.prefix());
+    let mut backoff = Duration::from_millis(200);
+    'outer: loop {
+        if *stop.borrow() {
+            break;
+        }
+        let revision = match list(&reg, &mut cache).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "service proxy: listing etcd failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => break 'outer,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        let mut dirty = true;
+        let mut c = reg.client();
+        let opts_w = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let mut stream = match c.watch(format!("{}/", reg.prefix()), Some(opts_w)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "service proxy: watch failed; re-listing");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => break 'outer,
+                }
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        let mut check = tokio::time::interval(opts.check_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        loop {
+            if dirty {
+                // Gather the rest of a burst before syncing.
+                let deadline = tokio::time::sleep(opts.debounce);
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        _ = &mut deadline => break,
+                        item = stream.next() => match item {
+                            Some(Ok(resp)) => {
+                                if resp.canceled() {
+                                    continue 'outer;
+                                }
+                                for ev in resp.events() {
+                                    if let Some(kv) = ev.kv() {
+                                        let key = kv.key_str().unwrap_or_default();
+                                        let value = (ev.event_type() == EventType::Put).then(|| kv.value());
+                                        cache.apply(key, value, kv.mod_revision());
+                                    }
+                                }
+                            }
+                            _ => continue 'outer,
+                        },
+                    }
+                }
+                let ports = service_ports(&cache.snap, &opts.node);
+                metrics.service_ports.set(ports.len() as i64);
+                match plane.apply(&ports, &metrics).await {
+                    Ok(()) => {
+                        dirty = false;
+                        retry_at = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "service proxy sync failed; full resync in 1 s");
+                        plane.invalidate();
+                        retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
+                }
+            }
+            let retry = async {
+                match retry_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.changed() => break 'outer,
+                _ = retry => { dirty = true; }
+                _ = check.tick() => {
+                    if !plane.table_present(&nft).await {
+                        tracing::warn!("service proxy table missing; rebuilding it");
+                        plane.invalidate();
+                        dirty = true;
+                    }
+                }
+                item = stream.next() => match item {
+                    Some(Ok(resp)) => {
+                        if resp.canceled() {
+                            tracing::info!("service proxy watch lost history; re-listing");
+                            continue 'outer;
+                        }
+                        for ev in resp.events() {
+                            if let Some(kv) = ev.kv() {
+                                let key = kv.key_str().unwrap_or_default();
+                                let value = (ev.event_type() == EventType::Put).then(|| kv.value());
+                                dirty |= cache.apply(key, value, kv.mod_revision());
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "service proxy watch failed; re-listing");
+                        continue 'outer;
+                    }
+                    None => continue 'outer,
+                },
+            }
+        }
+    }
+    // nftables mode leaves its table in place, so Services keep working while flanneld
+    // restarts (the next start rebuilds it; `flanneld --cleanup` removes it). The userspace
+    // mode's redirects would point at listeners that are gone: they are removed.
+    if let Plane::User(p) = &mut plane {
+        p.shutdown().await;
+        if let Err(e) = nft.apply(&crate::nft::cleanup()).await {
+            tracing::warn!(error = %e, "removing the service proxy table");
+        }
+    }
+}

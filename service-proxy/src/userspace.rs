@@ -1,0 +1,564 @@
+//! Userspace mode: nft redirects each service address and port (and node port) to a local
+//! listener of this process, which connects to an endpoint itself. Unlike the kernel modes
+//! it can try the next endpoint when a connect fails, at the price of copying every byte
+//! through the process and of hiding the client's address from the endpoint.
+//!
+//! Per service port there is one listener for ClusterIP traffic and, when the Service has a
+//! node port or external IPs, one for external traffic (they may use different endpoint
+//! lists under `internalTrafficPolicy`/`externalTrafficPolicy: Local`). TCP: round robin
+//! (or the client's affinity endpoint), connect with a timeout, on failure the next one;
+//! bounded number of open connections. UDP: one upstream socket per client address,
+//! closed after an idle timeout or when its endpoint goes; bounded number of sessions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use registry::Protocol;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::metrics::ProxyMetrics;
+use crate::model::{Endpoint, PortId, ServicePort};
+use crate::nft::TABLE;
+use crate::sync::{NftApply, SyncError};
+
+#[derive(Debug, Clone)]
+pub struct UserspaceOptions {
+    /// Open TCP connections, all services together; more are closed at once.
+    pub max_connections: usize,
+    /// UDP client sessions per service port; datagrams of new clients beyond are dropped.
+    pub max_udp_sessions: usize,
+    pub udp_idle_timeout: Duration,
+    /// Time allowed for one endpoint to accept a connection before the next is tried.
+    pub connect_timeout: Duration,
+}
+
+impl Default for UserspaceOptions {
+    fn default() -> Self {
+        UserspaceOptions {
+            max_connections: 10_000,
+            max_udp_sessions: 4096,
+            udp_idle_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Which traffic a listener takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Entry {
+    Cluster,
+    External,
+}
+
+/// Endpoint choice shared between a listener and the syncer.
+#[derive(Debug)]
+struct Targets {
+    endpoints: RwLock<Vec<SocketAddrV4>>,
+    next: AtomicUsize,
+    affinity: RwLock<Option<Duration>>,
+    pinned: Mutex<HashMap<Ipv4Addr, (SocketAddrV4, Instant)>>,
+}
+
+impl Targets {
+    fn new() -> Targets {
+        Targets {
+            endpoints: RwLock::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            affinity: RwLock::new(None),
+            pinned: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The endpoints to try for `client`, in order: its affinity endpoint first when it has
+    /// a live one, else round robin.
+    fn order(&self, client: Ipv4Addr) -> Vec<SocketAddrV4> {
+        let eps = self.endpoints.read().map(|e| e.clone()).unwrap_or_default();
+        if eps.is_empty() {
+            return eps;
+        }
+        let affinity = self.affinity.read().map(|a| *a).unwrap_or(None);
+        let mut start = self.next.fetch_add(1, Ordering::Relaxed) % eps.len();
+        if let Some(timeout) = affinity {
+            if let Ok(pinned) = self.pinned.lock() {
+                if let Some((ep, at)) = pinned.get(&client) {
+                    if at.elapsed() < timeout {
+                        if let Some(i) = eps.iter().position(|e| e == ep) {
+                            start = i;
+                        }
+                    }
+                }
+            }
+        }
+        eps[start..]
+            .iter()
+            .chain(eps[..start].iter())
+            .copied()
+            .collect()
+    }
+
+    fn used(&self, client: Ipv4Addr, ep: SocketAddrV4) {
+        let affinity = self.affinity.read().map(|a| *a).unwrap_or(None);
+        if let Some(timeout) = affinity {
+            if let Ok(mut pinned) = self.pinned.lock() {
+                if pinned.len() > 65_536 {
+                    pinned.retain(|_, (_, at)| at.elapsed() < timeout);
+                }
+                pinned.insert(client, (ep, Instant::now()));
+            }
+        }
+    }
+
+    fn set(&self, eps: Vec<SocketAddrV4>, affinity: Option<Duration>) {
+        if let Ok(mut pinned) = self.pinned.lock() {
+            pinned.retain(|_, (ep, _)| eps.contains(ep));
+        }
+        if let Ok(mut e) = self.endpoints.write() {
+            *e = eps;
+        }
+        if let Ok(mut a) = self.affinity.write() {
+            *a = affinity;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.endpoints.read().map(|e| e.is_empty()).unwrap_or(true)
+    }
+}
+
+type Sessions = Arc<Mutex<HashMap<SocketAddr, (SocketAddrV4, Arc<UdpSocket>, JoinHandle<()>)>>>;
+
+#[derive(Debug)]
+struct Listener {
+    protocol: Protocol,
+    local_port: u16,
+    targets: Arc<Targets>,
+    task: JoinHandle<()>,
+    sessions: Option<Sessions>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(s) = &self.sessions {
+            if let Ok(mut s) = s.lock() {
+                for (_, (_, _, t)) in s.drain() {
+                    t.abort();
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserspaceError {
+    #[error("binding a listener for {id}: {source}")]
+    Bind { id: String, source: std::io::Error },
+    #[error(transparent)]
+    Nft(#[from] SyncError),
+}
+
+/// The userspace proxy: listeners plus the nft redirects to them.
+#[derive(Debug)]
+pub struct UserspaceProxy<N> {
+    nft: N,
+    opts: UserspaceOptions,
+    metrics: ProxyMetrics,
+    conns: Arc<Semaphore>,
+    listeners: BTreeMap<(PortId, Entry), Listener>,
+    /// The script last applied; `None` forces a rewrite.
+    applied: Option<String>,
+}
+
+impl<N: NftApply> UserspaceProxy<N> {
+    pub fn new(nft: N, opts: UserspaceOptions, metrics: ProxyMetrics) -> Self {
+        UserspaceProxy {
+            nft,
+            conns: Arc::new(Semaphore::new(opts.max_connections)),
+            opts,
+            metrics,
+            listeners: BTreeMap::new(),
+            applied: None,
+        }
+    }
+
+    pub fn invalidate(&mut self) {
+        self.applied = None;
+    }
+
+    /// The local port serving `id`'s `entry` traffic (tests, diagnostics).
+    pub fn local_port(&self, id: &PortId, entry: Entry) -> Option<u16> {
+        self.listeners
+            .get(&(id.clone(), entry))
+            .map(|l| l.local_port)
+    }
+
+    /// Serves `ports`: listeners created, updated or closed, then the redirects rewritten.
+    /// Returns how many listeners changed.
+    pub async fn apply(
+        &mut self,
+        ports: &BTreeMap<PortId, ServicePort>,
+    ) -> Result<usize, UserspaceError> {
+        let mut wanted: BTreeMap<(PortId, Entry), (Protocol, Vec<Endpoint>, Option<u32>)> =
+            BTreeMap::new();
+        for (id, sp) in ports {
+            wanted.insert(
+                (id.clone(), Entry::Cluster),
+                (sp.protocol, sp.cluster_targets(), sp.affinity),
+            );
+            if sp.is_external() {
+                let eps = if sp.external_local {
+                    sp.local_endpoints().copied().collect()
+                } else {
+                    sp.endpoints.clone()
+                };
+                wanted.insert(
+                    (id.clone(), Entry::External),
+                    (sp.protocol, eps, sp.affinity),
+                );
+            }
+        }
+        let before = self.listeners.len();
+        self.listeners
+            .retain(|k, l| wanted.get(k).is_some_and(|w| w.0 == l.protocol));
+        let mut changed = before - self.listeners.len();
+        for (key, (protocol, eps, affinity)) in &wanted {
+            let eps: Vec<SocketAddrV4> = eps
+                .iter()
+                .map(|e| SocketAddrV4::new(e.ip, e.port))
+                .collect();
+            let affinity = affinity.map(|t| Duration::from_secs(u64::from(t)));
+            if !self.listeners.contains_key(key) {
+                let l = self.listen(&key.0, *protocol).await?;
+                self.listeners.insert(key.clone(), l);
+                changed += 1;
+            }
+            if let Some(l) = self.listeners.get(key) {
+                l.targets.set(eps.clone(), affinity);
+                if let Some(sessions) = &l.sessions {
+                    // A UDP session whose endpoint is gone is closed (the next datagram
+                    // starts a new one), as conntrack entries are flushed in nftables mode.
+                    if let Ok(mut s) = sessions.lock() {
+                        s.retain(|_, (ep, _, task)| {
+                            let keep = eps.contains(ep);
+                            if !keep {
+                                task.abort();
+                            }
+                            keep
+                        });
+                        self.metrics.udp_sessions.set(s.len() as i64);
+                    }
+                }
+            }
+        }
+        let script = self.render(ports);
+        if self.applied.as_deref() != Some(script.as_str()) {
+            self.applied = None;
+            self.nft.apply(&script).await?;
+            self.applied = Some(script);
+        }
+        Ok(changed)
+    }
+
+    /// The whole table: redirects to listeners, rejects for entries without endpoints.
+    fn render(&self, ports: &BTreeMap<PortId, ServicePort>) -> String {
+        let t = format!("ip {TABLE}");
+        let mut s = format!("add table {t}\ndelete table {t}\nadd table {t}\n");
+        for (name, hook) in [
+            ("nat-prerouting", "type nat hook prerouting priority dstnat"),
+            ("nat-output", "type nat hook output priority -100"),
+            (
+                "filter-prerouting",
+                "type filter hook prerouting priority -110",
+            ),
+            ("filter-output", "type filter hook output priority -110"),
+        ] {
+            let _ = writeln!(s, "add chain {t} {name} {{ {hook}; policy accept; }}");
+        }
+        let _ = writeln!(s, "add chain {t} services");
+        let _ = writeln!(s, "add chain {t} endpoints-check");
+        let _ = writeln!(s, "add rule {t} nat-prerouting jump services");
+        let _ = writeln!(s, "add rule {t} nat-output jump services");
+        let _ = writeln!(
+            s,
+            "add rule {t} filter-prerouting ct state new jump endpoints-check"
+        );
+        let _ = writeln!(
+            s,
+            "add rule {t} filter-output ct state new jump endpoints-check"
+        );
+        for (id, sp) in ports {
+            let proto = sp.protocol.nft();
+            let mut matches: Vec<(Entry, String)> = vec![(
+                Entry::Cluster,
+                format!("ip daddr {} {proto} dport {}", sp.cluster_ip, sp.port),
+            )];
+            for ip in &sp.external_ips {
+                matches.push((
+                    Entry::External,
+                    format!("ip daddr {ip} {proto} dport {}", sp.port),
+                ));
+            }
+            if let Some(np) = sp.node_port {
+                matches.push((
+                    Entry::External,
+                    format!("fib daddr type local ip daddr != 127.0.0.0/8 {proto} dport {np}"),
+                ));
+            }
+            for (entry, m) in matches {
+                let Some(l) = self.listeners.get(&(id.clone(), entry)) else {
+                    continue;
+                };
+                if l.targets.is_empty() {
+                    let reject = if sp.protocol == Protocol::Tcp {
+                        "reject with tcp reset"
+                    } else {
+                        "reject"
+                    };
+                    let _ = writeln!(s, "add rule {t} endpoints-check {m} {reject}");
+                } else {
+                    let _ = writeln!(s, "add rule {t} services {m} redirect to :{}", l.local_port);
+                }
+            }
+        }
+        s
+    }
+
+    async fn listen(&self, id: &PortId, protocol: Protocol) -> Result<Listener, UserspaceError> {
+        let bind_err = |source| UserspaceError::Bind {
+            id: id.to_string(),
+            source,
+        };
+        let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+        let targets = Arc::new(Targets::new());
+        match protocol {
+            Protocol::Udp => {
+                let sock = Arc::new(UdpSocket::bind(any).await.map_err(bind_err)?);
+                let local_port = sock.local_addr().map_err(bind_err)?.port();
+                let sessions: Sessions = Arc::default();
+                let task = tokio::spawn(serve_udp(
+                    sock,
+                    targets.clone(),
+                    sessions.clone(),
+                    self.opts.clone(),
+                    self.metrics.clone(),
+                ));
+                Ok(Listener {
+                    protocol,
+                    local_port,
+                    targets,
+                    task,
+                    sessions: Some(sessions),
+                })
+            }
+            // SCTP is served by the nftables mode only.
+            Protocol::Tcp | Protocol::Sctp => {
+                let l = TcpListener::bind(any).await.map_err(bind_err)?;
+                let local_port = l.local_addr().map_err(bind_err)?.port();
+                let task = tokio::spawn(serve_tcp(
+                    l,
+                    targets.clone(),
+                    self.conns.clone(),
+                    self.opts.connect_timeout,
+                    self.metrics.clone(),
+                ));
+                Ok(Listener {
+                    protocol,
+                    local_port,
+                    targets,
+                    task,
+                    sessions: None,
+                })
+            }
+        }
+    }
+
+    /// Closes every listener.
+    pub async fn shutdown(&mut self) {
+        self.listeners.clear();
+        self.applied = None;
+    }
+}
+
+async fn serve_tcp(
+    listener: TcpListener,
+    targets: Arc<Targets>,
+    conns: Arc<Semaphore>,
+    connect_timeout: Duration,
+    metrics: ProxyMetrics,
+) {
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        metrics.connections.inc();
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            metrics.connections_refused.inc();
+            refuse(client);
+            continue;
+        };
+        let targets = targets.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let client_ip = match peer.ip() {
+                std::net::IpAddr::V4(v4) => v4,
+                std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+            };
+            for ep in targets.order(client_ip) {
+                match tokio::time::timeout(connect_timeout, TcpStream::connect(ep)).await {
+                    Ok(Ok(mut upstream)) => {
+                        targets.used(client_ip, ep);
+                        metrics.connections_active.inc();
+                        let mut client = client;
+                        let _ = upstream.set_nodelay(true);
+                        let _ = client.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        metrics.connections_active.dec();
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%ep, error = %e, "endpoint refused; trying the next");
+                        metrics.connect_failures.inc();
+                    }
+                    Err(_) => {
+                        tracing::debug!(%ep, "endpoint did not answer; trying the next");
+                        metrics.connect_failures.inc();
+                    }
+                }
+            }
+            metrics.connections_refused.inc();
+            refuse(client);
+        });
+    }
+}
+
+/// Closes with a reset, so the client sees a refused connection rather than a clean EOF.
+fn refuse(client: TcpStream) {
+    let _ = client.set_zero_linger();
+    drop(client);
+}
+
+async fn serve_udp(
+    sock: Arc<UdpSocket>,
+    targets: Arc<Targets>,
+    sessions: Sessions,
+    opts: UserspaceOptions,
+    metrics: ProxyMetrics,
+) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, client) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "udp recv");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let existing = sessions
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&client).map(|(_, up, _)| up.clone()));
+        let up = match existing {
+            Some(up) => up,
+            None => {
+                let full = sessions.lock().map(|s| s.len()).unwrap_or(0) >= opts.max_udp_sessions;
+                if full {
+                    metrics.udp_sessions_dropped.inc();
+                    continue;
+                }
+                let client_ip = match client.ip() {
+                    std::net::IpAddr::V4(v4) => v4,
+                    std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+                };
+                let Some(ep) = targets.order(client_ip).into_iter().next() else {
+                    continue;
+                };
+                let Ok(up) = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).await
+                else {
+                    continue;
+                };
+                if up.connect(ep).await.is_err() {
+                    metrics.connect_failures.inc();
+                    continue;
+                }
+                targets.used(client_ip, ep);
+                let up = Arc::new(up);
+                let task = tokio::spawn(udp_replies(
+                    up.clone(),
+                    sock.clone(),
+                    client,
+                    sessions.clone(),
+                    opts.udp_idle_timeout,
+                    metrics.clone(),
+                ));
+                if let Ok(mut s) = sessions.lock() {
+                    s.insert(client, (ep, up.clone(), task));
+                    metrics.udp_sessions.set(s.len() as i64);
+                }
+                up
+            }
+        };
+        let _ = up.send(&buf[..n]).await;
+    }
+}
+
+/// Relays an endpoint's replies to the client until the session is idle for `idle`.
+async fn udp_replies(
+    up: Arc<UdpSocket>,
+    sock: Arc<UdpSocket>,
+    client: SocketAddr,
+    sessions: Sessions,
+    idle: Duration,
+    metrics: ProxyMetrics,
+) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        match tokio::time::timeout(idle, up.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                let _ = sock.send_to(&buf[..n], client).await;
+            }
+            // ICMP errors (endpoint gone) surface as recv errors: keep the session until idle.
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => break,
+        }
+    }
+    if let Ok(mut s) = sessions.lock() {
+        s.remove(&client);
+        metrics.udp_sessions.set(s.len() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_robin_then_affinity() {
+        let t = Targets::new();
+        let a = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80);
+        let b = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 80);
+        t.set(vec![a, b], None);
+        let c = Ipv4Addr::new(192, 0, 2, 1);
+        let firsts: Vec<_> = (0..4).map(|_| t.order(c)[0]).collect();
+        assert_eq!(firsts, vec![a, b, a, b]);
+        assert_eq!(t.order(c).len(), 2, "every endpoint is a fallback");
+        t.set(vec![a, b], Some(Duration::from_secs(60)));
+        t.used(c, b);
+        assert!((0..4).all(|_| t.order(c)[0] == b));
+        // The pinned endpoint goes: the client is spread again.
+        t.set(vec![a], Some(Duration::from_secs(60)));
+        assert_eq!(t.order(c)[0], a);
+    }
+}
