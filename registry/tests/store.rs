@@ -1,0 +1,675 @@
+//! The registry store against a real etcd (Debian etcd-server) on a free loopback port, at a
+//! unique prefix. Skips with a printed reason when etcd is not installed, fails under CI.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use etcd_client::GetOptions;
+use ipnet::Ipv4Net;
+use registry::store::{allocations_prefix, cluster_ip_key, node_port_key, NAMESPACE_NAME_LABEL};
+use registry::{
+    object_key, parse_documents, registry_prefix, Kind, Object, Outcome, Service, Store, StoreError,
+};
+use subnet_lease::{EtcdOptions, EtcdRegistry};
+use test_support::{random_tag, Etcd};
+
+struct Env {
+    _etcd: Etcd,
+    store: Store,
+    reg: EtcdRegistry,
+}
+
+impl Env {
+    /// A fresh etcd and store at a unique prefix with `net_conf` (None: no config), or None to
+    /// skip.
+    async fn start(net_conf: Option<&str>) -> Option<Env> {
+        let etcd = Etcd::start()?;
+        let opts = EtcdOptions {
+            endpoints: vec![etcd.endpoint()],
+            prefix: format!("/test-{}/network", random_tag(6)),
+            timeout: Duration::from_secs(5),
+            ..EtcdOptions::default()
+        };
+        let store = Store::connect(&opts).await.unwrap();
+        let reg = store.registry().clone();
+        if let Some(text) = net_conf {
+            reg.client()
+                .put(reg.config_key(), text, None)
+                .await
+                .unwrap();
+        }
+        Some(Env {
+            _etcd: etcd,
+            store,
+            reg,
+        })
+    }
+
+    fn prefix(&self) -> String {
+        self.reg.prefix().to_string()
+    }
+
+    async fn apply(&self, yaml: &str) -> Result<registry::Applied, StoreError> {
+        let obj = parse_documents(yaml).unwrap().remove(0);
+        self.store.apply(obj, None).await
+    }
+
+    async fn raw(&self, key: &str) -> Option<String> {
+        let resp = self.reg.client().get(key, None).await.unwrap();
+        resp.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+    }
+
+    /// Every allocation key (relative to the allocations prefix) → holder.
+    async fn allocations(&self) -> Vec<(String, String)> {
+        let p = allocations_prefix(&self.prefix());
+        let resp = self
+            .reg
+            .client()
+            .get(p.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key())
+                        .trim_start_matches(&p)
+                        .to_string(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn service(obj: &Object) -> &Service {
+    match obj {
+        Object::Service(s) => s,
+        other => panic!("not a Service: {other:?}"),
+    }
+}
+
+fn svc_yaml(name: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  selector: {{app: {name}}}\n  ports: [{{port: 80}}]\n{extra_spec}"
+    )
+}
+
+const NET_CONF: &str = r#"{"Network":"10.5.0.0/16","ServiceNetwork":"10.96.0.0/24"}"#;
+
+#[tokio::test]
+async fn apply_get_list_delete() {
+    let Some(env) = Env::start(Some(NET_CONF)).await else {
+        return;
+    };
+    let s = &env.store;
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop, labels: {app: web}}\nspec: {containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]}\n";
+
+    // A namespace must exist first.
+    let e = env.apply(pod).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Pod shop/web-0: namespace \"shop\" not found (create the Namespace first)"
+    );
+    assert!(env
+        .raw(&object_key(&env.prefix(), Kind::Pod, Some("shop"), "web-0"))
+        .await
+        .is_none());
+
+    let ns = env
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n")
+        .await
+        .unwrap();
+    assert_eq!(ns.outcome, Outcome::Created);
+    assert_eq!(ns.object.metadata().labels[NAMESPACE_NAME_LABEL], "shop");
+    assert!(ns.object.metadata().resource_version.is_some());
+
+    let applied = env.apply(pod).await.unwrap();
+    assert_eq!(applied.outcome, Outcome::Created);
+    // Stored as the manifest form, no resourceVersion.
+    let key = object_key(&env.prefix(), Kind::Pod, Some("shop"), "web-0");
+    let raw: serde_json::Value = serde_json::from_str(&env.raw(&key).await.unwrap()).unwrap();
+    assert_eq!(raw["apiVersion"], "v1");
+    assert_eq!(raw["kind"], "Pod");
+    assert_eq!(raw["metadata"]["namespace"], "shop");
+    assert!(raw["metadata"].get("resourceVersion").is_none());
+
+    // default and kube-system always exist; a missing namespace is filled with default.
+    let p2 = pod.replace("namespace: shop, ", "");
+    let a = env.apply(&p2).await.unwrap();
+    assert_eq!(a.object.metadata().namespace.as_deref(), Some("default"));
+    let a = s
+        .apply(parse_documents(&p2).unwrap().remove(0), Some("kube-system"))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.object.metadata().namespace.as_deref(),
+        Some("kube-system")
+    );
+
+    // get / list
+    let got = s
+        .get(Kind::Pod, Some("shop"), "web-0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, applied.object);
+    assert!(s
+        .get(Kind::Pod, Some("shop"), "nope")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        s.get(Kind::Pod, None, "web-0").await.unwrap().is_some(),
+        "default"
+    );
+    let names = |objs: Vec<Object>| {
+        objs.iter()
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o.metadata().namespace.clone().unwrap_or_default(),
+                    o.metadata().name
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(s.list(Kind::Pod, Some("shop")).await.unwrap()),
+        ["shop/web-0"]
+    );
+    assert_eq!(
+        names(s.list(Kind::Pod, None).await.unwrap()),
+        ["default/web-0", "kube-system/web-0", "shop/web-0"]
+    );
+    assert_eq!(
+        names(s.list(Kind::Namespace, None).await.unwrap()),
+        ["/shop"]
+    );
+    assert!(s.list(Kind::Service, None).await.unwrap().is_empty());
+
+    // Re-apply: unchanged, nothing written; a change: configured.
+    let again = env.apply(pod).await.unwrap();
+    assert_eq!(again.outcome, Outcome::Unchanged);
+    assert_eq!(again.object, applied.object, "same resourceVersion");
+    let changed = env
+        .apply(&pod.replace("app: web}", "app: web2}"))
+        .await
+        .unwrap();
+    assert_eq!(changed.outcome, Outcome::Configured);
+    assert_ne!(
+        changed.object.metadata().resource_version,
+        applied.object.metadata().resource_version
+    );
+    assert_eq!(
+        env.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n")
+            .await
+            .unwrap()
+            .outcome,
+        Outcome::Unchanged
+    );
+
+    // Invalid: nothing written, the message names the field.
+    let e = env
+        .apply(&pod.replace("containerPort: 8080", "containerPort: 0"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Pod shop/web-0 is invalid: spec.containers[0].ports[0].containerPort: 0 must be between 1 and 65535"
+    );
+    assert_eq!(
+        s.get(Kind::Pod, Some("shop"), "web-0")
+            .await
+            .unwrap()
+            .unwrap(),
+        changed.object
+    );
+
+    // Endpoints
+    let ep = env
+        .apply("apiVersion: v1\nkind: Endpoints\nmetadata: {name: db, namespace: shop}\nsubsets: [{addresses: [{ip: 192.168.1.5}], ports: [{port: 5432}]}]\n")
+        .await
+        .unwrap();
+    assert_eq!(ep.outcome, Outcome::Created);
+
+    // delete
+    let gone = s.delete(Kind::Pod, Some("shop"), "web-0").await.unwrap();
+    assert_eq!(gone.metadata().name, "web-0");
+    assert!(s
+        .get(Kind::Pod, Some("shop"), "web-0")
+        .await
+        .unwrap()
+        .is_none());
+    let e = s
+        .delete(Kind::Pod, Some("shop"), "web-0")
+        .await
+        .unwrap_err();
+    assert!(e.is_not_found());
+    assert_eq!(e.to_string(), "Pod shop/web-0 not found");
+    let e = s
+        .delete(Kind::Namespace, None, "default")
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "Namespace default: may not be deleted");
+    let e = s.get(Kind::Pod, Some("shop"), "a/b").await.unwrap_err();
+    assert!(matches!(e, StoreError::BadName { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn cluster_ips_and_node_ports() {
+    let Some(env) = Env::start(Some(NET_CONF)).await else {
+        return;
+    };
+    let s = &env.store;
+    let p = env.prefix();
+    let net: Ipv4Net = "10.96.0.0/24".parse().unwrap();
+
+    let web = env.apply(&svc_yaml("web", "")).await.unwrap();
+    assert_eq!(web.outcome, Outcome::Created);
+    let ip_text = service(&web.object).spec.cluster_ip.clone().unwrap();
+    let ip: Ipv4Addr = ip_text.parse().unwrap();
+    assert!(
+        net.contains(&ip) && ip != net.network() && ip != net.broadcast(),
+        "{ip}"
+    );
+    assert_eq!(
+        env.raw(&cluster_ip_key(&p, ip)).await.as_deref(),
+        Some("default/web")
+    );
+
+    // Re-applied without clusterIP: kept, unchanged.
+    let again = env.apply(&svc_yaml("web", "")).await.unwrap();
+    assert_eq!(again.outcome, Outcome::Unchanged);
+    assert_eq!(
+        service(&again.object).spec.cluster_ip.as_deref(),
+        Some(ip_text.as_str())
+    );
+    // With the same one: unchanged too; another: immutable.
+    let same = env
+        .apply(&svc_yaml("web", &format!("  clusterIP: {ip}\n")))
+        .await
+        .unwrap();
+    assert_eq!(same.outcome, Outcome::Unchanged);
+    let other_ip = if ip.octets()[3] == 10 {
+        "10.96.0.11"
+    } else {
+        "10.96.0.10"
+    };
+    let e = env
+        .apply(&svc_yaml("web", &format!("  clusterIP: {other_ip}\n")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("Service default/web is invalid: spec.clusterIP: field is immutable (it is {ip})")
+    );
+
+    // Another Service asking for web's address.
+    let e = env
+        .apply(&svc_yaml("other", &format!("  clusterIP: {ip}\n")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("Service default/other is invalid: spec.clusterIP: {ip} is already allocated to default/web")
+    );
+    assert!(s.get(Kind::Service, None, "other").await.unwrap().is_none());
+    // Outside the network.
+    let e = env
+        .apply(&svc_yaml("other", "  clusterIP: 10.97.0.1\n"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("spec.clusterIP: 10.97.0.1 is not within the service network 10.96.0.0/24"),
+        "{e}"
+    );
+
+    // NodePorts: allocated, kept, TCP+UDP share, collisions refused.
+    let np_yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec:\n  type: NodePort\n  selector: {app: dns}\n  ports:\n  - {name: dns-tcp, port: 53}\n  - {name: dns-udp, port: 53, protocol: UDP}\n  - {name: web, port: 80, nodePort: 30080}\n";
+    let dns = env.apply(np_yaml).await.unwrap();
+    let ports = &service(&dns.object).spec.ports;
+    let np = ports[0].node_port.unwrap();
+    assert_eq!(ports[1].node_port, Some(np));
+    assert_eq!(ports[2].node_port, Some(30080));
+    assert_eq!(
+        env.raw(&node_port_key(&p, np as u16)).await.as_deref(),
+        Some("default/dns")
+    );
+    assert_eq!(
+        env.raw(&node_port_key(&p, 30080)).await.as_deref(),
+        Some("default/dns")
+    );
+    assert_eq!(
+        env.apply(np_yaml).await.unwrap().outcome,
+        Outcome::Unchanged
+    );
+
+    let taken = "apiVersion: v1\nkind: Service\nmetadata: {name: np2}\nspec:\n  type: NodePort\n  ports: [{port: 8080, nodePort: 30080}]\n";
+    let e = env.apply(taken).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Service default/np2 is invalid: spec.ports[0].nodePort: 30080 is already allocated to default/dns"
+    );
+    assert!(s.get(Kind::Service, None, "np2").await.unwrap().is_none());
+
+    // NodePort -> ClusterIP: its node ports are released, its address kept.
+    let dns_ip = service(&dns.object).spec.cluster_ip.clone().unwrap();
+    let to_cip = np_yaml
+        .replace("  type: NodePort\n", "")
+        .replace(", nodePort: 30080", "");
+    let c = env.apply(&to_cip).await.unwrap();
+    assert_eq!(c.outcome, Outcome::Configured);
+    assert!(service(&c.object)
+        .spec
+        .ports
+        .iter()
+        .all(|p| p.node_port.is_none()));
+    assert_eq!(
+        service(&c.object).spec.cluster_ip.as_deref(),
+        Some(dns_ip.as_str())
+    );
+    assert!(env.raw(&node_port_key(&p, 30080)).await.is_none());
+    assert!(env.raw(&node_port_key(&p, np as u16)).await.is_none());
+    // So np2 can have it now.
+    assert_eq!(env.apply(taken).await.unwrap().outcome, Outcome::Created);
+
+    // Headless and ExternalName hold nothing.
+    env.apply("apiVersion: v1\nkind: Service\nmetadata: {name: hl}\nspec: {clusterIP: None, selector: {a: b}}\n").await.unwrap();
+    env.apply("apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: db.example.com}\n").await.unwrap();
+    let mut holders: Vec<String> = env
+        .allocations()
+        .await
+        .into_iter()
+        .map(|(_, h)| h)
+        .collect();
+    holders.sort();
+    assert_eq!(
+        holders,
+        ["default/dns", "default/np2", "default/np2", "default/web"]
+    );
+
+    // Deleting releases in the same txn.
+    s.delete(Kind::Service, None, "web").await.unwrap();
+    assert!(env.raw(&cluster_ip_key(&p, ip)).await.is_none());
+    s.delete(Kind::Service, None, "np2").await.unwrap();
+    let left: Vec<(String, String)> = env.allocations().await;
+    assert_eq!(
+        left,
+        [(format!("clusterips/{dns_ip}"), "default/dns".to_string())]
+    );
+
+    // web's address is free again: another Service may ask for it.
+    let other = env
+        .apply(&svc_yaml("other", &format!("  clusterIP: {ip}\n")))
+        .await
+        .unwrap();
+    assert_eq!(other.outcome, Outcome::Created);
+}
+
+#[tokio::test]
+async fn service_network_from_config() {
+    let Some(env) = Env::start(None).await else {
+        return;
+    };
+    // No config: the default 10.96.0.0/12.
+    let a = env.apply(&svc_yaml("a", "")).await.unwrap();
+    let ip: Ipv4Addr = service(&a.object)
+        .spec
+        .cluster_ip
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!("10.96.0.0/12".parse::<Ipv4Net>().unwrap().contains(&ip));
+
+    // A config whose default ServiceNetwork overlaps Network: a clear error, nothing written.
+    env.reg
+        .client()
+        .put(env.reg.config_key(), r#"{"Network":"10.0.0.0/8"}"#, None)
+        .await
+        .unwrap();
+    let e = env.apply(&svc_yaml("b", "")).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("network config {}: ServiceNetwork 10.96.0.0/12 (the default) overlaps Network 10.0.0.0/8: set ServiceNetwork to a range outside it", env.reg.config_key())
+    );
+    // A broken config: named.
+    env.reg
+        .client()
+        .put(
+            env.reg.config_key(),
+            r#"{"Network":"10.5.0.0/16","ServiceNetwork":"x"}"#,
+            None,
+        )
+        .await
+        .unwrap();
+    let e = env.apply(&svc_yaml("b", "")).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("ServiceNetwork: \"x\" is not an IPv4 CIDR"),
+        "{e}"
+    );
+    // Other kinds do not need it.
+    env.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n")
+        .await
+        .unwrap();
+    assert!(env
+        .store
+        .get(Kind::Service, None, "b")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn concurrent_applies_get_distinct_cluster_ips_until_exhausted() {
+    let Some(env) = Env::start(Some(
+        r#"{"Network":"10.5.0.0/16","ServiceNetwork":"10.96.0.0/27"}"#,
+    ))
+    .await
+    else {
+        return;
+    };
+    // 20 Services at once into 30 addresses.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = env.store.clone();
+        let obj = parse_documents(&svc_yaml(&format!("s{i}"), ""))
+            .unwrap()
+            .remove(0);
+        tasks.push(tokio::spawn(async move { store.apply(obj, None).await }));
+    }
+    let mut ips = BTreeSet::new();
+    for t in tasks {
+        let a = t.await.unwrap().unwrap();
+        assert_eq!(a.outcome, Outcome::Created);
+        ips.insert(service(&a.object).spec.cluster_ip.clone().unwrap());
+    }
+    assert_eq!(ips.len(), 20, "distinct: {ips:?}");
+    assert_eq!(env.allocations().await.len(), 20);
+
+    // 11 more at once: 10 fit, one finds the network full.
+    let mut tasks = Vec::new();
+    for i in 20..31 {
+        let store = env.store.clone();
+        let obj = parse_documents(&svc_yaml(&format!("s{i}"), ""))
+            .unwrap()
+            .remove(0);
+        tasks.push(tokio::spawn(async move { store.apply(obj, None).await }));
+    }
+    let mut errors = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(a) => {
+                ips.insert(service(&a.object).spec.cluster_ip.clone().unwrap());
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    assert_eq!(ips.len(), 30);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].ends_with(": spec.clusterIP: no free address left in the service network 10.96.0.0/27 (30 allocated)"),
+        "{errors:?}"
+    );
+    let all: BTreeSet<String> = env
+        .allocations()
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(all.len(), 30);
+    let listed = env.store.list(Kind::Service, None).await.unwrap();
+    assert_eq!(listed.len(), 30);
+    let listed_ips: BTreeSet<String> = listed
+        .iter()
+        .map(|o| service(o).spec.cluster_ip.clone().unwrap())
+        .collect();
+    assert_eq!(listed_ips, ips);
+}
+
+#[tokio::test]
+async fn deleting_a_namespace_deletes_its_objects_in_batches() {
+    let Some(env) = Env::start(Some(NET_CONF)).await else {
+        return;
+    };
+    let s = &env.store;
+    for ns in ["big", "keep"] {
+        env.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"
+        ))
+        .await
+        .unwrap();
+    }
+    // 150 pods, 20 NodePort Services and an Endpoints in "big": well past 128 ops.
+    let mut docs = String::new();
+    for i in 0..150 {
+        docs += &format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}}}\nspec: {{containers: [{{name: c}}]}}\n");
+    }
+    for i in 0..20 {
+        docs += &format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{type: NodePort, ports: [{{port: 80}}]}}\n");
+    }
+    docs += "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: s0}\nsubsets: []\n";
+    for obj in parse_documents(&docs).unwrap() {
+        s.apply(obj, Some("big")).await.unwrap();
+    }
+    env.apply(&svc_yaml("kept", "").replace("{name: kept}", "{name: kept, namespace: keep}"))
+        .await
+        .unwrap();
+    assert_eq!(env.allocations().await.len(), 41);
+
+    let gone = s.delete(Kind::Namespace, None, "big").await.unwrap();
+    assert_eq!(gone.metadata().name, "big");
+    for kind in [Kind::Pod, Kind::Service, Kind::Endpoints] {
+        assert!(
+            s.list(kind, Some("big")).await.unwrap().is_empty(),
+            "{kind}"
+        );
+    }
+    assert!(s.get(Kind::Namespace, None, "big").await.unwrap().is_none());
+    let left: Vec<String> = env
+        .allocations()
+        .await
+        .into_iter()
+        .map(|(_, h)| h)
+        .collect();
+    assert_eq!(left, ["keep/kept"]);
+    assert!(s
+        .get(Kind::Service, Some("keep"), "kept")
+        .await
+        .unwrap()
+        .is_some());
+    // The namespace is gone: nothing can be created in it any more.
+    let e = s
+        .apply(
+            parse_documents(&svc_yaml("late", "")).unwrap().remove(0),
+            Some("big"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NamespaceNotFound { .. }), "{e}");
+    assert!(s
+        .delete(Kind::Namespace, None, "big")
+        .await
+        .unwrap_err()
+        .is_not_found());
+}
+
+#[tokio::test]
+async fn list_all_and_dry_run() {
+    let Some(env) = Env::start(Some(NET_CONF)).await else {
+        return;
+    };
+    let s = &env.store;
+    env.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n")
+        .await
+        .unwrap();
+    env.apply(&svc_yaml("web", "  type: NodePort\n"))
+        .await
+        .unwrap();
+    let (objs, rev) = s.list_all().await.unwrap();
+    assert_eq!(objs.len(), 2, "allocation keys are not objects: {objs:?}");
+    assert!(rev > 0);
+    // What a watcher sees decodes with the pure functions.
+    let resp = env
+        .reg
+        .client()
+        .get(
+            registry_prefix(&env.prefix()),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let mut decoded = Vec::new();
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        if registry::parse_key(&env.prefix(), &key).is_some() {
+            decoded.push(
+                registry::decode(&env.prefix(), &key, kv.value(), kv.mod_revision()).unwrap(),
+            );
+        }
+    }
+    assert_eq!(decoded, objs);
+
+    // A dry run checks everything and writes nothing.
+    let pod = parse_documents("apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: new}\nspec: {containers: [{name: c}]}\n").unwrap().remove(0);
+    assert!(matches!(
+        s.dry_run(pod.clone(), None, &BTreeSet::new()).await,
+        Err(StoreError::NamespaceNotFound { .. })
+    ));
+    let pending: BTreeSet<String> = ["new".to_string()].into();
+    assert_eq!(
+        s.dry_run(pod, None, &pending).await.unwrap().outcome,
+        Outcome::Created
+    );
+    let d = s
+        .dry_run(
+            parse_documents(&svc_yaml("web2", "")).unwrap().remove(0),
+            None,
+            &pending,
+        )
+        .await
+        .unwrap();
+    assert_eq!(d.outcome, Outcome::Created);
+    assert!(service(&d.object).spec.cluster_ip.is_some());
+    let d = s
+        .dry_run(
+            parse_documents(&svc_yaml("web", "  type: NodePort\n"))
+                .unwrap()
+                .remove(0),
+            None,
+            &pending,
+        )
+        .await
+        .unwrap();
+    assert_eq!(d.outcome, Outcome::Unchanged);
+    assert_eq!(s.list_all().await.unwrap().0, objs);
+    assert_eq!(env.allocations().await.len(), 2);
+}
