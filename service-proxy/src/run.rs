@@ -360,3 +360,72 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PREFIX: &str = "/coreos.com/network";
+
+    fn put(cache: &mut Cache, yaml: &str) -> bool {
+        let obj = registry::parse_documents(yaml).expect("manifest").remove(0);
+        let m = obj.metadata();
+        let ns = obj
+            .kind()
+            .namespaced()
+            .then(|| m.namespace.clone().unwrap_or("default".into()));
+        let mut obj = obj.clone();
+        if let Some(ns) = &ns {
+            obj.metadata_mut().namespace = Some(ns.clone());
+        }
+        let key =
+            registry::store::object_key(PREFIX, obj.kind(), ns.as_deref(), &obj.metadata().name);
+        let value = registry::to_json(&obj).to_string();
+        cache.apply(&key, Some(value.as_bytes()), 7)
+    }
+
+    #[test]
+    fn registry_objects_and_pod_records_feed_the_model() {
+        let mut cache = Cache::new(PREFIX);
+        assert!(put(
+            &mut cache,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n"
+        ));
+        assert!(put(
+            &mut cache,
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: {app: web}}\nspec:\n  containers: [{name: c}]\n"
+        ));
+        // Namespaces do not matter to the proxy.
+        assert!(!put(
+            &mut cache,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n"
+        ));
+        let node = NodeInfo {
+            name: "n1".into(),
+            subnet: None,
+        };
+        let ports = service_ports(&cache.snap, &node);
+        assert!(
+            ports.values().next().expect("port").endpoints.is_empty(),
+            "not attached yet"
+        );
+        let rec = r#"{"IP":"10.5.1.2","IPs":["10.5.1.2"],"Node":"n1","NodeIP":"172.30.0.10","Subnet":"10.5.1.0/24","ContainerID":"c","Ifname":"eth0"}"#;
+        assert!(cache.apply(&format!("{PREFIX}/pods/default/a"), Some(rec.as_bytes()), 8));
+        let ports = service_ports(&cache.snap, &node);
+        let eps = &ports.values().next().expect("port").endpoints;
+        assert_eq!(eps.len(), 1);
+        assert!(eps[0].local && eps[0].port == 8080);
+        // Deletions, a bad value, and keys the proxy does not use.
+        assert!(cache.apply(&format!("{PREFIX}/pods/default/a"), None, 9));
+        assert!(!cache.apply(&format!("{PREFIX}/pods/default/a"), Some(b"{not json"), 10));
+        assert!(!cache.apply(&format!("{PREFIX}/subnets/10.5.1.0-24"), Some(b"{}"), 11));
+        assert!(!cache.apply(
+            &format!("{PREFIX}/registry/allocations/clusterips/10.96.0.10"),
+            Some(b"default/web"),
+            12
+        ));
+        let key = registry::store::object_key(PREFIX, Kind::Service, Some("default"), "web");
+        assert!(cache.apply(&key, None, 13));
+        assert!(service_ports(&cache.snap, &node).is_empty());
+    }
+}
