@@ -1,9 +1,15 @@
-//! `flannelctl`: the operator CLI. For now: `pod up|down`, which create a pod network
-//! namespace on this node and attach it through the CNI plugin chain (a `.conflist`, e.g.
-//! flannel + portmap) exactly as a container runtime does, caching the ADD result for DEL.
+//! `flannelctl`: the operator CLI. `apply`, `get` and `delete` manage the registry objects
+//! (Namespace, Pod, Service, Endpoints) in etcd, as kubectl does with an API server; `pod
+//! up|down` create a pod network namespace on this node and attach it through the CNI plugin
+//! chain (a `.conflist`, e.g. flannel + portmap) exactly as a container runtime does, caching
+//! the ADD result for DEL.
 
 #![forbid(unsafe_code)]
 
+mod apply;
+mod common;
+mod delete;
+mod get;
 mod pod;
 
 use clap::{Parser, Subcommand};
@@ -11,12 +17,21 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "flannelctl", version, about = "Operate a flannel-rs cluster")]
 struct Cli {
+    #[command(flatten)]
+    etcd: common::EtcdFlags,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Create or update objects from manifests (YAML or JSON); nothing is written if any is
+    /// invalid.
+    Apply(apply::ApplyArgs),
+    /// Show objects as a table, JSON or YAML.
+    Get(get::GetArgs),
+    /// Delete objects by kind and name, or those of manifests.
+    Delete(delete::DeleteArgs),
     /// Pod network namespaces attached through the CNI chain, as a runtime would.
     Pod {
         #[command(subcommand)]
@@ -25,8 +40,21 @@ enum Cmd {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
     let cli = Cli::parse();
+    let etcd = cli.etcd;
     let outcome = match cli.cmd {
+        Cmd::Apply(args) => common::block_on(apply::run(&etcd, args)),
+        Cmd::Get(args) => common::block_on(get::run(&etcd, args)),
+        Cmd::Delete(args) => common::block_on(delete::run(&etcd, args)),
         Cmd::Pod { cmd } => pod::run(cmd),
     };
     if let Err(e) = outcome {

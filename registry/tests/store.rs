@@ -30,7 +30,8 @@ impl Env {
         let opts = EtcdOptions {
             endpoints: vec![etcd.endpoint()],
             prefix: format!("/test-{}/network", random_tag(6)),
-            timeout: Duration::from_secs(5),
+            // Generous: a loaded test machine can make etcd's fsync slow.
+            timeout: Duration::from_secs(30),
             ..EtcdOptions::default()
         };
         let store = Store::connect(&opts).await.unwrap();

@@ -1,0 +1,309 @@
+//! `flannelctl get KIND [NAME]`: aligned tables like kubectl's, or the objects as JSON/YAML.
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use registry::parse::{list_json, to_yaml};
+use registry::store::{describe, DEFAULT_NAMESPACE};
+use registry::{labels_string, to_json, Kind, Object, Service, ServiceType, StoreError};
+
+use crate::common::{parse_kind, EtcdFlags};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// namespaces (ns), pods (po), services (svc) or endpoints (ep).
+    #[arg(value_parser = parse_kind)]
+    kind: Kind,
+    /// One object; all of the kind when absent.
+    name: Option<String>,
+    /// The namespace (default: `default`).
+    #[arg(short = 'n', long, conflicts_with = "all_namespaces")]
+    namespace: Option<String>,
+    /// Every namespace.
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+pub async fn run(etcd: &EtcdFlags, args: GetArgs) -> Result<()> {
+    let kind = args.kind;
+    if args.all_namespaces && args.name.is_some() {
+        bail!("a name cannot be looked up across all namespaces (-A): give -n NAMESPACE");
+    }
+    let ns = if kind.namespaced() && !args.all_namespaces {
+        Some(args.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE))
+    } else {
+        None
+    };
+    let store = etcd.store().await?;
+    let objs = match &args.name {
+        Some(name) => match store.get(kind, ns, name).await.map_err(|e| etcd.err(e))? {
+            Some(o) => vec![o],
+            None => {
+                return Err(etcd.err(StoreError::NotFound {
+                    object: describe(kind, ns, name),
+                }))
+            }
+        },
+        None => store.list(kind, ns).await.map_err(|e| etcd.err(e))?,
+    };
+    let single = args.name.is_some();
+    match args.output {
+        Output::Json => {
+            let v = if single {
+                to_json(&objs[0])
+            } else {
+                list_json(&objs)
+            };
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Yaml => {
+            let v = if single {
+                to_json(&objs[0])
+            } else {
+                list_json(&objs)
+            };
+            print!("{}", to_yaml(&v));
+        }
+        Output::Table => {
+            if objs.is_empty() {
+                match ns {
+                    Some(ns) => eprintln!("No resources found in {ns} namespace."),
+                    None => eprintln!("No resources found"),
+                }
+                return Ok(());
+            }
+            print!("{}", table(kind, &objs));
+        }
+    }
+    Ok(())
+}
+
+const NONE: &str = "<none>";
+
+fn or_none(s: String) -> String {
+    if s.is_empty() {
+        NONE.to_string()
+    } else {
+        s
+    }
+}
+
+/// The rows of a kind's table, header first.
+pub fn rows(kind: Kind, objs: &[Object]) -> Vec<Vec<String>> {
+    let header: &[&str] = match kind {
+        Kind::Namespace => &["NAME", "LABELS"],
+        Kind::Pod => &["NAMESPACE", "NAME", "LABELS", "PORTS"],
+        Kind::Service => &[
+            "NAMESPACE",
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "SELECTOR",
+        ],
+        Kind::Endpoints => &["NAMESPACE", "NAME", "ENDPOINTS"],
+    };
+    let mut out = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    for obj in objs {
+        let m = obj.metadata();
+        let ns = m.namespace.clone().unwrap_or_default();
+        let row = match obj {
+            Object::Namespace(n) => vec![
+                n.metadata.name.clone(),
+                or_none(labels_string(&n.metadata.labels)),
+            ],
+            Object::Pod(p) => {
+                let ports: Vec<String> = p
+                    .spec
+                    .containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter())
+                    .map(|cp| match &cp.name {
+                        Some(n) => format!("{n}:{}/{}", cp.container_port, cp.protocol),
+                        None => format!("{}/{}", cp.container_port, cp.protocol),
+                    })
+                    .collect();
+                vec![
+                    ns,
+                    m.name.clone(),
+                    or_none(labels_string(&m.labels)),
+                    or_none(ports.join(",")),
+                ]
+            }
+            Object::Service(s) => service_row(ns, s),
+            Object::Endpoints(e) => {
+                let eps: Vec<String> = e
+                    .subsets
+                    .iter()
+                    .flat_map(|s| {
+                        s.addresses.iter().flat_map(move |a| {
+                            let ports: Vec<String> = if s.ports.is_empty() {
+                                vec![a.ip.clone()]
+                            } else {
+                                s.ports
+                                    .iter()
+                                    .map(|p| format!("{}:{}", a.ip, p.port))
+                                    .collect()
+                            };
+                            ports
+                        })
+                    })
+                    .collect();
+                // As kubectl: the first three, then a count.
+                let shown = if eps.len() > 3 {
+                    format!("{} + {} more...", eps[..3].join(","), eps.len() - 3)
+                } else {
+                    eps.join(",")
+                };
+                vec![ns, m.name.clone(), or_none(shown)]
+            }
+        };
+        out.push(row);
+    }
+    out
+}
+
+fn service_row(ns: String, s: &Service) -> Vec<String> {
+    let spec = &s.spec;
+    let cluster_ip = match spec.type_ {
+        ServiceType::ExternalName => NONE.to_string(),
+        _ => or_none(spec.cluster_ip.clone().unwrap_or_default()),
+    };
+    let external = match spec.type_ {
+        ServiceType::ExternalName => spec.external_name.clone().unwrap_or_default(),
+        ServiceType::LoadBalancer if spec.external_ips.is_empty() => "<pending>".into(),
+        _ => spec.external_ips.join(","),
+    };
+    let ports: Vec<String> = spec
+        .ports
+        .iter()
+        .map(|p| match p.node_port {
+            Some(np) => format!("{}:{np}/{}", p.port, p.protocol),
+            None => format!("{}/{}", p.port, p.protocol),
+        })
+        .collect();
+    vec![
+        ns,
+        s.metadata.name.clone(),
+        spec.type_.as_str().to_string(),
+        cluster_ip,
+        or_none(external),
+        or_none(ports.join(",")),
+        or_none(
+            spec.selector
+                .as_ref()
+                .map(labels_string)
+                .unwrap_or_default(),
+        ),
+    ]
+}
+
+/// Rows as text, columns padded to their widest cell plus three spaces (kubectl's layout).
+pub fn table(kind: Kind, objs: &[Object]) -> String {
+    let rows = rows(kind, objs);
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            line.push_str(cell);
+            if c + 1 < cols {
+                let pad = widths[c] - cell.chars().count() + 3;
+                line.push_str(&" ".repeat(pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use registry::parse_documents;
+
+    #[test]
+    fn service_table() {
+        let objs = parse_documents(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web, tier: fe}
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}, {name: dns, port: 53, protocol: UDP, nodePort: 30053}]
+  type: NodePort
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: shop}
+spec: {type: ExternalName, externalName: db.example.com}
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            table(Kind::Service, &objs),
+            "\
+NAMESPACE   NAME   TYPE           CLUSTER-IP   EXTERNAL-IP      PORT(S)               SELECTOR
+default     web    NodePort       10.96.0.10   <none>           80/TCP,53:30053/UDP   app=web,tier=fe
+shop        ext    ExternalName   <none>       db.example.com   <none>                <none>
+"
+        );
+    }
+
+    #[test]
+    fn pod_endpoints_namespace_tables() {
+        let objs = parse_documents(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: default, labels: {app: web}}
+spec: {containers: [{name: a, ports: [{name: http, containerPort: 8080}, {containerPort: 53, protocol: UDP}]}]}
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            table(Kind::Pod, &objs),
+            "NAMESPACE   NAME    LABELS    PORTS\ndefault     web-0   app=web   http:8080/TCP,53/UDP\n"
+        );
+        let objs = parse_documents(
+            r#"
+apiVersion: v1
+kind: Endpoints
+metadata: {name: db, namespace: default}
+subsets:
+- addresses: [{ip: 192.168.1.1}, {ip: 192.168.1.2}]
+  ports: [{name: a, port: 5432}, {name: b, port: 9187}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: empty, namespace: default}
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            table(Kind::Endpoints, &objs),
+            "NAMESPACE   NAME    ENDPOINTS\ndefault     db      192.168.1.1:5432,192.168.1.1:9187,192.168.1.2:5432 + 1 more...\ndefault     empty   <none>\n"
+        );
+        let objs = parse_documents("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {kubernetes.io/metadata.name: shop}}\n").unwrap();
+        assert_eq!(
+            table(Kind::Namespace, &objs),
+            "NAME   LABELS\nshop   kubernetes.io/metadata.name=shop\n"
+        );
+    }
+}

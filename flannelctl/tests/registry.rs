@@ -1,0 +1,436 @@
+//! `flannelctl apply|get|delete` against a real etcd (Debian etcd-server) on a free loopback
+//! port, at a unique prefix. Skips with a printed reason when etcd is not installed, fails
+//! under CI.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use test_support::{random_tag, Etcd};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flannelctl");
+
+const MANIFEST: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-0
+  namespace: shop
+  labels: {app: web}
+spec:
+  containers:
+  - name: app
+    ports: [{name: http, containerPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {app: web}
+spec:
+  containers:
+  - name: app
+    ports: [{name: http, containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: shop}
+spec:
+  type: NodePort
+  selector: {app: dns}
+  ports:
+  - {name: dns-tcp, port: 53, nodePort: 30053}
+  - {name: dns-udp, port: 53, protocol: UDP, nodePort: 30053}
+  - {name: metrics, port: 9153}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  ports: [{port: 5432}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: db, namespace: shop}
+subsets:
+- addresses: [{ip: 192.168.1.20}, {ip: 192.168.1.21}]
+  ports: [{port: 5432}]
+"#;
+
+struct Ctl {
+    _etcd: Etcd,
+    endpoint: String,
+    prefix: String,
+    dir: tempfile::TempDir,
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ctl {
+    fn start() -> Option<Ctl> {
+        let etcd = Etcd::start()?;
+        let prefix = format!("/test-{}/network", random_tag(6));
+        etcd.etcdctl(&[
+            "put",
+            &format!("{prefix}/config"),
+            r#"{"Network":"10.5.0.0/16","ServiceNetwork":"10.96.0.0/24"}"#,
+        ])
+        .unwrap();
+        Some(Ctl {
+            endpoint: etcd.endpoint(),
+            _etcd: etcd,
+            prefix,
+            dir: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    /// Runs flannelctl with the etcd flags from the environment (as FLANNELCTL_*), feeding
+    /// `stdin`.
+    fn run_with(&self, args: &[&str], stdin: &str) -> Out {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("FLANNELCTL_ETCD_ENDPOINTS", &self.endpoint)
+            .env("FLANNELCTL_ETCD_PREFIX", &self.prefix)
+            // Generous: a loaded test machine can make etcd's fsync slow.
+            .env("FLANNELCTL_ETCD_TIMEOUT", "30")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let o = Out {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert!(!o.stderr.contains("panicked"), "{args:?}: {}", o.stderr);
+        o
+    }
+
+    fn run(&self, args: &[&str]) -> Out {
+        self.run_with(args, "")
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert_eq!(o.code, 0, "{args:?}: {}{}", o.stdout, o.stderr);
+        o.stdout
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self._etcd
+            .etcdctl(&[
+                "get",
+                "--prefix",
+                "--keys-only",
+                &format!("{}/registry/", self.prefix),
+            ])
+            .unwrap()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                l.trim_start_matches(&format!("{}/registry/", self.prefix))
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn apply_get_delete() {
+    let Some(ctl) = Ctl::start() else { return };
+    let manifest = ctl.file("shop.yaml", MANIFEST);
+
+    let out = ctl.ok(&["apply", "-f", &manifest]);
+    assert_eq!(
+        out,
+        "namespace/shop created\npod/web-0 created\npod/web-1 created\nservice/web created\nservice/dns created\nservice/db created\nendpoints/db created\n"
+    );
+
+    // Tables.
+    let svc = ctl.ok(&["get", "svc", "-n", "shop"]);
+    let lines: Vec<&str> = svc.lines().collect();
+    assert_eq!(lines.len(), 4, "{svc}");
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        [
+            "NAMESPACE",
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "SELECTOR"
+        ]
+    );
+    // Columns line up: every cell starts where its header does.
+    let starts = |l: &str| -> Vec<usize> {
+        let b = l.as_bytes();
+        (0..b.len())
+            .filter(|&i| b[i] != b' ' && (i == 0 || b[i - 1] == b' '))
+            .collect()
+    };
+    assert!(lines.iter().all(|l| starts(l) == starts(lines[0])), "{svc}");
+    let row = |name: &str| -> Vec<String> {
+        lines
+            .iter()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        row("web"),
+        [
+            "shop",
+            "web",
+            "ClusterIP",
+            "10.96.0.10",
+            "<none>",
+            "80/TCP",
+            "app=web"
+        ]
+    );
+    let dns = row("dns");
+    assert_eq!(dns[2], "NodePort");
+    let ports = &dns[5];
+    assert!(
+        ports.starts_with("53:30053/TCP,53:30053/UDP,9153:"),
+        "{ports}"
+    );
+    let metrics_np: u16 = ports
+        .trim_start_matches("53:30053/TCP,53:30053/UDP,9153:")
+        .trim_end_matches("/TCP")
+        .parse()
+        .unwrap();
+    assert!((30000..=32767).contains(&metrics_np));
+    let db = row("db");
+    assert!(db[3].starts_with("10.96.0."), "{db:?}");
+    assert_eq!(db[6], "<none>");
+    assert_eq!(
+        ctl.ok(&["get", "pods", "-A"]),
+        "NAMESPACE   NAME    LABELS    PORTS\nshop        web-0   app=web   http:8080/TCP\nshop        web-1   app=web   http:8080/TCP\n"
+    );
+    assert_eq!(
+        ctl.ok(&["get", "ep", "db", "-n", "shop"]),
+        "NAMESPACE   NAME   ENDPOINTS\nshop        db     192.168.1.20:5432,192.168.1.21:5432\n"
+    );
+    assert_eq!(
+        ctl.ok(&["get", "namespaces"]),
+        "NAME   LABELS\nshop   kubernetes.io/metadata.name=shop\n"
+    );
+    // The default namespace is empty.
+    let o = ctl.run(&["get", "svc"]);
+    assert_eq!((o.code, o.stdout.as_str()), (0, ""));
+    assert_eq!(o.stderr, "No resources found in default namespace.\n");
+
+    // JSON: one object, or a List.
+    let one: serde_json::Value =
+        serde_json::from_str(&ctl.ok(&["get", "service", "web", "-n", "shop", "-o", "json"]))
+            .unwrap();
+    assert_eq!(one["apiVersion"], "v1");
+    assert_eq!(one["kind"], "Service");
+    assert_eq!(one["spec"]["clusterIP"], "10.96.0.10");
+    assert_eq!(one["spec"]["clusterIPs"], serde_json::json!(["10.96.0.10"]));
+    assert!(one["metadata"]["resourceVersion"].is_string());
+    let list: serde_json::Value =
+        serde_json::from_str(&ctl.ok(&["get", "svc", "-A", "-o", "json"])).unwrap();
+    assert_eq!(list["kind"], "List");
+    assert_eq!(list["items"].as_array().unwrap().len(), 3);
+    let yaml = ctl.ok(&["get", "po", "web-0", "-n", "shop", "-o", "yaml"]);
+    assert!(yaml.starts_with("apiVersion: v1\nkind: Pod\n"), "{yaml}");
+    // The YAML output applies back unchanged (through stdin).
+    let o = ctl.run_with(&["apply", "-f", "-"], &yaml);
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, "pod/web-0 unchanged\n"),
+        "{}",
+        o.stderr
+    );
+
+    // Re-apply: all unchanged, allocations kept.
+    let before = ctl.keys();
+    let out = ctl.ok(&["apply", "-f", &manifest]);
+    assert_eq!(out.matches(" unchanged\n").count(), 7, "{out}");
+    assert_eq!(ctl.keys(), before);
+    assert!(
+        before.contains(&"allocations/clusterips/10.96.0.10".to_string()),
+        "{before:?}"
+    );
+    assert!(
+        before.contains(&"allocations/nodeports/30053".to_string()),
+        "{before:?}"
+    );
+    assert!(
+        before.contains(&format!("allocations/nodeports/{metrics_np}")),
+        "{before:?}"
+    );
+
+    // Missing objects.
+    let o = ctl.run(&["get", "svc", "nope", "-n", "shop"]);
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "flannelctl: Service shop/nope not found\n")
+    );
+
+    // Delete one, by name; again: an error unless --ignore-not-found.
+    assert_eq!(
+        ctl.ok(&["delete", "svc", "dns", "-n", "shop"]),
+        "service/dns deleted\n"
+    );
+    assert!(
+        !ctl.keys().iter().any(|k| k.contains("nodeports/")),
+        "released"
+    );
+    let o = ctl.run(&["delete", "svc", "dns", "-n", "shop"]);
+    assert_eq!(
+        (o.code, o.stderr.as_str()),
+        (1, "flannelctl: Service shop/dns not found\n")
+    );
+    let o = ctl.run(&["delete", "svc", "dns", "-n", "shop", "--ignore-not-found"]);
+    assert_eq!((o.code, o.stdout.as_str(), o.stderr.as_str()), (0, "", ""));
+
+    // Delete the rest from the manifest: objects first, the namespace last.
+    let o = ctl.run(&["delete", "-f", &manifest, "--ignore-not-found"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        o.stdout,
+        "endpoints/db deleted\nservice/db deleted\nservice/web deleted\npod/web-1 deleted\npod/web-0 deleted\nnamespace/shop deleted\n"
+    );
+    assert_eq!(ctl.keys(), Vec::<String>::new());
+}
+
+#[test]
+fn invalid_documents_write_nothing() {
+    let Some(ctl) = Ctl::start() else { return };
+
+    // A type error: the document and field path.
+    let bad = ctl.file("bad.yaml", &MANIFEST.replace("port: 80,", "port: x,"));
+    let o = ctl.run(&["apply", "-f", &bad]);
+    assert_eq!(o.code, 1);
+    assert_eq!(
+        o.stderr,
+        format!("flannelctl: {bad}: document 4 (Service web): spec.ports[0].port: invalid type: string \"x\", expected i64\n")
+    );
+    assert_eq!(ctl.keys(), Vec::<String>::new());
+
+    // A rule broken in the last document: nothing at all written, the field named.
+    let bad = ctl.file(
+        "bad2.yaml",
+        &MANIFEST.replace("ports: [{port: 5432}]\n", "ports: [{port: 0}]\n"),
+    );
+    let o = ctl.run(&["apply", "-f", &bad]);
+    assert_eq!(o.code, 1, "{}", o.stdout);
+    assert_eq!(o.stdout, "");
+    assert!(o.stderr.starts_with(&format!("flannelctl: {bad}: Service shop/db is invalid: spec.ports[0].port: 0 must be between 1 and 65535")), "{}", o.stderr);
+    assert!(
+        o.stderr.contains(
+            "Endpoints shop/db is invalid: subsets[0].ports[0].port: 0 must be between 1 and 65535"
+        ),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        o.stderr
+            .ends_with("flannelctl: nothing applied: 2 of 7 objects are invalid\n"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(ctl.keys(), Vec::<String>::new());
+
+    // An unknown protocol, from stdin.
+    let o = ctl.run_with(
+        &["apply", "-f", "-"],
+        &MANIFEST.replace("protocol: UDP", "protocol: ICMP"),
+    );
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.starts_with("flannelctl: stdin: document 5 (Service dns): spec.ports[1].protocol: unknown variant `ICMP`"), "{}", o.stderr);
+    assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr);
+
+    // A namespace that does not exist (and is not created in the same apply).
+    let no_ns = ctl.file("pod.json", r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p"},"spec":{"containers":[{"name":"c"}]}}"#);
+    let o = ctl.run(&["apply", "-f", &no_ns, "-n", "nowhere"]);
+    assert_eq!(o.code, 1);
+    assert_eq!(
+        o.stderr,
+        format!("flannelctl: {no_ns}: Pod nowhere/p: namespace \"nowhere\" not found (create the Namespace first) (nothing applied)\n")
+    );
+    // Two documents asking for the same ClusterIP.
+    let twice = format!("{MANIFEST}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web2, namespace: shop}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{port: 80}}]}}\n");
+    let twice = ctl.file("twice.yaml", &twice);
+    let o = ctl.run(&["apply", "-f", &twice]);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr
+            .contains("Service shop/web2: spec.clusterIP: 10.96.0.10 is also requested by"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(ctl.keys(), Vec::<String>::new());
+
+    // -n given: objects without namespace go there; a dry run writes nothing.
+    let o = ctl.run(&["apply", "-f", &no_ns, "-n", "kube-system", "--dry-run"]);
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, "pod/p created (dry run)\n"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(ctl.keys(), Vec::<String>::new());
+    assert_eq!(
+        ctl.ok(&["apply", "-f", &no_ns, "-n", "kube-system"]),
+        "pod/p created\n"
+    );
+    assert_eq!(ctl.keys(), ["pods/kube-system/p"]);
+
+    // Flags on the command line win over the environment.
+    let o = ctl.run(&["get", "po", "-A", "--etcd-prefix", "/elsewhere"]);
+    assert_eq!((o.code, o.stderr.as_str()), (0, "No resources found\n"));
+    let o = ctl.run(&["get", "po", "-A", "--etcd-endpoints", "http://127.0.0.1:1"]);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.starts_with("flannelctl: etcd list: "),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        o.stderr.contains("is etcd running at http://127.0.0.1:1?"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr);
+}
