@@ -261,6 +261,25 @@ fn iperf(
 
 fn main() -> Result<()> {
     let a = args()?;
+    if let Some(n) = std::env::var("PROXY_BENCH_DUMP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        // Diagnostics: print the full-sync script for n Services and exit.
+        let mut snap = Snapshot::default();
+        for i in 0..n {
+            add_service(&mut snap, i, Ipv4Addr::new(10, 5, 1, 2));
+        }
+        let ports = service_ports(&snap, &node());
+        let cfg = ProxyConfig {
+            cluster_cidr: Some("10.5.0.0/16".parse()?),
+        };
+        print!(
+            "{}",
+            service_proxy::nft::full(&service_proxy::nft::ruleset(ports.values(), &cfg))
+        );
+        return Ok(());
+    }
     common::on_signals()?;
     if !nix::unistd::geteuid().is_root() {
         bail!("proxy-bench needs root (network namespaces, nft)");

@@ -7,7 +7,7 @@
 //!   external IPs) and, for local destination addresses, `service-nodeports` keyed
 //!   `l4proto . dport`: the per-packet cost does not grow with the number of Services;
 //! - per service port: `svc-H-ns/name/proto/port` picks an endpoint with
-//!   `numgen random mod N`, after the ClientIP affinity checks (one `dynamic,timeout` set per
+//!   `numgen random mod N-i` (endpoint i), after the ClientIP affinity checks (one `dynamic,timeout` set per
 //!   endpoint, filled by the endpoint chain); `svl-…` does the same over local endpoints only
 //!   (`internalTrafficPolicy`/`externalTrafficPolicy: Local`); `ext-…` is the entry for NodePort
 //!   and external-IP traffic (masquerade for `Cluster`; for `Local`, straight to `svl-…` so the
@@ -198,17 +198,24 @@ fn add_port(rs: &mut Ruleset, sp: &ServicePort, cfg: &ProxyConfig) {
         }
         if targets.is_empty() {
             rules.push("drop".to_string());
-        } else {
-            let arms: Vec<String> = targets
-                .iter()
-                .enumerate()
-                .map(|(i, ep)| format!("{i} : goto {}", names.endpoint(ep)))
-                .collect();
-            rules.push(format!(
-                "numgen random mod {} vmap {{ {} }}",
-                targets.len(),
-                arms.join(", ")
-            ));
+        }
+        // Endpoint i of n is taken with probability 1/(n-i) among the rest: uniform overall.
+        // Not one `numgen random mod n vmap { … }`: nft 1.0.6 names each anonymous map by
+        // scanning the existing ones, which makes a full sync quadratic in the number of
+        // Services (measured: 4k Services 14.6 s with vmaps, 1.4 s like this). Only the first
+        // packet of a connection passes here, and the cost depends on this Service's
+        // endpoints, not on the number of Services.
+        let n = targets.len();
+        for (i, ep) in targets.iter().enumerate() {
+            if i + 1 < n {
+                rules.push(format!(
+                    "numgen random mod {} == 0 goto {}",
+                    n - i,
+                    names.endpoint(ep)
+                ));
+            } else {
+                rules.push(format!("goto {}", names.endpoint(ep)));
+            }
         }
         rules
     };
@@ -567,9 +574,11 @@ mod tests {
             "ip daddr 10.96.0.10 ip saddr != 10.5.0.0/16 jump mark-for-masquerade"
         );
         assert!(
-            svc[1].starts_with("numgen random mod 2 vmap { 0 : goto ep-"),
+            svc[1].starts_with("numgen random mod 2 == 0 goto ep-"),
             "{svc:?}"
         );
+        assert!(svc[2].starts_with("goto ep-"), "{svc:?}");
+        assert_eq!(svc.len(), 3);
         assert_eq!(
             rs.elements[&(MAP_SERVICE_IPS, "10.96.0.10 . tcp . 80".to_string())],
             format!("goto {}", names.svc)
@@ -621,7 +630,12 @@ mod tests {
                 format!("goto {}", names.svl),
             ]
         );
-        assert!(rs.chains[&names.svl][1].starts_with("numgen random mod 1 "));
+        assert_eq!(
+            rs.chains[&names.svl].len(),
+            2,
+            "one local endpoint: no draw"
+        );
+        assert!(rs.chains[&names.svl][1].starts_with("goto ep-"));
         assert_eq!(
             rs.elements[&(MAP_NODEPORTS, "tcp . 30080".to_string())],
             format!("goto {}", names.ext)

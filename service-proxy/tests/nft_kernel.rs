@@ -125,7 +125,7 @@ fn kernel_accepts_full_and_incremental_transactions() {
         "tcp . 30083 : drop",
         "udp . 30082 : goto ext-",
         "flags dynamic,timeout",
-        "numgen random mod 2 vmap",
+        "numgen random mod 2",
         "dnat to 10.5.1.2:8080",
     ] {
         assert!(table.contains(needle), "missing {needle:?} in\n{table}");
