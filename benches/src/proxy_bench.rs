@@ -392,10 +392,10 @@ fn main() -> Result<()> {
         ("ClusterIP, 10k Services", &lat_10k),
     ] {
         rows.push(format!(
-            "| connect + first byte, {what} (p50 / p99 of {}) | {} / {} ms |",
+            "| connect + first byte, {what} (p50 / p99 of {}) | {:.3} / {:.3} ms |",
             a.connections,
-            format!("{:.3}", percentile(v, 0.5).as_secs_f64() * 1000.0),
-            format!("{:.3}", percentile(v, 0.99).as_secs_f64() * 1000.0)
+            percentile(v, 0.5).as_secs_f64() * 1000.0,
+            percentile(v, 0.99).as_secs_f64() * 1000.0
         ));
     }
     report += "## Control plane and connection set-up (nftables mode)\n\n| measure | result |\n|---|---|\n";

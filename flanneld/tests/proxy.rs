@@ -162,24 +162,6 @@ impl Cluster {
 
     /// `flannelctl apply` of `yaml`, run in the hub (where etcd is).
     fn apply(&self, yaml: &str) {
-        if std::env::var_os("PROXY_TEST_DIRECT").is_some() {
-            for mut obj in registry::parse_documents(yaml).unwrap() {
-                if obj.kind().namespaced() {
-                    obj.metadata_mut().namespace = Some("default".into());
-                }
-                let m = obj.metadata().clone();
-                let key = registry::store::object_key(
-                    "/coreos.com/network",
-                    obj.kind(),
-                    m.namespace.as_deref(),
-                    &m.name,
-                );
-                self.tb
-                    .etcdctl(&["put", &key, &registry::to_json(&obj).to_string()])
-                    .unwrap();
-            }
-            return;
-        }
         let file = self.d.dir.path().join(format!("m{}.yaml", rand_suffix()));
         std::fs::write(&file, yaml).unwrap();
         let ctl = sibling("flannelctl");
@@ -347,16 +329,21 @@ fn behaviour(mode: &str) {
     manifest.push_str(SERVICES);
     manifest.push_str("---\n");
     manifest.push_str(&manual_endpoints(c.pods[0].ip));
+    let all: BTreeSet<String> = c.pods.iter().map(|p| p.ip.to_string()).collect();
     let applied = Instant::now();
     c.apply(&manifest);
-    let all: BTreeSet<String> = c.pods.iter().map(|p| p.ip.to_string()).collect();
 
     // Every node's proxy serves the ClusterIP once the pod records are published.
     for (i, n) in c.tb.nodes.iter().enumerate() {
+        // All six endpoints: the last pod records may land after the objects.
         wait_for(Duration::from_secs(30), || {
-            who_serves(&n.ns, vip(10, 80), LIMIT).ok()
+            let seen: BTreeSet<String> = (0..40)
+                .filter_map(|_| who_serves(&n.ns, vip(10, 80), LIMIT).ok())
+                .map(|s| s.0)
+                .collect();
+            (seen == all).then_some(())
         })
-        .unwrap_or_else(|| panic!("node {i}: ClusterIP not served\n{}", c.logs()));
+        .unwrap_or_else(|| panic!("node {i}: ClusterIP not served by all pods\n{}", c.logs()));
     }
     eprintln!(
         "[{mode}] Services served on every node {:?} after apply",

@@ -131,6 +131,9 @@ impl Targets {
     }
 }
 
+/// What one listener should serve: protocol, endpoints, affinity timeout.
+type Wanted = (Protocol, Vec<Endpoint>, Option<u32>);
+
 type Sessions = Arc<Mutex<HashMap<SocketAddr, (SocketAddrV4, Arc<UdpSocket>, JoinHandle<()>)>>>;
 
 #[derive(Debug)]
@@ -204,8 +207,7 @@ impl<N: NftApply> UserspaceProxy<N> {
         &mut self,
         ports: &BTreeMap<PortId, ServicePort>,
     ) -> Result<usize, UserspaceError> {
-        let mut wanted: BTreeMap<(PortId, Entry), (Protocol, Vec<Endpoint>, Option<u32>)> =
-            BTreeMap::new();
+        let mut wanted: BTreeMap<(PortId, Entry), Wanted> = BTreeMap::new();
         for (id, sp) in ports {
             wanted.insert(
                 (id.clone(), Entry::Cluster),
