@@ -27,7 +27,7 @@ use registry::{
     ServicePort as SvcPort, ServiceSpec,
 };
 use service_proxy::metrics::ProxyMetrics;
-use service_proxy::model::{service_ports, NodeInfo, Snapshot};
+use service_proxy::model::{service_ports, NodeInfo, PortsCache, Snapshot, Touched};
 use service_proxy::nft::ProxyConfig;
 use service_proxy::sync::{ConntrackCommand, NftCommand, Syncer};
 use service_proxy::userspace::{UserspaceOptions, UserspaceProxy};
@@ -342,6 +342,17 @@ fn main() -> Result<()> {
         }
     }
     let (mut snap, mut syncer) = at_10k.context("10k state")?;
+    // From here on the model is kept as flanneld keeps it: per Service, recomputing only the
+    // Services a change can affect.
+    let mut model = PortsCache::default();
+    model.rebuild(&snap, &node());
+    let touched = |i: usize| Touched {
+        services: [("default".to_string(), format!("s{i}"))].into(),
+        pod_labels: vec![(
+            "default".to_string(),
+            [("app".to_string(), format!("s{i}"))].into(),
+        )],
+    };
     let mut adds = Vec::new();
     let mut removes = Vec::new();
     for k in 0..a.adds {
@@ -349,16 +360,16 @@ fn main() -> Result<()> {
         let i = 10_000 + k;
         add_service(&mut snap, i, server_ip);
         let t = Instant::now();
-        let ports = service_ports(&snap, &node());
-        let rep = rt.block_on(syncer.sync(&ports))?;
+        model.update(&snap, &node(), &touched(i));
+        let rep = rt.block_on(syncer.sync(model.ports()))?;
         adds.push(t.elapsed());
         if rep.full || rep.changed != 1 {
             bail!("adding one Service was not an incremental sync of one port: {rep:?}");
         }
         remove_service(&mut snap, i);
         let t = Instant::now();
-        let ports = service_ports(&snap, &node());
-        rt.block_on(syncer.sync(&ports))?;
+        model.update(&snap, &node(), &touched(i));
+        rt.block_on(syncer.sync(model.ports()))?;
         removes.push(t.elapsed());
     }
     adds.sort();

@@ -127,8 +127,27 @@ pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, Servi
     let index = snap.label_index();
     let mut out = BTreeMap::new();
     for ((ns, name), svc) in &snap.services {
+        for sp in ports_of_service(snap, Some(&index), ns, name, svc, node) {
+            out.insert(sp.id.clone(), sp);
+        }
+    }
+    out
+}
+
+/// The ports of one Service. Without `index`, candidate pods are found by scanning the
+/// Service's namespace (cheaper than an index when few Services are recomputed).
+fn ports_of_service(
+    snap: &Snapshot,
+    index: Option<&LabelIndex<'_>>,
+    ns: &String,
+    name: &String,
+    svc: &Service,
+    node: &NodeInfo,
+) -> Vec<ServicePort> {
+    let mut out = Vec::new();
+    {
         if svc.is_headless() || svc.spec.type_ == ServiceType::ExternalName {
-            continue;
+            return out;
         }
         let Some(cluster_ip) = svc
             .spec
@@ -136,7 +155,7 @@ pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, Servi
             .as_deref()
             .and_then(|s| s.parse::<Ipv4Addr>().ok())
         else {
-            continue;
+            return out;
         };
         let external_ips: Vec<Ipv4Addr> = svc
             .spec
@@ -165,17 +184,27 @@ pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, Servi
             let mut eps: BTreeSet<Endpoint> = BTreeSet::new();
             match selector {
                 Some(selector) => {
-                    // Candidates: the pods carrying the selector's least common label.
-                    let candidates = selector
-                        .iter()
-                        .map(|(k, v)| {
-                            index
-                                .get(&(ns.as_str(), k.as_str(), v.as_str()))
-                                .map(Vec::as_slice)
-                                .unwrap_or_default()
-                        })
-                        .min_by_key(|c| c.len())
-                        .unwrap_or_default();
+                    // Candidates: the pods carrying the selector's least common label, or
+                    // every attached pod of the namespace.
+                    let candidates: Vec<(&Pod, &PodRecord)> = match index {
+                        Some(index) => selector
+                            .iter()
+                            .map(|(k, v)| {
+                                index
+                                    .get(&(ns.as_str(), k.as_str(), v.as_str()))
+                                    .map(Vec::as_slice)
+                                    .unwrap_or_default()
+                            })
+                            .min_by_key(|c| c.len())
+                            .unwrap_or_default()
+                            .to_vec(),
+                        None => snap
+                            .records
+                            .range((ns.clone(), String::new())..)
+                            .take_while(|(k, _)| k.0 == *ns)
+                            .filter_map(|(k, rec)| Some((snap.pods.get(k)?, rec)))
+                            .collect(),
+                    };
                     for (pod, rec) in candidates {
                         if !selector
                             .iter()
@@ -233,25 +262,101 @@ pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, Servi
                 None
             };
             let external = node_port.is_some() || !external_ips.is_empty();
-            out.insert(
-                id.clone(),
-                ServicePort {
-                    id,
-                    cluster_ip,
-                    port,
-                    protocol,
-                    node_port,
-                    external_ips: external_ips.clone(),
-                    affinity: svc.affinity_timeout(),
-                    external_local: external
-                        && svc.spec.external_traffic_policy == Some(TrafficPolicy::Local),
-                    internal_local: svc.spec.internal_traffic_policy == Some(TrafficPolicy::Local),
-                    endpoints: eps.into_iter().collect(),
-                },
-            );
+            out.push(ServicePort {
+                id,
+                cluster_ip,
+                port,
+                protocol,
+                node_port,
+                external_ips: external_ips.clone(),
+                affinity: svc.affinity_timeout(),
+                external_local: external
+                    && svc.spec.external_traffic_policy == Some(TrafficPolicy::Local),
+                internal_local: svc.spec.internal_traffic_policy == Some(TrafficPolicy::Local),
+                endpoints: eps.into_iter().collect(),
+            });
         }
     }
     out
+}
+
+/// What changed in a [`Snapshot`] since the last [`PortsCache::update`].
+#[derive(Debug, Clone, Default)]
+pub struct Touched {
+    /// Services (or their Endpoints objects) written or deleted.
+    pub services: BTreeSet<Key>,
+    /// Label sets of pods that changed (old and new labels), per namespace: the Services
+    /// whose selector any of them satisfies are recomputed.
+    pub pod_labels: Vec<(String, registry::Labels)>,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.pod_labels.is_empty()
+    }
+}
+
+/// The service ports of every Service, kept per Service so that a change recomputes only the
+/// Services it can affect (a 10k-Service model takes tens of ms to rebuild; one Service, µs).
+#[derive(Debug, Clone, Default)]
+pub struct PortsCache {
+    by_service: BTreeMap<Key, Vec<PortId>>,
+    all: BTreeMap<PortId, ServicePort>,
+}
+
+impl PortsCache {
+    /// Recomputes everything.
+    pub fn rebuild(&mut self, snap: &Snapshot, node: &NodeInfo) {
+        let index = snap.label_index();
+        self.by_service.clear();
+        self.all.clear();
+        for ((ns, name), svc) in &snap.services {
+            let ports = ports_of_service(snap, Some(&index), ns, name, svc, node);
+            self.by_service.insert(
+                (ns.clone(), name.clone()),
+                ports.iter().map(|p| p.id.clone()).collect(),
+            );
+            for p in ports {
+                self.all.insert(p.id.clone(), p);
+            }
+        }
+    }
+
+    /// Recomputes the Services `touched` can affect.
+    pub fn update(&mut self, snap: &Snapshot, node: &NodeInfo, touched: &Touched) {
+        let mut affected: BTreeSet<Key> = touched.services.clone();
+        if !touched.pod_labels.is_empty() {
+            for (key, svc) in &snap.services {
+                let Some(selector) = svc.spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+                    continue;
+                };
+                let hit = touched.pod_labels.iter().any(|(ns, labels)| {
+                    *ns == key.0 && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                });
+                if hit {
+                    affected.insert(key.clone());
+                }
+            }
+        }
+        for key in affected {
+            for id in self.by_service.remove(&key).unwrap_or_default() {
+                self.all.remove(&id);
+            }
+            let Some(svc) = snap.services.get(&key) else {
+                continue;
+            };
+            let ports = ports_of_service(snap, None, &key.0, &key.1, svc, node);
+            self.by_service
+                .insert(key, ports.iter().map(|p| p.id.clone()).collect());
+            for p in ports {
+                self.all.insert(p.id.clone(), p);
+            }
+        }
+    }
+
+    pub fn ports(&self) -> &BTreeMap<PortId, ServicePort> {
+        &self.all
+    }
 }
 
 #[cfg(test)]
@@ -508,6 +613,41 @@ mod tests {
         assert_eq!(sp.endpoints.len(), 2);
         assert_eq!(sp.cluster_targets().len(), 1);
         assert!(sp.cluster_targets()[0].local);
+    }
+
+    #[test]
+    fn incremental_updates_match_a_full_rebuild() {
+        let mut s = snap(vec![web(None)]);
+        let mut other = web(None);
+        other.metadata.name = "db".into();
+        other.spec.selector = Some([("app".to_string(), "db".to_string())].into());
+        s.services.insert(key("default", "db"), other);
+        let mut cache = PortsCache::default();
+        cache.rebuild(&s, &node());
+        assert_eq!(cache.ports(), &service_ports(&s, &node()));
+        // A pod changes its label from web to db: both Services are affected.
+        let old = s.pods[&key("default", "a")].metadata.labels.clone();
+        s.pods
+            .get_mut(&key("default", "a"))
+            .expect("a")
+            .metadata
+            .labels = [("app".to_string(), "db".to_string())].into();
+        let new = s.pods[&key("default", "a")].metadata.labels.clone();
+        let touched = Touched {
+            services: BTreeSet::new(),
+            pod_labels: vec![("default".into(), old), ("default".into(), new)],
+        };
+        cache.update(&s, &node(), &touched);
+        assert_eq!(cache.ports(), &service_ports(&s, &node()));
+        // A Service goes.
+        s.services.remove(&key("default", "db"));
+        let touched = Touched {
+            services: [key("default", "db")].into(),
+            pod_labels: vec![],
+        };
+        cache.update(&s, &node(), &touched);
+        assert_eq!(cache.ports(), &service_ports(&s, &node()));
+        assert_eq!(cache.ports().len(), 1);
     }
 
     #[test]

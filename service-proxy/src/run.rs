@@ -14,7 +14,7 @@ use subnet_lease::{EtcdRegistry, PodRecord};
 use tokio::sync::watch;
 
 use crate::metrics::ProxyMetrics;
-use crate::model::{service_ports, NodeInfo, PortId, ServicePort, Snapshot};
+use crate::model::{NodeInfo, PortId, PortsCache, ServicePort, Snapshot, Touched};
 use crate::nft::ProxyConfig;
 use crate::sync::{ConntrackCommand, NftApply, NftCommand, Syncer};
 use crate::userspace::{UserspaceOptions, UserspaceProxy};
@@ -72,6 +72,8 @@ pub struct Cache {
     registry_prefix: String,
     pods_prefix: String,
     pub snap: Snapshot,
+    /// What changed since [`Cache::take_touched`].
+    touched: Touched,
 }
 
 impl Cache {
@@ -81,7 +83,13 @@ impl Cache {
             registry_prefix: registry::store::registry_prefix(prefix),
             pods_prefix: pods_prefix(prefix),
             snap: Snapshot::default(),
+            touched: Touched::default(),
         }
+    }
+
+    /// What changed since the last call (for [`PortsCache::update`]).
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
     }
 
     /// Applies one key's new value (`None`: deleted). Returns whether anything the proxy
@@ -105,13 +113,35 @@ impl Cache {
                 }
             });
             let s = &mut self.snap;
+            let t = &mut self.touched;
+            if matches!(kind, Kind::Service | Kind::Endpoints) {
+                t.services.insert(k.clone());
+            }
             match (kind, obj) {
-                (_, Some(Object::Service(o))) => s.services.insert(k, o).is_none_or(|_| true),
-                (_, Some(Object::Endpoints(o))) => s.endpoints.insert(k, o).is_none_or(|_| true),
-                (_, Some(Object::Pod(o))) => s.pods.insert(k, o).is_none_or(|_| true),
+                (_, Some(Object::Service(o))) => {
+                    s.services.insert(k, o);
+                    true
+                }
+                (_, Some(Object::Endpoints(o))) => {
+                    s.endpoints.insert(k, o);
+                    true
+                }
+                (_, Some(Object::Pod(o))) => {
+                    t.pod_labels.push((k.0.clone(), o.metadata.labels.clone()));
+                    if let Some(old) = s.pods.insert(k.clone(), o) {
+                        t.pod_labels.push((k.0, old.metadata.labels));
+                    }
+                    true
+                }
                 (Kind::Service, _) => s.services.remove(&k).is_some(),
                 (Kind::Endpoints, _) => s.endpoints.remove(&k).is_some(),
-                (Kind::Pod, _) => s.pods.remove(&k).is_some(),
+                (Kind::Pod, _) => match s.pods.remove(&k) {
+                    Some(old) => {
+                        t.pod_labels.push((k.0, old.metadata.labels));
+                        true
+                    }
+                    None => false,
+                },
                 _ => false,
             }
         } else if key.starts_with(&self.pods_prefix) {
@@ -126,8 +156,16 @@ impl Cache {
                     None
                 }
             });
+            if let Some(pod) = self.snap.pods.get(&k) {
+                self.touched
+                    .pod_labels
+                    .push((k.0.clone(), pod.metadata.labels.clone()));
+            }
             match rec {
-                Some(r) => self.snap.records.insert(k, r).is_none_or(|_| true),
+                Some(r) => {
+                    self.snap.records.insert(k, r);
+                    true
+                }
                 None => self.snap.records.remove(&k).is_some(),
             }
         } else {
@@ -204,6 +242,7 @@ async fn list(reg: &EtcdRegistry, cache: &mut Cache) -> Result<i64, etcd_client:
         .await?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
     cache.snap = Snapshot::default();
+    cache.touched = Touched::default();
     for kv in resp.kvs() {
         if let Ok(key) = kv.key_str() {
             cache.apply(key, Some(kv.value()), kv.mod_revision());
@@ -235,6 +274,7 @@ pub async fn run(
         ))),
     };
     let mut cache = Cache::new(reg.prefix());
+    let mut model = PortsCache::default();
     let mut backoff = Duration::from_millis(200);
     'outer: loop {
         if *stop.borrow() {
@@ -253,6 +293,8 @@ pub async fn run(
             }
         };
         let mut dirty = true;
+        model.rebuild(&cache.snap, &opts.node);
+        cache.take_touched();
         let mut c = reg.client();
         let opts_w = WatchOptions::new()
             .with_prefix()
@@ -297,9 +339,11 @@ pub async fn run(
                         },
                     }
                 }
-                let ports = service_ports(&cache.snap, &opts.node);
+                let touched = cache.take_touched();
+                model.update(&cache.snap, &opts.node, &touched);
+                let ports = model.ports();
                 metrics.service_ports.set(ports.len() as i64);
-                match plane.apply(&ports, &metrics).await {
+                match plane.apply(ports, &metrics).await {
                     Ok(()) => {
                         dirty = false;
                         retry_at = None;
@@ -364,6 +408,14 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::service_ports;
+
+    /// The incremental model agrees with a full rebuild after every change.
+    fn check_incremental(cache: &mut Cache, model: &mut PortsCache, node: &NodeInfo) {
+        let touched = cache.take_touched();
+        model.update(&cache.snap, node, &touched);
+        assert_eq!(model.ports(), &service_ports(&cache.snap, node));
+    }
 
     const PREFIX: &str = "/coreos.com/network";
 
@@ -404,6 +456,8 @@ mod tests {
             name: "n1".into(),
             subnet: None,
         };
+        let mut model = PortsCache::default();
+        check_incremental(&mut cache, &mut model, &node);
         let ports = service_ports(&cache.snap, &node);
         assert!(
             ports.values().next().expect("port").endpoints.is_empty(),
@@ -411,6 +465,7 @@ mod tests {
         );
         let rec = r#"{"IP":"10.5.1.2","IPs":["10.5.1.2"],"Node":"n1","NodeIP":"172.30.0.10","Subnet":"10.5.1.0/24","ContainerID":"c","Ifname":"eth0"}"#;
         assert!(cache.apply(&format!("{PREFIX}/pods/default/a"), Some(rec.as_bytes()), 8));
+        check_incremental(&mut cache, &mut model, &node);
         let ports = service_ports(&cache.snap, &node);
         let eps = &ports.values().next().expect("port").endpoints;
         assert_eq!(eps.len(), 1);
@@ -426,6 +481,7 @@ mod tests {
         ));
         let key = registry::store::object_key(PREFIX, Kind::Service, Some("default"), "web");
         assert!(cache.apply(&key, None, 13));
+        check_incremental(&mut cache, &mut model, &node);
         assert!(service_ports(&cache.snap, &node).is_empty());
     }
 }
