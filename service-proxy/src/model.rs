@@ -139,8 +139,8 @@ pub fn service_ports(snap: &Snapshot, node: &NodeInfo) -> BTreeMap<PortId, Servi
 fn ports_of_service(
     snap: &Snapshot,
     index: Option<&LabelIndex<'_>>,
-    ns: &String,
-    name: &String,
+    ns: &str,
+    name: &str,
     svc: &Service,
     node: &NodeInfo,
 ) -> Vec<ServicePort> {
@@ -175,8 +175,8 @@ fn ports_of_service(
                 continue;
             }
             let id = PortId {
-                namespace: ns.clone(),
-                name: name.clone(),
+                namespace: ns.to_string(),
+                name: name.to_string(),
                 port_name: sp.name().to_string(),
                 protocol,
             };
@@ -191,7 +191,7 @@ fn ports_of_service(
                             .iter()
                             .map(|(k, v)| {
                                 index
-                                    .get(&(ns.as_str(), k.as_str(), v.as_str()))
+                                    .get(&(ns, k.as_str(), v.as_str()))
                                     .map(Vec::as_slice)
                                     .unwrap_or_default()
                             })
@@ -200,8 +200,8 @@ fn ports_of_service(
                             .to_vec(),
                         None => snap
                             .records
-                            .range((ns.clone(), String::new())..)
-                            .take_while(|(k, _)| k.0 == *ns)
+                            .range((ns.to_string(), String::new())..)
+                            .take_while(|(k, _)| k.0 == ns)
                             .filter_map(|(k, rec)| Some((snap.pods.get(k)?, rec)))
                             .collect(),
                     };
@@ -227,7 +227,7 @@ fn ports_of_service(
                     }
                 }
                 None => {
-                    if let Some(e) = snap.endpoints.get(&(ns.clone(), name.clone())) {
+                    if let Some(e) = snap.endpoints.get(&(ns.to_string(), name.to_string())) {
                         for subset in &e.subsets {
                             let Some(ep_port) = subset.ports.iter().find(|p| {
                                 p.name.as_deref().unwrap_or("") == sp.name()
