@@ -14,7 +14,6 @@
 #[path = "common.rs"]
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -210,13 +209,7 @@ fn connect_latencies(ns: &str, to: SocketAddr, n: usize) -> Result<Vec<Duration>
 }
 
 /// iperf3 Gbit/s from `client_ns` to `to` (server in `server_ns`).
-fn iperf(
-    tb: &Testbed,
-    server_ns: &str,
-    client_ns: &str,
-    to: Ipv4Addr,
-    seconds: u32,
-) -> Result<f64> {
+fn iperf(server_ns: &str, client_ns: &str, to: Ipv4Addr, seconds: u32) -> Result<f64> {
     let mut server = Command::new("ip")
         .args([
             "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5201",
@@ -245,7 +238,6 @@ fn iperf(
     .map_err(anyhow::Error::msg);
     let _ = server.kill();
     let _ = server.wait();
-    let _ = tb;
     let out = out?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
     let bps = v["end"]["sum_received"]["bits_per_second"]
@@ -418,9 +410,6 @@ fn main() -> Result<()> {
     check_stop()?;
     let mut iperf_snap = Snapshot::default();
     add_service(&mut iperf_snap, 0, server_ip);
-    if let Some(p) = iperf_snap.pods.values_mut().next() {
-        p.spec.containers[0].ports[0].container_port = 5201;
-    }
     for p in iperf_snap.pods.values_mut() {
         p.spec.containers[0].ports[0].container_port = 5201;
     }
@@ -435,9 +424,9 @@ fn main() -> Result<()> {
         .services
         .insert(("default".into(), "s0".into()), svc);
     let ports = service_ports(&iperf_snap, &node());
-    let gbit_direct = iperf(&tb, &server.ns, &client.ns, server_ip, a.seconds)?;
+    let gbit_direct = iperf(&server.ns, &client.ns, server_ip, a.seconds)?;
     rt.block_on(syncer.sync(&ports))?;
-    let gbit_nft = iperf(&tb, &server.ns, &client.ns, TARGET_VIP, a.seconds)?;
+    let gbit_nft = iperf(&server.ns, &client.ns, TARGET_VIP, a.seconds)?;
     // Userspace: the proxy runs in the node's namespace (a thread entered into it).
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -476,7 +465,7 @@ fn main() -> Result<()> {
         .recv_timeout(Duration::from_secs(30))
         .context("userspace proxy start")?
         .map_err(anyhow::Error::msg)?;
-    let gbit_user = iperf(&tb, &server.ns, &client.ns, TARGET_VIP, a.seconds);
+    let gbit_user = iperf(&server.ns, &client.ns, TARGET_VIP, a.seconds);
     let _ = stop_tx.send(());
     let _ = user.join();
     let gbit_user = gbit_user?;
@@ -488,7 +477,6 @@ fn main() -> Result<()> {
     ] {
         report += &format!("| {what} | {g:.2} | {:.3} |\n", g / gbit_direct);
     }
-    let _ = BTreeMap::<u8, u8>::new();
     print!("{report}");
     write_file(&a.out, &report)?;
     Ok(())

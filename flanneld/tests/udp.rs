@@ -8,12 +8,14 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use test_support::{
-    require_root_with, send_and_verify, send_spoofed_udp, udp_burst_verify, wait_for, Pod, Testbed,
+    require_root_with, send_and_verify, send_spoofed_udp, udp_burst_verify, wait_for, Testbed,
 };
 
 mod common;
 
-use common::{add_pods, backend_counter as metric, full_mesh, sock, start_servers, Daemons};
+use common::{
+    backend_counter as metric, full_mesh, lease_value, pods_per_node, sock, start_servers, Daemons,
+};
 
 const PORT: u16 = 5001;
 const HASH_PORT: u16 = 5002;
@@ -42,22 +44,11 @@ fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
     let mut d = Daemons::new(&endpoint, &[]);
     let handles: Vec<usize> = (0..3).map(|i| d.start(&mut tb, i)).collect();
     let log = |i: usize| d.log(i);
-    let mut pods: Vec<Pod> = Vec::new();
-    let mut subnets = Vec::new();
-    for i in 0..3 {
-        let env = d.subnet_env(i);
+    let (pods, subnets) = pods_per_node(&mut tb, &d, |env| {
         assert_eq!(env.mtu, 1472, "udp MTU = 1500 - 28");
-        subnets.push(env.subnet.unwrap());
-        pods.extend(add_pods(&mut tb, i, &env, 2, env.mtu));
-    }
+    });
     // flannel's lease: BackendType udp, no BackendData.
-    let lease = tb
-        .etcdctl(&[
-            "get",
-            &format!("/coreos.com/network/subnets/{}-24", subnets[0].network()),
-            "--print-value-only",
-        ])
-        .unwrap();
+    let lease = lease_value(&tb, subnets[0]);
     assert_eq!(
         lease.trim(),
         format!(

@@ -1515,14 +1515,7 @@ mod tests {
     fn cluster_ip_allocated_kept_and_immutable() {
         let s = svc("metadata: {name: web}\nspec: {ports: [{port: 80}]}\n");
         let p = plan(s.clone(), None, &Allocations::default()).unwrap();
-        let ip: Ipv4Addr = p
-            .service
-            .spec
-            .cluster_ip
-            .as_deref()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ip: Ipv4Addr = p.service.cluster_ip_addr().unwrap();
         assert!(net().contains(&ip) && ip != net().network() && ip != net().broadcast());
         assert_eq!(p.service.spec.cluster_ips, vec![ip.to_string()]);
         assert_eq!(p.allocations, [Allocation::ClusterIp(ip)].into());
@@ -1640,14 +1633,7 @@ mod tests {
             "TCP and UDP 53 share one node port"
         );
         assert_eq!(ports[2].node_port, Some(30080));
-        let ip: Ipv4Addr = p
-            .service
-            .spec
-            .cluster_ip
-            .as_deref()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ip: Ipv4Addr = p.service.cluster_ip_addr().unwrap();
         assert_eq!(
             p.allocations,
             [

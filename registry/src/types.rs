@@ -278,6 +278,11 @@ pub struct Service {
 }
 
 impl Service {
+    /// The ClusterIP as an address (None when absent, headless or not an IPv4 address).
+    pub fn cluster_ip_addr(&self) -> Option<std::net::Ipv4Addr> {
+        self.spec.cluster_ip.as_deref().and_then(|s| s.parse().ok())
+    }
+
     /// Headless: `clusterIP: None`.
     pub fn is_headless(&self) -> bool {
         self.spec.cluster_ip.as_deref() == Some("None")

@@ -421,13 +421,7 @@ async fn service_network_from_config() {
     };
     // No config: the default 10.96.0.0/12.
     let a = env.apply(&svc_yaml("a", "")).await.unwrap();
-    let ip: Ipv4Addr = service(&a.object)
-        .spec
-        .cluster_ip
-        .as_deref()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let ip: Ipv4Addr = service(&a.object).cluster_ip_addr().unwrap();
     assert!("10.96.0.0/12".parse::<Ipv4Net>().unwrap().contains(&ip));
 
     // A config whose default ServiceNetwork overlaps Network: a clear error, nothing written.

@@ -58,6 +58,26 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
+    /// A ClusterIP-only port (no node port, external IPs, affinity or Local policies) with
+    /// `endpoints` (sorted here); callers set the other fields as they need.
+    pub fn new(id: PortId, cluster_ip: Ipv4Addr, port: u16, endpoints: Vec<Endpoint>) -> Self {
+        let mut endpoints = endpoints;
+        endpoints.sort();
+        endpoints.dedup();
+        ServicePort {
+            protocol: id.protocol,
+            id,
+            cluster_ip,
+            port,
+            node_port: None,
+            external_ips: Vec::new(),
+            affinity: None,
+            external_local: false,
+            internal_local: false,
+            endpoints,
+        }
+    }
+
     pub fn local_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
         self.endpoints.iter().filter(|e| e.local)
     }
@@ -144,140 +164,159 @@ fn ports_of_service(
     svc: &Service,
     node: &NodeInfo,
 ) -> Vec<ServicePort> {
+    if svc.is_headless() || svc.spec.type_ == ServiceType::ExternalName {
+        return Vec::new();
+    }
+    let Some(cluster_ip) = svc.cluster_ip_addr() else {
+        return Vec::new();
+    };
+    let external_ips: Vec<Ipv4Addr> = svc
+        .spec
+        .external_ips
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let node_port_type = matches!(
+        svc.spec.type_,
+        ServiceType::NodePort | ServiceType::LoadBalancer
+    );
+    let selector = svc.spec.selector.as_ref().filter(|s| !s.is_empty());
     let mut out = Vec::new();
-    {
-        if svc.is_headless() || svc.spec.type_ == ServiceType::ExternalName {
-            return out;
-        }
-        let Some(cluster_ip) = svc
-            .spec
-            .cluster_ip
-            .as_deref()
-            .and_then(|s| s.parse::<Ipv4Addr>().ok())
-        else {
-            return out;
+    for sp in &svc.spec.ports {
+        let Ok(port) = u16::try_from(sp.port) else {
+            continue;
         };
-        let external_ips: Vec<Ipv4Addr> = svc
-            .spec
-            .external_ips
+        if port == 0 {
+            continue;
+        }
+        let id = PortId {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            port_name: sp.name().to_string(),
+            protocol: sp.protocol,
+        };
+        let endpoints = match selector {
+            Some(selector) => selected_endpoints(snap, index, ns, selector, sp, port, node),
+            None => listed_endpoints(
+                snap.endpoints.get(&(ns.to_string(), name.to_string())),
+                sp,
+                node,
+            ),
+        };
+        let node_port = if node_port_type {
+            sp.node_port.and_then(|p| u16::try_from(p).ok())
+        } else {
+            None
+        };
+        let external = node_port.is_some() || !external_ips.is_empty();
+        out.push(ServicePort {
+            id,
+            cluster_ip,
+            port,
+            protocol: sp.protocol,
+            node_port,
+            external_ips: external_ips.clone(),
+            affinity: svc.affinity_timeout(),
+            external_local: external
+                && svc.spec.external_traffic_policy == Some(TrafficPolicy::Local),
+            internal_local: svc.spec.internal_traffic_policy == Some(TrafficPolicy::Local),
+            endpoints,
+        });
+    }
+    out
+}
+
+/// Endpoints of a selector Service's port: the attached pods of namespace `ns` carrying every
+/// selector label, at the target port resolved per pod.
+fn selected_endpoints(
+    snap: &Snapshot,
+    index: Option<&LabelIndex<'_>>,
+    ns: &str,
+    selector: &registry::Labels,
+    sp: &registry::ServicePort,
+    port: u16,
+    node: &NodeInfo,
+) -> Vec<Endpoint> {
+    // Candidates: the pods carrying the selector's least common label, or every attached
+    // pod of the namespace.
+    let candidates: Vec<(&Pod, &PodRecord)> = match index {
+        Some(index) => selector
             .iter()
-            .filter_map(|s| s.parse().ok())
-            .collect();
-        let node_port_type = matches!(
-            svc.spec.type_,
-            ServiceType::NodePort | ServiceType::LoadBalancer
-        );
-        for sp in &svc.spec.ports {
-            let (Ok(port), protocol) = (u16::try_from(sp.port), sp.protocol) else {
-                continue;
-            };
-            if port == 0 {
-                continue;
-            }
-            let id = PortId {
-                namespace: ns.to_string(),
-                name: name.to_string(),
-                port_name: sp.name().to_string(),
-                protocol,
-            };
-            let selector = svc.spec.selector.as_ref().filter(|s| !s.is_empty());
-            let mut eps: BTreeSet<Endpoint> = BTreeSet::new();
-            match selector {
-                Some(selector) => {
-                    // Candidates: the pods carrying the selector's least common label, or
-                    // every attached pod of the namespace.
-                    let candidates: Vec<(&Pod, &PodRecord)> = match index {
-                        Some(index) => selector
-                            .iter()
-                            .map(|(k, v)| {
-                                index
-                                    .get(&(ns, k.as_str(), v.as_str()))
-                                    .map(Vec::as_slice)
-                                    .unwrap_or_default()
-                            })
-                            .min_by_key(|c| c.len())
-                            .unwrap_or_default()
-                            .to_vec(),
-                        None => snap
-                            .records
-                            .range((ns.to_string(), String::new())..)
-                            .take_while(|(k, _)| k.0 == ns)
-                            .filter_map(|(k, rec)| Some((snap.pods.get(k)?, rec)))
-                            .collect(),
-                    };
-                    for (pod, rec) in candidates {
-                        if !selector
-                            .iter()
-                            .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
-                        {
-                            continue;
-                        }
-                        let target = match &sp.target_port {
-                            None => Some(port),
-                            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-                            Some(IntOrString::String(name)) => pod.named_port(name, protocol),
-                        };
-                        if let Some(target) = target.filter(|p| *p != 0) {
-                            eps.insert(Endpoint {
-                                ip: rec.ip,
-                                port: target,
-                                local: rec.node == node.name,
-                            });
-                        }
-                    }
-                }
-                None => {
-                    if let Some(e) = snap.endpoints.get(&(ns.to_string(), name.to_string())) {
-                        for subset in &e.subsets {
-                            let Some(ep_port) = subset.ports.iter().find(|p| {
-                                p.name.as_deref().unwrap_or("") == sp.name()
-                                    && p.protocol == protocol
-                            }) else {
-                                continue;
-                            };
-                            let Ok(target) = u16::try_from(ep_port.port) else {
-                                continue;
-                            };
-                            for a in &subset.addresses {
-                                let Ok(ip) = a.ip.parse::<Ipv4Addr>() else {
-                                    continue;
-                                };
-                                let local = match &a.node_name {
-                                    Some(n) => *n == node.name,
-                                    None => node.subnet.is_some_and(|s| s.contains(&ip)),
-                                };
-                                eps.insert(Endpoint {
-                                    ip,
-                                    port: target,
-                                    local,
-                                });
-                            }
-                        }
-                    }
-                }
-            }
-            let node_port = if node_port_type {
-                sp.node_port.and_then(|p| u16::try_from(p).ok())
-            } else {
-                None
-            };
-            let external = node_port.is_some() || !external_ips.is_empty();
-            out.push(ServicePort {
-                id,
-                cluster_ip,
-                port,
-                protocol,
-                node_port,
-                external_ips: external_ips.clone(),
-                affinity: svc.affinity_timeout(),
-                external_local: external
-                    && svc.spec.external_traffic_policy == Some(TrafficPolicy::Local),
-                internal_local: svc.spec.internal_traffic_policy == Some(TrafficPolicy::Local),
-                endpoints: eps.into_iter().collect(),
+            .map(|(k, v)| {
+                index
+                    .get(&(ns, k.as_str(), v.as_str()))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+            })
+            .min_by_key(|c| c.len())
+            .unwrap_or_default()
+            .to_vec(),
+        None => snap
+            .records
+            .range((ns.to_string(), String::new())..)
+            .take_while(|(k, _)| k.0 == ns)
+            .filter_map(|(k, rec)| Some((snap.pods.get(k)?, rec)))
+            .collect(),
+    };
+    let mut eps = BTreeSet::new();
+    for (pod, rec) in candidates {
+        if !selector
+            .iter()
+            .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
+        {
+            continue;
+        }
+        let target = match &sp.target_port {
+            None => Some(port),
+            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            Some(IntOrString::String(name)) => pod.named_port(name, sp.protocol),
+        };
+        if let Some(target) = target.filter(|p| *p != 0) {
+            eps.insert(Endpoint {
+                ip: rec.ip,
+                port: target,
+                local: rec.node == node.name,
             });
         }
     }
-    out
+    eps.into_iter().collect()
+}
+
+/// Endpoints of a Service port without selector, from its Endpoints object: every ready
+/// address of the subsets whose port has the Service port's name and protocol.
+fn listed_endpoints(
+    endpoints: Option<&Endpoints>,
+    sp: &registry::ServicePort,
+    node: &NodeInfo,
+) -> Vec<Endpoint> {
+    let mut eps = BTreeSet::new();
+    for subset in endpoints.map(|e| e.subsets.as_slice()).unwrap_or_default() {
+        let Some(ep_port) = subset
+            .ports
+            .iter()
+            .find(|p| p.name.as_deref().unwrap_or("") == sp.name() && p.protocol == sp.protocol)
+        else {
+            continue;
+        };
+        let Ok(target) = u16::try_from(ep_port.port) else {
+            continue;
+        };
+        for a in &subset.addresses {
+            let Ok(ip) = a.ip.parse::<Ipv4Addr>() else {
+                continue;
+            };
+            let local = match &a.node_name {
+                Some(n) => *n == node.name,
+                None => node.subnet.is_some_and(|s| s.contains(&ip)),
+            };
+            eps.insert(Endpoint {
+                ip,
+                port: target,
+                local,
+            });
+        }
+    }
+    eps.into_iter().collect()
 }
 
 /// What changed in a [`Snapshot`] since the last [`PortsCache::update`].

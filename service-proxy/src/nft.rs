@@ -55,12 +55,6 @@ pub struct Ruleset {
     pub elements: BTreeMap<(&'static str, String), String>,
 }
 
-impl Ruleset {
-    pub fn len_chains(&self) -> usize {
-        self.chains.len()
-    }
-}
-
 /// What the rules depend on besides the service ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProxyConfig {
@@ -291,56 +285,24 @@ fn add_port(rs: &mut Ruleset, sp: &ServicePort, cfg: &ProxyConfig) {
 /// (add + delete + add: nft 1.0.6 has no `destroy`).
 pub fn base() -> String {
     let t = format!("ip {TABLE}");
-    let mut s = String::new();
-    let _ = writeln!(s, "add table {t}");
-    let _ = writeln!(s, "delete table {t}");
-    let _ = writeln!(s, "add table {t}");
-    let _ = writeln!(
-        s,
-        "add map {t} {MAP_SERVICE_IPS} {{ type ipv4_addr . inet_proto . inet_service : verdict; }}"
-    );
-    let _ = writeln!(
-        s,
-        "add map {t} {MAP_NODEPORTS} {{ type inet_proto . inet_service : verdict; }}"
-    );
-    let _ = writeln!(
-        s,
-        "add map {t} {MAP_NO_EP_SERVICES} {{ type ipv4_addr . inet_proto . inet_service : verdict; }}"
-    );
-    let _ = writeln!(
-        s,
-        "add map {t} {MAP_NO_EP_NODEPORTS} {{ type inet_proto . inet_service : verdict; }}"
-    );
-    for (name, hook) in [
-        ("nat-prerouting", "type nat hook prerouting priority dstnat"),
-        ("nat-output", "type nat hook output priority -100"),
-        (
-            "nat-postrouting",
-            "type nat hook postrouting priority srcnat",
-        ),
-        (
-            "filter-prerouting",
-            "type filter hook prerouting priority -110",
-        ),
-        ("filter-output", "type filter hook output priority -110"),
+    let mut s = skeleton();
+    for (map, key) in [
+        (MAP_SERVICE_IPS, "ipv4_addr . inet_proto . inet_service"),
+        (MAP_NODEPORTS, "inet_proto . inet_service"),
+        (MAP_NO_EP_SERVICES, "ipv4_addr . inet_proto . inet_service"),
+        (MAP_NO_EP_NODEPORTS, "inet_proto . inet_service"),
     ] {
-        let _ = writeln!(s, "add chain {t} {name} {{ {hook}; policy accept; }}");
+        let _ = writeln!(s, "add map {t} {map} {{ type {key} : verdict; }}");
     }
-    for name in [
-        "services",
-        "masquerading",
-        "mark-for-masquerade",
-        "reject-chain",
-        "endpoints-check",
-    ] {
+    let _ = writeln!(
+        s,
+        "add chain {t} nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}"
+    );
+    for name in ["masquerading", "mark-for-masquerade", "reject-chain"] {
         let _ = writeln!(s, "add chain {t} {name}");
     }
-    let rules: [(&str, String); 13] = [
-        ("nat-prerouting", "jump services".into()),
-        ("nat-output", "jump services".into()),
+    let rules: [(&str, String); 9] = [
         ("nat-postrouting", "jump masquerading".into()),
-        ("filter-prerouting", "ct state new jump endpoints-check".into()),
-        ("filter-output", "ct state new jump endpoints-check".into()),
         (
             "services",
             format!("ip daddr . meta l4proto . th dport vmap @{MAP_SERVICE_IPS}"),
@@ -376,6 +338,38 @@ pub fn base() -> String {
         ("reject-chain", "reject".into()),
     ];
     for (chain, rule) in rules {
+        let _ = writeln!(s, "add rule {t} {chain} {rule}");
+    }
+    s
+}
+
+/// What both modes' tables start with: the table recreated, the dstnat hooks jumping to
+/// `services` and the pre-DNAT filter hooks sending new connections to `endpoints-check`
+/// (both chains filled by the mode).
+pub fn skeleton() -> String {
+    let t = format!("ip {TABLE}");
+    let mut s = cleanup();
+    let _ = writeln!(s, "add table {t}");
+    for (name, hook) in [
+        ("nat-prerouting", "type nat hook prerouting priority dstnat"),
+        ("nat-output", "type nat hook output priority -100"),
+        (
+            "filter-prerouting",
+            "type filter hook prerouting priority -110",
+        ),
+        ("filter-output", "type filter hook output priority -110"),
+    ] {
+        let _ = writeln!(s, "add chain {t} {name} {{ {hook}; policy accept; }}");
+    }
+    for name in ["services", "endpoints-check"] {
+        let _ = writeln!(s, "add chain {t} {name}");
+    }
+    for (chain, rule) in [
+        ("nat-prerouting", "jump services"),
+        ("nat-output", "jump services"),
+        ("filter-prerouting", "ct state new jump endpoints-check"),
+        ("filter-output", "ct state new jump endpoints-check"),
+    ] {
         let _ = writeln!(s, "add rule {t} {chain} {rule}");
     }
     s
@@ -510,30 +504,21 @@ mod tests {
     use registry::Protocol;
 
     fn sp(name: &str, eps: &[([u8; 4], bool)]) -> ServicePort {
-        ServicePort {
-            id: PortId {
-                namespace: "default".into(),
-                name: name.into(),
-                port_name: "http".into(),
-                protocol: Protocol::Tcp,
-            },
-            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
-            port: 80,
+        let id = PortId {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: "http".into(),
             protocol: Protocol::Tcp,
-            node_port: None,
-            external_ips: vec![],
-            affinity: None,
-            external_local: false,
-            internal_local: false,
-            endpoints: eps
-                .iter()
-                .map(|(ip, local)| Endpoint {
-                    ip: Ipv4Addr::from(*ip),
-                    port: 8080,
-                    local: *local,
-                })
-                .collect(),
-        }
+        };
+        let eps = eps
+            .iter()
+            .map(|(ip, local)| Endpoint {
+                ip: Ipv4Addr::from(*ip),
+                port: 8080,
+                local: *local,
+            })
+            .collect();
+        ServicePort::new(id, Ipv4Addr::new(10, 96, 0, 10), 80, eps)
     }
 
     fn cfg() -> ProxyConfig {

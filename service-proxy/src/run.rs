@@ -92,6 +92,19 @@ impl Cache {
         std::mem::take(&mut self.touched)
     }
 
+    /// Applies the events of one watch answer; returns whether anything used changed.
+    pub fn apply_events(&mut self, resp: &etcd_client::WatchResponse) -> bool {
+        let mut changed = false;
+        for ev in resp.events() {
+            if let Some(kv) = ev.kv() {
+                let key = kv.key_str().unwrap_or_default();
+                let value = (ev.event_type() == EventType::Put).then(|| kv.value());
+                changed |= self.apply(key, value, kv.mod_revision());
+            }
+        }
+        changed
+    }
+
     /// Applies one key's new value (`None`: deleted). Returns whether anything the proxy
     /// uses changed. Values that do not decode are logged and treated as absent.
     pub fn apply(&mut self, key: &str, value: Option<&[u8]>, mod_revision: i64) -> bool {
@@ -217,19 +230,18 @@ impl Plane {
         }
     }
 
-    /// Whether our table is still in the kernel.
-    async fn table_present(&self, nft: &NftCommand) -> bool {
-        let probe = format!("list chain ip {} services\n", crate::nft::TABLE);
-        let _ = self;
-        nft.apply(&probe).await.is_ok()
-    }
-
     fn invalidate(&mut self) {
         match self {
             Plane::Nft(s) => s.invalidate(),
             Plane::User(p) => p.invalidate(),
         }
     }
+}
+
+/// Whether our table is still in the kernel (both modes have a `services` chain).
+async fn table_present(nft: &NftCommand) -> bool {
+    let probe = format!("list chain ip {} services\n", crate::nft::TABLE);
+    nft.apply(&probe).await.is_ok()
 }
 
 async fn list(reg: &EtcdRegistry, cache: &mut Cache) -> Result<i64, etcd_client::Error> {
@@ -327,13 +339,7 @@ pub async fn run(
                                 if resp.canceled() {
                                     continue 'outer;
                                 }
-                                for ev in resp.events() {
-                                    if let Some(kv) = ev.kv() {
-                                        let key = kv.key_str().unwrap_or_default();
-                                        let value = (ev.event_type() == EventType::Put).then(|| kv.value());
-                                        cache.apply(key, value, kv.mod_revision());
-                                    }
-                                }
+                                cache.apply_events(&resp);
                             }
                             _ => continue 'outer,
                         },
@@ -365,7 +371,7 @@ pub async fn run(
                 _ = stop.changed() => break 'outer,
                 _ = retry => { dirty = true; }
                 _ = check.tick() => {
-                    if !plane.table_present(&nft).await {
+                    if !table_present(&nft).await {
                         tracing::warn!("service proxy table missing; rebuilding it");
                         plane.invalidate();
                         dirty = true;
@@ -377,13 +383,7 @@ pub async fn run(
                             tracing::info!("service proxy watch lost history; re-listing");
                             continue 'outer;
                         }
-                        for ev in resp.events() {
-                            if let Some(kv) = ev.kv() {
-                                let key = kv.key_str().unwrap_or_default();
-                                let value = (ev.event_type() == EventType::Put).then(|| kv.value());
-                                dirty |= cache.apply(key, value, kv.mod_revision());
-                            }
-                        }
+                        dirty |= cache.apply_events(&resp);
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "service proxy watch failed; re-listing");

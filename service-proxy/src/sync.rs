@@ -220,7 +220,7 @@ pub struct Syncer<N, C> {
     cfg: ProxyConfig,
     /// What the kernel has, per service port; `None` when unknown (start, after a failure).
     applied: Option<BTreeMap<PortId, (ServicePort, Ruleset)>>,
-    /// The service ports as last applied (for conntrack).
+    /// The UDP service ports as last applied (for conntrack).
     last_ports: BTreeMap<PortId, ServicePort>,
 }
 
@@ -255,14 +255,11 @@ impl<N: NftApply, C: Conntrack> Syncer<N, C> {
         // Map keys already claimed, to keep two ports from claiming one (user error, e.g.
         // the same external IP and port in two Services); the port first by id wins.
         let mut owners: BTreeMap<(&'static str, String), PortId> = BTreeMap::new();
+        // (After a failure `old` is empty: every port is rendered anew.)
         for (id, sp) in ports {
-            let (unchanged, prev_rules) = match old.remove(id) {
-                Some((prev_sp, prev_rs)) => (prev_sp == *sp && !full, Some(prev_rs)),
-                None => (false, None),
-            };
-            let rs = match (unchanged, prev_rules) {
-                (true, Some(rs)) => rs,
-                (_, prev) => {
+            let (sp, rs) = match old.remove(id) {
+                Some((prev_sp, prev_rs)) if prev_sp == *sp => (prev_sp, prev_rs),
+                prev => {
                     let mut rs = nft::ruleset([sp], &self.cfg);
                     rs.elements.retain(|key, _| match owners.get(key) {
                         Some(owner) => {
@@ -274,22 +271,18 @@ impl<N: NftApply, C: Conntrack> Syncer<N, C> {
                         }
                         None => true,
                     });
-                    let base = if full {
-                        Ruleset::default()
-                    } else {
-                        prev.unwrap_or_default()
-                    };
+                    let base = prev.map(|(_, prev_rs)| prev_rs).unwrap_or_default();
                     if base != rs || full {
                         report.changed += 1;
                     }
                     tx.diff(&base, &rs);
-                    rs
+                    (sp.clone(), rs)
                 }
             };
             for key in rs.elements.keys() {
                 owners.insert(key.clone(), id.clone());
             }
-            next.insert(id.clone(), (sp.clone(), rs));
+            next.insert(id.clone(), (sp, rs));
         }
         if !full {
             for (_, (_, rs)) in old {
@@ -313,7 +306,12 @@ impl<N: NftApply, C: Conntrack> Syncer<N, C> {
         self.applied = Some(next);
         let stale = stale_udp_flows(&self.last_ports, ports);
         report.stale_flows = stale.len();
-        self.last_ports = ports.clone();
+        // Only UDP ports matter to the next conntrack comparison.
+        self.last_ports = ports
+            .iter()
+            .filter(|(_, p)| p.protocol == Protocol::Udp)
+            .map(|(id, p)| (id.clone(), p.clone()))
+            .collect();
         for flows in &stale {
             if let Err(e) = self.conntrack.delete(flows).await {
                 tracing::warn!(error = %e, "could not delete stale UDP conntrack entries");
@@ -363,27 +361,17 @@ mod tests {
             port_name: String::new(),
             protocol: proto,
         };
+        let eps = eps
+            .iter()
+            .map(|e| Endpoint {
+                ip: Ipv4Addr::from(*e),
+                port: 5353,
+                local: false,
+            })
+            .collect();
         (
             id.clone(),
-            ServicePort {
-                id,
-                cluster_ip: Ipv4Addr::from(ip),
-                port: 53,
-                protocol: proto,
-                node_port: None,
-                external_ips: vec![],
-                affinity: None,
-                external_local: false,
-                internal_local: false,
-                endpoints: eps
-                    .iter()
-                    .map(|e| Endpoint {
-                        ip: Ipv4Addr::from(*e),
-                        port: 5353,
-                        local: false,
-                    })
-                    .collect(),
-            },
+            ServicePort::new(id, Ipv4Addr::from(ip), 53, eps),
         )
     }
 

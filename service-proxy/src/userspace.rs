@@ -270,30 +270,7 @@ impl<N: NftApply> UserspaceProxy<N> {
     /// The whole table: redirects to listeners, rejects for entries without endpoints.
     fn render(&self, ports: &BTreeMap<PortId, ServicePort>) -> String {
         let t = format!("ip {TABLE}");
-        let mut s = format!("add table {t}\ndelete table {t}\nadd table {t}\n");
-        for (name, hook) in [
-            ("nat-prerouting", "type nat hook prerouting priority dstnat"),
-            ("nat-output", "type nat hook output priority -100"),
-            (
-                "filter-prerouting",
-                "type filter hook prerouting priority -110",
-            ),
-            ("filter-output", "type filter hook output priority -110"),
-        ] {
-            let _ = writeln!(s, "add chain {t} {name} {{ {hook}; policy accept; }}");
-        }
-        let _ = writeln!(s, "add chain {t} services");
-        let _ = writeln!(s, "add chain {t} endpoints-check");
-        let _ = writeln!(s, "add rule {t} nat-prerouting jump services");
-        let _ = writeln!(s, "add rule {t} nat-output jump services");
-        let _ = writeln!(
-            s,
-            "add rule {t} filter-prerouting ct state new jump endpoints-check"
-        );
-        let _ = writeln!(
-            s,
-            "add rule {t} filter-output ct state new jump endpoints-check"
-        );
+        let mut s = crate::nft::skeleton();
         for (id, sp) in ports {
             let proto = sp.protocol.nft();
             let mut matches: Vec<(Entry, String)> = vec![(

@@ -12,30 +12,21 @@ use service_proxy::sync::{ConntrackCommand, NftCommand, Syncer};
 use test_support::{require_root_with, Testbed};
 
 fn port(name: &str, ip: [u8; 4], proto: Protocol, eps: &[([u8; 4], bool)]) -> ServicePort {
-    ServicePort {
-        id: PortId {
-            namespace: "default".into(),
-            name: name.into(),
-            port_name: "p".into(),
-            protocol: proto,
-        },
-        cluster_ip: Ipv4Addr::from(ip),
-        port: 80,
+    let id = PortId {
+        namespace: "default".into(),
+        name: name.into(),
+        port_name: "p".into(),
         protocol: proto,
-        node_port: None,
-        external_ips: vec![],
-        affinity: None,
-        external_local: false,
-        internal_local: false,
-        endpoints: eps
-            .iter()
-            .map(|(ip, local)| Endpoint {
-                ip: Ipv4Addr::from(*ip),
-                port: 8080,
-                local: *local,
-            })
-            .collect(),
-    }
+    };
+    let eps = eps
+        .iter()
+        .map(|(ip, local)| Endpoint {
+            ip: Ipv4Addr::from(*ip),
+            port: 8080,
+            local: *local,
+        })
+        .collect();
+    ServicePort::new(id, Ipv4Addr::from(ip), 80, eps)
 }
 
 fn map(ports: Vec<ServicePort>) -> BTreeMap<PortId, ServicePort> {

@@ -113,6 +113,34 @@ pub fn add_pods(tb: &mut Testbed, i: usize, env: &SubnetEnv, count: u8, mtu: u32
         .collect()
 }
 
+/// Two pods behind each of the three nodes, wired from each node's subnet file (checked by
+/// `check` first); returns the pods and the nodes' subnets.
+pub fn pods_per_node(
+    tb: &mut Testbed,
+    d: &Daemons,
+    check: impl Fn(&SubnetEnv),
+) -> (Vec<Pod>, Vec<ipnet::Ipv4Net>) {
+    let mut pods = Vec::new();
+    let mut subnets = Vec::new();
+    for i in 0..3 {
+        let env = d.subnet_env(i);
+        check(&env);
+        subnets.push(env.subnet.unwrap());
+        pods.extend(add_pods(tb, i, &env, 2, env.mtu));
+    }
+    (pods, subnets)
+}
+
+/// The lease JSON of `subnet` (a /24) at flannel's default prefix.
+pub fn lease_value(tb: &Testbed, subnet: ipnet::Ipv4Net) -> String {
+    tb.etcdctl(&[
+        "get",
+        &format!("/coreos.com/network/subnets/{}-24", subnet.network()),
+        "--print-value-only",
+    ])
+    .unwrap()
+}
+
 /// GET `path` from node i's health endpoint (empty on failure).
 pub fn http(tb: &Testbed, i: usize, path: &str) -> String {
     let addr = SocketAddr::from(HEALTH);
