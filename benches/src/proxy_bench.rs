@@ -27,8 +27,9 @@ use registry::{
 };
 use service_proxy::metrics::ProxyMetrics;
 use service_proxy::model::{service_ports, NodeInfo, PortsCache, Snapshot, Touched};
+use service_proxy::nfnl::NfNetlink;
 use service_proxy::nft::ProxyConfig;
-use service_proxy::sync::{ConntrackCommand, NftCommand, Syncer};
+use service_proxy::sync::{ConntrackCommand, NftCommand, NftNetlink, Syncer};
 use service_proxy::userspace::{UserspaceOptions, UserspaceProxy};
 use subnet_lease::PodRecord;
 use test_support::{in_netns, run_bounded, Testbed};
@@ -292,10 +293,20 @@ fn main() -> Result<()> {
     let prefix: Vec<String> = ["ip", "netns", "exec", node_ns.as_str()]
         .map(String::from)
         .to_vec();
-    let new_syncer = || {
-        Syncer::new(
-            NftCommand {
-                prefix: prefix.clone(),
+    // Incremental syncs as flanneld sends them (a netlink batch; `with_netlink`), or as nft
+    // text for comparison.
+    let new_syncer = |with_netlink: bool| -> Result<Syncer<NftNetlink, ConntrackCommand>> {
+        let netlink = if with_netlink {
+            Some(in_netns(&node_ns, NfNetlink::open).map_err(anyhow::Error::msg)??)
+        } else {
+            None
+        };
+        Ok(Syncer::new(
+            NftNetlink {
+                command: NftCommand {
+                    prefix: prefix.clone(),
+                },
+                netlink,
             },
             ConntrackCommand {
                 prefix: prefix.clone(),
@@ -303,7 +314,7 @@ fn main() -> Result<()> {
             ProxyConfig {
                 cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
             },
-        )
+        ))
     };
     let mut report = String::from("# Service proxy benchmark\n\n");
     let mut rows = Vec::new();
@@ -316,7 +327,7 @@ fn main() -> Result<()> {
         for i in 0..n {
             add_service(&mut snap, i, server_ip);
         }
-        let mut syncer = new_syncer();
+        let mut syncer = new_syncer(true)?;
         let t = Instant::now();
         let ports = service_ports(&snap, &node());
         let model = t.elapsed();
@@ -345,38 +356,66 @@ fn main() -> Result<()> {
             [("app".to_string(), format!("s{i}"))].into(),
         )],
     };
-    let mut adds = Vec::new();
-    let mut removes = Vec::new();
-    for k in 0..a.adds {
-        check_stop()?;
-        let i = 10_000 + k;
-        add_service(&mut snap, i, server_ip);
-        let t = Instant::now();
-        model.update(&snap, &node(), &touched(i));
-        let rep = rt.block_on(syncer.sync(model.ports()))?;
-        adds.push(t.elapsed());
-        if rep.full || rep.changed != 1 {
-            bail!("adding one Service was not an incremental sync of one port: {rep:?}");
+    // Adds and removes one Service `a.adds` times; the medians and p90s.
+    let add_remove = |syncer: &mut Syncer<NftNetlink, ConntrackCommand>,
+                      snap: &mut Snapshot,
+                      model: &mut PortsCache|
+     -> Result<[Duration; 4]> {
+        let mut adds = Vec::new();
+        let mut removes = Vec::new();
+        for k in 0..a.adds {
+            check_stop()?;
+            let i = 10_000 + k;
+            add_service(snap, i, server_ip);
+            let t = Instant::now();
+            model.update(snap, &node(), &touched(i));
+            let rep = rt.block_on(syncer.sync(model.ports()))?;
+            adds.push(t.elapsed());
+            if rep.full || rep.changed != 1 {
+                bail!("adding one Service was not an incremental sync of one port: {rep:?}");
+            }
+            remove_service(snap, i);
+            let t = Instant::now();
+            model.update(snap, &node(), &touched(i));
+            rt.block_on(syncer.sync(model.ports()))?;
+            removes.push(t.elapsed());
         }
-        remove_service(&mut snap, i);
-        let t = Instant::now();
-        model.update(&snap, &node(), &touched(i));
-        rt.block_on(syncer.sync(model.ports()))?;
-        removes.push(t.elapsed());
+        adds.sort();
+        removes.sort();
+        Ok([
+            percentile(&adds, 0.5),
+            percentile(&adds, 0.9),
+            percentile(&removes, 0.5),
+            percentile(&removes, 0.9),
+        ])
+    };
+    let by_netlink = add_remove(&mut syncer, &mut snap, &mut model)?;
+    // The same through `nft -f -` (what the first version did): a syncer of its own, which
+    // starts with a full rebuild of the same 10k.
+    let mut text_syncer = new_syncer(false)?;
+    rt.block_on(text_syncer.sync(model.ports()))?;
+    let by_text = add_remove(&mut text_syncer, &mut snap, &mut model)?;
+    drop(text_syncer);
+    for (what, [add50, add90, rm50, rm90]) in [
+        ("netlink batch", by_netlink),
+        ("as `nft -f -` text, for comparison", by_text),
+    ] {
+        rows.push(format!(
+            "| add one Service at 10k, {what} (median / p90 of {}) | {} / {} ms |",
+            a.adds,
+            ms(add50),
+            ms(add90)
+        ));
+        rows.push(format!(
+            "| remove one Service at 10k, {what} (median / p90) | {} / {} ms |",
+            ms(rm50),
+            ms(rm90)
+        ));
     }
-    adds.sort();
-    removes.sort();
-    rows.push(format!(
-        "| add one Service at 10k (median / p90 of {}) | {} / {} ms |",
-        a.adds,
-        ms(percentile(&adds, 0.5)),
-        ms(percentile(&adds, 0.9))
-    ));
-    rows.push(format!(
-        "| remove one Service at 10k (median / p90) | {} / {} ms |",
-        ms(percentile(&removes, 0.5)),
-        ms(percentile(&removes, 0.9))
-    ));
+    eprintln!(
+        "add one at 10k: netlink {:?}, text {:?}",
+        by_netlink[0], by_text[0]
+    );
 
     // Connection set-up latency: 10k Services installed now; then 10.
     let vip = SocketAddr::from((TARGET_VIP, 80));

@@ -3,7 +3,8 @@
 //! Contract: [`model::service_ports`] turns the registry's objects and the pods' attachment
 //! records into the service ports this node serves (pure); [`nft`] renders them as
 //! kube-proxy-style nftables (pure) and [`sync::Syncer`] applies only what changed, one
-//! atomic `nft -f -` per sync, full rebuild at start and after a failure;
+//! atomic transaction per sync (`nft -f -` for the full rebuild at start and after a failure,
+//! a netlink batch encoded by [`nfnl`] for incremental syncs);
 //! [`userspace::UserspaceProxy`] serves them from this process instead (retrying the next
 //! endpoint when a connect fails); [`run::run`] feeds either from etcd.
 
@@ -11,6 +12,7 @@
 
 pub mod metrics;
 pub mod model;
+pub mod nfnl;
 pub mod nft;
 pub mod run;
 pub mod sync;

@@ -25,10 +25,11 @@
 //! elements touched), [`full`] rebuilds the whole table.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+use registry::Protocol;
 
 use crate::model::{Endpoint, PortId, ServicePort};
 
@@ -48,11 +49,176 @@ pub const MAP_NO_EP_NODEPORTS: &str = "no-endpoint-nodeports";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     /// Chain name -> its rules, in order.
-    pub chains: BTreeMap<String, Vec<String>>,
-    /// Set name -> its definition (`{ type …; flags …; }`).
-    pub sets: BTreeMap<String, String>,
+    pub chains: BTreeMap<String, Vec<Rule>>,
+    /// Affinity set name -> its timeout in seconds (`ipv4_addr`, `dynamic,timeout`).
+    pub sets: BTreeMap<String, u32>,
     /// (map, key) -> verdict.
-    pub elements: BTreeMap<(&'static str, String), String>,
+    pub elements: BTreeMap<(&'static str, Key), Verdict>,
+}
+
+/// The chain every masquerade decision jumps to.
+pub const MARK_CHAIN: &str = "mark-for-masquerade";
+
+/// One rule of a dynamic chain, as data: rendered as nft text for full syncs ([`Display`]),
+/// encoded as netlink expressions for incremental ones ([`crate::nfnl`]).
+///
+/// [`Display`]: fmt::Display
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rule {
+    /// `ip saddr A jump mark-for-masquerade` (hairpin: an endpoint reaching itself).
+    MarkFromAddr(Ipv4Addr),
+    /// `ip daddr A ip saddr != NET jump mark-for-masquerade` (ClusterIP from outside NET).
+    MarkOutside { daddr: Ipv4Addr, net: Ipv4Net },
+    /// `jump mark-for-masquerade`.
+    Mark,
+    /// `fib saddr type local jump mark-for-masquerade`.
+    MarkLocalSource,
+    /// `update @SET { ip saddr }` (affinity: remember the client).
+    Remember(String),
+    /// `meta l4proto P dnat to A:PORT`.
+    Dnat {
+        protocol: Protocol,
+        addr: Ipv4Addr,
+        port: u16,
+    },
+    /// `ip saddr @SET goto CHAIN` (affinity: a remembered client).
+    GotoRemembered { set: String, chain: String },
+    /// `numgen random mod N == 0 goto CHAIN`.
+    GotoOneIn { modulus: u32, chain: String },
+    /// `fib saddr type local goto CHAIN`.
+    GotoLocalSource(String),
+    /// `goto CHAIN`.
+    Goto(String),
+    /// `drop`.
+    Drop,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::MarkFromAddr(a) => write!(f, "ip saddr {a} jump {MARK_CHAIN}"),
+            Rule::MarkOutside { daddr, net } => {
+                write!(f, "ip daddr {daddr} ip saddr != {net} jump {MARK_CHAIN}")
+            }
+            Rule::Mark => write!(f, "jump {MARK_CHAIN}"),
+            Rule::MarkLocalSource => write!(f, "fib saddr type local jump {MARK_CHAIN}"),
+            Rule::Remember(set) => write!(f, "update @{set} {{ ip saddr }}"),
+            Rule::Dnat {
+                protocol,
+                addr,
+                port,
+            } => write!(f, "meta l4proto {} dnat to {addr}:{port}", protocol.nft()),
+            Rule::GotoRemembered { set, chain } => write!(f, "ip saddr @{set} goto {chain}"),
+            Rule::GotoOneIn { modulus, chain } => {
+                write!(f, "numgen random mod {modulus} == 0 goto {chain}")
+            }
+            Rule::GotoLocalSource(chain) => write!(f, "fib saddr type local goto {chain}"),
+            Rule::Goto(chain) => write!(f, "goto {chain}"),
+            Rule::Drop => write!(f, "drop"),
+        }
+    }
+}
+
+/// A key of the dispatch maps.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    /// `daddr . l4proto . dport` (`service-ips`, `no-endpoint-services`).
+    Addr {
+        addr: Ipv4Addr,
+        protocol: Protocol,
+        port: u16,
+    },
+    /// `l4proto . dport` (`service-nodeports`, `no-endpoint-nodeports`).
+    Port { protocol: Protocol, port: u16 },
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::Addr {
+                addr,
+                protocol,
+                port,
+            } => write!(f, "{addr} . {} . {port}", protocol.nft()),
+            Key::Port { protocol, port } => write!(f, "{} . {port}", protocol.nft()),
+        }
+    }
+}
+
+/// The verdict of a map element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Goto(String),
+    Drop,
+}
+
+/// The chain that rejects (reject is not a map verdict).
+pub const REJECT_CHAIN: &str = "reject-chain";
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Goto(chain) => write!(f, "goto {chain}"),
+            Verdict::Drop => write!(f, "drop"),
+        }
+    }
+}
+
+/// One step of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// An affinity set with its timeout in seconds.
+    AddSet {
+        name: String,
+        timeout: u32,
+    },
+    AddChain(String),
+    FlushChain(String),
+    AddRule {
+        chain: String,
+        rule: Rule,
+    },
+    DeleteElement {
+        map: &'static str,
+        key: Key,
+    },
+    AddElement {
+        map: &'static str,
+        key: Key,
+        verdict: Verdict,
+    },
+    DeleteChain(String),
+    DeleteSet(String),
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = format!("ip {TABLE}");
+        match self {
+            Op::AddSet { name, timeout } => write!(
+                f,
+                "add set {t} {name} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
+            ),
+            Op::AddChain(name) => write!(f, "add chain {t} {name}"),
+            Op::FlushChain(name) => write!(f, "flush chain {t} {name}"),
+            Op::AddRule { chain, rule } => write!(f, "add rule {t} {chain} {rule}"),
+            Op::DeleteElement { map, key } => write!(f, "delete element {t} {map} {{ {key} }}"),
+            Op::AddElement { map, key, verdict } => {
+                write!(f, "add element {t} {map} {{ {key} : {verdict} }}")
+            }
+            Op::DeleteChain(name) => write!(f, "delete chain {t} {name}"),
+            Op::DeleteSet(name) => write!(f, "delete set {t} {name}"),
+        }
+    }
+}
+
+/// `ops` as an nft script, one command per line.
+pub fn script(ops: &[Op]) -> String {
+    let mut s = String::new();
+    for op in ops {
+        let _ = writeln!(s, "{op}");
+    }
+    s
 }
 
 /// What the rules depend on besides the service ports.
@@ -148,50 +314,45 @@ pub fn ruleset<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, cfg: &Proxy
 
 fn add_port(rs: &mut Ruleset, sp: &ServicePort, cfg: &ProxyConfig) {
     let names = Names::new(sp);
-    let proto = sp.protocol.nft();
-    let masq_outside = cfg.cluster_cidr.map(|net| {
-        format!(
-            "ip daddr {} ip saddr != {net} jump mark-for-masquerade",
-            sp.cluster_ip
-        )
+    let protocol = sp.protocol;
+    let masq_outside = cfg.cluster_cidr.map(|net| Rule::MarkOutside {
+        daddr: sp.cluster_ip,
+        net,
     });
     let all: Vec<Endpoint> = sp.endpoints.clone();
     let local: Vec<Endpoint> = sp.local_endpoints().copied().collect();
 
     // Endpoint chains (and affinity sets) for every endpoint.
     for ep in &all {
-        let mut rules = vec![format!("ip saddr {} jump mark-for-masquerade", ep.ip)];
+        let mut rules = vec![Rule::MarkFromAddr(ep.ip)];
         if let Some(t) = sp.affinity {
             let set = names.affinity(ep, t);
-            rs.sets.insert(
-                set.clone(),
-                format!("{{ type ipv4_addr; flags dynamic,timeout; timeout {t}s; }}"),
-            );
-            rules.push(format!("update @{set} {{ ip saddr }}"));
+            rs.sets.insert(set.clone(), t);
+            rules.push(Rule::Remember(set));
         }
-        rules.push(format!(
-            "meta l4proto {proto} dnat to {}:{}",
-            ep.ip, ep.port
-        ));
+        rules.push(Rule::Dnat {
+            protocol,
+            addr: ep.ip,
+            port: ep.port,
+        });
         rs.chains.insert(names.endpoint(ep), rules);
     }
 
-    let pick = |targets: &[Endpoint]| -> Vec<String> {
+    let pick = |targets: &[Endpoint]| -> Vec<Rule> {
         let mut rules = Vec::new();
         if let Some(r) = &masq_outside {
             rules.push(r.clone());
         }
         if let Some(t) = sp.affinity {
             for ep in targets {
-                rules.push(format!(
-                    "ip saddr @{} goto {}",
-                    names.affinity(ep, t),
-                    names.endpoint(ep)
-                ));
+                rules.push(Rule::GotoRemembered {
+                    set: names.affinity(ep, t),
+                    chain: names.endpoint(ep),
+                });
             }
         }
         if targets.is_empty() {
-            rules.push("drop".to_string());
+            rules.push(Rule::Drop);
         }
         // Endpoint i of n is taken with probability 1/(n-i) among the rest: uniform overall.
         // Not one `numgen random mod n vmap { … }`: nft 1.0.6 names each anonymous map by
@@ -202,13 +363,12 @@ fn add_port(rs: &mut Ruleset, sp: &ServicePort, cfg: &ProxyConfig) {
         let n = targets.len();
         for (i, ep) in targets.iter().enumerate() {
             if i + 1 < n {
-                rules.push(format!(
-                    "numgen random mod {} == 0 goto {}",
-                    n - i,
-                    names.endpoint(ep)
-                ));
+                rules.push(Rule::GotoOneIn {
+                    modulus: (n - i) as u32,
+                    chain: names.endpoint(ep),
+                });
             } else {
-                rules.push(format!("goto {}", names.endpoint(ep)));
+                rules.push(Rule::Goto(names.endpoint(ep)));
             }
         }
         rules
@@ -223,11 +383,15 @@ fn add_port(rs: &mut Ruleset, sp: &ServicePort, cfg: &ProxyConfig) {
     }
 
     // ClusterIP.
-    let key = format!("{} . {proto} . {}", sp.cluster_ip, sp.port);
+    let key = Key::Addr {
+        addr: sp.cluster_ip,
+        protocol,
+        port: sp.port,
+    };
+    let reject = || Verdict::Goto(REJECT_CHAIN.to_string());
     let internal = sp.cluster_targets();
     if internal.is_empty() {
-        rs.elements
-            .insert((MAP_NO_EP_SERVICES, key), "goto reject-chain".into());
+        rs.elements.insert((MAP_NO_EP_SERVICES, key), reject());
     } else {
         let chain = if sp.internal_local {
             &names.svl
@@ -235,47 +399,46 @@ fn add_port(rs: &mut Ruleset, sp: &ServicePort, cfg: &ProxyConfig) {
             &names.svc
         };
         rs.elements
-            .insert((MAP_SERVICE_IPS, key), format!("goto {chain}"));
+            .insert((MAP_SERVICE_IPS, key), Verdict::Goto(chain.clone()));
     }
 
     // NodePort and external IPs.
     if sp.is_external() {
         let verdict = if all.is_empty() {
-            Err("goto reject-chain")
+            Err(reject())
         } else if sp.external_local && local.is_empty() {
             // Endpoints exist, but none here: drop, as kube-proxy does, so that a load
             // balancer's health check (not a refused connection) steers clients away.
-            Err("drop")
+            Err(Verdict::Drop)
         } else {
             let rules = if sp.external_local {
                 vec![
-                    "fib saddr type local jump mark-for-masquerade".to_string(),
-                    format!("fib saddr type local goto {}", names.svc),
-                    format!("goto {}", names.svl),
+                    Rule::MarkLocalSource,
+                    Rule::GotoLocalSource(names.svc.clone()),
+                    Rule::Goto(names.svl.clone()),
                 ]
             } else {
-                vec![
-                    "jump mark-for-masquerade".to_string(),
-                    format!("goto {}", names.svc),
-                ]
+                vec![Rule::Mark, Rule::Goto(names.svc.clone())]
             };
             rs.chains.insert(names.ext.clone(), rules);
-            Ok(format!("goto {}", names.ext))
+            Ok(Verdict::Goto(names.ext.clone()))
         };
         for ip in &sp.external_ips {
-            let key = format!("{ip} . {proto} . {}", sp.port);
+            let key = Key::Addr {
+                addr: *ip,
+                protocol,
+                port: sp.port,
+            };
             match &verdict {
                 Ok(v) => rs.elements.insert((MAP_SERVICE_IPS, key), v.clone()),
-                Err(v) => rs.elements.insert((MAP_NO_EP_SERVICES, key), v.to_string()),
+                Err(v) => rs.elements.insert((MAP_NO_EP_SERVICES, key), v.clone()),
             };
         }
         if let Some(np) = sp.node_port {
-            let key = format!("{proto} . {np}");
+            let key = Key::Port { protocol, port: np };
             match &verdict {
                 Ok(v) => rs.elements.insert((MAP_NODEPORTS, key), v.clone()),
-                Err(v) => rs
-                    .elements
-                    .insert((MAP_NO_EP_NODEPORTS, key), v.to_string()),
+                Err(v) => rs.elements.insert((MAP_NO_EP_NODEPORTS, key), v.clone()),
             };
         }
     }
@@ -380,15 +543,15 @@ pub fn full(rs: &Ruleset) -> String {
     let mut tx = Tx::default();
     tx.diff(&Ruleset::default(), rs);
     let mut s = base();
-    s.push_str(&tx.finish());
+    s.push_str(&script(&tx.finish()));
     s
 }
 
-/// The minimal transaction turning `old` (what the kernel has) into `new`.
+/// The minimal transaction turning `old` (what the kernel has) into `new`, as nft text.
 pub fn transaction(old: &Ruleset, new: &Ruleset) -> String {
     let mut tx = Tx::default();
     tx.diff(old, new);
-    tx.finish()
+    script(&tx.finish())
 }
 
 /// A transaction being built from several diffs (one per changed service port), kept in
@@ -397,14 +560,14 @@ pub fn transaction(old: &Ruleset, new: &Ruleset) -> String {
 /// one is freed before it is taken), then what nothing refers to any more.
 #[derive(Debug, Default)]
 pub struct Tx {
-    add_sets: String,
-    add_chains: String,
-    rules: String,
-    del_elements: String,
-    add_elements: String,
-    flush_gone: String,
-    del_chains: String,
-    del_sets: String,
+    add_sets: Vec<Op>,
+    add_chains: Vec<Op>,
+    rules: Vec<Op>,
+    del_elements: Vec<Op>,
+    add_elements: Vec<Op>,
+    flush_gone: Vec<Op>,
+    del_chains: Vec<Op>,
+    del_sets: Vec<Op>,
 }
 
 impl Tx {
@@ -415,70 +578,73 @@ impl Tx {
             && self.rules.is_empty()
             && self.del_elements.is_empty()
             && self.add_elements.is_empty()
+            && self.flush_gone.is_empty()
             && self.del_chains.is_empty()
             && self.del_sets.is_empty()
     }
 
     /// Adds what turns `old` into `new`.
     pub fn diff(&mut self, old: &Ruleset, new: &Ruleset) {
-        let t = format!("ip {TABLE}");
-        for (name, def) in &new.sets {
-            if old.sets.get(name) != Some(def) {
-                let _ = writeln!(self.add_sets, "add set {t} {name} {def}");
+        for (name, timeout) in &new.sets {
+            if old.sets.get(name) != Some(timeout) {
+                self.add_sets.push(Op::AddSet {
+                    name: name.clone(),
+                    timeout: *timeout,
+                });
             }
         }
         for name in new.chains.keys() {
             if !old.chains.contains_key(name) {
-                let _ = writeln!(self.add_chains, "add chain {t} {name}");
+                self.add_chains.push(Op::AddChain(name.clone()));
             }
         }
         for (name, rules) in &new.chains {
             match old.chains.get(name) {
                 Some(old_rules) if old_rules == rules => continue,
-                Some(_) => {
-                    let _ = writeln!(self.rules, "flush chain {t} {name}");
-                }
+                Some(_) => self.rules.push(Op::FlushChain(name.clone())),
                 None => {}
             }
-            for r in rules {
-                let _ = writeln!(self.rules, "add rule {t} {name} {r}");
+            for rule in rules {
+                self.rules.push(Op::AddRule {
+                    chain: name.clone(),
+                    rule: rule.clone(),
+                });
             }
         }
         for (key, verdict) in &old.elements {
             if new.elements.get(key) != Some(verdict) {
-                let _ = writeln!(
-                    self.del_elements,
-                    "delete element {t} {} {{ {} }}",
-                    key.0, key.1
-                );
+                self.del_elements.push(Op::DeleteElement {
+                    map: key.0,
+                    key: key.1.clone(),
+                });
             }
         }
         for (key, verdict) in &new.elements {
             if old.elements.get(key) != Some(verdict) {
-                let _ = writeln!(
-                    self.add_elements,
-                    "add element {t} {} {{ {} : {verdict} }}",
-                    key.0, key.1
-                );
+                self.add_elements.push(Op::AddElement {
+                    map: key.0,
+                    key: key.1.clone(),
+                    verdict: verdict.clone(),
+                });
             }
         }
         // A chain that goes may refer to another chain or set that goes too: all are
         // flushed before any is deleted.
         for name in old.chains.keys() {
             if !new.chains.contains_key(name) {
-                let _ = writeln!(self.flush_gone, "flush chain {t} {name}");
-                let _ = writeln!(self.del_chains, "delete chain {t} {name}");
+                self.flush_gone.push(Op::FlushChain(name.clone()));
+                self.del_chains.push(Op::DeleteChain(name.clone()));
             }
         }
         for name in old.sets.keys() {
             if !new.sets.contains_key(name) {
-                let _ = writeln!(self.del_sets, "delete set {t} {name}");
+                self.del_sets.push(Op::DeleteSet(name.clone()));
             }
         }
     }
 
-    /// The transaction text.
-    pub fn finish(self) -> String {
+    /// The transaction's steps, in order.
+    pub fn finish(self) -> Vec<Op> {
         [
             self.add_sets,
             self.add_chains,
@@ -521,6 +687,44 @@ mod tests {
         ServicePort::new(id, Ipv4Addr::new(10, 96, 0, 10), 80, eps)
     }
 
+    /// The rule set as text, as the tests read it.
+    struct Text {
+        chains: BTreeMap<String, Vec<String>>,
+        sets: BTreeMap<String, String>,
+        elements: BTreeMap<(&'static str, String), String>,
+    }
+
+    fn ruleset_text<'a>(
+        ports: impl IntoIterator<Item = &'a ServicePort>,
+        cfg: &ProxyConfig,
+    ) -> Text {
+        let rs = ruleset(ports, cfg);
+        Text {
+            chains: rs
+                .chains
+                .iter()
+                .map(|(c, rules)| (c.clone(), rules.iter().map(|r| r.to_string()).collect()))
+                .collect(),
+            sets: rs
+                .sets
+                .iter()
+                .map(|(n, t)| {
+                    let op = Op::AddSet {
+                        name: n.clone(),
+                        timeout: *t,
+                    };
+                    let line = op.to_string();
+                    (n.clone(), line[line.find('{').expect("definition")..].to_string())
+                })
+                .collect(),
+            elements: rs
+                .elements
+                .iter()
+                .map(|((m, k), v)| ((*m, k.to_string()), v.to_string()))
+                .collect(),
+        }
+    }
+
     fn cfg() -> ProxyConfig {
         ProxyConfig {
             cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
@@ -548,7 +752,7 @@ mod tests {
 
     #[test]
     fn cluster_ip_dispatch_picks_among_endpoints() {
-        let rs = ruleset(
+        let rs = ruleset_text(
             [&sp("web", &[([10, 5, 1, 2], true), ([10, 5, 2, 2], false)])],
             &cfg(),
         );
@@ -587,7 +791,7 @@ mod tests {
     fn no_endpoints_rejects() {
         let mut p = sp("web", &[]);
         p.node_port = Some(30080);
-        let rs = ruleset([&p], &cfg());
+        let rs = ruleset_text([&p], &cfg());
         assert!(rs.chains.is_empty());
         assert_eq!(
             rs.elements[&(MAP_NO_EP_SERVICES, "10.96.0.10 . tcp . 80".to_string())],
@@ -606,7 +810,7 @@ mod tests {
         p.external_ips = vec![Ipv4Addr::new(192, 0, 2, 1)];
         p.external_local = true;
         let names = Names::new(&p);
-        let rs = ruleset([&p], &cfg());
+        let rs = ruleset_text([&p], &cfg());
         assert_eq!(
             rs.chains[&names.ext],
             vec![
@@ -631,7 +835,7 @@ mod tests {
         );
         // No local endpoint: external traffic dropped, cluster traffic still served.
         p.endpoints.retain(|e| !e.local);
-        let rs = ruleset([&p], &cfg());
+        let rs = ruleset_text([&p], &cfg());
         assert_eq!(
             rs.elements[&(MAP_NO_EP_NODEPORTS, "tcp . 30080".to_string())],
             "drop"
@@ -646,7 +850,7 @@ mod tests {
         let mut p = sp("web", &[([10, 5, 2, 2], false)]);
         p.node_port = Some(30080);
         let names = Names::new(&p);
-        let rs = ruleset([&p], &cfg());
+        let rs = ruleset_text([&p], &cfg());
         assert_eq!(
             rs.chains[&names.ext],
             vec![
@@ -661,7 +865,7 @@ mod tests {
         let mut p = sp("web", &[([10, 5, 1, 2], true), ([10, 5, 2, 2], false)]);
         p.affinity = Some(60);
         let names = Names::new(&p);
-        let rs = ruleset([&p], &cfg());
+        let rs = ruleset_text([&p], &cfg());
         assert_eq!(rs.sets.len(), 2);
         assert!(rs
             .sets
@@ -678,7 +882,7 @@ mod tests {
     fn internal_local_without_local_endpoints_rejects_cluster_traffic() {
         let mut p = sp("web", &[([10, 5, 2, 2], false)]);
         p.internal_local = true;
-        let rs = ruleset([&p], &cfg());
+        let rs = ruleset_text([&p], &cfg());
         assert_eq!(
             rs.elements[&(MAP_NO_EP_SERVICES, "10.96.0.10 . tcp . 80".to_string())],
             "goto reject-chain"

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::metrics::ProxyMetrics;
 use crate::model::{NodeInfo, PortId, PortsCache, ServicePort, Snapshot, Touched};
 use crate::nft::ProxyConfig;
-use crate::sync::{ConntrackCommand, NftApply, NftCommand, Syncer};
+use crate::sync::{ConntrackCommand, NftApply, NftCommand, NftNetlink, Syncer};
 use crate::userspace::{UserspaceOptions, UserspaceProxy};
 
 /// How the proxy implements Services.
@@ -189,7 +189,7 @@ impl Cache {
 
 /// The data plane behind the loop.
 enum Plane {
-    Nft(Box<Syncer<NftCommand, ConntrackCommand>>),
+    Nft(Box<Syncer<NftNetlink, ConntrackCommand>>),
     User(Box<UserspaceProxy<NftCommand>>),
 }
 
@@ -236,12 +236,17 @@ impl Plane {
             Plane::User(p) => p.invalidate(),
         }
     }
-}
 
-/// Whether our table is still in the kernel (both modes have a `services` chain).
-async fn table_present(nft: &NftCommand) -> bool {
-    let probe = format!("list chain ip {} services\n", crate::nft::TABLE);
-    nft.apply(&probe).await.is_ok()
+    /// Whether our table is still in the kernel (both modes have a `services` chain).
+    async fn table_present(&self, nft: &NftCommand) -> bool {
+        match self {
+            Plane::Nft(s) => s.applier().chain_exists("services").await,
+            Plane::User(_) => {
+                let probe = format!("list chain ip {} services\n", crate::nft::TABLE);
+                nft.apply(&probe).await.is_ok()
+            }
+        }
+    }
 }
 
 async fn list(reg: &EtcdRegistry, cache: &mut Cache) -> Result<i64, etcd_client::Error> {
@@ -273,7 +278,10 @@ pub async fn run(
     let nft = NftCommand::default();
     let mut plane = match opts.mode {
         Mode::Nftables => Plane::Nft(Box::new(Syncer::new(
-            nft.clone(),
+            NftNetlink::open().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "no netfilter netlink socket; incremental syncs use nft");
+                NftNetlink::default()
+            }),
             ConntrackCommand::default(),
             ProxyConfig {
                 cluster_cidr: opts.cluster_cidr,
@@ -371,7 +379,7 @@ pub async fn run(
                 _ = stop.changed() => break 'outer,
                 _ = retry => { dirty = true; }
                 _ = check.tick() => {
-                    if !table_present(&nft).await {
+                    if !plane.table_present(&nft).await {
                         tracing::warn!("service proxy table missing; rebuilding it");
                         plane.invalidate();
                         dirty = true;

@@ -15,7 +15,8 @@ use registry::Protocol;
 use tokio::io::AsyncWriteExt;
 
 use crate::model::{PortId, ServicePort};
-use crate::nft::{self, ProxyConfig, Ruleset, Tx};
+use crate::nfnl::NfNetlink;
+use crate::nft::{self, Key, Op, ProxyConfig, Ruleset, Tx};
 
 /// How long one `nft -f -` or `conntrack` run may take.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,6 +35,61 @@ pub trait NftApply: Send + Sync {
         &self,
         script: &str,
     ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send;
+
+    /// Applies the steps of an incremental transaction atomically; by default as their nft
+    /// text through [`NftApply::apply`].
+    fn apply_ops(
+        &self,
+        ops: &[Op],
+    ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send {
+        let script = nft::script(ops);
+        async move { self.apply(&script).await }
+    }
+}
+
+/// `nft -f -` for scripts (the full rebuild) and a netlink batch for incremental
+/// transactions, which `nft` 1.0.6 makes slow on big tables (it reads every chain first).
+/// Without a socket (it could not be opened) incremental transactions go through `nft` too.
+#[derive(Debug, Default)]
+pub struct NftNetlink {
+    pub command: NftCommand,
+    pub netlink: Option<NfNetlink>,
+}
+
+impl NftNetlink {
+    /// `nft` in this process's namespace and a socket opened by the calling thread.
+    pub fn open() -> Result<NftNetlink, SyncError> {
+        Ok(NftNetlink {
+            command: NftCommand::default(),
+            netlink: Some(NfNetlink::open()?),
+        })
+    }
+
+    /// Whether chain `name` of our table exists (a single netlink get; `nft list chain`
+    /// would read the whole table first).
+    pub async fn chain_exists(&self, name: &str) -> bool {
+        match &self.netlink {
+            Some(nl) => nl.chain_exists(name).unwrap_or(false),
+            None => {
+                let probe = format!("list chain ip {} {name}\n", nft::TABLE);
+                self.command.apply(&probe).await.is_ok()
+            }
+        }
+    }
+}
+
+impl NftApply for NftNetlink {
+    async fn apply(&self, script: &str) -> Result<(), SyncError> {
+        self.command.apply(script).await
+    }
+
+    async fn apply_ops(&self, ops: &[Op]) -> Result<(), SyncError> {
+        match &self.netlink {
+            // A few syscalls, answered before `send` returns: no need to leave the task.
+            Some(nl) => nl.apply(ops),
+            None => self.command.apply(&nft::script(ops)).await,
+        }
+    }
 }
 
 /// Runs `nft -f -` (optionally behind a prefix such as `ip netns exec NAME`).
@@ -205,7 +261,10 @@ pub struct SyncReport {
     pub full: bool,
     /// Service ports rendered (changed, added or removed).
     pub changed: usize,
+    /// Size of the nft script of a full rebuild.
     pub script_bytes: usize,
+    /// Steps of an incremental transaction.
+    pub ops: usize,
     pub stale_flows: usize,
     pub elapsed: Duration,
     /// Map keys claimed by two service ports (the later one, by id, is left out).
@@ -222,6 +281,9 @@ pub struct Syncer<N, C> {
     applied: Option<BTreeMap<PortId, (ServicePort, Ruleset)>>,
     /// The UDP service ports as last applied (for conntrack).
     last_ports: BTreeMap<PortId, ServicePort>,
+    /// Ports that lost a map key to another port: rendered again every sync, so that they
+    /// take the key over when its owner goes.
+    contested: BTreeSet<PortId>,
 }
 
 impl<N: NftApply, C: Conntrack> Syncer<N, C> {
@@ -231,79 +293,103 @@ impl<N: NftApply, C: Conntrack> Syncer<N, C> {
             conntrack,
             cfg,
             applied: None,
+            contested: BTreeSet::new(),
             last_ports: BTreeMap::new(),
         }
     }
 
     /// Forces the next sync to rebuild the whole table.
+    /// What applies the transactions.
+    pub fn applier(&self) -> &N {
+        &self.nft
+    }
+
     pub fn invalidate(&mut self) {
         self.applied = None;
     }
 
     /// Makes the kernel serve `ports`.
+    ///
+    /// Work is proportional to the changed ports plus one comparison per unchanged port (no
+    /// copies of what did not change): with 10k Services, adding one costs a few ms here.
     pub async fn sync(
         &mut self,
         ports: &BTreeMap<PortId, ServicePort>,
     ) -> Result<SyncReport, SyncError> {
         let started = Instant::now();
         let mut report = SyncReport::default();
+        // On failure `applied` stays None: the next sync rebuilds everything.
         let previous = self.applied.take();
         let full = previous.is_none();
-        let mut old = previous.unwrap_or_default();
+        let mut applied = previous.unwrap_or_default();
         let mut tx = Tx::default();
-        let mut next: BTreeMap<PortId, (ServicePort, Ruleset)> = BTreeMap::new();
+        // New state of the ports that changed (None: gone), written back after success.
+        let mut updates: Vec<(PortId, Option<(ServicePort, Ruleset)>)> = Vec::new();
         // Map keys already claimed, to keep two ports from claiming one (user error, e.g.
         // the same external IP and port in two Services); the port first by id wins.
-        let mut owners: BTreeMap<(&'static str, String), PortId> = BTreeMap::new();
-        // (After a failure `old` is empty: every port is rendered anew.)
+        let mut owners: BTreeMap<(&'static str, Key), &PortId> = BTreeMap::new();
+        let mut contested = BTreeSet::new();
+        let empty = Ruleset::default();
         for (id, sp) in ports {
-            let (sp, rs) = match old.remove(id) {
-                Some((prev_sp, prev_rs)) if prev_sp == *sp => (prev_sp, prev_rs),
-                prev => {
-                    let mut rs = nft::ruleset([sp], &self.cfg);
-                    rs.elements.retain(|key, _| match owners.get(key) {
-                        Some(owner) => {
-                            report.conflicts.push(format!(
-                                "{} {} is served by {owner}; ignored for {id}",
-                                key.0, key.1
-                            ));
-                            false
-                        }
-                        None => true,
-                    });
-                    let base = prev.map(|(_, prev_rs)| prev_rs).unwrap_or_default();
-                    if base != rs || full {
-                        report.changed += 1;
+            let prev = applied.get(id);
+            if let Some((prev_sp, prev_rs)) = prev {
+                if prev_sp == sp && !self.contested.contains(id) {
+                    for key in prev_rs.elements.keys() {
+                        owners.insert(key.clone(), id);
                     }
-                    tx.diff(&base, &rs);
-                    (sp.clone(), rs)
+                    continue;
                 }
-            };
+            }
+            let mut rs = nft::ruleset([sp], &self.cfg);
+            rs.elements.retain(|key, _| match owners.get(key) {
+                Some(owner) => {
+                    report.conflicts.push(format!(
+                        "{} {} is served by {owner}; ignored for {id}",
+                        key.0, key.1
+                    ));
+                    contested.insert(id.clone());
+                    false
+                }
+                None => true,
+            });
             for key in rs.elements.keys() {
-                owners.insert(key.clone(), id.clone());
+                owners.insert(key.clone(), id);
             }
-            next.insert(id.clone(), (sp, rs));
-        }
-        if !full {
-            for (_, (_, rs)) in old {
+            let base = prev.map(|(_, prev_rs)| prev_rs).unwrap_or(&empty);
+            if *base != rs || full {
                 report.changed += 1;
-                tx.diff(&rs, &Ruleset::default());
+            }
+            tx.diff(base, &rs);
+            updates.push((id.clone(), Some((sp.clone(), rs))));
+        }
+        for (id, (_, rs)) in &applied {
+            if !ports.contains_key(id) {
+                report.changed += 1;
+                tx.diff(rs, &empty);
+                updates.push((id.clone(), None));
             }
         }
-        let script = if full {
-            let mut s = nft::base();
-            s.push_str(&tx.finish());
-            s
-        } else {
-            tx.finish()
-        };
         report.full = full;
-        report.script_bytes = script.len();
-        if !script.is_empty() {
-            // On failure `applied` stays None: the next sync rebuilds everything.
+        if full {
+            let mut script = nft::base();
+            script.push_str(&nft::script(&tx.finish()));
+            report.script_bytes = script.len();
             self.nft.apply(&script).await?;
+        } else {
+            let ops = tx.finish();
+            report.ops = ops.len();
+            if !ops.is_empty() {
+                self.nft.apply_ops(&ops).await?;
+            }
         }
-        self.applied = Some(next);
+        for (id, state) in updates {
+            match state {
+                Some(v) => applied.insert(id, v),
+                None => applied.remove(&id),
+            };
+        }
+        self.applied = Some(applied);
+        self.contested = contested;
         let stale = stale_udp_flows(&self.last_ports, ports);
         report.stale_flows = stale.len();
         // Only UDP ports matter to the next conntrack comparison.
@@ -400,7 +486,7 @@ mod tests {
         assert_eq!(rep.changed, 2);
         let rep = run(s.sync(&ports)).expect("sync");
         assert!(!rep.full);
-        assert_eq!((rep.changed, rep.script_bytes), (0, 0));
+        assert_eq!((rep.changed, rep.script_bytes, rep.ops), (0, 0, 0));
         assert_eq!(
             r.scripts.lock().expect("lock").len(),
             1,
@@ -491,6 +577,31 @@ mod tests {
             last.matches("add element ip flannel-proxy service-ips")
                 .count(),
             1
+        );
+        // Again unchanged: still reported (the loser is rendered every sync).
+        let rep = run(s.sync(&ports)).expect("sync");
+        assert_eq!(rep.conflicts.len(), 1, "{:?}", rep.conflicts);
+        // The owner goes: the other port takes the address over in the same transaction.
+        let only_b: BTreeMap<_, _> = ports
+            .iter()
+            .filter(|(id, _)| id.name == "b")
+            .map(|(id, p)| (id.clone(), p.clone()))
+            .collect();
+        let rep = run(s.sync(&only_b)).expect("sync");
+        assert!(rep.conflicts.is_empty());
+        let last = r
+            .scripts
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("script");
+        let del = last.find("delete element ip flannel-proxy service-ips { 10.96.0.1 . tcp . 53 }");
+        let add = last
+            .find("add element ip flannel-proxy service-ips { 10.96.0.1 . tcp . 53 : goto svc-");
+        assert!(
+            matches!((del, add), (Some(d), Some(a)) if d < a) && last.contains("default/b/"),
+            "{last}"
         );
     }
 
