@@ -111,6 +111,7 @@ pub fn rows(kind: Kind, objs: &[Object]) -> Vec<Vec<String>> {
             "SELECTOR",
         ],
         Kind::Endpoints => &["NAMESPACE", "NAME", "ENDPOINTS"],
+        Kind::NetworkPolicy => &["NAMESPACE", "NAME", "POD-SELECTOR"],
     };
     let mut out = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     for obj in objs {
@@ -166,6 +167,11 @@ pub fn rows(kind: Kind, objs: &[Object]) -> Vec<Vec<String>> {
                 };
                 vec![ns, m.name.clone(), or_none(shown)]
             }
+            Object::NetworkPolicy(np) => vec![
+                ns,
+                m.name.clone(),
+                or_none(np.spec.pod_selector.to_string()),
+            ],
         };
         out.push(row);
     }

@@ -1,6 +1,7 @@
 //! Kubernetes-shaped objects kept in etcd for the service proxy and network policy.
 //!
-//! Contract: [`types`] are the `v1` Namespace, Pod, Service and Endpoints shapes (camelCase,
+//! Contract: [`types`] are the `v1` Namespace, Pod, Service, Endpoints and
+//! `networking.k8s.io/v1` NetworkPolicy shapes (camelCase,
 //! manifests written for kubectl parse unchanged). [`validate()`] checks an object with the
 //! API server's rules, reporting every broken field by its path.
 //! [`parse_documents`] reads YAML/JSON manifests (several documents, `List`s), errors naming

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::types::{Endpoints, Kind, Namespace, Object, Pod, Service};
+use crate::types::{Endpoints, Kind, Namespace, NetworkPolicy, Object, Pod, Service};
 
 /// The only `apiVersion` of these kinds.
 pub const API_VERSION: &str = "v1";
@@ -83,7 +83,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Object>, ParseError> {
             }
         };
         if kind_of(&doc) == Some("List") {
-            check_api_version(&doc, "List").map_err(|e| err("List".into(), e))?;
+            check_api_version(&doc, API_VERSION, "List").map_err(|e| err("List".into(), e))?;
             let items = match doc.get("items") {
                 None | Some(Value::Null) => Vec::new(),
                 Some(Value::Array(items)) => items.clone(),
@@ -166,16 +166,16 @@ fn item_label(v: &Value, sep: &str) -> String {
     }
 }
 
-fn check_api_version(m: &Map<String, Value>, kind: &str) -> Result<(), ObjectError> {
+fn check_api_version(m: &Map<String, Value>, want: &str, kind: &str) -> Result<(), ObjectError> {
     match m.get("apiVersion") {
         None | Some(Value::Null) => Err(ObjectError::new(
             Some("apiVersion"),
-            format!("required ({API_VERSION} for {kind})"),
+            format!("required ({want} for {kind})"),
         )),
-        Some(Value::String(v)) if v == API_VERSION => Ok(()),
+        Some(Value::String(v)) if v == want => Ok(()),
         Some(other) => Err(ObjectError::new(
             Some("apiVersion"),
-            format!("{other} is not supported for {kind} (only {API_VERSION})"),
+            format!("{other} is not supported for {kind} (only {want})"),
         )),
     }
 }
@@ -208,7 +208,7 @@ pub fn object_from_value(v: Value) -> Result<Object, ObjectError> {
                 return Err(ObjectError::new(
                     Some("kind"),
                     format!(
-                        "unknown kind {k:?} (supported: Namespace, Pod, Service, Endpoints, List)"
+                        "unknown kind {k:?} (supported: Namespace, Pod, Service, Endpoints, NetworkPolicy, List)"
                     ),
                 ))
             }
@@ -220,7 +220,7 @@ pub fn object_from_value(v: Value) -> Result<Object, ObjectError> {
             ))
         }
     };
-    check_api_version(&m, kind.as_str())?;
+    check_api_version(&m, kind.api_version(), kind.as_str())?;
     m.remove("apiVersion");
     m.remove("kind");
     let v = Value::Object(m);
@@ -229,12 +229,13 @@ pub fn object_from_value(v: Value) -> Result<Object, ObjectError> {
         Kind::Pod => Object::Pod(decode::<Pod>(v)?),
         Kind::Service => Object::Service(decode::<Service>(v)?),
         Kind::Endpoints => Object::Endpoints(decode::<Endpoints>(v)?),
+        Kind::NetworkPolicy => Object::NetworkPolicy(decode::<NetworkPolicy>(v)?),
     })
 }
 
 fn with_header(kind: Kind, body: &impl Serialize) -> Value {
     let mut m = Map::new();
-    m.insert("apiVersion".into(), API_VERSION.into());
+    m.insert("apiVersion".into(), kind.api_version().into());
     m.insert("kind".into(), kind.as_str().into());
     // These types serialize to a JSON object, always.
     if let Ok(Value::Object(fields)) = serde_json::to_value(body) {
@@ -250,6 +251,7 @@ pub fn to_json(obj: &Object) -> Value {
         Object::Pod(o) => with_header(obj.kind(), o),
         Object::Service(o) => with_header(obj.kind(), o),
         Object::Endpoints(o) => with_header(obj.kind(), o),
+        Object::NetworkPolicy(o) => with_header(obj.kind(), o),
     }
 }
 
@@ -422,7 +424,7 @@ items:
         );
         assert_eq!(
             err("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a}\n"),
-            "document 1 (Deployment a): kind: unknown kind \"Deployment\" (supported: Namespace, Pod, Service, Endpoints, List)"
+            "document 1 (Deployment a): kind: unknown kind \"Deployment\" (supported: Namespace, Pod, Service, Endpoints, NetworkPolicy, List)"
         );
         assert_eq!(
             err("apiVersion: v1\nmetadata: {name: a}\n"),
@@ -463,5 +465,28 @@ items:
         let list = list_json(&objs);
         assert_eq!(parse_documents(&list.to_string()).unwrap(), objs);
         assert_eq!(parse_documents(&to_yaml(&list)).unwrap(), objs);
+    }
+
+    #[test]
+    fn network_policy_needs_its_api_group() {
+        let yaml = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny\n  namespace: x\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
+        let objs = parse_documents(yaml).unwrap();
+        let Object::NetworkPolicy(np) = &objs[0] else {
+            panic!("{objs:?}")
+        };
+        assert!(np.spec.pod_selector.is_empty());
+        assert_eq!(to_json(&objs[0])["apiVersion"], "networking.k8s.io/v1");
+        let wrong = yaml.replace("networking.k8s.io/v1", "v1");
+        let err = parse_documents(&wrong).unwrap_err().to_string();
+        assert!(err.contains("only networking.k8s.io/v1"), "{err}");
+        let bad_op = yaml.replace(
+            "podSelector: {}",
+            "podSelector: {matchExpressions: [{key: a, operator: Has}]}",
+        );
+        let err = parse_documents(&bad_op).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.podSelector.matchExpressions[0].operator"),
+            "{err}"
+        );
     }
 }

@@ -30,7 +30,9 @@ use rand::Rng;
 use subnet_lease::{config, EtcdOptions, EtcdRegistry, Registry, RegistryError};
 
 use crate::parse::{object_from_value, to_json, ObjectError};
-use crate::types::{Endpoints, Kind, Namespace, Object, ObjectMeta, Pod, Protocol, Service};
+use crate::types::{
+    Endpoints, Kind, Namespace, NetworkPolicy, Object, ObjectMeta, Pod, Protocol, Service,
+};
 use crate::validate::{
     is_dns1123_label, is_dns1123_subdomain, validate, FieldError, ValidationErrors, NODE_PORT_MAX,
     NODE_PORT_MIN,
@@ -616,6 +618,10 @@ fn stub(kind: Kind, namespace: Option<&str>, name: &str) -> Object {
         Kind::Endpoints => Object::Endpoints(Endpoints {
             metadata,
             ..Endpoints::default()
+        }),
+        Kind::NetworkPolicy => Object::NetworkPolicy(NetworkPolicy {
+            metadata,
+            ..NetworkPolicy::default()
         }),
     }
 }

@@ -356,10 +356,25 @@ pub enum Kind {
     Pod,
     Service,
     Endpoints,
+    NetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Namespace, Kind::Pod, Kind::Service, Kind::Endpoints];
+    pub const ALL: [Kind; 5] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::Endpoints,
+        Kind::NetworkPolicy,
+    ];
+
+    /// The `apiVersion` of the kind (`networking.k8s.io/v1` for NetworkPolicy, `v1` else).
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::NetworkPolicy => "networking.k8s.io/v1",
+            _ => "v1",
+        }
+    }
 
     /// The `kind:` spelling.
     pub fn as_str(self) -> &'static str {
@@ -368,6 +383,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Service => "Service",
             Kind::Endpoints => "Endpoints",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
 
@@ -378,6 +394,7 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::Service => "services",
             Kind::Endpoints => "endpoints",
+            Kind::NetworkPolicy => "networkpolicies",
         }
     }
 
@@ -393,6 +410,7 @@ impl Kind {
             "pod" | "pods" | "po" => Some(Kind::Pod),
             "service" | "services" | "svc" => Some(Kind::Service),
             "endpoints" | "ep" => Some(Kind::Endpoints),
+            "networkpolicy" | "networkpolicies" | "netpol" => Some(Kind::NetworkPolicy),
             _ => None,
         }
     }
@@ -404,6 +422,170 @@ impl std::fmt::Display for Kind {
     }
 }
 
+/// A label selector (`matchLabels` AND every `matchExpressions` requirement). Empty selects
+/// everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: Labels,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One `matchExpressions` entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelectorRequirement {
+    pub key: String,
+    pub operator: SelectorOperator,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SelectorOperator {
+    #[default]
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl LabelSelector {
+    /// Whether `labels` satisfy the selector.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| {
+                let got = labels.get(&r.key);
+                match r.operator {
+                    SelectorOperator::In => got.is_some_and(|v| r.values.contains(v)),
+                    SelectorOperator::NotIn => got.is_none_or(|v| !r.values.contains(v)),
+                    SelectorOperator::Exists => got.is_some(),
+                    SelectorOperator::DoesNotExist => got.is_none(),
+                }
+            })
+    }
+
+    /// Selects everything.
+    pub fn is_empty(&self) -> bool {
+        self.match_labels.is_empty() && self.match_expressions.is_empty()
+    }
+}
+
+/// As kubectl prints selectors: `app=web,tier in (a,b),!legacy` (empty: "").
+impl std::fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts: Vec<String> = self
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        for r in &self.match_expressions {
+            parts.push(match r.operator {
+                SelectorOperator::In => format!("{} in ({})", r.key, r.values.join(",")),
+                SelectorOperator::NotIn => format!("{} notin ({})", r.key, r.values.join(",")),
+                SelectorOperator::Exists => r.key.clone(),
+                SelectorOperator::DoesNotExist => format!("!{}", r.key),
+            });
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// `networking.k8s.io/v1` NetworkPolicy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkPolicy {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: NetworkPolicySpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// The pods (of the policy's namespace) the policy applies to; empty: all of them.
+    #[serde(default)]
+    pub pod_selector: LabelSelector,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<NetworkPolicyIngressRule>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<NetworkPolicyEgressRule>,
+    /// Absent: `Ingress`, plus `Egress` when there are egress rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_types: Option<Vec<PolicyType>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum PolicyType {
+    Ingress,
+    Egress,
+}
+
+impl NetworkPolicySpec {
+    /// The directions the policy isolates (its `policyTypes`, defaulted as the API does).
+    pub fn isolates(&self, t: PolicyType) -> bool {
+        match &self.policy_types {
+            Some(types) => types.contains(&t),
+            None => t == PolicyType::Ingress || !self.egress.is_empty(),
+        }
+    }
+}
+
+/// Allows traffic from any of `from` (empty: from everywhere) to any of `ports` (empty: all).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkPolicyIngressRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<NetworkPolicyPort>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<NetworkPolicyPeer>,
+}
+
+/// Allows traffic to any of `to` (empty: everywhere) on any of `ports` (empty: all).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkPolicyEgressRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<NetworkPolicyPort>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<NetworkPolicyPeer>,
+}
+
+/// Pods (by pod and/or namespace selector; both: AND) or an address block.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicyPeer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_block: Option<IpBlock>,
+}
+
+/// `cidr` minus every `except` block.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpBlock {
+    pub cidr: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
+}
+
+/// A port (number or the name of a container port of the destination pod), or with `endPort`
+/// a range; no port: every port of the protocol. Protocol defaults to TCP.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicyPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<IntOrString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_port: Option<i64>,
+}
+
 /// Any stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
@@ -411,6 +593,7 @@ pub enum Object {
     Pod(Pod),
     Service(Service),
     Endpoints(Endpoints),
+    NetworkPolicy(NetworkPolicy),
 }
 
 impl Object {
@@ -420,6 +603,7 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::Service(_) => Kind::Service,
             Object::Endpoints(_) => Kind::Endpoints,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
         }
     }
 
@@ -429,6 +613,7 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::Endpoints(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
         }
     }
 
@@ -438,6 +623,7 @@ impl Object {
             Object::Pod(o) => &mut o.metadata,
             Object::Service(o) => &mut o.metadata,
             Object::Endpoints(o) => &mut o.metadata,
+            Object::NetworkPolicy(o) => &mut o.metadata,
         }
     }
 }

@@ -11,8 +11,9 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use crate::types::{
-    Container, Endpoints, IntOrString, Kind, Labels, Namespace, Object, ObjectMeta, Pod, Protocol,
-    Service, ServiceType, SessionAffinity,
+    Container, Endpoints, IntOrString, IpBlock, Kind, LabelSelector, Labels, Namespace,
+    NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, Object, ObjectMeta, Pod, Protocol,
+    SelectorOperator, Service, ServiceType, SessionAffinity,
 };
 
 /// One broken rule: the field (`spec.ports[1].targetPort`) and what is wrong with it.
@@ -77,6 +78,7 @@ pub fn validate(obj: &Object, service_network: Ipv4Net) -> Result<(), Validation
         Object::Pod(o) => pod(&mut v, o),
         Object::Service(o) => service(&mut v, o, service_network),
         Object::Endpoints(o) => endpoints(&mut v, o),
+        Object::NetworkPolicy(o) => network_policy(&mut v, o),
     }
     if v.0.is_empty() {
         return Ok(());
@@ -270,7 +272,9 @@ fn metadata(v: &mut Errors, m: &ObjectMeta, kind: Kind) {
     } else {
         let (ok, msg) = match kind {
             Kind::Namespace => (is_dns1123_label(&m.name), DNS1123_LABEL_MSG),
-            Kind::Pod => (is_dns1123_subdomain(&m.name), DNS1123_SUBDOMAIN_MSG),
+            Kind::Pod | Kind::NetworkPolicy => {
+                (is_dns1123_subdomain(&m.name), DNS1123_SUBDOMAIN_MSG)
+            }
             Kind::Service | Kind::Endpoints => (is_dns1035_label(&m.name), DNS1035_LABEL_MSG),
         };
         if !ok {
@@ -606,6 +610,167 @@ fn service(v: &mut Errors, s: &Service, net: Ipv4Net) {
 /// The NodePort range (Kubernetes' default `--service-node-port-range`).
 pub const NODE_PORT_MIN: i64 = 30000;
 pub const NODE_PORT_MAX: i64 = 32767;
+
+// ---- NetworkPolicy (k8s.io/kubernetes/pkg/apis/networking/validation) ----
+
+/// A label selector: valid keys and values; `In`/`NotIn` need values, `Exists`/`DoesNotExist`
+/// take none.
+fn label_selector(v: &mut Errors, field: &str, sel: &LabelSelector) {
+    labels(v, &format!("{field}.matchLabels"), &sel.match_labels);
+    for (i, r) in sel.match_expressions.iter().enumerate() {
+        let f = format!("{field}.matchExpressions[{i}]");
+        v.check(format!("{f}.key"), label_key_error(&r.key));
+        match r.operator {
+            SelectorOperator::In | SelectorOperator::NotIn => {
+                if r.values.is_empty() {
+                    v.add(
+                        format!("{f}.values"),
+                        "must be specified when `operator` is 'In' or 'NotIn'",
+                    );
+                }
+                for val in &r.values {
+                    v.check(format!("{f}.values"), label_value_error(val));
+                }
+            }
+            SelectorOperator::Exists | SelectorOperator::DoesNotExist => {
+                if !r.values.is_empty() {
+                    v.add(
+                        format!("{f}.values"),
+                        "may not be specified when `operator` is 'Exists' or 'DoesNotExist'",
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn policy_port(v: &mut Errors, field: &str, p: &NetworkPolicyPort) {
+    match &p.port {
+        None => {
+            if p.end_port.is_some() {
+                v.add(
+                    format!("{field}.endPort"),
+                    "may not be specified when `port` is not specified",
+                );
+            }
+        }
+        Some(IntOrString::Int(n)) => {
+            port_range(v, format!("{field}.port"), *n);
+            if let Some(end) = p.end_port {
+                if end < *n {
+                    v.add(
+                        format!("{field}.endPort"),
+                        format!("{end} must be greater than or equal to `port` ({n})"),
+                    );
+                } else {
+                    port_range(v, format!("{field}.endPort"), end);
+                }
+            }
+        }
+        Some(IntOrString::String(name)) => {
+            v.check(format!("{field}.port"), iana_svc_name_error(name));
+            if p.end_port.is_some() {
+                v.add(
+                    format!("{field}.endPort"),
+                    "may not be specified when `port` is non-numeric",
+                );
+            }
+        }
+    }
+}
+
+/// An IPv4 CIDR, or why not. Host bits may be set (the API accepts `10.0.0.1/24`).
+pub fn ipv4_cidr(s: &str) -> Result<Ipv4Net, String> {
+    s.parse::<Ipv4Net>().map_err(|_| {
+        if s.contains(':') {
+            format!("{s:?}: IPv6 blocks are not supported (the overlay is IPv4)")
+        } else {
+            format!("{s:?} must be a valid CIDR (e.g. 10.0.0.0/16)")
+        }
+    })
+}
+
+fn ip_block(v: &mut Errors, field: &str, b: &IpBlock) {
+    let cidr = match ipv4_cidr(&b.cidr) {
+        Ok(c) => Some(c.trunc()),
+        Err(e) => {
+            v.add(format!("{field}.cidr"), e);
+            None
+        }
+    };
+    for (i, e) in b.except.iter().enumerate() {
+        let f = format!("{field}.except[{i}]");
+        match ipv4_cidr(e) {
+            Err(msg) => v.add(f, msg),
+            Ok(ex) => {
+                let ex = ex.trunc();
+                if let Some(c) = cidr {
+                    if !(c.contains(&ex) && ex.prefix_len() > c.prefix_len()) {
+                        v.add(
+                            f,
+                            format!("{e} must be a strict subset of `cidr` ({})", b.cidr),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn peer(v: &mut Errors, field: &str, p: &NetworkPolicyPeer) {
+    let selectors = p.pod_selector.is_some() || p.namespace_selector.is_some();
+    match (&p.ip_block, selectors) {
+        (None, false) => v.add(
+            field,
+            "must specify a peer (podSelector, namespaceSelector or ipBlock)",
+        ),
+        (Some(_), true) => v.add(field, "may not specify both ipBlock and another peer"),
+        _ => {}
+    }
+    if let Some(s) = &p.pod_selector {
+        label_selector(v, &format!("{field}.podSelector"), s);
+    }
+    if let Some(s) = &p.namespace_selector {
+        label_selector(v, &format!("{field}.namespaceSelector"), s);
+    }
+    if let Some(b) = &p.ip_block {
+        ip_block(v, &format!("{field}.ipBlock"), b);
+    }
+}
+
+fn network_policy(v: &mut Errors, np: &NetworkPolicy) {
+    metadata(v, &np.metadata, Kind::NetworkPolicy);
+    let spec = &np.spec;
+    label_selector(v, "spec.podSelector", &spec.pod_selector);
+    for (i, r) in spec.ingress.iter().enumerate() {
+        for (j, p) in r.ports.iter().enumerate() {
+            policy_port(v, &format!("spec.ingress[{i}].ports[{j}]"), p);
+        }
+        for (j, p) in r.from.iter().enumerate() {
+            peer(v, &format!("spec.ingress[{i}].from[{j}]"), p);
+        }
+    }
+    for (i, r) in spec.egress.iter().enumerate() {
+        for (j, p) in r.ports.iter().enumerate() {
+            policy_port(v, &format!("spec.egress[{i}].ports[{j}]"), p);
+        }
+        for (j, p) in r.to.iter().enumerate() {
+            peer(v, &format!("spec.egress[{i}].to[{j}]"), p);
+        }
+    }
+    if let Some(types) = &spec.policy_types {
+        let mut seen = Vec::new();
+        for (i, t) in types.iter().enumerate() {
+            if seen.contains(t) {
+                v.add(
+                    format!("spec.policyTypes[{i}]"),
+                    format!("duplicate value {t:?}"),
+                );
+            }
+            seen.push(*t);
+        }
+    }
+}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -1271,5 +1436,88 @@ mod tests {
             json!({"addresses": [{"ip": "192.168.1.30"}], "ports": [{"name": "pg", "port": 5433}]}),
         );
         assert!(fields(&ep_obj(two)).is_empty());
+    }
+
+    fn netpol(v: Value) -> Object {
+        Object::NetworkPolicy(serde_json::from_value::<NetworkPolicy>(v).unwrap())
+    }
+
+    #[test]
+    fn network_policy_valid_and_invalid_fields() {
+        let good = json!({
+            "metadata": {"name": "allow-web.v1", "namespace": "x"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{
+                    "from": [
+                        {"podSelector": {}, "namespaceSelector": {"matchExpressions": [
+                            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["y"]}
+                        ]}},
+                        {"ipBlock": {"cidr": "10.5.0.0/16", "except": ["10.5.1.0/24"]}}
+                    ],
+                    "ports": [
+                        {"port": 80},
+                        {"protocol": "UDP", "port": "dns"},
+                        {"port": 8000, "endPort": 8100},
+                        {"protocol": "SCTP"}
+                    ]
+                }],
+                "egress": [{}],
+                "policyTypes": ["Ingress", "Egress"]
+            }
+        });
+        assert_eq!(validate(&netpol(good), net()), Ok(()));
+
+        let bad = json!({
+            "metadata": {"name": "Bad_Name", "namespace": "x"},
+            "spec": {
+                "podSelector": {"matchExpressions": [
+                    {"key": "app", "operator": "In"},
+                    {"key": "tier", "operator": "Exists", "values": ["a"]}
+                ]},
+                "ingress": [{
+                    "from": [
+                        {},
+                        {"podSelector": {}, "ipBlock": {"cidr": "10.0.0.0/8"}},
+                        {"ipBlock": {"cidr": "10.5.0.0/16", "except": ["10.6.0.0/24", "10.5.0.0/16"]}},
+                        {"ipBlock": {"cidr": "fd00::/64"}}
+                    ],
+                    "ports": [
+                        {"port": 0},
+                        {"port": "http", "endPort": 90},
+                        {"port": 90, "endPort": 80},
+                        {"endPort": 80},
+                        {"port": "not_a_name!"}
+                    ]
+                }],
+                "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"bad key!": "v"}}}]}],
+                "policyTypes": ["Ingress", "Ingress"]
+            }
+        });
+        let err = validate(&netpol(bad), net()).unwrap_err();
+        assert_eq!(
+            err.fields(),
+            vec![
+                "metadata.name",
+                "spec.podSelector.matchExpressions[0].values",
+                "spec.podSelector.matchExpressions[1].values",
+                "spec.ingress[0].ports[0].port",
+                "spec.ingress[0].ports[1].endPort",
+                "spec.ingress[0].ports[2].endPort",
+                "spec.ingress[0].ports[3].endPort",
+                "spec.ingress[0].ports[4].port",
+                "spec.ingress[0].from[0]",
+                "spec.ingress[0].from[1]",
+                "spec.ingress[0].from[2].ipBlock.except[0]",
+                "spec.ingress[0].from[2].ipBlock.except[1]",
+                "spec.ingress[0].from[3].ipBlock.cidr",
+                "spec.egress[0].to[0].namespaceSelector.matchLabels",
+                "spec.policyTypes[1]",
+            ],
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .starts_with("NetworkPolicy x/Bad_Name is invalid: "));
     }
 }

@@ -1,0 +1,772 @@
+//! The NetworkPolicy semantics as a pure function of the objects.
+//!
+//! A connection from `src` to `dst` on (protocol, port) is allowed when the source's egress
+//! and the destination's ingress both allow it:
+//! - a pod is isolated for a direction only when some policy of its namespace selects it and
+//!   isolates that direction (`policyTypes`, defaulting to Ingress, plus Egress when the policy
+//!   has egress rules); a pod not isolated allows everything in that direction;
+//! - an isolated pod allows what at least one rule of one selecting policy allows (policies
+//!   and rules are additive); within a rule the peers are OR'ed, the ports are OR'ed and the
+//!   two are AND'ed; an empty list means "all";
+//! - a peer is a podSelector (pods of the policy's namespace), a namespaceSelector (pods of
+//!   matching namespaces; namespaces carry `kubernetes.io/metadata.name`), both (AND), or an
+//!   ipBlock (`cidr` minus `except`);
+//! - a port is a number, a number range (`endPort`) or a name, resolved against the
+//!   destination pod's container ports (name and protocol); protocol defaults to TCP.
+//!
+//! Decisions where the API is silent (kept identical in the enforcement):
+//! - traffic from the destination pod's own node is allowed (the API says so for kubelet
+//!   probes; we allow any address of that node);
+//! - ipBlock peers match pod addresses too, not only addresses outside the cluster (as Calico
+//!   and Cilium do); the address seen is the one after the service proxy's DNAT and before
+//!   any SNAT of the destination's node, so a ClusterIP is judged by the pod it reaches;
+//! - a pod reaching itself (directly or through its own Service) is always allowed;
+//! - hosts (not pods) are never isolated: only pods have policies;
+//! - a named port in an egress rule matches only when the destination is a pod that has a
+//!   container port of that name and protocol.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use registry::{
+    IntOrString, IpBlock, Labels, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, PolicyType,
+    Protocol,
+};
+
+/// The label every namespace carries with its own name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A named container port of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// What policy needs to know of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ip: Ipv4Addr,
+    pub node: String,
+    pub ports: Vec<NamedPort>,
+}
+
+/// One end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer<'a> {
+    Pod(&'a PodView),
+    /// Not a pod: a node (`node` set) or anything else (an outside client).
+    Host {
+        addr: Ipv4Addr,
+        node: Option<&'a str>,
+    },
+}
+
+impl Peer<'_> {
+    pub fn addr(&self) -> Ipv4Addr {
+        match self {
+            Peer::Pod(p) => p.ip,
+            Peer::Host { addr, .. } => *addr,
+        }
+    }
+}
+
+/// The objects the decision depends on.
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    /// Namespace name -> its labels (the name label is added when missing).
+    pub namespaces: BTreeMap<String, Labels>,
+    pub policies: Vec<NetworkPolicy>,
+}
+
+impl Cluster {
+    /// The namespace's labels with `kubernetes.io/metadata.name` (an unknown namespace has
+    /// only that label).
+    pub fn namespace_labels(&self, ns: &str) -> Labels {
+        let mut l = self.namespaces.get(ns).cloned().unwrap_or_default();
+        l.insert(NAMESPACE_NAME_LABEL.to_string(), ns.to_string());
+        l
+    }
+
+    /// The policies of the pod's namespace that select it and isolate direction `t`.
+    pub fn isolating<'a>(
+        &'a self,
+        pod: &'a PodView,
+        t: PolicyType,
+    ) -> impl Iterator<Item = &'a NetworkPolicy> + 'a {
+        self.policies.iter().filter(move |np| {
+            np.metadata.namespace.as_deref().unwrap_or("default") == pod.namespace
+                && np.spec.isolates(t)
+                && np.spec.pod_selector.matches(&pod.labels)
+        })
+    }
+
+    /// Whether a new connection from `src` to `dst` on `protocol`/`port` is allowed.
+    pub fn allows(&self, src: Peer<'_>, dst: Peer<'_>, protocol: Protocol, port: u16) -> bool {
+        if let (Peer::Pod(a), Peer::Pod(b)) = (src, dst) {
+            if a.namespace == b.namespace && a.name == b.name {
+                return true;
+            }
+        }
+        self.egress_allows(src, dst, protocol, port)
+            && self.ingress_allows(src, dst, protocol, port)
+    }
+
+    /// The destination side: does `dst` accept from `src`?
+    pub fn ingress_allows(
+        &self,
+        src: Peer<'_>,
+        dst: Peer<'_>,
+        protocol: Protocol,
+        port: u16,
+    ) -> bool {
+        let Peer::Pod(pod) = dst else {
+            return true;
+        };
+        if let Peer::Host {
+            node: Some(node), ..
+        } = src
+        {
+            if node == pod.node {
+                return true;
+            }
+        }
+        let mut isolated = false;
+        for np in self.isolating(pod, PolicyType::Ingress) {
+            isolated = true;
+            let ns = np.metadata.namespace.as_deref().unwrap_or("default");
+            for rule in &np.spec.ingress {
+                if self.peers_match(&rule.from, ns, src)
+                    && ports_match(&rule.ports, protocol, port, Some(pod))
+                {
+                    return true;
+                }
+            }
+        }
+        !isolated
+    }
+
+    /// The source side: may `src` open to `dst`?
+    pub fn egress_allows(
+        &self,
+        src: Peer<'_>,
+        dst: Peer<'_>,
+        protocol: Protocol,
+        port: u16,
+    ) -> bool {
+        let Peer::Pod(pod) = src else {
+            return true;
+        };
+        let dst_pod = match dst {
+            Peer::Pod(p) => Some(p),
+            Peer::Host { .. } => None,
+        };
+        let mut isolated = false;
+        for np in self.isolating(pod, PolicyType::Egress) {
+            isolated = true;
+            let ns = np.metadata.namespace.as_deref().unwrap_or("default");
+            for rule in &np.spec.egress {
+                if self.peers_match(&rule.to, ns, dst)
+                    && ports_match(&rule.ports, protocol, port, dst_pod)
+                {
+                    return true;
+                }
+            }
+        }
+        !isolated
+    }
+
+    /// Whether `peer` is among `peers` of a policy in namespace `policy_ns` (empty: all).
+    fn peers_match(&self, peers: &[NetworkPolicyPeer], policy_ns: &str, peer: Peer<'_>) -> bool {
+        peers.is_empty() || peers.iter().any(|p| self.peer_matches(p, policy_ns, peer))
+    }
+
+    fn peer_matches(&self, p: &NetworkPolicyPeer, policy_ns: &str, peer: Peer<'_>) -> bool {
+        if let Some(block) = &p.ip_block {
+            return ip_block_contains(block, peer.addr());
+        }
+        let Peer::Pod(pod) = peer else {
+            return false;
+        };
+        let ns_ok = match &p.namespace_selector {
+            None => pod.namespace == policy_ns,
+            Some(sel) => sel.matches(&self.namespace_labels(&pod.namespace)),
+        };
+        let pod_ok = p
+            .pod_selector
+            .as_ref()
+            .is_none_or(|sel| sel.matches(&pod.labels));
+        ns_ok && pod_ok
+    }
+}
+
+/// `addr` in `cidr` and in none of `except` (unparsable blocks match nothing; validation
+/// keeps them out of the registry).
+pub fn ip_block_contains(block: &IpBlock, addr: Ipv4Addr) -> bool {
+    let Ok(cidr) = block.cidr.parse::<Ipv4Net>() else {
+        return false;
+    };
+    cidr.trunc().contains(&addr)
+        && !block.except.iter().any(|e| {
+            e.parse::<Ipv4Net>()
+                .map(|n| n.trunc().contains(&addr))
+                .unwrap_or(false)
+        })
+}
+
+/// Whether (protocol, port) is among `ports` (empty: all); names resolve on `dst`.
+pub fn ports_match(
+    ports: &[NetworkPolicyPort],
+    protocol: Protocol,
+    port: u16,
+    dst: Option<&PodView>,
+) -> bool {
+    ports.is_empty()
+        || ports.iter().any(|p| {
+            let proto = p.protocol.unwrap_or(Protocol::Tcp);
+            if proto != protocol {
+                return false;
+            }
+            match &p.port {
+                None => true,
+                Some(IntOrString::Int(n)) => match p.end_port {
+                    None => i64::from(port) == *n,
+                    Some(end) => (*n..=end).contains(&i64::from(port)),
+                },
+                Some(IntOrString::String(name)) => dst.is_some_and(|pod| {
+                    pod.ports
+                        .iter()
+                        .any(|np| np.name == *name && np.protocol == proto && np.port == port)
+                }),
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use registry::{
+        LabelSelector, LabelSelectorRequirement, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
+        NetworkPolicySpec, ObjectMeta, SelectorOperator,
+    };
+
+    fn labels(kv: &[(&str, &str)]) -> Labels {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str) -> PodView {
+        PodView {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: labels(&[("pod", name)]),
+            ip: Ipv4Addr::from(ip),
+            node: node.into(),
+            ports: vec![
+                NamedPort {
+                    name: "serve-80-tcp".into(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                NamedPort {
+                    name: "serve-81-udp".into(),
+                    port: 81,
+                    protocol: Protocol::Udp,
+                },
+            ],
+        }
+    }
+
+    fn sel(kv: &[(&str, &str)]) -> LabelSelector {
+        LabelSelector {
+            match_labels: labels(kv),
+            match_expressions: vec![],
+        }
+    }
+
+    fn policy(ns: &str, name: &str, spec: NetworkPolicySpec) -> NetworkPolicy {
+        NetworkPolicy {
+            metadata: ObjectMeta {
+                name: name.into(),
+                namespace: Some(ns.into()),
+                ..ObjectMeta::default()
+            },
+            spec,
+        }
+    }
+
+    fn from(
+        peers: Vec<NetworkPolicyPeer>,
+        ports: Vec<NetworkPolicyPort>,
+    ) -> NetworkPolicyIngressRule {
+        NetworkPolicyIngressRule { ports, from: peers }
+    }
+
+    fn pods_peer(s: LabelSelector) -> NetworkPolicyPeer {
+        NetworkPolicyPeer {
+            pod_selector: Some(s),
+            ..NetworkPolicyPeer::default()
+        }
+    }
+
+    fn ns_peer(s: LabelSelector) -> NetworkPolicyPeer {
+        NetworkPolicyPeer {
+            namespace_selector: Some(s),
+            ..NetworkPolicyPeer::default()
+        }
+    }
+
+    fn tcp(port: i64) -> NetworkPolicyPort {
+        NetworkPolicyPort {
+            protocol: None,
+            port: Some(IntOrString::Int(port)),
+            end_port: None,
+        }
+    }
+
+    struct World {
+        cluster: Cluster,
+        pods: Vec<PodView>,
+    }
+
+    impl World {
+        fn new() -> World {
+            let mut pods = Vec::new();
+            let mut i = 2u8;
+            for ns in ["x", "y", "z"] {
+                for (n, name) in ["a", "b", "c"].iter().enumerate() {
+                    pods.push(pod(ns, name, [10, 5, n as u8, i], &format!("node{n}")));
+                    i += 1;
+                }
+            }
+            let mut cluster = Cluster::default();
+            for ns in ["x", "y", "z"] {
+                cluster.namespaces.insert(ns.into(), labels(&[("ns", ns)]));
+            }
+            World { cluster, pods }
+        }
+
+        fn p(&self, id: &str) -> &PodView {
+            let (ns, name) = id.split_once('/').expect("ns/name");
+            self.pods
+                .iter()
+                .find(|p| p.namespace == ns && p.name == name)
+                .expect("pod")
+        }
+
+        fn ok(&self, a: &str, b: &str, proto: Protocol, port: u16) -> bool {
+            self.cluster
+                .allows(Peer::Pod(self.p(a)), Peer::Pod(self.p(b)), proto, port)
+        }
+
+        /// Every ordered pair that is allowed on TCP 80 (self pairs left out).
+        fn allowed_pairs(&self) -> Vec<String> {
+            let mut out = Vec::new();
+            for a in &self.pods {
+                for b in &self.pods {
+                    if a == b {
+                        continue;
+                    }
+                    if self
+                        .cluster
+                        .allows(Peer::Pod(a), Peer::Pod(b), Protocol::Tcp, 80)
+                    {
+                        out.push(format!(
+                            "{}/{}>{}/{}",
+                            a.namespace, a.name, b.namespace, b.name
+                        ));
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn no_policy_allows_everything() {
+        let w = World::new();
+        assert_eq!(w.allowed_pairs().len(), 72);
+    }
+
+    #[test]
+    fn default_deny_ingress_isolates_only_the_namespace_and_only_ingress() {
+        let mut w = World::new();
+        w.cluster
+            .policies
+            .push(policy("x", "deny", NetworkPolicySpec::default()));
+        assert!(!w.ok("y/a", "x/a", Protocol::Tcp, 80));
+        assert!(!w.ok("x/b", "x/a", Protocol::Tcp, 80), "same namespace too");
+        assert!(w.ok("x/a", "y/a", Protocol::Tcp, 80), "egress untouched");
+        assert!(w.ok("y/a", "y/b", Protocol::Udp, 81));
+        assert!(
+            w.ok("x/a", "x/a", Protocol::Tcp, 80),
+            "a pod reaches itself"
+        );
+        // 8 sources x 3 isolated destinations denied.
+        assert_eq!(w.allowed_pairs().len(), 72 - 24);
+    }
+
+    #[test]
+    fn default_deny_egress_needs_the_policy_type() {
+        let mut w = World::new();
+        w.cluster.policies.push(policy(
+            "x",
+            "deny-egress",
+            NetworkPolicySpec {
+                policy_types: Some(vec![PolicyType::Egress]),
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(!w.ok("x/a", "y/a", Protocol::Tcp, 80));
+        assert!(
+            w.ok("y/a", "x/a", Protocol::Tcp, 80),
+            "ingress not isolated"
+        );
+        // Egress rules without policyTypes imply Egress.
+        let mut w = World::new();
+        w.cluster.policies.push(policy(
+            "x",
+            "egress-to-y",
+            NetworkPolicySpec {
+                egress: vec![NetworkPolicyEgressRule {
+                    ports: vec![],
+                    to: vec![ns_peer(sel(&[("ns", "y")]))],
+                }],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(w.ok("x/a", "y/b", Protocol::Tcp, 80));
+        assert!(!w.ok("x/a", "z/b", Protocol::Tcp, 80));
+        assert!(
+            !w.ok("y/a", "x/b", Protocol::Tcp, 80),
+            "Ingress is isolated too (default type, no rules)"
+        );
+    }
+
+    #[test]
+    fn allow_all_rule_and_additive_policies() {
+        let mut w = World::new();
+        w.cluster
+            .policies
+            .push(policy("x", "deny", NetworkPolicySpec::default()));
+        w.cluster.policies.push(policy(
+            "x",
+            "allow-all",
+            NetworkPolicySpec {
+                ingress: vec![NetworkPolicyIngressRule::default()],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert_eq!(w.allowed_pairs().len(), 72);
+    }
+
+    #[test]
+    fn pod_selector_peers_are_of_the_policy_namespace() {
+        let mut w = World::new();
+        w.cluster.policies.push(policy(
+            "x",
+            "from-b",
+            NetworkPolicySpec {
+                pod_selector: sel(&[("pod", "a")]),
+                ingress: vec![from(vec![pods_peer(sel(&[("pod", "b")]))], vec![])],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(w.ok("x/b", "x/a", Protocol::Tcp, 80));
+        assert!(
+            !w.ok("y/b", "x/a", Protocol::Tcp, 80),
+            "b of another namespace"
+        );
+        assert!(!w.ok("x/c", "x/a", Protocol::Tcp, 80));
+        assert!(w.ok("x/c", "x/b", Protocol::Tcp, 80), "x/b not selected");
+    }
+
+    #[test]
+    fn namespace_and_pod_selector_in_one_peer_is_and_in_two_peers_is_or() {
+        let and_peer = NetworkPolicyPeer {
+            pod_selector: Some(sel(&[("pod", "b")])),
+            namespace_selector: Some(sel(&[("ns", "y")])),
+            ip_block: None,
+        };
+        let mut w = World::new();
+        w.cluster.policies.push(policy(
+            "x",
+            "and",
+            NetworkPolicySpec {
+                ingress: vec![from(vec![and_peer], vec![])],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(w.ok("y/b", "x/a", Protocol::Tcp, 80));
+        assert!(!w.ok("y/a", "x/a", Protocol::Tcp, 80));
+        assert!(!w.ok("x/b", "x/a", Protocol::Tcp, 80));
+
+        let mut w = World::new();
+        w.cluster.policies.push(policy(
+            "x",
+            "or",
+            NetworkPolicySpec {
+                ingress: vec![from(
+                    vec![
+                        pods_peer(sel(&[("pod", "b")])),
+                        ns_peer(sel(&[("ns", "y")])),
+                    ],
+                    vec![],
+                )],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(w.ok("y/b", "x/a", Protocol::Tcp, 80));
+        assert!(w.ok("y/a", "x/a", Protocol::Tcp, 80));
+        assert!(w.ok("x/b", "x/a", Protocol::Tcp, 80));
+        assert!(!w.ok("z/b", "x/a", Protocol::Tcp, 80), "z/b is b, but of z");
+    }
+
+    #[test]
+    fn namespaces_match_by_their_name_label_and_expressions() {
+        let mut w = World::new();
+        w.cluster.namespaces.insert("y".into(), Labels::new());
+        w.cluster.policies.push(policy(
+            "x",
+            "by-name",
+            NetworkPolicySpec {
+                ingress: vec![from(
+                    vec![ns_peer(LabelSelector {
+                        match_labels: Labels::new(),
+                        match_expressions: vec![LabelSelectorRequirement {
+                            key: NAMESPACE_NAME_LABEL.into(),
+                            operator: SelectorOperator::In,
+                            values: vec!["y".into()],
+                        }],
+                    })],
+                    vec![],
+                )],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(w.ok("y/c", "x/a", Protocol::Tcp, 80));
+        assert!(!w.ok("z/c", "x/a", Protocol::Tcp, 80));
+        // An empty namespaceSelector selects every namespace.
+        let mut w = World::new();
+        w.cluster.policies.push(policy(
+            "x",
+            "all-ns",
+            NetworkPolicySpec {
+                ingress: vec![from(vec![ns_peer(LabelSelector::default())], vec![])],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(w.ok("z/c", "x/a", Protocol::Tcp, 80));
+        assert!(
+            !w.cluster.allows(
+                Peer::Host {
+                    addr: Ipv4Addr::new(192, 0, 2, 1),
+                    node: None
+                },
+                Peer::Pod(w.p("x/a")),
+                Protocol::Tcp,
+                80
+            ),
+            "a selector never matches a host"
+        );
+    }
+
+    #[test]
+    fn ip_block_with_except_matches_pod_addresses_too() {
+        let mut w = World::new();
+        let block = NetworkPolicyPeer {
+            ip_block: Some(IpBlock {
+                cidr: "10.5.0.0/16".into(),
+                except: vec![format!("{}/32", w.p("y/b").ip)],
+            }),
+            ..NetworkPolicyPeer::default()
+        };
+        w.cluster.policies.push(policy(
+            "x",
+            "block",
+            NetworkPolicySpec {
+                ingress: vec![from(vec![block], vec![])],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(w.ok("y/a", "x/a", Protocol::Tcp, 80));
+        assert!(!w.ok("y/b", "x/a", Protocol::Tcp, 80));
+        let outside = Peer::Host {
+            addr: Ipv4Addr::new(192, 0, 2, 1),
+            node: None,
+        };
+        assert!(!w
+            .cluster
+            .allows(outside, Peer::Pod(w.p("x/a")), Protocol::Tcp, 80));
+        assert!(
+            ip_block_contains(
+                &IpBlock {
+                    cidr: "10.5.1.7/16".into(),
+                    except: vec![]
+                },
+                Ipv4Addr::new(10, 5, 200, 1)
+            ),
+            "host bits in cidr are ignored"
+        );
+    }
+
+    #[test]
+    fn ports_numbers_ranges_names_and_protocols() {
+        let mut w = World::new();
+        w.cluster.policies.push(policy(
+            "x",
+            "ports",
+            NetworkPolicySpec {
+                pod_selector: sel(&[("pod", "a")]),
+                ingress: vec![from(
+                    vec![],
+                    vec![
+                        tcp(80),
+                        NetworkPolicyPort {
+                            protocol: Some(Protocol::Tcp),
+                            port: Some(IntOrString::Int(1000)),
+                            end_port: Some(1010),
+                        },
+                        NetworkPolicyPort {
+                            protocol: Some(Protocol::Udp),
+                            port: Some(IntOrString::String("serve-81-udp".into())),
+                            end_port: None,
+                        },
+                    ],
+                )],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(w.ok("y/a", "x/a", Protocol::Tcp, 80));
+        assert!(
+            !w.ok("y/a", "x/a", Protocol::Udp, 80),
+            "protocol defaults to TCP"
+        );
+        assert!(!w.ok("y/a", "x/a", Protocol::Tcp, 81));
+        assert!(w.ok("y/a", "x/a", Protocol::Tcp, 1000));
+        assert!(w.ok("y/a", "x/a", Protocol::Tcp, 1010));
+        assert!(!w.ok("y/a", "x/a", Protocol::Tcp, 1011));
+        assert!(
+            w.ok("y/a", "x/a", Protocol::Udp, 81),
+            "named port resolved on x/a"
+        );
+        assert!(
+            !w.ok("y/a", "x/a", Protocol::Tcp, 81),
+            "name has protocol UDP"
+        );
+    }
+
+    #[test]
+    fn named_ports_resolve_per_destination_pod() {
+        let mut w = World::new();
+        // x/b serves "web" on 8080, x/a has no "web".
+        let xb = w
+            .pods
+            .iter_mut()
+            .find(|p| p.namespace == "x" && p.name == "b")
+            .expect("x/b");
+        xb.ports.push(NamedPort {
+            name: "web".into(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        });
+        w.cluster.policies.push(policy(
+            "x",
+            "web",
+            NetworkPolicySpec {
+                ingress: vec![from(
+                    vec![],
+                    vec![NetworkPolicyPort {
+                        protocol: None,
+                        port: Some(IntOrString::String("web".into())),
+                        end_port: None,
+                    }],
+                )],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(w.ok("y/a", "x/b", Protocol::Tcp, 8080));
+        assert!(!w.ok("y/a", "x/a", Protocol::Tcp, 8080));
+        // Egress named ports resolve on the destination pod too.
+        let mut w2 = World::new();
+        w2.pods = w.pods.clone();
+        w2.cluster.policies.push(policy(
+            "y",
+            "egress-web",
+            NetworkPolicySpec {
+                egress: vec![NetworkPolicyEgressRule {
+                    ports: vec![NetworkPolicyPort {
+                        protocol: None,
+                        port: Some(IntOrString::String("web".into())),
+                        end_port: None,
+                    }],
+                    to: vec![],
+                }],
+                policy_types: Some(vec![PolicyType::Egress]),
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(w2.ok("y/a", "x/b", Protocol::Tcp, 8080));
+        assert!(!w2.ok("y/a", "x/a", Protocol::Tcp, 8080));
+        let host = Peer::Host {
+            addr: Ipv4Addr::new(192, 0, 2, 1),
+            node: None,
+        };
+        assert!(!w2
+            .cluster
+            .allows(Peer::Pod(w2.p("y/a")), host, Protocol::Tcp, 8080));
+    }
+
+    #[test]
+    fn own_node_is_allowed_other_nodes_are_not() {
+        let mut w = World::new();
+        w.cluster
+            .policies
+            .push(policy("x", "deny", NetworkPolicySpec::default()));
+        let xa = w.p("x/a");
+        let own = Peer::Host {
+            addr: Ipv4Addr::new(10, 5, 0, 1),
+            node: Some(xa.node.as_str()),
+        };
+        let other = Peer::Host {
+            addr: Ipv4Addr::new(10, 5, 1, 1),
+            node: Some("node1"),
+        };
+        assert!(w.cluster.allows(own, Peer::Pod(xa), Protocol::Tcp, 80));
+        assert!(!w.cluster.allows(other, Peer::Pod(xa), Protocol::Tcp, 80));
+    }
+
+    #[test]
+    fn both_sides_must_allow() {
+        let mut w = World::new();
+        w.cluster.policies.push(policy(
+            "x",
+            "egress-only-80",
+            NetworkPolicySpec {
+                egress: vec![NetworkPolicyEgressRule {
+                    ports: vec![tcp(80)],
+                    to: vec![],
+                }],
+                policy_types: Some(vec![PolicyType::Egress]),
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        w.cluster.policies.push(policy(
+            "y",
+            "ingress-only-x",
+            NetworkPolicySpec {
+                ingress: vec![from(vec![ns_peer(sel(&[("ns", "x")]))], vec![])],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(w.ok("x/a", "y/a", Protocol::Tcp, 80));
+        assert!(!w.ok("x/a", "y/a", Protocol::Tcp, 81), "egress refuses");
+        assert!(!w.ok("z/a", "y/a", Protocol::Tcp, 80), "ingress refuses");
+    }
+}

@@ -1,0 +1,11 @@
+//! Kubernetes NetworkPolicy (`networking.k8s.io/v1`) for the pods of the overlay.
+//!
+//! Contract: [`eval::Cluster::allows`] decides, from the objects alone (namespaces, pods with
+//! their addresses, nodes and container ports, policies), whether a connection is allowed by
+//! the API's semantics (pure; it is the oracle the enforcement is tested against and never
+//! calls into it). The decisions on what Kubernetes leaves open are documented on
+//! [`eval`] and in docs/network-policy.md.
+
+#![forbid(unsafe_code)]
+
+pub mod eval;
