@@ -714,7 +714,10 @@ mod tests {
                         timeout: *t,
                     };
                     let line = op.to_string();
-                    (n.clone(), line[line.find('{').expect("definition")..].to_string())
+                    (
+                        n.clone(),
+                        line[line.find('{').expect("definition")..].to_string(),
+                    )
                 })
                 .collect(),
             elements: rs
