@@ -680,7 +680,7 @@ fn policy_port(v: &mut Errors, field: &str, p: &NetworkPolicyPort) {
 }
 
 /// An IPv4 CIDR, or why not. Host bits may be set (the API accepts `10.0.0.1/24`).
-pub fn ipv4_cidr(s: &str) -> Result<Ipv4Net, String> {
+fn ipv4_cidr(s: &str) -> Result<Ipv4Net, String> {
     s.parse::<Ipv4Net>().map_err(|_| {
         if s.contains(':') {
             format!("{s:?}: IPv6 blocks are not supported (the overlay is IPv4)")

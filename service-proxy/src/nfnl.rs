@@ -238,6 +238,12 @@ impl Msg {
         self.end();
     }
 
+    /// Adds header flags (e.g. `NLM_F_ACK` on the last message of a batch).
+    fn add_flags(&mut self, flags: u16) {
+        let now = u16::from_ne_bytes([self.buf[6], self.buf[7]]);
+        self.buf[6..8].copy_from_slice(&(now | flags).to_ne_bytes());
+    }
+
     fn finish(mut self) -> Vec<u8> {
         let len = self.buf.len() as u32;
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -450,8 +456,8 @@ fn element(m: &mut Msg, map: &str, key: &Key, verdict: Option<&Verdict>) {
 }
 
 /// One operation as an nf_tables message.
-fn op_message(op: &Op, seq: u32, set_ids: &mut SetIds) -> Vec<u8> {
-    let msg = match op {
+fn op_message(op: &Op, seq: u32, set_ids: &mut SetIds) -> Msg {
+    match op {
         Op::AddSet { name, timeout } => {
             let id = set_ids.len() as u32 + 1;
             set_ids.insert(name.clone(), id);
@@ -509,8 +515,7 @@ fn op_message(op: &Op, seq: u32, set_ids: &mut SetIds) -> Vec<u8> {
             m.str(NFTA_SET_NAME, name);
             m
         }
-    };
-    msg.finish()
+    }
 }
 
 /// An encoded batch: `ops[i]` is the message with sequence number `first_seq + 1 + i`
@@ -533,10 +538,9 @@ pub fn encode(ops: &[Op], first_seq: u32) -> Batch {
         seq = seq.wrapping_add(1);
         let mut msg = op_message(op, seq, &mut set_ids);
         if i + 1 == ops.len() {
-            let flags = u16::from_ne_bytes([msg[6], msg[7]]) | NLM_F_ACK;
-            msg[6..8].copy_from_slice(&flags.to_ne_bytes());
+            msg.add_flags(NLM_F_ACK);
         }
-        bytes.extend_from_slice(&msg);
+        bytes.extend_from_slice(&msg.finish());
     }
     seq = seq.wrapping_add(1);
     bytes.extend_from_slice(&Msg::new(NFNL_MSG_BATCH_END, 0, seq, 0, subsys).finish());
@@ -547,25 +551,32 @@ pub fn encode(ops: &[Op], first_seq: u32) -> Batch {
     }
 }
 
-/// The answers the kernel sent: `(sequence number, errno)` of every error and
-/// acknowledgement (errno 0) in `buf`.
-pub fn parse_acks(buf: &[u8]) -> Vec<(u32, i32)> {
+/// The netlink messages in `buf`: `(type, sequence number, payload)`; a cut message ends the
+/// list.
+fn messages(buf: &[u8]) -> Vec<(u16, u32, &[u8])> {
     let mut out = Vec::new();
     let mut at = 0;
     while at + 16 <= buf.len() {
         let word = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
         let len = word(at) as usize;
-        let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-        let seq = word(at + 8);
         if len < 16 || at + len > buf.len() {
             break;
         }
-        if kind == NLMSG_ERROR && len >= 20 {
-            out.push((seq, word(at + 16) as i32));
-        }
+        let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+        out.push((kind, word(at + 8), &buf[at + 16..at + len]));
         at += (len + 3) & !3;
     }
     out
+}
+
+/// The answers the kernel sent: `(sequence number, errno)` of every error and
+/// acknowledgement (errno 0) in `buf`.
+pub fn parse_acks(buf: &[u8]) -> Vec<(u32, i32)> {
+    messages(buf)
+        .into_iter()
+        .filter(|(kind, _, payload)| *kind == NLMSG_ERROR && payload.len() >= 4)
+        .map(|(_, seq, p)| (seq, i32::from_ne_bytes([p[0], p[1], p[2], p[3]])))
+        .collect()
 }
 
 /// How long to wait for the kernel's answer to one batch.
@@ -708,19 +719,9 @@ impl NfNetlink {
                 Err(e) => return Err(io("recv", e)),
             };
             // A NEWCHAIN message (the chain), then the acknowledgement; or an error.
-            let mut at = 0;
-            while at + 16 <= n {
-                let len =
-                    u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
-                let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-                if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN {
-                    found = true;
-                }
-                if len < 16 {
-                    break;
-                }
-                at += (len + 3) & !3;
-            }
+            found |= messages(&buf[..n])
+                .iter()
+                .any(|(kind, _, _)| *kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN);
             for (s, errno) in parse_acks(&buf[..n]) {
                 if s != seq {
                     continue;
@@ -823,7 +824,8 @@ mod tests {
             },
             1,
             &mut ids,
-        );
+        )
+        .finish();
         let a = attrs(&msg[20..]);
         let get = |k: u16| a.iter().find(|(t, _)| *t == k).map(|(_, v)| v.clone());
         assert_eq!(get(NFTA_SET_TABLE), Some(b"flannel-proxy\0".to_vec()));
@@ -849,7 +851,8 @@ mod tests {
                 },
                 1,
                 &mut SetIds::new(),
-            );
+            )
+            .finish();
             let a = attrs(&msg[20..]);
             let exprs = &a
                 .iter()

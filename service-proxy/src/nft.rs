@@ -193,21 +193,22 @@ pub enum Op {
 
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let t = format!("ip {TABLE}");
         match self {
             Op::AddSet { name, timeout } => write!(
                 f,
-                "add set {t} {name} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
+                "add set ip {TABLE} {name} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
             ),
-            Op::AddChain(name) => write!(f, "add chain {t} {name}"),
-            Op::FlushChain(name) => write!(f, "flush chain {t} {name}"),
-            Op::AddRule { chain, rule } => write!(f, "add rule {t} {chain} {rule}"),
-            Op::DeleteElement { map, key } => write!(f, "delete element {t} {map} {{ {key} }}"),
-            Op::AddElement { map, key, verdict } => {
-                write!(f, "add element {t} {map} {{ {key} : {verdict} }}")
+            Op::AddChain(name) => write!(f, "add chain ip {TABLE} {name}"),
+            Op::FlushChain(name) => write!(f, "flush chain ip {TABLE} {name}"),
+            Op::AddRule { chain, rule } => write!(f, "add rule ip {TABLE} {chain} {rule}"),
+            Op::DeleteElement { map, key } => {
+                write!(f, "delete element ip {TABLE} {map} {{ {key} }}")
             }
-            Op::DeleteChain(name) => write!(f, "delete chain {t} {name}"),
-            Op::DeleteSet(name) => write!(f, "delete set {t} {name}"),
+            Op::AddElement { map, key, verdict } => {
+                write!(f, "add element ip {TABLE} {map} {{ {key} : {verdict} }}")
+            }
+            Op::DeleteChain(name) => write!(f, "delete chain ip {TABLE} {name}"),
+            Op::DeleteSet(name) => write!(f, "delete set ip {TABLE} {name}"),
         }
     }
 }
@@ -571,18 +572,6 @@ pub struct Tx {
 }
 
 impl Tx {
-    /// Nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.add_sets.is_empty()
-            && self.add_chains.is_empty()
-            && self.rules.is_empty()
-            && self.del_elements.is_empty()
-            && self.add_elements.is_empty()
-            && self.flush_gone.is_empty()
-            && self.del_chains.is_empty()
-            && self.del_sets.is_empty()
-    }
-
     /// Adds what turns `old` into `new`.
     pub fn diff(&mut self, old: &Ruleset, new: &Ruleset) {
         for (name, timeout) in &new.sets {

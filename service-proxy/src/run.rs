@@ -241,10 +241,7 @@ impl Plane {
     async fn table_present(&self, nft: &NftCommand) -> bool {
         match self {
             Plane::Nft(s) => s.applier().chain_exists("services").await,
-            Plane::User(_) => {
-                let probe = format!("list chain ip {} services\n", crate::nft::TABLE);
-                nft.apply(&probe).await.is_ok()
-            }
+            Plane::User(_) => nft.chain_exists("services").await,
         }
     }
 }

@@ -70,10 +70,7 @@ impl NftNetlink {
     pub async fn chain_exists(&self, name: &str) -> bool {
         match &self.netlink {
             Some(nl) => nl.chain_exists(name).unwrap_or(false),
-            None => {
-                let probe = format!("list chain ip {} {name}\n", nft::TABLE);
-                self.command.apply(&probe).await.is_ok()
-            }
+            None => self.command.chain_exists(name).await,
         }
     }
 }
@@ -129,6 +126,15 @@ async fn run_with_stdin(argv: &[String], input: &str) -> Result<(bool, String), 
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).trim().to_string(),
     ))
+}
+
+impl NftCommand {
+    /// Whether chain `name` of our table exists (`nft list chain`, which reads the whole
+    /// table first: for probes that are rare or on small tables).
+    pub async fn chain_exists(&self, name: &str) -> bool {
+        let probe = format!("list chain ip {} {name}\n", nft::TABLE);
+        self.apply(&probe).await.is_ok()
+    }
 }
 
 impl NftApply for NftCommand {
@@ -421,6 +427,18 @@ mod tests {
         deleted: Arc<Mutex<Vec<StaleFlows>>>,
     }
 
+    impl Recorder {
+        /// The last script applied.
+        fn last(&self) -> String {
+            self.scripts
+                .lock()
+                .expect("lock")
+                .last()
+                .cloned()
+                .expect("script")
+        }
+    }
+
     impl NftApply for Recorder {
         async fn apply(&self, script: &str) -> Result<(), SyncError> {
             let mut fail = self.fail_next.lock().expect("lock");
@@ -496,13 +514,7 @@ mod tests {
         ports.insert(id, c);
         let rep = run(s.sync(&ports)).expect("sync");
         assert_eq!(rep.changed, 1);
-        let last = r
-            .scripts
-            .lock()
-            .expect("lock")
-            .last()
-            .cloned()
-            .expect("script");
+        let last = r.last();
         assert!(
             !last.contains("delete table") && last.contains("10.96.0.3"),
             "{last}"
@@ -523,13 +535,7 @@ mod tests {
         assert!(run(s.sync(&ports)).is_err());
         let rep = run(s.sync(&ports)).expect("sync");
         assert!(rep.full);
-        let last = r
-            .scripts
-            .lock()
-            .expect("lock")
-            .last()
-            .cloned()
-            .expect("script");
+        let last = r.last();
         assert!(last.contains("delete table ip flannel-proxy"));
     }
 
@@ -543,13 +549,7 @@ mod tests {
         let ports: BTreeMap<_, _> =
             [sp("b", [10, 96, 0, 1], Protocol::Tcp, &[[10, 5, 1, 2]])].into();
         run(s.sync(&ports)).expect("sync");
-        let last = r
-            .scripts
-            .lock()
-            .expect("lock")
-            .last()
-            .cloned()
-            .expect("script");
+        let last = r.last();
         let del = last.find("delete element").expect("delete");
         let add = last.find("add element").expect("add");
         assert!(del < add, "{last}");
@@ -566,13 +566,7 @@ mod tests {
         .into();
         let rep = run(s.sync(&ports)).expect("sync");
         assert_eq!(rep.conflicts.len(), 1, "{:?}", rep.conflicts);
-        let last = r
-            .scripts
-            .lock()
-            .expect("lock")
-            .last()
-            .cloned()
-            .expect("script");
+        let last = r.last();
         assert_eq!(
             last.matches("add element ip flannel-proxy service-ips")
                 .count(),
@@ -589,13 +583,7 @@ mod tests {
             .collect();
         let rep = run(s.sync(&only_b)).expect("sync");
         assert!(rep.conflicts.is_empty());
-        let last = r
-            .scripts
-            .lock()
-            .expect("lock")
-            .last()
-            .cloned()
-            .expect("script");
+        let last = r.last();
         let del = last.find("delete element ip flannel-proxy service-ips { 10.96.0.1 . tcp . 53 }");
         let add = last
             .find("add element ip flannel-proxy service-ips { 10.96.0.1 . tcp . 53 : goto svc-");

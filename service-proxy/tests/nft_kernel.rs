@@ -33,40 +33,15 @@ fn map(ports: Vec<ServicePort>) -> BTreeMap<PortId, ServicePort> {
     ports.into_iter().map(|p| (p.id.clone(), p)).collect()
 }
 
-#[test]
-fn kernel_accepts_full_and_incremental_transactions() {
-    if !require_root_with(&["ip", "nft", "conntrack"]) {
-        return;
-    }
-    let tb = Testbed::new(1).expect("testbed");
-    let ns = tb.nodes[0].ns.clone();
-    let prefix: Vec<String> = ["ip", "netns", "exec", ns.as_str()]
-        .map(String::from)
-        .to_vec();
-    let mut syncer = Syncer::new(
-        NftCommand {
-            prefix: prefix.clone(),
-        },
-        ConntrackCommand { prefix },
-        ProxyConfig {
-            cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
-        },
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    let list = || {
-        tb.exec(&ns, &["nft", "list", "table", "ip", TABLE])
-            .expect("list")
-    };
-
-    let mut every_kind = port(
-        "web",
-        [10, 96, 0, 10],
-        Protocol::Tcp,
-        &[([10, 5, 1, 2], true), ([10, 5, 2, 2], false)],
-    );
+/// Service ports of every kind: "web" (with `web_endpoints`; NodePort, external IP, Local,
+/// affinity; returned first as well), an internal-Local UDP port, one without endpoints, a
+/// Cluster-policy UDP NodePort, a Local NodePort with remote endpoints only, and with `sctp`
+/// an SCTP port.
+fn services(
+    web_endpoints: &[([u8; 4], bool)],
+    sctp: bool,
+) -> (ServicePort, BTreeMap<PortId, ServicePort>) {
+    let mut every_kind = port("web", [10, 96, 0, 10], Protocol::Tcp, web_endpoints);
     every_kind.node_port = Some(30080);
     every_kind.external_ips = vec![Ipv4Addr::new(192, 0, 2, 7)];
     every_kind.external_local = true;
@@ -95,14 +70,63 @@ fn kernel_accepts_full_and_incremental_transactions() {
     );
     remote_only.node_port = Some(30083);
     remote_only.external_local = true;
+    let mut all = vec![every_kind.clone(), internal, empty, cluster_np, remote_only];
+    if sctp {
+        all.push(port(
+            "sctp",
+            [10, 96, 0, 15],
+            Protocol::Sctp,
+            &[([10, 5, 1, 7], true)],
+        ));
+    }
+    (every_kind, map(all))
+}
 
-    let v1 = map(vec![
-        every_kind.clone(),
-        internal,
-        empty,
-        cluster_np,
-        remote_only,
-    ]);
+/// `v1` with "web" replaced by `web`, "empty" and "np" removed, and 10.96.0.12 (empty's
+/// address) taken by a new Service "moved".
+fn changed(v1: &BTreeMap<PortId, ServicePort>, web: ServicePort) -> BTreeMap<PortId, ServicePort> {
+    let moved = port(
+        "moved",
+        [10, 96, 0, 12],
+        Protocol::Tcp,
+        &[([10, 5, 1, 9], true)],
+    );
+    let mut v2 = v1.clone();
+    v2.insert(web.id.clone(), web);
+    v2.retain(|id, _| id.name != "empty" && id.name != "np");
+    v2.insert(moved.id.clone(), moved);
+    v2
+}
+
+#[test]
+fn kernel_accepts_full_and_incremental_transactions() {
+    if !require_root_with(&["ip", "nft", "conntrack"]) {
+        return;
+    }
+    let tb = Testbed::new(1).expect("testbed");
+    let ns = tb.nodes[0].ns.clone();
+    let prefix: Vec<String> = ["ip", "netns", "exec", ns.as_str()]
+        .map(String::from)
+        .to_vec();
+    let mut syncer = Syncer::new(
+        NftCommand {
+            prefix: prefix.clone(),
+        },
+        ConntrackCommand { prefix },
+        ProxyConfig {
+            cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
+        },
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let list = || {
+        tb.exec(&ns, &["nft", "list", "table", "ip", TABLE])
+            .expect("list")
+    };
+
+    let (every_kind, v1) = services(&[([10, 5, 1, 2], true), ([10, 5, 2, 2], false)], false);
     let rep = rt.block_on(syncer.sync(&v1)).expect("full sync");
     assert!(rep.full);
     let table = list();
@@ -126,16 +150,7 @@ fn kernel_accepts_full_and_incremental_transactions() {
     // "np": one incremental transaction.
     let mut web2 = every_kind.clone();
     web2.endpoints.truncate(1);
-    let moved = port(
-        "moved",
-        [10, 96, 0, 12],
-        Protocol::Tcp,
-        &[([10, 5, 1, 9], true)],
-    );
-    let mut v2 = v1.clone();
-    v2.insert(web2.id.clone(), web2);
-    v2.retain(|id, _| id.name != "empty" && id.name != "np");
-    v2.insert(moved.id.clone(), moved);
+    let v2 = changed(&v1, web2);
     let rep = rt.block_on(syncer.sync(&v2)).expect("incremental sync");
     assert!(!rep.full);
     assert_eq!(rep.changed, 4, "{rep:?}");
@@ -235,71 +250,18 @@ fn netlink_batches_equal_nft_text() {
         )
     };
 
-    let mut every_kind = port(
-        "web",
-        [10, 96, 0, 10],
-        Protocol::Tcp,
+    let (every_kind, v1) = services(
         &[
             ([10, 5, 1, 2], true),
             ([10, 5, 2, 2], false),
             ([10, 5, 2, 3], false),
         ],
+        true,
     );
-    every_kind.node_port = Some(30080);
-    every_kind.external_ips = vec![Ipv4Addr::new(192, 0, 2, 7)];
-    every_kind.external_local = true;
-    every_kind.affinity = Some(60);
-    let mut internal = port(
-        "int",
-        [10, 96, 0, 11],
-        Protocol::Udp,
-        &[([10, 5, 2, 3], false)],
-    );
-    internal.internal_local = true;
-    let mut empty = port("empty", [10, 96, 0, 12], Protocol::Tcp, &[]);
-    empty.node_port = Some(30081);
-    let mut cluster_np = port(
-        "np",
-        [10, 96, 0, 13],
-        Protocol::Udp,
-        &[([10, 5, 2, 4], false)],
-    );
-    cluster_np.node_port = Some(30082);
-    let sctp = port(
-        "sctp",
-        [10, 96, 0, 15],
-        Protocol::Sctp,
-        &[([10, 5, 1, 7], true)],
-    );
-    let mut remote_only = port(
-        "remote",
-        [10, 96, 0, 14],
-        Protocol::Tcp,
-        &[([10, 5, 2, 5], false)],
-    );
-    remote_only.node_port = Some(30083);
-    remote_only.external_local = true;
-    let v1 = map(vec![
-        every_kind.clone(),
-        internal,
-        empty,
-        cluster_np,
-        sctp,
-        remote_only,
-    ]);
     let mut web2 = every_kind.clone();
     web2.endpoints.truncate(1);
     web2.affinity = Some(120);
-    let moved = port(
-        "moved",
-        [10, 96, 0, 12],
-        Protocol::Tcp,
-        &[([10, 5, 1, 9], true)],
-    );
-    let mut v2 = v1.clone();
-    v2.insert(web2.id.clone(), web2);
-    v2.retain(|id, _| id.name != "empty" && id.name != "np");
-    v2.insert(moved.id.clone(), moved);
+    let v2 = changed(&v1, web2);
 
     for cidr in ["10.5.0.0/16", "10.0.0.0/12"] {
         let cfg = ProxyConfig {
