@@ -1,0 +1,818 @@
+//! NetworkPolicy compiled to this node's nftables table (pure: objects in, ruleset out).
+//!
+//! Layout of `table ip flannel-policy` (docs/network-policy.md draws it):
+//! - base chains `forward` and `input` (filter priority, after the service proxy's DNAT):
+//!   `ct state established,related accept`, `ct state invalid drop` (forward), then
+//!   `ip saddr vmap @egress` and `ip daddr vmap @ingress` (forward) / `ip saddr vmap @egress`
+//!   (input: a pod talking to its node);
+//! - maps `ingress` / `egress`: local pod address -> `jump pod/<ip>/in|out`, only for pods a
+//!   policy isolates in that direction (others have no element and pass);
+//! - per isolated pod a chain: `ip saddr <itself> return` (hairpin), one `return` rule per
+//!   rule of each selecting policy, then reject (TCP reset, ICMP admin-prohibited);
+//! - per policy rule a peer set `in|out/<ns>/<policy>/<i>` (addresses and intervals: matching
+//!   pods of the whole cluster, ipBlocks minus their excepts) and a port set
+//!   `.../<i>/ports` (`protocol . port` intervals); named ports look the destination up in
+//!   `named/<port name>` (`pod address . protocol . port` of every pod with that port).
+//!
+//! A packet costs one set lookup per rule of the policies selecting its pod, whatever the
+//! number of pods and policies in the cluster. [`diff`] turns two rulesets into the steps
+//! between them (one transaction); [`full`] writes the table from scratch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use registry::{
+    IntOrString, Labels, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, PolicyType, Protocol,
+};
+
+use crate::eval::{PodView, NAMESPACE_NAME_LABEL};
+
+/// The table the module owns.
+pub const TABLE: &str = "flannel-policy";
+
+/// What the elements of a set are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetType {
+    /// Peer addresses and intervals.
+    Addrs,
+    /// `protocol . port` intervals.
+    Ports,
+    /// `address . protocol . port` of pods with a named port.
+    Named,
+}
+
+impl SetType {
+    fn decl(self) -> &'static [&'static str] {
+        match self {
+            SetType::Addrs => &["type ipv4_addr", "flags interval"],
+            SetType::Ports => &["type inet_proto . inet_service", "flags interval"],
+            SetType::Named => &["type ipv4_addr . inet_proto . inet_service"],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub ty: SetType,
+    pub elements: BTreeSet<String>,
+}
+
+/// The node's table as data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub sets: BTreeMap<String, Set>,
+    /// Per-pod chains, by name, with their rules.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// Pod address -> its ingress chain.
+    pub ingress: BTreeMap<Ipv4Addr, String>,
+    /// Pod address -> its egress chain.
+    pub egress: BTreeMap<Ipv4Addr, String>,
+}
+
+impl Ruleset {
+    /// Local pods isolated for ingress and for egress.
+    pub fn isolated(&self) -> (usize, usize) {
+        (self.ingress.len(), self.egress.len())
+    }
+}
+
+/// What the table is compiled from.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// Namespace name -> labels (the name label is implied).
+    pub namespaces: &'a BTreeMap<String, Labels>,
+    pub policies: &'a [NetworkPolicy],
+    /// Every pod of the cluster that has an address.
+    pub pods: &'a [PodView],
+    /// This node's name: its pods get chains.
+    pub node: &'a str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    In,
+    Out,
+}
+
+impl Dir {
+    fn tag(self) -> &'static str {
+        match self {
+            Dir::In => "in",
+            Dir::Out => "out",
+        }
+    }
+    fn policy_type(self) -> PolicyType {
+        match self {
+            Dir::In => PolicyType::Ingress,
+            Dir::Out => PolicyType::Egress,
+        }
+    }
+    /// The packet field holding the peer (the source for ingress, the destination for egress).
+    fn peer_field(self) -> &'static str {
+        match self {
+            Dir::In => "saddr",
+            Dir::Out => "daddr",
+        }
+    }
+}
+
+fn chain_name(ip: Ipv4Addr, dir: Dir) -> String {
+    format!("pod/{ip}/{}", dir.tag())
+}
+
+fn namespace_of(np: &NetworkPolicy) -> &str {
+    np.metadata.namespace.as_deref().unwrap_or("default")
+}
+
+/// `<ns>/<name>` of a policy, or a hash when that would make set names too long for the
+/// kernel (names are at most 255 bytes).
+fn object_tag(ns: &str, name: &str) -> String {
+    if ns.len() + name.len() <= 180 {
+        return format!("{ns}/{name}");
+    }
+    // FNV-1a: stable across runs, which keeps a restarted daemon's names unchanged.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in ns.bytes().chain([b'/']).chain(name.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("h{h:016x}")
+}
+
+/// Closed intervals merged where they overlap (adjacent ones stay apart, so a pod address
+/// next to another stays its own element and updates stay small).
+fn merge<T: Ord + Copy>(mut v: Vec<(T, T)>) -> Vec<(T, T)> {
+    v.sort();
+    let mut out: Vec<(T, T)> = Vec::with_capacity(v.len());
+    for (lo, hi) in v {
+        match out.last_mut() {
+            Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+fn net_range(n: Ipv4Net) -> (u32, u32) {
+    let n = n.trunc();
+    (u32::from(n.network()), u32::from(n.broadcast()))
+}
+
+/// `cidr` minus every `except`, as closed intervals (empty when `cidr` does not parse;
+/// validation keeps such blocks out of the registry).
+fn block_ranges(cidr: &str, except: &[String]) -> Vec<(u32, u32)> {
+    let Ok(net) = cidr.parse::<Ipv4Net>() else {
+        return Vec::new();
+    };
+    let mut out = vec![net_range(net)];
+    for e in except.iter().filter_map(|e| e.parse::<Ipv4Net>().ok()) {
+        let (elo, ehi) = net_range(e);
+        out = out
+            .into_iter()
+            .flat_map(|(lo, hi)| {
+                let mut parts = Vec::new();
+                if ehi < lo || elo > hi {
+                    parts.push((lo, hi));
+                } else {
+                    if elo > lo {
+                        parts.push((lo, elo - 1));
+                    }
+                    if ehi < hi {
+                        parts.push((ehi + 1, hi));
+                    }
+                }
+                parts
+            })
+            .collect();
+    }
+    out
+}
+
+/// An address interval as nft writes it: an address, a prefix, or `a-b`.
+fn render_range((lo, hi): (u32, u32)) -> String {
+    if lo == hi {
+        return Ipv4Addr::from(lo).to_string();
+    }
+    let size = u64::from(hi) - u64::from(lo) + 1;
+    if size.is_power_of_two() && u64::from(lo) % size == 0 {
+        let len = 32 - size.trailing_zeros();
+        return format!("{}/{len}", Ipv4Addr::from(lo));
+    }
+    format!("{}-{}", Ipv4Addr::from(lo), Ipv4Addr::from(hi))
+}
+
+/// The compiler's view of the cluster, indexed once per compile.
+struct Ctx<'a> {
+    input: Input<'a>,
+    ns_labels: BTreeMap<&'a str, Labels>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(input: Input<'a>) -> Ctx<'a> {
+        let mut ns_labels: BTreeMap<&str, Labels> = BTreeMap::new();
+        for p in input.pods {
+            ns_labels.entry(p.namespace.as_str()).or_insert_with(|| {
+                let mut l = input
+                    .namespaces
+                    .get(&p.namespace)
+                    .cloned()
+                    .unwrap_or_default();
+                l.insert(NAMESPACE_NAME_LABEL.to_string(), p.namespace.clone());
+                l
+            });
+        }
+        Ctx { input, ns_labels }
+    }
+
+    /// Intervals of the addresses a rule's peers stand for.
+    fn peer_ranges(&self, peers: &[NetworkPolicyPeer], policy_ns: &str) -> Vec<(u32, u32)> {
+        let mut v = Vec::new();
+        for peer in peers {
+            if let Some(b) = &peer.ip_block {
+                v.extend(block_ranges(&b.cidr, &b.except));
+                continue;
+            }
+            for pod in self.input.pods {
+                let in_ns = match &peer.namespace_selector {
+                    None => pod.namespace == policy_ns,
+                    Some(sel) => self
+                        .ns_labels
+                        .get(pod.namespace.as_str())
+                        .is_some_and(|l| sel.matches(l)),
+                };
+                if in_ns
+                    && peer
+                        .pod_selector
+                        .as_ref()
+                        .is_none_or(|s| s.matches(&pod.labels))
+                {
+                    let a = u32::from(pod.ip);
+                    v.push((a, a));
+                }
+            }
+        }
+        merge(v)
+    }
+
+    /// `address . protocol . port` of every pod with a container port called `name`.
+    fn named_elements(&self, name: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for pod in self.input.pods {
+            for np in pod.ports.iter().filter(|np| np.name == name) {
+                out.insert(format!("{} . {} . {}", pod.ip, np.protocol.nft(), np.port));
+            }
+        }
+        out
+    }
+}
+
+/// Numeric ports of a rule as `protocol . port[-end]` elements (merged per protocol), and
+/// its named ports as (protocol, name).
+fn split_ports(ports: &[NetworkPolicyPort]) -> (BTreeSet<String>, BTreeSet<(Protocol, String)>) {
+    let mut ranges: BTreeMap<Protocol, Vec<(u16, u16)>> = BTreeMap::new();
+    let mut named = BTreeSet::new();
+    for p in ports {
+        let proto = p.protocol.unwrap_or(Protocol::Tcp);
+        let clamp = |n: i64| u16::try_from(n.clamp(0, 65535)).unwrap_or(u16::MAX);
+        match &p.port {
+            None => ranges.entry(proto).or_default().push((0, 65535)),
+            Some(IntOrString::Int(n)) => {
+                let lo = clamp(*n);
+                let hi = p.end_port.map(clamp).unwrap_or(lo).max(lo);
+                ranges.entry(proto).or_default().push((lo, hi));
+            }
+            Some(IntOrString::String(name)) => {
+                named.insert((proto, name.clone()));
+            }
+        }
+    }
+    let mut elements = BTreeSet::new();
+    for (proto, v) in ranges {
+        for (lo, hi) in merge(v) {
+            elements.insert(if lo == hi {
+                format!("{} . {lo}", proto.nft())
+            } else {
+                format!("{} . {lo}-{hi}", proto.nft())
+            });
+        }
+    }
+    (elements, named)
+}
+
+/// The ruleset for the pods of `input.node`.
+pub fn compile(input: Input<'_>) -> Ruleset {
+    let ctx = Ctx::new(input);
+    let mut rs = Ruleset::default();
+    let mut policies: Vec<&NetworkPolicy> = input.policies.iter().collect();
+    policies.sort_by(|a, b| {
+        (namespace_of(a), a.metadata.name.as_str()).cmp(&(namespace_of(b), &b.metadata.name))
+    });
+    // Several records may claim an address for a while (a pod replaced); one chain each.
+    let mut local: BTreeMap<Ipv4Addr, &PodView> = BTreeMap::new();
+    for p in input.pods.iter().filter(|p| p.node == input.node) {
+        local.insert(p.ip, p);
+    }
+    // (pod, direction) -> the allow rules of its policies, in policy order.
+    let mut per_pod: BTreeMap<(Ipv4Addr, &'static str), (Dir, Vec<String>)> = BTreeMap::new();
+    for np in policies {
+        let ns = namespace_of(np);
+        for dir in [Dir::In, Dir::Out] {
+            if !np.spec.isolates(dir.policy_type()) {
+                continue;
+            }
+            let selected: Vec<Ipv4Addr> = local
+                .values()
+                .filter(|p| p.namespace == ns && np.spec.pod_selector.matches(&p.labels))
+                .map(|p| p.ip)
+                .collect();
+            if selected.is_empty() {
+                continue;
+            }
+            let rules = policy_rules(&ctx, &mut rs, np, dir);
+            for ip in selected {
+                per_pod
+                    .entry((ip, dir.tag()))
+                    .or_insert_with(|| (dir, Vec::new()))
+                    .1
+                    .extend(rules.iter().cloned());
+            }
+        }
+    }
+    for ((ip, _), (dir, rules)) in per_pod {
+        let name = chain_name(ip, dir);
+        let mut chain = Vec::with_capacity(rules.len() + 3);
+        // A pod reaching itself (through its own Service: hairpin) is always allowed.
+        chain.push(format!("ip {} {ip} return", dir.peer_field()));
+        chain.extend(rules);
+        chain.push("meta l4proto tcp reject with tcp reset".to_string());
+        chain.push("reject with icmp type admin-prohibited".to_string());
+        rs.chains.insert(name.clone(), chain);
+        match dir {
+            Dir::In => rs.ingress.insert(ip, name),
+            Dir::Out => rs.egress.insert(ip, name),
+        };
+    }
+    rs
+}
+
+/// The `return` rules of one policy for one direction (registering the sets they use).
+fn policy_rules(ctx: &Ctx<'_>, rs: &mut Ruleset, np: &NetworkPolicy, dir: Dir) -> Vec<String> {
+    let ns = namespace_of(np);
+    let tag = object_tag(ns, &np.metadata.name);
+    let rules: Vec<(&[NetworkPolicyPeer], &[NetworkPolicyPort])> = match dir {
+        Dir::In => np
+            .spec
+            .ingress
+            .iter()
+            .map(|r| (r.from.as_slice(), r.ports.as_slice()))
+            .collect(),
+        Dir::Out => np
+            .spec
+            .egress
+            .iter()
+            .map(|r| (r.to.as_slice(), r.ports.as_slice()))
+            .collect(),
+    };
+    let mut out = Vec::new();
+    for (i, (peers, ports)) in rules.into_iter().enumerate() {
+        let peer_match = if peers.is_empty() {
+            String::new()
+        } else {
+            let name = format!("{}/{tag}/{i}", dir.tag());
+            let elements = ctx
+                .peer_ranges(peers, ns)
+                .into_iter()
+                .map(render_range)
+                .collect();
+            rs.sets.insert(
+                name.clone(),
+                Set {
+                    ty: SetType::Addrs,
+                    elements,
+                },
+            );
+            format!("ip {} @{name} ", dir.peer_field())
+        };
+        if ports.is_empty() {
+            out.push(format!("{peer_match}return"));
+            continue;
+        }
+        let (numeric, named) = split_ports(ports);
+        if !numeric.is_empty() {
+            let name = format!("{}/{tag}/{i}/ports", dir.tag());
+            rs.sets.insert(
+                name.clone(),
+                Set {
+                    ty: SetType::Ports,
+                    elements: numeric,
+                },
+            );
+            out.push(format!(
+                "{peer_match}meta l4proto . th dport @{name} return"
+            ));
+        }
+        for (proto, port_name) in named {
+            let set = format!("named/{port_name}");
+            rs.sets.entry(set.clone()).or_insert_with(|| Set {
+                ty: SetType::Named,
+                elements: ctx.named_elements(&port_name),
+            });
+            // The destination's own port of that name and protocol (in both directions the
+            // name is resolved on the destination pod).
+            out.push(format!(
+                "meta l4proto {} {peer_match}ip daddr . meta l4proto . th dport @{set} return",
+                proto.nft()
+            ));
+        }
+    }
+    out
+}
+
+const BASE_CHAINS: &str = "  chain forward {
+    type filter hook forward priority filter; policy accept;
+    ct state established,related accept
+    ct state invalid drop
+    ip saddr vmap @egress
+    ip daddr vmap @ingress
+  }
+  chain input {
+    type filter hook input priority filter; policy accept;
+    ct state established,related accept
+    ip saddr vmap @egress
+  }
+";
+
+fn map_elements(m: &BTreeMap<Ipv4Addr, String>) -> String {
+    m.iter()
+        .map(|(ip, chain)| format!("{ip} : jump {chain}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn join(elements: &BTreeSet<String>) -> String {
+    elements
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The script that replaces the table with `rs` (one transaction).
+pub fn full(rs: &Ruleset) -> String {
+    let mut s = cleanup();
+    let _ = writeln!(s, "table ip {TABLE} {{");
+    for (name, set) in &rs.sets {
+        let _ = writeln!(s, "  set {name} {{");
+        for d in set.ty.decl() {
+            let _ = writeln!(s, "    {d}");
+        }
+        if !set.elements.is_empty() {
+            let _ = writeln!(s, "    elements = {{ {} }}", join(&set.elements));
+        }
+        s.push_str("  }\n");
+    }
+    for (name, rules) in &rs.chains {
+        let _ = writeln!(s, "  chain {name} {{");
+        for r in rules {
+            let _ = writeln!(s, "    {r}");
+        }
+        s.push_str("  }\n");
+    }
+    for (map, m) in [("ingress", &rs.ingress), ("egress", &rs.egress)] {
+        let _ = writeln!(s, "  map {map} {{");
+        s.push_str("    type ipv4_addr : verdict\n");
+        if !m.is_empty() {
+            let _ = writeln!(s, "    elements = {{ {} }}", map_elements(m));
+        }
+        s.push_str("  }\n");
+    }
+    s.push_str(BASE_CHAINS);
+    s.push_str("}\n");
+    s
+}
+
+/// The script that removes the table whether or not it exists (nft 1.0.6 has no `destroy`).
+pub fn cleanup() -> String {
+    format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+}
+
+/// The steps from `old` (what the kernel has) to `new`, as one transaction; `None` when
+/// nothing changed. Order: map elements that go, chains emptied and removed, sets removed
+/// and updated (removals before additions), chains created and filled, map elements added.
+pub fn diff(old: &Ruleset, new: &Ruleset) -> Option<String> {
+    let t = format!("ip {TABLE}");
+    let mut s = String::new();
+    for (map, o, n) in [
+        ("ingress", &old.ingress, &new.ingress),
+        ("egress", &old.egress, &new.egress),
+    ] {
+        let gone: Vec<String> = o
+            .iter()
+            .filter(|(ip, c)| n.get(ip) != Some(c))
+            .map(|(ip, _)| ip.to_string())
+            .collect();
+        if !gone.is_empty() {
+            let _ = writeln!(s, "delete element {t} {map} {{ {} }}", gone.join(", "));
+        }
+    }
+    for (name, rules) in &old.chains {
+        match new.chains.get(name) {
+            Some(r) if r == rules => {}
+            Some(_) => {
+                let _ = writeln!(s, "flush chain {t} {name}");
+            }
+            None => {
+                let _ = writeln!(s, "flush chain {t} {name}\ndelete chain {t} {name}");
+            }
+        }
+    }
+    for (name, set) in &old.sets {
+        match new.sets.get(name) {
+            // A name always has one type (the suffix says which), so a set is kept or goes.
+            None => {
+                let _ = writeln!(s, "delete set {t} {name}");
+            }
+            Some(n) => {
+                let gone: BTreeSet<String> =
+                    set.elements.difference(&n.elements).cloned().collect();
+                if !gone.is_empty() {
+                    let _ = writeln!(s, "delete element {t} {name} {{ {} }}", join(&gone));
+                }
+            }
+        }
+    }
+    for (name, set) in &new.sets {
+        let added: BTreeSet<String> = match old.sets.get(name) {
+            Some(o) => set.elements.difference(&o.elements).cloned().collect(),
+            None => {
+                let _ = writeln!(s, "add set {t} {name} {{ {}; }}", set.ty.decl().join("; "));
+                set.elements.clone()
+            }
+        };
+        if !added.is_empty() {
+            let _ = writeln!(s, "add element {t} {name} {{ {} }}", join(&added));
+        }
+    }
+    for (name, rules) in &new.chains {
+        let old_rules = old.chains.get(name);
+        if old_rules == Some(rules) {
+            continue;
+        }
+        if old_rules.is_none() {
+            let _ = writeln!(s, "add chain {t} {name}");
+        }
+        for r in rules {
+            let _ = writeln!(s, "add rule {t} {name} {r}");
+        }
+    }
+    for (map, o, n) in [
+        ("ingress", &old.ingress, &new.ingress),
+        ("egress", &old.egress, &new.egress),
+    ] {
+        let added: Vec<String> = n
+            .iter()
+            .filter(|(ip, c)| o.get(ip) != Some(c))
+            .map(|(ip, c)| format!("{ip} : jump {c}"))
+            .collect();
+        if !added.is_empty() {
+            let _ = writeln!(s, "add element {t} {map} {{ {} }}", added.join(", "));
+        }
+    }
+    (!s.is_empty()).then_some(s)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::eval::NamedPort;
+    use registry::Object;
+
+    fn pod(ns: &str, name: &str, ip: [u8; 4], node: &str, labels: &[(&str, &str)]) -> PodView {
+        PodView {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ip: Ipv4Addr::from(ip),
+            node: node.into(),
+            ports: vec![NamedPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+        }
+    }
+
+    fn policies(yaml: &str) -> Vec<NetworkPolicy> {
+        registry::parse_documents(yaml)
+            .unwrap()
+            .into_iter()
+            .map(|o| match o {
+                Object::NetworkPolicy(mut np) => {
+                    np.metadata.namespace.get_or_insert_with(|| "x".into());
+                    np
+                }
+                other => panic!("not a policy: {other:?}"),
+            })
+            .collect()
+    }
+
+    fn pods() -> Vec<PodView> {
+        vec![
+            pod("x", "a", [10, 5, 1, 2], "n1", &[("pod", "a")]),
+            pod("x", "b", [10, 5, 1, 3], "n1", &[("pod", "b")]),
+            pod("y", "a", [10, 5, 1, 4], "n1", &[("pod", "a")]),
+            pod("x", "c", [10, 5, 2, 2], "n2", &[("pod", "c")]),
+            pod("y", "b", [10, 5, 2, 3], "n2", &[("pod", "b")]),
+        ]
+    }
+
+    fn compile_with(pods: &[PodView], nps: &[NetworkPolicy], node: &str) -> Ruleset {
+        let mut namespaces = BTreeMap::new();
+        namespaces.insert(
+            "y".to_string(),
+            [("team".to_string(), "blue".to_string())].into(),
+        );
+        compile(Input {
+            namespaces: &namespaces,
+            policies: nps,
+            pods,
+            node,
+        })
+    }
+
+    const DENY_X: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny}\nspec:\n  podSelector: {}\n";
+
+    #[test]
+    fn ranges_of_blocks_and_their_rendering() {
+        let r = block_ranges(
+            "10.0.0.0/16",
+            &["10.0.1.0/24".into(), "10.0.255.255/32".into()],
+        );
+        let text: Vec<String> = r.into_iter().map(render_range).collect();
+        assert_eq!(
+            text,
+            ["10.0.0.0/24", "10.0.2.0-10.0.255.254"],
+            "cidr minus excepts"
+        );
+        assert_eq!(render_range((0, u32::MAX)), "0.0.0.0/0");
+        assert_eq!(
+            merge(vec![(5, 5), (1, 9), (10, 10), (3, 4)]),
+            [(1, 9), (10, 10)]
+        );
+        assert!(block_ranges("10.0.0.0/40", &[]).is_empty());
+    }
+
+    #[test]
+    fn default_deny_isolates_only_local_pods_of_the_namespace() {
+        let rs = compile_with(&pods(), &policies(DENY_X), "n1");
+        let ips: Vec<String> = rs.ingress.keys().map(|i| i.to_string()).collect();
+        assert_eq!(ips, ["10.5.1.2", "10.5.1.3"]);
+        assert!(
+            rs.egress.is_empty(),
+            "no egress section: not isolated for egress"
+        );
+        assert_eq!(
+            rs.chains["pod/10.5.1.2/in"],
+            [
+                "ip saddr 10.5.1.2 return",
+                "meta l4proto tcp reject with tcp reset",
+                "reject with icmp type admin-prohibited"
+            ]
+        );
+        assert!(rs.sets.is_empty());
+        let other = compile_with(&pods(), &policies(DENY_X), "n2");
+        assert_eq!(other.ingress.keys().count(), 1, "x/c only");
+    }
+
+    #[test]
+    fn rules_become_peer_and_port_sets() {
+        let nps = policies(
+            "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: b}}
+    - namespaceSelector: {matchLabels: {team: blue}}
+      podSelector: {matchLabels: {pod: a}}
+    ports: [{port: 80}, {port: 81, endPort: 90}, {port: 85}, {protocol: UDP}, {port: http}]
+  egress:
+  - to: [{ipBlock: {cidr: 10.5.0.0/16, except: [10.5.2.0/24]}}]
+",
+        );
+        let rs = compile_with(&pods(), &nps, "n1");
+        assert_eq!(rs.ingress.len(), 1);
+        let peers: Vec<&str> = rs.sets["in/x/web/0"]
+            .elements
+            .iter()
+            .map(String::as_str)
+            .collect();
+        // x/b by podSelector; y/a by namespace AND pod selector (y/b fails the pod part).
+        assert_eq!(peers, ["10.5.1.3", "10.5.1.4"]);
+        let ports: Vec<&str> = rs.sets["in/x/web/0/ports"]
+            .elements
+            .iter()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(ports, ["tcp . 80", "tcp . 81-90", "udp . 0-65535"]);
+        assert_eq!(rs.sets["named/http"].ty, SetType::Named);
+        assert_eq!(rs.sets["named/http"].elements.len(), 5);
+        let chain = &rs.chains["pod/10.5.1.2/in"];
+        assert_eq!(
+            chain[1],
+            "ip saddr @in/x/web/0 meta l4proto . th dport @in/x/web/0/ports return"
+        );
+        assert_eq!(
+            chain[2],
+            "meta l4proto tcp ip saddr @in/x/web/0 ip daddr . meta l4proto . th dport @named/http return"
+        );
+        let out: Vec<&str> = rs.sets["out/x/web/0"]
+            .elements
+            .iter()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(out, ["10.5.0.0/23", "10.5.3.0-10.5.255.255"]);
+        assert_eq!(rs.chains["pod/10.5.1.2/out"][0], "ip daddr 10.5.1.2 return");
+    }
+
+    #[test]
+    fn full_script_declares_before_use() {
+        let rs = compile_with(&pods(), &policies(DENY_X), "n1");
+        let f = full(&rs);
+        assert!(f.starts_with("add table ip flannel-policy\ndelete table ip flannel-policy\n"));
+        let chain = f.find("chain pod/10.5.1.2/in").unwrap();
+        let map = f.find("map ingress").unwrap();
+        let base = f.find("chain forward").unwrap();
+        assert!(chain < map && map < base, "{f}");
+        assert!(f.contains(
+            "elements = { 10.5.1.2 : jump pod/10.5.1.2/in, 10.5.1.3 : jump pod/10.5.1.3/in }"
+        ));
+    }
+
+    #[test]
+    fn diffs_are_proportional_to_the_change() {
+        let nps = policies(
+            "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-b}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]
+",
+        );
+        let mut ps = pods();
+        let before = compile_with(&ps, &nps, "n1");
+        assert_eq!(diff(&before, &before), None);
+        // A pod of another node gains the label: one element, nothing else.
+        ps[3].labels.insert("role".into(), "client".into());
+        let after = compile_with(&ps, &nps, "n1");
+        assert_eq!(
+            diff(&before, &after).unwrap(),
+            "add element ip flannel-policy in/x/from-b/0 { 10.5.2.2 }\n"
+        );
+        // The selected pod goes: its map element, then its chain, then the unused set.
+        let gone = compile_with(&ps[1..], &nps, "n1");
+        assert_eq!(
+            diff(&after, &gone).unwrap(),
+            "delete element ip flannel-policy ingress { 10.5.1.2 }\n\
+             flush chain ip flannel-policy pod/10.5.1.2/in\n\
+             delete chain ip flannel-policy pod/10.5.1.2/in\n\
+             delete set ip flannel-policy in/x/from-b/0\n"
+        );
+        // And back: set, chain, rules, then the map element that jumps to it.
+        let back = diff(&gone, &after).unwrap();
+        let lines: Vec<&str> = back.lines().collect();
+        assert_eq!(
+            lines[0],
+            "add set ip flannel-policy in/x/from-b/0 { type ipv4_addr; flags interval; }"
+        );
+        assert_eq!(
+            lines[1],
+            "add element ip flannel-policy in/x/from-b/0 { 10.5.2.2 }"
+        );
+        assert_eq!(lines[2], "add chain ip flannel-policy pod/10.5.1.2/in");
+        assert_eq!(
+            lines.last().unwrap(),
+            &"add element ip flannel-policy ingress { 10.5.1.2 : jump pod/10.5.1.2/in }"
+        );
+    }
+
+    #[test]
+    fn long_names_are_hashed_and_stable() {
+        let long = "n".repeat(200);
+        let a = object_tag("x", &long);
+        assert_eq!(a, object_tag("x", &long));
+        assert!(a.starts_with('h') && a.len() == 17);
+        assert_ne!(a, object_tag("y", &long));
+        assert_eq!(object_tag("x", "web"), "x/web");
+    }
+}
