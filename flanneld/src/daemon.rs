@@ -214,6 +214,9 @@ async fn cleanup(flags: &Flags) -> Result<()> {
     if let Err(e) = Nft::default().apply(&service_proxy::nft::cleanup()).await {
         errors.push(format!("removing the service proxy's table: {e:#}"));
     }
+    if let Err(e) = Nft::default().apply(&policy::compile::cleanup()).await {
+        errors.push(format!("removing the network policy table: {e:#}"));
+    }
     // The VNI comes from the config when etcd answers; flannel's default otherwise.
     let mut vni = 1;
     if let Ok(reg) = EtcdRegistry::connect(&etcd_options(flags)).await {
@@ -540,6 +543,21 @@ pub async fn run(flags: Flags) -> Result<()> {
             None
         }
     };
+    let (policy_stop, policy_stop_rx) = tokio::sync::watch::channel(false);
+    let policy_task = if flags.network_policy {
+        tracing::info!("network policy on");
+        Some(tokio::spawn(policy::run::run(
+            manager.registry().clone(),
+            policy::run::PolicyOptions::new(&flags.node_name()),
+            status.policy.clone(),
+            policy_stop_rx,
+        )))
+    } else {
+        if let Err(e) = Nft::default().apply(&policy::compile::cleanup()).await {
+            tracing::debug!("no network policy table to remove: {e:#}");
+        }
+        None
+    };
     let mut requested = cfg.backend.clone();
     let mut own = lease.clone();
     let run = tokio::spawn(manager.run_with_control(lease, tx, control_rx));
@@ -603,6 +621,10 @@ pub async fn run(flags: Flags) -> Result<()> {
     }
     let _ = proxy_stop.send(true);
     if let Some(t) = proxy_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    let _ = policy_stop.send(true);
+    if let Some(t) = policy_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     drop(events);

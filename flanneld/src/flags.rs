@@ -122,6 +122,12 @@ pub struct Flags {
           value_parser = ["none", "nftables", "userspace"])]
     pub proxy_mode: String,
 
+    /// Enforce Kubernetes NetworkPolicy (`networking.k8s.io/v1` objects from the etcd
+    /// registry) for this node's pods, in nftables table `ip flannel-policy`. Off by default
+    /// (flannel's behaviour; a table left by an earlier run is removed).
+    #[arg(long, env = "FLANNELD_NETWORK_POLICY")]
+    pub network_policy: bool,
+
     /// Remove the host rules and the backend's device, then exit (the lease is kept).
     #[arg(long)]
     pub cleanup: bool,

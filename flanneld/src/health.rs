@@ -43,6 +43,8 @@ pub struct Status {
     pub pod_publish_errors: Counter,
     /// The service proxy's metrics (`flannel_proxy_*`).
     pub proxy: service_proxy::metrics::ProxyMetrics,
+    /// The network policy module's metrics (`flannel_policy_*`).
+    pub policy: policy::metrics::PolicyMetrics,
     /// The backend's data-plane counters, labelled by name.
     backend: Family<Vec<(String, String)>, Counter>,
     lease_expiry: Gauge,
@@ -71,6 +73,7 @@ impl Status {
             pods_published: Gauge::default(),
             pod_publish_errors: Counter::default(),
             proxy: service_proxy::metrics::ProxyMetrics::default(),
+            policy: policy::metrics::PolicyMetrics::default(),
             backend: Family::default(),
             lease_expiry: Gauge::default(),
             etcd_errors: Counter::default(),
@@ -80,6 +83,7 @@ impl Status {
         };
         let r = &mut s.registry;
         s.proxy.register(r);
+        s.policy.register(r);
         r.register("peers", "Peer leases currently known", s.peers.clone());
         r.register("reconcile", "Backend reconcile runs", s.reconciles.clone());
         r.register(

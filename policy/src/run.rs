@@ -1,0 +1,412 @@
+//! The module's loop: list the registry (namespaces, pods, policies) and the pod records from
+//! etcd, watch them from the next revision (re-list when the watch loses history), and after
+//! each burst of changes compile this node's table and apply the difference from what the
+//! kernel has in one `nft -f -` transaction (the whole table after a start or a failure).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use futures::StreamExt;
+use registry::{Kind, Labels, NetworkPolicy, Object, Pod};
+use service_proxy::sync::{NftApply, NftCommand};
+use subnet_lease::pods::{parse_pod_key, pods_prefix};
+use subnet_lease::{EtcdRegistry, PodRecord};
+use tokio::sync::watch;
+
+use crate::compile::{self, Input, Ruleset};
+use crate::eval::{NamedPort, PodView};
+use crate::metrics::PolicyMetrics;
+
+#[derive(Debug, Clone)]
+pub struct PolicyOptions {
+    /// This node's name (`--node-name`): the pods whose records carry it are enforced here.
+    pub node: String,
+    /// How long to wait for more changes after one arrives before syncing.
+    pub debounce: Duration,
+    /// How often to check that the table is still there (and rebuild it when not).
+    pub check_interval: Duration,
+    /// `nft` behind an optional command prefix.
+    pub nft: NftCommand,
+}
+
+impl PolicyOptions {
+    pub fn new(node: &str) -> PolicyOptions {
+        PolicyOptions {
+            node: node.to_string(),
+            debounce: Duration::from_millis(5),
+            check_interval: Duration::from_secs(10),
+            nft: NftCommand::default(),
+        }
+    }
+}
+
+type Key = (String, String);
+
+/// The module's copy of the etcd data it uses, updated key by key (pure).
+#[derive(Debug, Clone)]
+pub struct Cache {
+    prefix: String,
+    registry_prefix: String,
+    pods_prefix: String,
+    pub namespaces: BTreeMap<String, Labels>,
+    pub pods: BTreeMap<Key, Pod>,
+    pub records: BTreeMap<Key, PodRecord>,
+    pub policies: BTreeMap<Key, NetworkPolicy>,
+}
+
+impl Cache {
+    pub fn new(prefix: &str) -> Cache {
+        Cache {
+            prefix: prefix.to_string(),
+            registry_prefix: registry::store::registry_prefix(prefix),
+            pods_prefix: pods_prefix(prefix),
+            namespaces: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            records: BTreeMap::new(),
+            policies: BTreeMap::new(),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.namespaces.clear();
+        self.pods.clear();
+        self.records.clear();
+        self.policies.clear();
+    }
+
+    /// Applies the events of one watch answer; returns whether anything used changed.
+    pub fn apply_events(&mut self, resp: &etcd_client::WatchResponse) -> bool {
+        let mut changed = false;
+        for ev in resp.events() {
+            if let Some(kv) = ev.kv() {
+                let key = kv.key_str().unwrap_or_default();
+                let value = (ev.event_type() == EventType::Put).then(|| kv.value());
+                changed |= self.apply(key, value, kv.mod_revision());
+            }
+        }
+        changed
+    }
+
+    /// Applies one key's new value (`None`: deleted). Returns whether anything the module
+    /// uses changed. Values that do not decode are logged and treated as absent.
+    pub fn apply(&mut self, key: &str, value: Option<&[u8]>, mod_revision: i64) -> bool {
+        if key.starts_with(&self.registry_prefix) {
+            let Some((kind, ns, name)) = registry::store::parse_key(&self.prefix, key) else {
+                return false;
+            };
+            if !matches!(kind, Kind::Namespace | Kind::Pod | Kind::NetworkPolicy) {
+                return false;
+            }
+            let obj = value.and_then(|v| {
+                match registry::store::decode(&self.prefix, key, v, mod_revision) {
+                    Ok(o) => Some(o),
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "ignoring an object that does not decode");
+                        None
+                    }
+                }
+            });
+            let k = (ns.unwrap_or_default(), name);
+            match (kind, obj) {
+                (_, Some(Object::Namespace(o))) => {
+                    self.namespaces.insert(k.1, o.metadata.labels);
+                }
+                (_, Some(Object::Pod(o))) => {
+                    self.pods.insert(k, o);
+                }
+                (_, Some(Object::NetworkPolicy(o))) => {
+                    self.policies.insert(k, o);
+                }
+                (Kind::Namespace, _) => return self.namespaces.remove(&k.1).is_some(),
+                (Kind::Pod, _) => return self.pods.remove(&k).is_some(),
+                (Kind::NetworkPolicy, _) => return self.policies.remove(&k).is_some(),
+                _ => return false,
+            }
+            true
+        } else if key.starts_with(&self.pods_prefix) {
+            let Ok((ns, name)) = parse_pod_key(&self.prefix, key) else {
+                return false;
+            };
+            let k = (ns.to_string(), name.to_string());
+            let rec = value.and_then(|v| match serde_json::from_slice::<PodRecord>(v) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "ignoring a pod record that does not decode");
+                    None
+                }
+            });
+            match rec {
+                Some(r) => {
+                    self.records.insert(k, r);
+                    true
+                }
+                None => self.records.remove(&k).is_some(),
+            }
+        } else {
+            false
+        }
+    }
+
+    /// Every pod with an address: its record (address, node) with the labels and named
+    /// container ports of its registry object (none while the object is missing).
+    pub fn pod_views(&self) -> Vec<PodView> {
+        self.records
+            .iter()
+            .map(|((ns, name), rec)| {
+                let obj = self.pods.get(&(ns.clone(), name.clone()));
+                PodView {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    labels: obj.map(|p| p.metadata.labels.clone()).unwrap_or_default(),
+                    ip: rec.ip,
+                    node: rec.node.clone(),
+                    ports: obj.map(named_ports).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// This node's table for the cached objects.
+    pub fn compile(&self, node: &str) -> Ruleset {
+        let pods = self.pod_views();
+        let policies: Vec<NetworkPolicy> = self.policies.values().cloned().collect();
+        compile::compile(Input {
+            namespaces: &self.namespaces,
+            policies: &policies,
+            pods: &pods,
+            node,
+        })
+    }
+}
+
+fn named_ports(p: &Pod) -> Vec<NamedPort> {
+    p.spec
+        .containers
+        .iter()
+        .flat_map(|c| &c.ports)
+        .filter_map(|cp| {
+            Some(NamedPort {
+                name: cp.name.clone()?,
+                port: u16::try_from(cp.container_port).ok()?,
+                protocol: cp.protocol,
+            })
+        })
+        .collect()
+}
+
+/// Keeps the kernel's table equal to the compiled ruleset.
+#[derive(Debug)]
+pub struct Enforcer<N> {
+    nft: N,
+    /// What the kernel holds (`None`: unknown, the next sync writes the whole table).
+    applied: Option<Ruleset>,
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncReport {
+    pub full: bool,
+    pub changed: bool,
+    pub elapsed: Duration,
+}
+
+impl<N: NftApply> Enforcer<N> {
+    pub fn new(nft: N) -> Self {
+        Enforcer { nft, applied: None }
+    }
+
+    /// Forget what the kernel holds: the next sync rewrites the table.
+    pub fn invalidate(&mut self) {
+        self.applied = None;
+    }
+
+    /// Brings the table to `rs`: the difference in one transaction, or the whole table when
+    /// the kernel's state is unknown. A failed transaction changes nothing.
+    pub async fn sync(&mut self, rs: Ruleset) -> Result<SyncReport, String> {
+        let started = Instant::now();
+        let (script, full) = match &self.applied {
+            Some(old) => (compile::diff(old, &rs), false),
+            None => (Some(compile::full(&rs)), true),
+        };
+        let changed = script.is_some();
+        if let Some(s) = script {
+            self.nft.apply(&s).await.map_err(|e| {
+                self.applied = None;
+                e.to_string()
+            })?;
+        }
+        self.applied = Some(rs);
+        Ok(SyncReport {
+            full,
+            changed,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Whether our table is still in the kernel.
+    pub async fn table_present(&self) -> bool {
+        let probe = format!("list chain ip {} forward\n", compile::TABLE);
+        self.nft.apply(&probe).await.is_ok()
+    }
+}
+
+/// Same-node pod-to-pod traffic is bridged on cni0; the forward hook sees it only with
+/// br_netfilter's `bridge-nf-call-iptables` on (in this network namespace). Turns it on;
+/// returns a warning when it cannot.
+pub fn ensure_bridge_netfilter() -> Option<String> {
+    const PATH: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    if std::fs::metadata(PATH).is_err() {
+        // Built as a module and not loaded yet: load it.
+        let _ = std::process::Command::new("modprobe")
+            .arg("br_netfilter")
+            .status();
+    }
+    match std::fs::read_to_string(PATH) {
+        Ok(v) if v.trim() == "1" => None,
+        Ok(_) => std::fs::write(PATH, "1")
+            .err()
+            .map(|e| format!("cannot turn on {PATH}: {e}; same-node pod traffic is not filtered")),
+        Err(e) => Some(format!(
+            "{PATH}: {e} (no br_netfilter); same-node pod traffic is not filtered"
+        )),
+    }
+}
+
+async fn list(reg: &EtcdRegistry, cache: &mut Cache) -> Result<i64, etcd_client::Error> {
+    let mut c = reg.client();
+    let resp = c
+        .get(
+            format!("{}/", reg.prefix()),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await?;
+    let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+    cache.clear();
+    for kv in resp.kvs() {
+        if let Ok(key) = kv.key_str() {
+            cache.apply(key, Some(kv.value()), kv.mod_revision());
+        }
+    }
+    Ok(revision)
+}
+
+/// Enforces NetworkPolicy for this node's pods until `stop` turns true. The table stays
+/// when it stops (pods stay isolated while flanneld restarts; the next start rewrites it).
+pub async fn run(
+    reg: EtcdRegistry,
+    opts: PolicyOptions,
+    metrics: PolicyMetrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    if let Some(w) = ensure_bridge_netfilter() {
+        tracing::warn!("{w}");
+    }
+    let mut enforcer = Enforcer::new(opts.nft.clone());
+    let mut cache = Cache::new(reg.prefix());
+    let mut backoff = Duration::from_millis(200);
+    'outer: loop {
+        if *stop.borrow() {
+            break;
+        }
+        let revision = match list(&reg, &mut cache).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "network policy: listing etcd failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => break 'outer,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        let mut dirty = true;
+        let mut c = reg.client();
+        let wopts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let mut stream = match c.watch(format!("{}/", reg.prefix()), Some(wopts)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "network policy: watch failed; re-listing");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => break 'outer,
+                }
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        let mut check = tokio::time::interval(opts.check_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        loop {
+            if dirty {
+                // Gather the rest of a burst before syncing.
+                let deadline = tokio::time::sleep(opts.debounce);
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        _ = &mut deadline => break,
+                        item = stream.next() => match item {
+                            Some(Ok(resp)) => {
+                                if resp.canceled() {
+                                    continue 'outer;
+                                }
+                                cache.apply_events(&resp);
+                            }
+                            _ => continue 'outer,
+                        },
+                    }
+                }
+                let rs = cache.compile(&opts.node);
+                let (ingress, egress) = rs.isolated();
+                match enforcer.sync(rs).await {
+                    Ok(rep) => {
+                        metrics.observe(&rep, ingress, egress);
+                        tracing::debug!(?rep, ingress, egress, "network policy sync");
+                        dirty = false;
+                        retry_at = None;
+                    }
+                    Err(e) => {
+                        metrics.sync_errors.inc();
+                        tracing::warn!(error = %e, "network policy sync failed; full resync in 1 s");
+                        retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
+                }
+            }
+            let retry = async {
+                match retry_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.changed() => break 'outer,
+                _ = retry => { dirty = true; }
+                _ = check.tick() => {
+                    if !enforcer.table_present().await {
+                        tracing::warn!("network policy table missing; rebuilding it");
+                        enforcer.invalidate();
+                        dirty = true;
+                    }
+                }
+                item = stream.next() => match item {
+                    Some(Ok(resp)) => {
+                        if resp.canceled() {
+                            tracing::info!("network policy watch lost history; re-listing");
+                            continue 'outer;
+                        }
+                        dirty |= cache.apply_events(&resp);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "network policy watch failed; re-listing");
+                        continue 'outer;
+                    }
+                    None => continue 'outer,
+                },
+            }
+        }
+    }
+}
