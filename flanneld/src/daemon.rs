@@ -546,6 +546,14 @@ pub async fn run(flags: Flags) -> Result<()> {
     let (policy_stop, policy_stop_rx) = tokio::sync::watch::channel(false);
     let policy_task = if flags.network_policy {
         tracing::info!("network policy on");
+        if !flags.ip_masq {
+            // subnet.env then says FLANNEL_IPMASQ=false and the CNI bridge masquerades pod
+            // traffic to other nodes: their policies see this node's address, not the pod's.
+            tracing::warn!(
+                "--network-policy without --ip-masq: traffic to pods of other nodes leaves with \
+                 the node's address, so pod and namespace selectors cannot match it there"
+            );
+        }
         Some(tokio::spawn(policy::run::run(
             manager.registry().clone(),
             policy::run::PolicyOptions::new(&flags.node_name()),

@@ -8,7 +8,8 @@
 //! - maps `ingress` / `egress`: local pod address -> `jump pod/<ip>/in|out`, only for pods a
 //!   policy isolates in that direction (others have no element and pass);
 //! - per isolated pod a chain: `ip saddr <itself> return` (hairpin), one `return` rule per
-//!   rule of each selecting policy, then reject (TCP reset, ICMP admin-prohibited);
+//!   rule of each selecting policy, then reject (TCP reset unless the connection was DNATed,
+//!   else ICMP admin-prohibited);
 //! - per policy rule a peer set `in|out/<ns>/<policy>/<i>` (addresses and intervals: matching
 //!   pods of the whole cluster, ipBlocks minus their excepts) and a port set
 //!   `.../<i>/ports` (`protocol . port` intervals); named ports look the destination up in
@@ -346,7 +347,10 @@ pub fn compile(input: Input<'_>) -> Ruleset {
         // A pod reaching itself (through its own Service: hairpin) is always allowed.
         chain.push(format!("ip {} {ip} return", dir.peer_field()));
         chain.extend(rules);
-        chain.push("meta l4proto tcp reject with tcp reset".to_string());
+        // A TCP reset where the connection was not DNATed; else (and for other protocols)
+        // ICMP admin-prohibited, which conntrack translates back to the Service address
+        // the client used (a reset generated here would carry the pod's address).
+        chain.push("meta l4proto tcp ct status ! dnat reject with tcp reset".to_string());
         chain.push("reject with icmp type admin-prohibited".to_string());
         rs.chains.insert(name.clone(), chain);
         match dir {
@@ -681,7 +685,7 @@ mod tests {
             rs.chains["pod/10.5.1.2/in"],
             [
                 "ip saddr 10.5.1.2 return",
-                "meta l4proto tcp reject with tcp reset",
+                "meta l4proto tcp ct status ! dnat reject with tcp reset",
                 "reject with icmp type admin-prohibited"
             ]
         );

@@ -209,3 +209,84 @@ pub fn full_mesh(pods: &[Pod], port: u16, log: impl Fn(usize) -> String) {
         }
     }
 }
+
+/// Pods attached the way a kubelet does it: `CNI ADD` through the flannel plugin built next to
+/// flanneld, delegating to the reference bridge and host-local plugins in /usr/lib/cni.
+pub struct Cni {
+    path: tempfile::TempDir,
+}
+
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+impl Cni {
+    pub fn new() -> Cni {
+        let path = tempfile::tempdir().unwrap();
+        let flannel = std::path::Path::new(BIN).parent().unwrap().join("flannel");
+        assert!(
+            flannel.is_file(),
+            "{} missing: run `cargo test --workspace`",
+            flannel.display()
+        );
+        std::os::unix::fs::symlink(flannel, path.path().join("flannel")).unwrap();
+        for p in ["bridge", "host-local", "loopback"] {
+            std::os::unix::fs::symlink(
+                std::path::Path::new(REFERENCE_PLUGINS).join(p),
+                path.path().join(p),
+            )
+            .unwrap();
+        }
+        Cni { path }
+    }
+
+    /// Creates a pod namespace behind node i and runs ADD for pod `namespace/name`; returns
+    /// the namespace and the pod's address.
+    pub fn add(
+        &self,
+        tb: &mut Testbed,
+        d: &Daemons,
+        i: usize,
+        namespace: &str,
+        name: &str,
+    ) -> (String, Ipv4Addr) {
+        use cni::chain::ConfList;
+        use cni::exec::{Call, PathExec};
+        use serde_json::{json, Map, Value};
+        d.subnet_env(i);
+        let list = ConfList::parse(
+            json!({"cniVersion": "1.0.0", "name": "cbr0", "plugins": [{
+                "type": "flannel", "subnetFile": d.env_file(i), "dataDir": d.cni_dir(i),
+                "ipam": {"dataDir": d.dir.path().join(format!("ipam{i}"))},
+                "delegate": {"hairpinMode": true, "isDefaultGateway": true}}]})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let ns = tb.add_empty_pod_netns(i).unwrap();
+        let call = Call {
+            command: "ADD".into(),
+            container_id: format!("c-{namespace}-{name}"),
+            netns: format!("/run/netns/{ns}"),
+            ifname: "eth0".into(),
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
+        };
+        let path = self.path.path().display().to_string();
+        let r: Value = test_support::in_netns(&tb.nodes[i].ns, move || {
+            list.add(
+                &PathExec::new(&path, Duration::from_secs(30)),
+                &call,
+                &Map::new(),
+            )
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("CNI ADD of {namespace}/{name}: {e}"));
+        let ip: Ipv4Addr = r["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        (ns, ip)
+    }
+}

@@ -1,0 +1,558 @@
+//! NetworkPolicy end to end, on the model of the Kubernetes e2e suite: three namespace nodes
+//! running flanneld with `--network-policy` and the nftables service proxy; namespaces x, y, z
+//! with pods a, b, c each (attached through the CNI plugin, spread over the nodes so that
+//! some pairs share a node and are bridged on cni0); in every pod servers on TCP and UDP
+//! ports 80 and 81 and a ClusterIP Service. For each case all 81 ordered pod pairs are probed,
+//! directly and through the destination's ClusterIP, and the whole reachability matrix is
+//! compared with the one the pure evaluator (`policy::eval`) computes from the same objects.
+//! Needs root and the reference CNI plugins; skips with a reason without them, fails under CI.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use policy::eval::{self, NamedPort, Peer, PodView};
+use registry::{Labels, NetworkPolicy, Object, Protocol};
+use test_support::{in_netns, require, require_root_with, IdServer, Testbed, UdpIdServer};
+
+mod common;
+
+use common::{Cni, Daemons, BIN, REFERENCE_PLUGINS};
+
+const NET: &str = r#"{"Network":"10.6.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// One probe's limit: refusals (TCP reset, ICMP admin-prohibited) come back at once, so only
+/// a lost reply waits this long.
+const PROBE: Duration = Duration::from_millis(1500);
+/// How long a case may take to converge on every node.
+const CONVERGE: Duration = Duration::from_secs(20);
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+const PODS: [&str; 3] = ["a", "b", "c"];
+const TCP80: (Protocol, u16) = (Protocol::Tcp, 80);
+const TCP81: (Protocol, u16) = (Protocol::Tcp, 81);
+const UDP80: (Protocol, u16) = (Protocol::Udp, 80);
+const UDP81: (Protocol, u16) = (Protocol::Udp, 81);
+
+struct TestPod {
+    view: PodView,
+    netns: String,
+    node: usize,
+    cluster_ip: Ipv4Addr,
+}
+
+impl TestPod {
+    fn id(&self) -> String {
+        format!("{}/{}", self.view.namespace, self.view.name)
+    }
+}
+
+struct World {
+    tb: Testbed,
+    d: Daemons,
+    endpoint: String,
+    pods: Vec<TestPod>,
+    namespaces: BTreeMap<String, Labels>,
+    policies: Vec<NetworkPolicy>,
+    _servers: Vec<(IdServer, IdServer, UdpIdServer, UdpIdServer)>,
+    _cni: Cni,
+    files: usize,
+}
+
+fn labels(kv: &[(&str, &str)]) -> Labels {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn ports() -> Vec<NamedPort> {
+    let mut v = Vec::new();
+    for port in [80, 81] {
+        for (proto, tag) in [(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp")] {
+            v.push(NamedPort {
+                name: format!("serve-{port}-{tag}"),
+                port,
+                protocol: proto,
+            });
+        }
+    }
+    v
+}
+
+/// Whether a new connection (TCP) or an exchange (UDP, connected socket so that ICMP errors
+/// are seen) from `netns` to `to` gets an answer.
+fn probe(netns: &str, proto: Protocol, to: SocketAddr) -> bool {
+    let r = in_netns(netns, move || -> std::io::Result<()> {
+        let mut buf = [0u8; 128];
+        match proto {
+            Protocol::Udp => {
+                let s = UdpSocket::bind(("0.0.0.0", 0))?;
+                s.connect(to)?;
+                s.set_read_timeout(Some(PROBE))?;
+                s.send(b"probe")?;
+                s.recv(&mut buf)?;
+            }
+            _ => {
+                let mut s = TcpStream::connect_timeout(&to, PROBE)?;
+                s.set_read_timeout(Some(PROBE))?;
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
+        Ok(())
+    });
+    matches!(r, Ok(Ok(())))
+}
+
+/// A reachability matrix: [source][destination].
+type Matrix = Vec<Vec<bool>>;
+
+impl World {
+    fn new() -> World {
+        let mut tb = Testbed::new(3).unwrap();
+        let endpoint = tb.start_etcd_with_config(NET).unwrap();
+        let mut d = Daemons::new(
+            &endpoint,
+            // --ip-masq as in kube-flannel.yml: without it the CNI bridge masquerades traffic
+            // to other nodes and policies there see the node, not the pod.
+            &["--ip-masq", "--proxy-mode", "nftables", "--network-policy"],
+        );
+        for i in 0..3 {
+            // Denied connections through a ClusterIP are refused with ICMP errors, which the
+            // kernel rate-limits per client (1/s after a burst of 6); probes send hundreds.
+            tb.exec(
+                &tb.nodes[i].ns.clone(),
+                &["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"],
+            )
+            .unwrap();
+            d.start(&mut tb, i);
+        }
+        let cni = Cni::new();
+        let mut pods = Vec::new();
+        let mut servers = Vec::new();
+        for (n, ns) in NAMESPACES.iter().enumerate() {
+            for (p, name) in PODS.iter().enumerate() {
+                // x/a x/b x/c on nodes 0 1 2, y on 1 2 0, z on 2 0 1: every node holds one
+                // pod of each namespace, and same-node pairs are bridged on its cni0.
+                let node = (n + p) % 3;
+                let (netns, ip) = cni.add(&mut tb, &d, node, ns, name);
+                servers.push((
+                    IdServer::start(&netns, 80).unwrap(),
+                    IdServer::start(&netns, 81).unwrap(),
+                    UdpIdServer::start(&netns, &ip.to_string(), 80).unwrap(),
+                    UdpIdServer::start(&netns, &ip.to_string(), 81).unwrap(),
+                ));
+                pods.push(TestPod {
+                    view: PodView {
+                        namespace: ns.to_string(),
+                        name: name.to_string(),
+                        labels: labels(&[("pod", name)]),
+                        ip,
+                        node: format!("node{node}"),
+                        ports: ports(),
+                    },
+                    netns,
+                    node,
+                    cluster_ip: Ipv4Addr::new(10, 96, 0, 20 + (n * 3 + p) as u8),
+                });
+            }
+        }
+        let namespaces = NAMESPACES
+            .iter()
+            .map(|ns| (ns.to_string(), labels(&[("ns", ns)])))
+            .collect();
+        let mut w = World {
+            tb,
+            d,
+            endpoint,
+            pods,
+            namespaces,
+            policies: Vec::new(),
+            _servers: servers,
+            _cni: cni,
+            files: 0,
+        };
+        let mut manifest = String::new();
+        for ns in NAMESPACES {
+            manifest += &w.namespace_yaml(ns);
+        }
+        for i in 0..w.pods.len() {
+            manifest += &w.pod_yaml(i);
+            manifest += &w.service_yaml(i);
+        }
+        w.ctl(&["apply"], &manifest);
+        w
+    }
+
+    /// Every node's log and policy table.
+    fn logs(&self) -> String {
+        (0..3)
+            .map(|i| {
+                let table = self
+                    .tb
+                    .exec(
+                        &self.tb.nodes[i].ns,
+                        &["nft", "list", "table", "ip", "flannel-policy"],
+                    )
+                    .unwrap_or_else(|e| e);
+                format!("--- node {i}:\n{}\n{table}\n", self.d.log(i))
+            })
+            .collect()
+    }
+
+    /// `flannelctl <args> -f <file with yaml>` in the hub (where etcd is).
+    fn ctl(&mut self, args: &[&str], yaml: &str) {
+        self.files += 1;
+        let file = self.d.dir.path().join(format!("m{}.yaml", self.files));
+        std::fs::write(&file, yaml).unwrap();
+        let ctl = Path::new(BIN).parent().unwrap().join("flannelctl");
+        let mut argv = vec![ctl.to_str().unwrap(), "--etcd-endpoints", &self.endpoint];
+        argv.extend(args);
+        argv.extend(["-f", file.to_str().unwrap()]);
+        self.tb
+            .exec(&self.tb.hub, &argv)
+            .unwrap_or_else(|e| panic!("flannelctl {args:?}: {e}\n{yaml}"));
+    }
+
+    fn namespace_yaml(&self, ns: &str) -> String {
+        let mut l = String::new();
+        for (k, v) in &self.namespaces[ns] {
+            l += &format!("    {k}: \"{v}\"\n");
+        }
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: \"{ns}\"\n  labels:\n{l}---\n")
+    }
+
+    fn pod_yaml(&self, i: usize) -> String {
+        let p = &self.pods[i].view;
+        let mut l = String::new();
+        for (k, v) in &p.labels {
+            l += &format!("    {k}: \"{v}\"\n");
+        }
+        let mut ports = String::new();
+        for np in &p.ports {
+            ports += &format!(
+                "    - {{name: {}, containerPort: {}, protocol: {}}}\n",
+                np.name, np.port, np.protocol
+            );
+        }
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: \"{}\"\n  namespace: \"{}\"\n  labels:\n{l}spec:\n  containers:\n  - name: c\n    ports:\n{ports}---\n",
+            p.name, p.namespace
+        )
+    }
+
+    fn service_yaml(&self, i: usize) -> String {
+        let p = &self.pods[i];
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s-{}, namespace: \"{}\"}}\nspec:\n  clusterIP: {}\n  selector: {{pod: \"{}\"}}\n  ports:\n  - {{name: t80, port: 80}}\n  - {{name: t81, port: 81}}\n  - {{name: u80, port: 80, protocol: UDP}}\n  - {{name: u81, port: 81, protocol: UDP}}\n---\n",
+            p.view.name, p.view.namespace, p.cluster_ip, p.view.name
+        )
+    }
+
+    /// Adds policies (their YAML) to the cluster and to the model.
+    fn add_policies(&mut self, yaml: &str) {
+        for obj in registry::parse_documents(yaml).unwrap() {
+            let Object::NetworkPolicy(mut np) = obj else {
+                panic!("not a NetworkPolicy: {obj:?}");
+            };
+            np.metadata
+                .namespace
+                .get_or_insert_with(|| "default".into());
+            self.policies.push(np);
+        }
+        self.ctl(&["apply"], yaml);
+    }
+
+    /// Deletes every policy (from the cluster and the model).
+    fn clear_policies(&mut self) {
+        let mut yaml = String::new();
+        for np in std::mem::take(&mut self.policies) {
+            yaml += &format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {}, namespace: \"{}\"}}\nspec: {{podSelector: {{}}}}\n---\n",
+                np.metadata.name,
+                np.metadata.namespace.unwrap()
+            );
+        }
+        if !yaml.is_empty() {
+            self.ctl(&["delete"], &yaml);
+        }
+    }
+
+    fn set_pod_label(&mut self, id: &str, key: &str, value: Option<&str>) {
+        let i = self.pods.iter().position(|p| p.id() == id).unwrap();
+        let l = &mut self.pods[i].view.labels;
+        match value {
+            Some(v) => l.insert(key.into(), v.into()),
+            None => l.remove(key),
+        };
+        let yaml = self.pod_yaml(i);
+        self.ctl(&["apply"], &yaml);
+    }
+
+    fn set_namespace_label(&mut self, ns: &str, key: &str, value: Option<&str>) {
+        let l = self.namespaces.get_mut(ns).unwrap();
+        match value {
+            Some(v) => l.insert(key.into(), v.into()),
+            None => l.remove(key),
+        };
+        let yaml = self.namespace_yaml(ns);
+        self.ctl(&["apply"], &yaml);
+    }
+
+    /// The matrix the semantics give (computed by the pure evaluator only).
+    fn expected(&self, (proto, port): (Protocol, u16)) -> Matrix {
+        let cluster = eval::Cluster {
+            namespaces: self.namespaces.clone(),
+            policies: self.policies.clone(),
+        };
+        self.pods
+            .iter()
+            .map(|s| {
+                self.pods
+                    .iter()
+                    .map(|d| cluster.allows(Peer::Pod(&s.view), Peer::Pod(&d.view), proto, port))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The matrix the cluster shows: one thread per source pod.
+    fn observed(&self, (proto, port): (Protocol, u16), via_service: bool) -> Matrix {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .pods
+                .iter()
+                .map(|src| {
+                    s.spawn(move || {
+                        self.pods
+                            .iter()
+                            .map(|dst| {
+                                let ip = if via_service {
+                                    dst.cluster_ip
+                                } else {
+                                    dst.view.ip
+                                };
+                                probe(&src.netns, proto, SocketAddr::from((ip, port)))
+                            })
+                            .collect::<Vec<bool>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn render(&self, m: &Matrix, other: &Matrix) -> String {
+        let mut s = String::from("       ");
+        for p in &self.pods {
+            s += &format!(" {:>5}", p.id());
+        }
+        s.push('\n');
+        for (i, p) in self.pods.iter().enumerate() {
+            s += &format!("{:>5}n{}", p.id(), p.node);
+            for (j, _) in self.pods.iter().enumerate() {
+                let c = if m[i][j] { "." } else { "X" };
+                let mark = if m[i][j] == other[i][j] { " " } else { "!" };
+                s += &format!("     {mark}{c}");
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Probes every pair for each of `probes`, directly and through ClusterIPs, until the
+    /// matrices equal the evaluator's (the nodes apply changes within milliseconds; the
+    /// loop absorbs etcd's propagation) or [`CONVERGE`] passes; then prints both and fails.
+    fn check(&self, case: &str, probes: &[(Protocol, u16)]) {
+        let started = Instant::now();
+        let mut rounds = Vec::new();
+        for &pp in probes {
+            let want = self.expected(pp);
+            for via_service in [false, true] {
+                let how = if via_service { "ClusterIP" } else { "direct" };
+                let mut got;
+                loop {
+                    let t = Instant::now();
+                    got = self.observed(pp, via_service);
+                    rounds.push(format!("{} {} {how} {:?}", pp.0, pp.1, t.elapsed()));
+                    if got == want || started.elapsed() > CONVERGE {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                assert!(
+                    got == want,
+                    "case {case:?}: {} {} {how}: reachability differs ('.' allowed, 'X' denied, '!' differs)\nexpected:\n{}observed:\n{}\n{}",
+                    pp.0,
+                    pp.1,
+                    self.render(&want, &got),
+                    self.render(&got, &want),
+                    self.logs()
+                );
+            }
+        }
+        // Each probe round, so that slow refusals (a timeout instead of a refusal) show.
+        eprintln!(
+            "case {case:?}: matrices match after {:?}; rounds: {}",
+            started.elapsed(),
+            rounds.join(", ")
+        );
+    }
+}
+
+fn np(name: &str, ns: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: \"{ns}\"}}\nspec:\n{spec}---\n"
+    )
+}
+
+#[test]
+fn network_policy_matrices() {
+    if !require_root_with(&["ip", "nft", "conntrack"])
+        || !require(
+            Path::new(REFERENCE_PLUGINS).join("bridge").is_file(),
+            "needs the reference CNI plugins in /usr/lib/cni",
+        )
+    {
+        return;
+    }
+    let mut w = World::new();
+    // Every ClusterIP answers from every pod before policies: services and records landed.
+    w.check("no policy", &[TCP80, UDP81]);
+
+    w.add_policies(&np("deny-ingress", "x", "  podSelector: {}\n"));
+    w.check("default deny ingress", &[TCP80, UDP80]);
+    w.clear_policies();
+    w.check("deletion restores access", &[TCP80]);
+
+    w.add_policies(&np(
+        "deny-egress",
+        "x",
+        "  podSelector: {}\n  policyTypes: [Egress]\n",
+    ));
+    w.check("default deny egress", &[TCP80, UDP81]);
+    w.clear_policies();
+
+    w.add_policies(
+        &(np("deny", "y", "  podSelector: {}\n")
+            + &np("allow-all", "y", "  podSelector: {}\n  ingress: [{}]\n")),
+    );
+    w.check("allow all beside deny all", &[TCP81]);
+    w.clear_policies();
+
+    w.add_policies(&np(
+        "from-b",
+        "x",
+        "  podSelector: {matchLabels: {pod: \"a\"}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: \"b\"}}}]}]\n",
+    ));
+    w.check("pod selector", &[TCP80]);
+    w.clear_policies();
+
+    w.add_policies(&np(
+        "from-y",
+        "x",
+        "  podSelector: {matchLabels: {pod: \"a\"}}\n  ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: ns, operator: In, values: [\"y\"]}]}}]}]\n",
+    ));
+    w.check("namespace selector", &[TCP80]);
+    w.clear_policies();
+
+    w.add_policies(&np(
+        "and",
+        "x",
+        "  podSelector: {matchLabels: {pod: \"a\"}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: \"y\"}}\n      podSelector: {matchLabels: {pod: \"b\"}}\n",
+    ));
+    w.check("namespace AND pod selector in one peer", &[TCP80]);
+    w.clear_policies();
+    w.add_policies(&np(
+        "or",
+        "x",
+        "  podSelector: {matchLabels: {pod: \"a\"}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: \"y\"}}\n    - podSelector: {matchLabels: {pod: \"b\"}}\n",
+    ));
+    w.check("namespace OR pod selector in two peers", &[TCP80]);
+    w.clear_policies();
+
+    // Everything in the cluster network except the subnet of node 1.
+    let node1 = w.d.subnet_env(1).subnet.unwrap();
+    w.add_policies(&np(
+        "block",
+        "y",
+        &format!("  podSelector: {{}}\n  ingress: [{{from: [{{ipBlock: {{cidr: 10.6.0.0/16, except: [{node1}]}}}}]}}]\n"),
+    ));
+    w.check("ipBlock with except", &[TCP80]);
+    w.clear_policies();
+
+    w.add_policies(&np(
+        "named",
+        "x",
+        "  podSelector: {}\n  ingress: [{ports: [{port: serve-81-tcp}, {port: serve-80-udp, protocol: UDP}]}]\n",
+    ));
+    w.check("named ports", &[TCP80, TCP81, UDP80, UDP81]);
+    w.clear_policies();
+
+    w.add_policies(&np(
+        "range",
+        "z",
+        "  podSelector: {}\n  ingress: [{ports: [{port: 81, endPort: 90}]}]\n",
+    ));
+    w.check("endPort range", &[TCP80, TCP81]);
+    w.clear_policies();
+
+    w.add_policies(&np(
+        "udp",
+        "y",
+        "  podSelector: {matchLabels: {pod: \"c\"}}\n  ingress: [{ports: [{protocol: UDP, port: 81}]}]\n",
+    ));
+    w.check("UDP only", &[TCP81, UDP81, UDP80]);
+    w.clear_policies();
+
+    // Two policies select z/a: their rules add up.
+    w.add_policies(&(np(
+        "from-x",
+        "z",
+        "  podSelector: {matchLabels: {pod: \"a\"}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: \"x\"}}}]}]\n",
+    ) + &np(
+        "from-c",
+        "z",
+        "  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {pod: \"c\"}}}], ports: [{port: 80}]}]\n",
+    )));
+    w.check("policies combine", &[TCP80, TCP81]);
+    w.clear_policies();
+
+    // Label changes: pods and namespaces gaining and losing labels.
+    w.add_policies(&np(
+        "clients",
+        "x",
+        "  podSelector: {}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {team: blue}}\n      podSelector: {matchLabels: {role: client}}\n",
+    ));
+    w.check("labels: nobody matches yet", &[TCP80]);
+    w.set_pod_label("y/b", "role", Some("client"));
+    w.set_pod_label("z/c", "role", Some("client"));
+    w.set_namespace_label("y", "team", Some("blue"));
+    w.check("labels: y/b matches", &[TCP80]);
+    w.set_namespace_label("z", "team", Some("blue"));
+    w.set_pod_label("y/b", "role", None);
+    w.check("labels: z/c instead of y/b", &[TCP80]);
+    w.clear_policies();
+    w.set_pod_label("z/c", "role", None);
+    w.set_namespace_label("y", "team", None);
+    w.set_namespace_label("z", "team", None);
+
+    // Egress: x may reach only y/c's port 80 (directly or through its Service) and nothing
+    // else; y/c accepts only from x.
+    w.add_policies(&(np(
+        "to-y-c",
+        "x",
+        "  podSelector: {}\n  policyTypes: [Egress]\n  egress: [{to: [{namespaceSelector: {matchLabels: {ns: \"y\"}}, podSelector: {matchLabels: {pod: \"c\"}}}], ports: [{port: 80}, {port: 80, protocol: UDP}]}]\n",
+    ) + &np(
+        "from-x",
+        "y",
+        "  podSelector: {matchLabels: {pod: \"c\"}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: \"x\"}}}]}]\n",
+    )));
+    w.check("egress to a service backend", &[TCP80, UDP80, TCP81]);
+    w.clear_policies();
+    w.check("all policies gone", &[TCP80, UDP80]);
+}
