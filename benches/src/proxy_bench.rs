@@ -14,10 +14,8 @@
 #[path = "common.rs"]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -32,9 +30,9 @@ use service_proxy::nft::ProxyConfig;
 use service_proxy::sync::{ConntrackCommand, NftCommand, NftNetlink, Syncer};
 use service_proxy::userspace::{UserspaceOptions, UserspaceProxy};
 use subnet_lease::PodRecord;
-use test_support::{in_netns, run_bounded, Testbed};
+use test_support::{in_netns, Testbed};
 
-use common::{check_stop, write_file};
+use common::{byte_server, check_stop, connect_latencies, iperf, ms, percentile, write_file};
 
 const SERVER_PORT: u16 = 8080;
 const TARGET_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -163,95 +161,6 @@ fn node() -> NodeInfo {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1000.0)
-}
-
-/// Accepts connections in `ns` and answers each with one byte (latency server).
-fn byte_server(ns: &str) -> Result<()> {
-    let l = in_netns(ns, || TcpListener::bind(("0.0.0.0", SERVER_PORT)))
-        .map_err(anyhow::Error::msg)??;
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let mut s = s;
-            let _ = s.write_all(b"x");
-        }
-    });
-    Ok(())
-}
-
-/// Connect + first byte, `n` times from `ns` to `to`, sorted.
-fn connect_latencies(ns: &str, to: SocketAddr, n: usize) -> Result<Vec<Duration>> {
-    let v = in_netns(ns, move || -> Result<Vec<Duration>, String> {
-        let mut v = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
-            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
-                .map_err(|e| format!("connect {to}: {e}"))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))
-                .map_err(|e| e.to_string())?;
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b)
-                .map_err(|e| format!("read {to}: {e}"))?;
-            v.push(t.elapsed());
-        }
-        Ok(v)
-    })
-    .map_err(anyhow::Error::msg)?
-    .map_err(anyhow::Error::msg)?;
-    let mut v = v;
-    v.sort();
-    Ok(v)
-}
-
-/// iperf3 Gbit/s from `client_ns` to `to` (server in `server_ns`).
-fn iperf(server_ns: &str, client_ns: &str, to: Ipv4Addr, seconds: u32) -> Result<f64> {
-    let mut server = Command::new("ip")
-        .args([
-            "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", "5201",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("iperf3 server")?;
-    std::thread::sleep(Duration::from_millis(300));
-    let out = run_bounded(
-        Command::new("ip").args([
-            "netns",
-            "exec",
-            client_ns,
-            "iperf3",
-            "-c",
-            &to.to_string(),
-            "-p",
-            "5201",
-            "-t",
-            &seconds.to_string(),
-            "-J",
-        ]),
-        Duration::from_secs(u64::from(seconds) + 30),
-    )
-    .map_err(anyhow::Error::msg);
-    let _ = server.kill();
-    let _ = server.wait();
-    let out = out?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| {
-            format!(
-                "iperf3 gave no result: {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })?;
-    Ok(bps / 1e9)
-}
-
 fn main() -> Result<()> {
     let a = args()?;
     if let Some(n) = std::env::var("PROXY_BENCH_DUMP")
@@ -286,7 +195,7 @@ fn main() -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     let node_ns = tb.nodes[0].ns.clone();
     let server_ip: Ipv4Addr = server.ip.parse()?;
-    byte_server(&server.ns)?;
+    byte_server(&server.ns, SERVER_PORT)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
