@@ -2,22 +2,26 @@
 //!
 //! Layout of `table ip flannel-policy` (docs/network-policy.md draws it):
 //! - base chains `forward` and `input` (filter priority, after the service proxy's DNAT):
-//!   `ct state established,related accept`, `ct state invalid drop` (forward), then
+//!   `ct state established,related accept`, `ct state invalid drop` (forward), a pod reaching
+//!   itself through its Service (`ip saddr . ip daddr @hairpin`) accepted, then
 //!   `ip saddr vmap @egress` and `ip daddr vmap @ingress` (forward) / `ip saddr vmap @egress`
 //!   (input: a pod talking to its node);
-//! - maps `ingress` / `egress`: local pod address -> `jump pod/<ip>/in|out`, only for pods a
+//! - maps `ingress` / `egress`: local pod address -> `jump in|out/<hash>`, only for pods a
 //!   policy isolates in that direction (others have no element and pass);
-//! - per isolated pod a chain: `ip saddr <itself> return` (hairpin), one `return` rule per
-//!   rule of each selecting policy, then reject (TCP reset unless the connection was DNATed,
-//!   else ICMP admin-prohibited);
-//! - per policy rule a peer set `in|out/<ns>/<policy>/<i>` (addresses and intervals: matching
-//!   pods of the whole cluster, ipBlocks minus their excepts) and a port set
-//!   `.../<i>/ports` (`protocol . port` intervals); named ports look the destination up in
-//!   `named/<port name>` (`pod address . protocol . port` of every pod with that port).
+//! - chains `in|out/<hash>`: one `return` rule per peer of each rule of the policies that
+//!   select a pod, then reject (TCP reset unless the connection was DNATed, else ICMP
+//!   admin-prohibited). Pods selected by the same policies share one chain;
+//! - sets `peer/<hash>`, one per distinct peer (a podSelector in a namespace, a
+//!   namespaceSelector with or without podSelector, an ipBlock): the matching pod addresses of
+//!   the whole cluster, or the block's intervals minus its excepts; `ports/<hash>` per
+//!   distinct list of numeric ports (`protocol . port` intervals); `named/<port name>` with
+//!   `pod address . protocol . port` of every pod that has a container port of that name.
 //!
-//! A packet costs one set lookup per rule of the policies selecting its pod, whatever the
-//! number of pods and policies in the cluster. [`diff`] turns two rulesets into the steps
-//! between them (one transaction); [`full`] writes the table from scratch.
+//! Names are hashes of content, so policies that share a selector share its set, and a
+//! change touches only the sets and chains whose content changed. A packet costs one set
+//! lookup per rule peer of the policies selecting its pod, whatever the number of pods and
+//! policies in the cluster. [`diff`] turns two rulesets into the steps between them (one
+//! transaction); [`full`] writes the table from scratch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -42,6 +46,8 @@ pub enum SetType {
     Ports,
     /// `address . protocol . port` of pods with a named port.
     Named,
+    /// `address . address` (a pod and itself).
+    Pairs,
 }
 
 impl SetType {
@@ -50,6 +56,7 @@ impl SetType {
             SetType::Addrs => &["type ipv4_addr", "flags interval"],
             SetType::Ports => &["type inet_proto . inet_service", "flags interval"],
             SetType::Named => &["type ipv4_addr . inet_proto . inet_service"],
+            SetType::Pairs => &["type ipv4_addr . ipv4_addr"],
         }
     }
 }
@@ -119,31 +126,50 @@ impl Dir {
     }
 }
 
-fn chain_name(ip: Ipv4Addr, dir: Dir) -> String {
-    format!("pod/{ip}/{}", dir.tag())
-}
-
 fn namespace_of(np: &NetworkPolicy) -> &str {
     np.metadata.namespace.as_deref().unwrap_or("default")
 }
 
-/// `<ns>/<name>` of a policy, or a hash when that would make set names too long for the
-/// kernel (names are at most 255 bytes).
-fn object_tag(ns: &str, name: &str) -> String {
-    if ns.len() + name.len() <= 180 {
-        return format!("{ns}/{name}");
-    }
-    // FNV-1a: stable across runs, which keeps a restarted daemon's names unchanged.
+/// FNV-1a: stable across runs, so a restarted daemon computes the same names.
+fn fnv(text: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in ns.bytes().chain([b'/']).chain(name.bytes()) {
+    for b in text.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("h{h:016x}")
+    h
 }
 
-/// Closed intervals merged where they overlap (adjacent ones stay apart, so a pod address
-/// next to another stays its own element and updates stay small).
+/// Content-addressed names: `<prefix>/<hash of key>`; a (practically impossible) collision
+/// of two keys is resolved by salting the later one.
+#[derive(Default)]
+struct Names {
+    /// name -> the key it stands for
+    used: BTreeMap<String, String>,
+}
+
+impl Names {
+    fn name(&mut self, prefix: &str, key: &str) -> String {
+        let mut salt = 0u32;
+        loop {
+            let salted = if salt == 0 {
+                key.to_string()
+            } else {
+                format!("{key}#{salt}")
+            };
+            let name = format!("{prefix}/{:016x}", fnv(&salted));
+            match self.used.get(&name) {
+                None => {
+                    self.used.insert(name.clone(), key.to_string());
+                    return name;
+                }
+                Some(k) if k == key => return name,
+                Some(_) => salt += 1,
+            }
+        }
+    }
+}
+
 fn merge<T: Ord + Copy>(mut v: Vec<(T, T)>) -> Vec<(T, T)> {
     v.sort();
     let mut out: Vec<(T, T)> = Vec::with_capacity(v.len());
@@ -227,14 +253,12 @@ impl<'a> Ctx<'a> {
         Ctx { input, ns_labels }
     }
 
-    /// Intervals of the addresses a rule's peers stand for.
-    fn peer_ranges(&self, peers: &[NetworkPolicyPeer], policy_ns: &str) -> Vec<(u32, u32)> {
+    /// Intervals of the addresses a peer stands for.
+    fn peer_ranges(&self, peer: &NetworkPolicyPeer, policy_ns: &str) -> Vec<(u32, u32)> {
         let mut v = Vec::new();
-        for peer in peers {
-            if let Some(b) = &peer.ip_block {
-                v.extend(block_ranges(&b.cidr, &b.except));
-                continue;
-            }
+        if let Some(b) = &peer.ip_block {
+            v.extend(block_ranges(&b.cidr, &b.except));
+        } else {
             for pod in self.input.pods {
                 let in_ns = match &peer.namespace_selector {
                     None => pod.namespace == policy_ns,
@@ -303,14 +327,16 @@ fn split_ports(ports: &[NetworkPolicyPort]) -> (BTreeSet<String>, BTreeSet<(Prot
 }
 
 /// The ruleset for the pods of `input.node`.
+/// The ruleset for the pods of `input.node`.
 pub fn compile(input: Input<'_>) -> Ruleset {
     let ctx = Ctx::new(input);
     let mut rs = Ruleset::default();
+    let mut names = Names::default();
     let mut policies: Vec<&NetworkPolicy> = input.policies.iter().collect();
     policies.sort_by(|a, b| {
         (namespace_of(a), a.metadata.name.as_str()).cmp(&(namespace_of(b), &b.metadata.name))
     });
-    // Several records may claim an address for a while (a pod replaced); one chain each.
+    // Several records may claim an address for a while (a pod replaced); one entry each.
     let mut local: BTreeMap<Ipv4Addr, &PodView> = BTreeMap::new();
     for p in input.pods.iter().filter(|p| p.node == input.node) {
         local.insert(p.ip, p);
@@ -331,7 +357,7 @@ pub fn compile(input: Input<'_>) -> Ruleset {
             if selected.is_empty() {
                 continue;
             }
-            let rules = policy_rules(&ctx, &mut rs, np, dir);
+            let rules = policy_rules(&ctx, &mut rs, &mut names, np, dir);
             for ip in selected {
                 per_pod
                     .entry((ip, dir.tag()))
@@ -342,29 +368,48 @@ pub fn compile(input: Input<'_>) -> Ruleset {
         }
     }
     for ((ip, _), (dir, rules)) in per_pod {
-        let name = chain_name(ip, dir);
-        let mut chain = Vec::with_capacity(rules.len() + 3);
-        // A pod reaching itself (through its own Service: hairpin) is always allowed.
-        chain.push(format!("ip {} {ip} return", dir.peer_field()));
-        chain.extend(rules);
+        // Policies often repeat each other's rules; a rule only returns, so once is enough.
+        let mut seen = BTreeSet::new();
+        let mut chain: Vec<String> = rules
+            .into_iter()
+            .filter(|r| seen.insert(r.clone()))
+            .collect();
         // A TCP reset where the connection was not DNATed; else (and for other protocols)
         // ICMP admin-prohibited, which conntrack translates back to the Service address
         // the client used (a reset generated here would carry the pod's address).
         chain.push("meta l4proto tcp ct status ! dnat reject with tcp reset".to_string());
         chain.push("reject with icmp type admin-prohibited".to_string());
+        let name = names.name(dir.tag(), &chain.join("\n"));
         rs.chains.insert(name.clone(), chain);
         match dir {
             Dir::In => rs.ingress.insert(ip, name),
             Dir::Out => rs.egress.insert(ip, name),
         };
     }
+    // A pod reaching itself (through its own Service, hairpin) is always allowed.
+    let isolated: BTreeSet<&Ipv4Addr> = rs.ingress.keys().chain(rs.egress.keys()).collect();
+    rs.sets.insert(
+        HAIRPIN.to_string(),
+        Set {
+            ty: SetType::Pairs,
+            elements: isolated.iter().map(|ip| format!("{ip} . {ip}")).collect(),
+        },
+    );
     rs
 }
 
+/// The set of (pod, pod) pairs of isolated local pods (always there: a base chain uses it).
+const HAIRPIN: &str = "hairpin";
+
 /// The `return` rules of one policy for one direction (registering the sets they use).
-fn policy_rules(ctx: &Ctx<'_>, rs: &mut Ruleset, np: &NetworkPolicy, dir: Dir) -> Vec<String> {
+fn policy_rules(
+    ctx: &Ctx<'_>,
+    rs: &mut Ruleset,
+    names: &mut Names,
+    np: &NetworkPolicy,
+    dir: Dir,
+) -> Vec<String> {
     let ns = namespace_of(np);
-    let tag = object_tag(ns, &np.metadata.name);
     let rules: Vec<(&[NetworkPolicyPeer], &[NetworkPolicyPort])> = match dir {
         Dir::In => np
             .spec
@@ -380,64 +425,91 @@ fn policy_rules(ctx: &Ctx<'_>, rs: &mut Ruleset, np: &NetworkPolicy, dir: Dir) -
             .collect(),
     };
     let mut out = Vec::new();
-    for (i, (peers, ports)) in rules.into_iter().enumerate() {
-        let peer_match = if peers.is_empty() {
-            String::new()
-        } else {
-            let name = format!("{}/{tag}/{i}", dir.tag());
-            let elements = ctx
-                .peer_ranges(peers, ns)
-                .into_iter()
-                .map(render_range)
-                .collect();
-            rs.sets.insert(
-                name.clone(),
-                Set {
-                    ty: SetType::Addrs,
-                    elements,
-                },
-            );
-            format!("ip {} @{name} ", dir.peer_field())
-        };
-        if ports.is_empty() {
-            out.push(format!("{peer_match}return"));
-            continue;
+    for (peers, ports) in rules {
+        // One match per peer (peers are OR'ed); none when the rule has no peers (all).
+        let mut peer_matches = Vec::new();
+        for peer in peers {
+            let key = peer_key(peer, ns);
+            let name = names.name("peer", &key);
+            if !rs.sets.contains_key(&name) {
+                let elements = ctx
+                    .peer_ranges(peer, ns)
+                    .into_iter()
+                    .map(render_range)
+                    .collect();
+                rs.sets.insert(
+                    name.clone(),
+                    Set {
+                        ty: SetType::Addrs,
+                        elements,
+                    },
+                );
+            }
+            peer_matches.push(format!("ip {} @{name} ", dir.peer_field()));
+        }
+        if peers.is_empty() {
+            peer_matches.push(String::new());
         }
         let (numeric, named) = split_ports(ports);
-        if !numeric.is_empty() {
-            let name = format!("{}/{tag}/{i}/ports", dir.tag());
-            rs.sets.insert(
-                name.clone(),
-                Set {
-                    ty: SetType::Ports,
-                    elements: numeric,
-                },
-            );
-            out.push(format!(
-                "{peer_match}meta l4proto . th dport @{name} return"
-            ));
-        }
-        for (proto, port_name) in named {
-            let set = format!("named/{port_name}");
-            rs.sets.entry(set.clone()).or_insert_with(|| Set {
-                ty: SetType::Named,
-                elements: ctx.named_elements(&port_name),
+        let ports_set = (!numeric.is_empty()).then(|| {
+            let key: Vec<&str> = numeric.iter().map(String::as_str).collect();
+            let name = names.name("ports", &key.join(","));
+            rs.sets.entry(name.clone()).or_insert_with(|| Set {
+                ty: SetType::Ports,
+                elements: numeric,
             });
-            // The destination's own port of that name and protocol (in both directions the
-            // name is resolved on the destination pod).
-            out.push(format!(
-                "meta l4proto {} {peer_match}ip daddr . meta l4proto . th dport @{set} return",
-                proto.nft()
-            ));
+            name
+        });
+        for (_, port_name) in &named {
+            let set = format!("named/{port_name}");
+            rs.sets.entry(set).or_insert_with(|| Set {
+                ty: SetType::Named,
+                elements: ctx.named_elements(port_name),
+            });
+        }
+        for pm in peer_matches {
+            if ports.is_empty() {
+                out.push(format!("{pm}return"));
+                continue;
+            }
+            if let Some(set) = &ports_set {
+                out.push(format!("{pm}meta l4proto . th dport @{set} return"));
+            }
+            for (proto, port_name) in &named {
+                // The destination's own port of that name and protocol (in both directions
+                // the name is resolved on the destination pod).
+                out.push(format!(
+                    "meta l4proto {} {pm}ip daddr . meta l4proto . th dport @named/{port_name} return",
+                    proto.nft()
+                ));
+            }
         }
     }
     out
+}
+
+/// What a peer stands for, independent of the policy except for the namespace a bare
+/// podSelector is relative to (equal keys share one set).
+fn peer_key(peer: &NetworkPolicyPeer, policy_ns: &str) -> String {
+    if let Some(b) = &peer.ip_block {
+        return format!("ipBlock {} except {}", b.cidr, b.except.join(","));
+    }
+    let pods = peer
+        .pod_selector
+        .as_ref()
+        .map(|s| format!("{s:?}"))
+        .unwrap_or_else(|| "all".into());
+    match &peer.namespace_selector {
+        None => format!("pods {pods} in namespace {policy_ns}"),
+        Some(sel) => format!("pods {pods} in namespaces {sel:?}"),
+    }
 }
 
 const BASE_CHAINS: &str = "  chain forward {
     type filter hook forward priority filter; policy accept;
     ct state established,related accept
     ct state invalid drop
+    ip saddr . ip daddr @hairpin accept
     ip saddr vmap @egress
     ip daddr vmap @ingress
   }
@@ -672,6 +744,19 @@ mod tests {
         assert!(block_ranges("10.0.0.0/40", &[]).is_empty());
     }
 
+    /// The one set of a type (panics when there are several or none).
+    fn only(rs: &Ruleset, ty: SetType) -> (&String, Vec<&str>) {
+        let mut v = rs.sets.iter().filter(|(_, s)| s.ty == ty);
+        let (name, set) = v.next().expect("a set of that type");
+        assert!(v.next().is_none(), "several sets of type {ty:?}");
+        (name, set.elements.iter().map(String::as_str).collect())
+    }
+
+    const REJECT: [&str; 2] = [
+        "meta l4proto tcp ct status ! dnat reject with tcp reset",
+        "reject with icmp type admin-prohibited",
+    ];
+
     #[test]
     fn default_deny_isolates_only_local_pods_of_the_namespace() {
         let rs = compile_with(&pods(), &policies(DENY_X), "n1");
@@ -681,21 +766,20 @@ mod tests {
             rs.egress.is_empty(),
             "no egress section: not isolated for egress"
         );
-        assert_eq!(
-            rs.chains["pod/10.5.1.2/in"],
-            [
-                "ip saddr 10.5.1.2 return",
-                "meta l4proto tcp ct status ! dnat reject with tcp reset",
-                "reject with icmp type admin-prohibited"
-            ]
-        );
-        assert!(rs.sets.is_empty());
+        // Both pods have the same rules: one shared chain.
+        assert_eq!(rs.chains.len(), 1);
+        let (name, chain) = rs.chains.iter().next().unwrap();
+        assert!(name.starts_with("in/"), "{name}");
+        assert_eq!(chain, &REJECT);
+        assert!(rs.ingress.values().all(|c| c == name));
+        let (_, pairs) = only(&rs, SetType::Pairs);
+        assert_eq!(pairs, ["10.5.1.2 . 10.5.1.2", "10.5.1.3 . 10.5.1.3"]);
         let other = compile_with(&pods(), &policies(DENY_X), "n2");
         assert_eq!(other.ingress.keys().count(), 1, "x/c only");
     }
 
     #[test]
-    fn rules_become_peer_and_port_sets() {
+    fn rules_become_shared_peer_and_port_sets() {
         let nps = policies(
             "apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -711,41 +795,55 @@ spec:
     ports: [{port: 80}, {port: 81, endPort: 90}, {port: 85}, {protocol: UDP}, {port: http}]
   egress:
   - to: [{ipBlock: {cidr: 10.5.0.0/16, except: [10.5.2.0/24]}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: same-peer}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}], ports: [{port: 80}, {port: 81, endPort: 90}, {protocol: UDP}]}]
 ",
         );
         let rs = compile_with(&pods(), &nps, "n1");
         assert_eq!(rs.ingress.len(), 1);
-        let peers: Vec<&str> = rs.sets["in/x/web/0"]
-            .elements
+        let peers: BTreeMap<Vec<&str>, &String> = rs
+            .sets
             .iter()
-            .map(String::as_str)
+            .filter(|(_, s)| s.ty == SetType::Addrs)
+            .map(|(n, s)| (s.elements.iter().map(String::as_str).collect(), n))
             .collect();
-        // x/b by podSelector; y/a by namespace AND pod selector (y/b fails the pod part).
-        assert_eq!(peers, ["10.5.1.3", "10.5.1.4"]);
-        let ports: Vec<&str> = rs.sets["in/x/web/0/ports"]
-            .elements
-            .iter()
-            .map(String::as_str)
-            .collect();
-        assert_eq!(ports, ["tcp . 80", "tcp . 81-90", "udp . 0-65535"]);
-        assert_eq!(rs.sets["named/http"].ty, SetType::Named);
+        // x/b by podSelector (shared by both policies); y/a by namespace AND pod selector
+        // (y/b fails the pod part); the ipBlock minus its except.
+        assert_eq!(
+            peers.keys().cloned().collect::<Vec<_>>(),
+            [
+                vec!["10.5.0.0/23", "10.5.3.0-10.5.255.255"],
+                vec!["10.5.1.3"],
+                vec!["10.5.1.4"],
+            ]
+        );
+        let b = peers[&vec!["10.5.1.3"]];
+        let ya = peers[&vec!["10.5.1.4"]];
+        // The two policies' port lists differ by `85` only, which merges into 81-90.
+        let (ports, elements) = only(&rs, SetType::Ports);
+        assert_eq!(elements, ["tcp . 80", "tcp . 81-90", "udp . 0-65535"]);
         assert_eq!(rs.sets["named/http"].elements.len(), 5);
-        let chain = &rs.chains["pod/10.5.1.2/in"];
+        let chain = &rs.chains[&rs.ingress[&Ipv4Addr::new(10, 5, 1, 2)]];
+        let named = "ip daddr . meta l4proto . th dport @named/http return";
         assert_eq!(
-            chain[1],
-            "ip saddr @in/x/web/0 meta l4proto . th dport @in/x/web/0/ports return"
+            chain,
+            // Policies in name order (same-peer, web); web's first rule is there already.
+            &[
+                format!("ip saddr @{b} meta l4proto . th dport @{ports} return"),
+                format!("meta l4proto tcp ip saddr @{b} {named}"),
+                format!("ip saddr @{ya} meta l4proto . th dport @{ports} return"),
+                format!("meta l4proto tcp ip saddr @{ya} {named}"),
+                REJECT[0].to_string(),
+                REJECT[1].to_string(),
+            ]
         );
-        assert_eq!(
-            chain[2],
-            "meta l4proto tcp ip saddr @in/x/web/0 ip daddr . meta l4proto . th dport @named/http return"
-        );
-        let out: Vec<&str> = rs.sets["out/x/web/0"]
-            .elements
-            .iter()
-            .map(String::as_str)
-            .collect();
-        assert_eq!(out, ["10.5.0.0/23", "10.5.3.0-10.5.255.255"]);
-        assert_eq!(rs.chains["pod/10.5.1.2/out"][0], "ip daddr 10.5.1.2 return");
+        let out = &rs.chains[&rs.egress[&Ipv4Addr::new(10, 5, 1, 2)]];
+        assert!(out[0].starts_with("ip daddr @peer/") && out[0].ends_with(" return"));
     }
 
     #[test]
@@ -753,13 +851,15 @@ spec:
         let rs = compile_with(&pods(), &policies(DENY_X), "n1");
         let f = full(&rs);
         assert!(f.starts_with("add table ip flannel-policy\ndelete table ip flannel-policy\n"));
-        let chain = f.find("chain pod/10.5.1.2/in").unwrap();
+        let chain_name = &rs.ingress[&Ipv4Addr::new(10, 5, 1, 2)];
+        let chain = f.find(&format!("chain {chain_name} {{")).unwrap();
         let map = f.find("map ingress").unwrap();
         let base = f.find("chain forward").unwrap();
-        assert!(chain < map && map < base, "{f}");
-        assert!(f.contains(
-            "elements = { 10.5.1.2 : jump pod/10.5.1.2/in, 10.5.1.3 : jump pod/10.5.1.3/in }"
-        ));
+        let hairpin = f.find("set hairpin").unwrap();
+        assert!(hairpin < chain && chain < map && map < base, "{f}");
+        assert!(f.contains(&format!(
+            "elements = {{ 10.5.1.2 : jump {chain_name}, 10.5.1.3 : jump {chain_name} }}"
+        )));
     }
 
     #[test]
@@ -776,47 +876,61 @@ spec:
         let mut ps = pods();
         let before = compile_with(&ps, &nps, "n1");
         assert_eq!(diff(&before, &before), None);
+        let (peer, _) = only(&before, SetType::Addrs);
+        let chain = before.ingress[&Ipv4Addr::new(10, 5, 1, 2)].clone();
         // A pod of another node gains the label: one element, nothing else.
         ps[3].labels.insert("role".into(), "client".into());
         let after = compile_with(&ps, &nps, "n1");
         assert_eq!(
             diff(&before, &after).unwrap(),
-            "add element ip flannel-policy in/x/from-b/0 { 10.5.2.2 }\n"
+            format!("add element ip flannel-policy {peer} {{ 10.5.2.2 }}\n")
         );
-        // The selected pod goes: its map element, then its chain, then the unused set.
+        // The selected pod goes: its map element, its chain, the unused set, its pair.
         let gone = compile_with(&ps[1..], &nps, "n1");
         assert_eq!(
             diff(&after, &gone).unwrap(),
-            "delete element ip flannel-policy ingress { 10.5.1.2 }\n\
-             flush chain ip flannel-policy pod/10.5.1.2/in\n\
-             delete chain ip flannel-policy pod/10.5.1.2/in\n\
-             delete set ip flannel-policy in/x/from-b/0\n"
+            format!(
+                "delete element ip flannel-policy ingress {{ 10.5.1.2 }}\n\
+                 flush chain ip flannel-policy {chain}\n\
+                 delete chain ip flannel-policy {chain}\n\
+                 delete element ip flannel-policy hairpin {{ 10.5.1.2 . 10.5.1.2 }}\n\
+                 delete set ip flannel-policy {peer}\n"
+            )
         );
         // And back: set, chain, rules, then the map element that jumps to it.
         let back = diff(&gone, &after).unwrap();
         let lines: Vec<&str> = back.lines().collect();
         assert_eq!(
             lines[0],
-            "add set ip flannel-policy in/x/from-b/0 { type ipv4_addr; flags interval; }"
+            "add element ip flannel-policy hairpin { 10.5.1.2 . 10.5.1.2 }"
         );
         assert_eq!(
             lines[1],
-            "add element ip flannel-policy in/x/from-b/0 { 10.5.2.2 }"
+            format!("add set ip flannel-policy {peer} {{ type ipv4_addr; flags interval; }}")
         );
-        assert_eq!(lines[2], "add chain ip flannel-policy pod/10.5.1.2/in");
+        assert_eq!(
+            lines[2],
+            format!("add element ip flannel-policy {peer} {{ 10.5.2.2 }}")
+        );
+        assert_eq!(lines[3], format!("add chain ip flannel-policy {chain}"));
         assert_eq!(
             lines.last().unwrap(),
-            &"add element ip flannel-policy ingress { 10.5.1.2 : jump pod/10.5.1.2/in }"
+            &format!("add element ip flannel-policy ingress {{ 10.5.1.2 : jump {chain} }}")
         );
     }
 
     #[test]
-    fn long_names_are_hashed_and_stable() {
-        let long = "n".repeat(200);
-        let a = object_tag("x", &long);
-        assert_eq!(a, object_tag("x", &long));
-        assert!(a.starts_with('h') && a.len() == 17);
-        assert_ne!(a, object_tag("y", &long));
-        assert_eq!(object_tag("x", "web"), "x/web");
+    fn names_are_stable_hashes_and_collisions_are_salted() {
+        let mut n = Names::default();
+        let a = n.name("peer", "pods all in namespace x");
+        assert_eq!(a, n.name("peer", "pods all in namespace x"));
+        assert_eq!(a.len(), "peer/".len() + 16);
+        assert_ne!(a, n.name("peer", "pods all in namespace y"));
+        // Force a collision: a name taken by another key is salted.
+        let taken = n.name("peer", "k1");
+        n.used.insert(taken.clone(), "someone else".into());
+        let salted = n.name("peer", "k1");
+        assert_ne!(salted, taken);
+        assert_eq!(salted, n.name("peer", "k1"), "stable once salted");
     }
 }
