@@ -236,7 +236,7 @@ fn main() -> Result<()> {
             bail!("applying policies was a full rewrite");
         }
         report += &format!(
-            "| apply {n} policies at once ({chains} pod chains, {sets} sets, {elements} elements) | {} ms (compile {} ms) |\n",
+            "| apply {n} policies at once ({chains} chains, {sets} sets, {elements} set elements) | {} ms (compile {} ms) |\n",
             ms(total),
             ms(compiled)
         );
