@@ -167,3 +167,30 @@ fn push_parsed(out: &mut Vec<(String, Object)>, source: &str, text: &str) -> Res
     out.extend(objs.into_iter().map(|o| (source.to_string(), o)));
     Ok(())
 }
+
+/// Rows as text, columns padded to their widest cell plus three spaces (kubectl's layout).
+pub fn align(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            line.push_str(cell);
+            if c + 1 < cols {
+                let pad = widths[c] - cell.chars().count() + 3;
+                line.push_str(&" ".repeat(pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -213,27 +213,9 @@ fn service_row(ns: String, s: &Service) -> Vec<String> {
     ]
 }
 
-/// Rows as text, columns padded to their widest cell plus three spaces (kubectl's layout).
+/// A kind's table (kubectl's layout).
 pub fn table(kind: Kind, objs: &[Object]) -> String {
-    let rows = rows(kind, objs);
-    let cols = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in &rows {
-        let mut line = String::new();
-        for (c, cell) in r.iter().enumerate() {
-            line.push_str(cell);
-            if c + 1 < cols {
-                let pad = widths[c] - cell.chars().count() + 3;
-                line.push_str(&" ".repeat(pad));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    crate::common::align(&rows(kind, objs))
 }
 
 #[cfg(test)]

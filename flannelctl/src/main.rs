@@ -1,5 +1,7 @@
-//! `flannelctl`: the operator CLI. `apply`, `get` and `delete` manage the registry objects
-//! (Namespace, Pod, Service, Endpoints) in etcd, as kubectl does with an API server; `pod
+//! `flannelctl`: the operator CLI. `config get|set` reads and writes the network config,
+//! `leases` lists the subnet leases, `status` asks every node's /readyz and /metrics;
+//! `apply`, `get` and `delete` manage the registry objects (Namespace, Pod, Service,
+//! Endpoints, NetworkPolicy) in etcd, as kubectl does with an API server; `pod
 //! up|down` create a pod network namespace on this node and attach it through the CNI plugin
 //! chain (a `.conflist`, e.g. flannel + portmap) exactly as a container runtime does, caching
 //! the ADD result for DEL.
@@ -8,9 +10,12 @@
 
 mod apply;
 mod common;
+mod config;
 mod delete;
 mod get;
+mod leases;
 mod pod;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +30,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// The network config (flannel's net-conf.json in etcd).
+    Config {
+        #[command(subcommand)]
+        cmd: config::ConfigCmd,
+    },
+    /// The subnet leases: subnet, public IP, backend, expiry.
+    Leases(leases::LeasesArgs),
+    /// Every node's readiness and programmed peers, from its /readyz and /metrics.
+    Status(status::StatusArgs),
     /// Create or update objects from manifests (YAML or JSON); nothing is written if any is
     /// invalid.
     Apply(apply::ApplyArgs),
@@ -52,6 +66,9 @@ fn main() {
     let cli = Cli::parse();
     let etcd = cli.etcd;
     let outcome = match cli.cmd {
+        Cmd::Config { cmd } => common::block_on(config::run(&etcd, cmd)),
+        Cmd::Leases(args) => common::block_on(leases::run(&etcd, args)),
+        Cmd::Status(args) => common::block_on(status::run(&etcd, args)),
         Cmd::Apply(args) => common::block_on(apply::run(&etcd, args)),
         Cmd::Get(args) => common::block_on(get::run(&etcd, args)),
         Cmd::Delete(args) => common::block_on(delete::run(&etcd, args)),

@@ -434,3 +434,68 @@ fn invalid_documents_write_nothing() {
     );
     assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr);
 }
+
+/// `config get|set` and `leases` on the same etcd.
+#[test]
+fn config_and_leases() {
+    let Some(c) = Ctl::start() else {
+        return;
+    };
+    assert!(c.ok(&["config", "get"]).contains("10.5.0.0/16"));
+    // Invalid configs are refused with the reason and change nothing.
+    let bad = c.file("bad.json", r#"{"Network":"10.5.0.0/40"}"#);
+    let o = c.run(&["config", "set", "-f", &bad]);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.contains("invalid network config") && o.stderr.lines().count() == 1,
+        "{}",
+        o.stderr
+    );
+    assert!(c.ok(&["config", "get"]).contains("10.5.0.0/16"));
+    // Leases: one held on an etcd lease, one reservation.
+    let granted = c._etcd.etcdctl(&["lease", "grant", "600"]).unwrap();
+    let id = granted.split_whitespace().nth(1).unwrap().to_string();
+    c._etcd
+        .etcdctl(&[
+            "put",
+            &format!("--lease={id}"),
+            &format!("{}/subnets/10.5.1.0-24", c.prefix),
+            r#"{"PublicIP":"192.0.2.1","PublicIPv6":null,"BackendType":"vxlan"}"#,
+        ])
+        .unwrap();
+    c._etcd
+        .etcdctl(&[
+            "put",
+            &format!("{}/subnets/10.5.20.0-24", c.prefix),
+            r#"{"PublicIP":"192.0.2.20","PublicIPv6":null}"#,
+        ])
+        .unwrap();
+    let table = c.ok(&["leases"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("SUBNET") && lines[0].ends_with("EXPIRES"));
+    assert!(
+        lines[1].starts_with("10.5.1.0/24")
+            && lines[1].contains("vxlan")
+            && lines[1].contains(" in "),
+        "{table}"
+    );
+    assert!(lines[2].ends_with("reservation"), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&c.ok(&["leases", "-o", "json"])).unwrap();
+    let ttl = json[0]["ttlSeconds"].as_i64().unwrap();
+    assert!((500..=600).contains(&ttl), "{json}");
+    // A new Network while leases exist needs --force; a backend change does not.
+    let other = c.file("other.json", r#"{"Network":"10.6.0.0/16"}"#);
+    let o = c.run(&["config", "set", "-f", &other]);
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("--force"), "{}", o.stderr);
+    assert!(c.ok(&["config", "get"]).contains("10.5.0.0/16"));
+    let udp = c.file(
+        "udp.json",
+        r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#,
+    );
+    c.ok(&["config", "set", "-f", &udp]);
+    assert!(c.ok(&["config", "get"]).contains("udp"));
+    c.ok(&["config", "set", "-f", &other, "--force"]);
+    assert!(c.ok(&["config", "get"]).contains("10.6.0.0/16"));
+}

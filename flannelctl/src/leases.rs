@@ -1,0 +1,148 @@
+//! `flannelctl leases`: the subnet leases in etcd as a table (subnet, public IP, backend,
+//! time left on its etcd lease or `reservation`) or JSON for scripts.
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+use subnet_lease::{Lease, Registry};
+
+use crate::common::{align, EtcdFlags};
+use crate::config::connect;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LeasesArgs {
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Format,
+}
+
+/// A lease with the seconds left on its etcd lease (`None`: a reservation, no TTL).
+pub struct Row {
+    pub lease: Lease,
+    pub ttl: Option<i64>,
+}
+
+/// The table (pure): header, then one line per lease in subnet order.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = vec![["SUBNET", "PUBLIC-IP", "BACKEND", "EXPIRES"]
+        .map(String::from)
+        .to_vec()];
+    for r in rows {
+        let a = &r.lease.attrs;
+        out.push(vec![
+            r.lease.key.ipv4.to_string(),
+            a.public_ip.to_string(),
+            if a.backend_type.is_empty() {
+                "<none>".into()
+            } else {
+                a.backend_type.clone()
+            },
+            match r.ttl {
+                None => "reservation".into(),
+                Some(s) if s <= 0 => "expired".into(),
+                Some(s) => format!("in {s}s"),
+            },
+        ]);
+    }
+    align(&out)
+}
+
+/// The JSON (pure): one object per lease, flannel's attributes as stored.
+pub fn json(rows: &[Row]) -> Value {
+    Value::Array(
+        rows.iter()
+            .map(|r| {
+                json!({
+                    "subnet": r.lease.key.ipv4.to_string(),
+                    "key": r.lease.key.to_string(),
+                    "attrs": r.lease.attrs,
+                    "reservation": r.ttl.is_none(),
+                    "ttlSeconds": r.ttl,
+                })
+            })
+            .collect(),
+    )
+}
+
+pub async fn fetch(etcd: &EtcdFlags) -> Result<Vec<Row>> {
+    let reg = connect(etcd).await?;
+    let list = reg.list_leases().await?;
+    for (key, why) in &list.invalid {
+        eprintln!("warning: {key} is not a lease: {why}");
+    }
+    let mut rows = Vec::new();
+    let mut client = reg.client();
+    for lease in list.leases {
+        let ttl = if lease.is_reservation() {
+            None
+        } else {
+            // A lease that expired between the list and this call reports -1.
+            Some(
+                client
+                    .lease_time_to_live(lease.etcd_lease, None)
+                    .await
+                    .map(|r| r.ttl())
+                    .unwrap_or(-1),
+            )
+        };
+        rows.push(Row { lease, ttl });
+    }
+    rows.sort_by_key(|r| r.lease.key.ipv4);
+    Ok(rows)
+}
+
+pub async fn run(etcd: &EtcdFlags, args: LeasesArgs) -> Result<()> {
+    let rows = fetch(etcd).await?;
+    match args.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&json(&rows))?),
+        Format::Table if rows.is_empty() => eprintln!("No leases"),
+        Format::Table => print!("{}", table(&rows)),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use subnet_lease::{LeaseAttrs, SubnetKey};
+
+    fn row(subnet: &str, ip: &str, backend: &str, ttl: Option<i64>) -> Row {
+        Row {
+            lease: Lease {
+                key: SubnetKey {
+                    ipv4: subnet.parse().unwrap(),
+                    ipv6: None,
+                },
+                attrs: LeaseAttrs::new(ip.parse().unwrap(), backend),
+                etcd_lease: if ttl.is_some() { 7 } else { 0 },
+                mod_revision: 1,
+            },
+            ttl,
+        }
+    }
+
+    #[test]
+    fn table_and_json() {
+        let rows = [
+            row("10.5.1.0/24", "192.0.2.1", "vxlan", Some(86000)),
+            row("10.5.20.0/24", "192.0.2.20", "", None),
+        ];
+        assert_eq!(
+            table(&rows),
+            "SUBNET         PUBLIC-IP    BACKEND   EXPIRES\n\
+             10.5.1.0/24    192.0.2.1    vxlan     in 86000s\n\
+             10.5.20.0/24   192.0.2.20   <none>    reservation\n"
+        );
+        let j = json(&rows);
+        assert_eq!(j[0]["key"], "10.5.1.0-24");
+        assert_eq!(j[0]["attrs"]["PublicIP"], "192.0.2.1");
+        assert_eq!(j[1]["reservation"], true);
+        assert_eq!(j[1]["ttlSeconds"], Value::Null);
+    }
+}
