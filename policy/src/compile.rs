@@ -1,11 +1,11 @@
 //! NetworkPolicy compiled to this node's nftables table (pure: objects in, ruleset out).
 //!
 //! Layout of `table ip flannel-policy` (docs/network-policy.md draws it):
-//! - base chains `forward` and `input` (filter priority, after the service proxy's DNAT):
-//!   `ct state established,related accept`, `ct state invalid drop` (forward), a pod reaching
-//!   itself through its Service (`ip saddr . ip daddr @hairpin`) accepted, then
-//!   `ip saddr vmap @egress` and `ip daddr vmap @ingress` (forward) / `ip saddr vmap @egress`
-//!   (input: a pod talking to its node);
+//! - base chain `forward` (filter priority, after the service proxy's DNAT):
+//!   `ct state established,related accept`, `ct state invalid drop`, a pod reaching itself
+//!   through its Service (`ip saddr . ip daddr @hairpin`) accepted, then
+//!   `ip saddr vmap @egress` and `ip daddr vmap @ingress` (traffic between a pod and its own
+//!   node goes through input/output, never forward, and is always allowed);
 //! - maps `ingress` / `egress`: local pod address -> `jump in|out/<hash>`, only for pods a
 //!   policy isolates in that direction (others have no element and pass);
 //! - chains `in|out/<hash>`: one `return` rule per peer of each rule of the policies that
@@ -14,8 +14,9 @@
 //! - sets `peer/<hash>`, one per distinct peer (a podSelector in a namespace, a
 //!   namespaceSelector with or without podSelector, an ipBlock): the matching pod addresses of
 //!   the whole cluster, or the block's intervals minus its excepts; `ports/<hash>` per
-//!   distinct list of numeric ports (`protocol . port` intervals); `named/<port name>` with
-//!   `pod address . protocol . port` of every pod that has a container port of that name.
+//!   distinct list of numeric ports (`protocol . port` intervals); `named/<hash of the port
+//!   name>` with `pod address . protocol . port` of every pod that has a container port of
+//!   that name.
 //!
 //! Names are hashes of content, so policies that share a selector share its set, and a
 //! change touches only the sets and chains whose content changed. A packet costs one set
@@ -460,13 +461,18 @@ fn policy_rules(
             });
             name
         });
-        for (_, port_name) in &named {
-            let set = format!("named/{port_name}");
-            rs.sets.entry(set).or_insert_with(|| Set {
-                ty: SetType::Named,
-                elements: ctx.named_elements(port_name),
-            });
-        }
+        // Port names are hashed too: only the hash reaches nft text, whatever the name.
+        let named: Vec<(Protocol, String, String)> = named
+            .into_iter()
+            .map(|(proto, port_name)| {
+                let set = names.name("named", &port_name);
+                rs.sets.entry(set.clone()).or_insert_with(|| Set {
+                    ty: SetType::Named,
+                    elements: ctx.named_elements(&port_name),
+                });
+                (proto, port_name, set)
+            })
+            .collect();
         for pm in peer_matches {
             if ports.is_empty() {
                 out.push(format!("{pm}return"));
@@ -475,11 +481,11 @@ fn policy_rules(
             if let Some(set) = &ports_set {
                 out.push(format!("{pm}meta l4proto . th dport @{set} return"));
             }
-            for (proto, port_name) in &named {
+            for (proto, _, set) in &named {
                 // The destination's own port of that name and protocol (in both directions
                 // the name is resolved on the destination pod).
                 out.push(format!(
-                    "meta l4proto {} {pm}ip daddr . meta l4proto . th dport @named/{port_name} return",
+                    "meta l4proto {} {pm}ip daddr . meta l4proto . th dport @{set} return",
                     proto.nft()
                 ));
             }
@@ -512,11 +518,6 @@ const BASE_CHAINS: &str = "  chain forward {
     ip saddr . ip daddr @hairpin accept
     ip saddr vmap @egress
     ip daddr vmap @ingress
-  }
-  chain input {
-    type filter hook input priority filter; policy accept;
-    ct state established,related accept
-    ip saddr vmap @egress
   }
 ";
 
@@ -827,9 +828,11 @@ spec:
         // The two policies' port lists differ by `85` only, which merges into 81-90.
         let (ports, elements) = only(&rs, SetType::Ports);
         assert_eq!(elements, ["tcp . 80", "tcp . 81-90", "udp . 0-65535"]);
-        assert_eq!(rs.sets["named/http"].elements.len(), 5);
+        let (named_set, named_elements) = only(&rs, SetType::Named);
+        assert_eq!(named_elements.len(), 5);
+        assert!(named_elements.contains(&"10.5.1.2 . tcp . 8080"));
         let chain = &rs.chains[&rs.ingress[&Ipv4Addr::new(10, 5, 1, 2)]];
-        let named = "ip daddr . meta l4proto . th dport @named/http return";
+        let named = format!("ip daddr . meta l4proto . th dport @{named_set} return");
         assert_eq!(
             chain,
             // Policies in name order (same-peer, web); web's first rule is there already.

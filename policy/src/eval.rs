@@ -15,8 +15,9 @@
 //!   destination pod's container ports (name and protocol); protocol defaults to TCP.
 //!
 //! Decisions where the API is silent (kept identical in the enforcement):
-//! - traffic from the destination pod's own node is allowed (the API says so for kubelet
-//!   probes; we allow any address of that node);
+//! - traffic between a pod and its own node is allowed in both directions (the API's docs:
+//!   "traffic to and from the node where a Pod is running is always allowed"; any address
+//!   of that node);
 //! - ipBlock peers match pod addresses too, not only addresses outside the cluster (as Calico
 //!   and Cilium do); the address seen is the one after the service proxy's DNAT and before
 //!   any SNAT of the destination's node, so a ClusterIP is judged by the pod it reaches;
@@ -162,6 +163,15 @@ impl Cluster {
         let Peer::Pod(pod) = src else {
             return true;
         };
+        // Traffic to and from the pod's own node is always allowed (the API's docs).
+        if let Peer::Host {
+            node: Some(node), ..
+        } = dst
+        {
+            if node == pod.node {
+                return true;
+            }
+        }
         let dst_pod = match dst {
             Peer::Pod(p) => Some(p),
             Peer::Host { .. } => None,
@@ -729,6 +739,14 @@ mod tests {
         w.cluster
             .policies
             .push(policy("x", "deny", NetworkPolicySpec::default()));
+        w.cluster.policies.push(policy(
+            "x",
+            "deny-egress",
+            NetworkPolicySpec {
+                policy_types: Some(vec![PolicyType::Egress]),
+                ..NetworkPolicySpec::default()
+            },
+        ));
         let xa = w.p("x/a");
         let own = Peer::Host {
             addr: Ipv4Addr::new(10, 5, 0, 1),
@@ -740,6 +758,29 @@ mod tests {
         };
         assert!(w.cluster.allows(own, Peer::Pod(xa), Protocol::Tcp, 80));
         assert!(!w.cluster.allows(other, Peer::Pod(xa), Protocol::Tcp, 80));
+        // And to it, under an egress default-deny.
+        assert!(w.cluster.allows(Peer::Pod(xa), own, Protocol::Udp, 53));
+        assert!(!w.cluster.allows(Peer::Pod(xa), other, Protocol::Udp, 53));
+    }
+
+    #[test]
+    fn empty_policy_types_default_like_absent_ones() {
+        let mut w = World::new();
+        w.cluster.policies.push(policy(
+            "x",
+            "deny",
+            NetworkPolicySpec {
+                policy_types: Some(vec![]),
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        let (xa, xb) = (w.p("x/a"), w.p("x/b"));
+        assert!(!w
+            .cluster
+            .allows(Peer::Pod(xb), Peer::Pod(xa), Protocol::Tcp, 80));
+        assert!(w
+            .cluster
+            .egress_allows(Peer::Pod(xa), Peer::Pod(xb), Protocol::Tcp, 80));
     }
 
     #[test]

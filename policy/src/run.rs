@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use futures::StreamExt;
+use ipnet::Ipv4Net;
 use registry::{Kind, Labels, NetworkPolicy, Object, Pod};
 use service_proxy::sync::{NftApply, NftCommand};
 use subnet_lease::pods::{parse_pod_key, pods_prefix};
@@ -51,7 +52,8 @@ pub struct Cache {
     pods_prefix: String,
     pub namespaces: BTreeMap<String, Labels>,
     pub pods: BTreeMap<Key, Pod>,
-    pub records: BTreeMap<Key, PodRecord>,
+    /// Pod records with the etcd revision they were written at.
+    pub records: BTreeMap<Key, (PodRecord, i64)>,
     pub policies: BTreeMap<Key, NetworkPolicy>,
 }
 
@@ -100,7 +102,15 @@ impl Cache {
             }
             let obj = value.and_then(|v| {
                 match registry::store::decode(&self.prefix, key, v, mod_revision) {
-                    Ok(o) => Some(o),
+                    // flannelctl validates what it writes; anything else that reaches etcd
+                    // is checked here, so one broken object cannot break the table.
+                    Ok(o) => match registry::validate(&o, Ipv4Net::default()) {
+                        Ok(()) => Some(o),
+                        Err(e) => {
+                            tracing::warn!(key, error = %e, "ignoring an invalid object");
+                            None
+                        }
+                    },
                     Err(e) => {
                         tracing::warn!(key, error = %e, "ignoring an object that does not decode");
                         None
@@ -138,7 +148,7 @@ impl Cache {
             });
             match rec {
                 Some(r) => {
-                    self.records.insert(k, r);
+                    self.records.insert(k, (r, mod_revision));
                     true
                 }
                 None => self.records.remove(&k).is_some(),
@@ -149,11 +159,22 @@ impl Cache {
     }
 
     /// Every pod with an address: its record (address, node) with the labels and named
-    /// container ports of its registry object (none while the object is missing).
+    /// container ports of its registry object (none while the object is missing). When
+    /// several records claim an address (a pod replaced while the old record lives on), the
+    /// newest wins.
     pub fn pod_views(&self) -> Vec<PodView> {
-        self.records
-            .iter()
-            .map(|((ns, name), rec)| {
+        let mut newest: BTreeMap<std::net::Ipv4Addr, (&Key, &PodRecord, i64)> = BTreeMap::new();
+        for (k, (rec, rev)) in &self.records {
+            match newest.get(&rec.ip) {
+                Some((_, _, r)) if *r >= *rev => {}
+                _ => {
+                    newest.insert(rec.ip, (k, rec, *rev));
+                }
+            }
+        }
+        newest
+            .into_values()
+            .map(|((ns, name), rec, _)| {
                 let obj = self.pods.get(&(ns.clone(), name.clone()));
                 PodView {
                     namespace: ns.clone(),
@@ -334,6 +355,7 @@ pub async fn run(
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => break 'outer,
                 }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
         };
@@ -408,5 +430,69 @@ pub async fn run(
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const PREFIX: &str = "/coreos.com/network";
+
+    fn put(cache: &mut Cache, yaml: &str, rev: i64) -> bool {
+        let obj = registry::parse_documents(yaml).unwrap().remove(0);
+        let obj = registry::store::normalize(obj, None).unwrap();
+        let m = obj.metadata();
+        let key = registry::store::object_key(PREFIX, obj.kind(), m.namespace.as_deref(), &m.name);
+        let value = registry::to_json(&obj).to_string();
+        cache.apply(&key, Some(value.as_bytes()), rev)
+    }
+
+    fn record(cache: &mut Cache, name: &str, ip: &str, rev: i64) {
+        let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+        let rec = serde_json::json!({
+            "IP": ip, "IPs": [ip], "Node": "n1", "NodeIP": "192.0.2.1",
+            "Subnet": "10.5.1.0/24", "ContainerID": name, "Ifname": "eth0"
+        });
+        let key = format!("{}{}/{name}", pods_prefix(PREFIX), "x");
+        assert!(cache.apply(&key, Some(rec.to_string().as_bytes()), rev));
+    }
+
+    #[test]
+    fn objects_and_records_become_pods_and_a_table() {
+        let mut c = Cache::new(PREFIX);
+        assert!(put(
+            &mut c,
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {app: web}}\nspec:\n  containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]\n",
+            2
+        ));
+        record(&mut c, "a", "10.5.1.2", 3);
+        // A stale record for the same address, older: the newest wins.
+        record(&mut c, "old", "10.5.1.2", 1);
+        let pods = c.pod_views();
+        assert_eq!(pods.len(), 1);
+        assert_eq!((pods[0].name.as_str(), pods[0].ports.len()), ("a", 1));
+        assert!(put(
+            &mut c,
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n",
+            4
+        ));
+        assert_eq!(c.compile("n1").ingress.len(), 1);
+        assert!(c.compile("n2").ingress.is_empty());
+    }
+
+    #[test]
+    fn invalid_objects_written_past_flannelctl_are_ignored() {
+        let mut c = Cache::new(PREFIX);
+        // A port name nft could not take; validation refuses it, so the table never sees it.
+        let key = registry::store::object_key(PREFIX, Kind::NetworkPolicy, Some("x"), "bad");
+        let value = serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "bad", "namespace": "x"},
+            "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": "a;b c"}]}]}
+        });
+        assert!(!c.apply(&key, Some(value.to_string().as_bytes()), 5));
+        assert!(c.policies.is_empty());
     }
 }

@@ -529,8 +529,9 @@ impl NetworkPolicySpec {
     /// The directions the policy isolates (its `policyTypes`, defaulted as the API does).
     pub fn isolates(&self, t: PolicyType) -> bool {
         match &self.policy_types {
-            Some(types) => types.contains(&t),
-            None => t == PolicyType::Ingress || !self.egress.is_empty(),
+            // The API server defaults an empty list as it does an absent one.
+            Some(types) if !types.is_empty() => types.contains(&t),
+            _ => t == PolicyType::Ingress || !self.egress.is_empty(),
         }
     }
 }
