@@ -121,6 +121,8 @@ impl World {
             // to other nodes and policies there see the node, not the pod.
             &["--ip-masq", "--proxy-mode", "nftables", "--network-policy"],
         );
+        // Health on every address, so that `flannelctl status` in the hub can ask the nodes.
+        d.health_ip = "0.0.0.0".into();
         for i in 0..3 {
             // Denied connections through a ClusterIP are refused with ICMP errors, which the
             // kernel rate-limits per client (1/s after a burst of 6); probes send hundreds.
@@ -555,4 +557,33 @@ fn network_policy_matrices() {
     w.check("egress to a service backend", &[TCP80, UDP80, TCP81]);
     w.clear_policies();
     w.check("all policies gone", &[TCP80, UDP80]);
+
+    // `flannelctl status` from the hub: every node ready with its two peers programmed.
+    let ctl = Path::new(BIN).parent().unwrap().join("flannelctl");
+    let out =
+        w.tb.exec(
+            &w.tb.hub,
+            &[
+                ctl.to_str().unwrap(),
+                "--etcd-endpoints",
+                &w.endpoint,
+                "status",
+                "--health-port",
+                &common::HEALTH.1.to_string(),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("flannelctl status: {e}"));
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    assert_eq!(
+        rows[0],
+        ["NODE", "SUBNET", "BACKEND", "PEERS", "READY"],
+        "{out}"
+    );
+    for r in &rows[1..] {
+        assert_eq!(&r[2..], ["vxlan", "2", "yes"], "{out}");
+    }
 }

@@ -19,6 +19,8 @@ pub const HEALTH: (Ipv4Addr, u16) = (Ipv4Addr::LOCALHOST, 8471);
 /// The flanneld processes of a testbed: one per node, each (re)start with its own log.
 pub struct Daemons {
     pub dir: tempfile::TempDir,
+    /// `--healthz-ip` (default 127.0.0.1: inside the node only; 0.0.0.0 lets the hub ask).
+    pub health_ip: String,
     endpoint: String,
     extra: Vec<String>,
     runs: Vec<u32>,
@@ -29,6 +31,7 @@ impl Daemons {
     pub fn new(endpoint: &str, extra: &[&str]) -> Daemons {
         Daemons {
             dir: tempfile::tempdir().unwrap(),
+            health_ip: HEALTH.0.to_string(),
             endpoint: endpoint.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             runs: Vec::new(),
@@ -62,7 +65,7 @@ impl Daemons {
         }
         self.runs[i] += 1;
         let file = self.env_file(i);
-        let health_ip = format!("--healthz-ip={}", HEALTH.0);
+        let health_ip = format!("--healthz-ip={}", self.health_ip);
         let health_port = format!("--healthz-port={}", HEALTH.1);
         let mut args = vec![
             "--etcd-endpoints",
