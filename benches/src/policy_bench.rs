@@ -156,9 +156,10 @@ impl World {
     }
 
     fn compile(&self) -> Ruleset {
+        let policies: Vec<&NetworkPolicy> = self.policies.iter().collect();
         compile(Input {
             namespaces: &self.namespaces,
-            policies: &self.policies,
+            policies: &policies,
             pods: &self.pods,
             node: "node0",
         })

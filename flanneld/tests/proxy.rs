@@ -9,13 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cni::chain::ConfList;
-use cni::exec::{Call, PathExec};
-use serde_json::{json, Map, Value};
 use test_support::{
     in_netns, require, require_root_with, udp_who_serves, wait_for, who_serves, IdServer, Testbed,
     UdpIdServer,
@@ -23,10 +19,9 @@ use test_support::{
 
 mod common;
 
-use common::{Daemons, BIN};
+use common::{Cni, Daemons, BIN, REFERENCE_PLUGINS};
 
 const NET: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
-const REFERENCE: &str = "/usr/lib/cni";
 const LIMIT: Duration = Duration::from_secs(2);
 const EXTERNAL_IP: &str = "192.0.2.10";
 
@@ -55,7 +50,7 @@ struct Cluster {
     pods: Vec<PodInfo>,
     servers: Vec<(Option<IdServer>, UdpIdServer)>,
     outside: String,
-    _cni_path: tempfile::TempDir,
+    _cni: Cni,
 }
 
 fn vip(last: u8, port: u16) -> SocketAddr {
@@ -70,53 +65,13 @@ impl Cluster {
         for i in 0..3 {
             d.start(&mut tb, i);
         }
-        let cni_path = tempfile::tempdir().unwrap();
-        symlink(sibling("flannel"), cni_path.path().join("flannel")).unwrap();
-        for p in ["bridge", "host-local", "loopback"] {
-            symlink(Path::new(REFERENCE).join(p), cni_path.path().join(p)).unwrap();
-        }
+        let cni = Cni::new();
         let mut pods = Vec::new();
         let mut servers = Vec::new();
         for i in 0..3 {
-            d.subnet_env(i);
-            let list = ConfList::parse(
-                json!({"cniVersion": "1.0.0", "name": "cbr0", "plugins": [{
-                    "type": "flannel", "subnetFile": d.env_file(i), "dataDir": d.cni_dir(i),
-                    "ipam": {"dataDir": d.dir.path().join(format!("ipam{i}"))},
-                    "delegate": {"hairpinMode": true, "isDefaultGateway": true}}]})
-                .to_string()
-                .as_bytes(),
-            )
-            .unwrap();
             for j in 0..2 {
-                let ns = tb.add_empty_pod_netns(i).unwrap();
                 let name = format!("web-{i}-{j}");
-                let call = Call {
-                    command: "ADD".into(),
-                    container_id: format!("c{i}{j}"),
-                    netns: format!("/run/netns/{ns}"),
-                    ifname: "eth0".into(),
-                    args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"),
-                };
-                let path = cni_path.path().display().to_string();
-                let l = list.clone();
-                let r: Value = in_netns(&tb.nodes[i].ns, move || {
-                    l.add(
-                        &PathExec::new(&path, Duration::from_secs(30)),
-                        &call,
-                        &Map::new(),
-                    )
-                })
-                .unwrap()
-                .unwrap_or_else(|e| panic!("CNI ADD of {name}: {e}"));
-                let ip: Ipv4Addr = r["ips"][0]["address"]
-                    .as_str()
-                    .unwrap()
-                    .split('/')
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+                let (ns, ip) = cni.add(&mut tb, &d, i, "default", &name);
                 servers.push((
                     Some(IdServer::start(&ns, 8080).unwrap()),
                     UdpIdServer::start(&ns, &ip.to_string(), 8080).unwrap(),
@@ -150,7 +105,7 @@ impl Cluster {
             pods,
             servers,
             outside,
-            _cni_path: cni_path,
+            _cni: cni,
         }
     }
 
@@ -318,7 +273,7 @@ fn spread(ns: &str, to: SocketAddr, n: usize) -> BTreeMap<String, usize> {
 fn behaviour(mode: &str) {
     if !require_root_with(&["ip", "nft", "conntrack"])
         || !require(
-            Path::new(REFERENCE).join("bridge").is_file(),
+            Path::new(REFERENCE_PLUGINS).join("bridge").is_file(),
             "needs the reference CNI plugins in /usr/lib/cni",
         )
     {

@@ -92,14 +92,14 @@ impl Ruleset {
 pub struct Input<'a> {
     /// Namespace name -> labels (the name label is implied).
     pub namespaces: &'a BTreeMap<String, Labels>,
-    pub policies: &'a [NetworkPolicy],
+    pub policies: &'a [&'a NetworkPolicy],
     /// Every pod of the cluster that has an address.
     pub pods: &'a [PodView],
     /// This node's name: its pods get chains.
     pub node: &'a str,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Dir {
     In,
     Out,
@@ -333,7 +333,7 @@ pub fn compile(input: Input<'_>) -> Ruleset {
     let ctx = Ctx::new(input);
     let mut rs = Ruleset::default();
     let mut names = Names::default();
-    let mut policies: Vec<&NetworkPolicy> = input.policies.iter().collect();
+    let mut policies: Vec<&NetworkPolicy> = input.policies.to_vec();
     policies.sort_by(|a, b| {
         (namespace_of(a), a.metadata.name.as_str()).cmp(&(namespace_of(b), &b.metadata.name))
     });
@@ -343,7 +343,7 @@ pub fn compile(input: Input<'_>) -> Ruleset {
         local.insert(p.ip, p);
     }
     // (pod, direction) -> the allow rules of its policies, in policy order.
-    let mut per_pod: BTreeMap<(Ipv4Addr, &'static str), (Dir, Vec<String>)> = BTreeMap::new();
+    let mut per_pod: BTreeMap<(Ipv4Addr, Dir), Vec<String>> = BTreeMap::new();
     for np in policies {
         let ns = namespace_of(np);
         for dir in [Dir::In, Dir::Out] {
@@ -361,14 +361,13 @@ pub fn compile(input: Input<'_>) -> Ruleset {
             let rules = policy_rules(&ctx, &mut rs, &mut names, np, dir);
             for ip in selected {
                 per_pod
-                    .entry((ip, dir.tag()))
-                    .or_insert_with(|| (dir, Vec::new()))
-                    .1
+                    .entry((ip, dir))
+                    .or_default()
                     .extend(rules.iter().cloned());
             }
         }
     }
-    for ((ip, _), (dir, rules)) in per_pod {
+    for ((ip, dir), rules) in per_pod {
         // Policies often repeat each other's rules; a rule only returns, so once is enough.
         let mut seen = BTreeSet::new();
         let mut chain: Vec<String> = rules
@@ -715,9 +714,10 @@ mod tests {
             "y".to_string(),
             [("team".to_string(), "blue".to_string())].into(),
         );
+        let refs: Vec<&NetworkPolicy> = nps.iter().collect();
         compile(Input {
             namespaces: &namespaces,
-            policies: nps,
+            policies: &refs,
             pods,
             node,
         })

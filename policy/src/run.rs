@@ -1,14 +1,13 @@
-//! The module's loop: list the registry (namespaces, pods, policies) and the pod records from
-//! etcd, watch them from the next revision (re-list when the watch loses history), and after
-//! each burst of changes compile this node's table and apply the difference from what the
-//! kernel has in one `nft -f -` transaction (the whole table after a start or a failure).
+//! The module's loop: it follows the registry (namespaces, pods, policies) and the pod
+//! records in etcd ([`registry::follow`]) and after each burst of changes compiles this
+//! node's table and applies the difference from what the kernel has in one `nft -f -`
+//! transaction (the whole table after a start or a failure).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
-use futures::StreamExt;
 use ipnet::Ipv4Net;
+use registry::follow::{follow, FollowOptions, Follower};
 use registry::{Kind, Labels, NetworkPolicy, Object, Pod};
 use service_proxy::sync::{NftApply, NftCommand};
 use subnet_lease::pods::{parse_pod_key, pods_prefix};
@@ -70,24 +69,11 @@ impl Cache {
         }
     }
 
-    fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.namespaces.clear();
         self.pods.clear();
         self.records.clear();
         self.policies.clear();
-    }
-
-    /// Applies the events of one watch answer; returns whether anything used changed.
-    pub fn apply_events(&mut self, resp: &etcd_client::WatchResponse) -> bool {
-        let mut changed = false;
-        for ev in resp.events() {
-            if let Some(kv) = ev.kv() {
-                let key = kv.key_str().unwrap_or_default();
-                let value = (ev.event_type() == EventType::Put).then(|| kv.value());
-                changed |= self.apply(key, value, kv.mod_revision());
-            }
-        }
-        changed
     }
 
     /// Applies one key's new value (`None`: deleted). Returns whether anything the module
@@ -191,7 +177,7 @@ impl Cache {
     /// This node's table for the cached objects.
     pub fn compile(&self, node: &str) -> Ruleset {
         let pods = self.pod_views();
-        let policies: Vec<NetworkPolicy> = self.policies.values().cloned().collect();
+        let policies: Vec<&NetworkPolicy> = self.policies.values().collect();
         compile::compile(Input {
             namespaces: &self.namespaces,
             policies: &policies,
@@ -294,22 +280,46 @@ pub fn ensure_bridge_netfilter() -> Option<String> {
     }
 }
 
-async fn list(reg: &EtcdRegistry, cache: &mut Cache) -> Result<i64, etcd_client::Error> {
-    let mut c = reg.client();
-    let resp = c
-        .get(
-            format!("{}/", reg.prefix()),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-    cache.clear();
-    for kv in resp.kvs() {
-        if let Ok(key) = kv.key_str() {
-            cache.apply(key, Some(kv.value()), kv.mod_revision());
+/// The module as a registry follower.
+struct Policy<N> {
+    node: String,
+    cache: Cache,
+    enforcer: Enforcer<N>,
+    metrics: PolicyMetrics,
+}
+
+impl<N: NftApply> Follower for Policy<N> {
+    fn clear(&mut self) {
+        self.cache.clear();
+    }
+
+    fn apply(&mut self, key: &str, value: Option<&[u8]>, mod_revision: i64) -> bool {
+        self.cache.apply(key, value, mod_revision)
+    }
+
+    async fn sync(&mut self) -> Result<(), String> {
+        let rs = self.cache.compile(&self.node);
+        let (ingress, egress) = rs.isolated();
+        match self.enforcer.sync(rs).await {
+            Ok(rep) => {
+                self.metrics.observe(&rep, ingress, egress);
+                tracing::debug!(?rep, ingress, egress, "network policy sync");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.sync_errors.inc();
+                Err(e)
+            }
         }
     }
-    Ok(revision)
+
+    async fn check(&mut self) -> bool {
+        let present = self.enforcer.table_present().await;
+        if !present {
+            self.enforcer.invalidate();
+        }
+        present
+    }
 }
 
 /// Enforces NetworkPolicy for this node's pods until `stop` turns true. The table stays
@@ -323,114 +333,18 @@ pub async fn run(
     if let Some(w) = ensure_bridge_netfilter() {
         tracing::warn!("{w}");
     }
-    let mut enforcer = Enforcer::new(opts.nft.clone());
-    let mut cache = Cache::new(reg.prefix());
-    let mut backoff = Duration::from_millis(200);
-    'outer: loop {
-        if *stop.borrow() {
-            break;
-        }
-        let revision = match list(&reg, &mut cache).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "network policy: listing etcd failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => break 'outer,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-        };
-        let mut dirty = true;
-        let mut c = reg.client();
-        let wopts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
-        let mut stream = match c.watch(format!("{}/", reg.prefix()), Some(wopts)).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "network policy: watch failed; re-listing");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => break 'outer,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(200);
-        let mut check = tokio::time::interval(opts.check_interval);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut retry_at: Option<tokio::time::Instant> = None;
-        loop {
-            if dirty {
-                // Gather the rest of a burst before syncing.
-                let deadline = tokio::time::sleep(opts.debounce);
-                tokio::pin!(deadline);
-                loop {
-                    tokio::select! {
-                        _ = &mut deadline => break,
-                        item = stream.next() => match item {
-                            Some(Ok(resp)) => {
-                                if resp.canceled() {
-                                    continue 'outer;
-                                }
-                                cache.apply_events(&resp);
-                            }
-                            _ => continue 'outer,
-                        },
-                    }
-                }
-                let rs = cache.compile(&opts.node);
-                let (ingress, egress) = rs.isolated();
-                match enforcer.sync(rs).await {
-                    Ok(rep) => {
-                        metrics.observe(&rep, ingress, egress);
-                        tracing::debug!(?rep, ingress, egress, "network policy sync");
-                        dirty = false;
-                        retry_at = None;
-                    }
-                    Err(e) => {
-                        metrics.sync_errors.inc();
-                        tracing::warn!(error = %e, "network policy sync failed; full resync in 1 s");
-                        retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-                    }
-                }
-            }
-            let retry = async {
-                match retry_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = stop.changed() => break 'outer,
-                _ = retry => { dirty = true; }
-                _ = check.tick() => {
-                    if !enforcer.table_present().await {
-                        tracing::warn!("network policy table missing; rebuilding it");
-                        enforcer.invalidate();
-                        dirty = true;
-                    }
-                }
-                item = stream.next() => match item {
-                    Some(Ok(resp)) => {
-                        if resp.canceled() {
-                            tracing::info!("network policy watch lost history; re-listing");
-                            continue 'outer;
-                        }
-                        dirty |= cache.apply_events(&resp);
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "network policy watch failed; re-listing");
-                        continue 'outer;
-                    }
-                    None => continue 'outer,
-                },
-            }
-        }
-    }
+    let follow_opts = FollowOptions {
+        name: "network policy",
+        debounce: opts.debounce,
+        check_interval: opts.check_interval,
+    };
+    let mut policy = Policy {
+        cache: Cache::new(reg.prefix()),
+        enforcer: Enforcer::new(opts.nft),
+        node: opts.node,
+        metrics,
+    };
+    follow(&reg, &follow_opts, &mut policy, &mut stop).await;
 }
 
 #[cfg(test)]

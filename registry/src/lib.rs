@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod follow;
 pub mod parse;
 pub mod store;
 pub mod types;

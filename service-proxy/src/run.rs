@@ -1,13 +1,12 @@
-//! The proxy's loop: list the registry and the pod records from etcd, watch them from the
-//! next revision (re-list when the watch loses history), and after each burst of changes
-//! recompute the service ports and hand them to the data plane (nftables or userspace).
+//! The proxy's loop: it follows the registry and the pod records in etcd
+//! ([`registry::follow`]) and after each burst of changes recomputes the service ports and
+//! hands them to the data plane (nftables or userspace).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
-use futures::StreamExt;
 use ipnet::Ipv4Net;
+use registry::follow::{follow, FollowOptions, Follower};
 use registry::{Kind, Object};
 use subnet_lease::pods::{parse_pod_key, pods_prefix};
 use subnet_lease::{EtcdRegistry, PodRecord};
@@ -90,19 +89,6 @@ impl Cache {
     /// What changed since the last call (for [`PortsCache::update`]).
     pub fn take_touched(&mut self) -> Touched {
         std::mem::take(&mut self.touched)
-    }
-
-    /// Applies the events of one watch answer; returns whether anything used changed.
-    pub fn apply_events(&mut self, resp: &etcd_client::WatchResponse) -> bool {
-        let mut changed = false;
-        for ev in resp.events() {
-            if let Some(kv) = ev.kv() {
-                let key = kv.key_str().unwrap_or_default();
-                let value = (ev.event_type() == EventType::Put).then(|| kv.value());
-                changed |= self.apply(key, value, kv.mod_revision());
-            }
-        }
-        changed
     }
 
     /// Applies one key's new value (`None`: deleted). Returns whether anything the proxy
@@ -246,23 +232,51 @@ impl Plane {
     }
 }
 
-async fn list(reg: &EtcdRegistry, cache: &mut Cache) -> Result<i64, etcd_client::Error> {
-    let mut c = reg.client();
-    let resp = c
-        .get(
-            format!("{}/", reg.prefix()),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-    cache.snap = Snapshot::default();
-    cache.touched = Touched::default();
-    for kv in resp.kvs() {
-        if let Ok(key) = kv.key_str() {
-            cache.apply(key, Some(kv.value()), kv.mod_revision());
-        }
+/// The proxy as a registry follower: the cache, the model and the data plane.
+struct Proxy {
+    opts: ProxyOptions,
+    metrics: ProxyMetrics,
+    nft: NftCommand,
+    cache: Cache,
+    model: PortsCache,
+    plane: Plane,
+}
+
+impl Follower for Proxy {
+    fn clear(&mut self) {
+        self.cache.snap = Snapshot::default();
+        self.cache.touched = Touched::default();
     }
-    Ok(revision)
+
+    fn apply(&mut self, key: &str, value: Option<&[u8]>, mod_revision: i64) -> bool {
+        self.cache.apply(key, value, mod_revision)
+    }
+
+    fn relisted(&mut self) {
+        self.model.rebuild(&self.cache.snap, &self.opts.node);
+        self.cache.take_touched();
+    }
+
+    async fn sync(&mut self) -> Result<(), String> {
+        let touched = self.cache.take_touched();
+        self.model
+            .update(&self.cache.snap, &self.opts.node, &touched);
+        let ports = self.model.ports();
+        self.metrics.service_ports.set(ports.len() as i64);
+        let r = self.plane.apply(ports, &self.metrics).await;
+        if r.is_err() {
+            self.plane.invalidate();
+        }
+        r
+    }
+
+    async fn check(&mut self) -> bool {
+        let present = self.plane.table_present(&self.nft).await;
+        if !present {
+            self.plane.invalidate();
+        }
+        present
+    }
 }
 
 /// Runs the proxy until `stop` turns true; then removes what it installed.
@@ -273,7 +287,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let nft = NftCommand::default();
-    let mut plane = match opts.mode {
+    let plane = match opts.mode {
         Mode::Nftables => Plane::Nft(Box::new(Syncer::new(
             NftNetlink::open().unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "no netfilter netlink socket; incremental syncs use nft");
@@ -290,121 +304,26 @@ pub async fn run(
             metrics.clone(),
         ))),
     };
-    let mut cache = Cache::new(reg.prefix());
-    let mut model = PortsCache::default();
-    let mut backoff = Duration::from_millis(200);
-    'outer: loop {
-        if *stop.borrow() {
-            break;
-        }
-        let revision = match list(&reg, &mut cache).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "service proxy: listing etcd failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => break 'outer,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-        };
-        let mut dirty = true;
-        model.rebuild(&cache.snap, &opts.node);
-        cache.take_touched();
-        let mut c = reg.client();
-        let opts_w = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
-        let mut stream = match c.watch(format!("{}/", reg.prefix()), Some(opts_w)).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "service proxy: watch failed; re-listing");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => break 'outer,
-                }
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(200);
-        let mut check = tokio::time::interval(opts.check_interval);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut retry_at: Option<tokio::time::Instant> = None;
-        loop {
-            if dirty {
-                // Gather the rest of a burst before syncing.
-                let deadline = tokio::time::sleep(opts.debounce);
-                tokio::pin!(deadline);
-                loop {
-                    tokio::select! {
-                        _ = &mut deadline => break,
-                        item = stream.next() => match item {
-                            Some(Ok(resp)) => {
-                                if resp.canceled() {
-                                    continue 'outer;
-                                }
-                                cache.apply_events(&resp);
-                            }
-                            _ => continue 'outer,
-                        },
-                    }
-                }
-                let touched = cache.take_touched();
-                model.update(&cache.snap, &opts.node, &touched);
-                let ports = model.ports();
-                metrics.service_ports.set(ports.len() as i64);
-                match plane.apply(ports, &metrics).await {
-                    Ok(()) => {
-                        dirty = false;
-                        retry_at = None;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "service proxy sync failed; full resync in 1 s");
-                        plane.invalidate();
-                        retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-                    }
-                }
-            }
-            let retry = async {
-                match retry_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = stop.changed() => break 'outer,
-                _ = retry => { dirty = true; }
-                _ = check.tick() => {
-                    if !plane.table_present(&nft).await {
-                        tracing::warn!("service proxy table missing; rebuilding it");
-                        plane.invalidate();
-                        dirty = true;
-                    }
-                }
-                item = stream.next() => match item {
-                    Some(Ok(resp)) => {
-                        if resp.canceled() {
-                            tracing::info!("service proxy watch lost history; re-listing");
-                            continue 'outer;
-                        }
-                        dirty |= cache.apply_events(&resp);
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "service proxy watch failed; re-listing");
-                        continue 'outer;
-                    }
-                    None => continue 'outer,
-                },
-            }
-        }
-    }
+    let follow_opts = FollowOptions {
+        name: "service proxy",
+        debounce: opts.debounce,
+        check_interval: opts.check_interval,
+    };
+    let mut proxy = Proxy {
+        cache: Cache::new(reg.prefix()),
+        model: PortsCache::default(),
+        plane,
+        nft,
+        opts,
+        metrics,
+    };
+    follow(&reg, &follow_opts, &mut proxy, &mut stop).await;
     // nftables mode leaves its table in place, so Services keep working while flanneld
     // restarts (the next start rebuilds it; `flanneld --cleanup` removes it). The userspace
     // mode's redirects would point at listeners that are gone: they are removed.
-    if let Plane::User(p) = &mut plane {
+    if let Plane::User(p) = &mut proxy.plane {
         p.shutdown().await;
-        if let Err(e) = nft.apply(&crate::nft::cleanup()).await {
+        if let Err(e) = proxy.nft.apply(&crate::nft::cleanup()).await {
             tracing::warn!(error = %e, "removing the service proxy table");
         }
     }
