@@ -25,6 +25,9 @@ pub enum ConfigCmd {
         /// Write even when the Network changes while leases exist.
         #[arg(long)]
         force: bool,
+        /// Write only if no config exists yet (an init container's "write once").
+        #[arg(long, conflicts_with = "force")]
+        if_absent: bool,
     },
 }
 
@@ -62,7 +65,11 @@ pub async fn run(etcd: &EtcdFlags, cmd: ConfigCmd) -> Result<()> {
             }
             None => bail!("no network config at {key} (write one with `flannelctl config set -f net-conf.json`)"),
         },
-        ConfigCmd::Set { file, force } => {
+        ConfigCmd::Set {
+            file,
+            force,
+            if_absent,
+        } => {
             let text = if file == std::path::Path::new("-") {
                 let mut s = String::new();
                 std::io::stdin()
@@ -79,6 +86,10 @@ pub async fn run(etcd: &EtcdFlags, cmd: ConfigCmd) -> Result<()> {
                 eprintln!("warning: {w}");
             }
             let old = reg.get_config().await?;
+            if if_absent && old.is_some() {
+                println!("network config exists at {key}; left as it is");
+                return Ok(());
+            }
             let leases = reg.list_leases().await?.leases.len();
             if !force {
                 if let Some(why) = network_change_blocked(old.as_deref(), &text, leases) {

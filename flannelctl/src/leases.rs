@@ -1,8 +1,11 @@
 //! `flannelctl leases`: the subnet leases in etcd as a table (subnet, public IP, backend,
-//! time left on its etcd lease or `reservation`) or JSON for scripts.
+//! time left on its etcd lease or `reservation`) or JSON for scripts. `leases revoke SUBNET`
+//! removes a lease now: for a node that is gone for good, whose lease would otherwise hold its
+//! subnet, and its peers' routes to it, for the rest of flannel's 24 h TTL.
 
-use anyhow::Result;
-use clap::{Args, ValueEnum};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use subnet_lease::{Lease, Registry};
 
@@ -16,9 +19,26 @@ pub enum Format {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct LeasesArgs {
+    #[command(subcommand)]
+    cmd: Option<LeasesCmd>,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeasesCmd {
+    /// Remove the lease of SUBNET (e.g. 10.244.3.0/24) now: its peers drop their routes to it.
+    /// For a node that is gone; a node still running takes a new lease at its next renewal.
+    Revoke { subnet: String },
+}
+
+/// SUBNET as given (`10.244.3.0/24` or the key form `10.244.3.0-24`), pure.
+pub fn parse_subnet(text: &str) -> Result<Ipv4Net> {
+    text.replace('-', "/")
+        .parse::<Ipv4Net>()
+        .with_context(|| format!("{text:?} is not a subnet like 10.244.3.0/24"))
 }
 
 /// A lease with the seconds left on its etcd lease (`None`: a reservation, no TTL).
@@ -96,7 +116,34 @@ pub async fn fetch(etcd: &EtcdFlags) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+async fn revoke(etcd: &EtcdFlags, subnet: &str) -> Result<()> {
+    let net = parse_subnet(subnet)?;
+    let reg = connect(etcd).await?;
+    let list = reg.list_leases().await?;
+    let Some(lease) = list.leases.into_iter().find(|l| l.key.ipv4 == net) else {
+        bail!("no lease for {net} (see `flannelctl leases`)");
+    };
+    if lease.is_reservation() {
+        bail!("{net} is a reservation (no TTL), not a node's lease; it stays");
+    }
+    if !reg.delete_lease(&lease).await? {
+        bail!("the lease of {net} changed while this command ran; run it again");
+    }
+    // The key is gone; the etcd lease that kept it has nothing left to keep. A renewal that
+    // raced us already failed or will: either way the node takes a new lease.
+    if let Err(e) = reg.revoke(lease.etcd_lease).await {
+        if !e.is_lease_not_found() {
+            eprintln!("warning: revoking etcd lease {:x}: {e}", lease.etcd_lease);
+        }
+    }
+    println!("lease {net} of {} revoked", lease.attrs.public_ip);
+    Ok(())
+}
+
 pub async fn run(etcd: &EtcdFlags, args: LeasesArgs) -> Result<()> {
+    if let Some(LeasesCmd::Revoke { subnet }) = &args.cmd {
+        return revoke(etcd, subnet).await;
+    }
     let rows = fetch(etcd).await?;
     match args.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&json(&rows))?),

@@ -496,6 +496,38 @@ fn config_and_leases() {
     );
     c.ok(&["config", "set", "-f", &udp]);
     assert!(c.ok(&["config", "get"]).contains("udp"));
+    // --if-absent (an init container's write-once) leaves an existing config alone.
+    assert!(c
+        .ok(&["config", "set", "-f", &other, "--if-absent"])
+        .contains("left as it is"));
+    assert!(c.ok(&["config", "get"]).contains("udp"));
     c.ok(&["config", "set", "-f", &other, "--force"]);
     assert!(c.ok(&["config", "get"]).contains("10.6.0.0/16"));
+    // Revoke: a node's lease goes (key and etcd lease); a reservation and unknown subnets
+    // are refused with the reason.
+    let o = c.run(&["leases", "revoke", "10.5.20.0/24"]);
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("reservation"), "{}", o.stderr);
+    let o = c.run(&["leases", "revoke", "10.5.99.0/24"]);
+    assert!(
+        o.code == 1 && o.stderr.contains("no lease for"),
+        "{}",
+        o.stderr
+    );
+    let o = c.run(&["leases", "revoke", "10.5.1"]);
+    assert!(
+        o.code == 1 && o.stderr.contains("not a subnet"),
+        "{}",
+        o.stderr
+    );
+    assert!(c
+        .ok(&["leases", "revoke", "10.5.1.0-24"])
+        .contains("lease 10.5.1.0/24 of 192.0.2.1 revoked"));
+    let table = c.ok(&["leases"]);
+    assert!(
+        table.lines().count() == 2 && !table.contains("10.5.1.0"),
+        "{table}"
+    );
+    let ttl = c._etcd.etcdctl(&["lease", "timetolive", &id]).unwrap();
+    assert!(ttl.contains("already expired"), "{ttl}");
 }
