@@ -2,7 +2,12 @@
 # Installs what building and testing need on Debian 12 (run as root). Idempotent.
 set -euo pipefail
 pkgs=(protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 nftables iperf3
-      containernetworking-plugins conntrack jq procps iputils-ping openssl socat)
+      containernetworking-plugins conntrack jq procps iputils-ping openssl socat debootstrap)
+# The compose testbed: where a Docker engine is installed, a compose tool (Debian's
+# docker-compose unless the engine has the `docker compose` plugin).
+if command -v docker >/dev/null && ! docker compose version >/dev/null 2>&1; then
+  pkgs+=(docker-compose)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
