@@ -128,7 +128,10 @@ fn compose_testbed_survives_member_and_node_loss() {
     // Every matrix was complete: 6 pods (30 pairs), 7 after the etcd check (42), 5 with
     // node3 gone (20), 6 with it back (30).
     for pairs in ["30 of 30", "42 of 42", "20 of 20"] {
-        assert!(out.contains(&format!("{pairs} pod pairs reach")), "{pairs}:\n{out}");
+        assert!(
+            out.contains(&format!("{pairs} pod pairs reach")),
+            "{pairs}:\n{out}"
+        );
     }
     let left = Command::new("docker")
         .args(["ps", "-aq", "--filter"])

@@ -14,6 +14,7 @@
 
 pub mod alloc;
 pub mod config;
+pub mod endpoints;
 pub mod ipmath;
 pub mod lease;
 pub mod manager;

@@ -184,6 +184,8 @@ pub struct EtcdRegistry {
     prefix: String,
     timeout: Duration,
     round_trips: Arc<AtomicU64>,
+    /// With several endpoints: keeps the balancer on the members that answer.
+    _keeper: Option<Arc<crate::endpoints::Keeper>>,
 }
 
 impl std::fmt::Debug for EtcdRegistry {
@@ -258,6 +260,7 @@ impl EtcdRegistry {
         if let Some(user) = &opts.username {
             co = co.with_user(user.clone(), opts.password.clone().unwrap_or_default());
         }
+        let probe_options = co.clone();
         // With a user, connect() authenticates at once, so it is bounded too.
         let client = tokio::time::timeout(
             opts.timeout * 2,
@@ -272,11 +275,19 @@ impl EtcdRegistry {
             op: "connect",
             source,
         })?;
+        let keeper = crate::endpoints::keep(
+            &client,
+            &opts.endpoints,
+            probe_options,
+            opts.timeout.min(Duration::from_secs(3)),
+        )
+        .await;
         Ok(EtcdRegistry {
             client,
             prefix: opts.prefix.trim_end_matches('/').to_string(),
             timeout: opts.timeout,
             round_trips: Arc::new(AtomicU64::new(0)),
+            _keeper: keeper,
         })
     }
 

@@ -507,3 +507,48 @@ async fn republish_changes_the_backend_in_place_and_config_changes_are_watched()
         .unwrap();
     assert_eq!(second, None);
 }
+
+/// One of two endpoints is dead (nothing listens; a name that does not resolve): every call
+/// still succeeds, as the balancer only uses the member that answers; when a member answers
+/// again it is used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_among_several_does_not_fail_calls() {
+    let Some(mut etcd) = Etcd::start() else {
+        return;
+    };
+    let dead = format!("http://127.0.0.1:{}", test_support::free_port());
+    let opts = EtcdOptions {
+        endpoints: vec![
+            dead.clone(),
+            etcd.endpoint(),
+            "http://no-such-member.invalid:2379".into(),
+        ],
+        prefix: format!("/test-{}/network", random_tag(6)),
+        timeout: Duration::from_secs(3),
+        ..EtcdOptions::default()
+    };
+    let reg = EtcdRegistry::connect(&opts).await.unwrap();
+    for i in 0..60 {
+        reg.list_leases()
+            .await
+            .unwrap_or_else(|e| panic!("call {i} failed with a dead endpoint present: {e}"));
+    }
+    // Only the live member left answering and then down: calls fail (nothing to balance to),
+    // and work again once it is back, without a new client.
+    etcd.stop();
+    assert!(reg.list_leases().await.is_err());
+    etcd.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while reg.list_leases().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no call succeeded in 20 s after etcd came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 0..30 {
+        reg.list_leases()
+            .await
+            .unwrap_or_else(|e| panic!("call {i} after the restart failed: {e}"));
+    }
+}
