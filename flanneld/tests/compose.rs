@@ -55,19 +55,9 @@ impl Drop for Down {
     }
 }
 
-#[test]
-fn compose_testbed_survives_member_and_node_loss() {
-    if !require_root_with(&["jq"]) {
-        return;
-    }
-    if test_support::find_program("docker").is_none() {
-        eprintln!("SKIPPED: no docker command here (the compose testbed runs where Docker does)");
-        return;
-    }
-    if let Err(why) = docker_answers() {
-        eprintln!("SKIPPED: {why} (the compose testbed runs where Docker does)");
-        return;
-    }
+/// Runs `deploy/compose/testbed ARGS` as its own project (removed whatever happens), bounded
+/// to 25 minutes (the first run builds the base image); its exit status and output.
+fn script(args: &[&str]) -> (std::process::ExitStatus, String) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose/testbed");
     let project = format!("flrstest{}", random_tag(6).to_lowercase());
     let _down = Down {
@@ -77,7 +67,7 @@ fn compose_testbed_survives_member_and_node_loss() {
     let log_path = std::env::temp_dir().join(format!("{project}.log"));
     let log = File::create(&log_path).unwrap();
     let mut child = Command::new(&script)
-        .arg("check")
+        .args(args)
         .env("FLANNEL_COMPOSE_PROJECT", &project)
         // Built by `cargo test --workspace`: flanneld, flannelctl and flannel side by side.
         .env(
@@ -91,7 +81,6 @@ fn compose_testbed_survives_member_and_node_loss() {
         .stderr(log)
         .spawn()
         .unwrap();
-    // The first run builds the base image (debootstrap, about a minute).
     let deadline = Instant::now() + Duration::from_secs(1500);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -111,7 +100,34 @@ fn compose_testbed_survives_member_and_node_loss() {
     let out = std::fs::read_to_string(&log_path).unwrap_or_default();
     let _ = std::fs::remove_file(&log_path);
     println!("{out}");
-    let status = status.expect("compose check did not finish in 25 minutes");
+    let status =
+        status.unwrap_or_else(|| panic!("testbed {args:?} did not finish in 25 minutes:\n{out}"));
+    let left = Command::new("docker")
+        .args(["ps", "-aq", "--filter"])
+        .arg(format!("label=com.docker.compose.project={project}"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "containers of {project} left"
+    );
+    (status, out)
+}
+
+#[test]
+fn compose_testbed_survives_member_and_node_loss() {
+    if !require_root_with(&["jq"]) {
+        return;
+    }
+    if test_support::find_program("docker").is_none() {
+        eprintln!("SKIPPED: no docker command here (the compose testbed runs where Docker does)");
+        return;
+    }
+    if let Err(why) = docker_answers() {
+        eprintln!("SKIPPED: {why} (the compose testbed runs where Docker does)");
+        return;
+    }
+    let (status, out) = script(&["check"]);
     assert!(status.success(), "compose check failed:\n{out}");
     for step in [
         "check 1: connectivity on vxlan",
@@ -133,13 +149,10 @@ fn compose_testbed_survives_member_and_node_loss() {
             "{pairs}:\n{out}"
         );
     }
-    let left = Command::new("docker")
-        .args(["ps", "-aq", "--filter"])
-        .arg(format!("label=com.docker.compose.project={project}"))
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
-        "containers of {project} left"
-    );
+    // The README's command: every backend's matrix and iperf3 figure, then removed.
+    let (status, out) = script(&["run", "--pods", "1"]);
+    assert!(status.success(), "compose run failed:\n{out}");
+    for row in ["vxlan    6/6", "udp      6/6"] {
+        assert!(out.contains(row), "summary row {row:?} missing:\n{out}");
+    }
 }
