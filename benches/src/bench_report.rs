@@ -5,6 +5,7 @@
 
 #[path = "report_md.rs"]
 mod report_md;
+mod svg;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

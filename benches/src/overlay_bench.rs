@@ -21,6 +21,7 @@ mod common;
 mod parse;
 #[path = "overlay/report.rs"]
 mod report;
+mod svg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

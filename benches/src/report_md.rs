@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use crate::svg::xml_escape;
+
 /// A markdown table: its header cells and rows of cells, as written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Table {
@@ -122,13 +124,6 @@ pub fn charts(heading: &str, t: &Table) -> Vec<Chart> {
     groups
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// A horizontal bar chart, values printed at the bars' ends.
 pub fn svg(c: &Chart) -> String {
     let label_w = 430.0;
@@ -147,8 +142,8 @@ pub fn svg(c: &Chart) -> String {
     let _ = writeln!(
         s,
         r#"<rect width="100%" height="100%" fill="white"/><text x="8" y="20" font-size="14" font-weight="bold">{} ({})</text>"#,
-        esc(&c.title),
-        esc(&c.unit)
+        xml_escape(&c.title),
+        xml_escape(&c.unit)
     );
     for (i, (label, v)) in c.bars.iter().enumerate() {
         let y = top + row_h * i as f64;
@@ -163,13 +158,13 @@ pub fn svg(c: &Chart) -> String {
             r#"<text x="{}" y="{}" text-anchor="end">{}</text><rect x="{label_w}" y="{}" width="{w:.1}" height="{}" fill="{}"/><text x="{}" y="{}">{}</text>"#,
             label_w - 6.0,
             y + 15.0,
-            esc(&short),
+            xml_escape(&short),
             y + 3.0,
             row_h - 6.0,
             ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948"][i % 6],
             label_w + w + 4.0,
             y + 15.0,
-            esc(&format!("{v}"))
+            xml_escape(&format!("{v}"))
         );
     }
     s.push_str("</svg>\n");

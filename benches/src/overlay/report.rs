@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::parse::{median, UdpRun};
+use crate::svg::xml_escape;
 
 /// What one setup measured in one round.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,14 +208,6 @@ pub fn render_table(meta: &Meta, rows: &[Summary]) -> String {
         let _ = writeln!(out, "- {}: {}", row.short, ratios.join(" "));
     }
     out
-}
-
-/// Escapes text for SVG content and attribute values.
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// A 1, 2 or 5 × 10^k step giving about five ticks up to `max`.
