@@ -49,7 +49,7 @@ pub struct EtcdFlags {
         env = "FLANNELCTL_ETCD_PASSWORD",
         hide_env_values = true
     )]
-    pub etcd_password: Option<String>,
+    pub etcd_password: Option<subnet_lease::Password>,
 
     /// Seconds to wait for each etcd request.
     #[arg(long, global = true, env = "FLANNELCTL_ETCD_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]

@@ -45,7 +45,7 @@ pub struct Flags {
 
     /// etcd password.
     #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
-    pub etcd_password: Option<String>,
+    pub etcd_password: Option<subnet_lease::Password>,
 
     /// Interface (name or IP) for inter-host traffic; repeat to give candidates in order.
     #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
@@ -198,6 +198,22 @@ mod tests {
     fn parse(args: &[&str]) -> Flags {
         let v = normalize_args(args.iter().map(|s| s.to_string()));
         Flags::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn the_etcd_password_never_shows_in_debug_output() {
+        let f = parse(&[
+            "flanneld",
+            "--etcd-username=root",
+            "--etcd-password=hunter2-secret",
+        ]);
+        assert_eq!(
+            f.etcd_password.as_ref().map(|p| p.expose()),
+            Some("hunter2-secret")
+        );
+        let shown = format!("{f:?}");
+        assert!(!shown.contains("hunter2-secret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 
     #[test]

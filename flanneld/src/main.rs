@@ -10,6 +10,8 @@ mod iface;
 mod nft;
 mod pods;
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -25,6 +27,8 @@ fn main() -> std::process::ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log file or journald gets plain text.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

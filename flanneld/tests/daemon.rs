@@ -263,4 +263,37 @@ fn tls_files_with_plain_http_endpoint_fail_clearly() {
         err.contains("use https:// so the connection is encrypted"),
         "{err}"
     );
+    // Logs going to a pipe (a file, journald) carry no ANSI colour codes.
+    assert!(
+        !err.contains('\x1b'),
+        "colour codes in a non-terminal log: {err:?}"
+    );
+}
+
+#[test]
+fn a_password_over_plain_http_is_warned_about_and_never_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            // Nothing listens on port 1: the connection is refused at once.
+            "--etcd-endpoints=http://127.0.0.1:1",
+            "--etcd-username=root",
+            "--etcd-password=hunter2-secret",
+            "--iface=lo",
+            "-v=10",
+        ])
+        .arg(format!("--subnet-file={}", dir.path().join("s").display()))
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the password crosses the network unencrypted"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("hunter2-secret"),
+        "password in the log: {err}"
+    );
 }

@@ -28,6 +28,6 @@ pub use config::{BackendConfig, ConfigError, NetConfig};
 pub use lease::{Lease, LeaseAttrs, SubnetKey};
 pub use manager::{Event, LeaseError, LeaseManager, ManagerOptions, Republish};
 pub use pods::{PodPublisher, PodRecord};
-pub use registry::{EtcdOptions, EtcdRegistry, Registry, RegistryError};
+pub use registry::{EtcdOptions, EtcdRegistry, Password, Registry, RegistryError};
 pub use subnet_env::SubnetEnv;
 pub use watch::{Backoff, Change, LeaseWatcher};

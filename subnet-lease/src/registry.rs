@@ -148,6 +148,41 @@ pub trait Registry: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<WatchStream, RegistryError>> + Send;
 }
 
+/// An etcd password. Its `Debug` output is redacted, so it never reaches a log line or an
+/// error message through `{:?}` of the options or flags that carry it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    pub fn new(password: impl Into<String>) -> Self {
+        Password(password.into())
+    }
+
+    /// The password itself, for the one place that sends it to etcd.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for Password {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Password(s.to_string()))
+    }
+}
+
+impl From<&str> for Password {
+    fn from(s: &str) -> Self {
+        Password(s.to_string())
+    }
+}
+
 /// How to reach etcd: flannel's flags.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
@@ -157,7 +192,7 @@ pub struct EtcdOptions {
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Password>,
     /// Bound on every single call.
     pub timeout: Duration,
 }
@@ -258,7 +293,22 @@ impl EtcdRegistry {
             co = co.with_tls(tls);
         }
         if let Some(user) = &opts.username {
-            co = co.with_user(user.clone(), opts.password.clone().unwrap_or_default());
+            co = co.with_user(
+                user.clone(),
+                opts.password
+                    .as_ref()
+                    .map(|p| p.expose().to_string())
+                    .unwrap_or_default(),
+            );
+        }
+        if opts.password.is_some() {
+            // etcd's authentication sends the password in clear over http://.
+            for ep in opts.endpoints.iter().filter(|e| e.starts_with("http://")) {
+                tracing::warn!(
+                    endpoint = %ep,
+                    "an etcd password is set but the endpoint is plain http://: the password crosses the network unencrypted (use https://)"
+                );
+            }
         }
         let probe_options = co.clone();
         // With a user, connect() authenticates at once, so it is bounded too.
@@ -562,5 +612,26 @@ impl Registry for EtcdRegistry {
             Ok(WatchBatch::Events { events, revision })
         });
         Ok(Box::pin(mapped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_debug_output_hides_the_password() {
+        let opts = EtcdOptions {
+            username: Some("root".into()),
+            password: Some(Password::new("hunter2-secret")),
+            ..EtcdOptions::default()
+        };
+        let shown = format!("{opts:?}");
+        assert!(!shown.contains("hunter2-secret"), "{shown}");
+        assert!(shown.contains("root"), "{shown}");
+        assert_eq!(
+            opts.password.as_ref().map(Password::expose),
+            Some("hunter2-secret")
+        );
     }
 }
