@@ -3,9 +3,12 @@
 set -euo pipefail
 pkgs=(protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 nftables iperf3
       containernetworking-plugins conntrack jq procps iputils-ping openssl socat debootstrap)
-# The compose testbed: where a Docker engine is installed, a compose tool (Debian's
-# docker-compose unless the engine has the `docker compose` plugin).
-if command -v docker >/dev/null && ! docker compose version >/dev/null 2>&1; then
+# The compose testbed needs a Docker engine and a compose tool: Debian's docker.io where no
+# engine is installed, docker-compose unless the engine has the `docker compose` plugin.
+if ! command -v dockerd >/dev/null && ! command -v docker >/dev/null; then
+  pkgs+=(docker.io)
+fi
+if ! { command -v docker >/dev/null && docker compose version >/dev/null 2>&1; }; then
   pkgs+=(docker-compose)
 fi
 missing=()
