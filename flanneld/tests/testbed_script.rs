@@ -1,4 +1,6 @@
-//! The README's main command, `deploy/testbed/testbed up` then `down`, run for real.
+//! The README's main command, `deploy/testbed/testbed up` then `down`, run for real, with the
+//! options a newcomer turns on to see more: the host-gw backend (vxlan and udp are the other
+//! tests' daily bread), the service proxy and network policy.
 //! Needs root; skips with a reason without it, fails under CI.
 
 #![allow(clippy::unwrap_used)]
@@ -11,13 +13,16 @@ use test_support::{require_root_with, run_bounded};
 
 #[test]
 fn testbed_up_shows_traffic_and_down_removes_everything() {
-    if !require_root_with(&["ip", "etcd", "etcdctl", "socat", "iperf3", "ping", "jq"]) {
+    if !require_root_with(&[
+        "ip", "etcd", "etcdctl", "socat", "iperf3", "ping", "jq", "nft",
+    ]) {
         return;
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/testbed/testbed");
     let up = run_bounded(
         Command::new(&script)
-            .args(["up", "--nodes", "2", "--pods", "2"])
+            .args(["up", "--nodes", "2", "--pods", "2", "--backend", "host-gw"])
+            .args(["--proxy", "nftables", "--policy"])
             // flanneld's directory also holds `flannel` and `flannelctl` under
             // `cargo test --workspace` (the testbed checks and says so otherwise).
             .env(
@@ -34,8 +39,7 @@ fn testbed_up_shows_traffic_and_down_removes_everything() {
     // The tag (first line "== testbed TAG: ..."), to bring down exactly this testbed.
     let tag = out
         .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("== testbed "))
+        .find_map(|l| l.strip_prefix("== testbed "))
         .and_then(|r| r.split(':').next())
         .map(str::to_string);
     let down = tag.as_ref().map(|t| {
@@ -50,6 +54,17 @@ fn testbed_up_shows_traffic_and_down_removes_everything() {
     assert!(
         out.contains("Gbits/sec") && out.contains("receiver"),
         "no iperf3 figure:\n{out}"
+    );
+    assert!(out.contains("20 of 20 connections answered, by"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("(frontend) ->") && l.ends_with(": allowed")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains(" -> ") && l.ends_with(": refused")),
+        "{out}"
     );
     let tag = tag.unwrap();
     assert!(down.unwrap().status.success());
