@@ -5,22 +5,23 @@
 //! manifests written for kubectl parse unchanged). [`validate()`] checks an object with the
 //! API server's rules, reporting every broken field by its path.
 //! [`parse_documents`] reads YAML/JSON manifests (several documents, `List`s), errors naming
-//! the document and field. [`Store`] keeps them in etcd under `<prefix>/registry/`, allocating
-//! ClusterIPs and NodePorts in the same guarded txn as the object; the key functions
-//! ([`registry_prefix`], [`object_key`], [`parse_key`], [`decode`]) are pure, for watchers.
+//! the document and field. [`keys`] is the layout in etcd and turns stored values back into
+//! objects (pure, for watchers); [`alloc`] decides ClusterIPs and NodePorts (pure); [`Store`]
+//! keeps objects in etcd under `<prefix>/registry/`, allocating in the same guarded txn as the
+//! object; [`follow`] is the list + watch loop the service proxy and policy module share.
 
 #![forbid(unsafe_code)]
 
+pub mod alloc;
 pub mod follow;
+pub mod keys;
 pub mod parse;
 pub mod store;
 pub mod types;
 pub mod validate;
 
+pub use keys::{decode, object_key, parse_key, registry_prefix, DecodeError};
 pub use parse::{parse_documents, to_json, ParseError};
-pub use store::{
-    decode, object_key, parse_key, registry_prefix, Applied, DecodeError, Outcome, Store,
-    StoreError,
-};
+pub use store::{Applied, Outcome, Store, StoreError};
 pub use types::*;
 pub use validate::{validate, FieldError, ValidationErrors};

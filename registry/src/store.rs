@@ -1,25 +1,15 @@
-//! The objects in etcd, under flannel's prefix.
-//!
-//! Keys: `<prefix>/registry/namespaces/<name>` and `<prefix>/registry/<plural>/<namespace>/<name>`
-//! (plural from [`Kind::plural`]); value: the object's JSON ([`to_json`]: `apiVersion`, `kind`,
-//! then its fields; `resourceVersion` is never stored, it is the key's mod revision on read).
-//!
-//! Allocations: `<prefix>/registry/allocations/clusterips/<ip>` and
-//! `<prefix>/registry/allocations/nodeports/<port>`, value `<namespace>/<name>` of the Service
-//! holding it. [`parse_key`] returns None for them, so a watcher of `<prefix>/registry/` skips
-//! them.
+//! The registry in etcd: [`Store`] reads and writes objects under `<prefix>/registry/`
+//! ([`crate::keys`] has the layout) with the API server's rules ([`normalize`], then
+//! validation), allocating ClusterIPs and NodePorts ([`crate::alloc`]) in the same txn.
 //!
 //! Every write is one etcd txn guarded by what was read: the object's mod revision (or
 //! `version == 0` to create), the namespace key (it must still exist), `version == 0` for each
 //! allocation taken and `value == <namespace>/<name>` for each kept or released; a conflict is
 //! re-read and re-planned a bounded number of times. So two Services never get the same
 //! ClusterIP or NodePort, and an object never lands in a namespace being deleted.
-//!
-//! Pure parts: the key functions, [`decode`], [`normalize`], [`plan_service`], [`choose_free`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use etcd_client::{
@@ -29,181 +19,27 @@ use ipnet::Ipv4Net;
 use rand::Rng;
 use subnet_lease::{config, EtcdOptions, EtcdRegistry, Registry, RegistryError};
 
-use crate::parse::{object_from_value, to_json, ObjectError};
-use crate::types::{
-    Endpoints, Kind, Namespace, NetworkPolicy, Object, ObjectMeta, Pod, Protocol, Service,
+use crate::alloc::{plan_service, AllocError, Allocations};
+// The key layout and decoding moved to `keys`; re-exported here for callers that still name
+// them through `store`.
+use crate::keys::describe_obj;
+pub use crate::keys::{
+    allocations_prefix, cluster_ip_key, decode, describe, kind_prefix, node_port_key, object_key,
+    owner, parse_allocation_key, parse_key, registry_prefix, Allocation, DecodeError,
+    DEFAULT_NAMESPACE, IMPLICIT_NAMESPACES, NAMESPACE_NAME_LABEL, REGISTRY_DIR,
 };
+use crate::parse::to_json;
+use crate::types::{Endpoints, Kind, Namespace, NetworkPolicy, Object, ObjectMeta, Pod, Service};
 use crate::validate::{
-    is_dns1123_label, is_dns1123_subdomain, validate, FieldError, ValidationErrors, NODE_PORT_MAX,
-    NODE_PORT_MIN,
+    is_dns1123_label, is_dns1123_subdomain, validate, FieldError, ValidationErrors,
 };
 
-/// The directory under the etcd prefix holding registry objects.
-pub const REGISTRY_DIR: &str = "registry";
-/// Where namespaced objects without a namespace go.
-pub const DEFAULT_NAMESPACE: &str = "default";
-/// Namespaces that always exist, stored or not (and cannot be deleted).
-pub const IMPLICIT_NAMESPACES: &[&str] = &["default", "kube-system"];
-/// The label every Namespace carries with its own name (as Kubernetes sets it).
-pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
 /// Operations per txn when deleting a namespace's objects (below [`MAX_TXN_OPS`]).
 const DELETE_BATCH_OPS: usize = 100;
 /// Plans and txns tried before giving up on conflicting concurrent writers.
 const ATTEMPTS: u32 = 25;
-
-fn trim(prefix: &str) -> &str {
-    prefix.trim_end_matches('/')
-}
-
-/// `<prefix>/registry/`: everything the registry stores (objects and allocations).
-pub fn registry_prefix(prefix: &str) -> String {
-    format!("{}/{REGISTRY_DIR}/", trim(prefix))
-}
-
-/// The key of an object. A namespaced kind without namespace is in `default`; a Namespace
-/// ignores `namespace`.
-pub fn object_key(prefix: &str, kind: Kind, namespace: Option<&str>, name: &str) -> String {
-    if kind.namespaced() {
-        format!(
-            "{}{}/{}/{name}",
-            registry_prefix(prefix),
-            kind.plural(),
-            namespace.unwrap_or(DEFAULT_NAMESPACE)
-        )
-    } else {
-        format!("{}{}/{name}", registry_prefix(prefix), kind.plural())
-    }
-}
-
-/// The prefix of a kind's keys: every namespace (`namespace` None, or a cluster-scoped kind)
-/// or one namespace.
-pub fn kind_prefix(prefix: &str, kind: Kind, namespace: Option<&str>) -> String {
-    match namespace.filter(|_| kind.namespaced()) {
-        Some(ns) => format!("{}{}/{ns}/", registry_prefix(prefix), kind.plural()),
-        None => format!("{}{}/", registry_prefix(prefix), kind.plural()),
-    }
-}
-
-/// `<prefix>/registry/allocations/`.
-pub fn allocations_prefix(prefix: &str) -> String {
-    format!("{}allocations/", registry_prefix(prefix))
-}
-
-/// `<prefix>/registry/allocations/clusterips/<ip>`.
-pub fn cluster_ip_key(prefix: &str, ip: Ipv4Addr) -> String {
-    format!("{}clusterips/{ip}", allocations_prefix(prefix))
-}
-
-/// `<prefix>/registry/allocations/nodeports/<port>`.
-pub fn node_port_key(prefix: &str, port: u16) -> String {
-    format!("{}nodeports/{port}", allocations_prefix(prefix))
-}
-
-/// `(kind, namespace, name)` of an object key; None for anything else under the prefix
-/// (allocation keys included).
-pub fn parse_key(prefix: &str, key: &str) -> Option<(Kind, Option<String>, String)> {
-    let rest = key.strip_prefix(&registry_prefix(prefix))?;
-    let parts: Vec<&str> = rest.split('/').collect();
-    let kind = Kind::ALL
-        .into_iter()
-        .find(|k| Some(&k.plural()) == parts.first())?;
-    match (kind.namespaced(), parts.as_slice()) {
-        (false, [_, name]) if !name.is_empty() => Some((kind, None, name.to_string())),
-        (true, [_, ns, name]) if !ns.is_empty() && !name.is_empty() => {
-            Some((kind, Some(ns.to_string()), name.to_string()))
-        }
-        _ => None,
-    }
-}
-
-/// What an allocation key holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Allocation {
-    ClusterIp(Ipv4Addr),
-    NodePort(u16),
-}
-
-/// The allocation an allocation key names.
-pub fn parse_allocation_key(prefix: &str, key: &str) -> Option<Allocation> {
-    let rest = key.strip_prefix(&allocations_prefix(prefix))?;
-    if let Some(ip) = rest.strip_prefix("clusterips/") {
-        return ip.parse().ok().map(Allocation::ClusterIp);
-    }
-    rest.strip_prefix("nodeports/")?
-        .parse()
-        .ok()
-        .map(Allocation::NodePort)
-}
-
-/// The owner of a Service's allocations: `<namespace>/<name>`.
-pub fn owner(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
-}
-
-/// A stored value that is not the object its key names.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("key {key}: not an object key under <prefix>/{REGISTRY_DIR}/")]
-    Key { key: String },
-    #[error("key {key}: value is not JSON: {msg}")]
-    Json { key: String, msg: String },
-    #[error("key {key}: {error}")]
-    Object { key: String, error: ObjectError },
-    #[error("key {key}: holds {found}, but the key names {expected}")]
-    Mismatch {
-        key: String,
-        expected: String,
-        found: String,
-    },
-}
-
-/// `Service default/web`, `Namespace prod`.
-pub fn describe(kind: Kind, namespace: Option<&str>, name: &str) -> String {
-    match namespace.filter(|_| kind.namespaced()) {
-        Some(ns) => format!("{kind} {ns}/{name}"),
-        None => format!("{kind} {name}"),
-    }
-}
-
-fn describe_obj(obj: &Object) -> String {
-    let m = obj.metadata();
-    describe(obj.kind(), m.namespace.as_deref(), &m.name)
-}
-
-/// The object stored at `key` (a value read at `mod_revision`, which becomes its
-/// `metadata.resourceVersion`). The value must be the object the key names.
-pub fn decode(
-    prefix: &str,
-    key: &str,
-    value: &[u8],
-    mod_revision: i64,
-) -> Result<Object, DecodeError> {
-    let (kind, ns, name) = parse_key(prefix, key).ok_or_else(|| DecodeError::Key {
-        key: key.to_string(),
-    })?;
-    let v: serde_json::Value = serde_json::from_slice(value).map_err(|e| DecodeError::Json {
-        key: key.to_string(),
-        msg: e.to_string(),
-    })?;
-    let mut obj = object_from_value(v).map_err(|error| DecodeError::Object {
-        key: key.to_string(),
-        error,
-    })?;
-    let expected = describe(kind, ns.as_deref(), &name);
-    let found = describe_obj(&obj);
-    let m = obj.metadata();
-    if obj.kind() != kind || m.name != name || m.namespace != ns {
-        return Err(DecodeError::Mismatch {
-            key: key.to_string(),
-            expected,
-            found,
-        });
-    }
-    obj.metadata_mut().resource_version = Some(mod_revision.to_string());
-    Ok(obj)
-}
 
 /// What [`Store::apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,276 +163,6 @@ pub fn normalize(mut obj: Object, namespace_override: Option<&str>) -> Result<Ob
     Ok(obj)
 }
 
-/// Every ClusterIP and NodePort allocation: address or port → owner `<namespace>/<name>`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Allocations {
-    pub cluster_ips: BTreeMap<Ipv4Addr, String>,
-    pub node_ports: BTreeMap<u16, String>,
-}
-
-impl Allocations {
-    fn from_kvs(prefix: &str, kvs: &[KeyValue]) -> Allocations {
-        let mut out = Allocations::default();
-        for kv in kvs {
-            let key = String::from_utf8_lossy(kv.key());
-            let holder = String::from_utf8_lossy(kv.value()).into_owned();
-            match parse_allocation_key(prefix, &key) {
-                Some(Allocation::ClusterIp(ip)) => {
-                    out.cluster_ips.insert(ip, holder);
-                }
-                Some(Allocation::NodePort(p)) => {
-                    out.node_ports.insert(p, holder);
-                }
-                None => tracing::warn!(%key, "ignoring an unknown allocation key"),
-            }
-        }
-        out
-    }
-
-    /// The allocations `owner` holds.
-    pub fn owned_by(&self, owner: &str) -> BTreeSet<Allocation> {
-        let ips = self
-            .cluster_ips
-            .iter()
-            .filter(|(_, o)| *o == owner)
-            .map(|(ip, _)| Allocation::ClusterIp(*ip));
-        let ports = self
-            .node_ports
-            .iter()
-            .filter(|(_, o)| *o == owner)
-            .map(|(p, _)| Allocation::NodePort(*p));
-        ips.chain(ports).collect()
-    }
-}
-
-/// A value chosen at random among `lo..=hi` not in `used`; None when all are used. A few
-/// random probes first, then (for a crowded range) a uniform pick among the free values.
-pub fn choose_free(lo: u32, hi: u32, used: &BTreeSet<u32>, rng: &mut impl Rng) -> Option<u32> {
-    if lo > hi {
-        return None;
-    }
-    let size = u64::from(hi - lo) + 1;
-    let taken = used.range(lo..=hi).count() as u64;
-    if taken >= size {
-        return None;
-    }
-    for _ in 0..16 {
-        let c = rng.random_range(lo..=hi);
-        if !used.contains(&c) {
-            return Some(c);
-        }
-    }
-    // The k-th free value, walking the gaps between used ones.
-    let mut k = rng.random_range(0..size - taken);
-    let mut next = u64::from(lo);
-    for &u in used.range(lo..=hi) {
-        let gap = u64::from(u) - next;
-        if k < gap {
-            break;
-        }
-        k -= gap;
-        next = u64::from(u) + 1;
-    }
-    u32::try_from(next + k).ok()
-}
-
-/// Why [`plan_service`] cannot give a Service what it asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AllocError {
-    /// Immutable field changed, or an address or port held by another Service.
-    Invalid(FieldError),
-    /// No free address or port left.
-    Exhausted(FieldError),
-}
-
-/// A Service with its ClusterIP and NodePorts decided, and the allocations it holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServicePlan {
-    pub service: Service,
-    pub allocations: BTreeSet<Allocation>,
-}
-
-fn field(field: impl Into<String>, msg: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.into(),
-        msg: msg.into(),
-    }
-}
-
-/// Decides a (normalized, validated) Service's ClusterIP and NodePorts, as Kubernetes does:
-/// absent ones are kept from the stored Service `old` or else allocated at random; a
-/// ClusterIP never changes; an address or port held by another Service is refused; a missing
-/// NodePort of a port number that another protocol of the same port number has is shared.
-pub fn plan_service(
-    new: Service,
-    old: Option<&Service>,
-    allocs: &Allocations,
-    net: Ipv4Net,
-    rng: &mut impl Rng,
-) -> Result<ServicePlan, AllocError> {
-    use crate::types::ServiceType;
-    let ns = new
-        .metadata
-        .namespace
-        .as_deref()
-        .unwrap_or(DEFAULT_NAMESPACE);
-    let me = owner(ns, &new.metadata.name);
-    let mut svc = new;
-    let mut allocations = BTreeSet::new();
-
-    // ClusterIP
-    if svc.spec.type_ == ServiceType::ExternalName {
-        svc.spec.cluster_ip = None;
-        svc.spec.cluster_ips.clear();
-    } else {
-        let old_ip = old
-            .filter(|o| o.spec.type_ != ServiceType::ExternalName)
-            .and_then(|o| o.spec.cluster_ip.clone())
-            .filter(|ip| !ip.is_empty());
-        let given = svc.spec.cluster_ip.clone().filter(|ip| !ip.is_empty());
-        let text = match (given, old_ip) {
-            (Some(g), Some(o)) if g != o => {
-                return Err(AllocError::Invalid(field(
-                    "spec.clusterIP",
-                    format!("field is immutable (it is {o})"),
-                )))
-            }
-            (Some(g), _) => g,
-            (None, Some(o)) => o,
-            (None, None) => {
-                let used: BTreeSet<u32> = allocs
-                    .cluster_ips
-                    .iter()
-                    .filter(|(_, o)| **o != me)
-                    .map(|(ip, _)| u32::from(*ip))
-                    .collect();
-                let lo = u32::from(net.network()).saturating_add(1);
-                let hi = u32::from(net.broadcast()).saturating_sub(1);
-                let Some(ip) = choose_free(lo, hi, &used, rng) else {
-                    return Err(AllocError::Exhausted(field(
-                        "spec.clusterIP",
-                        format!(
-                            "no free address left in the service network {net} ({} allocated)",
-                            used.range(lo..=hi).count()
-                        ),
-                    )));
-                };
-                Ipv4Addr::from(ip).to_string()
-            }
-        };
-        if text != "None" {
-            let ip: Ipv4Addr = text.parse().map_err(|_| {
-                AllocError::Invalid(field(
-                    "spec.clusterIP",
-                    format!("{text:?} must be empty, 'None' or a valid IPv4 address"),
-                ))
-            })?;
-            if let Some(o) = allocs.cluster_ips.get(&ip).filter(|o| **o != me) {
-                return Err(AllocError::Invalid(field(
-                    "spec.clusterIP",
-                    format!("{ip} is already allocated to {o}"),
-                )));
-            }
-            allocations.insert(Allocation::ClusterIp(ip));
-        }
-        svc.spec.cluster_ip = Some(text.clone());
-        svc.spec.cluster_ips = vec![text];
-    }
-
-    // NodePorts
-    if svc.spec.type_.has_node_ports() {
-        let held_by_other = |np: i64| -> Option<&String> {
-            u16::try_from(np)
-                .ok()
-                .and_then(|p| allocs.node_ports.get(&p))
-                .filter(|o| **o != me)
-        };
-        let old_ports: HashMap<(i64, Protocol), i64> = old
-            .filter(|o| o.spec.type_.has_node_ports())
-            .map(|o| {
-                o.spec
-                    .ports
-                    .iter()
-                    .filter_map(|p| Some(((p.port, p.protocol), p.node_port?)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut taken: BTreeSet<(i64, Protocol)> = BTreeSet::new();
-        // Given ones.
-        for (i, p) in svc.spec.ports.iter().enumerate() {
-            if let Some(np) = p.node_port {
-                if let Some(o) = held_by_other(np) {
-                    return Err(AllocError::Invalid(field(
-                        format!("spec.ports[{i}].nodePort"),
-                        format!("{np} is already allocated to {o}"),
-                    )));
-                }
-                taken.insert((np, p.protocol));
-            }
-        }
-        // Kept from the stored Service (same port and protocol).
-        for p in svc.spec.ports.iter_mut().filter(|p| p.node_port.is_none()) {
-            if let Some(&np) = old_ports.get(&(p.port, p.protocol)) {
-                if !taken.contains(&(np, p.protocol)) && held_by_other(np).is_none() {
-                    p.node_port = Some(np);
-                    taken.insert((np, p.protocol));
-                }
-            }
-        }
-        // Shared with the other protocol of the same port number, or new.
-        for i in 0..svc.spec.ports.len() {
-            let p = &svc.spec.ports[i];
-            if p.node_port.is_some() {
-                continue;
-            }
-            let (port, proto) = (p.port, p.protocol);
-            let shared = svc
-                .spec
-                .ports
-                .iter()
-                .filter(|q| q.port == port && q.protocol != proto)
-                .filter_map(|q| q.node_port)
-                .find(|np| !taken.contains(&(*np, proto)));
-            let np = match shared {
-                Some(np) => np,
-                None => {
-                    let mut used: BTreeSet<u32> = allocs
-                        .node_ports
-                        .iter()
-                        .filter(|(_, o)| **o != me)
-                        .map(|(p, _)| u32::from(*p))
-                        .collect();
-                    used.extend(taken.iter().filter_map(|(np, _)| u32::try_from(*np).ok()));
-                    let lo = NODE_PORT_MIN as u32;
-                    let hi = NODE_PORT_MAX as u32;
-                    match choose_free(lo, hi, &used, rng) {
-                        Some(np) => i64::from(np),
-                        None => {
-                            return Err(AllocError::Exhausted(field(
-                                format!("spec.ports[{i}].nodePort"),
-                                format!(
-                                    "no free node port left in {NODE_PORT_MIN}-{NODE_PORT_MAX}"
-                                ),
-                            )))
-                        }
-                    }
-                }
-            };
-            svc.spec.ports[i].node_port = Some(np);
-            taken.insert((np, proto));
-        }
-        for (np, _) in taken {
-            if let Ok(p) = u16::try_from(np) {
-                allocations.insert(Allocation::NodePort(p));
-            }
-        }
-    }
-    Ok(ServicePlan {
-        service: svc,
-        allocations,
-    })
-}
-
 /// A placeholder for an object whose stored value is unreadable (so it can still be deleted
 /// and reported).
 fn stub(kind: Kind, namespace: Option<&str>, name: &str) -> Object {
@@ -623,6 +189,26 @@ fn stub(kind: Kind, namespace: Option<&str>, name: &str) -> Object {
             metadata,
             ..NetworkPolicy::default()
         }),
+    }
+}
+
+impl Allocations {
+    fn from_kvs(prefix: &str, kvs: &[KeyValue]) -> Allocations {
+        let mut out = Allocations::default();
+        for kv in kvs {
+            let key = String::from_utf8_lossy(kv.key());
+            let holder = String::from_utf8_lossy(kv.value()).into_owned();
+            match parse_allocation_key(prefix, &key) {
+                Some(Allocation::ClusterIp(ip)) => {
+                    out.cluster_ips.insert(ip, holder);
+                }
+                Some(Allocation::NodePort(p)) => {
+                    out.node_ports.insert(p, holder);
+                }
+                None => tracing::warn!(%key, "ignoring an unknown allocation key"),
+            }
+        }
+        out
     }
 }
 
@@ -1295,146 +881,12 @@ async fn backoff(attempt: u32) {
 mod tests {
     use super::*;
     use crate::parse::parse_documents;
-    use crate::types::ServiceType;
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
-
-    const P: &str = "/coreos.com/network";
-
     fn svc(yaml: &str) -> Service {
         let text = format!("apiVersion: v1\nkind: Service\n{yaml}");
         match normalize(parse_documents(&text).unwrap().remove(0), None).unwrap() {
             Object::Service(s) => s,
             _ => unreachable!(),
         }
-    }
-
-    fn net() -> Ipv4Net {
-        "10.96.0.0/24".parse().unwrap()
-    }
-
-    fn rng() -> StdRng {
-        StdRng::seed_from_u64(7)
-    }
-
-    #[test]
-    fn keys() {
-        assert_eq!(registry_prefix(P), "/coreos.com/network/registry/");
-        assert_eq!(registry_prefix("/p/"), "/p/registry/");
-        assert_eq!(
-            object_key(P, Kind::Namespace, Some("ignored"), "prod"),
-            "/coreos.com/network/registry/namespaces/prod"
-        );
-        assert_eq!(
-            object_key(P, Kind::Service, Some("prod"), "web"),
-            "/coreos.com/network/registry/services/prod/web"
-        );
-        assert_eq!(
-            object_key(P, Kind::Endpoints, None, "db"),
-            "/coreos.com/network/registry/endpoints/default/db"
-        );
-        assert_eq!(
-            kind_prefix(P, Kind::Pod, Some("a")),
-            "/coreos.com/network/registry/pods/a/"
-        );
-        assert_eq!(
-            kind_prefix(P, Kind::Pod, None),
-            "/coreos.com/network/registry/pods/"
-        );
-        assert_eq!(
-            cluster_ip_key(P, Ipv4Addr::new(10, 96, 0, 10)),
-            "/coreos.com/network/registry/allocations/clusterips/10.96.0.10"
-        );
-        assert_eq!(
-            node_port_key(P, 30080),
-            "/coreos.com/network/registry/allocations/nodeports/30080"
-        );
-        for kind in Kind::ALL {
-            let key = object_key(P, kind, Some("ns1"), "n-1.x");
-            let ns = kind.namespaced().then(|| "ns1".to_string());
-            assert_eq!(parse_key(P, &key), Some((kind, ns, "n-1.x".to_string())));
-            assert_eq!(
-                parse_key("/coreos.com/network/", &key).map(|k| k.0),
-                Some(kind)
-            );
-        }
-    }
-
-    #[test]
-    fn parse_key_rejects_other_keys() {
-        for key in [
-            "/coreos.com/network/registry/allocations/clusterips/10.96.0.10",
-            "/coreos.com/network/registry/allocations/nodeports/30080",
-            "/coreos.com/network/registry/services/default",
-            "/coreos.com/network/registry/services/default/",
-            "/coreos.com/network/registry/services//web",
-            "/coreos.com/network/registry/services/a/b/c",
-            "/coreos.com/network/registry/namespaces/a/b",
-            "/coreos.com/network/registry/deployments/default/x",
-            "/coreos.com/network/subnets/10.5.1.0-24",
-            "/coreos.com/network/pods/default/web",
-            "/other/registry/services/default/web",
-        ] {
-            assert_eq!(parse_key(P, key), None, "{key}");
-        }
-        assert_eq!(
-            parse_allocation_key(P, &cluster_ip_key(P, Ipv4Addr::new(10, 96, 0, 10))),
-            Some(Allocation::ClusterIp(Ipv4Addr::new(10, 96, 0, 10)))
-        );
-        assert_eq!(
-            parse_allocation_key(P, &node_port_key(P, 30080)),
-            Some(Allocation::NodePort(30080))
-        );
-        assert_eq!(
-            parse_allocation_key(P, "/coreos.com/network/registry/allocations/nodeports/x"),
-            None
-        );
-    }
-
-    #[test]
-    fn decode_checks_the_key() {
-        let key = object_key(P, Kind::Service, Some("prod"), "web");
-        let value = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"prod"},"spec":{"ports":[{"port":80}]}}"#;
-        let obj = decode(P, &key, value.as_bytes(), 42).unwrap();
-        assert_eq!(obj.metadata().resource_version.as_deref(), Some("42"));
-        assert_eq!(obj.kind(), Kind::Service);
-
-        let other = object_key(P, Kind::Service, Some("prod"), "api");
-        assert_eq!(
-            decode(P, &other, value.as_bytes(), 1)
-                .unwrap_err()
-                .to_string(),
-            format!("key {other}: holds Service prod/web, but the key names Service prod/api")
-        );
-        let other_ns = object_key(P, Kind::Service, Some("dev"), "web");
-        assert!(matches!(
-            decode(P, &other_ns, value.as_bytes(), 1),
-            Err(DecodeError::Mismatch { .. })
-        ));
-        let as_pod = object_key(P, Kind::Pod, Some("prod"), "web");
-        assert!(matches!(
-            decode(P, &as_pod, value.as_bytes(), 1),
-            Err(DecodeError::Mismatch { .. })
-        ));
-        assert!(matches!(
-            decode(P, &key, b"{", 1),
-            Err(DecodeError::Json { .. })
-        ));
-        let bad = value.replace(":80", ":\"x\"");
-        let e = decode(P, &key, bad.as_bytes(), 1).unwrap_err().to_string();
-        assert!(e.contains("spec.ports[0].port: invalid type"), "{e}");
-        assert!(matches!(
-            decode(
-                P,
-                &cluster_ip_key(P, Ipv4Addr::new(10, 96, 0, 1)),
-                b"default/web",
-                1
-            ),
-            Err(DecodeError::Key { .. })
-        ));
-        // What apply stores decodes to the same object.
-        let obj2 = decode(P, &key, to_json(&obj).to_string().as_bytes(), 42).unwrap();
-        assert_eq!(obj2, obj);
     }
 
     #[test]
@@ -1471,234 +923,6 @@ mod tests {
         assert_eq!(s.spec.cluster_ip, None);
         let s = svc("metadata: {name: a}\nspec: {clusterIPs: [10.96.0.5], ports: [{port: 80}]}\n");
         assert_eq!(s.spec.cluster_ip.as_deref(), Some("10.96.0.5"));
-    }
-
-    #[test]
-    fn choose_free_picks_only_free_values() {
-        let mut r = rng();
-        let used: BTreeSet<u32> = (10..20).filter(|v| *v != 13).collect();
-        for _ in 0..50 {
-            assert_eq!(choose_free(10, 19, &used, &mut r), Some(13));
-        }
-        let all: BTreeSet<u32> = (10..20).collect();
-        assert_eq!(choose_free(10, 19, &all, &mut r), None);
-        assert_eq!(choose_free(5, 4, &BTreeSet::new(), &mut r), None);
-        // Values outside the range do not count against it.
-        assert!(choose_free(1, 1, &[0, 2].into(), &mut r) == Some(1));
-        // Random: a wide free range gives many different values.
-        let seen: BTreeSet<u32> = (0..200)
-            .filter_map(|_| choose_free(0, 1_000_000, &BTreeSet::new(), &mut r))
-            .collect();
-        assert!(seen.len() > 190, "{}", seen.len());
-        // Crowded: every free value is reachable through the gap walk.
-        let used: BTreeSet<u32> = (0..1000).filter(|v| v % 100 != 0).collect();
-        let seen: BTreeSet<u32> = (0..2000)
-            .filter_map(|_| choose_free(0, 999, &used, &mut r))
-            .collect();
-        assert_eq!(seen, (0..1000).filter(|v| v % 100 == 0).collect());
-        // Extremes of u32.
-        assert_eq!(
-            choose_free(u32::MAX - 1, u32::MAX, &[u32::MAX - 1].into(), &mut r),
-            Some(u32::MAX)
-        );
-    }
-
-    fn allocs(ips: &[(&str, &str)], ports: &[(u16, &str)]) -> Allocations {
-        Allocations {
-            cluster_ips: ips
-                .iter()
-                .map(|(ip, o)| (ip.parse().unwrap(), o.to_string()))
-                .collect(),
-            node_ports: ports.iter().map(|(p, o)| (*p, o.to_string())).collect(),
-        }
-    }
-
-    fn plan(s: Service, old: Option<&Service>, a: &Allocations) -> Result<ServicePlan, AllocError> {
-        plan_service(s, old, a, net(), &mut rng())
-    }
-
-    #[test]
-    fn cluster_ip_allocated_kept_and_immutable() {
-        let s = svc("metadata: {name: web}\nspec: {ports: [{port: 80}]}\n");
-        let p = plan(s.clone(), None, &Allocations::default()).unwrap();
-        let ip: Ipv4Addr = p.service.cluster_ip_addr().unwrap();
-        assert!(net().contains(&ip) && ip != net().network() && ip != net().broadcast());
-        assert_eq!(p.service.spec.cluster_ips, vec![ip.to_string()]);
-        assert_eq!(p.allocations, [Allocation::ClusterIp(ip)].into());
-
-        // Re-apply without clusterIP keeps it.
-        let held = allocs(&[(&ip.to_string(), "default/web")], &[]);
-        let again = plan(s.clone(), Some(&p.service), &held).unwrap();
-        assert_eq!(again.service, p.service);
-
-        // A different one is refused.
-        let mut changed = s.clone();
-        changed.spec.cluster_ip = Some(
-            if ip.octets()[3] == 7 {
-                "10.96.0.8"
-            } else {
-                "10.96.0.7"
-            }
-            .into(),
-        );
-        let Err(AllocError::Invalid(e)) = plan(changed, Some(&p.service), &held) else {
-            panic!()
-        };
-        assert_eq!(e.field, "spec.clusterIP");
-        assert_eq!(e.msg, format!("field is immutable (it is {ip})"));
-
-        // Never one held by another Service.
-        let crowded: Vec<(String, &str)> = (1..255)
-            .filter(|i| *i != 77)
-            .map(|i| (format!("10.96.0.{i}"), "default/other"))
-            .collect();
-        let crowded: Vec<(&str, &str)> = crowded.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-        let p = plan(s.clone(), None, &allocs(&crowded, &[])).unwrap();
-        assert_eq!(p.service.spec.cluster_ip.as_deref(), Some("10.96.0.77"));
-        let full: Vec<(String, &str)> = (1..255).map(|i| (format!("10.96.0.{i}"), "x/y")).collect();
-        let full: Vec<(&str, &str)> = full.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-        let Err(AllocError::Exhausted(e)) = plan(s, None, &allocs(&full, &[])) else {
-            panic!()
-        };
-        assert_eq!(e.to_string(), "spec.clusterIP: no free address left in the service network 10.96.0.0/24 (254 allocated)");
-    }
-
-    #[test]
-    fn requested_cluster_ip_collision() {
-        let s = svc("metadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n");
-        let Err(AllocError::Invalid(e)) = plan(
-            s.clone(),
-            None,
-            &allocs(&[("10.96.0.10", "default/other")], &[]),
-        ) else {
-            panic!()
-        };
-        assert_eq!(
-            e.to_string(),
-            "spec.clusterIP: 10.96.0.10 is already allocated to default/other"
-        );
-        let p = plan(s, None, &allocs(&[("10.96.0.10", "default/web")], &[])).unwrap();
-        assert_eq!(p.service.spec.cluster_ip.as_deref(), Some("10.96.0.10"));
-    }
-
-    #[test]
-    fn headless_and_external_name_get_no_address() {
-        let h = svc("metadata: {name: h}\nspec: {clusterIP: None, selector: {a: b}}\n");
-        let p = plan(h.clone(), None, &Allocations::default()).unwrap();
-        assert!(p.allocations.is_empty());
-        assert_eq!(p.service.spec.cluster_ips, vec!["None".to_string()]);
-        // Omitted on re-apply: stays headless.
-        let mut again = h;
-        again.spec.cluster_ip = None;
-        again.spec.cluster_ips.clear();
-        assert_eq!(
-            plan(again, Some(&p.service), &Allocations::default())
-                .unwrap()
-                .service
-                .spec
-                .cluster_ip
-                .as_deref(),
-            Some("None")
-        );
-
-        let e =
-            svc("metadata: {name: e}\nspec: {type: ExternalName, externalName: db.example.com}\n");
-        let p = plan(e, None, &Allocations::default()).unwrap();
-        assert!(p.allocations.is_empty());
-        assert_eq!(p.service.spec.cluster_ip, None);
-
-        // ClusterIP -> ExternalName drops the address; back allocates a new one.
-        let c = svc("metadata: {name: e}\nspec: {ports: [{port: 80}]}\n");
-        let with_ip = plan(c.clone(), None, &Allocations::default()).unwrap();
-        let to_ext =
-            svc("metadata: {name: e}\nspec: {type: ExternalName, externalName: x.example}\n");
-        assert!(
-            plan(to_ext, Some(&with_ip.service), &Allocations::default())
-                .unwrap()
-                .allocations
-                .is_empty()
-        );
-        assert!(plan(c, Some(&p.service), &Allocations::default())
-            .unwrap()
-            .service
-            .spec
-            .cluster_ip
-            .is_some());
-    }
-
-    #[test]
-    fn node_ports_allocated_kept_shared_and_refused() {
-        let s = svc("metadata: {name: dns}\nspec: {type: NodePort, ports: [{name: a, port: 53}, {name: b, port: 53, protocol: UDP}, {name: c, port: 80, nodePort: 30080}]}\n");
-        let p = plan(s.clone(), None, &Allocations::default()).unwrap();
-        let ports = &p.service.spec.ports;
-        let np = ports[0].node_port.unwrap();
-        assert!((NODE_PORT_MIN..=NODE_PORT_MAX).contains(&np));
-        assert_eq!(
-            ports[1].node_port,
-            Some(np),
-            "TCP and UDP 53 share one node port"
-        );
-        assert_eq!(ports[2].node_port, Some(30080));
-        let ip: Ipv4Addr = p.service.cluster_ip_addr().unwrap();
-        assert_eq!(
-            p.allocations,
-            [
-                Allocation::ClusterIp(ip),
-                Allocation::NodePort(np as u16),
-                Allocation::NodePort(30080)
-            ]
-            .into()
-        );
-
-        // Kept on re-apply (matched by port and protocol, even reordered).
-        let held = allocs(
-            &[(&ip.to_string(), "default/dns")],
-            &[(np as u16, "default/dns"), (30080, "default/dns")],
-        );
-        let mut reordered = s.clone();
-        reordered.spec.ports.swap(0, 1);
-        let again = plan(reordered, Some(&p.service), &held).unwrap();
-        assert_eq!(again.service.spec.ports[0].node_port, Some(np));
-        assert_eq!(again.allocations, p.allocations);
-
-        // Another Service's port is refused, given or not.
-        let other = allocs(&[], &[(30080, "kube-system/x")]);
-        let Err(AllocError::Invalid(e)) = plan(s.clone(), None, &other) else {
-            panic!()
-        };
-        assert_eq!(
-            e.to_string(),
-            "spec.ports[2].nodePort: 30080 is already allocated to kube-system/x"
-        );
-        let all_but_one: Vec<(u16, &str)> = (30000..=32767u16)
-            .filter(|p| *p != 31000 && *p != 30080)
-            .map(|p| (p, "x/y"))
-            .collect();
-        let p2 = plan(s.clone(), None, &allocs(&[], &all_but_one)).unwrap();
-        assert_eq!(p2.service.spec.ports[0].node_port, Some(31000));
-        let all: Vec<(u16, &str)> = (30000..=32767u16)
-            .filter(|p| *p != 30080)
-            .map(|p| (p, "x/y"))
-            .collect();
-        let Err(AllocError::Exhausted(e)) = plan(s, None, &allocs(&[], &all)) else {
-            panic!()
-        };
-        assert_eq!(
-            e.to_string(),
-            "spec.ports[0].nodePort: no free node port left in 30000-32767"
-        );
-
-        // NodePort -> ClusterIP releases them.
-        let c = svc("metadata: {name: dns}\nspec: {ports: [{name: a, port: 53}, {name: b, port: 53, protocol: UDP}]}\n");
-        let back = plan(c, Some(&p.service), &held).unwrap();
-        assert_eq!(back.allocations, [Allocation::ClusterIp(ip)].into());
-        assert!(back
-            .service
-            .spec
-            .ports
-            .iter()
-            .all(|p| p.node_port.is_none()));
-        assert_eq!(back.service.spec.type_, ServiceType::ClusterIP);
     }
 
     #[test]
