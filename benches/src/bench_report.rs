@@ -113,12 +113,16 @@ fn build(dir: &Path) -> Result<String> {
     Ok(r)
 }
 
+/// Assembles the results of `benches/run-all` into DIR/report.md with charts.
+#[derive(Debug, clap::Parser)]
+#[command(name = "bench-report")]
+struct Args {
+    /// A directory written by benches/run-all.
+    dir: PathBuf,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let [dir] = args.as_slice() else {
-        bail!("usage: bench-report DIR (a directory written by benches/run-all)");
-    };
-    let dir = PathBuf::from(dir);
+    let dir = <Args as clap::Parser>::parse().dir;
     let report = build(&dir)?;
     let out = dir.join("report.md");
     std::fs::write(&out, report).with_context(|| format!("writing {}", out.display()))?;

@@ -157,19 +157,18 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
+/// Lease acquisition against a real etcd: N nodes join at once, watchers see every lease.
+#[derive(Debug, clap::Parser)]
+#[command(name = "lease-bench")]
+struct Args {
+    /// Numbers of joining nodes, one run each.
+    #[arg(default_values_t = [10usize, 100, 1000], value_parser = clap::value_parser!(usize))]
+    sizes: Vec<usize>,
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let sizes: Vec<usize> = {
-        let args: Vec<usize> = std::env::args()
-            .skip(1)
-            .map(|a| a.parse().context("sizes must be numbers"))
-            .collect::<Result<_>>()?;
-        if args.is_empty() {
-            vec![10, 100, 1000]
-        } else {
-            args
-        }
-    };
+    let sizes = <Args as clap::Parser>::parse().sizes;
     let etcd = tokio::task::spawn_blocking(test_support::Etcd::start)
         .await?
         .context("etcd is not installed (Debian package etcd-server)")?;

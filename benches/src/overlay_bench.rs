@@ -583,10 +583,6 @@ struct Opts {
     out: Option<PathBuf>,
 }
 
-const USAGE: &str =
-    "overlay-bench [--rounds N] [--seconds S] [--setups flanneld,norules,udp,hostgw] \
-                     [--udp-rates 1,3] [--svg FILE] [--out FILE]";
-
 fn parse_rates(list: &str) -> Result<Vec<f64>> {
     list.split(',')
         .filter(|r| !r.trim().is_empty())
@@ -616,41 +612,57 @@ fn parse_setups(list: &str) -> Result<Vec<Setup>> {
     Ok(wanted)
 }
 
+/// Pod-to-pod throughput, loss, RTT and CPU per backend against plain routes and hand-made
+/// kernel VXLAN (root).
+#[derive(Debug, clap::Parser)]
+#[command(name = "overlay-bench")]
+struct Cli {
+    /// Rounds (the order of setups is reversed every other round).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    seconds: u32,
+    /// flanneld setups to measure besides the baselines (comma separated).
+    #[arg(long)]
+    setups: Option<String>,
+    /// Offered UDP rates in Gbit/s (comma separated; empty: no UDP runs).
+    #[arg(long, default_value = "1,3")]
+    udp_rates: String,
+    /// The chart.
+    #[arg(long, default_value = "bench-results/overlay.svg")]
+    svg: PathBuf,
+    /// The markdown table.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
-    let mut opts = Opts {
-        rounds: 3,
-        seconds: 5,
-        setups: Vec::new(),
-        udp_rates: vec![1.0, 3.0],
-        svg: PathBuf::from("bench-results/overlay.svg"),
-        out: None,
+    let cli = <Cli as clap::Parser>::try_parse_from(
+        std::iter::once("overlay-bench".to_string()).chain(args),
+    )
+    .map_err(|e| match e.kind() {
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => e.exit(),
+        _ => anyhow::anyhow!("{e}"),
+    })?;
+    let wanted = match &cli.setups {
+        Some(list) => parse_setups(list)?,
+        None => DEFAULT_SETUPS.to_vec(),
     };
-    let mut wanted = DEFAULT_SETUPS.to_vec();
-    let mut args = args.into_iter();
-    while let Some(a) = args.next() {
-        let mut value = || {
-            args.next()
-                .with_context(|| format!("{a} needs a value ({USAGE})"))
-        };
-        match a.as_str() {
-            "--rounds" => opts.rounds = value()?.parse().context("--rounds")?,
-            "--seconds" => opts.seconds = value()?.parse().context("--seconds")?,
-            "--setups" => wanted = parse_setups(&value()?)?,
-            "--udp-rates" => opts.udp_rates = parse_rates(&value()?)?,
-            "--svg" => opts.svg = PathBuf::from(value()?),
-            "--out" => opts.out = Some(PathBuf::from(value()?)),
-            other => bail!("unknown argument {other} ({USAGE})"),
-        }
-    }
-    ensure!(opts.rounds >= 1, "--rounds must be at least 1");
-    ensure!(opts.seconds >= 1, "--seconds must be at least 1");
     // Plain routes and hand VXLAN are the baselines the ratios need: always measured.
-    opts.setups = ALL
+    let setups = ALL
         .iter()
         .map(|(_, s)| *s)
         .filter(|s| !s.has_daemon() || wanted.contains(s))
         .collect();
-    Ok(opts)
+    Ok(Opts {
+        rounds: cli.rounds,
+        seconds: cli.seconds,
+        setups,
+        udp_rates: parse_rates(&cli.udp_rates)?,
+        svg: cli.svg,
+        out: cli.out,
+    })
 }
 
 /// Runs every round; returns one Vec of per-round samples per selected setup.

@@ -34,36 +34,27 @@ use common::{byte_server, check_stop, connect_latencies, iperf, ms, percentile, 
 const SERVER_PORT: u16 = 8080;
 const NAMESPACES: usize = 10;
 
+/// Network policy scale: apply 1/100/1000 policies, a label change until a connection
+/// passes, connect latency and throughput with 0/1/1000 policies (root).
+#[derive(Debug, clap::Parser)]
+#[command(name = "policy-bench")]
 struct Args {
+    /// Synthetic pods on the node.
+    #[arg(long, default_value_t = 1000)]
     pods: usize,
+    /// Connections per latency measurement.
+    #[arg(long, default_value_t = 2000)]
     connections: usize,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     seconds: u32,
+    /// The markdown table.
+    #[arg(long, default_value = "bench-results/policy.md")]
     out: PathBuf,
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args {
-        pods: 1000,
-        connections: 2000,
-        seconds: 5,
-        out: PathBuf::from("bench-results/policy.md"),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--pods" => a.pods = val()?.parse()?,
-            "--connections" => a.connections = val()?.parse()?,
-            "--seconds" => a.seconds = val()?.parse()?,
-            "--out" => a.out = PathBuf::from(val()?),
-            "-h" | "--help" => {
-                println!("policy-bench [--pods N] [--connections N] [--seconds S] [--out FILE]");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    Ok(a)
+    Ok(<Args as clap::Parser>::parse())
 }
 
 fn labels(kv: &[(&str, &str)]) -> Labels {

@@ -37,36 +37,27 @@ use common::{byte_server, check_stop, connect_latencies, iperf, ms, percentile, 
 const SERVER_PORT: u16 = 8080;
 const TARGET_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 
+/// Service proxy scale: sync at 1k/10k Services, add one at 10k, connect latency and
+/// throughput through a ClusterIP (root).
+#[derive(Debug, clap::Parser)]
+#[command(name = "proxy-bench")]
 struct Args {
+    /// Times one Service is added and removed at 10k Services.
+    #[arg(long, default_value_t = 20)]
     adds: usize,
+    /// Connections per latency measurement.
+    #[arg(long, default_value_t = 2000)]
     connections: usize,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     seconds: u32,
+    /// The markdown table.
+    #[arg(long, default_value = "bench-results/proxy.md")]
     out: PathBuf,
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args {
-        adds: 20,
-        connections: 2000,
-        seconds: 5,
-        out: PathBuf::from("bench-results/proxy.md"),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--adds" => a.adds = val()?.parse()?,
-            "--connections" => a.connections = val()?.parse()?,
-            "--seconds" => a.seconds = val()?.parse()?,
-            "--out" => a.out = PathBuf::from(val()?),
-            "-h" | "--help" => {
-                println!("proxy-bench [--adds N] [--connections N] [--seconds S] [--out FILE]");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    Ok(a)
+    Ok(<Args as clap::Parser>::parse())
 }
 
 fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
