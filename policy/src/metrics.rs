@@ -16,6 +16,7 @@ pub struct PolicyMetrics {
     pub last_sync_seconds: Gauge<f64, AtomicU64>,
     pub isolated_ingress: Gauge,
     pub isolated_egress: Gauge,
+    pub invalid_objects: Counter,
 }
 
 impl PolicyMetrics {
@@ -50,6 +51,11 @@ impl PolicyMetrics {
             "isolated_egress_pods",
             "Pods of this node isolated for egress",
             self.isolated_egress.clone(),
+        );
+        r.register(
+            "invalid_objects",
+            "Registry objects ignored because they do not decode or are not valid",
+            self.invalid_objects.clone(),
         );
     }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
+use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
 use registry::{Kind, Labels, NetworkPolicy, Object, Pod};
 use service_proxy::sync::{NftApply, NftCommand};
@@ -54,6 +55,9 @@ pub struct Cache {
     /// Pod records with the etcd revision they were written at.
     pub records: BTreeMap<Key, (PodRecord, i64)>,
     pub policies: BTreeMap<Key, NetworkPolicy>,
+    /// Objects ignored because they do not decode or are not valid
+    /// (`flannel_policy_invalid_objects_total` once shared with [`PolicyMetrics`]).
+    pub invalid_objects: Counter,
 }
 
 impl Cache {
@@ -66,6 +70,7 @@ impl Cache {
             pods: BTreeMap::new(),
             records: BTreeMap::new(),
             policies: BTreeMap::new(),
+            invalid_objects: Counter::default(),
         }
     }
 
@@ -94,11 +99,13 @@ impl Cache {
                         Ok(()) => Some(o),
                         Err(e) => {
                             tracing::warn!(key, error = %e, "ignoring an invalid object");
+                            self.invalid_objects.inc();
                             None
                         }
                     },
                     Err(e) => {
                         tracing::warn!(key, error = %e, "ignoring an object that does not decode");
+                        self.invalid_objects.inc();
                         None
                     }
                 }
@@ -338,8 +345,10 @@ pub async fn run(
         debounce: opts.debounce,
         check_interval: opts.check_interval,
     };
+    let mut cache = Cache::new(reg.prefix());
+    cache.invalid_objects = metrics.invalid_objects.clone();
     let mut policy = Policy {
-        cache: Cache::new(reg.prefix()),
+        cache,
         enforcer: Enforcer::new(opts.nft),
         node: opts.node,
         metrics,
@@ -408,5 +417,8 @@ mod tests {
         });
         assert!(!c.apply(&key, Some(value.to_string().as_bytes()), 5));
         assert!(c.policies.is_empty());
+        assert_eq!(c.invalid_objects.get(), 1);
+        assert!(!c.apply(&key, Some(b"{not json"), 6));
+        assert_eq!(c.invalid_objects.get(), 2);
     }
 }

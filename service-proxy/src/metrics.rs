@@ -21,6 +21,7 @@ pub struct ProxyMetrics {
     pub connect_failures: Counter,
     pub udp_sessions: Gauge,
     pub udp_sessions_dropped: Counter,
+    pub invalid_objects: Counter,
 }
 
 impl ProxyMetrics {
@@ -85,6 +86,11 @@ impl ProxyMetrics {
             "udp_sessions_dropped",
             "Userspace mode: UDP datagrams dropped because the session limit was reached",
             self.udp_sessions_dropped.clone(),
+        );
+        r.register(
+            "invalid_objects",
+            "Registry objects ignored because they do not decode or are not valid",
+            self.invalid_objects.clone(),
         );
     }
 
