@@ -558,7 +558,8 @@ fn network_policy_matrices() {
     w.clear_policies();
     w.check("all policies gone", &[TCP80, UDP80]);
 
-    // `flannelctl status` from the hub: every node ready with its two peers programmed.
+    // `flannelctl status` from the hub: every node ready with its two peers programmed and
+    // policy on (br_netfilter present).
     let ctl = Path::new(BIN).parent().unwrap().join("flannelctl");
     let out =
         w.tb.exec(
@@ -580,10 +581,10 @@ fn network_policy_matrices() {
     assert_eq!(rows.len(), 4, "{out}");
     assert_eq!(
         rows[0],
-        ["NODE", "SUBNET", "BACKEND", "PEERS", "READY"],
+        ["NODE", "SUBNET", "BACKEND", "PEERS", "POLICY", "READY"],
         "{out}"
     );
     for r in &rows[1..] {
-        assert_eq!(&r[2..], ["vxlan", "2", "yes"], "{out}");
+        assert_eq!(&r[2..], ["vxlan", "2", "on", "yes"], "{out}");
     }
 }

@@ -265,26 +265,61 @@ impl<N: NftApply> Enforcer<N> {
     }
 }
 
+/// The switch that makes bridged IPv4 traffic cross the IPv4 hooks.
+pub const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
 /// Same-node pod-to-pod traffic is bridged on cni0; the forward hook sees it only with
 /// br_netfilter's `bridge-nf-call-iptables` on (in this network namespace). Turns it on;
-/// returns a warning when it cannot.
+/// returns why it is not on when it cannot (the node is then reported not ready).
 pub fn ensure_bridge_netfilter() -> Option<String> {
-    const PATH: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
-    if std::fs::metadata(PATH).is_err() {
-        // Built as a module and not loaded yet: load it.
-        let _ = std::process::Command::new("modprobe")
+    if std::fs::metadata(BRIDGE_NF_CALL_IPTABLES).is_err() {
+        // Built as a module and not loaded yet: load it (bounded: modprobe may hang on a
+        // broken module tree).
+        if let Ok(mut child) = std::process::Command::new("modprobe")
             .arg("br_netfilter")
-            .status();
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
-    match std::fs::read_to_string(PATH) {
+    bridge_netfilter_at(std::path::Path::new(BRIDGE_NF_CALL_IPTABLES))
+}
+
+/// [`ensure_bridge_netfilter`] on the switch at `path`, without loading anything.
+pub fn bridge_netfilter_at(path: &std::path::Path) -> Option<String> {
+    let p = path.display();
+    match std::fs::read_to_string(path) {
         Ok(v) if v.trim() == "1" => None,
-        Ok(_) => std::fs::write(PATH, "1")
+        Ok(_) => std::fs::write(path, "1")
             .err()
-            .map(|e| format!("cannot turn on {PATH}: {e}; same-node pod traffic is not filtered")),
+            .map(|e| format!("cannot turn on {p}: {e}; same-node pod traffic is not filtered")),
         Err(e) => Some(format!(
-            "{PATH}: {e} (no br_netfilter); same-node pod traffic is not filtered"
+            "{p}: {e} (no br_netfilter); same-node pod traffic is not filtered"
         )),
     }
+}
+
+/// Runs the br_netfilter check (again: someone may load the module or fix the sysctl later)
+/// and records it; logs when the answer changes.
+async fn check_bridge_netfilter(metrics: &PolicyMetrics) {
+    let problem = tokio::task::spawn_blocking(ensure_bridge_netfilter)
+        .await
+        .unwrap_or_else(|e| Some(format!("br_netfilter check: {e}")));
+    let before = metrics.not_ready_reason();
+    if problem != before {
+        match &problem {
+            Some(w) => tracing::warn!("{w}; this node reports not ready"),
+            None => tracing::info!("br_netfilter on: same-node pod traffic is filtered"),
+        }
+    }
+    metrics.set_bridge_netfilter(problem);
 }
 
 /// The module as a registry follower.
@@ -321,6 +356,7 @@ impl<N: NftApply> Follower for Policy<N> {
     }
 
     async fn check(&mut self) -> bool {
+        check_bridge_netfilter(&self.metrics).await;
         let present = self.enforcer.table_present().await;
         if !present {
             self.enforcer.invalidate();
@@ -337,9 +373,8 @@ pub async fn run(
     metrics: PolicyMetrics,
     mut stop: watch::Receiver<bool>,
 ) {
-    if let Some(w) = ensure_bridge_netfilter() {
-        tracing::warn!("{w}");
-    }
+    metrics.enabled.set(1);
+    check_bridge_netfilter(&metrics).await;
     let follow_opts = FollowOptions {
         name: "network policy",
         debounce: opts.debounce,
@@ -420,5 +455,29 @@ mod tests {
         assert_eq!(c.invalid_objects.get(), 1);
         assert!(!c.apply(&key, Some(b"{not json"), 6));
         assert_eq!(c.invalid_objects.get(), 2);
+    }
+
+    #[test]
+    fn bridge_netfilter_switch_is_turned_on_or_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bridge-nf-call-iptables");
+        std::fs::write(&f, "0\n").unwrap();
+        assert_eq!(bridge_netfilter_at(&f), None, "turned on");
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "1");
+        let missing = bridge_netfilter_at(&dir.path().join("nope")).unwrap();
+        assert!(missing.contains("no br_netfilter"), "{missing}");
+        // A switch that cannot be written (here: a directory stands in for it).
+        let d = dir.path().join("dir");
+        std::fs::create_dir(&d).unwrap();
+        assert!(bridge_netfilter_at(&d).is_some());
+
+        let m = PolicyMetrics::default();
+        m.set_bridge_netfilter(Some(missing.clone()));
+        assert_eq!(
+            (m.br_netfilter.get(), m.not_ready_reason()),
+            (0, Some(missing))
+        );
+        m.set_bridge_netfilter(None);
+        assert_eq!((m.br_netfilter.get(), m.not_ready_reason()), (1, None));
     }
 }
