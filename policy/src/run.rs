@@ -3,20 +3,23 @@
 //! node's table and applies the difference from what the kernel has in one `nft -f -`
 //! transaction (the whole table after a start or a failure).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
-use registry::{Kind, Labels, NetworkPolicy, Object, Pod};
+use registry::{Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
 use service_proxy::sync::{NftApply, NftCommand};
+use service_proxy::userspace::{Client, Gate};
 use subnet_lease::pods::{parse_pod_key, pods_prefix};
 use subnet_lease::{EtcdRegistry, PodRecord};
 use tokio::sync::watch;
 
 use crate::compile::{self, Input, Ruleset};
-use crate::eval::{NamedPort, PodView};
+use crate::eval::{self, NamedPort, Peer, PodView};
 use crate::metrics::PolicyMetrics;
 
 #[derive(Debug, Clone)]
@@ -29,6 +32,8 @@ pub struct PolicyOptions {
     pub check_interval: Duration,
     /// `nft` behind an optional command prefix.
     pub nft: NftCommand,
+    /// Kept current for the userspace service proxy's relays (`--proxy-mode userspace`).
+    pub gate: Option<PolicyGate>,
 }
 
 impl PolicyOptions {
@@ -38,7 +43,73 @@ impl PolicyOptions {
             debounce: Duration::from_millis(5),
             check_interval: Duration::from_secs(10),
             nft: NftCommand::default(),
+            gate: None,
         }
+    }
+}
+
+/// The policy decision for the userspace service proxy's relays. The proxy opens every
+/// upstream connection from the node, which the forward hook never sees (same node) or sees
+/// coming from the node (other nodes), so the module judges each relay instead: the client
+/// (the redirected connection's source) against the endpoint, source egress and destination
+/// ingress, with the semantics of [`crate::eval`] on the module's current objects. Until the
+/// first sync every relay is refused (fail closed).
+#[derive(Debug, Clone, Default)]
+pub struct PolicyGate {
+    view: Arc<RwLock<Option<Arc<GateView>>>>,
+}
+
+#[derive(Debug)]
+struct GateView {
+    node: String,
+    cluster: eval::Cluster,
+    pods: HashMap<Ipv4Addr, PodView>,
+}
+
+impl PolicyGate {
+    /// Replaces the objects decisions are made on.
+    pub fn update(&self, cache: &Cache, node: &str) {
+        let view = GateView {
+            node: node.to_string(),
+            cluster: eval::Cluster {
+                namespaces: cache.namespaces.clone(),
+                policies: cache.policies.values().cloned().collect(),
+            },
+            pods: cache.pod_views().into_iter().map(|p| (p.ip, p)).collect(),
+        };
+        if let Ok(mut v) = self.view.write() {
+            *v = Some(Arc::new(view));
+        }
+    }
+}
+
+impl Gate for PolicyGate {
+    fn allows(&self, client: Client, endpoint: SocketAddrV4, protocol: Protocol) -> bool {
+        let Some(v) = self.view.read().ok().and_then(|v| v.clone()) else {
+            return false;
+        };
+        let src = if client.local {
+            Peer::Host {
+                addr: client.addr,
+                node: Some(&v.node),
+            }
+        } else {
+            match v.pods.get(&client.addr) {
+                Some(p) => Peer::Pod(p),
+                None => Peer::Host {
+                    addr: client.addr,
+                    node: None,
+                },
+            }
+        };
+        let dst = match v.pods.get(endpoint.ip()) {
+            Some(p) => Peer::Pod(p),
+            None => Peer::Host {
+                addr: *endpoint.ip(),
+                node: None,
+            },
+        };
+        v.cluster.allows(src, dst, protocol, endpoint.port())
     }
 }
 
@@ -325,6 +396,7 @@ async fn check_bridge_netfilter(metrics: &PolicyMetrics) {
 /// The module as a registry follower.
 struct Policy<N> {
     node: String,
+    gate: Option<PolicyGate>,
     cache: Cache,
     enforcer: Enforcer<N>,
     metrics: PolicyMetrics,
@@ -340,6 +412,9 @@ impl<N: NftApply> Follower for Policy<N> {
     }
 
     async fn sync(&mut self) -> Result<(), String> {
+        if let Some(g) = &self.gate {
+            g.update(&self.cache, &self.node);
+        }
         let rs = self.cache.compile(&self.node);
         let (ingress, egress) = rs.isolated();
         match self.enforcer.sync(rs).await {
@@ -385,6 +460,7 @@ pub async fn run(
     let mut policy = Policy {
         cache,
         enforcer: Enforcer::new(opts.nft),
+        gate: opts.gate,
         node: opts.node,
         metrics,
     };
@@ -479,5 +555,42 @@ mod tests {
         );
         m.set_bridge_netfilter(None);
         assert_eq!((m.br_netfilter.get(), m.not_ready_reason()), (1, None));
+    }
+
+    #[test]
+    fn the_gate_judges_relays_like_the_evaluator() {
+        let mut c = Cache::new(PREFIX);
+        for (name, app) in [("srv", "web"), ("ok", "client"), ("bad", "other")] {
+            assert!(put(
+                &mut c,
+                &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {app}}}}}\nspec:\n  containers: [{{name: c}}]\n"),
+                2
+            ));
+        }
+        record(&mut c, "srv", "10.5.1.2", 3);
+        record(&mut c, "ok", "10.5.1.3", 3);
+        record(&mut c, "bad", "10.5.1.4", 3);
+        assert!(put(
+            &mut c,
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]\n",
+            4
+        ));
+        let gate = PolicyGate::default();
+        let srv = SocketAddrV4::new(Ipv4Addr::new(10, 5, 1, 2), 80);
+        let from = |a: [u8; 4], local: bool| Client {
+            addr: Ipv4Addr::from(a),
+            local,
+        };
+        // Before the first sync nothing is known: refused.
+        assert!(!gate.allows(from([10, 5, 1, 3], false), srv, Protocol::Tcp));
+        gate.update(&c, "n1");
+        assert!(gate.allows(from([10, 5, 1, 3], false), srv, Protocol::Tcp));
+        assert!(!gate.allows(from([10, 5, 1, 4], false), srv, Protocol::Tcp));
+        // An outside client, and this node itself (always allowed to its own pods).
+        assert!(!gate.allows(from([192, 0, 2, 9], false), srv, Protocol::Tcp));
+        assert!(gate.allows(from([192, 0, 2, 1], true), srv, Protocol::Tcp));
+        // A pod not isolated accepts anyone.
+        let other = SocketAddrV4::new(Ipv4Addr::new(10, 5, 1, 4), 80);
+        assert!(gate.allows(from([10, 5, 1, 3], false), other, Protocol::Tcp));
     }
 }

@@ -19,6 +19,7 @@ pub struct ProxyMetrics {
     pub connections_active: Gauge,
     pub connections_refused: Counter,
     pub connect_failures: Counter,
+    pub connections_denied: Counter,
     pub udp_sessions: Gauge,
     pub udp_sessions_dropped: Counter,
     pub invalid_objects: Counter,
@@ -71,6 +72,11 @@ impl ProxyMetrics {
             "connections_refused",
             "Userspace mode: TCP connections closed at once (limit reached or no endpoint answered)",
             self.connections_refused.clone(),
+        );
+        r.register(
+            "connections_denied",
+            "Userspace mode: TCP connections refused and UDP datagrams dropped because network policy allows the client no endpoint",
+            self.connections_denied.clone(),
         );
         r.register(
             "endpoint_connect_failures",
