@@ -738,7 +738,14 @@ mod tests {
             assert_eq!(fetch(port).await, b"B");
         }
         // The table refuses new connections to the listener that were not redirected.
-        let script = p.nft.0.lock().expect("lock").last().cloned().expect("script");
+        let script = p
+            .nft
+            .0
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("script");
         assert!(
             script.contains(&format!(
                 "add element ip {TABLE} {LISTENERS_SET} {{ tcp . {port} }}"
