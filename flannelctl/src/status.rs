@@ -1,7 +1,7 @@
 //! `flannelctl status`: every node that holds a lease, asked over HTTP for `/readyz` and
 //! `/metrics` at its public IP (flanneld `--healthz-ip` must let it answer there and
 //! `--healthz-port` must match `--health-port`), as one table: node, subnet, backend, peers
-//! programmed, ready.
+//! programmed, network policy (off, on, or on without br_netfilter), ready.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -34,6 +34,8 @@ pub struct NodeStatus {
     pub backend: String,
     /// `flannel_peers` from /metrics.
     pub peers: Option<u64>,
+    /// NetworkPolicy on the node, from /metrics (None: no answer).
+    pub policy: Option<Policy>,
     /// `Ok(())` ready; `Err(reason)` not ready or unreachable.
     pub ready: Result<(), String>,
 }
@@ -71,9 +73,40 @@ pub fn metric(text: &str, name: &str) -> Option<u64> {
     })
 }
 
+/// Whether a node enforces NetworkPolicy, and fully.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Off,
+    On,
+    /// On, but br_netfilter is missing: same-node pod traffic escapes the policies.
+    NoBrNetfilter,
+}
+
+impl Policy {
+    /// From `flannel_policy_enabled` and `flannel_policy_br_netfilter` (pure).
+    pub fn from_metrics(text: &str) -> Option<Policy> {
+        match (
+            metric(text, "flannel_policy_enabled")?,
+            metric(text, "flannel_policy_br_netfilter"),
+        ) {
+            (0, _) => Some(Policy::Off),
+            (_, Some(0)) => Some(Policy::NoBrNetfilter),
+            _ => Some(Policy::On),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Off => "off",
+            Policy::On => "on",
+            Policy::NoBrNetfilter => "no-br-netfilter",
+        }
+    }
+}
+
 /// The table (pure).
 pub fn table(nodes: &[NodeStatus]) -> String {
-    let mut rows = vec![["NODE", "SUBNET", "BACKEND", "PEERS", "READY"]
+    let mut rows = vec![["NODE", "SUBNET", "BACKEND", "PEERS", "POLICY", "READY"]
         .map(String::from)
         .to_vec()];
     for n in nodes {
@@ -82,6 +115,7 @@ pub fn table(nodes: &[NodeStatus]) -> String {
             n.subnet.clone(),
             n.backend.clone(),
             n.peers.map_or("-".into(), |p| p.to_string()),
+            n.policy.map_or("-", Policy::as_str).to_string(),
             match &n.ready {
                 Ok(()) => "yes".into(),
                 Err(why) => format!("no: {why}"),
@@ -98,7 +132,8 @@ fn to_json(nodes: &[NodeStatus]) -> Value {
             .map(|n| {
                 json!({
                     "node": n.node, "subnet": n.subnet, "backend": n.backend,
-                    "peers": n.peers, "ready": n.ready.is_ok(),
+                    "peers": n.peers, "policy": n.policy.map(Policy::as_str),
+                    "ready": n.ready.is_ok(),
                     "reason": n.ready.as_ref().err(),
                 })
             })
@@ -125,14 +160,15 @@ pub async fn run(etcd: &EtcdFlags, args: StatusArgs) -> Result<()> {
                     Ok((code, body)) => Err(format!("{code} {}", body.trim())),
                     Err(e) => Err(format!("unreachable at {addr}: {e}")),
                 };
-                let peers = get(addr, "/metrics", limit)
-                    .ok()
-                    .and_then(|(_, body)| metric(&body, "flannel_peers"));
+                let metrics = get(addr, "/metrics", limit).ok().map(|(_, body)| body);
+                let peers = metrics.as_deref().and_then(|m| metric(m, "flannel_peers"));
+                let policy = metrics.as_deref().and_then(Policy::from_metrics);
                 NodeStatus {
                     node: addr.ip().to_string(),
                     subnet,
                     backend,
                     peers,
+                    policy,
                     ready,
                 }
             })
@@ -170,6 +206,7 @@ mod tests {
                 subnet: "10.5.1.0/24".into(),
                 backend: "vxlan".into(),
                 peers: Some(2),
+                policy: Some(Policy::On),
                 ready: Ok(()),
             },
             NodeStatus {
@@ -177,14 +214,31 @@ mod tests {
                 subnet: "10.5.2.0/24".into(),
                 backend: "udp".into(),
                 peers: None,
+                policy: None,
                 ready: Err("unreachable at 192.0.2.2:8471: timed out".into()),
+            },
+            NodeStatus {
+                node: "192.0.2.3".into(),
+                subnet: "10.5.3.0/24".into(),
+                backend: "vxlan".into(),
+                peers: Some(2),
+                policy: Some(Policy::NoBrNetfilter),
+                ready: Err("503 network policy: no br_netfilter".into()),
             },
         ]);
         assert_eq!(
             t,
-            "NODE        SUBNET        BACKEND   PEERS   READY\n\
-             192.0.2.1   10.5.1.0/24   vxlan     2       yes\n\
-             192.0.2.2   10.5.2.0/24   udp       -       no: unreachable at 192.0.2.2:8471: timed out\n"
+            "NODE        SUBNET        BACKEND   PEERS   POLICY            READY\n\
+             192.0.2.1   10.5.1.0/24   vxlan     2       on                yes\n\
+             192.0.2.2   10.5.2.0/24   udp       -       -                 no: unreachable at 192.0.2.2:8471: timed out\n\
+             192.0.2.3   10.5.3.0/24   vxlan     2       no-br-netfilter   no: 503 network policy: no br_netfilter\n"
         );
+        let m = "flannel_policy_enabled 1\nflannel_policy_br_netfilter 0\n";
+        assert_eq!(Policy::from_metrics(m), Some(Policy::NoBrNetfilter));
+        let m = "flannel_policy_enabled 1\nflannel_policy_br_netfilter 1\n";
+        assert_eq!(Policy::from_metrics(m), Some(Policy::On));
+        let m = "flannel_policy_enabled 0\nflannel_policy_br_netfilter 0\n";
+        assert_eq!(Policy::from_metrics(m), Some(Policy::Off));
+        assert_eq!(Policy::from_metrics("flannel_peers 1\n"), None);
     }
 }

@@ -520,13 +520,21 @@ pub async fn run(flags: Flags) -> Result<()> {
         status.clone(),
     );
     let (proxy_stop, proxy_stop_rx) = tokio::sync::watch::channel(false);
-    let proxy_task = match flags.proxy_mode.parse::<service_proxy::run::Mode>() {
+    let proxy_mode = flags.proxy_mode.parse::<service_proxy::run::Mode>();
+    // Userspace relays come from the node, past the policy table: the module judges them.
+    let policy_gate = (flags.network_policy
+        && proxy_mode == Ok(service_proxy::run::Mode::Userspace))
+    .then(policy::run::PolicyGate::default);
+    let proxy_task = match proxy_mode {
         Ok(mode) => {
             let node = service_proxy::model::NodeInfo {
                 name: flags.node_name(),
                 subnet: Some(lease.key.ipv4),
             };
-            let opts = service_proxy::run::ProxyOptions::new(mode, node, Some(network));
+            let mut opts = service_proxy::run::ProxyOptions::new(mode, node, Some(network));
+            opts.userspace.gate = policy_gate
+                .clone()
+                .map(|g| Arc::new(g) as Arc<dyn service_proxy::userspace::Gate>);
             tracing::info!("service proxy on ({})", flags.proxy_mode);
             Some(tokio::spawn(service_proxy::run::run(
                 manager.registry().clone(),
@@ -554,9 +562,11 @@ pub async fn run(flags: Flags) -> Result<()> {
                  the node's address, so pod and namespace selectors cannot match it there"
             );
         }
+        let mut opts = policy::run::PolicyOptions::new(&flags.node_name());
+        opts.gate = policy_gate;
         Some(tokio::spawn(policy::run::run(
             manager.registry().clone(),
-            policy::run::PolicyOptions::new(&flags.node_name()),
+            opts,
             status.policy.clone(),
             policy_stop_rx,
         )))

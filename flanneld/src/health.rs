@@ -1,7 +1,9 @@
 //! `/healthz`, `/readyz` and `/metrics` on `--healthz-ip:--healthz-port`.
 //!
 //! - `/healthz`: 200 while the process runs; the body says whether etcd is reachable.
-//! - `/readyz`: 200 once the lease is held and the backend's last reconcile succeeded; 503 before.
+//! - `/readyz`: 200 once the lease is held and the backend's last reconcile succeeded (and, with
+//!   `--network-policy`, br_netfilter lets the policy hook see same-node traffic); else 503
+//!   with the reasons in the body.
 //! - `/metrics`: Prometheus text format.
 
 use std::net::SocketAddr;
@@ -18,7 +20,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use subnet_lease::manager::LeaseStats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 /// Everything the endpoints report; shared by the daemon loop and the server.
 #[derive(Debug)]
@@ -41,6 +44,9 @@ pub struct Status {
     /// Pod records this node holds in etcd, and failed attempts to publish them.
     pub pods_published: Gauge,
     pub pod_publish_errors: Counter,
+    /// Health endpoint connections closed at once (cap reached), and failed accepts.
+    pub health_refused: Counter,
+    pub health_accept_errors: Counter,
     /// The service proxy's metrics (`flannel_proxy_*`).
     pub proxy: service_proxy::metrics::ProxyMetrics,
     /// The network policy module's metrics (`flannel_policy_*`).
@@ -72,6 +78,8 @@ impl Status {
             config_rejected: Counter::default(),
             pods_published: Gauge::default(),
             pod_publish_errors: Counter::default(),
+            health_refused: Counter::default(),
+            health_accept_errors: Counter::default(),
             proxy: service_proxy::metrics::ProxyMetrics::default(),
             policy: policy::metrics::PolicyMetrics::default(),
             backend: Family::default(),
@@ -85,6 +93,16 @@ impl Status {
         s.proxy.register(r);
         s.policy.register(r);
         r.register("peers", "Peer leases currently known", s.peers.clone());
+        r.register(
+            "health_connections_refused",
+            "Connections to /healthz, /readyz, /metrics closed at once: too many open",
+            s.health_refused.clone(),
+        );
+        r.register(
+            "health_accept_errors",
+            "Failed accepts on the health endpoint (each followed by a back-off)",
+            s.health_accept_errors.clone(),
+        );
         r.register("reconcile", "Backend reconcile runs", s.reconciles.clone());
         r.register(
             "peers_unreachable",
@@ -187,8 +205,12 @@ impl Status {
         out
     }
 
+    /// Lease held, backend programmed, and (with `--network-policy`) same-node traffic
+    /// policed: a node that would let bridged traffic past its policies is not ready.
     pub fn ready(&self) -> bool {
-        self.lease_held.load(Ordering::Relaxed) && self.backend_ok.load(Ordering::Relaxed)
+        self.lease_held.load(Ordering::Relaxed)
+            && self.backend_ok.load(Ordering::Relaxed)
+            && self.policy.not_ready_reason().is_none()
     }
 }
 
@@ -219,7 +241,10 @@ pub fn respond(status: &Status, request_line: &str) -> (u16, &'static str, Strin
         "/readyz" => {
             let lease = status.lease_held.load(Ordering::Relaxed);
             let backend = status.backend_ok.load(Ordering::Relaxed);
-            let body = format!("lease held: {lease}\nbackend programmed: {backend}\n");
+            let mut body = format!("lease held: {lease}\nbackend programmed: {backend}\n");
+            if let Some(why) = status.policy.not_ready_reason() {
+                body.push_str(&format!("network policy: {why}\n"));
+            }
             (if status.ready() { 200 } else { 503 }, "text/plain", body)
         }
         "/metrics" => (
@@ -231,58 +256,125 @@ pub fn respond(status: &Status, request_line: &str) -> (u16, &'static str, Strin
     }
 }
 
+/// Limits of the endpoint server.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Connections served at once; more are closed at once (counted in
+    /// `flannel_health_connections_refused_total`).
+    pub max_connections: usize,
+    /// Time one connection may take, request and answer together; a slower client is cut.
+    pub timeout: Duration,
+    /// Pause after a failed `accept` (EMFILE, ENFILE, ...), doubled per failure up to
+    /// `max_accept_backoff`, reset by a success.
+    pub accept_backoff: Duration,
+    pub max_accept_backoff: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            max_connections: 32,
+            timeout: Duration::from_secs(5),
+            accept_backoff: Duration::from_millis(10),
+            max_accept_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
 /// Serves the endpoints until the task is dropped.
 pub async fn serve(addr: SocketAddr, status: Arc<Status>) -> Result<tokio::task::JoinHandle<()>> {
+    Ok(serve_with(addr, status, ServeOptions::default()).await?.0)
+}
+
+/// [`serve`] with explicit limits; also returns the bound address.
+pub async fn serve_with(
+    addr: SocketAddr,
+    status: Arc<Status>,
+    opts: ServeOptions,
+) -> Result<(tokio::task::JoinHandle<()>, SocketAddr)> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the health endpoint on {addr}"))?;
-    tracing::info!("serving /healthz, /readyz and /metrics on {addr}");
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
+    let local = listener.local_addr().context("health endpoint address")?;
+    tracing::info!("serving /healthz, /readyz and /metrics on {local}");
+    let listener = Arc::new(listener);
+    let task = tokio::spawn(accept_loop(
+        move || {
+            let l = listener.clone();
+            async move { l.accept().await.map(|(s, _)| s) }
+        },
+        status,
+        opts,
+    ));
+    Ok((task, local))
+}
+
+/// Accepts with `accept` until dropped: backs off after errors, serves at most
+/// `max_connections` at once, each within `timeout`.
+async fn accept_loop<A, F>(mut accept: A, status: Arc<Status>, opts: ServeOptions)
+where
+    A: FnMut() -> F,
+    F: std::future::Future<Output = std::io::Result<TcpStream>>,
+{
+    let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let mut backoff = opts.accept_backoff;
+    loop {
+        let sock = match accept().await {
+            Ok(s) => {
+                backoff = opts.accept_backoff;
+                s
+            }
+            Err(e) => {
+                // Out of descriptors (or another transient failure): retrying at once
+                // would spin on the same error.
+                tracing::warn!(error = %e, "health endpoint: accept failed; retrying in {backoff:?}");
+                status.health_accept_errors.inc();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(opts.max_accept_backoff);
                 continue;
-            };
-            let status = status.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut n = 0;
-                // Read the request head (bounded in size and time).
-                let read = tokio::time::timeout(Duration::from_secs(5), async {
-                    while n < buf.len() {
-                        match sock.read(&mut buf[n..]).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => n += k,
-                        }
-                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
-                            || buf[..n].contains(&b'\n')
-                        {
-                            break;
-                        }
-                    }
-                })
-                .await;
-                if read.is_err() {
-                    return;
-                }
-                let head = String::from_utf8_lossy(&buf[..n]);
-                let line = head.lines().next().unwrap_or("");
-                let (code, ctype, body) = respond(&status, line);
-                let reason = match code {
-                    200 => "OK",
-                    404 => "Not Found",
-                    405 => "Method Not Allowed",
-                    _ => "Service Unavailable",
-                };
-                let resp = format!(
-                    "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), sock.write_all(resp.as_bytes()))
-                        .await;
-            });
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            status.health_refused.inc();
+            let _ = sock.set_zero_linger();
+            drop(sock);
+            continue;
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tokio::time::timeout(opts.timeout, answer(sock, &status)).await;
+        });
+    }
+}
+
+/// Reads one request head (at most 4 KiB) and writes the answer.
+async fn answer(mut sock: TcpStream, status: &Status) {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    while n < buf.len() {
+        match sock.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
         }
-    }))
+        if buf[..n].contains(&b'\n') {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let line = head.lines().next().unwrap_or("");
+    let (code, ctype, body) = respond(status, line);
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let resp = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = sock.write_all(resp.as_bytes()).await;
 }
 
 #[cfg(test)]
@@ -301,6 +393,21 @@ mod tests {
         st.lease_held.store(true, Ordering::Relaxed);
         st.backend_ok.store(true, Ordering::Relaxed);
         assert_eq!(respond(&st, "GET /readyz HTTP/1.1").0, 200);
+        // --network-policy without br_netfilter: not ready, the reason in the body.
+        st.policy.enabled.set(1);
+        st.policy.set_bridge_netfilter(Some(
+            "no br_netfilter; same-node pod traffic is not filtered".into(),
+        ));
+        let (code, _, body) = respond(&st, "GET /readyz HTTP/1.1");
+        assert_eq!(code, 503);
+        assert!(body.contains("network policy: no br_netfilter"), "{body}");
+        let m = respond(&st, "GET /metrics HTTP/1.1").2;
+        assert!(m.contains("flannel_policy_br_netfilter 0"), "{m}");
+        assert!(m.contains("flannel_policy_enabled 1"), "{m}");
+        st.policy.set_bridge_netfilter(None);
+        assert_eq!(respond(&st, "GET /readyz HTTP/1.1").0, 200);
+        let m = respond(&st, "GET /metrics HTTP/1.1").2;
+        assert!(m.contains("flannel_policy_br_netfilter 1"), "{m}");
         assert_eq!(respond(&st, "GET /nope HTTP/1.1").0, 404);
         assert_eq!(respond(&st, "POST /healthz HTTP/1.1").0, 405);
         st.peers.set(3);
@@ -326,5 +433,112 @@ mod tests {
             m.contains("flannel_backend_total{counter=\"udp_dropped_short\"} 5"),
             "{m}"
         );
+    }
+
+    fn opts(max_connections: usize, timeout_ms: u64) -> ServeOptions {
+        ServeOptions {
+            max_connections,
+            timeout: Duration::from_millis(timeout_ms),
+            ..ServeOptions::default()
+        }
+    }
+
+    async fn start(o: ServeOptions) -> (tokio::task::JoinHandle<()>, SocketAddr, Arc<Status>) {
+        let st = Status::new(Arc::default());
+        let (task, addr) = serve_with("127.0.0.1:0".parse().unwrap(), st.clone(), o)
+            .await
+            .unwrap();
+        (task, addr, st)
+    }
+
+    /// Reads until EOF or error; returns what came and how long it took.
+    async fn read_all(s: &mut TcpStream) -> (String, Duration) {
+        let t = std::time::Instant::now();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
+    }
+
+    async fn get(addr: SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.unwrap();
+        read_all(&mut s).await.0
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_is_cut_after_the_timeout() {
+        let (task, addr, _) = start(opts(4, 300)).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // A request head that never ends: one byte now and then.
+        let writer = async {
+            for b in b"GET /healthz".iter().cycle().take(40) {
+                if s.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let t = std::time::Instant::now();
+        writer.await;
+        let (got, _) = read_all(&mut s).await;
+        let took = t.elapsed();
+        assert!(got.is_empty(), "{got}");
+        assert!(took < Duration::from_millis(2500), "{took:?}");
+        assert!(get(addr).await.starts_with("HTTP/1.1 200"));
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_at_once() {
+        let (task, addr, st) = start(opts(2, 1500)).await;
+        // Two clients that say nothing hold both slots.
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..5 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await;
+            let (got, took) = read_all(&mut s).await;
+            assert!(got.is_empty(), "{got}");
+            assert!(took < Duration::from_millis(500), "{took:?}");
+        }
+        assert_eq!(st.health_refused.get(), 5);
+        // Once the idle ones are cut, the endpoint answers again.
+        for mut s in idle {
+            assert!(read_all(&mut s).await.0.is_empty());
+        }
+        assert!(get(addr).await.starts_with("HTTP/1.1 200"));
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn failed_accepts_back_off() {
+        let st = Status::new(Arc::default());
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = calls.clone();
+        let accept = move || {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+                Err::<TcpStream, _>(std::io::Error::from_raw_os_error(24)) // EMFILE
+            }
+        };
+        let o = ServeOptions {
+            accept_backoff: Duration::from_millis(10),
+            max_accept_backoff: Duration::from_millis(100),
+            ..ServeOptions::default()
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_millis(600),
+            accept_loop(accept, st.clone(), o),
+        )
+        .await;
+        // 10 + 20 + 40 + 80 + 100 + 100 ... ms: about 8 tries in 600 ms, not millions.
+        let n = calls.load(Ordering::Relaxed);
+        assert!((4..=12).contains(&n), "{n} accept calls");
+        assert_eq!(st.health_accept_errors.get(), n as u64);
     }
 }

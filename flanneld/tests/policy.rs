@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use policy::eval::{self, NamedPort, Peer, PodView};
 use registry::{Labels, NetworkPolicy, Object, Protocol};
-use test_support::{in_netns, require, require_root_with, IdServer, Testbed, UdpIdServer};
+use test_support::{
+    in_netns, random_tag, require, require_root_with, IdServer, Testbed, UdpIdServer,
+};
 
 mod common;
 
@@ -558,7 +560,8 @@ fn network_policy_matrices() {
     w.clear_policies();
     w.check("all policies gone", &[TCP80, UDP80]);
 
-    // `flannelctl status` from the hub: every node ready with its two peers programmed.
+    // `flannelctl status` from the hub: every node ready with its two peers programmed and
+    // policy on (br_netfilter present).
     let ctl = Path::new(BIN).parent().unwrap().join("flannelctl");
     let out =
         w.tb.exec(
@@ -580,10 +583,171 @@ fn network_policy_matrices() {
     assert_eq!(rows.len(), 4, "{out}");
     assert_eq!(
         rows[0],
-        ["NODE", "SUBNET", "BACKEND", "PEERS", "READY"],
+        ["NODE", "SUBNET", "BACKEND", "PEERS", "POLICY", "READY"],
         "{out}"
     );
     for r in &rows[1..] {
-        assert_eq!(&r[2..], ["vxlan", "2", "yes"], "{out}");
+        assert_eq!(&r[2..], ["vxlan", "2", "on", "yes"], "{out}");
     }
+}
+
+/// `flannelctl apply -f` of `yaml` in the hub.
+fn apply(tb: &Testbed, d: &Daemons, endpoint: &str, yaml: &str) {
+    let file = d.dir.path().join(format!("u{}.yaml", random_tag(6)));
+    std::fs::write(&file, yaml).unwrap();
+    let ctl = Path::new(BIN).parent().unwrap().join("flannelctl");
+    tb.exec(
+        &tb.hub,
+        &[
+            ctl.to_str().unwrap(),
+            "--etcd-endpoints",
+            endpoint,
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("flannelctl apply: {e}\n{yaml}"));
+}
+
+/// Polls `f` until it returns `want` or [`CONVERGE`] passes; returns the last answer.
+fn settle(want: bool, mut f: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    loop {
+        let got = f();
+        if got == want || started.elapsed() > CONVERGE {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Userspace mode relays every Service connection from the node, which the policy table
+/// always lets through (own node) or sees coming from a node: the policy gate must judge the
+/// original client instead, and the listeners must take only redirected connections.
+#[test]
+fn userspace_mode_keeps_policy() {
+    if !require_root_with(&["ip", "nft", "conntrack"])
+        || !require(
+            Path::new(REFERENCE_PLUGINS).join("bridge").is_file(),
+            "needs the reference CNI plugins in /usr/lib/cni",
+        )
+    {
+        return;
+    }
+    let mut tb = Testbed::new(2).unwrap();
+    let endpoint = tb.start_etcd_with_config(NET).unwrap();
+    let mut d = Daemons::new(
+        &endpoint,
+        &["--ip-masq", "--proxy-mode", "userspace", "--network-policy"],
+    );
+    for i in 0..2 {
+        d.start(&mut tb, i);
+    }
+    let cni = Cni::new();
+    // The server and two clients on node 0 (their relays leave from node 0 itself, which
+    // the table always allows), a third client on node 1 (relayed there).
+    let (srv_ns, _) = cni.add(&mut tb, &d, 0, "x", "srv");
+    let _srv = IdServer::start(&srv_ns, 80).unwrap();
+    let (ok_ns, _) = cni.add(&mut tb, &d, 0, "y", "ok");
+    let (bad_ns, _) = cni.add(&mut tb, &d, 0, "y", "bad");
+    let (far_ns, _) = cni.add(&mut tb, &d, 1, "y", "far");
+    let pod = |ns: &str, name: &str, labels: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: \"{ns}\", labels: {{{labels}}}}}\nspec:\n  containers: [{{name: c}}]\n---\n")
+    };
+    let cluster_ip: Ipv4Addr = "10.96.0.50".parse().unwrap();
+    apply(
+        &tb,
+        &d,
+        &endpoint,
+        &(format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: \"x\"}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: \"y\"}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: \"x\"}}\nspec:\n  clusterIP: {cluster_ip}\n  selector: {{app: web}}\n  ports: [{{port: 80}}]\n---\n"
+        ) + &pod("x", "srv", "app: web")
+            + &pod("y", "ok", "role: client")
+            + &pod("y", "bad", "role: other")
+            + &pod("y", "far", "role: other")),
+    );
+    let service = SocketAddr::from((cluster_ip, 80));
+    let logs = || format!("--- node 0:\n{}\n--- node 1:\n{}", d.log(0), d.log(1));
+    for ns in [&ok_ns, &bad_ns, &far_ns] {
+        assert!(
+            settle(true, || probe(ns, Protocol::Tcp, service)),
+            "{ns}: no relay through the ClusterIP before any policy\n{}",
+            logs()
+        );
+    }
+
+    // The listener's own port, addressed directly: from another node, and from a pod of
+    // the node (to its gateway address). Before any policy a relay would be allowed, so only
+    // the guard stops these.
+    let listeners = tb
+        .exec(
+            &tb.nodes[0].ns,
+            &[
+                "nft",
+                "list",
+                "set",
+                "ip",
+                "flannel-proxy",
+                "userspace-listeners",
+            ],
+        )
+        .unwrap();
+    let port: u16 = listeners
+        .split("tcp . ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no TCP listener in {listeners}"));
+    let node0: Ipv4Addr = tb.nodes[0].ip.parse().unwrap();
+    let gateway = d.subnet_env(0).subnet.unwrap().addr();
+    assert!(
+        !probe(
+            &tb.nodes[1].ns,
+            Protocol::Tcp,
+            SocketAddr::from((node0, port))
+        ),
+        "another node reached the listener {node0}:{port} directly"
+    );
+    assert!(
+        !probe(&ok_ns, Protocol::Tcp, SocketAddr::from((gateway, port))),
+        "a pod reached the listener {gateway}:{port} directly"
+    );
+
+    // Only clients (role=client) may reach x/srv.
+    apply(
+        &tb,
+        &d,
+        &endpoint,
+        &np(
+            "clients",
+            "x",
+            "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {role: client}}}]}]\n",
+        ),
+    );
+    assert!(
+        !settle(false, || probe(&bad_ns, Protocol::Tcp, service)),
+        "y/bad (same node) reached x/srv through the ClusterIP in userspace mode\n{}",
+        logs()
+    );
+    assert!(
+        probe(&ok_ns, Protocol::Tcp, service),
+        "y/ok lost its access\n{}",
+        logs()
+    );
+    assert!(
+        !settle(false, || probe(&far_ns, Protocol::Tcp, service)),
+        "y/far (node 1) reached x/srv through the ClusterIP\n{}",
+        logs()
+    );
+    // Both nodes refused at the relay (node 1's gate, not only node 0's table).
+    for i in 0..2 {
+        assert!(
+            common::metric(&tb, i, "flannel_proxy_connections_denied_total") > 0,
+            "node {i} denied no relay\n{}",
+            logs()
+        );
+    }
+    let _ = srv_ns;
 }

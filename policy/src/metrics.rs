@@ -1,6 +1,7 @@
 //! Prometheus metrics of the network policy module (`flannel_policy_*` in flanneld).
 
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -16,6 +17,14 @@ pub struct PolicyMetrics {
     pub last_sync_seconds: Gauge<f64, AtomicU64>,
     pub isolated_ingress: Gauge,
     pub isolated_egress: Gauge,
+    pub invalid_objects: Counter,
+    /// 1 while the module runs (`--network-policy`).
+    pub enabled: Gauge,
+    /// 1 when the forward hook sees same-node (bridged) pod traffic (br_netfilter with
+    /// `bridge-nf-call-iptables` on), 0 when it does not.
+    pub br_netfilter: Gauge,
+    /// Why the node must not count as ready because of the module (None: no reason).
+    not_ready: Arc<RwLock<Option<String>>>,
 }
 
 impl PolicyMetrics {
@@ -51,6 +60,35 @@ impl PolicyMetrics {
             "Pods of this node isolated for egress",
             self.isolated_egress.clone(),
         );
+        r.register(
+            "enabled",
+            "1 while NetworkPolicy is enforced on this node (--network-policy)",
+            self.enabled.clone(),
+        );
+        r.register(
+            "br_netfilter",
+            "1 when the policy hook sees same-node pod traffic (br_netfilter, bridge-nf-call-iptables=1); 0: same-node traffic is not policed",
+            self.br_netfilter.clone(),
+        );
+        r.register(
+            "invalid_objects",
+            "Registry objects ignored because they do not decode or are not valid",
+            self.invalid_objects.clone(),
+        );
+    }
+
+    /// Records the br_netfilter check: `problem` is why same-node traffic escapes the
+    /// policy hook (the node is then not ready), or None.
+    pub fn set_bridge_netfilter(&self, problem: Option<String>) {
+        self.br_netfilter.set(i64::from(problem.is_none()));
+        if let Ok(mut r) = self.not_ready.write() {
+            *r = problem;
+        }
+    }
+
+    /// Why the node is not ready because of the module, if it is not.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        self.not_ready.read().ok().and_then(|r| r.clone())
     }
 
     pub fn observe(&self, rep: &SyncReport, ingress: usize, egress: usize) {

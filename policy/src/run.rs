@@ -3,19 +3,23 @@
 //! node's table and applies the difference from what the kernel has in one `nft -f -`
 //! transaction (the whole table after a start or a failure).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
+use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
-use registry::{Kind, Labels, NetworkPolicy, Object, Pod};
+use registry::{Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
 use service_proxy::sync::{NftApply, NftCommand};
+use service_proxy::userspace::{Client, Gate};
 use subnet_lease::pods::{parse_pod_key, pods_prefix};
 use subnet_lease::{EtcdRegistry, PodRecord};
 use tokio::sync::watch;
 
 use crate::compile::{self, Input, Ruleset};
-use crate::eval::{NamedPort, PodView};
+use crate::eval::{self, NamedPort, Peer, PodView};
 use crate::metrics::PolicyMetrics;
 
 #[derive(Debug, Clone)]
@@ -28,6 +32,8 @@ pub struct PolicyOptions {
     pub check_interval: Duration,
     /// `nft` behind an optional command prefix.
     pub nft: NftCommand,
+    /// Kept current for the userspace service proxy's relays (`--proxy-mode userspace`).
+    pub gate: Option<PolicyGate>,
 }
 
 impl PolicyOptions {
@@ -37,7 +43,73 @@ impl PolicyOptions {
             debounce: Duration::from_millis(5),
             check_interval: Duration::from_secs(10),
             nft: NftCommand::default(),
+            gate: None,
         }
+    }
+}
+
+/// The policy decision for the userspace service proxy's relays. The proxy opens every
+/// upstream connection from the node, which the forward hook never sees (same node) or sees
+/// coming from the node (other nodes), so the module judges each relay instead: the client
+/// (the redirected connection's source) against the endpoint, source egress and destination
+/// ingress, with the semantics of [`crate::eval`] on the module's current objects. Until the
+/// first sync every relay is refused (fail closed).
+#[derive(Debug, Clone, Default)]
+pub struct PolicyGate {
+    view: Arc<RwLock<Option<Arc<GateView>>>>,
+}
+
+#[derive(Debug)]
+struct GateView {
+    node: String,
+    cluster: eval::Cluster,
+    pods: HashMap<Ipv4Addr, PodView>,
+}
+
+impl PolicyGate {
+    /// Replaces the objects decisions are made on.
+    pub fn update(&self, cache: &Cache, node: &str) {
+        let view = GateView {
+            node: node.to_string(),
+            cluster: eval::Cluster {
+                namespaces: cache.namespaces.clone(),
+                policies: cache.policies.values().cloned().collect(),
+            },
+            pods: cache.pod_views().into_iter().map(|p| (p.ip, p)).collect(),
+        };
+        if let Ok(mut v) = self.view.write() {
+            *v = Some(Arc::new(view));
+        }
+    }
+}
+
+impl Gate for PolicyGate {
+    fn allows(&self, client: Client, endpoint: SocketAddrV4, protocol: Protocol) -> bool {
+        let Some(v) = self.view.read().ok().and_then(|v| v.clone()) else {
+            return false;
+        };
+        let src = if client.local {
+            Peer::Host {
+                addr: client.addr,
+                node: Some(&v.node),
+            }
+        } else {
+            match v.pods.get(&client.addr) {
+                Some(p) => Peer::Pod(p),
+                None => Peer::Host {
+                    addr: client.addr,
+                    node: None,
+                },
+            }
+        };
+        let dst = match v.pods.get(endpoint.ip()) {
+            Some(p) => Peer::Pod(p),
+            None => Peer::Host {
+                addr: *endpoint.ip(),
+                node: None,
+            },
+        };
+        v.cluster.allows(src, dst, protocol, endpoint.port())
     }
 }
 
@@ -54,6 +126,9 @@ pub struct Cache {
     /// Pod records with the etcd revision they were written at.
     pub records: BTreeMap<Key, (PodRecord, i64)>,
     pub policies: BTreeMap<Key, NetworkPolicy>,
+    /// Objects ignored because they do not decode or are not valid
+    /// (`flannel_policy_invalid_objects_total` once shared with [`PolicyMetrics`]).
+    pub invalid_objects: Counter,
 }
 
 impl Cache {
@@ -66,6 +141,7 @@ impl Cache {
             pods: BTreeMap::new(),
             records: BTreeMap::new(),
             policies: BTreeMap::new(),
+            invalid_objects: Counter::default(),
         }
     }
 
@@ -94,11 +170,13 @@ impl Cache {
                         Ok(()) => Some(o),
                         Err(e) => {
                             tracing::warn!(key, error = %e, "ignoring an invalid object");
+                            self.invalid_objects.inc();
                             None
                         }
                     },
                     Err(e) => {
                         tracing::warn!(key, error = %e, "ignoring an object that does not decode");
+                        self.invalid_objects.inc();
                         None
                     }
                 }
@@ -258,31 +336,67 @@ impl<N: NftApply> Enforcer<N> {
     }
 }
 
+/// The switch that makes bridged IPv4 traffic cross the IPv4 hooks.
+pub const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
 /// Same-node pod-to-pod traffic is bridged on cni0; the forward hook sees it only with
 /// br_netfilter's `bridge-nf-call-iptables` on (in this network namespace). Turns it on;
-/// returns a warning when it cannot.
+/// returns why it is not on when it cannot (the node is then reported not ready).
 pub fn ensure_bridge_netfilter() -> Option<String> {
-    const PATH: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
-    if std::fs::metadata(PATH).is_err() {
-        // Built as a module and not loaded yet: load it.
-        let _ = std::process::Command::new("modprobe")
+    if std::fs::metadata(BRIDGE_NF_CALL_IPTABLES).is_err() {
+        // Built as a module and not loaded yet: load it (bounded: modprobe may hang on a
+        // broken module tree).
+        if let Ok(mut child) = std::process::Command::new("modprobe")
             .arg("br_netfilter")
-            .status();
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
-    match std::fs::read_to_string(PATH) {
+    bridge_netfilter_at(std::path::Path::new(BRIDGE_NF_CALL_IPTABLES))
+}
+
+/// [`ensure_bridge_netfilter`] on the switch at `path`, without loading anything.
+pub fn bridge_netfilter_at(path: &std::path::Path) -> Option<String> {
+    let p = path.display();
+    match std::fs::read_to_string(path) {
         Ok(v) if v.trim() == "1" => None,
-        Ok(_) => std::fs::write(PATH, "1")
+        Ok(_) => std::fs::write(path, "1")
             .err()
-            .map(|e| format!("cannot turn on {PATH}: {e}; same-node pod traffic is not filtered")),
+            .map(|e| format!("cannot turn on {p}: {e}; same-node pod traffic is not filtered")),
         Err(e) => Some(format!(
-            "{PATH}: {e} (no br_netfilter); same-node pod traffic is not filtered"
+            "{p}: {e} (no br_netfilter); same-node pod traffic is not filtered"
         )),
     }
+}
+
+/// Runs the br_netfilter check (again: someone may load the module or fix the sysctl later)
+/// and records it; logs when the answer changes.
+async fn check_bridge_netfilter(metrics: &PolicyMetrics) {
+    let problem = tokio::task::spawn_blocking(ensure_bridge_netfilter)
+        .await
+        .unwrap_or_else(|e| Some(format!("br_netfilter check: {e}")));
+    let before = metrics.not_ready_reason();
+    if problem != before {
+        match &problem {
+            Some(w) => tracing::warn!("{w}; this node reports not ready"),
+            None => tracing::info!("br_netfilter on: same-node pod traffic is filtered"),
+        }
+    }
+    metrics.set_bridge_netfilter(problem);
 }
 
 /// The module as a registry follower.
 struct Policy<N> {
     node: String,
+    gate: Option<PolicyGate>,
     cache: Cache,
     enforcer: Enforcer<N>,
     metrics: PolicyMetrics,
@@ -298,6 +412,9 @@ impl<N: NftApply> Follower for Policy<N> {
     }
 
     async fn sync(&mut self) -> Result<(), String> {
+        if let Some(g) = &self.gate {
+            g.update(&self.cache, &self.node);
+        }
         let rs = self.cache.compile(&self.node);
         let (ingress, egress) = rs.isolated();
         match self.enforcer.sync(rs).await {
@@ -314,6 +431,7 @@ impl<N: NftApply> Follower for Policy<N> {
     }
 
     async fn check(&mut self) -> bool {
+        check_bridge_netfilter(&self.metrics).await;
         let present = self.enforcer.table_present().await;
         if !present {
             self.enforcer.invalidate();
@@ -330,17 +448,19 @@ pub async fn run(
     metrics: PolicyMetrics,
     mut stop: watch::Receiver<bool>,
 ) {
-    if let Some(w) = ensure_bridge_netfilter() {
-        tracing::warn!("{w}");
-    }
+    metrics.enabled.set(1);
+    check_bridge_netfilter(&metrics).await;
     let follow_opts = FollowOptions {
         name: "network policy",
         debounce: opts.debounce,
         check_interval: opts.check_interval,
     };
+    let mut cache = Cache::new(reg.prefix());
+    cache.invalid_objects = metrics.invalid_objects.clone();
     let mut policy = Policy {
-        cache: Cache::new(reg.prefix()),
+        cache,
         enforcer: Enforcer::new(opts.nft),
+        gate: opts.gate,
         node: opts.node,
         metrics,
     };
@@ -408,5 +528,69 @@ mod tests {
         });
         assert!(!c.apply(&key, Some(value.to_string().as_bytes()), 5));
         assert!(c.policies.is_empty());
+        assert_eq!(c.invalid_objects.get(), 1);
+        assert!(!c.apply(&key, Some(b"{not json"), 6));
+        assert_eq!(c.invalid_objects.get(), 2);
+    }
+
+    #[test]
+    fn bridge_netfilter_switch_is_turned_on_or_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bridge-nf-call-iptables");
+        std::fs::write(&f, "0\n").unwrap();
+        assert_eq!(bridge_netfilter_at(&f), None, "turned on");
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "1");
+        let missing = bridge_netfilter_at(&dir.path().join("nope")).unwrap();
+        assert!(missing.contains("no br_netfilter"), "{missing}");
+        // A switch that cannot be written (here: a directory stands in for it).
+        let d = dir.path().join("dir");
+        std::fs::create_dir(&d).unwrap();
+        assert!(bridge_netfilter_at(&d).is_some());
+
+        let m = PolicyMetrics::default();
+        m.set_bridge_netfilter(Some(missing.clone()));
+        assert_eq!(
+            (m.br_netfilter.get(), m.not_ready_reason()),
+            (0, Some(missing))
+        );
+        m.set_bridge_netfilter(None);
+        assert_eq!((m.br_netfilter.get(), m.not_ready_reason()), (1, None));
+    }
+
+    #[test]
+    fn the_gate_judges_relays_like_the_evaluator() {
+        let mut c = Cache::new(PREFIX);
+        for (name, app) in [("srv", "web"), ("ok", "client"), ("bad", "other")] {
+            assert!(put(
+                &mut c,
+                &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {app}}}}}\nspec:\n  containers: [{{name: c}}]\n"),
+                2
+            ));
+        }
+        record(&mut c, "srv", "10.5.1.2", 3);
+        record(&mut c, "ok", "10.5.1.3", 3);
+        record(&mut c, "bad", "10.5.1.4", 3);
+        assert!(put(
+            &mut c,
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]\n",
+            4
+        ));
+        let gate = PolicyGate::default();
+        let srv = SocketAddrV4::new(Ipv4Addr::new(10, 5, 1, 2), 80);
+        let from = |a: [u8; 4], local: bool| Client {
+            addr: Ipv4Addr::from(a),
+            local,
+        };
+        // Before the first sync nothing is known: refused.
+        assert!(!gate.allows(from([10, 5, 1, 3], false), srv, Protocol::Tcp));
+        gate.update(&c, "n1");
+        assert!(gate.allows(from([10, 5, 1, 3], false), srv, Protocol::Tcp));
+        assert!(!gate.allows(from([10, 5, 1, 4], false), srv, Protocol::Tcp));
+        // An outside client, and this node itself (always allowed to its own pods).
+        assert!(!gate.allows(from([192, 0, 2, 9], false), srv, Protocol::Tcp));
+        assert!(gate.allows(from([192, 0, 2, 1], true), srv, Protocol::Tcp));
+        // A pod not isolated accepts anyone.
+        let other = SocketAddrV4::new(Ipv4Addr::new(10, 5, 1, 4), 80);
+        assert!(gate.allows(from([10, 5, 1, 3], false), other, Protocol::Tcp));
     }
 }

@@ -19,8 +19,10 @@ pub struct ProxyMetrics {
     pub connections_active: Gauge,
     pub connections_refused: Counter,
     pub connect_failures: Counter,
+    pub connections_denied: Counter,
     pub udp_sessions: Gauge,
     pub udp_sessions_dropped: Counter,
+    pub invalid_objects: Counter,
 }
 
 impl ProxyMetrics {
@@ -72,6 +74,11 @@ impl ProxyMetrics {
             self.connections_refused.clone(),
         );
         r.register(
+            "connections_denied",
+            "Userspace mode: TCP connections refused and UDP datagrams dropped because network policy allows the client no endpoint",
+            self.connections_denied.clone(),
+        );
+        r.register(
             "endpoint_connect_failures",
             "Userspace mode: endpoint connects that failed (the next endpoint was tried)",
             self.connect_failures.clone(),
@@ -85,6 +92,11 @@ impl ProxyMetrics {
             "udp_sessions_dropped",
             "Userspace mode: UDP datagrams dropped because the session limit was reached",
             self.udp_sessions_dropped.clone(),
+        );
+        r.register(
+            "invalid_objects",
+            "Registry objects ignored because they do not decode or are not valid",
+            self.invalid_objects.clone(),
         );
     }
 

@@ -145,10 +145,28 @@ fn protocol_number(p: Protocol) -> u8 {
     }
 }
 
-/// One netlink message being built (header, nfgenmsg, attributes).
+/// The longest name nf_tables takes (`NFT_NAME_MAXLEN` is 256 with the terminating NUL).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Why a transaction cannot be encoded. Nothing is sent then: a length that does not fit
+/// its field would be cut silently, and the kernel would read something else.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("netlink attribute {kind} would be {len} bytes (at most {max})", max = u16::MAX)]
+    AttributeTooLong { kind: u16, len: usize },
+    #[error("name {name:?}: {why}")]
+    BadName { name: String, why: &'static str },
+    #[error("netlink message would be {len} bytes (at most {max})", max = u32::MAX)]
+    MessageTooLong { len: usize },
+}
+
+/// One netlink message being built (header, nfgenmsg, attributes). Every length is checked
+/// against its field; the first that does not fit is kept as the message's error and
+/// reported by [`Msg::finish`].
 struct Msg {
     buf: Vec<u8>,
-    nests: Vec<usize>,
+    nests: Vec<(usize, u16)>,
+    err: Option<EncodeError>,
 }
 
 impl Msg {
@@ -165,6 +183,13 @@ impl Msg {
         Msg {
             buf,
             nests: Vec::new(),
+            err: None,
+        }
+    }
+
+    fn fail(&mut self, e: EncodeError) {
+        if self.err.is_none() {
+            self.err = Some(e);
         }
     }
 
@@ -185,14 +210,38 @@ impl Msg {
     }
 
     fn bytes(&mut self, kind: u16, data: &[u8]) {
-        let len = (4 + data.len()) as u16;
+        let Ok(len) = u16::try_from(4 + data.len()) else {
+            self.fail(EncodeError::AttributeTooLong {
+                kind,
+                len: 4 + data.len(),
+            });
+            return;
+        };
         self.buf.extend_from_slice(&len.to_ne_bytes());
         self.buf.extend_from_slice(&kind.to_ne_bytes());
         self.buf.extend_from_slice(data);
         self.pad();
     }
 
+    /// A NUL-terminated name: at most [`MAX_NAME_LEN`] bytes and no NUL inside (the kernel
+    /// would read up to it, a different name).
     fn str(&mut self, kind: u16, s: &str) {
+        let why = if s.is_empty() {
+            Some("empty")
+        } else if s.len() > MAX_NAME_LEN {
+            Some("longer than 255 bytes")
+        } else if s.contains('\0') {
+            Some("contains NUL")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.fail(EncodeError::BadName {
+                name: s.chars().take(64).collect(),
+                why,
+            });
+            return;
+        }
         let mut data = Vec::with_capacity(s.len() + 1);
         data.extend_from_slice(s.as_bytes());
         data.push(0);
@@ -209,16 +258,23 @@ impl Msg {
     }
 
     fn begin(&mut self, kind: u16) {
-        self.nests.push(self.buf.len());
+        self.nests.push((self.buf.len(), kind));
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
         self.buf
             .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
     }
 
     fn end(&mut self) {
-        let at = self.nests.pop().expect("balanced nests");
-        let len = (self.buf.len() - at) as u16;
-        self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+        let Some((at, kind)) = self.nests.pop() else {
+            // Unbalanced nests are a bug of this encoder; refuse the message.
+            self.fail(EncodeError::AttributeTooLong { kind: 0, len: 0 });
+            return;
+        };
+        let len = self.buf.len() - at;
+        match u16::try_from(len) {
+            Ok(l) => self.buf[at..at + 2].copy_from_slice(&l.to_ne_bytes()),
+            Err(_) => self.fail(EncodeError::AttributeTooLong { kind, len }),
+        }
     }
 
     fn value(&mut self, kind: u16, data: &[u8]) {
@@ -244,10 +300,18 @@ impl Msg {
         self.buf[6..8].copy_from_slice(&(now | flags).to_ne_bytes());
     }
 
-    fn finish(mut self) -> Vec<u8> {
-        let len = self.buf.len() as u32;
+    fn finish(mut self) -> Result<Vec<u8>, EncodeError> {
+        if let Some(e) = self.err {
+            return Err(e);
+        }
+        if !self.nests.is_empty() {
+            return Err(EncodeError::AttributeTooLong { kind: 0, len: 0 });
+        }
+        let len = u32::try_from(self.buf.len()).map_err(|_| EncodeError::MessageTooLong {
+            len: self.buf.len(),
+        })?;
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
-        self.buf
+        Ok(self.buf)
     }
 }
 
@@ -529,9 +593,17 @@ pub struct Batch {
 
 /// Encodes `ops` as one batch. The last operation asks for an acknowledgement, so that a
 /// successful batch is confirmed (errors are always reported).
-pub fn encode(ops: &[Op], first_seq: u32) -> Batch {
+///
+/// Fails, naming the step, when a name or attribute does not fit its netlink field (a name
+/// over 255 bytes or with a NUL, an attribute over 64 KiB): nothing is cut silently.
+pub fn encode(ops: &[Op], first_seq: u32) -> Result<Batch, SyncError> {
     let subsys = NFNL_SUBSYS_NFTABLES;
-    let mut bytes = Msg::new(NFNL_MSG_BATCH_BEGIN, 0, first_seq, 0, subsys).finish();
+    let fail = |op: &dyn std::fmt::Display, e: EncodeError| {
+        SyncError::Nft(format!("cannot encode {op}: {e}"))
+    };
+    let mut bytes = Msg::new(NFNL_MSG_BATCH_BEGIN, 0, first_seq, 0, subsys)
+        .finish()
+        .map_err(|e| fail(&"the batch begin", e))?;
     let mut set_ids = SetIds::new();
     let mut seq = first_seq;
     for (i, op) in ops.iter().enumerate() {
@@ -540,15 +612,19 @@ pub fn encode(ops: &[Op], first_seq: u32) -> Batch {
         if i + 1 == ops.len() {
             msg.add_flags(NLM_F_ACK);
         }
-        bytes.extend_from_slice(&msg.finish());
+        bytes.extend_from_slice(&msg.finish().map_err(|e| fail(op, e))?);
     }
     seq = seq.wrapping_add(1);
-    bytes.extend_from_slice(&Msg::new(NFNL_MSG_BATCH_END, 0, seq, 0, subsys).finish());
-    Batch {
+    bytes.extend_from_slice(
+        &Msg::new(NFNL_MSG_BATCH_END, 0, seq, 0, subsys)
+            .finish()
+            .map_err(|e| fail(&"the batch end", e))?,
+    );
+    Ok(Batch {
         bytes,
         first_seq,
         last_seq: seq,
-    }
+    })
 }
 
 /// The netlink messages in `buf`: `(type, sequence number, payload)`; a cut message ends the
@@ -632,7 +708,7 @@ impl NfNetlink {
             return Ok(());
         }
         let first = self.next_seqs(ops.len() as u32);
-        let batch = encode(ops, first);
+        let batch = encode(ops, first)?;
         let last_op = batch.last_seq.wrapping_sub(1);
         let io = |what: &str, e: nix::Error| SyncError::Nft(format!("netlink {what}: {e}"));
         if batch.bytes.len() > 200_000 {
@@ -708,7 +784,9 @@ impl NfNetlink {
         let mut m = Msg::nft(NFT_MSG_GETCHAIN, NLM_F_ACK, seq);
         m.str(NFTA_CHAIN_TABLE, TABLE);
         m.str(NFTA_CHAIN_NAME, name);
-        let bytes = m.finish();
+        let bytes = m
+            .finish()
+            .map_err(|e| SyncError::Nft(format!("get chain {name}: {e}")))?;
         let io = |what: &str, e: nix::Error| SyncError::Nft(format!("netlink {what}: {e}"));
         socket::send(self.fd.as_raw_fd(), &bytes, MsgFlags::empty()).map_err(|e| io("send", e))?;
         let mut buf = vec![0u8; 65536];
@@ -763,7 +841,7 @@ mod tests {
                 rule: Rule::Drop,
             },
         ];
-        let b = encode(&ops, 100);
+        let b = encode(&ops, 100).expect("encodes");
         assert_eq!((b.first_seq, b.last_seq), (100, 103));
         let mut at = 0;
         let mut seen = Vec::new();
@@ -825,7 +903,8 @@ mod tests {
             1,
             &mut ids,
         )
-        .finish();
+        .finish()
+        .expect("encodes");
         let a = attrs(&msg[20..]);
         let get = |k: u16| a.iter().find(|(t, _)| *t == k).map(|(_, v)| v.clone());
         assert_eq!(get(NFTA_SET_TABLE), Some(b"flannel-proxy\0".to_vec()));
@@ -852,7 +931,8 @@ mod tests {
                 1,
                 &mut SetIds::new(),
             )
-            .finish();
+            .finish()
+            .expect("encodes");
             let a = attrs(&msg[20..]);
             let exprs = &a
                 .iter()
@@ -906,5 +986,45 @@ mod tests {
         }
         assert_eq!(parse_acks(&buf), vec![(7, 0), (9, -2)]);
         assert_eq!(parse_acks(&buf[..20]), vec![], "a cut message is ignored");
+    }
+
+    #[test]
+    fn over_long_attributes_and_bad_names_are_errors_not_cut() {
+        // An attribute of 70 000 bytes does not fit the 16-bit length: an error.
+        let mut m = Msg::nft(NFT_MSG_NEWCHAIN, 0, 1);
+        m.bytes(NFTA_CHAIN_NAME, &vec![b'a'; 70_000]);
+        assert!(matches!(
+            m.finish(),
+            Err(EncodeError::AttributeTooLong { len: 70_004, .. })
+        ));
+        // Nor does a nest whose content grew past it.
+        let mut m = Msg::nft(NFT_MSG_NEWRULE, 0, 1);
+        m.begin(NFTA_RULE_EXPRESSIONS);
+        for _ in 0..100 {
+            m.bytes(NFTA_DATA_VALUE, &[0; 1000]);
+        }
+        m.end();
+        assert!(matches!(
+            m.finish(),
+            Err(EncodeError::AttributeTooLong {
+                kind: NFTA_RULE_EXPRESSIONS,
+                ..
+            })
+        ));
+        // Names: at most 255 bytes, no NUL (the kernel would stop reading there).
+        for name in ["a".repeat(256), "a\0b".to_string(), String::new()] {
+            let e = encode(&[Op::AddChain(name.clone())], 1).expect_err("refused");
+            assert!(e.to_string().contains("cannot encode add chain"), "{e}");
+        }
+        let e = encode(
+            &[Op::AddRule {
+                chain: "c".into(),
+                rule: Rule::Goto("x".repeat(300)),
+            }],
+            1,
+        )
+        .expect_err("refused");
+        assert!(e.to_string().contains("longer than 255 bytes"), "{e}");
+        assert!(encode(&[Op::AddChain("a".repeat(255))], 1).is_ok());
     }
 }

@@ -264,6 +264,50 @@ fn id_path(id: &PortId, port: u16) -> String {
     )
 }
 
+/// One part of a name as it may appear in nft text: lower case letters, digits and '-'
+/// (what validated namespaces, Service names and port names consist of) and at most `max`
+/// of them; anything else becomes '_'. Validation upstream keeps such characters out; this
+/// makes sure that even an unchecked name cannot end an identifier, open a quote or a
+/// comment, or start a new statement. The hash in front of every name is taken over the
+/// unchanged text, so two names that read the same here stay distinct.
+fn safe_part(s: &str, max: usize) -> String {
+    s.chars()
+        .take(max)
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '-' => c,
+            _ => '_',
+        })
+        .collect()
+}
+
+/// The readable part of a port's names: [`id_path`] with each part made safe and bounded
+/// (63 for namespace and name, as DNS labels; 15 for a port name, as IANA service names), so
+/// every name stays within nf_tables' 255 bytes.
+fn safe_path(id: &PortId, port: u16) -> String {
+    let port_name = if id.port_name.is_empty() {
+        port.to_string()
+    } else {
+        safe_part(&id.port_name, 15)
+    };
+    format!(
+        "{}/{}/{}/{}",
+        safe_part(&id.namespace, 63),
+        safe_part(&id.name, 63),
+        id.protocol.nft(),
+        port_name
+    )
+}
+
+/// Whether `name` is a plain nft identifier: a letter, then letters, digits, '/', '_', '.'
+/// or '-', at most 255 bytes (nf_tables' limit). Every name this module renders is one.
+pub fn is_safe_name(name: &str) -> bool {
+    name.len() <= crate::nfnl::MAX_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'.' | b'-'))
+}
+
 /// Chain names of one service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
@@ -276,7 +320,7 @@ pub struct Names {
 impl Names {
     pub fn new(sp: &ServicePort) -> Names {
         let path = id_path(&sp.id, sp.port);
-        let base = format!("{}-{}", hash8(&path), path);
+        let base = format!("{}-{}", hash8(&path), safe_path(&sp.id, sp.port));
         Names {
             svc: format!("svc-{base}"),
             svl: format!("svl-{base}"),

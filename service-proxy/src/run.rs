@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
+use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
 use registry::{Kind, Object};
 use subnet_lease::pods::{parse_pod_key, pods_prefix};
@@ -73,6 +74,9 @@ pub struct Cache {
     pub snap: Snapshot,
     /// What changed since [`Cache::take_touched`].
     touched: Touched,
+    /// Objects ignored because they do not decode or break the API's rules
+    /// (`flannel_proxy_invalid_objects_total` once shared with [`ProxyMetrics`]).
+    pub invalid_objects: Counter,
 }
 
 impl Cache {
@@ -83,6 +87,7 @@ impl Cache {
             pods_prefix: pods_prefix(prefix),
             snap: Snapshot::default(),
             touched: Touched::default(),
+            invalid_objects: Counter::default(),
         }
     }
 
@@ -92,7 +97,9 @@ impl Cache {
     }
 
     /// Applies one key's new value (`None`: deleted). Returns whether anything the proxy
-    /// uses changed. Values that do not decode are logged and treated as absent.
+    /// uses changed. Values that do not decode or are not valid objects (the API server's
+    /// rules, `registry::validate`) are logged, counted and treated as absent: anyone who can
+    /// write one key must not be able to break the table or put text of their choosing in it.
     pub fn apply(&mut self, key: &str, value: Option<&[u8]>, mod_revision: i64) -> bool {
         if key.starts_with(&self.registry_prefix) {
             let Some((kind, ns, name)) = registry::store::parse_key(&self.prefix, key) else {
@@ -104,9 +111,19 @@ impl Cache {
             let k = (ns.unwrap_or_default(), name);
             let obj = value.and_then(|v| {
                 match registry::store::decode(&self.prefix, key, v, mod_revision) {
-                    Ok(o) => Some(o),
+                    // flannelctl validates what it writes; anything else that reaches etcd
+                    // is checked here, as the policy module does.
+                    Ok(o) => match registry::validate(&o, Ipv4Net::default()) {
+                        Ok(()) => Some(o),
+                        Err(e) => {
+                            tracing::warn!(key, error = %e, "ignoring an invalid object");
+                            self.invalid_objects.inc();
+                            None
+                        }
+                    },
                     Err(e) => {
                         tracing::warn!(key, error = %e, "ignoring an object that does not decode");
+                        self.invalid_objects.inc();
                         None
                     }
                 }
@@ -309,8 +326,10 @@ pub async fn run(
         debounce: opts.debounce,
         check_interval: opts.check_interval,
     };
+    let mut cache = Cache::new(reg.prefix());
+    cache.invalid_objects = metrics.invalid_objects.clone();
     let mut proxy = Proxy {
-        cache: Cache::new(reg.prefix()),
+        cache,
         model: PortsCache::default(),
         plane,
         nft,
@@ -407,5 +426,274 @@ mod tests {
         assert!(cache.apply(&key, None, 13));
         check_incremental(&mut cache, &mut model, &node);
         assert!(service_ports(&cache.snap, &node).is_empty());
+    }
+
+    fn service_key(ns: &str, name: &str) -> String {
+        registry::store::object_key(PREFIX, Kind::Service, Some(ns), name)
+    }
+
+    #[test]
+    fn injection_attempts_are_ignored_and_counted() {
+        let mut cache = Cache::new(PREFIX);
+        for (i, port_name) in ["\"; flush ruleset;", "http\nflush ruleset", "a b", "x{y}"]
+            .into_iter()
+            .enumerate()
+        {
+            let name = format!("web{i}");
+            let value = serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
+                         "ports": [{"name": port_name, "port": 80}]}
+            });
+            assert!(
+                !cache.apply(
+                    &service_key("default", &name),
+                    Some(value.to_string().as_bytes()),
+                    5
+                ),
+                "{port_name:?} accepted"
+            );
+        }
+        assert!(cache.snap.services.is_empty());
+        assert_eq!(cache.invalid_objects.get(), 4);
+        // A valid object replaced by an invalid one is gone, not kept stale.
+        let good = serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}
+        });
+        let key = service_key("default", "web");
+        assert!(cache.apply(&key, Some(good.to_string().as_bytes()), 6));
+        let mut bad = good.clone();
+        bad["spec"]["ports"][0]["name"] = "h;".into();
+        assert!(cache.apply(&key, Some(bad.to_string().as_bytes()), 7));
+        assert!(cache.snap.services.is_empty());
+        assert_eq!(cache.invalid_objects.get(), 5);
+    }
+
+    /// Text that nft must never see from input, checked line by line on a script: each line
+    /// one command of ours (so no input started a new one), no quotes or comments, braces
+    /// balanced, `;` only inside the fixed set declaration.
+    fn check_script(script: &str, commands: usize) {
+        let lines: Vec<&str> = script.lines().collect();
+        assert_eq!(lines.len(), commands, "{script}");
+        for l in lines {
+            assert!(
+                ["add ", "delete ", "flush "]
+                    .iter()
+                    .any(|p| l.starts_with(p)),
+                "{l:?}"
+            );
+            assert!(!l.contains(['"', '\'', '#', '\\', '\0', '\r']), "{l:?}");
+            assert_eq!(l.matches('{').count(), l.matches('}').count(), "{l:?}");
+            if l.contains(';') {
+                assert!(l.starts_with("add set ip flannel-proxy aff-"), "{l:?}");
+                assert_eq!(l.matches(';').count(), 3, "{l:?}");
+            }
+        }
+    }
+
+    /// Every netlink attribute of `b` (recursively for nests) has a length that matches what
+    /// it holds: nothing was cut.
+    fn check_attrs(mut b: &[u8]) {
+        while !b.is_empty() {
+            assert!(b.len() >= 4, "attribute header cut");
+            let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
+            let kind = u16::from_ne_bytes([b[2], b[3]]);
+            assert!(
+                len >= 4 && len <= b.len(),
+                "attribute length {len} of {}",
+                b.len()
+            );
+            if kind & 0x8000 != 0 {
+                check_attrs(&b[4..len]);
+            }
+            b = &b[((len + 3) & !3).min(b.len())..];
+        }
+    }
+
+    fn check_batch(bytes: &[u8], messages: usize) {
+        let mut at = 0;
+        let mut n = 0;
+        while at < bytes.len() {
+            let h = &bytes[at..];
+            let len = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            assert!(len >= 20 && at + len <= bytes.len());
+            check_attrs(&h[20..len]);
+            at += len;
+            n += 1;
+        }
+        assert_eq!(at, bytes.len());
+        assert_eq!(n, messages + 2, "begin, one per step, end");
+    }
+
+    /// Renders `ports` both ways (full `nft -f` text, the netlink batch of the same steps)
+    /// and checks both.
+    fn check_rendering(ports: &BTreeMap<PortId, ServicePort>) {
+        let cfg = ProxyConfig {
+            cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
+        };
+        let rs = crate::nft::ruleset(ports.values(), &cfg);
+        for name in rs.chains.keys().chain(rs.sets.keys()) {
+            assert!(crate::nft::is_safe_name(name), "{name:?}");
+        }
+        let mut tx = crate::nft::Tx::default();
+        tx.diff(&crate::nft::Ruleset::default(), &rs);
+        let ops = tx.finish();
+        let full = crate::nft::full(&rs);
+        let dynamic = full
+            .strip_prefix(&crate::nft::base())
+            .expect("the base comes first");
+        check_script(dynamic, ops.len());
+        let batch = crate::nfnl::encode(&ops, 1).expect("safe names always encode");
+        check_batch(&batch.bytes, ops.len());
+    }
+
+    /// Text of every kind: valid names, names with what nft or a shell would read as syntax,
+    /// control characters, non-ASCII, and over-long ones.
+    fn random_text(rng: &mut rand::rngs::StdRng) -> String {
+        use rand::Rng;
+        const PIECES: &[&str] = &[
+            "web",
+            "http",
+            "a",
+            "-",
+            "0",
+            "\"",
+            ";",
+            "\n",
+            "{",
+            "}",
+            "#",
+            " ",
+            "\0",
+            "/",
+            "\\",
+            "é",
+            "flush ruleset",
+            "'",
+            "$(x)",
+            ".",
+            "_",
+            "\r",
+            "\t",
+            "A",
+        ];
+        let parts = match rng.random_range(0..10) {
+            0 => rng.random_range(40..120),
+            _ => rng.random_range(1..6),
+        };
+        (0..parts)
+            .map(|_| PIECES[rng.random_range(0..PIECES.len())])
+            .collect()
+    }
+
+    /// Object → cache (decode + validate) → model → ruleset → text and netlink, for
+    /// thousands of random Services and Endpoints: what reaches either form is always safe,
+    /// and the encoder never cuts an attribute.
+    #[test]
+    fn fuzz_objects_to_rulesets() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed_f1a7);
+        let node = NodeInfo {
+            name: "n1".into(),
+            subnet: Some("10.5.1.0/24".parse().expect("subnet")),
+        };
+        let mut cache = Cache::new(PREFIX);
+        let mut accepted = 0;
+        for round in 0..3000u32 {
+            let ns = if rng.random_bool(0.7) {
+                "default".to_string()
+            } else {
+                random_text(&mut rng)
+            };
+            let name = if rng.random_bool(0.5) {
+                format!("s{}", round % 50)
+            } else {
+                random_text(&mut rng)
+            };
+            let port_name = |rng: &mut rand::rngs::StdRng| {
+                if rng.random_bool(0.5) {
+                    "http".to_string()
+                } else {
+                    random_text(rng)
+                }
+            };
+            let pn = port_name(&mut rng);
+            let ip = format!(
+                "10.96.{}.{}",
+                rng.random_range(0..4),
+                rng.random_range(1..255)
+            );
+            let svc = serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "clusterIP": ip,
+                    "type": if rng.random_bool(0.3) { "NodePort" } else { "ClusterIP" },
+                    "sessionAffinity": if rng.random_bool(0.3) { "ClientIP" } else { "None" },
+                    "ports": [{"name": pn, "port": rng.random_range(-5..70000),
+                               "targetPort": port_name(&mut rng)}]
+                }
+            });
+            let eps = serde_json::json!({
+                "apiVersion": "v1", "kind": "Endpoints",
+                "metadata": {"name": name, "namespace": ns},
+                "subsets": [{
+                    "addresses": [{"ip": format!("10.5.{}.{}", rng.random_range(0..3), rng.random_range(1..255))}],
+                    "ports": [{"name": if rng.random_bool(0.7) { pn.clone() } else { port_name(&mut rng) },
+                               "port": rng.random_range(1..65536)}]
+                }]
+            });
+            let skey = registry::store::object_key(PREFIX, Kind::Service, Some(&ns), &name);
+            let ekey = registry::store::object_key(PREFIX, Kind::Endpoints, Some(&ns), &name);
+            if cache.apply(&skey, Some(svc.to_string().as_bytes()), i64::from(round)) {
+                accepted += 1;
+            }
+            cache.apply(&ekey, Some(eps.to_string().as_bytes()), i64::from(round));
+            if round % 100 == 99 {
+                let ports = service_ports(&cache.snap, &node);
+                for id in ports.keys() {
+                    assert!(registry::validate::is_dns1123_label(&id.namespace), "{id}");
+                    assert!(registry::validate::is_dns1035_label(&id.name), "{id}");
+                    assert!(
+                        id.port_name.is_empty()
+                            || registry::validate::is_iana_svc_name(&id.port_name),
+                        "{id}"
+                    );
+                }
+                check_rendering(&ports);
+            }
+        }
+        assert!(accepted > 100, "the generator makes valid objects too");
+        assert!(cache.invalid_objects.get() > 100, "and invalid ones");
+
+        // The renderer on its own, as if a bug upstream let anything through: names of
+        // any text, up to several kilobytes, still render as safe, bounded identifiers.
+        let mut ports = BTreeMap::new();
+        for i in 0..500u32 {
+            let id = PortId {
+                namespace: random_text(&mut rng).repeat(1 + (i % 3) as usize * 20),
+                name: random_text(&mut rng),
+                port_name: random_text(&mut rng),
+                protocol: registry::Protocol::Tcp,
+            };
+            let ep = crate::model::Endpoint {
+                ip: std::net::Ipv4Addr::new(10, 5, 1, (i % 250) as u8 + 1),
+                port: 8080,
+                local: true,
+            };
+            let mut sp = ServicePort::new(
+                id.clone(),
+                std::net::Ipv4Addr::from(0x0a60_0000 + i),
+                80,
+                vec![ep],
+            );
+            sp.affinity = Some(u32::MAX);
+            sp.node_port = Some(30000 + i as u16);
+            ports.insert(id, sp);
+        }
+        check_rendering(&ports);
     }
 }

@@ -27,6 +27,22 @@ use crate::model::{Endpoint, PortId, ServicePort};
 use crate::nft::TABLE;
 use crate::sync::{NftApply, SyncError};
 
+/// The client of a relayed connection, as the listener saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Client {
+    pub addr: Ipv4Addr,
+    /// The connection was made on this node itself (redirected in the output hook).
+    pub local: bool,
+}
+
+/// Decides whether a relay from a client to an endpoint may be opened. Userspace mode opens
+/// every upstream connection from the node, which network policy always allows, so without
+/// a gate the client's own policies (and the endpoint's, for endpoints on this node) would
+/// never be applied; the policy module provides one (`policy::run::PolicyGate`).
+pub trait Gate: Send + Sync + std::fmt::Debug {
+    fn allows(&self, client: Client, endpoint: SocketAddrV4, protocol: Protocol) -> bool;
+}
+
 #[derive(Debug, Clone)]
 pub struct UserspaceOptions {
     /// Open TCP connections, all services together; more are closed at once.
@@ -36,6 +52,8 @@ pub struct UserspaceOptions {
     pub udp_idle_timeout: Duration,
     /// Time allowed for one endpoint to accept a connection before the next is tried.
     pub connect_timeout: Duration,
+    /// Judges each relay before it is opened (network policy); None: every relay is allowed.
+    pub gate: Option<Arc<dyn Gate>>,
 }
 
 impl Default for UserspaceOptions {
@@ -45,9 +63,13 @@ impl Default for UserspaceOptions {
             max_udp_sessions: 4096,
             udp_idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
+            gate: None,
         }
     }
 }
+
+/// The set of listener ports (`proto . port`) in userspace mode.
+pub const LISTENERS_SET: &str = "userspace-listeners";
 
 /// Which traffic a listener takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -129,6 +151,32 @@ impl Targets {
     fn is_empty(&self) -> bool {
         self.endpoints.read().map(|e| e.is_empty()).unwrap_or(true)
     }
+}
+
+/// The endpoints `client` may be relayed to, in the order to try them; `Err(())` when there
+/// are endpoints but the gate allows none.
+fn allowed_order(
+    targets: &Targets,
+    gate: Option<&Arc<dyn Gate>>,
+    client: Client,
+    protocol: Protocol,
+) -> Result<Vec<SocketAddrV4>, ()> {
+    let mut order = targets.order(client.addr);
+    let Some(gate) = gate else {
+        return Ok(order);
+    };
+    let had = !order.is_empty();
+    order.retain(|ep| gate.allows(client, *ep, protocol));
+    if had && order.is_empty() {
+        Err(())
+    } else {
+        Ok(order)
+    }
+}
+
+/// Whether `addr` is an address of this node (a bind to it succeeds).
+fn is_local_addr(addr: Ipv4Addr) -> bool {
+    addr.is_loopback() || std::net::UdpSocket::bind((addr, 0)).is_ok()
 }
 
 /// What one listener should serve: protocol, endpoints, affinity timeout.
@@ -267,10 +315,49 @@ impl<N: NftApply> UserspaceProxy<N> {
         Ok(changed)
     }
 
-    /// The whole table: redirects to listeners, rejects for entries without endpoints.
+    /// The whole table: redirects to listeners, rejects for entries without endpoints, and
+    /// the guard that lets only redirected connections reach a listener.
     fn render(&self, ports: &BTreeMap<PortId, ServicePort>) -> String {
         let t = format!("ip {TABLE}");
         let mut s = crate::nft::skeleton();
+        // The listeners are bound to every address (a prerouting redirect goes to the
+        // address of the interface the packet came in on). A new connection to a listener's
+        // port that was not redirected (DNAT status unset: it was addressed to the port
+        // itself, from a pod, this node or another host) is refused before it reaches the
+        // listener, so nothing gets past the redirects and their policy gate.
+        let mut listening: Vec<String> = self
+            .listeners
+            .values()
+            .map(|l| {
+                let proto = if l.protocol == Protocol::Udp {
+                    "udp"
+                } else {
+                    "tcp"
+                };
+                format!("{proto} . {}", l.local_port)
+            })
+            .collect();
+        listening.sort();
+        listening.dedup();
+        let _ = writeln!(
+            s,
+            "add set {t} {LISTENERS_SET} {{ type inet_proto . inet_service; }}"
+        );
+        if !listening.is_empty() {
+            let _ = writeln!(
+                s,
+                "add element {t} {LISTENERS_SET} {{ {} }}",
+                listening.join(", ")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "add chain {t} filter-input {{ type filter hook input priority filter; policy accept; }}"
+        );
+        let _ = writeln!(
+            s,
+            "add rule {t} filter-input ct state new meta l4proto . th dport @{LISTENERS_SET} ct status ! dnat reject"
+        );
         for (id, sp) in ports {
             let proto = sp.protocol.nft();
             let mut matches: Vec<(Entry, String)> = vec![(
@@ -343,7 +430,7 @@ impl<N: NftApply> UserspaceProxy<N> {
                     l,
                     targets.clone(),
                     self.conns.clone(),
-                    self.opts.connect_timeout,
+                    self.opts.clone(),
                     self.metrics.clone(),
                 ));
                 Ok(Listener {
@@ -368,9 +455,10 @@ async fn serve_tcp(
     listener: TcpListener,
     targets: Arc<Targets>,
     conns: Arc<Semaphore>,
-    connect_timeout: Duration,
+    opts: UserspaceOptions,
     metrics: ProxyMetrics,
 ) {
+    let connect_timeout = opts.connect_timeout;
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -388,13 +476,26 @@ async fn serve_tcp(
         };
         let targets = targets.clone();
         let metrics = metrics.clone();
+        let gate = opts.gate.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let client_ip = match peer.ip() {
                 std::net::IpAddr::V4(v4) => v4,
                 std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
             };
-            for ep in targets.order(client_ip) {
+            // Redirected in the output hook (a process of this node): to 127.0.0.1.
+            let local = client.local_addr().is_ok_and(|a| a.ip().is_loopback());
+            let who = Client {
+                addr: client_ip,
+                local,
+            };
+            let Ok(order) = allowed_order(&targets, gate.as_ref(), who, Protocol::Tcp) else {
+                tracing::debug!(client = %client_ip, "relay denied by network policy");
+                metrics.connections_denied.inc();
+                refuse(client);
+                return;
+            };
+            for ep in order {
                 match tokio::time::timeout(connect_timeout, TcpStream::connect(ep)).await {
                     Ok(Ok(mut upstream)) => {
                         targets.used(client_ip, ep);
@@ -461,7 +562,18 @@ async fn serve_udp(
                     std::net::IpAddr::V4(v4) => v4,
                     std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
                 };
-                let Some(ep) = targets.order(client_ip).into_iter().next() else {
+                let who = Client {
+                    addr: client_ip,
+                    local: opts.gate.is_some() && is_local_addr(client_ip),
+                };
+                let ep = match allowed_order(&targets, opts.gate.as_ref(), who, Protocol::Udp) {
+                    Ok(order) => order.into_iter().next(),
+                    Err(()) => {
+                        metrics.connections_denied.inc();
+                        None
+                    }
+                };
+                let Some(ep) = ep else {
                     continue;
                 };
                 let Ok(up) = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).await
@@ -539,5 +651,122 @@ mod tests {
         // The pinned endpoint goes: the client is spread again.
         t.set(vec![a], Some(Duration::from_secs(60)));
         assert_eq!(t.order(c)[0], a);
+    }
+
+    /// Records scripts instead of running nft.
+    #[derive(Debug, Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl NftApply for Recorder {
+        async fn apply(&self, script: &str) -> Result<(), SyncError> {
+            self.0.lock().expect("lock").push(script.to_string());
+            Ok(())
+        }
+    }
+
+    /// Denies relays to the listed endpoint addresses.
+    #[derive(Debug)]
+    struct Deny(Vec<Ipv4Addr>);
+
+    impl Gate for Deny {
+        fn allows(&self, _: Client, endpoint: SocketAddrV4, _: Protocol) -> bool {
+            !self.0.contains(endpoint.ip())
+        }
+    }
+
+    /// A server at `addr` that writes `tag` to every connection.
+    async fn tagged(addr: Ipv4Addr, tag: &'static [u8]) -> u16 {
+        let l = TcpListener::bind((addr, 0)).await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(tag).await;
+            }
+        });
+        port
+    }
+
+    async fn fetch(port: u16) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .expect("connect");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn relays_pass_the_gate_and_only_redirected_traffic_reaches_listeners() {
+        let (a, b) = (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
+        let (pa, pb) = (tagged(a, b"A").await, tagged(b, b"B").await);
+        let id = PortId {
+            namespace: "x".into(),
+            name: "web".into(),
+            port_name: String::new(),
+            protocol: Protocol::Tcp,
+        };
+        let sp = ServicePort::new(
+            id.clone(),
+            Ipv4Addr::new(10, 96, 0, 10),
+            80,
+            vec![
+                Endpoint {
+                    ip: a,
+                    port: pa,
+                    local: true,
+                },
+                Endpoint {
+                    ip: b,
+                    port: pb,
+                    local: true,
+                },
+            ],
+        );
+        let ports: BTreeMap<PortId, ServicePort> = [(id.clone(), sp)].into();
+        let metrics = ProxyMetrics::default();
+        let opts = UserspaceOptions {
+            gate: Some(Arc::new(Deny(vec![a]))),
+            ..UserspaceOptions::default()
+        };
+        let mut p = UserspaceProxy::new(Recorder::default(), opts, metrics.clone());
+        p.apply(&ports).await.expect("apply");
+        let port = p.local_port(&id, Entry::Cluster).expect("listener");
+        // Round robin over both endpoints, but the gate takes A out: every relay reaches B.
+        for _ in 0..4 {
+            assert_eq!(fetch(port).await, b"B");
+        }
+        // The table refuses new connections to the listener that were not redirected.
+        let script = p
+            .nft
+            .0
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("script");
+        assert!(
+            script.contains(&format!(
+                "add element ip {TABLE} {LISTENERS_SET} {{ tcp . {port} }}"
+            )),
+            "{script}"
+        );
+        assert!(
+            script.contains(&format!("add rule ip {TABLE} filter-input ct state new meta l4proto . th dport @{LISTENERS_SET} ct status ! dnat reject")),
+            "{script}"
+        );
+
+        // A gate that allows no endpoint: the client is refused and it is counted.
+        p.shutdown().await;
+        let opts = UserspaceOptions {
+            gate: Some(Arc::new(Deny(vec![a, b]))),
+            ..UserspaceOptions::default()
+        };
+        let mut p = UserspaceProxy::new(Recorder::default(), opts, metrics.clone());
+        p.apply(&ports).await.expect("apply");
+        let port = p.local_port(&id, Entry::Cluster).expect("listener");
+        assert_eq!(fetch(port).await, b"");
+        assert_eq!(metrics.connections_denied.get(), 1);
     }
 }
