@@ -449,7 +449,7 @@ fn refusals_gc_and_parallel_adds() {
     let v: Value = serde_json::from_slice(&v).unwrap();
     assert_eq!(
         v["supportedVersions"],
-        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+        json!(["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
 
     // 50 parallel ADDs in one node: 50 distinct addresses.
@@ -531,4 +531,161 @@ fn refusals_gc_and_parallel_adds() {
         .unwrap();
     }
     nothing_left("after DEL of all");
+}
+
+/// Runs the plugin binary as a runtime does, with `stdin` from a file (e.g. /dev/zero), inside
+/// node namespace `ns`; (exit success, stdout, how long it took). Killed after 20 s.
+fn plugin_with_stdin_file(ns: &str, c: &Call, stdin: &Path) -> (bool, Value, Duration) {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns, PLUGIN])
+        .env("CNI_COMMAND", &c.command)
+        .env("CNI_CONTAINERID", &c.container_id)
+        .env("CNI_NETNS", &c.netns)
+        .env("CNI_IFNAME", &c.ifname)
+        .env("CNI_PATH", REFERENCE)
+        .stdin(std::fs::File::open(stdin).unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let started = std::time::Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    let status = wait_for(Duration::from_secs(20), || child.try_wait().unwrap());
+    let took = started.elapsed();
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "the plugin did not return within 20 s reading {}",
+            stdin.display()
+        );
+    }
+    let out = child.wait_with_output().unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), v, took)
+}
+
+#[test]
+fn old_confs_bounded_reads_and_del_of_nothing() {
+    if !ready() {
+        return;
+    }
+    let mut tb = Testbed::new(1).unwrap();
+    let node = tb.nodes[0].ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let n = NodeFiles::new(dir.path(), 0);
+    std::fs::write(
+        &n.subnet_file,
+        "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.9.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+    )
+    .unwrap();
+    let cni_path = plugin_dir(true);
+
+    // flannel's old single-file conf: no cniVersion (0.1.0), read by a runtime as a one-plugin
+    // list. The result is in the 0.1.0 format; the pod works.
+    let mut old = n.flannel();
+    old["name"] = "cbr0".into();
+    let list = ConfList::parse(old.to_string().as_bytes()).unwrap();
+    assert_eq!(list.cni_version, "0.1.0");
+    let pod_ns = tb.add_empty_pod_netns(0).unwrap();
+    let c = call("ADD", "old1", &format!("/run/netns/{pod_ns}"), "");
+    let r = chain_add(&node, cni_path.path(), list.clone(), c.clone(), Map::new())
+        .unwrap_or_else(|e| panic!("ADD of an unversioned conf: {e}"));
+    assert_eq!(r["cniVersion"], "0.1.0", "{r}");
+    let ip = r["ip4"]["ip"].as_str().unwrap_or_else(|| panic!("{r}"));
+    assert!(ip.starts_with("10.5.9."), "{r}");
+    assert_eq!(r["ip4"]["gateway"], "10.5.9.1", "{r}");
+    assert_eq!(r.get("ips"), None, "{r}");
+    let a = cni::store::Store::new(&n.data_dir)
+        .load_attachment("old1")
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.ips[0].to_string(), ip);
+    assert!(
+        pings(&tb, &pod_ns, "10.5.9.1"),
+        "the pod cannot reach its gateway"
+    );
+    // 0.2.0 the same way; then DEL of both through the list.
+    let mut v020 = old.clone();
+    v020["cniVersion"] = "0.2.0".into();
+    let list020 = ConfList::parse(v020.to_string().as_bytes()).unwrap();
+    let pod2 = tb.add_empty_pod_netns(0).unwrap();
+    let c2 = call("ADD", "old2", &format!("/run/netns/{pod2}"), "");
+    let r2 = chain_add(
+        &node,
+        cni_path.path(),
+        list020.clone(),
+        c2.clone(),
+        Map::new(),
+    )
+    .unwrap();
+    assert_eq!(r2["cniVersion"], "0.2.0", "{r2}");
+    assert!(r2["ip4"]["ip"].is_string(), "{r2}");
+    for (l, c, r) in [(list, c, r), (list020, c2, r2)] {
+        let path = cni_path.path().display().to_string();
+        in_netns(&node, move || {
+            l.del(
+                &PathExec::new(&path, LIMIT),
+                &Call {
+                    command: "DEL".into(),
+                    ..c
+                },
+                &Map::new(),
+                Some(&r),
+            )
+        })
+        .unwrap()
+        .unwrap();
+    }
+    assert!(n.stored().is_empty() && n.reserved().is_empty());
+
+    // `"dataDir": ""` is refused (it used to mean the host's /var/lib/cni/flannel).
+    let mut empty = n.flannel();
+    empty["cniVersion"] = "1.0.0".into();
+    empty["name"] = "cbr0".into();
+    empty["dataDir"] = "".into();
+    let e = plugin(
+        &node,
+        cni_path.path(),
+        call("ADD", "c1", &format!("/run/netns/{pod_ns}"), ""),
+        empty.to_string().into_bytes(),
+    )
+    .unwrap_err();
+    assert_eq!(e.code, 7, "{e}");
+    assert!(e.msg.contains("dataDir: empty"), "{e}");
+
+    // Bounded reads: a subnet file that never ends, stdin that never ends.
+    let mut zero = n.flannel();
+    zero["cniVersion"] = "1.0.0".into();
+    zero["name"] = "cbr0".into();
+    zero["subnetFile"] = "/dev/zero".into();
+    let conf_file = dir.path().join("zero.json");
+    std::fs::write(&conf_file, zero.to_string()).unwrap();
+    let add = call("ADD", "z1", &format!("/run/netns/{pod_ns}"), "");
+    let (ok, out, took) = plugin_with_stdin_file(&node, &add, &conf_file);
+    assert!(!ok && out["code"] == 5, "{out}");
+    assert!(
+        out["details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not a regular file"),
+        "{out}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let (ok, out, took) = plugin_with_stdin_file(&node, &add, Path::new("/dev/zero"));
+    assert!(!ok && out["code"] == 5, "{out}");
+    assert!(
+        out["msg"].as_str().unwrap_or_default().contains("stdin"),
+        "{out}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(n.stored().is_empty());
+
+    // DEL of a container never added, the delegate not installed: success (idempotent).
+    let no_bridge = plugin_dir(false);
+    plugin(
+        &node,
+        no_bridge.path(),
+        call("DEL", "never", "", ""),
+        n.conf("1.1.0"),
+    )
+    .unwrap_or_else(|e| panic!("DEL of nothing without the delegate: {e}"));
 }
