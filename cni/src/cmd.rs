@@ -16,6 +16,9 @@ use crate::exec::{Call, Exec};
 use crate::store::{check_container_id, Store};
 use crate::version;
 
+/// How long ADD waits for a running `flannelctl pod gc` before answering "try again later".
+const ADD_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The CNI_* environment of this invocation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Env {
@@ -180,6 +183,8 @@ fn add(env: &Env, conf: &NetConf, cx: &Context) -> Result<Value, CniError> {
     let dver = delegate_version(cx.exec, conf, &plugin)?;
     let dconf = Value::Object(delegate::build(conf, &senv, &dver));
     let store = Store::new(&conf.data_dir);
+    // Held until ADD returns: `flannelctl pod gc` waits for it before listing attachments.
+    let _lock = store.lock(false, ADD_LOCK_WAIT)?;
     // Stored first (as flannel does): a DEL after a crash mid-ADD still finds it.
     store.save_config(id, &dconf)?;
     let call = Call {
@@ -225,6 +230,7 @@ fn add(env: &Env, conf: &NetConf, cx: &Context) -> Result<Value, CniError> {
             container_id: id.into(),
             ifname: ifname.into(),
             netns: netns.into(),
+            netns_id: crate::attachment::netns_id(netns),
             pod_namespace,
             pod_name,
             ips,

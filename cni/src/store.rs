@@ -5,6 +5,10 @@
 //! - `attachments/<containerID>.json`: the attachment record ([`Attachment`]) that flanneld
 //!   publishes for the service proxy and the policy module, mode 0600.
 //!
+//! - `.lock`: ADD holds it shared while it runs, `flannelctl pod gc` exclusive while it lists
+//!   the attachments and runs GC, so GC never releases an attachment an ADD is creating
+//!   (runtimes serialize GC and ADD themselves; flannelctl is no runtime).
+//!
 //! Every file is written atomically and read with a size limit ([`MAX_FILE`]), both through
 //! `subnet_env::file` (the helpers flanneld's subnet file uses too).
 
@@ -33,6 +37,15 @@ pub fn check_container_id(id: &str) -> Result<(), CniError> {
             ),
         ))
     }
+}
+
+/// The lock file of the data directory (not a valid container ID, so never listed).
+pub const LOCK_FILE: &str = ".lock";
+
+/// A held lock on a data directory; released on drop.
+#[derive(Debug)]
+pub struct StoreLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// The largest stored config or attachment record read (ours are a few KiB).
@@ -92,6 +105,51 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Takes the directory's lock, shared (ADD) or exclusive (GC by flannelctl), waiting up to
+    /// `wait`; error 11 (try again later) when it stays taken.
+    pub fn lock(&self, exclusive: bool, wait: std::time::Duration) -> Result<StoreLock, CniError> {
+        use nix::fcntl::{Flock, FlockArg};
+        use std::os::unix::fs::OpenOptionsExt;
+        ensure_dir(&self.dir)?;
+        let path = self.dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| io_err("opening", &path, e))?;
+        let how = if exclusive {
+            FlockArg::LockExclusiveNonblock
+        } else {
+            FlockArg::LockSharedNonblock
+        };
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Flock::lock(file, how) {
+                Ok(l) => return Ok(StoreLock { _lock: l }),
+                Err((f, nix::errno::Errno::EWOULDBLOCK))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    file = f;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(CniError::new(
+                        code::TRY_AGAIN_LATER,
+                        format!(
+                            "{} is locked (a garbage collection is running): try again",
+                            path.display()
+                        ),
+                    ))
+                }
+                Err((_, e)) => return Err(io_err("locking", &path, e.into())),
+            }
+        }
     }
 
     fn config_path(&self, id: &str) -> PathBuf {
@@ -202,6 +260,7 @@ mod tests {
             container_id: "c2".into(),
             ifname: "eth0".into(),
             netns: "/run/netns/x".into(),
+            netns_id: None,
             pod_namespace: Some("default".into()),
             pod_name: Some("web".into()),
             ips: vec!["10.5.1.2/24".parse().unwrap()],
@@ -232,6 +291,30 @@ mod tests {
         assert_eq!(e.code, code::IO);
         assert!(e.msg.contains("attachments/c1.json"), "{e}");
         assert_eq!(s.load_config("c1").unwrap(), None, "config removed anyway");
+    }
+
+    #[test]
+    fn the_lock_is_shared_by_adds_and_exclusive_for_gc() {
+        use std::time::Duration;
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::new(t.path().join("flannel"));
+        let a = s.lock(false, Duration::ZERO).unwrap();
+        let b = s.lock(false, Duration::ZERO).unwrap();
+        let e = s.lock(true, Duration::from_millis(50)).unwrap_err();
+        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+        drop((a, b));
+        let gc = s.lock(true, Duration::ZERO).unwrap();
+        assert_eq!(
+            s.lock(false, Duration::from_millis(50)).unwrap_err().code,
+            code::TRY_AGAIN_LATER
+        );
+        drop(gc);
+        s.lock(false, Duration::ZERO).unwrap();
+        assert_eq!(mode(&s.dir().join(LOCK_FILE)), 0o600);
+        assert!(
+            s.container_ids().unwrap().is_empty(),
+            "the lock is no container"
+        );
     }
 
     #[test]

@@ -51,6 +51,85 @@ fn flanneld() -> PathBuf {
     bin
 }
 
+/// flannelctl from this workspace's target directory (`cargo build -p flannelctl`).
+fn flannelctl() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("flannelctl");
+    assert!(
+        bin.is_file(),
+        "{} missing: build it first (`cargo build -p flannelctl`; `cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs flannelctl (bounded to 60 s); (success, stdout + stderr).
+fn run_flannelctl(args: &[&str]) -> (bool, String) {
+    let out = test_support::run_bounded(
+        std::process::Command::new(flannelctl()).args(args),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A process alone in a new network namespace (as a `ctr run` task); killed by PID on drop.
+struct Task(std::process::Child);
+
+impl Task {
+    fn start() -> Task {
+        let child = std::process::Command::new("unshare")
+            .args(["-n", "sleep", "600"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Task(child);
+        // unshare has entered the namespace once the link differs from ours.
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        wait_for(Duration::from_secs(5), || {
+            std::fs::read_link(t.netns())
+                .ok()
+                .filter(|l| *l != ours)
+                .map(|_| ())
+        })
+        .expect("unshare -n did not start");
+        t
+    }
+
+    fn netns(&self) -> String {
+        format!("/proc/{}/ns/net", self.0.id())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A named network namespace made by `flannelctl pod up`, deleted on drop if still there.
+struct NamedNetns(String);
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        if Path::new("/run/netns").join(&self.0).exists() {
+            let _ = test_support::sh("ip", &["netns", "del", &self.0]);
+        }
+    }
+}
+
 /// One node's plugin setup: where its subnet file, plugin state and IPAM state live.
 struct NodeFiles {
     subnet_file: PathBuf,
@@ -688,4 +767,187 @@ fn old_confs_bounded_reads_and_del_of_nothing() {
         n.conf("1.1.0"),
     )
     .unwrap_or_else(|e| panic!("DEL of nothing without the delegate: {e}"));
+}
+
+#[test]
+fn a_runtime_that_never_calls_del_and_flannelctl_pods() {
+    if !ready() || !require_root_with(&["unshare", "etcd", "etcdctl"]) {
+        return;
+    }
+    let mut tb = Testbed::new(1).unwrap();
+    let endpoint = tb
+        .start_etcd_with_config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
+        .unwrap();
+    let node = tb.nodes[0].ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let n = NodeFiles::new(dir.path(), 0);
+    let log = dir.path().join("flanneld.log");
+    let alive_ns = tb.add_empty_pod_netns(0).unwrap();
+    tb.spawn(
+        &node,
+        flanneld().to_str().unwrap(),
+        &[
+            "--etcd-endpoints",
+            &endpoint,
+            "--subnet-file",
+            n.subnet_file.to_str().unwrap(),
+            "--cni-data-dir",
+            n.data_dir.to_str().unwrap(),
+            "--node-name",
+            "node0",
+        ],
+        &[("RUST_LOG", "info")],
+        &log,
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(30), || {
+        n.subnet_file.exists().then_some(())
+    })
+    .expect("flanneld wrote no subnet file");
+    let cni_path = plugin_dir(true);
+    let conflist = dir.path().join("10-flannel.conflist");
+    std::fs::write(
+        &conflist,
+        json!({"cniVersion": "1.0.0", "name": "cbr0", "plugins": [n.flannel()]}).to_string(),
+    )
+    .unwrap();
+    let published = |ns: &str, name: &str| {
+        tb.etcdctl(&[
+            "get",
+            &format!("/coreos.com/network/pods/{ns}/{name}"),
+            "--print-value-only",
+        ])
+        .map(|v| !v.trim().is_empty())
+        .unwrap_or(false)
+    };
+    let flanneld_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // A `ctr run -d --cni` task: the pod's namespace is its process's, /proc/<pid>/ns/net; a
+    // podman-style name (K8S_POD_NAME alone). Another pod stays alive.
+    let mut task = Task::start();
+    for (id, netns, args) in [
+        (
+            "task1",
+            task.netns(),
+            "IgnoreUnknown=1;K8S_POD_NAME=task1".to_string(),
+        ),
+        (
+            "alive1",
+            format!("/run/netns/{alive_ns}"),
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=alive1".to_string(),
+        ),
+    ] {
+        chain_add(
+            &node,
+            cni_path.path(),
+            n.conflist(),
+            call("ADD", id, &netns, &args),
+            Map::new(),
+        )
+        .unwrap_or_else(|e| panic!("ADD {id}: {e}"));
+    }
+    let rec = cni::store::Store::new(&n.data_dir)
+        .load_attachment("task1")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        rec.netns_id.as_ref().map(|i| i.anchor.as_str()),
+        Some("/proc")
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            (published("default", "task1") && published("x", "alive1")).then_some(())
+        })
+        .is_some(),
+        "not published (podman-style name under default):\n{}",
+        flanneld_log()
+    );
+
+    // `ctr task rm`: the process and its namespace go, nobody calls DEL.
+    task.kill();
+    assert!(
+        wait_for(Duration::from_secs(25), || (!published("default", "task1"))
+            .then_some(()))
+        .is_some(),
+        "flanneld still publishes a pod whose namespace is gone:\n{}",
+        flanneld_log()
+    );
+    assert!(
+        flanneld_log().contains("no longer exists"),
+        "{}",
+        flanneld_log()
+    );
+    assert!(published("x", "alive1"));
+    assert_eq!(n.stored(), ["alive1", "task1"], "the record stays for GC");
+    assert_eq!(n.reserved().len(), 2);
+
+    // flannelctl pod gc: a dry run changes nothing, the real one releases the dead task only.
+    let gc_args = |dry: bool| {
+        let mut v = vec![
+            "pod".to_string(),
+            "gc".into(),
+            "--conflist".into(),
+            conflist.display().to_string(),
+            "--cni-path".into(),
+            cni_path.path().display().to_string(),
+            "--node-netns".into(),
+            node.clone(),
+        ];
+        if dry {
+            v.push("--dry-run".into());
+        }
+        v
+    };
+    let args = gc_args(true);
+    let (ok, out) = run_flannelctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok && out.contains("would release task1"), "{out}");
+    assert_eq!(n.reserved().len(), 2);
+    let args = gc_args(false);
+    let (ok, out) = run_flannelctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("releasing task1: network namespace /proc/"),
+        "{out}"
+    );
+    assert_eq!(n.stored(), ["alive1"]);
+    assert_eq!(
+        n.reserved().len(),
+        1,
+        "the dead task's address is free again"
+    );
+    assert!(published("x", "alive1"));
+    let (ok, out) = run_flannelctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok && out.contains("1 kept, 0 to release"), "{out}");
+
+    // flannelctl pod up brings the pod's loopback up: the pod reaches its own address.
+    let name = format!("fl{}-up", tb.tag);
+    let _guard = NamedNetns(name.clone());
+    let cache = dir.path().join("cache");
+    let common = [
+        "--conflist",
+        conflist.to_str().unwrap(),
+        "--cni-path",
+        cni_path.path().to_str().unwrap(),
+        "--node-netns",
+        &node,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ];
+    let mut up = vec!["pod", "up", &name];
+    up.extend(common);
+    let (ok, out) = run_flannelctl(&up);
+    assert!(ok, "{out}");
+    let r: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let own = ip_of(&r);
+    let (reached, ping) =
+        tb.exec_status(&name, &["ping", "-c1", "-W1", &own], Duration::from_secs(3));
+    assert!(
+        reached,
+        "the pod cannot reach its own address {own}: {ping}"
+    );
+    let mut down = vec!["pod", "down", &name];
+    down.extend(common);
+    let (ok, out) = run_flannelctl(&down);
+    assert!(ok, "{out}");
+    assert_eq!(n.stored(), ["alive1"]);
 }
