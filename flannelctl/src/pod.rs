@@ -114,6 +114,20 @@ fn ip_netns(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `ip -n NAME link set lo up` (no `ip netns exec`: nothing to mount).
+fn lo_up(name: &str) -> Result<()> {
+    let out = Command::new("ip")
+        .args(["-n", name, "link", "set", "lo", "up"])
+        .output()
+        .context("running ip -n … link set lo up")?;
+    ensure!(
+        out.status.success(),
+        "bringing up lo in {name}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
 fn load(c: &Common) -> Result<ConfList> {
     let bytes =
         std::fs::read(&c.conflist).with_context(|| format!("reading {}", c.conflist.display()))?;
@@ -169,9 +183,9 @@ fn up(a: &UpArgs) -> Result<()> {
     ip_netns(&["add", &c.name])?;
     // A pod reaches its own addresses through lo; runtimes bring it up (containerd, CRI-O,
     // podman), the flannel conflist has no loopback plugin.
-    if let Err(e) = ip_netns(&["exec", &c.name, "ip", "link", "set", "lo", "up"]) {
+    if let Err(e) = lo_up(&c.name) {
         let _ = ip_netns(&["del", &c.name]);
-        return Err(e.context(format!("bringing up lo in {}", c.name)));
+        return Err(e);
     }
     let mut args = vec!["IgnoreUnknown=1".to_string()];
     if let Some(ns) = &a.k8s_namespace {
