@@ -4,6 +4,10 @@
 //! `portMappings`). ADD runs the plugins in order and, if one fails, DEL of those already run
 //! in reverse; DEL runs in reverse and keeps going past errors. Used by `flannelctl pod up`
 //! and by the tests to attach pods as kubelet/containerd would.
+//!
+//! As libcni, a single plugin config (an old `.conf`, e.g. flannel's
+//! `{"name":"cbr0","type":"flannel",…}`) is read as a list of that one plugin, and a missing
+//! `cniVersion` means 0.1.0.
 
 use serde_json::{Map, Value};
 
@@ -27,20 +31,33 @@ impl ConfList {
         let v: Value = serde_json::from_slice(bytes).map_err(|e| {
             CniError::new(code::DECODE, "conflist is not valid JSON").with_details(e.to_string())
         })?;
-        let cni_version = v
-            .get("cniVersion")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid("cniVersion: missing"))?
-            .to_string();
+        let cni_version = match v.get("cniVersion") {
+            None | Some(Value::Null) => version::IMPLIED.to_string(),
+            Some(Value::String(s)) if s.is_empty() => version::IMPLIED.to_string(),
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "cniVersion: must be a string, got {other}"
+                )))
+            }
+        };
         version::check(&cni_version)?;
+        // A single plugin config (`.conf`): a list of that one plugin.
+        let single;
+        let plugins_v = match v.get("plugins") {
+            None if v.get("type").is_some() => {
+                single = Value::Array(vec![v.clone()]);
+                Some(&single)
+            }
+            p => p,
+        };
         let name = v
             .get("name")
             .and_then(Value::as_str)
             .filter(|n| !n.is_empty())
             .ok_or_else(|| invalid("name: missing"))?
             .to_string();
-        let plugins = v
-            .get("plugins")
+        let plugins = plugins_v
             .and_then(Value::as_array)
             .filter(|p| !p.is_empty())
             .ok_or_else(|| invalid("plugins: missing or empty"))?
@@ -277,10 +294,40 @@ mod tests {
     }
 
     #[test]
+    fn old_single_confs_and_unversioned_lists_are_read() {
+        let l = ConfList::parse(
+            br#"{"name":"cbr0","type":"flannel","delegate":{"isDefaultGateway":true}}"#,
+        )
+        .unwrap();
+        assert_eq!((l.cni_version.as_str(), l.name.as_str()), ("0.1.0", "cbr0"));
+        assert_eq!(l.plugins.len(), 1);
+        let c = l.plugin_conf(0, None, &Map::new());
+        assert_eq!(
+            (c["type"].as_str(), c["cniVersion"].as_str()),
+            (Some("flannel"), Some("0.1.0"))
+        );
+        assert_eq!(c["delegate"]["isDefaultGateway"], true);
+        let l = ConfList::parse(br#"{"name":"n","plugins":[{"type":"flannel"}]}"#).unwrap();
+        assert_eq!(l.cni_version, "0.1.0");
+        let l =
+            ConfList::parse(br#"{"cniVersion":"0.2.0","name":"n","plugins":[{"type":"flannel"}]}"#)
+                .unwrap();
+        assert_eq!(l.cni_version, "0.2.0");
+    }
+
+    #[test]
     fn bad_lists_are_named() {
         for (l, text) in [
             (&b"{"[..], "not valid JSON"),
-            (br#"{"name":"x","plugins":[{"type":"a"}]}"#, "cniVersion"),
+            (
+                br#"{"cniVersion":1,"name":"x","plugins":[{"type":"a"}]}"#,
+                "cniVersion",
+            ),
+            (
+                br#"{"cniVersion":"0.0.1","name":"x","plugins":[{"type":"a"}]}"#,
+                "0.0.1",
+            ),
+            (br#"{"cniVersion":"1.0.0","name":"x"}"#, "plugins"),
             (
                 br#"{"cniVersion":"1.0.0","plugins":[{"type":"a"}]}"#,
                 "name",

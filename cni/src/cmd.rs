@@ -16,6 +16,9 @@ use crate::exec::{Call, Exec};
 use crate::store::{check_container_id, Store};
 use crate::version;
 
+/// How long ADD waits for a running `flannelctl pod gc` before answering "try again later".
+const ADD_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The CNI_* environment of this invocation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Env {
@@ -180,6 +183,8 @@ fn add(env: &Env, conf: &NetConf, cx: &Context) -> Result<Value, CniError> {
     let dver = delegate_version(cx.exec, conf, &plugin)?;
     let dconf = Value::Object(delegate::build(conf, &senv, &dver));
     let store = Store::new(&conf.data_dir);
+    // Held until ADD returns: `flannelctl pod gc` waits for it before listing attachments.
+    let _lock = store.lock(false, ADD_LOCK_WAIT)?;
     // Stored first (as flannel does): a DEL after a crash mid-ADD still finds it.
     store.save_config(id, &dconf)?;
     let call = Call {
@@ -207,8 +212,10 @@ fn add(env: &Env, conf: &NetConf, cx: &Context) -> Result<Value, CniError> {
             CniError::new(code::DECODE, format!("{plugin} ADD result")).with_details(e.to_string())
         })
         .map_err(undo)?;
+    // The addresses, read from the result in the current format (a 0.2.0 one has `ip4`).
+    let current = version::convert_result(result.clone(), version::LATEST).map_err(undo)?;
     let result = version::convert_result(result, &conf.cni_version).map_err(undo)?;
-    let ips = result
+    let ips = current
         .get("ips")
         .and_then(Value::as_array)
         .map(|a| {
@@ -223,6 +230,7 @@ fn add(env: &Env, conf: &NetConf, cx: &Context) -> Result<Value, CniError> {
             container_id: id.into(),
             ifname: ifname.into(),
             netns: netns.into(),
+            netns_id: crate::attachment::netns_id(netns),
             pod_namespace,
             pod_name,
             ips,
@@ -235,7 +243,9 @@ fn add(env: &Env, conf: &NetConf, cx: &Context) -> Result<Value, CniError> {
 
 /// DEL of one stored attachment through the delegate, then its files. Missing state is not
 /// an error (DEL is idempotent): without a stored config the delegate is still called with the
-/// config ADD would build, so an IPAM reservation from a crashed ADD is released too.
+/// config ADD would build, so an IPAM reservation from a crashed ADD is released too; that call
+/// is a precaution, so when nothing was stored its failure (e.g. the delegate is not even
+/// installed) is not DEL's. Both files are removed whatever the other's fate.
 fn release(
     conf: &NetConf,
     cx: &Context,
@@ -246,6 +256,7 @@ fn release(
 ) -> Result<(), CniError> {
     let store = Store::new(&conf.data_dir);
     let stored = store.load_config(id)?;
+    let nothing_stored = stored.is_none() && store.load_attachment(id).ok().flatten().is_none();
     let dconf = match stored {
         Some(c) => Some(c),
         None => match SubnetEnv::read(&conf.subnet_file) {
@@ -268,7 +279,11 @@ fn release(
             ifname: ifname.into(),
             args: args.into(),
         };
-        cx.exec.run(&plugin, &call, dconf.to_string().as_bytes())?;
+        match cx.exec.run(&plugin, &call, dconf.to_string().as_bytes()) {
+            Ok(_) => {}
+            Err(_) if nothing_stored => {}
+            Err(e) => return Err(e),
+        }
     }
     store.remove_all(id)
 }
@@ -429,12 +444,15 @@ mod tests {
     use std::cell::RefCell;
     use std::path::PathBuf;
 
-    /// A delegate that records calls and answers like bridge 1.1.1 (up to 1.0.0), with an
-    /// address from a counter; `fail` makes ADD fail after "creating" something.
+    /// A delegate that records calls and answers like bridge 1.1.1 (0.1.0 to 1.0.0, results
+    /// in the format of the version called), with an address from a counter; `fail` makes ADD
+    /// fail after "creating" something.
     #[derive(Default)]
     struct FakeDelegate {
         calls: RefCell<Vec<(String, Call, Value)>>,
         fail_add: bool,
+        /// Answers VERSION like a plugin that dropped 0.1.0/0.2.0.
+        only_new: bool,
         next: RefCell<u8>,
     }
 
@@ -451,11 +469,20 @@ mod tests {
                 ));
             }
             match call.command.as_str() {
-                "VERSION" => Ok(br#"{"cniVersion":"1.0.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0"]}"#.to_vec()),
+                "VERSION" if self.only_new => Ok(br#"{"cniVersion":"1.0.0","supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0"]}"#.to_vec()),
+                "VERSION" => Ok(br#"{"cniVersion":"1.0.0","supportedVersions":["0.1.0","0.2.0","0.3.0","0.3.1","0.4.0","1.0.0"]}"#.to_vec()),
                 "ADD" if self.fail_add => Err(CniError::new(11, "busy")),
                 "ADD" => {
                     *self.next.borrow_mut() += 1;
                     let n = *self.next.borrow();
+                    let ver = v["cniVersion"].as_str().unwrap_or_default();
+                    if !version::at_least(ver, "0.3.0") {
+                        return Ok(json!({"cniVersion": ver, "dns": {},
+                            "ip4": {"ip": format!("10.5.52.{}/24", n + 1), "gateway": "10.5.52.1",
+                                    "routes": [{"dst": "10.5.0.0/16", "gw": "10.5.52.1"}]}})
+                            .to_string()
+                            .into_bytes());
+                    }
                     Ok(json!({"cniVersion": v["cniVersion"], "interfaces": [{"name": "eth0"}],
                         "ips": [{"address": format!("10.5.52.{}/24", n + 1), "gateway": "10.5.52.1", "interface": 0}]})
                         .to_string()
@@ -553,6 +580,50 @@ mod tests {
     }
 
     #[test]
+    fn old_confs_without_a_version_or_at_020_work_with_old_results() {
+        let n = node(true);
+        let d = FakeDelegate::default();
+        // flannel's old single-file conf: no cniVersion at all (0.1.0).
+        let mut c: Value = serde_json::from_slice(&conf(&n, "x", json!({}))).unwrap();
+        c.as_object_mut().unwrap().remove("cniVersion");
+        let c = c.to_string().into_bytes();
+        let r = dispatch(&env("ADD", "c1"), &c, &cx(&d)).unwrap().unwrap();
+        assert_eq!(
+            r,
+            json!({"cniVersion": "0.1.0", "dns": {},
+                "ip4": {"ip": "10.5.52.2/24", "gateway": "10.5.52.1",
+                        "routes": [{"dst": "10.5.0.0/16", "gw": "10.5.52.1"}]}})
+        );
+        assert_eq!(
+            d.calls.borrow()[1].2["cniVersion"],
+            "0.1.0",
+            "bridge speaks it"
+        );
+        let a = Store::new(&n.data_dir)
+            .load_attachment("c1")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.ips, vec!["10.5.52.2/24".parse().unwrap()]);
+        dispatch(&env("DEL", "c1"), &c, &cx(&d)).unwrap();
+        assert!(Store::new(&n.data_dir).container_ids().unwrap().is_empty());
+        // 0.2.0 to a delegate without the old versions: called at 1.0.0, result converted.
+        let new = FakeDelegate {
+            only_new: true,
+            ..Default::default()
+        };
+        let r = dispatch(&env("ADD", "c2"), &conf(&n, "0.2.0", json!({})), &cx(&new))
+            .unwrap()
+            .unwrap();
+        assert_eq!(new.calls.borrow()[1].2["cniVersion"], "1.0.0");
+        assert_eq!(
+            r,
+            json!({"cniVersion": "0.2.0", "ip4": {"ip": "10.5.52.2/24", "gateway": "10.5.52.1"}, "dns": {}})
+        );
+        // The error of an unversioned config is in 0.1.0.
+        assert_eq!(conf::error_version(&c), "0.1.0");
+    }
+
+    #[test]
     fn add_refusals_leave_nothing_behind() {
         let d = FakeDelegate::default();
         let n = node(false);
@@ -646,6 +717,22 @@ mod tests {
         // Again, and for a container never added: success, the delegate still asked to release.
         dispatch(&del, &c, &cx(&d)).unwrap();
         dispatch(&env("DEL", "never"), &c, &cx(&d)).unwrap();
+        // Nothing was created and the delegate is not even installed: success.
+        let before = d.calls.borrow().len();
+        let missing = conf(&n, "1.1.0", json!({"delegate": {"type": "macvlan"}}));
+        dispatch(&env("DEL", "never"), &missing, &cx(&d)).unwrap();
+        assert!(d.calls.borrow()[before..].iter().any(|c| c.0 == "macvlan"));
+        // With stored state, the delegate's failure is DEL's (the runtime retries).
+        dispatch(&env("ADD", "c9"), &c, &cx(&d)).unwrap();
+        let mut dconf = Store::new(&n.data_dir).load_config("c9").unwrap().unwrap();
+        dconf["type"] = "macvlan".into();
+        Store::new(&n.data_dir).save_config("c9", &dconf).unwrap();
+        assert_eq!(
+            dispatch(&env("DEL", "c9"), &c, &cx(&d)).unwrap_err().code,
+            code::INVALID_ENV
+        );
+        assert_eq!(Store::new(&n.data_dir).container_ids().unwrap(), ["c9"]);
+        Store::new(&n.data_dir).remove_all("c9").unwrap();
         // No subnet file, no stored config: nothing to release, success.
         std::fs::remove_file(&n.subnet_file).unwrap();
         let before = d.calls.borrow().len();
@@ -770,7 +857,7 @@ mod tests {
         assert_eq!(out["cniVersion"], "0.4.0");
         assert_eq!(
             out["supportedVersions"],
-            json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+            json!(["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
         );
         let e = dispatch(&env("FROB", "c"), b"{}", &cx(&d)).unwrap_err();
         assert_eq!(e.code, 4);

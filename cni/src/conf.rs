@@ -7,6 +7,9 @@
 //! ```
 //! Also read: `ipam` (merged into the delegate's), `runtimeConfig` (passed on), `prevResult`
 //! (CHECK), `cni.dev/valid-attachments` (GC). Unknown keys are ignored, as flannel does.
+//! A config without `cniVersion` (or with `""`, which libcni passes on from a list without
+//! one) is 0.1.0, as for flannel's plugin. `subnetFile` and `dataDir` may be omitted for the
+//! defaults but not empty (an empty `dataDir` once silently meant the default directory).
 
 use std::path::PathBuf;
 
@@ -17,6 +20,8 @@ use crate::version;
 
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/flannel";
+/// The largest network configuration read on stdin.
+pub const MAX_STDIN: u64 = 4 * 1024 * 1024;
 
 /// One attachment GC must keep.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +66,19 @@ fn opt_object(o: &Map<String, Value>, field: &str) -> Result<Option<Map<String, 
 /// Reads the cniVersion alone (for error output and VERSION), if the input has one.
 pub fn peek_version(stdin: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(stdin).ok()?;
-    v.get("cniVersion")?.as_str().map(str::to_string)
+    v.get("cniVersion")?
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// The version to print an error in: the config's, 0.1.0 for a config that names none, the
+/// newest when stdin is no JSON object.
+pub fn error_version(stdin: &[u8]) -> String {
+    match serde_json::from_slice::<Value>(stdin) {
+        Ok(Value::Object(_)) => peek_version(stdin).unwrap_or_else(|| version::IMPLIED.into()),
+        _ => version::LATEST.into(),
+    }
 }
 
 /// Parses and checks a network configuration. `needs_name`: ADD, DEL, CHECK and GC need the
@@ -81,7 +98,8 @@ pub fn parse(stdin: &[u8], needs_name: bool) -> Result<NetConf, CniError> {
         ));
     };
     let cni_version = opt_str(&o, "cniVersion")?
-        .ok_or_else(|| invalid("cniVersion", "missing"))?
+        .filter(|v| !v.is_empty())
+        .unwrap_or(version::IMPLIED)
         .to_string();
     version::check(&cni_version)?;
     let name = opt_str(&o, "name")?.unwrap_or_default().to_string();
@@ -94,11 +112,14 @@ pub fn parse(stdin: &[u8], needs_name: bool) -> Result<NetConf, CniError> {
         }
     }
     let path_or = |field: &str, default: &str| -> Result<PathBuf, CniError> {
-        Ok(PathBuf::from(
-            opt_str(&o, field)?
-                .filter(|s| !s.is_empty())
-                .unwrap_or(default),
-        ))
+        match opt_str(&o, field)? {
+            None => Ok(PathBuf::from(default)),
+            Some("") => Err(invalid(
+                field,
+                format!("empty (omit the key for the default {default})"),
+            )),
+            Some(p) => Ok(PathBuf::from(p)),
+        }
     };
     let subnet_file = path_or("subnetFile", DEFAULT_SUBNET_FILE)?;
     let data_dir = path_or("dataDir", DEFAULT_DATA_DIR)?;
@@ -179,12 +200,14 @@ mod tests {
 
     #[test]
     fn every_bad_field_is_named() {
-        let cases: [(&[u8], u32, &str); 9] = [
+        let cases: [(&[u8], u32, &str); 11] = [
             (b"{not json", 6, "not valid JSON"),
             (b"[1]", 6, "JSON object"),
-            (br#"{"name":"x"}"#, 7, "cniVersion: missing"),
+            (br#"{"cniVersion":"1.0.0","name":"x","dataDir":""}"#, 7, "dataDir: empty (omit the key for the default /var/lib/cni/flannel)"),
+            (br#"{"cniVersion":"1.0.0","name":"x","subnetFile":""}"#, 7, "subnetFile: empty"),
             (br#"{"cniVersion":"9.9.9","name":"x"}"#, 1, "9.9.9"),
             (br#"{"cniVersion":"1.0.0"}"#, 7, "name: missing"),
+            (br#"{"cniVersion":7,"name":"x"}"#, 7, "cniVersion: must be a string"),
             (br#"{"cniVersion":"1.0.0","name":"x","delegate":[]}"#, 7, "delegate: must be an object"),
             (br#"{"cniVersion":"1.0.0","name":"x","delegate":{"type":"../sh"}}"#, 7, "delegate.type"),
             (br#"{"cniVersion":"1.0.0","name":"x","subnetFile":5}"#, 7, "subnetFile: must be a string"),
@@ -221,5 +244,24 @@ mod tests {
             Some("0.4.0")
         );
         assert_eq!(peek_version(b"junk"), None);
+        assert_eq!(error_version(br#"{"name":"x"}"#), "0.1.0");
+        assert_eq!(error_version(b"junk"), "1.1.0");
+    }
+
+    #[test]
+    fn a_config_without_a_version_is_010() {
+        // flannel's old single-file conf, and what libcni passes from a list without a version.
+        for input in [
+            &br#"{"name":"cbr0","type":"flannel","delegate":{"isDefaultGateway":true}}"#[..],
+            br#"{"cniVersion":"","name":"cbr0","type":"flannel"}"#,
+        ] {
+            assert_eq!(parse(input, true).unwrap().cni_version, "0.1.0");
+        }
+        assert_eq!(
+            parse(br#"{"cniVersion":"0.2.0","name":"cbr0"}"#, true)
+                .unwrap()
+                .cni_version,
+            "0.2.0"
+        );
     }
 }

@@ -3,13 +3,13 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use cni::cmd::{dispatch, Context, Env};
+use cni::conf;
 use cni::exec::PathExec;
-use cni::{conf, version};
 
 /// How long a delegate call may take before it is killed.
 const DELEGATE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -27,7 +27,6 @@ fn booted() -> Option<SystemTime> {
 }
 
 fn main() -> ExitCode {
-    let mut stdin = Vec::new();
     let env = Env::from_lookup(|k| std::env::var(k).ok());
     let exec = PathExec::new(env.path.as_deref().unwrap_or_default(), DELEGATE_TIMEOUT);
     let cx = Context {
@@ -35,14 +34,23 @@ fn main() -> ExitCode {
         now: SystemTime::now(),
         booted: booted(),
     };
-    // VERSION may come without stdin; every other command reads its config.
-    let read = std::io::stdin().read_to_end(&mut stdin);
-    let outcome =
-        match read {
-            Ok(_) => dispatch(&env, &stdin, &cx),
-            Err(e) => Err(cni::CniError::new(cni::error::code::IO, "reading stdin")
-                .with_details(e.to_string())),
-        };
+    // VERSION may come without stdin; every other command reads its config. Bounded: a
+    // runtime never sends megabytes, and /dev/zero must not grow us without end.
+    let read = subnet_env::file::read_to_end_limited(std::io::stdin().lock(), conf::MAX_STDIN);
+    let (stdin, outcome) = match read {
+        Ok(stdin) => {
+            let outcome = dispatch(&env, &stdin, &cx);
+            (stdin, outcome)
+        }
+        Err(e) => (
+            Vec::new(),
+            Err(cni::CniError::new(
+                cni::error::code::IO,
+                "reading the network configuration on stdin",
+            )
+            .with_details(e.to_string())),
+        ),
+    };
     let mut out = std::io::stdout().lock();
     match outcome {
         Ok(Some(v)) => {
@@ -51,8 +59,7 @@ fn main() -> ExitCode {
         }
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
-            let v = conf::peek_version(&stdin).unwrap_or_else(|| version::LATEST.to_string());
-            let _ = writeln!(out, "{}", e.to_json(&v));
+            let _ = writeln!(out, "{}", e.to_json(&conf::error_version(&stdin)));
             ExitCode::FAILURE
         }
     }

@@ -5,11 +5,15 @@
 //! - `attachments/<containerID>.json`: the attachment record ([`Attachment`]) that flanneld
 //!   publishes for the service proxy and the policy module, mode 0600.
 //!
-//! Every file is written atomically (temporary file, fsync, rename, fsync of the directory).
+//! - `.lock`: ADD holds it shared while it runs, `flannelctl pod gc` exclusive while it lists
+//!   the attachments and runs GC, so GC never releases an attachment an ADD is creating
+//!   (runtimes serialize GC and ADD themselves; flannelctl is no runtime).
+//!
+//! Every file is written atomically and read with a size limit ([`MAX_FILE`]), both through
+//! `subnet_env::file` (the helpers flanneld's subnet file uses too).
 
-use std::fs::{DirBuilder, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::DirBuilder;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -35,6 +39,18 @@ pub fn check_container_id(id: &str) -> Result<(), CniError> {
     }
 }
 
+/// The lock file of the data directory (not a valid container ID, so never listed).
+pub const LOCK_FILE: &str = ".lock";
+
+/// A held lock on a data directory; released on drop.
+#[derive(Debug)]
+pub struct StoreLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// The largest stored config or attachment record read (ours are a few KiB).
+pub const MAX_FILE: u64 = 1024 * 1024;
+
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> CniError {
     CniError::new(code::IO, format!("{what} {}", path.display())).with_details(e.to_string())
 }
@@ -50,30 +66,8 @@ fn ensure_dir(dir: &Path) -> Result<(), CniError> {
 
 /// Writes `bytes` to `path` atomically with mode 0600.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CniError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    ensure_dir(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err("writing", path, e));
-    }
-    Ok(())
+    ensure_dir(path.parent().unwrap_or(Path::new(".")))?;
+    subnet_env::file::write_atomic(path, bytes, 0o600).map_err(|e| io_err("writing", path, e))
 }
 
 /// Reads and decodes a JSON file; `None` when there is none. `what` names it in errors.
@@ -81,7 +75,7 @@ fn read_json<T: serde::de::DeserializeOwned>(
     path: &Path,
     what: &str,
 ) -> Result<Option<T>, CniError> {
-    match std::fs::read(path) {
+    match subnet_env::file::read_limited(path, MAX_FILE) {
         Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
             CniError::new(code::DECODE, format!("{what} {}", path.display()))
                 .with_details(e.to_string())
@@ -113,6 +107,51 @@ impl Store {
         &self.dir
     }
 
+    /// Takes the directory's lock, shared (ADD) or exclusive (GC by flannelctl), waiting up to
+    /// `wait`; error 11 (try again later) when it stays taken.
+    pub fn lock(&self, exclusive: bool, wait: std::time::Duration) -> Result<StoreLock, CniError> {
+        use nix::fcntl::{Flock, FlockArg};
+        use std::os::unix::fs::OpenOptionsExt;
+        ensure_dir(&self.dir)?;
+        let path = self.dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| io_err("opening", &path, e))?;
+        let how = if exclusive {
+            FlockArg::LockExclusiveNonblock
+        } else {
+            FlockArg::LockSharedNonblock
+        };
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Flock::lock(file, how) {
+                Ok(l) => return Ok(StoreLock { _lock: l }),
+                Err((f, nix::errno::Errno::EWOULDBLOCK))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    file = f;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(CniError::new(
+                        code::TRY_AGAIN_LATER,
+                        format!(
+                            "{} is locked (a garbage collection is running): try again",
+                            path.display()
+                        ),
+                    ))
+                }
+                Err((_, e)) => return Err(io_err("locking", &path, e.into())),
+            }
+        }
+    }
+
     fn config_path(&self, id: &str) -> PathBuf {
         self.dir.join(id)
     }
@@ -142,9 +181,20 @@ impl Store {
     }
 
     /// Removes the attachment record first (flanneld unpublishes it), then the delegate config.
+    /// A failure does not stop the other removal; the errors are reported together.
     pub fn remove_all(&self, id: &str) -> Result<(), CniError> {
-        remove(&self.attachment_path(id))?;
-        remove(&self.config_path(id))
+        let mut errors: Vec<CniError> = [self.attachment_path(id), self.config_path(id)]
+            .iter()
+            .filter_map(|p| remove(p).err())
+            .collect();
+        if errors.len() <= 1 {
+            return errors.pop().map_or(Ok(()), Err);
+        }
+        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        Err(
+            CniError::new(code::IO, format!("removing the state of {id}"))
+                .with_details(all.join("; ")),
+        )
     }
 
     /// Container IDs with a stored delegate config or an attachment record.
@@ -210,6 +260,7 @@ mod tests {
             container_id: "c2".into(),
             ifname: "eth0".into(),
             netns: "/run/netns/x".into(),
+            netns_id: None,
             pod_namespace: Some("default".into()),
             pod_name: Some("web".into()),
             ips: vec!["10.5.1.2/24".parse().unwrap()],
@@ -225,5 +276,57 @@ mod tests {
         s.remove_all("c2").unwrap();
         s.remove_all("c3").unwrap();
         assert_eq!(s.container_ids().unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_failed_removal_does_not_stop_the_other() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::new(t.path().join("flannel"));
+        s.save_config("c1", &serde_json::json!({"type": "bridge"}))
+            .unwrap();
+        // Something that cannot be removed as a file where the record would be.
+        let stuck = s.dir().join("attachments/c1.json");
+        std::fs::create_dir_all(stuck.join("x")).unwrap();
+        let e = s.remove_all("c1").unwrap_err();
+        assert_eq!(e.code, code::IO);
+        assert!(e.msg.contains("attachments/c1.json"), "{e}");
+        assert_eq!(s.load_config("c1").unwrap(), None, "config removed anyway");
+    }
+
+    #[test]
+    fn the_lock_is_shared_by_adds_and_exclusive_for_gc() {
+        use std::time::Duration;
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::new(t.path().join("flannel"));
+        let a = s.lock(false, Duration::ZERO).unwrap();
+        let b = s.lock(false, Duration::ZERO).unwrap();
+        let e = s.lock(true, Duration::from_millis(50)).unwrap_err();
+        assert_eq!(e.code, code::TRY_AGAIN_LATER);
+        drop((a, b));
+        let gc = s.lock(true, Duration::ZERO).unwrap();
+        assert_eq!(
+            s.lock(false, Duration::from_millis(50)).unwrap_err().code,
+            code::TRY_AGAIN_LATER
+        );
+        drop(gc);
+        s.lock(false, Duration::ZERO).unwrap();
+        assert_eq!(mode(&s.dir().join(LOCK_FILE)), 0o600);
+        assert!(
+            s.container_ids().unwrap().is_empty(),
+            "the lock is no container"
+        );
+    }
+
+    #[test]
+    fn stored_files_are_read_with_a_limit() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::new(t.path());
+        std::fs::write(t.path().join("big"), vec![b' '; MAX_FILE as usize + 1]).unwrap();
+        let e = s.load_config("big").unwrap_err();
+        assert_eq!(e.code, code::IO);
+        assert!(e.details.contains("more than"), "{e:?}");
+        std::os::unix::fs::symlink("/dev/zero", t.path().join("zero")).unwrap();
+        let e = s.load_config("zero").unwrap_err();
+        assert!(e.details.contains("not a regular file"), "{e:?}");
     }
 }

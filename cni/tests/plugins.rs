@@ -51,6 +51,85 @@ fn flanneld() -> PathBuf {
     bin
 }
 
+/// flannelctl from this workspace's target directory (`cargo build -p flannelctl`).
+fn flannelctl() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("flannelctl");
+    assert!(
+        bin.is_file(),
+        "{} missing: build it first (`cargo build -p flannelctl`; `cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs flannelctl (bounded to 60 s); (success, stdout + stderr).
+fn run_flannelctl(args: &[&str]) -> (bool, String) {
+    let out = test_support::run_bounded(
+        std::process::Command::new(flannelctl()).args(args),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A process alone in a new network namespace (as a `ctr run` task); killed by PID on drop.
+struct Task(std::process::Child);
+
+impl Task {
+    fn start() -> Task {
+        let child = std::process::Command::new("unshare")
+            .args(["-n", "sleep", "600"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Task(child);
+        // unshare has entered the namespace once the link differs from ours.
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        wait_for(Duration::from_secs(5), || {
+            std::fs::read_link(t.netns())
+                .ok()
+                .filter(|l| *l != ours)
+                .map(|_| ())
+        })
+        .expect("unshare -n did not start");
+        t
+    }
+
+    fn netns(&self) -> String {
+        format!("/proc/{}/ns/net", self.0.id())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A named network namespace made by `flannelctl pod up`, deleted on drop if still there.
+struct NamedNetns(String);
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        if Path::new("/run/netns").join(&self.0).exists() {
+            let _ = test_support::sh("ip", &["netns", "del", &self.0]);
+        }
+    }
+}
+
 /// One node's plugin setup: where its subnet file, plugin state and IPAM state live.
 struct NodeFiles {
     subnet_file: PathBuf,
@@ -449,7 +528,7 @@ fn refusals_gc_and_parallel_adds() {
     let v: Value = serde_json::from_slice(&v).unwrap();
     assert_eq!(
         v["supportedVersions"],
-        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+        json!(["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
 
     // 50 parallel ADDs in one node: 50 distinct addresses.
@@ -531,4 +610,344 @@ fn refusals_gc_and_parallel_adds() {
         .unwrap();
     }
     nothing_left("after DEL of all");
+}
+
+/// Runs the plugin binary as a runtime does, with `stdin` from a file (e.g. /dev/zero), inside
+/// node namespace `ns`; (exit success, stdout, how long it took). Killed after 20 s.
+fn plugin_with_stdin_file(ns: &str, c: &Call, stdin: &Path) -> (bool, Value, Duration) {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns, PLUGIN])
+        .env("CNI_COMMAND", &c.command)
+        .env("CNI_CONTAINERID", &c.container_id)
+        .env("CNI_NETNS", &c.netns)
+        .env("CNI_IFNAME", &c.ifname)
+        .env("CNI_PATH", REFERENCE)
+        .stdin(std::fs::File::open(stdin).unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let started = std::time::Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    let status = wait_for(Duration::from_secs(20), || child.try_wait().unwrap());
+    let took = started.elapsed();
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "the plugin did not return within 20 s reading {}",
+            stdin.display()
+        );
+    }
+    let out = child.wait_with_output().unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), v, took)
+}
+
+#[test]
+fn old_confs_bounded_reads_and_del_of_nothing() {
+    if !ready() {
+        return;
+    }
+    let mut tb = Testbed::new(1).unwrap();
+    let node = tb.nodes[0].ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let n = NodeFiles::new(dir.path(), 0);
+    std::fs::write(
+        &n.subnet_file,
+        "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.9.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+    )
+    .unwrap();
+    let cni_path = plugin_dir(true);
+
+    // flannel's old single-file conf: no cniVersion (0.1.0), read by a runtime as a one-plugin
+    // list. The result is in the 0.1.0 format; the pod works.
+    let mut old = n.flannel();
+    old["name"] = "cbr0".into();
+    let list = ConfList::parse(old.to_string().as_bytes()).unwrap();
+    assert_eq!(list.cni_version, "0.1.0");
+    let pod_ns = tb.add_empty_pod_netns(0).unwrap();
+    let c = call("ADD", "old1", &format!("/run/netns/{pod_ns}"), "");
+    let r = chain_add(&node, cni_path.path(), list.clone(), c.clone(), Map::new())
+        .unwrap_or_else(|e| panic!("ADD of an unversioned conf: {e}"));
+    assert_eq!(r["cniVersion"], "0.1.0", "{r}");
+    let ip = r["ip4"]["ip"].as_str().unwrap_or_else(|| panic!("{r}"));
+    assert!(ip.starts_with("10.5.9."), "{r}");
+    assert_eq!(r["ip4"]["gateway"], "10.5.9.1", "{r}");
+    assert_eq!(r.get("ips"), None, "{r}");
+    let a = cni::store::Store::new(&n.data_dir)
+        .load_attachment("old1")
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.ips[0].to_string(), ip);
+    assert!(
+        pings(&tb, &pod_ns, "10.5.9.1"),
+        "the pod cannot reach its gateway"
+    );
+    // 0.2.0 the same way; then DEL of both through the list.
+    let mut v020 = old.clone();
+    v020["cniVersion"] = "0.2.0".into();
+    let list020 = ConfList::parse(v020.to_string().as_bytes()).unwrap();
+    let pod2 = tb.add_empty_pod_netns(0).unwrap();
+    let c2 = call("ADD", "old2", &format!("/run/netns/{pod2}"), "");
+    let r2 = chain_add(
+        &node,
+        cni_path.path(),
+        list020.clone(),
+        c2.clone(),
+        Map::new(),
+    )
+    .unwrap();
+    assert_eq!(r2["cniVersion"], "0.2.0", "{r2}");
+    assert!(r2["ip4"]["ip"].is_string(), "{r2}");
+    for (l, c, r) in [(list, c, r), (list020, c2, r2)] {
+        let path = cni_path.path().display().to_string();
+        in_netns(&node, move || {
+            l.del(
+                &PathExec::new(&path, LIMIT),
+                &Call {
+                    command: "DEL".into(),
+                    ..c
+                },
+                &Map::new(),
+                Some(&r),
+            )
+        })
+        .unwrap()
+        .unwrap();
+    }
+    assert!(n.stored().is_empty() && n.reserved().is_empty());
+
+    // `"dataDir": ""` is refused (it used to mean the host's /var/lib/cni/flannel).
+    let mut empty = n.flannel();
+    empty["cniVersion"] = "1.0.0".into();
+    empty["name"] = "cbr0".into();
+    empty["dataDir"] = "".into();
+    let e = plugin(
+        &node,
+        cni_path.path(),
+        call("ADD", "c1", &format!("/run/netns/{pod_ns}"), ""),
+        empty.to_string().into_bytes(),
+    )
+    .unwrap_err();
+    assert_eq!(e.code, 7, "{e}");
+    assert!(e.msg.contains("dataDir: empty"), "{e}");
+
+    // Bounded reads: a subnet file that never ends, stdin that never ends.
+    let mut zero = n.flannel();
+    zero["cniVersion"] = "1.0.0".into();
+    zero["name"] = "cbr0".into();
+    zero["subnetFile"] = "/dev/zero".into();
+    let conf_file = dir.path().join("zero.json");
+    std::fs::write(&conf_file, zero.to_string()).unwrap();
+    let add = call("ADD", "z1", &format!("/run/netns/{pod_ns}"), "");
+    let (ok, out, took) = plugin_with_stdin_file(&node, &add, &conf_file);
+    assert!(!ok && out["code"] == 5, "{out}");
+    assert!(
+        out["details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not a regular file"),
+        "{out}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let (ok, out, took) = plugin_with_stdin_file(&node, &add, Path::new("/dev/zero"));
+    assert!(!ok && out["code"] == 5, "{out}");
+    assert!(
+        out["msg"].as_str().unwrap_or_default().contains("stdin"),
+        "{out}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(n.stored().is_empty());
+
+    // DEL of a container never added, the delegate not installed: success (idempotent).
+    let no_bridge = plugin_dir(false);
+    plugin(
+        &node,
+        no_bridge.path(),
+        call("DEL", "never", "", ""),
+        n.conf("1.1.0"),
+    )
+    .unwrap_or_else(|e| panic!("DEL of nothing without the delegate: {e}"));
+}
+
+#[test]
+fn a_runtime_that_never_calls_del_and_flannelctl_pods() {
+    if !ready() || !require_root_with(&["unshare", "etcd", "etcdctl"]) {
+        return;
+    }
+    let mut tb = Testbed::new(1).unwrap();
+    let endpoint = tb
+        .start_etcd_with_config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
+        .unwrap();
+    let node = tb.nodes[0].ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let n = NodeFiles::new(dir.path(), 0);
+    let log = dir.path().join("flanneld.log");
+    let alive_ns = tb.add_empty_pod_netns(0).unwrap();
+    tb.spawn(
+        &node,
+        flanneld().to_str().unwrap(),
+        &[
+            "--etcd-endpoints",
+            &endpoint,
+            "--subnet-file",
+            n.subnet_file.to_str().unwrap(),
+            "--cni-data-dir",
+            n.data_dir.to_str().unwrap(),
+            "--node-name",
+            "node0",
+        ],
+        &[("RUST_LOG", "info")],
+        &log,
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(30), || {
+        n.subnet_file.exists().then_some(())
+    })
+    .expect("flanneld wrote no subnet file");
+    let cni_path = plugin_dir(true);
+    let conflist = dir.path().join("10-flannel.conflist");
+    std::fs::write(
+        &conflist,
+        json!({"cniVersion": "1.0.0", "name": "cbr0", "plugins": [n.flannel()]}).to_string(),
+    )
+    .unwrap();
+    let published = |ns: &str, name: &str| {
+        tb.etcdctl(&[
+            "get",
+            &format!("/coreos.com/network/pods/{ns}/{name}"),
+            "--print-value-only",
+        ])
+        .map(|v| !v.trim().is_empty())
+        .unwrap_or(false)
+    };
+    let flanneld_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // A `ctr run -d --cni` task: the pod's namespace is its process's, /proc/<pid>/ns/net; a
+    // podman-style name (K8S_POD_NAME alone). Another pod stays alive.
+    let mut task = Task::start();
+    for (id, netns, args) in [
+        (
+            "task1",
+            task.netns(),
+            "IgnoreUnknown=1;K8S_POD_NAME=task1".to_string(),
+        ),
+        (
+            "alive1",
+            format!("/run/netns/{alive_ns}"),
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=alive1".to_string(),
+        ),
+    ] {
+        chain_add(
+            &node,
+            cni_path.path(),
+            n.conflist(),
+            call("ADD", id, &netns, &args),
+            Map::new(),
+        )
+        .unwrap_or_else(|e| panic!("ADD {id}: {e}"));
+    }
+    let rec = cni::store::Store::new(&n.data_dir)
+        .load_attachment("task1")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        rec.netns_id.as_ref().map(|i| i.anchor.as_str()),
+        Some("/proc")
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            (published("default", "task1") && published("x", "alive1")).then_some(())
+        })
+        .is_some(),
+        "not published (podman-style name under default):\n{}",
+        flanneld_log()
+    );
+
+    // `ctr task rm`: the process and its namespace go, nobody calls DEL.
+    task.kill();
+    assert!(
+        wait_for(Duration::from_secs(25), || (!published("default", "task1"))
+            .then_some(()))
+        .is_some(),
+        "flanneld still publishes a pod whose namespace is gone:\n{}",
+        flanneld_log()
+    );
+    assert!(
+        flanneld_log().contains("no longer exists"),
+        "{}",
+        flanneld_log()
+    );
+    assert!(published("x", "alive1"));
+    assert_eq!(n.stored(), ["alive1", "task1"], "the record stays for GC");
+    assert_eq!(n.reserved().len(), 2);
+
+    // flannelctl pod gc: a dry run changes nothing, the real one releases the dead task only.
+    let gc_args = |dry: bool| {
+        let mut v = vec![
+            "pod".to_string(),
+            "gc".into(),
+            "--conflist".into(),
+            conflist.display().to_string(),
+            "--cni-path".into(),
+            cni_path.path().display().to_string(),
+            "--node-netns".into(),
+            node.clone(),
+        ];
+        if dry {
+            v.push("--dry-run".into());
+        }
+        v
+    };
+    let args = gc_args(true);
+    let (ok, out) = run_flannelctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok && out.contains("would release task1"), "{out}");
+    assert_eq!(n.reserved().len(), 2);
+    let args = gc_args(false);
+    let (ok, out) = run_flannelctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("releasing task1: network namespace /proc/"),
+        "{out}"
+    );
+    assert_eq!(n.stored(), ["alive1"]);
+    assert_eq!(
+        n.reserved().len(),
+        1,
+        "the dead task's address is free again"
+    );
+    assert!(published("x", "alive1"));
+    let (ok, out) = run_flannelctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok && out.contains("1 kept, 0 to release"), "{out}");
+
+    // flannelctl pod up brings the pod's loopback up: the pod reaches its own address.
+    let name = format!("fl{}-up", tb.tag);
+    let _guard = NamedNetns(name.clone());
+    let cache = dir.path().join("cache");
+    let common = [
+        "--conflist",
+        conflist.to_str().unwrap(),
+        "--cni-path",
+        cni_path.path().to_str().unwrap(),
+        "--node-netns",
+        &node,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ];
+    let mut up = vec!["pod", "up", &name];
+    up.extend(common);
+    let (ok, out) = run_flannelctl(&up);
+    assert!(ok, "{out}");
+    let r: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let own = ip_of(&r);
+    let (reached, ping) =
+        tb.exec_status(&name, &["ping", "-c1", "-W1", &own], Duration::from_secs(3));
+    assert!(
+        reached,
+        "the pod cannot reach its own address {own}: {ping}"
+    );
+    let mut down = vec!["pod", "down", &name];
+    down.extend(common);
+    let (ok, out) = run_flannelctl(&down);
+    assert!(ok, "{out}");
+    assert_eq!(n.stored(), ["alive1"]);
 }

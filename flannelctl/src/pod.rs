@@ -1,6 +1,13 @@
 //! `flannelctl pod up NAME` / `pod down NAME`: a named network namespace (`/run/netns/NAME`,
-//! created by `ip netns add`, refused if it exists) attached through the conflist's plugins
-//! with container ID NAME; the ADD result is cached in `--cache-dir` for DEL, as runtimes do.
+//! created by `ip netns add`, refused if it exists, loopback up as runtimes bring it up)
+//! attached through the conflist's plugins with container ID NAME; the ADD result is cached in
+//! `--cache-dir` for DEL, as runtimes do.
+//!
+//! `flannelctl pod gc`: for a runtime that never calls DEL (`ctr run`, then `ctr task rm`),
+//! runs the flannel plugin's GC with `cni.dev/valid-attachments` = every attachment of its data
+//! directory whose network namespace still exists (or cannot be judged), so the others'
+//! addresses, stored configs and published records go. The data directory's lock is held
+//! exclusively meanwhile, so an ADD running at the same time is waited for, never collected.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Subcommand};
 use cni::chain::ConfList;
-use cni::exec::{Call, PathExec};
+use cni::exec::{Call, Exec, PathExec};
 use serde_json::{json, Map, Value};
 
 #[derive(Debug, Subcommand)]
@@ -18,6 +25,24 @@ pub enum PodCmd {
     Up(UpArgs),
     /// Detach NAME (DEL through the chain, in reverse) and delete its namespace.
     Down(Common),
+    /// Release the attachments whose network namespace is gone (the flannel plugin's GC).
+    Gc(GcArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// The plugin chain (its `flannel` entries say where their data directories are).
+    #[arg(long, default_value = "/etc/cni/net.d/10-flannel.conflist")]
+    conflist: PathBuf,
+    /// Where the plugins are (CNI_PATH).
+    #[arg(long, default_value = "/opt/cni/bin:/usr/lib/cni")]
+    cni_path: String,
+    /// Run the plugin inside this network namespace (a node of a namespace testbed).
+    #[arg(long)]
+    node_netns: Option<String>,
+    /// Only print what would be released.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +114,20 @@ fn ip_netns(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `ip -n NAME link set lo up` (no `ip netns exec`: nothing to mount).
+fn lo_up(name: &str) -> Result<()> {
+    let out = Command::new("ip")
+        .args(["-n", name, "link", "set", "lo", "up"])
+        .output()
+        .context("running ip -n … link set lo up")?;
+    ensure!(
+        out.status.success(),
+        "bringing up lo in {name}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
 fn load(c: &Common) -> Result<ConfList> {
     let bytes =
         std::fs::read(&c.conflist).with_context(|| format!("reading {}", c.conflist.display()))?;
@@ -129,6 +168,7 @@ pub fn run(cmd: PodCmd) -> Result<()> {
     match cmd {
         PodCmd::Up(a) => up(&a),
         PodCmd::Down(c) => down(&c),
+        PodCmd::Gc(a) => gc(&a),
     }
 }
 
@@ -141,6 +181,12 @@ fn up(a: &UpArgs) -> Result<()> {
         bail!("network namespace {} already exists", c.name);
     }
     ip_netns(&["add", &c.name])?;
+    // A pod reaches its own addresses through lo; runtimes bring it up (containerd, CRI-O,
+    // podman), the flannel conflist has no loopback plugin.
+    if let Err(e) = lo_up(&c.name) {
+        let _ = ip_netns(&["del", &c.name]);
+        return Err(e);
+    }
     let mut args = vec!["IgnoreUnknown=1".to_string()];
     if let Some(ns) = &a.k8s_namespace {
         args.push(format!("K8S_POD_NAMESPACE={ns}"));
@@ -222,6 +268,115 @@ fn down(c: &Common) -> Result<()> {
     ns
 }
 
+/// How long GC waits for running ADDs to finish before giving up.
+const GC_LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// What GC decides for one stored attachment.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Keep(cni::conf::ValidAttachment),
+    Release(String, String),
+}
+
+/// Pure: keep every attachment whose namespace is present or cannot be judged, and every
+/// stored config without a record (an ADD that stopped midway: its runtime retries DEL).
+fn verdicts(
+    ids: &[String],
+    record: impl Fn(&str) -> Option<cni::attachment::Attachment>,
+    state: impl Fn(&cni::attachment::Attachment) -> cni::attachment::Netns,
+) -> Vec<Verdict> {
+    use cni::attachment::Netns;
+    ids.iter()
+        .map(|id| {
+            let Some(a) = record(id) else {
+                return Verdict::Keep(cni::conf::ValidAttachment {
+                    container_id: id.clone(),
+                    ifname: "eth0".into(),
+                });
+            };
+            match state(&a) {
+                Netns::Gone(why) => Verdict::Release(id.clone(), why),
+                Netns::Present | Netns::Unknown(_) => Verdict::Keep(cni::conf::ValidAttachment {
+                    container_id: id.clone(),
+                    ifname: a.ifname,
+                }),
+            }
+        })
+        .collect()
+}
+
+fn gc(a: &GcArgs) -> Result<()> {
+    let bytes =
+        std::fs::read(&a.conflist).with_context(|| format!("reading {}", a.conflist.display()))?;
+    let list = ConfList::parse(&bytes).with_context(|| format!("{}", a.conflist.display()))?;
+    let flannel: Vec<usize> = (0..list.plugins.len())
+        .filter(|i| list.plugins[*i].get("type").and_then(Value::as_str) == Some("flannel"))
+        .collect();
+    ensure!(
+        !flannel.is_empty(),
+        "{}: no plugin of type flannel",
+        a.conflist.display()
+    );
+    for i in flannel {
+        // GC is a 1.1.0 command; the plugin speaks it whatever version the list is at.
+        let mut conf = list.plugin_conf(i, None, &Map::new());
+        conf["cniVersion"] = "1.1.0".into();
+        let parsed = cni::conf::parse(conf.to_string().as_bytes(), true)
+            .map_err(|e| anyhow::anyhow!("{}: plugins[{i}]: {e}", a.conflist.display()))?;
+        let store = cni::store::Store::new(&parsed.data_dir);
+        let _lock = store
+            .lock(true, GC_LOCK_WAIT)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ids = store.container_ids().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let all = verdicts(
+            &ids,
+            |id| store.load_attachment(id).ok().flatten(),
+            cni::attachment::netns_state,
+        );
+        let mut valid = Vec::new();
+        let mut released = Vec::new();
+        for v in all {
+            match v {
+                Verdict::Keep(k) => {
+                    valid.push(json!({"containerID": k.container_id, "ifname": k.ifname}))
+                }
+                Verdict::Release(id, why) => released.push((id, why)),
+            }
+        }
+        for (id, why) in &released {
+            println!(
+                "{}{id}: {why}",
+                if a.dry_run {
+                    "would release "
+                } else {
+                    "releasing "
+                }
+            );
+        }
+        if a.dry_run || released.is_empty() {
+            println!(
+                "{}: {} kept, {} to release",
+                parsed.data_dir.display(),
+                valid.len(),
+                released.len()
+            );
+            continue;
+        }
+        conf["cni.dev/valid-attachments"] = Value::Array(valid);
+        let call = Call {
+            command: "GC".into(),
+            ..Default::default()
+        };
+        let exec = PathExec::new(&a.cni_path, LIMIT);
+        let stdin = conf.to_string().into_bytes();
+        in_node(&a.node_netns, move || exec.run("flannel", &call, &stdin))
+            .and_then(|r| r.map_err(|e| anyhow::anyhow!("{e}")))
+            .with_context(|| format!("GC of {}", parsed.data_dir.display()))?;
+        println!("{}: released {}", parsed.data_dir.display(), released.len());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -237,5 +392,46 @@ mod tests {
         for bad in ["8080", "0:80", "8080:70000", "1:2/icmp", "x:80"] {
             assert!(parse_port(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn gc_keeps_what_exists_or_cannot_be_judged() {
+        use cni::attachment::{Attachment, Netns};
+        let rec = |id: &str, ifname: &str| {
+            let mut a: Attachment = serde_json::from_str(
+                r#"{"containerID":"","ifname":"","netns":"/n","ips":[],"network":"n","time":"t"}"#,
+            )
+            .unwrap();
+            a.container_id = id.into();
+            a.ifname = ifname.into();
+            a
+        };
+        let ids: Vec<String> = ["alive", "gone", "unknown", "config-only"]
+            .map(String::from)
+            .to_vec();
+        let v = verdicts(
+            &ids,
+            |id| (id != "config-only").then(|| rec(id, "net1")),
+            |a| match a.container_id.as_str() {
+                "alive" => Netns::Present,
+                "gone" => Netns::Gone("no longer exists".into()),
+                _ => Netns::Unknown("other view".into()),
+            },
+        );
+        let keep = |id: &str, ifname: &str| {
+            Verdict::Keep(cni::conf::ValidAttachment {
+                container_id: id.into(),
+                ifname: ifname.into(),
+            })
+        };
+        assert_eq!(
+            v,
+            vec![
+                keep("alive", "net1"),
+                Verdict::Release("gone".into(), "no longer exists".into()),
+                keep("unknown", "net1"),
+                keep("config-only", "eth0"),
+            ]
+        );
     }
 }

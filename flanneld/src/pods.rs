@@ -2,7 +2,9 @@
 //! `<--cni-data-dir>/attachments/<containerID>.json`; this task watches that directory (inotify
 //! through `notify`, debounced, plus a full rescan every 10 s as a safety net) and makes the keys
 //! `<prefix>/pods/<namespace>/<name>` with this node's `NodeIP` match the records that name a
-//! pod and whose addresses lie in this node's subnet. Keys live on a dedicated etcd lease with a
+//! pod and whose addresses lie in this node's subnet, unless the record's network namespace is
+//! gone (a runtime that never called DEL: the record stays for `flannelctl pod gc`, the key
+//! goes). Keys live on a dedicated etcd lease with a
 //! 60 s TTL kept alive here (see `subnet_lease::pods`). etcd errors are retried with backoff and
 //! never stop the daemon.
 
@@ -14,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cni::attachment::{Attachment, ATTACHMENTS_DIR};
+use cni::attachment::{Attachment, Netns, ATTACHMENTS_DIR};
 use ipnet::IpNet;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use subnet_lease::pods::{pod_key, KeepAlive, PodPublisher, PodRecord, SyncReport};
@@ -58,14 +60,16 @@ fn in_subnet(ip: &IpNet, subnet: &SubnetKey) -> bool {
 }
 
 /// Pure: the records to publish from the attachment records read. A record is published when
-/// it names a pod with valid names, has an IPv4 address, and every address lies in our lease's
-/// subnets (a record left from an earlier subnet is not routed here). Two records for one pod:
-/// the newer (`time`, then container ID) wins.
+/// it names a pod with valid names (a name without a namespace is in `default`), its network
+/// namespace is not in `gone` (container ID → why), it has an IPv4 address, and every address
+/// lies in our lease's subnets (a record left from an earlier subnet is not routed here). Two
+/// records for one pod: the newer (`time`, then container ID) wins.
 pub fn desired(
     attachments: &[Attachment],
     prefix: &str,
     opts: &PodOptions,
     subnet: &SubnetKey,
+    gone: &BTreeMap<String, String>,
 ) -> Desired {
     let mut sorted: Vec<&Attachment> = attachments.iter().collect();
     sorted.sort_by(|a, b| (&a.time, &a.container_id).cmp(&(&b.time, &b.container_id)));
@@ -83,6 +87,16 @@ pub fn desired(
                 continue;
             }
         };
+        if let Some(why) = gone.get(&a.container_id) {
+            out.skipped.push((
+                a.container_id.clone(),
+                format!(
+                    "pod {ns}/{name}: {why} (its runtime did not call DEL; `flannelctl pod gc` \
+                     releases its address)"
+                ),
+            ));
+            continue;
+        }
         if let Some(outside) = a.ips.iter().find(|ip| !in_subnet(ip, subnet)) {
             let v6 = subnet.ipv6.map(|n| format!(" and {n}")).unwrap_or_default();
             out.skipped.push((
@@ -216,6 +230,8 @@ struct Task {
     status: Arc<Status>,
     skipped: Once,
     conflicts: Once,
+    /// Whether we said once that namespace liveness cannot be told from here.
+    told_unknown: bool,
 }
 
 impl Task {
@@ -233,13 +249,35 @@ impl Task {
                 }
                 _ => {}
             }
-            Ok(cni::attachment::read_all(&data_dir))
+            let (attachments, errors) = cni::attachment::read_all(&data_dir);
+            // Whose network namespace is gone, and one reason we could not tell, if any.
+            let mut gone = BTreeMap::new();
+            let mut unknown = None;
+            for a in attachments.iter().filter(|a| a.pod().is_some()) {
+                match cni::attachment::netns_state(a) {
+                    Netns::Present => {}
+                    Netns::Gone(why) => {
+                        gone.insert(a.container_id.clone(), why);
+                    }
+                    Netns::Unknown(why) => {
+                        unknown.get_or_insert(format!("container {}: {why}", a.container_id));
+                    }
+                }
+            }
+            Ok((attachments, errors, gone, unknown))
         })
         .await
         .map_err(|e| format!("reading the attachment records: {e}"))?;
-        let (attachments, errors) = read?;
+        let (attachments, errors, gone, unknown) = read?;
+        if let Some(why) = unknown.filter(|_| !self.told_unknown) {
+            self.told_unknown = true;
+            tracing::info!(
+                "cannot tell whether some pods' network namespaces still exist, so they stay \
+                 published until DEL or GC ({why})"
+            );
+        }
         let subnet = *self.subnet.borrow();
-        let d = desired(&attachments, &self.prefix, &self.opts, &subnet);
+        let d = desired(&attachments, &self.prefix, &self.opts, &subnet, &gone);
         let mut notes: BTreeSet<String> = errors
             .into_iter()
             .map(|e| format!("attachment record skipped: {e}"))
@@ -315,6 +353,7 @@ async fn run(
         status,
         skipped: Once::default(),
         conflicts: Once::default(),
+        told_unknown: false,
     };
     let mut watch_problem = Once::default();
     let ensure_watch = |w: &mut DirWatch, problem: &mut Once| {
@@ -397,6 +436,7 @@ mod tests {
             container_id: id.into(),
             ifname: "eth0".into(),
             netns: format!("/run/netns/{id}"),
+            netns_id: None,
             pod_namespace: pod.map(|p| p.0.to_string()),
             pod_name: pod.map(|p| p.1.to_string()),
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
@@ -433,7 +473,7 @@ mod tests {
                 "t1",
             ),
         ];
-        let d = desired(&atts, P, &opts(), &subnet());
+        let d = desired(&atts, P, &opts(), &subnet(), &BTreeMap::new());
         let keys: Vec<&str> = d.records.keys().map(String::as_str).collect();
         assert_eq!(keys, vec!["/coreos.com/network/pods/default/web-0"]);
         let r = &d.records["/coreos.com/network/pods/default/web-0"];
@@ -449,6 +489,42 @@ mod tests {
             .1
             .contains("outside this node's subnet 10.5.52.0/24"));
         assert!(d.skipped[1].1.contains("DNS-1123"));
+    }
+
+    #[test]
+    fn podman_names_go_to_default_and_gone_namespaces_are_dropped() {
+        let mut podman = att("p", None, &["10.5.52.7/24"], "t1");
+        podman.pod_name = Some("web".into());
+        let atts = vec![
+            podman,
+            att("a", Some(("x", "kept")), &["10.5.52.2/24"], "t1"),
+            att("z", Some(("x", "left")), &["10.5.52.3/24"], "t1"),
+        ];
+        let gone = BTreeMap::from([(
+            "z".to_string(),
+            "network namespace /proc/42/ns/net no longer exists".to_string(),
+        )]);
+        let d = desired(&atts, P, &opts(), &subnet(), &gone);
+        let keys: Vec<&str> = d.records.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "/coreos.com/network/pods/default/web",
+                "/coreos.com/network/pods/x/kept"
+            ]
+        );
+        assert_eq!(d.skipped.len(), 1);
+        assert_eq!(d.skipped[0].0, "z");
+        assert!(
+            d.skipped[0].1.contains("no longer exists"),
+            "{:?}",
+            d.skipped
+        );
+        assert!(
+            d.skipped[0].1.contains("flannelctl pod gc"),
+            "{:?}",
+            d.skipped
+        );
     }
 
     #[test]
@@ -472,7 +548,7 @@ mod tests {
                 "t1",
             ),
         ];
-        let d = desired(&atts, P, &opts(), &dual);
+        let d = desired(&atts, P, &opts(), &dual, &BTreeMap::new());
         assert_eq!(d.records.len(), 1);
         let r = &d.records["/coreos.com/network/pods/default/web"];
         assert_eq!(r.container_id, "new");

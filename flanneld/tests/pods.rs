@@ -84,6 +84,7 @@ fn record(id: &str, pod: Option<(&str, &str)>, ip: &str) -> Attachment {
         container_id: id.into(),
         ifname: "eth0".into(),
         netns: format!("/var/run/netns/cni-{id}"),
+        netns_id: None,
         pod_namespace: pod.map(|p| p.0.to_string()),
         pod_name: pod.map(|p| p.1.to_string()),
         ips: vec![ip.parse().unwrap()],
@@ -217,6 +218,18 @@ fn pods_are_published_to_etcd() {
         (v["Node"].as_str(), v["NodeIP"].as_str()),
         (Some("node1"), Some(ip1.as_str()))
     );
+
+    // podman names a pod without a namespace: published under default.
+    let mut podman = record("c-podman", None, &host(sn0, 10));
+    podman.pod_name = Some("podman-web".into());
+    s0.save_attachment(&podman).unwrap();
+    c.until(0, Duration::from_secs(5), "podman-web published", || {
+        pod(&c.tb, "default", "podman-web").is_some()
+    });
+    s0.remove_all("c-podman").unwrap();
+    c.until(0, Duration::from_secs(5), "podman-web unpublished", || {
+        pod(&c.tb, "default", "podman-web").is_none()
+    });
 
     // Removing the record (as the plugin's DEL does) removes the key.
     s0.remove_all("c-web0").unwrap();

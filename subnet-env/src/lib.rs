@@ -8,13 +8,21 @@
 //! FLANNEL_MTU=1450
 //! FLANNEL_IPMASQ=false
 //! ```
-//! Written atomically: a temporary file in the same directory, fsync, rename.
+//! Written atomically ([`file::write_atomic`], mode 0644 as flannel's) and read with a size
+//! limit ([`file::read_limited`], [`MAX_SIZE`]).
 
-use std::io::Write;
+pub mod file;
+
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use ipnet::{Ipv4Net, Ipv6Net};
+
+/// The largest subnet file read (a real one is under 200 bytes).
+pub const MAX_SIZE: u64 = 64 * 1024;
+
+/// The mode the subnet file is written with (flannel's).
+pub const MODE: u32 = 0o644;
 
 /// The content of a subnet file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,45 +154,34 @@ impl SubnetEnv {
         Ok(env)
     }
 
-    /// Reads and parses a subnet file.
+    /// Reads and parses a subnet file: a regular file of at most [`MAX_SIZE`] bytes.
     pub fn read(path: &Path) -> Result<Self, SubnetEnvError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| SubnetEnvError::Io {
+        let io = |source| SubnetEnvError::Io {
             path: name.clone(),
             source,
+        };
+        let bytes = file::read_limited(path, MAX_SIZE).map_err(io)?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8: {e}"),
+            ))
         })?;
         Self::parse(&text, &name)
     }
 
-    /// Writes the file atomically (temp file in the same directory, fsync, rename), creating
-    /// the directory if needed.
+    /// Writes the file atomically with mode [`MODE`] ([`file::write_atomic`]), creating the
+    /// directory if needed.
     pub fn write(&self, path: &Path) -> Result<(), SubnetEnvError> {
         let io = |source| SubnetEnvError::Io {
             path: path.display().to_string(),
             source,
         };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let file_name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "subnet.env".into());
-        let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-        let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(self.render().as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            // Make the rename itself durable.
-            std::fs::File::open(dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
         }
-        result.map_err(io)
+        file::write_atomic(path, self.render().as_bytes(), MODE).map_err(io)
     }
 }
 
@@ -226,11 +223,30 @@ mod tests {
         let path = dir.path().join("run/flannel/subnet.env");
         sample().write(&path).unwrap();
         assert_eq!(SubnetEnv::read(&path).unwrap(), sample());
-        // No temp file is left behind.
+        // No temp file is left behind; flannel's mode.
         assert_eq!(
             std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
             1
         );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, MODE);
+    }
+
+    #[test]
+    fn a_symlink_planted_at_a_guessable_temp_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subnet.env");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        // The name the writer used to take: `.subnet.env.<pid>.tmp`.
+        let guess = dir
+            .path()
+            .join(format!(".subnet.env.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &guess).unwrap();
+        sample().write(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(SubnetEnv::read(&path).unwrap(), sample());
     }
 
     #[test]
@@ -248,5 +264,13 @@ mod tests {
         assert_eq!(e.to_string(), "f: line 1: bad MTU \"abc\"");
         let e = SubnetEnv::read(Path::new("/nonexistent/subnet.env")).unwrap_err();
         assert!(e.to_string().starts_with("/nonexistent/subnet.env: "));
+        // Bounded: a device never ends, a huge file is not read.
+        let e = SubnetEnv::read(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(e.to_string(), "/dev/zero: not a regular file");
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.env");
+        std::fs::write(&big, vec![b'#'; MAX_SIZE as usize + 1]).unwrap();
+        let e = SubnetEnv::read(&big).unwrap_err();
+        assert!(e.to_string().contains("more than 65536"), "{e}");
     }
 }
