@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use etcd_access::{EtcdOptions, Password};
 use registry::{parse_documents, Kind, Object, Store, StoreError};
-use subnet_lease::EtcdOptions;
 
 /// How to reach etcd: the flags flanneld takes.
 #[derive(Debug, Clone, Args)]
@@ -49,7 +49,7 @@ pub struct EtcdFlags {
         env = "FLANNELCTL_ETCD_PASSWORD",
         hide_env_values = true
     )]
-    pub etcd_password: Option<subnet_lease::Password>,
+    pub etcd_password: Option<Password>,
 
     /// Seconds to wait for each etcd request.
     #[arg(long, global = true, env = "FLANNELCTL_ETCD_TIMEOUT", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]

@@ -464,7 +464,7 @@ pub async fn run(
         node: opts.node,
         metrics,
     };
-    follow(&reg, &follow_opts, &mut policy, &mut stop).await;
+    follow(reg.connection(), &follow_opts, &mut policy, &mut stop).await;
 }
 
 #[cfg(test)]

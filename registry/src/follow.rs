@@ -6,9 +6,9 @@
 use std::future::Future;
 use std::time::Duration;
 
+use etcd_access::Connection;
 use etcd_client::{EventType, GetOptions, WatchOptions, WatchResponse};
 use futures::StreamExt;
-use subnet_lease::EtcdRegistry;
 use tokio::sync::watch;
 
 /// What a follower does with the keys and when to touch its data plane.
@@ -48,7 +48,7 @@ fn apply_events<F: Follower>(f: &mut F, resp: &WatchResponse) -> bool {
     changed
 }
 
-async fn list<F: Follower>(reg: &EtcdRegistry, f: &mut F) -> Result<i64, etcd_client::Error> {
+async fn list<F: Follower>(reg: &Connection, f: &mut F) -> Result<i64, etcd_client::Error> {
     let resp = reg
         .client()
         .get(
@@ -68,7 +68,7 @@ async fn list<F: Follower>(reg: &EtcdRegistry, f: &mut F) -> Result<i64, etcd_cl
 
 /// Runs `f` until `stop` turns true.
 pub async fn follow<F: Follower>(
-    reg: &EtcdRegistry,
+    reg: &Connection,
     opts: &FollowOptions,
     f: &mut F,
     stop: &mut watch::Receiver<bool>,

@@ -12,12 +12,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::Duration;
 
+use etcd_access::{Connection, EtcdError, EtcdOptions};
 use etcd_client::{
     Compare, CompareOp, GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use ipnet::Ipv4Net;
 use rand::Rng;
-use subnet_lease::{config, EtcdOptions, EtcdRegistry, Registry, RegistryError};
+use subnet_lease::config;
 
 use crate::alloc::{plan_service, AllocError, Allocations};
 // The key layout and decoding moved to `keys`; re-exported here for callers that still name
@@ -77,7 +78,7 @@ pub struct Applied {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
-    Etcd(#[from] RegistryError),
+    Etcd(#[from] EtcdError),
     /// Validation, or a rule only the store can check (immutable ClusterIP, allocated
     /// elsewhere): `Service default/web is invalid: spec.clusterIP: field is immutable`.
     #[error(transparent)]
@@ -215,7 +216,7 @@ impl Allocations {
 /// The registry in etcd.
 #[derive(Debug, Clone)]
 pub struct Store {
-    reg: EtcdRegistry,
+    conn: Connection,
     timeout: Duration,
 }
 
@@ -235,9 +236,9 @@ fn get_response(resp: &TxnResponse, i: usize) -> Option<GetResponse> {
 }
 
 impl Store {
-    pub fn new(reg: EtcdRegistry) -> Store {
+    pub fn new(conn: Connection) -> Store {
         Store {
-            reg,
+            conn,
             timeout: Duration::from_secs(5),
         }
     }
@@ -246,7 +247,7 @@ impl Store {
     pub async fn connect(opts: &EtcdOptions) -> Result<Store, StoreError> {
         let timeout = opts.timeout;
         Ok(Store {
-            reg: EtcdRegistry::connect(opts).await?,
+            conn: Connection::connect(opts).await?,
             timeout,
         })
     }
@@ -257,41 +258,53 @@ impl Store {
         self
     }
 
-    pub fn registry(&self) -> &EtcdRegistry {
-        &self.reg
+    /// The etcd connection underneath.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     /// The etcd prefix, without a trailing slash.
     pub fn prefix(&self) -> &str {
-        self.reg.prefix()
+        self.conn.prefix()
     }
 
-    async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RegistryError>
+    /// flannel's network config key, `<prefix>/config`.
+    fn config_key(&self) -> String {
+        subnet_lease::registry::config_key(self.conn.prefix())
+    }
+
+    async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, EtcdError>
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
         match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(RegistryError::Timeout {
+            Err(_) => Err(EtcdError::Timeout {
                 op,
                 timeout: self.timeout,
             }),
-            Ok(r) => r.map_err(|source| RegistryError::Etcd { op, source }),
+            Ok(r) => r.map_err(|source| EtcdError::Etcd { op, source }),
         }
     }
 
-    async fn txn(&self, op: &'static str, txn: Txn) -> Result<TxnResponse, RegistryError> {
-        let mut c = self.reg.client();
+    async fn txn(&self, op: &'static str, txn: Txn) -> Result<TxnResponse, EtcdError> {
+        let mut c = self.conn.client();
         self.call(op, c.txn(txn)).await
     }
 
     /// `ServiceNetwork` from `<prefix>/config` (the default without a config).
     pub async fn service_network(&self) -> Result<Ipv4Net, StoreError> {
-        let text = self.reg.get_config().await?;
+        let key = self.config_key();
+        let mut c = self.conn.client();
+        let resp = self.call("get config", c.get(key, None)).await?;
+        let text = resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
         self.service_network_of(text.as_deref())
     }
 
     fn service_network_of(&self, text: Option<&str>) -> Result<Ipv4Net, StoreError> {
-        let key = self.reg.config_key();
+        let key = self.config_key();
         let Some(text) = text else {
             return config::DEFAULT_SERVICE_NETWORK
                 .parse()
@@ -360,7 +373,7 @@ impl Store {
             reads.push(TxnOp::get(k.clone(), None));
         }
         if is_service {
-            reads.push(TxnOp::get(self.reg.config_key(), None));
+            reads.push(TxnOp::get(self.config_key(), None));
             reads.push(TxnOp::get(
                 allocations_prefix(&prefix),
                 Some(GetOptions::new().with_prefix()),
@@ -407,7 +420,7 @@ impl Store {
                 .as_ref()
                 .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
             compares.push(Compare::mod_revision(
-                self.reg.config_key(),
+                self.config_key(),
                 CompareOp::Equal,
                 config.as_ref().map_or(0, |kv| kv.mod_revision()),
             ));
@@ -590,7 +603,7 @@ impl Store {
             .then(|| namespace.unwrap_or(DEFAULT_NAMESPACE));
         Self::check_names(kind, ns, name)?;
         let key = object_key(self.prefix(), kind, ns, name);
-        let mut c = self.reg.client();
+        let mut c = self.conn.client();
         let resp = self
             .call("get", c.get(key.clone(), None))
             .await
@@ -635,7 +648,7 @@ impl Store {
     }
 
     async fn list_prefix(&self, key_prefix: &str) -> Result<(Vec<Object>, i64), StoreError> {
-        let mut c = self.reg.client();
+        let mut c = self.conn.client();
         let resp = self
             .call(
                 "list",

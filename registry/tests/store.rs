@@ -13,13 +13,13 @@ use registry::store::{allocations_prefix, cluster_ip_key, node_port_key, NAMESPA
 use registry::{
     object_key, parse_documents, registry_prefix, Kind, Object, Outcome, Service, Store, StoreError,
 };
-use subnet_lease::{EtcdOptions, EtcdRegistry};
+use subnet_lease::{Connection, EtcdOptions};
 use test_support::{random_tag, Etcd};
 
 struct Env {
     _etcd: Etcd,
     store: Store,
-    reg: EtcdRegistry,
+    reg: Connection,
 }
 
 impl Env {
@@ -35,10 +35,10 @@ impl Env {
             ..EtcdOptions::default()
         };
         let store = Store::connect(&opts).await.unwrap();
-        let reg = store.registry().clone();
+        let reg = store.connection().clone();
         if let Some(text) = net_conf {
             reg.client()
-                .put(reg.config_key(), text, None)
+                .put(subnet_lease::registry::config_key(reg.prefix()), text, None)
                 .await
                 .unwrap();
         }
@@ -427,19 +427,23 @@ async fn service_network_from_config() {
     // A config whose default ServiceNetwork overlaps Network: a clear error, nothing written.
     env.reg
         .client()
-        .put(env.reg.config_key(), r#"{"Network":"10.0.0.0/8"}"#, None)
+        .put(
+            subnet_lease::registry::config_key(env.reg.prefix()),
+            r#"{"Network":"10.0.0.0/8"}"#,
+            None,
+        )
         .await
         .unwrap();
     let e = env.apply(&svc_yaml("b", "")).await.unwrap_err();
     assert_eq!(
         e.to_string(),
-        format!("network config {}: ServiceNetwork 10.96.0.0/12 (the default) overlaps Network 10.0.0.0/8: set ServiceNetwork to a range outside it", env.reg.config_key())
+        format!("network config {}: ServiceNetwork 10.96.0.0/12 (the default) overlaps Network 10.0.0.0/8: set ServiceNetwork to a range outside it", subnet_lease::registry::config_key(env.reg.prefix()))
     );
     // A broken config: named.
     env.reg
         .client()
         .put(
-            env.reg.config_key(),
+            subnet_lease::registry::config_key(env.reg.prefix()),
             r#"{"Network":"10.5.0.0/16","ServiceNetwork":"x"}"#,
             None,
         )

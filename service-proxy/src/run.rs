@@ -336,7 +336,7 @@ pub async fn run(
         opts,
         metrics,
     };
-    follow(&reg, &follow_opts, &mut proxy, &mut stop).await;
+    follow(reg.connection(), &follow_opts, &mut proxy, &mut stop).await;
     // nftables mode leaves its table in place, so Services keep working while flanneld
     // restarts (the next start rebuilds it; `flanneld --cleanup` removes it). The userspace
     // mode's redirects would point at listeners that are gone: they are removed.

@@ -14,7 +14,6 @@
 
 pub mod alloc;
 pub mod config;
-pub mod endpoints;
 pub mod ipmath;
 pub mod lease;
 pub mod manager;
@@ -25,9 +24,10 @@ pub use subnet_env;
 pub mod watch;
 
 pub use config::{BackendConfig, ConfigError, NetConfig};
+pub use etcd_access;
 pub use lease::{Lease, LeaseAttrs, SubnetKey};
 pub use manager::{Event, LeaseError, LeaseManager, ManagerOptions, Republish};
 pub use pods::{PodPublisher, PodRecord};
-pub use registry::{EtcdOptions, EtcdRegistry, Password, Registry, RegistryError};
+pub use registry::{Connection, EtcdOptions, EtcdRegistry, Password, Registry, RegistryError};
 pub use subnet_env::SubnetEnv;
 pub use watch::{Backoff, Change, LeaseWatcher};

@@ -1,78 +1,24 @@
 //! The etcd edge: a small trait with the operations the lease manager needs, and its etcd v3
-//! implementation. Every call is bounded in time and counted (etcd round trips).
+//! implementation over an [`etcd_access::Connection`] (every call bounded in time and counted).
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+pub use etcd_access::{
+    Connection, EtcdError as RegistryError, EtcdOptions, Password, DEFAULT_PREFIX,
+};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use futures::{Stream, StreamExt};
 
 use crate::lease::{Lease, LeaseAttrs, SubnetKey};
 
-/// flannel's default etcd prefix.
-pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
-
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("etcd {op}: {source}")]
-    Etcd {
-        op: &'static str,
-        source: etcd_client::Error,
-    },
-    #[error("etcd {op}: no answer within {timeout:?}")]
-    Timeout { op: &'static str, timeout: Duration },
-    #[error("etcd TLS: {0}")]
-    Tls(String),
-    #[error("etcd endpoint {endpoint:?}: {msg}")]
-    Endpoint { endpoint: String, msg: String },
-    /// A call about one key failed; `source` says how.
-    #[error("{source} (key {key})")]
-    Key {
-        key: String,
-        source: Box<RegistryError>,
-    },
-}
-
-impl RegistryError {
-    /// Whether retrying later may help (etcd unreachable or slow) rather than a setup error.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            RegistryError::Etcd { .. } | RegistryError::Timeout { .. } => true,
-            RegistryError::Key { source, .. } => source.is_transient(),
-            _ => false,
-        }
-    }
-
-    /// Whether etcd answered that the etcd lease named in the call does not exist (it expired
-    /// or was revoked).
-    pub fn is_lease_not_found(&self) -> bool {
-        match self {
-            // A put or grant names it in a gRPC status ("etcdserver: requested lease not
-            // found"); etcd-client's keep-alive reports a TTL of 0 as its own error.
-            RegistryError::Etcd { source, .. } => match source {
-                etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
-                etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
-                _ => false,
-            },
-            RegistryError::Key { source, .. } => source.is_lease_not_found(),
-            _ => false,
-        }
-    }
-
-    /// This error with the key it was about.
-    pub fn for_key(self, key: impl Into<String>) -> RegistryError {
-        RegistryError::Key {
-            key: key.into(),
-            source: Box::new(self),
-        }
-    }
+/// flannel's network config key: `<prefix>/config` (`prefix` without a trailing slash).
+pub fn config_key(prefix: &str) -> String {
+    format!("{prefix}/config")
 }
 
 /// Every lease under the prefix and the etcd revision of the read.
@@ -148,215 +94,48 @@ pub trait Registry: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<WatchStream, RegistryError>> + Send;
 }
 
-/// An etcd password. Its `Debug` output is redacted, so it never reaches a log line or an
-/// error message through `{:?}` of the options or flags that carry it.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Password(String);
-
-impl Password {
-    pub fn new(password: impl Into<String>) -> Self {
-        Password(password.into())
-    }
-
-    /// The password itself, for the one place that sends it to etcd.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Password {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Password(<redacted>)")
-    }
-}
-
-impl std::str::FromStr for Password {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Password(s.to_string()))
-    }
-}
-
-impl From<&str> for Password {
-    fn from(s: &str) -> Self {
-        Password(s.to_string())
-    }
-}
-
-/// How to reach etcd: flannel's flags.
-#[derive(Debug, Clone)]
-pub struct EtcdOptions {
-    pub endpoints: Vec<String>,
-    pub prefix: String,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password: Option<Password>,
-    /// Bound on every single call.
-    pub timeout: Duration,
-}
-
-impl Default for EtcdOptions {
-    fn default() -> Self {
-        EtcdOptions {
-            endpoints: vec!["http://127.0.0.1:2379".into()],
-            prefix: DEFAULT_PREFIX.into(),
-            ca_file: None,
-            cert_file: None,
-            key_file: None,
-            username: None,
-            password: None,
-            timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-/// The etcd v3 registry.
-#[derive(Clone)]
+/// The lease store on etcd v3: flannel's keys under the connection's prefix.
+#[derive(Clone, Debug)]
 pub struct EtcdRegistry {
-    client: Client,
-    prefix: String,
-    timeout: Duration,
-    round_trips: Arc<AtomicU64>,
-    /// With several endpoints: keeps the balancer on the members that answer.
-    _keeper: Option<Arc<crate::endpoints::Keeper>>,
-}
-
-impl std::fmt::Debug for EtcdRegistry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdRegistry")
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
-    }
-}
-
-fn read_file(path: &PathBuf, what: &str) -> Result<Vec<u8>, RegistryError> {
-    std::fs::read(path).map_err(|e| RegistryError::Tls(format!("{what} {}: {e}", path.display())))
+    conn: Connection,
 }
 
 impl EtcdRegistry {
-    /// Builds a client. Connections are made lazily, so this succeeds while etcd is down;
+    /// Connects (see [`Connection::connect`]): lazily, so this succeeds while etcd is down;
     /// configuration mistakes (bad URLs, unreadable certificates, TLS flags with http://
     /// endpoints) fail here.
     pub async fn connect(opts: &EtcdOptions) -> Result<Self, RegistryError> {
-        let tls_wanted =
-            opts.ca_file.is_some() || opts.cert_file.is_some() || opts.key_file.is_some();
-        for ep in &opts.endpoints {
-            let bad = |msg: &str| RegistryError::Endpoint {
-                endpoint: ep.clone(),
-                msg: msg.to_string(),
-            };
-            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-                return Err(bad("must start with http:// or https://"));
-            }
-            // flannel quietly talks plain text to http:// endpoints even when given a CA file.
-            // Refuse instead: a CA (or client certificate) means the user wants TLS.
-            if tls_wanted && ep.starts_with("http://") {
-                return Err(bad(
-                    "TLS files (--etcd-cafile/--etcd-certfile/--etcd-keyfile) are set: use https:// so the connection is encrypted",
-                ));
-            }
-        }
-        if opts.endpoints.is_empty() {
-            return Err(RegistryError::Endpoint {
-                endpoint: String::new(),
-                msg: "no etcd endpoints given".into(),
-            });
-        }
-        let mut co = ConnectOptions::new()
-            .with_connect_timeout(opts.timeout)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
-        if tls_wanted {
-            let mut tls = etcd_client::TlsOptions::new();
-            if let Some(ca) = &opts.ca_file {
-                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read_file(
-                    ca,
-                    "--etcd-cafile",
-                )?));
-            }
-            match (&opts.cert_file, &opts.key_file) {
-                (Some(c), Some(k)) => {
-                    tls = tls.identity(etcd_client::Identity::from_pem(
-                        read_file(c, "--etcd-certfile")?,
-                        read_file(k, "--etcd-keyfile")?,
-                    ));
-                }
-                (None, None) => {}
-                _ => {
-                    return Err(RegistryError::Tls(
-                        "--etcd-certfile and --etcd-keyfile must be given together".into(),
-                    ))
-                }
-            }
-            co = co.with_tls(tls);
-        }
-        if let Some(user) = &opts.username {
-            co = co.with_user(
-                user.clone(),
-                opts.password
-                    .as_ref()
-                    .map(|p| p.expose().to_string())
-                    .unwrap_or_default(),
-            );
-        }
-        if opts.password.is_some() {
-            // etcd's authentication sends the password in clear over http://.
-            for ep in opts.endpoints.iter().filter(|e| e.starts_with("http://")) {
-                tracing::warn!(
-                    endpoint = %ep,
-                    "an etcd password is set but the endpoint is plain http://: the password crosses the network unencrypted (use https://)"
-                );
-            }
-        }
-        let probe_options = co.clone();
-        // With a user, connect() authenticates at once, so it is bounded too.
-        let client = tokio::time::timeout(
-            opts.timeout * 2,
-            Client::connect(opts.endpoints.clone(), Some(co)),
-        )
-        .await
-        .map_err(|_| RegistryError::Timeout {
-            op: "connect",
-            timeout: opts.timeout * 2,
-        })?
-        .map_err(|source| RegistryError::Etcd {
-            op: "connect",
-            source,
-        })?;
-        let keeper = crate::endpoints::keep(
-            &client,
-            &opts.endpoints,
-            probe_options,
-            opts.timeout.min(Duration::from_secs(3)),
-        )
-        .await;
         Ok(EtcdRegistry {
-            client,
-            prefix: opts.prefix.trim_end_matches('/').to_string(),
-            timeout: opts.timeout,
-            round_trips: Arc::new(AtomicU64::new(0)),
-            _keeper: keeper,
+            conn: Connection::connect(opts).await?,
         })
+    }
+
+    /// A lease store over an existing connection.
+    pub fn new(conn: Connection) -> Self {
+        EtcdRegistry { conn }
+    }
+
+    /// The connection underneath (shared by clones).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     /// etcd round trips made so far by this registry and its clones.
     pub fn round_trips(&self) -> u64 {
-        self.round_trips.load(Ordering::Relaxed)
+        self.conn.round_trips()
     }
 
     /// The etcd prefix, without a trailing slash.
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        self.conn.prefix()
     }
 
     pub fn config_key(&self) -> String {
-        format!("{}/config", self.prefix)
+        config_key(self.prefix())
     }
 
     fn subnets_prefix(&self) -> String {
-        format!("{}/subnets/", self.prefix)
+        format!("{}/subnets/", self.prefix())
     }
 
     fn lease_key(&self, key: &SubnetKey) -> String {
@@ -365,21 +144,14 @@ impl EtcdRegistry {
 
     /// The etcd client, for tests and tools that need raw access.
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.conn.client()
     }
 
     pub(crate) async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RegistryError>
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(RegistryError::Timeout {
-                op,
-                timeout: self.timeout,
-            }),
-            Ok(r) => r.map_err(|source| RegistryError::Etcd { op, source }),
-        }
+        self.conn.call(op, fut).await
     }
 
     fn decode(&self, kv: &KeyValue) -> Result<Lease, String> {
@@ -411,7 +183,7 @@ impl EtcdRegistry {
     /// Watches `<prefix>/config` from now on. The stream ends or errs when the watch breaks;
     /// the caller re-reads the key and watches again.
     pub async fn watch_config(&self) -> Result<ConfigStream, RegistryError> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let stream = self
             .call("watch config", c.watch(self.config_key(), None))
             .await?;
@@ -443,7 +215,7 @@ impl EtcdRegistry {
 
 impl Registry for EtcdRegistry {
     async fn get_config(&self) -> Result<Option<String>, RegistryError> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let resp = self
             .call("get config", c.get(self.config_key(), None))
             .await?;
@@ -454,7 +226,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let resp = self
             .call(
                 "list leases",
@@ -477,7 +249,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn grant(&self, ttl: Duration) -> Result<i64, RegistryError> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         Ok(self
             .call("lease grant", c.lease_grant(ttl_secs, None))
@@ -486,7 +258,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn revoke(&self, etcd_lease: i64) -> Result<(), RegistryError> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         self.call("lease revoke", c.lease_revoke(etcd_lease))
             .await
             .map(|_| ())
@@ -498,7 +270,7 @@ impl Registry for EtcdRegistry {
         attrs: &LeaseAttrs,
         etcd_lease: i64,
     ) -> Result<bool, RegistryError> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let k = self.lease_key(&key);
         let txn = Txn::new()
             .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
@@ -511,7 +283,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn update_lease(&self, lease: &Lease, attrs: &LeaseAttrs) -> Result<bool, RegistryError> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let k = self.lease_key(&lease.key);
         let put_opts =
             (!lease.is_reservation()).then(|| PutOptions::new().with_lease(lease.etcd_lease));
@@ -526,7 +298,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn delete_lease(&self, lease: &Lease) -> Result<bool, RegistryError> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let k = self.lease_key(&lease.key);
         let txn = Txn::new()
             .when([Compare::mod_revision(
@@ -539,7 +311,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn renew(&self, etcd_lease: i64) -> Result<Option<Duration>, RegistryError> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let fut = async move {
             let (mut keeper, mut stream) = c.lease_keep_alive(etcd_lease).await?;
             keeper.keep_alive().await?;
@@ -557,7 +329,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn watch_leases(&self, start_revision: i64) -> Result<WatchStream, RegistryError> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(start_revision)
@@ -612,26 +384,5 @@ impl Registry for EtcdRegistry {
             Ok(WatchBatch::Events { events, revision })
         });
         Ok(Box::pin(mapped))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn options_debug_output_hides_the_password() {
-        let opts = EtcdOptions {
-            username: Some("root".into()),
-            password: Some(Password::new("hunter2-secret")),
-            ..EtcdOptions::default()
-        };
-        let shown = format!("{opts:?}");
-        assert!(!shown.contains("hunter2-secret"), "{shown}");
-        assert!(shown.contains("root"), "{shown}");
-        assert_eq!(
-            opts.password.as_ref().map(Password::expose),
-            Some("hunter2-secret")
-        );
     }
 }

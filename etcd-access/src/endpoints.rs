@@ -6,7 +6,7 @@
 //! client per endpoint asks its member's `status` every [`PROBE_INTERVAL`]; members that do
 //! not answer are removed from the main client's balancer and put back when they answer again.
 //! The last answering member is never removed (with none answering, all stay in). The first
-//! round runs before [`crate::EtcdRegistry::connect`] returns, so one-shot tools start on the
+//! round runs before [`crate::Connection::connect`] returns, so one-shot tools start on the
 //! members that answer.
 
 use std::collections::BTreeSet;
