@@ -249,8 +249,27 @@ async fn cleanup(flags: &Flags) -> Result<()> {
     }
 }
 
-/// Reconciles the backends and the host rules, recording the outcome.
-async fn sync(backend: &mut BackendSet, rules: &mut RuleKeeper, status: &Status) {
+/// Reconciles the backends and the host rules, recording the outcome. Until the first full
+/// list of leases is in (`listed`), the backends are left as they are: a reconcile would remove
+/// every peer's routes, neighbours and FDB entries that a restarted daemon has not heard of
+/// yet (and add them back a list later).
+async fn sync(backend: &mut BackendSet, rules: &mut RuleKeeper, status: &Status, listed: bool) {
+    if listed {
+        reconcile(backend, status).await;
+    }
+    match rules.ensure().await {
+        Ok(true) => {
+            status.rules_installs.inc();
+        }
+        Ok(false) => {}
+        Err(e) => {
+            status.rules_errors.inc();
+            tracing::error!("host rules: {e:#}");
+        }
+    }
+}
+
+async fn reconcile(backend: &mut BackendSet, status: &Status) {
     let started = Instant::now();
     status.reconciles.inc();
     match backend.reconcile().await {
@@ -279,16 +298,6 @@ async fn sync(backend: &mut BackendSet, rules: &mut RuleKeeper, status: &Status)
     }
     status.peers_unreachable.set(unreachable.len() as i64);
     status.set_backend_counters(&backend.counters());
-    match rules.ensure().await {
-        Ok(true) => {
-            status.rules_installs.inc();
-        }
-        Ok(false) => {}
-        Err(e) => {
-            status.rules_errors.inc();
-            tracing::error!("host rules: {e:#}");
-        }
-    }
 }
 
 /// What this node publishes in its lease: its public IP and the primary backend's type/data.
@@ -487,7 +496,9 @@ pub async fn run(flags: Flags) -> Result<()> {
         .set_lease(&lease)
         .await
         .context("configuring the backend for our lease")?;
-    sync(&mut backend, &mut rules, &status).await;
+    // Peers are not known yet: host rules only, the data plane stays as it is.
+    let mut listed = false;
+    sync(&mut backend, &mut rules, &status, listed).await;
     // The subnet file for a lease, with the MTU of the backend running now.
     let write_env = |l: &Lease, set: &BackendSet| {
         write_subnet_file(
@@ -575,15 +586,16 @@ pub async fn run(flags: Flags) -> Result<()> {
         let first = tokio::select! {
             ev = events.recv() => ev,
             _ = resync.tick() => {
-                sync(&mut backend, &mut rules, &status).await;
+                sync(&mut backend, &mut rules, &status, listed).await;
                 continue;
             }
-            text = config_changes.recv() => {
+            // A backend switch needs every peer: only once they are listed.
+            text = config_changes.recv(), if listed => {
                 if let Some(text) = text {
                     if let Some(l) = apply_config(&text, &cfg, &mut requested, &mut backend, &control, &status, &ext).await {
                         own = l;
                         write_env(&own, &backend)?;
-                        sync(&mut backend, &mut rules, &status).await;
+                        sync(&mut backend, &mut rules, &status, listed).await;
                     }
                 }
                 continue;
@@ -616,10 +628,17 @@ pub async fn run(flags: Flags) -> Result<()> {
                     write_env(l, &backend)?;
                     let _ = subnet_tx.send(l.key);
                 }
+                Event::PeersListed => {
+                    listed = true;
+                    tracing::info!(
+                        "peer leases listed ({} peers); reconciling, stale entries go now",
+                        backend.peer_keys().len()
+                    );
+                }
             }
             backend.peer_event(ev);
         }
-        sync(&mut backend, &mut rules, &status).await;
+        sync(&mut backend, &mut rules, &status, listed).await;
     }
     tracing::debug!("stopping with lease {}", describe(&own));
     config_watch.abort();
