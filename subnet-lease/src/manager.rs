@@ -38,6 +38,24 @@ pub enum LeaseError {
     Contention(usize),
     #[error("lease {0} is gone or no longer ours; it is re-acquired with the new attributes")]
     NotOurs(SubnetKey),
+    #[error(
+        "our lease {} lies outside the network config ({network}): the config changed under \
+         it. The lease stays (a subnet in another Network would split the cluster). Restore \
+         the config, or release the lease deliberately: `flannelctl leases revoke {}`, or \
+         restart flanneld with --allow-network-change",
+        keys(.leases), keys(.leases)
+    )]
+    OutsideNetwork {
+        leases: Vec<SubnetKey>,
+        network: String,
+    },
+}
+
+fn keys(k: &[SubnetKey]) -> String {
+    k.iter()
+        .map(|k| k.ipv4.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl LeaseError {
@@ -46,7 +64,7 @@ impl LeaseError {
         match self {
             LeaseError::Registry(e) => e.is_transient(),
             LeaseError::Contention(_) | LeaseError::NotOurs(_) => true,
-            LeaseError::Alloc(_) => false,
+            LeaseError::Alloc(_) | LeaseError::OutsideNetwork { .. } => false,
         }
     }
 }
@@ -82,6 +100,10 @@ pub struct ManagerOptions {
     /// How long `PeerRemoved` waits for the peer's lease to come back (see
     /// [`DEFAULT_REMOVAL_GRACE`]); zero reports removals at once.
     pub removal_grace: Duration,
+    /// Whether acquiring may delete our leases that no longer fit the config (an operator's
+    /// deliberate Network change, `--allow-network-change`). Without it such a lease stays and
+    /// acquisition fails with [`LeaseError::OutsideNetwork`].
+    pub release_stale_leases: bool,
     /// Counters for metrics, shared with the caller.
     pub stats: Arc<LeaseStats>,
 }
@@ -93,6 +115,7 @@ impl Default for ManagerOptions {
             renew_margin: DEFAULT_RENEW_MARGIN,
             backoff: Backoff::default(),
             removal_grace: DEFAULT_REMOVAL_GRACE,
+            release_stale_leases: false,
             stats: Arc::default(),
         }
     }
@@ -182,6 +205,23 @@ impl LeaseStats {
     }
 }
 
+/// The subnet settings of a config, for messages.
+fn describe_network(cfg: &NetConfig) -> String {
+    let v4 = cfg.ipv4_network().map_or("no IPv4 Network".into(), |n| {
+        format!(
+            "Network {n}, SubnetLen {}, SubnetMin {}, SubnetMax {}",
+            cfg.subnet_len, cfg.subnet_min, cfg.subnet_max
+        )
+    });
+    match cfg.ipv6_network() {
+        Some(n) => format!(
+            "{v4}, IPv6Network {n}, IPv6SubnetLen {}",
+            cfg.ipv6_subnet_len
+        ),
+        None => v4,
+    }
+}
+
 /// Acquires and keeps one node's lease.
 #[derive(Debug, Clone)]
 pub struct LeaseManager<R> {
@@ -243,8 +283,14 @@ impl<R: Registry> LeaseManager<R> {
                 alloc::pool_size(attempt),
                 &mut rand::rng(),
             )?;
+            if !plan.stale.is_empty() && !self.opts.release_stale_leases {
+                return Err(LeaseError::OutsideNetwork {
+                    leases: plan.stale.iter().map(|l| l.key).collect(),
+                    network: describe_network(&self.cfg),
+                });
+            }
             for stale in &plan.stale {
-                tracing::info!(subnet = %stale.key, "deleting our lease that no longer fits the network config");
+                tracing::warn!(subnet = %stale.key, "deleting our lease that no longer fits the network config (--allow-network-change)");
                 self.reg.delete_lease(stale).await?;
             }
             if !plan.stale.is_empty() {

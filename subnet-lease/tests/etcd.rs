@@ -588,3 +588,41 @@ async fn a_dead_endpoint_among_several_does_not_fail_calls() {
             .unwrap_or_else(|e| panic!("call {i} after the restart failed: {e}"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_lease_outside_a_changed_network_is_kept_unless_released() {
+    let Some(env) = Env::start(r#"{"Network":"10.5.0.0/16"}"#).await else {
+        return;
+    };
+    let old = env.node(ip(1), fast()).await.acquire(None).await.unwrap();
+    // The same node under a config whose Network no longer holds its lease.
+    let changed = config::parse(r#"{"Network":"10.6.0.0/16"}"#)
+        .unwrap()
+        .config;
+    let node = |opts: ManagerOptions| {
+        LeaseManager::new(
+            env.reg.clone(),
+            changed.clone(),
+            LeaseAttrs::new(ip(1), "alloc"),
+            opts,
+        )
+    };
+    let e = node(fast()).acquire(Some(old.key)).await.unwrap_err();
+    assert!(
+        matches!(&e, subnet_lease::manager::LeaseError::OutsideNetwork { leases, .. } if leases == &vec![old.key]),
+        "{e}"
+    );
+    assert!(!e.is_transient());
+    let keys = |l: subnet_lease::registry::LeaseList| -> Vec<SubnetKey> {
+        l.leases.into_iter().map(|l| l.key).collect()
+    };
+    assert_eq!(keys(env.reg.list_leases().await.unwrap()), vec![old.key]);
+    // Released deliberately: the old lease goes, one in the new Network comes.
+    let opts = ManagerOptions {
+        release_stale_leases: true,
+        ..fast()
+    };
+    let new = node(opts).acquire(Some(old.key)).await.unwrap();
+    assert!(changed.fits_v4(new.key.ipv4), "{}", new.key);
+    assert_eq!(keys(env.reg.list_leases().await.unwrap()), vec![new.key]);
+}
