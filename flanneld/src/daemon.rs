@@ -490,10 +490,18 @@ async fn apply_config(
         );
         return None;
     }
-    *refused = None;
     if parsed.backend == *requested {
+        *refused = None;
         return None;
     }
+    if let Err(e) = backends::validate(&parsed.backend) {
+        refuse(
+            "invalid",
+            format!("new network config refused, the running one stays: {e}"),
+        );
+        return None;
+    }
+    *refused = None;
     let from = set.primary().backend_type();
     match set.switch(&parsed.backend).await {
         Ok(warnings) => {
