@@ -94,6 +94,7 @@ impl PeerTable {
             Event::OwnLease(l) => {
                 self.0.remove(&l.key);
             }
+            Event::PeersListed => {}
         }
     }
 

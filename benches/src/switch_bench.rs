@@ -8,22 +8,24 @@
 //! the write until the old backend is gone from every node (devices, routes) plus one second is
 //! scored: the longest time without a delivered datagram (ms, less the 1 ms pacing) in either
 //! direction, and the datagrams lost. The same window length with no switch at all is measured
-//! first as the baseline (scheduling jitter on this machine). `--rounds N` repeats the whole
+//! first as the baseline (scheduling jitter on this machine). After each cycle, on the last
+//! backend: node 0's daemon is restarted (SIGTERM, then SIGKILL; window until the new run has
+//! listed its peers + 1 s) and its lease key is deleted (window until node 0 holds it again +
+//! 3 s, beyond the peers' 2 s removal grace). `--rounds N` repeats the whole
 //! cycle; the table shows medians and the worst round. Needs root, etcd and a release build of
 //! flanneld next to this binary (`cargo build --release -p flanneld`).
 
 #[path = "common.rs"]
 mod common;
 
-use std::collections::BTreeSet;
-use std::net::{SocketAddr, UdpSocket};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use test_support::{in_netns, wait_for, Pod, Testbed};
+use test_support::probe::{window, Probe, Score};
+use test_support::{wait_for, Testbed};
 
 use common::{check_stop, flanneld_bin, write_file};
 
@@ -36,43 +38,6 @@ const CYCLE: [&str; 7] = [
     "vxlan", "udp", "host-gw", "vxlan", "host-gw", "udp", "vxlan",
 ];
 
-/// What one window scored in one direction.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Score {
-    /// Longest time without a delivery, less the pacing interval (ms).
-    gap_ms: f64,
-    /// Datagrams sent in the window and never delivered.
-    lost: u64,
-}
-
-/// Scores the datagrams numbered `first..end` from `(sequence number, arrival ms)` records:
-/// the longest interval between consecutive arrivals of that window (less `interval_ms`,
-/// floored at 0) and the numbers that never arrived. A window with no arrival at all scores
-/// its whole length as the gap.
-fn score(arrivals: &[(u64, f64)], first: u64, end: u64, interval_ms: f64) -> Score {
-    let mut times: Vec<f64> = arrivals
-        .iter()
-        .filter(|(s, _)| (first..end).contains(s))
-        .map(|(_, t)| *t)
-        .collect();
-    let seen: BTreeSet<u64> = arrivals
-        .iter()
-        .map(|(s, _)| *s)
-        .filter(|s| (first..end).contains(s))
-        .collect();
-    let lost = (end.saturating_sub(first)).saturating_sub(seen.len() as u64);
-    times.sort_by(f64::total_cmp);
-    let gap = if times.is_empty() {
-        end.saturating_sub(first) as f64 * interval_ms
-    } else {
-        times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
-    };
-    Score {
-        gap_ms: (gap - interval_ms).max(0.0),
-        lost,
-    }
-}
-
 /// The median of `v` (0 when empty).
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
@@ -84,70 +49,6 @@ fn median(mut v: Vec<f64>) -> f64 {
         v[n / 2]
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// One probe direction: a sender thread in one pod, a receiver thread in the other.
-struct Probe {
-    sent: Arc<AtomicU64>,
-    arrivals: Arc<Mutex<Vec<(u64, f64)>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Probe {
-    fn start(from: &Pod, to: &Pod, epoch: Instant, stop: Arc<AtomicBool>) -> Result<Probe> {
-        let rx = in_netns(&to.ns, || UdpSocket::bind(("0.0.0.0", PROBE_PORT)))
-            .map_err(anyhow::Error::msg)?
-            .context("binding the probe receiver")?;
-        rx.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let tx = in_netns(&from.ns, || UdpSocket::bind(("0.0.0.0", 0)))
-            .map_err(anyhow::Error::msg)?
-            .context("binding the probe sender")?;
-        let dst = SocketAddr::new(to.ip.parse().context("pod address")?, PROBE_PORT);
-        let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let sent = Arc::new(AtomicU64::new(0));
-        let (a, s1) = (arrivals.clone(), stop.clone());
-        let receiver = std::thread::spawn(move || {
-            let mut b = [0u8; 64];
-            while !s1.load(Ordering::Relaxed) {
-                if let Ok(8) = rx.recv(&mut b) {
-                    let seq = u64::from_be_bytes(b[..8].try_into().unwrap_or_default());
-                    let t = epoch.elapsed().as_secs_f64() * 1000.0;
-                    a.lock().unwrap_or_else(|e| e.into_inner()).push((seq, t));
-                }
-            }
-        });
-        let (n, s2) = (sent.clone(), stop);
-        let sender = std::thread::spawn(move || {
-            let mut next = Instant::now();
-            while !s2.load(Ordering::Relaxed) {
-                let seq = n.load(Ordering::Relaxed);
-                // Unreachable moments answer with an error: the datagram counts as lost.
-                let _ = tx.send_to(&seq.to_be_bytes(), dst);
-                n.store(seq + 1, Ordering::Relaxed);
-                next += INTERVAL;
-                let now = Instant::now();
-                if next > now {
-                    std::thread::sleep(next - now);
-                } else {
-                    next = now;
-                }
-            }
-        });
-        Ok(Probe {
-            sent,
-            arrivals,
-            threads: vec![receiver, sender],
-        })
-    }
-
-    fn seq(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
-    }
-
-    fn score(&self, first: u64, end: u64) -> Score {
-        let a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
-        score(&a, first, end, INTERVAL.as_secs_f64() * 1000.0)
     }
 }
 
@@ -196,6 +97,10 @@ fn holds(tb: &Testbed, n: usize, backend: &str) -> bool {
     }
 }
 
+fn log_file(dir: &Path, n: usize, run: u32) -> PathBuf {
+    dir.join(format!("n{n}-{run}.log"))
+}
+
 /// Per switch (or "none" for the baseline), one Score per round: the worse direction's gap,
 /// both directions' losses added.
 type Results = Vec<(String, Vec<Score>)>;
@@ -205,24 +110,6 @@ fn record(results: &mut Results, name: &str, s: Score) {
         Some((_, v)) => v.push(s),
         None => results.push((name.to_string(), vec![s])),
     }
-}
-
-/// Scores a window in both directions while `during` runs.
-fn window(probes: &[Probe], during: impl FnOnce() -> Result<()>) -> Result<Score> {
-    let first: Vec<u64> = probes.iter().map(Probe::seq).collect();
-    during()?;
-    let end: Vec<u64> = probes.iter().map(Probe::seq).collect();
-    // Datagrams still in flight at the end are not lost: let them land.
-    std::thread::sleep(Duration::from_millis(50));
-    let scores: Vec<Score> = probes
-        .iter()
-        .zip(first.iter().zip(&end))
-        .map(|(p, (f, e))| p.score(*f, *e))
-        .collect();
-    Ok(Score {
-        gap_ms: scores.iter().map(|s| s.gap_ms).fold(0.0, f64::max),
-        lost: scores.iter().map(|s| s.lost).sum(),
-    })
 }
 
 fn run(rounds: u32) -> Result<Results> {
@@ -240,12 +127,14 @@ fn run(rounds: u32) -> Result<Results> {
         let value = format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, tb.nodes[n].ip);
         etcdctl(&tb, &["put", &key, &value])?;
     }
-    for n in 0..NODES {
+    let bin = bin.to_str().context("path")?.to_string();
+    // Starts node n's daemon, run `run` (its own log file); returns the testbed handle.
+    let start = |tb: &mut Testbed, n: usize, run: u32| -> Result<usize> {
         let ns = tb.nodes[n].ns.clone();
         let env = dir.path().join(format!("n{n}.env"));
         tb.spawn(
             &ns,
-            bin.to_str().context("path")?,
+            &bin,
             &[
                 "--etcd-endpoints",
                 &endpoint,
@@ -255,9 +144,13 @@ fn run(rounds: u32) -> Result<Results> {
                 "--cni-data-dir=",
             ],
             &[("RUST_LOG", "info")],
-            &dir.path().join(format!("n{n}.log")),
+            &log_file(dir.path(), n, run),
         )
-        .map_err(anyhow::Error::msg)?;
+        .map_err(anyhow::Error::msg)
+    };
+    let mut handles = Vec::new();
+    for n in 0..NODES {
+        handles.push(start(&mut tb, n, 0)?);
     }
     wait_for(Duration::from_secs(30), || {
         all_leases_are(&tb, CYCLE[0]).then_some(())
@@ -286,11 +179,21 @@ fn run(rounds: u32) -> Result<Results> {
     let stop = Arc::new(AtomicBool::new(false));
     let epoch = Instant::now();
     let probes = vec![
-        Probe::start(&pods[0], &pods[1], epoch, stop.clone())?,
-        Probe::start(&pods[1], &pods[0], epoch, stop.clone())?,
+        Probe::start(
+            &pods[0],
+            &pods[1],
+            PROBE_PORT,
+            INTERVAL,
+            epoch,
+            stop.clone(),
+        )
+        .map_err(anyhow::Error::msg)?,
+        Probe::start(&pods[1], &pods[0], PROBE_PORT, INTERVAL, epoch, stop)
+            .map_err(anyhow::Error::msg)?,
     ];
     std::thread::sleep(Duration::from_secs(1));
     let mut results: Results = Vec::new();
+    let mut runs = 0;
     let outcome = (|| -> Result<()> {
         for r in 1..=rounds {
             let mut lengths = Vec::new();
@@ -298,7 +201,7 @@ fn run(rounds: u32) -> Result<Results> {
                 check_stop()?;
                 let (old, new) = (pair[0], pair[1]);
                 let t0 = Instant::now();
-                let s = window(&probes, || {
+                let s = window(&probes, || -> Result<()> {
                     etcdctl(&tb, &["put", "/coreos.com/network/config", &config(new)])?;
                     wait_for(Duration::from_secs(30), || {
                         all_leases_are(&tb, new).then_some(())
@@ -320,6 +223,61 @@ fn run(rounds: u32) -> Result<Results> {
                 );
                 record(&mut results, &format!("{old} -> {new}"), s);
             }
+            // Restarts of node 0's daemon and the loss of its lease, on the last backend of
+            // the cycle: nothing programmed may go missing meanwhile.
+            for (what, kind) in [
+                ("restart, SIGTERM", 0),
+                ("restart, SIGKILL", 1),
+                ("lease deleted, re-acquired", 2),
+            ] {
+                check_stop()?;
+                let t0 = Instant::now();
+                let s = window(&probes, || -> Result<()> {
+                    if kind == 2 {
+                        let key = format!(
+                            "/coreos.com/network/subnets/{}",
+                            SUBNETS[0].replace('/', "-")
+                        );
+                        etcdctl(&tb, &["del", &key])?;
+                        // Re-created by node 0, then the peers' removal grace and a second.
+                        wait_for(Duration::from_secs(30), || {
+                            etcdctl(&tb, &["get", &key, "--print-value-only"])
+                                .ok()
+                                .filter(|v| v.contains(&tb.nodes[0].ip))
+                        })
+                        .context("node 0 did not re-acquire its lease in 30 s")?;
+                        std::thread::sleep(Duration::from_secs(3));
+                        return Ok(());
+                    }
+                    if kind == 1 {
+                        tb.kill(handles[0]);
+                    } else {
+                        tb.stop(handles[0], Duration::from_secs(10));
+                    }
+                    runs += 1;
+                    handles[0] = start(&mut tb, 0, runs)?;
+                    wait_for(Duration::from_secs(30), || {
+                        std::fs::read_to_string(log_file(dir.path(), 0, runs))
+                            .ok()
+                            .filter(|l| l.contains("peer leases listed"))
+                    })
+                    .context("restarted node 0 did not list its peers in 30 s")?;
+                    std::thread::sleep(Duration::from_secs(1));
+                    Ok(())
+                })?;
+                lengths.push(t0.elapsed());
+                eprintln!(
+                    "round {r}/{rounds}: {what}: gap {:.1} ms, {} lost ({:.1} s window)",
+                    s.gap_ms,
+                    s.lost,
+                    t0.elapsed().as_secs_f64()
+                );
+                record(
+                    &mut results,
+                    &format!("{what} ({})", CYCLE[CYCLE.len() - 1]),
+                    s,
+                );
+            }
             // The baseline: a window as long as the longest switch's, nothing switching.
             check_stop()?;
             let longest = lengths
@@ -327,7 +285,7 @@ fn run(rounds: u32) -> Result<Results> {
                 .max()
                 .copied()
                 .unwrap_or(Duration::from_secs(5));
-            let s = window(&probes, || {
+            let s = window(&probes, || -> Result<()> {
                 std::thread::sleep(longest);
                 Ok(())
             })?;
@@ -339,12 +297,7 @@ fn run(rounds: u32) -> Result<Results> {
         }
         Ok(())
     })();
-    stop.store(true, Ordering::Relaxed);
-    for p in probes {
-        for t in p.threads {
-            let _ = t.join();
-        }
-    }
+    drop(probes);
     outcome?;
     Ok(results)
 }
@@ -353,7 +306,8 @@ fn render(results: &Results, rounds: u32) -> String {
     let mut t = format!(
         "Live backend switch, 3 namespace nodes, UDP probes every 1 ms pod to pod in both \
          directions, {rounds} round(s); window = config write until the old backend is gone \
-         everywhere + 1 s.\n\n\
+         everywhere + 1 s; restart: until the new daemon has listed its peers + 1 s; lease \
+         deleted: until re-acquired + 3 s.\n\n\
          | switch | longest gap without delivery, median (ms) | worst round (ms) | datagrams lost, median | worst round |\n\
          |---|---|---|---|---|\n"
     );
@@ -411,61 +365,6 @@ fn main() -> Result<()> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn steady_stream_scores_no_gap_and_no_loss() {
-        let a: Vec<(u64, f64)> = (0..100).map(|s| (s, s as f64)).collect();
-        assert_eq!(
-            score(&a, 10, 90, 1.0),
-            Score {
-                gap_ms: 0.0,
-                lost: 0
-            }
-        );
-    }
-
-    #[test]
-    fn a_hole_is_the_gap_and_its_datagrams_are_lost() {
-        // 40..60 never arrive: 21 ms between the arrivals of 39 and 60.
-        let a: Vec<(u64, f64)> = (0..100)
-            .filter(|s| !(40..60).contains(s))
-            .map(|s| (s, s as f64))
-            .collect();
-        let s = score(&a, 0, 100, 1.0);
-        assert_eq!(s.lost, 20);
-        assert!((s.gap_ms - 20.0).abs() < 1e-9, "{s:?}");
-        // Outside the window nothing counts.
-        assert_eq!(score(&a, 60, 100, 1.0).lost, 0);
-    }
-
-    #[test]
-    fn a_late_burst_is_a_gap_without_loss_and_duplicates_count_once() {
-        // 50..55 held back 30 ms and delivered together, 52 twice.
-        let mut a: Vec<(u64, f64)> = (0..100)
-            .map(|s| {
-                (
-                    s,
-                    if (50..55).contains(&s) {
-                        84.0
-                    } else {
-                        s as f64
-                    },
-                )
-            })
-            .collect();
-        a.push((52, 84.0));
-        let s = score(&a, 0, 100, 1.0);
-        assert_eq!(s.lost, 0);
-        // 49 at 49 ms, then 55 at 55 ms: the delayed five arrive after, at 84.
-        assert!((s.gap_ms - 5.0).abs() < 1e-9, "{s:?}");
-    }
-
-    #[test]
-    fn nothing_delivered_scores_the_whole_window() {
-        let s = score(&[], 0, 50, 1.0);
-        assert_eq!(s.lost, 50);
-        assert!((s.gap_ms - 49.0).abs() < 1e-9);
-    }
 
     #[test]
     fn medians_and_arguments() {

@@ -1,6 +1,7 @@
 //! `flannelctl config get|set`: the network config (`<prefix>/config`, flannel's net-conf.json).
-//! `set` validates with flanneld's own parser before writing, and refuses to change `Network`
-//! while leases exist unless `--force` (their subnets would lie outside the new Network).
+//! `set` validates with flanneld's own parser before writing, and while leases exist refuses,
+//! unless `--force`, a config that changes `Network`, replaces a stored config that does not
+//! parse, or that some lease does not fit (their subnets would lie outside the new Network).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use subnet_lease::config;
-use subnet_lease::{EtcdRegistry, Registry};
+use subnet_lease::{EtcdRegistry, Registry, SubnetKey};
 
 use crate::common::EtcdFlags;
 
@@ -40,16 +41,54 @@ pub async fn connect(etcd: &EtcdFlags) -> Result<EtcdRegistry> {
     })
 }
 
-/// Why writing `new` over `old` must be forced (pure): a different Network while leases exist.
-pub fn network_change_blocked(old: Option<&str>, new: &str, leases: usize) -> Option<String> {
-    let new_net = config::parse(new).ok()?.config.network;
-    let old_net = config::parse(old?).ok()?.config.network;
-    (old_net != new_net && leases > 0).then(|| {
+/// Why writing `new` over `old` must be forced while `leases` exist (pure): a different
+/// Network; a stored config that does not parse (the Network the leases were taken in is
+/// unknown); or leases that do not fit the new config, whatever is stored. A node restarted
+/// under such a config finds its lease outside it and waits for an operator.
+pub fn network_change_blocked(
+    old: Option<&str>,
+    new: &str,
+    leases: &[SubnetKey],
+) -> Option<String> {
+    let new_cfg = config::parse(new).ok()?.config;
+    if leases.is_empty() {
+        return None;
+    }
+    let n = leases.len();
+    let net = |c: &config::NetConfig| c.network.map_or("none".into(), |n| n.to_string());
+    if let Some(old) = old {
+        match config::parse(old) {
+            Ok(p) if p.config.network != new_cfg.network => {
+                return Some(format!(
+                    "Network would change from {} to {} while {n} lease(s) exist: their subnets \
+                     would lie outside it; remove the leases first or pass --force",
+                    net(&p.config),
+                    net(&new_cfg),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Some(format!(
+                    "the stored config does not parse ({e}), so the Network that {n} lease(s) \
+                     were taken in is unknown; check them (`flannelctl leases list`) and pass \
+                     --force if the new config is meant for them"
+                ))
+            }
+        }
+    }
+    let outside: Vec<String> = leases
+        .iter()
+        .filter(|k| !new_cfg.fits_v4(k.ipv4))
+        .map(|k| k.ipv4.to_string())
+        .collect();
+    (!outside.is_empty()).then(|| {
         format!(
-            "Network would change from {} to {} while {leases} lease(s) exist: their subnets \
-             would lie outside it; remove the leases first or pass --force",
-            old_net.map_or("none".into(), |n| n.to_string()),
-            new_net.map_or("none".into(), |n| n.to_string()),
+            "{} of {n} lease(s) do not fit the new config (Network {}, SubnetLen {}): {}; \
+             remove them first or pass --force",
+            outside.len(),
+            net(&new_cfg),
+            new_cfg.subnet_len,
+            outside.join(", ")
         )
     })
 }
@@ -90,9 +129,15 @@ pub async fn run(etcd: &EtcdFlags, cmd: ConfigCmd) -> Result<()> {
                 println!("network config exists at {key}; left as it is");
                 return Ok(());
             }
-            let leases = reg.list_leases().await?.leases.len();
+            let leases: Vec<SubnetKey> = reg
+                .list_leases()
+                .await?
+                .leases
+                .into_iter()
+                .map(|l| l.key)
+                .collect();
             if !force {
-                if let Some(why) = network_change_blocked(old.as_deref(), &text, leases) {
+                if let Some(why) = network_change_blocked(old.as_deref(), &text, &leases) {
                     bail!("{why}");
                 }
             }
@@ -119,6 +164,7 @@ pub async fn run(etcd: &EtcdFlags, cmd: ConfigCmd) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -127,14 +173,44 @@ mod tests {
         let a = r#"{"Network":"10.5.0.0/16"}"#;
         let b = r#"{"Network":"10.6.0.0/16"}"#;
         let a2 = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#;
-        assert!(network_change_blocked(Some(a), b, 2)
+        let leases = [key("10.5.1.0/24"), key("10.5.2.0/24")];
+        assert!(network_change_blocked(Some(a), b, &leases)
             .is_some_and(|m| m.contains("10.5.0.0/16 to 10.6.0.0/16")));
-        assert_eq!(network_change_blocked(Some(a), b, 0), None);
+        assert_eq!(network_change_blocked(Some(a), b, &[]), None);
         assert_eq!(
-            network_change_blocked(Some(a), a2, 3),
+            network_change_blocked(Some(a), a2, &leases),
             None,
             "backend change only"
         );
-        assert_eq!(network_change_blocked(None, b, 3), None, "first config");
+        assert_eq!(network_change_blocked(None, b, &[]), None, "first config");
+    }
+
+    #[test]
+    fn whatever_is_stored_leases_must_fit_the_new_config() {
+        let b = r#"{"Network":"10.6.0.0/16"}"#;
+        let leases = [key("10.5.1.0/24")];
+        // Stored config unparseable: the leases' Network is unknown.
+        let m = network_change_blocked(Some("{not json"), b, &leases).unwrap();
+        assert!(m.contains("does not parse"), "{m}");
+        assert!(
+            network_change_blocked(Some(r#"{"Network":"bogus"}"#), b, &leases).is_some(),
+            "invalid but JSON"
+        );
+        assert_eq!(network_change_blocked(Some("{not json"), b, &[]), None);
+        // No config stored (deleted) but leases of another Network exist.
+        let m = network_change_blocked(None, b, &leases).unwrap();
+        assert!(
+            m.contains("10.5.1.0/24") && m.contains("10.6.0.0/16"),
+            "{m}"
+        );
+        // Same Network, another SubnetLen: the leases no longer fit either.
+        let a = r#"{"Network":"10.5.0.0/16"}"#;
+        let a26 = r#"{"Network":"10.5.0.0/16","SubnetLen":26}"#;
+        assert!(network_change_blocked(Some(a), a26, &leases).is_some());
+        assert_eq!(network_change_blocked(None, a, &leases), None);
+    }
+
+    fn key(s: &str) -> SubnetKey {
+        SubnetKey::v4(s.parse().unwrap())
     }
 }

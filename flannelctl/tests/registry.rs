@@ -501,6 +501,19 @@ fn config_and_leases() {
         .ok(&["config", "set", "-f", &other, "--if-absent"])
         .contains("left as it is"));
     assert!(c.ok(&["config", "get"]).contains("udp"));
+    // A stored config that does not parse (written straight into etcd): the leases' Network
+    // is unknown, so a new one still needs --force.
+    c._etcd
+        .etcdctl(&["put", &format!("{}/config", c.prefix), "{not json"])
+        .unwrap();
+    let o = c.run(&["config", "set", "-f", &other]);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.contains("does not parse") && o.stderr.contains("--force"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(c.ok(&["config", "get"]).trim(), "{not json");
     c.ok(&["config", "set", "-f", &other, "--force"]);
     assert!(c.ok(&["config", "get"]).contains("10.6.0.0/16"));
     // Revoke: a node's lease goes (key and etcd lease); a reservation and unknown subnets

@@ -12,7 +12,8 @@ use backends::netlink::Netlink;
 use backends::netlink_rt::RtNetlink;
 use backends::set::BackendSet;
 use backends::{BackendContext, ExternalInterface};
-use subnet_lease::manager::{Event, LeaseStats, ManagerOptions};
+use subnet_lease::alloc::AllocError;
+use subnet_lease::manager::{Event, LeaseError, LeaseStats, ManagerOptions};
 use subnet_lease::registry::Registry;
 use subnet_lease::{
     config, BackendConfig, Backoff, EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, LeaseManager,
@@ -145,14 +146,40 @@ fn write_subnet_file(
     Ok(())
 }
 
+/// What an acquisition attempt came to.
+enum Acquired {
+    Lease(Box<Lease>),
+    /// No lease can be had now; retrying later may help (`reason` labels the metric).
+    Wait {
+        reason: &'static str,
+        why: String,
+    },
+}
+
+/// Acquires a lease, retrying transient errors; a full network or our lease outside a changed
+/// config is [`Acquired::Wait`].
 async fn acquire(
     manager: &LeaseManager<EtcdRegistry>,
     previous: Option<SubnetKey>,
-) -> Result<Lease> {
+) -> Result<Acquired> {
     let mut backoff = Backoff::default();
     loop {
         match manager.acquire(previous).await {
-            Ok(l) => return Ok(l),
+            Ok(l) => return Ok(Acquired::Lease(Box::new(l))),
+            Err(e @ LeaseError::Alloc(AllocError::Full { .. })) => {
+                return Ok(Acquired::Wait {
+                    reason: "network_full",
+                    why: format!(
+                        "{e}; a subnet freed (lease deleted, revoked or expired) is taken"
+                    ),
+                })
+            }
+            Err(e @ LeaseError::OutsideNetwork { .. }) => {
+                return Ok(Acquired::Wait {
+                    reason: "lease_outside_network",
+                    why: e.to_string(),
+                })
+            }
             Err(e) if e.is_transient() => {
                 let d = backoff.next_delay();
                 tracing::warn!("acquiring a lease: {e}; retrying in {d:?}");
@@ -249,8 +276,27 @@ async fn cleanup(flags: &Flags) -> Result<()> {
     }
 }
 
-/// Reconciles the backends and the host rules, recording the outcome.
-async fn sync(backend: &mut BackendSet, rules: &mut RuleKeeper, status: &Status) {
+/// Reconciles the backends and the host rules, recording the outcome. Until the first full
+/// list of leases is in (`listed`), the backends are left as they are: a reconcile would remove
+/// every peer's routes, neighbours and FDB entries that a restarted daemon has not heard of
+/// yet (and add them back a list later).
+async fn sync(backend: &mut BackendSet, rules: &mut RuleKeeper, status: &Status, listed: bool) {
+    if listed {
+        reconcile(backend, status).await;
+    }
+    match rules.ensure().await {
+        Ok(true) => {
+            status.rules_installs.inc();
+        }
+        Ok(false) => {}
+        Err(e) => {
+            status.rules_errors.inc();
+            tracing::error!("host rules: {e:#}");
+        }
+    }
+}
+
+async fn reconcile(backend: &mut BackendSet, status: &Status) {
     let started = Instant::now();
     status.reconciles.inc();
     match backend.reconcile().await {
@@ -279,16 +325,6 @@ async fn sync(backend: &mut BackendSet, rules: &mut RuleKeeper, status: &Status)
     }
     status.peers_unreachable.set(unreachable.len() as i64);
     status.set_backend_counters(&backend.counters());
-    match rules.ensure().await {
-        Ok(true) => {
-            status.rules_installs.inc();
-        }
-        Ok(false) => {}
-        Err(e) => {
-            status.rules_errors.inc();
-            tracing::error!("host rules: {e:#}");
-        }
-    }
 }
 
 /// What this node publishes in its lease: its public IP and the primary backend's type/data.
@@ -336,9 +372,83 @@ async fn watch_config(reg: EtcdRegistry, tx: mpsc::Sender<String>) {
     }
 }
 
-/// A new network config text: refused (logged, counted) when invalid or when it changes more
-/// than `Backend` (that needs a restart); a changed `Backend` switches the data plane live and
-/// republishes our lease. Returns our lease as republished after a switch.
+/// The settings other than `Backend` that differ between two configs, as "Key old -> new".
+fn changed_settings(running: &NetConfig, new: &NetConfig) -> Vec<String> {
+    fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+        v.as_ref().map_or("none".into(), |v| v.to_string())
+    }
+    let mut out = Vec::new();
+    let mut diff = |key: &str, a: String, b: String| {
+        if a != b {
+            out.push(format!("{key} {a} -> {b}"));
+        }
+    };
+    diff("Network", opt(&running.network), opt(&new.network));
+    diff(
+        "SubnetLen",
+        running.subnet_len.to_string(),
+        new.subnet_len.to_string(),
+    );
+    diff(
+        "SubnetMin",
+        running.subnet_min.to_string(),
+        new.subnet_min.to_string(),
+    );
+    diff(
+        "SubnetMax",
+        running.subnet_max.to_string(),
+        new.subnet_max.to_string(),
+    );
+    diff(
+        "EnableIPv4",
+        running.enable_ipv4.to_string(),
+        new.enable_ipv4.to_string(),
+    );
+    diff(
+        "EnableIPv6",
+        running.enable_ipv6.to_string(),
+        new.enable_ipv6.to_string(),
+    );
+    diff(
+        "IPv6Network",
+        opt(&running.ipv6_network),
+        opt(&new.ipv6_network),
+    );
+    diff(
+        "IPv6SubnetLen",
+        running.ipv6_subnet_len.to_string(),
+        new.ipv6_subnet_len.to_string(),
+    );
+    diff(
+        "IPv6SubnetMin",
+        running.ipv6_subnet_min.to_string(),
+        new.ipv6_subnet_min.to_string(),
+    );
+    diff(
+        "IPv6SubnetMax",
+        running.ipv6_subnet_max.to_string(),
+        new.ipv6_subnet_max.to_string(),
+    );
+    diff(
+        "EnableNFTables",
+        running.enable_nftables.to_string(),
+        new.enable_nftables.to_string(),
+    );
+    diff(
+        "ServiceNetwork",
+        running.service_network.to_string(),
+        new.service_network.to_string(),
+    );
+    out
+}
+
+/// A new network config text: refused (logged, counted in `flannel_config_rejected_total` by
+/// reason) when invalid or when it changes more than `Backend` (that needs a restart, and a
+/// restart keeps refusing a lease that no longer fits); a changed `Backend` switches the data
+/// plane live and republishes our lease. A refused text is logged and counted once, however
+/// often the config watch delivers it again (`refused`). Returns our lease as republished
+/// after a switch.
+#[allow(clippy::too_many_arguments)]
 async fn apply_config(
     text: &str,
     running: &NetConfig,
@@ -347,27 +457,51 @@ async fn apply_config(
     control: &mpsc::Sender<Republish>,
     status: &Status,
     ext: &ExternalInterface,
+    refused: &mut Option<String>,
 ) -> Option<Lease> {
+    if refused.as_deref() == Some(text) {
+        return None;
+    }
+    let mut refuse = |reason: &str, msg: String| {
+        status.reject_config(reason);
+        tracing::error!("{msg}");
+        *refused = Some(text.to_string());
+    };
     let parsed = match config::parse(text) {
         Ok(p) => p.config,
         Err(e) => {
-            status.config_rejected.inc();
-            tracing::error!("new network config refused, the running one stays: {e}");
+            refuse(
+                "invalid",
+                format!("new network config refused, the running one stays: {e}"),
+            );
             return None;
         }
     };
-    if parsed.backend == *requested {
-        return None;
-    }
-    let mut rest = parsed.clone();
-    rest.backend = running.backend.clone();
-    if rest != *running {
-        status.config_rejected.inc();
-        tracing::error!(
-            "new network config refused: only Backend can change while running (restart flanneld for Network or subnet settings)"
+    let changed = changed_settings(running, &parsed);
+    if !changed.is_empty() {
+        refuse(
+            "network_changed",
+            format!(
+                "new network config refused: {} changed, and only Backend can change while \
+                 running; this node keeps its lease and the running config (leases of the old \
+                 Network would lie outside the new one: the cluster would split)",
+                changed.join(", ")
+            ),
         );
         return None;
     }
+    if parsed.backend == *requested {
+        *refused = None;
+        return None;
+    }
+    if let Err(e) = backends::validate(&parsed.backend) {
+        refuse(
+            "invalid",
+            format!("new network config refused, the running one stays: {e}"),
+        );
+        return None;
+    }
+    *refused = None;
     let from = set.primary().backend_type();
     match set.switch(&parsed.backend).await {
         Ok(warnings) => {
@@ -376,7 +510,7 @@ async fn apply_config(
             }
         }
         Err(e) => {
-            status.config_rejected.inc();
+            status.reject_config("switch_failed");
             tracing::error!(
                 "switching to backend {} failed, {from} stays: {e}",
                 parsed.backend.backend_type
@@ -440,38 +574,89 @@ pub async fn run(flags: Flags) -> Result<()> {
         None
     };
 
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
-    let Some(cfg) = or_shutdown(&mut shutdown, network_config(&reg, &mut backoff)).await else {
-        return Ok(());
-    };
-    let Some(network) = cfg.ipv4_network() else {
-        bail!("EnableIPv4 is false: this daemon's etcd leases need an IPv4 Network");
-    };
-    let ctx = BackendContext {
-        ext: ext.clone(),
-        network,
-        node_id: node_id(),
-        netlink: Arc::new(RtNetlink::connect().context("opening netlink")?),
-    };
-    let (mut backend, warnings) = BackendSet::start(&cfg.backend, ctx)
-        .await
-        .with_context(|| format!("starting the {} backend", cfg.backend.backend_type))?;
-    for w in warnings {
-        tracing::warn!("{w}");
-    }
-
-    let attrs = published(&ext, &backend);
+    let netlink: Arc<dyn Netlink> = Arc::new(RtNetlink::connect().context("opening netlink")?);
     let opts = ManagerOptions {
         renew_margin: Duration::from_secs(flags.subnet_lease_renew_margin * 60),
+        release_stale_leases: flags.allow_network_change,
         stats: lease_stats,
         ..ManagerOptions::default()
     };
-    let manager = LeaseManager::new(reg, cfg.clone(), attrs, opts);
     let previous = previous_subnet(&flags.subnet_file);
-    let Some(lease) = or_shutdown(&mut shutdown, acquire(&manager, previous)).await else {
-        return Ok(());
+    // Config, backend and lease; while no lease can be had (a full network, our lease outside
+    // a changed config) this waits, not ready, re-reading the config at each try.
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    let mut wait_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+    let mut started: Option<(NetConfig, BackendSet)> = None;
+    let mut waiting: Option<(&'static str, String)> = None;
+    let (cfg, network, mut backend, manager, lease) = loop {
+        let Some(cfg) = or_shutdown(&mut shutdown, network_config(&reg, &mut backoff)).await else {
+            return Ok(());
+        };
+        let Some(network) = cfg.ipv4_network() else {
+            bail!("EnableIPv4 is false: this daemon's etcd leases need an IPv4 Network");
+        };
+        let backend = match started.take() {
+            Some((c, b)) if c == cfg => b,
+            _ => {
+                let ctx = BackendContext {
+                    ext: ext.clone(),
+                    network,
+                    node_id: node_id(),
+                    netlink: netlink.clone(),
+                };
+                let (b, warnings) =
+                    BackendSet::start(&cfg.backend, ctx)
+                        .await
+                        .with_context(|| {
+                            format!("starting the {} backend", cfg.backend.backend_type)
+                        })?;
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                b
+            }
+        };
+        let attrs = published(&ext, &backend);
+        let manager = LeaseManager::new(reg.clone(), cfg.clone(), attrs, opts.clone());
+        let Some(got) = or_shutdown(&mut shutdown, acquire(&manager, previous)).await else {
+            return Ok(());
+        };
+        match got? {
+            Acquired::Lease(l) => {
+                if let Some((reason, _)) = waiting {
+                    status.lease_waiting(reason, false);
+                }
+                break (cfg, network, backend, manager, *l);
+            }
+            Acquired::Wait { reason, why } => {
+                let d = wait_backoff.next_delay();
+                // Logged (and a refused config counted) once per distinct reason; then quietly.
+                if waiting.as_ref() != Some(&(reason, why.clone())) {
+                    if let Some((old, _)) = waiting {
+                        status.lease_waiting(old, false);
+                    }
+                    status.lease_waiting(reason, true);
+                    if reason == "lease_outside_network" {
+                        status.reject_config(reason);
+                    }
+                    tracing::error!(
+                        "no lease: {why}; waiting, not ready (retrying every {:?} at most)",
+                        wait_backoff.max
+                    );
+                    waiting = Some((reason, why));
+                } else {
+                    tracing::warn!("still no lease ({reason}); retrying in {d:?}");
+                }
+                started = Some((cfg, backend));
+                if or_shutdown(&mut shutdown, tokio::time::sleep(d))
+                    .await
+                    .is_none()
+                {
+                    return Ok(());
+                }
+            }
+        }
     };
-    let lease = lease?;
     tracing::info!("leased {}", describe(&lease));
     status.lease_held.store(true, Ordering::Relaxed);
 
@@ -487,7 +672,9 @@ pub async fn run(flags: Flags) -> Result<()> {
         .set_lease(&lease)
         .await
         .context("configuring the backend for our lease")?;
-    sync(&mut backend, &mut rules, &status).await;
+    // Peers are not known yet: host rules only, the data plane stays as it is.
+    let mut listed = false;
+    sync(&mut backend, &mut rules, &status, listed).await;
     // The subnet file for a lease, with the MTU of the backend running now.
     let write_env = |l: &Lease, set: &BackendSet| {
         write_subnet_file(
@@ -577,6 +764,7 @@ pub async fn run(flags: Flags) -> Result<()> {
         None
     };
     let mut requested = cfg.backend.clone();
+    let mut refused = None;
     let mut own = lease.clone();
     let run = tokio::spawn(manager.run_with_control(lease, tx, control_rx));
     let mut resync = tokio::time::interval(Duration::from_secs(flags.iptables_resync));
@@ -585,15 +773,16 @@ pub async fn run(flags: Flags) -> Result<()> {
         let first = tokio::select! {
             ev = events.recv() => ev,
             _ = resync.tick() => {
-                sync(&mut backend, &mut rules, &status).await;
+                sync(&mut backend, &mut rules, &status, listed).await;
                 continue;
             }
-            text = config_changes.recv() => {
+            // A backend switch needs every peer: only once they are listed.
+            text = config_changes.recv(), if listed => {
                 if let Some(text) = text {
-                    if let Some(l) = apply_config(&text, &cfg, &mut requested, &mut backend, &control, &status, &ext).await {
+                    if let Some(l) = apply_config(&text, &cfg, &mut requested, &mut backend, &control, &status, &ext, &mut refused).await {
                         own = l;
                         write_env(&own, &backend)?;
-                        sync(&mut backend, &mut rules, &status).await;
+                        sync(&mut backend, &mut rules, &status, listed).await;
                     }
                 }
                 continue;
@@ -626,10 +815,17 @@ pub async fn run(flags: Flags) -> Result<()> {
                     write_env(l, &backend)?;
                     let _ = subnet_tx.send(l.key);
                 }
+                Event::PeersListed => {
+                    listed = true;
+                    tracing::info!(
+                        "peer leases listed ({} peers); reconciling, stale entries go now",
+                        backend.peer_keys().len()
+                    );
+                }
             }
             backend.peer_event(ev);
         }
-        sync(&mut backend, &mut rules, &status).await;
+        sync(&mut backend, &mut rules, &status, listed).await;
     }
     tracing::debug!("stopping with lease {}", describe(&own));
     config_watch.abort();

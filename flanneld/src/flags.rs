@@ -128,6 +128,13 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_NETWORK_POLICY")]
     pub network_policy: bool,
 
+    /// The operator changed the Network (or subnet settings) deliberately: at start, delete
+    /// this node's lease that no longer fits the config and take a subnet in the new one.
+    /// Without it such a lease is kept and flanneld waits (not ready) for the config to be
+    /// restored or the lease to be revoked.
+    #[arg(long, env = "FLANNELD_ALLOW_NETWORK_CHANGE")]
+    pub allow_network_change: bool,
+
     /// Remove the host rules and the backend's device, then exit (the lease is kept).
     #[arg(long)]
     pub cleanup: bool,

@@ -38,9 +38,12 @@ pub struct Status {
     pub rules_errors: Counter,
     /// Peers this node cannot reach (their backend type cannot run here).
     pub peers_unreachable: Gauge,
-    /// Live backend switches done, and config changes refused.
+    /// Live backend switches done.
     pub backend_switches: Counter,
-    pub config_rejected: Counter,
+    /// Network configs refused, by reason (see [`Status::reject_config`]).
+    config_rejected: Family<Vec<(String, String)>, Counter>,
+    /// 1 while no lease can be had, by reason (see [`Status::lease_waiting`]).
+    lease_waiting: Family<Vec<(String, String)>, Gauge>,
     /// Pod records this node holds in etcd, and failed attempts to publish them.
     pub pods_published: Gauge,
     pub pod_publish_errors: Counter,
@@ -75,7 +78,8 @@ impl Status {
             rules_errors: Counter::default(),
             peers_unreachable: Gauge::default(),
             backend_switches: Counter::default(),
-            config_rejected: Counter::default(),
+            config_rejected: Family::default(),
+            lease_waiting: Family::default(),
             pods_published: Gauge::default(),
             pod_publish_errors: Counter::default(),
             health_refused: Counter::default(),
@@ -116,8 +120,16 @@ impl Status {
         );
         r.register(
             "config_rejected",
-            "Network config changes refused (invalid, or not changeable live)",
+            "Network configs refused, by reason: invalid, network_changed (more than Backend \
+             changed while running), switch_failed, lease_outside_network (our lease does not fit \
+             the config at start)",
             s.config_rejected.clone(),
+        );
+        r.register(
+            "lease_waiting",
+            "1 while this node waits for a lease, by reason: network_full, \
+             lease_outside_network",
+            s.lease_waiting.clone(),
         );
         r.register(
             "pods_published",
@@ -186,6 +198,20 @@ impl Status {
                 .get_or_create(&vec![("counter".to_string(), name.clone())]);
             advance(&c, *total);
         }
+    }
+
+    /// Counts a refused network config under `reason`.
+    pub fn reject_config(&self, reason: &str) {
+        self.config_rejected
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc();
+    }
+
+    /// Sets whether this node is waiting for a lease for `reason`.
+    pub fn lease_waiting(&self, reason: &str, waiting: bool) {
+        self.lease_waiting
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .set(i64::from(waiting));
     }
 
     fn refresh(&self) {
@@ -431,6 +457,17 @@ mod tests {
         let m = respond(&st, "GET /metrics HTTP/1.1").2;
         assert!(
             m.contains("flannel_backend_total{counter=\"udp_dropped_short\"} 5"),
+            "{m}"
+        );
+        st.reject_config("network_changed");
+        st.lease_waiting("network_full", true);
+        let m = respond(&st, "GET /metrics HTTP/1.1").2;
+        assert!(
+            m.contains("flannel_config_rejected_total{reason=\"network_changed\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("flannel_lease_waiting{reason=\"network_full\"} 1"),
             "{m}"
         );
     }

@@ -297,3 +297,204 @@ fn a_password_over_plain_http_is_warned_about_and_never_logged() {
         "password in the log: {err}"
     );
 }
+
+/// GET `path` from the daemon's health endpoint on 127.0.0.1:`port` (empty on failure).
+fn get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(2),
+    ) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// A sample of /metrics by its full name with labels (None when absent).
+fn metric(port: u16, name: &str) -> Option<i64> {
+    let key = format!("{name} ");
+    get(port, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(&key).and_then(|v| v.trim().parse().ok()))
+}
+
+fn ready(port: u16) -> bool {
+    get(port, "/readyz").starts_with("HTTP/1.1 200")
+}
+
+fn until(d: &Daemon, what: &str, mut f: impl FnMut() -> bool) {
+    wait_for(Duration::from_secs(20), || f().then_some(()))
+        .unwrap_or_else(|| panic!("not {what} in 20 s; log:\n{}", d.log()));
+}
+
+#[test]
+fn a_network_change_is_refused_and_never_costs_the_lease() {
+    let Some(etcd) = Etcd::start() else { return };
+    let prefix = format!("/t{}/network", random_tag(6));
+    let conf = |net: &str| format!(r#"{{"Network":"{net}","Backend":{{"Type":"alloc"}}}}"#);
+    let put_conf = |net: &str| {
+        etcd.etcdctl(&["put", &format!("{prefix}/config"), &conf(net)])
+            .unwrap()
+    };
+    put_conf("10.5.0.0/16");
+    let dir = tempfile::tempdir().unwrap();
+    let subnet_file = dir.path().join("subnet.env");
+    let port = test_support::free_port();
+    let endpoints = etcd.endpoint();
+    let health_port = format!("--healthz-port={port}");
+    let mut args = vec![
+        "--etcd-endpoints",
+        endpoints.as_str(),
+        "--etcd-prefix",
+        prefix.as_str(),
+        "--iface=lo",
+        "--public-ip=10.9.8.7",
+        "--healthz-ip=127.0.0.1",
+        health_port.as_str(),
+        "--subnet-file",
+        subnet_file.to_str().unwrap(),
+    ];
+    let mut d = Daemon::start(&args, &dir.path().join("1.log"));
+    until(&d, "ready", || ready(port));
+    let subnet = SubnetEnv::read(&subnet_file).unwrap().subnet.unwrap();
+    let key = format!("{prefix}/subnets/{}-24", subnet.network());
+    let leases = || {
+        etcd.etcdctl(&[
+            "get",
+            "--prefix",
+            &format!("{prefix}/subnets/"),
+            "--keys-only",
+        ])
+        .unwrap()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+    };
+
+    // Written straight into etcd while running: refused, logged, counted (once, however
+    // often the watch delivers it).
+    put_conf("10.6.0.0/16");
+    let rejected = r#"flannel_config_rejected_total{reason="network_changed"}"#;
+    until(&d, "refusing the new Network", || {
+        metric(port, rejected) == Some(1)
+    });
+    assert!(
+        d.log()
+            .contains("new network config refused: Network 10.5.0.0/16 -> 10.6.0.0/16"),
+        "{}",
+        d.log()
+    );
+    assert!(ready(port), "the running config stays");
+
+    // Restarted under the changed config: the lease is kept, the daemon waits, not ready.
+    assert_eq!(d.terminate(), Some(0));
+    let mut d = Daemon::start(&args, &dir.path().join("2.log"));
+    let waiting = r#"flannel_lease_waiting{reason="lease_outside_network"}"#;
+    until(&d, "waiting with its lease outside the Network", || {
+        metric(port, waiting) == Some(1)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        d.log().contains("lies outside the network config"),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("--allow-network-change"), "{}", d.log());
+    assert!(!ready(port));
+    assert_eq!(
+        leases(),
+        vec![key.clone()],
+        "lease kept, none taken in 10.6"
+    );
+    assert_eq!(
+        metric(
+            port,
+            r#"flannel_config_rejected_total{reason="lease_outside_network"}"#
+        ),
+        Some(1)
+    );
+    assert!(d.child.try_wait().unwrap().is_none(), "still running");
+
+    // The config is restored: the waiting daemon takes its lease back.
+    put_conf("10.5.0.0/16");
+    until(&d, "ready with the restored config", || ready(port));
+    assert!(d.log().contains("reusing existing lease"), "{}", d.log());
+    assert_eq!(metric(port, waiting), Some(0));
+    assert_eq!(d.terminate(), Some(0));
+
+    // A deliberate change (--allow-network-change): the old lease goes, one in 10.6 comes.
+    put_conf("10.6.0.0/16");
+    args.push("--allow-network-change");
+    let mut d = Daemon::start(&args, &dir.path().join("3.log"));
+    until(&d, "ready in the new Network", || ready(port));
+    let env = SubnetEnv::read(&subnet_file).unwrap();
+    assert_eq!(env.network, Some("10.6.0.0/16".parse().unwrap()));
+    let now = leases();
+    assert!(
+        now.len() == 1 && now[0].contains("/subnets/10.6."),
+        "{now:?}"
+    );
+    assert_eq!(d.terminate(), Some(0));
+}
+
+#[test]
+fn a_full_network_waits_not_ready_and_takes_a_freed_subnet() {
+    let Some(etcd) = Etcd::start() else { return };
+    let prefix = format!("/t{}/network", random_tag(6));
+    // Room for one /24 only, held by another node.
+    etcd.etcdctl(&[
+        "put",
+        &format!("{prefix}/config"),
+        r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.1.0","Backend":{"Type":"alloc"}}"#,
+    ])
+    .unwrap();
+    let other = format!("{prefix}/subnets/10.5.1.0-24");
+    etcd.etcdctl(&[
+        "put",
+        &other,
+        r#"{"PublicIP":"10.9.8.1","PublicIPv6":null,"BackendType":"alloc"}"#,
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let subnet_file = dir.path().join("subnet.env");
+    let port = test_support::free_port();
+    let endpoints = etcd.endpoint();
+    let health_port = format!("--healthz-port={port}");
+    let args = [
+        "--etcd-endpoints",
+        endpoints.as_str(),
+        "--etcd-prefix",
+        prefix.as_str(),
+        "--iface=lo",
+        "--public-ip=10.9.8.7",
+        "--healthz-ip=127.0.0.1",
+        health_port.as_str(),
+        "--subnet-file",
+        subnet_file.to_str().unwrap(),
+    ];
+    let mut d = Daemon::start(&args, &dir.path().join("1.log"));
+    let waiting = r#"flannel_lease_waiting{reason="network_full"}"#;
+    until(&d, "waiting for a subnet", || {
+        metric(port, waiting) == Some(1)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "still running:\n{}",
+        d.log()
+    );
+    assert!(d.log().contains("is full"), "{}", d.log());
+    assert!(!ready(port));
+    assert!(!subnet_file.exists());
+    // The other node's lease goes: ours now.
+    etcd.etcdctl(&["del", &other]).unwrap();
+    until(&d, "ready with the freed subnet", || ready(port));
+    let env = SubnetEnv::read(&subnet_file).unwrap();
+    assert_eq!(env.subnet, Some("10.5.1.0/24".parse().unwrap()));
+    assert_eq!(metric(port, waiting), Some(0));
+    assert_eq!(d.terminate(), Some(0));
+}

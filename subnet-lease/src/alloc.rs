@@ -38,7 +38,9 @@ pub enum Choice {
     Create(SubnetKey),
 }
 
-/// The plan: the choice, plus our own leases that no longer fit the config (to delete).
+/// The plan: the choice, plus our own leases that no longer fit the config. The caller
+/// deletes those only on an operator's word (the manager's `release_stale_leases`): they mean
+/// the config changed under a running cluster.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub choice: Choice,
@@ -106,7 +108,7 @@ pub fn plan<R: Rng>(
         });
     }
 
-    // Subnets held by anyone else (stale own leases are about to be deleted, so they are free).
+    // Subnets held by anyone else (stale own leases count as free: they go before a create).
     let others: Vec<&Lease> = leases
         .iter()
         .filter(|l| !stale.iter().any(|s| s.key == l.key))

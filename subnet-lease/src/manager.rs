@@ -1,6 +1,7 @@
 //! The lease manager: acquires this node's lease, keeps it renewed, re-acquires it when it
 //! disappears, and turns the lease watch into peer events.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,6 +21,10 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_RENEW_MARGIN: Duration = Duration::from_secs(60 * 60);
 /// How many times acquisition retries after losing a race for a subnet.
 pub const ACQUIRE_ATTEMPTS: usize = 30;
+/// How long a peer's removal is held back: a node whose lease was deleted or revoked creates
+/// it again within milliseconds (same subnet, same content), and its peers must not remove
+/// and re-add its routes meanwhile (measured: 10–30 ms of traffic towards it lost each time).
+pub const DEFAULT_REMOVAL_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -33,6 +38,24 @@ pub enum LeaseError {
     Contention(usize),
     #[error("lease {0} is gone or no longer ours; it is re-acquired with the new attributes")]
     NotOurs(SubnetKey),
+    #[error(
+        "our lease {} lies outside the network config ({network}): the config changed under \
+         it. The lease stays (a subnet in another Network would split the cluster). Restore \
+         the config, or release the lease deliberately: `flannelctl leases revoke {}`, or \
+         restart flanneld with --allow-network-change",
+        keys(.leases), keys(.leases)
+    )]
+    OutsideNetwork {
+        leases: Vec<SubnetKey>,
+        network: String,
+    },
+}
+
+fn keys(k: &[SubnetKey]) -> String {
+    k.iter()
+        .map(|k| k.ipv4.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl LeaseError {
@@ -41,7 +64,7 @@ impl LeaseError {
         match self {
             LeaseError::Registry(e) => e.is_transient(),
             LeaseError::Contention(_) | LeaseError::NotOurs(_) => true,
-            LeaseError::Alloc(_) => false,
+            LeaseError::Alloc(_) | LeaseError::OutsideNetwork { .. } => false,
         }
     }
 }
@@ -55,6 +78,10 @@ pub enum Event {
     PeerRemoved(Lease),
     /// Our own lease was lost and re-acquired (possibly with another subnet).
     OwnLease(Lease),
+    /// Sent once, after the events of the first full list of leases: every peer that exists is
+    /// known now, so what was programmed for anyone else is stale. Until then nothing already
+    /// programmed may be removed (a restarted daemon has not heard of its peers yet).
+    PeersListed,
 }
 
 /// Asks a running manager to publish new attributes (BackendType, BackendData) on our lease:
@@ -70,6 +97,13 @@ pub struct ManagerOptions {
     pub ttl: Duration,
     pub renew_margin: Duration,
     pub backoff: Backoff,
+    /// How long `PeerRemoved` waits for the peer's lease to come back (see
+    /// [`DEFAULT_REMOVAL_GRACE`]); zero reports removals at once.
+    pub removal_grace: Duration,
+    /// Whether acquiring may delete our leases that no longer fit the config (an operator's
+    /// deliberate Network change, `--allow-network-change`). Without it such a lease stays and
+    /// acquisition fails with [`LeaseError::OutsideNetwork`].
+    pub release_stale_leases: bool,
     /// Counters for metrics, shared with the caller.
     pub stats: Arc<LeaseStats>,
 }
@@ -80,8 +114,71 @@ impl Default for ManagerOptions {
             ttl: DEFAULT_TTL,
             renew_margin: DEFAULT_RENEW_MARGIN,
             backoff: Backoff::default(),
+            removal_grace: DEFAULT_REMOVAL_GRACE,
+            release_stale_leases: false,
             stats: Arc::default(),
         }
+    }
+}
+
+/// Peer removals held back for a grace period (pure; the caller supplies the clock). A lease
+/// that comes back within the grace with the same content cancels its removal and nothing is
+/// reported; with other content it is reported as changed (`PeerAdded`), never as a removal
+/// followed by an addition.
+#[derive(Debug, Default)]
+pub struct PendingRemovals {
+    grace: Duration,
+    pending: BTreeMap<SubnetKey, (Lease, Instant)>,
+}
+
+impl PendingRemovals {
+    pub fn new(grace: Duration) -> Self {
+        PendingRemovals {
+            grace,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// A watcher change at `now`; returns the event to report now, if any.
+    pub fn change(&mut self, change: Change, now: Instant) -> Option<Event> {
+        match change {
+            Change::Removed(l) if self.grace.is_zero() => Some(Event::PeerRemoved(l)),
+            Change::Removed(l) => {
+                // The first removal's deadline stands (a repeated one does not extend it).
+                self.pending
+                    .entry(l.key)
+                    .or_insert_with(|| (l, now + self.grace));
+                None
+            }
+            Change::Added(l) => match self.pending.remove(&l.key) {
+                Some((old, _)) if old.attrs == l.attrs => None,
+                _ => Some(Event::PeerAdded(l)),
+            },
+        }
+    }
+
+    /// Forgets a pending removal (the key is ours now).
+    pub fn forget(&mut self, key: &SubnetKey) {
+        self.pending.remove(key);
+    }
+
+    /// The removals whose grace has run out by `now`.
+    pub fn due(&mut self, now: Instant) -> Vec<Event> {
+        let keys: Vec<SubnetKey> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.pending.remove(&k))
+            .map(|(l, _)| Event::PeerRemoved(l))
+            .collect()
+    }
+
+    /// When the next removal falls due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|(_, at)| *at).min()
     }
 }
 
@@ -105,6 +202,23 @@ impl LeaseStats {
             .unwrap_or_default();
         let at = i64::try_from((now + ttl).as_secs()).unwrap_or(i64::MAX);
         self.lease_expiry_unix.store(at, Ordering::Relaxed);
+    }
+}
+
+/// The subnet settings of a config, for messages.
+fn describe_network(cfg: &NetConfig) -> String {
+    let v4 = cfg.ipv4_network().map_or("no IPv4 Network".into(), |n| {
+        format!(
+            "Network {n}, SubnetLen {}, SubnetMin {}, SubnetMax {}",
+            cfg.subnet_len, cfg.subnet_min, cfg.subnet_max
+        )
+    });
+    match cfg.ipv6_network() {
+        Some(n) => format!(
+            "{v4}, IPv6Network {n}, IPv6SubnetLen {}",
+            cfg.ipv6_subnet_len
+        ),
+        None => v4,
     }
 }
 
@@ -169,8 +283,14 @@ impl<R: Registry> LeaseManager<R> {
                 alloc::pool_size(attempt),
                 &mut rand::rng(),
             )?;
+            if !plan.stale.is_empty() && !self.opts.release_stale_leases {
+                return Err(LeaseError::OutsideNetwork {
+                    leases: plan.stale.iter().map(|l| l.key).collect(),
+                    network: describe_network(&self.cfg),
+                });
+            }
             for stale in &plan.stale {
-                tracing::info!(subnet = %stale.key, "deleting our lease that no longer fits the network config");
+                tracing::warn!(subnet = %stale.key, "deleting our lease that no longer fits the network config (--allow-network-change)");
                 self.reg.delete_lease(stale).await?;
             }
             if !plan.stale.is_empty() {
@@ -252,6 +372,9 @@ impl<R: Registry> LeaseManager<R> {
         let mut renew_at = self.renew_deadline(self.opts.ttl);
         let mut backoff = self.opts.backoff;
         let mut lost = false;
+        let mut removals = PendingRemovals::new(self.opts.removal_grace);
+        // The watcher's first batch is its first full list (sent even when empty).
+        let mut listed = false;
         let stats = self.opts.stats.clone();
         stats.etcd_reachable.store(true, Ordering::Relaxed);
         if own.is_reservation() {
@@ -265,6 +388,7 @@ impl<R: Registry> LeaseManager<R> {
                     Some(l) => {
                         own = l;
                         lost = false;
+                        removals.forget(&own.key);
                         stats.reacquisitions.fetch_add(1, Ordering::Relaxed);
                         stats.etcd_reachable.store(true, Ordering::Relaxed);
                         stats.expires_in(self.opts.ttl);
@@ -287,8 +411,21 @@ impl<R: Registry> LeaseManager<R> {
                     None => std::future::pending().await,
                 }
             };
+            let removal_due = async {
+                match removals.next_deadline() {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = events.closed() => break,
+                _ = removal_due => {
+                    for ev in removals.due(Instant::now()) {
+                        if events.send(ev).await.is_err() {
+                            break;
+                        }
+                    }
+                }
                 req = request => match req {
                     None => control = None,
                     Some(Republish { attrs, done }) => {
@@ -341,11 +478,16 @@ impl<R: Registry> LeaseManager<R> {
                             }
                             continue;
                         }
-                        let ev = match change {
-                            Change::Added(l) => Event::PeerAdded(l),
-                            Change::Removed(l) => Event::PeerRemoved(l),
+                        let Some(ev) = removals.change(change, Instant::now()) else {
+                            continue;
                         };
                         if events.send(ev).await.is_err() {
+                            break;
+                        }
+                    }
+                    if !listed {
+                        listed = true;
+                        if events.send(Event::PeersListed).await.is_err() {
                             break;
                         }
                     }
@@ -421,5 +563,76 @@ impl<R: Registry> LeaseManager<R> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn lease(subnet: &str, last: u8) -> Lease {
+        Lease {
+            key: SubnetKey::v4(subnet.parse().unwrap()),
+            attrs: LeaseAttrs::new(Ipv4Addr::new(172, 30, 0, last), "vxlan"),
+            etcd_lease: 7,
+            mod_revision: 3,
+        }
+    }
+
+    #[test]
+    fn a_lease_back_within_the_grace_is_no_event_and_a_changed_one_an_update() {
+        let grace = Duration::from_secs(2);
+        let mut p = PendingRemovals::new(grace);
+        let t0 = Instant::now();
+        let a = lease("10.5.1.0/24", 11);
+        assert_eq!(p.change(Change::Removed(a.clone()), t0), None);
+        assert_eq!(p.next_deadline(), Some(t0 + grace));
+        // Re-created with the same content (another etcd lease, another revision).
+        let again = Lease {
+            etcd_lease: 8,
+            mod_revision: 9,
+            ..a.clone()
+        };
+        assert_eq!(p.change(Change::Added(again), t0 + grace / 2), None);
+        assert_eq!(p.next_deadline(), None);
+        assert!(p.due(t0 + grace * 2).is_empty());
+        // Re-created by another node: an update, never a removal.
+        p.change(Change::Removed(a.clone()), t0);
+        let other = lease("10.5.1.0/24", 12);
+        assert_eq!(
+            p.change(Change::Added(other.clone()), t0),
+            Some(Event::PeerAdded(other))
+        );
+        assert!(p.due(t0 + grace).is_empty());
+    }
+
+    #[test]
+    fn removals_fall_due_after_the_grace_in_order_of_their_deadlines() {
+        let grace = Duration::from_secs(2);
+        let mut p = PendingRemovals::new(grace);
+        let t0 = Instant::now();
+        let (a, b) = (lease("10.5.1.0/24", 11), lease("10.5.2.0/24", 12));
+        p.change(Change::Removed(a.clone()), t0);
+        p.change(Change::Removed(b.clone()), t0 + Duration::from_secs(1));
+        // A repeated removal keeps the first deadline.
+        p.change(Change::Removed(a.clone()), t0 + Duration::from_secs(1));
+        assert!(p.due(t0 + grace - Duration::from_millis(1)).is_empty());
+        assert_eq!(p.due(t0 + grace), vec![Event::PeerRemoved(a)]);
+        assert_eq!(p.next_deadline(), Some(t0 + grace + Duration::from_secs(1)));
+        // A key that became ours is forgotten.
+        p.forget(&b.key);
+        assert!(p.due(t0 + grace * 3).is_empty());
+        // A new lease is reported at once; with no grace, so is a removal.
+        assert_eq!(
+            p.change(Change::Added(b.clone()), t0),
+            Some(Event::PeerAdded(b.clone()))
+        );
+        let mut now = PendingRemovals::new(Duration::ZERO);
+        assert_eq!(
+            now.change(Change::Removed(b.clone()), t0),
+            Some(Event::PeerRemoved(b))
+        );
     }
 }

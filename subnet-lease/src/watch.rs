@@ -41,6 +41,8 @@ pub struct LeaseWatcher<R> {
     revision: i64,
     backoff: Backoff,
     stats: Option<Arc<LeaseStats>>,
+    /// Whether a full list has been sent.
+    listed: bool,
 }
 
 impl<R: Registry> LeaseWatcher<R> {
@@ -51,6 +53,7 @@ impl<R: Registry> LeaseWatcher<R> {
             revision: 0,
             backoff: Backoff::default(),
             stats: None,
+            listed: false,
         }
     }
 
@@ -59,6 +62,7 @@ impl<R: Registry> LeaseWatcher<R> {
         let mut w = Self::new(reg);
         w.view = leases.into_iter().map(|l| (l.key, l)).collect();
         w.revision = revision;
+        w.listed = true;
         w
     }
 
@@ -87,7 +91,9 @@ impl<R: Registry> LeaseWatcher<R> {
         self.view.values()
     }
 
-    /// Runs until `tx` is closed, sending every change. Never gives up on etcd errors.
+    /// Runs until `tx` is closed, sending every change. The first batch is the first full
+    /// list (sent even when empty); a watcher made with [`LeaseWatcher::resume`] sends its
+    /// first batch only when something changed. Never gives up on etcd errors.
     pub async fn run(mut self, tx: mpsc::Sender<Vec<Change>>) {
         let mut stream: Option<WatchStream> = None;
         loop {
@@ -103,7 +109,10 @@ impl<R: Registry> LeaseWatcher<R> {
                         }
                         let changes = self.replace_view(list.leases);
                         self.revision = list.revision;
-                        if !changes.is_empty() && tx.send(changes).await.is_err() {
+                        // The first list is always sent, even empty: it tells the receiver
+                        // that the view is complete.
+                        let first = !std::mem::replace(&mut self.listed, true);
+                        if (first || !changes.is_empty()) && tx.send(changes).await.is_err() {
                             return;
                         }
                     }

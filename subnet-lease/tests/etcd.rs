@@ -56,6 +56,7 @@ impl Env {
 fn fast() -> ManagerOptions {
     ManagerOptions {
         backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(500)),
+        removal_grace: Duration::from_millis(500),
         ..ManagerOptions::default()
     }
 }
@@ -64,11 +65,23 @@ fn ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0x0a00_0000 + i)
 }
 
-async fn next_event(rx: &mut mpsc::Receiver<Event>, limit: Duration) -> Event {
+/// The next event, `PeersListed` included.
+async fn any_event(rx: &mut mpsc::Receiver<Event>, limit: Duration) -> Event {
     tokio::time::timeout(limit, rx.recv())
         .await
         .expect("no event in time")
         .expect("event stream closed")
+}
+
+/// The next event other than `PeersListed`.
+async fn next_event(rx: &mut mpsc::Receiver<Event>, limit: Duration) -> Event {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let ev = any_event(rx, deadline - tokio::time::Instant::now()).await;
+        if ev != Event::PeersListed {
+            return ev;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,6 +265,11 @@ async fn peers_join_and_leave_as_events() {
     let own = a.acquire(None).await.unwrap();
     let (tx, mut rx) = mpsc::channel(16);
     let run = tokio::spawn(a.run(own.clone(), tx));
+    // The first full list (only our own lease): nothing to report but that it is complete.
+    assert_eq!(
+        any_event(&mut rx, Duration::from_secs(10)).await,
+        Event::PeersListed
+    );
     let b = env.node(ip(2), fast()).await.acquire(None).await.unwrap();
     match next_event(&mut rx, Duration::from_secs(10)).await {
         Event::PeerAdded(l) => {
@@ -260,15 +278,32 @@ async fn peers_join_and_leave_as_events() {
         }
         other => panic!("expected PeerAdded, got {other:?}"),
     }
-    env.reg
+    let key = format!("{}/subnets/{}", env.opts.prefix, b.key);
+    let value = env
+        .reg
         .client()
-        .delete(format!("{}/subnets/{}", env.opts.prefix, b.key), None)
+        .get(key.as_str(), None)
         .await
-        .unwrap();
+        .unwrap()
+        .kvs()[0]
+        .value()
+        .to_vec();
+    // Deleted and written again with the same content within the removal grace (as a node
+    // re-acquiring its lease does): no event at all, so nothing is removed and re-added.
+    let mut client = env.reg.client();
+    client.delete(key.as_str(), None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.put(key.as_str(), value.clone(), None).await.unwrap();
+    let quiet = tokio::time::timeout(fast().removal_grace * 2, rx.recv()).await;
+    assert!(quiet.is_err(), "a lease back within the grace: {quiet:?}");
+    // Deleted for good: reported once the grace has passed.
+    let deleted = tokio::time::Instant::now();
+    client.delete(key.as_str(), None).await.unwrap();
     match next_event(&mut rx, Duration::from_secs(10)).await {
         Event::PeerRemoved(l) => assert_eq!(l.key, b.key),
         other => panic!("expected PeerRemoved, got {other:?}"),
     }
+    assert!(deleted.elapsed() >= fast().removal_grace);
     drop(rx);
     tokio::time::timeout(Duration::from_secs(5), run)
         .await
@@ -321,6 +356,7 @@ async fn lease_is_renewed_by_keepalive_on_the_same_etcd_lease() {
     let (tx, mut rx) = mpsc::channel(16);
     let _run = tokio::spawn(a.run(own.clone(), tx));
     tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(rx.try_recv(), Ok(Event::PeersListed));
     assert!(
         rx.try_recv().is_err(),
         "no re-acquisition should have happened"
@@ -551,4 +587,42 @@ async fn a_dead_endpoint_among_several_does_not_fail_calls() {
             .await
             .unwrap_or_else(|e| panic!("call {i} after the restart failed: {e}"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_lease_outside_a_changed_network_is_kept_unless_released() {
+    let Some(env) = Env::start(r#"{"Network":"10.5.0.0/16"}"#).await else {
+        return;
+    };
+    let old = env.node(ip(1), fast()).await.acquire(None).await.unwrap();
+    // The same node under a config whose Network no longer holds its lease.
+    let changed = config::parse(r#"{"Network":"10.6.0.0/16"}"#)
+        .unwrap()
+        .config;
+    let node = |opts: ManagerOptions| {
+        LeaseManager::new(
+            env.reg.clone(),
+            changed.clone(),
+            LeaseAttrs::new(ip(1), "alloc"),
+            opts,
+        )
+    };
+    let e = node(fast()).acquire(Some(old.key)).await.unwrap_err();
+    assert!(
+        matches!(&e, subnet_lease::manager::LeaseError::OutsideNetwork { leases, .. } if leases == &vec![old.key]),
+        "{e}"
+    );
+    assert!(!e.is_transient());
+    let keys = |l: subnet_lease::registry::LeaseList| -> Vec<SubnetKey> {
+        l.leases.into_iter().map(|l| l.key).collect()
+    };
+    assert_eq!(keys(env.reg.list_leases().await.unwrap()), vec![old.key]);
+    // Released deliberately: the old lease goes, one in the new Network comes.
+    let opts = ManagerOptions {
+        release_stale_leases: true,
+        ..fast()
+    };
+    let new = node(opts).acquire(Some(old.key)).await.unwrap();
+    assert!(changed.fits_v4(new.key.ipv4), "{}", new.key);
+    assert_eq!(keys(env.reg.list_leases().await.unwrap()), vec![new.key]);
 }

@@ -11,6 +11,7 @@
 
 mod etcd;
 mod netns;
+pub mod probe;
 mod tcp;
 
 pub use etcd::{Etcd, TlsFiles};
