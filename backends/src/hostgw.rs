@@ -33,7 +33,7 @@ pub enum PeerRoute {
 
 /// Classifies one peer lease.
 pub fn peer_route(lease: &Lease, ext: &ExternalInterface) -> PeerRoute {
-    if lease.attrs.backend_type != "host-gw" {
+    if lease.attrs.data_plane() != "host-gw" {
         return PeerRoute::Unrouted(format!(
             "backend type {:?}, not host-gw",
             lease.attrs.backend_type

@@ -357,7 +357,7 @@ impl BackendSet {
         let mut v: Vec<String> = self
             .peers
             .leases()
-            .map(|l| l.attrs.backend_type.clone())
+            .map(|l| l.attrs.data_plane().to_string())
             .collect();
         v.sort();
         v.dedup();
@@ -368,12 +368,12 @@ impl BackendSet {
     pub fn unreachable(&self) -> Vec<(SubnetKey, String)> {
         self.peers
             .leases()
-            .filter(|l| !self.runs(&l.attrs.backend_type))
+            .filter(|l| !self.runs(l.attrs.data_plane()))
             .map(|l| {
-                let t = &l.attrs.backend_type;
+                let t = l.attrs.data_plane();
                 let why = match self.failed.get(t) {
                     Some(e) => format!("its backend {t} cannot run here: {e}"),
-                    None if !DATA_PLANES.contains(&t.as_str()) => {
+                    None if !DATA_PLANES.contains(&t) => {
                         format!("it advertises {t:?}, which has no data plane")
                     }
                     None => format!("its backend {t} is not running yet"),
@@ -504,6 +504,37 @@ mod tests {
         set.reconcile_at(t1 + RETIRE_GRACE).await.unwrap();
         assert_eq!(set.running(), vec!["vxlan"]);
         assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(vx));
+    }
+
+    /// A peer lease exactly as flannel's udp backend writes it: no BackendType.
+    fn flannel_udp_lease(subnet: &str, last: u8) -> Lease {
+        Lease {
+            key: SubnetKey::v4(subnet.parse().unwrap()),
+            attrs: serde_json::from_str(&format!(
+                r#"{{"PublicIP":"172.30.0.{last}","PublicIPv6":null}}"#
+            ))
+            .unwrap(),
+            etcd_lease: 1,
+            mod_revision: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_without_type_is_a_udp_peer() {
+        let (_nl, mut set) = vxlan_node().await;
+        set.peer_event(&Event::PeerAdded(flannel_udp_lease("10.5.4.0/24", 14)));
+        // The udp backend is wanted for it (not reconciled here: that would make a real TUN),
+        // and until it runs the peer is reported as waiting for udp, not as a type without a
+        // data plane.
+        assert_eq!(set.peer_types(), vec!["udp"]);
+        let unreachable = set.unreachable();
+        assert_eq!(unreachable.len(), 1, "{unreachable:?}");
+        assert_eq!(unreachable[0].1, "its backend udp is not running yet");
+        // Its subnet counts as a udp peer's for the other backends.
+        assert_eq!(
+            set.peers.subnets("udp", true),
+            vec!["10.5.4.0/24".parse::<ipnet::Ipv4Net>().unwrap()]
+        );
     }
 
     #[tokio::test]

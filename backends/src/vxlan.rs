@@ -128,7 +128,7 @@ pub enum PeerPlan {
 
 /// Classifies one peer lease (pure).
 pub fn peer_plan(lease: &Lease, cfg: &VxlanConfig, ext: &ExternalInterface) -> PeerPlan {
-    if lease.attrs.backend_type != "vxlan" {
+    if lease.attrs.data_plane() != "vxlan" {
         return PeerPlan::Ignored(format!(
             "backend type {:?}, not vxlan",
             lease.attrs.backend_type
