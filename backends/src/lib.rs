@@ -20,6 +20,7 @@ pub mod hostgw;
 pub mod netlink;
 pub mod netlink_rt;
 mod options;
+pub mod peerlog;
 pub mod set;
 pub mod udp;
 pub mod vxlan;

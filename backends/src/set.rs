@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use subnet_lease::manager::Event;
 use subnet_lease::{BackendConfig, Lease, SubnetKey};
 
+use crate::peerlog::PeerLog;
 use crate::{create, peer_gateway_route, Backend, BackendContext, BackendError, PeerTable};
 
 /// Whether two configs of one type give the same backend (options compared as parsed).
@@ -62,6 +63,8 @@ pub struct BackendSet {
     swept: Option<Vec<String>>,
     /// Secondaries no peer advertises, by type: since when (torn down after [`RETIRE_GRACE`]).
     unwanted_since: BTreeMap<String, Instant>,
+    /// Peers unreachable from this node, logged once per change.
+    unreachable_log: PeerLog,
 }
 
 impl BackendSet {
@@ -85,6 +88,7 @@ impl BackendSet {
                 failed: BTreeMap::new(),
                 swept: None,
                 unwanted_since: BTreeMap::new(),
+                unreachable_log: PeerLog::default(),
             },
             warnings,
         ))
@@ -201,6 +205,16 @@ impl BackendSet {
             changes += self.sweep().await;
             self.swept = Some(running);
         }
+        // Each peer's reachability is logged when it changes (rate limited), not at every
+        // reconcile: `flannel_peers_unreachable` carries the count.
+        let mut unreachable: BTreeMap<SubnetKey, String> = self.unreachable().into_iter().collect();
+        let states: Vec<_> = self
+            .peers
+            .leases()
+            .map(|l| (l.key, unreachable.remove(&l.key)))
+            .collect();
+        self.unreachable_log
+            .log("peer unreachable from this node", now, states);
         match first_err {
             Some(e) => Err(e),
             None => Ok(changes),

@@ -311,11 +311,8 @@ impl Backend for UdpBackend {
     }
 
     fn peer_event(&mut self, ev: &Event) {
-        if let Event::PeerAdded(l) = ev {
-            if let Err(why) = self.peer_addr(l) {
-                tracing::warn!(peer = %l.key, public_ip = %l.attrs.public_ip, "peer not routed: {why}");
-            }
-        }
+        // Peers of other types are the BackendSet's business (it runs their backend or
+        // reports them unreachable); nothing to log here.
         self.peers.apply(ev);
     }
 
