@@ -494,6 +494,19 @@ fn config_and_leases() {
         "udp.json",
         r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#,
     );
+    let o = c.run(&["config", "set", "-f", &udp]);
+    assert!(o.code == 0 && o.stderr.is_empty(), "{}", o.stderr);
+    // No Backend: written, with a warning (flannel would run udp on it, we vxlan).
+    let no_backend = c.file("nb.json", r#"{"Network":"10.5.0.0/16"}"#);
+    let o = c.run(&["config", "set", "-f", &no_backend]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.starts_with(
+            "warning: net-conf.json: no Backend: running the default vxlan, but flannel runs udp"
+        ),
+        "{}",
+        o.stderr
+    );
     c.ok(&["config", "set", "-f", &udp]);
     assert!(c.ok(&["config", "get"]).contains("udp"));
     // --if-absent (an init container's write-once) leaves an existing config alone.

@@ -456,6 +456,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     for w in warnings {
         tracing::warn!("{w}");
     }
+    tracing::info!("backend {}", backend.primary().backend_type());
 
     let attrs = published(&ext, &backend);
     let opts = ManagerOptions {

@@ -303,6 +303,9 @@ fn unreachable_peers_are_logged_once_per_change_and_rate_limited() {
     .unwrap_or_else(|| panic!("no subnet file; log:\n{}", d.log()))
     .subnet
     .unwrap();
+    // The backend type is logged at start (without a warning: the config names it).
+    assert!(d.log().contains("backend alloc"), "{}", d.log());
+    assert!(!d.log().contains("no Backend"), "{}", d.log());
     const PEERS: u32 = 200;
     let mut written = 0;
     for i in 0..=PEERS {
