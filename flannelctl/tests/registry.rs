@@ -544,3 +544,33 @@ fn config_and_leases() {
     let ttl = c._etcd.etcdctl(&["lease", "timetolive", &id]).unwrap();
     assert!(ttl.contains("already expired"), "{ttl}");
 }
+
+/// A file of more documents than serde-saphyr's default budget (1,024) applies; the YAML
+/// limits are in registry/src/parse.rs (hostile inputs are tested there).
+#[test]
+fn apply_a_file_of_more_than_1024_documents() {
+    let Some(c) = Ctl::start() else {
+        return;
+    };
+    const N: usize = 1_100;
+    let mut text = String::from("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: load\n");
+    for i in 0..N {
+        text += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: load\nspec:\n  clusterIP: None\n  selector: {{app: a{i}}}\n  ports:\n  - name: service-port-tcp-80\n    port: 80\n"
+        );
+    }
+    let file = c.file("many.yaml", &text);
+    let out = c.ok(&["apply", "-f", &file, "--dry-run"]);
+    assert_eq!(out.lines().count(), N + 1, "{out}");
+    let out = c.ok(&["apply", "-f", &file]);
+    assert!(
+        out.ends_with(&format!("service/svc-{} created\n", N - 1)),
+        "{out}"
+    );
+    let table = c.ok(&["get", "svc", "-n", "load"]);
+    assert_eq!(
+        table.lines().count(),
+        N + 1,
+        "header + one line per Service"
+    );
+}
