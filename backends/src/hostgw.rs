@@ -4,7 +4,7 @@
 //! is warned about once and not routed. Behind NAT (PublicIP not our interface's address) the
 //! backend refuses to start, as flannel does. MTU = interface MTU. [`plan`] is the pure diff.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -15,6 +15,7 @@ use subnet_lease::{Lease, SubnetKey};
 
 use crate::netlink::{Netlink, NetlinkError, Route};
 use crate::options::Options;
+use crate::peerlog::PeerLog;
 use crate::{
     peer_gateway_route, Backend, BackendContext, BackendError, ExternalInterface, PeerTable,
 };
@@ -33,7 +34,7 @@ pub enum PeerRoute {
 
 /// Classifies one peer lease.
 pub fn peer_route(lease: &Lease, ext: &ExternalInterface) -> PeerRoute {
-    if lease.attrs.backend_type != "host-gw" {
+    if lease.attrs.data_plane() != "host-gw" {
         return PeerRoute::Unrouted(format!(
             "backend type {:?}, not host-gw",
             lease.attrs.backend_type
@@ -76,8 +77,8 @@ pub struct HostGwBackend {
     network: Ipv4Net,
     peers: PeerTable,
     own: Option<Ipv4Net>,
-    /// Peers already warned about (one log line per peer and reason).
-    warned: BTreeSet<(SubnetKey, String)>,
+    /// Problems of host-gw peers (off our L2 segment), logged once per change.
+    peer_log: PeerLog,
 }
 
 impl HostGwBackend {
@@ -98,7 +99,7 @@ impl HostGwBackend {
             network: ctx.network,
             peers: PeerTable::default(),
             own: None,
-            warned: BTreeSet::new(),
+            peer_log: PeerLog::default(),
         })
     }
 
@@ -144,18 +145,26 @@ impl Backend for HostGwBackend {
 
     async fn reconcile(&mut self) -> Result<usize, BackendError> {
         let mut desired = BTreeMap::new();
+        let mut problems = Vec::new();
         for l in self.peers.leases() {
             match peer_route(l, &self.ext) {
                 PeerRoute::Route(r) => {
                     desired.insert(r.dst, r);
+                    problems.push((l.key, None));
                 }
-                PeerRoute::Unrouted(why) => {
-                    if self.warned.insert((l.key, why.clone())) {
-                        tracing::warn!(peer = %l.key, "peer not routed: {why}");
-                    }
+                // A peer of another type is not a problem here (the BackendSet runs its
+                // backend or reports it).
+                PeerRoute::Unrouted(why) if l.attrs.data_plane() == "host-gw" => {
+                    problems.push((l.key, Some(why)));
                 }
+                PeerRoute::Unrouted(_) => problems.push((l.key, None)),
             }
         }
+        self.peer_log.log(
+            "peer not routed by host-gw",
+            std::time::Instant::now(),
+            problems,
+        );
         let (del, add) = plan(&desired, &self.actual().await?);
         for r in &del {
             self.nl.del_route(*r).await?;

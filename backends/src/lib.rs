@@ -20,6 +20,7 @@ pub mod hostgw;
 pub mod netlink;
 pub mod netlink_rt;
 mod options;
+pub mod peerlog;
 pub mod set;
 pub mod udp;
 pub mod vxlan;
@@ -107,10 +108,10 @@ impl PeerTable {
     }
 
     /// Subnets of the peers whose lease advertises (`of == true`) or does not advertise
-    /// backend type `t`.
+    /// backend type `t` (a lease without a type advertises udp, as flannel reads it).
     pub fn subnets(&self, t: &str, of: bool) -> Vec<Ipv4Net> {
         self.leases()
-            .filter(|l| (l.attrs.backend_type == t) == of)
+            .filter(|l| (l.attrs.data_plane() == t) == of)
             .map(|l| l.key.ipv4)
             .collect()
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use subnet_lease::manager::Event;
 use subnet_lease::{BackendConfig, Lease, SubnetKey};
 
+use crate::peerlog::PeerLog;
 use crate::{create, peer_gateway_route, Backend, BackendContext, BackendError, PeerTable};
 
 /// Whether two configs of one type give the same backend (options compared as parsed).
@@ -62,6 +63,8 @@ pub struct BackendSet {
     swept: Option<Vec<String>>,
     /// Secondaries no peer advertises, by type: since when (torn down after [`RETIRE_GRACE`]).
     unwanted_since: BTreeMap<String, Instant>,
+    /// Peers unreachable from this node, logged once per change.
+    unreachable_log: PeerLog,
 }
 
 impl BackendSet {
@@ -85,6 +88,7 @@ impl BackendSet {
                 failed: BTreeMap::new(),
                 swept: None,
                 unwanted_since: BTreeMap::new(),
+                unreachable_log: PeerLog::default(),
             },
             warnings,
         ))
@@ -201,6 +205,16 @@ impl BackendSet {
             changes += self.sweep().await;
             self.swept = Some(running);
         }
+        // Each peer's reachability is logged when it changes (rate limited), not at every
+        // reconcile: `flannel_peers_unreachable` carries the count.
+        let mut unreachable: BTreeMap<SubnetKey, String> = self.unreachable().into_iter().collect();
+        let states: Vec<_> = self
+            .peers
+            .leases()
+            .map(|l| (l.key, unreachable.remove(&l.key)))
+            .collect();
+        self.unreachable_log
+            .log("peer unreachable from this node", now, states);
         match first_err {
             Some(e) => Err(e),
             None => Ok(changes),
@@ -357,7 +371,7 @@ impl BackendSet {
         let mut v: Vec<String> = self
             .peers
             .leases()
-            .map(|l| l.attrs.backend_type.clone())
+            .map(|l| l.attrs.data_plane().to_string())
             .collect();
         v.sort();
         v.dedup();
@@ -368,12 +382,12 @@ impl BackendSet {
     pub fn unreachable(&self) -> Vec<(SubnetKey, String)> {
         self.peers
             .leases()
-            .filter(|l| !self.runs(&l.attrs.backend_type))
+            .filter(|l| !self.runs(l.attrs.data_plane()))
             .map(|l| {
-                let t = &l.attrs.backend_type;
+                let t = l.attrs.data_plane();
                 let why = match self.failed.get(t) {
                     Some(e) => format!("its backend {t} cannot run here: {e}"),
-                    None if !DATA_PLANES.contains(&t.as_str()) => {
+                    None if !DATA_PLANES.contains(&t) => {
                         format!("it advertises {t:?}, which has no data plane")
                     }
                     None => format!("its backend {t} is not running yet"),
@@ -504,6 +518,37 @@ mod tests {
         set.reconcile_at(t1 + RETIRE_GRACE).await.unwrap();
         assert_eq!(set.running(), vec!["vxlan"]);
         assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(vx));
+    }
+
+    /// A peer lease exactly as flannel's udp backend writes it: no BackendType.
+    fn flannel_udp_lease(subnet: &str, last: u8) -> Lease {
+        Lease {
+            key: SubnetKey::v4(subnet.parse().unwrap()),
+            attrs: serde_json::from_str(&format!(
+                r#"{{"PublicIP":"172.30.0.{last}","PublicIPv6":null}}"#
+            ))
+            .unwrap(),
+            etcd_lease: 1,
+            mod_revision: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_without_type_is_a_udp_peer() {
+        let (_nl, mut set) = vxlan_node().await;
+        set.peer_event(&Event::PeerAdded(flannel_udp_lease("10.5.4.0/24", 14)));
+        // The udp backend is wanted for it (not reconciled here: that would make a real TUN),
+        // and until it runs the peer is reported as waiting for udp, not as a type without a
+        // data plane.
+        assert_eq!(set.peer_types(), vec!["udp"]);
+        let unreachable = set.unreachable();
+        assert_eq!(unreachable.len(), 1, "{unreachable:?}");
+        assert_eq!(unreachable[0].1, "its backend udp is not running yet");
+        // Its subnet counts as a udp peer's for the other backends.
+        assert_eq!(
+            set.peers.subnets("udp", true),
+            vec!["10.5.4.0/24".parse::<ipnet::Ipv4Net>().unwrap()]
+        );
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ use crate::netlink::{
     ensure_subnet_address, FdbEntry, Mac, Neighbour, Netlink, NetlinkError, Route, VxlanParams,
 };
 use crate::options::{bad, Options};
+use crate::peerlog::PeerLog;
 use crate::{
     peer_gateway_route, Backend, BackendContext, BackendError, ExternalInterface, PeerTable,
 };
@@ -128,7 +129,7 @@ pub enum PeerPlan {
 
 /// Classifies one peer lease (pure).
 pub fn peer_plan(lease: &Lease, cfg: &VxlanConfig, ext: &ExternalInterface) -> PeerPlan {
-    if lease.attrs.backend_type != "vxlan" {
+    if lease.attrs.data_plane() != "vxlan" {
         return PeerPlan::Ignored(format!(
             "backend type {:?}, not vxlan",
             lease.attrs.backend_type
@@ -267,6 +268,8 @@ pub struct VxlanBackend {
     mtu: u32,
     own: Option<Ipv4Net>,
     peers: PeerTable,
+    /// Problems of vxlan peers (bad BackendData, other VNI), logged once per change.
+    peer_log: PeerLog,
 }
 
 impl VxlanBackend {
@@ -286,6 +289,7 @@ impl VxlanBackend {
             mtu,
             own: None,
             peers: PeerTable::default(),
+            peer_log: PeerLog::default(),
         };
         b.ensure_device().await?;
         Ok(b)
@@ -416,11 +420,6 @@ impl Backend for VxlanBackend {
     }
 
     fn peer_event(&mut self, ev: &Event) {
-        if let Event::PeerAdded(l) = ev {
-            if let PeerPlan::Ignored(why) = peer_plan(l, &self.cfg, &self.ext) {
-                tracing::warn!(peer = %l.key, public_ip = %l.attrs.public_ip, "peer not routed: {why}");
-            }
-        }
         self.peers.apply(ev);
     }
 
@@ -432,6 +431,16 @@ impl Backend for VxlanBackend {
             .leases()
             .map(|l| peer_plan(l, &self.cfg, &self.ext))
             .collect();
+        // A peer of another type is not a problem here (the BackendSet runs its backend).
+        let problems = self.peers.leases().zip(&plans).map(|(l, p)| match p {
+            PeerPlan::Ignored(why) if l.attrs.data_plane() == "vxlan" => (l.key, Some(why.clone())),
+            _ => (l.key, None),
+        });
+        self.peer_log.log(
+            "peer not routed by vxlan",
+            std::time::Instant::now(),
+            problems,
+        );
         let want = desired(&plans, self.index, &self.ext);
         let ops = plan(&want, &self.actual().await?);
         for op in &ops {

@@ -4,7 +4,8 @@
 //! Endpoints, NetworkPolicy) in etcd, as kubectl does with an API server; `pod
 //! up|down` create a pod network namespace on this node and attach it through the CNI plugin
 //! chain (a `.conflist`, e.g. flannel + portmap) exactly as a container runtime does, caching
-//! the ADD result for DEL.
+//! the ADD result for DEL; `docker-opts` writes Docker's options for this node's subnet, as
+//! flannel's `mk-docker-opts.sh` does.
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ mod apply;
 mod common;
 mod config;
 mod delete;
+mod docker_opts;
 mod get;
 mod leases;
 mod pod;
@@ -46,6 +48,9 @@ enum Cmd {
     Get(get::GetArgs),
     /// Delete objects by kind and name, or those of manifests.
     Delete(delete::DeleteArgs),
+    /// Docker daemon options for this node's subnet (flannel's mk-docker-opts.sh): reads the
+    /// subnet file, writes `--bip`, `--mtu` and `--ip-masq` for dockerd.
+    DockerOpts(docker_opts::DockerOptsArgs),
     /// Pod network namespaces attached through the CNI chain, as a runtime would.
     Pod {
         #[command(subcommand)]
@@ -77,6 +82,7 @@ fn main() {
         Cmd::Get(args) => common::block_on(get::run(&etcd, args)),
         Cmd::Delete(args) => common::block_on(delete::run(&etcd, args)),
         Cmd::Pod { cmd } => pod::run(cmd),
+        Cmd::DockerOpts(args) => docker_opts::run(args),
     };
     if let Err(e) = outcome {
         // Errors for humans: the chain of contexts, no backtrace.

@@ -46,3 +46,37 @@ fn errors_are_one_clear_line() {
     assert_eq!(code, 2, "clap usage error");
     assert!(err.contains("HOST:CONTAINER"), "{err}");
 }
+
+#[test]
+fn docker_opts_writes_the_scripts_file() {
+    let t = tempfile::tempdir().unwrap();
+    let subnet = t.path().join("subnet.env");
+    std::fs::write(
+        &subnet,
+        "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.52.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    )
+    .unwrap();
+    let out = t.path().join("docker_opts.env");
+    let (s, o) = (subnet.to_str().unwrap(), out.to_str().unwrap());
+    let (code, err) = run(&["docker-opts", "-f", s, "-d", o, "-c", "-k", "OPTS"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "OPTS=\" --bip=10.5.52.1/24 --ip-masq=false --mtu=1450\"\n"
+    );
+    let (code, _) = run(&["docker-opts", "-f", s, "-d", o, "-i", "-m"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "DOCKER_OPT_BIP=\"--bip=10.5.52.1/24\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\n"
+    );
+    // No subnet file: an error (the script wrote empty options and Docker took 172.17/16).
+    let missing = t.path().join("none.env");
+    let (code, err) = run(&["docker-opts", "-f", missing.to_str().unwrap(), "-d", o]);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("flannelctl: reading the subnet file"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

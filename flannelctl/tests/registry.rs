@@ -494,6 +494,19 @@ fn config_and_leases() {
         "udp.json",
         r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#,
     );
+    let o = c.run(&["config", "set", "-f", &udp]);
+    assert!(o.code == 0 && o.stderr.is_empty(), "{}", o.stderr);
+    // No Backend: written, with a warning (flannel would run udp on it, we vxlan).
+    let no_backend = c.file("nb.json", r#"{"Network":"10.5.0.0/16"}"#);
+    let o = c.run(&["config", "set", "-f", &no_backend]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.starts_with(
+            "warning: net-conf.json: no Backend: running the default vxlan, but flannel runs udp"
+        ),
+        "{}",
+        o.stderr
+    );
     c.ok(&["config", "set", "-f", &udp]);
     assert!(c.ok(&["config", "get"]).contains("udp"));
     // --if-absent (an init container's write-once) leaves an existing config alone.
@@ -543,4 +556,34 @@ fn config_and_leases() {
     );
     let ttl = c._etcd.etcdctl(&["lease", "timetolive", &id]).unwrap();
     assert!(ttl.contains("already expired"), "{ttl}");
+}
+
+/// A file of more documents than serde-saphyr's default budget (1,024) applies; the YAML
+/// limits are in registry/src/parse.rs (hostile inputs are tested there).
+#[test]
+fn apply_a_file_of_more_than_1024_documents() {
+    let Some(c) = Ctl::start() else {
+        return;
+    };
+    const N: usize = 1_100;
+    let mut text = String::from("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: load\n");
+    for i in 0..N {
+        text += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: load\nspec:\n  clusterIP: None\n  selector: {{app: a{i}}}\n  ports:\n  - name: service-port-tcp-80\n    port: 80\n"
+        );
+    }
+    let file = c.file("many.yaml", &text);
+    let out = c.ok(&["apply", "-f", &file, "--dry-run"]);
+    assert_eq!(out.lines().count(), N + 1, "{out}");
+    let out = c.ok(&["apply", "-f", &file]);
+    assert!(
+        out.ends_with(&format!("service/svc-{} created\n", N - 1)),
+        "{out}"
+    );
+    let table = c.ok(&["get", "svc", "-n", "load"]);
+    assert_eq!(
+        table.lines().count(),
+        N + 1,
+        "header + one line per Service"
+    );
 }

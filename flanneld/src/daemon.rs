@@ -317,13 +317,10 @@ async fn reconcile(backend: &mut BackendSet, status: &Status) {
         .reconcile_seconds
         .observe(started.elapsed().as_secs_f64());
     status.peers.set(backend.peer_keys().len() as i64);
-    let unreachable = backend.unreachable();
-    if unreachable.len() as i64 != status.peers_unreachable.get() {
-        for (peer, why) in &unreachable {
-            tracing::warn!(%peer, "peer unreachable from this node: {why}");
-        }
-    }
-    status.peers_unreachable.set(unreachable.len() as i64);
+    // Each peer's reachability is logged by the set when it changes.
+    status
+        .peers_unreachable
+        .set(backend.unreachable().len() as i64);
     status.set_backend_counters(&backend.counters());
 }
 
@@ -613,6 +610,7 @@ pub async fn run(flags: Flags) -> Result<()> {
                 for w in warnings {
                     tracing::warn!("{w}");
                 }
+                tracing::info!("backend {}", b.primary().backend_type());
                 b
             }
         };

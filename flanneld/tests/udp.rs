@@ -214,6 +214,48 @@ fn udp_backend_end_to_end(backend: &str, offload_disabled: u64) {
     assert!(metric(&tb, 0, "udp_tx_packets") > 0 && metric(&tb, 0, "udp_rx_packets") > 0);
 }
 
+/// A node whose lease reads exactly as flannel's udp backend writes it (no `BackendType`) is
+/// reached by our udp nodes, and reaches them, both ways: node 2 runs our udp data plane (the
+/// same wire format as flannel's) but its lease is rewritten, on the same etcd lease, as
+/// `{"PublicIP":"…","PublicIPv6":null}` before the other nodes start, so they only ever see
+/// flannel's form.
+#[test]
+fn a_flannel_udp_lease_without_backend_type_is_reached_both_ways() {
+    if !require_root_with(&["ip", "nft", "etcd", "etcdctl", "ping"]) {
+        return;
+    }
+    let mut tb = Testbed::new(3).unwrap();
+    let endpoint = tb
+        .start_etcd_with_config(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#)
+        .unwrap();
+    let mut d = Daemons::new(&endpoint, &[]);
+    d.start(&mut tb, 2);
+    let flannel_node = d.subnet_env(2).subnet.unwrap();
+    let key = format!("/coreos.com/network/subnets/{}-24", flannel_node.network());
+    let flannel_value = format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, tb.nodes[2].ip);
+    tb.etcdctl(&["put", &key, &flannel_value, "--ignore-lease"])
+        .unwrap();
+    assert_eq!(lease_value(&tb, flannel_node).trim(), flannel_value);
+    d.start(&mut tb, 0);
+    d.start(&mut tb, 1);
+    let log = |i: usize| d.log(i);
+    let (pods, _) = pods_per_node(&mut tb, &d, |_| {});
+    let _servers = start_servers(&pods, PORT, HASH_PORT);
+    // TCP and UDP both ways between every pair, node 2's pods included.
+    full_mesh(&pods, PORT, log);
+    for i in 0..2 {
+        assert_eq!(
+            common::metric(&tb, i, "flannel_peers_unreachable"),
+            0,
+            "node {i} counts the flannel node unreachable:\n{}",
+            d.log(i)
+        );
+        assert!(!d.log(i).contains("peer not routed"), "{}", d.log(i));
+    }
+    // Node 2 never rewrote the lease back (it keeps its subnet on the same etcd lease).
+    assert_eq!(lease_value(&tb, flannel_node).trim(), flannel_value);
+}
+
 /// A minimal IPv4/UDP packet (valid header, no checksum) from `src` to `dst`.
 fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     let mut p = vec![0u8; 28];

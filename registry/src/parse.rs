@@ -110,8 +110,43 @@ pub fn parse_documents(text: &str) -> Result<Vec<Object>, ParseError> {
     Ok(out)
 }
 
+/// Largest manifest text read (YAML or JSON): a file of 100,000 Services is about 25 MiB.
+pub const MAX_MANIFEST_BYTES: usize = 64 << 20;
+/// Most YAML documents in one manifest (serde-saphyr's default is 1,024, which refused a
+/// file of a few thousand Services).
+pub const MAX_DOCUMENTS: usize = 100_000;
+/// Most YAML nodes (mappings, sequences, scalars) in one manifest: about 25 per Service.
+pub const MAX_NODES: usize = 4_000_000;
+/// Deepest nesting of mappings and sequences (the kinds stored here need about 10; JSON has
+/// serde_json's own limit of 128).
+pub const MAX_DEPTH: usize = 64;
+
+/// serde-saphyr's budget with the limits above; its protections against alias expansion
+/// (billion laughs: anchors, aliases, replayed events) stay at their defaults.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = MAX_DOCUMENTS;
+    budget.max_nodes = MAX_NODES;
+    // Two events per node at most, plus document and stream markers.
+    budget.max_events = 2 * MAX_NODES + 2 * MAX_DOCUMENTS + 2;
+    budget.max_depth = MAX_DEPTH;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 /// The documents of a manifest: JSON when it starts with `{`, YAML otherwise.
 fn split_documents(text: &str) -> Result<Vec<Value>, ParseError> {
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(ParseError::Syntax {
+            format: "manifest",
+            msg: format!(
+                "{} bytes, more than the limit of {} MiB",
+                text.len(),
+                MAX_MANIFEST_BYTES >> 20
+            ),
+        });
+    }
     if text.trim_start().starts_with('{') {
         serde_json::Deserializer::from_str(text)
             .into_iter::<Value>()
@@ -121,10 +156,11 @@ fn split_documents(text: &str) -> Result<Vec<Value>, ParseError> {
                 msg: e.to_string(),
             })
     } else {
-        let docs = serde_saphyr::from_multiple::<Value>(text).map_err(|e| ParseError::Syntax {
-            format: "YAML",
-            msg: first_line(&e.to_string()),
-        })?;
+        let docs = serde_saphyr::from_multiple_with_options::<Value>(text, yaml_options())
+            .map_err(|e| ParseError::Syntax {
+                format: "YAML",
+                msg: first_line(&e.to_string()),
+            })?;
         Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
     }
 }
@@ -488,5 +524,63 @@ items:
             err.contains("spec.podSelector.matchExpressions[0].operator"),
             "{err}"
         );
+    }
+    /// `n` Services as one YAML file, as a generator or `kubectl get -o yaml` split would write.
+    fn services_yaml(n: usize) -> String {
+        (0..n)
+            .map(|i| {
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: load\n  labels: {{app: a{i}}}\nspec:\n  selector: {{app: a{i}}}\n  ports:\n  - name: service-port-tcp-80\n    port: 80\n    targetPort: 8080\n    protocol: TCP\n"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
+    #[test]
+    fn ten_thousand_services_parse() {
+        let text = services_yaml(10_000);
+        let objs = parse_documents(&text).unwrap();
+        assert_eq!(objs.len(), 10_000);
+        assert_eq!(objs[9_999].metadata().name, "svc-9999");
+        // The same as JSON documents in a row.
+        let json: String = objs.iter().map(|o| to_json(o).to_string()).collect();
+        assert_eq!(parse_documents(&json).unwrap().len(), 10_000);
+    }
+
+    #[test]
+    fn limits_still_refuse_hostile_manifests() {
+        let syntax = |text: &str| match parse_documents(text) {
+            Err(ParseError::Syntax { msg, .. }) => msg,
+            other => panic!("expected a syntax error, got {other:?}"),
+        };
+        // Billion laughs: nine levels of ten aliases each.
+        let mut laughs =
+            String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            laughs += &format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            );
+        }
+        let msg = syntax(&laughs);
+        assert!(msg.contains("budget"), "{msg}");
+        // Deep nesting: flow, block and JSON.
+        let msg = syntax(&format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)));
+        assert!(!msg.is_empty());
+        let block: String = (0..200)
+            .map(|d| format!("{}k{d}:\n", "  ".repeat(d)))
+            .collect::<String>()
+            + &format!("{}leaf: 1\n", "  ".repeat(200));
+        let msg = syntax(&block);
+        assert!(msg.contains("budget") || msg.contains("depth"), "{msg}");
+        let json = format!("{{\"a\":{}1{}}}", "[".repeat(1_000), "]".repeat(1_000));
+        let msg = syntax(&json);
+        assert!(msg.contains("recursion limit"), "{msg}");
+        // More documents than the limit, and a text over the size limit.
+        let msg = syntax(&"---\na: 1\n".repeat(MAX_DOCUMENTS + 1));
+        assert!(msg.contains("Documents"), "{msg}");
+        let big = format!("a: \"{}\"\n", "x".repeat(MAX_MANIFEST_BYTES));
+        assert!(syntax(&big).contains("more than the limit of 64 MiB"));
     }
 }

@@ -513,8 +513,11 @@ fn service(v: &mut Errors, s: &Service, net: Ipv4Net) {
             ),
             None => {}
             Some(n) => {
-                if let Some(e) = iana_svc_name_error(n) {
-                    v.add(format!("{path}.name"), e);
+                // A Service port name is a DNS-1123 label (up to 63 characters, e.g.
+                // `service-port-tcp-80`); only container port names and named targetPorts
+                // are IANA service names (15).
+                if !is_dns1123_label(n) {
+                    v.add(format!("{path}.name"), format!("{n:?} {DNS1123_LABEL_MSG}"));
                 } else if !names.insert(n) {
                     v.add(format!("{path}.name"), format!("duplicate value {n:?}"));
                 }
@@ -1045,9 +1048,25 @@ mod tests {
             svc_fields("spec.ports.1.name", json!("DNS")),
             one("spec.ports[1].name")
         );
+        // DNS-1123 labels, not IANA service names: upstream manifests use long names.
+        for good in ["a--b", "service-port-tcp-80", &"p".repeat(63), "80"] {
+            assert_eq!(
+                svc_fields("spec.ports.1.name", json!(good)),
+                Vec::<String>::new(),
+                "{good}"
+            );
+        }
+        for bad in [&"p".repeat(64), "-http", "http_2"] {
+            assert_eq!(
+                svc_fields("spec.ports.1.name", json!(bad)),
+                one("spec.ports[1].name"),
+                "{bad}"
+            );
+        }
+        // A named targetPort stays an IANA service name (it names a container port).
         assert_eq!(
-            svc_fields("spec.ports.1.name", json!("a--b")),
-            one("spec.ports[1].name")
+            svc_fields("spec.ports.0.targetPort", json!("service-port-tcp-80")),
+            one("spec.ports[0].targetPort")
         );
         // Same port, other protocol: fine; same port and protocol: duplicate.
         assert_eq!(
@@ -1414,6 +1433,13 @@ mod tests {
         assert_eq!(
             ep_fields("subsets.0.ports.1.port", json!(0)),
             one("subsets[0].ports[1].port")
+        );
+        // Port names follow the Service's rule (DNS-1123 label, up to 63 characters).
+        assert!(ep_fields("subsets.0.ports.1.name", json!("service-port-tcp-9187")).is_empty());
+        assert!(ep_fields("subsets.0.ports.1.name", json!("p".repeat(63))).is_empty());
+        assert_eq!(
+            ep_fields("subsets.0.ports.1.name", json!("p".repeat(64))),
+            one("subsets[0].ports[1].name")
         );
         assert_eq!(
             ep_fields("subsets.0.ports.1.name", json!("pg")),

@@ -2,7 +2,9 @@
 //!
 //! Keys and defaults follow flannel exactly. Like Go's `encoding/json`, key matching is
 //! case-insensitive, so a config that flannel accepts is accepted here. Unlike flannel, the
-//! default backend type is `vxlan` (what flannel documents; its code defaults to `udp`).
+//! default backend type is `vxlan` (what flannel documents; its code defaults to `udp`, and
+//! refuses a `Backend` without `Type`); a config that relies on the default gets a warning
+//! ([`backend_default_warning`]) because a mixed cluster on it splits.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -175,7 +177,11 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
             max: "IPv6SubnetMax",
         },
     )?;
-    let backend = parse_backend(lookup(&obj, "Backend"))?;
+    let backend_value = lookup(&obj, "Backend");
+    let backend = parse_backend(backend_value)?;
+    if let Some(w) = backend_default_warning(backend_value) {
+        warnings.push(w);
+    }
     let service_network =
         parse_service_network(&obj, v4.as_ref().map(|f| f.network), &mut warnings)?;
 
@@ -375,6 +381,26 @@ fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b) || b.contains(&a)
 }
 
+/// The warning for a config whose backend type comes from our default: flannel reads it
+/// otherwise (no `Backend`: udp, so a cluster mixing flannel and flannel-rs nodes splits;
+/// `Backend` without `Type`: flannel refuses the config). None when `Type` is given.
+pub fn backend_default_warning(backend: Option<&Value>) -> Option<String> {
+    let has_type = |m: &Map<String, Value>| {
+        m.iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("Type") && !v.is_null())
+    };
+    match backend {
+        None | Some(Value::Null) => Some(format!(
+            "net-conf.json: no Backend: running the default {DEFAULT_BACKEND}, but flannel runs udp              on this config, so flannel and flannel-rs nodes would not reach each other; set              \"Backend\": {{\"Type\": \"{DEFAULT_BACKEND}\"}} (or the type the cluster runs)"
+        )),
+        Some(Value::Object(m)) if !has_type(m) => Some(format!(
+            "net-conf.json: Backend has no Type: running the default {DEFAULT_BACKEND}; flannel \
+             refuses this config (unknown backend type \"\"); set Backend.Type"
+        )),
+        _ => None,
+    }
+}
+
 fn parse_backend(value: Option<&Value>) -> Result<BackendConfig, ConfigError> {
     let mut options = match value {
         None | Some(Value::Null) => Map::new(),
@@ -569,8 +595,43 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_type_from_the_default_is_warned_about() {
+        // flannel runs udp without Backend: a mixed cluster would split.
+        let p = parse(r#"{"Network":"10.5.0.0/16"}"#).unwrap();
+        assert_eq!(p.config.backend.backend_type, "vxlan");
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        assert!(
+            p.warnings[0].starts_with(
+                "net-conf.json: no Backend: running the default vxlan, but flannel runs udp"
+            ),
+            "{:?}",
+            p.warnings
+        );
+        let p = parse(r#"{"Network":"10.5.0.0/16","Backend":null}"#).unwrap();
+        assert!(p.warnings[0].contains("no Backend"), "{:?}", p.warnings);
+        let p = parse(r#"{"Network":"10.5.0.0/16","Backend":{"VNI":2}}"#).unwrap();
+        assert_eq!(p.config.backend.backend_type, "vxlan");
+        assert!(
+            p.warnings[0].contains("Backend has no Type")
+                && p.warnings[0].contains("flannel refuses"),
+            "{:?}",
+            p.warnings
+        );
+        // Given (any case): nothing to say.
+        for text in [
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+            r#"{"Network":"10.5.0.0/16","backend":{"type":"udp"}}"#,
+        ] {
+            assert!(parse(text).unwrap().warnings.is_empty(), "{text}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_warned_not_rejected() {
-        let p = parse(r#"{"Network":"10.5.0.0/16","Netwrok":"x","EnableNFTables":true}"#).unwrap();
+        let p = parse(
+            r#"{"Network":"10.5.0.0/16","Netwrok":"x","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
         assert_eq!(
             p.warnings,
             vec![r#"net-conf.json: unknown key "Netwrok" ignored"#]
@@ -633,7 +694,10 @@ mod tests {
 
     #[test]
     fn service_network_given_is_known_not_warned() {
-        let p = parse(r#"{"Network":"10.5.0.0/16","ServiceNetwork":"172.30.0.0/24"}"#).unwrap();
+        let p = parse(
+            r#"{"Network":"10.5.0.0/16","ServiceNetwork":"172.30.0.0/24","Backend":{"Type":"udp"}}"#,
+        )
+        .unwrap();
         assert_eq!(
             p.config.service_network,
             "172.30.0.0/24".parse::<Ipv4Net>().unwrap()
@@ -657,7 +721,7 @@ mod tests {
             "ServiceNetwork: 10.0.0.0/8 overlaps Network 10.5.0.0/16"
         );
         // A default that overlaps is only a warning: every config flannel takes still parses.
-        let p = parse(r#"{"Network":"10.0.0.0/8"}"#).unwrap();
+        let p = parse(r#"{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#).unwrap();
         assert_eq!(
             p.warnings,
             vec!["net-conf.json: the default ServiceNetwork 10.96.0.0/12 overlaps Network 10.0.0.0/8: set ServiceNetwork before creating Services"]

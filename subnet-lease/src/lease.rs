@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// A lease value, as flannel writes it:
-/// `{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{…}}`.
+/// `{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{…}}`;
+/// flannel's udp and alloc backends write `{"PublicIP":"…","PublicIPv6":null}` (no type, see
+/// [`LeaseAttrs::data_plane`]).
 /// Fields this version does not know are kept and written back unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseAttrs {
@@ -39,6 +41,9 @@ pub struct LeaseAttrs {
     pub extra: Map<String, Value>,
 }
 
+/// How a lease without `BackendType` is reached: what flannel's udp backend writes.
+pub const TYPELESS_DATA_PLANE: &str = "udp";
+
 fn unspecified_v4() -> Ipv4Addr {
     Ipv4Addr::UNSPECIFIED
 }
@@ -53,6 +58,19 @@ impl LeaseAttrs {
             backend_data: None,
             backend_v6_data: None,
             extra: Map::new(),
+        }
+    }
+
+    /// The data plane this lease asks peers to use: `BackendType`, or `udp` when the field is
+    /// absent. flannel's udp backend (v0.20 to v0.28 at least) writes no `BackendType`, and its
+    /// data plane sends to every lease whatever the type says, so a typeless lease is read the
+    /// way flannel reads it. flannel's `alloc` backend writes no type either; udp datagrams to
+    /// such a node are dropped there (nothing listens on 8285), which costs nothing.
+    pub fn data_plane(&self) -> &str {
+        if self.backend_type.is_empty() {
+            TYPELESS_DATA_PLANE
+        } else {
+            &self.backend_type
         }
     }
 
@@ -161,11 +179,30 @@ mod tests {
 
     #[test]
     fn no_backend_data_is_omitted_and_ipv6_is_null() {
+        // flannel's host-gw lease, byte for byte.
+        let a = LeaseAttrs::new(Ipv4Addr::new(10, 0, 0, 1), "host-gw");
+        assert_eq!(
+            a.to_json(),
+            r#"{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"host-gw"}"#
+        );
+        // Ours on udp names its type (flannel's does not; docs/data-model.md).
         let a = LeaseAttrs::new(Ipv4Addr::new(10, 0, 0, 1), "udp");
         assert_eq!(
             a.to_json(),
             r#"{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"udp"}"#
         );
+    }
+
+    #[test]
+    fn flannel_udp_and_alloc_leases_have_no_type_and_mean_udp() {
+        // What flannel's udp (and alloc) backend writes, v0.20 to v0.28.
+        let text = r#"{"PublicIP":"10.0.0.1","PublicIPv6":null}"#;
+        let a: LeaseAttrs = serde_json::from_str(text).unwrap();
+        assert_eq!(a.backend_type, "");
+        assert_eq!(a.data_plane(), "udp");
+        assert_eq!(a.to_json(), text, "written back without a type");
+        let a = LeaseAttrs::new(Ipv4Addr::new(10, 0, 0, 1), "host-gw");
+        assert_eq!(a.data_plane(), "host-gw");
     }
 
     #[test]

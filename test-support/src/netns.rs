@@ -295,6 +295,19 @@ impl Testbed {
         gateway_cidr: &str,
         mtu: u32,
     ) -> Result<Pod, String> {
+        self.add_pod_on(node, "cni0", ip_cidr, gateway_cidr, mtu)
+    }
+
+    /// [`Testbed::add_pod`] behind bridge `bridge` of the node (created with `gateway_cidr` and
+    /// `mtu` when missing), e.g. `docker0` the way dockerd makes it from `--bip`/`--mtu`.
+    pub fn add_pod_on(
+        &mut self,
+        node: usize,
+        bridge: &str,
+        ip_cidr: &str,
+        gateway_cidr: &str,
+        mtu: u32,
+    ) -> Result<Pod, String> {
         let node_ns = self
             .nodes
             .get(node)
@@ -304,19 +317,22 @@ impl Testbed {
         let k = self.pods.iter().filter(|p| p.node == node).count() + 1;
         let ns = format!("{node_ns}p{k}");
         self.add_netns(&ns)?;
-        if ip(&["-n", &node_ns, "link", "show", "cni0"]).is_err() {
-            ip(&["-n", &node_ns, "link", "add", "cni0", "type", "bridge"])?;
-            ip(&["-n", &node_ns, "addr", "add", gateway_cidr, "dev", "cni0"])?;
-            ip(&["-n", &node_ns, "link", "set", "cni0", "up"])?;
+        let mtu = mtu.to_string();
+        if ip(&["-n", &node_ns, "link", "show", bridge]).is_err() {
+            ip(&["-n", &node_ns, "link", "add", bridge, "type", "bridge"])?;
+            ip(&["-n", &node_ns, "addr", "add", gateway_cidr, "dev", bridge])?;
+            if bridge != "cni0" {
+                ip(&["-n", &node_ns, "link", "set", bridge, "mtu", &mtu])?;
+            }
+            ip(&["-n", &node_ns, "link", "set", bridge, "up"])?;
         }
         let host_end = format!("vp{k}");
         ip(&[
             "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &host_end, "netns",
             &node_ns,
         ])?;
-        let mtu = mtu.to_string();
         ip(&[
-            "-n", &node_ns, "link", "set", &host_end, "mtu", &mtu, "master", "cni0", "up",
+            "-n", &node_ns, "link", "set", &host_end, "mtu", &mtu, "master", bridge, "up",
         ])?;
         ip(&["-n", &ns, "addr", "add", ip_cidr, "dev", "eth0"])?;
         ip(&["-n", &ns, "link", "set", "eth0", "mtu", &mtu, "up"])?;

@@ -105,6 +105,23 @@ impl UdpStats {
     }
 }
 
+/// Where a peer's datagrams come from and ours to it go (whatever its lease's type).
+fn udp_peer(l: &Lease, port: u16) -> UdpPeer {
+    UdpPeer {
+        subnet: l.key.ipv4,
+        addr: SocketAddrV4::new(l.attrs.public_ip, port),
+    }
+}
+
+/// A peer this backend routes to: its lease advertises udp, or no type at all (flannel's udp
+/// backend writes none, see `LeaseAttrs::data_plane`).
+fn peer_addr(l: &Lease, port: u16) -> Result<UdpPeer, String> {
+    if l.attrs.data_plane() != "udp" {
+        return Err(format!("backend type {:?}, not udp", l.attrs.backend_type));
+    }
+    Ok(udp_peer(l, port))
+}
+
 /// The running udp backend.
 #[derive(Debug)]
 pub struct UdpBackend {
@@ -222,19 +239,12 @@ impl UdpBackend {
         self.stats.clone()
     }
 
-    /// Where a peer's datagrams come from and ours to it go (whatever its lease's type).
     fn udp_peer(&self, l: &Lease) -> UdpPeer {
-        UdpPeer {
-            subnet: l.key.ipv4,
-            addr: SocketAddrV4::new(l.attrs.public_ip, self.cfg.port),
-        }
+        udp_peer(l, self.cfg.port)
     }
 
     fn peer_addr(&self, l: &Lease) -> Result<UdpPeer, String> {
-        if l.attrs.backend_type != "udp" {
-            return Err(format!("backend type {:?}, not udp", l.attrs.backend_type));
-        }
-        Ok(self.udp_peer(l))
+        peer_addr(l, self.cfg.port)
     }
 
     async fn ensure_link_state(&self) -> Result<usize, BackendError> {
@@ -301,11 +311,8 @@ impl Backend for UdpBackend {
     }
 
     fn peer_event(&mut self, ev: &Event) {
-        if let Event::PeerAdded(l) = ev {
-            if let Err(why) = self.peer_addr(l) {
-                tracing::warn!(peer = %l.key, public_ip = %l.attrs.public_ip, "peer not routed: {why}");
-            }
-        }
+        // Peers of other types are the BackendSet's business (it runs their backend or
+        // reports them unreachable); nothing to log here.
         self.peers.apply(ev);
     }
 
@@ -374,6 +381,44 @@ impl Backend for UdpBackend {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn lease(subnet: &str, json: &str) -> Lease {
+        Lease {
+            key: SubnetKey::v4(subnet.parse().unwrap()),
+            attrs: serde_json::from_str(json).unwrap(),
+            etcd_lease: 1,
+            mod_revision: 1,
+        }
+    }
+
+    #[test]
+    fn flannels_typeless_udp_lease_is_a_udp_peer() {
+        // Exactly what flannel's udp backend writes (no BackendType).
+        let l = lease(
+            "10.5.7.0/24",
+            r#"{"PublicIP":"172.30.0.7","PublicIPv6":null}"#,
+        );
+        assert_eq!(
+            peer_addr(&l, 8285),
+            Ok(UdpPeer {
+                subnet: "10.5.7.0/24".parse().unwrap(),
+                addr: "172.30.0.7:8285".parse().unwrap()
+            })
+        );
+        let ours = lease(
+            "10.5.8.0/24",
+            r#"{"PublicIP":"172.30.0.8","PublicIPv6":null,"BackendType":"udp"}"#,
+        );
+        assert!(peer_addr(&ours, 8285).is_ok());
+        let hostgw = lease(
+            "10.5.9.0/24",
+            r#"{"PublicIP":"172.30.0.9","PublicIPv6":null,"BackendType":"host-gw"}"#,
+        );
+        assert_eq!(
+            peer_addr(&hostgw, 8285),
+            Err("backend type \"host-gw\", not udp".into())
+        );
+    }
 
     #[test]
     fn options() {
