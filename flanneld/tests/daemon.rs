@@ -541,6 +541,7 @@ fn unreachable_peers_are_logged_once_per_change_and_rate_limited() {
     assert!(d.log().contains("backend alloc"), "{}", d.log());
     assert!(!d.log().contains("no Backend"), "{}", d.log());
     const PEERS: u32 = 200;
+    let started = std::time::Instant::now();
     let mut written = 0;
     for i in 0..=PEERS {
         let subnet = std::net::Ipv4Addr::new(10, 5, i as u8, 0);
@@ -567,10 +568,13 @@ fn unreachable_peers_are_logged_once_per_change_and_rate_limited() {
     std::thread::sleep(Duration::from_secs(3));
     let log = d.log();
     let lines = log.matches("peer unreachable from this node").count();
+    // The limiter lets 20 lines through per 10 s window (plus a summary line): on a loaded
+    // machine writing the leases spans several windows.
+    let windows = started.elapsed().as_secs() as usize / 10 + 1;
     assert!(
-        (1..=25).contains(&lines),
-        "{lines} unreachable lines for {PEERS} peers (expected one per peer, at most the \
-         rate limit of 20 per 10 s plus a summary)"
+        (1..=21 * windows).contains(&lines),
+        "{lines} unreachable lines for {PEERS} peers in {windows} windows of 10 s (expected \
+         one per peer, at most the rate limit of 20 per 10 s plus a summary)"
     );
     assert!(
         log.contains("it advertises \"wireguard\", which has no data plane"),
