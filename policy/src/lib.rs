@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod compile;
+pub mod enforce;
 pub mod eval;
 pub mod metrics;
 pub mod run;
