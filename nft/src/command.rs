@@ -156,12 +156,12 @@ mod tests {
 
     #[test]
     fn refusals_keep_the_first_lines_and_missing_programs_name_the_program() {
-        // `sh -c` stands in for nft: six lines of complaint kept out of eight.
+        // `sh -c` stands in for nft (reading the script, then complaining): six lines of eight kept.
         let nft = NftCommand {
             prefix: vec![
                 "sh".into(),
                 "-c".into(),
-                "for i in 1 2 3 4 5 6 7 8; do echo line$i >&2; done; exit 1".into(),
+                "cat >/dev/null; for i in 1 2 3 4 5 6 7 8; do echo line$i >&2; done; exit 1".into(),
             ],
         };
         let e = run(nft.apply("flush ruleset\n")).expect_err("refused");
