@@ -22,11 +22,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nft::NftCommand;
 use policy::compile::{compile, Input, Ruleset};
+use policy::enforce::Enforcer;
 use policy::eval::{NamedPort, PodView};
-use policy::run::{ensure_bridge_netfilter, Enforcer};
+use policy::run::ensure_bridge_netfilter;
 use registry::{Labels, NetworkPolicy, Object, Protocol};
-use service_proxy::sync::{NftApply, NftCommand};
 use test_support::{in_netns, Testbed};
 
 use common::{byte_server, check_stop, connect_latencies, iperf, ms, percentile, write_file};

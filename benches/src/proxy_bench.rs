@@ -19,15 +19,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nft::{NfNetlink, NftCommand};
 use registry::{
     Container, ContainerPort, IntOrString, ObjectMeta, Pod as PodObj, PodSpec, Protocol, Service,
     ServicePort as SvcPort, ServiceSpec,
 };
 use service_proxy::metrics::ProxyMetrics;
 use service_proxy::model::{service_ports, NodeInfo, PortsCache, Snapshot, Touched};
-use service_proxy::nfnl::NfNetlink;
 use service_proxy::nft::ProxyConfig;
-use service_proxy::sync::{ConntrackCommand, NftCommand, NftNetlink, Syncer};
+use service_proxy::sync::{ConntrackCommand, NftNetlink, Syncer};
 use service_proxy::userspace::{UserspaceOptions, UserspaceProxy};
 use subnet_lease::PodRecord;
 use test_support::{in_netns, Testbed};

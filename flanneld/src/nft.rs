@@ -1,5 +1,6 @@
 //! Host rules in one nftables table the daemon owns (`ip flannel`), applied as one atomic
-//! `nft -f -` transaction. The ruleset is rendered by [`render`] (pure); data lives in sets,
+//! `nft -f -` transaction and re-installed on drift (the `nft` crate's runner and
+//! [`::nft::TableKeeper`]). The ruleset is rendered by [`render`] (pure); data lives in sets,
 //! except the forward chain's Network prefix, inlined for per-packet cost.
 //!
 //! - `forward`: accept traffic from and to the cluster Network (flannel's FLANNEL-FWD).
@@ -8,12 +9,11 @@
 //!   Network; masquerade pods leaving the Network (except to multicast) and non-cluster sources
 //!   reaching the Network, with fully random ports.
 
-use std::process::Stdio;
-use std::time::Duration;
-
-use anyhow::{bail, Context, Result};
+use ::nft::TableKeeper;
 use ipnet::Ipv4Net;
-use tokio::io::AsyncWriteExt;
+
+/// Runs `nft` (the `nft` crate's runner).
+pub type Nft = ::nft::NftCommand;
 
 pub const TABLE: &str = "flannel";
 
@@ -69,117 +69,33 @@ pub fn render(r: &HostRules) -> String {
 
 /// The script that removes our table (used by `--cleanup`).
 pub fn render_cleanup() -> String {
-    format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+    ::nft::remove_table_script(TABLE)
 }
 
-/// Runs `nft`. Bounded in time.
-#[derive(Debug, Clone)]
-pub struct Nft {
-    pub program: String,
-}
-
-impl Default for Nft {
-    fn default() -> Self {
-        Nft {
-            program: "nft".into(),
-        }
-    }
-}
-
-const NFT_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl Nft {
-    /// Applies a script atomically with `nft -f -`.
-    pub async fn apply(&self, script: &str) -> Result<()> {
-        let mut child = tokio::process::Command::new(&self.program)
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("running {}", self.program))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(script.as_bytes()).await?;
-        }
-        let out = tokio::time::timeout(NFT_TIMEOUT, child.wait_with_output())
-            .await
-            .context("nft did not finish in 10 s")??;
-        if !out.status.success() {
-            bail!(
-                "nft -f: {}\nscript:\n{script}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-
-    /// Our table as nft prints it, or None if it does not exist.
-    pub async fn list(&self) -> Result<Option<String>> {
-        let fut = tokio::process::Command::new(&self.program)
-            .args(["list", "table", "ip", TABLE])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(NFT_TIMEOUT, fut)
-            .await
-            .context("nft list did not finish in 10 s")?
-            .with_context(|| format!("running {}", self.program))?;
-        Ok(out
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
-    }
+/// The rules to install, or None when there are none (then a table left from a run that had
+/// rules is removed).
+fn script(r: &HostRules) -> Option<String> {
+    (r.forward || r.ip_masq).then(|| render(r))
 }
 
 /// Keeps our table equal to the rendered rules: installs it, and re-installs it when nft's
 /// listing no longer matches the one taken right after the last install (a rule or the table
 /// was removed or changed by hand).
-#[derive(Debug, Default)]
-pub struct RuleKeeper {
-    nft: Nft,
-    want: Option<HostRules>,
-    installed_listing: Option<String>,
-}
+#[derive(Debug)]
+pub struct RuleKeeper(TableKeeper<Nft>);
 
 impl RuleKeeper {
     pub fn new(nft: Nft) -> Self {
-        RuleKeeper {
-            nft,
-            ..RuleKeeper::default()
-        }
+        RuleKeeper(TableKeeper::new(nft, TABLE))
     }
 
     pub fn set(&mut self, rules: HostRules) {
-        if self.want.as_ref() != Some(&rules) {
-            self.want = Some(rules);
-            self.installed_listing = None;
-        }
+        self.0.set(script(&rules));
     }
 
     /// Ensures the rules; returns true if it (re)installed (or removed) them.
-    pub async fn ensure(&mut self) -> Result<bool> {
-        let Some(want) = &self.want else {
-            return Ok(false);
-        };
-        let now = self.nft.list().await?;
-        if !want.forward && !want.ip_masq {
-            // Nothing to install; remove a table left from a run that had rules.
-            if now.is_some() {
-                self.nft.apply(&render_cleanup()).await?;
-                return Ok(true);
-            }
-            return Ok(false);
-        }
-        if now.is_some() && now == self.installed_listing {
-            return Ok(false);
-        }
-        if self.installed_listing.is_some() {
-            tracing::warn!("nftables table ip {TABLE} was removed or changed; re-installing it");
-        }
-        self.nft.apply(&render(want)).await?;
-        self.installed_listing = self.nft.list().await?;
-        Ok(true)
+    pub async fn ensure(&mut self) -> Result<bool, ::nft::Error> {
+        self.0.ensure().await
     }
 }
 

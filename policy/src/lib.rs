@@ -5,13 +5,14 @@
 //! the API's semantics (pure; it is the oracle the enforcement is tested against and never
 //! calls into it). The decisions on what Kubernetes leaves open are documented on
 //! [`eval`] and in docs/network-policy.md. [`compile`] turns the same objects into this
-//! node's nftables table (pure) and the difference between two tables; [`run::run`] feeds it
-//! from etcd and applies each change as one atomic `nft` transaction (`flanneld
-//! --network-policy`).
+//! node's nftables table (pure) and the difference between two tables; [`enforce::Enforcer`]
+//! applies each change as one atomic `nft` transaction; [`run::run`] feeds it from etcd
+//! (`flanneld --network-policy`).
 
 #![forbid(unsafe_code)]
 
 pub mod compile;
+pub mod enforce;
 pub mod eval;
 pub mod metrics;
 pub mod run;

@@ -7,7 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::run::SyncReport;
+use crate::enforce::SyncReport;
 
 #[derive(Debug, Clone, Default)]
 pub struct PolicyMetrics {

@@ -9,16 +9,17 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
+use nft::{NftCommand, Runner};
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
+use registry::gate::{Client, Gate};
 use registry::{Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
-use service_proxy::sync::{NftApply, NftCommand};
-use service_proxy::userspace::{Client, Gate};
 use subnet_lease::pods::{parse_pod_key, pods_prefix};
 use subnet_lease::{EtcdRegistry, PodRecord};
 use tokio::sync::watch;
 
 use crate::compile::{self, Input, Ruleset};
+use crate::enforce::Enforcer;
 use crate::eval::{self, NamedPort, Peer, PodView};
 use crate::metrics::PolicyMetrics;
 
@@ -280,62 +281,6 @@ fn named_ports(p: &Pod) -> Vec<NamedPort> {
         .collect()
 }
 
-/// Keeps the kernel's table equal to the compiled ruleset.
-#[derive(Debug)]
-pub struct Enforcer<N> {
-    nft: N,
-    /// What the kernel holds (`None`: unknown, the next sync writes the whole table).
-    applied: Option<Ruleset>,
-}
-
-/// What one sync did.
-#[derive(Debug, Clone, Copy)]
-pub struct SyncReport {
-    pub full: bool,
-    pub changed: bool,
-    pub elapsed: Duration,
-}
-
-impl<N: NftApply> Enforcer<N> {
-    pub fn new(nft: N) -> Self {
-        Enforcer { nft, applied: None }
-    }
-
-    /// Forget what the kernel holds: the next sync rewrites the table.
-    pub fn invalidate(&mut self) {
-        self.applied = None;
-    }
-
-    /// Brings the table to `rs`: the difference in one transaction, or the whole table when
-    /// the kernel's state is unknown. A failed transaction changes nothing.
-    pub async fn sync(&mut self, rs: Ruleset) -> Result<SyncReport, String> {
-        let started = Instant::now();
-        let (script, full) = match &self.applied {
-            Some(old) => (compile::diff(old, &rs), false),
-            None => (Some(compile::full(&rs)), true),
-        };
-        let changed = script.is_some();
-        if let Some(s) = script {
-            self.nft.apply(&s).await.map_err(|e| {
-                self.applied = None;
-                e.to_string()
-            })?;
-        }
-        self.applied = Some(rs);
-        Ok(SyncReport {
-            full,
-            changed,
-            elapsed: started.elapsed(),
-        })
-    }
-
-    /// Whether our table is still in the kernel.
-    pub async fn table_present(&self) -> bool {
-        let probe = format!("list chain ip {} forward\n", compile::TABLE);
-        self.nft.apply(&probe).await.is_ok()
-    }
-}
-
 /// The switch that makes bridged IPv4 traffic cross the IPv4 hooks.
 pub const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 
@@ -402,7 +347,9 @@ struct Policy<N> {
     metrics: PolicyMetrics,
 }
 
-impl<N: NftApply> Follower for Policy<N> {
+impl<N: Runner> Follower for Policy<N> {
+    type Error = nft::Error;
+
     fn clear(&mut self) {
         self.cache.clear();
     }
@@ -411,7 +358,7 @@ impl<N: NftApply> Follower for Policy<N> {
         self.cache.apply(key, value, mod_revision)
     }
 
-    async fn sync(&mut self) -> Result<(), String> {
+    async fn sync(&mut self) -> Result<(), nft::Error> {
         if let Some(g) = &self.gate {
             g.update(&self.cache, &self.node);
         }

@@ -13,6 +13,9 @@ use tokio::sync::watch;
 
 /// What a follower does with the keys and when to touch its data plane.
 pub trait Follower {
+    /// Why a sync failed (logged with its causes, then retried).
+    type Error: std::error::Error;
+
     /// Forget every key (a full list follows).
     fn clear(&mut self);
     /// One key's new value (`None`: deleted); returns whether anything used changed.
@@ -20,7 +23,7 @@ pub trait Follower {
     /// Called after every full list, before the sync that follows it.
     fn relisted(&mut self) {}
     /// Brings the data plane to the current keys; an error is retried in 1 s.
-    fn sync(&mut self) -> impl Future<Output = Result<(), String>>;
+    fn sync(&mut self) -> impl Future<Output = Result<(), Self::Error>>;
     /// The periodic check: `false` when the data plane must be written again (the follower
     /// has already forgotten what it holds).
     fn check(&mut self) -> impl Future<Output = bool>;

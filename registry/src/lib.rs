@@ -8,12 +8,14 @@
 //! the document and field. [`keys`] is the layout in etcd and turns stored values back into
 //! objects (pure, for watchers); [`alloc`] decides ClusterIPs and NodePorts (pure); [`Store`]
 //! keeps objects in etcd under `<prefix>/registry/`, allocating in the same guarded txn as the
-//! object; [`follow`] is the list + watch loop the service proxy and policy module share.
+//! object; [`follow`] is the list + watch loop the service proxy and policy module share;
+//! [`gate`] is how the policy module judges the userspace proxy's relays.
 
 #![forbid(unsafe_code)]
 
 pub mod alloc;
 pub mod follow;
+pub mod gate;
 pub mod keys;
 pub mod parse;
 pub mod store;

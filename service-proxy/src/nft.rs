@@ -301,7 +301,7 @@ fn safe_path(id: &PortId, port: u16) -> String {
 /// Whether `name` is a plain nft identifier: a letter, then letters, digits, '/', '_', '.'
 /// or '-', at most 255 bytes (nf_tables' limit). Every name this module renders is one.
 pub fn is_safe_name(name: &str) -> bool {
-    name.len() <= crate::nfnl::MAX_NAME_LEN
+    name.len() <= ::nft::MAX_NAME_LEN
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
         && name
             .bytes()

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use ::nft::NftCommand;
 use ipnet::Ipv4Net;
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
@@ -16,8 +17,8 @@ use tokio::sync::watch;
 use crate::metrics::ProxyMetrics;
 use crate::model::{NodeInfo, PortId, PortsCache, ServicePort, Snapshot, Touched};
 use crate::nft::ProxyConfig;
-use crate::sync::{ConntrackCommand, NftApply, NftCommand, NftNetlink, Syncer};
-use crate::userspace::{UserspaceOptions, UserspaceProxy};
+use crate::sync::{ConntrackCommand, NftNetlink, Syncer};
+use crate::userspace::{UserspaceError, UserspaceOptions, UserspaceProxy};
 
 /// How the proxy implements Services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +191,15 @@ impl Cache {
     }
 }
 
+/// Why a sync of the data plane failed (it is retried as a full rebuild).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Nftables(#[from] ::nft::Error),
+    #[error(transparent)]
+    Userspace(#[from] UserspaceError),
+}
+
 /// The data plane behind the loop.
 enum Plane {
     Nft(Box<Syncer<NftNetlink, ConntrackCommand>>),
@@ -201,7 +211,7 @@ impl Plane {
         &mut self,
         ports: &BTreeMap<PortId, ServicePort>,
         metrics: &ProxyMetrics,
-    ) -> Result<(), String> {
+    ) -> Result<(), ProxyError> {
         match self {
             Plane::Nft(s) => match s.sync(ports).await {
                 Ok(rep) => {
@@ -214,7 +224,7 @@ impl Plane {
                 }
                 Err(e) => {
                     metrics.sync_errors.inc();
-                    Err(e.to_string())
+                    Err(e.into())
                 }
             },
             Plane::User(p) => {
@@ -226,7 +236,7 @@ impl Plane {
                     }
                     Err(e) => {
                         metrics.sync_errors.inc();
-                        Err(e.to_string())
+                        Err(e.into())
                     }
                 }
             }
@@ -244,7 +254,7 @@ impl Plane {
     async fn table_present(&self, nft: &NftCommand) -> bool {
         match self {
             Plane::Nft(s) => s.applier().chain_exists("services").await,
-            Plane::User(_) => nft.chain_exists("services").await,
+            Plane::User(_) => nft.chain_exists(crate::nft::TABLE, "services").await,
         }
     }
 }
@@ -260,6 +270,8 @@ struct Proxy {
 }
 
 impl Follower for Proxy {
+    type Error = ProxyError;
+
     fn clear(&mut self) {
         self.cache.snap = Snapshot::default();
         self.cache.touched = Touched::default();
@@ -274,7 +286,7 @@ impl Follower for Proxy {
         self.cache.take_touched();
     }
 
-    async fn sync(&mut self) -> Result<(), String> {
+    async fn sync(&mut self) -> Result<(), ProxyError> {
         let touched = self.cache.take_touched();
         self.model
             .update(&self.cache.snap, &self.opts.node, &touched);

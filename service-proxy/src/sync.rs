@@ -7,45 +7,43 @@
 //! the transaction, so clients are not stuck on a dead backend.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::Ipv4Addr;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use ::nft::{FakeNft, NfNetlink, NftCommand, Runner};
 use registry::Protocol;
-use tokio::io::AsyncWriteExt;
 
 use crate::model::{PortId, ServicePort};
-use crate::nfnl::NfNetlink;
+use crate::nfnl;
 use crate::nft::{self, Key, Op, ProxyConfig, Ruleset, Tx};
 
-/// How long one `nft -f -` or `conntrack` run may take.
+/// How long one `conntrack` run may take.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Why stale flows could not be deleted (only logged: the table is right either way).
 #[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error("nft -f - failed: {0}")]
-    Nft(String),
-    #[error("could not run {program}: {msg}")]
-    Spawn { program: String, msg: String },
+pub enum ConntrackError {
+    #[error(transparent)]
+    Run(#[from] ::nft::Error),
+    #[error("could not run conntrack: {stderr}")]
+    Refused { stderr: String },
 }
 
-/// Applies nft scripts. The real one runs `nft -f -`; tests may record instead.
-pub trait NftApply: Send + Sync {
-    fn apply(
-        &self,
-        script: &str,
-    ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send;
-
-    /// Applies the steps of an incremental transaction atomically; by default as their nft
-    /// text through [`NftApply::apply`].
-    fn apply_ops(
-        &self,
-        ops: &[Op],
-    ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send {
+/// Applies the nftables mode's transactions: scripts ([`Runner::apply`]) and the steps of
+/// incremental ones, by default as their nft text.
+pub trait ApplyOps: Runner {
+    /// Applies the steps of an incremental transaction atomically.
+    fn apply_ops(&self, ops: &[Op]) -> impl Future<Output = Result<(), ::nft::Error>> + Send {
         let script = nft::script(ops);
         async move { self.apply(&script).await }
     }
 }
+
+impl ApplyOps for NftCommand {}
+
+/// For unit tests: the steps are recorded as their nft text.
+impl ApplyOps for FakeNft {}
 
 /// `nft -f -` for scripts (the full rebuild) and a netlink batch for incremental
 /// transactions, which `nft` 1.0.6 makes slow on big tables (it reads every chain first).
@@ -58,7 +56,7 @@ pub struct NftNetlink {
 
 impl NftNetlink {
     /// `nft` in this process's namespace and a socket opened by the calling thread.
-    pub fn open() -> Result<NftNetlink, SyncError> {
+    pub fn open() -> Result<NftNetlink, ::nft::Error> {
         Ok(NftNetlink {
             command: NftCommand::default(),
             netlink: Some(NfNetlink::open()?),
@@ -69,85 +67,28 @@ impl NftNetlink {
     /// would read the whole table first).
     pub async fn chain_exists(&self, name: &str) -> bool {
         match &self.netlink {
-            Some(nl) => nl.chain_exists(name).unwrap_or(false),
-            None => self.command.chain_exists(name).await,
+            Some(nl) => nl.chain_exists(nft::TABLE, name).unwrap_or(false),
+            None => self.command.chain_exists(nft::TABLE, name).await,
         }
     }
 }
 
-impl NftApply for NftNetlink {
-    async fn apply(&self, script: &str) -> Result<(), SyncError> {
+impl Runner for NftNetlink {
+    async fn apply(&self, script: &str) -> Result<(), ::nft::Error> {
         self.command.apply(script).await
     }
 
-    async fn apply_ops(&self, ops: &[Op]) -> Result<(), SyncError> {
+    async fn list_table(&self, table: &str) -> Result<Option<String>, ::nft::Error> {
+        self.command.list_table(table).await
+    }
+}
+
+impl ApplyOps for NftNetlink {
+    async fn apply_ops(&self, ops: &[Op]) -> Result<(), ::nft::Error> {
         match &self.netlink {
             // A few syscalls, answered before `send` returns: no need to leave the task.
-            Some(nl) => nl.apply(ops),
+            Some(nl) => nfnl::apply(nl, ops),
             None => self.command.apply(&nft::script(ops)).await,
-        }
-    }
-}
-
-/// Runs `nft -f -` (optionally behind a prefix such as `ip netns exec NAME`).
-#[derive(Debug, Clone, Default)]
-pub struct NftCommand {
-    pub prefix: Vec<String>,
-}
-
-async fn run_with_stdin(argv: &[String], input: &str) -> Result<(bool, String), SyncError> {
-    let (program, args) = argv.split_first().ok_or_else(|| SyncError::Spawn {
-        program: String::new(),
-        msg: "empty command".into(),
-    })?;
-    let spawn_err = |e: std::io::Error| SyncError::Spawn {
-        program: program.clone(),
-        msg: e.to_string(),
-    };
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(spawn_err)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(input.as_bytes()).await.map_err(spawn_err)?;
-    }
-    let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
-        .await
-        .map_err(|_| SyncError::Spawn {
-            program: program.clone(),
-            msg: format!("no answer within {COMMAND_TIMEOUT:?}"),
-        })?
-        .map_err(spawn_err)?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    ))
-}
-
-impl NftCommand {
-    /// Whether chain `name` of our table exists (`nft list chain`, which reads the whole
-    /// table first: for probes that are rare or on small tables).
-    pub async fn chain_exists(&self, name: &str) -> bool {
-        let probe = format!("list chain ip {} {name}\n", nft::TABLE);
-        self.apply(&probe).await.is_ok()
-    }
-}
-
-impl NftApply for NftCommand {
-    async fn apply(&self, script: &str) -> Result<(), SyncError> {
-        let mut argv = self.prefix.clone();
-        argv.extend(["nft".to_string(), "-f".to_string(), "-".to_string()]);
-        let (ok, stderr) = run_with_stdin(&argv, script).await?;
-        if ok {
-            Ok(())
-        } else {
-            // nft names the failing line; keep the first lines of its complaint.
-            let msg: Vec<&str> = stderr.lines().take(6).collect();
-            Err(SyncError::Nft(msg.join(" | ")))
         }
     }
 }
@@ -232,10 +173,8 @@ pub fn stale_udp_flows(
 
 /// Deletes conntrack entries. The real one runs `conntrack -D`.
 pub trait Conntrack: Send + Sync {
-    fn delete(
-        &self,
-        flows: &StaleFlows,
-    ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send;
+    fn delete(&self, flows: &StaleFlows)
+        -> impl Future<Output = Result<(), ConntrackError>> + Send;
 }
 
 #[derive(Debug, Clone, Default)]
@@ -244,19 +183,16 @@ pub struct ConntrackCommand {
 }
 
 impl Conntrack for ConntrackCommand {
-    async fn delete(&self, flows: &StaleFlows) -> Result<(), SyncError> {
+    async fn delete(&self, flows: &StaleFlows) -> Result<(), ConntrackError> {
         let mut argv = self.prefix.clone();
         argv.push("conntrack".into());
         argv.extend(flows.args());
-        let (ok, stderr) = run_with_stdin(&argv, "").await?;
+        let (ok, stderr) = ::nft::command::run_with_stdin(&argv, "", COMMAND_TIMEOUT).await?;
         // conntrack exits 1 when nothing matched: that is success here.
         if ok || stderr.contains("0 flow entries") {
             Ok(())
         } else {
-            Err(SyncError::Spawn {
-                program: "conntrack".into(),
-                msg: stderr,
-            })
+            Err(ConntrackError::Refused { stderr })
         }
     }
 }
@@ -292,7 +228,7 @@ pub struct Syncer<N, C> {
     contested: BTreeSet<PortId>,
 }
 
-impl<N: NftApply, C: Conntrack> Syncer<N, C> {
+impl<N: ApplyOps, C: Conntrack> Syncer<N, C> {
     pub fn new(nft: N, conntrack: C, cfg: ProxyConfig) -> Self {
         Syncer {
             nft,
@@ -321,7 +257,7 @@ impl<N: NftApply, C: Conntrack> Syncer<N, C> {
     pub async fn sync(
         &mut self,
         ports: &BTreeMap<PortId, ServicePort>,
-    ) -> Result<SyncReport, SyncError> {
+    ) -> Result<SyncReport, ::nft::Error> {
         let started = Instant::now();
         let mut report = SyncReport::default();
         // On failure `applied` stays None: the next sync rebuilds everything.
@@ -420,39 +356,22 @@ mod tests {
     use crate::model::Endpoint;
     use std::sync::{Arc, Mutex};
 
+    /// The conntrack deletions; the nft calls go to the `nft` crate's fake.
     #[derive(Debug, Clone, Default)]
     struct Recorder {
-        scripts: Arc<Mutex<Vec<String>>>,
-        fail_next: Arc<Mutex<bool>>,
+        nft: FakeNft,
         deleted: Arc<Mutex<Vec<StaleFlows>>>,
     }
 
     impl Recorder {
         /// The last script applied.
         fn last(&self) -> String {
-            self.scripts
-                .lock()
-                .expect("lock")
-                .last()
-                .cloned()
-                .expect("script")
-        }
-    }
-
-    impl NftApply for Recorder {
-        async fn apply(&self, script: &str) -> Result<(), SyncError> {
-            let mut fail = self.fail_next.lock().expect("lock");
-            if *fail {
-                *fail = false;
-                return Err(SyncError::Nft("injected".into()));
-            }
-            self.scripts.lock().expect("lock").push(script.to_string());
-            Ok(())
+            self.nft.scripts().last().cloned().expect("script")
         }
     }
 
     impl Conntrack for Recorder {
-        async fn delete(&self, flows: &StaleFlows) -> Result<(), SyncError> {
+        async fn delete(&self, flows: &StaleFlows) -> Result<(), ConntrackError> {
             self.deleted.lock().expect("lock").push(flows.clone());
             Ok(())
         }
@@ -479,8 +398,8 @@ mod tests {
         )
     }
 
-    fn syncer(r: &Recorder) -> Syncer<Recorder, Recorder> {
-        Syncer::new(r.clone(), r.clone(), ProxyConfig { cluster_cidr: None })
+    fn syncer(r: &Recorder) -> Syncer<FakeNft, Recorder> {
+        Syncer::new(r.nft.clone(), r.clone(), ProxyConfig { cluster_cidr: None })
     }
 
     fn run<F: std::future::Future>(f: F) -> F::Output {
@@ -505,11 +424,7 @@ mod tests {
         let rep = run(s.sync(&ports)).expect("sync");
         assert!(!rep.full);
         assert_eq!((rep.changed, rep.script_bytes, rep.ops), (0, 0, 0));
-        assert_eq!(
-            r.scripts.lock().expect("lock").len(),
-            1,
-            "nothing sent when unchanged"
-        );
+        assert_eq!(r.nft.scripts().len(), 1, "nothing sent when unchanged");
         let (id, c) = sp("c", [10, 96, 0, 3], Protocol::Tcp, &[[10, 5, 1, 4]]);
         ports.insert(id, c);
         let rep = run(s.sync(&ports)).expect("sync");
@@ -529,7 +444,7 @@ mod tests {
         let mut ports: BTreeMap<_, _> =
             [sp("a", [10, 96, 0, 1], Protocol::Tcp, &[[10, 5, 1, 2]])].into();
         run(s.sync(&ports)).expect("sync");
-        *r.fail_next.lock().expect("lock") = true;
+        r.nft.fail_next();
         let (id, b) = sp("b", [10, 96, 0, 2], Protocol::Tcp, &[]);
         ports.insert(id, b);
         assert!(run(s.sync(&ports)).is_err());

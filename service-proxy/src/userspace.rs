@@ -22,26 +22,15 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use ::nft::Runner;
+
 use crate::metrics::ProxyMetrics;
 use crate::model::{Endpoint, PortId, ServicePort};
 use crate::nft::TABLE;
-use crate::sync::{NftApply, SyncError};
 
-/// The client of a relayed connection, as the listener saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Client {
-    pub addr: Ipv4Addr,
-    /// The connection was made on this node itself (redirected in the output hook).
-    pub local: bool,
-}
-
-/// Decides whether a relay from a client to an endpoint may be opened. Userspace mode opens
-/// every upstream connection from the node, which network policy always allows, so without
-/// a gate the client's own policies (and the endpoint's, for endpoints on this node) would
-/// never be applied; the policy module provides one (`policy::run::PolicyGate`).
-pub trait Gate: Send + Sync + std::fmt::Debug {
-    fn allows(&self, client: Client, endpoint: SocketAddrV4, protocol: Protocol) -> bool;
-}
+/// The relay gate (network policy's decision per relay); defined with the registry so that
+/// the policy module need not depend on the proxy.
+pub use registry::gate::{Client, Gate};
 
 #[derive(Debug, Clone)]
 pub struct UserspaceOptions {
@@ -211,7 +200,7 @@ pub enum UserspaceError {
     #[error("binding a listener for {id}: {source}")]
     Bind { id: String, source: std::io::Error },
     #[error(transparent)]
-    Nft(#[from] SyncError),
+    Nft(#[from] ::nft::Error),
 }
 
 /// The userspace proxy: listeners plus the nft redirects to them.
@@ -226,7 +215,7 @@ pub struct UserspaceProxy<N> {
     applied: Option<String>,
 }
 
-impl<N: NftApply> UserspaceProxy<N> {
+impl<N: Runner> UserspaceProxy<N> {
     pub fn new(nft: N, opts: UserspaceOptions, metrics: ProxyMetrics) -> Self {
         UserspaceProxy {
             nft,
@@ -653,17 +642,6 @@ mod tests {
         assert_eq!(t.order(c)[0], a);
     }
 
-    /// Records scripts instead of running nft.
-    #[derive(Debug, Default)]
-    struct Recorder(Mutex<Vec<String>>);
-
-    impl NftApply for Recorder {
-        async fn apply(&self, script: &str) -> Result<(), SyncError> {
-            self.0.lock().expect("lock").push(script.to_string());
-            Ok(())
-        }
-    }
-
     /// Denies relays to the listed endpoint addresses.
     #[derive(Debug)]
     struct Deny(Vec<Ipv4Addr>);
@@ -730,7 +708,7 @@ mod tests {
             gate: Some(Arc::new(Deny(vec![a]))),
             ..UserspaceOptions::default()
         };
-        let mut p = UserspaceProxy::new(Recorder::default(), opts, metrics.clone());
+        let mut p = UserspaceProxy::new(::nft::FakeNft::default(), opts, metrics.clone());
         p.apply(&ports).await.expect("apply");
         let port = p.local_port(&id, Entry::Cluster).expect("listener");
         // Round robin over both endpoints, but the gate takes A out: every relay reaches B.
@@ -738,14 +716,7 @@ mod tests {
             assert_eq!(fetch(port).await, b"B");
         }
         // The table refuses new connections to the listener that were not redirected.
-        let script = p
-            .nft
-            .0
-            .lock()
-            .expect("lock")
-            .last()
-            .cloned()
-            .expect("script");
+        let script = p.nft.scripts().last().cloned().expect("script");
         assert!(
             script.contains(&format!(
                 "add element ip {TABLE} {LISTENERS_SET} {{ tcp . {port} }}"
@@ -763,7 +734,7 @@ mod tests {
             gate: Some(Arc::new(Deny(vec![a, b]))),
             ..UserspaceOptions::default()
         };
-        let mut p = UserspaceProxy::new(Recorder::default(), opts, metrics.clone());
+        let mut p = UserspaceProxy::new(::nft::FakeNft::default(), opts, metrics.clone());
         p.apply(&ports).await.expect("apply");
         let port = p.local_port(&id, Entry::Cluster).expect("listener");
         assert_eq!(fetch(port).await, b"");

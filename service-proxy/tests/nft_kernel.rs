@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
+use nft::NftCommand;
 use registry::Protocol;
 use service_proxy::model::{Endpoint, PortId, ServicePort};
 use service_proxy::nft::{ProxyConfig, TABLE};
-use service_proxy::sync::{ConntrackCommand, NftCommand, Syncer};
+use service_proxy::sync::{ConntrackCommand, Syncer};
 use test_support::{require_root_with, Testbed};
 
 fn port(name: &str, ip: [u8; 4], proto: Protocol, eps: &[([u8; 4], bool)]) -> ServicePort {
@@ -228,9 +229,9 @@ fn normalized(listing: &str) -> String {
 /// a refused batch changes nothing and names the refused step, and the chain probe works.
 #[test]
 fn netlink_batches_equal_nft_text() {
-    use service_proxy::nfnl::NfNetlink;
+    use nft::NfNetlink;
     use service_proxy::nft::{Key, Op};
-    use service_proxy::sync::{NftApply, NftNetlink};
+    use service_proxy::sync::{ApplyOps, NftNetlink};
 
     if !require_root_with(&["ip", "nft", "conntrack"]) {
         return;
@@ -338,7 +339,7 @@ fn netlink_batches_equal_nft_text() {
             },
         },
     ];
-    let err = socket.apply(&ops).expect_err("missing element");
+    let err = service_proxy::nfnl::apply(&socket, &ops).expect_err("missing element");
     let msg = err.to_string();
     assert!(
         msg.contains("delete element ip flannel-proxy service-ips { 10.96.9.9 . tcp . 9 }")
@@ -356,5 +357,5 @@ fn netlink_batches_equal_nft_text() {
     assert!(rt.block_on(text.apply_ops(&ops)).is_err());
     tb.exec(&nl_ns, &["nft", "delete", "table", "ip", TABLE])
         .expect("delete table");
-    assert!(!socket.chain_exists("services").expect("probe"));
+    assert!(!socket.chain_exists(TABLE, "services").expect("probe"));
 }

@@ -1,0 +1,115 @@
+//! Applying the compiled table: [`Enforcer`] keeps the kernel's table equal to the newest
+//! [`Ruleset`], sending the difference from what it last applied as one `nft -f -`
+//! transaction (the whole table when that is unknown: at start, after a failure).
+
+use std::time::{Duration, Instant};
+
+use nft::Runner;
+
+use crate::compile::{self, Ruleset};
+
+/// Keeps the kernel's table equal to the compiled ruleset.
+#[derive(Debug)]
+pub struct Enforcer<N> {
+    nft: N,
+    /// What the kernel holds (`None`: unknown, the next sync writes the whole table).
+    applied: Option<Ruleset>,
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncReport {
+    pub full: bool,
+    pub changed: bool,
+    pub elapsed: Duration,
+}
+
+impl<N: Runner> Enforcer<N> {
+    pub fn new(nft: N) -> Self {
+        Enforcer { nft, applied: None }
+    }
+
+    /// Forget what the kernel holds: the next sync rewrites the table.
+    pub fn invalidate(&mut self) {
+        self.applied = None;
+    }
+
+    /// Brings the table to `rs`: the difference in one transaction, or the whole table when
+    /// the kernel's state is unknown. A failed transaction changes nothing.
+    pub async fn sync(&mut self, rs: Ruleset) -> Result<SyncReport, nft::Error> {
+        let started = Instant::now();
+        let (script, full) = match &self.applied {
+            Some(old) => (compile::diff(old, &rs), false),
+            None => (Some(compile::full(&rs)), true),
+        };
+        let changed = script.is_some();
+        if let Some(s) = script {
+            self.nft.apply(&s).await.inspect_err(|_| {
+                self.applied = None;
+            })?;
+        }
+        self.applied = Some(rs);
+        Ok(SyncReport {
+            full,
+            changed,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Whether our table is still in the kernel.
+    pub async fn table_present(&self) -> bool {
+        self.nft.chain_exists(compile::TABLE, "forward").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nft::fake::{Call, FakeNft};
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    fn one_chain(rule: &str) -> Ruleset {
+        let mut rs = Ruleset::default();
+        rs.chains.insert("pod-a".into(), vec![rule.to_string()]);
+        rs
+    }
+
+    #[test]
+    fn full_first_then_differences_and_full_again_after_a_failure() {
+        let nft = FakeNft::default();
+        let mut e = Enforcer::new(nft.clone());
+        let rep = run(e.sync(one_chain("accept"))).expect("sync");
+        assert!(rep.full && rep.changed);
+        let rep = run(e.sync(one_chain("accept"))).expect("sync");
+        assert!(!rep.full && !rep.changed, "unchanged: nothing sent");
+        assert_eq!(nft.scripts().len(), 1);
+        nft.fail_next();
+        assert!(run(e.sync(one_chain("drop"))).is_err());
+        let rep = run(e.sync(one_chain("drop"))).expect("sync");
+        assert!(rep.full, "after a failure the whole table is written");
+        let scripts = nft.scripts();
+        assert_eq!(scripts.len(), 2);
+        assert!(
+            scripts[1].starts_with(&compile::cleanup()),
+            "{}",
+            scripts[1]
+        );
+        // The presence probe asks for the forward chain of the policy table.
+        assert!(!run(e.table_present()));
+        nft.set_chain(compile::TABLE, "forward", true);
+        assert!(run(e.table_present()));
+        assert_eq!(
+            nft.calls().last(),
+            Some(&Call::ChainExists {
+                table: compile::TABLE.into(),
+                chain: "forward".into()
+            })
+        );
+    }
+}
