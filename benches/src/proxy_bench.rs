@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use registry::PodRecord;
 use registry::{
     Container, ContainerPort, IntOrString, ObjectMeta, Pod as PodObj, PodSpec, Protocol, Service,
     ServicePort as SvcPort, ServiceSpec,
@@ -29,7 +30,6 @@ use service_proxy::nfnl::NfNetlink;
 use service_proxy::nft::ProxyConfig;
 use service_proxy::sync::{ConntrackCommand, NftCommand, NftNetlink, Syncer};
 use service_proxy::userspace::{UserspaceOptions, UserspaceProxy};
-use subnet_lease::PodRecord;
 use test_support::{in_netns, Testbed};
 
 use common::{byte_server, check_stop, connect_latencies, iperf, ms, percentile, write_file};

@@ -700,7 +700,7 @@ pub async fn run(flags: Flags) -> Result<()> {
             node: flags.node_name(),
             node_ip: ext.public_ip,
         },
-        manager.registry().clone(),
+        manager.registry().connection().clone(),
         subnet_rx,
         status.clone(),
     );

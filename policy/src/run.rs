@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
+use registry::pods::{parse_pod_key, pods_prefix};
+use registry::PodRecord;
 use registry::{Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
 use service_proxy::sync::{NftApply, NftCommand};
 use service_proxy::userspace::{Client, Gate};
-use subnet_lease::pods::{parse_pod_key, pods_prefix};
-use subnet_lease::{EtcdRegistry, PodRecord};
+use subnet_lease::EtcdRegistry;
 use tokio::sync::watch;
 
 use crate::compile::{self, Input, Ruleset};
