@@ -75,8 +75,15 @@ pub enum BackendError {
     Config { key: String, msg: String },
     #[error(transparent)]
     Netlink(#[from] netlink::NetlinkError),
-    #[error("{0}")]
-    Io(String),
+    /// A system call failed (TUN device, socket, thread): `op` says what was being done.
+    #[error("{op}: {source}")]
+    Io { op: String, source: std::io::Error },
+    /// A device the backend made is not there afterwards.
+    #[error("{0} created but not found")]
+    DeviceMissing(String),
+    /// A backend of a type peers need runs as another type in this build (a fallback).
+    #[error("{wanted} runs as {actual} here")]
+    Fallback { wanted: String, actual: String },
 }
 
 /// The current peer leases, as events describe them.
@@ -175,7 +182,7 @@ pub fn validate(cfg: &BackendConfig) -> Result<Vec<String>, BackendError> {
 fn vxlan_unsupported(e: &BackendError) -> bool {
     matches!(
         e,
-        BackendError::Netlink(netlink::NetlinkError::NotSupported { .. })
+        BackendError::Netlink(e) if e.is_not_supported()
     )
 }
 

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use ipnet::Ipv4Net;
+pub use nix::errno::Errno;
 
 /// A MAC address.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -111,11 +112,51 @@ pub struct Route {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
-    #[error("netlink {op}: {msg}")]
-    Failed { op: String, msg: String },
+    /// The kernel refused the request with `errno` (EEXIST, ENOENT, ENODEV, ...; EOPNOTSUPP:
+    /// it cannot make this kind of device, see [`NetlinkError::is_not_supported`]).
+    #[error("netlink {op}: {}", refusal(*.errno))]
+    Kernel { op: String, errno: Errno },
+    /// The request could not be made or its answer not read (not a kernel refusal).
+    #[error("netlink {op}: {source}")]
+    Request {
+        op: String,
+        source: rtnetlink::Error,
+    },
+    /// The netlink socket could not be opened.
+    #[error("netlink {op}: {source}")]
+    Socket { op: String, source: std::io::Error },
+    /// No answer within the bound every request has.
+    #[error("netlink {op}: no answer within {timeout:?}")]
+    Timeout {
+        op: String,
+        timeout: std::time::Duration,
+    },
+    /// The kernel accepted the request but what it made cannot be found.
+    #[error("netlink {op}: {what} created but not found")]
+    Vanished { op: String, what: String },
+}
+
+fn refusal(errno: Errno) -> String {
+    if errno == Errno::EOPNOTSUPP {
+        format!("not supported by this kernel: {}", errno.desc())
+    } else {
+        format!("{} ({errno:?})", errno.desc())
+    }
+}
+
+impl NetlinkError {
+    /// The kernel's errno when it refused the request.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            NetlinkError::Kernel { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
     /// The kernel cannot make this kind of device (EOPNOTSUPP).
-    #[error("netlink {op}: not supported by this kernel: {msg}")]
-    NotSupported { op: String, msg: String },
+    pub fn is_not_supported(&self) -> bool {
+        self.errno() == Some(Errno::EOPNOTSUPP)
+    }
 }
 
 /// What backends need from netlink. Every "set" call replaces (idempotent); every "del" of
@@ -244,15 +285,15 @@ impl Netlink for FakeNetlink {
         s.calls
             .push(format!("create_vxlan {name} vni {}", params.vni));
         if s.no_vxlan {
-            return Err(NetlinkError::NotSupported {
+            return Err(NetlinkError::Kernel {
                 op: "create vxlan".into(),
-                msg: "Operation not supported".into(),
+                errno: Errno::EOPNOTSUPP,
             });
         }
         if s.links.values().any(|l| l.name == name) {
-            return Err(NetlinkError::Failed {
+            return Err(NetlinkError::Kernel {
                 op: "create vxlan".into(),
-                msg: "File exists".into(),
+                errno: Errno::EEXIST,
             });
         }
         s.next_index += 1;
@@ -286,9 +327,9 @@ impl Netlink for FakeNetlink {
         let l = s
             .links
             .get_mut(&index)
-            .ok_or_else(|| NetlinkError::Failed {
+            .ok_or_else(|| NetlinkError::Kernel {
                 op: "set link".into(),
-                msg: "No such device".into(),
+                errno: Errno::ENODEV,
             })?;
         l.mtu = mtu;
         l.up = true;
@@ -365,5 +406,39 @@ impl Netlink for FakeNetlink {
         s.calls.push(format!("del_route {}", r.dst));
         s.routes.retain(|x| *x != r);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_carry_the_errno_and_say_what_it_means() {
+        let e = NetlinkError::Kernel {
+            op: "set route 10.5.1.0/24".into(),
+            errno: Errno::EEXIST,
+        };
+        assert_eq!(e.errno(), Some(Errno::EEXIST));
+        assert_eq!(
+            e.to_string(),
+            "netlink set route 10.5.1.0/24: File exists (EEXIST)"
+        );
+        let e = NetlinkError::Kernel {
+            op: "create vxlan flannel.1".into(),
+            errno: Errno::EOPNOTSUPP,
+        };
+        assert!(e.is_not_supported());
+        assert!(
+            e.to_string().contains("not supported by this kernel"),
+            "{e}"
+        );
+        let e = NetlinkError::Timeout {
+            op: "list routes".into(),
+            timeout: std::time::Duration::from_secs(5),
+        };
+        assert_eq!(e.errno(), None);
+        assert!(!e.is_not_supported());
     }
 }

@@ -19,13 +19,10 @@ use netlink_packet_route::route::{
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
-use crate::netlink::{FdbEntry, Link, Mac, Neighbour, Netlink, NetlinkError, Route, VxlanParams};
+use crate::netlink::{
+    Errno, FdbEntry, Link, Mac, Neighbour, Netlink, NetlinkError, Route, VxlanParams,
+};
 
-const ENOENT: i32 = 2;
-const ESRCH: i32 = 3;
-const ENODEV: i32 = 19;
-const EOPNOTSUPP: i32 = 95;
-const EADDRNOTAVAIL: i32 = 99;
 /// Every request is bounded.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -38,35 +35,49 @@ pub struct RtNetlink {
 impl RtNetlink {
     /// Opens a netlink socket and spawns its connection task on the current tokio runtime.
     pub fn connect() -> Result<Self, NetlinkError> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NetlinkError::Failed {
-            op: "open socket".into(),
-            msg: e.to_string(),
-        })?;
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|source| NetlinkError::Socket {
+                op: "open socket".into(),
+                source,
+            })?;
         tokio::spawn(conn);
         Ok(RtNetlink { handle })
     }
 }
 
-fn errno(e: &rtnetlink::Error) -> i32 {
+/// The kernel's errno in an error answer.
+fn errno(e: &rtnetlink::Error) -> Option<Errno> {
     match e {
-        rtnetlink::Error::NetlinkError(m) => -m.raw_code(),
-        _ => 0,
+        rtnetlink::Error::NetlinkError(m) if m.raw_code() < 0 => {
+            Some(Errno::from_raw(-m.raw_code()))
+        }
+        _ => None,
     }
 }
 
+/// A kernel refusal keeps its errno; anything else keeps rtnetlink's error.
 fn fail(op: impl Into<String>, e: rtnetlink::Error) -> NetlinkError {
     let op = op.into();
-    if errno(&e) == EOPNOTSUPP {
-        return NetlinkError::NotSupported {
-            op,
-            msg: e.to_string(),
-        };
-    }
-    NetlinkError::Failed {
-        op,
-        msg: e.to_string(),
+    match errno(&e) {
+        Some(errno) => NetlinkError::Kernel { op, errno },
+        None => NetlinkError::Request { op, source: e },
     }
 }
+
+fn timed_out(op: impl Into<String>) -> NetlinkError {
+    NetlinkError::Timeout {
+        op: op.into(),
+        timeout: TIMEOUT,
+    }
+}
+
+/// Errors of a delete that mean "already gone".
+const GONE: [Errno; 4] = [
+    Errno::ENOENT,
+    Errno::ESRCH,
+    Errno::ENODEV,
+    Errno::EADDRNOTAVAIL,
+];
 
 /// Runs a request with the time bound; "already gone" errors count as success for deletes.
 async fn bounded<T>(
@@ -75,10 +86,7 @@ async fn bounded<T>(
 ) -> Result<T, NetlinkError> {
     match tokio::time::timeout(TIMEOUT, fut).await {
         Ok(r) => r.map_err(|e| fail(op, e)),
-        Err(_) => Err(NetlinkError::Failed {
-            op: op.into(),
-            msg: format!("no answer within {TIMEOUT:?}"),
-        }),
+        Err(_) => Err(timed_out(op)),
     }
 }
 
@@ -88,12 +96,9 @@ async fn bounded_del(
 ) -> Result<(), NetlinkError> {
     match tokio::time::timeout(TIMEOUT, fut).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) if [ENOENT, ESRCH, ENODEV, EADDRNOTAVAIL].contains(&errno(&e)) => Ok(()),
+        Ok(Err(e)) if errno(&e).is_some_and(|n| GONE.contains(&n)) => Ok(()),
         Ok(Err(e)) => Err(fail(op, e)),
-        Err(_) => Err(NetlinkError::Failed {
-            op: op.into(),
-            msg: format!("no answer within {TIMEOUT:?}"),
-        }),
+        Err(_) => Err(timed_out(op)),
     }
 }
 
@@ -213,13 +218,10 @@ impl Netlink for RtNetlink {
             .match_name(name.to_string())
             .execute();
         match tokio::time::timeout(TIMEOUT, s.try_next()).await {
-            Err(_) => Err(NetlinkError::Failed {
-                op: format!("get link {name}"),
-                msg: "timed out".into(),
-            }),
+            Err(_) => Err(timed_out(format!("get link {name}"))),
             Ok(Ok(Some(msg))) => Ok(Some(parse_link(&msg))),
             Ok(Ok(None)) => Ok(None),
-            Ok(Err(e)) if errno(&e) == ENODEV => Ok(None),
+            Ok(Err(e)) if errno(&e) == Some(Errno::ENODEV) => Ok(None),
             Ok(Err(e)) => Err(fail(format!("get link {name}"), e)),
         }
     }
@@ -248,9 +250,9 @@ impl Netlink for RtNetlink {
         .await?;
         match self.link_by_name(name).await? {
             Some(l) => Ok(l.index),
-            None => Err(NetlinkError::Failed {
+            None => Err(NetlinkError::Vanished {
                 op: format!("create vxlan {name}"),
-                msg: "created but not found".into(),
+                what: format!("link {name}"),
             }),
         }
     }

@@ -297,11 +297,10 @@ impl BackendSet {
         if b.backend_type() != cfg.backend_type {
             // A fallback made it another type: not what these peers need.
             let _ = b.teardown().await;
-            return Err(BackendError::Io(format!(
-                "{} runs as {} here",
-                cfg.backend_type,
-                b.backend_type()
-            )));
+            return Err(BackendError::Fallback {
+                wanted: cfg.backend_type.clone(),
+                actual: b.backend_type().to_string(),
+            });
         }
         self.feed(b.as_mut()).await?;
         self.backends.insert(cfg.backend_type.clone(), b);

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nft::{NfNetlink, NftCommand};
+use registry::PodRecord;
 use registry::{
     Container, ContainerPort, IntOrString, ObjectMeta, Pod as PodObj, PodSpec, Protocol, Service,
     ServicePort as SvcPort, ServiceSpec,
@@ -29,7 +30,6 @@ use service_proxy::model::{service_ports, NodeInfo, PortsCache, Snapshot, Touche
 use service_proxy::nft::ProxyConfig;
 use service_proxy::sync::{ConntrackCommand, NftNetlink, Syncer};
 use service_proxy::userspace::{UserspaceOptions, UserspaceProxy};
-use subnet_lease::PodRecord;
 use test_support::{in_netns, Testbed};
 
 use common::{byte_server, check_stop, connect_latencies, iperf, ms, percentile, write_file};

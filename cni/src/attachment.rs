@@ -1,8 +1,8 @@
 //! The attachment record: one per pod attached through this plugin, written by ADD beside the
-//! stored delegate config (`<dataDir>/attachments/<containerID>.json`) and removed by DEL and
-//! GC. flanneld reads these (it watches the directory) and publishes each pod under
-//! `<prefix>/pods/<namespace>/<name>` in etcd, so the plugin itself never needs etcd
-//! credentials. Format (docs/data-model.md):
+//! stored delegate config (`<dataDir>/attachments/<containerID>.json`; files are the store
+//! module's) and removed by DEL and GC. flanneld reads these (it watches the directory) and
+//! publishes each pod under `<prefix>/pods/<namespace>/<name>` in etcd, so the plugin itself
+//! never needs etcd credentials. Format (docs/data-model.md):
 //!
 //! ```json
 //! {"containerID": "4f2c…", "ifname": "eth0", "netns": "/var/run/netns/cni-…",
@@ -25,11 +25,6 @@ use std::path::Path;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-
-use crate::store::Store;
-
-/// The subdirectory of the data directory holding the records.
-pub const ATTACHMENTS_DIR: &str = "attachments";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -171,26 +166,6 @@ pub fn netns_state_with(a: &Attachment, stat: &dyn Fn(&Path) -> io::Result<(u64,
     }
 }
 
-/// Every readable record in `data_dir`, and a message per record that could not be read.
-pub fn read_all(data_dir: &Path) -> (Vec<Attachment>, Vec<String>) {
-    let store = Store::new(data_dir);
-    let mut found = Vec::new();
-    let mut errors = Vec::new();
-    match store.container_ids() {
-        Ok(ids) => {
-            for id in ids {
-                match store.load_attachment(&id) {
-                    Ok(Some(a)) => found.push(a),
-                    Ok(None) => {}
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-        }
-        Err(e) => errors.push(e.to_string()),
-    }
-    (found, errors)
-}
-
 /// The `K8S_POD_NAMESPACE` and `K8S_POD_NAME` values in `CNI_ARGS` (`K=V;K=V`).
 pub fn pod_from_cni_args(args: &str) -> (Option<String>, Option<String>) {
     let mut ns = None;
@@ -329,24 +304,5 @@ mod tests {
         let mut old = p1.clone();
         old.netns_id = None;
         assert!(matches!(netns_state_with(&old, &stat2), Netns::Unknown(_)));
-    }
-
-    #[test]
-    fn read_all_reports_bad_records() {
-        let t = tempfile::tempdir().unwrap();
-        let dir = t.path().join(ATTACHMENTS_DIR);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("bad.json"), "{").unwrap();
-        std::fs::write(
-            dir.join("good.json"),
-            r#"{"containerID":"good","ifname":"eth0","netns":"/n","podNamespace":"x","podName":"a",
-                "ips":["10.5.1.2/24"],"network":"cbr0","time":"t"}"#,
-        )
-        .unwrap();
-        let (found, errors) = read_all(t.path());
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].pod(), Some(("x", "a")));
-        assert_eq!(errors.len(), 1);
-        assert!(errors[0].contains("bad.json"), "{errors:?}");
     }
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::attachment::{Attachment, ATTACHMENTS_DIR};
+use crate::attachment::Attachment;
 use crate::error::{code, CniError};
 
 /// Checks a container ID as the spec defines it (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`); it names files
@@ -38,6 +38,9 @@ pub fn check_container_id(id: &str) -> Result<(), CniError> {
         ))
     }
 }
+
+/// The subdirectory of the data directory holding the attachment records.
+pub const ATTACHMENTS_DIR: &str = "attachments";
 
 /// The lock file of the data directory (not a valid container ID, so never listed).
 pub const LOCK_FILE: &str = ".lock";
@@ -225,6 +228,26 @@ impl Store {
     }
 }
 
+/// Every readable attachment record in `data_dir`, and a message per record that could not be read.
+pub fn read_attachments(data_dir: &Path) -> (Vec<Attachment>, Vec<String>) {
+    let store = Store::new(data_dir);
+    let mut found = Vec::new();
+    let mut errors = Vec::new();
+    match store.container_ids() {
+        Ok(ids) => {
+            for id in ids {
+                match store.load_attachment(&id) {
+                    Ok(Some(a)) => found.push(a),
+                    Ok(None) => {}
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        Err(e) => errors.push(e.to_string()),
+    }
+    (found, errors)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -315,6 +338,25 @@ mod tests {
             s.container_ids().unwrap().is_empty(),
             "the lock is no container"
         );
+    }
+
+    #[test]
+    fn read_attachments_reports_bad_records() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join(ATTACHMENTS_DIR);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("bad.json"), "{").unwrap();
+        std::fs::write(
+            dir.join("good.json"),
+            r#"{"containerID":"good","ifname":"eth0","netns":"/n","podNamespace":"x","podName":"a",
+                "ips":["10.5.1.2/24"],"network":"cbr0","time":"t"}"#,
+        )
+        .unwrap();
+        let (found, errors) = read_attachments(t.path());
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].pod(), Some(("x", "a")));
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].contains("bad.json"), "{errors:?}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! pod and whose addresses lie in this node's subnet, unless the record's network namespace is
 //! gone (a runtime that never called DEL: the record stays for `flannelctl pod gc`, the key
 //! goes). Keys live on a dedicated etcd lease with a
-//! 60 s TTL kept alive here (see `subnet_lease::pods`). etcd errors are retried with backoff and
+//! 60 s TTL kept alive here (see `registry::pods`). etcd errors are retried with backoff and
 //! never stop the daemon.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,11 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cni::attachment::{Attachment, Netns, ATTACHMENTS_DIR};
+use cni::attachment::{Attachment, Netns};
+use cni::store::ATTACHMENTS_DIR;
 use ipnet::IpNet;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
-use subnet_lease::pods::{pod_key, KeepAlive, PodPublisher, PodRecord, SyncReport};
-use subnet_lease::{Backoff, EtcdRegistry, SubnetKey};
+use registry::pods::{pod_key, pods_prefix, KeepAlive, PodPublisher, PodRecord, SyncReport};
+use subnet_lease::{Backoff, Connection, SubnetKey};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -211,7 +212,7 @@ impl DirWatch {
 /// Starts the task, unless `--cni-data-dir` is empty (publishing off).
 pub fn spawn(
     opts: PodOptions,
-    reg: EtcdRegistry,
+    conn: Connection,
     subnet: watch::Receiver<SubnetKey>,
     status: Arc<Status>,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -219,7 +220,7 @@ pub fn spawn(
         tracing::info!("--cni-data-dir is empty: not publishing pods");
         return None;
     }
-    Some(tokio::spawn(run(opts, reg, subnet, status)))
+    Some(tokio::spawn(run(opts, conn, subnet, status)))
 }
 
 struct Task {
@@ -240,7 +241,7 @@ impl Task {
     async fn reconcile(&mut self) -> Result<bool, String> {
         let data_dir = self.opts.data_dir.clone();
         let read = tokio::task::spawn_blocking(move || {
-            // read_all treats an unreadable directory like an empty one; that must not
+            // read_attachments treats an unreadable directory like an empty one; that must not
             // unpublish every pod, so it is checked first.
             let dir = data_dir.join(ATTACHMENTS_DIR);
             match std::fs::read_dir(&dir) {
@@ -249,7 +250,7 @@ impl Task {
                 }
                 _ => {}
             }
-            let (attachments, errors) = cni::attachment::read_all(&data_dir);
+            let (attachments, errors) = cni::store::read_attachments(&data_dir);
             // Whose network namespace is gone, and one reason we could not tell, if any.
             let mut gone = BTreeMap::new();
             let mut unknown = None;
@@ -327,7 +328,7 @@ impl Task {
 
 async fn run(
     opts: PodOptions,
-    reg: EtcdRegistry,
+    conn: Connection,
     subnet: watch::Receiver<SubnetKey>,
     status: Arc<Status>,
 ) {
@@ -335,7 +336,7 @@ async fn run(
     tracing::info!(
         "publishing the pods recorded in {} under {} as node {:?} ({})",
         dir.display(),
-        reg.pods_prefix(),
+        pods_prefix(conn.prefix()),
         opts.node,
         opts.node_ip
     );
@@ -346,8 +347,8 @@ async fn run(
         watcher: None,
     };
     let mut task = Task {
-        prefix: reg.prefix().to_string(),
-        publisher: PodPublisher::new(reg, opts.node_ip),
+        prefix: conn.prefix().to_string(),
+        publisher: PodPublisher::new(conn, opts.node_ip),
         opts,
         subnet,
         status,

@@ -13,9 +13,10 @@ use nft::{NftCommand, Runner};
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
 use registry::gate::{Client, Gate};
+use registry::pods::{parse_pod_key, pods_prefix};
+use registry::PodRecord;
 use registry::{Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
-use subnet_lease::pods::{parse_pod_key, pods_prefix};
-use subnet_lease::{EtcdRegistry, PodRecord};
+use subnet_lease::EtcdRegistry;
 use tokio::sync::watch;
 
 use crate::compile::{self, Input, Ruleset};

@@ -117,15 +117,27 @@ const DNS1123_LABEL_MSG: &str = "must be a lowercase RFC 1123 label: lower case 
 const DNS1035_LABEL_MSG: &str = "must be a DNS-1035 label: lower case letters, digits and '-', starting with a letter and ending with a letter or digit (e.g. 'my-name' or 'abc-123'), at most 63 characters";
 const DNS1123_SUBDOMAIN_MSG: &str = "must be a lowercase RFC 1123 subdomain: lower case letters, digits, '-' and '.', each part starting and ending with a letter or digit (e.g. 'example.com'), at most 253 characters";
 
+/// One DNS-1123 label part: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, no length limit of its own.
+fn is_label_part(s: &str) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    match (b.first(), b.last()) {
+        (Some(first), Some(last)) => {
+            alnum(first) && alnum(last) && b.iter().all(|c| alnum(c) || *c == b'-')
+        }
+        _ => false,
+    }
+}
+
 /// DNS-1123 label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters (namespace and
 /// container names).
 pub fn is_dns1123_label(s: &str) -> bool {
-    subnet_lease::pods::is_dns1123_label(s)
+    s.len() <= 63 && is_label_part(s)
 }
 
 /// DNS-1123 subdomain: DNS-1123 labels joined by '.', at most 253 characters (Pod names).
 pub fn is_dns1123_subdomain(s: &str) -> bool {
-    subnet_lease::pods::is_dns1123_subdomain(s)
+    s.len() <= 253 && s.split('.').all(is_label_part)
 }
 
 /// DNS-1035 label: a DNS-1123 label that starts with a letter (Service names).
@@ -784,6 +796,53 @@ mod tests {
 
     fn net() -> Ipv4Net {
         "10.96.0.0/12".parse().unwrap()
+    }
+
+    #[test]
+    fn names_are_kubernetes_dns_names() {
+        for ok in ["default", "kube-system", "a", "0", "a-b-c", &"a".repeat(63)] {
+            assert!(is_dns1123_label(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "a/b",
+            "..",
+            "ä",
+            " a",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_dns1123_label(bad), "{bad:?}");
+        }
+        for ok in [
+            "web-0",
+            "a.b.c",
+            "coredns-5d78c9869d-abcde",
+            &"a".repeat(253),
+        ] {
+            assert!(is_dns1123_subdomain(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "a.",
+            ".a",
+            "a..b",
+            "a/b",
+            "../x",
+            "Web",
+            "a_b",
+            "a.-b",
+            "a b",
+            "a\nb",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_dns1123_subdomain(bad), "{bad:?}");
+        }
     }
 
     fn svc(v: Value) -> Object {

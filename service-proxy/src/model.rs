@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+use registry::PodRecord;
 use registry::{Endpoints, IntOrString, Pod, Protocol, Service, ServiceType, TrafficPolicy};
-use subnet_lease::PodRecord;
 
 /// Identifies one port of one Service: `namespace/name:portname/PROTO`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -9,9 +9,10 @@ use ::nft::NftCommand;
 use ipnet::Ipv4Net;
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
+use registry::pods::{parse_pod_key, pods_prefix};
+use registry::PodRecord;
 use registry::{Kind, Object};
-use subnet_lease::pods::{parse_pod_key, pods_prefix};
-use subnet_lease::{EtcdRegistry, PodRecord};
+use subnet_lease::EtcdRegistry;
 use tokio::sync::watch;
 
 use crate::metrics::ProxyMetrics;

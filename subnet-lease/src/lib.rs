@@ -6,9 +6,9 @@
 //! on the same etcd lease, re-acquires it if it disappears, and streams peer [`Event`]s from a
 //! watch that misses nothing (list, then watch from revision + 1; re-list on compaction).
 //! Keys and JSON are flannel's (`<prefix>/config`, `<prefix>/subnets/10.5.52.0-24`).
-//! [`pods`] publishes a node's pods under `<prefix>/pods/<namespace>/<name>` on a dedicated
-//! 60 s etcd lease ([`PodPublisher`]).
-//! Pure parts (config, allocation, key/JSON model, pod plan, subnet file) need no etcd.
+//! Leases only: pod records and Kubernetes names live in the `registry` crate, which may use
+//! [`config`] but is never used from here.
+//! Pure parts (config, allocation, key/JSON model, subnet file) need no etcd.
 
 #![forbid(unsafe_code)]
 
@@ -17,7 +17,6 @@ pub mod config;
 pub mod ipmath;
 pub mod lease;
 pub mod manager;
-pub mod pods;
 pub mod registry;
 /// The subnet file, from its own small crate (the CNI plugin reads it without etcd).
 pub use subnet_env;
@@ -27,7 +26,6 @@ pub use config::{BackendConfig, ConfigError, NetConfig};
 pub use etcd_access;
 pub use lease::{Lease, LeaseAttrs, SubnetKey};
 pub use manager::{Event, LeaseError, LeaseManager, ManagerOptions, Republish};
-pub use pods::{PodPublisher, PodRecord};
 pub use registry::{Connection, EtcdOptions, EtcdRegistry, Password, Registry, RegistryError};
 pub use subnet_env::SubnetEnv;
 pub use watch::{Backoff, Change, LeaseWatcher};

@@ -139,8 +139,11 @@ pub struct UdpBackend {
     own: Option<Ipv4Net>,
 }
 
-fn io_err(op: &str, e: std::io::Error) -> BackendError {
-    BackendError::Io(format!("{op}: {e}"))
+fn io_err(op: &str, source: std::io::Error) -> BackendError {
+    BackendError::Io {
+        op: op.to_string(),
+        source,
+    }
 }
 
 impl UdpBackend {
@@ -183,7 +186,7 @@ impl UdpBackend {
             .netlink
             .link_by_name(DEVICE)
             .await?
-            .ok_or_else(|| BackendError::Io("TUN flannel0 created but not found".into()))?;
+            .ok_or_else(|| BackendError::DeviceMissing(format!("TUN {DEVICE}")))?;
         ctx.netlink.set_link_mtu_up(link.index, mtu).await?;
         let sock = std::net::UdpSocket::bind(SocketAddrV4::new(ctx.ext.iface_ip, cfg.port))
             .map_err(|e| io_err(&format!("binding UDP {}:{}", ctx.ext.iface_ip, cfg.port), e))?;

@@ -48,7 +48,7 @@ pub(super) async fn serve(
             node: flags.node_name(),
             node_ip: ext.public_ip,
         },
-        reg.clone(),
+        reg.connection().clone(),
         subnet_rx,
         status.clone(),
     );

@@ -8,22 +8,22 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use etcd_access::{Connection, EtcdOptions};
 use etcd_client::PutOptions;
-use subnet_lease::pods::{pod_key, KeepAlive, PodPublisher, PodRecord, POD_LEASE_TTL};
-use subnet_lease::{EtcdOptions, EtcdRegistry};
+use registry::pods::{list_pods, pod_key, KeepAlive, PodPublisher, PodRecord, POD_LEASE_TTL};
 use test_support::{random_tag, Etcd};
 
 const ME: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 3);
 const OTHER: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 4);
 
-async fn registry(etcd: &Etcd) -> EtcdRegistry {
+async fn connect(etcd: &Etcd) -> Connection {
     let opts = EtcdOptions {
         endpoints: vec![etcd.endpoint()],
         prefix: format!("/test-{}/network", random_tag(6)),
         timeout: Duration::from_secs(3),
         ..EtcdOptions::default()
     };
-    EtcdRegistry::connect(&opts).await.unwrap()
+    Connection::connect(&opts).await.unwrap()
 }
 
 fn rec(ip: &str, node_ip: Ipv4Addr, container: &str) -> PodRecord {
@@ -39,8 +39,8 @@ fn rec(ip: &str, node_ip: Ipv4Addr, container: &str) -> PodRecord {
 }
 
 /// key → (record, etcd lease) of every readable pod key.
-async fn pods(reg: &EtcdRegistry) -> BTreeMap<String, (PodRecord, i64)> {
-    reg.list_pods()
+async fn pods(reg: &Connection) -> BTreeMap<String, (PodRecord, i64)> {
+    list_pods(reg)
         .await
         .unwrap()
         .pods
@@ -49,7 +49,7 @@ async fn pods(reg: &EtcdRegistry) -> BTreeMap<String, (PodRecord, i64)> {
         .collect()
 }
 
-async fn ttl_of(reg: &EtcdRegistry, lease: i64) -> i64 {
+async fn ttl_of(reg: &Connection, lease: i64) -> i64 {
     reg.client()
         .lease_time_to_live(lease, None)
         .await
@@ -60,7 +60,7 @@ async fn ttl_of(reg: &EtcdRegistry, lease: i64) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_own_pods_leave_others_alone_and_survive_a_lost_lease() {
     let Some(etcd) = Etcd::start() else { return };
-    let reg = registry(&etcd).await;
+    let reg = connect(&etcd).await;
     let p = reg.prefix().to_string();
     let k = |ns: &str, n: &str| pod_key(&p, ns, n).unwrap();
     let mut c = reg.client();

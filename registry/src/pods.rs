@@ -13,9 +13,9 @@
 //! the node keeps alive: the pods of a node that is gone vanish within a minute. (The subnet
 //! lease, with its 24 h TTL, is never used for pods.)
 //!
-//! Pure parts: [`pod_key`], [`parse_pod_key`], the name checks, [`plan`] and
-//! [`plan_published`]. The etcd side: [`EtcdRegistry::list_pods`], [`EtcdRegistry::put_pod`],
-//! [`EtcdRegistry::delete_pod`], and [`PodPublisher`], which owns the etcd lease.
+//! Pure parts: [`pod_key`], [`parse_pod_key`] (names checked by [`crate::validate`]), [`plan`]
+//! and [`plan_published`]. The etcd side, over an [`etcd_access::Connection`]: [`list_pods`],
+//! [`put_pod`], [`delete_pod`], and [`PodPublisher`], which owns the etcd lease.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -25,7 +25,9 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::registry::{EtcdRegistry, Registry, RegistryError};
+use etcd_access::{Connection, EtcdError};
+
+use crate::validate::{is_dns1123_label, is_dns1123_subdomain};
 
 /// The directory under the etcd prefix holding pod records.
 pub const PODS_DIR: &str = "pods";
@@ -97,28 +99,6 @@ pub enum InvalidPod {
     Name(String),
     #[error("key {0:?} is not <prefix>/pods/<namespace>/<name>")]
     Key(String),
-}
-
-/// One DNS-1123 label part: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, no length limit of its own.
-fn is_label_part(s: &str) -> bool {
-    let b = s.as_bytes();
-    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    match (b.first(), b.last()) {
-        (Some(first), Some(last)) => {
-            alnum(first) && alnum(last) && b.iter().all(|c| alnum(c) || *c == b'-')
-        }
-        _ => false,
-    }
-}
-
-/// Kubernetes' DNS-1123 label (namespace names): at most 63 characters.
-pub fn is_dns1123_label(s: &str) -> bool {
-    s.len() <= 63 && is_label_part(s)
-}
-
-/// Kubernetes' DNS-1123 subdomain (pod names): labels joined by '.', at most 253 characters.
-pub fn is_dns1123_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_label_part)
 }
 
 /// Checks a namespace and pod name before they become parts of an etcd key.
@@ -288,90 +268,87 @@ pub fn plan_published(
     out
 }
 
-impl EtcdRegistry {
-    /// `<prefix>/pods/`.
-    pub fn pods_prefix(&self) -> String {
-        pods_prefix(self.prefix())
-    }
-
-    /// Every key under `<prefix>/pods/` (one prefix get).
-    pub async fn list_pods(&self) -> Result<PodList, RegistryError> {
-        let mut c = self.client();
-        let prefix = self.pods_prefix();
-        let resp = self
-            .call(
-                "list pods",
-                c.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
-        let mut out = PodList {
-            revision: resp.header().map(|h| h.revision()).unwrap_or(0),
-            ..PodList::default()
-        };
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let decoded = parse_pod_key(self.prefix(), &key)
-                .map_err(|e| e.to_string())
-                .and_then(|_| {
-                    serde_json::from_slice::<PodRecord>(kv.value())
-                        .map_err(|e| format!("bad pod JSON: {e}"))
-                });
-            match decoded {
-                Ok(record) => {
-                    out.pods.insert(
-                        key,
-                        PublishedPod {
-                            record,
-                            etcd_lease: kv.lease(),
-                            mod_revision: kv.mod_revision(),
-                        },
-                    );
-                }
-                Err(reason) => {
-                    out.invalid.insert(key, reason);
-                }
+/// Every key under `<prefix>/pods/` (one prefix get).
+pub async fn list_pods(conn: &Connection) -> Result<PodList, EtcdError> {
+    let mut c = conn.client();
+    let prefix = pods_prefix(conn.prefix());
+    let resp = conn
+        .call(
+            "list pods",
+            c.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+    let mut out = PodList {
+        revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+        ..PodList::default()
+    };
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let decoded = parse_pod_key(conn.prefix(), &key)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                serde_json::from_slice::<PodRecord>(kv.value())
+                    .map_err(|e| format!("bad pod JSON: {e}"))
+            });
+        match decoded {
+            Ok(record) => {
+                out.pods.insert(
+                    key,
+                    PublishedPod {
+                        record,
+                        etcd_lease: kv.lease(),
+                        mod_revision: kv.mod_revision(),
+                    },
+                );
+            }
+            Err(reason) => {
+                out.invalid.insert(key, reason);
             }
         }
-        Ok(out)
     }
+    Ok(out)
+}
 
-    /// Writes `record` at `key` bound to `etcd_lease`, only if the key is as `expect` says (one
-    /// txn). Returns false when it is not (someone changed it meanwhile).
-    pub async fn put_pod(
-        &self,
-        key: &str,
-        record: &PodRecord,
-        etcd_lease: i64,
-        expect: Expect,
-    ) -> Result<bool, RegistryError> {
-        let mut c = self.client();
-        let guard = match expect {
-            Expect::Absent => Compare::version(key, CompareOp::Equal, 0),
-            Expect::ModRevision(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
-        };
-        let txn = Txn::new().when([guard]).and_then([TxnOp::put(
-            key,
-            record.to_json(),
-            Some(PutOptions::new().with_lease(etcd_lease)),
-        )]);
-        self.call("put pod", c.txn(txn))
-            .await
-            .map(|r| r.succeeded())
-            .map_err(|e| e.for_key(key))
-    }
+/// Writes `record` at `key` bound to `etcd_lease`, only if the key is as `expect` says (one
+/// txn). Returns false when it is not (someone changed it meanwhile).
+pub async fn put_pod(
+    conn: &Connection,
+    key: &str,
+    record: &PodRecord,
+    etcd_lease: i64,
+    expect: Expect,
+) -> Result<bool, EtcdError> {
+    let mut c = conn.client();
+    let guard = match expect {
+        Expect::Absent => Compare::version(key, CompareOp::Equal, 0),
+        Expect::ModRevision(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
+    };
+    let txn = Txn::new().when([guard]).and_then([TxnOp::put(
+        key,
+        record.to_json(),
+        Some(PutOptions::new().with_lease(etcd_lease)),
+    )]);
+    conn.call("put pod", c.txn(txn))
+        .await
+        .map(|r| r.succeeded())
+        .map_err(|e| e.for_key(key))
+}
 
-    /// Deletes `key` only if unchanged since it was read at `mod_revision`. Returns false when
-    /// it changed (or is gone).
-    pub async fn delete_pod(&self, key: &str, mod_revision: i64) -> Result<bool, RegistryError> {
-        let mut c = self.client();
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
-            .and_then([TxnOp::delete(key, None)]);
-        self.call("delete pod", c.txn(txn))
-            .await
-            .map(|r| r.succeeded())
-            .map_err(|e| e.for_key(key))
-    }
+/// Deletes `key` only if unchanged since it was read at `mod_revision`. Returns false when
+/// it changed (or is gone).
+pub async fn delete_pod(
+    conn: &Connection,
+    key: &str,
+    mod_revision: i64,
+) -> Result<bool, EtcdError> {
+    let mut c = conn.client();
+    let txn = Txn::new()
+        .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
+        .and_then([TxnOp::delete(key, None)]);
+    conn.call("delete pod", c.txn(txn))
+        .await
+        .map(|r| r.succeeded())
+        .map_err(|e| e.for_key(key))
 }
 
 /// What one keep-alive of the pod lease found.
@@ -408,16 +385,16 @@ pub struct SyncReport {
 /// `NodeIP` match the desired records.
 #[derive(Debug)]
 pub struct PodPublisher {
-    reg: EtcdRegistry,
+    conn: Connection,
     node_ip: Ipv4Addr,
     ttl: Duration,
     lease: Option<i64>,
 }
 
 impl PodPublisher {
-    pub fn new(reg: EtcdRegistry, node_ip: Ipv4Addr) -> Self {
+    pub fn new(conn: Connection, node_ip: Ipv4Addr) -> Self {
         PodPublisher {
-            reg,
+            conn,
             node_ip,
             ttl: POD_LEASE_TTL,
             lease: None,
@@ -444,11 +421,11 @@ impl PodPublisher {
         (self.ttl / 3).max(Duration::from_secs(1))
     }
 
-    async fn ensure_lease(&mut self) -> Result<(i64, bool), RegistryError> {
+    async fn ensure_lease(&mut self) -> Result<(i64, bool), EtcdError> {
         if let Some(id) = self.lease {
             return Ok((id, false));
         }
-        let id = self.reg.grant(self.ttl).await?;
+        let id = self.conn.grant(self.ttl).await?;
         tracing::info!(
             "granted etcd lease {id:x} (TTL {:?}) for pod records",
             self.ttl
@@ -458,12 +435,12 @@ impl PodPublisher {
     }
 
     /// One keep-alive of the pod lease; grants one when there is none or it is gone.
-    pub async fn keep_alive(&mut self) -> Result<KeepAlive, RegistryError> {
+    pub async fn keep_alive(&mut self) -> Result<KeepAlive, EtcdError> {
         let Some(old) = self.lease else {
             let (id, _) = self.ensure_lease().await?;
             return Ok(KeepAlive::Granted(id));
         };
-        match self.reg.renew(old).await? {
+        match self.conn.keep_alive_once(old).await? {
             Some(ttl) => Ok(KeepAlive::Renewed(ttl)),
             None => {
                 tracing::warn!(
@@ -482,9 +459,9 @@ impl PodPublisher {
     pub async fn sync(
         &mut self,
         desired: &BTreeMap<String, PodRecord>,
-    ) -> Result<SyncReport, RegistryError> {
+    ) -> Result<SyncReport, EtcdError> {
         let (lease, granted) = self.ensure_lease().await?;
-        let listed = self.reg.list_pods().await?;
+        let listed = list_pods(&self.conn).await?;
         let plan = plan_published(desired, &listed, self.node_ip, lease);
         let mut ours: BTreeSet<String> = listed
             .pods
@@ -499,11 +476,11 @@ impl PodPublisher {
             ..SyncReport::default()
         };
         for (key, record, expect) in &plan.puts {
-            match self.reg.put_pod(key, record, lease, *expect).await {
+            match put_pod(&self.conn, key, record, lease, *expect).await {
                 Ok(true) => {
                     tracing::info!(
                         "published pod {}: IP {}, node {} ({})",
-                        short_key(self.reg.prefix(), key),
+                        short_key(self.conn.prefix(), key),
                         record.ip,
                         record.node,
                         record.node_ip
@@ -522,8 +499,8 @@ impl PodPublisher {
             }
         }
         for (key, rev) in &plan.deletes {
-            if self.reg.delete_pod(key, *rev).await? {
-                tracing::info!("unpublished pod {}", short_key(self.reg.prefix(), key));
+            if delete_pod(&self.conn, key, *rev).await? {
+                tracing::info!("unpublished pod {}", short_key(self.conn.prefix(), key));
                 ours.remove(key);
                 report.deleted.push(key.clone());
             } else {
@@ -596,53 +573,6 @@ mod tests {
             "eth0"
         )
         .is_none());
-    }
-
-    #[test]
-    fn names_are_kubernetes_dns_names() {
-        for ok in ["default", "kube-system", "a", "0", "a-b-c", &"a".repeat(63)] {
-            assert!(is_dns1123_label(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "-a",
-            "a-",
-            "A",
-            "a_b",
-            "a.b",
-            "a/b",
-            "..",
-            "ä",
-            " a",
-            &"a".repeat(64),
-        ] {
-            assert!(!is_dns1123_label(bad), "{bad:?}");
-        }
-        for ok in [
-            "web-0",
-            "a.b.c",
-            "coredns-5d78c9869d-abcde",
-            &"a".repeat(253),
-        ] {
-            assert!(is_dns1123_subdomain(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            ".",
-            "a.",
-            ".a",
-            "a..b",
-            "a/b",
-            "../x",
-            "Web",
-            "a_b",
-            "a.-b",
-            "a b",
-            "a\nb",
-            &"a".repeat(254),
-        ] {
-            assert!(!is_dns1123_subdomain(bad), "{bad:?}");
-        }
     }
 
     #[test]
