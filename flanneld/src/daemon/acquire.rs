@@ -15,10 +15,9 @@ use subnet_lease::alloc::AllocError;
 use subnet_lease::manager::{LeaseError, ManagerOptions};
 use subnet_lease::registry::Registry;
 use subnet_lease::{
-    config, Backoff, EtcdRegistry, Lease, LeaseManager, NetConfig, SubnetEnv, SubnetKey,
+    config, Backoff, EtcdRegistry, Lease, LeaseAttrs, LeaseManager, NetConfig, SubnetEnv, SubnetKey,
 };
 
-use super::program::published;
 use super::{node_id, or_shutdown, Shutdown};
 use crate::health::Status;
 
@@ -104,6 +103,13 @@ pub(super) async fn acquire(
             Err(e) => return Err(e).context("acquiring a lease"),
         }
     }
+}
+
+/// What this node publishes in its lease: its public IP and the primary backend's type/data.
+pub(super) fn published(ext: &ExternalInterface, set: &BackendSet) -> LeaseAttrs {
+    let mut attrs = LeaseAttrs::new(ext.public_ip, set.primary().backend_type());
+    attrs.backend_data = set.primary().backend_data();
+    attrs
 }
 
 /// What the acquire stage ends with.

@@ -8,12 +8,11 @@ use anyhow::{bail, Context, Result};
 use backends::set::BackendSet;
 use backends::ExternalInterface;
 use subnet_lease::manager::Event;
-use subnet_lease::registry::Registry;
-use subnet_lease::{config, BackendConfig, Backoff, EtcdRegistry, Lease, NetConfig, Republish};
+use subnet_lease::{config, BackendConfig, Backoff, Lease, NetConfig, Republish};
 use tokio::sync::mpsc;
 
-use super::acquire::Leased;
-use super::program::{host_rules, published, sync, write_env};
+use super::acquire::{published, Leased};
+use super::program::{host_rules, sync, write_env};
 use super::serve::Services;
 use super::{describe, Shutdown};
 use crate::flags::Flags;
@@ -111,44 +110,6 @@ pub(super) async fn follow(
     drop(events);
     let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
     Ok(())
-}
-
-/// Follows `<prefix>/config` and forwards every value it sees (the current one first, again
-/// after each re-established watch, so nothing changed meanwhile is missed).
-pub(super) async fn watch_config(reg: EtcdRegistry, tx: mpsc::Sender<String>) {
-    use futures::StreamExt;
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
-    loop {
-        match reg.watch_config().await {
-            Ok(mut stream) => {
-                if let Ok(Some(text)) = reg.get_config().await {
-                    if tx.send(text).await.is_err() {
-                        return;
-                    }
-                }
-                backoff.reset();
-                while let Some(item) = stream.next().await {
-                    match item {
-                        Ok(Some(text)) => {
-                            if tx.send(text).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => tracing::warn!(
-                            "network config {} deleted; keeping the running config",
-                            reg.config_key()
-                        ),
-                        Err(e) => {
-                            tracing::warn!("config watch: {e}");
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!("config watch: {e}"),
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
-    }
 }
 
 /// The settings other than `Backend` that differ between two configs, as "Key old -> new".

@@ -9,9 +9,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use backends::set::BackendSet;
-use backends::ExternalInterface;
 use ipnet::Ipv4Net;
-use subnet_lease::{Lease, LeaseAttrs, NetConfig, SubnetEnv};
+use subnet_lease::{Lease, NetConfig, SubnetEnv};
 
 use super::acquire::Leased;
 use crate::flags::Flags;
@@ -138,11 +137,4 @@ pub(super) async fn reconcile(backend: &mut BackendSet, status: &Status) {
         .peers_unreachable
         .set(backend.unreachable().len() as i64);
     status.set_backend_counters(&backend.counters());
-}
-
-/// What this node publishes in its lease: its public IP and the primary backend's type/data.
-pub(super) fn published(ext: &ExternalInterface, set: &BackendSet) -> LeaseAttrs {
-    let mut attrs = LeaseAttrs::new(ext.public_ip, set.primary().backend_type());
-    attrs.backend_data = set.primary().backend_data();
-    attrs
 }

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use backends::ExternalInterface;
 use ipnet::Ipv4Net;
-use subnet_lease::{EtcdRegistry, Lease, SubnetKey};
+use subnet_lease::registry::Registry;
+use subnet_lease::{Backoff, EtcdRegistry, Lease, SubnetKey};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::follow::watch_config;
 use crate::flags::Flags;
 use crate::health::Status;
 use crate::nft::Nft;
@@ -133,5 +133,43 @@ impl Services {
             let _ = stop.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
+    }
+}
+
+/// Follows `<prefix>/config` and forwards every value it sees (the current one first, again
+/// after each re-established watch, so nothing changed meanwhile is missed).
+pub(super) async fn watch_config(reg: EtcdRegistry, tx: mpsc::Sender<String>) {
+    use futures::StreamExt;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    loop {
+        match reg.watch_config().await {
+            Ok(mut stream) => {
+                if let Ok(Some(text)) = reg.get_config().await {
+                    if tx.send(text).await.is_err() {
+                        return;
+                    }
+                }
+                backoff.reset();
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(Some(text)) => {
+                            if tx.send(text).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => tracing::warn!(
+                            "network config {} deleted; keeping the running config",
+                            reg.config_key()
+                        ),
+                        Err(e) => {
+                            tracing::warn!("config watch: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("config watch: {e}"),
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
