@@ -281,7 +281,7 @@ impl Etcd {
     /// Stops etcd (SIGTERM, then SIGKILL after 5 s). Data is kept for [`Etcd::restart`].
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            crate::netns::stop_child(&mut child, Duration::from_secs(5));
+            crate::stop_child(&mut child, Duration::from_secs(5));
         }
     }
 

@@ -9,10 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
-use crate::{random_tag, run_bounded, sh, Etcd};
+use crate::{random_tag, run_bounded, sh, stop_child, Etcd};
 
 /// The hub's address on the underlay.
 pub const HUB_IP: &str = "172.30.0.1";
@@ -53,25 +50,6 @@ pub struct Testbed {
     procs: Vec<Proc>,
     /// Empty pod namespaces created so far (for unique names).
     empty_pods: usize,
-}
-
-/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps.
-pub(crate) fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
-    if let Ok(Some(status)) = child.try_wait() {
-        return Some(status);
-    }
-    if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    }
-    let deadline = std::time::Instant::now() + grace;
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    child.wait().ok()
 }
 
 fn ip(args: &[&str]) -> Result<String, String> {
