@@ -13,10 +13,11 @@ use backends::netlink_rt::RtNetlink;
 use backends::set::BackendSet;
 use backends::{BackendContext, ExternalInterface};
 use subnet_lease::alloc::AllocError;
-use subnet_lease::manager::{Event, LeaseError, LeaseStats, ManagerOptions};
-use subnet_lease::registry::Registry;
+use subnet_lease::manager::{Event, LeaseError, ManagerOptions};
+use subnet_lease::LeaseStats;
+use subnet_lease::LeaseStore;
 use subnet_lease::{
-    config, BackendConfig, Backoff, EtcdOptions, EtcdRegistry, Lease, LeaseAttrs, LeaseManager,
+    config, BackendConfig, Backoff, EtcdLeaseStore, EtcdOptions, Lease, LeaseAttrs, LeaseManager,
     NetConfig, Republish, SubnetEnv, SubnetKey,
 };
 use tokio::signal::unix::{signal, SignalKind};
@@ -86,7 +87,7 @@ fn external_interface(flags: &Flags) -> Result<ExternalInterface> {
 }
 
 /// Waits for a valid network config in etcd, as flannel does (it retries until one appears).
-async fn network_config(reg: &EtcdRegistry, backoff: &mut Backoff) -> NetConfig {
+async fn network_config(reg: &EtcdLeaseStore, backoff: &mut Backoff) -> NetConfig {
     loop {
         let problem = match reg.get_config().await {
             Ok(Some(text)) => match config::parse(&text) {
@@ -159,7 +160,7 @@ enum Acquired {
 /// Acquires a lease, retrying transient errors; a full network or our lease outside a changed
 /// config is [`Acquired::Wait`].
 async fn acquire(
-    manager: &LeaseManager<EtcdRegistry>,
+    manager: &LeaseManager<EtcdLeaseStore>,
     previous: Option<SubnetKey>,
 ) -> Result<Acquired> {
     let mut backoff = Backoff::default();
@@ -246,7 +247,7 @@ async fn cleanup(flags: &Flags) -> Result<()> {
     }
     // The VNI comes from the config when etcd answers; flannel's default otherwise.
     let mut vni = 1;
-    if let Ok(reg) = EtcdRegistry::connect(&etcd_options(flags)).await {
+    if let Ok(reg) = EtcdLeaseStore::connect(&etcd_options(flags)).await {
         if let Ok(Some(text)) = reg.get_config().await {
             if let Ok(p) = config::parse(&text) {
                 if let Ok((c, _)) = backends::vxlan::VxlanConfig::parse(&p.config.backend.options) {
@@ -333,7 +334,7 @@ fn published(ext: &ExternalInterface, set: &BackendSet) -> LeaseAttrs {
 
 /// Follows `<prefix>/config` and forwards every value it sees (the current one first, again
 /// after each re-established watch, so nothing changed meanwhile is missed).
-async fn watch_config(reg: EtcdRegistry, tx: mpsc::Sender<String>) {
+async fn watch_config(reg: EtcdLeaseStore, tx: mpsc::Sender<String>) {
     use futures::StreamExt;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
@@ -554,7 +555,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     }
     let mut shutdown = Shutdown::install()?;
     let ext = external_interface(&flags)?;
-    let reg = EtcdRegistry::connect(&etcd_options(&flags))
+    let reg = EtcdLeaseStore::connect(&etcd_options(&flags))
         .await
         .context("connecting to etcd")?;
     let lease_stats: Arc<LeaseStats> = Arc::default();
@@ -691,7 +692,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     let (tx, mut events) = mpsc::channel(256);
     let (control, control_rx) = mpsc::channel(4);
     let (config_tx, mut config_changes) = mpsc::channel::<String>(8);
-    let config_watch = tokio::spawn(watch_config(manager.registry().clone(), config_tx));
+    let config_watch = tokio::spawn(watch_config(manager.store().clone(), config_tx));
     // Pods are published for the subnet we hold now; a re-acquired lease is passed on.
     let (subnet_tx, subnet_rx) = tokio::sync::watch::channel(lease.key);
     let pod_task = pods::spawn(
@@ -700,7 +701,7 @@ pub async fn run(flags: Flags) -> Result<()> {
             node: flags.node_name(),
             node_ip: ext.public_ip,
         },
-        manager.registry().clone(),
+        manager.store().clone(),
         subnet_rx,
         status.clone(),
     );
@@ -722,7 +723,7 @@ pub async fn run(flags: Flags) -> Result<()> {
                 .map(|g| Arc::new(g) as Arc<dyn service_proxy::userspace::Gate>);
             tracing::info!("service proxy on ({})", flags.proxy_mode);
             Some(tokio::spawn(service_proxy::run::run(
-                manager.registry().clone(),
+                manager.store().clone(),
                 opts,
                 status.proxy.clone(),
                 proxy_stop_rx,
@@ -750,7 +751,7 @@ pub async fn run(flags: Flags) -> Result<()> {
         let mut opts = policy::run::PolicyOptions::new(&flags.node_name());
         opts.gate = policy_gate;
         Some(tokio::spawn(policy::run::run(
-            manager.registry().clone(),
+            manager.store().clone(),
             opts,
             status.policy.clone(),
             policy_stop_rx,

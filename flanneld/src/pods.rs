@@ -20,7 +20,7 @@ use cni::attachment::{Attachment, Netns, ATTACHMENTS_DIR};
 use ipnet::IpNet;
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use subnet_lease::pods::{pod_key, KeepAlive, PodPublisher, PodRecord, SyncReport};
-use subnet_lease::{Backoff, EtcdRegistry, SubnetKey};
+use subnet_lease::{Backoff, EtcdLeaseStore, SubnetKey};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -211,7 +211,7 @@ impl DirWatch {
 /// Starts the task, unless `--cni-data-dir` is empty (publishing off).
 pub fn spawn(
     opts: PodOptions,
-    reg: EtcdRegistry,
+    reg: EtcdLeaseStore,
     subnet: watch::Receiver<SubnetKey>,
     status: Arc<Status>,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -327,7 +327,7 @@ impl Task {
 
 async fn run(
     opts: PodOptions,
-    reg: EtcdRegistry,
+    reg: EtcdLeaseStore,
     subnet: watch::Receiver<SubnetKey>,
     status: Arc<Status>,
 ) {
