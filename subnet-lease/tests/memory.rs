@@ -67,6 +67,14 @@ async fn next(rx: &mut mpsc::Receiver<Event>) -> Event {
         .expect("event stream closed")
 }
 
+/// The watcher's next batch; fails when none comes within an hour of (paused) time.
+async fn batch(rx: &mut mpsc::Receiver<Vec<Change>>) -> Vec<Change> {
+    tokio::time::timeout(Duration::from_secs(3600), rx.recv())
+        .await
+        .expect("no batch within an hour")
+        .expect("watcher stopped")
+}
+
 /// Lets the tasks run for `d` of (paused) time.
 async fn pass(d: Duration) {
     tokio::time::sleep(d).await;
@@ -78,9 +86,9 @@ async fn a_first_list_without_peers_is_still_reported() {
     // The watcher on an empty store: its first batch is the (empty) full list.
     let (tx, mut changes) = mpsc::channel(4);
     tokio::spawn(LeaseWatcher::new(store.clone()).run(tx));
-    assert_eq!(changes.recv().await.unwrap(), vec![]);
+    assert_eq!(batch(&mut changes).await, vec![]);
     store.put(key("10.5.7.0/24"), attrs(7), 0).unwrap();
-    let added = changes.recv().await.unwrap();
+    let added = batch(&mut changes).await;
     assert!(matches!(&added[..], [Change::Added(l)] if l.key == key("10.5.7.0/24")));
 
     // The manager alone in its network: PeersListed first, then peers as they come.
@@ -251,7 +259,7 @@ async fn a_watch_from_a_compacted_revision_relists_and_reports_the_difference() 
     let (tx, mut changes) = mpsc::channel(4);
     tokio::spawn(LeaseWatcher::new(store.clone()).run(tx));
     assert_eq!(
-        changes.recv().await.unwrap(),
+        batch(&mut changes).await,
         vec![Change::Added(a.clone()), Change::Added(b.clone())]
     );
     // While the watcher waits, a changes, b goes, c comes, and the history is compacted past
@@ -261,7 +269,7 @@ async fn a_watch_from_a_compacted_revision_relists_and_reports_the_difference() 
     let c = store.put(key("10.5.3.0/24"), attrs(3), 0).unwrap();
     store.compact(store.revision());
     assert_eq!(
-        changes.recv().await.unwrap(),
+        batch(&mut changes).await,
         vec![Change::Removed(b), Change::Added(a2), Change::Added(c)]
     );
     assert_eq!(store.calls("list leases"), 2);
