@@ -8,7 +8,10 @@
 //! Keys and JSON are flannel's (`<prefix>/config`, `<prefix>/subnets/10.5.52.0-24`).
 //! [`pods`] publishes a node's pods under `<prefix>/pods/<namespace>/<name>` on a dedicated
 //! 60 s etcd lease ([`PodPublisher`]).
-//! Pure parts (config, allocation, key/JSON model, pod plan, subnet file) need no etcd.
+//! The manager and the watcher reach etcd only through the [`LeaseStore`] trait:
+//! [`EtcdLeaseStore`] in flanneld, [`MemoryLeaseStore`] (a test double with etcd's revisions,
+//! TTLs on the tokio clock, watch and compaction) in tests, which run them under tokio's paused
+//! clock. Pure parts (config, allocation, key/JSON model, pod plan, subnet file) need no etcd.
 
 #![forbid(unsafe_code)]
 
