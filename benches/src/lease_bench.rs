@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use subnet_lease::manager::ManagerOptions;
 use subnet_lease::{
-    config, Change, EtcdOptions, EtcdRegistry, LeaseAttrs, LeaseManager, LeaseWatcher, Registry,
+    config, Change, EtcdLeaseStore, EtcdOptions, LeaseAttrs, LeaseManager, LeaseStore, LeaseWatcher,
 };
 use tokio::sync::mpsc;
 
@@ -37,14 +37,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn connect(endpoint: &str, prefix: &str) -> Result<EtcdRegistry> {
+async fn connect(endpoint: &str, prefix: &str) -> Result<EtcdLeaseStore> {
     let opts = EtcdOptions {
         endpoints: vec![endpoint.to_string()],
         prefix: prefix.to_string(),
         timeout: Duration::from_secs(30),
         ..EtcdOptions::default()
     };
-    Ok(EtcdRegistry::connect(&opts).await?)
+    Ok(EtcdLeaseStore::connect(&opts).await?)
 }
 
 async fn run_one(endpoint: &str, n: usize, round: usize) -> Result<Row> {
@@ -102,7 +102,7 @@ async fn run_one(endpoint: &str, n: usize, round: usize) -> Result<Row> {
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
             let r = m.acquire(None).await;
-            (r.map(|_| ()), t.elapsed(), m.registry().round_trips())
+            (r.map(|_| ()), t.elapsed(), m.store().round_trips())
         }));
     }
     let mut lat = Vec::new();

@@ -23,7 +23,7 @@ pub struct EtcdFlags {
     pub etcd_endpoints: Vec<String>,
 
     /// etcd prefix holding `config`, `subnets/` and `registry/`.
-    #[arg(long, global = true, env = "FLANNELCTL_ETCD_PREFIX", default_value = subnet_lease::registry::DEFAULT_PREFIX)]
+    #[arg(long, global = true, env = "FLANNELCTL_ETCD_PREFIX", default_value = subnet_lease::store::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
 
     /// TLS client key for etcd.

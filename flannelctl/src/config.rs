@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use subnet_lease::config;
-use subnet_lease::{EtcdRegistry, Registry, SubnetKey};
+use subnet_lease::{EtcdLeaseStore, LeaseStore, SubnetKey};
 
 use crate::common::EtcdFlags;
 
@@ -32,8 +32,8 @@ pub enum ConfigCmd {
     },
 }
 
-pub async fn connect(etcd: &EtcdFlags) -> Result<EtcdRegistry> {
-    EtcdRegistry::connect(&etcd.options()).await.map_err(|e| {
+pub async fn connect(etcd: &EtcdFlags) -> Result<EtcdLeaseStore> {
+    EtcdLeaseStore::connect(&etcd.options()).await.map_err(|e| {
         anyhow!(
             "connecting to etcd at {}: {e}",
             etcd.etcd_endpoints.join(",")

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
-use subnet_lease::{Lease, Registry};
+use subnet_lease::{Lease, LeaseStore};
 
 use crate::common::{align, EtcdFlags};
 use crate::config::connect;

@@ -23,7 +23,7 @@ pub struct Flags {
     pub etcd_endpoints: Vec<String>,
 
     /// etcd prefix holding `config` and `subnets/`.
-    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = subnet_lease::registry::DEFAULT_PREFIX)]
+    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = subnet_lease::store::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
 
     /// TLS client key for etcd.

@@ -8,6 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use etcd_access::Connection;
 use ipnet::Ipv4Net;
 use nft::{NftCommand, Runner};
 use prometheus_client::metrics::counter::Counter;
@@ -16,7 +17,6 @@ use registry::gate::{Client, Gate};
 use registry::pods::{parse_pod_key, pods_prefix};
 use registry::PodRecord;
 use registry::{Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
-use subnet_lease::EtcdRegistry;
 use tokio::sync::watch;
 
 use crate::compile::{self, Input, Ruleset};
@@ -391,7 +391,7 @@ impl<N: Runner> Follower for Policy<N> {
 /// Enforces NetworkPolicy for this node's pods until `stop` turns true. The table stays
 /// when it stops (pods stay isolated while flanneld restarts; the next start rewrites it).
 pub async fn run(
-    reg: EtcdRegistry,
+    conn: Connection,
     opts: PolicyOptions,
     metrics: PolicyMetrics,
     mut stop: watch::Receiver<bool>,
@@ -403,7 +403,7 @@ pub async fn run(
         debounce: opts.debounce,
         check_interval: opts.check_interval,
     };
-    let mut cache = Cache::new(reg.prefix());
+    let mut cache = Cache::new(conn.prefix());
     cache.invalid_objects = metrics.invalid_objects.clone();
     let mut policy = Policy {
         cache,
@@ -412,7 +412,7 @@ pub async fn run(
         node: opts.node,
         metrics,
     };
-    follow(reg.connection(), &follow_opts, &mut policy, &mut stop).await;
+    follow(&conn, &follow_opts, &mut policy, &mut stop).await;
 }
 
 #[cfg(test)]

@@ -270,7 +270,7 @@ impl Store {
 
     /// flannel's network config key, `<prefix>/config`.
     fn config_key(&self) -> String {
-        subnet_lease::registry::config_key(self.conn.prefix())
+        subnet_lease::store::config_key(self.conn.prefix())
     }
 
     async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, EtcdError>

@@ -38,7 +38,7 @@ impl Env {
         let reg = store.connection().clone();
         if let Some(text) = net_conf {
             reg.client()
-                .put(subnet_lease::registry::config_key(reg.prefix()), text, None)
+                .put(subnet_lease::store::config_key(reg.prefix()), text, None)
                 .await
                 .unwrap();
         }
@@ -428,7 +428,7 @@ async fn service_network_from_config() {
     env.reg
         .client()
         .put(
-            subnet_lease::registry::config_key(env.reg.prefix()),
+            subnet_lease::store::config_key(env.reg.prefix()),
             r#"{"Network":"10.0.0.0/8"}"#,
             None,
         )
@@ -437,13 +437,13 @@ async fn service_network_from_config() {
     let e = env.apply(&svc_yaml("b", "")).await.unwrap_err();
     assert_eq!(
         e.to_string(),
-        format!("network config {}: ServiceNetwork 10.96.0.0/12 (the default) overlaps Network 10.0.0.0/8: set ServiceNetwork to a range outside it", subnet_lease::registry::config_key(env.reg.prefix()))
+        format!("network config {}: ServiceNetwork 10.96.0.0/12 (the default) overlaps Network 10.0.0.0/8: set ServiceNetwork to a range outside it", subnet_lease::store::config_key(env.reg.prefix()))
     );
     // A broken config: named.
     env.reg
         .client()
         .put(
-            subnet_lease::registry::config_key(env.reg.prefix()),
+            subnet_lease::store::config_key(env.reg.prefix()),
             r#"{"Network":"10.5.0.0/16","ServiceNetwork":"x"}"#,
             None,
         )

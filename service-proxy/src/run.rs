@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ::nft::NftCommand;
+use etcd_access::Connection;
 use ipnet::Ipv4Net;
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
 use registry::pods::{parse_pod_key, pods_prefix};
 use registry::PodRecord;
 use registry::{Kind, Object};
-use subnet_lease::EtcdRegistry;
 use tokio::sync::watch;
 
 use crate::metrics::ProxyMetrics;
@@ -311,7 +311,7 @@ impl Follower for Proxy {
 
 /// Runs the proxy until `stop` turns true; then removes what it installed.
 pub async fn run(
-    reg: EtcdRegistry,
+    conn: Connection,
     opts: ProxyOptions,
     metrics: ProxyMetrics,
     mut stop: watch::Receiver<bool>,
@@ -339,7 +339,7 @@ pub async fn run(
         debounce: opts.debounce,
         check_interval: opts.check_interval,
     };
-    let mut cache = Cache::new(reg.prefix());
+    let mut cache = Cache::new(conn.prefix());
     cache.invalid_objects = metrics.invalid_objects.clone();
     let mut proxy = Proxy {
         cache,
@@ -349,7 +349,7 @@ pub async fn run(
         opts,
         metrics,
     };
-    follow(reg.connection(), &follow_opts, &mut proxy, &mut stop).await;
+    follow(&conn, &follow_opts, &mut proxy, &mut stop).await;
     // nftables mode leaves its table in place, so Services keep working while flanneld
     // restarts (the next start rebuilds it; `flanneld --cleanup` removes it). The userspace
     // mode's redirects would point at listeners that are gone: they are removed.

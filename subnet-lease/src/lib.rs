@@ -8,24 +8,33 @@
 //! Keys and JSON are flannel's (`<prefix>/config`, `<prefix>/subnets/10.5.52.0-24`).
 //! Leases only: pod records and Kubernetes names live in the `registry` crate, which may use
 //! [`config`] but is never used from here.
-//! Pure parts (config, allocation, key/JSON model, subnet file) need no etcd.
+//! The manager and the watcher reach etcd only through the [`LeaseStore`] trait:
+//! [`EtcdLeaseStore`] in flanneld, [`MemoryLeaseStore`] (a test double with etcd's revisions,
+//! TTLs on the tokio clock, watch and compaction) in tests, which run them under tokio's paused
+//! clock. Pure parts (config, allocation, key/JSON model, subnet file) need no etcd.
 
 #![forbid(unsafe_code)]
 
 pub mod alloc;
 pub mod config;
+pub mod etcd;
 pub mod ipmath;
 pub mod lease;
 pub mod manager;
-pub mod registry;
+pub mod memory;
+pub mod stats;
+pub mod store;
 /// The subnet file, from its own small crate (the CNI plugin reads it without etcd).
 pub use subnet_env;
 pub mod watch;
 
 pub use config::{BackendConfig, ConfigError, NetConfig};
+pub use etcd::{Connection, EtcdLeaseStore, EtcdOptions, Password};
 pub use etcd_access;
 pub use lease::{Lease, LeaseAttrs, SubnetKey};
 pub use manager::{Event, LeaseError, LeaseManager, ManagerOptions, Republish};
-pub use registry::{Connection, EtcdOptions, EtcdRegistry, Password, Registry, RegistryError};
+pub use memory::MemoryLeaseStore;
+pub use stats::LeaseStats;
+pub use store::{EtcdError, LeaseStore};
 pub use subnet_env::SubnetEnv;
 pub use watch::{Backoff, Change, LeaseWatcher};

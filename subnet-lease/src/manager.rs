@@ -2,9 +2,9 @@
 //! disappears, and turns the lease watch into peer events.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use crate::alloc::{self, AllocError, Choice, Identity};
 use crate::config::NetConfig;
 use crate::lease::{Lease, LeaseAttrs, SubnetKey};
-use crate::registry::{Registry, RegistryError};
+use crate::stats::LeaseStats;
+use crate::store::{EtcdError, LeaseStore};
 use crate::watch::{Backoff, Change, LeaseWatcher};
 
 /// flannel's lease TTL: 24 hours.
@@ -29,7 +30,7 @@ pub const DEFAULT_REMOVAL_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    Store(#[from] EtcdError),
     #[error(transparent)]
     Alloc(#[from] AllocError),
     #[error(
@@ -62,7 +63,7 @@ impl LeaseError {
     /// Whether retrying later may help.
     pub fn is_transient(&self) -> bool {
         match self {
-            LeaseError::Registry(e) => e.is_transient(),
+            LeaseError::Store(e) => e.is_transient(),
             LeaseError::Contention(_) | LeaseError::NotOurs(_) => true,
             LeaseError::Alloc(_) | LeaseError::OutsideNetwork { .. } => false,
         }
@@ -182,29 +183,6 @@ impl PendingRemovals {
     }
 }
 
-/// What the manager has been doing, for metrics and readiness.
-#[derive(Debug, Default)]
-pub struct LeaseStats {
-    /// Failed etcd calls while renewing or re-acquiring.
-    pub etcd_errors: AtomicU64,
-    pub renewals: AtomicU64,
-    pub reacquisitions: AtomicU64,
-    /// Unix time (s) when our lease expires unless renewed; 0 = no TTL (reservation) or unknown.
-    pub lease_expiry_unix: AtomicI64,
-    /// Whether the last etcd call of the renewal loop succeeded.
-    pub etcd_reachable: AtomicBool,
-}
-
-impl LeaseStats {
-    fn expires_in(&self, ttl: Duration) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let at = i64::try_from((now + ttl).as_secs()).unwrap_or(i64::MAX);
-        self.lease_expiry_unix.store(at, Ordering::Relaxed);
-    }
-}
-
 /// The subnet settings of a config, for messages.
 fn describe_network(cfg: &NetConfig) -> String {
     let v4 = cfg.ipv4_network().map_or("no IPv4 Network".into(), |n| {
@@ -225,25 +203,25 @@ fn describe_network(cfg: &NetConfig) -> String {
 /// Acquires and keeps one node's lease.
 #[derive(Debug, Clone)]
 pub struct LeaseManager<R> {
-    reg: R,
+    store: R,
     cfg: NetConfig,
     attrs: LeaseAttrs,
     opts: ManagerOptions,
 }
 
-impl<R: Registry> LeaseManager<R> {
+impl<R: LeaseStore> LeaseManager<R> {
     /// `attrs` is what this node publishes: PublicIP(v6), BackendType, BackendData.
-    pub fn new(reg: R, cfg: NetConfig, attrs: LeaseAttrs, opts: ManagerOptions) -> Self {
+    pub fn new(store: R, cfg: NetConfig, attrs: LeaseAttrs, opts: ManagerOptions) -> Self {
         LeaseManager {
-            reg,
+            store,
             cfg,
             attrs,
             opts,
         }
     }
 
-    pub fn registry(&self) -> &R {
-        &self.reg
+    pub fn store(&self) -> &R {
+        &self.store
     }
 
     fn identity(&self) -> Identity {
@@ -261,7 +239,7 @@ impl<R: Registry> LeaseManager<R> {
         let mut grant = None;
         let result = self.try_acquire(previous, &mut grant).await;
         if let Some(id) = grant {
-            if let Err(e) = self.reg.revoke(id).await {
+            if let Err(e) = self.store.revoke(id).await {
                 tracing::warn!("revoking unused etcd lease {id:x}: {e} (it expires with its TTL)");
             }
         }
@@ -273,7 +251,7 @@ impl<R: Registry> LeaseManager<R> {
         previous: Option<SubnetKey>,
         grant: &mut Option<i64>,
     ) -> Result<Lease, LeaseError> {
-        let mut leases = self.reg.list_leases().await?.leases;
+        let mut leases = self.store.list_leases().await?.leases;
         for attempt in 1..=ACQUIRE_ATTEMPTS {
             let plan = alloc::plan(
                 &self.cfg,
@@ -291,7 +269,7 @@ impl<R: Registry> LeaseManager<R> {
             }
             for stale in &plan.stale {
                 tracing::warn!(subnet = %stale.key, "deleting our lease that no longer fits the network config (--allow-network-change)");
-                self.reg.delete_lease(stale).await?;
+                self.store.delete_lease(stale).await?;
             }
             if !plan.stale.is_empty() {
                 leases.retain(|l| !plan.stale.contains(l));
@@ -303,12 +281,12 @@ impl<R: Registry> LeaseManager<R> {
                     for (k, v) in &old.attrs.extra {
                         attrs.extra.entry(k.clone()).or_insert_with(|| v.clone());
                     }
-                    let renewed = self.reg.update_lease(&old, &attrs).await?
+                    let renewed = self.store.update_lease(&old, &attrs).await?
                         && (old.is_reservation()
-                            || self.reg.renew(old.etcd_lease).await?.is_some());
+                            || self.store.renew(old.etcd_lease).await?.is_some());
                     if !renewed {
                         tracing::debug!(subnet = %old.key, attempt, "own lease changed or expired while reusing it; re-reading");
-                        leases = self.reg.list_leases().await?.leases;
+                        leases = self.store.list_leases().await?.leases;
                         continue;
                     }
                     tracing::info!(subnet = %old.key, reservation = old.is_reservation(), "reusing existing lease");
@@ -321,9 +299,9 @@ impl<R: Registry> LeaseManager<R> {
                 Choice::Create(key) => {
                     let id = match *grant {
                         Some(id) => id,
-                        None => *grant.insert(self.reg.grant(self.opts.ttl).await?),
+                        None => *grant.insert(self.store.grant(self.opts.ttl).await?),
                     };
-                    if self.reg.create_lease(key, &self.attrs, id).await? {
+                    if self.store.create_lease(key, &self.attrs, id).await? {
                         *grant = None;
                         tracing::info!(subnet = %key, "acquired new lease");
                         return Ok(Lease {
@@ -365,7 +343,7 @@ impl<R: Registry> LeaseManager<R> {
     ) {
         let mut control = Some(control);
         let (tx, mut changes) = mpsc::channel::<Vec<Change>>(64);
-        let watcher = LeaseWatcher::new(self.reg.clone())
+        let watcher = LeaseWatcher::new(self.store.clone())
             .with_backoff(self.opts.backoff)
             .with_stats(self.opts.stats.clone());
         let watch_task = tokio::spawn(watcher.run(tx));
@@ -437,7 +415,7 @@ impl<R: Registry> LeaseManager<R> {
                     }
                 },
                 _ = tokio::time::sleep_until(sleep_until) => {
-                    match self.reg.renew(own.etcd_lease).await {
+                    match self.store.renew(own.etcd_lease).await {
                         Ok(Some(ttl)) => {
                             backoff.reset();
                             stats.renewals.fetch_add(1, Ordering::Relaxed);
@@ -501,7 +479,7 @@ impl<R: Registry> LeaseManager<R> {
     /// swap on its revision, retried a few times if it changed meanwhile; later re-acquisitions
     /// publish `attrs` too. Fails if the lease is gone or no longer ours.
     async fn republish(&mut self, own: &Lease, attrs: LeaseAttrs) -> Result<Lease, LeaseError> {
-        let find = |list: crate::registry::LeaseList| {
+        let find = |list: crate::store::LeaseList| {
             list.leases
                 .into_iter()
                 .find(|l| l.key == own.key && l.attrs.public_ip == own.attrs.public_ip)
@@ -509,15 +487,15 @@ impl<R: Registry> LeaseManager<R> {
         // From now on this node publishes `attrs`, also when the lease has to be re-acquired.
         self.attrs = attrs.clone();
         for _ in 0..5 {
-            let Some(current) = find(self.reg.list_leases().await?) else {
+            let Some(current) = find(self.store.list_leases().await?) else {
                 return Err(LeaseError::NotOurs(own.key));
             };
             let mut new = attrs.clone();
             for (k, v) in &current.attrs.extra {
                 new.extra.entry(k.clone()).or_insert_with(|| v.clone());
             }
-            if self.reg.update_lease(&current, &new).await? {
-                if let Some(l) = find(self.reg.list_leases().await?) {
+            if self.store.update_lease(&current, &new).await? {
+                if let Some(l) = find(self.store.list_leases().await?) {
                     return Ok(l);
                 }
             }

@@ -11,8 +11,8 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::lease::{Lease, SubnetKey};
-use crate::manager::LeaseStats;
-use crate::registry::{KeyEvent, Registry, WatchBatch, WatchStream};
+use crate::stats::LeaseStats;
+use crate::store::{KeyEvent, LeaseStore, WatchBatch, WatchStream};
 pub use etcd_access::Backoff;
 
 /// A change to the set of leases.
@@ -35,7 +35,7 @@ impl Change {
 /// Keeps a view of every lease in step with etcd.
 #[derive(Debug)]
 pub struct LeaseWatcher<R> {
-    reg: R,
+    store: R,
     view: BTreeMap<SubnetKey, Lease>,
     /// Every event up to this revision is reflected in `view`; 0 = list needed.
     revision: i64,
@@ -45,10 +45,10 @@ pub struct LeaseWatcher<R> {
     listed: bool,
 }
 
-impl<R: Registry> LeaseWatcher<R> {
-    pub fn new(reg: R) -> Self {
+impl<R: LeaseStore> LeaseWatcher<R> {
+    pub fn new(store: R) -> Self {
         LeaseWatcher {
-            reg,
+            store,
             view: BTreeMap::new(),
             revision: 0,
             backoff: Backoff::default(),
@@ -58,8 +58,8 @@ impl<R: Registry> LeaseWatcher<R> {
     }
 
     /// Resumes from a known view and revision (as after a restart from saved state).
-    pub fn resume(reg: R, leases: Vec<Lease>, revision: i64) -> Self {
-        let mut w = Self::new(reg);
+    pub fn resume(store: R, leases: Vec<Lease>, revision: i64) -> Self {
+        let mut w = Self::new(store);
         w.view = leases.into_iter().map(|l| (l.key, l)).collect();
         w.revision = revision;
         w.listed = true;
@@ -101,7 +101,7 @@ impl<R: Registry> LeaseWatcher<R> {
                 return;
             }
             if self.revision == 0 {
-                match self.reg.list_leases().await {
+                match self.store.list_leases().await {
                     Ok(list) => {
                         self.reachable(true);
                         for (key, why) in &list.invalid {
@@ -124,7 +124,7 @@ impl<R: Registry> LeaseWatcher<R> {
             }
             let s = match stream.as_mut() {
                 Some(s) => s,
-                None => match self.reg.watch_leases(self.revision + 1).await {
+                None => match self.store.watch_leases(self.revision + 1).await {
                     Ok(s) => stream.insert(s),
                     Err(e) => {
                         self.wait_after_error(&e.to_string(), &tx).await;

@@ -11,7 +11,8 @@ use ipnet::Ipv4Net;
 use subnet_lease::manager::{Event, ManagerOptions};
 use subnet_lease::watch::Backoff;
 use subnet_lease::{
-    config, EtcdOptions, EtcdRegistry, LeaseAttrs, LeaseManager, LeaseWatcher, Registry, SubnetKey,
+    config, EtcdLeaseStore, EtcdOptions, LeaseAttrs, LeaseManager, LeaseStore, LeaseWatcher,
+    SubnetKey,
 };
 use test_support::{random_tag, Etcd};
 use tokio::sync::mpsc;
@@ -19,7 +20,7 @@ use tokio::sync::mpsc;
 struct Env {
     etcd: Etcd,
     opts: EtcdOptions,
-    reg: EtcdRegistry,
+    reg: EtcdLeaseStore,
 }
 
 impl Env {
@@ -32,7 +33,7 @@ impl Env {
             timeout: Duration::from_secs(3),
             ..EtcdOptions::default()
         };
-        let reg = EtcdRegistry::connect(&opts).await.unwrap();
+        let reg = EtcdLeaseStore::connect(&opts).await.unwrap();
         reg.client()
             .put(reg.config_key(), net_conf, None)
             .await
@@ -41,8 +42,12 @@ impl Env {
     }
 
     /// A manager for a node with `public_ip`, on its own etcd client (as a separate node).
-    async fn node(&self, public_ip: Ipv4Addr, opts: ManagerOptions) -> LeaseManager<EtcdRegistry> {
-        let reg = EtcdRegistry::connect(&self.opts).await.unwrap();
+    async fn node(
+        &self,
+        public_ip: Ipv4Addr,
+        opts: ManagerOptions,
+    ) -> LeaseManager<EtcdLeaseStore> {
+        let reg = EtcdLeaseStore::connect(&self.opts).await.unwrap();
         let text = reg.get_config().await.unwrap().unwrap();
         let cfg = config::parse(&text).unwrap().config;
         LeaseManager::new(reg, cfg, LeaseAttrs::new(public_ip, "alloc"), opts)
@@ -460,14 +465,20 @@ async fn tls_files_with_an_http_endpoint_are_refused() {
         ca_file: Some("/nonexistent/ca.pem".into()),
         ..EtcdOptions::default()
     };
-    let err = EtcdRegistry::connect(&opts).await.unwrap_err().to_string();
+    let err = EtcdLeaseStore::connect(&opts)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("use https://"), "{err}");
     let opts = EtcdOptions {
         endpoints: vec!["https://127.0.0.1:1".into()],
         ca_file: Some("/nonexistent/ca.pem".into()),
         ..EtcdOptions::default()
     };
-    let err = EtcdRegistry::connect(&opts).await.unwrap_err().to_string();
+    let err = EtcdLeaseStore::connect(&opts)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("--etcd-cafile /nonexistent/ca.pem"), "{err}");
 }
 
@@ -563,7 +574,7 @@ async fn a_dead_endpoint_among_several_does_not_fail_calls() {
         timeout: Duration::from_secs(3),
         ..EtcdOptions::default()
     };
-    let reg = EtcdRegistry::connect(&opts).await.unwrap();
+    let reg = EtcdLeaseStore::connect(&opts).await.unwrap();
     for i in 0..60 {
         reg.list_leases()
             .await
@@ -613,7 +624,7 @@ async fn own_lease_outside_a_changed_network_is_kept_unless_released() {
         "{e}"
     );
     assert!(!e.is_transient());
-    let keys = |l: subnet_lease::registry::LeaseList| -> Vec<SubnetKey> {
+    let keys = |l: subnet_lease::store::LeaseList| -> Vec<SubnetKey> {
         l.leases.into_iter().map(|l| l.key).collect()
     };
     assert_eq!(keys(env.reg.list_leases().await.unwrap()), vec![old.key]);

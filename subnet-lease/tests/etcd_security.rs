@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use subnet_lease::{EtcdOptions, EtcdRegistry, Registry};
+use subnet_lease::{EtcdLeaseStore, EtcdOptions, LeaseStore};
 use test_support::{find_program, require, Etcd, TlsFiles};
 
 fn opts(etcd: &Etcd) -> EtcdOptions {
@@ -34,7 +34,7 @@ async fn ca_only_tls_encrypts_and_verifies_the_server() {
         return;
     };
     assert!(etcd.endpoint().starts_with("https://"));
-    let reg = EtcdRegistry::connect(&EtcdOptions {
+    let reg = EtcdLeaseStore::connect(&EtcdOptions {
         ca_file: Some(files.ca.clone()),
         ..opts(&etcd)
     })
@@ -43,7 +43,7 @@ async fn ca_only_tls_encrypts_and_verifies_the_server() {
     assert!(reg.list_leases().await.unwrap().leases.is_empty());
     assert_eq!(reg.get_config().await.unwrap(), None);
     // Without the CA the server's certificate is not trusted: no silent fallback.
-    let untrusted = EtcdRegistry::connect(&opts(&etcd)).await.unwrap();
+    let untrusted = EtcdLeaseStore::connect(&opts(&etcd)).await.unwrap();
     assert!(untrusted.list_leases().await.is_err());
 }
 
@@ -52,7 +52,7 @@ async fn client_certificates_when_etcd_demands_them() {
     let Some((_dir, files, etcd)) = tls_etcd(true) else {
         return;
     };
-    let with_cert = EtcdRegistry::connect(&EtcdOptions {
+    let with_cert = EtcdLeaseStore::connect(&EtcdOptions {
         ca_file: Some(files.ca.clone()),
         cert_file: Some(files.client_cert.clone()),
         key_file: Some(files.client_key.clone()),
@@ -61,7 +61,7 @@ async fn client_certificates_when_etcd_demands_them() {
     .await
     .unwrap();
     with_cert.list_leases().await.unwrap();
-    let ca_only = EtcdRegistry::connect(&EtcdOptions {
+    let ca_only = EtcdLeaseStore::connect(&EtcdOptions {
         ca_file: Some(files.ca.clone()),
         ..opts(&etcd)
     })
@@ -71,7 +71,7 @@ async fn client_certificates_when_etcd_demands_them() {
         ca_only.list_leases().await.is_err(),
         "etcd must refuse a client without a certificate"
     );
-    let half = EtcdRegistry::connect(&EtcdOptions {
+    let half = EtcdLeaseStore::connect(&EtcdOptions {
         ca_file: Some(files.ca.clone()),
         cert_file: Some(files.client_cert.clone()),
         ..opts(&etcd)
@@ -90,7 +90,7 @@ async fn username_and_password() {
     etcd.etcdctl(&["user", "add", "root", "--new-user-password=s3cret"])
         .unwrap();
     etcd.etcdctl(&["auth", "enable"]).unwrap();
-    let reg = EtcdRegistry::connect(&EtcdOptions {
+    let reg = EtcdLeaseStore::connect(&EtcdOptions {
         username: Some("root".into()),
         password: Some("s3cret".into()),
         ..opts(&etcd)
@@ -98,13 +98,13 @@ async fn username_and_password() {
     .await
     .unwrap();
     reg.list_leases().await.unwrap();
-    let wrong = EtcdRegistry::connect(&EtcdOptions {
+    let wrong = EtcdLeaseStore::connect(&EtcdOptions {
         username: Some("root".into()),
         password: Some("nope".into()),
         ..opts(&etcd)
     })
     .await;
     assert!(wrong.is_err(), "a wrong password is refused at connect");
-    let anonymous = EtcdRegistry::connect(&opts(&etcd)).await.unwrap();
+    let anonymous = EtcdLeaseStore::connect(&opts(&etcd)).await.unwrap();
     assert!(anonymous.list_leases().await.is_err());
 }

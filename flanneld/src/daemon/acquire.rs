@@ -13,16 +13,17 @@ use backends::{BackendContext, ExternalInterface};
 use ipnet::Ipv4Net;
 use subnet_lease::alloc::AllocError;
 use subnet_lease::manager::{LeaseError, ManagerOptions};
-use subnet_lease::registry::Registry;
+use subnet_lease::LeaseStore;
 use subnet_lease::{
-    config, Backoff, EtcdRegistry, Lease, LeaseAttrs, LeaseManager, NetConfig, SubnetEnv, SubnetKey,
+    config, Backoff, EtcdLeaseStore, Lease, LeaseAttrs, LeaseManager, NetConfig, SubnetEnv,
+    SubnetKey,
 };
 
 use super::{node_id, or_shutdown, Shutdown};
 use crate::health::Status;
 
 /// Waits for a valid network config in etcd, as flannel does (it retries until one appears).
-pub(super) async fn network_config(reg: &EtcdRegistry, backoff: &mut Backoff) -> NetConfig {
+pub(super) async fn network_config(reg: &EtcdLeaseStore, backoff: &mut Backoff) -> NetConfig {
     loop {
         let problem = match reg.get_config().await {
             Ok(Some(text)) => match config::parse(&text) {
@@ -74,7 +75,7 @@ pub(super) enum Acquired {
 /// Acquires a lease, retrying transient errors; a full network or our lease outside a changed
 /// config is [`Acquired::Wait`].
 pub(super) async fn acquire(
-    manager: &LeaseManager<EtcdRegistry>,
+    manager: &LeaseManager<EtcdLeaseStore>,
     previous: Option<SubnetKey>,
 ) -> Result<Acquired> {
     let mut backoff = Backoff::default();
@@ -117,7 +118,7 @@ pub(super) struct Leased {
     pub cfg: NetConfig,
     pub network: Ipv4Net,
     pub backend: BackendSet,
-    pub manager: LeaseManager<EtcdRegistry>,
+    pub manager: LeaseManager<EtcdLeaseStore>,
     pub lease: Lease,
 }
 
@@ -161,7 +162,7 @@ impl Waiting {
 /// Runs the stage; None when a shutdown signal came first.
 pub(super) async fn lease(
     shutdown: &mut Shutdown,
-    reg: &EtcdRegistry,
+    reg: &EtcdLeaseStore,
     ext: &ExternalInterface,
     netlink: Arc<dyn Netlink>,
     opts: ManagerOptions,

@@ -3,8 +3,8 @@
 use anyhow::{bail, Result};
 use backends::netlink::Netlink;
 use backends::netlink_rt::RtNetlink;
-use subnet_lease::registry::Registry;
-use subnet_lease::{config, EtcdRegistry};
+use subnet_lease::LeaseStore;
+use subnet_lease::{config, EtcdLeaseStore};
 
 use super::connect::etcd_options;
 use crate::flags::Flags;
@@ -25,7 +25,7 @@ pub(super) async fn cleanup(flags: &Flags) -> Result<()> {
     }
     // The VNI comes from the config when etcd answers; flannel's default otherwise.
     let mut vni = 1;
-    if let Ok(reg) = EtcdRegistry::connect(&etcd_options(flags)).await {
+    if let Ok(reg) = EtcdLeaseStore::connect(&etcd_options(flags)).await {
         if let Ok(Some(text)) = reg.get_config().await {
             if let Ok(p) = config::parse(&text) {
                 if let Ok((c, _)) = backends::vxlan::VxlanConfig::parse(&p.config.backend.options) {

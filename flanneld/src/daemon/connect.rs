@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use subnet_lease::{EtcdOptions, EtcdRegistry};
+use subnet_lease::{EtcdLeaseStore, EtcdOptions};
 
 use crate::flags::Flags;
 use crate::health::{self, Status};
@@ -24,8 +24,8 @@ pub(super) fn etcd_options(flags: &Flags) -> EtcdOptions {
 }
 
 /// Connects to etcd (configuration mistakes fail here).
-pub(super) async fn etcd(flags: &Flags) -> Result<EtcdRegistry> {
-    EtcdRegistry::connect(&etcd_options(flags))
+pub(super) async fn etcd(flags: &Flags) -> Result<EtcdLeaseStore> {
+    EtcdLeaseStore::connect(&etcd_options(flags))
         .await
         .context("connecting to etcd")
 }

@@ -18,8 +18,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use backends::netlink::Netlink;
 use backends::netlink_rt::RtNetlink;
-use subnet_lease::manager::{LeaseStats, ManagerOptions};
+use subnet_lease::manager::ManagerOptions;
 use subnet_lease::Lease;
+use subnet_lease::LeaseStats;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::flags::Flags;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use backends::ExternalInterface;
 use ipnet::Ipv4Net;
-use subnet_lease::registry::Registry;
-use subnet_lease::{Backoff, EtcdRegistry, Lease, SubnetKey};
+use subnet_lease::LeaseStore;
+use subnet_lease::{Backoff, EtcdLeaseStore, Lease, SubnetKey};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -35,7 +35,7 @@ pub(super) async fn serve(
     ext: &ExternalInterface,
     network: Ipv4Net,
     lease: &Lease,
-    reg: &EtcdRegistry,
+    reg: &EtcdLeaseStore,
     status: &Arc<Status>,
 ) -> Services {
     let (config_tx, config_changes) = mpsc::channel::<String>(8);
@@ -70,7 +70,7 @@ pub(super) async fn serve(
             tracing::info!("service proxy on ({})", flags.proxy_mode);
             let (stop, stop_rx) = watch::channel(false);
             let task = tokio::spawn(service_proxy::run::run(
-                reg.clone(),
+                reg.connection().clone(),
                 opts,
                 status.proxy.clone(),
                 stop_rx,
@@ -99,7 +99,7 @@ pub(super) async fn serve(
         opts.gate = policy_gate;
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(policy::run::run(
-            reg.clone(),
+            reg.connection().clone(),
             opts,
             status.policy.clone(),
             stop_rx,
@@ -138,7 +138,7 @@ impl Services {
 
 /// Follows `<prefix>/config` and forwards every value it sees (the current one first, again
 /// after each re-established watch, so nothing changed meanwhile is missed).
-pub(super) async fn watch_config(reg: EtcdRegistry, tx: mpsc::Sender<String>) {
+pub(super) async fn watch_config(reg: EtcdLeaseStore, tx: mpsc::Sender<String>) {
     use futures::StreamExt;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {

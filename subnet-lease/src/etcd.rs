@@ -1,13 +1,11 @@
-//! The etcd edge: a small trait with the operations the lease manager needs, and its etcd v3
-//! implementation over an [`etcd_access::Connection`] (every call bounded in time and counted).
+//! The lease store on etcd v3 ([`EtcdLeaseStore`]), over an [`etcd_access::Connection`] (every
+//! call bounded in time and counted).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-pub use etcd_access::{
-    Connection, EtcdError as RegistryError, EtcdOptions, Password, DEFAULT_PREFIX,
-};
+pub use etcd_access::{Connection, EtcdError, EtcdOptions, Password};
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
     WatchOptions,
@@ -15,104 +13,27 @@ use etcd_client::{
 use futures::{Stream, StreamExt};
 
 use crate::lease::{Lease, LeaseAttrs, SubnetKey};
-
-/// flannel's network config key: `<prefix>/config` (`prefix` without a trailing slash).
-pub fn config_key(prefix: &str) -> String {
-    format!("{prefix}/config")
-}
-
-/// Every lease under the prefix and the etcd revision of the read.
-#[derive(Debug, Clone, Default)]
-pub struct LeaseList {
-    pub leases: Vec<Lease>,
-    pub revision: i64,
-    /// Keys under `subnets/` that are not valid leases: (key, reason). Skipped, never fatal.
-    pub invalid: Vec<(String, String)>,
-}
-
-/// A change to one lease key.
-#[derive(Debug, Clone, PartialEq)]
-pub enum KeyEvent {
-    Put(Box<Lease>),
-    Delete(SubnetKey),
-}
-
-/// One answer of a lease watch.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WatchBatch {
-    /// Events; every event up to `revision` has been delivered when it is known (`None` for
-    /// the watch-created answer, which says nothing about delivered history).
-    Events {
-        events: Vec<KeyEvent>,
-        revision: Option<i64>,
-    },
-    /// The start revision was compacted away (or the watch was cancelled): re-list.
-    Lost { reason: String },
-}
-
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchBatch, RegistryError>> + Send>>;
-
-/// What the lease manager needs from a store.
-pub trait Registry: Clone + Send + Sync + 'static {
-    /// The raw network config text, if set.
-    fn get_config(&self) -> impl Future<Output = Result<Option<String>, RegistryError>> + Send;
-    /// Every lease and the revision of the read.
-    fn list_leases(&self) -> impl Future<Output = Result<LeaseList, RegistryError>> + Send;
-    /// Grants an etcd lease of `ttl`; returns its id.
-    fn grant(&self, ttl: Duration) -> impl Future<Output = Result<i64, RegistryError>> + Send;
-    /// Revokes an etcd lease (and deletes the keys bound to it).
-    fn revoke(&self, etcd_lease: i64) -> impl Future<Output = Result<(), RegistryError>> + Send;
-    /// Creates `key` bound to `etcd_lease`, only if the key does not exist (one txn).
-    /// Returns false when someone else holds the key.
-    fn create_lease(
-        &self,
-        key: SubnetKey,
-        attrs: &LeaseAttrs,
-        etcd_lease: i64,
-    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
-    /// Rewrites an existing lease's attributes, keeping its etcd lease (or lack of one), only if
-    /// the key is unchanged since it was read. Returns false if it changed.
-    fn update_lease(
-        &self,
-        lease: &Lease,
-        attrs: &LeaseAttrs,
-    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
-    /// Deletes a lease only if unchanged since it was read. Returns false if it changed.
-    fn delete_lease(
-        &self,
-        lease: &Lease,
-    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
-    /// One keep-alive of an etcd lease. Returns its new TTL, or None if the lease is gone.
-    fn renew(
-        &self,
-        etcd_lease: i64,
-    ) -> impl Future<Output = Result<Option<Duration>, RegistryError>> + Send;
-    /// Watches lease keys from `start_revision` (inclusive).
-    fn watch_leases(
-        &self,
-        start_revision: i64,
-    ) -> impl Future<Output = Result<WatchStream, RegistryError>> + Send;
-}
+use crate::store::{config_key, KeyEvent, LeaseList, LeaseStore, WatchBatch, WatchStream};
 
 /// The lease store on etcd v3: flannel's keys under the connection's prefix.
 #[derive(Clone, Debug)]
-pub struct EtcdRegistry {
+pub struct EtcdLeaseStore {
     conn: Connection,
 }
 
-impl EtcdRegistry {
+impl EtcdLeaseStore {
     /// Connects (see [`Connection::connect`]): lazily, so this succeeds while etcd is down;
     /// configuration mistakes (bad URLs, unreadable certificates, TLS flags with http://
     /// endpoints) fail here.
-    pub async fn connect(opts: &EtcdOptions) -> Result<Self, RegistryError> {
-        Ok(EtcdRegistry {
+    pub async fn connect(opts: &EtcdOptions) -> Result<Self, EtcdError> {
+        Ok(EtcdLeaseStore {
             conn: Connection::connect(opts).await?,
         })
     }
 
     /// A lease store over an existing connection.
     pub fn new(conn: Connection) -> Self {
-        EtcdRegistry { conn }
+        EtcdLeaseStore { conn }
     }
 
     /// The connection underneath (shared by clones).
@@ -120,7 +41,7 @@ impl EtcdRegistry {
         &self.conn
     }
 
-    /// etcd round trips made so far by this registry and its clones.
+    /// etcd round trips made so far by this store and its clones.
     pub fn round_trips(&self) -> u64 {
         self.conn.round_trips()
     }
@@ -147,7 +68,7 @@ impl EtcdRegistry {
         self.conn.client()
     }
 
-    pub(crate) async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RegistryError>
+    pub(crate) async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, EtcdError>
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
@@ -177,19 +98,19 @@ impl EtcdRegistry {
 }
 
 /// Changes of the network config key: the new text, or None when the key was deleted.
-pub type ConfigStream = Pin<Box<dyn Stream<Item = Result<Option<String>, RegistryError>> + Send>>;
+pub type ConfigStream = Pin<Box<dyn Stream<Item = Result<Option<String>, EtcdError>> + Send>>;
 
-impl EtcdRegistry {
+impl EtcdLeaseStore {
     /// Watches `<prefix>/config` from now on. The stream ends or errs when the watch breaks;
     /// the caller re-reads the key and watches again.
-    pub async fn watch_config(&self) -> Result<ConfigStream, RegistryError> {
+    pub async fn watch_config(&self) -> Result<ConfigStream, EtcdError> {
         let mut c = self.conn.client();
         let stream = self
             .call("watch config", c.watch(self.config_key(), None))
             .await?;
         let mapped = stream.flat_map(|item| {
-            let out: Vec<Result<Option<String>, RegistryError>> = match item {
-                Err(source) => vec![Err(RegistryError::Etcd {
+            let out: Vec<Result<Option<String>, EtcdError>> = match item {
+                Err(source) => vec![Err(EtcdError::Etcd {
                     op: "watch config",
                     source,
                 })],
@@ -213,8 +134,8 @@ impl EtcdRegistry {
     }
 }
 
-impl Registry for EtcdRegistry {
-    async fn get_config(&self) -> Result<Option<String>, RegistryError> {
+impl LeaseStore for EtcdLeaseStore {
+    async fn get_config(&self) -> Result<Option<String>, EtcdError> {
         let mut c = self.conn.client();
         let resp = self
             .call("get config", c.get(self.config_key(), None))
@@ -225,7 +146,7 @@ impl Registry for EtcdRegistry {
             .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
-    async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
+    async fn list_leases(&self) -> Result<LeaseList, EtcdError> {
         let mut c = self.conn.client();
         let resp = self
             .call(
@@ -248,7 +169,7 @@ impl Registry for EtcdRegistry {
         Ok(out)
     }
 
-    async fn grant(&self, ttl: Duration) -> Result<i64, RegistryError> {
+    async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
         let mut c = self.conn.client();
         let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         Ok(self
@@ -257,7 +178,7 @@ impl Registry for EtcdRegistry {
             .id())
     }
 
-    async fn revoke(&self, etcd_lease: i64) -> Result<(), RegistryError> {
+    async fn revoke(&self, etcd_lease: i64) -> Result<(), EtcdError> {
         let mut c = self.conn.client();
         self.call("lease revoke", c.lease_revoke(etcd_lease))
             .await
@@ -269,7 +190,7 @@ impl Registry for EtcdRegistry {
         key: SubnetKey,
         attrs: &LeaseAttrs,
         etcd_lease: i64,
-    ) -> Result<bool, RegistryError> {
+    ) -> Result<bool, EtcdError> {
         let mut c = self.conn.client();
         let k = self.lease_key(&key);
         let txn = Txn::new()
@@ -282,7 +203,7 @@ impl Registry for EtcdRegistry {
         Ok(self.call("create lease", c.txn(txn)).await?.succeeded())
     }
 
-    async fn update_lease(&self, lease: &Lease, attrs: &LeaseAttrs) -> Result<bool, RegistryError> {
+    async fn update_lease(&self, lease: &Lease, attrs: &LeaseAttrs) -> Result<bool, EtcdError> {
         let mut c = self.conn.client();
         let k = self.lease_key(&lease.key);
         let put_opts =
@@ -297,7 +218,7 @@ impl Registry for EtcdRegistry {
         Ok(self.call("update lease", c.txn(txn)).await?.succeeded())
     }
 
-    async fn delete_lease(&self, lease: &Lease) -> Result<bool, RegistryError> {
+    async fn delete_lease(&self, lease: &Lease) -> Result<bool, EtcdError> {
         let mut c = self.conn.client();
         let k = self.lease_key(&lease.key);
         let txn = Txn::new()
@@ -310,7 +231,7 @@ impl Registry for EtcdRegistry {
         Ok(self.call("delete lease", c.txn(txn)).await?.succeeded())
     }
 
-    async fn renew(&self, etcd_lease: i64) -> Result<Option<Duration>, RegistryError> {
+    async fn renew(&self, etcd_lease: i64) -> Result<Option<Duration>, EtcdError> {
         let mut c = self.conn.client();
         let fut = async move {
             let (mut keeper, mut stream) = c.lease_keep_alive(etcd_lease).await?;
@@ -328,7 +249,7 @@ impl Registry for EtcdRegistry {
         })
     }
 
-    async fn watch_leases(&self, start_revision: i64) -> Result<WatchStream, RegistryError> {
+    async fn watch_leases(&self, start_revision: i64) -> Result<WatchStream, EtcdError> {
         let mut c = self.conn.client();
         let opts = WatchOptions::new()
             .with_prefix()
@@ -339,7 +260,7 @@ impl Registry for EtcdRegistry {
             .await?;
         let this = self.clone();
         let mapped = stream.map(move |item| {
-            let resp = item.map_err(|source| RegistryError::Etcd {
+            let resp = item.map_err(|source| EtcdError::Etcd {
                 op: "watch",
                 source,
             })?;
