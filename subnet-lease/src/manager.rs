@@ -350,6 +350,8 @@ impl<R: LeaseStore> LeaseManager<R> {
         let mut renew_at = self.renew_deadline(self.opts.ttl);
         let mut backoff = self.opts.backoff;
         let mut lost = false;
+        // The node that took our subnet over: a peer once we hold another subnet.
+        let mut taken_over: Option<Lease> = None;
         let mut removals = PendingRemovals::new(self.opts.removal_grace);
         // The watcher's first batch is its first full list (sent even when empty).
         let mut listed = false;
@@ -373,6 +375,14 @@ impl<R: LeaseStore> LeaseManager<R> {
                         renew_at = self.renew_deadline(self.opts.ttl);
                         if events.send(Event::OwnLease(own.clone())).await.is_err() {
                             break;
+                        }
+                        if let Some(taker) = taken_over.take().filter(|t| t.key != own.key) {
+                            let ev = removals.change(Change::Added(taker), Instant::now());
+                            if let Some(ev) = ev {
+                                if events.send(ev).await.is_err() {
+                                    break;
+                                }
+                            }
                         }
                     }
                     None => break,
@@ -447,10 +457,12 @@ impl<R: LeaseStore> LeaseManager<R> {
                                 Change::Removed(_) => {
                                     tracing::warn!(subnet = %own.key, "our lease was deleted; re-acquiring");
                                     lost = true;
+                                    taken_over = None;
                                 }
                                 Change::Added(l) if !ours => {
                                     tracing::warn!(subnet = %own.key, other = %l.attrs.public_ip, "our subnet was taken over by another node; re-acquiring");
                                     lost = true;
+                                    taken_over = Some(l.clone());
                                 }
                                 Change::Added(_) => {}
                             }

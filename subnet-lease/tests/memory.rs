@@ -142,11 +142,15 @@ async fn our_deleted_lease_is_reacquired_with_the_same_subnet() {
                 assert_ne!(l.key, own.key);
                 break;
             }
-            Event::PeerAdded(l) if l.key == own.key => {}
             other => panic!("unexpected {other:?}"),
         }
     }
     assert_eq!(store.get(&own.key).unwrap().attrs, attrs(2));
+    // The node that took our old subnet is a peer now (it used to be skipped as "ours").
+    let Event::PeerAdded(taker) = next(&mut rx).await else {
+        panic!("expected the taker as a peer")
+    };
+    assert_eq!((taker.key, taker.attrs), (own.key, attrs(2)));
 }
 
 #[tokio::test(start_paused = true)]
