@@ -136,15 +136,10 @@ async fn our_deleted_lease_is_reacquired_with_the_same_subnet() {
 
     // Taken over by another node: re-acquired elsewhere.
     store.put(own.key, attrs(2), 0).unwrap();
-    loop {
-        match next(&mut rx).await {
-            Event::OwnLease(l) => {
-                assert_ne!(l.key, own.key);
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let Event::OwnLease(moved) = next(&mut rx).await else {
+        panic!("expected OwnLease")
+    };
+    assert_ne!(moved.key, own.key);
     assert_eq!(store.get(&own.key).unwrap().attrs, attrs(2));
     // The node that took our old subnet is a peer now (it used to be skipped as "ours").
     let Event::PeerAdded(taker) = next(&mut rx).await else {
