@@ -366,6 +366,14 @@ impl<R: LeaseStore> LeaseManager<R> {
             if lost {
                 match self.reacquire(&own, &events).await {
                     Some(l) => {
+                        // The etcd lease behind the key we lost binds nothing of ours any
+                        // more: revoke it rather than leave it to its TTL (a day).
+                        let old = own.etcd_lease;
+                        if old != 0 && old != l.etcd_lease {
+                            if let Err(e) = self.store.revoke(old).await {
+                                tracing::debug!("revoking the etcd lease of our lost key: {e}");
+                            }
+                        }
                         own = l;
                         lost = false;
                         removals.forget(&own.key);

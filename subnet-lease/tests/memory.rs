@@ -122,6 +122,13 @@ async fn our_deleted_lease_is_reacquired_with_the_same_subnet() {
         panic!("expected OwnLease")
     };
     assert_eq!(again.key, own.key);
+    // The etcd lease behind the deleted key is revoked, not left to its 24 h TTL.
+    assert_ne!(again.etcd_lease, own.etcd_lease);
+    assert!(
+        !store.etcd_leases().contains(&own.etcd_lease),
+        "{:?}",
+        store.etcd_leases()
+    );
     let stored = store.get(&own.key).unwrap();
     assert_eq!(
         (stored.attrs.public_ip, stored.etcd_lease),
