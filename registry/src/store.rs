@@ -217,7 +217,6 @@ impl Allocations {
 #[derive(Debug, Clone)]
 pub struct Store {
     conn: Connection,
-    timeout: Duration,
 }
 
 /// What one apply would write, guarded.
@@ -236,26 +235,16 @@ fn get_response(resp: &TxnResponse, i: usize) -> Option<GetResponse> {
 }
 
 impl Store {
+    /// A store over an existing connection (its timeout bounds every call).
     pub fn new(conn: Connection) -> Store {
-        Store {
-            conn,
-            timeout: Duration::from_secs(5),
-        }
+        Store { conn }
     }
 
     /// Connects with flannel's etcd options (lazily: etcd may be down until the first call).
     pub async fn connect(opts: &EtcdOptions) -> Result<Store, StoreError> {
-        let timeout = opts.timeout;
         Ok(Store {
             conn: Connection::connect(opts).await?,
-            timeout,
         })
-    }
-
-    /// Another bound for each etcd call (default 5 s).
-    pub fn with_timeout(mut self, timeout: Duration) -> Store {
-        self.timeout = timeout;
-        self
     }
 
     /// The etcd connection underneath.
@@ -277,13 +266,7 @@ impl Store {
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(EtcdError::Timeout {
-                op,
-                timeout: self.timeout,
-            }),
-            Ok(r) => r.map_err(|source| EtcdError::Etcd { op, source }),
-        }
+        self.conn.call(op, fut).await
     }
 
     async fn txn(&self, op: &'static str, txn: Txn) -> Result<TxnResponse, EtcdError> {

@@ -170,12 +170,7 @@ impl LeaseStore for EtcdLeaseStore {
     }
 
     async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
-        let mut c = self.conn.client();
-        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
-        Ok(self
-            .call("lease grant", c.lease_grant(ttl_secs, None))
-            .await?
-            .id())
+        self.conn.grant(ttl).await
     }
 
     async fn revoke(&self, etcd_lease: i64) -> Result<(), EtcdError> {
@@ -232,21 +227,7 @@ impl LeaseStore for EtcdLeaseStore {
     }
 
     async fn renew(&self, etcd_lease: i64) -> Result<Option<Duration>, EtcdError> {
-        let mut c = self.conn.client();
-        let fut = async move {
-            let (mut keeper, mut stream) = c.lease_keep_alive(etcd_lease).await?;
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        let resp = match self.call("lease keep-alive", fut).await {
-            // etcd-client answers a TTL of 0 (no such lease) with an error: that is "gone".
-            Err(e) if e.is_lease_not_found() => return Ok(None),
-            r => r?,
-        };
-        Ok(match resp {
-            Some(r) if r.ttl() > 0 => Some(Duration::from_secs(r.ttl() as u64)),
-            _ => None,
-        })
+        self.conn.keep_alive_once(etcd_lease).await
     }
 
     async fn watch_leases(&self, start_revision: i64) -> Result<WatchStream, EtcdError> {
