@@ -1,0 +1,373 @@
+//! The sockets: UDP (several sockets per address with SO_REUSEPORT, one task each; answers
+//! from the zone are sent from the receiving task, questions for upstream get a task of their
+//! own, at most `max_forwards` at once) and TCP (length-prefixed, several questions per
+//! connection, idle and read timeouts, a bounded number of connections).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, Query};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+use crate::cache::{Cache, CacheLimits, Cached};
+use crate::index::Index;
+use crate::metrics::{AnswerLabels, DnsMetrics};
+use crate::respond::{self, Parsed, Plan};
+use crate::upstream::Upstream;
+use crate::Error;
+
+/// Open TCP connections at most; more are closed at once.
+pub const MAX_TCP_CONNECTIONS: usize = 256;
+/// A TCP connection without a new question for this long is closed.
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Reading one question or writing one answer over TCP may take this long.
+pub const TCP_IO: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// What the sockets share: the current zone, the cache, the upstream resolvers.
+#[derive(Debug)]
+pub struct Shared {
+    index: RwLock<Arc<Index>>,
+    cache: Mutex<Cache>,
+    upstream: Upstream,
+    metrics: DnsMetrics,
+    forwards: Arc<Semaphore>,
+}
+
+/// The first step of handling a question.
+#[derive(Debug)]
+pub enum Step {
+    /// The bytes to send back (`None`: nothing).
+    Done(Option<Vec<u8>>),
+    /// The answer needs the upstream resolvers: [`Shared::finish`].
+    Upstream(Box<Message>, Plan),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn new(
+        index: Index,
+        cache: CacheLimits,
+        upstream: Upstream,
+        metrics: DnsMetrics,
+        max_forwards: usize,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            index: RwLock::new(Arc::new(index)),
+            cache: Mutex::new(Cache::new(cache)),
+            upstream,
+            metrics,
+            forwards: Arc::new(Semaphore::new(max_forwards.max(1))),
+        })
+    }
+
+    /// Swaps in a new zone; questions in flight finish on the old one.
+    pub fn set_index(&self, ix: Index) {
+        let ix = Arc::new(ix);
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = ix;
+    }
+
+    pub fn index(&self) -> Arc<Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn metrics(&self) -> &DnsMetrics {
+        &self.metrics
+    }
+
+    fn count(
+        &self,
+        req: Option<&Message>,
+        msg_rcode: hickory_proto::op::ResponseCode,
+        t: Transport,
+    ) {
+        let r#type = req
+            .and_then(|r| r.queries.first())
+            .map_or("other", |q| respond::type_label(q.query_type()));
+        self.metrics
+            .responses
+            .get_or_create(&AnswerLabels {
+                r#type,
+                rcode: respond::rcode_label(msg_rcode),
+                proto: t.label(),
+            })
+            .inc();
+    }
+
+    fn limit(req: &Message, t: Transport) -> usize {
+        match t {
+            Transport::Udp => respond::udp_limit(req),
+            Transport::Tcp => usize::from(u16::MAX),
+        }
+    }
+
+    /// Answers from the zone, or says the upstream resolvers are needed.
+    pub fn handle_local(&self, buf: &[u8], t: Transport) -> Step {
+        match respond::parse(buf) {
+            Parsed::Drop => {
+                self.metrics.dropped.inc();
+                Step::Done(None)
+            }
+            Parsed::Error(bytes, rcode) => {
+                self.count(None, rcode, t);
+                Step::Done(Some(bytes))
+            }
+            Parsed::Query(req) => {
+                let ix = self.index();
+                match respond::plan(&ix, &req) {
+                    Plan::Reply(m) => {
+                        self.count(Some(&req), m.metadata.response_code, t);
+                        Step::Done(Some(respond::encode(&m, Self::limit(&req, t))))
+                    }
+                    plan => Step::Upstream(req, plan),
+                }
+            }
+        }
+    }
+
+    /// Completes an answer that needs the upstream resolvers.
+    pub async fn finish(&self, req: Box<Message>, plan: Plan, t: Transport) -> Vec<u8> {
+        let msg = match plan {
+            Plan::Reply(m) => m,
+            Plan::Forward => match self.resolve(&req.queries[0]).await {
+                Some(c) => respond::from_upstream(&req, &c),
+                None => respond::servfail(&req),
+            },
+            Plan::Chase { partial, target } => {
+                let mut q = Query::query(target, req.queries[0].query_type());
+                q.set_query_class(req.queries[0].query_class());
+                let up = self.resolve(&q).await;
+                respond::chase_done(partial, up.as_ref())
+            }
+        };
+        self.count(Some(&req), msg.metadata.response_code, t);
+        respond::encode(&msg, Self::limit(&req, t))
+    }
+
+    /// SERVFAIL bytes for a question that may not go upstream now.
+    fn refuse_forward(&self, req: &Message, t: Transport) -> Vec<u8> {
+        self.metrics.forwards_refused.inc();
+        let m = respond::servfail(req);
+        self.count(Some(req), m.metadata.response_code, t);
+        respond::encode(&m, Self::limit(req, t))
+    }
+
+    /// The answer to `q` from the cache or the upstream resolvers (`None`: none answered).
+    pub async fn resolve(&self, q: &Query) -> Option<Cached> {
+        let key = respond::cache_key(q);
+        if let Some(c) = lock(&self.cache).get(&key, Instant::now()) {
+            self.metrics.cache_hits.inc();
+            return Some(c);
+        }
+        self.metrics.cache_misses.inc();
+        let started = Instant::now();
+        match self
+            .upstream
+            .query(q.name(), q.query_type(), q.query_class())
+            .await
+        {
+            Ok(m) => {
+                self.metrics
+                    .upstream_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let mut cache = lock(&self.cache);
+                cache.insert(key, &m, Instant::now());
+                self.metrics.cache_entries.set(cache.len() as i64);
+                let keep = |rs: &[hickory_proto::rr::Record]| {
+                    rs.iter()
+                        .filter(|r| r.record_type() != hickory_proto::rr::RecordType::OPT)
+                        .cloned()
+                        .collect()
+                };
+                Some(Cached {
+                    rcode: m.metadata.response_code,
+                    answers: keep(&m.answers),
+                    authorities: keep(&m.authorities),
+                    additionals: keep(&m.additionals),
+                })
+            }
+            Err(e) => {
+                self.metrics.upstream_errors.inc();
+                tracing::debug!(error = %e, name = %q.name(), "cluster DNS: no upstream answer");
+                None
+            }
+        }
+    }
+}
+
+/// Serves one UDP socket until the task is aborted.
+pub async fn serve_udp(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster DNS: UDP receive failed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        match shared.handle_local(&buf[..n], Transport::Udp) {
+            Step::Done(Some(out)) => {
+                let _ = sock.send_to(&out, peer).await;
+            }
+            Step::Done(None) => {}
+            Step::Upstream(req, plan) => match shared.forwards.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let sock = sock.clone();
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let out = shared.finish(req, plan, Transport::Udp).await;
+                        let _ = sock.send_to(&out, peer).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    let out = shared.refuse_forward(&req, Transport::Udp);
+                    let _ = sock.send_to(&out, peer).await;
+                }
+            },
+        }
+    }
+}
+
+/// Accepts TCP connections until the task is aborted.
+pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster DNS: TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        while conns.try_join_next().is_some() {}
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let shared = shared.clone();
+        conns.spawn(async move {
+            serve_tcp_conn(stream, &shared).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_tcp_conn(mut s: TcpStream, shared: &Shared) {
+    loop {
+        let len = match tokio::time::timeout(TCP_IDLE, s.read_u16()).await {
+            Ok(Ok(l)) => usize::from(l),
+            _ => return,
+        };
+        let mut buf = vec![0u8; len];
+        if !matches!(
+            tokio::time::timeout(TCP_IO, s.read_exact(&mut buf)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let out = match shared.handle_local(&buf, Transport::Tcp) {
+            Step::Done(Some(out)) => out,
+            Step::Done(None) => return,
+            Step::Upstream(req, plan) => match shared.forwards.clone().try_acquire_owned() {
+                Ok(_permit) => shared.finish(req, plan, Transport::Tcp).await,
+                Err(_) => shared.refuse_forward(&req, Transport::Tcp),
+            },
+        };
+        let mut framed = Vec::with_capacity(out.len() + 2);
+        framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
+        framed.extend_from_slice(&out);
+        if !matches!(
+            tokio::time::timeout(TCP_IO, s.write_all(&framed)).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+    }
+}
+
+/// The bound sockets.
+#[derive(Debug)]
+pub struct Listeners {
+    pub udp: Vec<Arc<UdpSocket>>,
+    pub tcp: Vec<TcpListener>,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, Error> {
+    let what = || format!("binding UDP {addr}");
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(io(what()))?;
+    s.set_reuse_port(true).map_err(io(what()))?;
+    // Room for bursts while a task is busy (capped by net.core.rmem_max).
+    let _ = s.set_recv_buffer_size(4 << 20);
+    s.set_nonblocking(true).map_err(io(what()))?;
+    s.bind(&addr.into()).map_err(io(what()))?;
+    Ok(s.into())
+}
+
+fn tcp_listener(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
+    let what = || format!("binding TCP {addr}");
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(io(what()))?;
+    s.set_reuse_address(true).map_err(io(what()))?;
+    s.set_nonblocking(true).map_err(io(what()))?;
+    s.bind(&addr.into()).map_err(io(what()))?;
+    s.listen(1024).map_err(io(what()))?;
+    Ok(s.into())
+}
+
+/// Binds UDP (`per_addr` sockets each) and TCP on every address. Port 0 picks one free port
+/// per address, the same for UDP and TCP.
+pub fn bind(addrs: &[SocketAddr], per_addr: usize) -> Result<Listeners, Error> {
+    let mut l = Listeners {
+        udp: Vec::new(),
+        tcp: Vec::new(),
+    };
+    for &addr in addrs {
+        let first = udp_socket(addr)?;
+        let bound = first
+            .local_addr()
+            .map_err(io(format!("binding UDP {addr}")))?;
+        let mut socks = vec![first];
+        for _ in 1..per_addr.max(1) {
+            socks.push(udp_socket(bound)?);
+        }
+        for s in socks {
+            l.udp.push(Arc::new(
+                UdpSocket::from_std(s).map_err(io(format!("binding UDP {addr}")))?,
+            ));
+        }
+        let t = tcp_listener(bound)?;
+        l.tcp
+            .push(TcpListener::from_std(t).map_err(io(format!("binding TCP {addr}")))?);
+    }
+    Ok(l)
+}
