@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use serde_json::{json, Value};
+use subnet_env::dns::ClusterDnsEnv;
 use subnet_env::{SubnetEnv, SubnetEnvError};
 
 use crate::attachment::{pod_from_cni_args, Attachment};
@@ -131,6 +132,55 @@ fn subnet_env(path: &Path) -> Result<SubnetEnv, CniError> {
     }
 }
 
+/// The node's cluster DNS settings (`cluster-dns.env` beside the subnet file, written by
+/// `flanneld --cluster-dns`); `None` when the node serves none.
+fn cluster_dns(subnet_file: &Path) -> Result<Option<ClusterDnsEnv>, CniError> {
+    let path = subnet_env::dns::path_beside(subnet_file);
+    ClusterDnsEnv::read(&path).map_err(|e| {
+        CniError::new(
+            code::IO,
+            format!("cluster DNS file {}: cannot use it", path.display()),
+        )
+        .with_details(e.to_string())
+    })
+}
+
+/// Sets the result's `dns` to the cluster DNS (nameservers, the search path of the pod's
+/// namespace, options) unless the delegate already returned nameservers (a `dns` in the
+/// network config wins).
+fn add_cluster_dns(result: &mut Value, dns: &ClusterDnsEnv, namespace: Option<&str>) {
+    let has_nameservers = result
+        .get("dns")
+        .and_then(|d| d.get("nameservers"))
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty());
+    if has_nameservers {
+        return;
+    }
+    let ns = namespace.unwrap_or("default");
+    // A namespace is a DNS label; anything else stays out of the search path.
+    let label = !ns.is_empty()
+        && ns.len() <= 63
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let search: Vec<String> = if label {
+        dns.search(ns)
+    } else {
+        dns.search(ns).into_iter().skip(1).collect()
+    };
+    if let Some(o) = result.as_object_mut() {
+        o.insert(
+            "dns".into(),
+            json!({
+                "nameservers": dns.nameservers.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                "search": search,
+                "options": dns.options,
+            }),
+        );
+    }
+}
+
 /// The versions a plugin speaks (its VERSION answer).
 fn delegate_versions(exec: &dyn Exec, plugin: &str) -> Result<Vec<String>, CniError> {
     let call = Call {
@@ -179,6 +229,7 @@ fn add(env: &Env, conf: &NetConf, cx: &Context) -> Result<Value, CniError> {
     let args = env.args.clone().unwrap_or_default();
     // Everything that can be refused is checked before anything is written.
     let senv = subnet_env(&conf.subnet_file)?;
+    let dns = cluster_dns(&conf.subnet_file)?;
     let plugin = delegate::plugin_type(&conf.delegate).to_string();
     let dver = delegate_version(cx.exec, conf, &plugin)?;
     let dconf = Value::Object(delegate::build(conf, &senv, &dver));
@@ -214,7 +265,11 @@ fn add(env: &Env, conf: &NetConf, cx: &Context) -> Result<Value, CniError> {
         .map_err(undo)?;
     // The addresses, read from the result in the current format (a 0.2.0 one has `ip4`).
     let current = version::convert_result(result.clone(), version::LATEST).map_err(undo)?;
-    let result = version::convert_result(result, &conf.cni_version).map_err(undo)?;
+    let mut result = version::convert_result(result, &conf.cni_version).map_err(undo)?;
+    let (pod_namespace, pod_name) = pod_from_cni_args(&args);
+    if let Some(dns) = &dns {
+        add_cluster_dns(&mut result, dns, pod_namespace.as_deref());
+    }
     let ips = current
         .get("ips")
         .and_then(Value::as_array)
@@ -224,7 +279,6 @@ fn add(env: &Env, conf: &NetConf, cx: &Context) -> Result<Value, CniError> {
                 .collect()
         })
         .unwrap_or_default();
-    let (pod_namespace, pod_name) = pod_from_cni_args(&args);
     store
         .save_attachment(&Attachment {
             container_id: id.into(),
@@ -576,6 +630,62 @@ mod tests {
         assert_eq!(
             (r["cniVersion"].as_str(), r["ips"][0]["version"].as_str()),
             (Some("0.3.1"), Some("4"))
+        );
+    }
+
+    #[test]
+    fn add_puts_the_cluster_dns_in_the_result() {
+        let n = node(true);
+        let d = FakeDelegate::default();
+        // No cluster-dns.env: no dns in the result.
+        let r = dispatch(&env("ADD", "c1"), &conf(&n, "1.0.0", json!({})), &cx(&d))
+            .unwrap()
+            .unwrap();
+        assert!(r.get("dns").is_none(), "{r}");
+        let dns = subnet_env::dns::path_beside(&n.subnet_file);
+        std::fs::write(
+            &dns,
+            "FLANNEL_DNS_NAMESERVERS=169.254.20.10\nFLANNEL_DNS_DOMAIN=cluster.local\nFLANNEL_DNS_OPTIONS=ndots:5\n",
+        )
+        .unwrap();
+        let r = dispatch(&env("ADD", "c2"), &conf(&n, "1.0.0", json!({})), &cx(&d))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            r["dns"],
+            json!({"nameservers": ["169.254.20.10"],
+                   "search": ["x.svc.cluster.local", "svc.cluster.local", "cluster.local"],
+                   "options": ["ndots:5"]})
+        );
+        // An old result format carries it too.
+        let r = dispatch(&env("ADD", "c3"), &conf(&n, "0.2.0", json!({})), &cx(&d))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r["dns"]["nameservers"][0], "169.254.20.10");
+        // A broken file refuses the ADD before the delegate runs, naming the file.
+        std::fs::write(&dns, "FLANNEL_DNS_NAMESERVERS=bogus\n").unwrap();
+        let before = d.calls.borrow().len();
+        let e = dispatch(&env("ADD", "c4"), &conf(&n, "1.0.0", json!({})), &cx(&d)).unwrap_err();
+        assert!(e.to_string().contains("cluster-dns.env"), "{e}");
+        assert_eq!(d.calls.borrow().len(), before);
+    }
+
+    #[test]
+    fn a_dns_the_delegate_returns_wins() {
+        let mut r = json!({"dns": {"nameservers": ["10.96.0.10"]}});
+        let dns = ClusterDnsEnv {
+            nameservers: vec!["169.254.20.10".parse().unwrap()],
+            domain: "cluster.local".into(),
+            options: vec![],
+        };
+        add_cluster_dns(&mut r, &dns, Some("x"));
+        assert_eq!(r["dns"]["nameservers"][0], "10.96.0.10");
+        // A namespace that is not a DNS label stays out of the search path.
+        let mut r = json!({});
+        add_cluster_dns(&mut r, &dns, Some("Bad;ns"));
+        assert_eq!(
+            r["dns"]["search"],
+            json!(["svc.cluster.local", "cluster.local"])
         );
     }
 

@@ -11,6 +11,7 @@
 //! Written atomically ([`file::write_atomic`], mode 0644 as flannel's) and read with a size
 //! limit ([`file::read_limited`], [`MAX_SIZE`]).
 
+pub mod dns;
 pub mod file;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
