@@ -219,8 +219,60 @@ fn up(a: &UpArgs) -> Result<()> {
         .with_context(|| format!("creating {}", c.cache_dir.display()))?;
     std::fs::write(cache_file(c), cached.to_string())
         .with_context(|| format!("writing {}", cache_file(c).display()))?;
+    // The pod's resolv.conf, as a runtime writes it from the result's `dns`: where `ip netns
+    // exec NAME` bind-mounts /etc/resolv.conf from.
+    if let Some(text) = resolv_conf(&result)? {
+        let dir = Path::new(ETC_NETNS).join(&c.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("resolv.conf");
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     println!("{result}");
     Ok(())
+}
+
+/// Where `ip netns exec` finds a namespace's own /etc files.
+const ETC_NETNS: &str = "/etc/netns";
+
+/// A resolv.conf from a CNI result's `dns` (`None` without nameservers). Every value is
+/// checked: a plugin's answer must not be able to write lines of its choosing.
+fn resolv_conf(result: &Value) -> Result<Option<String>> {
+    let dns = &result["dns"];
+    let list = |k: &str| -> Vec<&str> {
+        dns[k]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default()
+    };
+    let nameservers = list("nameservers");
+    if nameservers.is_empty() {
+        return Ok(None);
+    }
+    let word = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes().all(|b| b.is_ascii_graphic() && b != b'#' && b != b';')
+    };
+    let mut text = String::new();
+    for n in nameservers {
+        let ip: std::net::IpAddr = n
+            .parse()
+            .with_context(|| format!("CNI result dns.nameservers: {n:?} is not an address"))?;
+        text += &format!("nameserver {ip}\n");
+    }
+    let mut search = list("search");
+    if search.is_empty() {
+        search = dns["domain"].as_str().into_iter().collect();
+    }
+    for (k, v) in [("search", search), ("options", list("options"))] {
+        if let Some(bad) = v.iter().find(|s| !word(s)) {
+            bail!("CNI result dns.{k}: {bad:?} is not a single word");
+        }
+        if !v.is_empty() {
+            text += &format!("{k} {}\n", v.join(" "));
+        }
+    }
+    Ok(Some(text))
 }
 
 fn down(c: &Common) -> Result<()> {
@@ -264,6 +316,10 @@ fn down(c: &Common) -> Result<()> {
         Ok(())
     };
     let _ = std::fs::remove_file(cache_file(c));
+    // The resolv.conf `up` wrote, and its directory once empty.
+    let etc = Path::new(ETC_NETNS).join(&c.name);
+    let _ = std::fs::remove_file(etc.join("resolv.conf"));
+    let _ = std::fs::remove_dir(&etc);
     del.with_context(|| format!("detaching {}", c.name))?;
     ns
 }
@@ -381,6 +437,32 @@ fn gc(a: &GcArgs) -> Result<()> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolv_conf_from_the_result() {
+        let r = json!({"dns": {"nameservers": ["169.254.20.10"],
+            "search": ["x.svc.cluster.local", "svc.cluster.local", "cluster.local"],
+            "options": ["ndots:5"]}});
+        assert_eq!(
+            resolv_conf(&r).unwrap().unwrap(),
+            "nameserver 169.254.20.10\nsearch x.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+        );
+        assert_eq!(resolv_conf(&json!({"dns": {}})).unwrap(), None);
+        assert_eq!(resolv_conf(&json!({})).unwrap(), None);
+        assert_eq!(
+            resolv_conf(&json!({"dns": {"nameservers": ["10.0.0.1"], "domain": "example"}}))
+                .unwrap()
+                .unwrap(),
+            "nameserver 10.0.0.1\nsearch example\n"
+        );
+        for bad in [
+            json!({"dns": {"nameservers": ["10.0.0.1\nnameserver 6.6.6.6"]}}),
+            json!({"dns": {"nameservers": ["10.0.0.1"], "search": ["a\nnameserver 6.6.6.6"]}}),
+            json!({"dns": {"nameservers": ["10.0.0.1"], "options": ["nd ots:5"]}}),
+        ] {
+            assert!(resolv_conf(&bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn port_mappings() {
