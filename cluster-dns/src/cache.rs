@@ -225,6 +225,7 @@ impl Cache {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use hickory_proto::op::{MessageType, OpCode};

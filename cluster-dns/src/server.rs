@@ -58,7 +58,7 @@ pub enum Step {
     /// The bytes to send back (`None`: nothing).
     Done(Option<Vec<u8>>),
     /// The answer needs the upstream resolvers: [`Shared::finish`].
-    Upstream(Box<Message>, Plan),
+    Upstream(Box<Message>, Box<Plan>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -140,15 +140,15 @@ impl Shared {
                         self.count(Some(&req), m.metadata.response_code, t);
                         Step::Done(Some(respond::encode(&m, Self::limit(&req, t))))
                     }
-                    plan => Step::Upstream(req, plan),
+                    plan => Step::Upstream(req, Box::new(plan)),
                 }
             }
         }
     }
 
     /// Completes an answer that needs the upstream resolvers.
-    pub async fn finish(&self, req: Box<Message>, plan: Plan, t: Transport) -> Vec<u8> {
-        let msg = match plan {
+    pub async fn finish(&self, req: Box<Message>, plan: Box<Plan>, t: Transport) -> Vec<u8> {
+        let msg = match *plan {
             Plan::Reply(m) => m,
             Plan::Forward => match self.resolve(&req.queries[0]).await {
                 Some(c) => respond::from_upstream(&req, &c),

@@ -181,6 +181,7 @@ fn matching(buf: &[u8], id: u16, q: &Query) -> Option<Message> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

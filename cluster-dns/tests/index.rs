@@ -1,4 +1,5 @@
 //! The record index against the Kubernetes DNS specification's examples (pure).
+#![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, Ipv4Addr};
 

@@ -128,6 +128,57 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_NETWORK_POLICY")]
     pub network_policy: bool,
 
+    /// Serve cluster DNS on this node (Services and pods by name from the etcd registry, the
+    /// Kubernetes DNS specification; other names forwarded to the node's resolvers and
+    /// cached), on `--cluster-dns-addr`, and hand it to pods (the CNI result's `dns`).
+    #[arg(long, env = "FLANNELD_CLUSTER_DNS")]
+    pub cluster_dns: bool,
+
+    /// Addresses the cluster DNS listens on (UDP and TCP port `--cluster-dns-port`), comma
+    /// separated; each is added to `lo` as a /32 when the node does not have it yet
+    /// (NodeLocal DNSCache's link-local address by default).
+    #[arg(
+        long,
+        env = "FLANNELD_CLUSTER_DNS_ADDR",
+        value_delimiter = ',',
+        default_value = "169.254.20.10"
+    )]
+    pub cluster_dns_addr: Vec<std::net::IpAddr>,
+
+    /// Port of the cluster DNS.
+    #[arg(long, env = "FLANNELD_CLUSTER_DNS_PORT", default_value_t = 53)]
+    pub cluster_dns_port: u16,
+
+    /// The cluster domain (kubelet's --cluster-domain).
+    #[arg(long, env = "FLANNELD_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Upstream resolvers for names outside the cluster domain (IP or IP:PORT, comma
+    /// separated). Default: the nameservers of `--cluster-dns-resolv-conf`.
+    #[arg(long, env = "FLANNELD_CLUSTER_DNS_UPSTREAM", value_delimiter = ',')]
+    pub cluster_dns_upstream: Vec<String>,
+
+    /// The resolv.conf whose nameservers are the upstream resolvers.
+    #[arg(long, env = "FLANNELD_CLUSTER_DNS_RESOLV_CONF", default_value = "/etc/resolv.conf",
+          value_parser = clap::builder::OsStringValueParser::new().map(PathBuf::from))]
+    pub cluster_dns_resolv_conf: PathBuf,
+
+    /// Pod records `a-b-c-d.<ns>.pod.<domain>`: `insecure` (any address, as kube-dns),
+    /// `verified` (only pods that exist in that namespace) or `disabled` (CoreDNS's `pods`).
+    #[arg(long, env = "FLANNELD_CLUSTER_DNS_PODS", default_value = "insecure",
+          value_parser = ["insecure", "verified", "disabled"])]
+    pub cluster_dns_pods: String,
+
+    /// TTL in seconds of the cluster records and of negative answers (CoreDNS's default 5).
+    #[arg(long, env = "FLANNELD_CLUSTER_DNS_TTL", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(0..=3600))]
+    pub cluster_dns_ttl: u32,
+
+    /// Memory for cached upstream answers, in MiB.
+    #[arg(long, env = "FLANNELD_CLUSTER_DNS_CACHE_MB", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub cluster_dns_cache_mb: u32,
+
     /// The operator changed the Network (or subnet settings) deliberately: at start, delete
     /// this node's lease that no longer fits the config and take a subnet in the new one.
     /// Without it such a lease is kept and flanneld waits (not ready) for the config to be

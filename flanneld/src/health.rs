@@ -54,6 +54,8 @@ pub struct Status {
     pub proxy: service_proxy::metrics::ProxyMetrics,
     /// The network policy module's metrics (`flannel_policy_*`).
     pub policy: policy::metrics::PolicyMetrics,
+    /// The cluster DNS's metrics (`flannel_dns_*`).
+    pub dns: cluster_dns::metrics::DnsMetrics,
     /// The backend's data-plane counters, labelled by name.
     backend: Family<Vec<(String, String)>, Counter>,
     lease_expiry: Gauge,
@@ -86,6 +88,7 @@ impl Status {
             health_accept_errors: Counter::default(),
             proxy: service_proxy::metrics::ProxyMetrics::default(),
             policy: policy::metrics::PolicyMetrics::default(),
+            dns: cluster_dns::metrics::DnsMetrics::default(),
             backend: Family::default(),
             lease_expiry: Gauge::default(),
             etcd_errors: Counter::default(),
@@ -96,6 +99,7 @@ impl Status {
         let r = &mut s.registry;
         s.proxy.register(r);
         s.policy.register(r);
+        s.dns.register(r);
         r.register("peers", "Peer leases currently known", s.peers.clone());
         r.register(
             "health_connections_refused",

@@ -47,6 +47,7 @@ pub(super) async fn cleanup(flags: &Flags) -> Result<()> {
         Ok(None) => {}
         Err(e) => errors.push(format!("looking up {name}: {e}")),
     }
+    super::dns::cleanup(flags, &nl, &mut errors).await;
     if errors.is_empty() {
         tracing::info!("cleanup done (the lease stays in etcd)");
         Ok(())

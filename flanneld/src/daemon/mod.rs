@@ -1,12 +1,14 @@
 //! The daemon, as named stages: [`interface`] (choose the external interface), [`connect`]
 //! (etcd, the health listener), [`acquire`] (config, backends, lease; waits while none can be
-//! had), [`program`] (host rules, the backend's lease, the subnet file, READY=1), [`serve`]
+//! had), [`program`] (host rules, the backend's lease, the subnet file, READY=1), [`dns`]
+//! (the cluster DNS with `--cluster-dns`), [`serve`]
 //! (config watch, pod publishing, service proxy, network policy), [`follow`] (peer events,
 //! repair, live backend switches) until SIGTERM/SIGINT. `--cleanup` is [`cleanup`].
 
 mod acquire;
 mod cleanup;
 mod connect;
+mod dns;
 mod follow;
 mod interface;
 mod program;
@@ -110,8 +112,16 @@ pub async fn run(flags: Flags) -> Result<()> {
         ..ManagerOptions::default()
     };
     let previous = acquire::previous_subnet(&flags.subnet_file);
-    let Some(mut leased) =
-        acquire::lease(&mut shutdown, &reg, &ext, netlink, opts, previous, &status).await?
+    let Some(mut leased) = acquire::lease(
+        &mut shutdown,
+        &reg,
+        &ext,
+        netlink.clone(),
+        opts,
+        previous,
+        &status,
+    )
+    .await?
     else {
         return Ok(());
     };
@@ -121,7 +131,17 @@ pub async fn run(flags: Flags) -> Result<()> {
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
     let rules = program::program(&flags, &mut leased, &status).await?;
-    let services = serve::serve(&flags, &ext, leased.network, &leased.lease, &reg, &status).await;
+    let dns = dns::start(&flags, reg.connection(), netlink.as_ref(), &status).await?;
+    let services = serve::serve(
+        &flags,
+        &ext,
+        leased.network,
+        &leased.lease,
+        &reg,
+        &status,
+        dns,
+    )
+    .await;
     follow::follow(
         &flags,
         &ext,

@@ -27,6 +27,7 @@ pub(super) struct Services {
     pods: Option<JoinHandle<()>>,
     proxy: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     policy: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    dns: Option<super::dns::Running>,
 }
 
 /// Runs the stage.
@@ -37,6 +38,7 @@ pub(super) async fn serve(
     lease: &Lease,
     reg: &EtcdLeaseStore,
     status: &Arc<Status>,
+    dns: Option<super::dns::Running>,
 ) -> Services {
     let (config_tx, config_changes) = mpsc::channel::<String>(8);
     let config_watch = tokio::spawn(watch_config(reg.clone(), config_tx));
@@ -118,6 +120,7 @@ pub(super) async fn serve(
         pods,
         proxy,
         policy,
+        dns,
     }
 }
 
@@ -129,7 +132,7 @@ impl Services {
         if let Some(t) = self.pods {
             t.abort();
         }
-        for (stop, task) in [self.proxy, self.policy].into_iter().flatten() {
+        for (stop, task) in [self.proxy, self.policy, self.dns].into_iter().flatten() {
             let _ = stop.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
