@@ -1,7 +1,7 @@
 //! The daemon, as named stages: [`interface`] (choose the external interface), [`connect`]
 //! (etcd, the health listener), [`acquire`] (config, backends, lease; waits while none can be
-//! had), [`program`] (host rules, the backend's lease, the subnet file, READY=1), [`dns`]
-//! (the cluster DNS with `--cluster-dns`), [`serve`]
+//! had), [`dns`] (the cluster DNS with `--cluster-dns`, before the subnet file), [`program`]
+//! (host rules, the backend's lease, the subnet file, READY=1), [`serve`]
 //! (config watch, pod publishing, service proxy, network policy), [`follow`] (peer events,
 //! repair, live backend switches) until SIGTERM/SIGINT. `--cleanup` is [`cleanup`].
 
@@ -130,8 +130,10 @@ pub async fn run(flags: Flags) -> Result<()> {
         .lease_held
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
-    let rules = program::program(&flags, &mut leased, &status).await?;
+    // Before the subnet file: the CNI plugin reads cluster-dns.env once the subnet file
+    // exists, so no pod attached from then on misses the DNS settings.
     let dns = dns::start(&flags, reg.connection(), netlink.as_ref(), &status).await?;
+    let rules = program::program(&flags, &mut leased, &status).await?;
     let services = serve::serve(
         &flags,
         &ext,
