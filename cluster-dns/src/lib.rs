@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod index;
 pub mod metrics;
+pub mod notrack;
 pub mod objects;
 pub mod respond;
 pub mod run;

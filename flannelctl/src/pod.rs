@@ -251,7 +251,8 @@ fn resolv_conf(result: &Value) -> Result<Option<String>> {
     let word = |s: &str| {
         !s.is_empty()
             && s.len() <= 253
-            && s.bytes().all(|b| b.is_ascii_graphic() && b != b'#' && b != b';')
+            && s.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'#' && b != b';')
     };
     let mut text = String::new();
     for n in nameservers {

@@ -1,5 +1,7 @@
 //! Stage "cluster DNS" (`--cluster-dns`): the addresses on `lo`, the server bound on them, the
-//! settings file pods get their resolv.conf from (`cluster-dns.env` beside the subnet file).
+//! `ip flannel-dns` notrack table ([`cluster_dns::notrack`]: a listen address may be the DNS
+//! Service's ClusterIP), the settings file pods get their resolv.conf from (`cluster-dns.env`
+//! beside the subnet file).
 //! The addresses and the file stay across restarts (pods keep asking the same address; the
 //! new process answers there); `--cleanup` removes both, and a start without `--cluster-dns`
 //! removes the file so new pods are not pointed at a server that is not there.
@@ -12,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use backends::netlink::Netlink;
 use cluster_dns::cache::CacheLimits;
 use cluster_dns::index::{IndexConfig, PodMode};
+use cluster_dns::notrack;
 use cluster_dns::run::{DnsOptions, DnsServer};
 use cluster_dns::upstream::Upstream;
 use etcd_access::Connection;
@@ -22,6 +25,8 @@ use tokio::task::JoinHandle;
 
 use crate::flags::Flags;
 use crate::health::Status;
+use crate::nft::Nft;
+use ::nft::TableKeeper;
 
 /// How long one upstream resolver may take to answer.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -120,11 +125,23 @@ pub(super) async fn start(
     let path = settings_path(flags);
     if !flags.cluster_dns {
         ClusterDnsEnv::remove(&path)?;
+        if let Err(e) = Nft::default().apply(&notrack::cleanup()).await {
+            tracing::debug!("no cluster DNS table to remove: {e:#}");
+        }
         return Ok(None);
     }
     let opts = options(flags)?;
     ensure_addresses(nl, &flags.cluster_dns_addr).await?;
     let server = DnsServer::bind(opts, status.dns.clone())?;
+    let mut keeper = TableKeeper::new(Nft::default(), notrack::TABLE);
+    keeper.set(Some(notrack::render(
+        &flags.cluster_dns_addr,
+        flags.cluster_dns_port,
+    )));
+    keeper
+        .ensure()
+        .await
+        .context("installing the cluster DNS notrack table (ip flannel-dns)")?;
     ClusterDnsEnv {
         nameservers: flags.cluster_dns_addr.clone(),
         domain: cluster_dns::index::normalize(&flags.cluster_domain),
@@ -138,7 +155,23 @@ pub(super) async fn start(
         path.display()
     );
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(server.run(conn.clone(), stop_rx));
+    let conn = conn.clone();
+    // The table is checked (and re-installed when removed or changed) as the host rules are.
+    let every = Duration::from_secs(flags.iptables_resync.max(1));
+    let task = tokio::spawn(async move {
+        let repair = async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = keeper.ensure().await {
+                    tracing::warn!("cluster DNS: checking table ip {}: {e:#}", notrack::TABLE);
+                }
+            }
+        };
+        tokio::select! {
+            _ = server.run(conn, stop_rx) => {}
+            _ = repair => {}
+        }
+    });
     Ok(Some((stop, task)))
 }
 
@@ -146,6 +179,9 @@ pub(super) async fn start(
 pub(super) async fn cleanup(flags: &Flags, nl: &dyn Netlink, errors: &mut Vec<String>) {
     if let Err(e) = ClusterDnsEnv::remove(&settings_path(flags)) {
         errors.push(format!("removing the cluster DNS file: {e}"));
+    }
+    if let Err(e) = Nft::default().apply(&notrack::cleanup()).await {
+        errors.push(format!("removing the cluster DNS table: {e:#}"));
     }
     if !flags.cluster_dns {
         return;
