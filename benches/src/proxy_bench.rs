@@ -118,6 +118,8 @@ fn add_service(snap: &mut Snapshot, i: usize, server: Ipv4Addr) {
                     }],
                 }],
                 node_name: None,
+                hostname: None,
+                subdomain: None,
             },
         };
         snap.pods.insert(("default".into(), name.clone()), pod);

@@ -606,9 +606,17 @@ fn headless_endpoints(objects: &Objects, svc: &Service) -> Vec<HeadlessEndpoint>
                         Some((name.to_string(), p.protocol, port))
                     })
                     .collect::<Vec<_>>();
+                // The endpoints controller's rule: the pod's hostname when its subdomain names
+                // this Service, else (here) its address with dashes.
+                let named = pod
+                    .spec
+                    .hostname
+                    .as_deref()
+                    .filter(|h| !h.is_empty())
+                    .filter(|_| pod.spec.subdomain.as_deref() == Some(svc.metadata.name.as_str()));
                 for ip in ips {
                     out.push(HeadlessEndpoint {
-                        hostname: dashed(*ip),
+                        hostname: named.map_or_else(|| dashed(*ip), str::to_string),
                         ip: *ip,
                         ports: ports.clone(),
                     });

@@ -120,6 +120,25 @@ metadata: {name: db-1, namespace: shop, labels: {app: db}}
 spec: {containers: [{name: c}]}
 ---
 apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, labels: {app: db}}
+spec: {hostname: db-0, subdomain: db, containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-x, namespace: shop, labels: {app: db}}
+spec: {hostname: other, subdomain: elsewhere, containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports:
+  - {name: sql, port: 5432}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: shop}
 spec:
@@ -148,6 +167,8 @@ fn objects() -> Objects {
     };
     o.insert_record("shop", "web-1", rec([10, 244, 1, 5]));
     o.insert_record("shop", "db-1", rec([10, 244, 1, 6]));
+    o.insert_record("shop", "db-0", rec([10, 244, 2, 7]));
+    o.insert_record("shop", "db-x", rec([10, 244, 2, 8]));
     o
 }
 
@@ -379,6 +400,33 @@ fn headless_with_selector_uses_attached_pods_and_named_target_ports() {
             port: 8080,
             target: "10-244-1-5.web.shop.svc.cluster.local".into()
         }]
+    );
+}
+
+#[test]
+fn pods_with_hostname_and_subdomain_get_stable_names() {
+    let ix = index(PodMode::Insecure);
+    // db-0 names this Service as its subdomain: its hostname; db-x does not: its address.
+    assert_eq!(
+        data(&ix.lookup("db-0.db.shop.svc.cluster.local", QType::A)),
+        vec![a("10.244.2.7")]
+    );
+    assert_eq!(
+        data(&ix.lookup("10-244-2-8.db.shop.svc.cluster.local", QType::A)),
+        vec![a("10.244.2.8")]
+    );
+    assert_eq!(
+        ix.lookup("other.db.shop.svc.cluster.local", QType::A),
+        Lookup::NxDomain
+    );
+    // db-1 carries app=db too (no hostname): all three are endpoints.
+    assert_eq!(
+        data(&ix.lookup("db.shop.svc.cluster.local", QType::A)).len(),
+        3
+    );
+    assert_eq!(
+        data(&ix.lookup("7.2.244.10.in-addr.arpa", QType::Ptr)),
+        vec![Rdata::Ptr("db-0.db.shop.svc.cluster.local".into())]
     );
 }
 

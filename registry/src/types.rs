@@ -124,6 +124,12 @@ pub struct PodSpec {
     /// Informational: where the pod runs comes from its CNI attachment record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+    /// With `subdomain`: the pod's name in a headless Service of that name
+    /// (`<hostname>.<subdomain>.<ns>.svc.<zone>`, as StatefulSet pods get).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subdomain: Option<String>,
 }
 
 /// `v1` Pod: labels and named container ports. Its address and node are not part of the

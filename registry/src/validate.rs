@@ -327,6 +327,16 @@ fn pod(v: &mut Errors, p: &Pod) {
             v.add("spec.nodeName", format!("{node:?} {DNS1123_SUBDOMAIN_MSG}"));
         }
     }
+    for (field, value) in [
+        ("spec.hostname", &p.spec.hostname),
+        ("spec.subdomain", &p.spec.subdomain),
+    ] {
+        if let Some(h) = value.as_deref().filter(|h| !h.is_empty()) {
+            if !is_dns1123_label(h) {
+                v.add(field, format!("{h:?} {DNS1123_LABEL_MSG}"));
+            }
+        }
+    }
     let mut names = HashSet::new();
     let mut port_names = HashSet::new();
     for (i, c) in p.spec.containers.iter().enumerate() {
@@ -1408,6 +1418,20 @@ mod tests {
 
     fn pod_fields(path: &str, value: Value) -> Vec<String> {
         fields(&pod_obj(with(base_pod(), path, value)))
+    }
+
+    #[test]
+    fn pod_hostname_and_subdomain_are_labels() {
+        assert!(pod_fields("spec.hostname", json!("web-0")).is_empty());
+        assert!(pod_fields("spec.subdomain", json!("web")).is_empty());
+        assert_eq!(
+            pod_fields("spec.hostname", json!("Web_0")),
+            one("spec.hostname")
+        );
+        assert_eq!(
+            pod_fields("spec.subdomain", json!("a.b")),
+            one("spec.subdomain")
+        );
     }
 
     #[test]

@@ -432,6 +432,8 @@ mod tests {
                     }],
                 }],
                 node_name: None,
+                hostname: None,
+                subdomain: None,
             },
         }
     }
