@@ -241,6 +241,20 @@ impl Cni {
         Cni { path }
     }
 
+    /// CNI_PATH: the flannel plugin and the reference plugins it delegates to.
+    pub fn path(&self) -> &std::path::Path {
+        self.path.path()
+    }
+
+    /// The plugin chain `add` runs for node i (a `.conflist`'s text).
+    pub fn conflist(d: &Daemons, i: usize) -> String {
+        serde_json::json!({"cniVersion": "1.0.0", "name": "cbr0", "plugins": [{
+            "type": "flannel", "subnetFile": d.env_file(i), "dataDir": d.cni_dir(i),
+            "ipam": {"dataDir": d.dir.path().join(format!("ipam{i}"))},
+            "delegate": {"hairpinMode": true, "isDefaultGateway": true}}]})
+        .to_string()
+    }
+
     /// Creates a pod namespace behind node i and runs ADD for pod `namespace/name`; returns
     /// the namespace and the pod's address.
     pub fn add(
@@ -251,19 +265,24 @@ impl Cni {
         namespace: &str,
         name: &str,
     ) -> (String, Ipv4Addr) {
+        let (ns, ip, _) = self.add_result(tb, d, i, namespace, name);
+        (ns, ip)
+    }
+
+    /// [`Cni::add`], also returning the ADD result.
+    pub fn add_result(
+        &self,
+        tb: &mut Testbed,
+        d: &Daemons,
+        i: usize,
+        namespace: &str,
+        name: &str,
+    ) -> (String, Ipv4Addr, serde_json::Value) {
         use cni::chain::ConfList;
         use cni::exec::{Call, PathExec};
-        use serde_json::{json, Map, Value};
+        use serde_json::{Map, Value};
         d.subnet_env(i);
-        let list = ConfList::parse(
-            json!({"cniVersion": "1.0.0", "name": "cbr0", "plugins": [{
-                "type": "flannel", "subnetFile": d.env_file(i), "dataDir": d.cni_dir(i),
-                "ipam": {"dataDir": d.dir.path().join(format!("ipam{i}"))},
-                "delegate": {"hairpinMode": true, "isDefaultGateway": true}}]})
-            .to_string()
-            .as_bytes(),
-        )
-        .unwrap();
+        let list = ConfList::parse(Self::conflist(d, i).as_bytes()).unwrap();
         let ns = tb.add_empty_pod_netns(i).unwrap();
         let call = Call {
             command: "ADD".into(),
@@ -290,6 +309,6 @@ impl Cni {
             .unwrap()
             .parse()
             .unwrap();
-        (ns, ip)
+        (ns, ip, r)
     }
 }
