@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod daemon;
+mod families;
 mod flags;
 mod health;
 mod iface;

@@ -582,3 +582,50 @@ fn unreachable_peers_are_logged_once_per_change_and_rate_limited() {
     );
     assert_eq!(d.terminate(), Some(0));
 }
+
+#[test]
+fn enable_ipv6_without_an_ipv6_data_plane_is_refused_before_anything_is_done() {
+    let Some(etcd) = Etcd::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ep = etcd.endpoint();
+    let prefix = format!("/t{}/network", random_tag(6));
+    etcd.etcdctl(&[
+        "put",
+        &format!("{prefix}/config"),
+        r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"vxlan"}}"#,
+    ])
+    .unwrap();
+    let env = dir.path().join("s.env");
+    let mut d = Daemon::start(
+        &[
+            "--iface",
+            "127.0.0.1",
+            "--etcd-endpoints",
+            &ep,
+            "--etcd-prefix",
+            &prefix,
+            "--subnet-file",
+            env.to_str().unwrap(),
+        ],
+        &dir.path().join("log"),
+    );
+    let status = wait_for(Duration::from_secs(20), || d.child.try_wait().unwrap())
+        .unwrap_or_else(|| panic!("still running: {}", d.log()));
+    assert_eq!(status.code(), Some(1), "{}", d.log());
+    assert!(
+        d.log()
+            .contains("EnableIPv6 is true but backend vxlan carries IPv4 only"),
+        "{}",
+        d.log()
+    );
+    assert!(!env.exists(), "no subnet file");
+    let leases = etcd
+        .etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{prefix}/subnets/"),
+        ])
+        .unwrap();
+    assert!(leases.trim().is_empty(), "no lease: {leases}");
+}

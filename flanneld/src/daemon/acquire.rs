@@ -180,6 +180,9 @@ pub(super) async fn lease(
         let Some(network) = cfg.ipv4_network() else {
             bail!("EnableIPv4 is false: this daemon's etcd leases need an IPv4 Network");
         };
+        if let Err(e) = crate::families::check(&cfg) {
+            bail!("network config refused: {e}");
+        }
         let backend = match started.take() {
             Some((c, b)) if c == cfg => b,
             _ => {

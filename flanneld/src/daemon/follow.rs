@@ -241,6 +241,13 @@ async fn apply_config(
         );
         return None;
     }
+    if let Err(e) = crate::families::check(&parsed) {
+        refuse(
+            "family_unsupported",
+            format!("new network config refused, the running one stays: {e}"),
+        );
+        return None;
+    }
     *refused = None;
     let from = set.primary().backend_type();
     match set.switch(&parsed.backend).await {
