@@ -7,9 +7,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, RawFd};
+
 use hickory_proto::op::{Message, Query};
+use nix::sys::socket::{
+    recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
@@ -216,39 +222,147 @@ impl Shared {
     }
 }
 
-/// Serves one UDP socket until the task is aborted.
+/// Datagrams taken (and answers sent) per system call.
+pub const UDP_BATCH: usize = 32;
+
+/// Receive buffers for `recvmmsg` (nix: no unsafe here). The message headers hold raw
+/// pointers (not `Send`), so they are made per call, never kept across an await.
+struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    /// (length, sender) of each datagram of the last batch.
+    got: Vec<(usize, Option<SockaddrStorage>)>,
+}
+
+impl RecvBatch {
+    fn new(n: usize) -> RecvBatch {
+        RecvBatch {
+            bufs: (0..n).map(|_| vec![0u8; 4096]).collect(),
+            got: Vec::with_capacity(n),
+        }
+    }
+
+    /// Takes what is queued (up to the batch size) without blocking.
+    fn recv(&mut self, fd: RawFd) -> std::io::Result<usize> {
+        self.got.clear();
+        let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
+            .bufs
+            .iter_mut()
+            .map(|b| [IoSliceMut::new(&mut b[..])])
+            .collect();
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(iovs.len(), None);
+        let res = recvmmsg(
+            fd,
+            &mut headers,
+            iovs.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+        for m in res {
+            self.got.push((m.bytes, m.address));
+        }
+        Ok(self.got.len())
+    }
+}
+
+/// Sends as many of `out` as one `sendmmsg` takes; returns how many went.
+fn send_batch(fd: RawFd, out: &[(Vec<u8>, SockaddrStorage)]) -> std::io::Result<usize> {
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(out.len(), None);
+    let iovs: Vec<[IoSlice<'_>; 1]> = out.iter().map(|(b, _)| [IoSlice::new(b)]).collect();
+    let addrs: Vec<Option<SockaddrStorage>> = out.iter().map(|(_, a)| Some(*a)).collect();
+    let cmsgs: [ControlMessage<'_>; 0] = [];
+    let res = sendmmsg(
+        fd,
+        &mut headers,
+        iovs.iter(),
+        addrs,
+        cmsgs,
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(res.count())
+}
+
+fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+/// Sends every answer of a batch, in as few system calls as the socket allows; a datagram the
+/// kernel refuses (e.g. no route back) is skipped.
+async fn send_all(sock: &UdpSocket, out: &[(Vec<u8>, SockaddrStorage)]) {
+    let fd = sock.as_raw_fd();
+    let mut sent = 0;
+    while sent < out.len() {
+        let end = (sent + UDP_BATCH).min(out.len());
+        match sock.try_io(Interest::WRITABLE, || send_batch(fd, &out[sent..end])) {
+            Ok(0) => break,
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if sock.writable().await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster DNS: UDP send failed; skipping one answer");
+                sent += 1;
+            }
+        }
+    }
+}
+
+/// Serves one UDP socket until the task is aborted: a batch of questions per `recvmmsg`,
+/// their answers from the zone in one `sendmmsg`.
 pub async fn serve_udp(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
-    let mut buf = vec![0u8; 4096];
+    let fd = sock.as_raw_fd();
+    let mut batch = RecvBatch::new(UDP_BATCH);
+    let mut out: Vec<(Vec<u8>, SockaddrStorage)> = Vec::with_capacity(UDP_BATCH);
     loop {
-        let (n, peer) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
+        if let Err(e) = sock.readable().await {
+            tracing::debug!(error = %e, "cluster DNS: UDP socket not readable");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        let n = match sock.try_io(Interest::READABLE, || batch.recv(fd)) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 tracing::debug!(error = %e, "cluster DNS: UDP receive failed");
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
         };
-        match shared.handle_local(&buf[..n], Transport::Udp) {
-            Step::Done(Some(out)) => {
-                let _ = sock.send_to(&out, peer).await;
+        out.clear();
+        for i in 0..n {
+            let (len, Some(peer)) = batch.got[i] else {
+                continue;
+            };
+            let buf = &batch.bufs[i][..len.min(batch.bufs[i].len())];
+            match shared.handle_local(buf, Transport::Udp) {
+                Step::Done(Some(answer)) => out.push((answer, peer)),
+                Step::Done(None) => {}
+                Step::Upstream(req, plan) => {
+                    let Some(to) = std_addr(&peer) else {
+                        continue;
+                    };
+                    match shared.forwards.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let sock = sock.clone();
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                let answer = shared.finish(req, plan, Transport::Udp).await;
+                                let _ = sock.send_to(&answer, to).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => out.push((shared.refuse_forward(&req, Transport::Udp), peer)),
+                    }
+                }
             }
-            Step::Done(None) => {}
-            Step::Upstream(req, plan) => match shared.forwards.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let sock = sock.clone();
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        let out = shared.finish(req, plan, Transport::Udp).await;
-                        let _ = sock.send_to(&out, peer).await;
-                        drop(permit);
-                    });
-                }
-                Err(_) => {
-                    let out = shared.refuse_forward(&req, Transport::Udp);
-                    let _ = sock.send_to(&out, peer).await;
-                }
-            },
         }
+        send_all(&sock, &out).await;
     }
 }
 
