@@ -39,6 +39,11 @@ const SECTIONS: &[(&str, &str, &str)] = &[
         "Network policy scale (policy-bench)",
         "1/100/1000 policies applied, a label change taking effect, connect latency and throughput with a policy table.",
     ),
+    (
+        "dns",
+        "Cluster DNS against Unbound and Knot (dns-bench)",
+        "dnsperf query mixes at 100 and 10k Services: QPS, server CPU per query, latency p50/p99, RSS; Unbound and Knot serve the same records.",
+    ),
 ];
 
 /// Headings of an included file one level down (its `#` becomes `###`).

@@ -50,7 +50,7 @@ fn run_all_writes_a_report_with_tables_and_charts() {
     assert_eq!(svg.matches("<rect x=").count(), 3, "{svg}");
     assert_eq!(
         report.matches("Not run: no result file").count(),
-        4,
+        5,
         "{report}"
     );
     assert!(report.contains("lease-bench 10 100 1000"), "{report}");
