@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cache;
+pub mod fast;
 pub mod index;
 pub mod metrics;
 pub mod notrack;

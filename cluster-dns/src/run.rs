@@ -93,15 +93,29 @@ impl DnsServer {
         self.shared.clone()
     }
 
-    fn spawn_sockets(listeners: Listeners, shared: &Arc<Shared>) -> JoinSet<()> {
-        let mut tasks = JoinSet::new();
-        for s in listeners.udp {
-            tasks.spawn(server::serve_udp(s, shared.clone()));
+    fn spawn_sockets(listeners: Listeners, shared: &Arc<Shared>) -> Sockets {
+        let (stop, stop_rx) = watch::channel(false);
+        let mut threads = Vec::new();
+        for (i, s) in listeners.udp.into_iter().enumerate() {
+            match server::spawn_udp_thread(
+                s,
+                shared.clone(),
+                stop_rx.clone(),
+                format!("dns-udp-{i}"),
+            ) {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!(error = %e, "cluster DNS: cannot start a UDP thread"),
+            }
         }
+        let mut tasks = JoinSet::new();
         for l in listeners.tcp {
             tasks.spawn(server::serve_tcp(l, shared.clone()));
         }
-        tasks
+        Sockets {
+            stop,
+            threads,
+            tasks,
+        }
     }
 
     /// Serves a fixed set of objects until `stop` turns true (benches, tests).
@@ -109,13 +123,13 @@ impl DnsServer {
         let ix = Index::build(&self.opts.index, objects, 1);
         self.shared.metrics().records.set(ix.len() as i64);
         self.shared.set_index(ix);
-        let mut tasks = Self::spawn_sockets(self.listeners, &self.shared);
+        let sockets = Self::spawn_sockets(self.listeners, &self.shared);
         while !*stop.borrow() {
             if stop.changed().await.is_err() {
                 break;
             }
         }
-        tasks.abort_all();
+        sockets.stop().await;
     }
 
     /// Follows the registry behind `conn` and serves until `stop` turns true.
@@ -152,7 +166,7 @@ impl DnsServer {
             } => {}
         }
         let addrs = self.local_addrs();
-        let mut tasks = Self::spawn_sockets(self.listeners, &self.shared);
+        let sockets = Self::spawn_sockets(self.listeners, &self.shared);
         tracing::info!(?addrs, "cluster DNS: serving");
         tokio::select! {
             _ = &mut follower => {}
@@ -164,8 +178,35 @@ impl DnsServer {
                 }
             } => {}
         }
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+        sockets.stop().await;
+    }
+}
+
+/// The serving threads (UDP) and tasks (TCP).
+struct Sockets {
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    tasks: JoinSet<()>,
+}
+
+impl Sockets {
+    /// Stops them; the threads are waited for (bounded: they stop at the next wake-up).
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        let threads = std::mem::take(&mut self.threads);
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        });
+        if tokio::time::timeout(Duration::from_secs(5), joined)
+            .await
+            .is_err()
+        {
+            tracing::warn!("cluster DNS: a UDP thread did not stop within 5 s");
+        }
     }
 }
 

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, RawFd};
 
-use hickory_proto::op::{Message, Query};
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::RecordType;
 use nix::sys::socket::{
     recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
 };
@@ -20,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
 use crate::cache::{Cache, CacheLimits, Cached};
+use crate::fast;
 use crate::index::Index;
 use crate::metrics::{AnswerLabels, DnsMetrics};
 use crate::respond::{self, Parsed, Plan};
@@ -51,7 +53,9 @@ impl Transport {
 /// What the sockets share: the current zone, the cache, the upstream resolvers.
 #[derive(Debug)]
 pub struct Shared {
-    index: RwLock<Arc<Index>>,
+    /// The zone and its generation (bumped on every swap: the fast path's kept answers are
+    /// per generation).
+    index: RwLock<(u64, Arc<Index>)>,
     cache: Mutex<Cache>,
     upstream: Upstream,
     metrics: DnsMetrics,
@@ -63,6 +67,11 @@ pub struct Shared {
 pub enum Step {
     /// The bytes to send back (`None`: nothing).
     Done(Option<Vec<u8>>),
+    /// The complete answer from the zone (the fast path may keep it).
+    Zone(Vec<u8>),
+    /// An answer from the upstream cache whose records live at least this many more seconds
+    /// (the fast path may keep it briefly).
+    Cached(Vec<u8>, u32),
     /// The answer needs the upstream resolvers: [`Shared::finish`].
     Upstream(Box<Message>, Box<Plan>),
 }
@@ -80,7 +89,7 @@ impl Shared {
         max_forwards: usize,
     ) -> Arc<Shared> {
         Arc::new(Shared {
-            index: RwLock::new(Arc::new(index)),
+            index: RwLock::new((0, Arc::new(index))),
             cache: Mutex::new(Cache::new(cache)),
             upstream,
             metrics,
@@ -91,10 +100,16 @@ impl Shared {
     /// Swaps in a new zone; questions in flight finish on the old one.
     pub fn set_index(&self, ix: Index) {
         let ix = Arc::new(ix);
-        *self.index.write().unwrap_or_else(|p| p.into_inner()) = ix;
+        let mut cur = self.index.write().unwrap_or_else(|p| p.into_inner());
+        *cur = (cur.0.wrapping_add(1), ix);
     }
 
     pub fn index(&self) -> Arc<Index> {
+        self.current().1
+    }
+
+    /// The zone's generation and the zone.
+    pub fn current(&self) -> (u64, Arc<Index>) {
         self.index.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -130,6 +145,12 @@ impl Shared {
 
     /// Answers from the zone, or says the upstream resolvers are needed.
     pub fn handle_local(&self, buf: &[u8], t: Transport) -> Step {
+        self.handle_with(&self.index(), buf, t)
+    }
+
+    /// [`Shared::handle_local`] on a zone the caller already holds. A question for outside
+    /// names whose answer is in the cache is answered here too.
+    pub fn handle_with(&self, ix: &Index, buf: &[u8], t: Transport) -> Step {
         match respond::parse(buf) {
             Parsed::Drop => {
                 self.metrics.dropped.inc();
@@ -139,16 +160,22 @@ impl Shared {
                 self.count(None, rcode, t);
                 Step::Done(Some(bytes))
             }
-            Parsed::Query(req) => {
-                let ix = self.index();
-                match respond::plan(&ix, &req) {
-                    Plan::Reply(m) => {
-                        self.count(Some(&req), m.metadata.response_code, t);
-                        Step::Done(Some(respond::encode(&m, Self::limit(&req, t))))
-                    }
-                    plan => Step::Upstream(req, Box::new(plan)),
+            Parsed::Query(req) => match respond::plan(ix, &req) {
+                Plan::Reply(m) => {
+                    self.count(Some(&req), m.metadata.response_code, t);
+                    Step::Zone(respond::encode(&m, Self::limit(&req, t)))
                 }
-            }
+                Plan::Forward => match self.cached(&req.queries[0]) {
+                    Some(c) => {
+                        let m = respond::from_upstream(&req, &c);
+                        self.count(Some(&req), m.metadata.response_code, t);
+                        let ttl = m.all_sections().map(|r| r.ttl).min().unwrap_or(0);
+                        Step::Cached(respond::encode(&m, Self::limit(&req, t)), ttl)
+                    }
+                    None => Step::Upstream(req, Box::new(Plan::Forward)),
+                },
+                plan => Step::Upstream(req, Box::new(plan)),
+            },
         }
     }
 
@@ -179,11 +206,30 @@ impl Shared {
         respond::encode(&m, Self::limit(req, t))
     }
 
+    /// The cached answer to `q`, if there is one.
+    fn cached(&self, q: &Query) -> Option<Cached> {
+        let c = lock(&self.cache).get(&respond::cache_key(q), Instant::now())?;
+        self.metrics.cache_hits.inc();
+        Some(c)
+    }
+
+    /// Counts an answer of the fast path.
+    fn count_quick(&self, qtype: u16, answer: &[u8], t: Transport) {
+        let rcode = ResponseCode::from_low(answer.get(3).map_or(0, |b| b & 0x0f));
+        self.metrics
+            .responses
+            .get_or_create(&AnswerLabels {
+                r#type: respond::type_label(RecordType::from(qtype)),
+                rcode: respond::rcode_label(rcode),
+                proto: t.label(),
+            })
+            .inc();
+    }
+
     /// The answer to `q` from the cache or the upstream resolvers (`None`: none answered).
     pub async fn resolve(&self, q: &Query) -> Option<Cached> {
         let key = respond::cache_key(q);
-        if let Some(c) = lock(&self.cache).get(&key, Instant::now()) {
-            self.metrics.cache_hits.inc();
+        if let Some(c) = self.cached(q) {
             return Some(c);
         }
         self.metrics.cache_misses.inc();
@@ -313,12 +359,49 @@ async fn send_all(sock: &UdpSocket, out: &[(Vec<u8>, SockaddrStorage)]) {
     }
 }
 
+/// Serves `sock` on a thread of its own with a single-threaded runtime until `stop` turns
+/// true: the thread that wakes for a datagram is the one that answers it (no hand-off
+/// between the runtime's I/O driver and a worker), and nothing else flanneld runs can delay
+/// an answer. Questions that go upstream become tasks of that runtime.
+pub fn spawn_udp_thread(
+    sock: std::net::UdpSocket,
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    name: String,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new().name(name).spawn(move || {
+        rt.block_on(async move {
+            let sock = match UdpSocket::from_std(sock) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "cluster DNS: cannot serve a UDP socket");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = serve_udp(sock, shared) => {}
+                _ = async {
+                    while !*stop.borrow() {
+                        if stop.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                } => {}
+            }
+        });
+    })
+}
+
 /// Serves one UDP socket until the task is aborted: a batch of questions per `recvmmsg`,
 /// their answers from the zone in one `sendmmsg`.
 pub async fn serve_udp(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
     let fd = sock.as_raw_fd();
     let mut batch = RecvBatch::new(UDP_BATCH);
     let mut out: Vec<(Vec<u8>, SockaddrStorage)> = Vec::with_capacity(UDP_BATCH);
+    let mut kept = fast::Answers::default();
     loop {
         if let Err(e) = sock.readable().await {
             tracing::debug!(error = %e, "cluster DNS: UDP socket not readable");
@@ -335,12 +418,37 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
             }
         };
         out.clear();
+        let (generation, ix) = shared.current();
+        kept.zone(generation);
+        let now = Instant::now();
         for i in 0..n {
             let (len, Some(peer)) = batch.got[i] else {
                 continue;
             };
             let buf = &batch.bufs[i][..len.min(batch.bufs[i].len())];
-            match shared.handle_local(buf, Transport::Udp) {
+            let quick = fast::parse(buf);
+            if let Some(answer) = quick.as_ref().and_then(|q| kept.answer(q, now)) {
+                shared.count_quick(
+                    quick.as_ref().map_or(0, |q| q.qtype),
+                    &answer,
+                    Transport::Udp,
+                );
+                out.push((answer, peer));
+                continue;
+            }
+            match shared.handle_with(&ix, buf, Transport::Udp) {
+                Step::Zone(answer) => {
+                    if let Some(q) = &quick {
+                        kept.keep(q, &answer);
+                    }
+                    out.push((answer, peer));
+                }
+                Step::Cached(answer, ttl) => {
+                    if let (Some(q), true) = (&quick, ttl > fast::UPSTREAM_KEEP.as_secs() as u32) {
+                        kept.keep_until(q, &answer, now + fast::UPSTREAM_KEEP);
+                    }
+                    out.push((answer, peer));
+                }
                 Step::Done(Some(answer)) => out.push((answer, peer)),
                 Step::Done(None) => {}
                 Step::Upstream(req, plan) => {
@@ -405,7 +513,7 @@ async fn serve_tcp_conn(mut s: TcpStream, shared: &Shared) {
             return;
         }
         let out = match shared.handle_local(&buf, Transport::Tcp) {
-            Step::Done(Some(out)) => out,
+            Step::Done(Some(out)) | Step::Zone(out) | Step::Cached(out, _) => out,
             Step::Done(None) => return,
             Step::Upstream(req, plan) => match shared.forwards.clone().try_acquire_owned() {
                 Ok(_permit) => shared.finish(req, plan, Transport::Tcp).await,
@@ -427,7 +535,9 @@ async fn serve_tcp_conn(mut s: TcpStream, shared: &Shared) {
 /// The bound sockets.
 #[derive(Debug)]
 pub struct Listeners {
-    pub udp: Vec<Arc<UdpSocket>>,
+    /// Plain sockets: each is served on a thread of its own ([`spawn_udp_thread`]), whose
+    /// runtime registers it.
+    pub udp: Vec<std::net::UdpSocket>,
     pub tcp: Vec<TcpListener>,
 }
 
@@ -474,11 +584,7 @@ pub fn bind(addrs: &[SocketAddr], per_addr: usize) -> Result<Listeners, Error> {
         for _ in 1..per_addr.max(1) {
             socks.push(udp_socket(bound)?);
         }
-        for s in socks {
-            l.udp.push(Arc::new(
-                UdpSocket::from_std(s).map_err(io(format!("binding UDP {addr}")))?,
-            ));
-        }
+        l.udp.extend(socks);
         let t = tcp_listener(bound)?;
         l.tcp
             .push(TcpListener::from_std(t).map_err(io(format!("binding TCP {addr}")))?);

@@ -316,3 +316,76 @@ async fn no_upstream_answer_is_servfail_within_the_timeout() {
     assert_eq!(dns.shared.metrics().upstream_errors.get(), 1);
     dns.stop().await;
 }
+
+/// The fast path's answers are the general path's, whatever the asker's id, letter case,
+/// RD/CD bits and EDNS size: the same message (names compared as DNS does, ignoring case),
+/// the question spelled exactly as asked, and byte for byte when asked in the same case.
+#[test]
+fn kept_answers_equal_fresh_ones() {
+    use cluster_dns::fast::{self, Answers};
+    use cluster_dns::server::{Step, Transport};
+    let yaml = service("default", "web", "10.96.0.20") + &headless(5);
+    let cfg = IndexConfig::new("cluster.local", 5, PodMode::Insecure).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let shared = Shared::new(
+        Index::build(&cfg, &objects(&yaml), 3),
+        Default::default(),
+        Upstream::new(vec![], Duration::from_secs(1)),
+        DnsMetrics::default(),
+        4,
+    );
+    let (generation, ix) = shared.current();
+    let fresh = |bytes: &[u8]| match shared.handle_with(&ix, bytes, Transport::Udp) {
+        Step::Zone(b) => b,
+        other => panic!("{other:?}"),
+    };
+    let mut kept = Answers::default();
+    kept.zone(generation);
+    let mut checked = 0;
+    for (name, t) in [
+        ("web.default.svc.cluster.local.", RecordType::A),
+        ("many.default.svc.cluster.local.", RecordType::A),
+        (
+            "_http._tcp.many.default.svc.cluster.local.",
+            RecordType::SRV,
+        ),
+        ("nosuch.default.svc.cluster.local.", RecordType::A),
+        ("web.default.svc.cluster.local.", RecordType::AAAA),
+        ("20.0.96.10.in-addr.arpa.", RecordType::PTR),
+        ("cluster.local.", RecordType::SOA),
+    ] {
+        for edns in [None, Some(1232)] {
+            let first = query(name, t, edns).to_vec().unwrap();
+            let q = fast::parse(&first).unwrap();
+            kept.keep(&q, &fresh(&first));
+            let mut second = query(&name.to_ascii_uppercase(), t, edns.map(|_| 4000));
+            second.metadata.recursion_desired = false;
+            second.metadata.checking_disabled = true;
+            let bytes = second.to_vec().unwrap();
+            let q2 = fast::parse(&bytes).unwrap();
+            let quick = kept.answer(&q2, std::time::Instant::now()).expect("kept");
+            let general = fresh(&bytes);
+            assert_eq!(
+                Message::from_vec(&quick).unwrap(),
+                Message::from_vec(&general).unwrap(),
+                "{name} {t:?} {edns:?}"
+            );
+            let end = 12 + q2.qname.len();
+            assert_eq!(quick[12..end], bytes[12..end], "the question as asked");
+            // Asked again in the first spelling: identical bytes.
+            let again = query(name, t, edns).to_vec().unwrap();
+            let q3 = fast::parse(&again).unwrap();
+            assert_eq!(
+                kept.answer(&q3, std::time::Instant::now()).unwrap(),
+                fresh(&again),
+                "{name} {t:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 14);
+}
