@@ -139,8 +139,8 @@ pub struct Answers {
 /// then at most this much longer than what the cache would say.
 pub const UPSTREAM_KEEP: Duration = Duration::from_secs(1);
 
-/// Memory the kept answers of one task may take.
-pub const MAX_BYTES: usize = 4 << 20;
+/// Memory the kept answers of one thread may take (about 30 000 answers).
+pub const MAX_BYTES: usize = 8 << 20;
 
 impl Answers {
     /// Forgets everything when the zone changed.
@@ -188,9 +188,10 @@ impl Answers {
         }
         let k = key(q);
         let size = answer.len() + k.name.len() + 64;
-        if self.bytes + size > MAX_BYTES {
-            self.map.clear();
-            self.bytes = 0;
+        // Full: the answers kept stay (clearing would make a working set larger than the
+        // bound miss every time); new questions take the general path until the zone changes.
+        if self.bytes + size > MAX_BYTES && !self.map.contains_key(&k) {
+            return;
         }
         self.bytes += size;
         if let Some((old, _)) = self.map.insert(k, (answer.into(), until)) {
@@ -294,5 +295,29 @@ mod tests {
         assert!(a.answer(&q2, now + UPSTREAM_KEEP).is_none());
         a.zone(2);
         assert!(a.answer(&q2, now).is_none());
+    }
+
+    #[test]
+    fn a_full_store_keeps_what_it_has() {
+        let mut a = Answers::default();
+        a.zone(1);
+        let mut first = None;
+        for i in 0..200_000u32 {
+            let bytes = query(&format!("n{i}.example."), None, true);
+            let q = parse(&bytes).unwrap();
+            let mut answer = bytes.clone();
+            answer[2] |= 0x84;
+            a.keep(&q, &answer);
+            if i == 0 {
+                first = Some(bytes);
+            }
+        }
+        assert!(a.bytes <= MAX_BYTES);
+        assert!(a.len() > 10_000 && a.len() < 200_000, "{}", a.len());
+        let first = first.unwrap();
+        assert!(
+            a.answer(&parse(&first).unwrap(), Instant::now()).is_some(),
+            "the first stays"
+        );
     }
 }
