@@ -576,18 +576,29 @@ pub fn bind(addrs: &[SocketAddr], per_addr: usize) -> Result<Listeners, Error> {
         tcp: Vec::new(),
     };
     for &addr in addrs {
-        let first = udp_socket(addr)?;
-        let bound = first
-            .local_addr()
-            .map_err(io(format!("binding UDP {addr}")))?;
+        // Port 0: the port UDP got may be taken for TCP; then another is tried.
+        let tries = if addr.port() == 0 { 20 } else { 1 };
+        let mut attempt = 0;
+        let (first, bound, tcp) = loop {
+            attempt += 1;
+            let first = udp_socket(addr)?;
+            let bound = first
+                .local_addr()
+                .map_err(io(format!("binding UDP {addr}")))?;
+            match tcp_listener(bound) {
+                Ok(t) => break (first, bound, t),
+                Err(Error::Io { source, .. })
+                    if attempt < tries && source.kind() == std::io::ErrorKind::AddrInUse => {}
+                Err(e) => return Err(e),
+            }
+        };
         let mut socks = vec![first];
         for _ in 1..per_addr.max(1) {
             socks.push(udp_socket(bound)?);
         }
         l.udp.extend(socks);
-        let t = tcp_listener(bound)?;
         l.tcp
-            .push(TcpListener::from_std(t).map_err(io(format!("binding TCP {addr}")))?);
+            .push(TcpListener::from_std(tcp).map_err(io(format!("binding TCP {addr}")))?);
     }
     Ok(l)
 }
