@@ -575,3 +575,66 @@ fn bad_zone_names_are_refused() {
         "cluster.local"
     );
 }
+
+#[test]
+fn ipv6_endpoints_get_aaaa_and_ip6_arpa_ptr() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: default}
+spec:
+  clusterIP: None
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: dual, namespace: default}
+subsets:
+- addresses:
+  - {ip: 10.3.0.50}
+  - {ip: "fd00:10::5"}
+  - {ip: "fd00:10::6", hostname: six}
+  ports: [{name: http, port: 80}]
+"#;
+    let mut o = Objects::new("/p");
+    for obj in registry::parse_documents(yaml).unwrap() {
+        registry::validate(&obj, ipnet::Ipv4Net::default()).unwrap();
+        o.insert(obj);
+    }
+    let ix = Index::build(
+        &IndexConfig::new("cluster.local", 5, PodMode::Insecure).unwrap(),
+        &o,
+        1,
+    );
+    let name = "dual.default.svc.cluster.local";
+    assert_eq!(data(&ix.lookup(name, QType::A)), vec![a("10.3.0.50")]);
+    assert_eq!(
+        data(&ix.lookup(name, QType::Aaaa)),
+        vec![
+            Rdata::Aaaa("fd00:10::5".parse().unwrap()),
+            Rdata::Aaaa("fd00:10::6".parse().unwrap())
+        ]
+    );
+    // The system-assigned hostname of an IPv6 endpoint: its address with dashes.
+    assert_eq!(
+        data(&ix.lookup("fd00-10--5.dual.default.svc.cluster.local", QType::Aaaa)),
+        vec![Rdata::Aaaa("fd00:10::5".parse().unwrap())]
+    );
+    assert!(nodata(
+        &ix.lookup("six.dual.default.svc.cluster.local", QType::A)
+    ));
+    let rev = cluster_dns::index::reverse_name("fd00:10::6".parse().unwrap());
+    assert_eq!(
+        rev,
+        "6.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.0.d.f.ip6.arpa"
+    );
+    assert_eq!(
+        data(&ix.lookup(&rev, QType::Ptr)),
+        vec![Rdata::Ptr("six.dual.default.svc.cluster.local".into())]
+    );
+    // SRV targets cover both families.
+    assert_eq!(
+        data(&ix.lookup("_http._tcp.dual.default.svc.cluster.local", QType::Srv)).len(),
+        3
+    );
+}

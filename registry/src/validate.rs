@@ -272,6 +272,37 @@ fn ipv4_error(ip: &str) -> Option<String> {
     Some(format!("{ip} may not be {special}"))
 }
 
+/// An endpoint address: IPv4 as [`ipv4_error`], or IPv6 (the API server takes both in an
+/// Endpoints object), neither unspecified, loopback, link-local nor multicast. The text must
+/// be the address's canonical form (`fd00::1`, lower case), so a name built from it is unique.
+fn endpoint_ip_error(ip: &str) -> Option<String> {
+    let Ok(a) = ip.parse::<std::net::Ipv6Addr>() else {
+        return ipv4_error(ip).map(|e| {
+            if ip.parse::<Ipv4Addr>().is_err() {
+                format!("{ip:?} must be a valid IP address")
+            } else {
+                e
+            }
+        });
+    };
+    let special = if a.is_unspecified() {
+        "unspecified (::)"
+    } else if a.is_loopback() {
+        "the loopback address (::1)"
+    } else if a.segments()[0] & 0xffc0 == 0xfe80 {
+        "in the link-local range (fe80::/10)"
+    } else if a.is_multicast() {
+        "in the multicast range (ff00::/8)"
+    } else if a.to_ipv4_mapped().is_some() {
+        "an IPv4-mapped address (use the IPv4 form)"
+    } else if a.to_string() != ip {
+        return Some(format!("{ip:?} must be written as {a}"));
+    } else {
+        return None;
+    };
+    Some(format!("{ip} may not be {special}"))
+}
+
 fn port_range(v: &mut Errors, field: impl Into<String>, port: i64) {
     if !(1..=65535).contains(&port) {
         v.add(field, format!("{port} must be between 1 and 65535"));
@@ -389,7 +420,7 @@ fn endpoints(v: &mut Errors, e: &Endpoints) {
         ] {
             for (j, a) in addrs.iter().enumerate() {
                 let ap = format!("{path}.{list}[{j}]");
-                v.check(format!("{ap}.ip"), ipv4_error(&a.ip));
+                v.check(format!("{ap}.ip"), endpoint_ip_error(&a.ip));
                 if let Some(h) = a.hostname.as_deref().filter(|h| !h.is_empty()) {
                     if !is_dns1123_label(h) {
                         v.add(
@@ -1501,10 +1532,25 @@ mod tests {
             ep_fields("subsets.0.addresses.1.ip", json!("192.168.1")),
             one("subsets[0].addresses[1].ip")
         );
-        assert_eq!(
-            ep_fields("subsets.0.addresses.1.ip", json!("fd00::1")),
-            one("subsets[0].addresses[1].ip")
-        );
+        // IPv6 endpoints are accepted as the API server accepts them, special ranges not.
+        assert!(ep_fields("subsets.0.addresses.1.ip", json!("fd00::1")).is_empty());
+        assert!(ep_fields("subsets.0.addresses.1.ip", json!("2001:db8::a")).is_empty());
+        for bad in [
+            "::",
+            "::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:10.0.0.1",
+            "FD00::1",
+            "fd00:0::1",
+            "fd00::1%eth0",
+        ] {
+            assert_eq!(
+                ep_fields("subsets.0.addresses.1.ip", json!(bad)),
+                one("subsets[0].addresses[1].ip"),
+                "{bad}"
+            );
+        }
         assert_eq!(
             ep_fields("subsets.0.addresses.0.ip", json!("127.0.0.1")),
             one("subsets[0].addresses[0].ip")

@@ -601,6 +601,12 @@ mod tests {
                             node_name: Some("node1".into()),
                             ..Default::default()
                         },
+                        // An IPv6 endpoint (valid in an Endpoints object) is not one of an
+                        // IPv4 ClusterIP's.
+                        EndpointAddress {
+                            ip: "fd00::7".into(),
+                            ..Default::default()
+                        },
                     ],
                     not_ready_addresses: vec![EndpointAddress {
                         ip: "10.5.1.8".into(),
