@@ -136,7 +136,8 @@ impl DnsServer {
     pub async fn run(self, conn: Connection, mut stop: watch::Receiver<bool>) {
         let (ready_tx, ready_rx) = oneshot::channel();
         let metrics = self.shared.metrics().clone();
-        let mut objects = Objects::new(conn.prefix());
+        let verified = self.opts.index.pods == crate::index::PodMode::Verified;
+        let mut objects = Objects::new(conn.prefix()).with_pod_ips(verified);
         objects.invalid_objects = metrics.invalid_objects.clone();
         let serial = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
