@@ -10,6 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_access::{Connection, EtcdError, EtcdOptions};
@@ -217,6 +219,13 @@ impl Allocations {
 #[derive(Debug, Clone)]
 pub struct Store {
     conn: Connection,
+    /// The allocations as of the last successful Service apply, with what it wrote: the next
+    /// Service apply plans from them instead of reading every allocation key again (which
+    /// made applying N Services read N² keys). Stale entries cost nothing but a retry: the
+    /// txn compares every key it takes or keeps, and a failed txn drops the snapshot.
+    allocs: Arc<Mutex<Option<Allocations>>>,
+    /// Reads of every allocation key (for tests and diagnostics).
+    alloc_reads: Arc<AtomicU64>,
 }
 
 /// What one apply would write, guarded.
@@ -225,6 +234,8 @@ struct Planned {
     object: Object,
     compares: Vec<Compare>,
     ops: Vec<TxnOp>,
+    /// For a Service: the allocations once this apply is written.
+    allocs_after: Option<Allocations>,
 }
 
 fn get_response(resp: &TxnResponse, i: usize) -> Option<GetResponse> {
@@ -237,14 +248,29 @@ fn get_response(resp: &TxnResponse, i: usize) -> Option<GetResponse> {
 impl Store {
     /// A store over an existing connection (its timeout bounds every call).
     pub fn new(conn: Connection) -> Store {
-        Store { conn }
+        Store {
+            conn,
+            allocs: Arc::default(),
+            alloc_reads: Arc::default(),
+        }
     }
 
     /// Connects with flannel's etcd options (lazily: etcd may be down until the first call).
     pub async fn connect(opts: &EtcdOptions) -> Result<Store, StoreError> {
-        Ok(Store {
-            conn: Connection::connect(opts).await?,
-        })
+        Ok(Store::new(Connection::connect(opts).await?))
+    }
+
+    /// How many times every allocation key was read (once, then again after a conflict).
+    pub fn allocation_reads(&self) -> u64 {
+        self.alloc_reads.load(Ordering::Relaxed)
+    }
+
+    fn take_allocs(&self) -> Option<Allocations> {
+        self.allocs.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn keep_allocs(&self, a: Option<Allocations>) {
+        *self.allocs.lock().unwrap_or_else(|p| p.into_inner()) = a;
     }
 
     /// The etcd connection underneath.
@@ -337,7 +363,13 @@ impl Store {
 
     /// Plans `obj` (normalized) against what etcd holds now. `pending` namespaces count as
     /// existing (a dry run of several documents creating them).
-    async fn plan(&self, obj: &Object, pending: &BTreeSet<String>) -> Result<Planned, StoreError> {
+    /// `dry`: nothing will be written, so the allocation snapshot is put back as it was.
+    async fn plan(
+        &self,
+        obj: &Object,
+        pending: &BTreeSet<String>,
+        dry: bool,
+    ) -> Result<Planned, StoreError> {
         let prefix = self.prefix().to_string();
         let kind = obj.kind();
         let m = obj.metadata();
@@ -350,17 +382,22 @@ impl Store {
             .filter(|n| !IMPLICIT_NAMESPACES.contains(n))
             .map(|n| object_key(&prefix, Kind::Namespace, None, n));
 
-        // One consistent read: the object, its namespace, the config and the allocations.
+        // One consistent read: the object, its namespace, the config and (without a snapshot
+        // from the last apply) the allocations.
+        let snapshot = if is_service { self.take_allocs() } else { None };
         let mut reads = vec![TxnOp::get(key.clone(), None)];
         if let Some(k) = &ns_key {
             reads.push(TxnOp::get(k.clone(), None));
         }
         if is_service {
             reads.push(TxnOp::get(self.config_key(), None));
-            reads.push(TxnOp::get(
-                allocations_prefix(&prefix),
-                Some(GetOptions::new().with_prefix()),
-            ));
+            if snapshot.is_none() {
+                self.alloc_reads.fetch_add(1, Ordering::Relaxed);
+                reads.push(TxnOp::get(
+                    allocations_prefix(&prefix),
+                    Some(GetOptions::new().with_prefix()),
+                ));
+            }
         }
         let resp = self.txn("read", Txn::new().and_then(reads)).await?;
         let mut idx = 0;
@@ -375,11 +412,14 @@ impl Store {
         } else {
             None
         };
-        let (config, allocs) = if is_service {
+        let (config, mut allocs) = if is_service {
             let config = next().and_then(|g| g.kvs().first().cloned());
-            let allocs = next()
-                .map(|g| Allocations::from_kvs(&prefix, g.kvs()))
-                .unwrap_or_default();
+            let allocs = match snapshot {
+                Some(a) => a,
+                None => next()
+                    .map(|g| Allocations::from_kvs(&prefix, g.kvs()))
+                    .unwrap_or_default(),
+            };
             (config, allocs)
         } else {
             (None, Allocations::default())
@@ -471,6 +511,12 @@ impl Store {
                     allocations_changed = true;
                     compares.push(Compare::version(k.clone(), CompareOp::Equal, 0));
                     ops.push(TxnOp::put(k, me.clone(), None));
+                    if !dry {
+                        match a {
+                            Allocation::ClusterIp(ip) => allocs.cluster_ips.insert(*ip, me.clone()),
+                            Allocation::NodePort(p) => allocs.node_ports.insert(*p, me.clone()),
+                        };
+                    }
                 }
             }
             for a in held.difference(&plan.allocations) {
@@ -478,6 +524,12 @@ impl Store {
                 let k = alloc_key(a);
                 compares.push(Compare::value(k.clone(), CompareOp::Equal, me.clone()));
                 ops.push(TxnOp::delete(k, None));
+                if !dry {
+                    match a {
+                        Allocation::ClusterIp(ip) => allocs.cluster_ips.remove(ip),
+                        Allocation::NodePort(p) => allocs.node_ports.remove(p),
+                    };
+                }
             }
         }
 
@@ -505,11 +557,21 @@ impl Store {
         if n > MAX_TXN_OPS {
             return Err(StoreError::TooLarge { object, ops: n });
         }
+        let allocs_after = match (is_service, dry) {
+            (true, false) => Some(allocs),
+            (true, true) => {
+                // Unchanged: a dry run plans, it does not allocate.
+                self.keep_allocs(Some(allocs));
+                None
+            }
+            (false, _) => None,
+        };
         Ok(Planned {
             outcome,
             object: final_obj,
             compares,
             ops,
+            allocs_after,
         })
     }
 
@@ -525,9 +587,24 @@ impl Store {
     ) -> Result<Applied, StoreError> {
         let obj = normalize(obj, namespace_override)?;
         let none = BTreeSet::new();
+        let mut fresh_after_exhausted = false;
         for attempt in 0..ATTEMPTS {
-            let planned = self.plan(&obj, &none).await?;
+            let had_snapshot = self
+                .allocs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some();
+            let planned = match self.plan(&obj, &none, false).await {
+                // A snapshot may count allocations another client has released since: only a
+                // fresh read may say the network is full.
+                Err(StoreError::Exhausted { .. }) if had_snapshot && !fresh_after_exhausted => {
+                    fresh_after_exhausted = true;
+                    continue;
+                }
+                r => r?,
+            };
             if planned.outcome == Outcome::Unchanged {
+                self.keep_allocs(planned.allocs_after);
                 return Ok(Applied {
                     outcome: planned.outcome,
                     object: planned.object,
@@ -540,6 +617,7 @@ impl Store {
                 )
                 .await?;
             if resp.succeeded() {
+                self.keep_allocs(planned.allocs_after);
                 let mut object = planned.object;
                 object.metadata_mut().resource_version =
                     resp.header().map(|h| h.revision().to_string());
@@ -566,7 +644,7 @@ impl Store {
         pending: &BTreeSet<String>,
     ) -> Result<Applied, StoreError> {
         let obj = normalize(obj, namespace_override)?;
-        let planned = self.plan(&obj, pending).await?;
+        let planned = self.plan(&obj, pending, true).await?;
         Ok(Applied {
             outcome: planned.outcome,
             object: planned.object,
@@ -664,6 +742,8 @@ impl Store {
         namespace: Option<&str>,
         name: &str,
     ) -> Result<Object, StoreError> {
+        // Its allocations go: the snapshot would still count them.
+        self.keep_allocs(None);
         let ns = kind
             .namespaced()
             .then(|| namespace.unwrap_or(DEFAULT_NAMESPACE));

@@ -672,3 +672,86 @@ async fn list_all_and_dry_run() {
     assert_eq!(s.list_all().await.unwrap().0, objs);
     assert_eq!(env.allocations().await.len(), 2);
 }
+
+#[tokio::test]
+async fn applying_many_services_reads_the_allocations_once_and_stale_snapshots_retry() {
+    let Some(env) = Env::start(Some(
+        r#"{"Network":"10.5.0.0/16","ServiceNetwork":"10.96.0.0/28"}"#,
+    ))
+    .await
+    else {
+        return;
+    };
+    // One client applying one Service after another: one read of every allocation key in
+    // all (before: one per Service, N² keys read for N Services).
+    for i in 0..6 {
+        env.apply(&svc_yaml(&format!("a{i}"), "")).await.unwrap();
+    }
+    assert_eq!(env.store.allocation_reads(), 1);
+    // flannelctl checks every object with a dry run first: that keeps the snapshot too, and
+    // allocates nothing.
+    let dry = env
+        .store
+        .dry_run(
+            parse_documents(&svc_yaml("d0", "")).unwrap().remove(0),
+            None,
+            &BTreeSet::new(),
+        )
+        .await
+        .unwrap();
+    assert!(service(&dry.object).spec.cluster_ip.is_some());
+    assert_eq!(env.store.allocation_reads(), 1);
+    assert_eq!(env.allocations().await.len(), 6);
+    // Another client takes addresses behind the first one's snapshot.
+    let other = Store::new(env.reg.clone());
+    for i in 0..6 {
+        other
+            .apply(
+                parse_documents(&svc_yaml(&format!("b{i}"), ""))
+                    .unwrap()
+                    .remove(0),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    // The first client's snapshot lacks them: a taken address fails the txn and it reads
+    // again; a network its snapshot calls full is read again before saying so.
+    let mut ips = BTreeSet::new();
+    for i in 6..8 {
+        let a = env.apply(&svc_yaml(&format!("a{i}"), "")).await.unwrap();
+        ips.insert(service(&a.object).spec.cluster_ip.clone().unwrap());
+    }
+    // 14 addresses in a /28: 14 Services fit, the 15th finds it full.
+    let err = env
+        .apply(&svc_yaml("a8", ""))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no free address left"), "{err}");
+    // A Service deleted by the other client frees an address the first one's snapshot still
+    // counts: it is found.
+    other
+        .delete(Kind::Service, Some("default"), "b0")
+        .await
+        .unwrap();
+    env.apply(&svc_yaml("a8", "")).await.unwrap();
+    let all: Vec<String> = env
+        .allocations()
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let distinct: BTreeSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), 14);
+    assert_eq!(distinct.len(), 14);
+    let listed: BTreeSet<String> = env
+        .store
+        .list(Kind::Service, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|o| service(o).spec.cluster_ip.clone().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 14, "every Service has its own address");
+}
