@@ -637,3 +637,40 @@ async fn own_lease_outside_a_changed_network_is_kept_unless_released() {
     assert!(changed.fits_v4(new.key.ipv4), "{}", new.key);
     assert_eq!(keys(env.reg.list_leases().await.unwrap()), vec![new.key]);
 }
+
+/// An IPv6 etcd endpoint (`http://[::1]:PORT`), as an IPv6-only cluster gives flanneld: the
+/// connection, a config read and a lease written through it.
+#[tokio::test]
+async fn an_ipv6_endpoint_in_brackets_works() {
+    let Some(etcd) = Etcd::start_ipv6() else {
+        return;
+    };
+    let ep = etcd.endpoint();
+    assert!(ep.starts_with("http://[::1]:"), "{ep}");
+    let opts = EtcdOptions {
+        endpoints: vec![ep],
+        prefix: format!("/test-{}/network", random_tag(6)),
+        timeout: Duration::from_secs(3),
+        ..EtcdOptions::default()
+    };
+    let reg = EtcdLeaseStore::connect(&opts).await.unwrap();
+    reg.client()
+        .put(
+            reg.config_key(),
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(reg.get_config().await.unwrap().is_some());
+    let text = reg.get_config().await.unwrap().unwrap();
+    let cfg = config::parse(&text).unwrap().config;
+    let mgr = LeaseManager::new(
+        reg,
+        cfg,
+        LeaseAttrs::new(Ipv4Addr::new(192, 0, 2, 1), "alloc"),
+        fast(),
+    );
+    let lease = mgr.acquire(None).await.unwrap();
+    assert!(lease.key.ipv4.prefix_len() == 24, "{lease:?}");
+}

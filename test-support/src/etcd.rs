@@ -117,6 +117,20 @@ impl Etcd {
         Some(e)
     }
 
+    /// Starts etcd on the IPv6 loopback `::1` (free ports; endpoints `http://[::1]:PORT`).
+    /// None = skip (see start).
+    pub fn start_ipv6() -> Option<Etcd> {
+        if !require(
+            find_program("etcd").is_some(),
+            "needs etcd (Debian package etcd-server)",
+        ) {
+            return None;
+        }
+        let mut e = Etcd::new("::1", crate::free_port(), crate::free_port(), None);
+        e.spawn();
+        Some(e)
+    }
+
     /// Starts etcd on 127.0.0.1 serving clients over TLS with `tls`. None = skip (see start).
     pub fn start_tls(tls: TlsFiles) -> Option<Etcd> {
         if !require(
@@ -155,10 +169,19 @@ impl Etcd {
         }
     }
 
+    /// The address as a URL host (IPv6 in brackets).
+    fn host(&self) -> String {
+        if self.ip.contains(':') {
+            format!("[{}]", self.ip)
+        } else {
+            self.ip.clone()
+        }
+    }
+
     /// The client URL.
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}:{}", self.ip, self.client_port)
+        format!("{scheme}://{}:{}", self.host(), self.client_port)
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -187,9 +210,9 @@ impl Etcd {
         let log2 = log
             .try_clone()
             .unwrap_or_else(|e| panic!("cloning the etcd log handle: {e}"));
-        let peer = format!("http://{}:{}", self.ip, self.peer_port);
+        let peer = format!("http://{}:{}", self.host(), self.peer_port);
         let mut clients = self.endpoint();
-        if self.ip != "127.0.0.1" {
+        if self.ip != "127.0.0.1" && self.ip != "::1" {
             clients += &format!(",http://127.0.0.1:{}", self.client_port);
         }
         let mut tls_args: Vec<String> = Vec::new();
