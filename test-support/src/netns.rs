@@ -13,6 +13,8 @@ use crate::{random_tag, run_bounded, sh, stop_child, Etcd};
 
 /// The hub's address on the underlay.
 pub const HUB_IP: &str = "172.30.0.1";
+/// The hub's IPv6 address on the underlay ([`Testbed::add_ipv6_underlay`]).
+pub const HUB_IP6: &str = "fd00:210::1";
 
 /// A node of the testbed.
 #[derive(Debug, Clone)]
@@ -121,6 +123,52 @@ impl Testbed {
         let node = Node { ns, ip: node_ip };
         self.nodes.push(node.clone());
         Ok(node)
+    }
+
+    /// Makes the underlay dual stack: the hub at `fd00:210::1/64`, node i (1-based) at
+    /// `fd00:210::(10+i)/64` (`nodad`: usable at once), an IPv6 default route via the hub,
+    /// IPv6 forwarding on the nodes and no router advertisements taken. Nodes added later stay
+    /// IPv4 only. Returns the nodes' IPv6 addresses, in order.
+    pub fn add_ipv6_underlay(&mut self) -> Result<Vec<String>, String> {
+        let hub = self.hub.clone();
+        let sysctl = |ns: &str, kv: &str| sh("ip", &["netns", "exec", ns, "sysctl", "-qw", kv]);
+        sysctl(&hub, "net.ipv6.conf.all.disable_ipv6=0")?;
+        sysctl(&hub, "net.ipv6.conf.default.accept_ra=0")?;
+        ip(&[
+            "-n",
+            &hub,
+            "-6",
+            "addr",
+            "add",
+            &format!("{HUB_IP6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        let mut out = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let addr = format!("fd00:210::{:x}", 10 + i + 1);
+            sysctl(&node.ns, "net.ipv6.conf.all.disable_ipv6=0")?;
+            sysctl(&node.ns, "net.ipv6.conf.all.accept_ra=0")?;
+            sysctl(&node.ns, "net.ipv6.conf.eth0.accept_ra=0")?;
+            sysctl(&node.ns, "net.ipv6.conf.all.forwarding=1")?;
+            ip(&[
+                "-n",
+                &node.ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ip(&[
+                "-n", &node.ns, "-6", "route", "add", "default", "via", HUB_IP6,
+            ])?;
+            out.push(addr);
+        }
+        Ok(out)
     }
 
     /// Adds a host outside the cluster on the underlay (172.30.0.200); returns (namespace, IP).

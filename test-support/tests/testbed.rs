@@ -55,3 +55,25 @@ fn nodes_pods_and_cleanup() {
         "process {pid} left running"
     );
 }
+
+#[test]
+fn a_dual_stack_underlay() {
+    if !require_root_with(&["ip", "ping", "sysctl"]) {
+        return;
+    }
+    let mut tb = Testbed::new(2).unwrap();
+    let v6 = tb.add_ipv6_underlay().unwrap();
+    assert_eq!(v6, vec!["fd00:210::b", "fd00:210::c"]);
+    let ping = |ns: &str, to: &str| {
+        tb.exec_status(
+            ns,
+            &["ping", "-c", "1", "-W", "2", to],
+            Duration::from_secs(5),
+        )
+        .0
+    };
+    let (n0, n1) = (tb.nodes[0].clone(), tb.nodes[1].clone());
+    assert!(ping(&n0.ns, &v6[1]), "node to node over IPv6");
+    assert!(ping(&n1.ns, test_support::HUB_IP6), "node to hub over IPv6");
+    assert!(ping(&n0.ns, &n1.ip), "IPv4 still works");
+}
