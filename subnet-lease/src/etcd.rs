@@ -185,7 +185,7 @@ impl LeaseStore for EtcdLeaseStore {
         key: SubnetKey,
         attrs: &LeaseAttrs,
         etcd_lease: i64,
-    ) -> Result<bool, EtcdError> {
+    ) -> Result<Option<i64>, EtcdError> {
         let mut c = self.conn.client();
         let k = self.lease_key(&key);
         let txn = Txn::new()
@@ -195,10 +195,17 @@ impl LeaseStore for EtcdLeaseStore {
                 attrs.to_json(),
                 Some(PutOptions::new().with_lease(etcd_lease)),
             )]);
-        Ok(self.call("create lease", c.txn(txn)).await?.succeeded())
+        let resp = self.call("create lease", c.txn(txn)).await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision())))
     }
 
-    async fn update_lease(&self, lease: &Lease, attrs: &LeaseAttrs) -> Result<bool, EtcdError> {
+    async fn update_lease(
+        &self,
+        lease: &Lease,
+        attrs: &LeaseAttrs,
+    ) -> Result<Option<i64>, EtcdError> {
         let mut c = self.conn.client();
         let k = self.lease_key(&lease.key);
         let put_opts =
@@ -210,7 +217,10 @@ impl LeaseStore for EtcdLeaseStore {
                 lease.mod_revision,
             )])
             .and_then([TxnOp::put(k, attrs.to_json(), put_opts)]);
-        Ok(self.call("update lease", c.txn(txn)).await?.succeeded())
+        let resp = self.call("update lease", c.txn(txn)).await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision())))
     }
 
     async fn delete_lease(&self, lease: &Lease) -> Result<bool, EtcdError> {

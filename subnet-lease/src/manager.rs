@@ -281,9 +281,12 @@ impl<R: LeaseStore> LeaseManager<R> {
                     for (k, v) in &old.attrs.extra {
                         attrs.extra.entry(k.clone()).or_insert_with(|| v.clone());
                     }
-                    let renewed = self.store.update_lease(&old, &attrs).await?
-                        && (old.is_reservation()
-                            || self.store.renew(old.etcd_lease).await?.is_some());
+                    let written = self.store.update_lease(&old, &attrs).await?;
+                    let renewed = match written {
+                        Some(_) if old.is_reservation() => true,
+                        Some(_) => self.store.renew(old.etcd_lease).await?.is_some(),
+                        None => false,
+                    };
                     if !renewed {
                         tracing::debug!(subnet = %old.key, attempt, "own lease changed or expired while reusing it; re-reading");
                         leases = self.store.list_leases().await?.leases;
@@ -292,7 +295,7 @@ impl<R: LeaseStore> LeaseManager<R> {
                     tracing::info!(subnet = %old.key, reservation = old.is_reservation(), "reusing existing lease");
                     return Ok(Lease {
                         attrs,
-                        mod_revision: 0,
+                        mod_revision: written.unwrap_or(0),
                         ..*old
                     });
                 }
@@ -301,14 +304,14 @@ impl<R: LeaseStore> LeaseManager<R> {
                         Some(id) => id,
                         None => *grant.insert(self.store.grant(self.opts.ttl).await?),
                     };
-                    if self.store.create_lease(key, &self.attrs, id).await? {
+                    if let Some(revision) = self.store.create_lease(key, &self.attrs, id).await? {
                         *grant = None;
                         tracing::info!(subnet = %key, "acquired new lease");
                         return Ok(Lease {
                             key,
                             attrs: self.attrs.clone(),
                             etcd_lease: id,
-                            mod_revision: 0,
+                            mod_revision: revision,
                         });
                     }
                     tracing::info!(subnet = %key, attempt, "lost the race for a subnet; choosing again");
@@ -459,6 +462,22 @@ impl<R: LeaseStore> LeaseManager<R> {
                     let Some(batch) = batch else { break };
                     for change in batch {
                         let lease = change.lease();
+                        // Written before we took this key (queued while we re-acquired it):
+                        // the previous holder's, not ours. Its removal is a peer's; a stale
+                        // write of it is not news.
+                        if lease.key == own.key
+                            && lease.mod_revision < own.mod_revision
+                        {
+                            let peer = matches!(&change, Change::Removed(l) if l.attrs.public_ip != own.attrs.public_ip);
+                            if peer {
+                                if let Some(ev) = removals.change(change, Instant::now()) {
+                                    if events.send(ev).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            continue;
+                        }
                         if lease.key == own.key {
                             let ours = lease.attrs.public_ip == own.attrs.public_ip;
                             match &change {
@@ -514,7 +533,7 @@ impl<R: LeaseStore> LeaseManager<R> {
             for (k, v) in &current.attrs.extra {
                 new.extra.entry(k.clone()).or_insert_with(|| v.clone());
             }
-            if self.store.update_lease(&current, &new).await? {
+            if self.store.update_lease(&current, &new).await?.is_some() {
                 if let Some(l) = find(self.store.list_leases().await?) {
                     return Ok(l);
                 }

@@ -484,25 +484,29 @@ impl LeaseStore for MemoryLeaseStore {
         key: SubnetKey,
         attrs: &LeaseAttrs,
         etcd_lease: i64,
-    ) -> Result<bool, EtcdError> {
+    ) -> Result<Option<i64>, EtcdError> {
         self.enter(Call::CreateLease(key))?;
         self.change(|s| {
             if s.keys.contains_key(&key) {
-                return Ok(false);
+                return Ok(None);
             }
             s.put(key, attrs.clone(), etcd_lease, "create lease")
-                .map(|_| true)
+                .map(|l| Some(l.mod_revision))
         })
     }
 
-    async fn update_lease(&self, lease: &Lease, attrs: &LeaseAttrs) -> Result<bool, EtcdError> {
+    async fn update_lease(
+        &self,
+        lease: &Lease,
+        attrs: &LeaseAttrs,
+    ) -> Result<Option<i64>, EtcdError> {
         self.enter(Call::UpdateLease(lease.key))?;
         self.change(|s| {
             if s.mod_revision(&lease.key) != lease.mod_revision {
-                return Ok(false);
+                return Ok(None);
             }
             s.put(lease.key, attrs.clone(), lease.etcd_lease, "update lease")
-                .map(|_| true)
+                .map(|l| Some(l.mod_revision))
         })
     }
 
@@ -573,13 +577,13 @@ mod tests {
         let s = MemoryLeaseStore::new();
         let id = s.grant(Duration::from_millis(1500)).await.unwrap();
         let a = key("10.5.1.0/24");
-        assert!(s.create_lease(a, &attrs(1), id).await.unwrap());
-        assert!(!s.create_lease(a, &attrs(2), id).await.unwrap());
+        assert!(s.create_lease(a, &attrs(1), id).await.unwrap().is_some());
+        assert!(s.create_lease(a, &attrs(2), id).await.unwrap().is_none());
         let read = s.get(&a).unwrap();
         assert_eq!((read.etcd_lease, read.mod_revision), (id, 1));
         // Update and delete only if unchanged since read.
-        assert!(s.update_lease(&read, &attrs(3)).await.unwrap());
-        assert!(!s.update_lease(&read, &attrs(4)).await.unwrap());
+        assert!(s.update_lease(&read, &attrs(3)).await.unwrap().is_some());
+        assert!(s.update_lease(&read, &attrs(4)).await.unwrap().is_none());
         assert!(!s.delete_lease(&read).await.unwrap());
         assert_eq!(s.get(&a).unwrap().attrs, attrs(3));
         // A create bound to an etcd lease that does not exist fails as etcd's does.
@@ -683,7 +687,7 @@ mod tests {
         let id = s.grant(Duration::from_secs(5)).await.unwrap();
         assert!(s.renew(id).await.unwrap_err().is_transient());
         let a = key("10.5.1.0/24");
-        assert!(!s.create_lease(a, &attrs(1), id).await.unwrap());
+        assert!(s.create_lease(a, &attrs(1), id).await.unwrap().is_none());
         assert_eq!(s.get(&a).unwrap().attrs, attrs(9));
         assert_eq!(
             (s.calls("lease keep-alive"), s.calls("create lease")),

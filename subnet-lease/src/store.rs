@@ -58,20 +58,21 @@ pub trait LeaseStore: Clone + Send + Sync + 'static {
     /// Revokes an etcd lease (and deletes the keys bound to it).
     fn revoke(&self, etcd_lease: i64) -> impl Future<Output = Result<(), EtcdError>> + Send;
     /// Creates `key` bound to `etcd_lease`, only if the key does not exist (one txn).
-    /// Returns false when someone else holds the key.
+    /// Returns the revision written, or None when someone else holds the key.
     fn create_lease(
         &self,
         key: SubnetKey,
         attrs: &LeaseAttrs,
         etcd_lease: i64,
-    ) -> impl Future<Output = Result<bool, EtcdError>> + Send;
+    ) -> impl Future<Output = Result<Option<i64>, EtcdError>> + Send;
     /// Rewrites an existing lease's attributes, keeping its etcd lease (or lack of one), only if
-    /// the key is unchanged since it was read. Returns false if it changed.
+    /// the key is unchanged since it was read. Returns the revision written, or None if it
+    /// changed.
     fn update_lease(
         &self,
         lease: &Lease,
         attrs: &LeaseAttrs,
-    ) -> impl Future<Output = Result<bool, EtcdError>> + Send;
+    ) -> impl Future<Output = Result<Option<i64>, EtcdError>> + Send;
     /// Deletes a lease only if unchanged since it was read. Returns false if it changed.
     fn delete_lease(&self, lease: &Lease) -> impl Future<Output = Result<bool, EtcdError>> + Send;
     /// One keep-alive of an etcd lease. Returns its new TTL, or None if the lease is gone.

@@ -380,13 +380,39 @@ async fn a_full_network_fails_acquire_and_reacquire_waits_for_a_free_subnet() {
     while !seen.iter().any(|e| matches!(e, Event::OwnLease(_))) {
         seen.push(next(&mut rx).await);
     }
+    // The lease as written, its revision included.
     assert!(
-        seen.contains(&Event::OwnLease(Lease {
-            mod_revision: 0,
-            ..store.get(&two).unwrap()
-        })),
+        seen.contains(&Event::OwnLease(store.get(&two).unwrap())),
         "{seen:?}"
     );
     // The try at 7 s (2 s after the peer left) takes its subnet.
     assert_eq!(t0.elapsed(), Duration::from_secs(2));
+    // The peer's removal, queued while we re-acquired, was written before we took its subnet:
+    // it is the peer's (PeerRemoved after the grace period, its routes go), not a loss of ours
+    // (no second re-acquisition).
+    let peer_two = Lease {
+        attrs: attrs(3),
+        etcd_lease: 0,
+        ..store.get(&two).unwrap()
+    };
+    pass(Duration::from_secs(3)).await;
+    let mut later = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        later.push(e);
+    }
+    seen.extend(later);
+    assert!(
+        seen.iter().any(
+            |e| matches!(e, Event::PeerRemoved(l) if l.key == two && l.attrs == peer_two.attrs)
+        ),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.iter()
+            .filter(|e| matches!(e, Event::OwnLease(_)))
+            .count(),
+        1,
+        "{seen:?}"
+    );
+    assert_eq!(load(&stats.reacquisitions), 1);
 }
