@@ -30,6 +30,24 @@ pub struct Cached {
     pub additionals: Vec<Record>,
 }
 
+impl Cached {
+    /// An upstream answer's rcode and records (its OPT record left out).
+    pub fn from_message(msg: &Message) -> Cached {
+        let keep = |rs: &[Record]| -> Vec<Record> {
+            rs.iter()
+                .filter(|r| r.record_type() != RecordType::OPT)
+                .cloned()
+                .collect()
+        };
+        Cached {
+            rcode: msg.metadata.response_code,
+            answers: keep(&msg.answers),
+            authorities: keep(&msg.authorities),
+            additionals: keep(&msg.additionals),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct CacheLimits {
     /// Upper bound on the estimated bytes of all entries.
@@ -169,18 +187,7 @@ impl Cache {
         if life.is_zero() {
             return;
         }
-        let keep = |rs: &[Record]| -> Vec<Record> {
-            rs.iter()
-                .filter(|r| r.record_type() != RecordType::OPT)
-                .cloned()
-                .collect()
-        };
-        let answer = Cached {
-            rcode: msg.metadata.response_code,
-            answers: keep(&msg.answers),
-            authorities: keep(&msg.authorities),
-            additionals: keep(&msg.additionals),
-        };
+        let answer = Cached::from_message(msg);
         let size = 128
             + key.name.len()
             + answer

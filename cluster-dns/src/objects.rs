@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
 use prometheus_client::metrics::counter::Counter;
 use registry::pods::{parse_pod_key, pods_prefix};
 use registry::{Endpoints, Kind, Object, Pod, PodRecord, Service};
@@ -88,17 +87,10 @@ impl Objects {
                 return false;
             }
             let obj = value.and_then(|v| {
-                match registry::store::decode(&self.prefix, key, v, mod_revision) {
-                    Ok(o) => match registry::validate(&o, Ipv4Net::default()) {
-                        Ok(()) => Some(o),
-                        Err(e) => {
-                            tracing::warn!(key, error = %e, "cluster DNS: ignoring an invalid object");
-                            self.invalid_objects.inc();
-                            None
-                        }
-                    },
+                match registry::follow::checked_object(&self.prefix, key, v, mod_revision) {
+                    Ok(o) => Some(o),
                     Err(e) => {
-                        tracing::warn!(key, error = %e, "cluster DNS: ignoring an object that does not decode");
+                        tracing::warn!(key, "cluster DNS: {e}");
                         self.invalid_objects.inc();
                         None
                     }

@@ -246,18 +246,7 @@ impl Shared {
                 let mut cache = lock(&self.cache);
                 cache.insert(key, &m, Instant::now());
                 self.metrics.cache_entries.set(cache.len() as i64);
-                let keep = |rs: &[hickory_proto::rr::Record]| {
-                    rs.iter()
-                        .filter(|r| r.record_type() != hickory_proto::rr::RecordType::OPT)
-                        .cloned()
-                        .collect()
-                };
-                Some(Cached {
-                    rcode: m.metadata.response_code,
-                    answers: keep(&m.answers),
-                    authorities: keep(&m.authorities),
-                    additionals: keep(&m.additionals),
-                })
+                Some(Cached::from_message(&m))
             }
             Err(e) => {
                 self.metrics.upstream_errors.inc();

@@ -9,7 +9,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use etcd_access::Connection;
-use ipnet::Ipv4Net;
 use nft::{NftCommand, Runner};
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
@@ -165,19 +164,10 @@ impl Cache {
                 return false;
             }
             let obj = value.and_then(|v| {
-                match registry::store::decode(&self.prefix, key, v, mod_revision) {
-                    // flannelctl validates what it writes; anything else that reaches etcd
-                    // is checked here, so one broken object cannot break the table.
-                    Ok(o) => match registry::validate(&o, Ipv4Net::default()) {
-                        Ok(()) => Some(o),
-                        Err(e) => {
-                            tracing::warn!(key, error = %e, "ignoring an invalid object");
-                            self.invalid_objects.inc();
-                            None
-                        }
-                    },
+                match registry::follow::checked_object(&self.prefix, key, v, mod_revision) {
+                    Ok(o) => Some(o),
                     Err(e) => {
-                        tracing::warn!(key, error = %e, "ignoring an object that does not decode");
+                        tracing::warn!(key, "network policy: {e}");
                         self.invalid_objects.inc();
                         None
                     }

@@ -9,7 +9,33 @@ use std::time::Duration;
 use etcd_access::Connection;
 use etcd_client::{EventType, GetOptions, WatchOptions, WatchResponse};
 use futures::StreamExt;
+use ipnet::Ipv4Net;
 use tokio::sync::watch;
+
+/// Why a followed value is ignored.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejected {
+    #[error("ignoring an object that does not decode: {0}")]
+    Decode(#[from] crate::DecodeError),
+    #[error("ignoring an invalid object: {0}")]
+    Invalid(#[from] crate::ValidationErrors),
+}
+
+/// The object a followed registry value holds, decoded ([`crate::decode`]) and valid by the
+/// API server's rules ([`crate::validate`]). flannelctl validates what it writes; anything
+/// else that reaches etcd is checked here, so whoever can write one key cannot break a data
+/// plane or put text of their choosing in it. Followers log and count a rejection and treat
+/// the value as absent.
+pub fn checked_object(
+    prefix: &str,
+    key: &str,
+    value: &[u8],
+    mod_revision: i64,
+) -> Result<crate::Object, Rejected> {
+    let o = crate::decode(prefix, key, value, mod_revision)?;
+    crate::validate(&o, Ipv4Net::default())?;
+    Ok(o)
+}
 
 /// What a follower does with the keys and when to touch its data plane.
 pub trait Follower {

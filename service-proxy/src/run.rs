@@ -112,19 +112,10 @@ impl Cache {
             }
             let k = (ns.unwrap_or_default(), name);
             let obj = value.and_then(|v| {
-                match registry::store::decode(&self.prefix, key, v, mod_revision) {
-                    // flannelctl validates what it writes; anything else that reaches etcd
-                    // is checked here, as the policy module does.
-                    Ok(o) => match registry::validate(&o, Ipv4Net::default()) {
-                        Ok(()) => Some(o),
-                        Err(e) => {
-                            tracing::warn!(key, error = %e, "ignoring an invalid object");
-                            self.invalid_objects.inc();
-                            None
-                        }
-                    },
+                match registry::follow::checked_object(&self.prefix, key, v, mod_revision) {
+                    Ok(o) => Some(o),
                     Err(e) => {
-                        tracing::warn!(key, error = %e, "ignoring an object that does not decode");
+                        tracing::warn!(key, "service proxy: {e}");
                         self.invalid_objects.inc();
                         None
                     }

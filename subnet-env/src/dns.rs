@@ -11,7 +11,7 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use crate::{file, SubnetEnvError, MAX_SIZE, MODE};
+use crate::{key_values, read_text, write_text, SubnetEnvError};
 
 /// The file name, in the subnet file's directory.
 pub const FILE_NAME: &str = "cluster-dns.env";
@@ -91,21 +91,14 @@ impl ClusterDnsEnv {
             domain: String::new(),
             options: Vec::new(),
         };
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
+        for (line, k, v) in key_values(text, path)? {
             let perr = |msg: String| SubnetEnvError::Parse {
                 path: path.to_string(),
-                line: i + 1,
+                line,
                 msg,
             };
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| perr(format!("expected KEY=VALUE, got {line:?}")))?;
             let items = || v.split(',').map(str::trim).filter(|s| !s.is_empty());
-            match k.trim() {
+            match k {
                 "FLANNEL_DNS_NAMESERVERS" => {
                     env.nameservers = items()
                         .map(|a| a.parse().map_err(|_| perr(format!("bad address {a:?}"))))
@@ -145,35 +138,20 @@ impl ClusterDnsEnv {
 
     /// Reads the file; `Ok(None)` when there is none.
     pub fn read(path: &Path) -> Result<Option<Self>, SubnetEnvError> {
-        let name = path.display().to_string();
-        let io = |source| SubnetEnvError::Io {
-            path: name.clone(),
-            source,
-        };
-        let bytes = match file::read_limited(path, MAX_SIZE) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(e)),
-        };
-        let text = String::from_utf8(bytes).map_err(|e| {
-            io(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("not UTF-8: {e}"),
-            ))
-        })?;
-        Self::parse(&text, &name).map(Some)
+        match read_text(path) {
+            Ok(text) => Self::parse(&text, &path.display().to_string()).map(Some),
+            Err(SubnetEnvError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes the file atomically.
     pub fn write(&self, path: &Path) -> Result<(), SubnetEnvError> {
-        let io = |source| SubnetEnvError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        file::write_atomic(path, self.render().as_bytes(), MODE).map_err(io)
+        write_text(path, &self.render())
     }
 
     /// Removes the file (absent is fine).

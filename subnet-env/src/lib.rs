@@ -54,6 +54,55 @@ pub enum SubnetEnvError {
     Missing { path: String, key: &'static str },
 }
 
+/// The `KEY=VALUE` lines of an env-style file (blank lines and `#` comments skipped), with
+/// their 1-based line numbers; `path` names the file in errors.
+pub(crate) fn key_values<'a>(
+    text: &'a str,
+    path: &str,
+) -> Result<Vec<(usize, &'a str, &'a str)>, SubnetEnvError> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line.split_once('=').ok_or_else(|| SubnetEnvError::Parse {
+            path: path.to_string(),
+            line: i + 1,
+            msg: format!("expected KEY=VALUE, got {line:?}"),
+        })?;
+        out.push((i + 1, k.trim(), v));
+    }
+    Ok(out)
+}
+
+/// A node state file's text: a regular file of at most [`MAX_SIZE`] bytes, UTF-8.
+pub(crate) fn read_text(path: &Path) -> Result<String, SubnetEnvError> {
+    let io = |source| SubnetEnvError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let bytes = file::read_limited(path, MAX_SIZE).map_err(io)?;
+    String::from_utf8(bytes).map_err(|e| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8: {e}"),
+        ))
+    })
+}
+
+/// Writes a node state file atomically with mode [`MODE`], creating its directory.
+pub(crate) fn write_text(path: &Path, text: &str) -> Result<(), SubnetEnvError> {
+    let io = |source| SubnetEnvError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    file::write_atomic(path, text.as_bytes(), MODE).map_err(io)
+}
+
 /// First host address of a subnet with the subnet's prefix, as flannel writes FLANNEL_SUBNET.
 fn first_host_v4(net: Ipv4Net) -> String {
     let ip = Ipv4Addr::from(u32::from(net.network()).wrapping_add(1));
@@ -97,21 +146,14 @@ impl SubnetEnv {
             ip_masq: false,
         };
         let mut have_mtu = false;
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
+        for (line, k, v) in key_values(text, path)? {
             let perr = |msg: String| SubnetEnvError::Parse {
                 path: path.to_string(),
-                line: i + 1,
+                line,
                 msg,
             };
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| perr(format!("expected KEY=VALUE, got {line:?}")))?;
             let v = v.trim().trim_matches('"');
-            match k.trim() {
+            match k {
                 "FLANNEL_NETWORK" => {
                     env.network = Some(v.parse().map_err(|_| perr(format!("bad CIDR {v:?}")))?)
                 }
@@ -157,32 +199,13 @@ impl SubnetEnv {
 
     /// Reads and parses a subnet file: a regular file of at most [`MAX_SIZE`] bytes.
     pub fn read(path: &Path) -> Result<Self, SubnetEnvError> {
-        let name = path.display().to_string();
-        let io = |source| SubnetEnvError::Io {
-            path: name.clone(),
-            source,
-        };
-        let bytes = file::read_limited(path, MAX_SIZE).map_err(io)?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            io(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("not UTF-8: {e}"),
-            ))
-        })?;
-        Self::parse(&text, &name)
+        Self::parse(&read_text(path)?, &path.display().to_string())
     }
 
     /// Writes the file atomically with mode [`MODE`] ([`file::write_atomic`]), creating the
     /// directory if needed.
     pub fn write(&self, path: &Path) -> Result<(), SubnetEnvError> {
-        let io = |source| SubnetEnvError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        file::write_atomic(path, self.render().as_bytes(), MODE).map_err(io)
+        write_text(path, &self.render())
     }
 }
 
