@@ -47,8 +47,11 @@ pub fn peer_route(lease: &Lease, ext: &ExternalInterface) -> PeerRoute {
             ext.network()
         ));
     }
+    let Some(dst) = lease.key.ipv4 else {
+        return PeerRoute::Unrouted("no IPv4 subnet".into());
+    };
     PeerRoute::Route(Route {
-        dst: lease.key.ipv4,
+        dst,
         gateway: Some(gw),
         oif: ext.index,
         onlink: false,
@@ -134,7 +137,7 @@ impl Backend for HostGwBackend {
     }
 
     async fn set_lease(&mut self, own: &Lease) -> Result<(), BackendError> {
-        self.own = Some(own.key.ipv4);
+        self.own = own.key.ipv4;
         self.peers.remove(&own.key);
         Ok(())
     }

@@ -119,7 +119,7 @@ impl PeerTable {
     pub fn subnets(&self, t: &str, of: bool) -> Vec<Ipv4Net> {
         self.leases()
             .filter(|l| (l.attrs.data_plane() == t) == of)
-            .map(|l| l.key.ipv4)
+            .filter_map(|l| l.key.ipv4)
             .collect()
     }
 }

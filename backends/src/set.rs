@@ -329,7 +329,7 @@ impl BackendSet {
             }
         }
         if !self.runs("host-gw") {
-            let own = self.own.as_ref().map(|l| l.key.ipv4);
+            let own = self.own.as_ref().and_then(|l| l.key.ipv4);
             // vxlan DirectRouting routes look the same; those of vxlan peers stay.
             let vxlan_peers = self.peers.subnets("vxlan", true);
             let stale: Vec<_> = match nl.routes().await {

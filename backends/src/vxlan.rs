@@ -143,7 +143,9 @@ pub fn peer_plan(lease: &Lease, cfg: &VxlanConfig, ext: &ExternalInterface) -> P
     if data.vni != 0 && data.vni != cfg.vni {
         return PeerPlan::Ignored(format!("VNI {} differs from ours ({})", data.vni, cfg.vni));
     }
-    let subnet = lease.key.ipv4;
+    let Some(subnet) = lease.key.ipv4 else {
+        return PeerPlan::Ignored("no IPv4 subnet".into());
+    };
     let public_ip = lease.attrs.public_ip;
     if cfg.direct_routing && ext.network().contains(&public_ip) {
         return PeerPlan::Direct { subnet, public_ip };
@@ -413,7 +415,7 @@ impl Backend for VxlanBackend {
     }
 
     async fn set_lease(&mut self, own: &Lease) -> Result<(), BackendError> {
-        self.own = Some(own.key.ipv4);
+        self.own = own.key.ipv4;
         self.peers.remove(&own.key);
         self.ensure_address().await?;
         Ok(())

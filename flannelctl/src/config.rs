@@ -78,8 +78,12 @@ pub fn network_change_blocked(
     }
     let outside: Vec<String> = leases
         .iter()
-        .filter(|k| !new_cfg.fits_v4(k.ipv4))
-        .map(|k| k.ipv4.to_string())
+        .filter(|k| {
+            k.ipv4.is_some_and(|v4| !new_cfg.fits_v4(v4))
+                || (new_cfg.ipv6_network().is_some()
+                    && k.ipv6.is_some_and(|v6| !new_cfg.fits_v6(v6)))
+        })
+        .map(crate::leases::subnets)
         .collect();
     (!outside.is_empty()).then(|| {
         format!(

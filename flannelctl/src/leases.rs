@@ -5,9 +5,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde_json::{json, Value};
-use subnet_lease::{Lease, LeaseStore};
+use subnet_lease::{Lease, LeaseAttrs, LeaseStore, SubnetKey};
 
 use crate::common::{align, EtcdFlags};
 use crate::config::connect;
@@ -35,10 +35,36 @@ pub enum LeasesCmd {
 }
 
 /// SUBNET as given (`10.244.3.0/24` or the key form `10.244.3.0-24`), pure.
-pub fn parse_subnet(text: &str) -> Result<Ipv4Net> {
+pub fn parse_subnet(text: &str) -> Result<IpNet> {
     text.replace('-', "/")
-        .parse::<Ipv4Net>()
-        .with_context(|| format!("{text:?} is not a subnet like 10.244.3.0/24"))
+        .parse::<IpNet>()
+        .with_context(|| format!("{text:?} is not a subnet like 10.244.3.0/24 or fd10:0:0:3::/64"))
+}
+
+/// A lease's subnets for people: `10.5.52.0/24`, `fd10:0:0:11::/64`, or both joined by a comma.
+pub fn subnets(key: &SubnetKey) -> String {
+    let v4 = key.ipv4.map(|n| n.to_string());
+    let v6 = key.ipv6.map(|n| n.to_string());
+    v4.into_iter().chain(v6).collect::<Vec<_>>().join(",")
+}
+
+/// A lease's public address(es): PublicIP, PublicIPv6, or both joined by a comma (an
+/// IPv6-only lease's `"PublicIP":"0.0.0.0"` is not shown).
+pub fn public_ips(a: &LeaseAttrs) -> String {
+    let v4 =
+        (!a.public_ip.is_unspecified() || a.public_ipv6.is_none()).then(|| a.public_ip.to_string());
+    v4.into_iter()
+        .chain(a.public_ipv6.map(|v6| v6.to_string()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether `net` names (one of) the subnet(s) of `key`.
+fn names(key: &SubnetKey, net: IpNet) -> bool {
+    match net {
+        IpNet::V4(n) => key.ipv4 == Some(n),
+        IpNet::V6(n) => key.ipv6 == Some(n),
+    }
 }
 
 /// A lease with the seconds left on its etcd lease (`None`: a reservation, no TTL).
@@ -55,8 +81,8 @@ pub fn table(rows: &[Row]) -> String {
     for r in rows {
         let a = &r.lease.attrs;
         out.push(vec![
-            r.lease.key.ipv4.to_string(),
-            a.public_ip.to_string(),
+            subnets(&r.lease.key),
+            public_ips(a),
             if a.backend_type.is_empty() {
                 "<none>".into()
             } else {
@@ -78,7 +104,7 @@ pub fn json(rows: &[Row]) -> Value {
         rows.iter()
             .map(|r| {
                 json!({
-                    "subnet": r.lease.key.ipv4.to_string(),
+                    "subnet": subnets(&r.lease.key),
                     "key": r.lease.key.to_string(),
                     "attrs": r.lease.attrs,
                     "reservation": r.ttl.is_none(),
@@ -112,7 +138,7 @@ pub async fn fetch(etcd: &EtcdFlags) -> Result<Vec<Row>> {
         };
         rows.push(Row { lease, ttl });
     }
-    rows.sort_by_key(|r| r.lease.key.ipv4);
+    rows.sort_by_key(|r| r.lease.key);
     Ok(rows)
 }
 
@@ -120,7 +146,7 @@ async fn revoke(etcd: &EtcdFlags, subnet: &str) -> Result<()> {
     let net = parse_subnet(subnet)?;
     let reg = connect(etcd).await?;
     let list = reg.list_leases().await?;
-    let Some(lease) = list.leases.into_iter().find(|l| l.key.ipv4 == net) else {
+    let Some(lease) = list.leases.into_iter().find(|l| names(&l.key, net)) else {
         bail!("no lease for {net} (see `flannelctl leases`)");
     };
     if lease.is_reservation() {
@@ -162,16 +188,30 @@ mod tests {
     fn row(subnet: &str, ip: &str, backend: &str, ttl: Option<i64>) -> Row {
         Row {
             lease: Lease {
-                key: SubnetKey {
-                    ipv4: subnet.parse().unwrap(),
-                    ipv6: None,
-                },
+                key: SubnetKey::v4(subnet.parse().unwrap()),
                 attrs: LeaseAttrs::new(ip.parse().unwrap(), backend),
                 etcd_lease: if ttl.is_some() { 7 } else { 0 },
                 mod_revision: 1,
             },
             ttl,
         }
+    }
+
+    #[test]
+    fn dual_stack_and_ipv6_only_leases_show_both_families() {
+        let dual = SubnetKey::parse("10.7.85.0-24&fd10:0:0:11::-64").unwrap();
+        assert_eq!(subnets(&dual), "10.7.85.0/24,fd10:0:0:11::/64");
+        let v6 = SubnetKey::parse("0.0.0.0-0&fd10:0:0:12::-64").unwrap();
+        assert_eq!(subnets(&v6), "fd10:0:0:12::/64");
+        let mut a = LeaseAttrs::new("0.0.0.0".parse().unwrap(), "vxlan");
+        assert_eq!(public_ips(&a), "0.0.0.0");
+        a.public_ipv6 = Some("fd00:210::12".parse().unwrap());
+        assert_eq!(public_ips(&a), "fd00:210::12");
+        a.public_ip = "192.168.210.11".parse().unwrap();
+        assert_eq!(public_ips(&a), "192.168.210.11,fd00:210::12");
+        assert!(names(&v6, "fd10:0:0:12::/64".parse().unwrap()));
+        assert!(!names(&v6, "10.7.85.0/24".parse().unwrap()));
+        assert!(names(&dual, parse_subnet("10.7.85.0-24").unwrap()));
     }
 
     #[test]

@@ -151,7 +151,7 @@ pub async fn run(etcd: &EtcdFlags, args: StatusArgs) -> Result<()> {
         .map(|r| {
             let addr = SocketAddr::from((r.lease.attrs.public_ip, args.health_port));
             let (subnet, backend) = (
-                r.lease.key.ipv4.to_string(),
+                crate::leases::subnets(&r.lease.key),
                 r.lease.attrs.backend_type.clone(),
             );
             std::thread::spawn(move || {

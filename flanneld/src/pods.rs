@@ -55,7 +55,7 @@ pub struct Desired {
 
 fn in_subnet(ip: &IpNet, subnet: &SubnetKey) -> bool {
     match ip.addr() {
-        IpAddr::V4(a) => subnet.ipv4.contains(&a),
+        IpAddr::V4(a) => subnet.ipv4.is_some_and(|n| n.contains(&a)),
         IpAddr::V6(a) => subnet.ipv6.is_some_and(|n| n.contains(&a)),
     }
 }
@@ -99,22 +99,31 @@ pub fn desired(
             continue;
         }
         if let Some(outside) = a.ips.iter().find(|ip| !in_subnet(ip, subnet)) {
-            let v6 = subnet.ipv6.map(|n| format!(" and {n}")).unwrap_or_default();
+            let nets: Vec<String> = (subnet.ipv4.map(|n| n.to_string()).into_iter())
+                .chain(subnet.ipv6.map(|n| n.to_string()))
+                .collect();
             out.skipped.push((
                 a.container_id.clone(),
                 format!(
-                    "pod {ns}/{name}: address {outside} is outside this node's subnet {}{v6}",
-                    subnet.ipv4
+                    "pod {ns}/{name}: address {outside} is outside this node's subnet {}",
+                    nets.join(" and ")
                 ),
             ));
             continue;
         }
         let ips: Vec<IpAddr> = a.ips.iter().map(IpNet::addr).collect();
+        let Some(subnet4) = subnet.ipv4 else {
+            out.skipped.push((
+                a.container_id.clone(),
+                format!("pod {ns}/{name}: this node has no IPv4 subnet"),
+            ));
+            continue;
+        };
         let Some(record) = PodRecord::new(
             &ips,
             &opts.node,
             opts.node_ip,
-            subnet.ipv4,
+            subnet4,
             &a.container_id,
             &a.ifname,
         ) else {
@@ -481,7 +490,7 @@ mod tests {
         assert_eq!(r.ip, Ipv4Addr::new(10, 5, 52, 2));
         assert_eq!(r.ips, vec![IpAddr::from([10, 5, 52, 2])]);
         assert_eq!((r.node.as_str(), r.node_ip), ("node0", opts().node_ip));
-        assert_eq!(r.subnet, subnet().ipv4);
+        assert_eq!(Some(r.subnet), subnet().ipv4);
         assert_eq!((r.container_id.as_str(), r.ifname.as_str()), ("a", "eth0"));
         assert_eq!(d.unnamed, 1);
         let skipped: Vec<&str> = d.skipped.iter().map(|(id, _)| id.as_str()).collect();
@@ -530,10 +539,10 @@ mod tests {
 
     #[test]
     fn dual_stack_and_duplicates() {
-        let dual = SubnetKey {
-            ipv4: "10.5.52.0/24".parse().unwrap(),
-            ipv6: Some("fc00:0:0:34::/64".parse().unwrap()),
-        };
+        let dual = SubnetKey::dual(
+            "10.5.52.0/24".parse().unwrap(),
+            "fc00:0:0:34::/64".parse().unwrap(),
+        );
         let atts = vec![
             att(
                 "new",

@@ -11,7 +11,7 @@ use rand::Rng;
 
 use crate::config::NetConfig;
 use crate::ipmath::{self, Family};
-use crate::lease::{Lease, SubnetKey};
+use crate::lease::{Lease, LeaseAttrs, SubnetKey};
 
 /// How many free subnets the random pick chooses from (flannel's number).
 pub const RANDOM_POOL: usize = 100;
@@ -25,8 +25,8 @@ pub enum AllocError {
         min: String,
         max: String,
     },
-    #[error("EnableIPv4 is false: flannel's etcd lease keys always name an IPv4 subnet, so the etcd subnet manager needs IPv4 enabled")]
-    NoIpv4,
+    #[error("the config enables neither an IPv4 Network nor an IPv6Network")]
+    NoNetwork,
 }
 
 /// What to do to hold a lease.
@@ -47,7 +47,8 @@ pub struct Plan {
     pub stale: Vec<Lease>,
 }
 
-/// Who this node is.
+/// Who this node is: its PublicIP, and its PublicIPv6 when it has one. An IPv6-only node
+/// publishes `"PublicIP":"0.0.0.0"` (as flannel does) and is known by its PublicIPv6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Identity {
     pub public_ip: Ipv4Addr,
@@ -55,19 +56,43 @@ pub struct Identity {
 }
 
 impl Identity {
-    fn owns(&self, lease: &Lease) -> bool {
-        lease.attrs.public_ip == self.public_ip
-            && (self.public_ipv6.is_none() || lease.attrs.public_ipv6 == self.public_ipv6)
+    pub fn of(attrs: &LeaseAttrs) -> Self {
+        Identity {
+            public_ip: attrs.public_ip,
+            public_ipv6: attrs.public_ipv6,
+        }
+    }
+
+    /// Whether `lease` is this node's. With an IPv4 PublicIP: the same PublicIP (and the same
+    /// PublicIPv6 when we have one), flannel's rule. IPv6-only (PublicIP 0.0.0.0): the same
+    /// PublicIPv6 — flannel compares only PublicIP there, so every IPv6-only node would take
+    /// the first one's lease (docs/data-model.md).
+    pub fn owns(&self, lease: &Lease) -> bool {
+        self.owns_attrs(&lease.attrs)
+    }
+
+    pub fn owns_attrs(&self, attrs: &LeaseAttrs) -> bool {
+        if self.public_ip.is_unspecified() {
+            return self.public_ipv6.is_some()
+                && attrs.public_ip.is_unspecified()
+                && attrs.public_ipv6 == self.public_ipv6;
+        }
+        attrs.public_ip == self.public_ip
+            && (self.public_ipv6.is_none() || attrs.public_ipv6 == self.public_ipv6)
     }
 }
 
 fn key_fits(cfg: &NetConfig, key: &SubnetKey) -> bool {
-    cfg.fits_v4(key.ipv4)
-        && match (cfg.ipv6_network(), key.ipv6) {
-            (None, _) => true,
-            (Some(_), Some(v6)) => cfg.fits_v6(v6),
-            (Some(_), None) => false,
-        }
+    let v4 = match (cfg.ipv4_network(), key.ipv4) {
+        (None, None) => true,
+        (Some(_), Some(v4)) => cfg.fits_v4(v4),
+        _ => false,
+    };
+    v4 && match (cfg.ipv6_network(), key.ipv6) {
+        (None, _) => true,
+        (Some(_), Some(v6)) => cfg.fits_v6(v6),
+        (Some(_), None) => false,
+    }
 }
 
 /// The random pool for the `attempt`-th try (1-based): flannel's 100 on the first, doubling
@@ -85,7 +110,9 @@ pub fn plan<R: Rng>(
     pool: usize,
     rng: &mut R,
 ) -> Result<Plan, AllocError> {
-    let network = cfg.ipv4_network().ok_or(AllocError::NoIpv4)?;
+    if cfg.ipv4_network().is_none() && cfg.ipv6_network().is_none() {
+        return Err(AllocError::NoNetwork);
+    }
     let (fitting, stale): (Vec<&Lease>, Vec<&Lease>) = leases
         .iter()
         .filter(|l| me.owns(l))
@@ -113,12 +140,13 @@ pub fn plan<R: Rng>(
         .iter()
         .filter(|l| !stale.iter().any(|s| s.key == l.key))
         .collect();
-    let taken_v4: Vec<Ipv4Net> = others.iter().map(|l| l.key.ipv4).collect();
+    let taken_v4: Vec<Ipv4Net> = others.iter().filter_map(|l| l.key.ipv4).collect();
     let taken_v6: Vec<Ipv6Net> = others.iter().filter_map(|l| l.key.ipv6).collect();
 
     if let Some(prev) = previous {
+        let v4_free = prev.ipv4.is_none_or(|v4| !overlaps(&taken_v4, v4));
         let v6_free = prev.ipv6.is_none_or(|v6| !overlaps(&taken_v6, v6));
-        if key_fits(cfg, &prev) && !overlaps(&taken_v4, prev.ipv4) && v6_free {
+        if key_fits(cfg, &prev) && v4_free && v6_free {
             return Ok(Plan {
                 choice: Choice::Create(prev),
                 stale,
@@ -126,15 +154,18 @@ pub fn plan<R: Rng>(
         }
     }
 
-    let ipv4 = pick(
-        network,
-        cfg.subnet_len,
-        cfg.subnet_min,
-        cfg.subnet_max,
-        &taken_v4,
-        pool,
-        rng,
-    )?;
+    let ipv4 = match cfg.ipv4_network() {
+        None => None,
+        Some(network) => Some(pick(
+            network,
+            cfg.subnet_len,
+            cfg.subnet_min,
+            cfg.subnet_max,
+            &taken_v4,
+            pool,
+            rng,
+        )?),
+    };
     let ipv6 = match cfg.ipv6_network() {
         None => None,
         Some(net6) => Some(pick(
@@ -238,7 +269,6 @@ pub fn free_subnets<N: Family>(
 mod tests {
     use super::*;
     use crate::config;
-    use crate::lease::LeaseAttrs;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
@@ -294,8 +324,8 @@ mod tests {
         let Choice::Create(k) = p.choice else {
             panic!("expected a new subnet")
         };
-        assert_eq!(k.ipv4.prefix_len(), 25);
-        assert!(!k.ipv4.contains(&Ipv4Addr::new(10, 5, 4, 0)));
+        assert_eq!(k.ipv4.unwrap().prefix_len(), 25);
+        assert!(!k.ipv4.unwrap().contains(&Ipv4Addr::new(10, 5, 4, 0)));
     }
 
     #[test]
@@ -318,7 +348,7 @@ mod tests {
             let Choice::Create(k) = p.choice else {
                 panic!()
             };
-            assert_ne!(k.ipv4.network(), Ipv4Addr::new(10, 5, 0, 4));
+            assert_ne!(k.ipv4.unwrap().network(), Ipv4Addr::new(10, 5, 0, 4));
         }
     }
 
@@ -379,7 +409,7 @@ mod tests {
             let Choice::Create(k) = p.choice else {
                 panic!()
             };
-            let third = u32::from(k.ipv4.network()) >> 8 & 0xffff;
+            let third = u32::from(k.ipv4.unwrap().network()) >> 8 & 0xffff;
             assert!((2..=101).contains(&third), "{k}");
         }
     }
@@ -450,12 +480,103 @@ mod tests {
         assert_eq!(p.stale.len(), 1);
     }
 
+    fn me6(v6: &str) -> Identity {
+        Identity {
+            public_ip: Ipv4Addr::UNSPECIFIED,
+            public_ipv6: Some(v6.parse().unwrap()),
+        }
+    }
+
+    fn lease6(key: &str, v6: &str, etcd_lease: i64) -> Lease {
+        let mut attrs = LeaseAttrs::new(Ipv4Addr::UNSPECIFIED, "vxlan");
+        attrs.public_ipv6 = Some(v6.parse().unwrap());
+        Lease {
+            key: SubnetKey::parse(key).unwrap(),
+            attrs,
+            etcd_lease,
+            mod_revision: 1,
+        }
+    }
+
     #[test]
-    fn ipv4_disabled_is_refused() {
+    fn ipv6_only_nodes_get_their_own_subnets_and_find_their_own_lease() {
         let c = cfg(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#);
+        let p = plan(&c, &[], me6("fd00::1"), None, RANDOM_POOL, &mut rng()).unwrap();
+        let Choice::Create(k) = p.choice else {
+            panic!("expected a new subnet")
+        };
+        assert_eq!(k.ipv4, None, "no IPv4 part: the key is 0.0.0.0-0&…");
+        assert!(k.to_string().starts_with("0.0.0.0-0&fc00:0:0:"), "{k}");
+        let first = lease6(&k.to_string(), "fd00::1", 5);
+        // A second IPv6-only node (also PublicIP 0.0.0.0) must not take the first one's lease
+        // (flannel would: it compares PublicIP only).
+        let leases = vec![first.clone()];
+        let p = plan(&c, &leases, me6("fd00::2"), None, RANDOM_POOL, &mut rng()).unwrap();
+        let Choice::Create(k2) = p.choice else {
+            panic!("second node must create its own, got {:?}", p.choice)
+        };
+        assert_ne!(k2.ipv6, k.ipv6);
+        assert!(p.stale.is_empty());
+        // The first node finds its own again.
+        let p = plan(&c, &leases, me6("fd00::1"), None, RANDOM_POOL, &mut rng()).unwrap();
+        assert_eq!(p.choice, Choice::Reuse(Box::new(first)));
+        // A dual-stack lease of ours does not fit an IPv6-only config.
+        let mut dual = lease6("10.5.3.0-24&fc00:0:0:7::-64", "fd00::1", 6);
+        dual.attrs.public_ip = Ipv4Addr::new(1, 1, 1, 1);
+        let me_dual = Identity {
+            public_ip: Ipv4Addr::new(1, 1, 1, 1),
+            public_ipv6: Some("fd00::1".parse().unwrap()),
+        };
+        assert!(
+            !me6("fd00::1").owns(&dual),
+            "v6-only identity owns only v6-only leases"
+        );
+        let p = plan(&c, &[dual.clone()], me_dual, None, RANDOM_POOL, &mut rng()).unwrap();
+        assert_eq!(p.stale, vec![dual]);
+    }
+
+    #[test]
+    fn ipv6_only_reuses_the_previous_subnet_and_honours_reservations() {
+        let c = cfg(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#);
+        let prev = SubnetKey::parse("0.0.0.0-0&fc00:0:0:42::-64").unwrap();
+        let p = plan(&c, &[], me6("fd00::1"), Some(prev), RANDOM_POOL, &mut rng()).unwrap();
+        assert_eq!(p.choice, Choice::Create(prev));
+        // Taken by another node: pick something else.
+        let other = lease6("0.0.0.0-0&fc00:0:0:42::-64", "fd00::9", 5);
+        let p = plan(
+            &c,
+            &[other],
+            me6("fd00::1"),
+            Some(prev),
+            RANDOM_POOL,
+            &mut rng(),
+        )
+        .unwrap();
+        let Choice::Create(k) = p.choice else {
+            panic!()
+        };
+        assert_ne!(k, prev);
+        // A reservation (no TTL) for our PublicIPv6 is ours.
+        let res = lease6("0.0.0.0-0&fc00:0:0:7::-64", "fd00::1", 0);
+        let p = plan(
+            &c,
+            std::slice::from_ref(&res),
+            me6("fd00::1"),
+            None,
+            RANDOM_POOL,
+            &mut rng(),
+        )
+        .unwrap();
+        assert_eq!(p.choice, Choice::Reuse(Box::new(res)));
+    }
+
+    #[test]
+    fn no_network_is_refused() {
+        let mut c = cfg(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#);
+        c.enable_ipv6 = false;
         assert_eq!(
             plan(&c, &[], me([1, 1, 1, 1]), None, RANDOM_POOL, &mut rng()).unwrap_err(),
-            AllocError::NoIpv4
+            AllocError::NoNetwork
         );
     }
 }

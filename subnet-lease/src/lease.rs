@@ -80,24 +80,47 @@ impl LeaseAttrs {
     }
 }
 
-/// The subnets a lease key names: always IPv4 (flannel's key format), optionally IPv6.
+/// The subnets a lease key names: IPv4, IPv6 or both (at least one).
+///
+/// flannel's key forms: `10.5.52.0-24` (IPv4), `10.5.52.0-24&fd10:0:0:11::-64` (dual stack) and
+/// `0.0.0.0-0&fd10:0:0:11::-64` for an IPv6-only node (flannel writes its empty IPv4 net there);
+/// the last is `ipv4: None` here, so no code mistakes `0.0.0.0/0` for a subnet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SubnetKey {
-    pub ipv4: Ipv4Net,
+    pub ipv4: Option<Ipv4Net>,
     pub ipv6: Option<Ipv6Net>,
 }
 
 /// A lease key that is not of flannel's form `10.5.52.0-24[&fc00::-64]`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid subnet key {0:?}: expected like 10.5.52.0-24 or 10.5.52.0-24&fc00::-64")]
+#[error("invalid subnet key {0:?}: expected like 10.5.52.0-24, 10.5.52.0-24&fc00::-64 or 0.0.0.0-0&fc00::-64")]
 pub struct BadKey(pub String);
 
 impl SubnetKey {
     pub fn v4(ipv4: Ipv4Net) -> Self {
-        SubnetKey { ipv4, ipv6: None }
+        SubnetKey {
+            ipv4: Some(ipv4),
+            ipv6: None,
+        }
     }
 
-    /// Parses the last path element of a lease key.
+    pub fn dual(ipv4: Ipv4Net, ipv6: Ipv6Net) -> Self {
+        SubnetKey {
+            ipv4: Some(ipv4),
+            ipv6: Some(ipv6),
+        }
+    }
+
+    pub fn v6(ipv6: Ipv6Net) -> Self {
+        SubnetKey {
+            ipv4: None,
+            ipv6: Some(ipv6),
+        }
+    }
+
+    /// Parses the last path element of a lease key, as flannel's key pattern
+    /// `(\d+\.\d+.\d+.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$` reads it (IPv6 part lowercase),
+    /// and refuses host bits.
     pub fn parse(text: &str) -> Result<Self, BadKey> {
         let bad = || BadKey(text.to_string());
         let (v4, v6) = match text.split_once('&') {
@@ -106,34 +129,56 @@ impl SubnetKey {
         };
         let parse_net = |s: &str| -> Option<(String, u8)> {
             let (addr, len) = s.rsplit_once('-')?;
+            if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) || len.len() > 3 {
+                return None;
+            }
             let len: u8 = len.parse().ok()?;
             Some((addr.to_string(), len))
         };
         let (a4, l4) = parse_net(v4).ok_or_else(bad)?;
         let a4: Ipv4Addr = a4.parse().map_err(|_| bad())?;
-        let ipv4 = Ipv4Net::new(a4, l4).map_err(|_| bad())?;
-        if ipv4.trunc() != ipv4 {
-            return Err(bad());
-        }
+        let ipv4 = if a4.is_unspecified() && l4 == 0 {
+            // flannel's IPv6-only form: valid only with an IPv6 part.
+            None
+        } else {
+            let net = Ipv4Net::new(a4, l4).map_err(|_| bad())?;
+            if net.trunc() != net || l4 == 0 {
+                return Err(bad());
+            }
+            Some(net)
+        };
         let ipv6 = match v6 {
             None => None,
             Some(v6) => {
                 let (a6, l6) = parse_net(v6).ok_or_else(bad)?;
+                if a6.is_empty()
+                    || !a6
+                        .bytes()
+                        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f' | b':'))
+                {
+                    return Err(bad());
+                }
                 let a6: Ipv6Addr = a6.parse().map_err(|_| bad())?;
                 let net = Ipv6Net::new(a6, l6).map_err(|_| bad())?;
-                if net.trunc() != net {
+                if net.trunc() != net || l6 == 0 {
                     return Err(bad());
                 }
                 Some(net)
             }
         };
+        if ipv4.is_none() && ipv6.is_none() {
+            return Err(bad());
+        }
         Ok(SubnetKey { ipv4, ipv6 })
     }
 }
 
 impl fmt::Display for SubnetKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.ipv4.network(), self.ipv4.prefix_len())?;
+        match self.ipv4 {
+            Some(v4) => write!(f, "{}-{}", v4.network(), v4.prefix_len())?,
+            None => f.write_str("0.0.0.0-0")?,
+        }
         if let Some(v6) = self.ipv6 {
             write!(f, "&{}-{}", v6.network(), v6.prefix_len())?;
         }
@@ -158,8 +203,14 @@ impl Lease {
         self.etcd_lease == 0
     }
 
-    pub fn subnet(&self) -> Ipv4Net {
+    /// The IPv4 subnet; `None` for an IPv6-only lease.
+    pub fn subnet(&self) -> Option<Ipv4Net> {
         self.key.ipv4
+    }
+
+    /// The IPv6 subnet; `None` for an IPv4-only lease.
+    pub fn subnet6(&self) -> Option<Ipv6Net> {
+        self.key.ipv6
     }
 }
 
@@ -214,13 +265,54 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_and_ipv6_only_values_round_trip_byte_for_byte() {
+        // flannel v0.20.2's dual-stack vxlan lease (checked by running it; two VTEP MACs).
+        let dual = r#"{"PublicIP":"192.168.210.11","PublicIPv6":"fd00:210::11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:02"}}"#;
+        let a: LeaseAttrs = serde_json::from_str(dual).unwrap();
+        assert_eq!(a.public_ipv6, Some("fd00:210::11".parse().unwrap()));
+        assert!(a.backend_v6_data.is_some());
+        assert_eq!(a.to_json(), dual);
+        // host-gw dual stack: no data at all.
+        let hostgw =
+            r#"{"PublicIP":"192.168.210.11","PublicIPv6":"fd00:210::11","BackendType":"host-gw"}"#;
+        let a: LeaseAttrs = serde_json::from_str(hostgw).unwrap();
+        assert_eq!(a.to_json(), hostgw);
+        // IPv6-only: flannel leaves PublicIP at its zero value.
+        let v6only = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:210::12","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"aa:bb:cc:00:00:03"}}"#;
+        let a: LeaseAttrs = serde_json::from_str(v6only).unwrap();
+        assert!(a.public_ip.is_unspecified());
+        assert_eq!(a.backend_data, None);
+        assert_eq!(a.to_json(), v6only);
+    }
+
+    #[test]
     fn keys() {
         let k = SubnetKey::parse("10.5.52.0-24").unwrap();
-        assert_eq!(k.ipv4, "10.5.52.0/24".parse::<Ipv4Net>().unwrap());
+        assert_eq!(k.ipv4, Some("10.5.52.0/24".parse::<Ipv4Net>().unwrap()));
         assert_eq!(k.to_string(), "10.5.52.0-24");
         let k = SubnetKey::parse("10.5.52.0-24&fc00::-64").unwrap();
         assert_eq!(k.ipv6, Some("fc00::/64".parse().unwrap()));
         assert_eq!(k.to_string(), "10.5.52.0-24&fc00::-64");
+        // What flannel v0.20.2 wrote in a dual-stack cluster (checked by running it).
+        let k = SubnetKey::parse("10.7.85.0-24&fd10:0:0:11::-64").unwrap();
+        assert_eq!(k.to_string(), "10.7.85.0-24&fd10:0:0:11::-64");
+        // flannel's IPv6-only form: the empty IPv4 net.
+        let k = SubnetKey::parse("0.0.0.0-0&fd10:0:0:11::-64").unwrap();
+        assert_eq!(k, SubnetKey::v6("fd10:0:0:11::/64".parse().unwrap()));
+        assert_eq!(k.to_string(), "0.0.0.0-0&fd10:0:0:11::-64");
+        for bad in [
+            "0.0.0.0-0",
+            "0.0.0.0-0&",
+            "0.0.0.0-0&::-0",
+            "10.0.0.0-0",
+            "10.5.52.0-24&FD10::-64",
+            "10.5.52.0-24&fd10::-+64",
+            "10.5.52.0-+24",
+            "10.5.52.0-24&fd10::-129",
+            "10.5.52.0-24&::ffff:1.2.3.4-64",
+        ] {
+            assert!(SubnetKey::parse(bad).is_err(), "{bad}");
+        }
         for bad in [
             "",
             "10.5.52.0",

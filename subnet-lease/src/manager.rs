@@ -54,7 +54,7 @@ pub enum LeaseError {
 
 fn keys(k: &[SubnetKey]) -> String {
     k.iter()
-        .map(|k| k.ipv4.to_string())
+        .map(|k| k.to_string())
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -225,10 +225,7 @@ impl<R: LeaseStore> LeaseManager<R> {
     }
 
     fn identity(&self) -> Identity {
-        Identity {
-            public_ip: self.attrs.public_ip,
-            public_ipv6: self.attrs.public_ipv6,
-        }
+        Identity::of(&self.attrs)
     }
 
     /// Acquires a lease: our existing one, else `previous` (from the subnet file) if free,
@@ -468,7 +465,7 @@ impl<R: LeaseStore> LeaseManager<R> {
                         if lease.key == own.key
                             && lease.mod_revision < own.mod_revision
                         {
-                            let peer = matches!(&change, Change::Removed(l) if l.attrs.public_ip != own.attrs.public_ip);
+                            let peer = matches!(&change, Change::Removed(l) if !Identity::of(&own.attrs).owns(l));
                             if peer {
                                 if let Some(ev) = removals.change(change, Instant::now()) {
                                     if events.send(ev).await.is_err() {
@@ -479,7 +476,7 @@ impl<R: LeaseStore> LeaseManager<R> {
                             continue;
                         }
                         if lease.key == own.key {
-                            let ours = lease.attrs.public_ip == own.attrs.public_ip;
+                            let ours = Identity::of(&own.attrs).owns(lease);
                             match &change {
                                 Change::Removed(_) => {
                                     tracing::warn!(subnet = %own.key, "our lease was deleted; re-acquiring");
@@ -521,7 +518,7 @@ impl<R: LeaseStore> LeaseManager<R> {
         let find = |list: crate::store::LeaseList| {
             list.leases
                 .into_iter()
-                .find(|l| l.key == own.key && l.attrs.public_ip == own.attrs.public_ip)
+                .find(|l| l.key == own.key && Identity::of(&own.attrs).owns(l))
         };
         // From now on this node publishes `attrs`, also when the lease has to be re-acquired.
         self.attrs = attrs.clone();

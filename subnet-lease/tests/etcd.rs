@@ -102,7 +102,7 @@ async fn fifty_concurrent_joiners_get_distinct_non_overlapping_subnets() {
     }
     let mut subnets: Vec<Ipv4Net> = Vec::new();
     for t in tasks {
-        subnets.push(t.await.unwrap().key.ipv4);
+        subnets.push(t.await.unwrap().key.ipv4.unwrap());
     }
     let distinct: HashSet<_> = subnets.iter().collect();
     assert_eq!(distinct.len(), 50, "{subnets:?}");
@@ -634,7 +634,7 @@ async fn own_lease_outside_a_changed_network_is_kept_unless_released() {
         ..fast()
     };
     let new = node(opts).acquire(Some(old.key)).await.unwrap();
-    assert!(changed.fits_v4(new.key.ipv4), "{}", new.key);
+    assert!(changed.fits_v4(new.key.ipv4.unwrap()), "{}", new.key);
     assert_eq!(keys(env.reg.list_leases().await.unwrap()), vec![new.key]);
 }
 
@@ -672,5 +672,54 @@ async fn an_ipv6_endpoint_in_brackets_works() {
         fast(),
     );
     let lease = mgr.acquire(None).await.unwrap();
-    assert!(lease.key.ipv4.prefix_len() == 24, "{lease:?}");
+    assert!(lease.key.ipv4.unwrap().prefix_len() == 24, "{lease:?}");
+}
+
+/// IPv6-only nodes (all publishing `"PublicIP":"0.0.0.0"`) each get their own `0.0.0.0-0&…`
+/// key in a real etcd, and a restarted one finds its own lease by PublicIPv6 (flannel would
+/// hand the first node's lease to the second: it compares PublicIP only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_only_nodes_hold_distinct_leases_found_by_public_ipv6() {
+    let Some(env) =
+        Env::start(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10::/48"}"#).await
+    else {
+        return;
+    };
+    let node = |i: u16| {
+        let mut attrs = LeaseAttrs::new(Ipv4Addr::UNSPECIFIED, "alloc");
+        attrs.public_ipv6 = Some(std::net::Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, i));
+        let opts = env.opts.clone();
+        async move {
+            let reg = EtcdLeaseStore::connect(&opts).await.unwrap();
+            let text = reg.get_config().await.unwrap().unwrap();
+            let cfg = config::parse(&text).unwrap().config;
+            LeaseManager::new(reg, cfg, attrs, fast())
+        }
+    };
+    let first = node(1).await.acquire(None).await.unwrap();
+    let second = node(2).await.acquire(None).await.unwrap();
+    assert_eq!(first.key.ipv4, None);
+    assert_ne!(first.key, second.key);
+    assert!(
+        first.key.to_string().starts_with("0.0.0.0-0&fd10:0:0:"),
+        "{}",
+        first.key
+    );
+    let again = node(1).await.acquire(None).await.unwrap();
+    assert_eq!(again.key, first.key);
+    assert_eq!(again.etcd_lease, first.etcd_lease);
+    let resp = env
+        .reg
+        .client()
+        .get(format!("{}/subnets/{}", env.opts.prefix, second.key), None)
+        .await
+        .unwrap();
+    let value = String::from_utf8_lossy(resp.kvs()[0].value()).into_owned();
+    assert_eq!(
+        value,
+        r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:210::2","BackendType":"alloc"}"#
+    );
+    // Both are listed back with their IPv6-only keys.
+    let list = env.reg.list_leases().await.unwrap();
+    assert_eq!(list.leases.len(), 2, "{:?}", list.leases);
 }

@@ -106,11 +106,12 @@ impl UdpStats {
 }
 
 /// Where a peer's datagrams come from and ours to it go (whatever its lease's type).
-fn udp_peer(l: &Lease, port: u16) -> UdpPeer {
-    UdpPeer {
-        subnet: l.key.ipv4,
+/// None for an IPv6-only lease: this data plane carries IPv4 only.
+fn udp_peer(l: &Lease, port: u16) -> Option<UdpPeer> {
+    Some(UdpPeer {
+        subnet: l.key.ipv4?,
         addr: SocketAddrV4::new(l.attrs.public_ip, port),
-    }
+    })
 }
 
 /// A peer this backend routes to: its lease advertises udp, or no type at all (flannel's udp
@@ -119,7 +120,7 @@ fn peer_addr(l: &Lease, port: u16) -> Result<UdpPeer, String> {
     if l.attrs.data_plane() != "udp" {
         return Err(format!("backend type {:?}, not udp", l.attrs.backend_type));
     }
-    Ok(udp_peer(l, port))
+    udp_peer(l, port).ok_or_else(|| "no IPv4 subnet".to_string())
 }
 
 /// The running udp backend.
@@ -242,7 +243,7 @@ impl UdpBackend {
         self.stats.clone()
     }
 
-    fn udp_peer(&self, l: &Lease) -> UdpPeer {
+    fn udp_peer(&self, l: &Lease) -> Option<UdpPeer> {
         udp_peer(l, self.cfg.port)
     }
 
@@ -306,9 +307,9 @@ impl Backend for UdpBackend {
     }
 
     async fn set_lease(&mut self, own: &Lease) -> Result<(), BackendError> {
-        self.own = Some(own.key.ipv4);
+        self.own = own.key.ipv4;
         self.peers.remove(&own.key);
-        self.routes.write().unwrap_or_else(|e| e.into_inner()).own = Some(own.key.ipv4);
+        self.routes.write().unwrap_or_else(|e| e.into_inner()).own = own.key.ipv4;
         self.ensure_link_state().await?;
         Ok(())
     }
@@ -325,7 +326,7 @@ impl Backend for UdpBackend {
         for l in self.peers.leases() {
             match self.peer_addr(l) {
                 Ok(p) => peers.push(p),
-                Err(_) => switching.push(self.udp_peer(l)),
+                Err(_) => switching.extend(self.udp_peer(l)),
             }
         }
         let mut r = self.routes.write().unwrap_or_else(|e| e.into_inner());

@@ -46,8 +46,8 @@ pub(super) async fn network_config(reg: &EtcdLeaseStore, backoff: &mut Backoff) 
 
 pub(super) fn previous_subnet(path: &Path) -> Option<SubnetKey> {
     match SubnetEnv::read(path) {
-        Ok(env) => env.subnet.map(|ipv4| SubnetKey {
-            ipv4,
+        Ok(env) => (env.subnet.is_some() || env.ipv6_subnet.is_some()).then_some(SubnetKey {
+            ipv4: env.subnet,
             ipv6: env.ipv6_subnet,
         }),
         Err(subnet_lease::subnet_env::SubnetEnvError::Io { source, .. })

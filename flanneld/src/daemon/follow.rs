@@ -89,7 +89,9 @@ pub(super) async fn follow(
                         .set_lease(l)
                         .await
                         .context("configuring the backend for our new lease")?;
-                    rules.set(host_rules(flags, network, l));
+                    if let Some(r) = host_rules(flags, network, l) {
+                        rules.set(r);
+                    }
                     write_env(flags, &cfg, l, &backend)?;
                     let _ = services.subnet.send(l.key);
                 }

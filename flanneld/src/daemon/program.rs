@@ -26,7 +26,7 @@ pub(super) fn write_subnet_file(
 ) -> Result<()> {
     let env = SubnetEnv {
         network: cfg.ipv4_network(),
-        subnet: Some(lease.key.ipv4),
+        subnet: lease.key.ipv4,
         ipv6_network: cfg.ipv6_network(),
         ipv6_subnet: lease.key.ipv6,
         mtu,
@@ -54,14 +54,15 @@ pub(super) fn write_env(
     )
 }
 
-/// flannel's host rules for our subnet (pure).
-pub(super) fn host_rules(flags: &Flags, network: Ipv4Net, lease: &Lease) -> HostRules {
-    HostRules {
+/// flannel's host rules for our subnet (pure); None for a lease without an IPv4 subnet (the
+/// acquire stage only takes one with IPv4 enabled, whose leases all have one).
+pub(super) fn host_rules(flags: &Flags, network: Ipv4Net, lease: &Lease) -> Option<HostRules> {
+    Some(HostRules {
         network,
-        subnet: lease.key.ipv4,
+        subnet: lease.key.ipv4?,
         forward: flags.iptables_forward_rules,
         ip_masq: flags.ip_masq,
-    }
+    })
 }
 
 /// Runs the stage; returns the keeper of the host rules.
@@ -71,7 +72,9 @@ pub(super) async fn program(
     status: &Status,
 ) -> Result<RuleKeeper> {
     let mut rules = RuleKeeper::new(Nft::default());
-    rules.set(host_rules(flags, leased.network, &leased.lease));
+    if let Some(r) = host_rules(flags, leased.network, &leased.lease) {
+        rules.set(r);
+    }
     leased
         .backend
         .set_lease(&leased.lease)

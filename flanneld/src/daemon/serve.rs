@@ -63,7 +63,7 @@ pub(super) async fn serve(
         Ok(mode) => {
             let node = service_proxy::model::NodeInfo {
                 name: flags.node_name(),
-                subnet: Some(lease.key.ipv4),
+                subnet: lease.key.ipv4,
             };
             let mut opts = service_proxy::run::ProxyOptions::new(mode, node, Some(network));
             opts.userspace.gate = policy_gate
