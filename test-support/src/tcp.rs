@@ -43,15 +43,19 @@ fn serve_tcp(
     port: u16,
     handle: impl Fn(TcpStream, SocketAddr) + Send + 'static,
 ) -> Result<ServerThread, String> {
-    let listener = in_netns(ns, move || TcpListener::bind(("0.0.0.0", port)))?
-        .map_err(|e| format!("bind :{port} in {ns}: {e}"))?;
+    // Both families where the namespace has IPv6 (v4 peers arrive as ::ffff:a.b.c.d and are
+    // shown canonical), else IPv4 only.
+    let listener = in_netns(ns, move || {
+        TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+    })?
+    .map_err(|e| format!("bind :{port} in {ns}: {e}"))?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     Ok(ServerThread::spawn(move |flag| {
         while !flag.load(Ordering::Relaxed) {
             match listener.accept() {
                 Ok((s, peer)) => {
                     let _ = s.set_nonblocking(false);
-                    handle(s, peer);
+                    handle(s, SocketAddr::new(peer.ip().to_canonical(), peer.port()));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
@@ -98,7 +102,7 @@ pub struct UdpWhoAmIServer {
 
 impl UdpWhoAmIServer {
     pub fn start(ns: &str, port: u16) -> Result<UdpWhoAmIServer, String> {
-        let sock = in_netns(ns, move || std::net::UdpSocket::bind(("0.0.0.0", port)))?
+        let sock = in_netns(ns, move || dual_udp(port))?
             .map_err(|e| format!("bind udp :{port} in {ns}: {e}"))?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .map_err(|e| e.to_string())?;
@@ -106,7 +110,8 @@ impl UdpWhoAmIServer {
             let mut buf = [0u8; 2048];
             while !flag.load(Ordering::Relaxed) {
                 if let Ok((_, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(format!("{}\n", from.ip()).as_bytes(), from);
+                    let _ =
+                        sock.send_to(format!("{}\n", from.ip().to_canonical()).as_bytes(), from);
                 }
             }
         });
@@ -114,9 +119,16 @@ impl UdpWhoAmIServer {
     }
 }
 
+/// A UDP socket on `port` for both families where the namespace has IPv6, else IPv4 only.
+fn dual_udp(port: u16) -> std::io::Result<std::net::UdpSocket> {
+    std::net::UdpSocket::bind(("::", port))
+        .or_else(|_| std::net::UdpSocket::bind(("0.0.0.0", port)))
+}
+
 /// Sends one UDP datagram from namespace `ns` to `to`; returns the source address the server saw.
 pub fn udp_whoami(ns: &str, to: SocketAddr, limit: Duration) -> Result<String, String> {
-    let sock = in_netns(ns, || std::net::UdpSocket::bind(("0.0.0.0", 0)))?
+    let any = if to.is_ipv6() { "::" } else { "0.0.0.0" };
+    let sock = in_netns(ns, move || std::net::UdpSocket::bind((any, 0)))?
         .map_err(|e| format!("udp bind in {ns}: {e}"))?;
     sock.set_read_timeout(Some(limit))
         .map_err(|e| e.to_string())?;
@@ -331,7 +343,7 @@ impl IdServer {
             let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
             let local = s
                 .local_addr()
-                .map(|a| a.ip().to_string())
+                .map(|a| a.ip().to_canonical().to_string())
                 .unwrap_or_default();
             let _ = s.write_all(format!("{local} {}\n", peer.ip()).as_bytes());
         })?;
@@ -349,7 +361,7 @@ pub struct UdpIdServer {
 
 impl UdpIdServer {
     pub fn start(ns: &str, addr: &str, port: u16) -> Result<UdpIdServer, String> {
-        let sock = in_netns(ns, move || std::net::UdpSocket::bind(("0.0.0.0", port)))?
+        let sock = in_netns(ns, move || dual_udp(port))?
             .map_err(|e| format!("bind udp :{port} in {ns}: {e}"))?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .map_err(|e| e.to_string())?;
@@ -358,7 +370,10 @@ impl UdpIdServer {
             let mut buf = [0u8; 2048];
             while !flag.load(Ordering::Relaxed) {
                 if let Ok((_, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(format!("{addr} {}\n", from.ip()).as_bytes(), from);
+                    let _ = sock.send_to(
+                        format!("{addr} {}\n", from.ip().to_canonical()).as_bytes(),
+                        from,
+                    );
                 }
             }
         });

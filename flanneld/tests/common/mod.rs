@@ -269,6 +269,29 @@ impl Cni {
         (ns, ip)
     }
 
+    /// [`Cni::add`] for a pod of any family: the namespace and every address of the result
+    /// (IPv4 first where there is one, as host-local orders its ranges).
+    pub fn add_any(
+        &self,
+        tb: &mut Testbed,
+        d: &Daemons,
+        i: usize,
+        namespace: &str,
+        name: &str,
+    ) -> (String, Vec<std::net::IpAddr>) {
+        let (ns, r) = self.add_raw(tb, d, i, namespace, name);
+        let ips = r["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|ip| {
+                let a = ip["address"].as_str().unwrap();
+                a.split('/').next().unwrap().parse().unwrap()
+            })
+            .collect();
+        (ns, ips)
+    }
+
     /// [`Cni::add`], also returning the ADD result.
     pub fn add_result(
         &self,
@@ -278,6 +301,26 @@ impl Cni {
         namespace: &str,
         name: &str,
     ) -> (String, Ipv4Addr, serde_json::Value) {
+        let (ns, r) = self.add_raw(tb, d, i, namespace, name);
+        let ip: Ipv4Addr = r["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        (ns, ip, r)
+    }
+
+    fn add_raw(
+        &self,
+        tb: &mut Testbed,
+        d: &Daemons,
+        i: usize,
+        namespace: &str,
+        name: &str,
+    ) -> (String, serde_json::Value) {
         use cni::chain::ConfList;
         use cni::exec::{Call, PathExec};
         use serde_json::{Map, Value};
@@ -301,14 +344,6 @@ impl Cni {
         })
         .unwrap()
         .unwrap_or_else(|e| panic!("CNI ADD of {namespace}/{name}: {e}"));
-        let ip: Ipv4Addr = r["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        (ns, ip, r)
+        (ns, r)
     }
 }
