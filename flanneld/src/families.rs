@@ -1,37 +1,89 @@
-//! Which address families each backend's data plane carries (pure), and the refusal of a
-//! config that asks for one it does not: with `EnableIPv6` and no IPv6 data plane, pods would
-//! get IPv6 addresses (the subnet file carries `FLANNEL_IPV6_*`) that no node routes, and
-//! flannel nodes would skip our leases for lack of `BackendV6Data`. A clear error beats that
-//! hole; each data plane lifts its row when it carries the family.
+//! Which address families each part of the node carries (pure), and the refusal of a config
+//! that asks for one a running part does not: with `EnableIPv6` and no IPv6 data plane, pods
+//! would get IPv6 addresses (the subnet file carries `FLANNEL_IPV6_*`) that no node routes, and
+//! flannel nodes would skip our leases for lack of `BackendV6Data`; with IPv6 pods and IPv4-only
+//! network policy, IPv6 traffic would pass unpoliced. A clear error beats either hole; each part
+//! lifts its row when it carries the family.
 
 use subnet_lease::config::NetConfig;
 
 /// (backend type, carries IPv4, carries IPv6). `alloc` has no data plane: a lease of either
 /// family is all it promises.
-const FAMILIES: &[(&str, bool, bool)] = &[
+const BACKENDS: &[(&str, bool, bool)] = &[
     ("vxlan", true, false),
     ("host-gw", true, false),
     ("udp", true, false),
     ("alloc", true, true),
 ];
 
-/// `Err` (the message names the setting and the backend) when `cfg` enables a family its
-/// backend does not carry.
-pub fn check(cfg: &NetConfig) -> Result<(), String> {
+/// The optional parts this node runs besides the backend (from the flags).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Parts {
+    /// `--proxy-mode` other than `none`.
+    pub proxy: bool,
+    /// `--network-policy`.
+    pub policy: bool,
+    /// `--cluster-dns`.
+    pub dns: bool,
+}
+
+/// (part, flag, carries IPv4, carries IPv6 alongside IPv4, works without IPv4).
+const PARTS: &[(&str, &str, bool, bool, bool)] = &[
+    // The service proxy serves IPv4 Services in a dual-stack cluster (IPv6 ones are not
+    // served yet: no hole, they are unreachable); it needs the node's IPv4 subnet.
+    ("the service proxy", "--proxy-mode", true, true, false),
+    // Policy must see every packet of a pod: IPv6 pods would bypass an IPv4-only table.
+    ("network policy", "--network-policy", true, false, false),
+    // Cluster DNS listens on IPv4 addresses (IPv4 pods reach it in a dual-stack cluster).
+    ("cluster DNS", "--cluster-dns", true, true, false),
+];
+
+impl Parts {
+    pub fn of(flags: &crate::flags::Flags) -> Self {
+        Parts {
+            proxy: flags.proxy_mode != "none",
+            policy: flags.network_policy,
+            dns: flags.cluster_dns,
+        }
+    }
+}
+
+/// `Err` (the message names the setting, the part and the way out) when `cfg` enables a family
+/// its backend or one of `parts` does not carry.
+pub fn check(cfg: &NetConfig, parts: Parts) -> Result<(), String> {
     let t = cfg.backend.backend_type.as_str();
-    let (v4, v6) = FAMILIES
+    let (v4, v6) = BACKENDS
         .iter()
         .find(|(name, _, _)| *name == t)
         .map_or((false, false), |(_, v4, v6)| (*v4, *v6));
     if cfg.enable_ipv6 && !v6 {
         return Err(format!(
             "EnableIPv6 is true but backend {t} carries IPv4 only here: pods would get IPv6 \
-             addresses that no node routes. Remove EnableIPv6/IPv6Network from the network \
-             config, or use backend alloc (leases only)"
+             addresses that no node routes. Use backend vxlan or host-gw, or remove \
+             EnableIPv6/IPv6Network from the network config"
         ));
     }
     if cfg.enable_ipv4 && !v4 {
         return Err(format!("backend {t} does not carry IPv4"));
+    }
+    let on = [parts.proxy, parts.policy, parts.dns];
+    for (&(part, flag, _, with_v6, without_v4), on) in PARTS.iter().zip(on) {
+        if !on {
+            continue;
+        }
+        if !cfg.enable_ipv4 && !without_v4 {
+            return Err(format!(
+                "EnableIPv4 is false but {part} ({flag}) needs IPv4 in this version; run without \
+                 {flag} or enable IPv4 (dual stack)"
+            ));
+        }
+        if cfg.enable_ipv6 && !with_v6 {
+            return Err(format!(
+                "EnableIPv6 is true but {part} ({flag}) covers IPv4 only in this version: IPv6 \
+                 traffic of pods would not be subject to it. Run without {flag}, or remove \
+                 EnableIPv6/IPv6Network from the network config"
+            ));
+        }
     }
     Ok(())
 }
@@ -45,22 +97,66 @@ mod tests {
         subnet_lease::config::parse(text).unwrap().config
     }
 
+    const NONE: Parts = Parts {
+        proxy: false,
+        policy: false,
+        dns: false,
+    };
+
+    fn dual(t: &str) -> NetConfig {
+        cfg(&format!(
+            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"{t}"}}}}"#
+        ))
+    }
+
+    fn v6only(t: &str) -> NetConfig {
+        cfg(&format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"{t}"}}}}"#
+        ))
+    }
+
     #[test]
     fn ipv6_is_refused_where_no_data_plane_carries_it() {
-        for t in ["vxlan", "host-gw", "udp"] {
-            let c = cfg(&format!(
-                r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"{t}"}}}}"#
-            ));
-            let e = check(&c).unwrap_err();
-            assert!(e.contains("EnableIPv6") && e.contains(t), "{e}");
+        let e = check(&dual("udp"), NONE).unwrap_err();
+        assert!(e.contains("EnableIPv6") && e.contains("udp"), "{e}");
+        let e = check(&v6only("udp"), NONE).unwrap_err();
+        assert!(e.contains("EnableIPv6") && e.contains("udp"), "{e}");
+        assert_eq!(check(&dual("alloc"), NONE), Ok(()));
+        assert_eq!(check(&v6only("alloc"), NONE), Ok(()));
+        for t in ["vxlan", "host-gw", "udp", "alloc"] {
             let c = cfg(&format!(
                 r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{t}"}}}}"#
             ));
-            assert_eq!(check(&c), Ok(()));
+            let all = Parts {
+                proxy: true,
+                policy: true,
+                dns: true,
+            };
+            assert_eq!(check(&c, all), Ok(()), "IPv4 runs everything on {t}");
         }
-        let c = cfg(
-            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"alloc"}}"#,
+    }
+
+    #[test]
+    fn parts_without_ipv6_are_refused_where_they_would_leave_a_hole() {
+        let policy = Parts {
+            policy: true,
+            ..NONE
+        };
+        let e = check(&dual("alloc"), policy).unwrap_err();
+        assert!(
+            e.contains("--network-policy") && e.contains("EnableIPv6"),
+            "{e}"
         );
-        assert_eq!(check(&c), Ok(()));
+        let proxy = Parts {
+            proxy: true,
+            ..NONE
+        };
+        let dns = Parts { dns: true, ..NONE };
+        assert_eq!(check(&dual("alloc"), proxy), Ok(()));
+        assert_eq!(check(&dual("alloc"), dns), Ok(()));
+        for p in [proxy, dns, policy] {
+            let e = check(&v6only("alloc"), p).unwrap_err();
+            assert!(e.contains("EnableIPv4 is false"), "{e}");
+        }
     }
 }

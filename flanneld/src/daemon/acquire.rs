@@ -160,6 +160,7 @@ impl Waiting {
 }
 
 /// Runs the stage; None when a shutdown signal came first.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn lease(
     shutdown: &mut Shutdown,
     reg: &EtcdLeaseStore,
@@ -168,6 +169,7 @@ pub(super) async fn lease(
     opts: ManagerOptions,
     previous: Option<SubnetKey>,
     status: &Status,
+    parts: crate::families::Parts,
 ) -> Result<Option<Leased>> {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     let mut wait_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
@@ -180,7 +182,7 @@ pub(super) async fn lease(
         let Some(network) = cfg.ipv4_network() else {
             bail!("EnableIPv4 is false: this daemon's etcd leases need an IPv4 Network");
         };
-        if let Err(e) = crate::families::check(&cfg) {
+        if let Err(e) = crate::families::check(&cfg, parts) {
             bail!("network config refused: {e}");
         }
         let backend = match started.take() {

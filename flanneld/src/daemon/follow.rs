@@ -57,7 +57,7 @@ pub(super) async fn follow(
             // A backend switch needs every peer: only once they are listed.
             text = services.config_changes.recv(), if listed => {
                 if let Some(text) = text {
-                    if let Some(l) = apply_config(&text, &cfg, &mut requested, &mut backend, &control, status, ext, &mut refused).await {
+                    if let Some(l) = apply_config(&text, &cfg, &mut requested, &mut backend, &control, status, ext, &mut refused, crate::families::Parts::of(flags)).await {
                         own = l;
                         write_env(flags, &cfg, &own, &backend)?;
                         sync(&mut backend, &mut rules, status, listed).await;
@@ -200,6 +200,7 @@ async fn apply_config(
     status: &Status,
     ext: &ExternalInterface,
     refused: &mut Option<String>,
+    parts: crate::families::Parts,
 ) -> Option<Lease> {
     if refused.as_deref() == Some(text) {
         return None;
@@ -243,7 +244,7 @@ async fn apply_config(
         );
         return None;
     }
-    if let Err(e) = crate::families::check(&parsed) {
+    if let Err(e) = crate::families::check(&parsed, parts) {
         refuse(
             "family_unsupported",
             format!("new network config refused, the running one stays: {e}"),

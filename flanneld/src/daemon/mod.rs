@@ -120,6 +120,7 @@ pub async fn run(flags: Flags) -> Result<()> {
         opts,
         previous,
         &status,
+        crate::families::Parts::of(&flags),
     )
     .await?
     else {
