@@ -5,15 +5,16 @@
 //! backend refuses to start, as flannel does. MTU = interface MTU. [`plan`] is the pure diff.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde_json::{Map, Value};
 use subnet_lease::manager::Event;
 use subnet_lease::{Lease, SubnetKey};
 
-use crate::netlink::{Netlink, NetlinkError, Route};
+use crate::netlink::{Family, Netlink, NetlinkError, Route};
 use crate::options::Options;
 use crate::peerlog::PeerLog;
 use crate::{
@@ -51,15 +52,15 @@ pub fn peer_route(lease: &Lease, ext: &ExternalInterface) -> PeerRoute {
         return PeerRoute::Unrouted("no IPv4 subnet".into());
     };
     PeerRoute::Route(Route {
-        dst,
-        gateway: Some(gw),
+        dst: IpNet::V4(dst),
+        gateway: Some(IpAddr::V4(gw)),
         oif: ext.index,
         onlink: false,
     })
 }
 
 /// Routes to delete, then routes to add, to go from `actual` to `desired`.
-pub fn plan(desired: &BTreeMap<Ipv4Net, Route>, actual: &[Route]) -> (Vec<Route>, Vec<Route>) {
+pub fn plan(desired: &BTreeMap<IpNet, Route>, actual: &[Route]) -> (Vec<Route>, Vec<Route>) {
     let del = actual
         .iter()
         .filter(|r| desired.get(&r.dst) != Some(*r))
@@ -114,7 +115,7 @@ impl HostGwBackend {
         let others = self.peers.subnets("host-gw", false);
         Ok(self
             .nl
-            .routes()
+            .routes(Family::V4)
             .await?
             .into_iter()
             .filter(|r| peer_gateway_route(r, &self.ext, self.network, self.own, &others))
@@ -232,7 +233,7 @@ mod tests {
             r,
             PeerRoute::Route(Route {
                 dst: "10.5.2.0/24".parse().unwrap(),
-                gateway: Some(Ipv4Addr::new(172, 30, 0, 12)),
+                gateway: Some(Ipv4Addr::new(172, 30, 0, 12).into()),
                 oif: 2,
                 onlink: false,
             })
@@ -247,11 +248,11 @@ mod tests {
     fn plan_replaces_changed_and_removes_gone_routes() {
         let r = |dst: &str, gw: [u8; 4]| Route {
             dst: dst.parse().unwrap(),
-            gateway: Some(gw.into()),
+            gateway: Some(Ipv4Addr::from(gw).into()),
             oif: 2,
             onlink: false,
         };
-        let desired: BTreeMap<Ipv4Net, Route> = [
+        let desired: BTreeMap<IpNet, Route> = [
             r("10.5.2.0/24", [172, 30, 0, 12]),
             r("10.5.3.0/24", [172, 30, 0, 99]),
         ]
@@ -297,9 +298,9 @@ mod tests {
             0,
             "second reconcile changes nothing"
         );
-        let routes = nl.routes().await.unwrap();
+        let routes = nl.routes(Family::V4).await.unwrap();
         assert!(routes.iter().any(|r| r.dst.to_string() == "10.5.2.0/24"
-            && r.gateway == Some(Ipv4Addr::new(172, 30, 0, 12))));
+            && r.gateway == Some(Ipv4Addr::new(172, 30, 0, 12).into())));
         b.peer_event(&Event::PeerRemoved(lease(
             "10.5.2.0/24",
             [172, 30, 0, 12],
@@ -315,7 +316,7 @@ mod tests {
         // during a switch) is not ours: neither reconcile nor teardown touches it.
         let direct = Route {
             dst: "10.5.9.0/24".parse().unwrap(),
-            gateway: Some(Ipv4Addr::new(172, 30, 0, 19)),
+            gateway: Some(Ipv4Addr::new(172, 30, 0, 19).into()),
             oif: 2,
             onlink: false,
         };
@@ -328,11 +329,11 @@ mod tests {
         b.reconcile().await.unwrap();
         b.teardown().await.unwrap();
         let left: Vec<Route> = nl
-            .routes()
+            .routes(Family::V4)
             .await
             .unwrap()
             .into_iter()
-            .filter(|r| "10.5.0.0/16".parse::<Ipv4Net>().unwrap().contains(&r.dst))
+            .filter(|r| "10.5.0.0/16".parse::<IpNet>().unwrap().contains(&r.dst))
             .collect();
         assert_eq!(left, vec![direct]);
     }

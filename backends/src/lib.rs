@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 pub use alloc::AllocBackend;
 use async_trait::async_trait;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use subnet_lease::manager::Event;
 use subnet_lease::{BackendConfig, Lease, SubnetKey};
 
@@ -126,7 +126,8 @@ impl PeerTable {
 
 /// A route of the kind host-gw and vxlan DirectRouting make for a peer: via a gateway on the
 /// external interface, to a subnet of the Network (longer than the Network itself) that is
-/// neither `own` nor in `skip` (subnets whose routes belong to another backend).
+/// neither `own` nor in `skip` (subnets whose routes belong to another backend). IPv4 only:
+/// an IPv6 route is never one.
 pub fn peer_gateway_route(
     r: &netlink::Route,
     ext: &ExternalInterface,
@@ -134,12 +135,15 @@ pub fn peer_gateway_route(
     own: Option<Ipv4Net>,
     skip: &[Ipv4Net],
 ) -> bool {
+    let IpNet::V4(dst) = r.dst else {
+        return false;
+    };
     r.oif == ext.index
         && r.gateway.is_some()
-        && network.contains(&r.dst)
-        && r.dst.prefix_len() > network.prefix_len()
-        && Some(r.dst) != own
-        && !skip.contains(&r.dst)
+        && network.contains(&dst)
+        && dst.prefix_len() > network.prefix_len()
+        && Some(dst) != own
+        && !skip.contains(&dst)
 }
 
 /// A running backend.

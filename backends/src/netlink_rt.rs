@@ -1,12 +1,14 @@
 //! [`Netlink`] over rtnetlink (pinned 0.24 / netlink-packet-route 0.34).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
 };
@@ -15,12 +17,14 @@ use netlink_packet_route::neighbour::{
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
 };
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::netlink::{
-    Errno, FdbEntry, Link, Mac, Neighbour, Netlink, NetlinkError, Route, VxlanParams,
+    ipv6_conf_path, is_link_local, Errno, Family, FdbEntry, Ipv6Conf, Link, Mac, Neighbour,
+    Netlink, NetlinkError, Route, VxlanParams,
 };
 
 /// Every request is bounded.
@@ -130,7 +134,7 @@ fn parse_link(msg: &rtnetlink::packet_route::link::LinkMessage) -> Link {
                 let mut p = VxlanParams {
                     vni: 0,
                     port: 0,
-                    local: Ipv4Addr::UNSPECIFIED,
+                    local: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                     link: 0,
                     learning: true,
                     gbp: false,
@@ -141,7 +145,8 @@ fn parse_link(msg: &rtnetlink::packet_route::link::LinkMessage) -> Link {
                             match a {
                                 InfoVxlan::Id(v) => p.vni = *v,
                                 InfoVxlan::Port(v) => p.port = *v,
-                                InfoVxlan::Local(v) => p.local = *v,
+                                InfoVxlan::Local(v) => p.local = IpAddr::V4(*v),
+                                InfoVxlan::Local6(v) => p.local = IpAddr::V6(*v),
                                 InfoVxlan::Link(v) => p.link = *v,
                                 InfoVxlan::Learning(v) => p.learning = *v,
                                 InfoVxlan::Gbp => p.gbp = true,
@@ -158,22 +163,156 @@ fn parse_link(msg: &rtnetlink::packet_route::link::LinkMessage) -> Link {
     link
 }
 
-/// The IPv4 destination and link-layer address of a neighbour or FDB message. For AF_BRIDGE
-/// dumps the crate leaves NDA_DST as raw bytes, so both forms are read.
-fn ip_and_mac(m: &NeighbourMessage) -> (Option<Ipv4Addr>, Option<Mac>) {
+/// The destination and link-layer address of a neighbour or FDB message. For AF_BRIDGE
+/// dumps the crate leaves NDA_DST as raw bytes (4 or 16 of them), so both forms are read.
+fn ip_and_mac(m: &NeighbourMessage) -> (Option<IpAddr>, Option<Mac>) {
     let mut ip = None;
     let mut mac = None;
     for a in &m.attributes {
         match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(*v),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => ip = Some(IpAddr::V4(*v)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
+                ip = Some(IpAddr::V6(*v))
+            }
             NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
-                ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                ip = match b.len() {
+                    4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                    16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                    _ => None,
+                }
             }
             NeighbourAttribute::LinkLayerAddress(l) => mac = mac_of(l),
             _ => {}
         }
     }
     (ip, mac)
+}
+
+fn address_family(family: Family) -> AddressFamily {
+    match family {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    }
+}
+
+/// The device address an address message carries: IFA_LOCAL for IPv4 (IFA_ADDRESS is the
+/// peer there), IFA_ADDRESS for IPv6 (which has IFA_LOCAL only on peer addresses, then the
+/// local one).
+fn address_of(m: &AddressMessage) -> Option<IpNet> {
+    let mut local = None;
+    let mut address = None;
+    for a in &m.attributes {
+        match a {
+            AddressAttribute::Local(ip) => local = Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    let ip = match m.header.family {
+        AddressFamily::Inet => local.filter(IpAddr::is_ipv4)?,
+        AddressFamily::Inet6 => local.or(address).filter(IpAddr::is_ipv6)?,
+        _ => return None,
+    };
+    IpNet::new(ip, m.header.prefix_len).ok()
+}
+
+/// The table of a route message (RTA_TABLE when present: it carries ids above 255).
+fn table_of(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+/// One IPv4 route of a dump, as the kernel lists it; None without an output interface.
+fn parse_route_v4(m: &RouteMessage) -> Option<Route> {
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(v)) => dst = *v,
+            RouteAttribute::Gateway(RouteAddress::Inet(v)) => gateway = Some(IpAddr::V4(*v)),
+            RouteAttribute::Oif(v) => oif = Some(*v),
+            _ => {}
+        }
+    }
+    Some(Route {
+        dst: IpNet::V4(Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?),
+        gateway,
+        oif: oif?,
+        onlink: m.header.flags.contains(RouteFlags::Onlink),
+    })
+}
+
+/// One IPv6 route of a dump: unicast with one next hop (no RTA_MULTIPATH, no RTA_VIA), not
+/// the kernel's own (`proto kernel`), not to a link-local destination.
+fn parse_route_v6(m: &RouteMessage) -> Option<Route> {
+    if m.header.kind != RouteType::Unicast || m.header.protocol == RouteProtocol::Kernel {
+        return None;
+    }
+    let mut dst = Ipv6Addr::UNSPECIFIED;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet6(v)) => dst = *v,
+            RouteAttribute::Gateway(RouteAddress::Inet6(v)) => gateway = Some(IpAddr::V6(*v)),
+            RouteAttribute::Oif(v) => oif = Some(*v),
+            RouteAttribute::MultiPath(_) | RouteAttribute::Via(_) => return None,
+            _ => {}
+        }
+    }
+    if is_link_local(&IpAddr::V6(dst)) {
+        return None;
+    }
+    Some(Route {
+        dst: IpNet::V6(Ipv6Net::new(dst, m.header.destination_prefix_length).ok()?),
+        gateway,
+        oif: oif?,
+        onlink: m.header.flags.contains(RouteFlags::Onlink),
+    })
+}
+
+/// The request message of a route (the caller has checked the families match).
+fn route_message(r: &Route) -> RouteMessage {
+    let table = u32::from(RouteHeader::RT_TABLE_MAIN);
+    match r.dst {
+        IpNet::V4(dst) => {
+            let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .output_interface(r.oif)
+                .protocol(RouteProtocol::Boot)
+                .table_id(table);
+            match r.gateway {
+                Some(IpAddr::V4(gw)) => b = b.gateway(gw).scope(RouteScope::Universe),
+                _ => b = b.scope(RouteScope::Link),
+            }
+            if r.onlink {
+                b = b.onlink();
+            }
+            b.build()
+        }
+        IpNet::V6(dst) => {
+            // IPv6 routes are all of scope universe (the kernel ignores the field).
+            let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .output_interface(r.oif)
+                .protocol(RouteProtocol::Boot)
+                .table_id(table)
+                .scope(RouteScope::Universe);
+            if let Some(IpAddr::V6(gw)) = r.gateway {
+                b = b.gateway(gw);
+            }
+            if r.onlink {
+                b = b.onlink();
+            }
+            b.build()
+        }
+    }
 }
 
 impl RtNetlink {
@@ -190,22 +329,22 @@ impl RtNetlink {
             .execute();
         bounded(op, s.try_collect()).await
     }
-}
 
-fn route_message(r: &Route) -> RouteMessage {
-    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(r.dst.network(), r.dst.prefix_len())
-        .output_interface(r.oif)
-        .protocol(RouteProtocol::Boot)
-        .table_id(u32::from(RouteHeader::RT_TABLE_MAIN));
-    match r.gateway {
-        Some(gw) => b = b.gateway(gw).scope(RouteScope::Universe),
-        None => b = b.scope(RouteScope::Link),
+    /// The address messages of device `index` and `family`.
+    async fn dump_addresses(
+        &self,
+        index: u32,
+        family: Family,
+    ) -> Result<Vec<AddressMessage>, NetlinkError> {
+        let mut req = self.handle.address().get().set_link_index_filter(index);
+        req.message_mut().header.family = address_family(family);
+        let msgs: Vec<AddressMessage> =
+            bounded("list addresses", req.execute().try_collect()).await?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.index == index && m.header.family == address_family(family))
+            .collect())
     }
-    if r.onlink {
-        b = b.onlink();
-    }
-    b.build()
 }
 
 #[async_trait]
@@ -233,9 +372,12 @@ impl Netlink for RtNetlink {
         mac: Mac,
         mtu: u32,
     ) -> Result<u32, NetlinkError> {
-        let mut b = LinkVxlan::new(name, p.vni)
-            .dev(p.link)
-            .local(p.local)
+        let mut b = LinkVxlan::new(name, p.vni).dev(p.link);
+        b = match p.local {
+            IpAddr::V4(ip) => b.local(ip),
+            IpAddr::V6(ip) => b.local6(ip),
+        };
+        b = b
             .port(p.port)
             .learning(p.learning)
             .mtu(mtu)
@@ -274,57 +416,36 @@ impl Netlink for RtNetlink {
         .await
     }
 
-    async fn addresses(&self, index: u32) -> Result<Vec<Ipv4Net>, NetlinkError> {
-        let s = self
+    async fn addresses(&self, index: u32, family: Family) -> Result<Vec<IpNet>, NetlinkError> {
+        Ok(self
+            .dump_addresses(index, family)
+            .await?
+            .iter()
+            .filter_map(address_of)
+            .filter(|a| !is_link_local(&a.addr()))
+            .collect())
+    }
+
+    async fn add_address(&self, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
+        let mut req = self
             .handle
             .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
-        let msgs: Vec<AddressMessage> = bounded("list addresses", s.try_collect()).await?;
-        let mut out = Vec::new();
-        for m in msgs {
-            if m.header.family != AddressFamily::Inet || m.header.index != index {
-                continue;
-            }
-            for a in &m.attributes {
-                if let AddressAttribute::Local(IpAddr::V4(ip)) = a {
-                    if let Ok(n) = Ipv4Net::new(*ip, m.header.prefix_len) {
-                        out.push(n);
-                    }
-                }
-            }
+            .add(index, addr.addr(), addr.prefix_len())
+            .replace();
+        if let IpNet::V6(_) = addr {
+            // Usable at once: no duplicate address detection (`ip -6 addr add ... nodad`).
+            let m = req.message_mut();
+            m.header.flags = AddressHeaderFlags::Nodad;
+            m.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
-        Ok(out)
+        bounded(&format!("add address {addr}"), req.execute()).await
     }
 
-    async fn add_address(&self, index: u32, addr: Ipv4Net) -> Result<(), NetlinkError> {
-        bounded(
-            &format!("add address {addr}"),
-            self.handle
-                .address()
-                .add(index, IpAddr::V4(addr.addr()), addr.prefix_len())
-                .replace()
-                .execute(),
-        )
-        .await
-    }
-
-    async fn del_address(&self, index: u32, addr: Ipv4Net) -> Result<(), NetlinkError> {
-        let s = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
-        let msgs: Vec<AddressMessage> = bounded("list addresses", s.try_collect()).await?;
+    async fn del_address(&self, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
+        let msgs = self.dump_addresses(index, Family::of_net(&addr)).await?;
         for m in msgs {
-            let matches = m.header.index == index
-                && m.header.prefix_len == addr.prefix_len()
-                && m.attributes.iter().any(
-                    |a| matches!(a, AddressAttribute::Local(IpAddr::V4(ip)) if *ip == addr.addr()),
-                );
-            if matches {
+            if address_of(&m) == Some(addr) {
                 bounded_del(
                     &format!("delete address {addr}"),
                     self.handle.address().del(m).execute(),
@@ -335,15 +456,15 @@ impl Netlink for RtNetlink {
         Ok(())
     }
 
-    async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>, NetlinkError> {
+    async fn neighbours(&self, index: u32, family: Family) -> Result<Vec<Neighbour>, NetlinkError> {
         let msgs = self
-            .dump_neighbours(AddressFamily::Inet, "list neighbours")
+            .dump_neighbours(address_family(family), "list neighbours")
             .await?;
         Ok(msgs
             .iter()
             .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
             .filter_map(|m| match ip_and_mac(m) {
-                (Some(ip), Some(mac)) => Some(Neighbour { ip, mac }),
+                (Some(ip), Some(mac)) if Family::of(&ip) == family => Some(Neighbour { ip, mac }),
                 _ => None,
             })
             .collect())
@@ -354,7 +475,7 @@ impl Netlink for RtNetlink {
             &format!("set neighbour {} {}", n.ip, n.mac),
             self.handle
                 .neighbours()
-                .add(index, IpAddr::V4(n.ip))
+                .add(index, n.ip)
                 .link_layer_address(&n.mac.0)
                 .state(NeighbourState::Permanent)
                 .replace()
@@ -363,12 +484,20 @@ impl Netlink for RtNetlink {
         .await
     }
 
-    async fn del_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+    async fn del_neighbour(&self, index: u32, ip: IpAddr) -> Result<(), NetlinkError> {
         let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
         msg.header.ifindex = index;
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        let dst = match ip {
+            IpAddr::V4(v) => {
+                msg.header.family = AddressFamily::Inet;
+                NeighbourAddress::Inet(v)
+            }
+            IpAddr::V6(v) => {
+                msg.header.family = AddressFamily::Inet6;
+                NeighbourAddress::Inet6(v)
+            }
+        };
+        msg.attributes.push(NeighbourAttribute::Destination(dst));
         bounded_del(
             &format!("delete neighbour {ip}"),
             self.handle.neighbours().del(msg).execute(),
@@ -396,7 +525,7 @@ impl Netlink for RtNetlink {
             self.handle
                 .neighbours()
                 .add_bridge(index, &e.mac.0)
-                .destination(IpAddr::V4(e.dst))
+                .destination(e.dst)
                 .flags(NeighbourFlags::Own)
                 .state(NeighbourState::Permanent)
                 .replace()
@@ -412,10 +541,11 @@ impl Netlink for RtNetlink {
         msg.header.flags = NeighbourFlags::Own;
         msg.attributes
             .push(NeighbourAttribute::LinkLayerAddress(e.mac.0.to_vec()));
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-                e.dst,
-            )));
+        let dst = match e.dst {
+            IpAddr::V4(v) => NeighbourAddress::Inet(v),
+            IpAddr::V6(v) => NeighbourAddress::Inet6(v),
+        };
+        msg.attributes.push(NeighbourAttribute::Destination(dst));
         bounded_del(
             &format!("delete fdb {} dst {}", e.mac, e.dst),
             self.handle.neighbours().del(msg).execute(),
@@ -423,48 +553,29 @@ impl Netlink for RtNetlink {
         .await
     }
 
-    async fn routes(&self) -> Result<Vec<Route>, NetlinkError> {
-        let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
+    async fn routes(&self, family: Family) -> Result<Vec<Route>, NetlinkError> {
+        let req = match family {
+            Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        };
         let s = self.handle.route().get(req).execute();
         let msgs: Vec<RouteMessage> = bounded("list routes", s.try_collect()).await?;
+        let main = u32::from(RouteHeader::RT_TABLE_MAIN);
         Ok(msgs
             .iter()
-            .filter(|m| {
-                let table = m
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        RouteAttribute::Table(t) => Some(*t),
-                        _ => None,
-                    })
-                    .unwrap_or(u32::from(m.header.table));
-                table == u32::from(RouteHeader::RT_TABLE_MAIN)
-            })
-            .filter_map(|m| {
-                let mut dst = Ipv4Addr::UNSPECIFIED;
-                let mut gateway = None;
-                let mut oif = None;
-                for a in &m.attributes {
-                    match a {
-                        RouteAttribute::Destination(RouteAddress::Inet(v)) => dst = *v,
-                        RouteAttribute::Gateway(RouteAddress::Inet(v)) => gateway = Some(*v),
-                        RouteAttribute::Oif(v) => oif = Some(*v),
-                        _ => {}
-                    }
-                }
-                Some(Route {
-                    dst: Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?,
-                    gateway,
-                    oif: oif?,
-                    onlink: m.header.flags.contains(RouteFlags::Onlink),
-                })
+            .filter(|m| table_of(m) == main && m.header.address_family == address_family(family))
+            .filter_map(|m| match family {
+                Family::V4 => parse_route_v4(m),
+                Family::V6 => parse_route_v6(m),
             })
             .collect())
     }
 
     async fn set_route(&self, r: Route) -> Result<(), NetlinkError> {
+        let op = format!("set route {} via {:?}", r.dst, r.gateway);
+        r.check(&op)?;
         bounded(
-            &format!("set route {} via {:?}", r.dst, r.gateway),
+            &op,
             self.handle
                 .route()
                 .add(route_message(&r))
@@ -475,10 +586,160 @@ impl Netlink for RtNetlink {
     }
 
     async fn del_route(&self, r: Route) -> Result<(), NetlinkError> {
-        bounded_del(
-            &format!("delete route {}", r.dst),
-            self.handle.route().del(route_message(&r)).execute(),
-        )
-        .await
+        let op = format!("delete route {}", r.dst);
+        r.check(&op)?;
+        bounded_del(&op, self.handle.route().del(route_message(&r)).execute()).await
+    }
+
+    // A few bytes to /proc/sys: written directly (not on a blocking-pool thread, which could
+    // be in another network namespace than this one).
+    async fn set_ipv6_conf(
+        &self,
+        device: &str,
+        key: Ipv6Conf,
+        value: u32,
+    ) -> Result<(), NetlinkError> {
+        let path = ipv6_conf_path(device, key)?;
+        std::fs::write(&path, format!("{value}\n"))
+            .map_err(|source| NetlinkError::Sysctl { path, source })
+    }
+
+    async fn ipv6_conf(&self, device: &str, key: Ipv6Conf) -> Result<u32, NetlinkError> {
+        let path = ipv6_conf_path(device, key)?;
+        let text = std::fs::read_to_string(&path).map_err(|source| NetlinkError::Sysctl {
+            path: path.clone(),
+            source,
+        })?;
+        text.trim().parse().map_err(|_| NetlinkError::Sysctl {
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{:?} is not a number", text.trim()),
+            ),
+            path,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use netlink_packet_route::route::RouteNextHop;
+
+    /// A main-table IPv6 route message as the kernel dumps one of ours.
+    fn v6_route(dst: &str, len: u8, gw: Option<&str>, oif: u32) -> RouteMessage {
+        let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst.parse().unwrap(), len)
+            .output_interface(oif)
+            .protocol(RouteProtocol::Boot)
+            .onlink();
+        if let Some(gw) = gw {
+            b = b.gateway(gw.parse().unwrap());
+        }
+        b.build()
+    }
+
+    #[test]
+    fn ipv6_dumps_keep_our_unicast_routes_only() {
+        let m = v6_route("fd10:0:0:12::", 64, Some("fd10:0:0:12::"), 7);
+        assert_eq!(
+            parse_route_v6(&m),
+            Some(Route {
+                dst: "fd10:0:0:12::/64".parse().unwrap(),
+                gateway: Some("fd10:0:0:12::".parse().unwrap()),
+                oif: 7,
+                onlink: true,
+            })
+        );
+        // Our request message reads back as the route it was built from.
+        let r = parse_route_v6(&m).unwrap();
+        assert_eq!(parse_route_v6(&route_message(&r)), Some(r));
+        let mut kernel = m.clone();
+        kernel.header.protocol = RouteProtocol::Kernel;
+        assert_eq!(parse_route_v6(&kernel), None, "the kernel's own routes");
+        let mut local = m.clone();
+        local.header.kind = RouteType::Local;
+        assert_eq!(parse_route_v6(&local), None, "not unicast");
+        let mut multipath = v6_route("fd10:0:0:13::", 64, None, 7);
+        multipath
+            .attributes
+            .retain(|a| !matches!(a, RouteAttribute::Oif(_)));
+        multipath
+            .attributes
+            .push(RouteAttribute::MultiPath(vec![RouteNextHop::default()]));
+        assert_eq!(parse_route_v6(&multipath), None, "multipath");
+        let ll = v6_route("fe80::", 64, None, 7);
+        assert_eq!(parse_route_v6(&ll), None, "link-local destination");
+        let default = v6_route("::", 0, Some("fd00:210::1"), 2);
+        assert_eq!(
+            parse_route_v6(&default).map(|r| r.dst),
+            Some("::/0".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn ipv4_routes_and_their_messages_are_as_before() {
+        let r = Route {
+            dst: "10.5.2.0/24".parse().unwrap(),
+            gateway: Some("10.5.2.0".parse().unwrap()),
+            oif: 9,
+            onlink: true,
+        };
+        let m = route_message(&r);
+        assert_eq!(m.header.address_family, AddressFamily::Inet);
+        assert_eq!(m.header.scope, RouteScope::Universe);
+        assert_eq!(parse_route_v4(&m), Some(r));
+        let link = Route {
+            gateway: None,
+            onlink: false,
+            ..r
+        };
+        assert_eq!(route_message(&link).header.scope, RouteScope::Link);
+        let v6 = route_message(&Route {
+            dst: "fd10::/64".parse().unwrap(),
+            gateway: None,
+            oif: 9,
+            onlink: false,
+        });
+        assert_eq!(v6.header.address_family, AddressFamily::Inet6);
+        assert_eq!(parse_route_v4(&v6), None);
+    }
+
+    #[test]
+    fn addresses_and_fdb_destinations_of_both_families() {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.prefix_len = 128;
+        m.attributes
+            .push(AddressAttribute::Address("fd10:0:0:11::".parse().unwrap()));
+        assert_eq!(address_of(&m), Some("fd10:0:0:11::/128".parse().unwrap()));
+        let mut m4 = AddressMessage::default();
+        m4.header.family = AddressFamily::Inet;
+        m4.header.prefix_len = 32;
+        m4.attributes
+            .push(AddressAttribute::Address("10.9.9.9".parse().unwrap()));
+        m4.attributes
+            .push(AddressAttribute::Local("10.5.1.0".parse().unwrap()));
+        assert_eq!(address_of(&m4), Some("10.5.1.0/32".parse().unwrap()));
+
+        let mut fdb = NeighbourMessage::default();
+        fdb.header.family = AddressFamily::Bridge;
+        fdb.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 2]));
+        let v6: Ipv6Addr = "fd00:210::12".parse().unwrap();
+        fdb.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Other(
+                v6.octets().to_vec(),
+            )));
+        assert_eq!(
+            ip_and_mac(&fdb),
+            (Some(IpAddr::V6(v6)), Some(Mac([2, 0, 0, 0, 0, 2])))
+        );
+        fdb.attributes.pop();
+        fdb.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Other(
+                vec![172, 30, 0, 12],
+            )));
+        assert_eq!(ip_and_mac(&fdb).0, Some("172.30.0.12".parse().unwrap()));
     }
 }

@@ -332,7 +332,7 @@ impl BackendSet {
             let own = self.own.as_ref().and_then(|l| l.key.ipv4);
             // vxlan DirectRouting routes look the same; those of vxlan peers stay.
             let vxlan_peers = self.peers.subnets("vxlan", true);
-            let stale: Vec<_> = match nl.routes().await {
+            let stale: Vec<_> = match nl.routes(crate::netlink::Family::V4).await {
                 Ok(r) => r
                     .into_iter()
                     .filter(|r| {
@@ -459,7 +459,7 @@ mod tests {
     }
 
     async fn route_dev(nl: &FakeNetlink, dst: &str) -> Option<u32> {
-        nl.routes()
+        nl.routes(crate::netlink::Family::V4)
             .await
             .unwrap()
             .into_iter()

@@ -7,18 +7,19 @@
 //! [`plan`] is the pure diff; [`VxlanBackend::reconcile`] reads the kernel and applies it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use subnet_lease::manager::Event;
 use subnet_lease::{Lease, SubnetKey};
 
 use crate::netlink::{
-    ensure_subnet_address, FdbEntry, Mac, Neighbour, Netlink, NetlinkError, Route, VxlanParams,
+    ensure_subnet_address, Family, FdbEntry, Mac, Neighbour, Netlink, NetlinkError, Route,
+    VxlanParams,
 };
 use crate::options::{bad, Options};
 use crate::peerlog::PeerLog;
@@ -107,9 +108,9 @@ pub fn stable_mac(node_id: &str, public_ip: Ipv4Addr, vni: u32) -> Mac {
 /// The kernel state a set of peers needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub neighbours: BTreeMap<Ipv4Addr, Mac>,
+    pub neighbours: BTreeMap<IpAddr, Mac>,
     pub fdb: BTreeSet<FdbEntry>,
-    pub routes: BTreeMap<Ipv4Net, Route>,
+    pub routes: BTreeMap<IpNet, Route>,
 }
 
 /// What a peer lease means for this node.
@@ -167,16 +168,16 @@ pub fn desired(plans: &[PeerPlan], dev: u32, ext: &ExternalInterface) -> Desired
                 mac,
                 public_ip,
             } => {
-                let gw = subnet.network();
+                let gw = IpAddr::V4(subnet.network());
                 d.neighbours.insert(gw, mac);
                 d.fdb.insert(FdbEntry {
                     mac,
-                    dst: public_ip,
+                    dst: IpAddr::V4(public_ip),
                 });
                 d.routes.insert(
-                    subnet,
+                    IpNet::V4(subnet),
                     Route {
-                        dst: subnet,
+                        dst: IpNet::V4(subnet),
                         gateway: Some(gw),
                         oif: dev,
                         onlink: true,
@@ -185,10 +186,10 @@ pub fn desired(plans: &[PeerPlan], dev: u32, ext: &ExternalInterface) -> Desired
             }
             PeerPlan::Direct { subnet, public_ip } => {
                 d.routes.insert(
-                    subnet,
+                    IpNet::V4(subnet),
                     Route {
-                        dst: subnet,
-                        gateway: Some(public_ip),
+                        dst: IpNet::V4(subnet),
+                        gateway: Some(IpAddr::V4(public_ip)),
                         oif: ext.index,
                         onlink: false,
                     },
@@ -204,7 +205,7 @@ pub fn desired(plans: &[PeerPlan], dev: u32, ext: &ExternalInterface) -> Desired
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     DelRoute(Route),
-    DelNeighbour(Ipv4Addr),
+    DelNeighbour(IpAddr),
     DelFdb(FdbEntry),
     SetNeighbour(Neighbour),
     SetFdb(FdbEntry),
@@ -301,7 +302,7 @@ impl VxlanBackend {
         VxlanParams {
             vni: self.cfg.vni,
             port: self.cfg.port,
-            local: self.ext.iface_ip,
+            local: IpAddr::V4(self.ext.iface_ip),
             link: self.ext.index,
             learning: false,
             gbp: self.cfg.gbp,
@@ -355,21 +356,22 @@ impl VxlanBackend {
     /// Device address = our subnet's network address /32; nothing else.
     async fn ensure_address(&mut self) -> Result<usize, BackendError> {
         let Some(own) = self.own else { return Ok(0) };
-        Ok(ensure_subnet_address(self.nl.as_ref(), self.index, own).await?)
+        Ok(ensure_subnet_address(self.nl.as_ref(), self.index, IpNet::V4(own)).await?)
     }
 
     async fn actual(&self) -> Result<Actual, NetlinkError> {
         let own = self.own;
+        let own_dst = own.map(IpNet::V4);
         // DirectRouting routes sit on the external interface, where host-gw (running beside
         // us while the cluster switches) makes the same kind: we own only those to subnets of
         // no peer of another type, and none at all without DirectRouting.
         let others = self.peers.subnets("vxlan", false);
         let routes = self
             .nl
-            .routes()
+            .routes(Family::V4)
             .await?
             .into_iter()
-            .filter(|r| Some(r.dst) != own)
+            .filter(|r| Some(r.dst) != own_dst)
             .filter(|r| {
                 r.oif == self.index
                     || (self.cfg.direct_routing
@@ -377,7 +379,8 @@ impl VxlanBackend {
             })
             .collect();
         Ok(Actual {
-            neighbours: self.nl.neighbours(self.index).await?,
+            neighbours: self.nl.neighbours(self.index, Family::V4).await?,
+            // The device's underlay is IPv4: the kernel holds no other destinations on it.
             fdb: self.nl.fdb(self.index).await?,
             routes,
         })
@@ -626,18 +629,18 @@ mod tests {
         let want = desired(&plans, 9, &ext());
         let stale_route = Route {
             dst: "10.5.1.0/24".parse().unwrap(),
-            gateway: Some(Ipv4Addr::new(10, 5, 1, 0)),
+            gateway: Some(Ipv4Addr::new(10, 5, 1, 0).into()),
             oif: 9,
             onlink: true,
         };
         let actual = Actual {
             neighbours: vec![Neighbour {
-                ip: Ipv4Addr::new(10, 5, 1, 0),
+                ip: Ipv4Addr::new(10, 5, 1, 0).into(),
                 mac: mac1,
             }],
             fdb: vec![FdbEntry {
                 mac: mac1,
-                dst: Ipv4Addr::new(172, 30, 0, 13),
+                dst: Ipv4Addr::new(172, 30, 0, 13).into(),
             }],
             routes: vec![stale_route],
         };
@@ -650,12 +653,12 @@ mod tests {
         // Already in place: nothing to do.
         let done = Actual {
             neighbours: vec![Neighbour {
-                ip: Ipv4Addr::new(10, 5, 2, 0),
+                ip: Ipv4Addr::new(10, 5, 2, 0).into(),
                 mac: mac2,
             }],
             fdb: vec![FdbEntry {
                 mac: mac2,
-                dst: Ipv4Addr::new(172, 30, 0, 12),
+                dst: Ipv4Addr::new(172, 30, 0, 12).into(),
             }],
             routes: want.routes.values().copied().collect(),
         };
@@ -702,7 +705,7 @@ mod tests {
         b.set_lease(&own).await.unwrap();
         assert_eq!(
             nl.lock().addrs[&dev],
-            vec!["10.5.1.0/32".parse::<Ipv4Net>().unwrap()]
+            vec!["10.5.1.0/32".parse::<IpNet>().unwrap()]
         );
         let p2 = peer("10.5.2.0-24", [172, 30, 0, 12], "02:00:00:00:00:02");
         b.peer_event(&Event::PeerAdded(p2.clone()));
@@ -722,7 +725,7 @@ mod tests {
             nl.lock().fdb[&dev],
             vec![FdbEntry {
                 mac: "02:00:00:00:00:02".parse().unwrap(),
-                dst: Ipv4Addr::new(172, 30, 0, 99)
+                dst: Ipv4Addr::new(172, 30, 0, 99).into()
             }]
         );
         // Restart: a new backend adopts the device (no delete/create) and keeps the MAC.
@@ -756,7 +759,7 @@ mod tests {
         let mut other = VxlanParams {
             vni: 1,
             port: 4789,
-            local: Ipv4Addr::new(172, 30, 0, 11),
+            local: Ipv4Addr::new(172, 30, 0, 11).into(),
             link: 2,
             learning: true,
             gbp: false,

@@ -29,7 +29,7 @@ fn kernel_refusals_keep_their_errno() {
             let params = VxlanParams {
                 vni: 1,
                 port: 0,
-                local: Ipv4Addr::LOCALHOST,
+                local: Ipv4Addr::LOCALHOST.into(),
                 link: lo.index,
                 learning: false,
                 gbp: false,
@@ -51,7 +51,7 @@ fn kernel_refusals_keep_their_errno() {
             // Deleting what is not there is fine.
             nl.del_route(Route {
                 dst: "10.99.1.0/24".parse().unwrap(),
-                gateway: Some(Ipv4Addr::new(10, 99, 1, 0)),
+                gateway: Some(Ipv4Addr::new(10, 99, 1, 0).into()),
                 oif: index,
                 onlink: true,
             })

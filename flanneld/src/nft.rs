@@ -69,7 +69,7 @@ pub fn render(r: &HostRules) -> String {
 
 /// The script that removes our table (used by `--cleanup`).
 pub fn render_cleanup() -> String {
-    ::nft::remove_table_script(TABLE)
+    ::nft::remove_table_script(::nft::Family::Ip, TABLE)
 }
 
 /// The rules to install, or None when there are none (then a table left from a run that had
@@ -86,7 +86,7 @@ pub struct RuleKeeper(TableKeeper<Nft>);
 
 impl RuleKeeper {
     pub fn new(nft: Nft) -> Self {
-        RuleKeeper(TableKeeper::new(nft, TABLE))
+        RuleKeeper(TableKeeper::new(nft, ::nft::Family::Ip, TABLE))
     }
 
     pub fn set(&mut self, rules: HostRules) {

@@ -8,24 +8,33 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::Error;
+use crate::{Error, Family};
 
 /// How long one `nft` run may take (a full rebuild of a big table takes seconds).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Applies nft scripts and reads tables (family `ip`). The real one is [`NftCommand`].
+/// Applies nft scripts and reads tables (of family `ip` or `ip6`). The real one is
+/// [`NftCommand`].
 pub trait Runner: Send + Sync {
     /// Applies `script` atomically; on failure nothing changed.
     fn apply(&self, script: &str) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// Table `ip TABLE` as nft prints it, or None if it does not exist.
-    fn list_table(&self, table: &str)
-        -> impl Future<Output = Result<Option<String>, Error>> + Send;
+    /// Table `FAMILY TABLE` as nft prints it, or None if it does not exist.
+    fn list_table(
+        &self,
+        family: Family,
+        table: &str,
+    ) -> impl Future<Output = Result<Option<String>, Error>> + Send;
 
-    /// Whether chain `CHAIN` of table `ip TABLE` exists (`list chain`, which reads the whole
-    /// table first: for probes that are rare or on small tables).
-    fn chain_exists(&self, table: &str, chain: &str) -> impl Future<Output = bool> + Send {
-        let probe = format!("list chain ip {table} {chain}\n");
+    /// Whether chain `CHAIN` of table `FAMILY TABLE` exists (`list chain`, which reads the
+    /// whole table first: for probes that are rare or on small tables).
+    fn chain_exists(
+        &self,
+        family: Family,
+        table: &str,
+        chain: &str,
+    ) -> impl Future<Output = bool> + Send {
+        let probe = format!("list chain {family} {table} {chain}\n");
         async move { self.apply(&probe).await.is_ok() }
     }
 }
@@ -95,9 +104,9 @@ impl NftCommand {
         }
     }
 
-    /// `nft list table ip TABLE`: the listing, or None when nft fails (no such table).
-    pub async fn list_table(&self, table: &str) -> Result<Option<String>, Error> {
-        let argv = self.argv(&["list", "table", "ip", table]);
+    /// `nft list table FAMILY TABLE`: the listing, or None when nft fails (no such table).
+    pub async fn list_table(&self, family: Family, table: &str) -> Result<Option<String>, Error> {
+        let argv = self.argv(&["list", "table", family.as_str(), table]);
         let (program, args) = argv.split_first().ok_or(Error::EmptyCommand)?;
         let fut = tokio::process::Command::new(program)
             .args(args)
@@ -121,8 +130,8 @@ impl NftCommand {
     }
 
     /// See [`Runner::chain_exists`].
-    pub async fn chain_exists(&self, table: &str, chain: &str) -> bool {
-        Runner::chain_exists(self, table, chain).await
+    pub async fn chain_exists(&self, family: Family, table: &str, chain: &str) -> bool {
+        Runner::chain_exists(self, family, table, chain).await
     }
 }
 
@@ -131,15 +140,15 @@ impl Runner for NftCommand {
         NftCommand::apply(self, script).await
     }
 
-    async fn list_table(&self, table: &str) -> Result<Option<String>, Error> {
-        NftCommand::list_table(self, table).await
+    async fn list_table(&self, family: Family, table: &str) -> Result<Option<String>, Error> {
+        NftCommand::list_table(self, family, table).await
     }
 }
 
-/// The script that removes table `ip TABLE` whether or not it exists (nft 1.0.6 has no
+/// The script that removes table `FAMILY TABLE` whether or not it exists (nft 1.0.6 has no
 /// `destroy`: add, then delete).
-pub fn remove_table_script(table: &str) -> String {
-    format!("add table ip {table}\ndelete table ip {table}\n")
+pub fn remove_table_script(family: Family, table: &str) -> String {
+    format!("add table {family} {table}\ndelete table {family} {table}\n")
 }
 
 #[cfg(test)]
@@ -174,14 +183,18 @@ mod tests {
         };
         let e = run(missing.apply("")).expect_err("no program");
         assert!(matches!(&e, Error::Spawn { program, .. } if program.contains("nonexistent")));
-        assert!(!run(missing.chain_exists("t", "c")));
+        assert!(!run(missing.chain_exists(Family::Ip, "t", "c")));
     }
 
     #[test]
     fn remove_table_is_add_then_delete() {
         assert_eq!(
-            remove_table_script("flannel"),
+            remove_table_script(Family::Ip, "flannel"),
             "add table ip flannel\ndelete table ip flannel\n"
+        );
+        assert_eq!(
+            remove_table_script(Family::Ip6, "flannel"),
+            "add table ip6 flannel\ndelete table ip6 flannel\n"
         );
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::{Error, Runner};
+use crate::{Error, Family, Runner};
 
 /// One call made to a [`FakeNft`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,8 +13,9 @@ pub enum Call {
     Apply(String),
     /// A script refused because the test asked for a failure ([`FakeNft::fail_next`]).
     Refused(String),
-    ListTable(String),
+    ListTable(Family, String),
     ChainExists {
+        family: Family,
         table: String,
         chain: String,
     },
@@ -24,8 +25,8 @@ pub enum Call {
 struct State {
     calls: Vec<Call>,
     fail_next: usize,
-    listings: BTreeMap<String, String>,
-    chains: BTreeSet<(String, String)>,
+    listings: BTreeMap<(Family, String), String>,
+    chains: BTreeSet<(Family, String, String)>,
 }
 
 /// Records calls; clones share the record (keep one, hand the other to the code under test).
@@ -61,19 +62,20 @@ impl FakeNft {
         self.state().fail_next += 1;
     }
 
-    /// What `list_table(table)` answers from now on (None: no such table).
-    pub fn set_listing(&self, table: &str, listing: Option<&str>) {
+    /// What `list_table(family, table)` answers from now on (None: no such table).
+    pub fn set_listing(&self, family: Family, table: &str, listing: Option<&str>) {
         let mut s = self.state();
+        let k = (family, table.to_string());
         match listing {
-            Some(l) => s.listings.insert(table.to_string(), l.to_string()),
-            None => s.listings.remove(table),
+            Some(l) => s.listings.insert(k, l.to_string()),
+            None => s.listings.remove(&k),
         };
     }
 
-    /// What `chain_exists(table, chain)` answers from now on.
-    pub fn set_chain(&self, table: &str, chain: &str, exists: bool) {
+    /// What `chain_exists(family, table, chain)` answers from now on.
+    pub fn set_chain(&self, family: Family, table: &str, chain: &str, exists: bool) {
         let mut s = self.state();
-        let k = (table.to_string(), chain.to_string());
+        let k = (family, table.to_string(), chain.to_string());
         if exists {
             s.chains.insert(k);
         } else {
@@ -96,18 +98,20 @@ impl Runner for FakeNft {
         Ok(())
     }
 
-    async fn list_table(&self, table: &str) -> Result<Option<String>, Error> {
+    async fn list_table(&self, family: Family, table: &str) -> Result<Option<String>, Error> {
         let mut s = self.state();
-        s.calls.push(Call::ListTable(table.to_string()));
-        Ok(s.listings.get(table).cloned())
+        s.calls.push(Call::ListTable(family, table.to_string()));
+        Ok(s.listings.get(&(family, table.to_string())).cloned())
     }
 
-    async fn chain_exists(&self, table: &str, chain: &str) -> bool {
+    async fn chain_exists(&self, family: Family, table: &str, chain: &str) -> bool {
         let mut s = self.state();
         s.calls.push(Call::ChainExists {
+            family,
             table: table.to_string(),
             chain: chain.to_string(),
         });
-        s.chains.contains(&(table.to_string(), chain.to_string()))
+        s.chains
+            .contains(&(family, table.to_string(), chain.to_string()))
     }
 }

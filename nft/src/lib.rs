@@ -5,8 +5,9 @@
 //! records calls for unit tests); [`TableKeeper`] keeps one table equal to its script and
 //! re-installs it on drift. For transactions `nft` makes slow on big tables, [`encode`]
 //! builds nf_tables messages and batches (pure), [`NfNetlink`] sends a batch and waits for
-//! the verdict, which [`ack`] reads (pure). Tables are of family `ip`; what goes into them
-//! (rules, names, keys) is the callers' business. A failed transaction changes nothing.
+//! the verdict, which [`ack`] reads (pure). The `nft` program side works on tables of either
+//! [`Family`] (`ip`, `ip6`); [`encode`] and [`NfNetlink::chain_exists`] on family `ip` only.
+//! What goes into a table (rules, names, keys) is the callers' business. A failed transaction changes nothing.
 
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod command;
 pub mod encode;
 mod error;
 pub mod fake;
+mod family;
 pub mod keeper;
 pub mod socket;
 pub mod sys;
@@ -23,5 +25,6 @@ pub use command::{remove_table_script, NftCommand, Runner, COMMAND_TIMEOUT};
 pub use encode::{EncodeError, MAX_NAME_LEN};
 pub use error::Error;
 pub use fake::FakeNft;
+pub use family::Family;
 pub use keeper::TableKeeper;
 pub use socket::NfNetlink;

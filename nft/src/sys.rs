@@ -12,6 +12,7 @@ pub const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 pub const NFNL_MSG_BATCH_END: u16 = 0x11;
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub const NFPROTO_IPV4: u8 = 2;
+pub const NFPROTO_IPV6: u8 = 10;
 
 // nf_tables message types.
 pub const NFT_MSG_NEWCHAIN: u16 = 3;

@@ -58,7 +58,9 @@ impl<N: Runner> Enforcer<N> {
 
     /// Whether our table is still in the kernel.
     pub async fn table_present(&self) -> bool {
-        self.nft.chain_exists(compile::TABLE, "forward").await
+        self.nft
+            .chain_exists(nft::Family::Ip, compile::TABLE, "forward")
+            .await
     }
 }
 
@@ -102,11 +104,12 @@ mod tests {
         );
         // The presence probe asks for the forward chain of the policy table.
         assert!(!run(e.table_present()));
-        nft.set_chain(compile::TABLE, "forward", true);
+        nft.set_chain(nft::Family::Ip, compile::TABLE, "forward", true);
         assert!(run(e.table_present()));
         assert_eq!(
             nft.calls().last(),
             Some(&Call::ChainExists {
+                family: nft::Family::Ip,
                 table: compile::TABLE.into(),
                 chain: "forward".into()
             })

@@ -246,7 +246,10 @@ impl Plane {
     async fn table_present(&self, nft: &NftCommand) -> bool {
         match self {
             Plane::Nft(s) => s.applier().chain_exists("services").await,
-            Plane::User(_) => nft.chain_exists(crate::nft::TABLE, "services").await,
+            Plane::User(_) => {
+                nft.chain_exists(::nft::Family::Ip, crate::nft::TABLE, "services")
+                    .await
+            }
         }
     }
 }

@@ -68,7 +68,11 @@ impl NftNetlink {
     pub async fn chain_exists(&self, name: &str) -> bool {
         match &self.netlink {
             Some(nl) => nl.chain_exists(nft::TABLE, name).unwrap_or(false),
-            None => self.command.chain_exists(nft::TABLE, name).await,
+            None => {
+                self.command
+                    .chain_exists(::nft::Family::Ip, nft::TABLE, name)
+                    .await
+            }
         }
     }
 }
@@ -78,8 +82,12 @@ impl Runner for NftNetlink {
         self.command.apply(script).await
     }
 
-    async fn list_table(&self, table: &str) -> Result<Option<String>, ::nft::Error> {
-        self.command.list_table(table).await
+    async fn list_table(
+        &self,
+        family: ::nft::Family,
+        table: &str,
+    ) -> Result<Option<String>, ::nft::Error> {
+        self.command.list_table(family, table).await
     }
 }
 

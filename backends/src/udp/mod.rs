@@ -27,7 +27,7 @@ use serde_json::{Map, Value};
 use subnet_lease::manager::Event;
 use subnet_lease::{Lease, SubnetKey};
 
-use crate::netlink::{ensure_subnet_address, Netlink, Route};
+use crate::netlink::{ensure_subnet_address, Family, Netlink, Route};
 use crate::options::Options;
 use crate::{Backend, BackendContext, BackendError, PeerTable};
 use packet::{DropReason, Routes, UdpPeer};
@@ -253,14 +253,14 @@ impl UdpBackend {
 
     async fn ensure_link_state(&self) -> Result<usize, BackendError> {
         let Some(own) = self.own else { return Ok(0) };
-        let mut changes = ensure_subnet_address(self.nl.as_ref(), self.index, own).await?;
+        let mut changes = ensure_subnet_address(self.nl.as_ref(), self.index, own.into()).await?;
         let route = Route {
-            dst: self.network,
+            dst: self.network.into(),
             gateway: None,
             oif: self.index,
             onlink: false,
         };
-        let routes = self.nl.routes().await?;
+        let routes = self.nl.routes(Family::V4).await?;
         if !routes.contains(&route) {
             self.nl.set_route(route).await?;
             changes += 1;
@@ -340,7 +340,7 @@ impl Backend for UdpBackend {
         self.stop_threads().await;
         self.nl
             .del_route(Route {
-                dst: self.network,
+                dst: self.network.into(),
                 gateway: None,
                 oif: self.index,
                 onlink: false,

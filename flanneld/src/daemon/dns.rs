@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use backends::netlink::Netlink;
+use backends::netlink::{Family, Netlink};
 use cluster_dns::cache::CacheLimits;
 use cluster_dns::index::{IndexConfig, PodMode};
 use cluster_dns::notrack;
@@ -92,7 +92,7 @@ async fn ensure_addresses(nl: &dyn Netlink, addrs: &[IpAddr]) -> Result<()> {
         .context("looking up lo")?
         .context("this namespace has no lo")?;
     let have = nl
-        .addresses(lo.index)
+        .addresses(lo.index, Family::V4)
         .await
         .context("listing lo's addresses")?;
     for ip in addrs {
@@ -103,7 +103,7 @@ async fn ensure_addresses(nl: &dyn Netlink, addrs: &[IpAddr]) -> Result<()> {
         if have.iter().any(|h| h.addr() == *v4) {
             continue;
         }
-        nl.add_address(lo.index, net)
+        nl.add_address(lo.index, net.into())
             .await
             .with_context(|| format!("adding {net} to lo"))?;
         tracing::info!("cluster DNS: added {net} to lo");
@@ -133,7 +133,7 @@ pub(super) async fn start(
     let opts = options(flags)?;
     ensure_addresses(nl, &flags.cluster_dns_addr).await?;
     let server = DnsServer::bind(opts, status.dns.clone())?;
-    let mut keeper = TableKeeper::new(Nft::default(), notrack::TABLE);
+    let mut keeper = TableKeeper::new(Nft::default(), ::nft::Family::Ip, notrack::TABLE);
     keeper.set(Some(notrack::render(
         &flags.cluster_dns_addr,
         flags.cluster_dns_port,
@@ -197,7 +197,7 @@ pub(super) async fn cleanup(flags: &Flags, nl: &dyn Netlink, errors: &mut Vec<St
     for ip in &flags.cluster_dns_addr {
         if let IpAddr::V4(v4) = ip {
             if let Ok(net) = Ipv4Net::new(*v4, 32) {
-                match nl.del_address(lo.index, net).await {
+                match nl.del_address(lo.index, net.into()).await {
                     Ok(()) => tracing::info!("removed {net} from lo"),
                     Err(e) => errors.push(format!("removing {net} from lo: {e}")),
                 }
