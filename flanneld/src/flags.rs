@@ -1,6 +1,6 @@
 //! Command-line flags, named as flannel's, each also read from `FLANNELD_<FLAG>`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use clap::builder::TypedValueParser;
@@ -59,6 +59,11 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
 
+    /// IPv6 address published to other nodes with EnableIPv6 (default: the interface's IPv6
+    /// address). As flannel's `--public-ipv6`.
+    #[arg(long, env = "FLANNELD_PUBLIC_IPV6")]
+    pub public_ipv6: Option<Ipv6Addr>,
+
     /// Where to write the subnet file for the CNI plugin.
     #[arg(
         long,
@@ -80,6 +85,13 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_value_t = false,
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub ip_masq: bool,
+
+    /// Masquerade IPv6 pod traffic leaving the IPv6Network (flannel's rules in table
+    /// `ip6 flannel`). Not in flannel, whose `--ip-masq` covers both families; default: the
+    /// value of `--ip-masq`. Read it with [`Flags::ip6_masq`].
+    #[arg(long, env = "FLANNELD_IP6_MASQ", num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub ip6_masq: Option<bool>,
 
     /// Accept forwarded traffic from and to the cluster Network.
     #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_value_t = true,
@@ -196,6 +208,18 @@ pub struct Flags {
 }
 
 impl Flags {
+    /// Whether to masquerade IPv6: `--ip6-masq` when given, else `--ip-masq`.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "wired into the daemon with IPv6 (docs/ipv6-plan.md §5 B)"
+        )
+    )]
+    pub fn ip6_masq(&self) -> bool {
+        self.ip6_masq.unwrap_or(self.ip_masq)
+    }
+
     /// `--node-name`, else the environment's `NODE_NAME`, else the hostname.
     pub fn node_name(&self) -> String {
         let hostname = || {
@@ -327,6 +351,124 @@ mod tests {
         assert_eq!((f.verbosity, f.healthz_port), (3, 8471));
         let f = parse(&["flanneld", "--ip-masq=false"]);
         assert!(!f.ip_masq);
+    }
+
+    #[test]
+    fn public_ipv6_and_ip6_masq() {
+        let f = parse(&["flanneld"]);
+        assert_eq!(
+            (f.public_ipv6, f.ip6_masq, f.ip6_masq()),
+            (None, None, false)
+        );
+        let f = parse(&["flanneld", "-public-ipv6=fd00:210::11", "--ip6-masq"]);
+        assert_eq!(f.public_ipv6, Some("fd00:210::11".parse().unwrap()));
+        assert_eq!(
+            (f.ip6_masq, f.ip6_masq(), f.ip_masq),
+            (Some(true), true, false)
+        );
+        let f = parse(&["flanneld", "--public-ipv6", "::ffff:10.0.0.1"]);
+        assert_eq!(
+            f.public_ipv6,
+            Some(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped())
+        );
+        // The default follows --ip-masq (flannel's one flag for both families) …
+        let f = parse(&["flanneld", "--ip-masq"]);
+        assert_eq!((f.ip6_masq, f.ip6_masq()), (None, true));
+        // … and an explicit value wins either way.
+        let f = parse(&["flanneld", "--ip-masq", "--ip6-masq=false"]);
+        assert!(f.ip_masq && !f.ip6_masq());
+        let f = parse(&["flanneld", "-ip6-masq=true", "--ip-masq=false"]);
+        assert!(!f.ip_masq && f.ip6_masq());
+        let f = parse(&["flanneld", "--ip6-masq", "false"]);
+        assert_eq!(f.ip6_masq, Some(false));
+        for bad in [
+            "--public-ipv6=10.0.0.1",
+            "--public-ipv6=fd00::1/64",
+            "--public-ipv6=[fd00::1]",
+            "--ip6-masq=yes",
+        ] {
+            let v = normalize_args(["flanneld", bad].map(String::from));
+            assert!(Flags::try_parse_from(v).is_err(), "{bad}");
+        }
+    }
+
+    /// Set in the child process [`flags_from_the_environment`] starts: the arguments to parse.
+    const ENV_CHILD: &str = "FLANNELD_FLAGS_TEST_CHILD_ARGS";
+
+    /// The environment is the process's, so each case runs in a child (this test binary,
+    /// running only this test) with a cleared environment: no other test sees the variables.
+    #[test]
+    fn flags_from_the_environment() {
+        if let Some(args) = std::env::var_os(ENV_CHILD) {
+            let args = args.into_string().unwrap();
+            let argv = std::iter::once("flanneld").chain(args.split_whitespace());
+            let v = normalize_args(argv.map(String::from));
+            match Flags::try_parse_from(v) {
+                Ok(f) => println!(
+                    "RESULT {:?} {:?} {} {}",
+                    f.public_ipv6,
+                    f.ip6_masq,
+                    f.ip6_masq(),
+                    f.ip_masq
+                ),
+                Err(_) => println!("RESULT error"),
+            }
+            return;
+        }
+        /// (environment, command line, expected child output).
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case] = &[
+            (&[], "", "None None false false"),
+            (
+                &[("FLANNELD_PUBLIC_IPV6", "fd00:210::11")],
+                "",
+                "Some(fd00:210::11) None false false",
+            ),
+            (&[("FLANNELD_IP_MASQ", "true")], "", "None None true true"),
+            (
+                &[("FLANNELD_IP_MASQ", "true"), ("FLANNELD_IP6_MASQ", "false")],
+                "",
+                "None Some(false) false true",
+            ),
+            (
+                &[("FLANNELD_IP6_MASQ", "true")],
+                "",
+                "None Some(true) true false",
+            ),
+            // The command line wins over the environment.
+            (
+                &[
+                    ("FLANNELD_IP6_MASQ", "true"),
+                    ("FLANNELD_PUBLIC_IPV6", "fd00::1"),
+                ],
+                "--ip6-masq=false --public-ipv6=fd00::2",
+                "Some(fd00::2) Some(false) false false",
+            ),
+            (&[("FLANNELD_PUBLIC_IPV6", "10.0.0.1")], "", "error"),
+            (&[("FLANNELD_IP6_MASQ", "1")], "", "error"),
+        ];
+        let exe = std::env::current_exe().unwrap();
+        for (env, args, want) in cases {
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "flags::tests::flags_from_the_environment",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env_clear()
+                .env(ENV_CHILD, args)
+                .envs(env.iter().copied())
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{env:?}: {stdout}");
+            let got = stdout
+                .lines()
+                .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
+                .unwrap_or_else(|| panic!("{env:?}: no result in {stdout}"));
+            assert_eq!(got, *want, "{env:?} {args:?}");
+        }
     }
 
     #[test]
