@@ -209,13 +209,6 @@ pub struct Flags {
 
 impl Flags {
     /// Whether to masquerade IPv6: `--ip6-masq` when given, else `--ip-masq`.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "wired into the daemon with IPv6 (docs/ipv6-plan.md §5 B)"
-        )
-    )]
     pub fn ip6_masq(&self) -> bool {
         self.ip6_masq.unwrap_or(self.ip_masq)
     }

@@ -126,15 +126,8 @@ pub fn render_cleanup() -> String {
 
 /// The script that removes our IPv6 table `ip6 flannel` whether or not it exists (for
 /// `--cleanup`; nft 1.0.6 has no `destroy`).
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "wired into the daemon with IPv6 (docs/ipv6-plan.md §5 B)"
-    )
-)]
 pub fn render6_cleanup() -> String {
-    format!("add table ip6 {TABLE}\ndelete table ip6 {TABLE}\n")
+    ::nft::remove_table_script(::nft::Family::Ip6, TABLE)
 }
 
 /// The rules to install, or None when there are none (then a table left from a run that had
@@ -145,35 +138,40 @@ fn script(r: &HostRules) -> Option<String> {
 
 /// The IPv6 rules to install (for a keeper of `ip6 flannel`), or None when there are none
 /// (then a table left from a run that had rules is to be removed).
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "wired into the daemon with IPv6 (docs/ipv6-plan.md §5 B)"
-    )
-)]
 pub fn script6(r: &HostRules6) -> Option<String> {
     (r.forward || r.ip6_masq).then(|| render6(r))
 }
 
-/// Keeps our table equal to the rendered rules: installs it, and re-installs it when nft's
-/// listing no longer matches the one taken right after the last install (a rule or the table
-/// was removed or changed by hand).
+/// Keeps our tables (`ip flannel`, `ip6 flannel`) equal to the rendered rules: installs each,
+/// and re-installs it when nft's listing no longer matches the one taken right after the last
+/// install (a rule or the table was removed or changed by hand). A family without rules has
+/// its table removed if one was left behind.
 #[derive(Debug)]
-pub struct RuleKeeper(TableKeeper<Nft>);
+pub struct RuleKeeper {
+    v4: TableKeeper<Nft>,
+    v6: TableKeeper<Nft>,
+}
 
 impl RuleKeeper {
     pub fn new(nft: Nft) -> Self {
-        RuleKeeper(TableKeeper::new(nft, ::nft::Family::Ip, TABLE))
+        RuleKeeper {
+            v4: TableKeeper::new(nft.clone(), ::nft::Family::Ip, TABLE),
+            v6: TableKeeper::new(nft, ::nft::Family::Ip6, TABLE),
+        }
     }
 
-    pub fn set(&mut self, rules: HostRules) {
-        self.0.set(script(&rules));
+    /// The rules of each family (None: that family has none).
+    pub fn set(&mut self, v4: Option<HostRules>, v6: Option<HostRules6>) {
+        self.v4.set(v4.as_ref().and_then(script));
+        self.v6.set(v6.as_ref().and_then(script6));
     }
 
-    /// Ensures the rules; returns true if it (re)installed (or removed) them.
+    /// Ensures the rules of both families; returns true if it (re)installed (or removed) any.
+    /// An error in one family does not keep the other from being ensured.
     pub async fn ensure(&mut self) -> Result<bool, ::nft::Error> {
-        self.0.ensure().await
+        let a = self.v4.ensure().await;
+        let b = self.v6.ensure().await;
+        Ok(a? | b?)
     }
 }
 

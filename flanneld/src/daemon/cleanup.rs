@@ -17,6 +17,9 @@ pub(super) async fn cleanup(flags: &Flags) -> Result<()> {
     if let Err(e) = Nft::default().apply(&nft::render_cleanup()).await {
         errors.push(format!("removing the nftables table: {e:#}"));
     }
+    if let Err(e) = Nft::default().apply(&nft::render6_cleanup()).await {
+        errors.push(format!("removing the IPv6 nftables table: {e:#}"));
+    }
     if let Err(e) = Nft::default().apply(&service_proxy::nft::cleanup()).await {
         errors.push(format!("removing the service proxy's table: {e:#}"));
     }
@@ -35,17 +38,18 @@ pub(super) async fn cleanup(flags: &Flags) -> Result<()> {
         }
     }
     let nl = RtNetlink::connect()?;
-    let name = format!("flannel.{vni}");
-    match nl.link_by_name(&name).await {
-        Ok(Some(l)) => {
-            if let Err(e) = nl.delete_link(l.index).await {
-                errors.push(format!("deleting {name}: {e}"));
-            } else {
-                tracing::info!("deleted {name}");
+    for name in [format!("flannel.{vni}"), format!("flannel-v6.{vni}")] {
+        match nl.link_by_name(&name).await {
+            Ok(Some(l)) => {
+                if let Err(e) = nl.delete_link(l.index).await {
+                    errors.push(format!("deleting {name}: {e}"));
+                } else {
+                    tracing::info!("deleted {name}");
+                }
             }
+            Ok(None) => {}
+            Err(e) => errors.push(format!("looking up {name}: {e}")),
         }
-        Ok(None) => {}
-        Err(e) => errors.push(format!("looking up {name}: {e}")),
     }
     super::dns::cleanup(flags, &nl, &mut errors).await;
     if errors.is_empty() {

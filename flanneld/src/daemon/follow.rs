@@ -32,7 +32,7 @@ pub(super) async fn follow(
 ) -> Result<()> {
     let Leased {
         cfg,
-        network,
+        network: _,
         mut backend,
         manager,
         lease,
@@ -89,9 +89,8 @@ pub(super) async fn follow(
                         .set_lease(l)
                         .await
                         .context("configuring the backend for our new lease")?;
-                    if let Some(r) = host_rules(flags, network, l) {
-                        rules.set(r);
-                    }
+                    let (v4, v6) = host_rules(flags, &cfg, l);
+                    rules.set(v4, v6);
                     write_env(flags, &cfg, l, &backend)?;
                     let _ = services.subnet.send(l.key);
                 }

@@ -9,13 +9,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use backends::set::BackendSet;
-use ipnet::Ipv4Net;
 use subnet_lease::{Lease, NetConfig, SubnetEnv};
 
 use super::acquire::Leased;
 use crate::flags::Flags;
 use crate::health::Status;
-use crate::nft::{HostRules, Nft, RuleKeeper};
+use crate::nft::{HostRules, HostRules6, Nft, RuleKeeper};
 
 pub(super) fn write_subnet_file(
     path: &Path,
@@ -54,15 +53,32 @@ pub(super) fn write_env(
     )
 }
 
-/// flannel's host rules for our subnet (pure); None for a lease without an IPv4 subnet (the
-/// acquire stage only takes one with IPv4 enabled, whose leases all have one).
-pub(super) fn host_rules(flags: &Flags, network: Ipv4Net, lease: &Lease) -> Option<HostRules> {
-    Some(HostRules {
-        network,
-        subnet: lease.key.ipv4?,
-        forward: flags.iptables_forward_rules,
-        ip_masq: flags.ip_masq,
-    })
+/// flannel's host rules for our subnets, per family (pure): IPv4 with an IPv4 Network and
+/// subnet, IPv6 with an IPv6Network and subnet (`--ip6-masq`, by default `--ip-masq`).
+pub(super) fn host_rules(
+    flags: &Flags,
+    cfg: &NetConfig,
+    lease: &Lease,
+) -> (Option<HostRules>, Option<HostRules6>) {
+    let v4 = match (cfg.ipv4_network(), lease.key.ipv4) {
+        (Some(network), Some(subnet)) => Some(HostRules {
+            network,
+            subnet,
+            forward: flags.iptables_forward_rules,
+            ip_masq: flags.ip_masq,
+        }),
+        _ => None,
+    };
+    let v6 = match (cfg.ipv6_network(), lease.key.ipv6) {
+        (Some(network), Some(subnet)) => Some(HostRules6 {
+            network,
+            subnet,
+            forward: flags.iptables_forward_rules,
+            ip6_masq: flags.ip6_masq(),
+        }),
+        _ => None,
+    };
+    (v4, v6)
 }
 
 /// Runs the stage; returns the keeper of the host rules.
@@ -72,9 +88,8 @@ pub(super) async fn program(
     status: &Status,
 ) -> Result<RuleKeeper> {
     let mut rules = RuleKeeper::new(Nft::default());
-    if let Some(r) = host_rules(flags, leased.network, &leased.lease) {
-        rules.set(r);
-    }
+    let (v4, v6) = host_rules(flags, &leased.cfg, &leased.lease);
+    rules.set(v4, v6);
     leased
         .backend
         .set_lease(&leased.lease)
@@ -140,4 +155,55 @@ pub(super) async fn reconcile(backend: &mut BackendSet, status: &Status) {
         .peers_unreachable
         .set(backend.unreachable().len() as i64);
     status.set_backend_counters(&backend.counters());
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use subnet_lease::{LeaseAttrs, SubnetKey};
+
+    fn flags(args: &[&str]) -> Flags {
+        let mut v = vec!["flanneld"];
+        v.extend_from_slice(args);
+        Flags::try_parse_from(v).unwrap()
+    }
+
+    fn lease(key: &str) -> Lease {
+        Lease {
+            key: SubnetKey::parse(key).unwrap(),
+            attrs: LeaseAttrs::new("192.168.1.2".parse().unwrap(), "vxlan"),
+            etcd_lease: 1,
+            mod_revision: 1,
+        }
+    }
+
+    fn cfg(text: &str) -> NetConfig {
+        subnet_lease::config::parse(text).unwrap().config
+    }
+
+    #[test]
+    fn host_rules_per_family_with_ip6_masq_following_ip_masq() {
+        let dual = cfg(r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48"}"#);
+        let l = lease("10.5.3.0-24&fd10:0:0:3::-64");
+        let (v4, v6) = host_rules(&flags(&["--ip-masq"]), &dual, &l);
+        let (v4, v6) = (v4.unwrap(), v6.unwrap());
+        assert_eq!(v4.subnet, "10.5.3.0/24".parse().unwrap());
+        assert!(
+            v4.ip_masq && v6.ip6_masq,
+            "--ip6-masq defaults to --ip-masq"
+        );
+        assert_eq!(v6.network, "fd10::/48".parse().unwrap());
+        assert_eq!(v6.subnet, "fd10:0:0:3::/64".parse().unwrap());
+        let (_, v6) = host_rules(&flags(&["--ip-masq", "--ip6-masq=false"]), &dual, &l);
+        assert!(!v6.unwrap().ip6_masq);
+        // IPv4 only: no IPv6 rules; IPv6 only: no IPv4 rules.
+        let v4only = cfg(r#"{"Network":"10.5.0.0/16"}"#);
+        let (a, b) = host_rules(&flags(&[]), &v4only, &lease("10.5.3.0-24"));
+        assert!(a.is_some() && b.is_none());
+        let v6only = cfg(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10::/48"}"#);
+        let (a, b) = host_rules(&flags(&[]), &v6only, &lease("0.0.0.0-0&fd10:0:0:3::-64"));
+        assert!(a.is_none() && b.is_some());
+    }
 }
