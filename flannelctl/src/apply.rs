@@ -40,16 +40,23 @@ impl Requested {
             return vec![];
         };
         let mut errors = Vec::new();
-        if let Some(ip) = s
+        // `clusterIP` and every further `clusterIPs` entry (a dual-stack Service has two).
+        let asked = s
             .spec
             .cluster_ip
-            .as_deref()
-            .filter(|ip| !ip.is_empty() && *ip != "None")
-        {
+            .iter()
+            .map(|ip| ("spec.clusterIP".to_string(), ip))
+            .chain(
+                s.spec
+                    .cluster_ips
+                    .iter()
+                    .enumerate()
+                    .skip(1)
+                    .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip)),
+            );
+        for (field, ip) in asked.filter(|(_, ip)| !ip.is_empty() && *ip != "None") {
             if let Some(first) = self.cluster_ips.get(ip) {
-                errors.push(format!(
-                    "{who}: spec.clusterIP: {ip} is also requested by {first}"
-                ));
+                errors.push(format!("{who}: {field}: {ip} is also requested by {first}"));
             } else {
                 self.cluster_ips.insert(ip.to_string(), who.to_string());
             }

@@ -150,9 +150,15 @@ pub fn rows(kind: Kind, objs: &[Object]) -> Vec<Vec<String>> {
                             let ports: Vec<String> = if s.ports.is_empty() {
                                 vec![a.ip.clone()]
                             } else {
+                                // As kubectl (JoinHostPort): `[fd00::1]:80` for IPv6.
+                                let host = if a.ip.contains(':') {
+                                    format!("[{}]", a.ip)
+                                } else {
+                                    a.ip.clone()
+                                };
                                 s.ports
                                     .iter()
-                                    .map(|p| format!("{}:{}", a.ip, p.port))
+                                    .map(|p| format!("{host}:{}", p.port))
                                     .collect()
                             };
                             ports
@@ -180,8 +186,10 @@ pub fn rows(kind: Kind, objs: &[Object]) -> Vec<Vec<String>> {
 
 fn service_row(ns: String, s: &Service) -> Vec<String> {
     let spec = &s.spec;
+    // Both addresses of a dual-stack Service (kubectl shows the primary only).
     let cluster_ip = match spec.type_ {
         ServiceType::ExternalName => NONE.to_string(),
+        _ if spec.cluster_ips.len() > 1 => spec.cluster_ips.join(","),
         _ => or_none(spec.cluster_ip.clone().unwrap_or_default()),
     };
     let external = match spec.type_ {
@@ -252,6 +260,25 @@ default     web    NodePort       10.96.0.10   <none>           80/TCP,53:30053/
 shop        ext    ExternalName   <none>       db.example.com   <none>                <none>
 "
         );
+        let objs = parse_documents(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:10:96::a"]
+  ports: [{port: 80}]
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            table(Kind::Service, &objs),
+            "\
+NAMESPACE   NAME   TYPE        CLUSTER-IP                 EXTERNAL-IP   PORT(S)   SELECTOR
+default     web    ClusterIP   10.96.0.10,fd00:10:96::a   <none>        80/TCP    <none>
+"
+        );
     }
 
     #[test]
@@ -287,6 +314,14 @@ metadata: {name: empty, namespace: default}
         assert_eq!(
             table(Kind::Endpoints, &objs),
             "NAMESPACE   NAME    ENDPOINTS\ndefault     db      192.168.1.1:5432,192.168.1.1:9187,192.168.1.2:5432 + 1 more...\ndefault     empty   <none>\n"
+        );
+        let objs = parse_documents(
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: db6, namespace: default}\nsubsets: [{addresses: [{ip: 'fd00::1'}], ports: [{port: 5432}]}]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            table(Kind::Endpoints, &objs),
+            "NAMESPACE   NAME   ENDPOINTS\ndefault     db6    [fd00::1]:5432\n"
         );
         let objs = parse_documents("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {kubernetes.io/metadata.name: shop}}\n").unwrap();
         assert_eq!(

@@ -8,7 +8,7 @@
 //! holding it. [`parse_key`] returns None for them, so a watcher of `<prefix>/registry/` skips
 //! them.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::parse::{object_from_value, ObjectError};
 use crate::types::{Kind, Object};
@@ -60,9 +60,10 @@ pub fn allocations_prefix(prefix: &str) -> String {
     format!("{}allocations/", registry_prefix(prefix))
 }
 
-/// `<prefix>/registry/allocations/clusterips/<ip>`.
-pub fn cluster_ip_key(prefix: &str, ip: Ipv4Addr) -> String {
-    format!("{}clusterips/{ip}", allocations_prefix(prefix))
+/// `<prefix>/registry/allocations/clusterips/<ip>`, IPv6 in its canonical form
+/// (`clusterips/fd00:10:96::a`).
+pub fn cluster_ip_key(prefix: &str, ip: impl Into<IpAddr>) -> String {
+    format!("{}clusterips/{}", allocations_prefix(prefix), ip.into())
 }
 
 /// `<prefix>/registry/allocations/nodeports/<port>`.
@@ -90,7 +91,7 @@ pub fn parse_key(prefix: &str, key: &str) -> Option<(Kind, Option<String>, Strin
 /// What an allocation key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Allocation {
-    ClusterIp(Ipv4Addr),
+    ClusterIp(IpAddr),
     NodePort(u16),
 }
 
@@ -98,7 +99,12 @@ pub enum Allocation {
 pub fn parse_allocation_key(prefix: &str, key: &str) -> Option<Allocation> {
     let rest = key.strip_prefix(&allocations_prefix(prefix))?;
     if let Some(ip) = rest.strip_prefix("clusterips/") {
-        return ip.parse().ok().map(Allocation::ClusterIp);
+        // Only the canonical text names an address (the key written for it).
+        return ip
+            .parse::<IpAddr>()
+            .ok()
+            .filter(|a| a.to_string() == ip)
+            .map(Allocation::ClusterIp);
     }
     rest.strip_prefix("nodeports/")?
         .parse()
@@ -180,6 +186,7 @@ mod tests {
     use super::*;
     use crate::parse::to_json;
     use crate::types::Kind;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     const P: &str = "/coreos.com/network";
 
@@ -210,6 +217,10 @@ mod tests {
         assert_eq!(
             cluster_ip_key(P, Ipv4Addr::new(10, 96, 0, 10)),
             "/coreos.com/network/registry/allocations/clusterips/10.96.0.10"
+        );
+        assert_eq!(
+            cluster_ip_key(P, "fd00:10:96::a".parse::<Ipv6Addr>().unwrap()),
+            "/coreos.com/network/registry/allocations/clusterips/fd00:10:96::a"
         );
         assert_eq!(
             node_port_key(P, 30080),
@@ -245,7 +256,20 @@ mod tests {
         }
         assert_eq!(
             parse_allocation_key(P, &cluster_ip_key(P, Ipv4Addr::new(10, 96, 0, 10))),
-            Some(Allocation::ClusterIp(Ipv4Addr::new(10, 96, 0, 10)))
+            Some(Allocation::ClusterIp(Ipv4Addr::new(10, 96, 0, 10).into()))
+        );
+        let v6: Ipv6Addr = "fd00:10:96::a".parse().unwrap();
+        assert_eq!(
+            parse_allocation_key(P, &cluster_ip_key(P, v6)),
+            Some(Allocation::ClusterIp(v6.into()))
+        );
+        // Only the canonical form names an address.
+        assert_eq!(
+            parse_allocation_key(
+                P,
+                "/coreos.com/network/registry/allocations/clusterips/fd00:10:96:0::a"
+            ),
+            None
         );
         assert_eq!(
             parse_allocation_key(P, &node_port_key(P, 30080)),

@@ -6,7 +6,8 @@
 //! API server's rules, reporting every broken field by its path.
 //! [`parse_documents`] reads YAML/JSON manifests (several documents, `List`s), errors naming
 //! the document and field. [`keys`] is the layout in etcd and turns stored values back into
-//! objects (pure, for watchers); [`alloc`] decides ClusterIPs and NodePorts (pure); [`Store`]
+//! objects (pure, for watchers); [`alloc`] decides IP families, ClusterIPs (one per family, from
+//! the [`ServiceNetworks`]) and NodePorts (pure); [`Store`]
 //! keeps objects in etcd under `<prefix>/registry/`, allocating in the same guarded txn as the
 //! object; [`follow`] is the list + watch loop the service proxy and policy module share;
 //! [`gate`] is how the policy module judges the userspace proxy's relays.
@@ -26,6 +27,7 @@ pub mod store;
 pub mod types;
 pub mod validate;
 
+pub use alloc::ServiceNetworks;
 pub use keys::{decode, object_key, parse_key, registry_prefix, DecodeError};
 pub use parse::{parse_documents, to_json, ParseError};
 pub use pods::{PodPublisher, PodRecord};

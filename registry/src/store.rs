@@ -18,11 +18,10 @@ use etcd_access::{Connection, EtcdError, EtcdOptions};
 use etcd_client::{
     Compare, CompareOp, GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
-use ipnet::Ipv4Net;
 use rand::Rng;
 use subnet_lease::config;
 
-use crate::alloc::{plan_service, AllocError, Allocations};
+use crate::alloc::{plan_service, AllocError, Allocations, ServiceNetworks};
 // The key layout and decoding moved to `keys`; re-exported here for callers that still name
 // them through `store`.
 use crate::keys::describe_obj;
@@ -300,8 +299,9 @@ impl Store {
         self.call(op, c.txn(txn)).await
     }
 
-    /// `ServiceNetwork` from `<prefix>/config` (the default without a config).
-    pub async fn service_network(&self) -> Result<Ipv4Net, StoreError> {
+    /// The service networks from `<prefix>/config`: `ServiceNetwork` when IPv4 is enabled,
+    /// `IPv6ServiceNetwork` when IPv6 is (without a config: the default `ServiceNetwork`).
+    pub async fn service_networks(&self) -> Result<ServiceNetworks, StoreError> {
         let key = self.config_key();
         let mut c = self.conn.client();
         let resp = self.call("get config", c.get(key, None)).await?;
@@ -312,11 +312,12 @@ impl Store {
         self.service_network_of(text.as_deref())
     }
 
-    fn service_network_of(&self, text: Option<&str>) -> Result<Ipv4Net, StoreError> {
+    fn service_network_of(&self, text: Option<&str>) -> Result<ServiceNetworks, StoreError> {
         let key = self.config_key();
         let Some(text) = text else {
             return config::DEFAULT_SERVICE_NETWORK
-                .parse()
+                .parse::<ipnet::Ipv4Net>()
+                .map(ServiceNetworks::from)
                 .map_err(|_| StoreError::Config {
                     key,
                     msg: "bad default ServiceNetwork".into(),
@@ -337,7 +338,18 @@ impl Store {
                 ),
             });
         }
-        Ok(cfg.service_network)
+        if let (Some(n), Some(s)) = (
+            cfg.ipv6_service_network_overlap(),
+            cfg.ipv6_service_network(),
+        ) {
+            return Err(StoreError::Config {
+                key,
+                msg: format!(
+                    "IPv6ServiceNetwork {s} (the default) overlaps IPv6Network {n}: set IPv6ServiceNetwork to a range outside it"
+                ),
+            });
+        }
+        Ok(ServiceNetworks::from_config(&cfg))
     }
 
     fn check_names(kind: Kind, namespace: Option<&str>, name: &str) -> Result<(), StoreError> {
@@ -438,7 +450,7 @@ impl Store {
             }
         }
 
-        let net = if is_service {
+        let nets = if is_service {
             let text = config
                 .as_ref()
                 .map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
@@ -449,12 +461,10 @@ impl Store {
             ));
             self.service_network_of(text.as_deref())?
         } else {
-            // Only Services use it.
-            config::DEFAULT_SERVICE_NETWORK
-                .parse()
-                .unwrap_or_else(|_| Ipv4Net::default())
+            // Only Services use them.
+            ServiceNetworks::default()
         };
-        validate(obj, net)?;
+        validate(obj, nets)?;
 
         let old = match &existing {
             None => None,
@@ -480,24 +490,23 @@ impl Store {
                 _ => None,
             };
             let me = owner(ns.as_deref().unwrap_or(DEFAULT_NAMESPACE), &m.name);
-            let plan =
-                plan_service(s.clone(), old_svc, &allocs, net, &mut rand::rng()).map_err(|e| {
-                    match e {
-                        AllocError::Invalid(f) => StoreError::Invalid(ValidationErrors {
-                            kind,
-                            namespace: ns.clone(),
-                            name: m.name.clone(),
-                            errors: vec![f],
-                        }),
-                        AllocError::Exhausted(error) => StoreError::Exhausted {
-                            object: object.clone(),
-                            error,
-                        },
-                    }
-                })?;
+            let plan = plan_service(s.clone(), old_svc, &allocs, &nets, &mut rand::rng()).map_err(
+                |e| match e {
+                    AllocError::Invalid(errors) => StoreError::Invalid(ValidationErrors {
+                        kind,
+                        namespace: ns.clone(),
+                        name: m.name.clone(),
+                        errors,
+                    }),
+                    AllocError::Exhausted(error) => StoreError::Exhausted {
+                        object: object.clone(),
+                        error,
+                    },
+                },
+            )?;
             final_obj = Object::Service(plan.service);
             // The decided values obey the rules too (a kept "None" with a NodePort type).
-            validate(&final_obj, net)?;
+            validate(&final_obj, nets)?;
             let held = allocs.owned_by(&me);
             let alloc_key = |a: &Allocation| match a {
                 Allocation::ClusterIp(ip) => cluster_ip_key(&prefix, *ip),

@@ -184,6 +184,75 @@ impl ServiceType {
     }
 }
 
+/// An IP family (`spec.ipFamilies[]` of a Service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum IpFamily {
+    #[serde(rename = "IPv4")]
+    Ipv4,
+    #[serde(rename = "IPv6")]
+    Ipv6,
+}
+
+impl IpFamily {
+    /// The API spelling (`IPv4`, `IPv6`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::Ipv4 => "IPv4",
+            IpFamily::Ipv6 => "IPv6",
+        }
+    }
+
+    /// The family of an address.
+    pub fn of(ip: std::net::IpAddr) -> IpFamily {
+        match ip {
+            std::net::IpAddr::V4(_) => IpFamily::Ipv4,
+            std::net::IpAddr::V6(_) => IpFamily::Ipv6,
+        }
+    }
+
+    /// The other family.
+    pub fn other(self) -> IpFamily {
+        match self {
+            IpFamily::Ipv4 => IpFamily::Ipv6,
+            IpFamily::Ipv6 => IpFamily::Ipv4,
+        }
+    }
+}
+
+impl std::fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `spec.ipFamilyPolicy` of a Service: how many families it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IpFamilyPolicy {
+    /// One family (`ipFamilies[0]`, else the cluster's primary).
+    SingleStack,
+    /// Both families when the cluster has both, else one.
+    PreferDualStack,
+    /// Both families; refused on a single-stack cluster.
+    RequireDualStack,
+}
+
+impl IpFamilyPolicy {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamilyPolicy::SingleStack => "SingleStack",
+            IpFamilyPolicy::PreferDualStack => "PreferDualStack",
+            IpFamilyPolicy::RequireDualStack => "RequireDualStack",
+        }
+    }
+}
+
+impl std::fmt::Display for IpFamilyPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `spec.sessionAffinity`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SessionAffinity {
@@ -254,11 +323,21 @@ pub struct ServiceSpec {
     pub selector: Option<Labels>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
-    /// Allocated from `ServiceNetwork` when absent or empty; `None` makes a headless Service.
+    /// The primary ClusterIP (`clusterIPs[0]`): allocated from the service network of
+    /// `ipFamilies[0]` when absent or empty; `None` makes a headless Service.
     #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
     pub cluster_ip: Option<String>,
+    /// One ClusterIP per family, in `ipFamilies` order (at most two, of different families).
     #[serde(default, rename = "clusterIPs", skip_serializing_if = "Vec::is_empty")]
     pub cluster_ips: Vec<String>,
+    /// The families of `clusterIPs`, primary first; filled in by the store (kept absent on an
+    /// IPv4-only cluster when neither the manifest nor the stored Service has them).
+    #[serde(default, rename = "ipFamilies", skip_serializing_if = "Vec::is_empty")]
+    pub ip_families: Vec<IpFamily>,
+    /// Filled in like `ipFamilies`: `SingleStack` unless given (headless without selector:
+    /// `RequireDualStack`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_family_policy: Option<IpFamilyPolicy>,
     #[serde(default, rename = "externalIPs", skip_serializing_if = "Vec::is_empty")]
     pub external_ips: Vec<String>,
     #[serde(default)]
@@ -284,9 +363,34 @@ pub struct Service {
 }
 
 impl Service {
-    /// The ClusterIP as an address (None when absent, headless or not an IPv4 address).
+    /// The ClusterIPs as addresses, primary first (`clusterIPs`, or `clusterIP` when that is
+    /// absent); none when headless or ExternalName. Entries that are not addresses are skipped.
+    pub fn cluster_ip_addrs(&self) -> Vec<std::net::IpAddr> {
+        if self.spec.type_ == ServiceType::ExternalName {
+            return Vec::new();
+        }
+        let list: Vec<&str> = if self.spec.cluster_ips.is_empty() {
+            self.spec.cluster_ip.as_deref().into_iter().collect()
+        } else {
+            self.spec.cluster_ips.iter().map(String::as_str).collect()
+        };
+        list.into_iter().filter_map(|s| s.parse().ok()).collect()
+    }
+
+    /// The IPv4 ClusterIP, primary or secondary (None when absent, headless or IPv6-only).
     pub fn cluster_ip_addr(&self) -> Option<std::net::Ipv4Addr> {
-        self.spec.cluster_ip.as_deref().and_then(|s| s.parse().ok())
+        self.cluster_ip_addrs().into_iter().find_map(|a| match a {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(_) => None,
+        })
+    }
+
+    /// The IPv6 ClusterIP, primary or secondary (None when absent, headless or IPv4-only).
+    pub fn cluster_ipv6_addr(&self) -> Option<std::net::Ipv6Addr> {
+        self.cluster_ip_addrs().into_iter().find_map(|a| match a {
+            std::net::IpAddr::V6(a) => Some(a),
+            std::net::IpAddr::V4(_) => None,
+        })
     }
 
     /// Headless: `clusterIP: None`.
@@ -320,6 +424,13 @@ pub struct EndpointAddress {
     pub node_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+}
+
+impl EndpointAddress {
+    /// The address (IPv4 or IPv6; validation makes it one).
+    pub fn addr(&self) -> Option<std::net::IpAddr> {
+        self.ip.parse().ok()
+    }
 }
 
 /// `subsets[].ports[]` of an Endpoints object; `name` matches the Service port's name.

@@ -6,12 +6,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
+use crate::alloc::ServiceNetworks;
 use crate::types::{
-    Container, Endpoints, IntOrString, IpBlock, Kind, LabelSelector, Labels, Namespace,
+    Container, Endpoints, IntOrString, IpBlock, IpFamily, Kind, LabelSelector, Labels, Namespace,
     NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, Object, ObjectMeta, Pod, Protocol,
     SelectorOperator, Service, ServiceType, SessionAffinity,
 };
@@ -67,16 +68,22 @@ impl fmt::Display for ValidationErrors {
     }
 }
 
-/// Checks `obj` against the API's rules; ClusterIPs must lie in `service_network`.
+/// Checks `obj` against the API's rules; ClusterIPs must lie in the service network of their
+/// family (`service_networks`: an [`ServiceNetworks`], or an `Ipv4Net` for an IPv4-only
+/// cluster).
 ///
 /// A namespaced object without `metadata.namespace` is accepted (the store puts it in
 /// `default`); a Namespace must not carry one.
-pub fn validate(obj: &Object, service_network: Ipv4Net) -> Result<(), ValidationErrors> {
+pub fn validate(
+    obj: &Object,
+    service_networks: impl Into<ServiceNetworks>,
+) -> Result<(), ValidationErrors> {
+    let nets = service_networks.into();
     let mut v = Errors::default();
     match obj {
         Object::Namespace(o) => namespace(&mut v, o),
         Object::Pod(o) => pod(&mut v, o),
-        Object::Service(o) => service(&mut v, o, service_network),
+        Object::Service(o) => service(&mut v, o, &nets),
         Object::Endpoints(o) => endpoints(&mut v, o),
         Object::NetworkPolicy(o) => network_policy(&mut v, o),
     }
@@ -251,12 +258,33 @@ fn labels(v: &mut Errors, field: &str, labels: &Labels) {
     }
 }
 
-/// Why `ip` is not an IPv4 address usable as an endpoint or external IP, or None.
-fn ipv4_error(ip: &str) -> Option<String> {
-    let Ok(a) = ip.parse::<Ipv4Addr>() else {
-        return Some(format!("{ip:?} must be a valid IPv4 address"));
+/// Why `ip` is not an address usable as an endpoint or external IP, or None: IPv4 or IPv6
+/// (the API server takes both, whatever families the cluster has), neither unspecified,
+/// loopback (127.0.0.0/8, ::1), link-local (169.254.0.0/16, fe80::/10) nor multicast
+/// (224.0.0.0/4, ff00::/8); no IPv4 broadcast, no IPv4-mapped IPv6. An IPv6 text must be the
+/// address's canonical form (`fd00::1`, lower case), so a name built from it is unique.
+pub fn endpoint_ip_error(ip: &str) -> Option<String> {
+    let special = match ip.parse::<IpAddr>() {
+        Err(_) => return Some(format!("{ip:?} must be a valid IP address")),
+        Ok(IpAddr::V4(a)) => ipv4_special(a)?,
+        Ok(IpAddr::V6(a)) => {
+            if let Some(special) = ipv6_special(a) {
+                special
+            } else if a.to_ipv4_mapped().is_some() {
+                "an IPv4-mapped address (use the IPv4 form)"
+            } else if a.to_string() != ip {
+                return Some(format!("{ip:?} must be written as {a}"));
+            } else {
+                return None;
+            }
+        }
     };
-    let special = if a.is_unspecified() {
+    Some(format!("{ip} may not be {special}"))
+}
+
+/// What makes an IPv4 address unusable as an endpoint, or None.
+fn ipv4_special(a: Ipv4Addr) -> Option<&'static str> {
+    Some(if a.is_unspecified() {
         "unspecified (0.0.0.0)"
     } else if a.is_loopback() {
         "in the loopback range (127.0.0.0/8)"
@@ -268,24 +296,12 @@ fn ipv4_error(ip: &str) -> Option<String> {
         "the broadcast address"
     } else {
         return None;
-    };
-    Some(format!("{ip} may not be {special}"))
+    })
 }
 
-/// An endpoint address: IPv4 as [`ipv4_error`], or IPv6 (the API server takes both in an
-/// Endpoints object), neither unspecified, loopback, link-local nor multicast. The text must
-/// be the address's canonical form (`fd00::1`, lower case), so a name built from it is unique.
-fn endpoint_ip_error(ip: &str) -> Option<String> {
-    let Ok(a) = ip.parse::<std::net::Ipv6Addr>() else {
-        return ipv4_error(ip).map(|e| {
-            if ip.parse::<Ipv4Addr>().is_err() {
-                format!("{ip:?} must be a valid IP address")
-            } else {
-                e
-            }
-        });
-    };
-    let special = if a.is_unspecified() {
+/// What makes an IPv6 address unusable as an endpoint, or None.
+fn ipv6_special(a: Ipv6Addr) -> Option<&'static str> {
+    Some(if a.is_unspecified() {
         "unspecified (::)"
     } else if a.is_loopback() {
         "the loopback address (::1)"
@@ -293,14 +309,9 @@ fn endpoint_ip_error(ip: &str) -> Option<String> {
         "in the link-local range (fe80::/10)"
     } else if a.is_multicast() {
         "in the multicast range (ff00::/8)"
-    } else if a.to_ipv4_mapped().is_some() {
-        "an IPv4-mapped address (use the IPv4 form)"
-    } else if a.to_string() != ip {
-        return Some(format!("{ip:?} must be written as {a}"));
     } else {
         return None;
-    };
-    Some(format!("{ip} may not be {special}"))
+    })
 }
 
 fn port_range(v: &mut Errors, field: impl Into<String>, port: i64) {
@@ -468,22 +479,40 @@ fn externally_accessible(s: &Service) -> bool {
         || (s.spec.type_ == ServiceType::ClusterIP && !s.spec.external_ips.is_empty())
 }
 
-/// Why `ip` cannot be a ClusterIP taken from `net`, or None.
-pub fn cluster_ip_error(ip: &str, net: Ipv4Net) -> Option<String> {
-    let Ok(a) = ip.parse::<Ipv4Addr>() else {
+/// Why `ip` cannot be a ClusterIP of this cluster, or None: an address (an IPv6 one in its
+/// canonical form) inside the service network of its family, not its network address nor
+/// (IPv4) its broadcast address.
+pub fn cluster_ip_error(ip: &str, nets: &ServiceNetworks) -> Option<String> {
+    let Ok(a) = ip.parse::<IpAddr>() else {
         return Some(format!(
-            "{ip:?} must be empty, 'None' or a valid IPv4 address"
+            "{ip:?} must be empty, 'None' or a valid IP address"
         ));
     };
-    if !net.contains(&a) {
+    let family = IpFamily::of(a);
+    let (contains, network, broadcast, net) = match (a, nets.v4, nets.v6) {
+        (IpAddr::V4(a), Some(n), _) => (
+            n.contains(&a),
+            a == n.network(),
+            a == n.broadcast(),
+            n.to_string(),
+        ),
+        (IpAddr::V6(a6), _, Some(n)) => {
+            if a6.to_string() != ip {
+                return Some(format!("{ip:?} must be written as {a6}"));
+            }
+            (n.contains(&a6), a6 == n.network(), false, n.to_string())
+        }
+        _ => return Some(format!("{a}: {}", not_configured(family))),
+    };
+    if !contains {
         return Some(format!("{a} is not within the service network {net}"));
     }
-    if a == net.network() {
+    if network {
         return Some(format!(
             "{a} is the network address of the service network {net}"
         ));
     }
-    if a == net.broadcast() {
+    if broadcast {
         return Some(format!(
             "{a} is the broadcast address of the service network {net}"
         ));
@@ -491,7 +520,109 @@ pub fn cluster_ip_error(ip: &str, net: Ipv4Net) -> Option<String> {
     None
 }
 
-fn service(v: &mut Errors, s: &Service, net: Ipv4Net) {
+/// `IPv6 is not configured on this cluster (…)`, the API server's words plus the way out.
+pub fn not_configured(family: IpFamily) -> String {
+    let how = match family {
+        IpFamily::Ipv4 => "EnableIPv4 is false in the network config",
+        IpFamily::Ipv6 => "set EnableIPv6 in the network config for an IPv6ServiceNetwork",
+    };
+    format!("{family} is not configured on this cluster ({how})")
+}
+
+/// The rules of `clusterIP`, `clusterIPs`, `ipFamilies` and `ipFamilyPolicy` that need no
+/// cluster state beyond the service networks (the API server's
+/// `ValidateServiceClusterIPsRelatedFields`): `clusterIPs[0]` is `clusterIP`; at most two,
+/// `None` only alone; valid addresses in their family's service network, one per family, in
+/// `ipFamilies` order; `ipFamilies` without duplicates. Not for ExternalName Services.
+pub fn cluster_ips_errors(s: &Service, nets: &ServiceNetworks) -> Vec<FieldError> {
+    let mut v = Errors::default();
+    cluster_ips_rules(&mut v, s, nets);
+    v.0
+}
+
+fn cluster_ips_rules(v: &mut Errors, s: &Service, nets: &ServiceNetworks) {
+    let spec = &s.spec;
+    let cluster_ip = spec.cluster_ip.as_deref().unwrap_or("");
+    let headless = cluster_ip == "None";
+    let mut seen = Vec::new();
+    for (i, f) in spec.ip_families.iter().enumerate() {
+        if seen.contains(f) {
+            v.add(
+                format!("spec.ipFamilies[{i}]"),
+                format!("duplicate value {:?}", f.as_str()),
+            );
+        }
+        seen.push(*f);
+    }
+    if !cluster_ip.is_empty() && !headless {
+        v.check("spec.clusterIP", cluster_ip_error(cluster_ip, nets));
+    }
+    let mut bad =
+        !cluster_ip.is_empty() && !headless && cluster_ip_error(cluster_ip, nets).is_some();
+    let ips = &spec.cluster_ips;
+    let mut none_misplaced = false;
+    for (i, ip) in ips.iter().enumerate() {
+        let field = format!("spec.clusterIPs[{i}]");
+        if i == 0 {
+            if ip != cluster_ip {
+                v.add(
+                    field,
+                    format!("{ip:?}: first value must match spec.clusterIP"),
+                );
+                bad = true;
+            }
+        } else if ip == "None" || headless {
+            none_misplaced = true;
+        } else if let Some(e) = cluster_ip_error(ip, nets) {
+            v.add(field, e);
+            bad = true;
+        }
+    }
+    if none_misplaced {
+        v.add("spec.clusterIPs", "'None' must be the first and only value");
+        bad = true;
+    }
+    if ips.len() > 2 {
+        v.add(
+            "spec.clusterIPs",
+            format!("{} values: may only hold up to 2 values", ips.len()),
+        );
+        bad = true;
+    }
+    if bad || headless {
+        return;
+    }
+    // The addresses: `clusterIPs`, or `clusterIP` alone (the API server syncs the two).
+    let addrs: Vec<IpAddr> = if ips.is_empty() {
+        cluster_ip.parse().into_iter().collect()
+    } else {
+        ips.iter().filter_map(|ip| ip.parse().ok()).collect()
+    };
+    if let [a, b] = addrs[..] {
+        if IpFamily::of(a) == IpFamily::of(b) {
+            v.add(
+                "spec.clusterIPs",
+                "may specify no more than one IP for each IP family",
+            );
+            return;
+        }
+    }
+    for (i, (a, f)) in addrs.iter().zip(&spec.ip_families).enumerate() {
+        if IpFamily::of(*a) != *f {
+            let field = if ips.is_empty() {
+                "spec.clusterIP".to_string()
+            } else {
+                format!("spec.clusterIPs[{i}]")
+            };
+            v.add(
+                field,
+                format!("{a}: expected an {f} value as indicated by `ipFamilies[{i}]`"),
+            );
+        }
+    }
+}
+
+fn service(v: &mut Errors, s: &Service, nets: &ServiceNetworks) {
     metadata(v, &s.metadata, Kind::Service);
     let spec = &s.spec;
     let t = spec.type_;
@@ -510,6 +641,18 @@ fn service(v: &mut Errors, s: &Service, net: Ipv4Net) {
                 "may not be set for ExternalName services",
             );
         }
+        if !spec.ip_families.is_empty() {
+            v.add(
+                "spec.ipFamilies",
+                "may not be set for ExternalName services",
+            );
+        }
+        if spec.ip_family_policy.is_some() {
+            v.add(
+                "spec.ipFamilyPolicy",
+                "may not be set for ExternalName services",
+            );
+        }
         let name = spec.external_name.as_deref().unwrap_or("");
         let clean = name.strip_suffix('.').unwrap_or(name);
         if clean.is_empty() {
@@ -520,33 +663,14 @@ fn service(v: &mut Errors, s: &Service, net: Ipv4Net) {
                 format!("{name:?} must be a valid DNS name: {DNS1123_SUBDOMAIN_MSG}"),
             );
         }
-    } else if headless {
-        if node_port_type {
+    } else {
+        if headless && node_port_type {
             v.add(
                 "spec.clusterIP",
                 format!("may not be set to 'None' for {} services", t.as_str()),
             );
         }
-    } else if !cluster_ip.is_empty() {
-        v.check("spec.clusterIP", cluster_ip_error(cluster_ip, net));
-    }
-    if t != ServiceType::ExternalName {
-        for (i, ip) in spec.cluster_ips.iter().enumerate() {
-            let field = format!("spec.clusterIPs[{i}]");
-            if i == 0 {
-                if ip != cluster_ip {
-                    v.add(
-                        field,
-                        format!("{ip:?}: first value must match spec.clusterIP"),
-                    );
-                }
-            } else {
-                v.add(
-                    field,
-                    format!("{ip:?}: only one (IPv4) ClusterIP is supported"),
-                );
-            }
-        }
+        cluster_ips_rules(v, s, nets);
     }
 
     // ports
@@ -618,7 +742,7 @@ fn service(v: &mut Errors, s: &Service, net: Ipv4Net) {
     }
 
     for (i, ip) in spec.external_ips.iter().enumerate() {
-        v.check(format!("spec.externalIPs[{i}]"), ipv4_error(ip));
+        v.check(format!("spec.externalIPs[{i}]"), endpoint_ip_error(ip));
     }
 
     match spec.session_affinity {
@@ -735,19 +859,15 @@ fn policy_port(v: &mut Errors, field: &str, p: &NetworkPolicyPort) {
     }
 }
 
-/// An IPv4 CIDR, or why not. Host bits may be set (the API accepts `10.0.0.1/24`).
-fn ipv4_cidr(s: &str) -> Result<Ipv4Net, String> {
-    s.parse::<Ipv4Net>().map_err(|_| {
-        if s.contains(':') {
-            format!("{s:?}: IPv6 blocks are not supported (the overlay is IPv4)")
-        } else {
-            format!("{s:?} must be a valid CIDR (e.g. 10.0.0.0/16)")
-        }
-    })
+/// An IPv4 or IPv6 CIDR, or why not. Host bits may be set (the API accepts `10.0.0.1/24`).
+fn cidr(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .map_err(|_| format!("{s:?} must be a valid CIDR (e.g. 10.0.0.0/16 or fd00::/64)"))
 }
 
+/// `cidr` (either family) and each `except` strictly inside it (so of the same family).
 fn ip_block(v: &mut Errors, field: &str, b: &IpBlock) {
-    let cidr = match ipv4_cidr(&b.cidr) {
+    let cidr = match cidr(&b.cidr) {
         Ok(c) => Some(c.trunc()),
         Err(e) => {
             v.add(format!("{field}.cidr"), e);
@@ -756,17 +876,30 @@ fn ip_block(v: &mut Errors, field: &str, b: &IpBlock) {
     };
     for (i, e) in b.except.iter().enumerate() {
         let f = format!("{field}.except[{i}]");
-        match ipv4_cidr(e) {
+        match self::cidr(e) {
             Err(msg) => v.add(f, msg),
             Ok(ex) => {
                 let ex = ex.trunc();
-                if let Some(c) = cidr {
-                    if !(c.contains(&ex) && ex.prefix_len() > c.prefix_len()) {
-                        v.add(
-                            f,
-                            format!("{e} must be a strict subset of `cidr` ({})", b.cidr),
-                        );
-                    }
+                let Some(c) = cidr else { continue };
+                let family = |n: &IpNet| match n {
+                    IpNet::V4(_) => IpFamily::Ipv4,
+                    IpNet::V6(_) => IpFamily::Ipv6,
+                };
+                if family(&c) != family(&ex) {
+                    v.add(
+                        f,
+                        format!(
+                            "{e} must be a strict subset of `cidr` ({}): it is {}, `cidr` is {}",
+                            b.cidr,
+                            family(&ex),
+                            family(&c)
+                        ),
+                    );
+                } else if !(c.contains(&ex) && ex.prefix_len() > c.prefix_len()) {
+                    v.add(
+                        f,
+                        format!("{e} must be a strict subset of `cidr` ({})", b.cidr),
+                    );
                 }
             }
         }
@@ -833,6 +966,7 @@ fn network_policy(v: &mut Errors, np: &NetworkPolicy) {
 mod tests {
     use super::*;
     use crate::types::{Endpoints, Namespace, Pod, Service};
+    use ipnet::Ipv4Net;
     use serde_json::{json, Value};
 
     fn net() -> Ipv4Net {
@@ -1341,10 +1475,16 @@ mod tests {
             svc_fields("spec.externalIPs", json!(["0.0.0.0"])),
             one("spec.externalIPs[0]")
         );
-        assert_eq!(
-            svc_fields("spec.externalIPs", json!(["fd00::1"])),
-            one("spec.externalIPs[0]")
-        );
+        // IPv6 too (the API server takes either family, whatever the cluster's), with the
+        // endpoint rules.
+        assert!(svc_fields("spec.externalIPs", json!(["fd00::1", "192.168.1.10"])).is_empty());
+        for bad in ["::1", "fe80::1", "ff02::1", "::", "FD00::1"] {
+            assert_eq!(
+                svc_fields("spec.externalIPs", json!([bad])),
+                one("spec.externalIPs[0]"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -1635,7 +1775,7 @@ mod tests {
                         {},
                         {"podSelector": {}, "ipBlock": {"cidr": "10.0.0.0/8"}},
                         {"ipBlock": {"cidr": "10.5.0.0/16", "except": ["10.6.0.0/24", "10.5.0.0/16"]}},
-                        {"ipBlock": {"cidr": "fd00::/64"}}
+                        {"ipBlock": {"cidr": "fd00::/64", "except": ["10.0.0.0/8"]}}
                     ],
                     "ports": [
                         {"port": 0},
@@ -1665,7 +1805,7 @@ mod tests {
                 "spec.ingress[0].from[1]",
                 "spec.ingress[0].from[2].ipBlock.except[0]",
                 "spec.ingress[0].from[2].ipBlock.except[1]",
-                "spec.ingress[0].from[3].ipBlock.cidr",
+                "spec.ingress[0].from[3].ipBlock.except[0]",
                 "spec.egress[0].to[0].namespaceSelector.matchLabels",
                 "spec.policyTypes[1]",
             ],
@@ -1674,5 +1814,331 @@ mod tests {
         assert!(err
             .to_string()
             .starts_with("NetworkPolicy x/Bad_Name is invalid: "));
+    }
+
+    // ---- IPv6 / dual stack ----
+
+    fn nets(v4: bool, v6: bool) -> ServiceNetworks {
+        ServiceNetworks {
+            v4: v4.then(net),
+            v6: v6.then(|| "fd00:10:96::/112".parse().unwrap()),
+        }
+    }
+
+    /// `(field, message)` of every error of base_svc with `spec` fields replaced, on `nets`.
+    fn svc_errors(spec: Value, nets: ServiceNetworks) -> Vec<(String, String)> {
+        let mut v = base_svc();
+        for (k, val) in spec.as_object().unwrap() {
+            v["spec"][k] = val.clone();
+        }
+        match validate(&svc(v), nets) {
+            Ok(()) => vec![],
+            Err(e) => e.errors.into_iter().map(|e| (e.field, e.msg)).collect(),
+        }
+    }
+
+    fn pairs(want: &[(&str, &str)]) -> Vec<(String, String)> {
+        want.iter()
+            .map(|(f, m)| (f.to_string(), m.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn dual_stack_cluster_ip_rules() {
+        let table: Vec<(Value, Vec<(&str, &str)>)> = vec![
+            (json!({"clusterIP": "fd00:10:96::a"}), vec![]),
+            (json!({"clusterIP": "fd00:10:96::ffff"}), vec![]), // no broadcast in IPv6
+            (
+                json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"]}),
+                vec![],
+            ),
+            (
+                json!({"clusterIP": "fd00:10:96::a", "clusterIPs": ["fd00:10:96::a", "10.96.0.10"],
+                       "ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "RequireDualStack"}),
+                vec![],
+            ),
+            (
+                json!({"clusterIP": "None", "clusterIPs": ["None"], "ipFamilies": ["IPv4", "IPv6"]}),
+                vec![],
+            ),
+            (
+                json!({"clusterIP": "fd00:10:96:0::a"}),
+                vec![(
+                    "spec.clusterIP",
+                    "\"fd00:10:96:0::a\" must be written as fd00:10:96::a",
+                )],
+            ),
+            (
+                json!({"clusterIP": "FD00:10:96::A"}),
+                vec![(
+                    "spec.clusterIP",
+                    "\"FD00:10:96::A\" must be written as fd00:10:96::a",
+                )],
+            ),
+            (
+                json!({"clusterIP": "fd00:10:97::a"}),
+                vec![(
+                    "spec.clusterIP",
+                    "fd00:10:97::a is not within the service network fd00:10:96::/112",
+                )],
+            ),
+            (
+                json!({"clusterIP": "fd00:10:96::"}),
+                vec![(
+                    "spec.clusterIP",
+                    "fd00:10:96:: is the network address of the service network fd00:10:96::/112",
+                )],
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "10.96.0.11"]}),
+                vec![(
+                    "spec.clusterIPs",
+                    "may specify no more than one IP for each IP family",
+                )],
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:10:96::a", "10.96.0.11"]}),
+                vec![("spec.clusterIPs", "3 values: may only hold up to 2 values")],
+            ),
+            (
+                json!({"clusterIP": "None", "clusterIPs": ["None", "fd00:10:96::a"]}),
+                vec![("spec.clusterIPs", "'None' must be the first and only value")],
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "None"]}),
+                vec![("spec.clusterIPs", "'None' must be the first and only value")],
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:10:97::a"]}),
+                vec![(
+                    "spec.clusterIPs[1]",
+                    "fd00:10:97::a is not within the service network fd00:10:96::/112",
+                )],
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "clusterIPs": ["fd00:10:96::a", "10.96.0.10"]}),
+                vec![(
+                    "spec.clusterIPs[0]",
+                    "\"fd00:10:96::a\": first value must match spec.clusterIP",
+                )],
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"], "ipFamilies": ["IPv6", "IPv4"]}),
+                vec![
+                    (
+                        "spec.clusterIPs[0]",
+                        "10.96.0.10: expected an IPv6 value as indicated by `ipFamilies[0]`",
+                    ),
+                    (
+                        "spec.clusterIPs[1]",
+                        "fd00:10:96::a: expected an IPv4 value as indicated by `ipFamilies[1]`",
+                    ),
+                ],
+            ),
+            (
+                json!({"clusterIP": "10.96.0.10", "ipFamilies": ["IPv6"]}),
+                vec![(
+                    "spec.clusterIP",
+                    "10.96.0.10: expected an IPv6 value as indicated by `ipFamilies[0]`",
+                )],
+            ),
+            (
+                json!({"ipFamilies": ["IPv4", "IPv4"]}),
+                vec![("spec.ipFamilies[1]", "duplicate value \"IPv4\"")],
+            ),
+            (
+                json!({"ipFamilies": ["IPv6", "IPv4", "IPv6"]}),
+                vec![("spec.ipFamilies[2]", "duplicate value \"IPv6\"")],
+            ),
+        ];
+        for (spec, want) in table {
+            assert_eq!(
+                svc_errors(spec.clone(), nets(true, true)),
+                pairs(&want),
+                "{spec}"
+            );
+        }
+        // A family the cluster lacks.
+        assert_eq!(
+            svc_errors(json!({"clusterIP": "fd00:10:96::a"}), nets(true, false)),
+            pairs(&[("spec.clusterIP", "fd00:10:96::a: IPv6 is not configured on this cluster (set EnableIPv6 in the network config for an IPv6ServiceNetwork)")])
+        );
+        assert_eq!(
+            svc_errors(json!({"clusterIP": "10.96.0.10"}), nets(false, true)),
+            pairs(&[("spec.clusterIP", "10.96.0.10: IPv4 is not configured on this cluster (EnableIPv4 is false in the network config)")])
+        );
+        assert_eq!(
+            svc_errors(
+                json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"]}),
+                nets(true, false)
+            ),
+            pairs(&[("spec.clusterIPs[1]", "fd00:10:96::a: IPv6 is not configured on this cluster (set EnableIPv6 in the network config for an IPv6ServiceNetwork)")])
+        );
+        // An IPv6-only cluster takes IPv6 addresses alone.
+        assert!(svc_errors(json!({"clusterIP": "fd00:10:96::a"}), nets(false, true)).is_empty());
+    }
+
+    #[test]
+    fn external_name_takes_no_families() {
+        let en = json!({"metadata": {"name": "ext"}, "spec": {"type": "ExternalName", "externalName": "db.example.com",
+            "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}});
+        let e = validate(&svc(en), nets(true, true)).unwrap_err();
+        assert_eq!(
+            e.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            vec![
+                "spec.ipFamilies: may not be set for ExternalName services",
+                "spec.ipFamilyPolicy: may not be set for ExternalName services"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_families_and_policies_are_named_when_parsing() {
+        let doc = |spec: &str| {
+            crate::parse::parse_documents(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec: {{ports: [{{port: 1}}], {spec}}}\n"
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        let e = doc("ipFamilies: [IPv5]");
+        assert!(
+            e.contains("spec.ipFamilies[0]: unknown variant `IPv5`"),
+            "{e}"
+        );
+        let e = doc("ipFamilyPolicy: DualStack");
+        assert!(
+            e.contains("spec.ipFamilyPolicy: unknown variant `DualStack`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn endpoint_and_external_ip_messages() {
+        for (ip, want) in [
+            ("192.168.1.20", None),
+            ("fd00::1", None),
+            ("2001:db8::a", None),
+            ("fec0::1", None),
+            ("0.0.0.0", Some("0.0.0.0 may not be unspecified (0.0.0.0)")),
+            (
+                "127.0.0.1",
+                Some("127.0.0.1 may not be in the loopback range (127.0.0.0/8)"),
+            ),
+            (
+                "127.255.0.1",
+                Some("127.255.0.1 may not be in the loopback range (127.0.0.0/8)"),
+            ),
+            (
+                "169.254.169.254",
+                Some("169.254.169.254 may not be in the link-local range (169.254.0.0/16)"),
+            ),
+            (
+                "224.0.0.1",
+                Some("224.0.0.1 may not be in the multicast range (224.0.0.0/4)"),
+            ),
+            (
+                "239.1.1.1",
+                Some("239.1.1.1 may not be in the multicast range (224.0.0.0/4)"),
+            ),
+            (
+                "255.255.255.255",
+                Some("255.255.255.255 may not be the broadcast address"),
+            ),
+            ("::", Some(":: may not be unspecified (::)")),
+            ("::1", Some("::1 may not be the loopback address (::1)")),
+            (
+                "fe80::1",
+                Some("fe80::1 may not be in the link-local range (fe80::/10)"),
+            ),
+            (
+                "febf::1",
+                Some("febf::1 may not be in the link-local range (fe80::/10)"),
+            ),
+            (
+                "ff02::1",
+                Some("ff02::1 may not be in the multicast range (ff00::/8)"),
+            ),
+            (
+                "ff05::2",
+                Some("ff05::2 may not be in the multicast range (ff00::/8)"),
+            ),
+            (
+                "::ffff:10.0.0.1",
+                Some("::ffff:10.0.0.1 may not be an IPv4-mapped address (use the IPv4 form)"),
+            ),
+            ("FD00::1", Some("\"FD00::1\" must be written as fd00::1")),
+            (
+                "fd00:0::1",
+                Some("\"fd00:0::1\" must be written as fd00::1"),
+            ),
+            ("10.0.0", Some("\"10.0.0\" must be a valid IP address")),
+            (
+                "fd00::1%eth0",
+                Some("\"fd00::1%eth0\" must be a valid IP address"),
+            ),
+        ] {
+            assert_eq!(endpoint_ip_error(ip).as_deref(), want, "{ip}");
+            let field = |path: &str, v: Value| match want {
+                None => assert!(svc_fields(path, v).is_empty(), "{ip}"),
+                Some(_) => assert_eq!(svc_fields(path, v), one("spec.externalIPs[0]"), "{ip}"),
+            };
+            field("spec.externalIPs", json!([ip]));
+            let got = ep_fields("subsets.0.addresses.0.ip", json!(ip));
+            match want {
+                None => assert!(got.is_empty(), "{ip}"),
+                Some(_) => assert_eq!(got, one("subsets[0].addresses[0].ip"), "{ip}"),
+            }
+        }
+    }
+
+    /// Every `(field, message)` of a policy with one ingress peer `ipBlock`.
+    fn block_errors(block: Value) -> Vec<(String, String)> {
+        let np = json!({"metadata": {"name": "p", "namespace": "x"},
+            "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": block}]}]}});
+        match validate(&netpol(np), net()) {
+            Ok(()) => vec![],
+            Err(e) => e.errors.into_iter().map(|e| (e.field, e.msg)).collect(),
+        }
+    }
+
+    #[test]
+    fn ip_blocks_in_both_families() {
+        let f = "spec.ingress[0].from[0].ipBlock";
+        let table: Vec<(Value, Vec<(String, &str)>)> = vec![
+            (json!({"cidr": "fd00::/48"}), vec![]),
+            (json!({"cidr": "::/0", "except": ["fd00::/8"]}), vec![]),
+            (json!({"cidr": "fd00::1/48", "except": ["fd00:0:0:1::/64", "fd00::/49"]}), vec![]),
+            (json!({"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}), vec![]),
+            (
+                json!({"cidr": "fd00::/48", "except": ["fd00::/48"]}),
+                vec![(format!("{f}.except[0]"), "fd00::/48 must be a strict subset of `cidr` (fd00::/48)")],
+            ),
+            (
+                json!({"cidr": "fd00::/48", "except": ["fd01::/64"]}),
+                vec![(format!("{f}.except[0]"), "fd01::/64 must be a strict subset of `cidr` (fd00::/48)")],
+            ),
+            (
+                json!({"cidr": "fd00::/48", "except": ["10.0.0.0/8"]}),
+                vec![(format!("{f}.except[0]"), "10.0.0.0/8 must be a strict subset of `cidr` (fd00::/48): it is IPv4, `cidr` is IPv6")],
+            ),
+            (
+                json!({"cidr": "0.0.0.0/0", "except": ["::/0"]}),
+                vec![(format!("{f}.except[0]"), "::/0 must be a strict subset of `cidr` (0.0.0.0/0): it is IPv6, `cidr` is IPv4")],
+            ),
+            (
+                json!({"cidr": "fd00::/129"}),
+                vec![(format!("{f}.cidr"), "\"fd00::/129\" must be a valid CIDR (e.g. 10.0.0.0/16 or fd00::/64)")],
+            ),
+            (
+                json!({"cidr": "fd00::/48", "except": ["fd00::1"]}),
+                vec![(format!("{f}.except[0]"), "\"fd00::1\" must be a valid CIDR (e.g. 10.0.0.0/16 or fd00::/64)")],
+            ),
+        ];
+        for (block, want) in table {
+            let want: Vec<(String, String)> =
+                want.into_iter().map(|(f, m)| (f, m.to_string())).collect();
+            assert_eq!(block_errors(block.clone()), want, "{block}");
+        }
     }
 }

@@ -755,3 +755,191 @@ async fn applying_many_services_reads_the_allocations_once_and_stale_snapshots_r
         .collect();
     assert_eq!(listed.len(), 14, "every Service has its own address");
 }
+
+const DUAL_CONF: &str = r#"{"Network":"10.5.0.0/16","ServiceNetwork":"10.96.0.0/24","EnableIPv6":true,"IPv6Network":"fd10::/48","IPv6ServiceNetwork":"fd00:10:96::/120"}"#;
+
+#[tokio::test]
+async fn dual_stack_cluster_ips_round_trip() {
+    let Some(env) = Env::start(Some(DUAL_CONF)).await else {
+        return;
+    };
+    let s = &env.store;
+    let p = env.prefix();
+    let v6net: ipnet::Ipv6Net = "fd00:10:96::/120".parse().unwrap();
+    assert_eq!(
+        s.service_networks().await.unwrap(),
+        registry::ServiceNetworks {
+            v4: Some("10.96.0.0/24".parse().unwrap()),
+            v6: Some(v6net),
+        }
+    );
+
+    // PreferDualStack on a dual-stack cluster: one address per family, both allocation keys.
+    let web = env
+        .apply(&svc_yaml("web", "  ipFamilyPolicy: PreferDualStack\n"))
+        .await
+        .unwrap();
+    assert_eq!(web.outcome, Outcome::Created);
+    let w = service(&web.object).clone();
+    let v4 = w.cluster_ip_addr().unwrap();
+    let v6 = w.cluster_ipv6_addr().unwrap();
+    assert!(v6net.contains(&v6) && v6 != v6net.network(), "{v6}");
+    assert_eq!(w.spec.cluster_ips, vec![v4.to_string(), v6.to_string()]);
+    assert_eq!(
+        env.raw(&cluster_ip_key(&p, v6)).await.as_deref(),
+        Some("default/web")
+    );
+    assert_eq!(
+        env.raw(&cluster_ip_key(&p, v4)).await.as_deref(),
+        Some("default/web")
+    );
+    // Stored as the API server stores it.
+    let key = object_key(&p, Kind::Service, Some("default"), "web");
+    let raw: serde_json::Value = serde_json::from_str(&env.raw(&key).await.unwrap()).unwrap();
+    assert_eq!(raw["spec"]["clusterIP"], v4.to_string());
+    assert_eq!(
+        raw["spec"]["clusterIPs"],
+        serde_json::json!([v4.to_string(), v6.to_string()])
+    );
+    assert_eq!(
+        raw["spec"]["ipFamilies"],
+        serde_json::json!(["IPv4", "IPv6"])
+    );
+    assert_eq!(raw["spec"]["ipFamilyPolicy"], "PreferDualStack");
+    // Read back equal; re-applied: unchanged.
+    let got = s.get(Kind::Service, None, "web").await.unwrap().unwrap();
+    assert_eq!(service(&got).spec, w.spec);
+    assert_eq!(
+        env.apply(&svc_yaml("web", "  ipFamilyPolicy: PreferDualStack\n"))
+            .await
+            .unwrap()
+            .outcome,
+        Outcome::Unchanged
+    );
+
+    // Another Service asking for web's IPv6 address.
+    let e = env
+        .apply(&svc_yaml(
+            "other",
+            &format!("  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv6, IPv4]\n  clusterIP: '{v6}'\n"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("Service default/other is invalid: spec.clusterIP: {v6} is already allocated to default/web")
+    );
+
+    // Downgrade releases the IPv6 key in the same txn; upgrade takes a new one.
+    let down = env
+        .apply(&svc_yaml("web", "  ipFamilyPolicy: SingleStack\n"))
+        .await
+        .unwrap();
+    assert_eq!(down.outcome, Outcome::Configured);
+    assert_eq!(service(&down.object).spec.cluster_ips, vec![v4.to_string()]);
+    assert!(env.raw(&cluster_ip_key(&p, v6)).await.is_none());
+    let up = env
+        .apply(&svc_yaml("web", "  ipFamilyPolicy: RequireDualStack\n"))
+        .await
+        .unwrap();
+    let v6b = service(&up.object).cluster_ipv6_addr().unwrap();
+    assert_eq!(service(&up.object).cluster_ip_addr(), Some(v4));
+    assert_eq!(
+        env.raw(&cluster_ip_key(&p, v6b)).await.as_deref(),
+        Some("default/web")
+    );
+
+    // IPv6 primary; a family-less Service gets IPv4 (the primary family).
+    let six = env
+        .apply(&svc_yaml("six", "  ipFamilies: [IPv6]\n"))
+        .await
+        .unwrap();
+    assert_eq!(service(&six.object).cluster_ip_addr(), None);
+    assert!(service(&six.object).cluster_ipv6_addr().is_some());
+    let plain = env.apply(&svc_yaml("plain", "")).await.unwrap();
+    assert_eq!(service(&plain.object).spec.cluster_ips.len(), 1);
+    assert!(service(&plain.object).cluster_ip_addr().is_some());
+
+    // Deleting releases both families.
+    s.delete(Kind::Service, None, "web").await.unwrap();
+    assert!(env.raw(&cluster_ip_key(&p, v4)).await.is_none());
+    assert!(env.raw(&cluster_ip_key(&p, v6b)).await.is_none());
+    let mut holders: Vec<String> = env
+        .allocations()
+        .await
+        .into_iter()
+        .map(|(_, h)| h)
+        .collect();
+    holders.sort();
+    assert_eq!(holders, ["default/plain", "default/six"]);
+
+    // The cluster loses IPv6: RequireDualStack is refused, IPv6 Services stay readable.
+    env.reg
+        .client()
+        .put(
+            subnet_lease::store::config_key(env.reg.prefix()),
+            NET_CONF,
+            None,
+        )
+        .await
+        .unwrap();
+    let e = env
+        .apply(&svc_yaml("req", "  ipFamilyPolicy: RequireDualStack\n"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Service default/req is invalid: spec.ipFamilyPolicy: RequireDualStack: this cluster is not configured for dual-stack services"
+    );
+    assert!(s.get(Kind::Service, None, "six").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn ipv4_only_services_are_stored_byte_for_byte_as_before() {
+    let Some(env) = Env::start(Some(NET_CONF)).await else {
+        return;
+    };
+    let a = env
+        .apply(&svc_yaml("web", "  clusterIP: 10.96.0.10\n"))
+        .await
+        .unwrap();
+    assert_eq!(a.outcome, Outcome::Created);
+    let key = object_key(&env.prefix(), Kind::Service, Some("default"), "web");
+    assert_eq!(
+        env.raw(&key).await.unwrap(),
+        r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"default"},"spec":{"type":"ClusterIP","selector":{"app":"web"},"ports":[{"protocol":"TCP","port":80}],"clusterIP":"10.96.0.10","clusterIPs":["10.96.0.10"],"sessionAffinity":"None"}}"#
+    );
+    // Family fields on an IPv4-only cluster: stored (the API server's defaults), IPv6 refused.
+    let b = env
+        .apply(&svc_yaml("b", "  ipFamilyPolicy: PreferDualStack\n"))
+        .await
+        .unwrap();
+    assert_eq!(
+        service(&b.object).spec.ip_families,
+        vec![registry::IpFamily::Ipv4]
+    );
+    let e = env
+        .apply(&svc_yaml("c", "  ipFamilies: [IPv6]\n"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Service default/c is invalid: spec.ipFamilies[0]: IPv6 is not configured on this cluster (set EnableIPv6 in the network config for an IPv6ServiceNetwork)"
+    );
+}
+
+#[tokio::test]
+async fn ipv6_service_network_overlap_is_refused() {
+    let Some(env) = Env::start(Some(
+        r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/16"}"#,
+    ))
+    .await
+    else {
+        return;
+    };
+    let e = env.apply(&svc_yaml("a", "")).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("network config {}: IPv6ServiceNetwork fd00:10:96::/112 (the default) overlaps IPv6Network fd00::/16: set IPv6ServiceNetwork to a range outside it", subnet_lease::store::config_key(env.reg.prefix()))
+    );
+}

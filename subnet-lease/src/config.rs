@@ -34,10 +34,19 @@ const KNOWN_KEYS: &[&str] = &[
     "EnableNFTables",
     "Backend",
     "ServiceNetwork",
+    "IPv6ServiceNetwork",
 ];
 
 /// The default `ServiceNetwork` (Kubernetes' default service CIDR): ClusterIPs come from it.
 pub const DEFAULT_SERVICE_NETWORK: &str = "10.96.0.0/12";
+
+/// The default `IPv6ServiceNetwork` (with `EnableIPv6`): a ULA /112 (65536 addresses), the
+/// range kind and many kubeadm guides use; Kubernetes itself has no IPv6 default.
+pub const DEFAULT_IPV6_SERVICE_NETWORK: &str = "fd00:10:96::/112";
+
+/// The widest `IPv6ServiceNetwork`: /108 (2^20 addresses), kube-apiserver's limit for an
+/// IPv6 `--service-cluster-ip-range`.
+pub const IPV6_SERVICE_NETWORK_MIN_PREFIX: u8 = 108;
 
 /// A config that failed validation. The message names the key and the rule broken.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -84,6 +93,9 @@ pub struct NetConfig {
     /// `ServiceNetwork` (our extension; flannel ignores the key): where Service ClusterIPs are
     /// allocated. Default [`DEFAULT_SERVICE_NETWORK`]; never overlaps `Network`.
     pub service_network: Ipv4Net,
+    /// `IPv6ServiceNetwork` (ours): where IPv6 ClusterIPs are allocated; Some only with
+    /// `EnableIPv6` (default [`DEFAULT_IPV6_SERVICE_NETWORK`]); never overlaps `IPv6Network`.
+    pub ipv6_service_network: Option<Ipv6Net>,
 }
 
 /// A parsed config plus the warnings (unknown keys) the caller should log.
@@ -184,6 +196,12 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
     }
     let service_network =
         parse_service_network(&obj, v4.as_ref().map(|f| f.network), &mut warnings)?;
+    let ipv6_service_network = parse_ipv6_service_network(
+        &obj,
+        enable_ipv6,
+        v6.as_ref().map(|f| f.network),
+        &mut warnings,
+    )?;
 
     let (network, subnet_len, subnet_min, subnet_max) = match v4 {
         Some(f) => (Some(f.network), f.len, f.min, f.max),
@@ -208,6 +226,7 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
             enable_nftables,
             backend,
             service_network,
+            ipv6_service_network,
         },
         warnings,
     })
@@ -377,7 +396,75 @@ fn default_service_network() -> Ipv4Net {
     Ipv4Net::new(Ipv4Addr::new(10, 96, 0, 0), 12).unwrap_or_default()
 }
 
+/// `IPv6ServiceNetwork`: read only with `EnableIPv6` (like every IPv6 key; given without it,
+/// a warning). An IPv6 CIDR without host bits, /108 to /126 (kube-apiserver's widest, and at
+/// least two usable addresses: IPv6 has no broadcast, only the network address is skipped),
+/// not overlapping `IPv6Network`. Absent: [`DEFAULT_IPV6_SERVICE_NETWORK`]; a default that
+/// overlaps `IPv6Network` is only warned about, as for `ServiceNetwork`.
+fn parse_ipv6_service_network(
+    obj: &Map<String, Value>,
+    enabled: bool,
+    network: Option<Ipv6Net>,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Ipv6Net>, ConfigError> {
+    const KEY: &str = "IPv6ServiceNetwork";
+    let text = get_str(obj, KEY)?;
+    if !enabled {
+        if let Some(text) = text {
+            warnings.push(format!(
+                "net-conf.json: IPv6ServiceNetwork {text:?} ignored: EnableIPv6 is false"
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(text) = text else {
+        let net = default_ipv6_service_network();
+        if let Some(n) = network.filter(|n| overlaps6(*n, net)) {
+            warnings.push(format!(
+                "net-conf.json: the default IPv6ServiceNetwork {net} overlaps IPv6Network {n}: set IPv6ServiceNetwork before creating Services"
+            ));
+        }
+        return Ok(Some(net));
+    };
+    let net: Ipv6Net = text
+        .parse()
+        .map_err(|_| invalid(KEY, format!("{text:?} is not an IPv6 CIDR")))?;
+    if net.trunc() != net {
+        return Err(invalid(
+            KEY,
+            format!("{text:?} has host bits set (did you mean {}?)", net.trunc()),
+        ));
+    }
+    let len = net.prefix_len();
+    if len < IPV6_SERVICE_NETWORK_MIN_PREFIX {
+        return Err(invalid(
+            KEY,
+            format!(
+                "/{len} is too large: at least /{IPV6_SERVICE_NETWORK_MIN_PREFIX} (as kube-apiserver requires)"
+            ),
+        ));
+    }
+    if len > 126 {
+        return Err(invalid(
+            KEY,
+            format!("/{len} is too small: at most /126 (two usable addresses)"),
+        ));
+    }
+    if let Some(n) = network.filter(|n| overlaps6(*n, net)) {
+        return Err(invalid(KEY, format!("{net} overlaps IPv6Network {n}")));
+    }
+    Ok(Some(net))
+}
+
+fn default_ipv6_service_network() -> Ipv6Net {
+    Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0), 112).unwrap_or_default()
+}
+
 fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b) || b.contains(&a)
+}
+
+fn overlaps6(a: Ipv6Net, b: Ipv6Net) -> bool {
     a.contains(&b) || b.contains(&a)
 }
 
@@ -447,6 +534,18 @@ impl NetConfig {
     pub fn service_network_overlap(&self) -> Option<Ipv4Net> {
         self.ipv4_network()
             .filter(|n| overlaps(*n, self.service_network))
+    }
+
+    /// The `IPv6Network` that `IPv6ServiceNetwork` overlaps, if any (only possible when
+    /// `IPv6ServiceNetwork` was left at its default).
+    pub fn ipv6_service_network_overlap(&self) -> Option<Ipv6Net> {
+        let s = self.ipv6_service_network()?;
+        self.ipv6_network().filter(|n| overlaps6(*n, s))
+    }
+
+    /// The IPv6 service network when IPv6 is enabled.
+    pub fn ipv6_service_network(&self) -> Option<Ipv6Net> {
+        self.ipv6_service_network.filter(|_| self.enable_ipv6)
     }
 
     /// The IPv4 network, or an error for configs this subnet manager cannot lease from
@@ -755,6 +854,110 @@ mod tests {
         assert!(
             err(r#"{"Network":"10.5.0.0/16","ServiceNetwork":"10.96.0.0/31"}"#)
                 .starts_with("ServiceNetwork: /31 is too small")
+        );
+    }
+
+    #[test]
+    fn ipv6_service_network_default_only_with_ipv6() {
+        let dual = r#""Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","Backend":{"Type":"vxlan"}"#;
+        let p = parse(&format!("{{{dual}}}")).unwrap();
+        assert_eq!(
+            p.config.ipv6_service_network,
+            Some("fd00:10:96::/112".parse().unwrap())
+        );
+        assert_eq!(
+            DEFAULT_IPV6_SERVICE_NETWORK.parse::<Ipv6Net>().ok(),
+            p.config.ipv6_service_network()
+        );
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(p.config.ipv6_service_network_overlap(), None);
+        // IPv4 only: none, and a given one is ignored with a warning (like IPv6Network).
+        assert_eq!(
+            ok(r#"{"Network":"10.5.0.0/16"}"#).ipv6_service_network,
+            None
+        );
+        let p = parse(
+            r#"{"Network":"10.5.0.0/16","IPv6ServiceNetwork":"fd00:20::/112","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.config.ipv6_service_network(), None);
+        assert_eq!(
+            p.warnings,
+            vec![
+                r#"net-conf.json: IPv6ServiceNetwork "fd00:20::/112" ignored: EnableIPv6 is false"#
+            ]
+        );
+        // IPv6 only.
+        let c = ok(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#);
+        assert!(c.ipv6_service_network().is_some());
+    }
+
+    #[test]
+    fn ipv6_service_network_given_and_checked() {
+        let cfg = |svc: &str| {
+            format!(
+                r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6ServiceNetwork":{svc}}}"#
+            )
+        };
+        assert_eq!(
+            ok(&cfg(r#""fd00:20::/108""#)).ipv6_service_network,
+            Some("fd00:20::/108".parse().unwrap())
+        );
+        assert_eq!(
+            ok(&cfg(r#""fd00:20::/126""#)).ipv6_service_network,
+            Some("fd00:20::/126".parse().unwrap())
+        );
+        // Case-insensitive like every key.
+        assert_eq!(
+            ok(r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","ipv6servicenetwork":"fd00:20::/120"}"#)
+                .ipv6_service_network,
+            Some("fd00:20::/120".parse().unwrap())
+        );
+        for (given, want) in [
+            (
+                r#""fd00:20::/107""#,
+                "IPv6ServiceNetwork: /107 is too large: at least /108 (as kube-apiserver requires)",
+            ),
+            (
+                r#""fd00:20::/64""#,
+                "IPv6ServiceNetwork: /64 is too large: at least /108 (as kube-apiserver requires)",
+            ),
+            (
+                r#""fd00:20::/127""#,
+                "IPv6ServiceNetwork: /127 is too small: at most /126 (two usable addresses)",
+            ),
+            (
+                r#""fd00:20::1/112""#,
+                r#"IPv6ServiceNetwork: "fd00:20::1/112" has host bits set (did you mean fd00:20::/112?)"#,
+            ),
+            (
+                r#""10.96.0.0/12""#,
+                r#"IPv6ServiceNetwork: "10.96.0.0/12" is not an IPv6 CIDR"#,
+            ),
+            (
+                r#""fd00:20::""#,
+                r#"IPv6ServiceNetwork: "fd00:20::" is not an IPv6 CIDR"#,
+            ),
+            (
+                r#""fc00:0:0:1::/112""#,
+                "IPv6ServiceNetwork: fc00:0:0:1::/112 overlaps IPv6Network fc00::/48",
+            ),
+            ("112", "IPv6ServiceNetwork: must be a string, got 112"),
+        ] {
+            assert_eq!(err(&cfg(given)), want, "{given}");
+        }
+        // A default that overlaps IPv6Network is only a warning (the registry refuses it).
+        let p = parse(
+            r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/16","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.warnings,
+            vec!["net-conf.json: the default IPv6ServiceNetwork fd00:10:96::/112 overlaps IPv6Network fd00::/16: set IPv6ServiceNetwork before creating Services"]
+        );
+        assert_eq!(
+            p.config.ipv6_service_network_overlap(),
+            Some("fd00::/16".parse().unwrap())
         );
     }
 

@@ -180,6 +180,11 @@ fn changed_settings(running: &NetConfig, new: &NetConfig) -> Vec<String> {
         running.service_network.to_string(),
         new.service_network.to_string(),
     );
+    diff(
+        "IPv6ServiceNetwork",
+        opt(&running.ipv6_service_network),
+        opt(&new.ipv6_service_network),
+    );
     out
 }
 
