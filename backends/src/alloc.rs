@@ -60,27 +60,16 @@ impl Backend for AllocBackend {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::*;
     use crate::netlink::FakeNetlink;
-    use crate::BackendContext;
-    use std::net::Ipv4Addr;
     use std::sync::Arc;
 
     #[tokio::test]
     async fn publishes_alloc_without_data_and_interface_mtu() {
-        let ctx = BackendContext {
-            ext: ExternalInterface {
-                name: "eth0".into(),
-                index: 2,
-                iface_ip: Ipv4Addr::new(10, 0, 0, 1),
-                prefix_len: 24,
-                public_ip: Ipv4Addr::new(10, 0, 0, 1),
-                mtu: 1500,
-            },
-            network: "10.5.0.0/16".parse().unwrap(),
-            node_id: "m".into(),
-            netlink: Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500)),
-        };
+        let ctx = crate::testing::ctx(
+            Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500)),
+            true,
+            false,
+        );
         let cfg =
             subnet_lease::config::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}"#)
                 .unwrap()
@@ -99,5 +88,23 @@ mod tests {
         let (b, notes) = crate::create(&cfg, &ctx).await.unwrap();
         assert_eq!(b.backend_type(), "alloc");
         assert!(notes[0].contains("\"ipip\""));
+    }
+
+    #[tokio::test]
+    async fn ipv6_only_alloc_has_no_data_and_the_interface_mtu() {
+        let ctx = crate::testing::ctx(
+            Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500)),
+            false,
+            true,
+        );
+        let cfg = subnet_lease::BackendConfig {
+            backend_type: "alloc".into(),
+            options: Default::default(),
+        };
+        let (b, _) = crate::create(&cfg, &ctx).await.unwrap();
+        assert_eq!(
+            (b.backend_data(), b.backend_v6_data(), b.mtu()),
+            (None, None, 1500)
+        );
     }
 }

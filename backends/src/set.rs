@@ -12,9 +12,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
+
 use subnet_lease::manager::Event;
 use subnet_lease::{BackendConfig, Lease, SubnetKey};
 
+use crate::netlink::Family;
 use crate::peerlog::PeerLog;
 use crate::{create, peer_gateway_route, Backend, BackendContext, BackendError, PeerTable};
 
@@ -39,6 +42,32 @@ fn same_settings(a: &BackendConfig, b: &BackendConfig) -> bool {
 
 /// Types a node can run beside its primary for peers that advertise them.
 const DATA_PLANES: &[&str] = &["vxlan", "udp", "host-gw"];
+
+/// VXLAN devices an earlier run may have left that nothing running here owns: with no vxlan
+/// backend running (`vni` None), the default ones `flannel.1` and `flannel-v6.1`; with one
+/// running on `vni`, the device of a family that is not enabled (a node that went from dual
+/// stack to one family keeps no device, nor the routes on it, of the other). Pure.
+pub fn stale_vxlan_devices(vni: Option<u32>, ipv4: bool, ipv6: bool) -> Vec<String> {
+    let mut v = Vec::new();
+    match vni {
+        None => {
+            v.push("flannel.1".to_string());
+            v.push("flannel-v6.1".to_string());
+        }
+        Some(vni) => {
+            if !ipv4 {
+                v.push("flannel.1".to_string());
+                v.push(format!("flannel.{vni}"));
+            }
+            if !ipv6 {
+                v.push("flannel-v6.1".to_string());
+                v.push(format!("flannel-v6.{vni}"));
+            }
+        }
+    }
+    v.dedup();
+    v
+}
 
 /// How long a backend no peer advertises any more is kept before it is torn down. Peers
 /// reach us the way *our* lease said until they see it change: when this node and its peers
@@ -308,50 +337,86 @@ impl BackendSet {
     }
 
     /// Removes what a backend type that no longer runs here left behind, e.g. before a restart
-    /// with another type (run by `reconcile` at start and whenever the running types change): the default VXLAN device `flannel.1`, and host-gw's routes (gateway
-    /// routes on the interface to subnets of the Network that are not ours and not a vxlan
-    /// peer's, whose DirectRouting routes look the same). A udp TUN goes with its process.
-    /// Errors are logged; returns the number of removals.
+    /// with another type (run by `reconcile` at start and whenever the running types change):
+    /// the VXLAN devices [`stale_vxlan_devices`] names, and host-gw's routes of both families
+    /// (gateway routes on the interface to subnets of the cluster network that are not ours and
+    /// not a vxlan peer's, whose DirectRouting routes look the same). A udp TUN goes with its
+    /// process. Errors are logged; returns the number of removals.
     async fn sweep(&self) -> usize {
         let nl = self.ctx.netlink.as_ref();
         let mut n = 0;
-        if !self.runs("vxlan") {
-            if let Ok(Some(l)) = nl.link_by_name("flannel.1").await {
+        let vni = self.running_vni();
+        for name in
+            stale_vxlan_devices(vni, self.ctx.network.is_some(), self.ctx.network6.is_some())
+        {
+            if let Ok(Some(l)) = nl.link_by_name(&name).await {
                 if l.vxlan.is_some() {
                     match nl.delete_link(l.index).await {
                         Ok(()) => {
-                            tracing::info!("removed flannel.1 left by an earlier vxlan backend");
+                            tracing::info!("removed {name} left by an earlier vxlan backend");
                             n += 1;
                         }
-                        Err(e) => tracing::warn!("removing the old flannel.1: {e}"),
+                        Err(e) => tracing::warn!("removing the old {name}: {e}"),
                     }
                 }
             }
         }
         if !self.runs("host-gw") {
-            let own = self.own.as_ref().and_then(|l| l.key.ipv4);
-            // vxlan DirectRouting routes look the same; those of vxlan peers stay.
-            let vxlan_peers = self.peers.subnets("vxlan", true);
-            let stale: Vec<_> = match nl.routes(crate::netlink::Family::V4).await {
-                Ok(r) => r
-                    .into_iter()
-                    .filter(|r| {
-                        peer_gateway_route(r, &self.ctx.ext, self.ctx.network, own, &vxlan_peers)
-                    })
-                    .collect(),
-                Err(e) => {
-                    tracing::warn!("reading routes: {e}");
-                    Vec::new()
-                }
-            };
-            for r in stale {
-                match nl.del_route(r).await {
-                    Ok(()) => n += 1,
-                    Err(e) => tracing::warn!("removing the old host-gw route to {}: {e}", r.dst),
+            let own = self.own.as_ref().map(|l| l.key);
+            let families = [
+                (
+                    Family::V4,
+                    self.ctx.network.map(IpNet::V4),
+                    own.and_then(|k| k.ipv4).map(IpNet::V4),
+                ),
+                (
+                    Family::V6,
+                    self.ctx.network6.map(IpNet::V6),
+                    own.and_then(|k| k.ipv6).map(IpNet::V6),
+                ),
+            ];
+            for (family, network, own) in families {
+                let Some(network) = network else { continue };
+                // vxlan DirectRouting routes look the same; those of vxlan peers stay.
+                let vxlan_peers = self.peers.nets(family, "vxlan", true);
+                let stale: Vec<_> = match nl.routes(family).await {
+                    Ok(r) => r
+                        .into_iter()
+                        .filter(|r| {
+                            peer_gateway_route(r, &self.ctx.ext, network, own, &vxlan_peers)
+                        })
+                        .collect(),
+                    Err(e) => {
+                        tracing::warn!("reading {family} routes: {e}");
+                        Vec::new()
+                    }
+                };
+                for r in stale {
+                    match nl.del_route(r).await {
+                        Ok(()) => n += 1,
+                        Err(e) => {
+                            tracing::warn!("removing the old host-gw route to {}: {e}", r.dst)
+                        }
+                    }
                 }
             }
         }
         n
+    }
+
+    /// The VNI of the vxlan backend running here, if one runs (a secondary runs with the
+    /// default options).
+    fn running_vni(&self) -> Option<u32> {
+        if self.primary_cfg.backend_type == "vxlan" {
+            let vni = crate::vxlan::VxlanConfig::parse(&self.primary_cfg.options)
+                .map(|(c, _)| c.vni)
+                .unwrap_or(1);
+            Some(vni)
+        } else if self.backends.contains_key("vxlan") {
+            Some(1)
+        } else {
+            None
+        }
     }
 
     /// Gives a new backend our lease and every known peer.
@@ -414,26 +479,13 @@ impl BackendSet {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::netlink::{FakeNetlink, Netlink};
-    use crate::ExternalInterface;
-    use std::net::Ipv4Addr;
+    use crate::netlink::{FakeNetlink, Netlink, Route};
+    use std::net::{IpAddr, Ipv4Addr};
     use std::sync::Arc;
     use subnet_lease::LeaseAttrs;
 
     fn ctx(nl: Arc<FakeNetlink>) -> BackendContext {
-        BackendContext {
-            ext: ExternalInterface {
-                name: "eth0".into(),
-                index: 2,
-                iface_ip: Ipv4Addr::new(172, 30, 0, 11),
-                prefix_len: 24,
-                public_ip: Ipv4Addr::new(172, 30, 0, 11),
-                mtu: 1500,
-            },
-            network: "10.5.0.0/16".parse().unwrap(),
-            node_id: "machine-1".into(),
-            netlink: nl,
-        }
+        crate::testing::ctx(nl, true, false)
     }
 
     fn cfg(t: &str) -> BackendConfig {
@@ -614,5 +666,237 @@ mod tests {
             set.primary_config().options.get("VNI"),
             Some(&serde_json::json!(7))
         );
+    }
+
+    // ---- IPv6 and dual stack ----
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> ipnet::IpNet {
+        s.parse().unwrap()
+    }
+
+    /// A lease as flannel writes it for type `t` with the key's families.
+    fn lease6(key: &str, last: u8, t: &str) -> Lease {
+        let key = SubnetKey::parse(key).unwrap();
+        let v4 = key
+            .ipv4
+            .map_or(Ipv4Addr::UNSPECIFIED, |_| Ipv4Addr::new(172, 30, 0, last));
+        let mut attrs = LeaseAttrs::new(v4, t);
+        attrs.public_ipv6 = key
+            .ipv6
+            .map(|_| format!("fd00:210::{last}").parse().unwrap());
+        if t == "vxlan" {
+            let mac = format!("02:00:00:00:00:{last:02x}");
+            if key.ipv4.is_some() {
+                attrs.backend_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": mac}));
+            }
+            let mac6 = format!("02:00:00:00:06:{last:02x}");
+            attrs.backend_v6_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": mac6}));
+        }
+        Lease {
+            key,
+            attrs,
+            etcd_lease: 1,
+            mod_revision: 1,
+        }
+    }
+
+    async fn route6(nl: &FakeNetlink, dst: &str) -> Option<Route> {
+        nl.routes(crate::netlink::Family::V6)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|r| r.dst.to_string() == dst)
+    }
+
+    async fn link_index(nl: &FakeNetlink, name: &str) -> Option<u32> {
+        nl.link_by_name(name).await.unwrap().map(|l| l.index)
+    }
+
+    #[test]
+    fn stale_vxlan_devices_per_running_vni_and_family() {
+        assert_eq!(
+            stale_vxlan_devices(None, true, true),
+            vec!["flannel.1", "flannel-v6.1"]
+        );
+        assert!(stale_vxlan_devices(Some(1), true, true).is_empty());
+        assert_eq!(
+            stale_vxlan_devices(Some(1), true, false),
+            vec!["flannel-v6.1"]
+        );
+        assert_eq!(
+            stale_vxlan_devices(Some(7), false, true),
+            vec!["flannel.1", "flannel.7"]
+        );
+    }
+
+    #[tokio::test]
+    async fn dual_stack_switch_vxlan_host_gw_and_back_moves_ipv6_routes() {
+        let nl = Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500));
+        let (mut set, _) =
+            BackendSet::start(&cfg("vxlan"), crate::testing::ctx(nl.clone(), true, true))
+                .await
+                .unwrap();
+        assert_eq!(set.primary().mtu(), 1430);
+        set.set_lease(&lease6("10.5.1.0-24&fd10:0:0:11::-64", 11, "vxlan"))
+            .await
+            .unwrap();
+        set.peer_event(&Event::PeerAdded(lease6(
+            "10.5.2.0-24&fd10:0:0:12::-64",
+            12,
+            "vxlan",
+        )));
+        set.reconcile().await.unwrap();
+        let v6dev = link_index(&nl, "flannel-v6.1").await.unwrap();
+        assert_eq!(
+            route6(&nl, "fd10:0:0:12::/64").await.map(|r| r.oif),
+            Some(v6dev)
+        );
+        // To host-gw: vxlan stays for the peer until it moves too.
+        set.switch(&cfg("host-gw")).await.unwrap();
+        assert_eq!(set.primary().mtu(), 1500);
+        set.reconcile().await.unwrap();
+        assert_eq!(
+            route6(&nl, "fd10:0:0:12::/64").await.map(|r| r.oif),
+            Some(v6dev)
+        );
+        set.peer_event(&Event::PeerAdded(lease6(
+            "10.5.2.0-24&fd10:0:0:12::-64",
+            12,
+            "host-gw",
+        )));
+        let t0 = Instant::now();
+        set.reconcile_at(t0).await.unwrap();
+        let via_eth0 = Route {
+            dst: net("fd10:0:0:12::/64"),
+            gateway: Some(ip("fd00:210::12")),
+            oif: 2,
+            onlink: false,
+        };
+        assert_eq!(route6(&nl, "fd10:0:0:12::/64").await, Some(via_eth0));
+        set.reconcile_at(t0 + RETIRE_GRACE).await.unwrap();
+        assert_eq!(set.running(), vec!["host-gw"]);
+        assert_eq!(link_index(&nl, "flannel-v6.1").await, None);
+        assert_eq!(link_index(&nl, "flannel.1").await, None);
+        assert_eq!(route6(&nl, "fd10:0:0:12::/64").await, Some(via_eth0));
+        // And back: the host-gw route moves to the device, then host-gw retires.
+        set.switch(&cfg("vxlan")).await.unwrap();
+        set.peer_event(&Event::PeerAdded(lease6(
+            "10.5.2.0-24&fd10:0:0:12::-64",
+            12,
+            "vxlan",
+        )));
+        let t1 = t0 + RETIRE_GRACE * 2;
+        set.reconcile_at(t1).await.unwrap();
+        let v6dev = link_index(&nl, "flannel-v6.1").await.unwrap();
+        assert_eq!(
+            route6(&nl, "fd10:0:0:12::/64").await.map(|r| r.oif),
+            Some(v6dev)
+        );
+        set.reconcile_at(t1 + RETIRE_GRACE).await.unwrap();
+        assert_eq!(set.running(), vec!["vxlan"]);
+        let v6 = nl.routes(crate::netlink::Family::V6).await.unwrap();
+        assert!(v6.iter().all(|r| r.oif == v6dev), "{v6:?}");
+        assert_eq!(set.reconcile().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn sweep_removes_ipv6_leftovers_but_never_another_owners_route() {
+        // Left by an earlier dual-stack vxlan run: both devices. A host-gw node sweeps them.
+        let nl = Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500));
+        let p = |local: &str| crate::netlink::VxlanParams {
+            vni: 1,
+            port: 8472,
+            local: ip(local),
+            link: 2,
+            learning: false,
+            gbp: false,
+        };
+        let mac = crate::netlink::Mac([2, 0, 0, 0, 0, 9]);
+        nl.create_vxlan("flannel.1", &p("172.30.0.11"), mac, 1450)
+            .await
+            .unwrap();
+        nl.create_vxlan("flannel-v6.1", &p("fd00:210::11"), mac, 1430)
+            .await
+            .unwrap();
+        let (mut set, _) =
+            BackendSet::start(&cfg("host-gw"), crate::testing::ctx(nl.clone(), true, true))
+                .await
+                .unwrap();
+        set.set_lease(&lease6("10.5.1.0-24&fd10:0:0:11::-64", 11, "host-gw"))
+            .await
+            .unwrap();
+        set.reconcile().await.unwrap();
+        assert_eq!(link_index(&nl, "flannel.1").await, None);
+        assert_eq!(link_index(&nl, "flannel-v6.1").await, None);
+
+        // Left by an earlier host-gw run: IPv6 routes. A vxlan node removes the stale one, not
+        // a vxlan peer's DirectRouting route, nor one outside the IPv6Network, nor one without
+        // a gateway.
+        let nl = Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500));
+        let r = |dst: &str, gw: Option<&str>| Route {
+            dst: net(dst),
+            gateway: gw.map(ip),
+            oif: 2,
+            onlink: false,
+        };
+        let stale = r("fd10:0:0:77::/64", Some("fd00:210::77"));
+        let peer_direct = r("fd10:0:0:12::/64", Some("fd00:210::12"));
+        let outside = r("fd99::/64", Some("fd00:210::99"));
+        let no_gw = r("fd10:0:0:78::/64", None);
+        for x in [stale, peer_direct, outside, no_gw] {
+            nl.set_route(x).await.unwrap();
+        }
+        let mut direct = cfg("vxlan");
+        direct
+            .options
+            .insert("DirectRouting".into(), serde_json::json!(true));
+        let (mut set, _) = BackendSet::start(&direct, crate::testing::ctx(nl.clone(), true, true))
+            .await
+            .unwrap();
+        set.set_lease(&lease6("10.5.1.0-24&fd10:0:0:11::-64", 11, "vxlan"))
+            .await
+            .unwrap();
+        set.peer_event(&Event::PeerAdded(lease6(
+            "10.5.2.0-24&fd10:0:0:12::-64",
+            12,
+            "vxlan",
+        )));
+        set.reconcile().await.unwrap();
+        let mut v6 = nl.routes(crate::netlink::Family::V6).await.unwrap();
+        v6.sort();
+        let mut want = vec![peer_direct, outside, no_gw];
+        want.sort();
+        assert_eq!(v6, want);
+
+        // A node that runs vxlan on IPv4 only removes an IPv6 device an earlier dual-stack run
+        // left (its routes go with it).
+        let nl = Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500));
+        let old = nl
+            .create_vxlan("flannel-v6.1", &p("fd00:210::11"), mac, 1430)
+            .await
+            .unwrap();
+        nl.set_route(Route {
+            dst: net("fd10:0:0:12::/64"),
+            gateway: Some(ip("fd10:0:0:12::")),
+            oif: old,
+            onlink: true,
+        })
+        .await
+        .unwrap();
+        let (mut set, _) = BackendSet::start(&cfg("vxlan"), ctx(nl.clone()))
+            .await
+            .unwrap();
+        set.reconcile().await.unwrap();
+        assert_eq!(link_index(&nl, "flannel-v6.1").await, None);
+        assert!(link_index(&nl, "flannel.1").await.is_some());
+        assert!(nl
+            .routes(crate::netlink::Family::V6)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

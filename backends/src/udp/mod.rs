@@ -149,6 +149,16 @@ fn io_err(op: &str, source: std::io::Error) -> BackendError {
 
 impl UdpBackend {
     pub async fn new(cfg: UdpConfig, ctx: &BackendContext) -> Result<Self, BackendError> {
+        // This data plane carries IPv4 over IPv4 only (flanneld refuses udp with IPv6 first).
+        let (Some(ext4), Some(network)) = (ctx.ext.v4, ctx.network) else {
+            return Err(BackendError::Config {
+                key: "Type".into(),
+                msg: format!(
+                    "udp: needs IPv4 (EnableIPv4 and an IPv4 address on interface {}); it has no IPv6 data plane in this version",
+                    ctx.ext.name
+                ),
+            });
+        };
         let mtu = ctx.ext.mtu.saturating_sub(OVERHEAD_V4);
         let stats = Arc::new(UdpStats::default());
         let build = |offload: bool| {
@@ -189,8 +199,8 @@ impl UdpBackend {
             .await?
             .ok_or_else(|| BackendError::DeviceMissing(format!("TUN {DEVICE}")))?;
         ctx.netlink.set_link_mtu_up(link.index, mtu).await?;
-        let sock = std::net::UdpSocket::bind(SocketAddrV4::new(ctx.ext.iface_ip, cfg.port))
-            .map_err(|e| io_err(&format!("binding UDP {}:{}", ctx.ext.iface_ip, cfg.port), e))?;
+        let sock = std::net::UdpSocket::bind(SocketAddrV4::new(ext4.iface_ip, cfg.port))
+            .map_err(|e| io_err(&format!("binding UDP {}:{}", ext4.iface_ip, cfg.port), e))?;
         dataplane::prepare(&dev, &sock).map_err(|e| io_err("preparing TUN and socket", e))?;
         let routes = Arc::new(RwLock::new(Routes::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -227,7 +237,7 @@ impl UdpBackend {
         Ok(UdpBackend {
             nl: ctx.netlink.clone(),
             cfg,
-            network: ctx.network,
+            network,
             index: link.index,
             mtu,
             peers: PeerTable::default(),
