@@ -10,8 +10,8 @@ use subnet_lease::config::NetConfig;
 /// (backend type, carries IPv4, carries IPv6). `alloc` has no data plane: a lease of either
 /// family is all it promises.
 const BACKENDS: &[(&str, bool, bool)] = &[
-    ("vxlan", true, false),
-    ("host-gw", true, false),
+    ("vxlan", true, true),
+    ("host-gw", true, true),
     ("udp", true, false),
     ("alloc", true, true),
 ];
@@ -121,8 +121,10 @@ mod tests {
         assert!(e.contains("EnableIPv6") && e.contains("udp"), "{e}");
         let e = check(&v6only("udp"), NONE).unwrap_err();
         assert!(e.contains("EnableIPv6") && e.contains("udp"), "{e}");
-        assert_eq!(check(&dual("alloc"), NONE), Ok(()));
-        assert_eq!(check(&v6only("alloc"), NONE), Ok(()));
+        for t in ["vxlan", "host-gw", "alloc"] {
+            assert_eq!(check(&dual(t), NONE), Ok(()), "{t}");
+            assert_eq!(check(&v6only(t), NONE), Ok(()), "{t}");
+        }
         for t in ["vxlan", "host-gw", "udp", "alloc"] {
             let c = cfg(&format!(
                 r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{t}"}}}}"#

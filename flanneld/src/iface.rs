@@ -88,10 +88,13 @@ fn build(
     Ok(ExternalInterface {
         name: i.name.clone(),
         index: i.index,
-        iface_ip,
-        prefix_len,
-        public_ip: public_ip.unwrap_or(iface_ip),
         mtu: i.mtu,
+        v4: Some(backends::ExtAddr {
+            iface_ip,
+            prefix_len,
+            public_ip: public_ip.unwrap_or(iface_ip),
+        }),
+        v6: None,
     })
 }
 
@@ -199,10 +202,10 @@ pub struct Chosen {
 impl Chosen {
     fn from_ipv4(e: ExternalInterface) -> Chosen {
         Chosen {
-            v4: Some(FamilyAddr {
-                iface_ip: e.iface_ip,
-                prefix_len: e.prefix_len,
-                public_ip: e.public_ip,
+            v4: e.v4.map(|a| FamilyAddr {
+                iface_ip: a.iface_ip,
+                prefix_len: a.prefix_len,
+                public_ip: a.public_ip,
             }),
             v6: None,
             name: e.name,
@@ -211,22 +214,31 @@ impl Chosen {
         }
     }
 
-    /// The IPv4 part as the backends take it today (None when IPv4 is off).
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "wired into the daemon with IPv6 (docs/ipv6-plan.md §5 B)"
-        )
-    )]
-    pub fn ipv4_interface(&self) -> Option<ExternalInterface> {
-        self.v4.map(|f| ExternalInterface {
+    /// The interface as the backends take it.
+    pub fn external(&self) -> ExternalInterface {
+        ExternalInterface {
             name: self.name.clone(),
             index: self.index,
-            iface_ip: f.iface_ip,
-            prefix_len: f.prefix_len,
-            public_ip: f.public_ip,
             mtu: self.mtu,
+            v4: self.v4.map(|f| backends::ExtAddr {
+                iface_ip: f.iface_ip,
+                prefix_len: f.prefix_len,
+                public_ip: f.public_ip,
+            }),
+            v6: self.v6.map(|f| backends::ExtAddr {
+                iface_ip: f.iface_ip,
+                prefix_len: f.prefix_len,
+                public_ip: f.public_ip,
+            }),
+        }
+    }
+
+    /// The IPv4 part alone (None when IPv4 is off).
+    #[cfg(test)]
+    fn ipv4_interface(&self) -> Option<ExternalInterface> {
+        self.v4.is_some().then(|| ExternalInterface {
+            v6: None,
+            ..self.external()
         })
     }
 }
@@ -250,13 +262,6 @@ impl Chosen {
 ///
 /// The IPv6 address is the first of [`IfaceInfo::usable_ipv6`] unless one was named; an
 /// enabled family without an address on the interface is an error naming the interface.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "wired into the daemon with IPv6 (docs/ipv6-plan.md §5 B)"
-    )
-)]
 pub fn choose_families(snap: &Snapshot, w: &Wanted) -> Result<Chosen> {
     match (w.ipv4, w.ipv6) {
         (false, false) => bail!(
@@ -523,13 +528,6 @@ fn by_public_ip_or_default_route(snap: &Snapshot, w: &Wanted) -> Result<Chosen, 
 }
 
 /// The system as [`choose_families`] sees it.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "wired into the daemon with IPv6 (docs/ipv6-plan.md §5 B)"
-    )
-)]
 pub fn system_snapshot() -> Result<Snapshot> {
     Ok(Snapshot {
         ifaces: system_interfaces()?,
@@ -715,10 +713,10 @@ mod tests {
     fn default_route_interface() {
         let e = choose(&ifaces(), Some("eth0"), &[], &[], None).unwrap();
         assert_eq!(
-            (e.name.as_str(), e.index, e.mtu, e.prefix_len),
+            (e.name.as_str(), e.index, e.mtu, e.v4.unwrap().prefix_len),
             ("eth0", 2, 1500, 24)
         );
-        assert_eq!(e.public_ip, Ipv4Addr::new(192, 168, 1, 5));
+        assert_eq!(e.public_ip(), Ipv4Addr::new(192, 168, 1, 5));
         let err = choose(&ifaces(), None, &[], &[], None).unwrap_err();
         assert!(err.to_string().contains("no default route"));
     }
@@ -727,12 +725,12 @@ mod tests {
     fn iface_by_name_or_ip_in_order() {
         let e = choose(&ifaces(), Some("eth0"), &s(&["eth9", "eth1"]), &[], None).unwrap();
         assert_eq!(
-            (e.name.as_str(), e.iface_ip),
+            (e.name.as_str(), e.v4.unwrap().iface_ip),
             ("eth1", Ipv4Addr::new(10, 1, 0, 7))
         );
         let e = choose(&ifaces(), None, &s(&["10.1.0.8"]), &[], None).unwrap();
         assert_eq!(
-            (e.name.as_str(), e.iface_ip),
+            (e.name.as_str(), e.v4.unwrap().iface_ip),
             ("eth1", Ipv4Addr::new(10, 1, 0, 8))
         );
         let err = choose(&ifaces(), Some("eth0"), &s(&["eth9"]), &[], None).unwrap_err();
@@ -744,9 +742,9 @@ mod tests {
     #[test]
     fn regex_matches_ips_then_names() {
         let e = choose(&ifaces(), None, &[], &s(&[r"^10\.1\.0\.8$"]), None).unwrap();
-        assert_eq!(e.iface_ip, Ipv4Addr::new(10, 1, 0, 8));
+        assert_eq!(e.v4.unwrap().iface_ip, Ipv4Addr::new(10, 1, 0, 8));
         let e = choose(&ifaces(), None, &[], &s(&["^eth1$"]), None).unwrap();
-        assert_eq!(e.iface_ip, Ipv4Addr::new(10, 1, 0, 7));
+        assert_eq!(e.v4.unwrap().iface_ip, Ipv4Addr::new(10, 1, 0, 7));
         assert!(choose(&ifaces(), None, &[], &s(&["("]), None).is_err());
     }
 
@@ -760,8 +758,8 @@ mod tests {
             Some(Ipv4Addr::new(1, 2, 3, 4)),
         )
         .unwrap();
-        assert_eq!(e.iface_ip, Ipv4Addr::new(192, 168, 1, 5));
-        assert_eq!(e.public_ip, Ipv4Addr::new(1, 2, 3, 4));
+        assert_eq!(e.v4.unwrap().iface_ip, Ipv4Addr::new(192, 168, 1, 5));
+        assert_eq!(e.public_ip(), Ipv4Addr::new(1, 2, 3, 4));
     }
 
     #[test]

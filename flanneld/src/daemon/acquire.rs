@@ -10,7 +10,6 @@ use anyhow::{bail, Context, Result};
 use backends::netlink::Netlink;
 use backends::set::BackendSet;
 use backends::{BackendContext, ExternalInterface};
-use ipnet::Ipv4Net;
 use subnet_lease::alloc::AllocError;
 use subnet_lease::manager::{LeaseError, ManagerOptions};
 use subnet_lease::LeaseStore;
@@ -106,17 +105,25 @@ pub(super) async fn acquire(
     }
 }
 
-/// What this node publishes in its lease: its public IP and the primary backend's type/data.
+/// What this node publishes in its lease: its public IP(s) (PublicIP 0.0.0.0 on an IPv6-only
+/// node, as flannel) and the primary backend's type and data per family. `BackendV6Data` only
+/// goes with a `PublicIPv6` (flannel nodes stall on one without the other).
 pub(super) fn published(ext: &ExternalInterface, set: &BackendSet) -> LeaseAttrs {
-    let mut attrs = LeaseAttrs::new(ext.public_ip, set.primary().backend_type());
+    let mut attrs = LeaseAttrs::new(ext.public_ip(), set.primary().backend_type());
+    attrs.public_ipv6 = ext.public_ipv6();
     attrs.backend_data = set.primary().backend_data();
+    attrs.backend_v6_data = set
+        .primary()
+        .backend_v6_data()
+        .filter(|_| attrs.public_ipv6.is_some());
     attrs
 }
 
 /// What the acquire stage ends with.
 pub(super) struct Leased {
     pub cfg: NetConfig,
-    pub network: Ipv4Net,
+    /// The interface chosen for the config's families.
+    pub ext: ExternalInterface,
     pub backend: BackendSet,
     pub manager: LeaseManager<EtcdLeaseStore>,
     pub lease: Lease,
@@ -164,7 +171,7 @@ impl Waiting {
 pub(super) async fn lease(
     shutdown: &mut Shutdown,
     reg: &EtcdLeaseStore,
-    ext: &ExternalInterface,
+    flags: &crate::flags::Flags,
     netlink: Arc<dyn Netlink>,
     opts: ManagerOptions,
     previous: Option<SubnetKey>,
@@ -173,24 +180,23 @@ pub(super) async fn lease(
 ) -> Result<Option<Leased>> {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     let mut wait_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
-    let mut started: Option<(NetConfig, BackendSet)> = None;
+    let mut started: Option<(NetConfig, ExternalInterface, BackendSet)> = None;
     let mut waiting = Waiting::default();
     loop {
         let Some(cfg) = or_shutdown(shutdown, network_config(reg, &mut backoff)).await else {
             return Ok(None);
         };
-        let Some(network) = cfg.ipv4_network() else {
-            bail!("EnableIPv4 is false: this daemon's etcd leases need an IPv4 Network");
-        };
         if let Err(e) = crate::families::check(&cfg, parts) {
             bail!("network config refused: {e}");
         }
-        let backend = match started.take() {
-            Some((c, b)) if c == cfg => b,
+        let (ext, backend) = match started.take() {
+            Some((c, ext, b)) if c == cfg => (ext, b),
             _ => {
+                let ext = super::interface::external_interface(flags, &cfg)?;
                 let ctx = BackendContext {
                     ext: ext.clone(),
-                    network,
+                    network: cfg.ipv4_network(),
+                    network6: cfg.ipv6_network(),
                     node_id: node_id(),
                     netlink: netlink.clone(),
                 };
@@ -204,10 +210,10 @@ pub(super) async fn lease(
                     tracing::warn!("{w}");
                 }
                 tracing::info!("backend {}", b.primary().backend_type());
-                b
+                (ext, b)
             }
         };
-        let attrs = published(ext, &backend);
+        let attrs = published(&ext, &backend);
         let manager = LeaseManager::new(reg.clone(), cfg.clone(), attrs, opts.clone());
         let Some(got) = or_shutdown(shutdown, acquire(&manager, previous)).await else {
             return Ok(None);
@@ -219,7 +225,7 @@ pub(super) async fn lease(
                 }
                 return Ok(Some(Leased {
                     cfg,
-                    network,
+                    ext,
                     backend,
                     manager,
                     lease: *l,
@@ -246,7 +252,7 @@ pub(super) async fn lease(
                         tracing::warn!("still no lease ({reason}); retrying in {d:?}");
                     }
                 }
-                started = Some((cfg, backend));
+                started = Some((cfg, ext, backend));
                 if or_shutdown(shutdown, tokio::time::sleep(d)).await.is_none() {
                     return Ok(None);
                 }

@@ -32,7 +32,7 @@ pub(super) async fn follow(
 ) -> Result<()> {
     let Leased {
         cfg,
-        network: _,
+        ext: _,
         mut backend,
         manager,
         lease,

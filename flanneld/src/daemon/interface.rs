@@ -1,29 +1,41 @@
-//! Stage "choose the interface": `--iface`, `--iface-regex` or the default route, and the
-//! public IP (the choice itself is pure, in `crate::iface`).
+//! Stage "choose the interface": `--iface`, `--iface-regex` or the default route(s), and the
+//! public address of each family the network config enables (the choice itself is pure, in
+//! `crate::iface`).
 
 use anyhow::Result;
 use backends::ExternalInterface;
+use subnet_lease::NetConfig;
 
 use crate::flags::Flags;
 use crate::iface;
 
-pub(super) fn external_interface(flags: &Flags) -> Result<ExternalInterface> {
-    let ifaces = iface::system_interfaces()?;
-    let default = iface::default_route_iface()?;
-    let ext = iface::choose(
-        &ifaces,
-        default.as_deref(),
-        &flags.iface,
-        &flags.iface_regex,
-        flags.public_ip,
+pub(super) fn external_interface(flags: &Flags, cfg: &NetConfig) -> Result<ExternalInterface> {
+    let snap = iface::system_snapshot()?;
+    let chosen = iface::choose_families(
+        &snap,
+        &iface::Wanted {
+            ipv4: cfg.enable_ipv4,
+            ipv6: cfg.enable_ipv6,
+            iface: &flags.iface,
+            iface_regex: &flags.iface_regex,
+            public_ip: flags.public_ip,
+            public_ipv6: flags.public_ipv6,
+        },
     )?;
+    let ext = chosen.external();
+    let fam = |ip: String, public: String| format!("IP {ip}, public IP {public}");
+    let v4 = ext
+        .v4
+        .map(|a| fam(a.iface_ip.to_string(), a.public_ip.to_string()));
+    let v6 = ext
+        .v6
+        .map(|a| fam(a.iface_ip.to_string(), a.public_ip.to_string()));
     tracing::info!(
-        "using interface {} (index {}, IP {}, MTU {}), public IP {}",
+        "using interface {} (index {}, MTU {}): {}",
         ext.name,
         ext.index,
-        ext.iface_ip,
         ext.mtu,
-        ext.public_ip
+        v4.into_iter().chain(v6).collect::<Vec<_>>().join("; ")
     );
     Ok(ext)
 }

@@ -98,7 +98,6 @@ pub async fn run(flags: Flags) -> Result<()> {
         return cleanup::cleanup(&flags).await;
     }
     let mut shutdown = Shutdown::install()?;
-    let ext = interface::external_interface(&flags)?;
     let reg = connect::etcd(&flags).await?;
     let lease_stats: Arc<LeaseStats> = Arc::default();
     let status = Status::new(lease_stats.clone());
@@ -115,7 +114,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     let Some(mut leased) = acquire::lease(
         &mut shutdown,
         &reg,
-        &ext,
+        &flags,
         netlink.clone(),
         opts,
         previous,
@@ -135,10 +134,11 @@ pub async fn run(flags: Flags) -> Result<()> {
     // exists, so no pod attached from then on misses the DNS settings.
     let dns = dns::start(&flags, reg.connection(), netlink.as_ref(), &status).await?;
     let rules = program::program(&flags, &mut leased, &status).await?;
+    let ext = leased.ext.clone();
     let services = serve::serve(
         &flags,
         &ext,
-        leased.network,
+        leased.cfg.ipv4_network(),
         &leased.lease,
         &reg,
         &status,

@@ -34,7 +34,7 @@ pub(super) struct Services {
 pub(super) async fn serve(
     flags: &Flags,
     ext: &ExternalInterface,
-    network: Ipv4Net,
+    network: Option<Ipv4Net>,
     lease: &Lease,
     reg: &EtcdLeaseStore,
     status: &Arc<Status>,
@@ -48,7 +48,7 @@ pub(super) async fn serve(
         PodOptions {
             data_dir: flags.cni_data_dir.clone(),
             node: flags.node_name(),
-            node_ip: ext.public_ip,
+            node_ip: ext.public_ip(),
         },
         reg.connection().clone(),
         subnet_rx,
@@ -65,7 +65,7 @@ pub(super) async fn serve(
                 name: flags.node_name(),
                 subnet: lease.key.ipv4,
             };
-            let mut opts = service_proxy::run::ProxyOptions::new(mode, node, Some(network));
+            let mut opts = service_proxy::run::ProxyOptions::new(mode, node, network);
             opts.userspace.gate = policy_gate
                 .clone()
                 .map(|g| Arc::new(g) as Arc<dyn service_proxy::userspace::Gate>);
