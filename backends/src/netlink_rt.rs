@@ -574,15 +574,39 @@ impl Netlink for RtNetlink {
     async fn set_route(&self, r: Route) -> Result<(), NetlinkError> {
         let op = format!("set route {} via {:?}", r.dst, r.gateway);
         r.check(&op)?;
-        bounded(
-            &op,
+        let add = || {
             self.handle
                 .route()
                 .add(route_message(&r))
                 .replace()
-                .execute(),
-        )
-        .await
+                .execute()
+        };
+        match bounded(&op, add()).await {
+            // The kernel checks an IPv6 onlink gateway against the routes it has, and a route
+            // to the same destination through another device (host-gw's, while switching to
+            // vxlan) makes it refuse with EINVAL instead of replacing it. Replace means "take
+            // over this destination": remove that route (any device) and add ours.
+            Err(e)
+                if matches!(r.dst, IpNet::V6(_))
+                    && r.onlink
+                    && e.errno() == Some(Errno::EINVAL) =>
+            {
+                let other = Route {
+                    dst: r.dst,
+                    gateway: None,
+                    oif: 0,
+                    onlink: false,
+                };
+                let del = format!("delete route {} (to replace it)", r.dst);
+                bounded_del(
+                    &del,
+                    self.handle.route().del(route_message(&other)).execute(),
+                )
+                .await?;
+                bounded(&op, add()).await
+            }
+            other => other,
+        }
     }
 
     async fn del_route(&self, r: Route) -> Result<(), NetlinkError> {

@@ -14,7 +14,7 @@ use test_support::{require_root_with, wait_for, Pod, Testbed, WhoAmIServer, HUB_
 
 mod common;
 
-use common::{full_mesh, sock, start_servers, Cni, Daemons};
+use common::{full_mesh, metric, sock, start_servers, Cni, Daemons, Ticker, MAX_GAP_MS};
 
 const PORT: u16 = 5001;
 const HASH_PORT: u16 = 5002;
@@ -26,6 +26,8 @@ struct Cluster {
     v6: Vec<String>,
     /// Each pod's namespace, node and addresses.
     pods: Vec<(String, usize, Vec<IpAddr>)>,
+    /// The daemons' testbed handles.
+    handles: Vec<usize>,
 }
 
 impl Cluster {
@@ -40,14 +42,13 @@ impl Cluster {
         let mut args = vec!["--ip-masq"];
         args.extend_from_slice(extra);
         let mut d = Daemons::new(&endpoint, &args);
-        for i in 0..3 {
-            d.start(&mut tb, i);
-        }
+        let handles = (0..3).map(|i| d.start(&mut tb, i)).collect();
         Some(Cluster {
             tb,
             d,
             v6,
             pods: Vec::new(),
+            handles,
         })
     }
 
@@ -178,7 +179,10 @@ fn dual_stack(backend: &str) {
         // flannel's routes: onlink via the peer's network address on flannel-v6.1 (vxlan),
         // via the peer's PublicIPv6 on the underlay (host-gw).
         let (want, onlink) = if backend == "vxlan" {
-            (format!("{peer} via {} dev flannel-v6.1 ", peer.network()), true)
+            (
+                format!("{peer} via {} dev flannel-v6.1 ", peer.network()),
+                true,
+            )
         } else {
             (format!("{peer} via {} dev eth0 ", c.v6[i]), false)
         };
@@ -243,4 +247,111 @@ fn ipv6_only_vxlan() {
         "no IPv4 VXLAN device:\n{links}"
     );
     masquerades_to_the_outside(&c);
+}
+
+/// Live switches vxlan → host-gw → vxlan in a dual-stack cluster, with a TCP stream over IPv4
+/// and one over IPv6 between pods on different nodes running throughout: neither pauses as
+/// long as TCP's retransmission timeout, the old backend's IPv6 state goes, every pod pair
+/// still reaches every other over both families, and `--cleanup` then removes both host-rule
+/// tables and both VXLAN devices.
+#[test]
+fn dual_stack_live_switch_and_cleanup() {
+    let conf = |t: &str| {
+        format!(
+            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"{t}"}}}}"#
+        )
+    };
+    let Some(mut c) = Cluster::start(&conf("vxlan"), &[]) else {
+        return;
+    };
+    c.add_pods();
+    let v4 = c.pods_of(false);
+    let v6 = c.pods_of(true);
+    let _servers = start_servers(&v4, PORT, HASH_PORT);
+    full_mesh(&v6, PORT, |i| c.d.log(i));
+    // Pods 0, 1 are on node 0 and 2, 3 on node 1 (one echo server per pod namespace).
+    let t4 = Ticker::start(&v4[0], &v4[2]);
+    let t6 = Ticker::start(&v6[1], &v6[3]);
+    std::thread::sleep(Duration::from_millis(500));
+    t4.take_max_gap_ms();
+    t6.take_max_gap_ms();
+    for (old, new) in [("vxlan", "host-gw"), ("host-gw", "vxlan")] {
+        c.tb.etcdctl(&["put", "/coreos.com/network/config", &conf(new)])
+            .unwrap();
+        let switched = wait_for(Duration::from_secs(20), || {
+            let leases = c.leases();
+            leases
+                .iter()
+                .all(|(_, v)| v.contains(&format!(r#""BackendType":"{new}""#)))
+                .then_some(())
+        });
+        assert!(
+            switched.is_some(),
+            "not every node switched to {new}: {:?}",
+            c.leases()
+        );
+        // The old backend's IPv6 state goes once every peer advertises the new type.
+        for n in 0..3 {
+            let gone = wait_for(Duration::from_secs(10), || {
+                let left = if old == "vxlan" {
+                    c.node(n, &["ip", "-o", "link", "show"])
+                        .contains("flannel-v6.1")
+                } else {
+                    c.node(n, &["ip", "-6", "route", "show", "dev", "eth0"])
+                        .lines()
+                        .any(|l| l.starts_with("fd10:") && l.contains(" via "))
+                };
+                (!left).then_some(())
+            });
+            assert!(
+                gone.is_some(),
+                "node {n} keeps {old} IPv6 state:\n{}",
+                c.d.log(n)
+            );
+        }
+        full_mesh(&v4, PORT, |i| c.d.log(i));
+        full_mesh(&v6, PORT, |i| c.d.log(i));
+        for (fam, t) in [("IPv4", &t4), ("IPv6", &t6)] {
+            assert!(
+                t.alive(),
+                "the {fam} TCP stream broke switching {old} -> {new}"
+            );
+            let gap = t.take_max_gap_ms();
+            println!("switch {old} -> {new}: longest {fam} gap {gap:.0} ms");
+            assert!(
+                gap < MAX_GAP_MS,
+                "{old} -> {new}: the {fam} stream stalled {gap:.0} ms"
+            );
+        }
+        assert!((0..3).all(|n| metric(&c.tb, n, "flannel_backend_switches_total") >= 1));
+    }
+    drop((t4, t6));
+    // --cleanup on node 2 (its daemon stopped first) removes both tables and both devices.
+    let tables = c.node(2, &["nft", "list", "tables"]);
+    assert!(tables.contains("table ip6 flannel"), "{tables}");
+    let status = c.tb.stop(c.handles[2], Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", c.d.log(2));
+    let file = c.d.env_file(2);
+    let ep = c.tb.etcd.as_ref().unwrap().endpoint();
+    let out = c.tb.exec(
+        &c.tb.nodes[2].ns.clone(),
+        &[
+            common::BIN,
+            "--cleanup",
+            "--etcd-endpoints",
+            &ep,
+            "--subnet-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    let tables = c.node(2, &["nft", "list", "tables"]);
+    let links = c.node(2, &["ip", "-o", "link", "show"]);
+    assert!(out.is_ok(), "--cleanup: {out:?}");
+    assert!(
+        !tables.contains("table ip flannel\n")
+            && !tables.contains("table ip6 flannel\n")
+            && !links.contains("flannel.1")
+            && !links.contains("flannel-v6.1"),
+        "left after --cleanup:\n{tables}\n{links}"
+    );
 }

@@ -7,102 +7,13 @@
 
 #![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use test_support::{in_netns, require_root_with, wait_for, Pod, Testbed};
+use test_support::{require_root_with, wait_for, Pod, Testbed};
 
 mod common;
 
-use common::{add_pods, metric, Daemons};
-
-const ECHO_PORT: u16 = 5010;
-/// The longest pause of the TCP stream a switch may cause: below TCP's minimum retransmission
-/// timeout (200 ms), so a lost segment fails the test.
-const MAX_GAP_MS: f64 = 150.0;
-
-/// A TCP conversation of 8-byte pings every 10 ms, echoed by the server: the longest time
-/// without an answer since the last `take_max_gap`, and whether the connection broke.
-struct Ticker {
-    stop: Arc<AtomicBool>,
-    max_gap_us: Arc<AtomicU64>,
-    broken: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Ticker {
-    fn start(client: &Pod, server: &Pod) -> Ticker {
-        let listener = in_netns(&server.ns, || TcpListener::bind(("0.0.0.0", ECHO_PORT)))
-            .unwrap()
-            .unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let echo = std::thread::spawn(move || {
-            if let Ok((mut s, _)) = listener.accept() {
-                let mut b = [0u8; 8];
-                while s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {}
-            }
-        });
-        let to = SocketAddr::new(server.ip.parse().unwrap(), ECHO_PORT);
-        let mut conn = in_netns(&client.ns, move || {
-            TcpStream::connect_timeout(&to, Duration::from_secs(5))
-        })
-        .unwrap()
-        .unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let max_gap_us = Arc::new(AtomicU64::new(0));
-        let broken = Arc::new(AtomicBool::new(false));
-        let (s, g, br) = (stop.clone(), max_gap_us.clone(), broken.clone());
-        let pinger = std::thread::spawn(move || {
-            let mut last = Instant::now();
-            let mut n: u64 = 0;
-            while !s.load(Ordering::Relaxed) {
-                n += 1;
-                let mut b = [0u8; 8];
-                if conn.write_all(&n.to_be_bytes()).is_err()
-                    || conn.read_exact(&mut b).is_err()
-                    || u64::from_be_bytes(b) != n
-                {
-                    br.store(true, Ordering::Relaxed);
-                    return;
-                }
-                let gap = last.elapsed().as_micros() as u64;
-                g.fetch_max(gap, Ordering::Relaxed);
-                last = Instant::now();
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = conn.shutdown(std::net::Shutdown::Both);
-        });
-        Ticker {
-            stop,
-            max_gap_us,
-            broken,
-            threads: vec![echo, pinger],
-        }
-    }
-
-    /// The longest gap (ms) since the last call, minus the 10 ms pacing.
-    fn take_max_gap_ms(&self) -> f64 {
-        let us = self.max_gap_us.swap(0, Ordering::Relaxed);
-        (us as f64 / 1000.0 - 10.0).max(0.0)
-    }
-
-    fn alive(&self) -> bool {
-        !self.broken.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
+use common::{add_pods, metric, Daemons, Ticker, MAX_GAP_MS};
 
 fn config(backend: &str) -> String {
     format!(r#"{{"Network":"10.5.0.0/16","Backend":{backend}}}"#)

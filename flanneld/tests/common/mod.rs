@@ -3,13 +3,17 @@
 
 #![allow(clippy::unwrap_used, dead_code)]
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use subnet_lease::SubnetEnv;
 use test_support::{
-    http_get, udp_whoami, wait_for, whoami, HashServer, Pod, Testbed, UdpWhoAmIServer, WhoAmIServer,
+    http_get, in_netns, udp_whoami, wait_for, whoami, HashServer, Pod, Testbed, UdpWhoAmIServer,
+    WhoAmIServer,
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
@@ -345,5 +349,96 @@ impl Cni {
         .unwrap()
         .unwrap_or_else(|e| panic!("CNI ADD of {namespace}/{name}: {e}"));
         (ns, r)
+    }
+}
+
+/// The port of [`Ticker`]'s echo server.
+pub const ECHO_PORT: u16 = 5010;
+/// The longest pause of the TCP stream a switch may cause: below TCP's minimum retransmission
+/// timeout (200 ms), so a lost segment fails the test.
+pub const MAX_GAP_MS: f64 = 150.0;
+
+/// A TCP conversation of 8-byte pings every 10 ms, echoed by the server: the longest time
+/// without an answer since the last `take_max_gap`, and whether the connection broke.
+pub struct Ticker {
+    stop: Arc<AtomicBool>,
+    max_gap_us: Arc<AtomicU64>,
+    broken: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    pub fn start(client: &Pod, server: &Pod) -> Ticker {
+        let any = if server.ip.contains(':') {
+            "::"
+        } else {
+            "0.0.0.0"
+        };
+        let listener = in_netns(&server.ns, move || TcpListener::bind((any, ECHO_PORT)))
+            .unwrap()
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let echo = std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                let mut b = [0u8; 8];
+                while s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {}
+            }
+        });
+        let to = SocketAddr::new(server.ip.parse().unwrap(), ECHO_PORT);
+        let mut conn = in_netns(&client.ns, move || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        })
+        .unwrap()
+        .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let max_gap_us = Arc::new(AtomicU64::new(0));
+        let broken = Arc::new(AtomicBool::new(false));
+        let (s, g, br) = (stop.clone(), max_gap_us.clone(), broken.clone());
+        let pinger = std::thread::spawn(move || {
+            let mut last = Instant::now();
+            let mut n: u64 = 0;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let mut b = [0u8; 8];
+                if conn.write_all(&n.to_be_bytes()).is_err()
+                    || conn.read_exact(&mut b).is_err()
+                    || u64::from_be_bytes(b) != n
+                {
+                    br.store(true, Ordering::Relaxed);
+                    return;
+                }
+                let gap = last.elapsed().as_micros() as u64;
+                g.fetch_max(gap, Ordering::Relaxed);
+                last = Instant::now();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        });
+        Ticker {
+            stop,
+            max_gap_us,
+            broken,
+            threads: vec![echo, pinger],
+        }
+    }
+
+    /// The longest gap (ms) since the last call, minus the 10 ms pacing.
+    pub fn take_max_gap_ms(&self) -> f64 {
+        let us = self.max_gap_us.swap(0, Ordering::Relaxed);
+        (us as f64 / 1000.0 - 10.0).max(0.0)
+    }
+
+    pub fn alive(&self) -> bool {
+        !self.broken.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
