@@ -3,19 +3,25 @@
 //! each with its endpoints resolved (named target ports per pod, locality per node).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use ipnet::Ipv4Net;
 use registry::PodRecord;
-use registry::{Endpoints, IntOrString, Pod, Protocol, Service, ServiceType, TrafficPolicy};
+use registry::{
+    Endpoints, IntOrString, IpFamily, Pod, Protocol, Service, ServiceType, TrafficPolicy,
+};
 
-/// Identifies one port of one Service: `namespace/name:portname/PROTO`.
+/// Identifies one port of one Service in one IP family: `namespace/name:portname/PROTO`
+/// (IPv4), with `/IPv6` appended for the IPv6 half. A dual-stack Service has one
+/// [`ServicePort`] per port and family.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortId {
     pub namespace: String,
     pub name: String,
     pub port_name: String,
     pub protocol: Protocol,
+    /// The family of the ClusterIP (and of every endpoint and external IP) of this port.
+    pub family: IpFamily,
 }
 
 impl std::fmt::Display for PortId {
@@ -24,14 +30,19 @@ impl std::fmt::Display for PortId {
         if !self.port_name.is_empty() {
             write!(f, ":{}", self.port_name)?;
         }
-        write!(f, "/{}", self.protocol)
+        write!(f, "/{}", self.protocol)?;
+        if self.family == IpFamily::Ipv6 {
+            write!(f, "/IPv6")?;
+        }
+        Ok(())
     }
 }
 
 /// One endpoint of a service port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    /// Of the port's family.
+    pub ip: IpAddr,
     pub port: u16,
     /// Runs on this node.
     pub local: bool,
@@ -41,11 +52,13 @@ pub struct Endpoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
     pub id: PortId,
-    pub cluster_ip: Ipv4Addr,
+    /// The Service's ClusterIP of `id.family`.
+    pub cluster_ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub node_port: Option<u16>,
-    pub external_ips: Vec<Ipv4Addr>,
+    /// The Service's `externalIPs` of `id.family`.
+    pub external_ips: Vec<IpAddr>,
     /// `sessionAffinity: ClientIP` timeout in seconds.
     pub affinity: Option<u32>,
     /// `externalTrafficPolicy: Local`: NodePort / external IP traffic goes to local endpoints
@@ -60,7 +73,13 @@ pub struct ServicePort {
 impl ServicePort {
     /// A ClusterIP-only port (no node port, external IPs, affinity or Local policies) with
     /// `endpoints` (sorted here); callers set the other fields as they need.
-    pub fn new(id: PortId, cluster_ip: Ipv4Addr, port: u16, endpoints: Vec<Endpoint>) -> Self {
+    pub fn new(
+        id: PortId,
+        cluster_ip: impl Into<IpAddr>,
+        port: u16,
+        endpoints: Vec<Endpoint>,
+    ) -> Self {
+        let cluster_ip = cluster_ip.into();
         let mut endpoints = endpoints;
         endpoints.sort();
         endpoints.dedup();
@@ -94,6 +113,11 @@ impl ServicePort {
     /// Served on node addresses or external IPs.
     pub fn is_external(&self) -> bool {
         self.node_port.is_some() || !self.external_ips.is_empty()
+    }
+
+    /// The family of this port (of its ClusterIP, endpoints and external IPs).
+    pub fn family(&self) -> IpFamily {
+        self.id.family
     }
 }
 
@@ -167,14 +191,36 @@ fn ports_of_service(
     if svc.is_headless() || svc.spec.type_ == ServiceType::ExternalName {
         return Vec::new();
     }
-    let Some(cluster_ip) = svc.cluster_ip_addr() else {
-        return Vec::new();
-    };
-    let external_ips: Vec<Ipv4Addr> = svc
+    // One set of ports per family with a ClusterIP: IPv4 first (as before dual stack), then
+    // IPv6.
+    let mut out = Vec::new();
+    let v4 = svc.cluster_ip_addr().map(IpAddr::from);
+    let v6 = svc.cluster_ipv6_addr().map(IpAddr::from);
+    for cluster_ip in [v4, v6].into_iter().flatten() {
+        out.extend(ports_of_family(
+            snap, index, ns, name, svc, node, cluster_ip,
+        ));
+    }
+    out
+}
+
+/// The ports of one Service in the family of `cluster_ip`.
+fn ports_of_family(
+    snap: &Snapshot,
+    index: Option<&LabelIndex<'_>>,
+    ns: &str,
+    name: &str,
+    svc: &Service,
+    node: &NodeInfo,
+    cluster_ip: IpAddr,
+) -> Vec<ServicePort> {
+    let family = IpFamily::of(cluster_ip);
+    let external_ips: Vec<IpAddr> = svc
         .spec
         .external_ips
         .iter()
-        .filter_map(|s| s.parse().ok())
+        .filter_map(|s| s.parse::<IpAddr>().ok())
+        .filter(|a| IpFamily::of(*a) == family)
         .collect();
     let node_port_type = matches!(
         svc.spec.type_,
@@ -194,13 +240,17 @@ fn ports_of_service(
             name: name.to_string(),
             port_name: sp.name().to_string(),
             protocol: sp.protocol,
+            family,
         };
         let endpoints = match selector {
-            Some(selector) => selected_endpoints(snap, index, ns, selector, sp, port, node),
+            Some(selector) => {
+                selected_endpoints(snap, index, ns, selector, sp, port, node, family)
+            }
             None => listed_endpoints(
                 snap.endpoints.get(&(ns.to_string(), name.to_string())),
                 sp,
                 node,
+                family,
             ),
         };
         let node_port = if node_port_type {
@@ -227,7 +277,10 @@ fn ports_of_service(
 }
 
 /// Endpoints of a selector Service's port: the attached pods of namespace `ns` carrying every
-/// selector label, at the target port resolved per pod.
+/// selector label, at the target port resolved per pod, each at its address of `family`
+/// (IPv4: the record's `IP`; IPv6: its first IPv6 address in `IPs`; a pod without one is no
+/// endpoint of that family).
+#[allow(clippy::too_many_arguments)]
 fn selected_endpoints(
     snap: &Snapshot,
     index: Option<&LabelIndex<'_>>,
@@ -236,6 +289,7 @@ fn selected_endpoints(
     sp: &registry::ServicePort,
     port: u16,
     node: &NodeInfo,
+    family: IpFamily,
 ) -> Vec<Endpoint> {
     // Candidates: the pods carrying the selector's least common label, or every attached
     // pod of the namespace.
@@ -271,9 +325,16 @@ fn selected_endpoints(
             Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
             Some(IntOrString::String(name)) => pod.named_port(name, sp.protocol),
         };
+        let ip = match family {
+            IpFamily::Ipv4 => Some(IpAddr::V4(rec.ip)),
+            IpFamily::Ipv6 => rec.ips.iter().copied().find(IpAddr::is_ipv6),
+        };
+        let Some(ip) = ip else {
+            continue;
+        };
         if let Some(target) = target.filter(|p| *p != 0) {
             eps.insert(Endpoint {
-                ip: rec.ip,
+                ip,
                 port: target,
                 local: rec.node == node.name,
             });
@@ -283,11 +344,14 @@ fn selected_endpoints(
 }
 
 /// Endpoints of a Service port without selector, from its Endpoints object: every ready
-/// address of the subsets whose port has the Service port's name and protocol.
+/// address of `family` of the subsets whose port has the Service port's name and protocol.
+/// An address without `nodeName` is local when it lies in this node's subnet (IPv4; an IPv6
+/// address needs `nodeName` to be local).
 fn listed_endpoints(
     endpoints: Option<&Endpoints>,
     sp: &registry::ServicePort,
     node: &NodeInfo,
+    family: IpFamily,
 ) -> Vec<Endpoint> {
     let mut eps = BTreeSet::new();
     for subset in endpoints.map(|e| e.subsets.as_slice()).unwrap_or_default() {
@@ -302,12 +366,13 @@ fn listed_endpoints(
             continue;
         };
         for a in &subset.addresses {
-            let Ok(ip) = a.ip.parse::<Ipv4Addr>() else {
+            let Some(ip) = a.addr().filter(|ip| IpFamily::of(*ip) == family) else {
                 continue;
             };
-            let local = match &a.node_name {
-                Some(n) => *n == node.name,
-                None => node.subnet.is_some_and(|s| s.contains(&ip)),
+            let local = match (&a.node_name, ip) {
+                (Some(n), _) => *n == node.name,
+                (None, IpAddr::V4(ip)) => node.subnet.is_some_and(|s| s.contains(&ip)),
+                (None, IpAddr::V6(_)) => false,
             };
             eps.insert(Endpoint {
                 ip,
@@ -401,6 +466,7 @@ impl PortsCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
     use registry::{
         Container, ContainerPort, EndpointAddress, EndpointPort, EndpointSubset, ObjectMeta,
         PodSpec, ServiceSpec,
@@ -525,12 +591,12 @@ mod tests {
             sp.endpoints,
             vec![
                 Endpoint {
-                    ip: Ipv4Addr::new(10, 5, 1, 2),
+                    ip: Ipv4Addr::new(10, 5, 1, 2).into(),
                     port: 8080,
                     local: true
                 },
                 Endpoint {
-                    ip: Ipv4Addr::new(10, 5, 2, 2),
+                    ip: Ipv4Addr::new(10, 5, 2, 2).into(),
                     port: 9090,
                     local: false
                 },
@@ -547,7 +613,7 @@ mod tests {
         assert_eq!(
             sp.endpoints,
             vec![Endpoint {
-                ip: Ipv4Addr::new(10, 5, 1, 2),
+                ip: Ipv4Addr::new(10, 5, 1, 2).into(),
                 port: 80,
                 local: true
             }]
@@ -566,7 +632,7 @@ mod tests {
         let ports = service_ports(&s, &node());
         let sp = ports.values().next().expect("one port");
         assert_eq!(sp.endpoints.len(), 1);
-        assert_eq!(sp.endpoints[0].ip, Ipv4Addr::new(10, 5, 2, 2));
+        assert_eq!(sp.endpoints[0].ip, IpAddr::from(Ipv4Addr::new(10, 5, 2, 2)));
     }
 
     #[test]
@@ -638,12 +704,12 @@ mod tests {
             sp.endpoints,
             vec![
                 Endpoint {
-                    ip: Ipv4Addr::new(10, 5, 1, 7),
+                    ip: Ipv4Addr::new(10, 5, 1, 7).into(),
                     port: 8000,
                     local: true
                 },
                 Endpoint {
-                    ip: Ipv4Addr::new(192, 168, 9, 9),
+                    ip: Ipv4Addr::new(192, 168, 9, 9).into(),
                     port: 8000,
                     local: true
                 },

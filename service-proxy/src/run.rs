@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use ::nft::NftCommand;
 use etcd_access::Connection;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
 use registry::pods::{parse_pod_key, pods_prefix};
 use registry::PodRecord;
-use registry::{Kind, Object};
+use registry::{IpFamily, Kind, Object};
 use tokio::sync::watch;
 
 use crate::metrics::ProxyMetrics;
@@ -47,6 +47,12 @@ pub struct ProxyOptions {
     pub node: NodeInfo,
     /// The cluster Network (ClusterIP traffic from outside it is masqueraded).
     pub cluster_cidr: Option<Ipv4Net>,
+    /// Serve IPv6 Services too (nftables mode: the table `ip6 flannel-proxy`); off by
+    /// default. When off, a table `ip6 flannel-proxy` left by an earlier run is removed.
+    pub ipv6: bool,
+    /// The cluster's IPv6 Network (`IPv6Network`): IPv6 ClusterIP traffic from outside it is
+    /// masqueraded.
+    pub cluster_cidr6: Option<Ipv6Net>,
     /// How long to wait for more changes after one arrives before syncing.
     pub debounce: Duration,
     /// How often to check that the table is still there (and rebuild it when not).
@@ -60,6 +66,8 @@ impl ProxyOptions {
             mode,
             node,
             cluster_cidr,
+            ipv6: false,
+            cluster_cidr6: None,
             debounce: Duration::from_millis(5),
             check_interval: Duration::from_secs(10),
             userspace: UserspaceOptions::default(),
@@ -192,10 +200,36 @@ pub enum ProxyError {
     Userspace(#[from] UserspaceError),
 }
 
+type NftSyncer = Syncer<NftNetlink, ConntrackCommand>;
+
 /// The data plane behind the loop.
 enum Plane {
-    Nft(Box<Syncer<NftNetlink, ConntrackCommand>>),
+    /// One syncer per family: `ip flannel-proxy`, and `ip6 flannel-proxy` when IPv6 is on.
+    Nft(Box<NftSyncer>, Option<Box<NftSyncer>>),
     User(Box<UserspaceProxy<NftCommand>>),
+}
+
+/// Syncs one family's table; a failure makes its next sync a full rebuild.
+async fn sync_table(
+    s: &mut NftSyncer,
+    ports: &BTreeMap<PortId, ServicePort>,
+    metrics: &ProxyMetrics,
+) -> Result<(), ProxyError> {
+    match s.sync(ports).await {
+        Ok(rep) => {
+            for c in &rep.conflicts {
+                tracing::warn!("{c}");
+            }
+            metrics.observe_sync(rep.full, rep.elapsed, rep.changed);
+            tracing::debug!(family = %s.family(), ?rep, "nftables sync");
+            Ok(())
+        }
+        Err(e) => {
+            metrics.sync_errors.inc();
+            s.invalidate();
+            Err(e.into())
+        }
+    }
 }
 
 impl Plane {
@@ -205,20 +239,15 @@ impl Plane {
         metrics: &ProxyMetrics,
     ) -> Result<(), ProxyError> {
         match self {
-            Plane::Nft(s) => match s.sync(ports).await {
-                Ok(rep) => {
-                    for c in &rep.conflicts {
-                        tracing::warn!("{c}");
-                    }
-                    metrics.observe_sync(rep.full, rep.elapsed, rep.changed);
-                    tracing::debug!(?rep, "nftables sync");
-                    Ok(())
-                }
-                Err(e) => {
-                    metrics.sync_errors.inc();
-                    Err(e.into())
-                }
-            },
+            Plane::Nft(v4, v6) => {
+                // The families' tables are independent: one failing does not hold the other.
+                let r4 = sync_table(v4, ports, metrics).await;
+                let r6 = match v6 {
+                    Some(v6) => sync_table(v6, ports, metrics).await,
+                    None => Ok(()),
+                };
+                r4.and(r6)
+            }
             Plane::User(p) => {
                 let started = std::time::Instant::now();
                 match p.apply(ports).await {
@@ -235,20 +264,37 @@ impl Plane {
         }
     }
 
-    fn invalidate(&mut self) {
-        match self {
-            Plane::Nft(s) => s.invalidate(),
-            Plane::User(p) => p.invalidate(),
+    /// After a failed sync: the next one rebuilds (nftables mode: each syncer already
+    /// invalidated itself when its own table failed).
+    fn invalidate_failed(&mut self) {
+        if let Plane::User(p) = self {
+            p.invalidate();
         }
     }
 
-    /// Whether our table is still in the kernel (both modes have a `services` chain).
-    async fn table_present(&self, nft: &NftCommand) -> bool {
+    /// Whether our tables are still in the kernel (both modes have a `services` chain); a
+    /// missing one is rebuilt at the next sync.
+    async fn check_tables(&mut self, nft: &NftCommand) -> bool {
         match self {
-            Plane::Nft(s) => s.applier().chain_exists("services").await,
-            Plane::User(_) => {
-                nft.chain_exists(::nft::Family::Ip, crate::nft::TABLE, "services")
-                    .await
+            Plane::Nft(v4, v6) => {
+                let mut all = true;
+                for s in std::iter::once(v4).chain(v6.as_mut()) {
+                    let family = crate::nft::table_family(s.family());
+                    if !s.applier().chain_exists_in(family, "services").await {
+                        s.invalidate();
+                        all = false;
+                    }
+                }
+                all
+            }
+            Plane::User(p) => {
+                let present = nft
+                    .chain_exists(::nft::Family::Ip, crate::nft::TABLE, "services")
+                    .await;
+                if !present {
+                    p.invalidate();
+                }
+                present
             }
         }
     }
@@ -286,20 +332,23 @@ impl Follower for Proxy {
         self.model
             .update(&self.cache.snap, &self.opts.node, &touched);
         let ports = self.model.ports();
-        self.metrics.service_ports.set(ports.len() as i64);
+        let served = match (&self.plane, self.opts.ipv6) {
+            (Plane::Nft(..), true) => ports.len(),
+            _ => ports
+                .keys()
+                .filter(|id| id.family == IpFamily::Ipv4)
+                .count(),
+        };
+        self.metrics.service_ports.set(served as i64);
         let r = self.plane.apply(ports, &self.metrics).await;
         if r.is_err() {
-            self.plane.invalidate();
+            self.plane.invalidate_failed();
         }
         r
     }
 
     async fn check(&mut self) -> bool {
-        let present = self.plane.table_present(&self.nft).await;
-        if !present {
-            self.plane.invalidate();
-        }
-        present
+        self.plane.check_tables(&self.nft).await
     }
 }
 
@@ -311,17 +360,39 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let nft = NftCommand::default();
+    let cfg = ProxyConfig {
+        cluster_cidr: opts.cluster_cidr,
+        cluster_cidr6: opts.cluster_cidr6,
+    };
+    if !(opts.ipv6 && opts.mode == Mode::Nftables) {
+        // Not served: a table an earlier run left would DNAT to stale endpoints.
+        let _ = nft
+            .apply(&crate::nft::cleanup_in(::nft::Family::Ip6))
+            .await;
+    }
+    if opts.ipv6 && opts.mode == Mode::Userspace {
+        tracing::warn!("userspace proxy mode serves IPv4 Services only; IPv6 ClusterIPs get nothing");
+    }
     let plane = match opts.mode {
-        Mode::Nftables => Plane::Nft(Box::new(Syncer::new(
-            NftNetlink::open().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "no netfilter netlink socket; incremental syncs use nft");
-                NftNetlink::default()
+        Mode::Nftables => Plane::Nft(
+            Box::new(Syncer::new(
+                NftNetlink::open().unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "no netfilter netlink socket; incremental syncs use nft");
+                    NftNetlink::default()
+                }),
+                ConntrackCommand::default(),
+                cfg,
+            )),
+            // The IPv6 table's transactions go through `nft -f -` (no netlink encoder).
+            opts.ipv6.then(|| {
+                Box::new(Syncer::for_family(
+                    IpFamily::Ipv6,
+                    NftNetlink::default(),
+                    ConntrackCommand::default(),
+                    cfg,
+                ))
             }),
-            ConntrackCommand::default(),
-            ProxyConfig {
-                cluster_cidr: opts.cluster_cidr,
-            },
-        ))),
+        ),
         Mode::Userspace => Plane::User(Box::new(UserspaceProxy::new(
             nft.clone(),
             opts.userspace.clone(),
@@ -540,6 +611,7 @@ mod tests {
     fn check_rendering(ports: &BTreeMap<PortId, ServicePort>) {
         let cfg = ProxyConfig {
             cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
+            cluster_cidr6: Some("fd10::/48".parse().expect("cidr6")),
         };
         let rs = crate::nft::ruleset(ports.values(), &cfg);
         for name in rs.chains.keys().chain(rs.sets.keys()) {
@@ -685,9 +757,10 @@ mod tests {
                 name: random_text(&mut rng),
                 port_name: random_text(&mut rng),
                 protocol: registry::Protocol::Tcp,
+                family: IpFamily::Ipv4,
             };
             let ep = crate::model::Endpoint {
-                ip: std::net::Ipv4Addr::new(10, 5, 1, (i % 250) as u8 + 1),
+                ip: std::net::Ipv4Addr::new(10, 5, 1, (i % 250) as u8 + 1).into(),
                 port: 8080,
                 local: true,
             };
