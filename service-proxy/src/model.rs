@@ -770,4 +770,103 @@ mod tests {
         let ports = service_ports(&snap(vec![svc]), &node());
         assert_eq!(ports.values().next().expect("port").affinity, Some(10800));
     }
+
+    /// Pod a on node1 gets fd10:0:0:11::2 too; b stays IPv4-only.
+    fn dual_snap(svc: Service) -> Snapshot {
+        let mut s = snap(vec![svc]);
+        let a = s.records.get_mut(&key("default", "a")).expect("a");
+        a.ips.push("fd10:0:0:11::2".parse().expect("ip"));
+        s
+    }
+
+    fn dual(mut svc: Service) -> Service {
+        svc.spec.cluster_ips = vec!["10.96.0.10".into(), "fd00:10:96::a".into()];
+        svc.spec.external_ips = vec!["192.0.2.1".into(), "2001:db8::1".into()];
+        svc
+    }
+
+    #[test]
+    fn dual_stack_service_has_a_port_per_family_with_that_familys_endpoints() {
+        let s = dual_snap(dual(web(Some(IntOrString::String("http".into())))));
+        let ports = service_ports(&s, &node());
+        let ids: Vec<String> = ports.keys().map(|id| id.to_string()).collect();
+        assert_eq!(ids, ["default/web:http/TCP", "default/web:http/TCP/IPv6"]);
+        let v4 = &ports.values().next().expect("v4");
+        let v6 = &ports.values().nth(1).expect("v6");
+        assert_eq!(v4.cluster_ip, IpAddr::from(Ipv4Addr::new(10, 96, 0, 10)));
+        assert_eq!(v4.endpoints.len(), 2);
+        assert_eq!(v4.external_ips, vec![IpAddr::from(Ipv4Addr::new(192, 0, 2, 1))]);
+        assert_eq!(v6.family(), IpFamily::Ipv6);
+        assert_eq!(v6.cluster_ip.to_string(), "fd00:10:96::a");
+        assert_eq!(v6.external_ips.len(), 1);
+        assert_eq!(v6.external_ips[0].to_string(), "2001:db8::1");
+        // b has no IPv6 address: only a is an endpoint of the IPv6 port.
+        assert_eq!(
+            v6.endpoints,
+            vec![Endpoint {
+                ip: "fd10:0:0:11::2".parse().expect("ip"),
+                port: 8080,
+                local: true
+            }]
+        );
+        assert_eq!((v6.node_port, v6.external_local), (Some(30080), true));
+        // The incremental cache agrees.
+        let mut cache = PortsCache::default();
+        cache.rebuild(&s, &node());
+        assert_eq!(cache.ports(), &ports);
+    }
+
+    #[test]
+    fn ipv6_only_service_and_endpoints_object_addresses_of_each_family() {
+        let mut svc = web(None);
+        svc.spec.selector = None;
+        svc.spec.cluster_ip = Some("fd00:10:96::a".into());
+        svc.spec.cluster_ips = vec!["fd00:10:96::a".into()];
+        let mut s = snap(vec![svc]);
+        s.endpoints.insert(
+            key("default", "web"),
+            Endpoints {
+                metadata: meta("default", "web", &[]),
+                subsets: vec![EndpointSubset {
+                    addresses: vec![
+                        EndpointAddress {
+                            ip: "10.5.1.7".into(),
+                            ..Default::default()
+                        },
+                        EndpointAddress {
+                            ip: "fd10:0:0:11::7".into(),
+                            node_name: Some("node1".into()),
+                            ..Default::default()
+                        },
+                        EndpointAddress {
+                            ip: "fd10:0:0:12::7".into(),
+                            ..Default::default()
+                        },
+                    ],
+                    not_ready_addresses: vec![],
+                    ports: vec![EndpointPort {
+                        name: Some("http".into()),
+                        port: 8000,
+                        protocol: Protocol::Tcp,
+                    }],
+                }],
+            },
+        );
+        let ports = service_ports(&s, &node());
+        assert_eq!(ports.len(), 1, "no IPv4 ClusterIP: no IPv4 port");
+        let sp = ports.values().next().expect("port");
+        assert_eq!(sp.id.family, IpFamily::Ipv6);
+        let eps: Vec<(String, bool)> = sp
+            .endpoints
+            .iter()
+            .map(|e| (e.ip.to_string(), e.local))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                ("fd10:0:0:11::7".to_string(), true),
+                ("fd10:0:0:12::7".to_string(), false)
+            ]
+        );
+    }
 }

@@ -1100,4 +1100,105 @@ mod tests {
             "add element ip flannel-proxy service-ips { 10.96.0.10 . tcp . 80 : goto svc-"
         ));
     }
+
+    fn sp6(name: &str, eps: &[(Ipv6Addr, bool)]) -> ServicePort {
+        let id = PortId {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: "http".into(),
+            protocol: Protocol::Tcp,
+            family: IpFamily::Ipv6,
+        };
+        let eps = eps
+            .iter()
+            .map(|(ip, local)| Endpoint {
+                ip: (*ip).into(),
+                port: 8080,
+                local: *local,
+            })
+            .collect();
+        ServicePort::new(id, "fd00:10:96::a".parse::<Ipv6Addr>().expect("ip"), 80, eps)
+    }
+
+    #[test]
+    fn ipv6_ports_render_into_the_ip6_table_like_ipv4_ones() {
+        let mut p = sp6(
+            "web",
+            &[
+                ("fd10:0:0:11::2".parse().expect("ip"), true),
+                ("fd10:0:0:12::2".parse().expect("ip"), false),
+            ],
+        );
+        p.node_port = Some(30080);
+        p.affinity = Some(60);
+        p.external_ips = vec!["2001:db8::7".parse::<Ipv6Addr>().expect("ip").into()];
+        let mut e = sp6("empty", &[]);
+        e.cluster_ip = "fd00:10:96::b".parse::<Ipv6Addr>().expect("ip").into();
+        let f = full_in(Family::Ip6, &ruleset([&p, &e], &cfg()));
+        let dynamic = f.strip_prefix(&base_in(Family::Ip6)).expect("base first");
+        let expected = [
+            "add set ip6 flannel-proxy aff-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080__60 { type ipv6_addr; flags dynamic,timeout; timeout 60s; }",
+            "add set ip6 flannel-proxy aff-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080__60 { type ipv6_addr; flags dynamic,timeout; timeout 60s; }",
+            "add chain ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080",
+            "add chain ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080",
+            "add chain ip6 flannel-proxy ext-UARQTUAX-default/web/tcp/http",
+            "add chain ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080 ip6 saddr fd10:0:0:11::2 jump mark-for-masquerade",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080 update @aff-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080__60 { ip6 saddr }",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080 meta l4proto tcp dnat to [fd10:0:0:11::2]:8080",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080 ip6 saddr fd10:0:0:12::2 jump mark-for-masquerade",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080 update @aff-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080__60 { ip6 saddr }",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080 meta l4proto tcp dnat to [fd10:0:0:12::2]:8080",
+            "add rule ip6 flannel-proxy ext-UARQTUAX-default/web/tcp/http jump mark-for-masquerade",
+            "add rule ip6 flannel-proxy ext-UARQTUAX-default/web/tcp/http goto svc-UARQTUAX-default/web/tcp/http",
+            "add rule ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http ip6 daddr fd00:10:96::a ip6 saddr != fd10::/48 jump mark-for-masquerade",
+            "add rule ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http ip6 saddr @aff-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080__60 goto ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080",
+            "add rule ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http ip6 saddr @aff-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080__60 goto ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080",
+            "add rule ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http numgen random mod 2 == 0 goto ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080",
+            "add rule ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http goto ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080",
+            "add element ip6 flannel-proxy no-endpoint-services { fd00:10:96::b . tcp . 80 : goto reject-chain }",
+            "add element ip6 flannel-proxy service-ips { 2001:db8::7 . tcp . 80 : goto ext-UARQTUAX-default/web/tcp/http }",
+            "add element ip6 flannel-proxy service-ips { fd00:10:96::a . tcp . 80 : goto svc-UARQTUAX-default/web/tcp/http }",
+            "add element ip6 flannel-proxy service-nodeports { tcp . 30080 : goto ext-UARQTUAX-default/web/tcp/http }",
+        ];
+        assert_eq!(dynamic, expected.map(|l| format!("{l}\n")).concat());
+        // The base differs from the IPv4 one only in the family and its addresses.
+        let b6 = base_in(Family::Ip6);
+        let b4 = base();
+        assert_eq!(b6.lines().count(), b4.lines().count());
+        for l in [
+            "add map ip6 flannel-proxy service-ips { type ipv6_addr . inet_proto . inet_service : verdict; }",
+            "add rule ip6 flannel-proxy services ip6 daddr . meta l4proto . th dport vmap @service-ips",
+            "add rule ip6 flannel-proxy services fib daddr type local ip6 daddr != ::1 ip6 daddr != fe80::/10 meta l4proto . th dport vmap @service-nodeports",
+            "add rule ip6 flannel-proxy endpoints-check fib daddr type local ip6 daddr != ::1 ip6 daddr != fe80::/10 meta l4proto . th dport vmap @no-endpoint-nodeports",
+            "add rule ip6 flannel-proxy reject-chain reject",
+        ] {
+            assert!(b6.lines().any(|x| x == l), "{l}\n{b6}");
+        }
+        assert_eq!(
+            b6.replace("ip6 daddr != ::1 ip6 daddr != fe80::/10", "ip daddr != 127.0.0.0/8")
+                .replace("ipv6_addr", "ipv4_addr")
+                .replace("ip6 ", "ip "),
+            b4
+        );
+        // An incremental step for the ip6 table.
+        let tx = Tx::default();
+        let mut tx = tx;
+        tx.diff(&ruleset([&e], &cfg()), &Ruleset::default());
+        assert_eq!(
+            script_in(Family::Ip6, &tx.finish()),
+            "delete element ip6 flannel-proxy no-endpoint-services { fd00:10:96::b . tcp . 80 }\n"
+        );
+    }
+
+    #[test]
+    fn cleanup_removes_both_tables() {
+        assert_eq!(
+            cleanup(),
+            "add table ip flannel-proxy\ndelete table ip flannel-proxy\n\
+             add table ip6 flannel-proxy\ndelete table ip6 flannel-proxy\n"
+        );
+        assert!(base().starts_with(&cleanup_in(Family::Ip)));
+        assert!(!base().contains("ip6"));
+    }
 }

@@ -614,4 +614,86 @@ mod tests {
         let old: BTreeMap<_, _> = [sp("a", [10, 96, 0, 1], Protocol::Tcp, &[[10, 5, 1, 2]])].into();
         assert!(stale_udp_flows(&old, &BTreeMap::new()).is_empty());
     }
+
+    fn sp6(name: &str, ip: &str, proto: Protocol, eps: &[&str]) -> (PortId, ServicePort) {
+        let id = PortId {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: String::new(),
+            protocol: proto,
+            family: IpFamily::Ipv6,
+        };
+        let eps = eps
+            .iter()
+            .map(|e| Endpoint {
+                ip: e.parse().expect("ip"),
+                port: 5353,
+                local: false,
+            })
+            .collect();
+        let ip: IpAddr = ip.parse().expect("ip");
+        (id.clone(), ServicePort::new(id, ip, 53, eps))
+    }
+
+    #[test]
+    fn each_family_syncs_its_own_table() {
+        let r4 = Recorder::default();
+        let r6 = Recorder::default();
+        let cfg = ProxyConfig {
+            cluster_cidr: None,
+            cluster_cidr6: None,
+        };
+        let mut s4 = syncer(&r4);
+        let mut s6 = Syncer::for_family(IpFamily::Ipv6, r6.nft.clone(), r6.clone(), cfg);
+        let mut ports: BTreeMap<_, _> = [
+            sp("a", [10, 96, 0, 1], Protocol::Udp, &[[10, 5, 1, 2]]),
+            sp6("a", "fd00:10:96::1", Protocol::Udp, &["fd10:0:0:11::2"]),
+        ]
+        .into();
+        let rep4 = run(s4.sync(&ports)).expect("sync");
+        let rep6 = run(s6.sync(&ports)).expect("sync");
+        assert_eq!((rep4.changed, rep6.changed), (1, 1));
+        let (t4, t6) = (r4.last(), r6.last());
+        assert!(!t4.contains("ip6") && !t4.contains("fd00"), "{t4}");
+        assert!(t6.starts_with("add table ip6 flannel-proxy\n"), "{t6}");
+        assert!(!t6.contains(" ip flannel-proxy") && !t6.contains("10.96."), "{t6}");
+        assert!(
+            t6.contains("add element ip6 flannel-proxy service-ips { fd00:10:96::1 . udp . 53 : goto svc-"),
+            "{t6}"
+        );
+        // A change to the IPv6 port is sent to the ip6 table only, as nft text.
+        let (id, p) = sp6("a", "fd00:10:96::1", Protocol::Udp, &[]);
+        ports.insert(id, p);
+        let rep4 = run(s4.sync(&ports)).expect("sync");
+        let rep6 = run(s6.sync(&ports)).expect("sync");
+        assert_eq!((rep4.ops, rep4.changed), (0, 0));
+        assert!(!rep6.full && rep6.changed == 1);
+        assert_eq!(r4.nft.scripts().len(), 1);
+        let t6 = r6.last();
+        assert!(
+            t6.contains("add element ip6 flannel-proxy no-endpoint-services { fd00:10:96::1 . udp . 53 : goto reject-chain }"),
+            "{t6}"
+        );
+        // The removed IPv6 endpoint's UDP flows are deleted with `-f ipv6`.
+        let deleted = r6.deleted.lock().expect("lock").clone();
+        assert_eq!(
+            deleted.last().expect("deleted").args().join(" "),
+            "-D -f ipv6 -p udp --orig-dst fd00:10:96::1 --orig-port-dst 53 --dst-nat fd10:0:0:11::2"
+        );
+        assert!(r4
+            .deleted
+            .lock()
+            .expect("lock")
+            .iter()
+            .all(|f| !f.args().contains(&"ipv6".to_string())));
+        // The IPv6 port goes: its chains go from the ip6 table; the IPv4 table is untouched.
+        ports.retain(|id, _| id.family == IpFamily::Ipv4);
+        run(s4.sync(&ports)).expect("sync");
+        let rep6 = run(s6.sync(&ports)).expect("sync");
+        assert_eq!(rep6.changed, 1);
+        assert!(r6
+            .last()
+            .contains("delete element ip6 flannel-proxy no-endpoint-services"));
+        assert_eq!(r4.nft.scripts().len(), 1);
+    }
 }
