@@ -243,9 +243,7 @@ fn ports_of_family(
             family,
         };
         let endpoints = match selector {
-            Some(selector) => {
-                selected_endpoints(snap, index, ns, selector, sp, port, node, family)
-            }
+            Some(selector) => selected_endpoints(snap, index, ns, selector, sp, port, node, family),
             None => listed_endpoints(
                 snap.endpoints.get(&(ns.to_string(), name.to_string())),
                 sp,
@@ -466,11 +464,11 @@ impl PortsCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
     use registry::{
         Container, ContainerPort, EndpointAddress, EndpointPort, EndpointSubset, ObjectMeta,
         PodSpec, ServiceSpec,
     };
+    use std::net::Ipv4Addr;
 
     fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
         ObjectMeta {
@@ -795,7 +793,10 @@ mod tests {
         let v6 = &ports.values().nth(1).expect("v6");
         assert_eq!(v4.cluster_ip, IpAddr::from(Ipv4Addr::new(10, 96, 0, 10)));
         assert_eq!(v4.endpoints.len(), 2);
-        assert_eq!(v4.external_ips, vec![IpAddr::from(Ipv4Addr::new(192, 0, 2, 1))]);
+        assert_eq!(
+            v4.external_ips,
+            vec![IpAddr::from(Ipv4Addr::new(192, 0, 2, 1))]
+        );
         assert_eq!(v6.family(), IpFamily::Ipv6);
         assert_eq!(v6.cluster_ip.to_string(), "fd00:10:96::a");
         assert_eq!(v6.external_ips.len(), 1);

@@ -15,9 +15,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use ::nft::encode::{
     self as enc, Batch, BatchError, EncodeError, Exprs, Msg, SetIds, Verdict as V, DADDR, SADDR,
 };
-use ipnet::{IpNet, Ipv4Net};
 use ::nft::sys::NFT_CMP_NEQ;
 use ::nft::NfNetlink;
+use ipnet::{IpNet, Ipv4Net};
 use registry::Protocol;
 
 use crate::nft::{Key, Op, Rule, Verdict, MARK_CHAIN, TABLE};
@@ -44,9 +44,7 @@ fn ipv6_free(op: &Op) -> bool {
     match op {
         Op::AddRule { rule, .. } => match rule {
             Rule::MarkFromAddr(a) | Rule::Dnat { addr: a, .. } => a.is_ipv4(),
-            Rule::MarkOutside { daddr, net } => {
-                daddr.is_ipv4() && matches!(net, IpNet::V4(_))
-            }
+            Rule::MarkOutside { daddr, net } => daddr.is_ipv4() && matches!(net, IpNet::V4(_)),
             _ => true,
         },
         Op::DeleteElement { key, .. } | Op::AddElement { key, .. } => match key {

@@ -625,9 +625,7 @@ pub fn base_in(family: Family) -> String {
         ),
         (
             "services",
-            format!(
-                "fib daddr type local {local} meta l4proto . th dport vmap @{MAP_NODEPORTS}"
-            ),
+            format!("fib daddr type local {local} meta l4proto . th dport vmap @{MAP_NODEPORTS}"),
         ),
         (
             "endpoints-check",
@@ -1117,7 +1115,12 @@ mod tests {
                 local: *local,
             })
             .collect();
-        ServicePort::new(id, "fd00:10:96::a".parse::<Ipv6Addr>().expect("ip"), 80, eps)
+        ServicePort::new(
+            id,
+            "fd00:10:96::a".parse::<Ipv6Addr>().expect("ip"),
+            80,
+            eps,
+        )
     }
 
     #[test]
@@ -1176,9 +1179,12 @@ mod tests {
             assert!(b6.lines().any(|x| x == l), "{l}\n{b6}");
         }
         assert_eq!(
-            b6.replace("ip6 daddr != ::1 ip6 daddr != fe80::/10", "ip daddr != 127.0.0.0/8")
-                .replace("ipv6_addr", "ipv4_addr")
-                .replace("ip6 ", "ip "),
+            b6.replace(
+                "ip6 daddr != ::1 ip6 daddr != fe80::/10",
+                "ip daddr != 127.0.0.0/8"
+            )
+            .replace("ipv6_addr", "ipv4_addr")
+            .replace("ip6 ", "ip "),
             b4
         );
         // An incremental step for the ip6 table.

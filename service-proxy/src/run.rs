@@ -366,12 +366,12 @@ pub async fn run(
     };
     if !(opts.ipv6 && opts.mode == Mode::Nftables) {
         // Not served: a table an earlier run left would DNAT to stale endpoints.
-        let _ = nft
-            .apply(&crate::nft::cleanup_in(::nft::Family::Ip6))
-            .await;
+        let _ = nft.apply(&crate::nft::cleanup_in(::nft::Family::Ip6)).await;
     }
     if opts.ipv6 && opts.mode == Mode::Userspace {
-        tracing::warn!("userspace proxy mode serves IPv4 Services only; IPv6 ClusterIPs get nothing");
+        tracing::warn!(
+            "userspace proxy mode serves IPv4 Services only; IPv6 ClusterIPs get nothing"
+        );
     }
     let plane = match opts.mode {
         Mode::Nftables => Plane::Nft(

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use ::nft::{Family, FakeNft, NfNetlink, NftCommand, Runner};
+use ::nft::{FakeNft, Family, NfNetlink, NftCommand, Runner};
 use registry::{IpFamily, Protocol};
 
 use crate::model::{PortId, ServicePort};
@@ -454,10 +454,14 @@ mod tests {
     }
 
     fn syncer(r: &Recorder) -> Syncer<FakeNft, Recorder> {
-        Syncer::new(r.nft.clone(), r.clone(), ProxyConfig {
+        Syncer::new(
+            r.nft.clone(),
+            r.clone(),
+            ProxyConfig {
                 cluster_cidr: None,
                 cluster_cidr6: None,
-            })
+            },
+        )
     }
 
     fn run<F: std::future::Future>(f: F) -> F::Output {
@@ -656,9 +660,14 @@ mod tests {
         let (t4, t6) = (r4.last(), r6.last());
         assert!(!t4.contains("ip6") && !t4.contains("fd00"), "{t4}");
         assert!(t6.starts_with("add table ip6 flannel-proxy\n"), "{t6}");
-        assert!(!t6.contains(" ip flannel-proxy") && !t6.contains("10.96."), "{t6}");
         assert!(
-            t6.contains("add element ip6 flannel-proxy service-ips { fd00:10:96::1 . udp . 53 : goto svc-"),
+            !t6.contains(" ip flannel-proxy") && !t6.contains("10.96."),
+            "{t6}"
+        );
+        assert!(
+            t6.contains(
+                "add element ip6 flannel-proxy service-ips { fd00:10:96::1 . udp . 53 : goto svc-"
+            ),
             "{t6}"
         );
         // A change to the IPv6 port is sent to the ip6 table only, as nft text.
