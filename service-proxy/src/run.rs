@@ -119,16 +119,17 @@ impl Cache {
                 return false;
             }
             let k = (ns.unwrap_or_default(), name);
-            let obj = value.and_then(|v| {
-                match registry::follow::checked_object(&self.prefix, key, v, mod_revision) {
-                    Ok(o) => Some(o),
-                    Err(e) => {
-                        tracing::warn!(key, "service proxy: {e}");
-                        self.invalid_objects.inc();
-                        None
-                    }
-                }
-            });
+            let obj =
+                value.and_then(
+                    |v| match checked_object(&self.prefix, key, v, mod_revision) {
+                        Ok(o) => Some(o),
+                        Err(e) => {
+                            tracing::warn!(key, "service proxy: {e}");
+                            self.invalid_objects.inc();
+                            None
+                        }
+                    },
+                );
             let s = &mut self.snap;
             let t = &mut self.touched;
             if matches!(kind, Kind::Service | Kind::Endpoints) {
@@ -189,6 +190,26 @@ impl Cache {
             false
         }
     }
+}
+
+/// [`registry::follow::checked_object`] with both families' addresses allowed: that one
+/// validates against an IPv4 service network only, so it refuses every Service with an IPv6
+/// ClusterIP ("IPv6 is not configured on this cluster"). The registry that stored the object
+/// checked its ClusterIPs against the configured networks; here any address of either family
+/// passes that one rule, every other rule of the API server still applies.
+pub fn checked_object(
+    prefix: &str,
+    key: &str,
+    value: &[u8],
+    mod_revision: i64,
+) -> Result<Object, registry::follow::Rejected> {
+    let o = registry::decode(prefix, key, value, mod_revision)?;
+    let any = registry::ServiceNetworks {
+        v4: Some(Ipv4Net::default()),
+        v6: Some(Ipv6Net::default()),
+    };
+    registry::validate(&o, any)?;
+    Ok(o)
 }
 
 /// Why a sync of the data plane failed (it is retried as a full rebuild).
@@ -506,6 +527,36 @@ mod tests {
         assert!(service_ports(&cache.snap, &node).is_empty());
     }
 
+    #[test]
+    fn dual_stack_services_pass_the_boundary_check() {
+        let mut cache = Cache::new(PREFIX);
+        assert!(put(
+            &mut cache,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00:10:96::a']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  ports: [{port: 80}]\n"
+        ));
+        assert!(put(
+            &mut cache,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: six}\nspec:\n  clusterIP: 'fd00:10:96::b'\n  ipFamilies: [IPv6]\n  ports: [{port: 80}]\n"
+        ));
+        assert_eq!(cache.invalid_objects.get(), 0);
+        let node = NodeInfo {
+            name: "n1".into(),
+            subnet: None,
+        };
+        let ids: Vec<String> = service_ports(&cache.snap, &node)
+            .keys()
+            .map(|id| id.to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "default/six/TCP/IPv6",
+                "default/web/TCP",
+                "default/web/TCP/IPv6"
+            ]
+        );
+    }
+
     fn service_key(ns: &str, name: &str) -> String {
         registry::store::object_key(PREFIX, Kind::Service, Some(ns), name)
     }
@@ -553,7 +604,7 @@ mod tests {
     /// Text that nft must never see from input, checked line by line on a script: each line
     /// one command of ours (so no input started a new one), no quotes or comments, braces
     /// balanced, `;` only inside the fixed set declaration.
-    fn check_script(script: &str, commands: usize) {
+    fn check_script(script: &str, commands: usize, table: ::nft::Family) {
         let lines: Vec<&str> = script.lines().collect();
         assert_eq!(lines.len(), commands, "{script}");
         for l in lines {
@@ -566,7 +617,8 @@ mod tests {
             assert!(!l.contains(['"', '\'', '#', '\\', '\0', '\r']), "{l:?}");
             assert_eq!(l.matches('{').count(), l.matches('}').count(), "{l:?}");
             if l.contains(';') {
-                assert!(l.starts_with("add set ip flannel-proxy aff-"), "{l:?}");
+                let set = format!("add set {table} flannel-proxy aff-");
+                assert!(l.starts_with(&set), "{l:?}");
                 assert_eq!(l.matches(';').count(), 3, "{l:?}");
             }
         }
@@ -613,20 +665,31 @@ mod tests {
             cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
             cluster_cidr6: Some("fd10::/48".parse().expect("cidr6")),
         };
-        let rs = crate::nft::ruleset(ports.values(), &cfg);
-        for name in rs.chains.keys().chain(rs.sets.keys()) {
-            assert!(crate::nft::is_safe_name(name), "{name:?}");
+        for family in [IpFamily::Ipv4, IpFamily::Ipv6] {
+            let table = crate::nft::table_family(family);
+            let rs = crate::nft::ruleset(ports.values().filter(|p| p.family() == family), &cfg);
+            for name in rs.chains.keys().chain(rs.sets.keys()) {
+                assert!(crate::nft::is_safe_name(name), "{name:?}");
+            }
+            let mut tx = crate::nft::Tx::default();
+            tx.diff(&crate::nft::Ruleset::default(), &rs);
+            let ops = tx.finish();
+            let full = crate::nft::full_in(table, &rs);
+            let dynamic = full
+                .strip_prefix(&crate::nft::base_in(table))
+                .expect("the base comes first");
+            check_script(dynamic, ops.len(), table);
+            match family {
+                IpFamily::Ipv4 => {
+                    let batch = crate::nfnl::encode(&ops, 1).expect("safe names always encode");
+                    check_batch(&batch.bytes, ops.len());
+                }
+                // The IPv6 table is never sent through the encoder: it refuses.
+                IpFamily::Ipv6 => {
+                    assert!(rs.elements.is_empty() || crate::nfnl::encode(&ops, 1).is_err())
+                }
+            }
         }
-        let mut tx = crate::nft::Tx::default();
-        tx.diff(&crate::nft::Ruleset::default(), &rs);
-        let ops = tx.finish();
-        let full = crate::nft::full(&rs);
-        let dynamic = full
-            .strip_prefix(&crate::nft::base())
-            .expect("the base comes first");
-        check_script(dynamic, ops.len());
-        let batch = crate::nfnl::encode(&ops, 1).expect("safe names always encode");
-        check_batch(&batch.bytes, ops.len());
     }
 
     /// Text of every kind: valid names, names with what nft or a shell would read as syntax,
@@ -705,7 +768,7 @@ mod tests {
                 rng.random_range(0..4),
                 rng.random_range(1..255)
             );
-            let svc = serde_json::json!({
+            let mut svc = serde_json::json!({
                 "apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": name, "namespace": ns},
                 "spec": {
@@ -716,11 +779,19 @@ mod tests {
                                "targetPort": port_name(&mut rng)}]
                 }
             });
+            // Half of them dual stack (the IPv6 table is rendered and checked too).
+            if rng.random_bool(0.5) {
+                let ip6 = format!("fd00:10:96::{:x}", rng.random_range(1..0xffff));
+                svc["spec"]["clusterIPs"] = serde_json::json!([ip, ip6]);
+                svc["spec"]["ipFamilies"] = serde_json::json!(["IPv4", "IPv6"]);
+                svc["spec"]["ipFamilyPolicy"] = serde_json::json!("PreferDualStack");
+            }
             let eps = serde_json::json!({
                 "apiVersion": "v1", "kind": "Endpoints",
                 "metadata": {"name": name, "namespace": ns},
                 "subsets": [{
-                    "addresses": [{"ip": format!("10.5.{}.{}", rng.random_range(0..3), rng.random_range(1..255))}],
+                    "addresses": [{"ip": format!("10.5.{}.{}", rng.random_range(0..3), rng.random_range(1..255))},
+                                  {"ip": format!("fd10:0:0:{}::{:x}", rng.random_range(0..3), rng.random_range(1..0xffff))}],
                     "ports": [{"name": if rng.random_bool(0.7) { pn.clone() } else { port_name(&mut rng) },
                                "port": rng.random_range(1..65536)}]
                 }]
@@ -736,9 +807,11 @@ mod tests {
                 for id in ports.keys() {
                     assert!(registry::validate::is_dns1123_label(&id.namespace), "{id}");
                     assert!(registry::validate::is_dns1035_label(&id.name), "{id}");
+                    // A Service port's name is a DNS-1123 label (the API server's rule; "0"
+                    // is one), not necessarily an IANA service name.
                     assert!(
                         id.port_name.is_empty()
-                            || registry::validate::is_iana_svc_name(&id.port_name),
+                            || registry::validate::is_dns1123_label(&id.port_name),
                         "{id}"
                     );
                 }
@@ -746,6 +819,11 @@ mod tests {
             }
         }
         assert!(accepted > 100, "the generator makes valid objects too");
+        let ports = service_ports(&cache.snap, &node);
+        assert!(
+            ports.keys().any(|id| id.family == IpFamily::Ipv6),
+            "the generator makes dual-stack Services"
+        );
         assert!(cache.invalid_objects.get() > 100, "and invalid ones");
 
         // The renderer on its own, as if a bug upstream let anything through: names of
