@@ -168,6 +168,7 @@ fn main() -> Result<()> {
         let ports = service_ports(&snap, &node());
         let cfg = ProxyConfig {
             cluster_cidr: Some("10.5.0.0/16".parse()?),
+            cluster_cidr6: None,
         };
         print!(
             "{}",
@@ -215,6 +216,7 @@ fn main() -> Result<()> {
             },
             ProxyConfig {
                 cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
+                cluster_cidr6: None,
             },
         ))
     };

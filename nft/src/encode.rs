@@ -27,6 +27,9 @@ pub enum EncodeError {
     BadName { name: String, why: &'static str },
     #[error("netlink message would be {len} bytes (at most {max})", max = u32::MAX)]
     MessageTooLong { len: usize },
+    /// A step the caller's encoder does not handle (nothing is sent).
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
 }
 
 /// A batch that cannot be encoded, with the step that could not.

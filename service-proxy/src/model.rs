@@ -3,19 +3,25 @@
 //! each with its endpoints resolved (named target ports per pod, locality per node).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use ipnet::Ipv4Net;
 use registry::PodRecord;
-use registry::{Endpoints, IntOrString, Pod, Protocol, Service, ServiceType, TrafficPolicy};
+use registry::{
+    Endpoints, IntOrString, IpFamily, Pod, Protocol, Service, ServiceType, TrafficPolicy,
+};
 
-/// Identifies one port of one Service: `namespace/name:portname/PROTO`.
+/// Identifies one port of one Service in one IP family: `namespace/name:portname/PROTO`
+/// (IPv4), with `/IPv6` appended for the IPv6 half. A dual-stack Service has one
+/// [`ServicePort`] per port and family.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortId {
     pub namespace: String,
     pub name: String,
     pub port_name: String,
     pub protocol: Protocol,
+    /// The family of the ClusterIP (and of every endpoint and external IP) of this port.
+    pub family: IpFamily,
 }
 
 impl std::fmt::Display for PortId {
@@ -24,14 +30,19 @@ impl std::fmt::Display for PortId {
         if !self.port_name.is_empty() {
             write!(f, ":{}", self.port_name)?;
         }
-        write!(f, "/{}", self.protocol)
+        write!(f, "/{}", self.protocol)?;
+        if self.family == IpFamily::Ipv6 {
+            write!(f, "/IPv6")?;
+        }
+        Ok(())
     }
 }
 
 /// One endpoint of a service port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    /// Of the port's family.
+    pub ip: IpAddr,
     pub port: u16,
     /// Runs on this node.
     pub local: bool,
@@ -41,11 +52,13 @@ pub struct Endpoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
     pub id: PortId,
-    pub cluster_ip: Ipv4Addr,
+    /// The Service's ClusterIP of `id.family`.
+    pub cluster_ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub node_port: Option<u16>,
-    pub external_ips: Vec<Ipv4Addr>,
+    /// The Service's `externalIPs` of `id.family`.
+    pub external_ips: Vec<IpAddr>,
     /// `sessionAffinity: ClientIP` timeout in seconds.
     pub affinity: Option<u32>,
     /// `externalTrafficPolicy: Local`: NodePort / external IP traffic goes to local endpoints
@@ -60,7 +73,13 @@ pub struct ServicePort {
 impl ServicePort {
     /// A ClusterIP-only port (no node port, external IPs, affinity or Local policies) with
     /// `endpoints` (sorted here); callers set the other fields as they need.
-    pub fn new(id: PortId, cluster_ip: Ipv4Addr, port: u16, endpoints: Vec<Endpoint>) -> Self {
+    pub fn new(
+        id: PortId,
+        cluster_ip: impl Into<IpAddr>,
+        port: u16,
+        endpoints: Vec<Endpoint>,
+    ) -> Self {
+        let cluster_ip = cluster_ip.into();
         let mut endpoints = endpoints;
         endpoints.sort();
         endpoints.dedup();
@@ -94,6 +113,11 @@ impl ServicePort {
     /// Served on node addresses or external IPs.
     pub fn is_external(&self) -> bool {
         self.node_port.is_some() || !self.external_ips.is_empty()
+    }
+
+    /// The family of this port (of its ClusterIP, endpoints and external IPs).
+    pub fn family(&self) -> IpFamily {
+        self.id.family
     }
 }
 
@@ -167,14 +191,36 @@ fn ports_of_service(
     if svc.is_headless() || svc.spec.type_ == ServiceType::ExternalName {
         return Vec::new();
     }
-    let Some(cluster_ip) = svc.cluster_ip_addr() else {
-        return Vec::new();
-    };
-    let external_ips: Vec<Ipv4Addr> = svc
+    // One set of ports per family with a ClusterIP: IPv4 first (as before dual stack), then
+    // IPv6.
+    let mut out = Vec::new();
+    let v4 = svc.cluster_ip_addr().map(IpAddr::from);
+    let v6 = svc.cluster_ipv6_addr().map(IpAddr::from);
+    for cluster_ip in [v4, v6].into_iter().flatten() {
+        out.extend(ports_of_family(
+            snap, index, ns, name, svc, node, cluster_ip,
+        ));
+    }
+    out
+}
+
+/// The ports of one Service in the family of `cluster_ip`.
+fn ports_of_family(
+    snap: &Snapshot,
+    index: Option<&LabelIndex<'_>>,
+    ns: &str,
+    name: &str,
+    svc: &Service,
+    node: &NodeInfo,
+    cluster_ip: IpAddr,
+) -> Vec<ServicePort> {
+    let family = IpFamily::of(cluster_ip);
+    let external_ips: Vec<IpAddr> = svc
         .spec
         .external_ips
         .iter()
-        .filter_map(|s| s.parse().ok())
+        .filter_map(|s| s.parse::<IpAddr>().ok())
+        .filter(|a| IpFamily::of(*a) == family)
         .collect();
     let node_port_type = matches!(
         svc.spec.type_,
@@ -194,13 +240,15 @@ fn ports_of_service(
             name: name.to_string(),
             port_name: sp.name().to_string(),
             protocol: sp.protocol,
+            family,
         };
         let endpoints = match selector {
-            Some(selector) => selected_endpoints(snap, index, ns, selector, sp, port, node),
+            Some(selector) => selected_endpoints(snap, index, ns, selector, sp, port, node, family),
             None => listed_endpoints(
                 snap.endpoints.get(&(ns.to_string(), name.to_string())),
                 sp,
                 node,
+                family,
             ),
         };
         let node_port = if node_port_type {
@@ -227,7 +275,10 @@ fn ports_of_service(
 }
 
 /// Endpoints of a selector Service's port: the attached pods of namespace `ns` carrying every
-/// selector label, at the target port resolved per pod.
+/// selector label, at the target port resolved per pod, each at its address of `family`
+/// (IPv4: the record's `IP`; IPv6: its first IPv6 address in `IPs`; a pod without one is no
+/// endpoint of that family).
+#[allow(clippy::too_many_arguments)]
 fn selected_endpoints(
     snap: &Snapshot,
     index: Option<&LabelIndex<'_>>,
@@ -236,6 +287,7 @@ fn selected_endpoints(
     sp: &registry::ServicePort,
     port: u16,
     node: &NodeInfo,
+    family: IpFamily,
 ) -> Vec<Endpoint> {
     // Candidates: the pods carrying the selector's least common label, or every attached
     // pod of the namespace.
@@ -271,9 +323,16 @@ fn selected_endpoints(
             Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
             Some(IntOrString::String(name)) => pod.named_port(name, sp.protocol),
         };
+        let ip = match family {
+            IpFamily::Ipv4 => Some(IpAddr::V4(rec.ip)),
+            IpFamily::Ipv6 => rec.ips.iter().copied().find(IpAddr::is_ipv6),
+        };
+        let Some(ip) = ip else {
+            continue;
+        };
         if let Some(target) = target.filter(|p| *p != 0) {
             eps.insert(Endpoint {
-                ip: rec.ip,
+                ip,
                 port: target,
                 local: rec.node == node.name,
             });
@@ -283,11 +342,14 @@ fn selected_endpoints(
 }
 
 /// Endpoints of a Service port without selector, from its Endpoints object: every ready
-/// address of the subsets whose port has the Service port's name and protocol.
+/// address of `family` of the subsets whose port has the Service port's name and protocol.
+/// An address without `nodeName` is local when it lies in this node's subnet (IPv4; an IPv6
+/// address needs `nodeName` to be local).
 fn listed_endpoints(
     endpoints: Option<&Endpoints>,
     sp: &registry::ServicePort,
     node: &NodeInfo,
+    family: IpFamily,
 ) -> Vec<Endpoint> {
     let mut eps = BTreeSet::new();
     for subset in endpoints.map(|e| e.subsets.as_slice()).unwrap_or_default() {
@@ -302,12 +364,13 @@ fn listed_endpoints(
             continue;
         };
         for a in &subset.addresses {
-            let Ok(ip) = a.ip.parse::<Ipv4Addr>() else {
+            let Some(ip) = a.addr().filter(|ip| IpFamily::of(*ip) == family) else {
                 continue;
             };
-            let local = match &a.node_name {
-                Some(n) => *n == node.name,
-                None => node.subnet.is_some_and(|s| s.contains(&ip)),
+            let local = match (&a.node_name, ip) {
+                (Some(n), _) => *n == node.name,
+                (None, IpAddr::V4(ip)) => node.subnet.is_some_and(|s| s.contains(&ip)),
+                (None, IpAddr::V6(_)) => false,
             };
             eps.insert(Endpoint {
                 ip,
@@ -405,6 +468,7 @@ mod tests {
         Container, ContainerPort, EndpointAddress, EndpointPort, EndpointSubset, ObjectMeta,
         PodSpec, ServiceSpec,
     };
+    use std::net::Ipv4Addr;
 
     fn meta(ns: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
         ObjectMeta {
@@ -525,12 +589,12 @@ mod tests {
             sp.endpoints,
             vec![
                 Endpoint {
-                    ip: Ipv4Addr::new(10, 5, 1, 2),
+                    ip: Ipv4Addr::new(10, 5, 1, 2).into(),
                     port: 8080,
                     local: true
                 },
                 Endpoint {
-                    ip: Ipv4Addr::new(10, 5, 2, 2),
+                    ip: Ipv4Addr::new(10, 5, 2, 2).into(),
                     port: 9090,
                     local: false
                 },
@@ -547,7 +611,7 @@ mod tests {
         assert_eq!(
             sp.endpoints,
             vec![Endpoint {
-                ip: Ipv4Addr::new(10, 5, 1, 2),
+                ip: Ipv4Addr::new(10, 5, 1, 2).into(),
                 port: 80,
                 local: true
             }]
@@ -566,7 +630,7 @@ mod tests {
         let ports = service_ports(&s, &node());
         let sp = ports.values().next().expect("one port");
         assert_eq!(sp.endpoints.len(), 1);
-        assert_eq!(sp.endpoints[0].ip, Ipv4Addr::new(10, 5, 2, 2));
+        assert_eq!(sp.endpoints[0].ip, IpAddr::from(Ipv4Addr::new(10, 5, 2, 2)));
     }
 
     #[test]
@@ -638,12 +702,12 @@ mod tests {
             sp.endpoints,
             vec![
                 Endpoint {
-                    ip: Ipv4Addr::new(10, 5, 1, 7),
+                    ip: Ipv4Addr::new(10, 5, 1, 7).into(),
                     port: 8000,
                     local: true
                 },
                 Endpoint {
-                    ip: Ipv4Addr::new(192, 168, 9, 9),
+                    ip: Ipv4Addr::new(192, 168, 9, 9).into(),
                     port: 8000,
                     local: true
                 },
@@ -703,5 +767,107 @@ mod tests {
         svc.spec.session_affinity = registry::SessionAffinity::ClientIP;
         let ports = service_ports(&snap(vec![svc]), &node());
         assert_eq!(ports.values().next().expect("port").affinity, Some(10800));
+    }
+
+    /// Pod a on node1 gets fd10:0:0:11::2 too; b stays IPv4-only.
+    fn dual_snap(svc: Service) -> Snapshot {
+        let mut s = snap(vec![svc]);
+        let a = s.records.get_mut(&key("default", "a")).expect("a");
+        a.ips.push("fd10:0:0:11::2".parse().expect("ip"));
+        s
+    }
+
+    fn dual(mut svc: Service) -> Service {
+        svc.spec.cluster_ips = vec!["10.96.0.10".into(), "fd00:10:96::a".into()];
+        svc.spec.external_ips = vec!["192.0.2.1".into(), "2001:db8::1".into()];
+        svc
+    }
+
+    #[test]
+    fn dual_stack_service_has_a_port_per_family_with_that_familys_endpoints() {
+        let s = dual_snap(dual(web(Some(IntOrString::String("http".into())))));
+        let ports = service_ports(&s, &node());
+        let ids: Vec<String> = ports.keys().map(|id| id.to_string()).collect();
+        assert_eq!(ids, ["default/web:http/TCP", "default/web:http/TCP/IPv6"]);
+        let v4 = &ports.values().next().expect("v4");
+        let v6 = &ports.values().nth(1).expect("v6");
+        assert_eq!(v4.cluster_ip, IpAddr::from(Ipv4Addr::new(10, 96, 0, 10)));
+        assert_eq!(v4.endpoints.len(), 2);
+        assert_eq!(
+            v4.external_ips,
+            vec![IpAddr::from(Ipv4Addr::new(192, 0, 2, 1))]
+        );
+        assert_eq!(v6.family(), IpFamily::Ipv6);
+        assert_eq!(v6.cluster_ip.to_string(), "fd00:10:96::a");
+        assert_eq!(v6.external_ips.len(), 1);
+        assert_eq!(v6.external_ips[0].to_string(), "2001:db8::1");
+        // b has no IPv6 address: only a is an endpoint of the IPv6 port.
+        assert_eq!(
+            v6.endpoints,
+            vec![Endpoint {
+                ip: "fd10:0:0:11::2".parse().expect("ip"),
+                port: 8080,
+                local: true
+            }]
+        );
+        assert_eq!((v6.node_port, v6.external_local), (Some(30080), true));
+        // The incremental cache agrees.
+        let mut cache = PortsCache::default();
+        cache.rebuild(&s, &node());
+        assert_eq!(cache.ports(), &ports);
+    }
+
+    #[test]
+    fn ipv6_only_service_and_endpoints_object_addresses_of_each_family() {
+        let mut svc = web(None);
+        svc.spec.selector = None;
+        svc.spec.cluster_ip = Some("fd00:10:96::a".into());
+        svc.spec.cluster_ips = vec!["fd00:10:96::a".into()];
+        let mut s = snap(vec![svc]);
+        s.endpoints.insert(
+            key("default", "web"),
+            Endpoints {
+                metadata: meta("default", "web", &[]),
+                subsets: vec![EndpointSubset {
+                    addresses: vec![
+                        EndpointAddress {
+                            ip: "10.5.1.7".into(),
+                            ..Default::default()
+                        },
+                        EndpointAddress {
+                            ip: "fd10:0:0:11::7".into(),
+                            node_name: Some("node1".into()),
+                            ..Default::default()
+                        },
+                        EndpointAddress {
+                            ip: "fd10:0:0:12::7".into(),
+                            ..Default::default()
+                        },
+                    ],
+                    not_ready_addresses: vec![],
+                    ports: vec![EndpointPort {
+                        name: Some("http".into()),
+                        port: 8000,
+                        protocol: Protocol::Tcp,
+                    }],
+                }],
+            },
+        );
+        let ports = service_ports(&s, &node());
+        assert_eq!(ports.len(), 1, "no IPv4 ClusterIP: no IPv4 port");
+        let sp = ports.values().next().expect("port");
+        assert_eq!(sp.id.family, IpFamily::Ipv6);
+        let eps: Vec<(String, bool)> = sp
+            .endpoints
+            .iter()
+            .map(|e| (e.ip.to_string(), e.local))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                ("fd10:0:0:11::7".to_string(), true),
+                ("fd10:0:0:12::7".to_string(), false)
+            ]
+        );
     }
 }

@@ -10,11 +10,14 @@
 //! [`encode`] maps the steps onto the `nft` crate's encoder (pure); [`apply`] sends them
 //! through its socket.
 
+use std::net::{IpAddr, Ipv4Addr};
+
 use ::nft::encode::{
-    self as enc, Batch, BatchError, Exprs, Msg, SetIds, Verdict as V, DADDR, SADDR,
+    self as enc, Batch, BatchError, EncodeError, Exprs, Msg, SetIds, Verdict as V, DADDR, SADDR,
 };
 use ::nft::sys::NFT_CMP_NEQ;
 use ::nft::NfNetlink;
+use ipnet::{IpNet, Ipv4Net};
 use registry::Protocol;
 
 use crate::nft::{Key, Op, Rule, Verdict, MARK_CHAIN, TABLE};
@@ -27,16 +30,45 @@ fn protocol_number(p: Protocol) -> u8 {
     }
 }
 
+/// The IPv4 address of a step [`encode`] has checked ([`ipv6_free`]); never the fallback.
+fn v4(a: IpAddr) -> Ipv4Addr {
+    match a {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    }
+}
+
+/// Whether a step is one of the IPv4 table's (this encoder writes the `ip` table only; the
+/// `ip6` table is updated through `nft -f -`).
+fn ipv6_free(op: &Op) -> bool {
+    match op {
+        Op::AddRule { rule, .. } => match rule {
+            Rule::MarkFromAddr(a) | Rule::Dnat { addr: a, .. } => a.is_ipv4(),
+            Rule::MarkOutside { daddr, net } => daddr.is_ipv4() && matches!(net, IpNet::V4(_)),
+            _ => true,
+        },
+        Op::DeleteElement { key, .. } | Op::AddElement { key, .. } => match key {
+            Key::Addr { addr, .. } => addr.is_ipv4(),
+            Key::Port { .. } => true,
+        },
+        _ => true,
+    }
+}
+
 /// One rule's expressions, as `nft` writes them for its text.
 fn rule(e: &mut Exprs<'_>, rule: &Rule) {
     match rule {
         Rule::MarkFromAddr(a) => {
-            e.addr_is(SADDR, *a);
+            e.addr_is(SADDR, v4(*a));
             e.verdict(V::Jump(MARK_CHAIN));
         }
         Rule::MarkOutside { daddr, net } => {
-            e.addr_is(DADDR, *daddr);
-            e.addr_in(SADDR, *net, NFT_CMP_NEQ);
+            let net = match net {
+                IpNet::V4(n) => *n,
+                IpNet::V6(_) => Ipv4Net::default(),
+            };
+            e.addr_is(DADDR, v4(*daddr));
+            e.addr_in(SADDR, net, NFT_CMP_NEQ);
             e.verdict(V::Jump(MARK_CHAIN));
         }
         Rule::Mark => e.verdict(V::Jump(MARK_CHAIN)),
@@ -54,7 +86,7 @@ fn rule(e: &mut Exprs<'_>, rule: &Rule) {
             port,
         } => {
             e.l4proto_is(protocol_number(*protocol));
-            e.dnat(*addr, *port);
+            e.dnat(v4(*addr), *port);
         }
         Rule::GotoRemembered { set, chain } => {
             e.payload(SADDR, 4);
@@ -86,7 +118,7 @@ fn key_bytes(key: &Key) -> Vec<u8> {
             protocol,
             port,
         } => {
-            let mut v = addr.octets().to_vec();
+            let mut v = v4(*addr).octets().to_vec();
             v.extend_from_slice(&proto_port(*protocol, *port));
             v
         }
@@ -117,7 +149,14 @@ fn op_message(op: &Op, seq: u32, set_ids: &mut SetIds) -> Msg {
 /// Encodes `ops` as one batch (see [`::nft::encode::batch`]): `ops[i]` is the message with
 /// sequence number `first_seq + 1 + i`. Fails, naming the step, when a name or attribute
 /// does not fit its netlink field.
+/// Steps with an IPv6 address are refused (the `ip6` table is updated through `nft`).
 pub fn encode(ops: &[Op], first_seq: u32) -> Result<Batch, BatchError> {
+    if let Some(op) = ops.iter().find(|op| !ipv6_free(op)) {
+        return Err(BatchError {
+            what: op.to_string(),
+            source: EncodeError::Unsupported("IPv6 addresses (the ip6 table is updated by nft)"),
+        });
+    }
     enc::batch(ops, first_seq, op_message)
 }
 
@@ -193,7 +232,7 @@ mod tests {
     #[test]
     fn element_keys_pad_each_field_to_four_bytes() {
         let k = Key::Addr {
-            addr: Ipv4Addr::new(10, 96, 39, 17),
+            addr: Ipv4Addr::new(10, 96, 39, 17).into(),
             protocol: Protocol::Tcp,
             port: 80,
         };
@@ -264,7 +303,7 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        let daddr = Ipv4Addr::new(10, 96, 0, 1);
+        let daddr = std::net::IpAddr::from(Ipv4Addr::new(10, 96, 0, 1));
         assert_eq!(
             names(Rule::MarkOutside {
                 daddr,

@@ -1,5 +1,8 @@
 //! The nftables data path, rendered as text (pure) and applied as one `nft -f -` transaction
-//! per sync into the table `ip flannel-proxy`, which this module owns.
+//! per sync into the table `ip flannel-proxy`, which this module owns, and its IPv6 twin
+//! `ip6 flannel-proxy` (one table per family, as kube-proxy's nftables mode): both are
+//! rendered by the same functions from the service ports of their family, the `*_in`
+//! functions taking the [`Family`]; the unsuffixed ones render the IPv4 table.
 //!
 //! Layout (modelled on kube-proxy's nftables mode):
 //! - base chains `nat-prerouting` / `nat-output` (dstnat) jump to `services`, which dispatches
@@ -26,10 +29,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
-use registry::Protocol;
+use ::nft::Family;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use registry::{IpFamily, Protocol};
 
 use crate::model::{Endpoint, PortId, ServicePort};
 
@@ -50,7 +54,8 @@ pub const MAP_NO_EP_NODEPORTS: &str = "no-endpoint-nodeports";
 pub struct Ruleset {
     /// Chain name -> its rules, in order.
     pub chains: BTreeMap<String, Vec<Rule>>,
-    /// Affinity set name -> its timeout in seconds (`ipv4_addr`, `dynamic,timeout`).
+    /// Affinity set name -> its timeout in seconds (`ipv4_addr` or `ipv6_addr` by the
+    /// table's family, `dynamic,timeout`).
     pub sets: BTreeMap<String, u32>,
     /// (map, key) -> verdict.
     pub elements: BTreeMap<(&'static str, Key), Verdict>,
@@ -64,21 +69,25 @@ pub const MARK_CHAIN: &str = "mark-for-masquerade";
 ///
 /// [`Display`]: fmt::Display
 #[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Addresses are of the table's family (`ip` / `ip6` is written from the address); the rules
+/// without one take the family from the table they are rendered for ([`Rule::in_family`]);
+/// [`Display`] renders them for the IPv4 table.
 pub enum Rule {
     /// `ip saddr A jump mark-for-masquerade` (hairpin: an endpoint reaching itself).
-    MarkFromAddr(Ipv4Addr),
+    MarkFromAddr(IpAddr),
     /// `ip daddr A ip saddr != NET jump mark-for-masquerade` (ClusterIP from outside NET).
-    MarkOutside { daddr: Ipv4Addr, net: Ipv4Net },
+    MarkOutside { daddr: IpAddr, net: IpNet },
     /// `jump mark-for-masquerade`.
     Mark,
     /// `fib saddr type local jump mark-for-masquerade`.
     MarkLocalSource,
     /// `update @SET { ip saddr }` (affinity: remember the client).
     Remember(String),
-    /// `meta l4proto P dnat to A:PORT`.
+    /// `meta l4proto P dnat to A:PORT` (`[A]:PORT` for IPv6).
     Dnat {
         protocol: Protocol,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         port: u16,
     },
     /// `ip saddr @SET goto CHAIN` (affinity: a remembered client).
@@ -93,22 +102,65 @@ pub enum Rule {
     Drop,
 }
 
+/// The nft keyword of an address's family (`ip`, `ip6`).
+fn kw(a: &IpAddr) -> &'static str {
+    match a {
+        IpAddr::V4(_) => "ip",
+        IpAddr::V6(_) => "ip6",
+    }
+}
+
+/// The table family serving `family`.
+pub fn table_family(family: IpFamily) -> Family {
+    match family {
+        IpFamily::Ipv4 => Family::Ip,
+        IpFamily::Ipv6 => Family::Ip6,
+    }
+}
+
+/// A rule or step rendered for the table of one family.
+#[derive(Debug, Clone, Copy)]
+pub struct InFamily<'a, T>(pub Family, pub &'a T);
+
+impl Rule {
+    /// This rule as text for the table of `family`.
+    pub fn in_family(&self, family: Family) -> InFamily<'_, Rule> {
+        InFamily(family, self)
+    }
+}
+
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Rule::MarkFromAddr(a) => write!(f, "ip saddr {a} jump {MARK_CHAIN}"),
+        self.in_family(Family::Ip).fmt(f)
+    }
+}
+
+impl fmt::Display for InFamily<'_, Rule> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let InFamily(family, rule) = *self;
+        let fam = family.as_str();
+        match rule {
+            Rule::MarkFromAddr(a) => write!(f, "{} saddr {a} jump {MARK_CHAIN}", kw(a)),
             Rule::MarkOutside { daddr, net } => {
-                write!(f, "ip daddr {daddr} ip saddr != {net} jump {MARK_CHAIN}")
+                let k = kw(daddr);
+                write!(f, "{k} daddr {daddr} {k} saddr != {net} jump {MARK_CHAIN}")
             }
             Rule::Mark => write!(f, "jump {MARK_CHAIN}"),
             Rule::MarkLocalSource => write!(f, "fib saddr type local jump {MARK_CHAIN}"),
-            Rule::Remember(set) => write!(f, "update @{set} {{ ip saddr }}"),
+            Rule::Remember(set) => write!(f, "update @{set} {{ {fam} saddr }}"),
             Rule::Dnat {
                 protocol,
                 addr,
                 port,
-            } => write!(f, "meta l4proto {} dnat to {addr}:{port}", protocol.nft()),
-            Rule::GotoRemembered { set, chain } => write!(f, "ip saddr @{set} goto {chain}"),
+            } => match addr {
+                IpAddr::V4(a) => write!(f, "meta l4proto {} dnat to {a}:{port}", protocol.nft()),
+                IpAddr::V6(a) => {
+                    write!(f, "meta l4proto {} dnat to [{a}]:{port}", protocol.nft())
+                }
+            },
+            Rule::GotoRemembered { set, chain } => {
+                write!(f, "{fam} saddr @{set} goto {chain}")
+            }
             Rule::GotoOneIn { modulus, chain } => {
                 write!(f, "numgen random mod {modulus} == 0 goto {chain}")
             }
@@ -124,7 +176,7 @@ impl fmt::Display for Rule {
 pub enum Key {
     /// `daddr . l4proto . dport` (`service-ips`, `no-endpoint-services`).
     Addr {
-        addr: Ipv4Addr,
+        addr: IpAddr,
         protocol: Protocol,
         port: u16,
     },
@@ -191,33 +243,64 @@ pub enum Op {
     DeleteSet(String),
 }
 
+impl Op {
+    /// This step as text for the table of `family`.
+    pub fn in_family(&self, family: Family) -> InFamily<'_, Op> {
+        InFamily(family, self)
+    }
+}
+
+/// The type of an affinity set's elements in the table of `family`.
+fn addr_type(family: Family) -> &'static str {
+    match family {
+        Family::Ip => "ipv4_addr",
+        Family::Ip6 => "ipv6_addr",
+    }
+}
+
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
+        self.in_family(Family::Ip).fmt(f)
+    }
+}
+
+impl fmt::Display for InFamily<'_, Op> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let InFamily(family, op) = *self;
+        let t = format!("{family} {TABLE}");
+        match op {
             Op::AddSet { name, timeout } => write!(
                 f,
-                "add set ip {TABLE} {name} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
+                "add set {t} {name} {{ type {}; flags dynamic,timeout; timeout {timeout}s; }}",
+                addr_type(family)
             ),
-            Op::AddChain(name) => write!(f, "add chain ip {TABLE} {name}"),
-            Op::FlushChain(name) => write!(f, "flush chain ip {TABLE} {name}"),
-            Op::AddRule { chain, rule } => write!(f, "add rule ip {TABLE} {chain} {rule}"),
+            Op::AddChain(name) => write!(f, "add chain {t} {name}"),
+            Op::FlushChain(name) => write!(f, "flush chain {t} {name}"),
+            Op::AddRule { chain, rule } => {
+                write!(f, "add rule {t} {chain} {}", rule.in_family(family))
+            }
             Op::DeleteElement { map, key } => {
-                write!(f, "delete element ip {TABLE} {map} {{ {key} }}")
+                write!(f, "delete element {t} {map} {{ {key} }}")
             }
             Op::AddElement { map, key, verdict } => {
-                write!(f, "add element ip {TABLE} {map} {{ {key} : {verdict} }}")
+                write!(f, "add element {t} {map} {{ {key} : {verdict} }}")
             }
-            Op::DeleteChain(name) => write!(f, "delete chain ip {TABLE} {name}"),
-            Op::DeleteSet(name) => write!(f, "delete set ip {TABLE} {name}"),
+            Op::DeleteChain(name) => write!(f, "delete chain {t} {name}"),
+            Op::DeleteSet(name) => write!(f, "delete set {t} {name}"),
         }
     }
 }
 
-/// `ops` as an nft script, one command per line.
+/// `ops` as an nft script for the IPv4 table, one command per line.
 pub fn script(ops: &[Op]) -> String {
+    script_in(Family::Ip, ops)
+}
+
+/// `ops` as an nft script for the table of `family`, one command per line.
+pub fn script_in(family: Family, ops: &[Op]) -> String {
     let mut s = String::new();
     for op in ops {
-        let _ = writeln!(s, "{op}");
+        let _ = writeln!(s, "{}", op.in_family(family));
     }
     s
 }
@@ -227,6 +310,8 @@ pub fn script(ops: &[Op]) -> String {
 pub struct ProxyConfig {
     /// The cluster Network: ClusterIP traffic from outside it is masqueraded.
     pub cluster_cidr: Option<Ipv4Net>,
+    /// The cluster's IPv6 Network (`IPv6Network`), the same for IPv6 ClusterIPs.
+    pub cluster_cidr6: Option<Ipv6Net>,
 }
 
 /// FNV-1a 64, stable across builds: chain names must not change between versions.
@@ -344,8 +429,10 @@ impl Names {
     }
 }
 
-fn dashed(ip: Ipv4Addr) -> String {
-    ip.to_string().replace('.', "-")
+/// An address as a name part: `10-5-1-2`, `fd00--1` (IPv6 text never holds '-', so this
+/// stays unique).
+fn dashed(ip: IpAddr) -> String {
+    ip.to_string().replace(['.', ':'], "-")
 }
 
 /// Renders the dynamic part for `ports`.
@@ -360,7 +447,11 @@ pub fn ruleset<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, cfg: &Proxy
 fn add_port(rs: &mut Ruleset, sp: &ServicePort, cfg: &ProxyConfig) {
     let names = Names::new(sp);
     let protocol = sp.protocol;
-    let masq_outside = cfg.cluster_cidr.map(|net| Rule::MarkOutside {
+    let net: Option<IpNet> = match sp.cluster_ip {
+        IpAddr::V4(_) => cfg.cluster_cidr.map(IpNet::from),
+        IpAddr::V6(_) => cfg.cluster_cidr6.map(IpNet::from),
+    };
+    let masq_outside = net.map(|net| Rule::MarkOutside {
         daddr: sp.cluster_ip,
         net,
     });
@@ -489,15 +580,32 @@ fn add_port(rs: &mut Ruleset, sp: &ServicePort, cfg: &ProxyConfig) {
     }
 }
 
+/// The static part of the IPv4 table (see [`base_in`]).
+pub fn base() -> String {
+    base_in(Family::Ip)
+}
+
+/// Which local destination addresses serve node ports: every address of the node's but
+/// loopback (and, for IPv6, link-local).
+fn node_addresses(family: Family) -> &'static str {
+    match family {
+        Family::Ip => "ip daddr != 127.0.0.0/8",
+        Family::Ip6 => "ip6 daddr != ::1 ip6 daddr != fe80::/10",
+    }
+}
+
 /// The static part: the table, base chains, helper chains and maps. Recreates the table
 /// (add + delete + add: nft 1.0.6 has no `destroy`).
-pub fn base() -> String {
-    let t = format!("ip {TABLE}");
-    let mut s = skeleton();
+pub fn base_in(family: Family) -> String {
+    let t = format!("{family} {TABLE}");
+    let mut s = skeleton_in(family);
+    let addr_key = format!("{} . inet_proto . inet_service", addr_type(family));
+    let daddr = format!("{family} daddr");
+    let local = node_addresses(family);
     for (map, key) in [
-        (MAP_SERVICE_IPS, "ipv4_addr . inet_proto . inet_service"),
+        (MAP_SERVICE_IPS, addr_key.as_str()),
         (MAP_NODEPORTS, "inet_proto . inet_service"),
-        (MAP_NO_EP_SERVICES, "ipv4_addr . inet_proto . inet_service"),
+        (MAP_NO_EP_SERVICES, addr_key.as_str()),
         (MAP_NO_EP_NODEPORTS, "inet_proto . inet_service"),
     ] {
         let _ = writeln!(s, "add map {t} {map} {{ type {key} : verdict; }}");
@@ -513,22 +621,20 @@ pub fn base() -> String {
         ("nat-postrouting", "jump masquerading".into()),
         (
             "services",
-            format!("ip daddr . meta l4proto . th dport vmap @{MAP_SERVICE_IPS}"),
+            format!("{daddr} . meta l4proto . th dport vmap @{MAP_SERVICE_IPS}"),
         ),
         (
             "services",
-            format!(
-                "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @{MAP_NODEPORTS}"
-            ),
+            format!("fib daddr type local {local} meta l4proto . th dport vmap @{MAP_NODEPORTS}"),
         ),
         (
             "endpoints-check",
-            format!("ip daddr . meta l4proto . th dport vmap @{MAP_NO_EP_SERVICES}"),
+            format!("{daddr} . meta l4proto . th dport vmap @{MAP_NO_EP_SERVICES}"),
         ),
         (
             "endpoints-check",
             format!(
-                "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @{MAP_NO_EP_NODEPORTS}"
+                "fib daddr type local {local} meta l4proto . th dport vmap @{MAP_NO_EP_NODEPORTS}"
             ),
         ),
         (
@@ -551,12 +657,17 @@ pub fn base() -> String {
     s
 }
 
+/// [`skeleton_in`] for the IPv4 table.
+pub fn skeleton() -> String {
+    skeleton_in(Family::Ip)
+}
+
 /// What both modes' tables start with: the table recreated, the dstnat hooks jumping to
 /// `services` and the pre-DNAT filter hooks sending new connections to `endpoints-check`
 /// (both chains filled by the mode).
-pub fn skeleton() -> String {
-    let t = format!("ip {TABLE}");
-    let mut s = cleanup();
+pub fn skeleton_in(family: Family) -> String {
+    let t = format!("{family} {TABLE}");
+    let mut s = cleanup_in(family);
     let _ = writeln!(s, "add table {t}");
     for (name, hook) in [
         ("nat-prerouting", "type nat hook prerouting priority dstnat"),
@@ -583,12 +694,17 @@ pub fn skeleton() -> String {
     s
 }
 
-/// The whole table for `rs`, as one transaction.
+/// The whole IPv4 table for `rs`, as one transaction.
 pub fn full(rs: &Ruleset) -> String {
+    full_in(Family::Ip, rs)
+}
+
+/// The whole table of `family` for `rs`, as one transaction.
+pub fn full_in(family: Family, rs: &Ruleset) -> String {
     let mut tx = Tx::default();
     tx.diff(&Ruleset::default(), rs);
-    let mut s = base();
-    s.push_str(&script(&tx.finish()));
+    let mut s = base_in(family);
+    s.push_str(&script_in(family, &tx.finish()));
     s
 }
 
@@ -692,15 +808,23 @@ impl Tx {
     }
 }
 
-/// Removes the table (`--cleanup`, proxy mode switched off).
+/// Removes both tables, `ip` and `ip6` (`--cleanup`, proxy mode switched off).
 pub fn cleanup() -> String {
-    format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+    let mut s = cleanup_in(Family::Ip);
+    s.push_str(&cleanup_in(Family::Ip6));
+    s
+}
+
+/// Removes the table of `family`.
+pub fn cleanup_in(family: Family) -> String {
+    format!("add table {family} {TABLE}\ndelete table {family} {TABLE}\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use registry::Protocol;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn sp(name: &str, eps: &[([u8; 4], bool)]) -> ServicePort {
         let id = PortId {
@@ -708,11 +832,12 @@ mod tests {
             name: name.into(),
             port_name: "http".into(),
             protocol: Protocol::Tcp,
+            family: IpFamily::Ipv4,
         };
         let eps = eps
             .iter()
             .map(|(ip, local)| Endpoint {
-                ip: Ipv4Addr::from(*ip),
+                ip: Ipv4Addr::from(*ip).into(),
                 port: 8080,
                 local: *local,
             })
@@ -764,6 +889,7 @@ mod tests {
     fn cfg() -> ProxyConfig {
         ProxyConfig {
             cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
+            cluster_cidr6: Some("fd10::/48".parse().expect("cidr6")),
         }
     }
 
@@ -777,7 +903,7 @@ mod tests {
         assert_eq!(hash8("default/web/tcp/http"), hash8("default/web/tcp/http"));
         assert_ne!(hash8("default/web/tcp/http"), hash8("default/web/udp/http"));
         let ep = Endpoint {
-            ip: Ipv4Addr::new(10, 5, 1, 2),
+            ip: Ipv4Addr::new(10, 5, 1, 2).into(),
             port: 8080,
             local: true,
         };
@@ -809,7 +935,7 @@ mod tests {
             format!("goto {}", names.svc)
         );
         let ep = &rs.chains[&names.endpoint(&Endpoint {
-            ip: Ipv4Addr::new(10, 5, 1, 2),
+            ip: Ipv4Addr::new(10, 5, 1, 2).into(),
             port: 8080,
             local: true,
         })];
@@ -843,7 +969,7 @@ mod tests {
     fn external_local_keeps_source_and_drops_without_local_endpoints() {
         let mut p = sp("web", &[([10, 5, 1, 2], true), ([10, 5, 2, 2], false)]);
         p.node_port = Some(30080);
-        p.external_ips = vec![Ipv4Addr::new(192, 0, 2, 1)];
+        p.external_ips = vec![Ipv4Addr::new(192, 0, 2, 1).into()];
         p.external_local = true;
         let names = Names::new(&p);
         let rs = ruleset_text([&p], &cfg());
@@ -929,13 +1055,13 @@ mod tests {
     fn unchanged_is_an_empty_transaction_and_changes_touch_only_what_changed() {
         let a = sp("a", &[([10, 5, 1, 2], true)]);
         let mut b = sp("b", &[([10, 5, 1, 3], true)]);
-        b.cluster_ip = Ipv4Addr::new(10, 96, 0, 11);
+        b.cluster_ip = Ipv4Addr::new(10, 96, 0, 11).into();
         let old = ruleset([&a, &b], &cfg());
         assert_eq!(transaction(&old, &old), "");
         // Scale b up: b's service chain is rewritten, one endpoint chain added, a untouched.
         let mut b2 = b.clone();
         b2.endpoints.push(Endpoint {
-            ip: Ipv4Addr::new(10, 5, 2, 9),
+            ip: Ipv4Addr::new(10, 5, 2, 9).into(),
             port: 8080,
             local: false,
         });
@@ -971,5 +1097,114 @@ mod tests {
         assert!(f.contains(
             "add element ip flannel-proxy service-ips { 10.96.0.10 . tcp . 80 : goto svc-"
         ));
+    }
+
+    fn sp6(name: &str, eps: &[(Ipv6Addr, bool)]) -> ServicePort {
+        let id = PortId {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: "http".into(),
+            protocol: Protocol::Tcp,
+            family: IpFamily::Ipv6,
+        };
+        let eps = eps
+            .iter()
+            .map(|(ip, local)| Endpoint {
+                ip: (*ip).into(),
+                port: 8080,
+                local: *local,
+            })
+            .collect();
+        ServicePort::new(
+            id,
+            "fd00:10:96::a".parse::<Ipv6Addr>().expect("ip"),
+            80,
+            eps,
+        )
+    }
+
+    #[test]
+    fn ipv6_ports_render_into_the_ip6_table_like_ipv4_ones() {
+        let mut p = sp6(
+            "web",
+            &[
+                ("fd10:0:0:11::2".parse().expect("ip"), true),
+                ("fd10:0:0:12::2".parse().expect("ip"), false),
+            ],
+        );
+        p.node_port = Some(30080);
+        p.affinity = Some(60);
+        p.external_ips = vec!["2001:db8::7".parse::<Ipv6Addr>().expect("ip").into()];
+        let mut e = sp6("empty", &[]);
+        e.cluster_ip = "fd00:10:96::b".parse::<Ipv6Addr>().expect("ip").into();
+        let f = full_in(Family::Ip6, &ruleset([&p, &e], &cfg()));
+        let dynamic = f.strip_prefix(&base_in(Family::Ip6)).expect("base first");
+        let expected = [
+            "add set ip6 flannel-proxy aff-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080__60 { type ipv6_addr; flags dynamic,timeout; timeout 60s; }",
+            "add set ip6 flannel-proxy aff-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080__60 { type ipv6_addr; flags dynamic,timeout; timeout 60s; }",
+            "add chain ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080",
+            "add chain ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080",
+            "add chain ip6 flannel-proxy ext-UARQTUAX-default/web/tcp/http",
+            "add chain ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080 ip6 saddr fd10:0:0:11::2 jump mark-for-masquerade",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080 update @aff-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080__60 { ip6 saddr }",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080 meta l4proto tcp dnat to [fd10:0:0:11::2]:8080",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080 ip6 saddr fd10:0:0:12::2 jump mark-for-masquerade",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080 update @aff-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080__60 { ip6 saddr }",
+            "add rule ip6 flannel-proxy ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080 meta l4proto tcp dnat to [fd10:0:0:12::2]:8080",
+            "add rule ip6 flannel-proxy ext-UARQTUAX-default/web/tcp/http jump mark-for-masquerade",
+            "add rule ip6 flannel-proxy ext-UARQTUAX-default/web/tcp/http goto svc-UARQTUAX-default/web/tcp/http",
+            "add rule ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http ip6 daddr fd00:10:96::a ip6 saddr != fd10::/48 jump mark-for-masquerade",
+            "add rule ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http ip6 saddr @aff-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080__60 goto ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080",
+            "add rule ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http ip6 saddr @aff-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080__60 goto ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080",
+            "add rule ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http numgen random mod 2 == 0 goto ep-UARQTUAX-default/web/tcp/http__fd10-0-0-11--2_8080",
+            "add rule ip6 flannel-proxy svc-UARQTUAX-default/web/tcp/http goto ep-UARQTUAX-default/web/tcp/http__fd10-0-0-12--2_8080",
+            "add element ip6 flannel-proxy no-endpoint-services { fd00:10:96::b . tcp . 80 : goto reject-chain }",
+            "add element ip6 flannel-proxy service-ips { 2001:db8::7 . tcp . 80 : goto ext-UARQTUAX-default/web/tcp/http }",
+            "add element ip6 flannel-proxy service-ips { fd00:10:96::a . tcp . 80 : goto svc-UARQTUAX-default/web/tcp/http }",
+            "add element ip6 flannel-proxy service-nodeports { tcp . 30080 : goto ext-UARQTUAX-default/web/tcp/http }",
+        ];
+        assert_eq!(dynamic, expected.map(|l| format!("{l}\n")).concat());
+        // The base differs from the IPv4 one only in the family and its addresses.
+        let b6 = base_in(Family::Ip6);
+        let b4 = base();
+        assert_eq!(b6.lines().count(), b4.lines().count());
+        for l in [
+            "add map ip6 flannel-proxy service-ips { type ipv6_addr . inet_proto . inet_service : verdict; }",
+            "add rule ip6 flannel-proxy services ip6 daddr . meta l4proto . th dport vmap @service-ips",
+            "add rule ip6 flannel-proxy services fib daddr type local ip6 daddr != ::1 ip6 daddr != fe80::/10 meta l4proto . th dport vmap @service-nodeports",
+            "add rule ip6 flannel-proxy endpoints-check fib daddr type local ip6 daddr != ::1 ip6 daddr != fe80::/10 meta l4proto . th dport vmap @no-endpoint-nodeports",
+            "add rule ip6 flannel-proxy reject-chain reject",
+        ] {
+            assert!(b6.lines().any(|x| x == l), "{l}\n{b6}");
+        }
+        assert_eq!(
+            b6.replace(
+                "ip6 daddr != ::1 ip6 daddr != fe80::/10",
+                "ip daddr != 127.0.0.0/8"
+            )
+            .replace("ipv6_addr", "ipv4_addr")
+            .replace("ip6 ", "ip "),
+            b4
+        );
+        // An incremental step for the ip6 table.
+        let tx = Tx::default();
+        let mut tx = tx;
+        tx.diff(&ruleset([&e], &cfg()), &Ruleset::default());
+        assert_eq!(
+            script_in(Family::Ip6, &tx.finish()),
+            "delete element ip6 flannel-proxy no-endpoint-services { fd00:10:96::b . tcp . 80 }\n"
+        );
+    }
+
+    #[test]
+    fn cleanup_removes_both_tables() {
+        assert_eq!(
+            cleanup(),
+            "add table ip flannel-proxy\ndelete table ip flannel-proxy\n\
+             add table ip6 flannel-proxy\ndelete table ip6 flannel-proxy\n"
+        );
+        assert!(base().starts_with(&cleanup_in(Family::Ip)));
+        assert!(!base().contains("ip6"));
     }
 }

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use ::nft::NftCommand;
 use etcd_access::Connection;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
 use registry::pods::{parse_pod_key, pods_prefix};
 use registry::PodRecord;
-use registry::{Kind, Object};
+use registry::{IpFamily, Kind, Object};
 use tokio::sync::watch;
 
 use crate::metrics::ProxyMetrics;
@@ -47,6 +47,12 @@ pub struct ProxyOptions {
     pub node: NodeInfo,
     /// The cluster Network (ClusterIP traffic from outside it is masqueraded).
     pub cluster_cidr: Option<Ipv4Net>,
+    /// Serve IPv6 Services too (nftables mode: the table `ip6 flannel-proxy`); off by
+    /// default. When off, a table `ip6 flannel-proxy` left by an earlier run is removed.
+    pub ipv6: bool,
+    /// The cluster's IPv6 Network (`IPv6Network`): IPv6 ClusterIP traffic from outside it is
+    /// masqueraded.
+    pub cluster_cidr6: Option<Ipv6Net>,
     /// How long to wait for more changes after one arrives before syncing.
     pub debounce: Duration,
     /// How often to check that the table is still there (and rebuild it when not).
@@ -60,6 +66,8 @@ impl ProxyOptions {
             mode,
             node,
             cluster_cidr,
+            ipv6: false,
+            cluster_cidr6: None,
             debounce: Duration::from_millis(5),
             check_interval: Duration::from_secs(10),
             userspace: UserspaceOptions::default(),
@@ -111,16 +119,17 @@ impl Cache {
                 return false;
             }
             let k = (ns.unwrap_or_default(), name);
-            let obj = value.and_then(|v| {
-                match registry::follow::checked_object(&self.prefix, key, v, mod_revision) {
-                    Ok(o) => Some(o),
-                    Err(e) => {
-                        tracing::warn!(key, "service proxy: {e}");
-                        self.invalid_objects.inc();
-                        None
-                    }
-                }
-            });
+            let obj =
+                value.and_then(
+                    |v| match checked_object(&self.prefix, key, v, mod_revision) {
+                        Ok(o) => Some(o),
+                        Err(e) => {
+                            tracing::warn!(key, "service proxy: {e}");
+                            self.invalid_objects.inc();
+                            None
+                        }
+                    },
+                );
             let s = &mut self.snap;
             let t = &mut self.touched;
             if matches!(kind, Kind::Service | Kind::Endpoints) {
@@ -183,6 +192,26 @@ impl Cache {
     }
 }
 
+/// [`registry::follow::checked_object`] with both families' addresses allowed: that one
+/// validates against an IPv4 service network only, so it refuses every Service with an IPv6
+/// ClusterIP ("IPv6 is not configured on this cluster"). The registry that stored the object
+/// checked its ClusterIPs against the configured networks; here any address of either family
+/// passes that one rule, every other rule of the API server still applies.
+pub fn checked_object(
+    prefix: &str,
+    key: &str,
+    value: &[u8],
+    mod_revision: i64,
+) -> Result<Object, registry::follow::Rejected> {
+    let o = registry::decode(prefix, key, value, mod_revision)?;
+    let any = registry::ServiceNetworks {
+        v4: Some(Ipv4Net::default()),
+        v6: Some(Ipv6Net::default()),
+    };
+    registry::validate(&o, any)?;
+    Ok(o)
+}
+
 /// Why a sync of the data plane failed (it is retried as a full rebuild).
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -192,10 +221,36 @@ pub enum ProxyError {
     Userspace(#[from] UserspaceError),
 }
 
+type NftSyncer = Syncer<NftNetlink, ConntrackCommand>;
+
 /// The data plane behind the loop.
 enum Plane {
-    Nft(Box<Syncer<NftNetlink, ConntrackCommand>>),
+    /// One syncer per family: `ip flannel-proxy`, and `ip6 flannel-proxy` when IPv6 is on.
+    Nft(Box<NftSyncer>, Option<Box<NftSyncer>>),
     User(Box<UserspaceProxy<NftCommand>>),
+}
+
+/// Syncs one family's table; a failure makes its next sync a full rebuild.
+async fn sync_table(
+    s: &mut NftSyncer,
+    ports: &BTreeMap<PortId, ServicePort>,
+    metrics: &ProxyMetrics,
+) -> Result<(), ProxyError> {
+    match s.sync(ports).await {
+        Ok(rep) => {
+            for c in &rep.conflicts {
+                tracing::warn!("{c}");
+            }
+            metrics.observe_sync(rep.full, rep.elapsed, rep.changed);
+            tracing::debug!(family = %s.family(), ?rep, "nftables sync");
+            Ok(())
+        }
+        Err(e) => {
+            metrics.sync_errors.inc();
+            s.invalidate();
+            Err(e.into())
+        }
+    }
 }
 
 impl Plane {
@@ -205,20 +260,15 @@ impl Plane {
         metrics: &ProxyMetrics,
     ) -> Result<(), ProxyError> {
         match self {
-            Plane::Nft(s) => match s.sync(ports).await {
-                Ok(rep) => {
-                    for c in &rep.conflicts {
-                        tracing::warn!("{c}");
-                    }
-                    metrics.observe_sync(rep.full, rep.elapsed, rep.changed);
-                    tracing::debug!(?rep, "nftables sync");
-                    Ok(())
-                }
-                Err(e) => {
-                    metrics.sync_errors.inc();
-                    Err(e.into())
-                }
-            },
+            Plane::Nft(v4, v6) => {
+                // The families' tables are independent: one failing does not hold the other.
+                let r4 = sync_table(v4, ports, metrics).await;
+                let r6 = match v6 {
+                    Some(v6) => sync_table(v6, ports, metrics).await,
+                    None => Ok(()),
+                };
+                r4.and(r6)
+            }
             Plane::User(p) => {
                 let started = std::time::Instant::now();
                 match p.apply(ports).await {
@@ -235,20 +285,37 @@ impl Plane {
         }
     }
 
-    fn invalidate(&mut self) {
-        match self {
-            Plane::Nft(s) => s.invalidate(),
-            Plane::User(p) => p.invalidate(),
+    /// After a failed sync: the next one rebuilds (nftables mode: each syncer already
+    /// invalidated itself when its own table failed).
+    fn invalidate_failed(&mut self) {
+        if let Plane::User(p) = self {
+            p.invalidate();
         }
     }
 
-    /// Whether our table is still in the kernel (both modes have a `services` chain).
-    async fn table_present(&self, nft: &NftCommand) -> bool {
+    /// Whether our tables are still in the kernel (both modes have a `services` chain); a
+    /// missing one is rebuilt at the next sync.
+    async fn check_tables(&mut self, nft: &NftCommand) -> bool {
         match self {
-            Plane::Nft(s) => s.applier().chain_exists("services").await,
-            Plane::User(_) => {
-                nft.chain_exists(::nft::Family::Ip, crate::nft::TABLE, "services")
-                    .await
+            Plane::Nft(v4, v6) => {
+                let mut all = true;
+                for s in std::iter::once(v4).chain(v6.as_mut()) {
+                    let family = crate::nft::table_family(s.family());
+                    if !s.applier().chain_exists_in(family, "services").await {
+                        s.invalidate();
+                        all = false;
+                    }
+                }
+                all
+            }
+            Plane::User(p) => {
+                let present = nft
+                    .chain_exists(::nft::Family::Ip, crate::nft::TABLE, "services")
+                    .await;
+                if !present {
+                    p.invalidate();
+                }
+                present
             }
         }
     }
@@ -286,20 +353,23 @@ impl Follower for Proxy {
         self.model
             .update(&self.cache.snap, &self.opts.node, &touched);
         let ports = self.model.ports();
-        self.metrics.service_ports.set(ports.len() as i64);
+        let served = match (&self.plane, self.opts.ipv6) {
+            (Plane::Nft(..), true) => ports.len(),
+            _ => ports
+                .keys()
+                .filter(|id| id.family == IpFamily::Ipv4)
+                .count(),
+        };
+        self.metrics.service_ports.set(served as i64);
         let r = self.plane.apply(ports, &self.metrics).await;
         if r.is_err() {
-            self.plane.invalidate();
+            self.plane.invalidate_failed();
         }
         r
     }
 
     async fn check(&mut self) -> bool {
-        let present = self.plane.table_present(&self.nft).await;
-        if !present {
-            self.plane.invalidate();
-        }
-        present
+        self.plane.check_tables(&self.nft).await
     }
 }
 
@@ -311,17 +381,39 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let nft = NftCommand::default();
+    let cfg = ProxyConfig {
+        cluster_cidr: opts.cluster_cidr,
+        cluster_cidr6: opts.cluster_cidr6,
+    };
+    if !(opts.ipv6 && opts.mode == Mode::Nftables) {
+        // Not served: a table an earlier run left would DNAT to stale endpoints.
+        let _ = nft.apply(&crate::nft::cleanup_in(::nft::Family::Ip6)).await;
+    }
+    if opts.ipv6 && opts.mode == Mode::Userspace {
+        tracing::warn!(
+            "userspace proxy mode serves IPv4 Services only; IPv6 ClusterIPs get nothing"
+        );
+    }
     let plane = match opts.mode {
-        Mode::Nftables => Plane::Nft(Box::new(Syncer::new(
-            NftNetlink::open().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "no netfilter netlink socket; incremental syncs use nft");
-                NftNetlink::default()
+        Mode::Nftables => Plane::Nft(
+            Box::new(Syncer::new(
+                NftNetlink::open().unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "no netfilter netlink socket; incremental syncs use nft");
+                    NftNetlink::default()
+                }),
+                ConntrackCommand::default(),
+                cfg,
+            )),
+            // The IPv6 table's transactions go through `nft -f -` (no netlink encoder).
+            opts.ipv6.then(|| {
+                Box::new(Syncer::for_family(
+                    IpFamily::Ipv6,
+                    NftNetlink::default(),
+                    ConntrackCommand::default(),
+                    cfg,
+                ))
             }),
-            ConntrackCommand::default(),
-            ProxyConfig {
-                cluster_cidr: opts.cluster_cidr,
-            },
-        ))),
+        ),
         Mode::Userspace => Plane::User(Box::new(UserspaceProxy::new(
             nft.clone(),
             opts.userspace.clone(),
@@ -435,6 +527,36 @@ mod tests {
         assert!(service_ports(&cache.snap, &node).is_empty());
     }
 
+    #[test]
+    fn dual_stack_services_pass_the_boundary_check() {
+        let mut cache = Cache::new(PREFIX);
+        assert!(put(
+            &mut cache,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00:10:96::a']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  ports: [{port: 80}]\n"
+        ));
+        assert!(put(
+            &mut cache,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: six}\nspec:\n  clusterIP: 'fd00:10:96::b'\n  ipFamilies: [IPv6]\n  ports: [{port: 80}]\n"
+        ));
+        assert_eq!(cache.invalid_objects.get(), 0);
+        let node = NodeInfo {
+            name: "n1".into(),
+            subnet: None,
+        };
+        let ids: Vec<String> = service_ports(&cache.snap, &node)
+            .keys()
+            .map(|id| id.to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "default/six/TCP/IPv6",
+                "default/web/TCP",
+                "default/web/TCP/IPv6"
+            ]
+        );
+    }
+
     fn service_key(ns: &str, name: &str) -> String {
         registry::store::object_key(PREFIX, Kind::Service, Some(ns), name)
     }
@@ -482,7 +604,7 @@ mod tests {
     /// Text that nft must never see from input, checked line by line on a script: each line
     /// one command of ours (so no input started a new one), no quotes or comments, braces
     /// balanced, `;` only inside the fixed set declaration.
-    fn check_script(script: &str, commands: usize) {
+    fn check_script(script: &str, commands: usize, table: ::nft::Family) {
         let lines: Vec<&str> = script.lines().collect();
         assert_eq!(lines.len(), commands, "{script}");
         for l in lines {
@@ -495,7 +617,8 @@ mod tests {
             assert!(!l.contains(['"', '\'', '#', '\\', '\0', '\r']), "{l:?}");
             assert_eq!(l.matches('{').count(), l.matches('}').count(), "{l:?}");
             if l.contains(';') {
-                assert!(l.starts_with("add set ip flannel-proxy aff-"), "{l:?}");
+                let set = format!("add set {table} flannel-proxy aff-");
+                assert!(l.starts_with(&set), "{l:?}");
                 assert_eq!(l.matches(';').count(), 3, "{l:?}");
             }
         }
@@ -540,21 +663,33 @@ mod tests {
     fn check_rendering(ports: &BTreeMap<PortId, ServicePort>) {
         let cfg = ProxyConfig {
             cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
+            cluster_cidr6: Some("fd10::/48".parse().expect("cidr6")),
         };
-        let rs = crate::nft::ruleset(ports.values(), &cfg);
-        for name in rs.chains.keys().chain(rs.sets.keys()) {
-            assert!(crate::nft::is_safe_name(name), "{name:?}");
+        for family in [IpFamily::Ipv4, IpFamily::Ipv6] {
+            let table = crate::nft::table_family(family);
+            let rs = crate::nft::ruleset(ports.values().filter(|p| p.family() == family), &cfg);
+            for name in rs.chains.keys().chain(rs.sets.keys()) {
+                assert!(crate::nft::is_safe_name(name), "{name:?}");
+            }
+            let mut tx = crate::nft::Tx::default();
+            tx.diff(&crate::nft::Ruleset::default(), &rs);
+            let ops = tx.finish();
+            let full = crate::nft::full_in(table, &rs);
+            let dynamic = full
+                .strip_prefix(&crate::nft::base_in(table))
+                .expect("the base comes first");
+            check_script(dynamic, ops.len(), table);
+            match family {
+                IpFamily::Ipv4 => {
+                    let batch = crate::nfnl::encode(&ops, 1).expect("safe names always encode");
+                    check_batch(&batch.bytes, ops.len());
+                }
+                // The IPv6 table is never sent through the encoder: it refuses.
+                IpFamily::Ipv6 => {
+                    assert!(rs.elements.is_empty() || crate::nfnl::encode(&ops, 1).is_err())
+                }
+            }
         }
-        let mut tx = crate::nft::Tx::default();
-        tx.diff(&crate::nft::Ruleset::default(), &rs);
-        let ops = tx.finish();
-        let full = crate::nft::full(&rs);
-        let dynamic = full
-            .strip_prefix(&crate::nft::base())
-            .expect("the base comes first");
-        check_script(dynamic, ops.len());
-        let batch = crate::nfnl::encode(&ops, 1).expect("safe names always encode");
-        check_batch(&batch.bytes, ops.len());
     }
 
     /// Text of every kind: valid names, names with what nft or a shell would read as syntax,
@@ -633,7 +768,7 @@ mod tests {
                 rng.random_range(0..4),
                 rng.random_range(1..255)
             );
-            let svc = serde_json::json!({
+            let mut svc = serde_json::json!({
                 "apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": name, "namespace": ns},
                 "spec": {
@@ -644,11 +779,19 @@ mod tests {
                                "targetPort": port_name(&mut rng)}]
                 }
             });
+            // Half of them dual stack (the IPv6 table is rendered and checked too).
+            if rng.random_bool(0.5) {
+                let ip6 = format!("fd00:10:96::{:x}", rng.random_range(1..0xffff));
+                svc["spec"]["clusterIPs"] = serde_json::json!([ip, ip6]);
+                svc["spec"]["ipFamilies"] = serde_json::json!(["IPv4", "IPv6"]);
+                svc["spec"]["ipFamilyPolicy"] = serde_json::json!("PreferDualStack");
+            }
             let eps = serde_json::json!({
                 "apiVersion": "v1", "kind": "Endpoints",
                 "metadata": {"name": name, "namespace": ns},
                 "subsets": [{
-                    "addresses": [{"ip": format!("10.5.{}.{}", rng.random_range(0..3), rng.random_range(1..255))}],
+                    "addresses": [{"ip": format!("10.5.{}.{}", rng.random_range(0..3), rng.random_range(1..255))},
+                                  {"ip": format!("fd10:0:0:{}::{:x}", rng.random_range(0..3), rng.random_range(1..0xffff))}],
                     "ports": [{"name": if rng.random_bool(0.7) { pn.clone() } else { port_name(&mut rng) },
                                "port": rng.random_range(1..65536)}]
                 }]
@@ -664,9 +807,11 @@ mod tests {
                 for id in ports.keys() {
                     assert!(registry::validate::is_dns1123_label(&id.namespace), "{id}");
                     assert!(registry::validate::is_dns1035_label(&id.name), "{id}");
+                    // A Service port's name is a DNS-1123 label (the API server's rule; "0"
+                    // is one), not necessarily an IANA service name.
                     assert!(
                         id.port_name.is_empty()
-                            || registry::validate::is_iana_svc_name(&id.port_name),
+                            || registry::validate::is_dns1123_label(&id.port_name),
                         "{id}"
                     );
                 }
@@ -674,6 +819,11 @@ mod tests {
             }
         }
         assert!(accepted > 100, "the generator makes valid objects too");
+        let ports = service_ports(&cache.snap, &node);
+        assert!(
+            ports.keys().any(|id| id.family == IpFamily::Ipv6),
+            "the generator makes dual-stack Services"
+        );
         assert!(cache.invalid_objects.get() > 100, "and invalid ones");
 
         // The renderer on its own, as if a bug upstream let anything through: names of
@@ -685,9 +835,10 @@ mod tests {
                 name: random_text(&mut rng),
                 port_name: random_text(&mut rng),
                 protocol: registry::Protocol::Tcp,
+                family: IpFamily::Ipv4,
             };
             let ep = crate::model::Endpoint {
-                ip: std::net::Ipv4Addr::new(10, 5, 1, (i % 250) as u8 + 1),
+                ip: std::net::Ipv4Addr::new(10, 5, 1, (i % 250) as u8 + 1).into(),
                 port: 8080,
                 local: true,
             };

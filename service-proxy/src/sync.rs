@@ -5,14 +5,19 @@
 //! first after any failure, rebuilds the whole table instead. UDP conntrack entries that
 //! point at removed endpoints (or that were made while a Service had none) are deleted after
 //! the transaction, so clients are not stuck on a dead backend.
+//!
+//! One syncer keeps one family's table ([`Syncer::for_family`]): `ip flannel-proxy` from
+//! the IPv4 service ports, `ip6 flannel-proxy` from the IPv6 ones. The IPv6 table's
+//! incremental transactions go through `nft -f -` text (the netlink encoder of [`nfnl`]
+//! writes IPv4 only).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use ::nft::{FakeNft, NfNetlink, NftCommand, Runner};
-use registry::Protocol;
+use ::nft::{FakeNft, Family, NfNetlink, NftCommand, Runner};
+use registry::{IpFamily, Protocol};
 
 use crate::model::{PortId, ServicePort};
 use crate::nfnl;
@@ -33,10 +38,26 @@ pub enum ConntrackError {
 /// Applies the nftables mode's transactions: scripts ([`Runner::apply`]) and the steps of
 /// incremental ones, by default as their nft text.
 pub trait ApplyOps: Runner {
-    /// Applies the steps of an incremental transaction atomically.
+    /// Applies the steps of an incremental transaction to the IPv4 table atomically.
     fn apply_ops(&self, ops: &[Op]) -> impl Future<Output = Result<(), ::nft::Error>> + Send {
         let script = nft::script(ops);
         async move { self.apply(&script).await }
+    }
+
+    /// Applies the steps of an incremental transaction to the table of `family` atomically:
+    /// [`ApplyOps::apply_ops`] for IPv4, `nft -f -` text for IPv6.
+    fn apply_ops_in(
+        &self,
+        family: Family,
+        ops: &[Op],
+    ) -> impl Future<Output = Result<(), ::nft::Error>> + Send {
+        let script = (family != Family::Ip).then(|| nft::script_in(family, ops));
+        async move {
+            match script {
+                None => self.apply_ops(ops).await,
+                Some(script) => self.apply(&script).await,
+            }
+        }
     }
 }
 
@@ -63,16 +84,18 @@ impl NftNetlink {
         })
     }
 
-    /// Whether chain `name` of our table exists (a single netlink get; `nft list chain`
+    /// Whether chain `name` of our IPv4 table exists (a single netlink get; `nft list chain`
     /// would read the whole table first).
     pub async fn chain_exists(&self, name: &str) -> bool {
-        match &self.netlink {
-            Some(nl) => nl.chain_exists(nft::TABLE, name).unwrap_or(false),
-            None => {
-                self.command
-                    .chain_exists(::nft::Family::Ip, nft::TABLE, name)
-                    .await
-            }
+        self.chain_exists_in(Family::Ip, name).await
+    }
+
+    /// Whether chain `name` of our table of `family` exists (netlink for IPv4, `nft` for
+    /// IPv6).
+    pub async fn chain_exists_in(&self, family: Family, name: &str) -> bool {
+        match (&self.netlink, family) {
+            (Some(nl), Family::Ip) => nl.chain_exists(nft::TABLE, name).unwrap_or(false),
+            _ => self.command.chain_exists(family, nft::TABLE, name).await,
         }
     }
 }
@@ -105,15 +128,19 @@ impl ApplyOps for NftNetlink {
 /// when `None` with a node port) that were DNATed to `endpoint` (or to anything when `None`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StaleFlows {
-    pub orig_dst: Option<Ipv4Addr>,
+    pub orig_dst: Option<IpAddr>,
     pub orig_port: u16,
-    pub endpoint: Option<Ipv4Addr>,
+    pub endpoint: Option<IpAddr>,
 }
 
 impl StaleFlows {
-    /// `conntrack -D` arguments.
+    /// `conntrack -D` arguments (with `-f ipv6` for IPv6 flows).
     pub fn args(&self) -> Vec<String> {
-        let mut a = vec!["-D".to_string(), "-p".into(), "udp".into()];
+        let mut a = vec!["-D".to_string()];
+        if self.orig_dst.or(self.endpoint).is_some_and(|a| a.is_ipv6()) {
+            a.extend(["-f".into(), "ipv6".into()]);
+        }
+        a.extend(["-p".into(), "udp".into()]);
         if let Some(d) = self.orig_dst {
             a.extend(["--orig-dst".into(), d.to_string()]);
         }
@@ -138,7 +165,7 @@ pub fn stale_udp_flows(
             continue;
         }
         let n = new.get(id);
-        let kept: BTreeSet<Ipv4Addr> = n
+        let kept: BTreeSet<IpAddr> = n
             .map(|n| n.endpoints.iter().map(|e| e.ip).collect())
             .unwrap_or_default();
         for ep in &o.endpoints {
@@ -227,6 +254,8 @@ pub struct Syncer<N, C> {
     nft: N,
     conntrack: C,
     cfg: ProxyConfig,
+    /// The family of the table kept; service ports of the other family are ignored.
+    family: IpFamily,
     /// What the kernel has, per service port; `None` when unknown (start, after a failure).
     applied: Option<BTreeMap<PortId, (ServicePort, Ruleset)>>,
     /// The UDP service ports as last applied (for conntrack).
@@ -237,23 +266,36 @@ pub struct Syncer<N, C> {
 }
 
 impl<N: ApplyOps, C: Conntrack> Syncer<N, C> {
+    /// The syncer of the IPv4 table.
     pub fn new(nft: N, conntrack: C, cfg: ProxyConfig) -> Self {
+        Self::for_family(IpFamily::Ipv4, nft, conntrack, cfg)
+    }
+
+    /// The syncer of the table of `family` (`ip6 flannel-proxy` for IPv6), fed the service
+    /// ports of that family (the others passed to [`Syncer::sync`] are ignored).
+    pub fn for_family(family: IpFamily, nft: N, conntrack: C, cfg: ProxyConfig) -> Self {
         Syncer {
             nft,
             conntrack,
             cfg,
+            family,
             applied: None,
             contested: BTreeSet::new(),
             last_ports: BTreeMap::new(),
         }
     }
 
-    /// Forces the next sync to rebuild the whole table.
     /// What applies the transactions.
     pub fn applier(&self) -> &N {
         &self.nft
     }
 
+    /// The family of the table this syncer keeps.
+    pub fn family(&self) -> IpFamily {
+        self.family
+    }
+
+    /// Forces the next sync to rebuild the whole table.
     pub fn invalidate(&mut self) {
         self.applied = None;
     }
@@ -280,7 +322,9 @@ impl<N: ApplyOps, C: Conntrack> Syncer<N, C> {
         let mut owners: BTreeMap<(&'static str, Key), &PortId> = BTreeMap::new();
         let mut contested = BTreeSet::new();
         let empty = Ruleset::default();
-        for (id, sp) in ports {
+        let family = self.family;
+        let table = nft::table_family(family);
+        for (id, sp) in ports.iter().filter(|(id, _)| id.family == family) {
             let prev = applied.get(id);
             if let Some((prev_sp, prev_rs)) = prev {
                 if prev_sp == sp && !self.contested.contains(id) {
@@ -313,7 +357,7 @@ impl<N: ApplyOps, C: Conntrack> Syncer<N, C> {
             updates.push((id.clone(), Some((sp.clone(), rs))));
         }
         for (id, (_, rs)) in &applied {
-            if !ports.contains_key(id) {
+            if ports.get(id).is_none_or(|p| p.id.family != family) {
                 report.changed += 1;
                 tx.diff(rs, &empty);
                 updates.push((id.clone(), None));
@@ -321,15 +365,15 @@ impl<N: ApplyOps, C: Conntrack> Syncer<N, C> {
         }
         report.full = full;
         if full {
-            let mut script = nft::base();
-            script.push_str(&nft::script(&tx.finish()));
+            let mut script = nft::base_in(table);
+            script.push_str(&nft::script_in(table, &tx.finish()));
             report.script_bytes = script.len();
             self.nft.apply(&script).await?;
         } else {
             let ops = tx.finish();
             report.ops = ops.len();
             if !ops.is_empty() {
-                self.nft.apply_ops(&ops).await?;
+                self.nft.apply_ops_in(table, &ops).await?;
             }
         }
         for (id, state) in updates {
@@ -340,14 +384,15 @@ impl<N: ApplyOps, C: Conntrack> Syncer<N, C> {
         }
         self.applied = Some(applied);
         self.contested = contested;
-        let stale = stale_udp_flows(&self.last_ports, ports);
-        report.stale_flows = stale.len();
-        // Only UDP ports matter to the next conntrack comparison.
-        self.last_ports = ports
+        // Only UDP ports of this family matter to conntrack.
+        let udp: BTreeMap<PortId, ServicePort> = ports
             .iter()
-            .filter(|(_, p)| p.protocol == Protocol::Udp)
+            .filter(|(id, p)| p.protocol == Protocol::Udp && id.family == family)
             .map(|(id, p)| (id.clone(), p.clone()))
             .collect();
+        let stale = stale_udp_flows(&self.last_ports, &udp);
+        report.stale_flows = stale.len();
+        self.last_ports = udp;
         for flows in &stale {
             if let Err(e) = self.conntrack.delete(flows).await {
                 tracing::warn!(error = %e, "could not delete stale UDP conntrack entries");
@@ -362,6 +407,7 @@ impl<N: ApplyOps, C: Conntrack> Syncer<N, C> {
 mod tests {
     use super::*;
     use crate::model::Endpoint;
+    use std::net::Ipv4Addr;
     use std::sync::{Arc, Mutex};
 
     /// The conntrack deletions; the nft calls go to the `nft` crate's fake.
@@ -391,11 +437,12 @@ mod tests {
             name: name.into(),
             port_name: String::new(),
             protocol: proto,
+            family: IpFamily::Ipv4,
         };
         let eps = eps
             .iter()
             .map(|e| Endpoint {
-                ip: Ipv4Addr::from(*e),
+                ip: Ipv4Addr::from(*e).into(),
                 port: 5353,
                 local: false,
             })
@@ -407,7 +454,14 @@ mod tests {
     }
 
     fn syncer(r: &Recorder) -> Syncer<FakeNft, Recorder> {
-        Syncer::new(r.nft.clone(), r.clone(), ProxyConfig { cluster_cidr: None })
+        Syncer::new(
+            r.nft.clone(),
+            r.clone(),
+            ProxyConfig {
+                cluster_cidr: None,
+                cluster_cidr6: None,
+            },
+        )
     }
 
     fn run<F: std::future::Future>(f: F) -> F::Output {
@@ -536,7 +590,7 @@ mod tests {
                 .drain(..)
                 .collect::<Vec<_>>(),
             vec![StaleFlows {
-                orig_dst: Some(Ipv4Addr::new(10, 96, 0, 10)),
+                orig_dst: Some(Ipv4Addr::new(10, 96, 0, 10).into()),
                 orig_port: 53,
                 endpoint: None
             }]
@@ -548,9 +602,9 @@ mod tests {
         assert_eq!(
             deleted,
             vec![StaleFlows {
-                orig_dst: Some(Ipv4Addr::new(10, 96, 0, 10)),
+                orig_dst: Some(Ipv4Addr::new(10, 96, 0, 10).into()),
                 orig_port: 53,
-                endpoint: Some(Ipv4Addr::new(10, 5, 1, 2))
+                endpoint: Some(Ipv4Addr::new(10, 5, 1, 2).into())
             }]
         );
         assert_eq!(
@@ -563,5 +617,92 @@ mod tests {
     fn tcp_flows_are_left_alone() {
         let old: BTreeMap<_, _> = [sp("a", [10, 96, 0, 1], Protocol::Tcp, &[[10, 5, 1, 2]])].into();
         assert!(stale_udp_flows(&old, &BTreeMap::new()).is_empty());
+    }
+
+    fn sp6(name: &str, ip: &str, proto: Protocol, eps: &[&str]) -> (PortId, ServicePort) {
+        let id = PortId {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: String::new(),
+            protocol: proto,
+            family: IpFamily::Ipv6,
+        };
+        let eps = eps
+            .iter()
+            .map(|e| Endpoint {
+                ip: e.parse().expect("ip"),
+                port: 5353,
+                local: false,
+            })
+            .collect();
+        let ip: IpAddr = ip.parse().expect("ip");
+        (id.clone(), ServicePort::new(id, ip, 53, eps))
+    }
+
+    #[test]
+    fn each_family_syncs_its_own_table() {
+        let r4 = Recorder::default();
+        let r6 = Recorder::default();
+        let cfg = ProxyConfig {
+            cluster_cidr: None,
+            cluster_cidr6: None,
+        };
+        let mut s4 = syncer(&r4);
+        let mut s6 = Syncer::for_family(IpFamily::Ipv6, r6.nft.clone(), r6.clone(), cfg);
+        let mut ports: BTreeMap<_, _> = [
+            sp("a", [10, 96, 0, 1], Protocol::Udp, &[[10, 5, 1, 2]]),
+            sp6("a", "fd00:10:96::1", Protocol::Udp, &["fd10:0:0:11::2"]),
+        ]
+        .into();
+        let rep4 = run(s4.sync(&ports)).expect("sync");
+        let rep6 = run(s6.sync(&ports)).expect("sync");
+        assert_eq!((rep4.changed, rep6.changed), (1, 1));
+        let (t4, t6) = (r4.last(), r6.last());
+        assert!(!t4.contains("ip6") && !t4.contains("fd00"), "{t4}");
+        assert!(t6.starts_with("add table ip6 flannel-proxy\n"), "{t6}");
+        assert!(
+            !t6.contains(" ip flannel-proxy") && !t6.contains("10.96."),
+            "{t6}"
+        );
+        assert!(
+            t6.contains(
+                "add element ip6 flannel-proxy service-ips { fd00:10:96::1 . udp . 53 : goto svc-"
+            ),
+            "{t6}"
+        );
+        // A change to the IPv6 port is sent to the ip6 table only, as nft text.
+        let (id, p) = sp6("a", "fd00:10:96::1", Protocol::Udp, &[]);
+        ports.insert(id, p);
+        let rep4 = run(s4.sync(&ports)).expect("sync");
+        let rep6 = run(s6.sync(&ports)).expect("sync");
+        assert_eq!((rep4.ops, rep4.changed), (0, 0));
+        assert!(!rep6.full && rep6.changed == 1);
+        assert_eq!(r4.nft.scripts().len(), 1);
+        let t6 = r6.last();
+        assert!(
+            t6.contains("add element ip6 flannel-proxy no-endpoint-services { fd00:10:96::1 . udp . 53 : goto reject-chain }"),
+            "{t6}"
+        );
+        // The removed IPv6 endpoint's UDP flows are deleted with `-f ipv6`.
+        let deleted = r6.deleted.lock().expect("lock").clone();
+        assert_eq!(
+            deleted.last().expect("deleted").args().join(" "),
+            "-D -f ipv6 -p udp --orig-dst fd00:10:96::1 --orig-port-dst 53 --dst-nat fd10:0:0:11::2"
+        );
+        assert!(r4
+            .deleted
+            .lock()
+            .expect("lock")
+            .iter()
+            .all(|f| !f.args().contains(&"ipv6".to_string())));
+        // The IPv6 port goes: its chains go from the ip6 table; the IPv4 table is untouched.
+        ports.retain(|id, _| id.family == IpFamily::Ipv4);
+        run(s4.sync(&ports)).expect("sync");
+        let rep6 = run(s6.sync(&ports)).expect("sync");
+        assert_eq!(rep6.changed, 1);
+        assert!(r6
+            .last()
+            .contains("delete element ip6 flannel-proxy no-endpoint-services"));
+        assert_eq!(r4.nft.scripts().len(), 1);
     }
 }

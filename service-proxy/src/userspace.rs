@@ -12,12 +12,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use registry::Protocol;
+use registry::{IpFamily, Protocol};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -239,13 +239,14 @@ impl<N: Runner> UserspaceProxy<N> {
     }
 
     /// Serves `ports`: listeners created, updated or closed, then the redirects rewritten.
-    /// Returns how many listeners changed.
+    /// Returns how many listeners changed. Only IPv4 service ports are served (the table is
+    /// `ip flannel-proxy`; IPv6 Services are not relayed in this mode yet).
     pub async fn apply(
         &mut self,
         ports: &BTreeMap<PortId, ServicePort>,
     ) -> Result<usize, UserspaceError> {
         let mut wanted: BTreeMap<(PortId, Entry), Wanted> = BTreeMap::new();
-        for (id, sp) in ports {
+        for (id, sp) in ports.iter().filter(|(id, _)| id.family == IpFamily::Ipv4) {
             wanted.insert(
                 (id.clone(), Entry::Cluster),
                 (sp.protocol, sp.cluster_targets(), sp.affinity),
@@ -269,7 +270,10 @@ impl<N: Runner> UserspaceProxy<N> {
         for (key, (protocol, eps, affinity)) in &wanted {
             let eps: Vec<SocketAddrV4> = eps
                 .iter()
-                .map(|e| SocketAddrV4::new(e.ip, e.port))
+                .filter_map(|e| match e.ip {
+                    IpAddr::V4(ip) => Some(SocketAddrV4::new(ip, e.port)),
+                    IpAddr::V6(_) => None,
+                })
                 .collect();
             let affinity = affinity.map(|t| Duration::from_secs(u64::from(t)));
             if !self.listeners.contains_key(key) {
@@ -684,6 +688,7 @@ mod tests {
             name: "web".into(),
             port_name: String::new(),
             protocol: Protocol::Tcp,
+            family: IpFamily::Ipv4,
         };
         let sp = ServicePort::new(
             id.clone(),
@@ -691,12 +696,12 @@ mod tests {
             80,
             vec![
                 Endpoint {
-                    ip: a,
+                    ip: a.into(),
                     port: pa,
                     local: true,
                 },
                 Endpoint {
-                    ip: b,
+                    ip: b.into(),
                     port: pb,
                     local: true,
                 },

@@ -18,11 +18,12 @@ fn port(name: &str, ip: [u8; 4], proto: Protocol, eps: &[([u8; 4], bool)]) -> Se
         name: name.into(),
         port_name: "p".into(),
         protocol: proto,
+        family: registry::IpFamily::Ipv4,
     };
     let eps = eps
         .iter()
         .map(|(ip, local)| Endpoint {
-            ip: Ipv4Addr::from(*ip),
+            ip: Ipv4Addr::from(*ip).into(),
             port: 8080,
             local: *local,
         })
@@ -44,7 +45,7 @@ fn services(
 ) -> (ServicePort, BTreeMap<PortId, ServicePort>) {
     let mut every_kind = port("web", [10, 96, 0, 10], Protocol::Tcp, web_endpoints);
     every_kind.node_port = Some(30080);
-    every_kind.external_ips = vec![Ipv4Addr::new(192, 0, 2, 7)];
+    every_kind.external_ips = vec![Ipv4Addr::new(192, 0, 2, 7).into()];
     every_kind.external_local = true;
     every_kind.affinity = Some(60);
     let mut internal = port(
@@ -116,6 +117,7 @@ fn kernel_accepts_full_and_incremental_transactions() {
         ConntrackCommand { prefix },
         ProxyConfig {
             cluster_cidr: Some("10.5.0.0/16".parse().expect("cidr")),
+            cluster_cidr6: None,
         },
     );
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -267,6 +269,7 @@ fn netlink_batches_equal_nft_text() {
     for cidr in ["10.5.0.0/16", "10.0.0.0/12"] {
         let cfg = ProxyConfig {
             cluster_cidr: Some(cidr.parse().expect("cidr")),
+            cluster_cidr6: None,
         };
         let mut by_text = Syncer::new(
             NftCommand {
@@ -333,7 +336,7 @@ fn netlink_batches_equal_nft_text() {
         Op::DeleteElement {
             map: service_proxy::nft::MAP_SERVICE_IPS,
             key: Key::Addr {
-                addr: Ipv4Addr::new(10, 96, 9, 9),
+                addr: Ipv4Addr::new(10, 96, 9, 9).into(),
                 protocol: Protocol::Tcp,
                 port: 9,
             },
