@@ -355,3 +355,71 @@ fn dual_stack_live_switch_and_cleanup() {
         "left after --cleanup:\n{tables}\n{links}"
     );
 }
+
+/// A dual-stack Service (`RequireDualStack`, clusterIPs in both families) on the nftables
+/// service proxy: reached at its IPv4 and its IPv6 ClusterIP from pods on every node, each
+/// family DNATed to an endpoint address of the same family (pods from the CNI chain, matched
+/// by the Service's selector), and a Service without endpoints refused over IPv6.
+#[test]
+fn dual_stack_service_on_the_nftables_proxy() {
+    let conf = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"vxlan"}}"#;
+    let Some(mut c) = Cluster::start(conf, &["--proxy-mode", "nftables"]) else {
+        return;
+    };
+    c.add_pods();
+    let _servers: Vec<test_support::IdServer> = c
+        .pods
+        .iter()
+        .map(|(ns, _, _)| test_support::IdServer::start(ns, 8080).unwrap())
+        .collect();
+    let mut yaml = String::new();
+    for i in 0..3 {
+        for k in 0..2 {
+            yaml += &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}{k}\n  labels:\n    app: web\nspec:\n  containers:\n  - name: c\n---\n"
+            );
+        }
+    }
+    yaml += "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  selector:\n    app: web\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:10:96::10\"]\n  ports:\n  - port: 80\n    targetPort: 8080\n---\n";
+    yaml += "apiVersion: v1\nkind: Service\nmetadata:\n  name: empty\nspec:\n  selector:\n    app: none\n  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv6]\n  clusterIP: \"fd00:10:96::11\"\n  ports:\n  - port: 80\n";
+    let file = c.d.dir.path().join("objects.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let ctl = std::path::Path::new(common::BIN)
+        .parent()
+        .unwrap()
+        .join("flannelctl");
+    let ep = c.tb.etcd.as_ref().unwrap().endpoint();
+    c.tb.exec(
+        &c.tb.hub,
+        &[
+            ctl.to_str().unwrap(),
+            "--etcd-endpoints",
+            &ep,
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("flannelctl apply: {e}"));
+    let endpoints: Vec<IpAddr> = c.pods.iter().flat_map(|(_, _, ips)| ips.clone()).collect();
+    for (ns, node, _) in c.pods.iter().step_by(2) {
+        for vip in ["10.96.0.10", "fd00:10:96::10"] {
+            let to = sock(vip, 80);
+            let (local, _peer) = wait_for(Duration::from_secs(20), || {
+                test_support::who_serves(ns, to, Duration::from_secs(2)).ok()
+            })
+            .unwrap_or_else(|| panic!("{ns} cannot reach {to}:\n{}", c.d.log(*node)));
+            let local: IpAddr = local.parse().unwrap();
+            assert_eq!(local.is_ipv6(), to.is_ipv6(), "{to} served by {local}");
+            assert!(endpoints.contains(&local), "{to} served by {local}, no pod");
+        }
+        // No endpoint: refused at once (not a timeout).
+        let t = std::time::Instant::now();
+        let r = test_support::who_serves(ns, sock("fd00:10:96::11", 80), Duration::from_secs(3));
+        assert!(
+            r.is_err() && t.elapsed() < Duration::from_secs(2),
+            "{r:?} after {:?}",
+            t.elapsed()
+        );
+    }
+}

@@ -33,7 +33,14 @@ pub fn checked_object(
     mod_revision: i64,
 ) -> Result<crate::Object, Rejected> {
     let o = crate::decode(prefix, key, value, mod_revision)?;
-    crate::validate(&o, Ipv4Net::default())?;
+    // The registry that stored the object checked its ClusterIPs against the configured
+    // service networks; a follower does not know them, so an address of either family passes
+    // that one rule (every other rule of the API server applies).
+    let any = crate::ServiceNetworks {
+        v4: Some(Ipv4Net::default()),
+        v6: Some(ipnet::Ipv6Net::default()),
+    };
+    crate::validate(&o, any)?;
     Ok(o)
 }
 

@@ -119,17 +119,16 @@ impl Cache {
                 return false;
             }
             let k = (ns.unwrap_or_default(), name);
-            let obj =
-                value.and_then(
-                    |v| match checked_object(&self.prefix, key, v, mod_revision) {
-                        Ok(o) => Some(o),
-                        Err(e) => {
-                            tracing::warn!(key, "service proxy: {e}");
-                            self.invalid_objects.inc();
-                            None
-                        }
-                    },
-                );
+            let obj = value.and_then(|v| {
+                match registry::follow::checked_object(&self.prefix, key, v, mod_revision) {
+                    Ok(o) => Some(o),
+                    Err(e) => {
+                        tracing::warn!(key, "service proxy: {e}");
+                        self.invalid_objects.inc();
+                        None
+                    }
+                }
+            });
             let s = &mut self.snap;
             let t = &mut self.touched;
             if matches!(kind, Kind::Service | Kind::Endpoints) {
@@ -190,26 +189,6 @@ impl Cache {
             false
         }
     }
-}
-
-/// [`registry::follow::checked_object`] with both families' addresses allowed: that one
-/// validates against an IPv4 service network only, so it refuses every Service with an IPv6
-/// ClusterIP ("IPv6 is not configured on this cluster"). The registry that stored the object
-/// checked its ClusterIPs against the configured networks; here any address of either family
-/// passes that one rule, every other rule of the API server still applies.
-pub fn checked_object(
-    prefix: &str,
-    key: &str,
-    value: &[u8],
-    mod_revision: i64,
-) -> Result<Object, registry::follow::Rejected> {
-    let o = registry::decode(prefix, key, value, mod_revision)?;
-    let any = registry::ServiceNetworks {
-        v4: Some(Ipv4Net::default()),
-        v6: Some(Ipv6Net::default()),
-    };
-    registry::validate(&o, any)?;
-    Ok(o)
 }
 
 /// Why a sync of the data plane failed (it is retried as a full rebuild).

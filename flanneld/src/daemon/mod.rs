@@ -135,16 +135,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     let dns = dns::start(&flags, reg.connection(), netlink.as_ref(), &status).await?;
     let rules = program::program(&flags, &mut leased, &status).await?;
     let ext = leased.ext.clone();
-    let services = serve::serve(
-        &flags,
-        &ext,
-        leased.cfg.ipv4_network(),
-        &leased.lease,
-        &reg,
-        &status,
-        dns,
-    )
-    .await;
+    let services = serve::serve(&flags, &ext, &leased.cfg, &leased.lease, &reg, &status, dns).await;
     follow::follow(
         &flags,
         &ext,

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backends::ExternalInterface;
-use ipnet::Ipv4Net;
 use subnet_lease::LeaseStore;
 use subnet_lease::{Backoff, EtcdLeaseStore, Lease, SubnetKey};
 use tokio::sync::{mpsc, watch};
@@ -34,7 +33,7 @@ pub(super) struct Services {
 pub(super) async fn serve(
     flags: &Flags,
     ext: &ExternalInterface,
-    network: Option<Ipv4Net>,
+    cfg: &subnet_lease::NetConfig,
     lease: &Lease,
     reg: &EtcdLeaseStore,
     status: &Arc<Status>,
@@ -65,7 +64,12 @@ pub(super) async fn serve(
                 name: flags.node_name(),
                 subnet: lease.key.ipv4,
             };
-            let mut opts = service_proxy::run::ProxyOptions::new(mode, node, network);
+            let network6 = cfg.ipv6_network();
+            let mut opts = service_proxy::run::ProxyOptions::new(mode, node, cfg.ipv4_network());
+            // IPv6 Services in table ip6 flannel-proxy (nftables mode) when the cluster has
+            // IPv6 pods.
+            opts.ipv6 = network6.is_some();
+            opts.cluster_cidr6 = network6;
             opts.userspace.gate = policy_gate
                 .clone()
                 .map(|g| Arc::new(g) as Arc<dyn service_proxy::userspace::Gate>);
