@@ -359,11 +359,24 @@ fn dual_stack_live_switch_and_cleanup() {
 /// A dual-stack Service (`RequireDualStack`, clusterIPs in both families) on the nftables
 /// service proxy: reached at its IPv4 and its IPv6 ClusterIP from pods on every node, each
 /// family DNATed to an endpoint address of the same family (pods from the CNI chain, matched
-/// by the Service's selector), and a Service without endpoints refused over IPv6.
+/// by the Service's selector), a Service without endpoints refused over IPv6, and cluster DNS
+/// answering A and AAAA with the two ClusterIPs.
 #[test]
 fn dual_stack_service_on_the_nftables_proxy() {
     let conf = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"vxlan"}}"#;
-    let Some(mut c) = Cluster::start(conf, &["--proxy-mode", "nftables"]) else {
+    if !require_root_with(&["dig"]) {
+        return;
+    }
+    // Nothing listens there: cluster names need no upstream.
+    let upstream = "172.30.0.1:53".to_string();
+    let flags = [
+        "--proxy-mode",
+        "nftables",
+        "--cluster-dns",
+        "--cluster-dns-upstream",
+        &upstream,
+    ];
+    let Some(mut c) = Cluster::start(conf, &flags) else {
         return;
     };
     c.add_pods();
@@ -421,5 +434,26 @@ fn dual_stack_service_on_the_nftables_proxy() {
             "{r:?} after {:?}",
             t.elapsed()
         );
+        for (rr, want) in [("A", "10.96.0.10"), ("AAAA", "fd00:10:96::10")] {
+            let name = "web.default.svc.cluster.local";
+            let args = [
+                "dig",
+                "+short",
+                "+time=1",
+                "+tries=2",
+                "@169.254.20.10",
+                rr,
+                name,
+            ];
+            let got = wait_for(Duration::from_secs(10), || {
+                let out = c.tb.exec(ns, &args).ok()?;
+                (out.trim() == want).then_some(())
+            });
+            assert!(
+                got.is_some(),
+                "{rr} {name} from {ns}: {:?}",
+                c.tb.exec(ns, &args)
+            );
+        }
     }
 }
