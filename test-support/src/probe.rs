@@ -80,11 +80,13 @@ impl Probe {
         epoch: Instant,
         stop: Arc<AtomicBool>,
     ) -> Result<Probe, String> {
-        let rx = in_netns(&to.ns, move || UdpSocket::bind(("0.0.0.0", port)))?
+        // The family of the pod address probed (an IPv6 probe binds [::]).
+        let any = if to.ip.contains(':') { "::" } else { "0.0.0.0" };
+        let rx = in_netns(&to.ns, move || UdpSocket::bind((any, port)))?
             .map_err(|e| format!("binding the probe receiver in {}: {e}", to.ns))?;
         rx.set_read_timeout(Some(Duration::from_millis(100)))
             .map_err(|e| e.to_string())?;
-        let tx = in_netns(&from.ns, || UdpSocket::bind(("0.0.0.0", 0)))?
+        let tx = in_netns(&from.ns, move || UdpSocket::bind((any, 0)))?
             .map_err(|e| format!("binding the probe sender in {}: {e}", from.ns))?;
         let dst = SocketAddr::new(
             to.ip
