@@ -922,6 +922,76 @@ spec:
         );
     }
 
+    /// A fixture with every kind of peer, port and policy type, compiled for two nodes and
+    /// changed once: the IPv4 table's scripts (full and diffs) as they were before IPv6.
+    fn golden_scripts() -> String {
+        let nps = policies(GOLDEN_POLICIES);
+        let mut ps = pods();
+        let mut out = String::new();
+        let mut last = None;
+        for node in ["n1", "n2"] {
+            let rs = compile_with(&ps, &nps, node);
+            out += &full(&rs);
+            if let Some(old) = &last {
+                out += &diff(old, &rs).unwrap_or_default();
+            }
+            last = Some(rs);
+        }
+        ps[3].labels.insert("pod".into(), "b".into());
+        ps.remove(0);
+        let rs = compile_with(&ps, &nps, "n1");
+        out += &diff(last.as_ref().unwrap(), &rs).unwrap_or_default();
+        out += &diff(&rs, &compile_with(&ps, &nps[1..], "n1")).unwrap_or_default();
+        out += &cleanup();
+        out
+    }
+
+    const GOLDEN_POLICIES: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: b}}
+    - namespaceSelector: {matchLabels: {team: blue}}
+      podSelector: {matchLabels: {pod: a}}
+    - ipBlock: {cidr: 192.0.2.0/24, except: [192.0.2.128/25]}
+    ports: [{port: 80}, {port: 81, endPort: 90}, {port: 85}, {protocol: UDP}, {port: http}]
+  - {}
+  egress:
+  - to: [{ipBlock: {cidr: 10.5.0.0/16, except: [10.5.2.0/24]}}, {namespaceSelector: {}}]
+    ports: [{port: http, protocol: TCP}, {port: 53, protocol: UDP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: same-peer, namespace: 'y'}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}], ports: [{port: 80}, {port: 81, endPort: 90}, {protocol: UDP}]}]
+";
+
+    #[test]
+    fn ipv4_scripts_are_unchanged() {
+        let got = golden_scripts();
+        if std::env::var_os("POLICY_WRITE_GOLDEN").is_some() {
+            std::fs::write(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/src/testdata/ipv4-golden.nft"),
+                &got,
+            )
+            .unwrap();
+        }
+        assert_eq!(got, include_str!("testdata/ipv4-golden.nft"));
+    }
+
     #[test]
     fn names_are_stable_hashes_and_collisions_are_salted() {
         let mut n = Names::default();
