@@ -12,6 +12,8 @@ use crate::compile::{self, Ruleset};
 #[derive(Debug)]
 pub struct Enforcer<N> {
     nft: N,
+    /// The family of the table (its rulesets are of it).
+    family: nft::Family,
     /// What the kernel holds (`None`: unknown, the next sync writes the whole table).
     applied: Option<Ruleset>,
 }
@@ -25,8 +27,18 @@ pub struct SyncReport {
 }
 
 impl<N: Runner> Enforcer<N> {
+    /// The enforcer of the IPv4 table.
     pub fn new(nft: N) -> Self {
-        Enforcer { nft, applied: None }
+        Self::for_family(nft, nft::Family::Ip)
+    }
+
+    /// The enforcer of the table of `family` (it is given rulesets of that family).
+    pub fn for_family(nft: N, family: nft::Family) -> Self {
+        Enforcer {
+            nft,
+            family,
+            applied: None,
+        }
     }
 
     /// Forget what the kernel holds: the next sync rewrites the table.
@@ -59,7 +71,7 @@ impl<N: Runner> Enforcer<N> {
     /// Whether our table is still in the kernel.
     pub async fn table_present(&self) -> bool {
         self.nft
-            .chain_exists(nft::Family::Ip, compile::TABLE, "forward")
+            .chain_exists(self.family, compile::TABLE, "forward")
             .await
     }
 }
@@ -98,7 +110,7 @@ mod tests {
         let scripts = nft.scripts();
         assert_eq!(scripts.len(), 2);
         assert!(
-            scripts[1].starts_with(&compile::cleanup()),
+            scripts[1].starts_with(&compile::cleanup_table(nft::Family::Ip)),
             "{}",
             scripts[1]
         );

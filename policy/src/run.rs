@@ -1,10 +1,11 @@
 //! The module's loop: it follows the registry (namespaces, pods, policies) and the pod
 //! records in etcd ([`registry::follow`]) and after each burst of changes compiles this
-//! node's table and applies the difference from what the kernel has in one `nft -f -`
-//! transaction (the whole table after a start or a failure).
+//! node's two tables (`ip` and `ip6 flannel-policy`) and applies, per table, the difference
+//! from what the kernel has in one `nft -f -` transaction (the whole table after a start or
+//! a failure).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,8 @@ use registry::PodRecord;
 use registry::{Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
 use tokio::sync::watch;
 
-use crate::compile::{self, Input, Ruleset};
-use crate::enforce::Enforcer;
+use crate::compile::{self, Family, Input, Ruleset};
+use crate::enforce::{Enforcer, SyncReport};
 use crate::eval::{self, NamedPort, Peer, PodView};
 use crate::metrics::PolicyMetrics;
 
@@ -49,7 +50,7 @@ impl PolicyOptions {
     }
 }
 
-/// The policy decision for the userspace service proxy's relays. The proxy opens every
+/// The policy decision for the userspace service proxy's relays (IPv4, as the proxy). The proxy opens every
 /// upstream connection from the node, which the forward hook never sees (same node) or sees
 /// coming from the node (other nodes), so the module judges each relay instead: the client
 /// (the redirected connection's source) against the endpoint, source egress and destination
@@ -76,7 +77,11 @@ impl PolicyGate {
                 namespaces: cache.namespaces.clone(),
                 policies: cache.policies.values().cloned().collect(),
             },
-            pods: cache.pod_views().into_iter().map(|p| (p.ip, p)).collect(),
+            pods: cache
+                .pod_views()
+                .into_iter()
+                .filter_map(|p| Some((p.ipv4()?, p)))
+                .collect(),
         };
         if let Ok(mut v) = self.view.write() {
             *v = Some(Arc::new(view));
@@ -91,14 +96,14 @@ impl Gate for PolicyGate {
         };
         let src = if client.local {
             Peer::Host {
-                addr: client.addr,
+                addr: IpAddr::V4(client.addr),
                 node: Some(&v.node),
             }
         } else {
             match v.pods.get(&client.addr) {
                 Some(p) => Peer::Pod(p),
                 None => Peer::Host {
-                    addr: client.addr,
+                    addr: IpAddr::V4(client.addr),
                     node: None,
                 },
             }
@@ -106,11 +111,12 @@ impl Gate for PolicyGate {
         let dst = match v.pods.get(endpoint.ip()) {
             Some(p) => Peer::Pod(p),
             None => Peer::Host {
-                addr: *endpoint.ip(),
+                addr: IpAddr::V4(*endpoint.ip()),
                 node: None,
             },
         };
-        v.cluster.allows(src, dst, protocol, endpoint.port())
+        v.cluster
+            .allows(Family::Ip, src, dst, protocol, endpoint.port())
     }
 }
 
@@ -214,47 +220,104 @@ impl Cache {
         }
     }
 
-    /// Every pod with an address: its record (address, node) with the labels and named
-    /// container ports of its registry object (none while the object is missing). When
-    /// several records claim an address (a pod replaced while the old record lives on), the
-    /// newest wins.
+    /// Every pod with an address: its record (addresses, node) with the labels and named
+    /// container ports of its registry object (none while the object is missing). A record's
+    /// addresses are its IPv4 `IP` and the IPv6 ones of its `IPs`. When several records claim
+    /// an address (a pod replaced while the old record lives on), the newest wins it.
     pub fn pod_views(&self) -> Vec<PodView> {
-        let mut newest: BTreeMap<std::net::Ipv4Addr, (&Key, &PodRecord, i64)> = BTreeMap::new();
+        let mut newest: BTreeMap<IpAddr, (&Key, i64)> = BTreeMap::new();
         for (k, (rec, rev)) in &self.records {
-            match newest.get(&rec.ip) {
-                Some((_, _, r)) if *r >= *rev => {}
-                _ => {
-                    newest.insert(rec.ip, (k, rec, *rev));
+            for a in record_addrs(rec) {
+                match newest.get(&a) {
+                    Some((_, r)) if *r >= *rev => {}
+                    _ => {
+                        newest.insert(a, (k, *rev));
+                    }
                 }
             }
         }
-        newest
-            .into_values()
-            .map(|((ns, name), rec, _)| {
-                let obj = self.pods.get(&(ns.clone(), name.clone()));
-                PodView {
-                    namespace: ns.clone(),
-                    name: name.clone(),
+        let mut views: Vec<PodView> = self
+            .records
+            .iter()
+            .filter_map(|(k, (rec, _))| {
+                let ips: Vec<IpAddr> = record_addrs(rec)
+                    .into_iter()
+                    .filter(|a| newest.get(a).is_some_and(|(w, _)| *w == k))
+                    .collect();
+                if ips.is_empty() {
+                    return None;
+                }
+                let obj = self.pods.get(k);
+                Some(PodView {
+                    namespace: k.0.clone(),
+                    name: k.1.clone(),
                     labels: obj.map(|p| p.metadata.labels.clone()).unwrap_or_default(),
-                    ip: rec.ip,
+                    ips,
                     node: rec.node.clone(),
                     ports: obj.map(named_ports).unwrap_or_default(),
-                }
+                })
             })
-            .collect()
+            .collect();
+        views.sort_by_key(|p| p.ips.first().copied());
+        views
     }
 
-    /// This node's table for the cached objects.
+    /// This node's IPv4 table for the cached objects.
     pub fn compile(&self, node: &str) -> Ruleset {
-        let pods = self.pod_views();
-        let policies: Vec<&NetworkPolicy> = self.policies.values().collect();
-        compile::compile(Input {
-            namespaces: &self.namespaces,
-            policies: &policies,
-            pods: &pods,
-            node,
-        })
+        self.compile_family(node, Family::Ip)
     }
+
+    /// This node's table of `family` for the cached objects.
+    pub fn compile_family(&self, node: &str, family: Family) -> Ruleset {
+        let pods = self.pod_views();
+        self.compile_with(&pods, node, family)
+    }
+
+    fn compile_with(&self, pods: &[PodView], node: &str, family: Family) -> Ruleset {
+        let policies: Vec<&NetworkPolicy> = self.policies.values().collect();
+        compile::compile_family(
+            Input {
+                namespaces: &self.namespaces,
+                policies: &policies,
+                pods,
+                node,
+            },
+            family,
+        )
+    }
+}
+
+/// The addresses a record claims: its IPv4 `IP`, then the IPv6 addresses of `IPs`.
+fn record_addrs(rec: &PodRecord) -> Vec<IpAddr> {
+    let mut v = vec![IpAddr::V4(rec.ip)];
+    for a in &rec.ips {
+        if a.is_ipv6() && !v.contains(a) {
+            v.push(*a);
+        }
+    }
+    v
+}
+
+/// Whether a pod of `node` has an IPv6 address.
+fn has_ipv6_pods(pods: &[PodView], node: &str) -> bool {
+    pods.iter()
+        .any(|p| p.node == node && p.addr(Family::Ip6).is_some())
+}
+
+/// The pods of `node` isolated for ingress and for egress in either table (a dual-stack pod
+/// counts once).
+fn isolated_pods(pods: &[PodView], node: &str, tables: &[&Ruleset]) -> (usize, usize) {
+    let count = |map: fn(&Ruleset) -> &BTreeMap<IpAddr, String>| {
+        pods.iter()
+            .filter(|p| {
+                p.node == node
+                    && p.ips
+                        .iter()
+                        .any(|a| tables.iter().any(|t| map(t).contains_key(a)))
+            })
+            .count()
+    };
+    (count(|t| &t.ingress), count(|t| &t.egress))
 }
 
 fn named_ports(p: &Pod) -> Vec<NamedPort> {
@@ -274,6 +337,9 @@ fn named_ports(p: &Pod) -> Vec<NamedPort> {
 
 /// The switch that makes bridged IPv4 traffic cross the IPv4 hooks.
 pub const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
+/// The switch that makes bridged IPv6 traffic cross the IPv6 hooks.
+pub const BRIDGE_NF_CALL_IP6TABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-ip6tables";
 
 /// Same-node pod-to-pod traffic is bridged on cni0; the forward hook sees it only with
 /// br_netfilter's `bridge-nf-call-iptables` on (in this network namespace). Turns it on;
@@ -299,6 +365,19 @@ pub fn ensure_bridge_netfilter() -> Option<String> {
     bridge_netfilter_at(std::path::Path::new(BRIDGE_NF_CALL_IPTABLES))
 }
 
+/// [`ensure_bridge_netfilter`], and with `ipv6` (this node has pods with IPv6 addresses) the
+/// same for `bridge-nf-call-ip6tables`; the reasons joined when both fail.
+pub fn ensure_bridge_netfilter_families(ipv6: bool) -> Option<String> {
+    let v4 = ensure_bridge_netfilter();
+    let v6 = ipv6
+        .then(|| bridge_netfilter_at(std::path::Path::new(BRIDGE_NF_CALL_IP6TABLES)))
+        .flatten();
+    match (v4, v6) {
+        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+        (a, b) => a.or(b),
+    }
+}
+
 /// [`ensure_bridge_netfilter`] on the switch at `path`, without loading anything.
 pub fn bridge_netfilter_at(path: &std::path::Path) -> Option<String> {
     let p = path.display();
@@ -315,8 +394,8 @@ pub fn bridge_netfilter_at(path: &std::path::Path) -> Option<String> {
 
 /// Runs the br_netfilter check (again: someone may load the module or fix the sysctl later)
 /// and records it; logs when the answer changes.
-async fn check_bridge_netfilter(metrics: &PolicyMetrics) {
-    let problem = tokio::task::spawn_blocking(ensure_bridge_netfilter)
+async fn check_bridge_netfilter(metrics: &PolicyMetrics, ipv6: bool) {
+    let problem = tokio::task::spawn_blocking(move || ensure_bridge_netfilter_families(ipv6))
         .await
         .unwrap_or_else(|e| Some(format!("br_netfilter check: {e}")));
     let before = metrics.not_ready_reason();
@@ -334,7 +413,13 @@ struct Policy<N> {
     node: String,
     gate: Option<PolicyGate>,
     cache: Cache,
+    /// The `ip` table.
     enforcer: Enforcer<N>,
+    /// The `ip6` table.
+    enforcer6: Enforcer<N>,
+    /// Whether this node had pods with IPv6 addresses at the last sync (then readiness
+    /// needs `bridge-nf-call-ip6tables` too).
+    ipv6_pods: bool,
     metrics: PolicyMetrics,
 }
 
@@ -353,15 +438,31 @@ impl<N: Runner> Follower for Policy<N> {
         if let Some(g) = &self.gate {
             g.update(&self.cache, &self.node);
         }
-        let rs = self.cache.compile(&self.node);
-        let (ingress, egress) = rs.isolated();
-        match self.enforcer.sync(rs).await {
-            Ok(rep) => {
+        let pods = self.cache.pod_views();
+        let rs = self.cache.compile_with(&pods, &self.node, Family::Ip);
+        let rs6 = self.cache.compile_with(&pods, &self.node, Family::Ip6);
+        let (ingress, egress) = isolated_pods(&pods, &self.node, &[&rs, &rs6]);
+        let ipv6_pods = has_ipv6_pods(&pods, &self.node);
+        if ipv6_pods && !self.ipv6_pods {
+            // Same-node IPv6 traffic is filtered only with bridge-nf-call-ip6tables on.
+            check_bridge_netfilter(&self.metrics, true).await;
+        }
+        self.ipv6_pods = ipv6_pods;
+        // Both tables even when one fails (the failed one is rewritten whole next time).
+        let r4 = self.enforcer.sync(rs).await;
+        let r6 = self.enforcer6.sync(rs6).await;
+        match (r4, r6) {
+            (Ok(a), Ok(b)) => {
+                let rep = SyncReport {
+                    full: a.full || b.full,
+                    changed: a.changed || b.changed,
+                    elapsed: a.elapsed + b.elapsed,
+                };
                 self.metrics.observe(&rep, ingress, egress);
                 tracing::debug!(?rep, ingress, egress, "network policy sync");
                 Ok(())
             }
-            Err(e) => {
+            (Err(e), _) | (_, Err(e)) => {
                 self.metrics.sync_errors.inc();
                 Err(e)
             }
@@ -369,17 +470,22 @@ impl<N: Runner> Follower for Policy<N> {
     }
 
     async fn check(&mut self) -> bool {
-        check_bridge_netfilter(&self.metrics).await;
+        check_bridge_netfilter(&self.metrics, self.ipv6_pods).await;
         let present = self.enforcer.table_present().await;
         if !present {
             self.enforcer.invalidate();
         }
-        present
+        let present6 = self.enforcer6.table_present().await;
+        if !present6 {
+            self.enforcer6.invalidate();
+        }
+        present && present6
     }
 }
 
-/// Enforces NetworkPolicy for this node's pods until `stop` turns true. The table stays
-/// when it stops (pods stay isolated while flanneld restarts; the next start rewrites it).
+/// Enforces NetworkPolicy for this node's pods until `stop` turns true, in both tables
+/// (`ip` and `ip6 flannel-policy`). The tables stay when it stops (pods stay isolated while
+/// flanneld restarts; the next start rewrites them).
 pub async fn run(
     conn: Connection,
     opts: PolicyOptions,
@@ -387,7 +493,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     metrics.enabled.set(1);
-    check_bridge_netfilter(&metrics).await;
+    check_bridge_netfilter(&metrics, false).await;
     let follow_opts = FollowOptions {
         name: "network policy",
         debounce: opts.debounce,
@@ -397,7 +503,9 @@ pub async fn run(
     cache.invalid_objects = metrics.invalid_objects.clone();
     let mut policy = Policy {
         cache,
-        enforcer: Enforcer::new(opts.nft),
+        enforcer: Enforcer::new(opts.nft.clone()),
+        enforcer6: Enforcer::for_family(opts.nft, Family::Ip6),
+        ipv6_pods: false,
         gate: opts.gate,
         node: opts.node,
         metrics,
