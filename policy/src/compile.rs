@@ -1080,9 +1080,22 @@ spec:
 
     /// A fixture with every kind of peer, port and policy type, compiled for two nodes and
     /// changed once: the IPv4 table's scripts (full and diffs) as they were before IPv6.
-    fn golden_scripts() -> String {
-        let nps = policies(GOLDEN_POLICIES);
+    fn golden_scripts(dual: bool) -> String {
+        let mut nps = policies(GOLDEN_POLICIES);
         let mut ps = pods();
+        if dual {
+            // IPv6 addresses on every pod and IPv6 blocks beside the IPv4 ones change
+            // nothing in the IPv4 table.
+            for (i, p) in ps.iter_mut().enumerate() {
+                p.ips.push(format!("fd10::{:x}", i + 2).parse().unwrap());
+            }
+            let v6 = policies(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 'fd10::/64', except: ['fd10::2/128']}}]}]\n",
+            );
+            let peer = v6[0].spec.ingress[0].from[0].clone();
+            nps[0].spec.ingress[0].from.insert(1, peer.clone());
+            nps[0].spec.egress[0].to.push(peer);
+        }
         let mut out = String::new();
         let mut last = None;
         for node in ["n1", "n2"] {
@@ -1137,7 +1150,7 @@ spec:
 
     #[test]
     fn ipv4_scripts_are_unchanged() {
-        let got = golden_scripts();
+        let got = golden_scripts(false);
         if std::env::var_os("POLICY_WRITE_GOLDEN").is_some() {
             std::fs::write(
                 concat!(env!("CARGO_MANIFEST_DIR"), "/src/testdata/ipv4-golden.nft"),
@@ -1146,6 +1159,188 @@ spec:
             .unwrap();
         }
         assert_eq!(got, include_str!("testdata/ipv4-golden.nft"));
+        assert_eq!(golden_scripts(true), got, "dual-stack pods, IPv6 blocks");
+    }
+
+    fn dual_pods() -> Vec<PodView> {
+        let mut ps = pods();
+        for (i, p) in ps.iter_mut().enumerate() {
+            let node = if p.node == "n1" { 1 } else { 2 };
+            p.ips
+                .push(format!("fd10:0:0:{node}::{:x}", i + 2).parse().unwrap());
+        }
+        // y/b (n2) is IPv6 only.
+        ps[4].ips.remove(0);
+        ps
+    }
+
+    const MIXED: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: b}}
+    - ipBlock: {cidr: 10.5.0.0/16}
+    - ipBlock: {cidr: 'fd10::/48', except: ['fd10:0:0:2::/64', 'fd10:0:0:1::8/125']}
+    ports: [{port: 80}, {port: http}]
+  egress:
+  - to: [{ipBlock: {cidr: 192.0.2.0/24}}]
+";
+
+    #[test]
+    fn the_ipv6_table_has_the_same_structure_over_ipv6_addresses() {
+        let ps = dual_pods();
+        let nps = policies(MIXED);
+        let refs: Vec<&NetworkPolicy> = nps.iter().collect();
+        let namespaces = BTreeMap::new();
+        let input = Input {
+            namespaces: &namespaces,
+            policies: &refs,
+            pods: &ps,
+            node: "n1",
+        };
+        let rs = compile_family(input, Family::Ip6);
+        assert_eq!(rs.family, Family::Ip6);
+        let xa: IpAddr = "fd10:0:0:1::2".parse().unwrap();
+        assert_eq!(rs.ingress.keys().collect::<Vec<_>>(), [&xa]);
+        assert_eq!(rs.egress.keys().collect::<Vec<_>>(), [&xa]);
+        let peers: BTreeMap<Vec<&str>, &String> = rs
+            .sets
+            .iter()
+            .filter(|(_, s)| s.ty == SetType::Addrs)
+            .map(|(n, s)| (s.elements.iter().map(String::as_str).collect(), n))
+            .collect();
+        // x/b by selector (its IPv6 address); the IPv6 block minus its excepts; no set for
+        // the IPv4 blocks.
+        assert_eq!(
+            peers.keys().cloned().collect::<Vec<_>>(),
+            [
+                // (string order)
+                vec![
+                    "fd10:0:0:1::10-fd10::1:ffff:ffff:ffff:ffff",
+                    "fd10:0:0:3::-fd10::ffff:ffff:ffff:ffff:ffff",
+                    "fd10::-fd10:0:0:1::7",
+                ],
+                vec!["fd10:0:0:1::3"],
+            ]
+        );
+        let (named, elements) = only(&rs, SetType::Named);
+        assert_eq!(
+            elements,
+            [
+                "fd10:0:0:1::2 . tcp . 8080",
+                "fd10:0:0:1::3 . tcp . 8080",
+                "fd10:0:0:1::4 . tcp . 8080",
+                "fd10:0:0:2::5 . tcp . 8080",
+                "fd10:0:0:2::6 . tcp . 8080"
+            ]
+        );
+        let b = peers[&vec!["fd10:0:0:1::3"]];
+        let (ports, _) = only(&rs, SetType::Ports);
+        let chain = &rs.chains[&rs.ingress[&xa]];
+        let block = peers.values().find(|n| *n != &b).unwrap();
+        assert_eq!(
+            chain,
+            &[
+                format!("ip6 saddr @{b} meta l4proto . th dport @{ports} return"),
+                format!("meta l4proto tcp ip6 saddr @{b} ip6 daddr . meta l4proto . th dport @{named} return"),
+                format!("ip6 saddr @{block} meta l4proto . th dport @{ports} return"),
+                format!("meta l4proto tcp ip6 saddr @{block} ip6 daddr . meta l4proto . th dport @{named} return"),
+                REJECT[0].to_string(),
+                "reject with icmpv6 type admin-prohibited".to_string(),
+            ]
+        );
+        // The egress rule's only peer is an IPv4 block: over IPv6 x/a allows nothing out.
+        assert_eq!(
+            rs.chains[&rs.egress[&xa]][1],
+            "reject with icmpv6 type admin-prohibited"
+        );
+        assert_eq!(rs.chains[&rs.egress[&xa]].len(), 2);
+        let (_, pairs) = only(&rs, SetType::Pairs);
+        assert_eq!(pairs, ["fd10:0:0:1::2 . fd10:0:0:1::2"]);
+
+        let f = full(&rs);
+        assert!(f.starts_with("add table ip6 flannel-policy\ndelete table ip6 flannel-policy\ntable ip6 flannel-policy {\n"), "{f}");
+        assert!(
+            f.contains("    type ipv6_addr\n    flags interval\n"),
+            "{f}"
+        );
+        assert!(
+            f.contains("    type ipv6_addr . inet_proto . inet_service\n"),
+            "{f}"
+        );
+        assert!(f.contains("    type ipv6_addr . ipv6_addr\n"), "{f}");
+        assert!(
+            f.contains("  map ingress {\n    type ipv6_addr : verdict\n"),
+            "{f}"
+        );
+        assert!(f.ends_with(&format!("{BASE_CHAINS6}}}\n")), "{f}");
+        assert!(
+            !f.contains(" ip saddr") && !f.contains("ipv4_addr") && !f.contains("icmp type"),
+            "{f}"
+        );
+
+        // The IPv4 table of the same objects: the IPv6-only pod is not in it, the IPv6
+        // block has no set.
+        let rs4 = compile_family(input, Family::Ip);
+        assert_eq!(rs4, compile(input));
+        let peers4: Vec<Vec<&str>> = rs4
+            .sets
+            .values()
+            .filter(|s| s.ty == SetType::Addrs)
+            .map(|s| s.elements.iter().map(String::as_str).collect())
+            .collect();
+        assert_eq!(peers4.len(), 3, "{peers4:?}");
+        assert!(!full(&rs4).contains("fd10"));
+        let (_, named4) = only(&rs4, SetType::Named);
+        assert_eq!(named4.len(), 4, "y/b has no IPv4 address");
+
+        // A diff in the ip6 table names it.
+        let mut ps2 = ps.clone();
+        ps2[1].labels.insert("pod".into(), "c".into());
+        let after = compile_family(
+            Input {
+                pods: &ps2,
+                ..input
+            },
+            Family::Ip6,
+        );
+        assert_eq!(
+            diff(&rs, &after).unwrap(),
+            format!("delete element ip6 flannel-policy {b} {{ fd10:0:0:1::3 }}\n")
+        );
+    }
+
+    #[test]
+    fn ipv6_ranges_render_as_nft_takes_them() {
+        let r = |s: &str| {
+            let n: IpNet = s.parse().unwrap();
+            net_range(n)
+        };
+        assert_eq!(render_range(Family::Ip6, r("::/0")), "::/0");
+        assert_eq!(render_range(Family::Ip6, r("fd10::/48")), "fd10::/48");
+        assert_eq!(render_range(Family::Ip6, r("fd10::1/128")), "fd10::1");
+        let v: Vec<String> = block_ranges(
+            Family::Ip6,
+            "::/0",
+            &["fd00::/8".into(), "10.0.0.0/8".into()],
+        )
+        .into_iter()
+        .map(|x| render_range(Family::Ip6, x))
+        .collect();
+        assert_eq!(
+            v,
+            ["::-fcff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "fe00::/7"]
+        );
+        assert!(block_ranges(Family::Ip6, "10.0.0.0/8", &[]).is_empty());
+        assert!(block_ranges(Family::Ip, "fd10::/64", &[]).is_empty());
+        assert_eq!(
+            cleanup(),
+            "add table ip flannel-policy\ndelete table ip flannel-policy\nadd table ip6 flannel-policy\ndelete table ip6 flannel-policy\n"
+        );
     }
 
     #[test]

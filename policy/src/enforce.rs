@@ -127,4 +127,30 @@ mod tests {
             })
         );
     }
+
+    #[test]
+    fn the_ip6_enforcer_writes_and_probes_the_ip6_table() {
+        let nft = FakeNft::default();
+        let mut e = Enforcer::for_family(nft.clone(), nft::Family::Ip6);
+        let mut rs = Ruleset::empty(nft::Family::Ip6);
+        run(e.sync(rs.clone())).expect("sync");
+        rs.chains.insert("in/x".into(), vec!["return".into()]);
+        run(e.sync(rs)).expect("sync");
+        let scripts = nft.scripts();
+        assert!(
+            scripts[0].starts_with(
+                "add table ip6 flannel-policy\ndelete table ip6 flannel-policy\ntable ip6 flannel-policy {"
+            ),
+            "{}",
+            scripts[0]
+        );
+        assert_eq!(
+            scripts[1],
+            "add chain ip6 flannel-policy in/x\nadd rule ip6 flannel-policy in/x return\n"
+        );
+        nft.set_chain(nft::Family::Ip, compile::TABLE, "forward", true);
+        assert!(!run(e.table_present()), "the ip table is not ours");
+        nft.set_chain(nft::Family::Ip6, compile::TABLE, "forward", true);
+        assert!(run(e.table_present()));
+    }
 }

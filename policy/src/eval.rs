@@ -908,4 +908,175 @@ mod tests {
         assert!(!w.ok("x/a", "y/a", Protocol::Tcp, 81), "egress refuses");
         assert!(!w.ok("z/a", "y/a", Protocol::Tcp, 80), "ingress refuses");
     }
+
+    /// x/a dual stack, y/a IPv4 only, y/b IPv6 only, z/a dual stack on another node.
+    fn dual_world() -> World {
+        let mut w = World::new();
+        let set = |w: &mut World, id: &str, ips: &[&str]| {
+            let (ns, name) = id.split_once('/').unwrap();
+            let p = w
+                .pods
+                .iter_mut()
+                .find(|p| p.namespace == ns && p.name == name)
+                .unwrap();
+            p.ips = ips.iter().map(|a| a.parse().unwrap()).collect();
+        };
+        set(&mut w, "x/a", &["10.5.0.2", "fd10::2"]);
+        set(&mut w, "y/a", &["10.5.0.5"]);
+        set(&mut w, "y/b", &["fd10:0:0:1::6"]);
+        set(&mut w, "z/a", &["10.5.0.8", "fd10::8"]);
+        w
+    }
+
+    fn ok_over(w: &World, family: Family, a: &str, b: &str) -> bool {
+        w.cluster.allows(
+            family,
+            Peer::Pod(w.p(a)),
+            Peer::Pod(w.p(b)),
+            Protocol::Tcp,
+            80,
+        )
+    }
+
+    #[test]
+    fn pods_take_part_with_their_address_of_the_family() {
+        let w = dual_world();
+        let xa = w.p("x/a");
+        assert_eq!(xa.addr(Family::Ip), Some("10.5.0.2".parse().unwrap()));
+        assert_eq!(xa.addr(Family::Ip6), Some("fd10::2".parse().unwrap()));
+        assert_eq!(xa.ipv4(), Some(Ipv4Addr::new(10, 5, 0, 2)));
+        assert_eq!(w.p("y/b").ipv4(), None);
+        assert_eq!(w.p("y/a").addr(Family::Ip6), None);
+        assert_eq!(Peer::Pod(w.p("y/b")).addr(Family::Ip), None);
+    }
+
+    #[test]
+    fn selectors_match_in_both_families_ip_blocks_only_in_their_own() {
+        let mut w = dual_world();
+        let block = |cidr: &str, except: &[&str]| NetworkPolicyPeer {
+            ip_block: Some(IpBlock {
+                cidr: cidr.into(),
+                except: except.iter().map(|e| e.to_string()).collect(),
+            }),
+            ..NetworkPolicyPeer::default()
+        };
+        w.cluster.policies.push(policy(
+            "x",
+            "mixed",
+            NetworkPolicySpec {
+                pod_selector: sel(&[("pod", "a")]),
+                ingress: vec![from(
+                    vec![
+                        ns_peer(sel(&[("ns", "z")])),
+                        block("10.5.0.4/30", &[]),
+                        block("fd10::/32", &["fd10::/64"]),
+                    ],
+                    vec![],
+                )],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        // z/a by its namespace: in both families.
+        assert!(ok_over(&w, Family::Ip, "z/a", "x/a"));
+        assert!(ok_over(&w, Family::Ip6, "z/a", "x/a"));
+        // y/a by the IPv4 block (10.5.0.5), y/b by the IPv6 one (outside its except).
+        assert!(ok_over(&w, Family::Ip, "y/a", "x/a"));
+        assert!(ok_over(&w, Family::Ip6, "y/b", "x/a"));
+        // An IPv6 host inside the except, an IPv4 host outside the v4 block, and an IPv4
+        // address never matches the IPv6 block (nor the reverse).
+        let host = |a: &str| Peer::Host {
+            addr: a.parse().unwrap(),
+            node: None,
+        };
+        let xa = Peer::Pod(w.p("x/a"));
+        for (h, want) in [
+            ("fd10::99", false),
+            ("fd10:0:1::99", true),
+            ("10.5.0.6", true),
+            ("10.5.0.9", false),
+            ("::ffff:10.5.0.5", false),
+        ] {
+            assert_eq!(
+                w.cluster
+                    .allows(Family::Ip6, host(h), xa, Protocol::Tcp, 80),
+                want,
+                "{h}"
+            );
+        }
+        assert!(!ip_block_contains(
+            &IpBlock {
+                cidr: "0.0.0.0/0".into(),
+                except: vec![]
+            },
+            "fd10::1".parse().unwrap()
+        ));
+        assert!(!ip_block_contains(
+            &IpBlock {
+                cidr: "::/0".into(),
+                except: vec![]
+            },
+            "10.0.0.1".parse().unwrap()
+        ));
+    }
+
+    #[test]
+    fn a_rule_of_ipv4_blocks_only_leaves_the_pod_isolated_over_ipv6() {
+        let mut w = dual_world();
+        w.cluster.policies.push(policy(
+            "x",
+            "v4-only",
+            NetworkPolicySpec {
+                pod_selector: sel(&[("pod", "a")]),
+                ingress: vec![from(
+                    vec![NetworkPolicyPeer {
+                        ip_block: Some(IpBlock {
+                            cidr: "10.0.0.0/8".into(),
+                            except: vec![],
+                        }),
+                        ..NetworkPolicyPeer::default()
+                    }],
+                    vec![],
+                )],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(ok_over(&w, Family::Ip, "z/a", "x/a"));
+        assert!(!ok_over(&w, Family::Ip6, "z/a", "x/a"));
+        // Egress is not isolated: x/a still opens to anyone over IPv6.
+        assert!(ok_over(&w, Family::Ip6, "x/a", "y/b"));
+    }
+
+    #[test]
+    fn own_node_by_any_address_of_either_family() {
+        let mut w = dual_world();
+        w.cluster
+            .policies
+            .push(policy("x", "deny", NetworkPolicySpec::default()));
+        w.cluster.policies.push(policy(
+            "x",
+            "deny-egress",
+            NetworkPolicySpec {
+                policy_types: Some(vec![PolicyType::Egress]),
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        let xa = w.p("x/a");
+        for a in ["fe80::1", "fd10::1", "10.5.0.1"] {
+            let own = Peer::Host {
+                addr: a.parse().unwrap(),
+                node: Some(xa.node.as_str()),
+            };
+            let other = Peer::Host {
+                addr: a.parse().unwrap(),
+                node: Some("node9"),
+            };
+            for f in [Family::Ip, Family::Ip6] {
+                assert!(w.cluster.allows(f, own, Peer::Pod(xa), Protocol::Tcp, 80));
+                assert!(w.cluster.allows(f, Peer::Pod(xa), own, Protocol::Udp, 53));
+                assert!(!w.cluster.allows(f, other, Peer::Pod(xa), Protocol::Tcp, 80));
+            }
+        }
+        assert!(!ok_over(&w, Family::Ip6, "z/a", "x/a"));
+        assert!(ok_over(&w, Family::Ip6, "x/a", "x/a"), "itself");
+    }
 }

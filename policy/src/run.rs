@@ -562,6 +562,76 @@ mod tests {
         assert!(c.compile("n2").ingress.is_empty());
     }
 
+    fn record_ips(cache: &mut Cache, name: &str, node: &str, ips: &[&str], rev: i64) {
+        let ips: Vec<IpAddr> = ips.iter().map(|a| a.parse().unwrap()).collect();
+        let rec = registry::PodRecord::new(
+            &ips,
+            node,
+            Ipv4Addr::new(192, 0, 2, 1),
+            "10.5.1.0/24".parse().unwrap(),
+            name,
+            "eth0",
+        )
+        .unwrap();
+        let key = format!("{}{}/{name}", pods_prefix(PREFIX), "x");
+        assert!(cache.apply(&key, Some(rec.to_json().as_bytes()), rev));
+    }
+
+    #[test]
+    fn dual_stack_records_give_both_tables() {
+        let mut c = Cache::new(PREFIX);
+        record_ips(&mut c, "a", "n1", &["10.5.1.2", "fd10::2"], 3);
+        record_ips(&mut c, "b", "n1", &["10.5.1.3"], 3);
+        // An older record claiming a's IPv6 address loses it, keeps its own IPv4 one.
+        record_ips(&mut c, "old", "n2", &["10.5.2.9", "fd10::2"], 1);
+        // A newer one takes b's IPv4 address: b is left without addresses, so no view.
+        record_ips(&mut c, "new", "n2", &["10.5.1.3", "fd10::3"], 4);
+        let views: Vec<(String, Vec<String>)> = c
+            .pod_views()
+            .into_iter()
+            .map(|p| (p.name, p.ips.iter().map(|a| a.to_string()).collect()))
+            .collect();
+        assert_eq!(
+            views,
+            [
+                (
+                    "a".to_string(),
+                    vec!["10.5.1.2".to_string(), "fd10::2".to_string()]
+                ),
+                (
+                    "new".to_string(),
+                    vec!["10.5.1.3".to_string(), "fd10::3".to_string()]
+                ),
+                ("old".to_string(), vec!["10.5.2.9".to_string()]),
+            ]
+        );
+        let pods = c.pod_views();
+        assert!(has_ipv6_pods(&pods, "n1") && has_ipv6_pods(&pods, "n2"));
+        assert!(!has_ipv6_pods(&pods, "n3"));
+        assert!(put(
+            &mut c,
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n",
+            5
+        ));
+        let (rs, rs6) = (
+            c.compile_family("n1", Family::Ip),
+            c.compile_family("n1", Family::Ip6),
+        );
+        assert_eq!(rs, c.compile("n1"));
+        assert_eq!(rs.ingress.len(), 1);
+        assert_eq!(
+            rs6.ingress.keys().collect::<Vec<_>>(),
+            [&"fd10::2".parse::<IpAddr>().unwrap()]
+        );
+        // One dual-stack pod isolated in both tables counts once.
+        assert_eq!(isolated_pods(&pods, "n1", &[&rs, &rs6]), (1, 0));
+        let (rs2, rs26) = (
+            c.compile_family("n2", Family::Ip),
+            c.compile_family("n2", Family::Ip6),
+        );
+        assert_eq!(isolated_pods(&pods, "n2", &[&rs2, &rs26]), (2, 0));
+    }
+
     #[test]
     fn invalid_objects_written_past_flannelctl_are_ignored() {
         let mut c = Cache::new(PREFIX);
