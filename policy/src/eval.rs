@@ -327,6 +327,7 @@ pub fn ports_match(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use registry::{
