@@ -36,6 +36,10 @@ pub struct PolicyOptions {
     pub nft: NftCommand,
     /// Kept current for the userspace service proxy's relays (`--proxy-mode userspace`).
     pub gate: Option<PolicyGate>,
+    /// Keep the `ip6` table too (default). Without it (a cluster without IPv6, where no
+    /// pod gets an IPv6 address) a leftover `ip6` table is removed at start and none is
+    /// written, so the node's other IPv6 forwarding is left alone.
+    pub ipv6: bool,
 }
 
 impl PolicyOptions {
@@ -46,6 +50,7 @@ impl PolicyOptions {
             check_interval: Duration::from_secs(10),
             nft: NftCommand::default(),
             gate: None,
+            ipv6: true,
         }
     }
 }
@@ -415,8 +420,8 @@ struct Policy<N> {
     cache: Cache,
     /// The `ip` table.
     enforcer: Enforcer<N>,
-    /// The `ip6` table.
-    enforcer6: Enforcer<N>,
+    /// The `ip6` table (None: not kept, [`PolicyOptions::ipv6`]).
+    enforcer6: Option<Enforcer<N>>,
     /// Whether this node had pods with IPv6 addresses at the last sync (then readiness
     /// needs `bridge-nf-call-ip6tables` too).
     ipv6_pods: bool,
@@ -440,8 +445,12 @@ impl<N: Runner> Follower for Policy<N> {
         }
         let pods = self.cache.pod_views();
         let rs = self.cache.compile_with(&pods, &self.node, Family::Ip);
-        let rs6 = self.cache.compile_with(&pods, &self.node, Family::Ip6);
-        let (ingress, egress) = isolated_pods(&pods, &self.node, &[&rs, &rs6]);
+        let rs6 = self
+            .enforcer6
+            .is_some()
+            .then(|| self.cache.compile_with(&pods, &self.node, Family::Ip6));
+        let tables: Vec<&Ruleset> = [Some(&rs), rs6.as_ref()].into_iter().flatten().collect();
+        let (ingress, egress) = isolated_pods(&pods, &self.node, &tables);
         let ipv6_pods = has_ipv6_pods(&pods, &self.node);
         if ipv6_pods && !self.ipv6_pods {
             // Same-node IPv6 traffic is filtered only with bridge-nf-call-ip6tables on.
@@ -450,7 +459,14 @@ impl<N: Runner> Follower for Policy<N> {
         self.ipv6_pods = ipv6_pods;
         // Both tables even when one fails (the failed one is rewritten whole next time).
         let r4 = self.enforcer.sync(rs).await;
-        let r6 = self.enforcer6.sync(rs6).await;
+        let r6 = match (&mut self.enforcer6, rs6) {
+            (Some(e), Some(rs6)) => e.sync(rs6).await,
+            _ => Ok(SyncReport {
+                full: false,
+                changed: false,
+                elapsed: std::time::Duration::ZERO,
+            }),
+        };
         match (r4, r6) {
             (Ok(a), Ok(b)) => {
                 let rep = SyncReport {
@@ -475,9 +491,12 @@ impl<N: Runner> Follower for Policy<N> {
         if !present {
             self.enforcer.invalidate();
         }
-        let present6 = self.enforcer6.table_present().await;
-        if !present6 {
-            self.enforcer6.invalidate();
+        let mut present6 = true;
+        if let Some(e) = &mut self.enforcer6 {
+            present6 = e.table_present().await;
+            if !present6 {
+                e.invalidate();
+            }
         }
         present && present6
     }
@@ -501,10 +520,17 @@ pub async fn run(
     };
     let mut cache = Cache::new(conn.prefix());
     cache.invalid_objects = metrics.invalid_objects.clone();
+    if !opts.ipv6 {
+        if let Err(e) = opts.nft.apply(&compile::cleanup_table(Family::Ip6)).await {
+            tracing::warn!("network policy: removing a leftover ip6 table: {e}");
+        }
+    }
     let mut policy = Policy {
         cache,
         enforcer: Enforcer::new(opts.nft.clone()),
-        enforcer6: Enforcer::for_family(opts.nft, Family::Ip6),
+        enforcer6: opts
+            .ipv6
+            .then(|| Enforcer::for_family(opts.nft, Family::Ip6)),
         ipv6_pods: false,
         gate: opts.gate,
         node: opts.node,
