@@ -96,7 +96,7 @@ impl World {
                     ("app", &format!("app{}", j % 100)),
                     ("role", &format!("r{}", j % 7)),
                 ]),
-                ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 5, 16, 0)) + j as u32),
+                ips: vec![Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 5, 16, 0)) + j as u32).into()],
                 node: "node0".into(),
                 ports: http(80),
             })
@@ -109,7 +109,7 @@ impl World {
                 namespace: "bench".into(),
                 name: name.into(),
                 labels: labels(&[l]),
-                ip,
+                ips: vec![ip.into()],
                 node: "node0".into(),
                 ports: http(SERVER_PORT),
             });

@@ -155,7 +155,7 @@ impl World {
                         namespace: ns.to_string(),
                         name: name.to_string(),
                         labels: labels(&[("pod", name)]),
-                        ip,
+                        ips: vec![ip.into()],
                         node: format!("node{node}"),
                         ports: ports(),
                     },
@@ -318,7 +318,15 @@ impl World {
             .map(|s| {
                 self.pods
                     .iter()
-                    .map(|d| cluster.allows(Peer::Pod(&s.view), Peer::Pod(&d.view), proto, port))
+                    .map(|d| {
+                        cluster.allows(
+                            eval::Family::Ip,
+                            Peer::Pod(&s.view),
+                            Peer::Pod(&d.view),
+                            proto,
+                            port,
+                        )
+                    })
                     .collect()
             })
             .collect()
@@ -338,7 +346,7 @@ impl World {
                                 let ip = if via_service {
                                     dst.cluster_ip
                                 } else {
-                                    dst.view.ip
+                                    dst.view.ipv4().unwrap()
                                 };
                                 probe(&src.netns, proto, SocketAddr::from((ip, port)))
                             })

@@ -1,11 +1,17 @@
 //! NetworkPolicy compiled to this node's nftables table (pure: objects in, ruleset out).
 //!
-//! Layout of `table ip flannel-policy` (docs/network-policy.md draws it):
+//! One table per family from the same objects: `table ip flannel-policy` over the pods' IPv4
+//! addresses and IPv4 ipBlocks, `table ip6 flannel-policy` over their IPv6 addresses and IPv6
+//! ipBlocks (an ipBlock of the other family is left out of a table: it matches nothing
+//! there). Layout (docs/network-policy.md draws it):
 //! - base chain `forward` (filter priority, after the service proxy's DNAT):
 //!   `ct state established,related accept`, `ct state invalid drop`, a pod reaching itself
 //!   through its Service (`ip saddr . ip daddr @hairpin`) accepted, then
 //!   `ip saddr vmap @egress` and `ip daddr vmap @ingress` (traffic between a pod and its own
-//!   node goes through input/output, never forward, and is always allowed);
+//!   node goes through input/output, never forward, and is always allowed); the IPv6 chain
+//!   also accepts neighbour discovery and router messages (ICMPv6 133-137, which conntrack
+//!   does not track) before `ct state invalid drop`, and refuses link-local unicast between
+//!   pods (pod records carry no link-local address, so policies could not see it);
 //! - maps `ingress` / `egress`: local pod address -> `jump in|out/<hash>`, only for pods a
 //!   policy isolates in that direction (others have no element and pass);
 //! - chains `in|out/<hash>`: one `return` rule per peer of each rule of the policies that
@@ -26,14 +32,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
+pub use nft::Family;
 use registry::{
     IntOrString, Labels, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, PolicyType, Protocol,
 };
 
-use crate::eval::{PodView, NAMESPACE_NAME_LABEL};
+use crate::eval::{family_of, PodView, NAMESPACE_NAME_LABEL};
 
 /// The table the module owns.
 pub const TABLE: &str = "flannel-policy";
@@ -52,13 +59,32 @@ pub enum SetType {
 }
 
 impl SetType {
-    fn decl(self) -> &'static [&'static str] {
-        match self {
-            SetType::Addrs => &["type ipv4_addr", "flags interval"],
-            SetType::Ports => &["type inet_proto . inet_service", "flags interval"],
-            SetType::Named => &["type ipv4_addr . inet_proto . inet_service"],
-            SetType::Pairs => &["type ipv4_addr . ipv4_addr"],
+    fn decl(self, family: Family) -> &'static [&'static str] {
+        match (self, family) {
+            (SetType::Addrs, Family::Ip) => &["type ipv4_addr", "flags interval"],
+            (SetType::Addrs, Family::Ip6) => &["type ipv6_addr", "flags interval"],
+            (SetType::Ports, _) => &["type inet_proto . inet_service", "flags interval"],
+            (SetType::Named, Family::Ip) => &["type ipv4_addr . inet_proto . inet_service"],
+            (SetType::Named, Family::Ip6) => &["type ipv6_addr . inet_proto . inet_service"],
+            (SetType::Pairs, Family::Ip) => &["type ipv4_addr . ipv4_addr"],
+            (SetType::Pairs, Family::Ip6) => &["type ipv6_addr . ipv6_addr"],
         }
+    }
+}
+
+/// What differs between the two tables' text.
+fn addr_type(family: Family) -> &'static str {
+    match family {
+        Family::Ip => "ipv4_addr",
+        Family::Ip6 => "ipv6_addr",
+    }
+}
+
+/// The refusal for what is not TCP (or was DNATed).
+fn reject_icmp(family: Family) -> &'static str {
+    match family {
+        Family::Ip => "reject with icmp type admin-prohibited",
+        Family::Ip6 => "reject with icmpv6 type admin-prohibited",
     }
 }
 
@@ -68,19 +94,39 @@ pub struct Set {
     pub elements: BTreeSet<String>,
 }
 
-/// The node's table as data.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The node's table of one family as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
+    /// `ip` (IPv4 addresses only) or `ip6` (IPv6 addresses only).
+    pub family: Family,
     pub sets: BTreeMap<String, Set>,
     /// Per-pod chains, by name, with their rules.
     pub chains: BTreeMap<String, Vec<String>>,
     /// Pod address -> its ingress chain.
-    pub ingress: BTreeMap<Ipv4Addr, String>,
+    pub ingress: BTreeMap<IpAddr, String>,
     /// Pod address -> its egress chain.
-    pub egress: BTreeMap<Ipv4Addr, String>,
+    pub egress: BTreeMap<IpAddr, String>,
+}
+
+impl Default for Ruleset {
+    /// An empty IPv4 table.
+    fn default() -> Ruleset {
+        Ruleset::empty(Family::Ip)
+    }
 }
 
 impl Ruleset {
+    /// A table of `family` without sets, chains or map elements.
+    pub fn empty(family: Family) -> Ruleset {
+        Ruleset {
+            family,
+            sets: BTreeMap::new(),
+            chains: BTreeMap::new(),
+            ingress: BTreeMap::new(),
+            egress: BTreeMap::new(),
+        }
+    }
+
     /// Local pods isolated for ingress and for egress.
     pub fn isolated(&self) -> (usize, usize) {
         (self.ingress.len(), self.egress.len())
@@ -183,19 +229,59 @@ fn merge<T: Ord + Copy>(mut v: Vec<(T, T)>) -> Vec<(T, T)> {
     out
 }
 
-fn net_range(n: Ipv4Net) -> (u32, u32) {
-    let n = n.trunc();
-    (u32::from(n.network()), u32::from(n.broadcast()))
+/// An address as a number (IPv4 ones below 2^32); intervals of either family are `u128`s.
+fn to_int(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
 }
 
-/// `cidr` minus every `except`, as closed intervals (empty when `cidr` does not parse;
-/// validation keeps such blocks out of the registry).
-fn block_ranges(cidr: &str, except: &[String]) -> Vec<(u32, u32)> {
-    let Ok(net) = cidr.parse::<Ipv4Net>() else {
+fn from_int(family: Family, n: u128) -> IpAddr {
+    match family {
+        Family::Ip => IpAddr::V4(Ipv4Addr::from(u32::try_from(n).unwrap_or(u32::MAX))),
+        Family::Ip6 => IpAddr::V6(Ipv6Addr::from(n)),
+    }
+}
+
+fn bits(family: Family) -> u32 {
+    match family {
+        Family::Ip => 32,
+        Family::Ip6 => 128,
+    }
+}
+
+fn net_family(n: &IpNet) -> Family {
+    family_of(n.addr())
+}
+
+fn net_range(n: IpNet) -> (u128, u128) {
+    let n = n.trunc();
+    (to_int(n.network()), to_int(n.broadcast()))
+}
+
+/// Whether an ipBlock's `cidr` is of the other family (it matches nothing in this table).
+fn other_family(cidr: &str, family: Family) -> bool {
+    cidr.parse::<IpNet>()
+        .is_ok_and(|n| net_family(&n) != family)
+}
+
+/// `cidr` minus every `except` (of the same family), as closed intervals; empty when `cidr`
+/// does not parse or is of the other family (validation keeps unparsable blocks out of the
+/// registry).
+fn block_ranges(family: Family, cidr: &str, except: &[String]) -> Vec<(u128, u128)> {
+    let Ok(net) = cidr.parse::<IpNet>() else {
         return Vec::new();
     };
+    if net_family(&net) != family {
+        return Vec::new();
+    }
     let mut out = vec![net_range(net)];
-    for e in except.iter().filter_map(|e| e.parse::<Ipv4Net>().ok()) {
+    for e in except
+        .iter()
+        .filter_map(|e| e.parse::<IpNet>().ok())
+        .filter(|e| net_family(e) == family)
+    {
         let (elo, ehi) = net_range(e);
         out = out
             .into_iter()
@@ -218,17 +304,21 @@ fn block_ranges(cidr: &str, except: &[String]) -> Vec<(u32, u32)> {
     out
 }
 
-/// An address interval as nft writes it: an address, a prefix, or `a-b`.
-fn render_range((lo, hi): (u32, u32)) -> String {
+/// An address interval of `family` as nft writes it: an address, a prefix, or `a-b`.
+fn render_range(family: Family, (lo, hi): (u128, u128)) -> String {
+    let addr = |n| from_int(family, n);
     if lo == hi {
-        return Ipv4Addr::from(lo).to_string();
+        return addr(lo).to_string();
     }
-    let size = u64::from(hi) - u64::from(lo) + 1;
-    if size.is_power_of_two() && u64::from(lo) % size == 0 {
-        let len = 32 - size.trailing_zeros();
-        return format!("{}/{len}", Ipv4Addr::from(lo));
+    // The size overflows only for the whole IPv6 space.
+    match (hi - lo).checked_add(1) {
+        None => format!("{}/0", addr(0)),
+        Some(size) if size.is_power_of_two() && lo % size == 0 => {
+            let len = bits(family) - size.trailing_zeros();
+            format!("{}/{len}", addr(lo))
+        }
+        Some(_) => format!("{}-{}", addr(lo), addr(hi)),
     }
-    format!("{}-{}", Ipv4Addr::from(lo), Ipv4Addr::from(hi))
 }
 
 /// The compiler's view of the cluster, indexed once per compile.
@@ -254,11 +344,16 @@ impl<'a> Ctx<'a> {
         Ctx { input, ns_labels }
     }
 
-    /// Intervals of the addresses a peer stands for.
-    fn peer_ranges(&self, peer: &NetworkPolicyPeer, policy_ns: &str) -> Vec<(u32, u32)> {
+    /// Intervals of the addresses of `family` a peer stands for.
+    fn peer_ranges(
+        &self,
+        family: Family,
+        peer: &NetworkPolicyPeer,
+        policy_ns: &str,
+    ) -> Vec<(u128, u128)> {
         let mut v = Vec::new();
         if let Some(b) = &peer.ip_block {
-            v.extend(block_ranges(&b.cidr, &b.except));
+            v.extend(block_ranges(family, &b.cidr, &b.except));
         } else {
             for pod in self.input.pods {
                 let in_ns = match &peer.namespace_selector {
@@ -274,20 +369,22 @@ impl<'a> Ctx<'a> {
                         .as_ref()
                         .is_none_or(|s| s.matches(&pod.labels))
                 {
-                    let a = u32::from(pod.ip);
-                    v.push((a, a));
+                    v.extend(pod.addrs(family).map(|a| (to_int(a), to_int(a))));
                 }
             }
         }
         merge(v)
     }
 
-    /// `address . protocol . port` of every pod with a container port called `name`.
-    fn named_elements(&self, name: &str) -> BTreeSet<String> {
+    /// `address . protocol . port` of every pod address of `family` with a container port
+    /// called `name`.
+    fn named_elements(&self, family: Family, name: &str) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         for pod in self.input.pods {
             for np in pod.ports.iter().filter(|np| np.name == name) {
-                out.insert(format!("{} . {} . {}", pod.ip, np.protocol.nft(), np.port));
+                for a in pod.addrs(family) {
+                    out.insert(format!("{a} . {} . {}", np.protocol.nft(), np.port));
+                }
             }
         }
         out
@@ -327,33 +424,39 @@ fn split_ports(ports: &[NetworkPolicyPort]) -> (BTreeSet<String>, BTreeSet<(Prot
     (elements, named)
 }
 
-/// The ruleset for the pods of `input.node`.
-/// The ruleset for the pods of `input.node`.
+/// The IPv4 table for the pods of `input.node` ([`compile_family`] with [`Family::Ip`]).
 pub fn compile(input: Input<'_>) -> Ruleset {
+    compile_family(input, Family::Ip)
+}
+
+/// The table of `family` for the pods of `input.node`, over the pods' addresses of that family.
+pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
     let ctx = Ctx::new(input);
-    let mut rs = Ruleset::default();
+    let mut rs = Ruleset::empty(family);
     let mut names = Names::default();
     let mut policies: Vec<&NetworkPolicy> = input.policies.to_vec();
     policies.sort_by(|a, b| {
         (namespace_of(a), a.metadata.name.as_str()).cmp(&(namespace_of(b), &b.metadata.name))
     });
     // Several records may claim an address for a while (a pod replaced); one entry each.
-    let mut local: BTreeMap<Ipv4Addr, &PodView> = BTreeMap::new();
+    let mut local: BTreeMap<IpAddr, &PodView> = BTreeMap::new();
     for p in input.pods.iter().filter(|p| p.node == input.node) {
-        local.insert(p.ip, p);
+        for a in p.addrs(family) {
+            local.insert(a, p);
+        }
     }
-    // (pod, direction) -> the allow rules of its policies, in policy order.
-    let mut per_pod: BTreeMap<(Ipv4Addr, Dir), Vec<String>> = BTreeMap::new();
+    // (pod address, direction) -> the allow rules of its policies, in policy order.
+    let mut per_pod: BTreeMap<(IpAddr, Dir), Vec<String>> = BTreeMap::new();
     for np in policies {
         let ns = namespace_of(np);
         for dir in [Dir::In, Dir::Out] {
             if !np.spec.isolates(dir.policy_type()) {
                 continue;
             }
-            let selected: Vec<Ipv4Addr> = local
-                .values()
-                .filter(|p| p.namespace == ns && np.spec.pod_selector.matches(&p.labels))
-                .map(|p| p.ip)
+            let selected: Vec<IpAddr> = local
+                .iter()
+                .filter(|(_, p)| p.namespace == ns && np.spec.pod_selector.matches(&p.labels))
+                .map(|(a, _)| *a)
                 .collect();
             if selected.is_empty() {
                 continue;
@@ -378,7 +481,7 @@ pub fn compile(input: Input<'_>) -> Ruleset {
         // ICMP admin-prohibited, which conntrack translates back to the Service address
         // the client used (a reset generated here would carry the pod's address).
         chain.push("meta l4proto tcp ct status ! dnat reject with tcp reset".to_string());
-        chain.push("reject with icmp type admin-prohibited".to_string());
+        chain.push(reject_icmp(family).to_string());
         let name = names.name(dir.tag(), &chain.join("\n"));
         rs.chains.insert(name.clone(), chain);
         match dir {
@@ -387,7 +490,7 @@ pub fn compile(input: Input<'_>) -> Ruleset {
         };
     }
     // A pod reaching itself (through its own Service, hairpin) is always allowed.
-    let isolated: BTreeSet<&Ipv4Addr> = rs.ingress.keys().chain(rs.egress.keys()).collect();
+    let isolated: BTreeSet<&IpAddr> = rs.ingress.keys().chain(rs.egress.keys()).collect();
     rs.sets.insert(
         HAIRPIN.to_string(),
         Set {
@@ -424,18 +527,28 @@ fn policy_rules(
             .map(|r| (r.to.as_slice(), r.ports.as_slice()))
             .collect(),
     };
+    let family = rs.family;
+    let fam = family.as_str();
     let mut out = Vec::new();
     for (peers, ports) in rules {
-        // One match per peer (peers are OR'ed); none when the rule has no peers (all).
+        // One match per peer (peers are OR'ed); none when the rule has no peers (all). An
+        // ipBlock of the other family matches nothing here: no rule.
         let mut peer_matches = Vec::new();
         for peer in peers {
+            if peer
+                .ip_block
+                .as_ref()
+                .is_some_and(|b| other_family(&b.cidr, family))
+            {
+                continue;
+            }
             let key = peer_key(peer, ns);
             let name = names.name("peer", &key);
             if !rs.sets.contains_key(&name) {
                 let elements = ctx
-                    .peer_ranges(peer, ns)
+                    .peer_ranges(family, peer, ns)
                     .into_iter()
-                    .map(render_range)
+                    .map(|r| render_range(family, r))
                     .collect();
                 rs.sets.insert(
                     name.clone(),
@@ -445,10 +558,13 @@ fn policy_rules(
                     },
                 );
             }
-            peer_matches.push(format!("ip {} @{name} ", dir.peer_field()));
+            peer_matches.push(format!("{fam} {} @{name} ", dir.peer_field()));
         }
         if peers.is_empty() {
             peer_matches.push(String::new());
+        }
+        if peer_matches.is_empty() {
+            continue;
         }
         let (numeric, named) = split_ports(ports);
         let ports_set = (!numeric.is_empty()).then(|| {
@@ -467,7 +583,7 @@ fn policy_rules(
                 let set = names.name("named", &port_name);
                 rs.sets.entry(set.clone()).or_insert_with(|| Set {
                     ty: SetType::Named,
-                    elements: ctx.named_elements(&port_name),
+                    elements: ctx.named_elements(family, &port_name),
                 });
                 (proto, port_name, set)
             })
@@ -484,7 +600,7 @@ fn policy_rules(
                 // The destination's own port of that name and protocol (in both directions
                 // the name is resolved on the destination pod).
                 out.push(format!(
-                    "meta l4proto {} {pm}ip daddr . meta l4proto . th dport @{set} return",
+                    "meta l4proto {} {pm}{fam} daddr . meta l4proto . th dport @{set} return",
                     proto.nft()
                 ));
             }
@@ -520,7 +636,27 @@ const BASE_CHAINS: &str = "  chain forward {
   }
 ";
 
-fn map_elements(m: &BTreeMap<Ipv4Addr, String>) -> String {
+/// The IPv6 base chain: neighbour discovery and router messages (ICMPv6 133-137) are not
+/// tracked by conntrack (`ct state invalid`) and cross the hook when bridged between pods
+/// (a neighbour solicitation from a pod's address to a solicited-node group): always
+/// accepted, or every isolated pod would lose its neighbours. Link-local unicast between
+/// pods (bridged; never routed) is refused: pod records carry no link-local address, so no
+/// policy could judge it. The node's own addresses, link-local ones included, never reach
+/// this hook (input/output), so traffic with its own node stays allowed.
+const BASE_CHAINS6: &str = "  chain forward {
+    type filter hook forward priority filter; policy accept;
+    ct state established,related accept
+    icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect } accept
+    ct state invalid drop
+    ip6 saddr . ip6 daddr @hairpin accept
+    ip6 saddr fe80::/10 ip6 daddr fe80::/10 meta l4proto tcp reject with tcp reset
+    ip6 saddr fe80::/10 ip6 daddr fe80::/10 reject with icmpv6 type admin-prohibited
+    ip6 saddr vmap @egress
+    ip6 daddr vmap @ingress
+  }
+";
+
+fn map_elements(m: &BTreeMap<IpAddr, String>) -> String {
     m.iter()
         .map(|(ip, chain)| format!("{ip} : jump {chain}"))
         .collect::<Vec<_>>()
@@ -537,11 +673,12 @@ fn join(elements: &BTreeSet<String>) -> String {
 
 /// The script that replaces the table with `rs` (one transaction).
 pub fn full(rs: &Ruleset) -> String {
-    let mut s = cleanup();
-    let _ = writeln!(s, "table ip {TABLE} {{");
+    let family = rs.family;
+    let mut s = cleanup_table(family);
+    let _ = writeln!(s, "table {family} {TABLE} {{");
     for (name, set) in &rs.sets {
         let _ = writeln!(s, "  set {name} {{");
-        for d in set.ty.decl() {
+        for d in set.ty.decl(family) {
             let _ = writeln!(s, "    {d}");
         }
         if !set.elements.is_empty() {
@@ -558,27 +695,38 @@ pub fn full(rs: &Ruleset) -> String {
     }
     for (map, m) in [("ingress", &rs.ingress), ("egress", &rs.egress)] {
         let _ = writeln!(s, "  map {map} {{");
-        s.push_str("    type ipv4_addr : verdict\n");
+        let _ = writeln!(s, "    type {} : verdict", addr_type(family));
         if !m.is_empty() {
             let _ = writeln!(s, "    elements = {{ {} }}", map_elements(m));
         }
         s.push_str("  }\n");
     }
-    s.push_str(BASE_CHAINS);
+    s.push_str(match family {
+        Family::Ip => BASE_CHAINS,
+        Family::Ip6 => BASE_CHAINS6,
+    });
     s.push_str("}\n");
     s
 }
 
-/// The script that removes the table whether or not it exists (nft 1.0.6 has no `destroy`).
+/// The script that removes the table of `family` whether or not it exists (nft 1.0.6 has no
+/// `destroy`).
+pub fn cleanup_table(family: Family) -> String {
+    nft::remove_table_script(family, TABLE)
+}
+
+/// The script that removes both tables (`ip` and `ip6`) whether or not they exist.
 pub fn cleanup() -> String {
-    format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+    cleanup_table(Family::Ip) + &cleanup_table(Family::Ip6)
 }
 
 /// The steps from `old` (what the kernel has) to `new`, as one transaction; `None` when
 /// nothing changed. Order: map elements that go, chains emptied and removed, sets removed
 /// and updated (removals before additions), chains created and filled, map elements added.
+/// Both must be of one family (that of `new` names the table).
 pub fn diff(old: &Ruleset, new: &Ruleset) -> Option<String> {
-    let t = format!("ip {TABLE}");
+    let family = new.family;
+    let t = format!("{family} {TABLE}");
     let mut s = String::new();
     for (map, o, n) in [
         ("ingress", &old.ingress, &new.ingress),
@@ -623,7 +771,11 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> Option<String> {
         let added: BTreeSet<String> = match old.sets.get(name) {
             Some(o) => set.elements.difference(&o.elements).cloned().collect(),
             None => {
-                let _ = writeln!(s, "add set {t} {name} {{ {}; }}", set.ty.decl().join("; "));
+                let _ = writeln!(
+                    s,
+                    "add set {t} {name} {{ {}; }}",
+                    set.ty.decl(family).join("; ")
+                );
                 set.elements.clone()
             }
         };
@@ -674,7 +826,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            ip: Ipv4Addr::from(ip),
+            ips: vec![Ipv4Addr::from(ip).into()],
             node: node.into(),
             ports: vec![NamedPort {
                 name: "http".into(),
@@ -728,21 +880,25 @@ mod tests {
     #[test]
     fn ranges_of_blocks_and_their_rendering() {
         let r = block_ranges(
+            Family::Ip,
             "10.0.0.0/16",
             &["10.0.1.0/24".into(), "10.0.255.255/32".into()],
         );
-        let text: Vec<String> = r.into_iter().map(render_range).collect();
+        let text: Vec<String> = r.into_iter().map(|r| render_range(Family::Ip, r)).collect();
         assert_eq!(
             text,
             ["10.0.0.0/24", "10.0.2.0-10.0.255.254"],
             "cidr minus excepts"
         );
-        assert_eq!(render_range((0, u32::MAX)), "0.0.0.0/0");
+        assert_eq!(
+            render_range(Family::Ip, (0, u128::from(u32::MAX))),
+            "0.0.0.0/0"
+        );
         assert_eq!(
             merge(vec![(5, 5), (1, 9), (10, 10), (3, 4)]),
             [(1, 9), (10, 10)]
         );
-        assert!(block_ranges("10.0.0.0/40", &[]).is_empty());
+        assert!(block_ranges(Family::Ip, "10.0.0.0/40", &[]).is_empty());
     }
 
     /// The one set of a type (panics when there are several or none).
@@ -831,7 +987,7 @@ spec:
         let (named_set, named_elements) = only(&rs, SetType::Named);
         assert_eq!(named_elements.len(), 5);
         assert!(named_elements.contains(&"10.5.1.2 . tcp . 8080"));
-        let chain = &rs.chains[&rs.ingress[&Ipv4Addr::new(10, 5, 1, 2)]];
+        let chain = &rs.chains[&rs.ingress[&IpAddr::from([10, 5, 1, 2])]];
         let named = format!("ip daddr . meta l4proto . th dport @{named_set} return");
         assert_eq!(
             chain,
@@ -845,7 +1001,7 @@ spec:
                 REJECT[1].to_string(),
             ]
         );
-        let out = &rs.chains[&rs.egress[&Ipv4Addr::new(10, 5, 1, 2)]];
+        let out = &rs.chains[&rs.egress[&IpAddr::from([10, 5, 1, 2])]];
         assert!(out[0].starts_with("ip daddr @peer/") && out[0].ends_with(" return"));
     }
 
@@ -854,7 +1010,7 @@ spec:
         let rs = compile_with(&pods(), &policies(DENY_X), "n1");
         let f = full(&rs);
         assert!(f.starts_with("add table ip flannel-policy\ndelete table ip flannel-policy\n"));
-        let chain_name = &rs.ingress[&Ipv4Addr::new(10, 5, 1, 2)];
+        let chain_name = &rs.ingress[&IpAddr::from([10, 5, 1, 2])];
         let chain = f.find(&format!("chain {chain_name} {{")).unwrap();
         let map = f.find("map ingress").unwrap();
         let base = f.find("chain forward").unwrap();
@@ -880,7 +1036,7 @@ spec:
         let before = compile_with(&ps, &nps, "n1");
         assert_eq!(diff(&before, &before), None);
         let (peer, _) = only(&before, SetType::Addrs);
-        let chain = before.ingress[&Ipv4Addr::new(10, 5, 1, 2)].clone();
+        let chain = before.ingress[&IpAddr::from([10, 5, 1, 2])].clone();
         // A pod of another node gains the label: one element, nothing else.
         ps[3].labels.insert("role".into(), "client".into());
         let after = compile_with(&ps, &nps, "n1");
@@ -919,6 +1075,271 @@ spec:
         assert_eq!(
             lines.last().unwrap(),
             &format!("add element ip flannel-policy ingress {{ 10.5.1.2 : jump {chain} }}")
+        );
+    }
+
+    /// A fixture with every kind of peer, port and policy type, compiled for two nodes and
+    /// changed once: the IPv4 table's scripts (full and diffs) as they were before IPv6.
+    fn golden_scripts(dual: bool) -> String {
+        let mut nps = policies(GOLDEN_POLICIES);
+        let mut ps = pods();
+        if dual {
+            // IPv6 addresses on every pod and IPv6 blocks beside the IPv4 ones change
+            // nothing in the IPv4 table.
+            for (i, p) in ps.iter_mut().enumerate() {
+                p.ips.push(format!("fd10::{:x}", i + 2).parse().unwrap());
+            }
+            let v6 = policies(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 'fd10::/64', except: ['fd10::2/128']}}]}]\n",
+            );
+            let peer = v6[0].spec.ingress[0].from[0].clone();
+            nps[0].spec.ingress[0].from.insert(1, peer.clone());
+            nps[0].spec.egress[0].to.push(peer);
+        }
+        let mut out = String::new();
+        let mut last = None;
+        for node in ["n1", "n2"] {
+            let rs = compile_with(&ps, &nps, node);
+            out += &full(&rs);
+            if let Some(old) = &last {
+                out += &diff(old, &rs).unwrap_or_default();
+            }
+            last = Some(rs);
+        }
+        ps[3].labels.insert("pod".into(), "b".into());
+        ps.remove(0);
+        let rs = compile_with(&ps, &nps, "n1");
+        out += &diff(last.as_ref().unwrap(), &rs).unwrap_or_default();
+        out += &diff(&rs, &compile_with(&ps, &nps[1..], "n1")).unwrap_or_default();
+        out += &cleanup_table(Family::Ip);
+        out
+    }
+
+    const GOLDEN_POLICIES: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: b}}
+    - namespaceSelector: {matchLabels: {team: blue}}
+      podSelector: {matchLabels: {pod: a}}
+    - ipBlock: {cidr: 192.0.2.0/24, except: [192.0.2.128/25]}
+    ports: [{port: 80}, {port: 81, endPort: 90}, {port: 85}, {protocol: UDP}, {port: http}]
+  - {}
+  egress:
+  - to: [{ipBlock: {cidr: 10.5.0.0/16, except: [10.5.2.0/24]}}, {namespaceSelector: {}}]
+    ports: [{port: http, protocol: TCP}, {port: 53, protocol: UDP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: same-peer, namespace: 'y'}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}], ports: [{port: 80}, {port: 81, endPort: 90}, {protocol: UDP}]}]
+";
+
+    #[test]
+    fn ipv4_scripts_are_unchanged() {
+        let got = golden_scripts(false);
+        if std::env::var_os("POLICY_WRITE_GOLDEN").is_some() {
+            std::fs::write(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/src/testdata/ipv4-golden.nft"),
+                &got,
+            )
+            .unwrap();
+        }
+        assert_eq!(got, include_str!("testdata/ipv4-golden.nft"));
+        assert_eq!(golden_scripts(true), got, "dual-stack pods, IPv6 blocks");
+    }
+
+    fn dual_pods() -> Vec<PodView> {
+        let mut ps = pods();
+        for (i, p) in ps.iter_mut().enumerate() {
+            let node = if p.node == "n1" { 1 } else { 2 };
+            p.ips
+                .push(format!("fd10:0:0:{node}::{:x}", i + 2).parse().unwrap());
+        }
+        // y/b (n2) is IPv6 only.
+        ps[4].ips.remove(0);
+        ps
+    }
+
+    const MIXED: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: b}}
+    - ipBlock: {cidr: 10.5.0.0/16}
+    - ipBlock: {cidr: 'fd10::/48', except: ['fd10:0:0:2::/64', 'fd10:0:0:1::8/125']}
+    ports: [{port: 80}, {port: http}]
+  egress:
+  - to: [{ipBlock: {cidr: 192.0.2.0/24}}]
+";
+
+    #[test]
+    fn the_ipv6_table_has_the_same_structure_over_ipv6_addresses() {
+        let ps = dual_pods();
+        let nps = policies(MIXED);
+        let refs: Vec<&NetworkPolicy> = nps.iter().collect();
+        let namespaces = BTreeMap::new();
+        let input = Input {
+            namespaces: &namespaces,
+            policies: &refs,
+            pods: &ps,
+            node: "n1",
+        };
+        let rs = compile_family(input, Family::Ip6);
+        assert_eq!(rs.family, Family::Ip6);
+        let xa: IpAddr = "fd10:0:0:1::2".parse().unwrap();
+        assert_eq!(rs.ingress.keys().collect::<Vec<_>>(), [&xa]);
+        assert_eq!(rs.egress.keys().collect::<Vec<_>>(), [&xa]);
+        let peers: BTreeMap<Vec<&str>, &String> = rs
+            .sets
+            .iter()
+            .filter(|(_, s)| s.ty == SetType::Addrs)
+            .map(|(n, s)| (s.elements.iter().map(String::as_str).collect(), n))
+            .collect();
+        // x/b by selector (its IPv6 address); the IPv6 block minus its excepts; no set for
+        // the IPv4 blocks.
+        assert_eq!(
+            peers.keys().cloned().collect::<Vec<_>>(),
+            [
+                // (string order)
+                vec![
+                    "fd10:0:0:1::10-fd10::1:ffff:ffff:ffff:ffff",
+                    "fd10:0:0:3::-fd10::ffff:ffff:ffff:ffff:ffff",
+                    "fd10::-fd10:0:0:1::7",
+                ],
+                vec!["fd10:0:0:1::3"],
+            ]
+        );
+        let (named, elements) = only(&rs, SetType::Named);
+        assert_eq!(
+            elements,
+            [
+                "fd10:0:0:1::2 . tcp . 8080",
+                "fd10:0:0:1::3 . tcp . 8080",
+                "fd10:0:0:1::4 . tcp . 8080",
+                "fd10:0:0:2::5 . tcp . 8080",
+                "fd10:0:0:2::6 . tcp . 8080"
+            ]
+        );
+        let b = peers[&vec!["fd10:0:0:1::3"]];
+        let (ports, _) = only(&rs, SetType::Ports);
+        let chain = &rs.chains[&rs.ingress[&xa]];
+        let block = peers.values().find(|n| *n != &b).unwrap();
+        assert_eq!(
+            chain,
+            &[
+                format!("ip6 saddr @{b} meta l4proto . th dport @{ports} return"),
+                format!("meta l4proto tcp ip6 saddr @{b} ip6 daddr . meta l4proto . th dport @{named} return"),
+                format!("ip6 saddr @{block} meta l4proto . th dport @{ports} return"),
+                format!("meta l4proto tcp ip6 saddr @{block} ip6 daddr . meta l4proto . th dport @{named} return"),
+                REJECT[0].to_string(),
+                "reject with icmpv6 type admin-prohibited".to_string(),
+            ]
+        );
+        // The egress rule's only peer is an IPv4 block: over IPv6 x/a allows nothing out.
+        assert_eq!(
+            rs.chains[&rs.egress[&xa]][1],
+            "reject with icmpv6 type admin-prohibited"
+        );
+        assert_eq!(rs.chains[&rs.egress[&xa]].len(), 2);
+        let (_, pairs) = only(&rs, SetType::Pairs);
+        assert_eq!(pairs, ["fd10:0:0:1::2 . fd10:0:0:1::2"]);
+
+        let f = full(&rs);
+        assert!(f.starts_with("add table ip6 flannel-policy\ndelete table ip6 flannel-policy\ntable ip6 flannel-policy {\n"), "{f}");
+        assert!(
+            f.contains("    type ipv6_addr\n    flags interval\n"),
+            "{f}"
+        );
+        assert!(
+            f.contains("    type ipv6_addr . inet_proto . inet_service\n"),
+            "{f}"
+        );
+        assert!(f.contains("    type ipv6_addr . ipv6_addr\n"), "{f}");
+        assert!(
+            f.contains("  map ingress {\n    type ipv6_addr : verdict\n"),
+            "{f}"
+        );
+        assert!(f.ends_with(&format!("{BASE_CHAINS6}}}\n")), "{f}");
+        assert!(
+            !f.contains(" ip saddr") && !f.contains("ipv4_addr") && !f.contains("icmp type"),
+            "{f}"
+        );
+
+        // The IPv4 table of the same objects: the IPv6-only pod is not in it, the IPv6
+        // block has no set.
+        let rs4 = compile_family(input, Family::Ip);
+        assert_eq!(rs4, compile(input));
+        let peers4: Vec<Vec<&str>> = rs4
+            .sets
+            .values()
+            .filter(|s| s.ty == SetType::Addrs)
+            .map(|s| s.elements.iter().map(String::as_str).collect())
+            .collect();
+        assert_eq!(peers4.len(), 3, "{peers4:?}");
+        assert!(!full(&rs4).contains("fd10"));
+        let (_, named4) = only(&rs4, SetType::Named);
+        assert_eq!(named4.len(), 4, "y/b has no IPv4 address");
+
+        // A diff in the ip6 table names it.
+        let mut ps2 = ps.clone();
+        ps2[1].labels.insert("pod".into(), "c".into());
+        let after = compile_family(
+            Input {
+                pods: &ps2,
+                ..input
+            },
+            Family::Ip6,
+        );
+        assert_eq!(
+            diff(&rs, &after).unwrap(),
+            format!("delete element ip6 flannel-policy {b} {{ fd10:0:0:1::3 }}\n")
+        );
+    }
+
+    #[test]
+    fn ipv6_ranges_render_as_nft_takes_them() {
+        let r = |s: &str| {
+            let n: IpNet = s.parse().unwrap();
+            net_range(n)
+        };
+        assert_eq!(render_range(Family::Ip6, r("::/0")), "::/0");
+        assert_eq!(render_range(Family::Ip6, r("fd10::/48")), "fd10::/48");
+        assert_eq!(render_range(Family::Ip6, r("fd10::1/128")), "fd10::1");
+        let v: Vec<String> = block_ranges(
+            Family::Ip6,
+            "::/0",
+            &["fd00::/8".into(), "10.0.0.0/8".into()],
+        )
+        .into_iter()
+        .map(|x| render_range(Family::Ip6, x))
+        .collect();
+        assert_eq!(
+            v,
+            ["::-fcff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "fe00::/7"]
+        );
+        assert!(block_ranges(Family::Ip6, "10.0.0.0/8", &[]).is_empty());
+        assert!(block_ranges(Family::Ip, "fd10::/64", &[]).is_empty());
+        assert_eq!(
+            cleanup(),
+            "add table ip flannel-policy\ndelete table ip flannel-policy\nadd table ip6 flannel-policy\ndelete table ip6 flannel-policy\n"
         );
     }
 

@@ -12,6 +12,8 @@ use crate::compile::{self, Ruleset};
 #[derive(Debug)]
 pub struct Enforcer<N> {
     nft: N,
+    /// The family of the table (its rulesets are of it).
+    family: nft::Family,
     /// What the kernel holds (`None`: unknown, the next sync writes the whole table).
     applied: Option<Ruleset>,
 }
@@ -25,8 +27,18 @@ pub struct SyncReport {
 }
 
 impl<N: Runner> Enforcer<N> {
+    /// The enforcer of the IPv4 table.
     pub fn new(nft: N) -> Self {
-        Enforcer { nft, applied: None }
+        Self::for_family(nft, nft::Family::Ip)
+    }
+
+    /// The enforcer of the table of `family` (it is given rulesets of that family).
+    pub fn for_family(nft: N, family: nft::Family) -> Self {
+        Enforcer {
+            nft,
+            family,
+            applied: None,
+        }
     }
 
     /// Forget what the kernel holds: the next sync rewrites the table.
@@ -59,7 +71,7 @@ impl<N: Runner> Enforcer<N> {
     /// Whether our table is still in the kernel.
     pub async fn table_present(&self) -> bool {
         self.nft
-            .chain_exists(nft::Family::Ip, compile::TABLE, "forward")
+            .chain_exists(self.family, compile::TABLE, "forward")
             .await
     }
 }
@@ -98,7 +110,7 @@ mod tests {
         let scripts = nft.scripts();
         assert_eq!(scripts.len(), 2);
         assert!(
-            scripts[1].starts_with(&compile::cleanup()),
+            scripts[1].starts_with(&compile::cleanup_table(nft::Family::Ip)),
             "{}",
             scripts[1]
         );
@@ -114,5 +126,31 @@ mod tests {
                 chain: "forward".into()
             })
         );
+    }
+
+    #[test]
+    fn the_ip6_enforcer_writes_and_probes_the_ip6_table() {
+        let nft = FakeNft::default();
+        let mut e = Enforcer::for_family(nft.clone(), nft::Family::Ip6);
+        let mut rs = Ruleset::empty(nft::Family::Ip6);
+        run(e.sync(rs.clone())).expect("sync");
+        rs.chains.insert("in/x".into(), vec!["return".into()]);
+        run(e.sync(rs)).expect("sync");
+        let scripts = nft.scripts();
+        assert!(
+            scripts[0].starts_with(
+                "add table ip6 flannel-policy\ndelete table ip6 flannel-policy\ntable ip6 flannel-policy {"
+            ),
+            "{}",
+            scripts[0]
+        );
+        assert_eq!(
+            scripts[1],
+            "add chain ip6 flannel-policy in/x\nadd rule ip6 flannel-policy in/x return\n"
+        );
+        nft.set_chain(nft::Family::Ip, compile::TABLE, "forward", true);
+        assert!(!run(e.table_present()), "the ip table is not ours");
+        nft.set_chain(nft::Family::Ip6, compile::TABLE, "forward", true);
+        assert!(run(e.table_present()));
     }
 }

@@ -14,6 +14,11 @@
 //! - a port is a number, a number range (`endPort`) or a name, resolved against the
 //!   destination pod's container ports (name and protocol); protocol defaults to TCP.
 //!
+//! Addresses: a connection is of one family (IPv4 or IPv6, [`Family`]); a pod takes part with
+//! its addresses of that family (a dual-stack pod has one of each), so selectors match a pod
+//! in both families, while an ipBlock matches only addresses of its own family (an IPv6
+//! `cidr` never matches an IPv4 connection, and the reverse).
+//!
 //! Decisions where the API is silent (kept identical in the enforcement):
 //! - traffic between a pod and its own node is allowed in both directions (the API's docs:
 //!   "traffic to and from the node where a Pod is running is always allowed"; any address
@@ -27,9 +32,10 @@
 //!   container port of that name and protocol.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
+pub use nft::Family;
 use registry::{
     IntOrString, IpBlock, Labels, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, PolicyType,
     Protocol,
@@ -52,27 +58,62 @@ pub struct PodView {
     pub namespace: String,
     pub name: String,
     pub labels: Labels,
-    pub ip: Ipv4Addr,
+    /// Every address of the pod (of both families; the IPv4 one first when it has one).
+    pub ips: Vec<IpAddr>,
     pub node: String,
     pub ports: Vec<NamedPort>,
+}
+
+/// The family of an address.
+pub fn family_of(addr: IpAddr) -> Family {
+    match addr {
+        IpAddr::V4(_) => Family::Ip,
+        IpAddr::V6(_) => Family::Ip6,
+    }
+}
+
+impl PodView {
+    /// The pod's addresses of `family`.
+    pub fn addrs(&self, family: Family) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ips
+            .iter()
+            .copied()
+            .filter(move |a| family_of(*a) == family)
+    }
+
+    /// The pod's first address of `family`.
+    pub fn addr(&self, family: Family) -> Option<IpAddr> {
+        self.addrs(family).next()
+    }
+
+    /// The pod's first IPv4 address.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        self.ips.iter().find_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+    }
 }
 
 /// One end of a connection.
 #[derive(Debug, Clone, Copy)]
 pub enum Peer<'a> {
     Pod(&'a PodView),
-    /// Not a pod: a node (`node` set) or anything else (an outside client).
+    /// Not a pod: a node (`node` set; any of its addresses, link-local ones included) or
+    /// anything else (an outside client).
     Host {
-        addr: Ipv4Addr,
+        addr: IpAddr,
         node: Option<&'a str>,
     },
 }
 
 impl Peer<'_> {
-    pub fn addr(&self) -> Ipv4Addr {
+    /// The peer's address in a connection of `family`: a pod's first address of that family
+    /// (`None` when it has none), a host's own address.
+    pub fn addr(&self, family: Family) -> Option<IpAddr> {
         match self {
-            Peer::Pod(p) => p.ip,
-            Peer::Host { addr, .. } => *addr,
+            Peer::Pod(p) => p.addr(family),
+            Peer::Host { addr, .. } => Some(*addr),
         }
     }
 }
@@ -107,20 +148,30 @@ impl Cluster {
         })
     }
 
-    /// Whether a new connection from `src` to `dst` on `protocol`/`port` is allowed.
-    pub fn allows(&self, src: Peer<'_>, dst: Peer<'_>, protocol: Protocol, port: u16) -> bool {
+    /// Whether a new connection of `family` from `src` to `dst` on `protocol`/`port` is
+    /// allowed (its replies are then allowed too: the decision is per connection). Pods take
+    /// part with their addresses of `family`.
+    pub fn allows(
+        &self,
+        family: Family,
+        src: Peer<'_>,
+        dst: Peer<'_>,
+        protocol: Protocol,
+        port: u16,
+    ) -> bool {
         if let (Peer::Pod(a), Peer::Pod(b)) = (src, dst) {
             if a.namespace == b.namespace && a.name == b.name {
                 return true;
             }
         }
-        self.egress_allows(src, dst, protocol, port)
-            && self.ingress_allows(src, dst, protocol, port)
+        self.egress_allows(family, src, dst, protocol, port)
+            && self.ingress_allows(family, src, dst, protocol, port)
     }
 
     /// The destination side: does `dst` accept from `src`?
     pub fn ingress_allows(
         &self,
+        family: Family,
         src: Peer<'_>,
         dst: Peer<'_>,
         protocol: Protocol,
@@ -142,7 +193,7 @@ impl Cluster {
             isolated = true;
             let ns = np.metadata.namespace.as_deref().unwrap_or("default");
             for rule in &np.spec.ingress {
-                if self.peers_match(&rule.from, ns, src)
+                if self.peers_match(&rule.from, ns, family, src)
                     && ports_match(&rule.ports, protocol, port, Some(pod))
                 {
                     return true;
@@ -155,6 +206,7 @@ impl Cluster {
     /// The source side: may `src` open to `dst`?
     pub fn egress_allows(
         &self,
+        family: Family,
         src: Peer<'_>,
         dst: Peer<'_>,
         protocol: Protocol,
@@ -181,7 +233,7 @@ impl Cluster {
             isolated = true;
             let ns = np.metadata.namespace.as_deref().unwrap_or("default");
             for rule in &np.spec.egress {
-                if self.peers_match(&rule.to, ns, dst)
+                if self.peers_match(&rule.to, ns, family, dst)
                     && ports_match(&rule.ports, protocol, port, dst_pod)
                 {
                     return true;
@@ -192,13 +244,30 @@ impl Cluster {
     }
 
     /// Whether `peer` is among `peers` of a policy in namespace `policy_ns` (empty: all).
-    fn peers_match(&self, peers: &[NetworkPolicyPeer], policy_ns: &str, peer: Peer<'_>) -> bool {
-        peers.is_empty() || peers.iter().any(|p| self.peer_matches(p, policy_ns, peer))
+    fn peers_match(
+        &self,
+        peers: &[NetworkPolicyPeer],
+        policy_ns: &str,
+        family: Family,
+        peer: Peer<'_>,
+    ) -> bool {
+        peers.is_empty()
+            || peers
+                .iter()
+                .any(|p| self.peer_matches(p, policy_ns, family, peer))
     }
 
-    fn peer_matches(&self, p: &NetworkPolicyPeer, policy_ns: &str, peer: Peer<'_>) -> bool {
+    fn peer_matches(
+        &self,
+        p: &NetworkPolicyPeer,
+        policy_ns: &str,
+        family: Family,
+        peer: Peer<'_>,
+    ) -> bool {
         if let Some(block) = &p.ip_block {
-            return ip_block_contains(block, peer.addr());
+            return peer
+                .addr(family)
+                .is_some_and(|a| ip_block_contains(block, a));
         }
         let Peer::Pod(pod) = peer else {
             return false;
@@ -215,15 +284,15 @@ impl Cluster {
     }
 }
 
-/// `addr` in `cidr` and in none of `except` (unparsable blocks match nothing; validation
-/// keeps them out of the registry).
-pub fn ip_block_contains(block: &IpBlock, addr: Ipv4Addr) -> bool {
-    let Ok(cidr) = block.cidr.parse::<Ipv4Net>() else {
+/// `addr` in `cidr` and in none of `except`; a block matches only addresses of its own
+/// family (unparsable blocks match nothing; validation keeps them out of the registry).
+pub fn ip_block_contains(block: &IpBlock, addr: IpAddr) -> bool {
+    let Ok(cidr) = block.cidr.parse::<IpNet>() else {
         return false;
     };
     cidr.trunc().contains(&addr)
         && !block.except.iter().any(|e| {
-            e.parse::<Ipv4Net>()
+            e.parse::<IpNet>()
                 .map(|n| n.trunc().contains(&addr))
                 .unwrap_or(false)
         })
@@ -258,6 +327,7 @@ pub fn ports_match(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use registry::{
@@ -276,7 +346,7 @@ mod tests {
             namespace: ns.into(),
             name: name.into(),
             labels: labels(&[("pod", name)]),
-            ip: Ipv4Addr::from(ip),
+            ips: vec![Ipv4Addr::from(ip).into()],
             node: node.into(),
             ports: vec![
                 NamedPort {
@@ -371,8 +441,13 @@ mod tests {
         }
 
         fn ok(&self, a: &str, b: &str, proto: Protocol, port: u16) -> bool {
-            self.cluster
-                .allows(Peer::Pod(self.p(a)), Peer::Pod(self.p(b)), proto, port)
+            self.cluster.allows(
+                Family::Ip,
+                Peer::Pod(self.p(a)),
+                Peer::Pod(self.p(b)),
+                proto,
+                port,
+            )
         }
 
         /// Every ordered pair that is allowed on TCP 80 (self pairs left out).
@@ -383,10 +458,13 @@ mod tests {
                     if a == b {
                         continue;
                     }
-                    if self
-                        .cluster
-                        .allows(Peer::Pod(a), Peer::Pod(b), Protocol::Tcp, 80)
-                    {
+                    if self.cluster.allows(
+                        Family::Ip,
+                        Peer::Pod(a),
+                        Peer::Pod(b),
+                        Protocol::Tcp,
+                        80,
+                    ) {
                         out.push(format!(
                             "{}/{}>{}/{}",
                             a.namespace, a.name, b.namespace, b.name
@@ -575,8 +653,9 @@ mod tests {
         assert!(w.ok("z/c", "x/a", Protocol::Tcp, 80));
         assert!(
             !w.cluster.allows(
+                Family::Ip,
                 Peer::Host {
-                    addr: Ipv4Addr::new(192, 0, 2, 1),
+                    addr: IpAddr::from([192, 0, 2, 1]),
                     node: None
                 },
                 Peer::Pod(w.p("x/a")),
@@ -593,7 +672,7 @@ mod tests {
         let block = NetworkPolicyPeer {
             ip_block: Some(IpBlock {
                 cidr: "10.5.0.0/16".into(),
-                except: vec![format!("{}/32", w.p("y/b").ip)],
+                except: vec![format!("{}/32", w.p("y/b").ips[0])],
             }),
             ..NetworkPolicyPeer::default()
         };
@@ -608,19 +687,23 @@ mod tests {
         assert!(w.ok("y/a", "x/a", Protocol::Tcp, 80));
         assert!(!w.ok("y/b", "x/a", Protocol::Tcp, 80));
         let outside = Peer::Host {
-            addr: Ipv4Addr::new(192, 0, 2, 1),
+            addr: IpAddr::from([192, 0, 2, 1]),
             node: None,
         };
-        assert!(!w
-            .cluster
-            .allows(outside, Peer::Pod(w.p("x/a")), Protocol::Tcp, 80));
+        assert!(!w.cluster.allows(
+            Family::Ip,
+            outside,
+            Peer::Pod(w.p("x/a")),
+            Protocol::Tcp,
+            80
+        ));
         assert!(
             ip_block_contains(
                 &IpBlock {
                     cidr: "10.5.1.7/16".into(),
                     except: vec![]
                 },
-                Ipv4Addr::new(10, 5, 200, 1)
+                Ipv4Addr::new(10, 5, 200, 1).into()
             ),
             "host bits in cidr are ignored"
         );
@@ -725,12 +808,16 @@ mod tests {
         assert!(w2.ok("y/a", "x/b", Protocol::Tcp, 8080));
         assert!(!w2.ok("y/a", "x/a", Protocol::Tcp, 8080));
         let host = Peer::Host {
-            addr: Ipv4Addr::new(192, 0, 2, 1),
+            addr: IpAddr::from([192, 0, 2, 1]),
             node: None,
         };
-        assert!(!w2
-            .cluster
-            .allows(Peer::Pod(w2.p("y/a")), host, Protocol::Tcp, 8080));
+        assert!(!w2.cluster.allows(
+            Family::Ip,
+            Peer::Pod(w2.p("y/a")),
+            host,
+            Protocol::Tcp,
+            8080
+        ));
     }
 
     #[test]
@@ -749,18 +836,26 @@ mod tests {
         ));
         let xa = w.p("x/a");
         let own = Peer::Host {
-            addr: Ipv4Addr::new(10, 5, 0, 1),
+            addr: IpAddr::from([10, 5, 0, 1]),
             node: Some(xa.node.as_str()),
         };
         let other = Peer::Host {
-            addr: Ipv4Addr::new(10, 5, 1, 1),
+            addr: IpAddr::from([10, 5, 1, 1]),
             node: Some("node1"),
         };
-        assert!(w.cluster.allows(own, Peer::Pod(xa), Protocol::Tcp, 80));
-        assert!(!w.cluster.allows(other, Peer::Pod(xa), Protocol::Tcp, 80));
+        assert!(w
+            .cluster
+            .allows(Family::Ip, own, Peer::Pod(xa), Protocol::Tcp, 80));
+        assert!(!w
+            .cluster
+            .allows(Family::Ip, other, Peer::Pod(xa), Protocol::Tcp, 80));
         // And to it, under an egress default-deny.
-        assert!(w.cluster.allows(Peer::Pod(xa), own, Protocol::Udp, 53));
-        assert!(!w.cluster.allows(Peer::Pod(xa), other, Protocol::Udp, 53));
+        assert!(w
+            .cluster
+            .allows(Family::Ip, Peer::Pod(xa), own, Protocol::Udp, 53));
+        assert!(!w
+            .cluster
+            .allows(Family::Ip, Peer::Pod(xa), other, Protocol::Udp, 53));
     }
 
     #[test]
@@ -777,10 +872,14 @@ mod tests {
         let (xa, xb) = (w.p("x/a"), w.p("x/b"));
         assert!(!w
             .cluster
-            .allows(Peer::Pod(xb), Peer::Pod(xa), Protocol::Tcp, 80));
-        assert!(w
-            .cluster
-            .egress_allows(Peer::Pod(xa), Peer::Pod(xb), Protocol::Tcp, 80));
+            .allows(Family::Ip, Peer::Pod(xb), Peer::Pod(xa), Protocol::Tcp, 80));
+        assert!(w.cluster.egress_allows(
+            Family::Ip,
+            Peer::Pod(xa),
+            Peer::Pod(xb),
+            Protocol::Tcp,
+            80
+        ));
     }
 
     #[test]
@@ -809,5 +908,176 @@ mod tests {
         assert!(w.ok("x/a", "y/a", Protocol::Tcp, 80));
         assert!(!w.ok("x/a", "y/a", Protocol::Tcp, 81), "egress refuses");
         assert!(!w.ok("z/a", "y/a", Protocol::Tcp, 80), "ingress refuses");
+    }
+
+    /// x/a dual stack, y/a IPv4 only, y/b IPv6 only, z/a dual stack on another node.
+    fn dual_world() -> World {
+        let mut w = World::new();
+        let set = |w: &mut World, id: &str, ips: &[&str]| {
+            let (ns, name) = id.split_once('/').unwrap();
+            let p = w
+                .pods
+                .iter_mut()
+                .find(|p| p.namespace == ns && p.name == name)
+                .unwrap();
+            p.ips = ips.iter().map(|a| a.parse().unwrap()).collect();
+        };
+        set(&mut w, "x/a", &["10.5.0.2", "fd10::2"]);
+        set(&mut w, "y/a", &["10.5.0.5"]);
+        set(&mut w, "y/b", &["fd10:0:0:1::6"]);
+        set(&mut w, "z/a", &["10.5.0.8", "fd10::8"]);
+        w
+    }
+
+    fn ok_over(w: &World, family: Family, a: &str, b: &str) -> bool {
+        w.cluster.allows(
+            family,
+            Peer::Pod(w.p(a)),
+            Peer::Pod(w.p(b)),
+            Protocol::Tcp,
+            80,
+        )
+    }
+
+    #[test]
+    fn pods_take_part_with_their_address_of_the_family() {
+        let w = dual_world();
+        let xa = w.p("x/a");
+        assert_eq!(xa.addr(Family::Ip), Some("10.5.0.2".parse().unwrap()));
+        assert_eq!(xa.addr(Family::Ip6), Some("fd10::2".parse().unwrap()));
+        assert_eq!(xa.ipv4(), Some(Ipv4Addr::new(10, 5, 0, 2)));
+        assert_eq!(w.p("y/b").ipv4(), None);
+        assert_eq!(w.p("y/a").addr(Family::Ip6), None);
+        assert_eq!(Peer::Pod(w.p("y/b")).addr(Family::Ip), None);
+    }
+
+    #[test]
+    fn selectors_match_in_both_families_ip_blocks_only_in_their_own() {
+        let mut w = dual_world();
+        let block = |cidr: &str, except: &[&str]| NetworkPolicyPeer {
+            ip_block: Some(IpBlock {
+                cidr: cidr.into(),
+                except: except.iter().map(|e| e.to_string()).collect(),
+            }),
+            ..NetworkPolicyPeer::default()
+        };
+        w.cluster.policies.push(policy(
+            "x",
+            "mixed",
+            NetworkPolicySpec {
+                pod_selector: sel(&[("pod", "a")]),
+                ingress: vec![from(
+                    vec![
+                        ns_peer(sel(&[("ns", "z")])),
+                        block("10.5.0.4/30", &[]),
+                        block("fd10::/32", &["fd10::/64"]),
+                    ],
+                    vec![],
+                )],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        // z/a by its namespace: in both families.
+        assert!(ok_over(&w, Family::Ip, "z/a", "x/a"));
+        assert!(ok_over(&w, Family::Ip6, "z/a", "x/a"));
+        // y/a by the IPv4 block (10.5.0.5), y/b by the IPv6 one (outside its except).
+        assert!(ok_over(&w, Family::Ip, "y/a", "x/a"));
+        assert!(ok_over(&w, Family::Ip6, "y/b", "x/a"));
+        // An IPv6 host inside the except, an IPv4 host outside the v4 block, and an IPv4
+        // address never matches the IPv6 block (nor the reverse).
+        let host = |a: &str| Peer::Host {
+            addr: a.parse().unwrap(),
+            node: None,
+        };
+        let xa = Peer::Pod(w.p("x/a"));
+        for (h, want) in [
+            ("fd10::99", false),
+            ("fd10:0:1::99", true),
+            ("10.5.0.6", true),
+            ("10.5.0.9", false),
+            ("::ffff:10.5.0.5", false),
+        ] {
+            assert_eq!(
+                w.cluster
+                    .allows(Family::Ip6, host(h), xa, Protocol::Tcp, 80),
+                want,
+                "{h}"
+            );
+        }
+        assert!(!ip_block_contains(
+            &IpBlock {
+                cidr: "0.0.0.0/0".into(),
+                except: vec![]
+            },
+            "fd10::1".parse().unwrap()
+        ));
+        assert!(!ip_block_contains(
+            &IpBlock {
+                cidr: "::/0".into(),
+                except: vec![]
+            },
+            "10.0.0.1".parse().unwrap()
+        ));
+    }
+
+    #[test]
+    fn a_rule_of_ipv4_blocks_only_leaves_the_pod_isolated_over_ipv6() {
+        let mut w = dual_world();
+        w.cluster.policies.push(policy(
+            "x",
+            "v4-only",
+            NetworkPolicySpec {
+                pod_selector: sel(&[("pod", "a")]),
+                ingress: vec![from(
+                    vec![NetworkPolicyPeer {
+                        ip_block: Some(IpBlock {
+                            cidr: "10.0.0.0/8".into(),
+                            except: vec![],
+                        }),
+                        ..NetworkPolicyPeer::default()
+                    }],
+                    vec![],
+                )],
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        assert!(ok_over(&w, Family::Ip, "z/a", "x/a"));
+        assert!(!ok_over(&w, Family::Ip6, "z/a", "x/a"));
+        // Egress is not isolated: x/a still opens to anyone over IPv6.
+        assert!(ok_over(&w, Family::Ip6, "x/a", "y/b"));
+    }
+
+    #[test]
+    fn own_node_by_any_address_of_either_family() {
+        let mut w = dual_world();
+        w.cluster
+            .policies
+            .push(policy("x", "deny", NetworkPolicySpec::default()));
+        w.cluster.policies.push(policy(
+            "x",
+            "deny-egress",
+            NetworkPolicySpec {
+                policy_types: Some(vec![PolicyType::Egress]),
+                ..NetworkPolicySpec::default()
+            },
+        ));
+        let xa = w.p("x/a");
+        for a in ["fe80::1", "fd10::1", "10.5.0.1"] {
+            let own = Peer::Host {
+                addr: a.parse().unwrap(),
+                node: Some(xa.node.as_str()),
+            };
+            let other = Peer::Host {
+                addr: a.parse().unwrap(),
+                node: Some("node9"),
+            };
+            for f in [Family::Ip, Family::Ip6] {
+                assert!(w.cluster.allows(f, own, Peer::Pod(xa), Protocol::Tcp, 80));
+                assert!(w.cluster.allows(f, Peer::Pod(xa), own, Protocol::Udp, 53));
+                assert!(!w.cluster.allows(f, other, Peer::Pod(xa), Protocol::Tcp, 80));
+            }
+        }
+        assert!(!ok_over(&w, Family::Ip6, "z/a", "x/a"));
+        assert!(ok_over(&w, Family::Ip6, "x/a", "x/a"), "itself");
     }
 }

@@ -16,3 +16,5 @@ pub mod enforce;
 pub mod eval;
 pub mod metrics;
 pub mod run;
+#[cfg(test)]
+mod sim_tests;

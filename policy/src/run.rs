@@ -1,10 +1,11 @@
 //! The module's loop: it follows the registry (namespaces, pods, policies) and the pod
 //! records in etcd ([`registry::follow`]) and after each burst of changes compiles this
-//! node's table and applies the difference from what the kernel has in one `nft -f -`
-//! transaction (the whole table after a start or a failure).
+//! node's two tables (`ip` and `ip6 flannel-policy`) and applies, per table, the difference
+//! from what the kernel has in one `nft -f -` transaction (the whole table after a start or
+//! a failure).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,8 @@ use registry::PodRecord;
 use registry::{Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
 use tokio::sync::watch;
 
-use crate::compile::{self, Input, Ruleset};
-use crate::enforce::Enforcer;
+use crate::compile::{self, Family, Input, Ruleset};
+use crate::enforce::{Enforcer, SyncReport};
 use crate::eval::{self, NamedPort, Peer, PodView};
 use crate::metrics::PolicyMetrics;
 
@@ -35,6 +36,10 @@ pub struct PolicyOptions {
     pub nft: NftCommand,
     /// Kept current for the userspace service proxy's relays (`--proxy-mode userspace`).
     pub gate: Option<PolicyGate>,
+    /// Keep the `ip6` table too (default). Without it (a cluster without IPv6, where no
+    /// pod gets an IPv6 address) a leftover `ip6` table is removed at start and none is
+    /// written, so the node's other IPv6 forwarding is left alone.
+    pub ipv6: bool,
 }
 
 impl PolicyOptions {
@@ -45,11 +50,12 @@ impl PolicyOptions {
             check_interval: Duration::from_secs(10),
             nft: NftCommand::default(),
             gate: None,
+            ipv6: true,
         }
     }
 }
 
-/// The policy decision for the userspace service proxy's relays. The proxy opens every
+/// The policy decision for the userspace service proxy's relays (IPv4, as the proxy). The proxy opens every
 /// upstream connection from the node, which the forward hook never sees (same node) or sees
 /// coming from the node (other nodes), so the module judges each relay instead: the client
 /// (the redirected connection's source) against the endpoint, source egress and destination
@@ -76,7 +82,11 @@ impl PolicyGate {
                 namespaces: cache.namespaces.clone(),
                 policies: cache.policies.values().cloned().collect(),
             },
-            pods: cache.pod_views().into_iter().map(|p| (p.ip, p)).collect(),
+            pods: cache
+                .pod_views()
+                .into_iter()
+                .filter_map(|p| Some((p.ipv4()?, p)))
+                .collect(),
         };
         if let Ok(mut v) = self.view.write() {
             *v = Some(Arc::new(view));
@@ -91,14 +101,14 @@ impl Gate for PolicyGate {
         };
         let src = if client.local {
             Peer::Host {
-                addr: client.addr,
+                addr: IpAddr::V4(client.addr),
                 node: Some(&v.node),
             }
         } else {
             match v.pods.get(&client.addr) {
                 Some(p) => Peer::Pod(p),
                 None => Peer::Host {
-                    addr: client.addr,
+                    addr: IpAddr::V4(client.addr),
                     node: None,
                 },
             }
@@ -106,11 +116,12 @@ impl Gate for PolicyGate {
         let dst = match v.pods.get(endpoint.ip()) {
             Some(p) => Peer::Pod(p),
             None => Peer::Host {
-                addr: *endpoint.ip(),
+                addr: IpAddr::V4(*endpoint.ip()),
                 node: None,
             },
         };
-        v.cluster.allows(src, dst, protocol, endpoint.port())
+        v.cluster
+            .allows(Family::Ip, src, dst, protocol, endpoint.port())
     }
 }
 
@@ -214,47 +225,104 @@ impl Cache {
         }
     }
 
-    /// Every pod with an address: its record (address, node) with the labels and named
-    /// container ports of its registry object (none while the object is missing). When
-    /// several records claim an address (a pod replaced while the old record lives on), the
-    /// newest wins.
+    /// Every pod with an address: its record (addresses, node) with the labels and named
+    /// container ports of its registry object (none while the object is missing). A record's
+    /// addresses are its IPv4 `IP` and the IPv6 ones of its `IPs`. When several records claim
+    /// an address (a pod replaced while the old record lives on), the newest wins it.
     pub fn pod_views(&self) -> Vec<PodView> {
-        let mut newest: BTreeMap<std::net::Ipv4Addr, (&Key, &PodRecord, i64)> = BTreeMap::new();
+        let mut newest: BTreeMap<IpAddr, (&Key, i64)> = BTreeMap::new();
         for (k, (rec, rev)) in &self.records {
-            match newest.get(&rec.ip) {
-                Some((_, _, r)) if *r >= *rev => {}
-                _ => {
-                    newest.insert(rec.ip, (k, rec, *rev));
+            for a in record_addrs(rec) {
+                match newest.get(&a) {
+                    Some((_, r)) if *r >= *rev => {}
+                    _ => {
+                        newest.insert(a, (k, *rev));
+                    }
                 }
             }
         }
-        newest
-            .into_values()
-            .map(|((ns, name), rec, _)| {
-                let obj = self.pods.get(&(ns.clone(), name.clone()));
-                PodView {
-                    namespace: ns.clone(),
-                    name: name.clone(),
+        let mut views: Vec<PodView> = self
+            .records
+            .iter()
+            .filter_map(|(k, (rec, _))| {
+                let ips: Vec<IpAddr> = record_addrs(rec)
+                    .into_iter()
+                    .filter(|a| newest.get(a).is_some_and(|(w, _)| *w == k))
+                    .collect();
+                if ips.is_empty() {
+                    return None;
+                }
+                let obj = self.pods.get(k);
+                Some(PodView {
+                    namespace: k.0.clone(),
+                    name: k.1.clone(),
                     labels: obj.map(|p| p.metadata.labels.clone()).unwrap_or_default(),
-                    ip: rec.ip,
+                    ips,
                     node: rec.node.clone(),
                     ports: obj.map(named_ports).unwrap_or_default(),
-                }
+                })
             })
-            .collect()
+            .collect();
+        views.sort_by_key(|p| p.ips.first().copied());
+        views
     }
 
-    /// This node's table for the cached objects.
+    /// This node's IPv4 table for the cached objects.
     pub fn compile(&self, node: &str) -> Ruleset {
-        let pods = self.pod_views();
-        let policies: Vec<&NetworkPolicy> = self.policies.values().collect();
-        compile::compile(Input {
-            namespaces: &self.namespaces,
-            policies: &policies,
-            pods: &pods,
-            node,
-        })
+        self.compile_family(node, Family::Ip)
     }
+
+    /// This node's table of `family` for the cached objects.
+    pub fn compile_family(&self, node: &str, family: Family) -> Ruleset {
+        let pods = self.pod_views();
+        self.compile_with(&pods, node, family)
+    }
+
+    fn compile_with(&self, pods: &[PodView], node: &str, family: Family) -> Ruleset {
+        let policies: Vec<&NetworkPolicy> = self.policies.values().collect();
+        compile::compile_family(
+            Input {
+                namespaces: &self.namespaces,
+                policies: &policies,
+                pods,
+                node,
+            },
+            family,
+        )
+    }
+}
+
+/// The addresses a record claims: its IPv4 `IP`, then the IPv6 addresses of `IPs`.
+fn record_addrs(rec: &PodRecord) -> Vec<IpAddr> {
+    let mut v = vec![IpAddr::V4(rec.ip)];
+    for a in &rec.ips {
+        if a.is_ipv6() && !v.contains(a) {
+            v.push(*a);
+        }
+    }
+    v
+}
+
+/// Whether a pod of `node` has an IPv6 address.
+fn has_ipv6_pods(pods: &[PodView], node: &str) -> bool {
+    pods.iter()
+        .any(|p| p.node == node && p.addr(Family::Ip6).is_some())
+}
+
+/// The pods of `node` isolated for ingress and for egress in either table (a dual-stack pod
+/// counts once).
+fn isolated_pods(pods: &[PodView], node: &str, tables: &[&Ruleset]) -> (usize, usize) {
+    let count = |map: fn(&Ruleset) -> &BTreeMap<IpAddr, String>| {
+        pods.iter()
+            .filter(|p| {
+                p.node == node
+                    && p.ips
+                        .iter()
+                        .any(|a| tables.iter().any(|t| map(t).contains_key(a)))
+            })
+            .count()
+    };
+    (count(|t| &t.ingress), count(|t| &t.egress))
 }
 
 fn named_ports(p: &Pod) -> Vec<NamedPort> {
@@ -274,6 +342,9 @@ fn named_ports(p: &Pod) -> Vec<NamedPort> {
 
 /// The switch that makes bridged IPv4 traffic cross the IPv4 hooks.
 pub const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
+/// The switch that makes bridged IPv6 traffic cross the IPv6 hooks.
+pub const BRIDGE_NF_CALL_IP6TABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-ip6tables";
 
 /// Same-node pod-to-pod traffic is bridged on cni0; the forward hook sees it only with
 /// br_netfilter's `bridge-nf-call-iptables` on (in this network namespace). Turns it on;
@@ -299,6 +370,19 @@ pub fn ensure_bridge_netfilter() -> Option<String> {
     bridge_netfilter_at(std::path::Path::new(BRIDGE_NF_CALL_IPTABLES))
 }
 
+/// [`ensure_bridge_netfilter`], and with `ipv6` (this node has pods with IPv6 addresses) the
+/// same for `bridge-nf-call-ip6tables`; the reasons joined when both fail.
+pub fn ensure_bridge_netfilter_families(ipv6: bool) -> Option<String> {
+    let v4 = ensure_bridge_netfilter();
+    let v6 = ipv6
+        .then(|| bridge_netfilter_at(std::path::Path::new(BRIDGE_NF_CALL_IP6TABLES)))
+        .flatten();
+    match (v4, v6) {
+        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+        (a, b) => a.or(b),
+    }
+}
+
 /// [`ensure_bridge_netfilter`] on the switch at `path`, without loading anything.
 pub fn bridge_netfilter_at(path: &std::path::Path) -> Option<String> {
     let p = path.display();
@@ -315,8 +399,8 @@ pub fn bridge_netfilter_at(path: &std::path::Path) -> Option<String> {
 
 /// Runs the br_netfilter check (again: someone may load the module or fix the sysctl later)
 /// and records it; logs when the answer changes.
-async fn check_bridge_netfilter(metrics: &PolicyMetrics) {
-    let problem = tokio::task::spawn_blocking(ensure_bridge_netfilter)
+async fn check_bridge_netfilter(metrics: &PolicyMetrics, ipv6: bool) {
+    let problem = tokio::task::spawn_blocking(move || ensure_bridge_netfilter_families(ipv6))
         .await
         .unwrap_or_else(|e| Some(format!("br_netfilter check: {e}")));
     let before = metrics.not_ready_reason();
@@ -334,7 +418,13 @@ struct Policy<N> {
     node: String,
     gate: Option<PolicyGate>,
     cache: Cache,
+    /// The `ip` table.
     enforcer: Enforcer<N>,
+    /// The `ip6` table (None: not kept, [`PolicyOptions::ipv6`]).
+    enforcer6: Option<Enforcer<N>>,
+    /// Whether this node had pods with IPv6 addresses at the last sync (then readiness
+    /// needs `bridge-nf-call-ip6tables` too).
+    ipv6_pods: bool,
     metrics: PolicyMetrics,
 }
 
@@ -353,15 +443,42 @@ impl<N: Runner> Follower for Policy<N> {
         if let Some(g) = &self.gate {
             g.update(&self.cache, &self.node);
         }
-        let rs = self.cache.compile(&self.node);
-        let (ingress, egress) = rs.isolated();
-        match self.enforcer.sync(rs).await {
-            Ok(rep) => {
+        let pods = self.cache.pod_views();
+        let rs = self.cache.compile_with(&pods, &self.node, Family::Ip);
+        let rs6 = self
+            .enforcer6
+            .is_some()
+            .then(|| self.cache.compile_with(&pods, &self.node, Family::Ip6));
+        let tables: Vec<&Ruleset> = [Some(&rs), rs6.as_ref()].into_iter().flatten().collect();
+        let (ingress, egress) = isolated_pods(&pods, &self.node, &tables);
+        let ipv6_pods = has_ipv6_pods(&pods, &self.node);
+        if ipv6_pods && !self.ipv6_pods {
+            // Same-node IPv6 traffic is filtered only with bridge-nf-call-ip6tables on.
+            check_bridge_netfilter(&self.metrics, true).await;
+        }
+        self.ipv6_pods = ipv6_pods;
+        // Both tables even when one fails (the failed one is rewritten whole next time).
+        let r4 = self.enforcer.sync(rs).await;
+        let r6 = match (&mut self.enforcer6, rs6) {
+            (Some(e), Some(rs6)) => e.sync(rs6).await,
+            _ => Ok(SyncReport {
+                full: false,
+                changed: false,
+                elapsed: std::time::Duration::ZERO,
+            }),
+        };
+        match (r4, r6) {
+            (Ok(a), Ok(b)) => {
+                let rep = SyncReport {
+                    full: a.full || b.full,
+                    changed: a.changed || b.changed,
+                    elapsed: a.elapsed + b.elapsed,
+                };
                 self.metrics.observe(&rep, ingress, egress);
                 tracing::debug!(?rep, ingress, egress, "network policy sync");
                 Ok(())
             }
-            Err(e) => {
+            (Err(e), _) | (_, Err(e)) => {
                 self.metrics.sync_errors.inc();
                 Err(e)
             }
@@ -369,17 +486,25 @@ impl<N: Runner> Follower for Policy<N> {
     }
 
     async fn check(&mut self) -> bool {
-        check_bridge_netfilter(&self.metrics).await;
+        check_bridge_netfilter(&self.metrics, self.ipv6_pods).await;
         let present = self.enforcer.table_present().await;
         if !present {
             self.enforcer.invalidate();
         }
-        present
+        let mut present6 = true;
+        if let Some(e) = &mut self.enforcer6 {
+            present6 = e.table_present().await;
+            if !present6 {
+                e.invalidate();
+            }
+        }
+        present && present6
     }
 }
 
-/// Enforces NetworkPolicy for this node's pods until `stop` turns true. The table stays
-/// when it stops (pods stay isolated while flanneld restarts; the next start rewrites it).
+/// Enforces NetworkPolicy for this node's pods until `stop` turns true, in both tables
+/// (`ip` and `ip6 flannel-policy`). The tables stay when it stops (pods stay isolated while
+/// flanneld restarts; the next start rewrites them).
 pub async fn run(
     conn: Connection,
     opts: PolicyOptions,
@@ -387,7 +512,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     metrics.enabled.set(1);
-    check_bridge_netfilter(&metrics).await;
+    check_bridge_netfilter(&metrics, false).await;
     let follow_opts = FollowOptions {
         name: "network policy",
         debounce: opts.debounce,
@@ -395,9 +520,18 @@ pub async fn run(
     };
     let mut cache = Cache::new(conn.prefix());
     cache.invalid_objects = metrics.invalid_objects.clone();
+    if !opts.ipv6 {
+        if let Err(e) = opts.nft.apply(&compile::cleanup_table(Family::Ip6)).await {
+            tracing::warn!("network policy: removing a leftover ip6 table: {e}");
+        }
+    }
     let mut policy = Policy {
         cache,
-        enforcer: Enforcer::new(opts.nft),
+        enforcer: Enforcer::new(opts.nft.clone()),
+        enforcer6: opts
+            .ipv6
+            .then(|| Enforcer::for_family(opts.nft, Family::Ip6)),
+        ipv6_pods: false,
         gate: opts.gate,
         node: opts.node,
         metrics,
@@ -452,6 +586,76 @@ mod tests {
         ));
         assert_eq!(c.compile("n1").ingress.len(), 1);
         assert!(c.compile("n2").ingress.is_empty());
+    }
+
+    fn record_ips(cache: &mut Cache, name: &str, node: &str, ips: &[&str], rev: i64) {
+        let ips: Vec<IpAddr> = ips.iter().map(|a| a.parse().unwrap()).collect();
+        let rec = registry::PodRecord::new(
+            &ips,
+            node,
+            Ipv4Addr::new(192, 0, 2, 1),
+            "10.5.1.0/24".parse().unwrap(),
+            name,
+            "eth0",
+        )
+        .unwrap();
+        let key = format!("{}{}/{name}", pods_prefix(PREFIX), "x");
+        assert!(cache.apply(&key, Some(rec.to_json().as_bytes()), rev));
+    }
+
+    #[test]
+    fn dual_stack_records_give_both_tables() {
+        let mut c = Cache::new(PREFIX);
+        record_ips(&mut c, "a", "n1", &["10.5.1.2", "fd10::2"], 3);
+        record_ips(&mut c, "b", "n1", &["10.5.1.3"], 3);
+        // An older record claiming a's IPv6 address loses it, keeps its own IPv4 one.
+        record_ips(&mut c, "old", "n2", &["10.5.2.9", "fd10::2"], 1);
+        // A newer one takes b's IPv4 address: b is left without addresses, so no view.
+        record_ips(&mut c, "new", "n2", &["10.5.1.3", "fd10::3"], 4);
+        let views: Vec<(String, Vec<String>)> = c
+            .pod_views()
+            .into_iter()
+            .map(|p| (p.name, p.ips.iter().map(|a| a.to_string()).collect()))
+            .collect();
+        assert_eq!(
+            views,
+            [
+                (
+                    "a".to_string(),
+                    vec!["10.5.1.2".to_string(), "fd10::2".to_string()]
+                ),
+                (
+                    "new".to_string(),
+                    vec!["10.5.1.3".to_string(), "fd10::3".to_string()]
+                ),
+                ("old".to_string(), vec!["10.5.2.9".to_string()]),
+            ]
+        );
+        let pods = c.pod_views();
+        assert!(has_ipv6_pods(&pods, "n1") && has_ipv6_pods(&pods, "n2"));
+        assert!(!has_ipv6_pods(&pods, "n3"));
+        assert!(put(
+            &mut c,
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n",
+            5
+        ));
+        let (rs, rs6) = (
+            c.compile_family("n1", Family::Ip),
+            c.compile_family("n1", Family::Ip6),
+        );
+        assert_eq!(rs, c.compile("n1"));
+        assert_eq!(rs.ingress.len(), 1);
+        assert_eq!(
+            rs6.ingress.keys().collect::<Vec<_>>(),
+            [&"fd10::2".parse::<IpAddr>().unwrap()]
+        );
+        // One dual-stack pod isolated in both tables counts once.
+        assert_eq!(isolated_pods(&pods, "n1", &[&rs, &rs6]), (1, 0));
+        let (rs2, rs26) = (
+            c.compile_family("n2", Family::Ip),
+            c.compile_family("n2", Family::Ip6),
+        );
+        assert_eq!(isolated_pods(&pods, "n2", &[&rs2, &rs26]), (2, 0));
     }
 
     #[test]
