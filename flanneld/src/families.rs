@@ -1,9 +1,9 @@
 //! Which address families each part of the node carries (pure), and the refusal of a config
 //! that asks for one a running part does not: with `EnableIPv6` and no IPv6 data plane, pods
 //! would get IPv6 addresses (the subnet file carries `FLANNEL_IPV6_*`) that no node routes, and
-//! flannel nodes would skip our leases for lack of `BackendV6Data`; with IPv6 pods and IPv4-only
-//! network policy, IPv6 traffic would pass unpoliced. A clear error beats either hole; each part
-//! lifts its row when it carries the family.
+//! flannel nodes would skip our leases for lack of `BackendV6Data`; an IPv6-only node's pods
+//! would be invisible to the parts that know pods by their IPv4 records. A clear error beats
+//! either hole; each part lifts its row when it carries the family.
 
 use subnet_lease::config::NetConfig;
 
@@ -27,15 +27,15 @@ pub struct Parts {
     pub dns: bool,
 }
 
-/// (part, flag, carries IPv4, carries IPv6 alongside IPv4, works without IPv4).
-const PARTS: &[(&str, &str, bool, bool, bool)] = &[
-    // The service proxy serves IPv4 Services in a dual-stack cluster (IPv6 ones are not
-    // served yet: no hole, they are unreachable); it needs the node's IPv4 subnet.
-    ("the service proxy", "--proxy-mode", true, true, false),
-    // Policy must see every packet of a pod: IPv6 pods would bypass an IPv4-only table.
-    ("network policy", "--network-policy", true, false, false),
-    // Cluster DNS listens on IPv4 addresses (IPv4 pods reach it in a dual-stack cluster).
-    ("cluster DNS", "--cluster-dns", true, true, false),
+/// (part, flag, works without IPv4). Each part carries both families in a dual-stack cluster:
+/// the proxy (tables ip and ip6 flannel-proxy), network policy (ip and ip6 flannel-policy: no
+/// IPv6 packet of a pod escapes it) and cluster DNS (IPv4 listen addresses, AAAA answers).
+/// None works without IPv4 yet: pods are known by their records, which need an IPv4 address,
+/// and the DNS listens on IPv4.
+const PARTS: &[(&str, &str, bool)] = &[
+    ("the service proxy", "--proxy-mode", false),
+    ("network policy", "--network-policy", false),
+    ("cluster DNS", "--cluster-dns", false),
 ];
 
 impl Parts {
@@ -67,21 +67,11 @@ pub fn check(cfg: &NetConfig, parts: Parts) -> Result<(), String> {
         return Err(format!("backend {t} does not carry IPv4"));
     }
     let on = [parts.proxy, parts.policy, parts.dns];
-    for (&(part, flag, _, with_v6, without_v4), on) in PARTS.iter().zip(on) {
-        if !on {
-            continue;
-        }
-        if !cfg.enable_ipv4 && !without_v4 {
+    for (&(part, flag, without_v4), on) in PARTS.iter().zip(on) {
+        if on && !cfg.enable_ipv4 && !without_v4 {
             return Err(format!(
                 "EnableIPv4 is false but {part} ({flag}) needs IPv4 in this version; run without \
                  {flag} or enable IPv4 (dual stack)"
-            ));
-        }
-        if cfg.enable_ipv6 && !with_v6 {
-            return Err(format!(
-                "EnableIPv6 is true but {part} ({flag}) covers IPv4 only in this version: IPv6 \
-                 traffic of pods would not be subject to it. Run without {flag}, or remove \
-                 EnableIPv6/IPv6Network from the network config"
             ));
         }
     }
@@ -139,26 +129,26 @@ mod tests {
     }
 
     #[test]
-    fn parts_without_ipv6_are_refused_where_they_would_leave_a_hole() {
+    fn parts_run_dual_stack_and_are_refused_without_ipv4() {
         let policy = Parts {
             policy: true,
             ..NONE
         };
-        let e = check(&dual("alloc"), policy).unwrap_err();
-        assert!(
-            e.contains("--network-policy") && e.contains("EnableIPv6"),
-            "{e}"
-        );
+        assert_eq!(check(&dual("vxlan"), policy), Ok(()));
         let proxy = Parts {
             proxy: true,
             ..NONE
         };
         let dns = Parts { dns: true, ..NONE };
-        assert_eq!(check(&dual("alloc"), proxy), Ok(()));
-        assert_eq!(check(&dual("alloc"), dns), Ok(()));
-        for p in [proxy, dns, policy] {
-            let e = check(&v6only("alloc"), p).unwrap_err();
-            assert!(e.contains("EnableIPv4 is false"), "{e}");
+        assert_eq!(check(&dual("vxlan"), proxy), Ok(()));
+        assert_eq!(check(&dual("host-gw"), dns), Ok(()));
+        for (p, flag) in [
+            (proxy, "--proxy-mode"),
+            (dns, "--cluster-dns"),
+            (policy, "--network-policy"),
+        ] {
+            let e = check(&v6only("vxlan"), p).unwrap_err();
+            assert!(e.contains("EnableIPv4 is false") && e.contains(flag), "{e}");
         }
     }
 }

@@ -88,6 +88,32 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{args:?} on node {i}: {e}"))
     }
 
+    /// `flannelctl apply` of `yaml` (from the hub).
+    fn apply(&self, yaml: &str) {
+        let file = self
+            .d
+            .dir
+            .path()
+            .join(format!("o{}.yaml", test_support::random_tag(6)));
+        std::fs::write(&file, yaml).unwrap();
+        let ctl = std::path::Path::new(common::BIN)
+            .parent()
+            .unwrap()
+            .join("flannelctl");
+        let ep = self.tb.etcd.as_ref().unwrap().endpoint();
+        let args = [
+            ctl.to_str().unwrap(),
+            "--etcd-endpoints",
+            &ep,
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+        ];
+        self.tb
+            .exec(&self.tb.hub, &args)
+            .unwrap_or_else(|e| panic!("flannelctl apply: {e}"));
+    }
+
     /// Every lease value in etcd.
     fn leases(&self) -> Vec<(String, String)> {
         let out = self
@@ -395,25 +421,7 @@ fn dual_stack_service_on_the_nftables_proxy() {
     }
     yaml += "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  selector:\n    app: web\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:10:96::10\"]\n  ports:\n  - port: 80\n    targetPort: 8080\n---\n";
     yaml += "apiVersion: v1\nkind: Service\nmetadata:\n  name: empty\nspec:\n  selector:\n    app: none\n  ipFamilyPolicy: SingleStack\n  ipFamilies: [IPv6]\n  clusterIP: \"fd00:10:96::11\"\n  ports:\n  - port: 80\n";
-    let file = c.d.dir.path().join("objects.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let ctl = std::path::Path::new(common::BIN)
-        .parent()
-        .unwrap()
-        .join("flannelctl");
-    let ep = c.tb.etcd.as_ref().unwrap().endpoint();
-    c.tb.exec(
-        &c.tb.hub,
-        &[
-            ctl.to_str().unwrap(),
-            "--etcd-endpoints",
-            &ep,
-            "apply",
-            "-f",
-            file.to_str().unwrap(),
-        ],
-    )
-    .unwrap_or_else(|e| panic!("flannelctl apply: {e}"));
+    c.apply(&yaml);
     let endpoints: Vec<IpAddr> = c.pods.iter().flat_map(|(_, _, ips)| ips.clone()).collect();
     for (ns, node, _) in c.pods.iter().step_by(2) {
         for vip in ["10.96.0.10", "fd00:10:96::10"] {
@@ -515,4 +523,73 @@ fn dual_stack_restart_loses_no_probe() {
         "{}",
         c.d.log(0)
     );
+}
+
+/// NetworkPolicy in a dual-stack cluster: a pod isolated for ingress is reached over both
+/// families only from the pods a rule allows, an IPv6 ipBlock opens IPv6 alone, and no IPv6
+/// packet slips past the policy (pods from the CNI chain on three vxlan nodes).
+#[test]
+fn dual_stack_network_policy() {
+    let conf = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"vxlan"}}"#;
+    let Some(mut c) = Cluster::start(conf, &["--network-policy"]) else {
+        return;
+    };
+    c.add_pods();
+    let _servers: Vec<WhoAmIServer> = c
+        .pods
+        .iter()
+        .map(|(ns, _, _)| WhoAmIServer::start(ns, PORT).unwrap())
+        .collect();
+    // p10 (node 1) is the database; p00 (node 0) and p20 (node 2) are clients, p01 and p11 not;
+    // p21's IPv6 address is allowed by an ipBlock.
+    let addr = |i: usize, v6: bool| *c.pods[i].2.iter().find(|a| a.is_ipv6() == v6).unwrap();
+    let mut yaml = String::new();
+    for (i, k, role) in [
+        (0, 0, "client"),
+        (0, 1, "other"),
+        (1, 0, "db"),
+        (1, 1, "other"),
+        (2, 0, "client"),
+        (2, 1, "other"),
+    ] {
+        yaml += &format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}{k}\n  labels:\n    role: {role}\nspec:\n  containers:\n  - name: c\n---\n");
+    }
+    let block = addr(5, true);
+    yaml += &format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: db\nspec:\n  podSelector:\n    matchLabels:\n      role: db\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          role: client\n    - ipBlock:\n        cidr: {block}/128\n");
+    c.apply(&yaml);
+    let db = [addr(2, false), addr(2, true)];
+    let reach = |from: usize, to: IpAddr| {
+        test_support::whoami(
+            &c.pods[from].0,
+            sock(&to.to_string(), PORT),
+            Duration::from_secs(1),
+        )
+        .is_ok()
+    };
+    // (client pod index, reaches the db over IPv4, over IPv6)
+    let want = [
+        (0, true, true),
+        (4, true, true),
+        (1, false, false),
+        (3, false, false),
+        (5, false, true),
+    ];
+    let ok = wait_for(Duration::from_secs(20), || {
+        want.iter()
+            .all(|&(p, v4, v6)| reach(p, db[0]) == v4 && reach(p, db[1]) == v6)
+            .then_some(())
+    });
+    let seen: Vec<_> = want
+        .iter()
+        .map(|&(p, _, _)| (p, reach(p, db[0]), reach(p, db[1])))
+        .collect();
+    assert!(
+        ok.is_some(),
+        "want {want:?}, seen {seen:?}:\n{}",
+        c.d.log(1)
+    );
+    // Pods nobody isolates still talk over both families.
+    for v6 in [false, true] {
+        assert!(reach(1, addr(3, v6)), "p01 -> p11 ({})", fam(v6));
+    }
 }

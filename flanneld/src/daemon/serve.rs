@@ -103,6 +103,9 @@ pub(super) async fn serve(
         }
         let mut opts = policy::run::PolicyOptions::new(&flags.node_name());
         opts.gate = policy_gate;
+        // Table ip6 flannel-policy only where pods have IPv6 addresses (a leftover one is
+        // removed otherwise).
+        opts.ipv6 = cfg.enable_ipv6;
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(policy::run::run(
             reg.connection().clone(),
