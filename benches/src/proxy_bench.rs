@@ -126,10 +126,10 @@ fn add_service(snap: &mut Snapshot, i: usize, server: Ipv4Addr) {
         snap.records.insert(
             ("default".into(), name),
             PodRecord {
-                ip,
+                ip: ip.into(),
                 ips: vec![ip.into()],
                 node: "node0".into(),
-                node_ip: Ipv4Addr::new(172, 30, 0, 10),
+                node_ip: Ipv4Addr::new(172, 30, 0, 10).into(),
                 subnet: "10.5.1.0/24".parse().expect("subnet"),
                 container_id: format!("c{i}{k}"),
                 ifname: "eth0".into(),

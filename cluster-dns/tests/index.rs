@@ -159,7 +159,7 @@ fn objects() -> Objects {
             &[IpAddr::V4(Ipv4Addr::from(ip))],
             "node-1",
             Ipv4Addr::new(192, 168, 0, 1),
-            "10.244.1.0/24".parse().unwrap(),
+            "10.244.1.0/24".parse::<ipnet::Ipv4Net>().unwrap(),
             "c1",
             "eth0",
         )

@@ -9,7 +9,7 @@
 //! never stop the daemon.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,7 +40,8 @@ pub struct PodOptions {
     /// `Node` in the records.
     pub node: String,
     /// `NodeIP` in the records: our PublicIP, which also marks the keys we own.
-    pub node_ip: Ipv4Addr,
+    /// The node's PublicIP (its PublicIPv6 on an IPv6-only node).
+    pub node_ip: IpAddr,
 }
 
 /// The records this node should publish, keyed by etcd key, and why others are not.
@@ -112,24 +113,22 @@ pub fn desired(
             continue;
         }
         let ips: Vec<IpAddr> = a.ips.iter().map(IpNet::addr).collect();
-        let Some(subnet4) = subnet.ipv4 else {
+        // The node's IPv4 subnet; its IPv6 one on an IPv6-only node.
+        let node_subnet: Option<IpNet> = subnet.ipv4.map(IpNet::V4).or(subnet.ipv6.map(IpNet::V6));
+        let record = node_subnet.and_then(|sn| {
+            PodRecord::new(
+                &ips,
+                &opts.node,
+                opts.node_ip,
+                sn,
+                &a.container_id,
+                &a.ifname,
+            )
+        });
+        let Some(record) = record else {
             out.skipped.push((
                 a.container_id.clone(),
-                format!("pod {ns}/{name}: this node has no IPv4 subnet"),
-            ));
-            continue;
-        };
-        let Some(record) = PodRecord::new(
-            &ips,
-            &opts.node,
-            opts.node_ip,
-            subnet4,
-            &a.container_id,
-            &a.ifname,
-        ) else {
-            out.skipped.push((
-                a.container_id.clone(),
-                format!("pod {ns}/{name}: no IPv4 address"),
+                format!("pod {ns}/{name}: no address"),
             ));
             continue;
         };
@@ -459,7 +458,7 @@ mod tests {
         PodOptions {
             data_dir: PathBuf::from("/nonexistent"),
             node: "node0".into(),
-            node_ip: Ipv4Addr::new(172, 30, 0, 11),
+            node_ip: std::net::Ipv4Addr::new(172, 30, 0, 11).into(),
         }
     }
 
@@ -487,10 +486,10 @@ mod tests {
         let keys: Vec<&str> = d.records.keys().map(String::as_str).collect();
         assert_eq!(keys, vec!["/coreos.com/network/pods/default/web-0"]);
         let r = &d.records["/coreos.com/network/pods/default/web-0"];
-        assert_eq!(r.ip, Ipv4Addr::new(10, 5, 52, 2));
+        assert_eq!(r.ip, IpAddr::from([10, 5, 52, 2]));
         assert_eq!(r.ips, vec![IpAddr::from([10, 5, 52, 2])]);
         assert_eq!((r.node.as_str(), r.node_ip), ("node0", opts().node_ip));
-        assert_eq!(Some(r.subnet), subnet().ipv4);
+        assert_eq!(Some(r.subnet), subnet().ipv4.map(IpNet::V4));
         assert_eq!((r.container_id.as_str(), r.ifname.as_str()), ("a", "eth0"));
         assert_eq!(d.unnamed, 1);
         let skipped: Vec<&str> = d.skipped.iter().map(|(id, _)| id.as_str()).collect();
@@ -559,18 +558,32 @@ mod tests {
             ),
         ];
         let d = desired(&atts, P, &opts(), &dual, &BTreeMap::new());
-        assert_eq!(d.records.len(), 1);
+        assert_eq!(d.records.len(), 2);
         let r = &d.records["/coreos.com/network/pods/default/web"];
         assert_eq!(r.container_id, "new");
-        assert_eq!(r.ip, Ipv4Addr::new(10, 5, 52, 9));
+        assert_eq!(r.ip, IpAddr::from([10, 5, 52, 9]), "IPv4 first, as podIP");
         assert_eq!(r.ips.len(), 2);
+        // A pod with only an IPv6 address is published with it.
+        let r = &d.records["/coreos.com/network/pods/default/v6"];
+        assert_eq!(r.ip, "fc00:0:0:34::7".parse::<IpAddr>().unwrap());
+        assert_eq!(r.subnet, "10.5.52.0/24".parse::<IpNet>().unwrap());
+        // On an IPv6-only node: the IPv6 subnet, the node's PublicIPv6.
+        let v6node = SubnetKey::v6("fc00:0:0:34::/64".parse().unwrap());
+        let mut o = opts();
+        o.node_ip = "fd00:210::b".parse().unwrap();
+        let d2 = desired(&atts[2..], P, &o, &v6node, &BTreeMap::new());
+        let r = &d2.records["/coreos.com/network/pods/default/v6"];
+        assert_eq!(r.subnet, "fc00:0:0:34::/64".parse::<IpNet>().unwrap());
+        assert_eq!(
+            r.to_json(),
+            r#"{"IP":"fc00:0:0:34::7","IPs":["fc00:0:0:34::7"],"Node":"node0","NodeIP":"fd00:210::b","Subnet":"fc00:0:0:34::/64","ContainerID":"v6only","Ifname":"eth0"}"#
+        );
         let skipped: BTreeMap<&str, &str> = d
             .skipped
             .iter()
             .map(|(a, b)| (a.as_str(), b.as_str()))
             .collect();
         assert!(skipped["old"].contains("superseded"), "{skipped:?}");
-        assert!(skipped["v6only"].contains("no IPv4"), "{skipped:?}");
     }
 
     #[test]

@@ -292,15 +292,9 @@ impl Cache {
     }
 }
 
-/// The addresses a record claims: its IPv4 `IP`, then the IPv6 addresses of `IPs`.
+/// The addresses a record claims: its `IP`, then the other addresses of `IPs`.
 fn record_addrs(rec: &PodRecord) -> Vec<IpAddr> {
-    let mut v = vec![IpAddr::V4(rec.ip)];
-    for a in &rec.ips {
-        if a.is_ipv6() && !v.contains(a) {
-            v.push(*a);
-        }
-    }
-    v
+    rec.addrs()
 }
 
 /// Whether a pod of `node` has an IPv6 address.
@@ -594,7 +588,7 @@ mod tests {
             &ips,
             node,
             Ipv4Addr::new(192, 0, 2, 1),
-            "10.5.1.0/24".parse().unwrap(),
+            "10.5.1.0/24".parse::<ipnet::Ipv4Net>().unwrap(),
             name,
             "eth0",
         )

@@ -22,7 +22,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use etcd_access::{Connection, EtcdError};
@@ -35,24 +35,28 @@ pub const PODS_DIR: &str = "pods";
 /// TTL of the etcd lease the pod keys are bound to: a dead node's pods vanish within it.
 pub const POD_LEASE_TTL: Duration = Duration::from_secs(60);
 
-/// One pod as published in etcd.
+/// One pod as published in etcd. IPv4 records are as they always were; a pod of an IPv6-only
+/// node has its first IPv6 address as `IP`, the node's PublicIPv6 as `NodeIP` and its IPv6
+/// subnet as `Subnet`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodRecord {
-    /// The pod's first IPv4 address.
+    /// The pod's primary address: its first IPv4 address, else its first IPv6 one (as a
+    /// Pod's `status.podIP`).
     #[serde(rename = "IP")]
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// Every address of the pod, without prefix length.
     #[serde(rename = "IPs")]
     pub ips: Vec<IpAddr>,
     /// The node's name (`--node-name`).
     #[serde(rename = "Node")]
     pub node: String,
-    /// The node's `PublicIP`; also says which node owns the key.
+    /// The node's `PublicIP` (`PublicIPv6` on an IPv6-only node, whose PublicIP is 0.0.0.0);
+    /// also says which node owns the key.
     #[serde(rename = "NodeIP")]
-    pub node_ip: Ipv4Addr,
-    /// The node's subnet (its lease).
+    pub node_ip: IpAddr,
+    /// The node's subnet (its lease's IPv4 subnet; the IPv6 one on an IPv6-only node).
     #[serde(rename = "Subnet")]
-    pub subnet: Ipv4Net,
+    pub subnet: IpNet,
     #[serde(rename = "ContainerID")]
     pub container_id: String,
     #[serde(rename = "Ifname")]
@@ -60,19 +64,21 @@ pub struct PodRecord {
 }
 
 impl PodRecord {
-    /// A record for a pod with addresses `ips`; `None` when it has no IPv4 address.
+    /// A record for a pod with addresses `ips`; `None` when it has none.
     pub fn new(
         ips: &[IpAddr],
         node: &str,
-        node_ip: Ipv4Addr,
-        subnet: Ipv4Net,
+        node_ip: impl Into<IpAddr>,
+        subnet: impl Into<IpNet>,
         container_id: &str,
         ifname: &str,
     ) -> Option<PodRecord> {
-        let ip = ips.iter().find_map(|a| match a {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        })?;
+        let ip = ips
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| ips.first())
+            .copied()?;
+        let (node_ip, subnet) = (node_ip.into(), subnet.into());
         Some(PodRecord {
             ip,
             ips: ips.to_vec(),
@@ -82,6 +88,38 @@ impl PodRecord {
             container_id: container_id.to_string(),
             ifname: ifname.to_string(),
         })
+    }
+
+    /// The pod's IPv4 address, if it has one.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        match self.ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => self.ips.iter().find_map(|a| match a {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            }),
+        }
+    }
+
+    /// The pod's first IPv6 address, if it has one.
+    pub fn ipv6(&self) -> Option<std::net::Ipv6Addr> {
+        std::iter::once(&self.ip)
+            .chain(&self.ips)
+            .find_map(|a| match a {
+                IpAddr::V6(v6) => Some(*v6),
+                IpAddr::V4(_) => None,
+            })
+    }
+
+    /// Every address (`IP` first), without duplicates.
+    pub fn addrs(&self) -> Vec<IpAddr> {
+        let mut v = vec![self.ip];
+        for a in &self.ips {
+            if !v.contains(a) {
+                v.push(*a);
+            }
+        }
+        v
     }
 
     pub fn to_json(&self) -> String {
@@ -213,7 +251,7 @@ pub struct PublishPlan {
 pub fn plan_published(
     desired: &BTreeMap<String, PodRecord>,
     listed: &PodList,
-    node_ip: Ipv4Addr,
+    node_ip: IpAddr,
     etcd_lease: i64,
 ) -> PublishPlan {
     let actual: BTreeMap<String, PodRecord> = listed
@@ -386,16 +424,16 @@ pub struct SyncReport {
 #[derive(Debug)]
 pub struct PodPublisher {
     conn: Connection,
-    node_ip: Ipv4Addr,
+    node_ip: IpAddr,
     ttl: Duration,
     lease: Option<i64>,
 }
 
 impl PodPublisher {
-    pub fn new(conn: Connection, node_ip: Ipv4Addr) -> Self {
+    pub fn new(conn: Connection, node_ip: impl Into<IpAddr>) -> Self {
         PodPublisher {
             conn,
-            node_ip,
+            node_ip: node_ip.into(),
             ttl: POD_LEASE_TTL,
             lease: None,
         }
@@ -407,7 +445,7 @@ impl PodPublisher {
         self
     }
 
-    pub fn node_ip(&self) -> Ipv4Addr {
+    pub fn node_ip(&self) -> IpAddr {
         self.node_ip
     }
 
@@ -529,7 +567,7 @@ mod tests {
             &[ip.parse().unwrap()],
             "node-a",
             Ipv4Addr::from(node_ip),
-            "10.5.52.0/24".parse().unwrap(),
+            "10.5.52.0/24".parse::<ipnet::Ipv4Net>().unwrap(),
             "c1",
             "eth0",
         )
@@ -542,7 +580,7 @@ mod tests {
             &["10.5.52.2".parse().unwrap(), "fc00::2".parse().unwrap()],
             "node-a",
             Ipv4Addr::new(192, 168, 64, 3),
-            "10.5.52.0/24".parse().unwrap(),
+            "10.5.52.0/24".parse::<ipnet::Ipv4Net>().unwrap(),
             "4f2c",
             "eth0",
         )
@@ -557,22 +595,36 @@ mod tests {
             &["fc00::2".parse().unwrap(), "10.5.52.9".parse().unwrap()],
             "n",
             Ipv4Addr::LOCALHOST,
-            "10.5.52.0/24".parse().unwrap(),
+            "10.5.52.0/24".parse::<ipnet::Ipv4Net>().unwrap(),
             "c",
             "eth0",
         )
         .unwrap();
-        assert_eq!(r6.ip, Ipv4Addr::new(10, 5, 52, 9));
-        // No IPv4 address: no record.
-        assert!(PodRecord::new(
+        assert_eq!(r6.ip, IpAddr::from([10, 5, 52, 9]));
+        assert_eq!(r6.ipv4(), Some(Ipv4Addr::new(10, 5, 52, 9)));
+        assert_eq!(r6.ipv6(), Some("fc00::2".parse().unwrap()));
+        assert_eq!(r6.addrs().len(), 2);
+        // An IPv6-only pod (of an IPv6-only node): its IPv6 address, the node's PublicIPv6
+        // and IPv6 subnet; read back as written.
+        let v6 = PodRecord::new(
             &["fc00::2".parse().unwrap()],
             "n",
-            Ipv4Addr::LOCALHOST,
-            "10.5.52.0/24".parse().unwrap(),
+            "fd00::1".parse::<IpAddr>().unwrap(),
+            "fc00::/64".parse::<IpNet>().unwrap(),
             "c",
-            "eth0"
+            "eth0",
         )
-        .is_none());
+        .unwrap();
+        assert_eq!(
+            (v6.ipv4(), v6.ip),
+            (None, "fc00::2".parse::<IpAddr>().unwrap())
+        );
+        assert_eq!(
+            serde_json::from_str::<PodRecord>(&v6.to_json()).unwrap(),
+            v6
+        );
+        // No address: no record.
+        assert!(PodRecord::new(&[], "n", Ipv4Addr::LOCALHOST, v6.subnet, "c", "eth0").is_none());
     }
 
     #[test]
@@ -659,7 +711,7 @@ mod tests {
             (k("theirs"), rec("10.5.52.6", me)),
             (k("garbage"), rec("10.5.52.7", me)),
         ]);
-        let p = plan_published(&desired, &listed, Ipv4Addr::from(me), 7);
+        let p = plan_published(&desired, &listed, IpAddr::from(Ipv4Addr::from(me)), 7);
         let puts: Vec<(&str, Expect)> = p.puts.iter().map(|(k, _, e)| (k.as_str(), *e)).collect();
         assert_eq!(
             puts,
@@ -674,7 +726,12 @@ mod tests {
         assert!(p.conflicts[0].holder.contains("unreadable"), "{p:?}");
         assert!(p.conflicts[1].holder.contains("192.168.64.4"), "{p:?}");
         // Another node never plans anything about our keys, nor we about "theirs-too".
-        let p = plan_published(&BTreeMap::new(), &listed, Ipv4Addr::from(other), 9);
+        let p = plan_published(
+            &BTreeMap::new(),
+            &listed,
+            IpAddr::from(Ipv4Addr::from(other)),
+            9,
+        );
         let dels: Vec<&str> = p.deletes.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(dels, vec![k("theirs"), k("theirs-too")]);
         assert!(p.puts.is_empty() && p.conflicts.is_empty());

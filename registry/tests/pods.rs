@@ -31,7 +31,7 @@ fn rec(ip: &str, node_ip: Ipv4Addr, container: &str) -> PodRecord {
         &[ip.parse().unwrap()],
         if node_ip == ME { "node-a" } else { "node-b" },
         node_ip,
-        "10.5.52.0/24".parse().unwrap(),
+        "10.5.52.0/24".parse::<ipnet::Ipv4Net>().unwrap(),
         container,
         "eth0",
     )

@@ -324,8 +324,8 @@ fn selected_endpoints(
             Some(IntOrString::String(name)) => pod.named_port(name, sp.protocol),
         };
         let ip = match family {
-            IpFamily::Ipv4 => Some(IpAddr::V4(rec.ip)),
-            IpFamily::Ipv6 => rec.ips.iter().copied().find(IpAddr::is_ipv6),
+            IpFamily::Ipv4 => rec.ipv4().map(IpAddr::V4),
+            IpFamily::Ipv6 => rec.ipv6().map(IpAddr::V6),
         };
         let Some(ip) = ip else {
             continue;
@@ -504,10 +504,10 @@ mod tests {
 
     fn record(ip: [u8; 4], node: &str) -> PodRecord {
         PodRecord {
-            ip: Ipv4Addr::from(ip),
+            ip: Ipv4Addr::from(ip).into(),
             ips: vec![Ipv4Addr::from(ip).into()],
             node: node.into(),
-            node_ip: Ipv4Addr::new(172, 30, 0, 11),
+            node_ip: Ipv4Addr::new(172, 30, 0, 11).into(),
             subnet: "10.5.1.0/24".parse().expect("subnet"),
             container_id: "c".into(),
             ifname: "eth0".into(),

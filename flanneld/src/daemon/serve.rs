@@ -47,7 +47,12 @@ pub(super) async fn serve(
         PodOptions {
             data_dir: flags.cni_data_dir.clone(),
             node: flags.node_name(),
-            node_ip: ext.public_ip(),
+            // An IPv6-only node's PublicIP is 0.0.0.0 (as every such node's): its records
+            // carry its PublicIPv6.
+            node_ip: match (ext.v4, ext.public_ipv6()) {
+                (None, Some(v6)) => v6.into(),
+                _ => ext.public_ip().into(),
+            },
         },
         reg.connection().clone(),
         subnet_rx,
