@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use backends::netlink::{Family, Netlink};
 use cluster_dns::cache::CacheLimits;
 use cluster_dns::index::{IndexConfig, PodMode};
@@ -18,7 +18,7 @@ use cluster_dns::notrack;
 use cluster_dns::run::{DnsOptions, DnsServer};
 use cluster_dns::upstream::Upstream;
 use etcd_access::Connection;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use subnet_env::dns::ClusterDnsEnv;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -84,26 +84,30 @@ fn options(flags: &Flags) -> Result<DnsOptions> {
     Ok(opts)
 }
 
-/// Adds each IPv4 listen address to `lo` as a /32 unless the node already has it there.
+/// Adds each listen address to `lo` (a /32 or /128) unless the node already has it there.
 async fn ensure_addresses(nl: &dyn Netlink, addrs: &[IpAddr]) -> Result<()> {
     let lo = nl
         .link_by_name("lo")
         .await
         .context("looking up lo")?
         .context("this namespace has no lo")?;
-    let have = nl
+    let mut have = nl
         .addresses(lo.index, Family::V4)
         .await
         .context("listing lo's addresses")?;
+    if addrs.iter().any(IpAddr::is_ipv6) {
+        have.extend(
+            nl.addresses(lo.index, Family::V6)
+                .await
+                .context("listing lo's IPv6 addresses")?,
+        );
+    }
     for ip in addrs {
-        let IpAddr::V4(v4) = ip else {
-            bail!("--cluster-dns-addr {ip}: only IPv4 addresses can be served for now");
-        };
-        let net = Ipv4Net::new(*v4, 32).context("a /32")?;
-        if have.iter().any(|h| h.addr() == *v4) {
+        let net = IpNet::from(*ip);
+        if have.iter().any(|h| h.addr() == *ip) {
             continue;
         }
-        nl.add_address(lo.index, net.into())
+        nl.add_address(lo.index, net)
             .await
             .with_context(|| format!("adding {net} to lo"))?;
         tracing::info!("cluster DNS: added {net} to lo");
@@ -142,6 +146,14 @@ pub(super) async fn start(
         .ensure()
         .await
         .context("installing the cluster DNS notrack table (ip flannel-dns)")?;
+    // IPv6 listen addresses: table ip6 flannel-dns (none: a leftover one is removed).
+    let v6 = flags.cluster_dns_addr.iter().any(IpAddr::is_ipv6);
+    let mut keeper6 = TableKeeper::new(Nft::default(), ::nft::Family::Ip6, notrack::TABLE);
+    keeper6.set(v6.then(|| notrack::render6(&flags.cluster_dns_addr, flags.cluster_dns_port)));
+    keeper6
+        .ensure()
+        .await
+        .context("installing the cluster DNS notrack table (ip6 flannel-dns)")?;
     ClusterDnsEnv {
         nameservers: flags.cluster_dns_addr.clone(),
         domain: cluster_dns::index::normalize(&flags.cluster_domain),
@@ -164,6 +176,9 @@ pub(super) async fn start(
                 tokio::time::sleep(every).await;
                 if let Err(e) = keeper.ensure().await {
                     tracing::warn!("cluster DNS: checking table ip {}: {e:#}", notrack::TABLE);
+                }
+                if let Err(e) = keeper6.ensure().await {
+                    tracing::warn!("cluster DNS: checking table ip6 {}: {e:#}", notrack::TABLE);
                 }
             }
         };
@@ -195,13 +210,10 @@ pub(super) async fn cleanup(flags: &Flags, nl: &dyn Netlink, errors: &mut Vec<St
         }
     };
     for ip in &flags.cluster_dns_addr {
-        if let IpAddr::V4(v4) = ip {
-            if let Ok(net) = Ipv4Net::new(*v4, 32) {
-                match nl.del_address(lo.index, net.into()).await {
-                    Ok(()) => tracing::info!("removed {net} from lo"),
-                    Err(e) => errors.push(format!("removing {net} from lo: {e}")),
-                }
-            }
+        let net = IpNet::from(*ip);
+        match nl.del_address(lo.index, net).await {
+            Ok(()) => tracing::info!("removed {net} from lo"),
+            Err(e) => errors.push(format!("removing {net} from lo: {e}")),
         }
     }
 }
