@@ -592,7 +592,7 @@ fn enable_ipv6_without_an_ipv6_data_plane_is_refused_before_anything_is_done() {
     etcd.etcdctl(&[
         "put",
         &format!("{prefix}/config"),
-        r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"udp"}}"#,
+        r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"vxlan"}}"#,
     ])
     .unwrap();
     let env = dir.path().join("s.env");
@@ -606,6 +606,9 @@ fn enable_ipv6_without_an_ipv6_data_plane_is_refused_before_anything_is_done() {
             &prefix,
             "--subnet-file",
             env.to_str().unwrap(),
+            // IPv4-only network policy with IPv6 pods would let their IPv6 traffic pass
+            // unpoliced: refused like a backend without an IPv6 data plane.
+            "--network-policy",
         ],
         &dir.path().join("log"),
     );
@@ -614,7 +617,7 @@ fn enable_ipv6_without_an_ipv6_data_plane_is_refused_before_anything_is_done() {
     assert_eq!(status.code(), Some(1), "{}", d.log());
     assert!(
         d.log()
-            .contains("EnableIPv6 is true but backend udp carries IPv4 only"),
+            .contains("EnableIPv6 is true but network policy (--network-policy) covers IPv4 only"),
         "{}",
         d.log()
     );
