@@ -249,8 +249,11 @@ fn udp_device(c: &Cluster, net6: &str, mtu: u32) {
         routes.lines().any(|l| l.starts_with(&format!("{net6} "))),
         "route for the IPv6Network via flannel0:\n{routes}"
     );
-    let metrics = common::backend_counter(&c.tb, 0, "udp_rx_packets");
-    assert!(metrics > 0, "udp received nothing");
+    // Counters reach /metrics at each resync.
+    let rx = wait_for(Duration::from_secs(5), || {
+        (common::backend_counter(&c.tb, 0, "udp_rx_packets") > 0).then_some(())
+    });
+    assert!(rx.is_some(), "udp received nothing:\n{}", c.d.log(0));
 }
 
 /// An IPv6-only cluster (`EnableIPv4: false`): flannel's `0.0.0.0-0&…` keys with

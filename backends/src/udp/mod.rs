@@ -254,6 +254,8 @@ impl UdpBackend {
                 .mtu(u16::try_from(mtu).unwrap_or(1472))
                 .packet_information(false)
                 .offload(offload)
+                // With IPv6 the device goes up only after addr_gen_mode is set (below).
+                .enable(!plane.v6)
                 .build_sync()
         };
         let first = if cfg.offload {
