@@ -244,12 +244,6 @@ pub async fn create(
             match vxlan::VxlanBackend::new(vcfg, ctx).await {
                 Ok(b) => Ok((Box::new(b), warnings)),
                 Err(e) if vxlan_unsupported(&e) => match fallback {
-                    Some("udp") if ctx.network6.is_some() => Err(BackendError::Config {
-                        key: "Fallback".into(),
-                        msg: format!(
-                            "vxlan: {e}; the udp fallback carries no IPv6 in this version and EnableIPv6 is set"
-                        ),
-                    }),
                     Some("udp") => {
                         warnings.push(format!(
                             "{e}; Backend.Fallback is \"udp\": running the udp backend (port {}) instead",

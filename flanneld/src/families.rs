@@ -12,7 +12,7 @@ use subnet_lease::config::NetConfig;
 const BACKENDS: &[(&str, bool, bool)] = &[
     ("vxlan", true, true),
     ("host-gw", true, true),
-    ("udp", true, false),
+    ("udp", true, true),
     ("alloc", true, true),
 ];
 
@@ -59,7 +59,7 @@ pub fn check(cfg: &NetConfig, parts: Parts) -> Result<(), String> {
     if cfg.enable_ipv6 && !v6 {
         return Err(format!(
             "EnableIPv6 is true but backend {t} carries IPv4 only here: pods would get IPv6 \
-             addresses that no node routes. Use backend vxlan or host-gw, or remove \
+             addresses that no node routes. Use backend vxlan, host-gw or udp, or remove \
              EnableIPv6/IPv6Network from the network config"
         ));
     }
@@ -107,11 +107,14 @@ mod tests {
 
     #[test]
     fn ipv6_is_refused_where_no_data_plane_carries_it() {
-        let e = check(&dual("udp"), NONE).unwrap_err();
-        assert!(e.contains("EnableIPv6") && e.contains("udp"), "{e}");
-        let e = check(&v6only("udp"), NONE).unwrap_err();
-        assert!(e.contains("EnableIPv6") && e.contains("udp"), "{e}");
-        for t in ["vxlan", "host-gw", "alloc"] {
+        // Every backend the config accepts carries IPv6 now; a type without a row (the config
+        // parser refuses unknown types first) is refused.
+        for mut c in [dual("vxlan"), v6only("vxlan")] {
+            c.backend.backend_type = "wireguard".into();
+            let e = check(&c, NONE).unwrap_err();
+            assert!(e.contains("EnableIPv6") && e.contains("wireguard"), "{e}");
+        }
+        for t in ["vxlan", "host-gw", "udp", "alloc"] {
             assert_eq!(check(&dual(t), NONE), Ok(()), "{t}");
             assert_eq!(check(&v6only(t), NONE), Ok(()), "{t}");
         }

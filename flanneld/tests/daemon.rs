@@ -584,7 +584,7 @@ fn unreachable_peers_are_logged_once_per_change_and_rate_limited() {
 }
 
 #[test]
-fn enable_ipv6_without_an_ipv6_data_plane_is_refused_before_anything_is_done() {
+fn a_part_without_ipv6_only_support_is_refused_before_anything_is_done() {
     let Some(etcd) = Etcd::start() else { return };
     let dir = tempfile::tempdir().unwrap();
     let ep = etcd.endpoint();
@@ -592,7 +592,7 @@ fn enable_ipv6_without_an_ipv6_data_plane_is_refused_before_anything_is_done() {
     etcd.etcdctl(&[
         "put",
         &format!("{prefix}/config"),
-        r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"udp"}}"#,
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"vxlan"}}"#,
     ])
     .unwrap();
     let env = dir.path().join("s.env");
@@ -606,6 +606,9 @@ fn enable_ipv6_without_an_ipv6_data_plane_is_refused_before_anything_is_done() {
             &prefix,
             "--subnet-file",
             env.to_str().unwrap(),
+            // Network policy knows pods by records that need IPv4 here: an IPv6-only node's
+            // pods would go unpoliced, so the combination is refused.
+            "--network-policy",
         ],
         &dir.path().join("log"),
     );
@@ -614,7 +617,7 @@ fn enable_ipv6_without_an_ipv6_data_plane_is_refused_before_anything_is_done() {
     assert_eq!(status.code(), Some(1), "{}", d.log());
     assert!(
         d.log()
-            .contains("EnableIPv6 is true but backend udp carries IPv4 only"),
+            .contains("EnableIPv4 is false but network policy (--network-policy) needs IPv4"),
         "{}",
         d.log()
     );

@@ -12,13 +12,15 @@
 //! full socket buffer into back-pressure on the TUN queue rather than a drop in userspace.
 
 use std::io::IoSlice;
-use std::net::{SocketAddrV4, UdpSocket};
+use std::net::{SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{self, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn};
+use nix::sys::socket::{
+    self, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage,
+};
 use tun_rs::SyncDevice;
 
 use super::coalesce;
@@ -84,7 +86,7 @@ fn flush(
     sock: &UdpSocket,
     run: &[&[u8]],
     seg: usize,
-    to: SocketAddrV4,
+    to: SocketAddr,
     gso: &mut bool,
     stats: &UdpStats,
 ) {
@@ -92,7 +94,7 @@ fn flush(
         return;
     }
     if *gso && run.len() > 1 {
-        let addr = SockaddrIn::from(to);
+        let addr = SockaddrStorage::from(to);
         let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
         let iov: Vec<std::io::IoSlice<'_>> = run.iter().map(|p| std::io::IoSlice::new(p)).collect();
         let cmsg = [ControlMessage::UdpGsoSegments(&seg16)];
@@ -220,8 +222,7 @@ pub fn tun_to_udp(sh: Arc<Shared>) {
         // Pass 2: runs of consecutive packets to one peer, same size (the last may be shorter),
         // leave in one GSO send.
         let mut run: Vec<&[u8]> = Vec::with_capacity(GSO_MAX_SEGMENTS);
-        let (mut dst, mut seg, mut bytes, mut closed) =
-            (None::<SocketAddrV4>, 0usize, 0usize, false);
+        let (mut dst, mut seg, mut bytes, mut closed) = (None::<SocketAddr>, 0usize, 0usize, false);
         for i in 0..n {
             let pkt = &bufs[i][..sizes[i]];
             match decisions[i] {
@@ -249,7 +250,7 @@ pub fn tun_to_udp(sh: Arc<Shared>) {
                 Egress::Unreachable => {
                     stats.count(DropReason::NoRoute);
                     if limiter.allow(Instant::now()) {
-                        if let Some(reply) = packet::icmp_net_unreachable(pkt) {
+                        if let Some(reply) = packet::unreachable_reply(pkt) {
                             // Written like every TUN write: after a (zeroed) virtio-net header
                             // when the offload is on; send_multiple handles both modes.
                             let mut out = [vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN]];
@@ -267,7 +268,8 @@ pub fn tun_to_udp(sh: Arc<Shared>) {
                         }
                     }
                 }
-                // IPv6 link-local noise of a fresh TUN lands in not_ipv4: counted, not logged.
+                // IPv6 link-local noise of a fresh TUN lands in not_ipv4 (link_scope where
+                // IPv6 is carried): counted, not logged.
                 Egress::Drop(d) => stats.count(d),
             }
         }
@@ -277,14 +279,24 @@ pub fn tun_to_udp(sh: Arc<Shared>) {
     }
 }
 
+/// The sender of a datagram as peers are recorded: an IPv6 sender without flow label and scope
+/// (peers' `PublicIPv6` are global or ULA addresses).
+fn sender(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    a.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(SocketAddrV6::new(v6.ip(), v6.port(), 0, 0)))
+}
+
 /// Reads one datagram (with UDP_GRO: several of one size, the size in a cmsg) into `buf`.
 fn receive(
     sock: &UdpSocket,
     buf: &mut [u8],
-) -> nix::Result<(usize, Option<SockaddrIn>, Option<usize>)> {
+) -> nix::Result<(usize, Option<SocketAddr>, Option<usize>)> {
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!(i32);
-    let msg = socket::recvmsg::<SockaddrIn>(
+    let msg = socket::recvmsg::<SockaddrStorage>(
         sock.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg),
@@ -298,7 +310,7 @@ fn receive(
             }
         }
     }
-    Ok((msg.bytes, msg.address, seg))
+    Ok((msg.bytes, msg.address.as_ref().and_then(sender), seg))
 }
 
 /// Ingress loop: UDP → TUN, until the stop flag is set.
@@ -340,7 +352,6 @@ pub fn udp_to_tun(sh: Arc<Shared>) {
             stats.count(DropReason::UnknownSender);
             continue;
         };
-        let from = SocketAddrV4::new(from.ip(), from.port());
         let seg = seg.unwrap_or(len).max(1);
         // The valid packets, as slices of `buf` (one small allocation per receive).
         let mut valid: Vec<&[u8]> = Vec::with_capacity(len / seg + 1);

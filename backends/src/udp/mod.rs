@@ -5,6 +5,17 @@
 //! (known peer address and port, inner source in that peer's subnet, destination in ours) and
 //! every drop is counted by reason. Buffers are fixed; nothing queues, so memory is bounded.
 //!
+//! IPv6 (our extension; flannel's udp has none). Dual stack: the underlay stays IPv4 (one
+//! socket, flannel's), inner IPv4 goes to every udp peer as above, inner IPv6 (hop limit
+//! decremented) only to peers whose lease says `"BackendType":"udp"` and has an IPv6 subnet:
+//! flannel's udp lease has no type and its data plane would read an IPv6 packet as IPv4.
+//! IPv6-only: the socket is `[interface IPv6]:port`, peers are reached at their `PublicIPv6`,
+//! and the TUN MTU is the interface's − 48. `flannel0` gets our IPv6 subnet's network address
+//! /128 and a route for `IPv6Network`; `addr_gen_mode=1` (set before the device goes up) keeps
+//! the kernel from giving it a link-local address and sending RS/MLD into the tunnel. IPv6
+//! packets are written to the TUN uncoalesced (coalesce.rs is IPv4-only); TCPv6 super-packets
+//! read from the TUN are split (tun-rs) and leave with UDP GSO like IPv4 ones.
+//!
 //! Fast path: the TUN carries a virtio-net header (TSO/checksum offload), so one read returns up to
 //! 64 KiB that tun-rs splits into MTU packets; consecutive packets to one peer leave in one
 //! `sendmsg` with UDP_SEGMENT (GSO). Receiving uses UDP_GRO (many datagrams per call) and tun-rs's
@@ -16,18 +27,18 @@ mod dataplane;
 pub mod packet;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::{Map, Value};
 use subnet_lease::manager::Event;
 use subnet_lease::{Lease, SubnetKey};
 
-use crate::netlink::{ensure_subnet_address, Family, Netlink, Route};
+use crate::netlink::{ensure_subnet_address, Family, Ipv6Conf, Netlink, Route};
 use crate::options::Options;
 use crate::{Backend, BackendContext, BackendError, PeerTable};
 use packet::{DropReason, Routes, UdpPeer};
@@ -36,6 +47,8 @@ use packet::{DropReason, Routes, UdpPeer};
 pub const DEFAULT_PORT: u16 = 8285;
 /// IPv4 header 20 + UDP header 8.
 pub const OVERHEAD_V4: u32 = 28;
+/// IPv6 header 40 + UDP header 8 (the underlay of an IPv6-only node).
+pub const OVERHEAD_V6: u32 = 48;
 pub const DEVICE: &str = "flannel0";
 
 /// `Backend` options of the udp type.
@@ -105,30 +118,85 @@ impl UdpStats {
     }
 }
 
-/// Where a peer's datagrams come from and ours to it go (whatever its lease's type).
-/// None for an IPv6-only lease: this data plane carries IPv4 only.
-fn udp_peer(l: &Lease, port: u16) -> Option<UdpPeer> {
-    Some(UdpPeer {
-        subnet: l.key.ipv4?,
-        addr: SocketAddrV4::new(l.attrs.public_ip, port),
-    })
+/// What this node's udp data plane carries, and over what: inner IPv4 when IPv4 is enabled
+/// (the underlay is IPv4 then, for both inner families), inner IPv6 when IPv6 is enabled (over
+/// an IPv6 underlay when IPv4 is off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plane {
+    pub port: u16,
+    pub v4: bool,
+    pub v6: bool,
 }
 
-/// A peer this backend routes to: its lease advertises udp, or no type at all (flannel's udp
-/// backend writes none, see `LeaseAttrs::data_plane`).
-fn peer_addr(l: &Lease, port: u16) -> Result<UdpPeer, String> {
-    if l.attrs.data_plane() != "udp" {
-        return Err(format!("backend type {:?}, not udp", l.attrs.backend_type));
+impl Plane {
+    /// IPv4 underlay (flannel's, also in dual stack) unless the node is IPv6-only.
+    pub fn underlay_v6(&self) -> bool {
+        !self.v4
     }
-    udp_peer(l, port).ok_or_else(|| "no IPv4 subnet".to_string())
+
+    /// `FLANNEL_MTU` and the TUN MTU: the interface's minus the underlay's headers.
+    pub fn mtu(&self, iface_mtu: u32) -> u32 {
+        let overhead = if self.underlay_v6() {
+            OVERHEAD_V6
+        } else {
+            OVERHEAD_V4
+        };
+        iface_mtu.saturating_sub(overhead)
+    }
+
+    /// Where a peer's datagrams come from and ours to it go: its PublicIP (PublicIPv6 on an
+    /// IPv6-only node).
+    fn underlay(&self, l: &Lease) -> Option<SocketAddr> {
+        if self.underlay_v6() {
+            let ip = l.attrs.public_ipv6?;
+            Some(SocketAddr::V6(SocketAddrV6::new(ip, self.port, 0, 0)))
+        } else {
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                l.attrs.public_ip,
+                self.port,
+            )))
+        }
+    }
+
+    /// A lease's entries (whatever its type), one per family carried: its IPv4 subnet, and its
+    /// IPv6 subnet when `v6` allows it.
+    fn entries(&self, l: &Lease, v6: bool) -> Vec<UdpPeer> {
+        let Some(addr) = self.underlay(l) else {
+            return Vec::new();
+        };
+        let v4 = l.key.ipv4.filter(|_| self.v4).map(IpNet::V4);
+        let v6 = l.key.ipv6.filter(|_| self.v6 && v6).map(IpNet::V6);
+        v4.into_iter()
+            .chain(v6)
+            .map(|subnet| UdpPeer { subnet, addr })
+            .collect()
+    }
+
+    /// The entries egress sends to for a lease that advertises udp, or no type at all
+    /// (flannel's udp backend writes none, see `LeaseAttrs::data_plane`). Inner IPv6 goes only
+    /// to a lease that says `"BackendType":"udp"`: a typeless one is flannel's, whose data
+    /// plane would read an IPv6 packet as IPv4.
+    fn peer_entries(&self, l: &Lease) -> Result<Vec<UdpPeer>, String> {
+        if l.attrs.data_plane() != "udp" {
+            return Err(format!("backend type {:?}, not udp", l.attrs.backend_type));
+        }
+        let v = self.entries(l, l.attrs.backend_type == "udp");
+        if v.is_empty() {
+            return Err(
+                "no subnet of a family this node carries (or no address to reach it)".into(),
+            );
+        }
+        Ok(v)
+    }
 }
 
 /// The running udp backend.
 #[derive(Debug)]
 pub struct UdpBackend {
     nl: Arc<dyn Netlink>,
-    cfg: UdpConfig,
-    network: Ipv4Net,
+    plane: Plane,
+    network: Option<Ipv4Net>,
+    network6: Option<Ipv6Net>,
     index: u32,
     mtu: u32,
     peers: PeerTable,
@@ -138,6 +206,7 @@ pub struct UdpBackend {
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     own: Option<Ipv4Net>,
+    own6: Option<Ipv6Net>,
 }
 
 fn io_err(op: &str, source: std::io::Error) -> BackendError {
@@ -149,17 +218,35 @@ fn io_err(op: &str, source: std::io::Error) -> BackendError {
 
 impl UdpBackend {
     pub async fn new(cfg: UdpConfig, ctx: &BackendContext) -> Result<Self, BackendError> {
-        // This data plane carries IPv4 over IPv4 only (flanneld refuses udp with IPv6 first).
-        let (Some(ext4), Some(network)) = (ctx.ext.v4, ctx.network) else {
-            return Err(BackendError::Config {
-                key: "Type".into(),
-                msg: format!(
-                    "udp: needs IPv4 (EnableIPv4 and an IPv4 address on interface {}); it has no IPv6 data plane in this version",
-                    ctx.ext.name
-                ),
-            });
+        let plane = Plane {
+            port: cfg.port,
+            v4: ctx.network.is_some(),
+            v6: ctx.network6.is_some(),
         };
-        let mtu = ctx.ext.mtu.saturating_sub(OVERHEAD_V4);
+        // The socket: on the interface's IPv4 address (flannel's), or its IPv6 one when the
+        // node is IPv6-only.
+        let bind: SocketAddr = match (plane.v4, ctx.ext.v4, ctx.ext.v6) {
+            (true, Some(a), _) => SocketAddrV4::new(a.iface_ip, cfg.port).into(),
+            (false, _, Some(a)) if plane.v6 => {
+                // A link-local address needs the interface as its scope.
+                let scope = if a.iface_ip.is_unicast_link_local() {
+                    ctx.ext.index
+                } else {
+                    0
+                };
+                SocketAddrV6::new(a.iface_ip, cfg.port, 0, scope).into()
+            }
+            _ => {
+                return Err(BackendError::Config {
+                    key: "Type".into(),
+                    msg: format!(
+                        "udp: needs an address of an enabled family on interface {} (IPv4 with EnableIPv4, IPv6 with EnableIPv6)",
+                        ctx.ext.name
+                    ),
+                })
+            }
+        };
+        let mtu = plane.mtu(ctx.ext.mtu);
         let stats = Arc::new(UdpStats::default());
         let build = |offload: bool| {
             tun_rs::DeviceBuilder::new()
@@ -167,6 +254,8 @@ impl UdpBackend {
                 .mtu(u16::try_from(mtu).unwrap_or(1472))
                 .packet_information(false)
                 .offload(offload)
+                // With IPv6 the device goes up only after addr_gen_mode is set (below).
+                .enable(!plane.v6)
                 .build_sync()
         };
         let first = if cfg.offload {
@@ -198,9 +287,15 @@ impl UdpBackend {
             .link_by_name(DEVICE)
             .await?
             .ok_or_else(|| BackendError::DeviceMissing(format!("TUN {DEVICE}")))?;
+        if plane.v6 {
+            // Before up: no link-local address, hence no RS/MLD/DAD packets into the tunnel.
+            ctx.netlink
+                .set_ipv6_conf(DEVICE, Ipv6Conf::AddrGenMode, 1)
+                .await?;
+        }
         ctx.netlink.set_link_mtu_up(link.index, mtu).await?;
-        let sock = std::net::UdpSocket::bind(SocketAddrV4::new(ext4.iface_ip, cfg.port))
-            .map_err(|e| io_err(&format!("binding UDP {}:{}", ext4.iface_ip, cfg.port), e))?;
+        let sock = std::net::UdpSocket::bind(bind)
+            .map_err(|e| io_err(&format!("binding UDP {bind}"), e))?;
         dataplane::prepare(&dev, &sock).map_err(|e| io_err("preparing TUN and socket", e))?;
         let routes = Arc::new(RwLock::new(Routes::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -233,11 +328,12 @@ impl UdpBackend {
                 }
             }
         }
-        tracing::info!(device = DEVICE, mtu, port = cfg.port, "udp backend up");
+        tracing::info!(device = DEVICE, mtu, port = cfg.port, ipv4 = plane.v4, ipv6 = plane.v6, underlay = %bind, "udp backend up");
         Ok(UdpBackend {
             nl: ctx.netlink.clone(),
-            cfg,
-            network,
+            plane,
+            network: ctx.network,
+            network6: ctx.network6,
             index: link.index,
             mtu,
             peers: PeerTable::default(),
@@ -246,6 +342,7 @@ impl UdpBackend {
             threads,
             stop,
             own: None,
+            own6: None,
         })
     }
 
@@ -253,27 +350,34 @@ impl UdpBackend {
         self.stats.clone()
     }
 
-    fn udp_peer(&self, l: &Lease) -> Option<UdpPeer> {
-        udp_peer(l, self.cfg.port)
-    }
-
-    fn peer_addr(&self, l: &Lease) -> Result<UdpPeer, String> {
-        peer_addr(l, self.cfg.port)
-    }
-
-    async fn ensure_link_state(&self) -> Result<usize, BackendError> {
-        let Some(own) = self.own else { return Ok(0) };
-        let mut changes = ensure_subnet_address(self.nl.as_ref(), self.index, own.into()).await?;
-        let route = Route {
-            dst: self.network.into(),
+    /// The route for the whole `Network` (`IPv6Network`) via flannel0.
+    fn network_route(&self, dst: IpNet) -> Route {
+        Route {
+            dst,
             gateway: None,
             oif: self.index,
             onlink: false,
-        };
-        let routes = self.nl.routes(Family::V4).await?;
-        if !routes.contains(&route) {
-            self.nl.set_route(route).await?;
-            changes += 1;
+        }
+    }
+
+    /// flannel0's address and route of each carried family whose own subnet is known.
+    async fn ensure_link_state(&self) -> Result<usize, BackendError> {
+        let fams = [
+            (self.own.map(IpNet::V4), self.network.map(IpNet::V4)),
+            (self.own6.map(IpNet::V6), self.network6.map(IpNet::V6)),
+        ];
+        let mut changes = 0;
+        for (own, network) in fams {
+            let (Some(own), Some(network)) = (own, network) else {
+                continue;
+            };
+            changes += ensure_subnet_address(self.nl.as_ref(), self.index, own).await?;
+            let route = self.network_route(network);
+            let routes = self.nl.routes(Family::of_net(&network)).await?;
+            if !routes.contains(&route) {
+                self.nl.set_route(route).await?;
+                changes += 1;
+            }
         }
         Ok(changes)
     }
@@ -317,9 +421,14 @@ impl Backend for UdpBackend {
     }
 
     async fn set_lease(&mut self, own: &Lease) -> Result<(), BackendError> {
-        self.own = own.key.ipv4;
+        self.own = own.key.ipv4.filter(|_| self.plane.v4);
+        self.own6 = own.key.ipv6.filter(|_| self.plane.v6);
         self.peers.remove(&own.key);
-        self.routes.write().unwrap_or_else(|e| e.into_inner()).own = own.key.ipv4;
+        {
+            let mut r = self.routes.write().unwrap_or_else(|e| e.into_inner());
+            r.own = self.own;
+            r.own6 = self.own6;
+        }
         self.ensure_link_state().await?;
         Ok(())
     }
@@ -334,9 +443,10 @@ impl Backend for UdpBackend {
         let changes = self.ensure_link_state().await?;
         let (mut peers, mut switching) = (Vec::new(), Vec::new());
         for l in self.peers.leases() {
-            match self.peer_addr(l) {
-                Ok(p) => peers.push(p),
-                Err(_) => switching.extend(self.udp_peer(l)),
+            match self.plane.peer_entries(l) {
+                Ok(p) => peers.extend(p),
+                // A peer mid-switch to udp is ours (it has a type), IPv6 included.
+                Err(_) => switching.extend(self.plane.entries(l, true)),
             }
         }
         let mut r = self.routes.write().unwrap_or_else(|e| e.into_inner());
@@ -348,14 +458,12 @@ impl Backend for UdpBackend {
 
     async fn teardown(&mut self) -> Result<(), BackendError> {
         self.stop_threads().await;
-        self.nl
-            .del_route(Route {
-                dst: self.network.into(),
-                gateway: None,
-                oif: self.index,
-                onlink: false,
-            })
-            .await?;
+        let routes: Vec<Route> = [self.network.map(IpNet::V4), self.network6.map(IpNet::V6)]
+            .into_iter()
+            .flatten()
+            .map(|n| self.network_route(n))
+            .collect();
+        crate::netlink::del_routes(self.nl.as_ref(), routes).await?;
         Ok(())
     }
 
@@ -403,6 +511,124 @@ mod tests {
             etcd_lease: 1,
             mod_revision: 1,
         }
+    }
+
+    /// The IPv4 entry egress sends to for `l` on an IPv4-only node.
+    fn peer_addr(l: &Lease, port: u16) -> Result<UdpPeer, String> {
+        let v4 = Plane {
+            port,
+            v4: true,
+            v6: false,
+        };
+        v4.peer_entries(l).map(|v| v[0])
+    }
+
+    fn key_lease(key: &str, json: &str) -> Lease {
+        Lease {
+            key: SubnetKey::parse(key).unwrap(),
+            attrs: serde_json::from_str(json).unwrap(),
+            etcd_lease: 1,
+            mod_revision: 1,
+        }
+    }
+
+    fn entry(subnet: &str, addr: &str) -> UdpPeer {
+        UdpPeer {
+            subnet: subnet.parse().unwrap(),
+            addr: addr.parse().unwrap(),
+        }
+    }
+
+    const DUAL: Plane = Plane {
+        port: 8285,
+        v4: true,
+        v6: true,
+    };
+    const V6ONLY: Plane = Plane {
+        port: 8285,
+        v4: false,
+        v6: true,
+    };
+
+    #[test]
+    fn dual_stack_sends_ipv6_over_ipv4_only_to_leases_that_say_udp() {
+        let ours = key_lease(
+            "10.5.8.0-24&fd10:0:0:8::-64",
+            r#"{"PublicIP":"172.30.0.8","PublicIPv6":"fd00:210::8","BackendType":"udp"}"#,
+        );
+        assert_eq!(
+            DUAL.peer_entries(&ours),
+            Ok(vec![
+                entry("10.5.8.0/24", "172.30.0.8:8285"),
+                entry("fd10:0:0:8::/64", "172.30.0.8:8285"),
+            ]),
+            "both inner families over the IPv4 underlay"
+        );
+        // flannel's udp node (no type): IPv4 only, even with a dual-stack key.
+        let flannel = key_lease(
+            "10.5.7.0-24&fd10:0:0:7::-64",
+            r#"{"PublicIP":"172.30.0.7","PublicIPv6":"fd00:210::7"}"#,
+        );
+        assert_eq!(
+            DUAL.peer_entries(&flannel),
+            Ok(vec![entry("10.5.7.0/24", "172.30.0.7:8285")])
+        );
+        // A node of another type mid-switch: accepted on ingress for both families.
+        let vxlan = key_lease(
+            "10.5.9.0-24&fd10:0:0:9::-64",
+            r#"{"PublicIP":"172.30.0.9","PublicIPv6":"fd00:210::9","BackendType":"vxlan"}"#,
+        );
+        assert!(DUAL.peer_entries(&vxlan).is_err());
+        assert_eq!(
+            DUAL.entries(&vxlan, true),
+            vec![
+                entry("10.5.9.0/24", "172.30.0.9:8285"),
+                entry("fd10:0:0:9::/64", "172.30.0.9:8285"),
+            ]
+        );
+        // IPv4-only nodes carry no IPv6 whatever the lease says.
+        assert_eq!(
+            peer_addr(&ours, 8285),
+            Ok(entry("10.5.8.0/24", "172.30.0.8:8285"))
+        );
+        assert_eq!(
+            Plane { v6: false, ..DUAL }
+                .peer_entries(&ours)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn ipv6_only_reaches_peers_at_their_public_ipv6() {
+        let ours = key_lease(
+            "0.0.0.0-0&fd10:0:0:8::-64",
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:210::8","BackendType":"udp"}"#,
+        );
+        assert_eq!(
+            V6ONLY.peer_entries(&ours),
+            Ok(vec![entry("fd10:0:0:8::/64", "[fd00:210::8]:8285")])
+        );
+        let no_v6_address = key_lease(
+            "0.0.0.0-0&fd10:0:0:9::-64",
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":null,"BackendType":"udp"}"#,
+        );
+        assert!(V6ONLY.peer_entries(&no_v6_address).is_err());
+        let typeless = key_lease(
+            "0.0.0.0-0&fd10:0:0:7::-64",
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:210::7"}"#,
+        );
+        assert!(V6ONLY.peer_entries(&typeless).is_err());
+    }
+
+    #[test]
+    fn mtu_per_underlay() {
+        // Decision 3 of docs/ipv6-plan.md: the underlay's headers, whatever the inner family.
+        assert_eq!(DUAL.mtu(1500), 1472);
+        assert_eq!(Plane { v6: false, ..DUAL }.mtu(1500), 1472);
+        assert_eq!(V6ONLY.mtu(1500), 1452);
+        assert_eq!(V6ONLY.mtu(40), 0);
     }
 
     #[test]

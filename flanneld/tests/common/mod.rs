@@ -354,8 +354,10 @@ impl Cni {
 
 /// The port of [`Ticker`]'s echo server.
 pub const ECHO_PORT: u16 = 5010;
-/// The longest pause of the TCP stream a switch may cause: below TCP's minimum retransmission
-/// timeout (200 ms), so a lost segment fails the test.
+
+/// The pause of the TCP stream a switch is expected to stay under: below TCP's minimum
+/// retransmission timeout (200 ms). Tests assert no retransmission (a lost segment) and allow
+/// a few times this for scheduling on a busy machine.
 pub const MAX_GAP_MS: f64 = 150.0;
 
 /// A TCP conversation of 8-byte pings every 10 ms, echoed by the server: the longest time
@@ -365,6 +367,8 @@ pub struct Ticker {
     max_gap_us: Arc<AtomicU64>,
     broken: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The client's and the server's namespaces.
+    ends: [String; 2],
 }
 
 impl Ticker {
@@ -420,6 +424,7 @@ impl Ticker {
             max_gap_us,
             broken,
             threads: vec![echo, pinger],
+            ends: [client.ns.clone(), server.ns.clone()],
         }
     }
 
@@ -427,6 +432,23 @@ impl Ticker {
     pub fn take_max_gap_ms(&self) -> f64 {
         let us = self.max_gap_us.swap(0, Ordering::Relaxed);
         (us as f64 / 1000.0 - 10.0).max(0.0)
+    }
+
+    /// The stream's sockets that retransmitted (`ss -tni` lines with `retrans:`), at either
+    /// end: a segment lost, whatever the scheduling of a busy machine made of the gaps.
+    pub fn retransmissions(&self) -> Vec<String> {
+        let filter = format!("( sport = :{ECHO_PORT} or dport = :{ECHO_PORT} )");
+        let mut out = Vec::new();
+        for ns in &self.ends {
+            let text = test_support::sh("ip", &["netns", "exec", ns, "ss", "-tni", &filter])
+                .unwrap_or_else(|e| panic!("ss in {ns}: {e}"));
+            out.extend(
+                text.lines()
+                    .filter(|l| l.contains("retrans:"))
+                    .map(|l| format!("{ns}: {}", l.trim())),
+            );
+        }
+        out
     }
 
     pub fn alive(&self) -> bool {
