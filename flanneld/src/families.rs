@@ -25,18 +25,14 @@ pub struct Parts {
     pub policy: bool,
     /// `--cluster-dns`.
     pub dns: bool,
+    /// `--cluster-dns-addr` has an IPv6 address (IPv6-only pods can reach the DNS).
+    pub dns_v6: bool,
 }
 
-/// (part, flag, works without IPv4). Each part carries both families in a dual-stack cluster:
-/// the proxy (tables ip and ip6 flannel-proxy), network policy (ip and ip6 flannel-policy: no
-/// IPv6 packet of a pod escapes it) and cluster DNS (IPv4 listen addresses, AAAA answers).
-/// None works without IPv4 yet: pods are known by their records, which need an IPv4 address,
-/// and the DNS listens on IPv4.
-const PARTS: &[(&str, &str, bool)] = &[
-    ("the service proxy", "--proxy-mode", false),
-    ("network policy", "--network-policy", false),
-    ("cluster DNS", "--cluster-dns", false),
-];
+// The optional parts carry both families in a dual-stack cluster: the proxy (tables ip and
+// ip6 flannel-proxy), network policy (ip and ip6 flannel-policy: no IPv6 packet of a pod
+// escapes it) and cluster DNS (AAAA answers). On an IPv6-only node the proxy and policy work
+// from the pods' IPv6 records; the DNS needs an IPv6 listen address.
 
 impl Parts {
     pub fn of(flags: &crate::flags::Flags) -> Self {
@@ -44,6 +40,7 @@ impl Parts {
             proxy: flags.proxy_mode != "none",
             policy: flags.network_policy,
             dns: flags.cluster_dns,
+            dns_v6: flags.cluster_dns_addr.iter().any(std::net::IpAddr::is_ipv6),
         }
     }
 }
@@ -66,14 +63,13 @@ pub fn check(cfg: &NetConfig, parts: Parts) -> Result<(), String> {
     if cfg.enable_ipv4 && !v4 {
         return Err(format!("backend {t} does not carry IPv4"));
     }
-    let on = [parts.proxy, parts.policy, parts.dns];
-    for (&(part, flag, without_v4), on) in PARTS.iter().zip(on) {
-        if on && !cfg.enable_ipv4 && !without_v4 {
-            return Err(format!(
-                "EnableIPv4 is false but {part} ({flag}) needs IPv4 in this version; run without \
-                 {flag} or enable IPv4 (dual stack)"
-            ));
-        }
+    if parts.dns && !cfg.enable_ipv4 && !parts.dns_v6 {
+        return Err(
+            "EnableIPv4 is false but cluster DNS (--cluster-dns) listens on IPv4 addresses only \
+             (--cluster-dns-addr): IPv6-only pods could not reach it. Give it an IPv6 address, \
+             e.g. --cluster-dns-addr fd00:53::10"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -91,6 +87,7 @@ mod tests {
         proxy: false,
         policy: false,
         dns: false,
+        dns_v6: false,
     };
 
     fn dual(t: &str) -> NetConfig {
@@ -126,32 +123,29 @@ mod tests {
                 proxy: true,
                 policy: true,
                 dns: true,
+                dns_v6: false,
             };
             assert_eq!(check(&c, all), Ok(()), "IPv4 runs everything on {t}");
         }
     }
 
     #[test]
-    fn parts_run_dual_stack_and_are_refused_without_ipv4() {
-        let policy = Parts {
-            policy: true,
-            ..NONE
-        };
-        assert_eq!(check(&dual("vxlan"), policy), Ok(()));
-        let proxy = Parts {
+    fn parts_run_dual_stack_and_ipv6_only_where_pods_can_reach_them() {
+        let all = Parts {
             proxy: true,
-            ..NONE
+            policy: true,
+            dns: true,
+            dns_v6: false,
         };
-        let dns = Parts { dns: true, ..NONE };
-        assert_eq!(check(&dual("vxlan"), proxy), Ok(()));
-        assert_eq!(check(&dual("host-gw"), dns), Ok(()));
-        for (p, flag) in [
-            (proxy, "--proxy-mode"),
-            (dns, "--cluster-dns"),
-            (policy, "--network-policy"),
-        ] {
-            let e = check(&v6only("vxlan"), p).unwrap_err();
-            assert!(e.contains("EnableIPv4 is false") && e.contains(flag), "{e}");
-        }
+        assert_eq!(check(&dual("vxlan"), all), Ok(()));
+        let no_dns = Parts { dns: false, ..all };
+        assert_eq!(check(&v6only("vxlan"), no_dns), Ok(()));
+        let e = check(&v6only("vxlan"), all).unwrap_err();
+        assert!(e.contains("--cluster-dns") && e.contains("IPv6"), "{e}");
+        let dns6 = Parts {
+            dns_v6: true,
+            ..all
+        };
+        assert_eq!(check(&v6only("host-gw"), dns6), Ok(()));
     }
 }

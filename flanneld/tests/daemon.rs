@@ -606,9 +606,9 @@ fn a_part_without_ipv6_only_support_is_refused_before_anything_is_done() {
             &prefix,
             "--subnet-file",
             env.to_str().unwrap(),
-            // Network policy knows pods by records that need IPv4 here: an IPv6-only node's
-            // pods would go unpoliced, so the combination is refused.
-            "--network-policy",
+            // The cluster DNS on its default IPv4 address: IPv6-only pods could not reach
+            // it, so the combination is refused.
+            "--cluster-dns",
         ],
         &dir.path().join("log"),
     );
@@ -617,7 +617,7 @@ fn a_part_without_ipv6_only_support_is_refused_before_anything_is_done() {
     assert_eq!(status.code(), Some(1), "{}", d.log());
     assert!(
         d.log()
-            .contains("EnableIPv4 is false but network policy (--network-policy) needs IPv4"),
+            .contains("EnableIPv4 is false but cluster DNS (--cluster-dns) listens on IPv4"),
         "{}",
         d.log()
     );

@@ -671,3 +671,90 @@ fn dual_stack_network_policy() {
         assert!(reach(1, addr(3, v6)), "p01 -> p11 ({})", fam(v6));
     }
 }
+
+/// An IPv6-only cluster with every part on: the nftables proxy serves an IPv6 Service to pods
+/// on every node, network policy isolates a pod over IPv6, and cluster DNS listening on an
+/// IPv6 address answers the pods (their resolv.conf comes from the CNI result).
+#[test]
+fn ipv6_only_proxy_policy_and_dns() {
+    if !require_root_with(&["dig"]) {
+        return;
+    }
+    let conf = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"vxlan"}}"#;
+    let flags = [
+        "--proxy-mode",
+        "nftables",
+        "--network-policy",
+        "--cluster-dns",
+        "--cluster-dns-addr",
+        "fd00:53::10",
+        "--cluster-dns-upstream",
+        "[fd00:210::1]:53",
+    ];
+    let Some(mut c) = Cluster::start(conf, &flags) else {
+        return;
+    };
+    c.add_pods();
+    let _servers: Vec<test_support::IdServer> = c
+        .pods
+        .iter()
+        .map(|(ns, _, _)| test_support::IdServer::start(ns, 8080).unwrap())
+        .collect();
+    let mut yaml = String::new();
+    for (i, k, role) in [
+        (0, 0, "client"),
+        (0, 1, "other"),
+        (1, 0, "web"),
+        (1, 1, "web"),
+        (2, 0, "web"),
+        (2, 1, "other"),
+    ] {
+        yaml += &format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}{k}\n  labels:\n    role: {role}\nspec:\n  containers:\n  - name: c\n---\n");
+    }
+    yaml += "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  selector:\n    role: web\n  ports:\n  - port: 80\n    targetPort: 8080\n---\n";
+    // Only clients reach the web pods.
+    yaml += "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: web\nspec:\n  podSelector:\n    matchLabels:\n      role: web\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          role: client\n";
+    c.apply(&yaml);
+    let web: Vec<IpAddr> = [2, 3, 4].iter().map(|&i| c.pods[i].2[0]).collect();
+    // The Service's IPv6 ClusterIP, by name from cluster DNS (the pod's resolv.conf names it).
+    let client = c.pods[0].0.clone();
+    let resolv = std::fs::read_to_string(format!("/etc/netns/{client}/resolv.conf")).ok();
+    let vip = wait_for(Duration::from_secs(20), || {
+        let out =
+            c.tb.exec(
+                &client,
+                &[
+                    "dig",
+                    "+short",
+                    "@fd00:53::10",
+                    "AAAA",
+                    "web.default.svc.cluster.local",
+                ],
+            )
+            .ok()?;
+        out.trim().parse::<IpAddr>().ok()
+    })
+    .unwrap_or_else(|| panic!("no AAAA for web (resolv.conf {resolv:?}):\n{}", c.d.log(0)));
+    assert!(vip.is_ipv6(), "{vip}");
+    let to = std::net::SocketAddr::new(vip, 80);
+    let (local, _) = wait_for(Duration::from_secs(20), || {
+        test_support::who_serves(&client, to, Duration::from_secs(2)).ok()
+    })
+    .unwrap_or_else(|| panic!("client cannot reach {to}:\n{}", c.d.log(0)));
+    assert!(
+        web.contains(&local.parse().unwrap()),
+        "{to} served by {local}"
+    );
+    // A pod that is no client does not get in, neither through the Service nor directly.
+    let other = c.pods[1].0.clone();
+    let blocked = wait_for(Duration::from_secs(20), || {
+        let direct = sock(&web[0].to_string(), 8080);
+        (test_support::who_serves(&other, to, Duration::from_secs(1)).is_err()
+            && test_support::who_serves(&other, direct, Duration::from_secs(1)).is_err())
+        .then_some(())
+    });
+    assert!(
+        blocked.is_some(),
+        "policy does not isolate the web pods over IPv6"
+    );
+}
