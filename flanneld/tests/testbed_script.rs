@@ -22,7 +22,7 @@ fn testbed_up_shows_traffic_and_down_removes_everything() {
     let up = run_bounded(
         Command::new(&script)
             .args(["up", "--nodes", "2", "--pods", "2", "--backend", "host-gw"])
-            .args(["--proxy", "nftables", "--policy"])
+            .args(["--proxy", "nftables", "--policy", "--ipv6"])
             // flanneld's directory also holds `flannel` and `flannelctl` under
             // `cargo test --workspace` (the testbed checks and says so otherwise).
             .env(
@@ -50,7 +50,11 @@ fn testbed_up_shows_traffic_and_down_removes_everything() {
         .unwrap()
     });
     assert!(up.status.success(), "up failed:\n{out}\n{err}");
-    assert!(out.contains("12 of 12 pod pairs reach each other"), "{out}");
+    assert!(out.contains("12 of 12 pod pairs reach each other\n"), "{out}");
+    assert!(
+        out.contains("12 of 12 pod pairs reach each other over IPv6"),
+        "{out}"
+    );
     assert!(
         out.contains("Gbits/sec") && out.contains("receiver"),
         "no iperf3 figure:\n{out}"
