@@ -5,17 +5,20 @@
 //! ports 80 and 81 and a ClusterIP Service. For each case all 81 ordered pod pairs are probed,
 //! directly and through the destination's ClusterIP, and the whole reachability matrix is
 //! compared with the one the pure evaluator (`policy::eval`) computes from the same objects.
+//! The same cases run twice: on an IPv4-only cluster, and on a dual-stack one (IPv6 underlay,
+//! `EnableIPv6`, dual-stack Services) where every matrix is checked over both families, with
+//! extra ipBlock cases for IPv6 blocks and IPv4 blocks that must not open IPv6.
 //! Needs root and the reference CNI plugins; skips with a reason without them, fails under CI.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use policy::eval::{self, NamedPort, Peer, PodView};
+use policy::eval::{self, Family, NamedPort, Peer, PodView};
 use registry::{Labels, NetworkPolicy, Object, Protocol};
 use test_support::{
     in_netns, random_tag, require, require_root_with, IdServer, Testbed, UdpIdServer,
@@ -26,6 +29,8 @@ mod common;
 use common::{Cni, Daemons, BIN, REFERENCE_PLUGINS};
 
 const NET: &str = r#"{"Network":"10.6.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// The dual-stack cluster's config (as in `ipv6.rs`).
+const NET_DUAL: &str = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"vxlan"}}"#;
 /// One probe's limit: refusals (TCP reset, ICMP admin-prohibited) come back at once, so only
 /// a lost reply waits this long.
 const PROBE: Duration = Duration::from_millis(1500);
@@ -42,12 +47,21 @@ struct TestPod {
     view: PodView,
     netns: String,
     node: usize,
-    cluster_ip: Ipv4Addr,
+    /// The Service's ClusterIPs: IPv4, and IPv6 in the dual-stack cluster.
+    cluster_ips: Vec<IpAddr>,
 }
 
 impl TestPod {
     fn id(&self) -> String {
         format!("{}/{}", self.view.namespace, self.view.name)
+    }
+
+    fn cluster_ip(&self, family: Family) -> IpAddr {
+        *self
+            .cluster_ips
+            .iter()
+            .find(|a| eval::family_of(**a) == family)
+            .unwrap()
     }
 }
 
@@ -55,6 +69,10 @@ struct World {
     tb: Testbed,
     d: Daemons,
     endpoint: String,
+    /// The families every matrix is checked over (IPv4 first).
+    families: Vec<Family>,
+    /// The cluster's IPv4 Network.
+    network: &'static str,
     pods: Vec<TestPod>,
     namespaces: BTreeMap<String, Labels>,
     policies: Vec<NetworkPolicy>,
@@ -90,7 +108,8 @@ fn probe(netns: &str, proto: Protocol, to: SocketAddr) -> bool {
         let mut buf = [0u8; 128];
         match proto {
             Protocol::Udp => {
-                let s = UdpSocket::bind(("0.0.0.0", 0))?;
+                let any = if to.is_ipv6() { "::" } else { "0.0.0.0" };
+                let s = UdpSocket::bind((any, 0))?;
                 s.connect(to)?;
                 s.set_read_timeout(Some(PROBE))?;
                 s.send(b"probe")?;
@@ -114,9 +133,15 @@ fn probe(netns: &str, proto: Protocol, to: SocketAddr) -> bool {
 type Matrix = Vec<Vec<bool>>;
 
 impl World {
-    fn new() -> World {
+    /// Three nodes, nine pods and their Services; `dual`: a dual-stack cluster.
+    fn new(dual: bool) -> World {
         let mut tb = Testbed::new(3).unwrap();
-        let endpoint = tb.start_etcd_with_config(NET).unwrap();
+        if dual {
+            tb.add_ipv6_underlay().unwrap();
+        }
+        let endpoint = tb
+            .start_etcd_with_config(if dual { NET_DUAL } else { NET })
+            .unwrap();
         let mut d = Daemons::new(
             &endpoint,
             // --ip-masq as in kube-flannel.yml: without it the CNI bridge masquerades traffic
@@ -133,6 +158,13 @@ impl World {
                 &["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"],
             )
             .unwrap();
+            if dual {
+                tb.exec(
+                    &tb.nodes[i].ns.clone(),
+                    &["sysctl", "-qw", "net.ipv6.icmp.ratelimit=0"],
+                )
+                .unwrap();
+            }
             d.start(&mut tb, i);
         }
         let cni = Cni::new();
@@ -143,7 +175,24 @@ impl World {
                 // x/a x/b x/c on nodes 0 1 2, y on 1 2 0, z on 2 0 1: every node holds one
                 // pod of each namespace, and same-node pairs are bridged on its cni0.
                 let node = (n + p) % 3;
-                let (netns, ip) = cni.add(&mut tb, &d, node, ns, name);
+                let (netns, ips) = cni.add_any(&mut tb, &d, node, ns, name);
+                let ip = ips[0];
+                assert!(ip.is_ipv4(), "{ns}/{name}: {ips:?}");
+                assert_eq!(ips.len(), if dual { 2 } else { 1 }, "{ns}/{name}: {ips:?}");
+                let k = (n * 3 + p) as u8;
+                let mut cluster_ips = vec![IpAddr::from(Ipv4Addr::new(10, 96, 0, 20 + k))];
+                if dual {
+                    cluster_ips.push(IpAddr::from(Ipv6Addr::new(
+                        0xfd00,
+                        0x10,
+                        0x96,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0x20 + u16::from(k),
+                    )));
+                }
                 servers.push((
                     IdServer::start(&netns, 80).unwrap(),
                     IdServer::start(&netns, 81).unwrap(),
@@ -155,13 +204,13 @@ impl World {
                         namespace: ns.to_string(),
                         name: name.to_string(),
                         labels: labels(&[("pod", name)]),
-                        ips: vec![ip.into()],
+                        ips,
                         node: format!("node{node}"),
                         ports: ports(),
                     },
                     netns,
                     node,
-                    cluster_ip: Ipv4Addr::new(10, 96, 0, 20 + (n * 3 + p) as u8),
+                    cluster_ips,
                 });
             }
         }
@@ -173,6 +222,12 @@ impl World {
             tb,
             d,
             endpoint,
+            families: if dual {
+                vec![Family::Ip, Family::Ip6]
+            } else {
+                vec![Family::Ip]
+            },
+            network: if dual { "10.5.0.0/16" } else { "10.6.0.0/16" },
             pods,
             namespaces,
             policies: Vec::new(),
@@ -192,18 +247,23 @@ impl World {
         w
     }
 
-    /// Every node's log and policy table.
+    /// Every node's log and policy tables.
     fn logs(&self) -> String {
         (0..3)
             .map(|i| {
-                let table = self
-                    .tb
-                    .exec(
-                        &self.tb.nodes[i].ns,
-                        &["nft", "list", "table", "ip", "flannel-policy"],
-                    )
-                    .unwrap_or_else(|e| e);
-                format!("--- node {i}:\n{}\n{table}\n", self.d.log(i))
+                let table = |family: &str| {
+                    self.tb
+                        .exec(
+                            &self.tb.nodes[i].ns,
+                            &["nft", "list", "table", family, "flannel-policy"],
+                        )
+                        .unwrap_or_else(|e| e)
+                };
+                let mut tables = table("ip");
+                if self.families.contains(&Family::Ip6) {
+                    tables += &table("ip6");
+                }
+                format!("--- node {i}:\n{}\n{tables}\n", self.d.log(i))
             })
             .collect()
     }
@@ -251,9 +311,17 @@ impl World {
 
     fn service_yaml(&self, i: usize) -> String {
         let p = &self.pods[i];
+        let dual = if p.cluster_ips.len() == 2 {
+            format!(
+                "  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [{}, \"{}\"]\n",
+                p.cluster_ips[0], p.cluster_ips[1]
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: s-{}, namespace: \"{}\"}}\nspec:\n  clusterIP: {}\n  selector: {{pod: \"{}\"}}\n  ports:\n  - {{name: t80, port: 80}}\n  - {{name: t81, port: 81}}\n  - {{name: u80, port: 80, protocol: UDP}}\n  - {{name: u81, port: 81, protocol: UDP}}\n---\n",
-            p.view.name, p.view.namespace, p.cluster_ip, p.view.name
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s-{}, namespace: \"{}\"}}\nspec:\n  clusterIP: {}\n{dual}  selector: {{pod: \"{}\"}}\n  ports:\n  - {{name: t80, port: 80}}\n  - {{name: t81, port: 81}}\n  - {{name: u80, port: 80, protocol: UDP}}\n  - {{name: u81, port: 81, protocol: UDP}}\n---\n",
+            p.view.name, p.view.namespace, p.cluster_ips[0], p.view.name
         )
     }
 
@@ -307,8 +375,8 @@ impl World {
         self.ctl(&["apply"], &yaml);
     }
 
-    /// The matrix the semantics give (computed by the pure evaluator only).
-    fn expected(&self, (proto, port): (Protocol, u16)) -> Matrix {
+    /// The matrix the semantics give over `family` (computed by the pure evaluator only).
+    fn expected(&self, family: Family, (proto, port): (Protocol, u16)) -> Matrix {
         let cluster = eval::Cluster {
             namespaces: self.namespaces.clone(),
             policies: self.policies.clone(),
@@ -319,21 +387,20 @@ impl World {
                 self.pods
                     .iter()
                     .map(|d| {
-                        cluster.allows(
-                            eval::Family::Ip,
-                            Peer::Pod(&s.view),
-                            Peer::Pod(&d.view),
-                            proto,
-                            port,
-                        )
+                        cluster.allows(family, Peer::Pod(&s.view), Peer::Pod(&d.view), proto, port)
                     })
                     .collect()
             })
             .collect()
     }
 
-    /// The matrix the cluster shows: one thread per source pod.
-    fn observed(&self, (proto, port): (Protocol, u16), via_service: bool) -> Matrix {
+    /// The matrix the cluster shows over `family`: one thread per source pod.
+    fn observed(
+        &self,
+        family: Family,
+        (proto, port): (Protocol, u16),
+        via_service: bool,
+    ) -> Matrix {
         std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .pods
@@ -344,9 +411,9 @@ impl World {
                             .iter()
                             .map(|dst| {
                                 let ip = if via_service {
-                                    dst.cluster_ip
+                                    dst.cluster_ip(family)
                                 } else {
-                                    dst.view.ipv4().unwrap()
+                                    dst.view.addr(family).unwrap()
                                 };
                                 probe(&src.netns, proto, SocketAddr::from((ip, port)))
                             })
@@ -376,35 +443,16 @@ impl World {
         s
     }
 
-    /// Probes every pair for each of `probes`, directly and through ClusterIPs, until the
+    /// Probes every pair for each of `probes` over every family of the cluster, directly and
+    /// through ClusterIPs, until the
     /// matrices equal the evaluator's (the nodes apply changes within milliseconds; the
     /// loop absorbs etcd's propagation) or [`CONVERGE`] passes; then prints both and fails.
     fn check(&self, case: &str, probes: &[(Protocol, u16)]) {
         let started = Instant::now();
         let mut rounds = Vec::new();
-        for &pp in probes {
-            let want = self.expected(pp);
-            for via_service in [false, true] {
-                let how = if via_service { "ClusterIP" } else { "direct" };
-                let mut got;
-                loop {
-                    let t = Instant::now();
-                    got = self.observed(pp, via_service);
-                    rounds.push(format!("{} {} {how} {:?}", pp.0, pp.1, t.elapsed()));
-                    if got == want || started.elapsed() > CONVERGE {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                assert!(
-                    got == want,
-                    "case {case:?}: {} {} {how}: reachability differs ('.' allowed, 'X' denied, '!' differs)\nexpected:\n{}observed:\n{}\n{}",
-                    pp.0,
-                    pp.1,
-                    self.render(&want, &got),
-                    self.render(&got, &want),
-                    self.logs()
-                );
+        for &family in &self.families {
+            for &pp in probes {
+                self.check_one(case, family, pp, started, &mut rounds);
             }
         }
         // Each probe round, so that slow refusals (a timeout instead of a refusal) show.
@@ -414,6 +462,44 @@ impl World {
             rounds.join(", ")
         );
     }
+
+    /// [`World::check`] for one family and probe.
+    fn check_one(
+        &self,
+        case: &str,
+        family: Family,
+        pp: (Protocol, u16),
+        started: Instant,
+        rounds: &mut Vec<String>,
+    ) {
+        let fam = match family {
+            Family::Ip => "IPv4",
+            Family::Ip6 => "IPv6",
+        };
+        let want = self.expected(family, pp);
+        for via_service in [false, true] {
+            let how = if via_service { "ClusterIP" } else { "direct" };
+            let mut got;
+            loop {
+                let t = Instant::now();
+                got = self.observed(family, pp, via_service);
+                rounds.push(format!("{fam} {} {} {how} {:?}", pp.0, pp.1, t.elapsed()));
+                if got == want || started.elapsed() > CONVERGE {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            assert!(
+                got == want,
+                "case {case:?}: {fam} {} {} {how}: reachability differs ('.' allowed, 'X' denied, '!' differs)\nexpected:\n{}observed:\n{}\n{}",
+                pp.0,
+                pp.1,
+                self.render(&want, &got),
+                self.render(&got, &want),
+                self.logs()
+            );
+        }
+    }
 }
 
 fn np(name: &str, ns: &str, spec: &str) -> String {
@@ -422,17 +508,35 @@ fn np(name: &str, ns: &str, spec: &str) -> String {
     )
 }
 
-#[test]
-fn network_policy_matrices() {
-    if !require_root_with(&["ip", "nft", "conntrack"])
-        || !require(
+fn can_run() -> bool {
+    require_root_with(&["ip", "nft", "conntrack"])
+        && require(
             Path::new(REFERENCE_PLUGINS).join("bridge").is_file(),
             "needs the reference CNI plugins in /usr/lib/cni",
         )
-    {
+}
+
+#[test]
+fn network_policy_matrices() {
+    if !can_run() {
         return;
     }
-    let mut w = World::new();
+    matrices(&mut World::new(false));
+}
+
+/// The same cases in a dual-stack cluster, every matrix over IPv4 and IPv6, plus ipBlocks of
+/// each family.
+#[test]
+fn network_policy_matrices_dual_stack() {
+    if !can_run() {
+        return;
+    }
+    matrices(&mut World::new(true));
+}
+
+/// Every case on `w`, over each of its families.
+fn matrices(w: &mut World) {
+    let started = Instant::now();
     // Every ClusterIP answers from every pod before policies: services and records landed.
     w.check("no policy", &[TCP80, UDP81]);
 
@@ -487,15 +591,49 @@ fn network_policy_matrices() {
     w.check("namespace OR pod selector in two peers", &[TCP80]);
     w.clear_policies();
 
-    // Everything in the cluster network except the subnet of node 1.
+    // Everything in the cluster network except the subnet of node 1 (an IPv4 block: over
+    // IPv6 the pods of y are isolated and nothing is allowed in).
     let node1 = w.d.subnet_env(1).subnet.unwrap();
     w.add_policies(&np(
         "block",
         "y",
-        &format!("  podSelector: {{}}\n  ingress: [{{from: [{{ipBlock: {{cidr: 10.6.0.0/16, except: [{node1}]}}}}]}}]\n"),
+        &format!(
+            "  podSelector: {{}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}, except: [{node1}]}}}}]}}]\n",
+            w.network
+        ),
     ));
+    if w.families.contains(&Family::Ip6) {
+        // The case can tell: the evaluator opens IPv4 into y, and not IPv6.
+        assert_ne!(
+            w.expected(Family::Ip, TCP80),
+            w.expected(Family::Ip6, TCP80)
+        );
+    }
     w.check("ipBlock with except", &[TCP80]);
     w.clear_policies();
+
+    if w.families.contains(&Family::Ip6) {
+        // IPv6 blocks: the IPv6 Network except node 2's subnet into x (IPv4 stays closed), and
+        // into z both families' blocks, each excepting a different node.
+        let env = w.d.subnet_env(2);
+        let (node2, node2_v6) = (env.subnet.unwrap(), env.ipv6_subnet.unwrap());
+        let node0_v6 = w.d.subnet_env(0).ipv6_subnet.unwrap();
+        w.add_policies(&(np(
+            "block6",
+            "x",
+            &format!("  podSelector: {{}}\n  ingress: [{{from: [{{ipBlock: {{cidr: \"fd10::/48\", except: [\"{node2_v6}\"]}}}}]}}]\n"),
+        ) + &np(
+            "both",
+            "z",
+            &format!("  podSelector: {{}}\n  ingress: [{{from: [{{ipBlock: {{cidr: {}, except: [{node2}]}}}}, {{ipBlock: {{cidr: \"fd10::/48\", except: [\"{node0_v6}\"]}}}}]}}]\n", w.network),
+        )));
+        assert_ne!(
+            w.expected(Family::Ip, TCP80),
+            w.expected(Family::Ip6, TCP80)
+        );
+        w.check("IPv6 ipBlock with except", &[TCP80, UDP81]);
+        w.clear_policies();
+    }
 
     w.add_policies(&np(
         "named",
@@ -597,6 +735,7 @@ fn network_policy_matrices() {
     for r in &rows[1..] {
         assert_eq!(&r[2..], ["vxlan", "2", "on", "yes"], "{out}");
     }
+    eprintln!("all cases over {:?} in {:?}", w.families, started.elapsed());
 }
 
 /// `flannelctl apply -f` of `yaml` in the hub.
