@@ -4,7 +4,12 @@
 //!   ratios refer to, always measured;
 //! - our flanneld with `Backend.Type: vxlan` (`flanneld`; `norules` adds
 //!   `--iptables-forward-rules=false`, measured only when listed in `--setups`);
-//! - our flanneld with `Backend.Type: udp` (userspace TUN + UDP with offloads).
+//! - our flanneld with `Backend.Type: udp` (userspace TUN + UDP with offloads);
+//! - over IPv6 (issue 22), on a dual-stack underlay: plain IPv6 routes (`plain6`) and kernel
+//!   VXLAN over IPv6 programmed by hand as flannel's backend does it (`hand6`, the baseline of
+//!   the IPv6 ratios), both measured whenever an IPv6 row is; our flanneld vxlan and host-gw
+//!   with a dual-stack config (`vxlan-dual`, `hostgw-dual`), measured pod to pod over IPv4 and
+//!   over IPv6 on the same testbed.
 //!
 //! Per setup and round: TCP with one stream and with 4 parallel streams, UDP loss at fixed
 //! offered rates (`--udp-rates 1,3`, Gbit/s), ping RTT p50/p99 over 200 pings, and CPU seconds
@@ -42,20 +47,41 @@ enum Setup {
     FlanneldNoRules,
     FlanneldUdp,
     FlanneldHostGw,
+    Plain6,
+    HandVxlan6,
+    FlanneldVxlanDual,
+    FlanneldHostGwDual,
+}
+
+/// An address family the pods talk over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fam {
+    V4,
+    V6,
 }
 
 /// Every setup, in table order, with its `--setups` key. The first two are the baselines.
-const ALL: [(&str, Setup); 6] = [
+const ALL: [(&str, Setup); 10] = [
     ("plain", Setup::Plain),
     ("hand", Setup::HandVxlan),
     ("flanneld", Setup::Flanneld),
     ("norules", Setup::FlanneldNoRules),
     ("udp", Setup::FlanneldUdp),
     ("hostgw", Setup::FlanneldHostGw),
+    ("plain6", Setup::Plain6),
+    ("hand6", Setup::HandVxlan6),
+    ("vxlan-dual", Setup::FlanneldVxlanDual),
+    ("hostgw-dual", Setup::FlanneldHostGwDual),
 ];
 
 /// Measured when `--setups` is not given (besides the baselines).
-const DEFAULT_SETUPS: [Setup; 3] = [Setup::Flanneld, Setup::FlanneldUdp, Setup::FlanneldHostGw];
+const DEFAULT_SETUPS: [Setup; 5] = [
+    Setup::Flanneld,
+    Setup::FlanneldUdp,
+    Setup::FlanneldHostGw,
+    Setup::FlanneldVxlanDual,
+    Setup::FlanneldHostGwDual,
+];
 
 /// Index of hand VXLAN in the selected setups (the baselines always come first).
 const HAND: usize = 1;
@@ -64,6 +90,8 @@ const PINGS: u32 = 200;
 const PING_INTERVAL_MS: u32 = 10;
 /// UDP payload: fits the smallest pod MTU (1450) minus IPv4 and UDP headers.
 const UDP_DATAGRAM: &str = "1400";
+/// Over IPv6: fits the pod MTU of VXLAN over IPv6 (1430) minus IPv6 and UDP headers.
+const UDP_DATAGRAM_V6: &str = "1380";
 
 impl Setup {
     fn name(self) -> &'static str {
@@ -74,6 +102,10 @@ impl Setup {
             Setup::FlanneldNoRules => "flanneld vxlan backend, --iptables-forward-rules=false",
             Setup::FlanneldUdp => "flanneld udp backend (userspace, offloads on)",
             Setup::FlanneldHostGw => "flanneld host-gw backend (routes via the peer)",
+            Setup::Plain6 => "plain IPv6 routes via the peer (baseline)",
+            Setup::HandVxlan6 => "kernel VXLAN over IPv6 programmed by hand",
+            Setup::FlanneldVxlanDual => "flanneld vxlan backend, dual stack",
+            Setup::FlanneldHostGwDual => "flanneld host-gw backend, dual stack",
         }
     }
 
@@ -85,21 +117,81 @@ impl Setup {
             Setup::FlanneldNoRules => "flanneld vxlan, no fwd rules",
             Setup::FlanneldUdp => "flanneld udp",
             Setup::FlanneldHostGw => "flanneld host-gw",
+            Setup::Plain6 => "plain routes",
+            Setup::HandVxlan6 => "hand VXLAN",
+            Setup::FlanneldVxlanDual => "flanneld vxlan dual",
+            Setup::FlanneldHostGwDual => "flanneld host-gw dual",
         }
     }
 
     fn has_daemon(self) -> bool {
-        !matches!(self, Setup::Plain | Setup::HandVxlan)
+        !matches!(
+            self,
+            Setup::Plain | Setup::HandVxlan | Setup::Plain6 | Setup::HandVxlan6
+        )
     }
 
+    /// The families measured pod to pod on this setup's testbed, in order.
+    fn families(self) -> &'static [Fam] {
+        match self {
+            Setup::Plain6 | Setup::HandVxlan6 => &[Fam::V6],
+            Setup::FlanneldVxlanDual | Setup::FlanneldHostGwDual => &[Fam::V4, Fam::V6],
+            _ => &[Fam::V4],
+        }
+    }
+
+    /// The pod MTU: what flannel's subnet file says for the backend (checked against the
+    /// file for the dual-stack setups). Dual-stack vxlan: 1430 for both families, the IPv6
+    /// VXLAN device's MTU (the kernel adds 70 bytes over IPv6).
     fn pod_mtu(self) -> u32 {
         match self {
-            Setup::Plain | Setup::FlanneldHostGw => 1500,
+            Setup::Plain | Setup::FlanneldHostGw | Setup::Plain6 | Setup::FlanneldHostGwDual => {
+                1500
+            }
             Setup::FlanneldUdp => 1472,
+            Setup::HandVxlan6 | Setup::FlanneldVxlanDual => 1430,
             _ => 1450,
         }
     }
 }
+
+/// A table row: a setup measured over one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Row {
+    setup: Setup,
+    fam: Fam,
+}
+
+impl Row {
+    fn name(self) -> String {
+        match (self.setup.families().len(), self.fam) {
+            (1, _) => self.setup.name().to_string(),
+            (_, Fam::V4) => format!("{}, pod to pod over IPv4", self.setup.name()),
+            (_, Fam::V6) => format!("{}, pod to pod over IPv6", self.setup.name()),
+        }
+    }
+
+    fn short(self) -> String {
+        match self.fam {
+            Fam::V4 => self.setup.short().to_string(),
+            Fam::V6 => format!("{} (IPv6)", self.setup.short()),
+        }
+    }
+}
+
+/// The rows of the selected setups, in order.
+fn rows_of(setups: &[Setup]) -> Vec<Row> {
+    setups
+        .iter()
+        .flat_map(|&setup| setup.families().iter().map(move |&fam| Row { setup, fam }))
+        .collect()
+}
+
+/// The nodes' IPv6 pod subnets (flannel's default IPv6SubnetLen 64 in `fd10::/48`).
+const SUBNETS6: [&str; 2] = ["fd10:0:0:1::/64", "fd10:0:0:2::/64"];
+/// Each node's IPv6 pod subnet's network address (the IPv6 VXLAN device's, and the route's
+/// gateway, as flannel programs them).
+const NETS6: [&str; 2] = ["fd10:0:0:1::", "fd10:0:0:2::"];
 
 const SUBNETS: [&str; 2] = ["10.5.1.0/24", "10.5.2.0/24"];
 
@@ -211,27 +303,154 @@ fn plain_routes(tb: &Testbed) -> Result<()> {
     Ok(())
 }
 
-/// Starts flanneld on both nodes with `backend`, waits for its routes, and returns the two
-/// daemons' PIDs.
+/// Plain IPv6 routes: each node routes the peer's IPv6 pod subnet via the peer's underlay
+/// IPv6 address (`v6`: the nodes' underlay addresses).
+fn plain_routes6(tb: &Testbed, v6: &[String]) -> Result<()> {
+    for n in 0..2 {
+        let p = 1 - n;
+        ip(tb, n, &["-6", "route", "add", SUBNETS6[p], "via", &v6[p]])?;
+    }
+    Ok(())
+}
+
+/// Kernel VXLAN over the IPv6 underlay, programmed by hand with iproute2 the way flannel's
+/// vxlan backend programs its IPv6 device (docs/ipv6-plan.md §1 "vxlan v6"): `flannel-v6.1`,
+/// VNI 1, `local <node IPv6>`, port 8472, nolearning, `accept_ra=0`, address = own IPv6
+/// subnet's network address /128; per peer a permanent neighbour (peer's network address →
+/// its VTEP MAC), an FDB entry (MAC → peer's underlay IPv6) and the onlink route, last.
+fn hand_vxlan6(tb: &Testbed, v6: &[String]) -> Result<()> {
+    const DEV: &str = "flannel-v6.1";
+    for n in 0..2 {
+        ip(
+            tb,
+            n,
+            &[
+                "link",
+                "add",
+                DEV,
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &v6[n],
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            ],
+        )?;
+        tb.exec(
+            &tb.nodes[n].ns,
+            &["sysctl", "-qw", &format!("net/ipv6/conf/{DEV}/accept_ra=0")],
+        )
+        .map_err(anyhow::Error::msg)?;
+        // flannel asks for iface − 50 (1450); the kernel clamps a VXLAN device over IPv6 to
+        // iface − 70.
+        ip(tb, n, &["link", "set", DEV, "mtu", "1430", "up"])?;
+        let own = format!("{}/128", NETS6[n]);
+        ip(tb, n, &["-6", "addr", "add", &own, "dev", DEV, "nodad"])?;
+    }
+    for n in 0..2 {
+        let p = 1 - n;
+        let peer_mac = tb
+            .exec(
+                &tb.nodes[p].ns,
+                &["cat", &format!("/sys/class/net/{DEV}/address")],
+            )
+            .map_err(anyhow::Error::msg)?
+            .trim()
+            .to_string();
+        ip(
+            tb,
+            n,
+            &[
+                "-6",
+                "neigh",
+                "replace",
+                NETS6[p],
+                "lladdr",
+                &peer_mac,
+                "dev",
+                DEV,
+                "nud",
+                "permanent",
+            ],
+        )?;
+        tb.exec(
+            &tb.nodes[n].ns,
+            &[
+                "bridge",
+                "fdb",
+                "append",
+                &peer_mac,
+                "dev",
+                DEV,
+                "dst",
+                &v6[p],
+                "self",
+                "permanent",
+            ],
+        )
+        .map_err(anyhow::Error::msg)?;
+        ip(
+            tb,
+            n,
+            &[
+                "-6",
+                "route",
+                "add",
+                SUBNETS6[p],
+                "via",
+                NETS6[p],
+                "dev",
+                DEV,
+                "onlink",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Starts flanneld on both nodes with `backend` (dual stack with `v6`, the nodes' underlay
+/// IPv6 addresses), waits for its routes, and returns the two daemons' PIDs.
 fn run_flanneld(
     tb: &mut Testbed,
     dir: &Path,
     endpoint: &str,
     forward_rules: bool,
     backend: &str,
+    v6: Option<&[String]>,
 ) -> Result<Vec<u32>> {
     let bin = flanneld_bin()?;
     // Reserve each node's subnet (keys without TTL) so the pods' addresses are known upfront.
     let etcd = tb.etcd.as_ref().context("etcd")?;
+    let ipv6 = if v6.is_some() {
+        r#","EnableIPv6":true,"IPv6Network":"fd10::/48""#
+    } else {
+        ""
+    };
     etcd.etcdctl(&[
         "put",
         "/coreos.com/network/config",
-        &format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{backend}"}}}}"#),
+        &format!(r#"{{"Network":"10.5.0.0/16"{ipv6},"Backend":{{"Type":"{backend}"}}}}"#),
     ])
     .map_err(anyhow::Error::msg)?;
     for (n, subnet) in SUBNETS.iter().enumerate() {
-        let key = format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-"));
-        let value = format!(r#"{{"PublicIP":"{}","PublicIPv6":null}}"#, tb.nodes[n].ip);
+        let mut key = format!("/coreos.com/network/subnets/{}", subnet.replace('/', "-"));
+        let public_ipv6 = match v6 {
+            Some(v6) => {
+                key.push('&');
+                key.push_str(&SUBNETS6[n].replace('/', "-"));
+                format!(r#""{}""#, v6[n])
+            }
+            None => "null".to_string(),
+        };
+        let value = format!(
+            r#"{{"PublicIP":"{}","PublicIPv6":{public_ipv6}}}"#,
+            tb.nodes[n].ip
+        );
 
         etcd.etcdctl(&["put", &key, &value])
             .map_err(anyhow::Error::msg)?;
@@ -286,6 +505,38 @@ fn run_flanneld(
                 .filter(|r| r.contains(want.as_str()))
         })
         .context("flanneld did not program its routes in 30 s")?;
+    }
+    if v6.is_some() {
+        // IPv6: vxlan a route per peer on flannel-v6.1, host-gw via the peer's IPv6 on eth0.
+        let dev6 = if backend == "host-gw" {
+            "eth0"
+        } else {
+            "flannel-v6.1"
+        };
+        for n in 0..2 {
+            let want = format!("{} via", SUBNETS6[1 - n]);
+            wait_for(Duration::from_secs(30), || {
+                tb.exec(&tb.nodes[n].ns, &["ip", "-6", "route", "show", "dev", dev6])
+                    .ok()
+                    .filter(|r| r.contains(want.as_str()))
+            })
+            .context("flanneld did not program its IPv6 routes in 30 s")?;
+        }
+        // The pods' MTU is the subnet file's (dual-stack vxlan: the IPv6 device's, 1430).
+        for (n, subnet) in SUBNETS6.iter().enumerate() {
+            let env = std::fs::read_to_string(dir.join(format!("n{n}.env")))
+                .context("flanneld's subnet file")?;
+            let want = subnet.replace("::/64", "::1/64");
+            ensure!(
+                env.contains(&format!("FLANNEL_IPV6_SUBNET={want}\n")),
+                "node {n} did not take its reserved IPv6 subnet {want}:\n{env}"
+            );
+            let mtu = if backend == "host-gw" { 1500 } else { 1430 };
+            ensure!(
+                env.contains(&format!("FLANNEL_MTU={mtu}\n")),
+                "node {n}: FLANNEL_MTU is not {mtu}:\n{env}"
+            );
+        }
     }
     handles
         .iter()
@@ -397,13 +648,20 @@ fn iperf_tcp(from: &Pod, to: &Pod, seconds: u32, streams: u32, dir: &Path) -> Re
 /// UDP offered at `gbps` Gbit/s in datagrams that fit every setup's pod MTU. Socket buffers
 /// of 4 MiB at both ends (`-w`, applied by the server too), so the loss measured is the path's
 /// and not the receiving iperf3's 208 KiB default buffer overflowing.
-fn iperf_udp(from: &Pod, to: &Pod, seconds: u32, gbps: f64, dir: &Path) -> Result<UdpRun> {
+fn iperf_udp(
+    from: &Pod,
+    to: &Pod,
+    seconds: u32,
+    gbps: f64,
+    datagram: &str,
+    dir: &Path,
+) -> Result<UdpRun> {
     let rate = format!("{gbps}G");
     let out = iperf(
         from,
         to,
         seconds,
-        &["-u", "-b", &rate, "-l", UDP_DATAGRAM, "-w", "4M"],
+        &["-u", "-b", &rate, "-l", datagram, "-w", "4M"],
         dir,
     )?;
     parse::udp_run(&out).with_context(|| format!("iperf3 UDP at {rate}"))
@@ -482,21 +740,84 @@ fn clock_ticks_per_second() -> Result<u64> {
     Ok(tck)
 }
 
-/// Builds a fresh testbed for `setup` and takes one round of every measurement.
-fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Sample> {
+/// Gives `pod` (on `node`) the IPv6 address `<net>2/64` of the node's IPv6 pod subnet, the
+/// node's bridge `<net>1/64`, and a default route via it, as the CNI chain would.
+fn add_ipv6(tb: &Testbed, pod: &Pod) -> Result<Pod> {
+    let net = NETS6[pod.node];
+    let node_ns = &tb.nodes[pod.node].ns;
+    let gw = format!("{net}1");
+    let bridge_addrs = tb
+        .exec(node_ns, &["ip", "-6", "addr", "show", "dev", "cni0"])
+        .map_err(anyhow::Error::msg)?;
+    if !bridge_addrs.contains(&format!("{gw}/64")) {
+        tb.exec(
+            node_ns,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{gw}/64"),
+                "dev",
+                "cni0",
+                "nodad",
+            ],
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
+    let addr = format!("{net}2");
+    for args in [
+        vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"],
+        vec![
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+        vec!["ip", "-6", "route", "add", "default", "via", &gw],
+    ] {
+        tb.exec(&pod.ns, &args).map_err(anyhow::Error::msg)?;
+    }
+    Ok(Pod {
+        ns: pod.ns.clone(),
+        ip: addr,
+        node: pod.node,
+    })
+}
+
+/// Builds a fresh testbed for `setup` and takes one round of every measurement, once per
+/// family the setup measures (in [`Setup::families`] order).
+fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Vec<Sample>> {
     check_stop()?;
     let mut tb = Testbed::new(2).map_err(anyhow::Error::msg)?;
+    let v6 = if setup.families().contains(&Fam::V6) {
+        Some(tb.add_ipv6_underlay().map_err(anyhow::Error::msg)?)
+    } else {
+        None
+    };
     let dir = tempfile::tempdir()?;
     // etcd runs in every setup: it is part of the cluster whatever the data plane, and on a
     // 2-core machine its background work would otherwise count against flanneld alone.
     let endpoint = tb.start_etcd();
+    let d = dir.path();
+    let v6s = v6.as_deref();
     let daemons = match setup {
         Setup::Plain => plain_routes(&tb).map(|()| Vec::new())?,
         Setup::HandVxlan => hand_vxlan(&tb).map(|()| Vec::new())?,
-        Setup::Flanneld => run_flanneld(&mut tb, dir.path(), &endpoint, true, "vxlan")?,
-        Setup::FlanneldNoRules => run_flanneld(&mut tb, dir.path(), &endpoint, false, "vxlan")?,
-        Setup::FlanneldUdp => run_flanneld(&mut tb, dir.path(), &endpoint, true, "udp")?,
-        Setup::FlanneldHostGw => run_flanneld(&mut tb, dir.path(), &endpoint, true, "host-gw")?,
+        Setup::Flanneld => run_flanneld(&mut tb, d, &endpoint, true, "vxlan", None)?,
+        Setup::FlanneldNoRules => run_flanneld(&mut tb, d, &endpoint, false, "vxlan", None)?,
+        Setup::FlanneldUdp => run_flanneld(&mut tb, d, &endpoint, true, "udp", None)?,
+        Setup::FlanneldHostGw => run_flanneld(&mut tb, d, &endpoint, true, "host-gw", None)?,
+        Setup::Plain6 => plain_routes6(&tb, v6s.context("IPv6 underlay")?).map(|()| Vec::new())?,
+        Setup::HandVxlan6 => {
+            hand_vxlan6(&tb, v6s.context("IPv6 underlay")?).map(|()| Vec::new())?
+        }
+        Setup::FlanneldVxlanDual => run_flanneld(&mut tb, d, &endpoint, true, "vxlan", v6s)?,
+        Setup::FlanneldHostGwDual => run_flanneld(&mut tb, d, &endpoint, true, "host-gw", v6s)?,
     };
     let mtu = setup.pod_mtu();
     let p1 = tb
@@ -505,24 +826,49 @@ fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Sample> {
     let p2 = tb
         .add_pod(1, "10.5.2.2/24", "10.5.2.1/24", mtu)
         .map_err(anyhow::Error::msg)?;
-    wait_for(Duration::from_secs(10), || {
-        tb.exec_status(
-            &p1.ns,
-            &["ping", "-c1", "-W1", &p2.ip],
-            Duration::from_secs(3),
-        )
-        .0
-        .then_some(())
-    })
-    .context("pods cannot reach each other")?;
+    let mut pairs = Vec::new();
+    for &fam in setup.families() {
+        pairs.push(match fam {
+            Fam::V4 => (p1.clone(), p2.clone()),
+            Fam::V6 => (add_ipv6(&tb, &p1)?, add_ipv6(&tb, &p2)?),
+        });
+    }
+    for (a, b) in &pairs {
+        wait_for(Duration::from_secs(10), || {
+            tb.exec_status(
+                &a.ns,
+                &["ping", "-c1", "-W1", &b.ip],
+                Duration::from_secs(3),
+            )
+            .0
+            .then_some(())
+        })
+        .with_context(|| format!("pods cannot reach each other ({} -> {})", a.ip, b.ip))?;
+    }
     // Same settle time for every setup: let start-up work (etcd's WAL, the daemons' first
     // reconcile) finish so the figures are steady state.
     std::thread::sleep(Duration::from_secs(3));
-    check_stop()?;
+    let mut samples = Vec::new();
+    for ((a, b), &fam) in pairs.iter().zip(setup.families()) {
+        samples.push(measure(a, b, fam, &daemons, opts, clk_tck, d)?);
+    }
+    Ok(samples)
+}
 
-    let before = CpuSnapshot::take(&daemons)?;
-    let tcp1 = iperf_tcp(&p1, &p2, opts.seconds, 1, dir.path())?;
-    let after = CpuSnapshot::take(&daemons)?;
+/// Every measurement from pod `p1` to pod `p2` over `fam`.
+fn measure(
+    p1: &Pod,
+    p2: &Pod,
+    fam: Fam,
+    daemons: &[u32],
+    opts: &Opts,
+    clk_tck: u64,
+    dir: &Path,
+) -> Result<Sample> {
+    check_stop()?;
+    let before = CpuSnapshot::take(daemons)?;
+    let tcp1 = iperf_tcp(p1, p2, opts.seconds, 1, dir)?;
+    let after = CpuSnapshot::take(daemons)?;
     let per_gb =
         |b: u64, a: u64| parse::cpu_seconds_per_gb(a.saturating_sub(b), clk_tck, tcp1.bytes);
     let daemon_cpu = before
@@ -532,14 +878,18 @@ fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Sample> {
     let system_cpu = per_gb(before.system, after.system);
     check_stop()?;
 
-    let tcp4 = iperf_tcp(&p1, &p2, opts.seconds, 4, dir.path())?;
+    let tcp4 = iperf_tcp(p1, p2, opts.seconds, 4, dir)?;
+    let datagram = match fam {
+        Fam::V4 => UDP_DATAGRAM,
+        Fam::V6 => UDP_DATAGRAM_V6,
+    };
     let mut udp = Vec::new();
     for &gbps in &opts.udp_rates {
         check_stop()?;
-        udp.push(iperf_udp(&p1, &p2, opts.seconds, gbps, dir.path())?);
+        udp.push(iperf_udp(p1, p2, opts.seconds, gbps, datagram, dir)?);
     }
     check_stop()?;
-    let (rtt_p50, rtt_p99) = ping_rtt(&p1, &p2)?;
+    let (rtt_p50, rtt_p99) = ping_rtt(p1, p2)?;
     Ok(Sample {
         tcp1: tcp1.gbps,
         tcp4: tcp4.gbps,
@@ -649,11 +999,19 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
         Some(list) => parse_setups(list)?,
         None => DEFAULT_SETUPS.to_vec(),
     };
-    // Plain routes and hand VXLAN are the baselines the ratios need: always measured.
+    // Plain routes and hand VXLAN are the baselines the ratios need: always measured; their
+    // IPv6 twins whenever an IPv6 row is.
+    let any_v6 = wanted.iter().any(|s| s.families().contains(&Fam::V6));
     let setups = ALL
         .iter()
         .map(|(_, s)| *s)
-        .filter(|s| !s.has_daemon() || wanted.contains(s))
+        .filter(|s| {
+            wanted.contains(s)
+                || match s.families() {
+                    [Fam::V4] => !s.has_daemon(),
+                    _ => !s.has_daemon() && any_v6,
+                }
+        })
         .collect();
     Ok(Opts {
         rounds: cli.rounds,
@@ -665,9 +1023,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
     })
 }
 
-/// Runs every round; returns one Vec of per-round samples per selected setup.
+/// Runs every round; returns one Vec of per-round samples per row ([`rows_of`] the setups).
 fn run_rounds(opts: &Opts, clk_tck: u64) -> Result<Vec<Vec<Sample>>> {
-    let mut results: Vec<Vec<Sample>> = vec![Vec::new(); opts.setups.len()];
+    let rows = rows_of(&opts.setups);
+    let mut results: Vec<Vec<Sample>> = vec![Vec::new(); rows.len()];
     for r in 1..=opts.rounds {
         // Reverse the order every other round so no setup always runs first or last.
         let mut order: Vec<usize> = (0..opts.setups.len()).collect();
@@ -677,13 +1036,51 @@ fn run_rounds(opts: &Opts, clk_tck: u64) -> Result<Vec<Vec<Sample>>> {
         for i in order {
             let s = opts.setups[i];
             eprintln!("round {r}/{}: {}", opts.rounds, s.name());
-            let sample =
+            let samples =
                 one(s, opts, clk_tck).with_context(|| format!("round {r}: {}", s.name()))?;
-            eprintln!("  {}", progress(&sample, &opts.udp_rates));
-            results[i].push(sample);
+            for (fam, sample) in s.families().iter().zip(samples) {
+                let k = rows
+                    .iter()
+                    .position(|row| row.setup == s && row.fam == *fam)
+                    .context("row")?;
+                eprintln!("  {fam:?}: {}", progress(&sample, &opts.udp_rates));
+                results[k].push(sample);
+            }
         }
     }
     Ok(results)
+}
+
+/// Medians per row of one family, ratios to that family's hand VXLAN.
+fn summarize_family(
+    rows: &[Row],
+    samples: &[Vec<Sample>],
+    fam: Fam,
+    udp_rates: usize,
+) -> Vec<report::Summary> {
+    let (names, picked): (Vec<(String, String)>, Vec<Vec<Sample>>) = rows
+        .iter()
+        .zip(samples)
+        .filter(|(row, _)| row.fam == fam)
+        .map(|(row, s)| ((row.name(), row.short()), s.clone()))
+        .unzip();
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let hand = match fam {
+        Fam::V4 => Setup::HandVxlan,
+        Fam::V6 => Setup::HandVxlan6,
+    };
+    let baseline = rows
+        .iter()
+        .filter(|row| row.fam == fam)
+        .position(|row| row.setup == hand)
+        .unwrap_or(HAND);
+    let names: Vec<(&str, &str)> = names
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_str()))
+        .collect();
+    report::summarize(&names, &picked, baseline, udp_rates)
 }
 
 fn main() -> Result<()> {
@@ -698,8 +1095,10 @@ fn main() -> Result<()> {
     let clk_tck = clock_ticks_per_second()?;
     let samples = run_rounds(&opts, clk_tck)?;
 
-    let names: Vec<(&str, &str)> = opts.setups.iter().map(|s| (s.name(), s.short())).collect();
-    let rows = report::summarize(&names, &samples, HAND, opts.udp_rates.len());
+    let rows = rows_of(&opts.setups);
+    let n = opts.udp_rates.len();
+    let v4 = summarize_family(&rows, &samples, Fam::V4, n);
+    let v6 = summarize_family(&rows, &samples, Fam::V6, n);
     let meta = Meta {
         rounds: opts.rounds,
         seconds: opts.seconds,
@@ -707,13 +1106,14 @@ fn main() -> Result<()> {
         pings: PINGS,
         ping_interval_ms: PING_INTERVAL_MS,
     };
-    let table = report::render_table(&meta, &rows);
+    let table = report::render_tables(&meta, &v4, &v6);
     print!("{table}");
     if let Some(out) = &opts.out {
         write_file(out, &table)?;
         eprintln!("table written to {}", out.display());
     }
-    write_file(&opts.svg, &report::render_svg(&meta, &rows))?;
+    let all: Vec<report::Summary> = v4.into_iter().chain(v6).collect();
+    write_file(&opts.svg, &report::render_svg(&meta, &all))?;
     eprintln!("chart written to {}", opts.svg.display());
     Ok(())
 }
@@ -739,7 +1139,11 @@ mod tests {
                 Setup::HandVxlan,
                 Setup::Flanneld,
                 Setup::FlanneldUdp,
-                Setup::FlanneldHostGw
+                Setup::FlanneldHostGw,
+                Setup::Plain6,
+                Setup::HandVxlan6,
+                Setup::FlanneldVxlanDual,
+                Setup::FlanneldHostGwDual,
             ]
         );
         assert_eq!(o.setups[HAND], Setup::HandVxlan);
@@ -783,6 +1187,72 @@ mod tests {
         let o = args(&["--setups", "hand", "--udp-rates", ""]).unwrap();
         assert_eq!(o.setups, vec![Setup::Plain, Setup::HandVxlan]);
         assert!(o.udp_rates.is_empty());
+        // An IPv6 row brings the IPv6 baselines.
+        let o = args(&["--setups", "hostgw-dual"]).unwrap();
+        assert_eq!(
+            o.setups,
+            vec![
+                Setup::Plain,
+                Setup::HandVxlan,
+                Setup::Plain6,
+                Setup::HandVxlan6,
+                Setup::FlanneldHostGwDual
+            ]
+        );
+        let o = args(&["--setups", "hand6"]).unwrap();
+        assert_eq!(
+            o.setups,
+            vec![
+                Setup::Plain,
+                Setup::HandVxlan,
+                Setup::Plain6,
+                Setup::HandVxlan6
+            ]
+        );
+    }
+
+    #[test]
+    fn rows_per_family() {
+        let rows = rows_of(&[
+            Setup::HandVxlan,
+            Setup::HandVxlan6,
+            Setup::FlanneldVxlanDual,
+        ]);
+        let got: Vec<(Setup, Fam)> = rows.iter().map(|r| (r.setup, r.fam)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Setup::HandVxlan, Fam::V4),
+                (Setup::HandVxlan6, Fam::V6),
+                (Setup::FlanneldVxlanDual, Fam::V4),
+                (Setup::FlanneldVxlanDual, Fam::V6),
+            ]
+        );
+        assert_eq!(rows[1].name(), "kernel VXLAN over IPv6 programmed by hand");
+        assert_eq!(
+            rows[3].name(),
+            "flanneld vxlan backend, dual stack, pod to pod over IPv6"
+        );
+        assert_eq!(rows[3].short(), "flanneld vxlan dual (IPv6)");
+        // Ratios per family, each to its own hand VXLAN.
+        let s = |tcp1: f64| Sample {
+            tcp1,
+            tcp4: tcp1,
+            udp: vec![],
+            rtt_p50: 0.01,
+            rtt_p99: 0.02,
+            daemon_cpu: None,
+            system_cpu: None,
+        };
+        let samples = vec![vec![s(10.0)], vec![s(8.0)], vec![s(9.0)], vec![s(6.0)]];
+        let v4 = summarize_family(&rows, &samples, Fam::V4, 0);
+        let v6 = summarize_family(&rows, &samples, Fam::V6, 0);
+        assert_eq!(v4.len(), 2);
+        assert_eq!(v4[1].ratio, Some(0.9));
+        assert_eq!(v6.len(), 2);
+        assert_eq!(v6[0].ratio, Some(1.0));
+        assert_eq!(v6[1].ratio, Some(0.75));
+        assert!(summarize_family(&rows[..1], &samples[..1], Fam::V6, 0).is_empty());
     }
 
     #[test]

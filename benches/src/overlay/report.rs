@@ -136,20 +136,33 @@ fn udp_cell(loss: Option<f64>, sent: Option<f64>, offered: f64) -> String {
     }
 }
 
-/// The markdown report: a heading paragraph, the table, and the per-round ratios.
+/// The markdown report: a heading paragraph, the table, and the per-round ratios (IPv4 rows
+/// only).
+#[cfg(test)]
 pub fn render_table(meta: &Meta, rows: &[Summary]) -> String {
+    render_tables(meta, rows, &[])
+}
+
+/// The markdown report with the IPv4 rows and, when there are any, a second table of the rows
+/// measured pod to pod over IPv6 (ratios to hand VXLAN over IPv6).
+pub fn render_tables(meta: &Meta, v4: &[Summary], v6: &[Summary]) -> String {
     let mut out = String::new();
     let rates: Vec<String> = meta.udp_rates.iter().map(|&g| rate(g)).collect();
     let _ = writeln!(
         out,
         "Pod to pod across two namespace nodes, {rounds} (order reversed every other \
-         round), iperf3 {s} s per run: TCP with 1 and 4 streams, UDP with 1400-byte datagrams \
+         round), iperf3 {s} s per run: TCP with 1 and 4 streams, UDP with 1400-byte datagrams{v6} \
          offered at {r} Gbit/s; ping {p} × {i} ms. Figures are medians over rounds; the ratio is \
          the median of per-round ratios. CPU s/GB: CPU seconds during the 1-stream TCP run per \
          GB (1e9 bytes) received, for both flanneld processes (utime + stime) and for the whole \
          machine (/proc/stat busy time).\n",
         rounds = meta.rounds_text(),
         s = meta.seconds,
+        v6 = if v6.is_empty() {
+            ""
+        } else {
+            " (1380 over IPv6: the pod MTU of VXLAN over IPv6 is 1430)"
+        },
         r = if rates.is_empty() {
             "no".to_string()
         } else {
@@ -158,10 +171,28 @@ pub fn render_table(meta: &Meta, rows: &[Summary]) -> String {
         p = meta.pings,
         i = meta.ping_interval_ms,
     );
+    if v6.is_empty() {
+        table(&mut out, meta, v4, "hand VXLAN");
+        return out;
+    }
+    let _ = writeln!(out, "### IPv4\n");
+    table(&mut out, meta, v4, "hand VXLAN");
+    let _ = writeln!(
+        out,
+        "\n### IPv6\n\nIPv6 underlay between the nodes, IPv6 pod addresses; ratios to kernel \
+         VXLAN over IPv6 programmed by hand.\n"
+    );
+    table(&mut out, meta, v6, "hand VXLAN IPv6");
+    out
+}
+
+/// One table and its per-round ratios to `baseline` (the row the ratios were computed against).
+fn table(out: &mut String, meta: &Meta, rows: &[Summary], baseline: &str) {
+    let rates: Vec<String> = meta.udp_rates.iter().map(|&g| rate(g)).collect();
     let mut head = vec![
         "path".to_string(),
         "TCP 1 stream (Gbit/s)".to_string(),
-        "ratio to hand VXLAN".to_string(),
+        format!("ratio to {baseline}"),
         "TCP 4 streams (Gbit/s)".to_string(),
     ];
     head.extend(rates.iter().map(|r| format!("UDP loss at {r} Gbit/s (%)")));
@@ -198,7 +229,7 @@ pub fn render_table(meta: &Meta, rows: &[Summary]) -> String {
         ]);
         let _ = writeln!(out, "| {} |", cells.join(" | "));
     }
-    let _ = writeln!(out, "\nPer-round TCP 1-stream ratios to hand VXLAN:");
+    let _ = writeln!(out, "\nPer-round TCP 1-stream ratios to {baseline}:");
     for row in rows {
         let ratios: Vec<String> = row
             .per_round_ratios
@@ -207,7 +238,6 @@ pub fn render_table(meta: &Meta, rows: &[Summary]) -> String {
             .collect();
         let _ = writeln!(out, "- {}: {}", row.short, ratios.join(" "));
     }
-    out
 }
 
 /// A 1, 2 or 5 × 10^k step giving about five ticks up to `max`.
@@ -532,6 +562,25 @@ mod tests {
             ..meta()
         };
         assert!(render_table(&one, &summaries()).contains(", 1 round ("));
+    }
+
+    #[test]
+    fn ipv6_table_after_the_ipv4_one() {
+        let v4 = summaries();
+        let mut v6 = summaries();
+        v6[0].name = "kernel VXLAN over IPv6 programmed by hand".to_string();
+        let t = render_tables(&meta(), &v4, &v6);
+        assert!(t.contains("(1380 over IPv6"), "{t}");
+        let i4 = t.find("### IPv4").unwrap();
+        let i6 = t.find("### IPv6").unwrap();
+        assert!(i4 < i6, "{t}");
+        assert!(t[i6..].contains("| ratio to hand VXLAN IPv6 |"), "{t}");
+        assert!(t[i6..].contains("| kernel VXLAN over IPv6 programmed by hand | 11.00 |"));
+        assert!(t[i6..].contains("Per-round TCP 1-stream ratios to hand VXLAN IPv6:"));
+        assert_eq!(t.lines().filter(|l| l.starts_with("|---")).count(), 2);
+        // Without IPv6 rows: the IPv4 report as before.
+        assert_eq!(render_tables(&meta(), &v4, &[]), render_table(&meta(), &v4));
+        assert!(!render_table(&meta(), &v4).contains("###"));
     }
 
     #[test]
