@@ -51,6 +51,7 @@ enum Setup {
     HandVxlan6,
     FlanneldVxlanDual,
     FlanneldHostGwDual,
+    FlanneldUdpDual,
 }
 
 /// An address family the pods talk over.
@@ -61,7 +62,7 @@ enum Fam {
 }
 
 /// Every setup, in table order, with its `--setups` key. The first two are the baselines.
-const ALL: [(&str, Setup); 10] = [
+const ALL: [(&str, Setup); 11] = [
     ("plain", Setup::Plain),
     ("hand", Setup::HandVxlan),
     ("flanneld", Setup::Flanneld),
@@ -72,6 +73,7 @@ const ALL: [(&str, Setup); 10] = [
     ("hand6", Setup::HandVxlan6),
     ("vxlan-dual", Setup::FlanneldVxlanDual),
     ("hostgw-dual", Setup::FlanneldHostGwDual),
+    ("udp-dual", Setup::FlanneldUdpDual),
 ];
 
 /// Measured when `--setups` is not given (besides the baselines).
@@ -106,6 +108,7 @@ impl Setup {
             Setup::HandVxlan6 => "kernel VXLAN over IPv6 programmed by hand",
             Setup::FlanneldVxlanDual => "flanneld vxlan backend, dual stack",
             Setup::FlanneldHostGwDual => "flanneld host-gw backend, dual stack",
+            Setup::FlanneldUdpDual => "flanneld udp backend, dual stack (IPv4 underlay)",
         }
     }
 
@@ -121,6 +124,7 @@ impl Setup {
             Setup::HandVxlan6 => "hand VXLAN",
             Setup::FlanneldVxlanDual => "flanneld vxlan dual",
             Setup::FlanneldHostGwDual => "flanneld host-gw dual",
+            Setup::FlanneldUdpDual => "flanneld udp dual",
         }
     }
 
@@ -135,7 +139,9 @@ impl Setup {
     fn families(self) -> &'static [Fam] {
         match self {
             Setup::Plain6 | Setup::HandVxlan6 => &[Fam::V6],
-            Setup::FlanneldVxlanDual | Setup::FlanneldHostGwDual => &[Fam::V4, Fam::V6],
+            Setup::FlanneldVxlanDual | Setup::FlanneldHostGwDual | Setup::FlanneldUdpDual => {
+                &[Fam::V4, Fam::V6]
+            }
             _ => &[Fam::V4],
         }
     }
@@ -148,7 +154,7 @@ impl Setup {
             Setup::Plain | Setup::FlanneldHostGw | Setup::Plain6 | Setup::FlanneldHostGwDual => {
                 1500
             }
-            Setup::FlanneldUdp => 1472,
+            Setup::FlanneldUdp | Setup::FlanneldUdpDual => 1472,
             Setup::HandVxlan6 | Setup::FlanneldVxlanDual => 1430,
             _ => 1450,
         }
@@ -818,6 +824,7 @@ fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Vec<Sample>> {
         }
         Setup::FlanneldVxlanDual => run_flanneld(&mut tb, d, &endpoint, true, "vxlan", v6s)?,
         Setup::FlanneldHostGwDual => run_flanneld(&mut tb, d, &endpoint, true, "host-gw", v6s)?,
+        Setup::FlanneldUdpDual => run_flanneld(&mut tb, d, &endpoint, true, "udp", v6s)?,
     };
     let mtu = setup.pod_mtu();
     let p1 = tb

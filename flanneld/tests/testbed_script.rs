@@ -50,7 +50,10 @@ fn testbed_up_shows_traffic_and_down_removes_everything() {
         .unwrap()
     });
     assert!(up.status.success(), "up failed:\n{out}\n{err}");
-    assert!(out.contains("12 of 12 pod pairs reach each other\n"), "{out}");
+    assert!(
+        out.contains("12 of 12 pod pairs reach each other\n"),
+        "{out}"
+    );
     assert!(
         out.contains("12 of 12 pod pairs reach each other over IPv6"),
         "{out}"
