@@ -467,6 +467,17 @@ fn dual_stack_live_switch_and_cleanup() {
 /// answering A and AAAA with the two ClusterIPs.
 #[test]
 fn dual_stack_service_on_the_nftables_proxy() {
+    dual_stack_service("nftables");
+}
+
+/// The same on the userspace service proxy: each family's ClusterIP redirected (tables ip and
+/// ip6 flannel-proxy) to a listener of the daemon that relays to an endpoint of that family.
+#[test]
+fn dual_stack_service_on_the_userspace_proxy() {
+    dual_stack_service("userspace");
+}
+
+fn dual_stack_service(mode: &str) {
     let conf = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"vxlan"}}"#;
     if !require_root_with(&["dig"]) {
         return;
@@ -475,7 +486,7 @@ fn dual_stack_service_on_the_nftables_proxy() {
     let upstream = "172.30.0.1:53".to_string();
     let flags = [
         "--proxy-mode",
-        "nftables",
+        mode,
         "--cluster-dns",
         "--cluster-dns-upstream",
         &upstream,

@@ -587,7 +587,7 @@ pub fn base() -> String {
 
 /// Which local destination addresses serve node ports: every address of the node's but
 /// loopback (and, for IPv6, link-local).
-fn node_addresses(family: Family) -> &'static str {
+pub fn node_addresses(family: Family) -> &'static str {
     match family {
         Family::Ip => "ip daddr != 127.0.0.0/8",
         Family::Ip6 => "ip6 daddr != ::1 ip6 daddr != fe80::/10",

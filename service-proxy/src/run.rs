@@ -288,9 +288,14 @@ impl Plane {
                 all
             }
             Plane::User(p) => {
-                let present = nft
+                let mut present = nft
                     .chain_exists(::nft::Family::Ip, crate::nft::TABLE, "services")
                     .await;
+                if p.serves_ipv6() {
+                    present &= nft
+                        .chain_exists(::nft::Family::Ip6, crate::nft::TABLE, "services")
+                        .await;
+                }
                 if !present {
                     p.invalidate();
                 }
@@ -334,6 +339,7 @@ impl Follower for Proxy {
         let ports = self.model.ports();
         let served = match (&self.plane, self.opts.ipv6) {
             (Plane::Nft(..), true) => ports.len(),
+            (Plane::User(p), true) if p.serves_ipv6() => ports.len(),
             _ => ports
                 .keys()
                 .filter(|id| id.family == IpFamily::Ipv4)
@@ -364,13 +370,16 @@ pub async fn run(
         cluster_cidr: opts.cluster_cidr,
         cluster_cidr6: opts.cluster_cidr6,
     };
-    if !(opts.ipv6 && opts.mode == Mode::Nftables) {
+    // The userspace mode's relays pass the policy gate, which judges IPv4 only: with a gate
+    // IPv6 service ports are refused rather than relayed unchecked.
+    let user6 = opts.mode == Mode::Userspace && opts.userspace.gate.is_none();
+    if !(opts.ipv6 && (opts.mode == Mode::Nftables || user6)) {
         // Not served: a table an earlier run left would DNAT to stale endpoints.
         let _ = nft.apply(&crate::nft::cleanup_in(::nft::Family::Ip6)).await;
     }
-    if opts.ipv6 && opts.mode == Mode::Userspace {
+    if opts.ipv6 && opts.mode == Mode::Userspace && !user6 {
         tracing::warn!(
-            "userspace proxy mode serves IPv4 Services only; IPv6 ClusterIPs get nothing"
+            "userspace proxy mode with network policy serves IPv4 Services only (the policy gate judges IPv4 relays); IPv6 ClusterIPs get nothing"
         );
     }
     let plane = match opts.mode {
@@ -393,11 +402,10 @@ pub async fn run(
                 ))
             }),
         ),
-        Mode::Userspace => Plane::User(Box::new(UserspaceProxy::new(
-            nft.clone(),
-            opts.userspace.clone(),
-            metrics.clone(),
-        ))),
+        Mode::Userspace => Plane::User(Box::new(
+            UserspaceProxy::new(nft.clone(), opts.userspace.clone(), metrics.clone())
+                .with_ipv6(opts.ipv6),
+        )),
     };
     let follow_opts = FollowOptions {
         name: "service proxy",

@@ -9,10 +9,16 @@
 //! (or the client's affinity endpoint), connect with a timeout, on failure the next one;
 //! bounded number of open connections. UDP: one upstream socket per client address,
 //! closed after an idle timeout or when its endpoint goes; bounded number of sessions.
+//!
+//! Both families: IPv4 service ports are redirected by `ip flannel-proxy` to IPv4 listeners,
+//! and, when IPv6 is on ([`UserspaceProxy::with_ipv6`]), IPv6 ones by `ip6 flannel-proxy` to
+//! IPv6-only listeners (`IPV6_V6ONLY`, so each table's guard covers exactly its listeners).
+//! The policy gate judges IPv4 relays only: with a gate, IPv6 service ports are refused
+//! (logged, no listener, no redirect) and no IPv6 relay is ever opened.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -26,7 +32,7 @@ use ::nft::Runner;
 
 use crate::metrics::ProxyMetrics;
 use crate::model::{Endpoint, PortId, ServicePort};
-use crate::nft::TABLE;
+use crate::nft::{node_addresses, table_family, TABLE};
 
 /// The relay gate (network policy's decision per relay); defined with the registry so that
 /// the policy module need not depend on the proxy.
@@ -70,10 +76,10 @@ pub enum Entry {
 /// Endpoint choice shared between a listener and the syncer.
 #[derive(Debug)]
 struct Targets {
-    endpoints: RwLock<Vec<SocketAddrV4>>,
+    endpoints: RwLock<Vec<SocketAddr>>,
     next: AtomicUsize,
     affinity: RwLock<Option<Duration>>,
-    pinned: Mutex<HashMap<Ipv4Addr, (SocketAddrV4, Instant)>>,
+    pinned: Mutex<HashMap<IpAddr, (SocketAddr, Instant)>>,
 }
 
 impl Targets {
@@ -88,7 +94,7 @@ impl Targets {
 
     /// The endpoints to try for `client`, in order: its affinity endpoint first when it has
     /// a live one, else round robin.
-    fn order(&self, client: Ipv4Addr) -> Vec<SocketAddrV4> {
+    fn order(&self, client: IpAddr) -> Vec<SocketAddr> {
         let eps = self.endpoints.read().map(|e| e.clone()).unwrap_or_default();
         if eps.is_empty() {
             return eps;
@@ -113,7 +119,7 @@ impl Targets {
             .collect()
     }
 
-    fn used(&self, client: Ipv4Addr, ep: SocketAddrV4) {
+    fn used(&self, client: IpAddr, ep: SocketAddr) {
         let affinity = self.affinity.read().map(|a| *a).unwrap_or(None);
         if let Some(timeout) = affinity {
             if let Ok(mut pinned) = self.pinned.lock() {
@@ -125,7 +131,7 @@ impl Targets {
         }
     }
 
-    fn set(&self, eps: Vec<SocketAddrV4>, affinity: Option<Duration>) {
+    fn set(&self, eps: Vec<SocketAddr>, affinity: Option<Duration>) {
         if let Ok(mut pinned) = self.pinned.lock() {
             pinned.retain(|_, (ep, _)| eps.contains(ep));
         }
@@ -142,20 +148,31 @@ impl Targets {
     }
 }
 
-/// The endpoints `client` may be relayed to, in the order to try them; `Err(())` when there
-/// are endpoints but the gate allows none.
+/// The endpoints the client at `peer` (`local`: redirected in the output hook) may be relayed
+/// to, in the order to try them; `Err(())` when there are endpoints but the gate allows none.
+/// The gate judges IPv4 only: with a gate, no IPv6 client or endpoint is ever allowed.
 fn allowed_order(
     targets: &Targets,
     gate: Option<&Arc<dyn Gate>>,
-    client: Client,
+    peer: IpAddr,
+    local: bool,
     protocol: Protocol,
-) -> Result<Vec<SocketAddrV4>, ()> {
-    let mut order = targets.order(client.addr);
+) -> Result<Vec<SocketAddr>, ()> {
+    let mut order = targets.order(peer);
     let Some(gate) = gate else {
         return Ok(order);
     };
     let had = !order.is_empty();
-    order.retain(|ep| gate.allows(client, *ep, protocol));
+    match peer {
+        IpAddr::V4(addr) => {
+            let client = Client { addr, local };
+            order.retain(|ep| match ep {
+                SocketAddr::V4(ep) => gate.allows(client, *ep, protocol),
+                SocketAddr::V6(_) => false,
+            });
+        }
+        IpAddr::V6(_) => order.clear(),
+    }
     if had && order.is_empty() {
         Err(())
     } else {
@@ -171,7 +188,7 @@ fn is_local_addr(addr: Ipv4Addr) -> bool {
 /// What one listener should serve: protocol, endpoints, affinity timeout.
 type Wanted = (Protocol, Vec<Endpoint>, Option<u32>);
 
-type Sessions = Arc<Mutex<HashMap<SocketAddr, (SocketAddrV4, Arc<UdpSocket>, JoinHandle<()>)>>>;
+type Sessions = Arc<Mutex<HashMap<SocketAddr, (SocketAddr, Arc<UdpSocket>, JoinHandle<()>)>>>;
 
 #[derive(Debug)]
 struct Listener {
@@ -213,6 +230,10 @@ pub struct UserspaceProxy<N> {
     listeners: BTreeMap<(PortId, Entry), Listener>,
     /// The script last applied; `None` forces a rewrite.
     applied: Option<String>,
+    /// IPv6 is on: IPv6 service ports are served (without a gate) or refused (with one).
+    ipv6: bool,
+    /// IPv6 service ports refused because a gate is set (each logged once).
+    refused: BTreeSet<PortId>,
 }
 
 impl<N: Runner> UserspaceProxy<N> {
@@ -224,7 +245,21 @@ impl<N: Runner> UserspaceProxy<N> {
             metrics,
             listeners: BTreeMap::new(),
             applied: None,
+            ipv6: false,
+            refused: BTreeSet::new(),
         }
+    }
+
+    /// Serves IPv6 service ports too (in `ip6 flannel-proxy`), unless a gate is set: the gate
+    /// judges IPv4 only, so with one IPv6 service ports are refused (logged and skipped).
+    pub fn with_ipv6(mut self, on: bool) -> Self {
+        self.ipv6 = on;
+        self
+    }
+
+    /// Whether IPv6 service ports get listeners and the `ip6` table (IPv6 on, no gate).
+    pub fn serves_ipv6(&self) -> bool {
+        self.ipv6 && self.opts.gate.is_none()
     }
 
     pub fn invalidate(&mut self) {
@@ -239,14 +274,28 @@ impl<N: Runner> UserspaceProxy<N> {
     }
 
     /// Serves `ports`: listeners created, updated or closed, then the redirects rewritten.
-    /// Returns how many listeners changed. Only IPv4 service ports are served (the table is
-    /// `ip flannel-proxy`; IPv6 Services are not relayed in this mode yet).
+    /// Returns how many listeners changed. IPv4 service ports are served in `ip
+    /// flannel-proxy`; IPv6 ones in `ip6 flannel-proxy` when [`Self::serves_ipv6`].
     pub async fn apply(
         &mut self,
         ports: &BTreeMap<PortId, ServicePort>,
     ) -> Result<usize, UserspaceError> {
+        let serve6 = self.serves_ipv6();
         let mut wanted: BTreeMap<(PortId, Entry), Wanted> = BTreeMap::new();
-        for (id, sp) in ports.iter().filter(|(id, _)| id.family == IpFamily::Ipv4) {
+        let mut refused = BTreeSet::new();
+        for (id, sp) in ports {
+            if id.family == IpFamily::Ipv6 && !serve6 {
+                if self.ipv6 {
+                    if !self.refused.contains(id) {
+                        tracing::warn!(
+                            port = %id,
+                            "IPv6 service port not served: the userspace proxy's network policy gate judges IPv4 only (use --proxy-mode nftables)"
+                        );
+                    }
+                    refused.insert(id.clone());
+                }
+                continue;
+            }
             wanted.insert(
                 (id.clone(), Entry::Cluster),
                 (sp.protocol, sp.cluster_targets(), sp.affinity),
@@ -263,17 +312,18 @@ impl<N: Runner> UserspaceProxy<N> {
                 );
             }
         }
+        self.refused = refused;
         let before = self.listeners.len();
         self.listeners
             .retain(|k, l| wanted.get(k).is_some_and(|w| w.0 == l.protocol));
         let mut changed = before - self.listeners.len();
         for (key, (protocol, eps, affinity)) in &wanted {
-            let eps: Vec<SocketAddrV4> = eps
+            // Each family's port relays to endpoints of its family only.
+            let v6 = key.0.family == IpFamily::Ipv6;
+            let eps: Vec<SocketAddr> = eps
                 .iter()
-                .filter_map(|e| match e.ip {
-                    IpAddr::V4(ip) => Some(SocketAddrV4::new(ip, e.port)),
-                    IpAddr::V6(_) => None,
-                })
+                .filter(|e| e.ip.is_ipv6() == v6)
+                .map(|e| SocketAddr::new(e.ip, e.port))
                 .collect();
             let affinity = affinity.map(|t| Duration::from_secs(u64::from(t)));
             if !self.listeners.contains_key(key) {
@@ -299,7 +349,10 @@ impl<N: Runner> UserspaceProxy<N> {
                 }
             }
         }
-        let script = self.render(ports);
+        let mut script = self.render(ports, IpFamily::Ipv4);
+        if serve6 {
+            script.push_str(&self.render(ports, IpFamily::Ipv6));
+        }
         if self.applied.as_deref() != Some(script.as_str()) {
             self.applied = None;
             self.nft.apply(&script).await?;
@@ -308,11 +361,13 @@ impl<N: Runner> UserspaceProxy<N> {
         Ok(changed)
     }
 
-    /// The whole table: redirects to listeners, rejects for entries without endpoints, and
-    /// the guard that lets only redirected connections reach a listener.
-    fn render(&self, ports: &BTreeMap<PortId, ServicePort>) -> String {
-        let t = format!("ip {TABLE}");
-        let mut s = crate::nft::skeleton();
+    /// The whole table of `family` (`ip` or `ip6 flannel-proxy`) for that family's service
+    /// ports: redirects to listeners, rejects for entries without endpoints, and the guard that
+    /// lets only redirected connections reach a listener.
+    fn render(&self, ports: &BTreeMap<PortId, ServicePort>, family: IpFamily) -> String {
+        let fam = table_family(family);
+        let t = format!("{fam} {TABLE}");
+        let mut s = crate::nft::skeleton_in(fam);
         // The listeners are bound to every address (a prerouting redirect goes to the
         // address of the interface the packet came in on). A new connection to a listener's
         // port that was not redirected (DNAT status unset: it was addressed to the port
@@ -320,8 +375,9 @@ impl<N: Runner> UserspaceProxy<N> {
         // listener, so nothing gets past the redirects and their policy gate.
         let mut listening: Vec<String> = self
             .listeners
-            .values()
-            .map(|l| {
+            .iter()
+            .filter(|((id, _), _)| id.family == family)
+            .map(|(_, l)| {
                 let proto = if l.protocol == Protocol::Udp {
                     "udp"
                 } else {
@@ -351,22 +407,23 @@ impl<N: Runner> UserspaceProxy<N> {
             s,
             "add rule {t} filter-input ct state new meta l4proto . th dport @{LISTENERS_SET} ct status ! dnat reject"
         );
-        for (id, sp) in ports {
+        let local = node_addresses(fam);
+        for (id, sp) in ports.iter().filter(|(id, _)| id.family == family) {
             let proto = sp.protocol.nft();
             let mut matches: Vec<(Entry, String)> = vec![(
                 Entry::Cluster,
-                format!("ip daddr {} {proto} dport {}", sp.cluster_ip, sp.port),
+                format!("{fam} daddr {} {proto} dport {}", sp.cluster_ip, sp.port),
             )];
             for ip in &sp.external_ips {
                 matches.push((
                     Entry::External,
-                    format!("ip daddr {ip} {proto} dport {}", sp.port),
+                    format!("{fam} daddr {ip} {proto} dport {}", sp.port),
                 ));
             }
             if let Some(np) = sp.node_port {
                 matches.push((
                     Entry::External,
-                    format!("fib daddr type local ip daddr != 127.0.0.0/8 {proto} dport {np}"),
+                    format!("fib daddr type local {local} {proto} dport {np}"),
                 ));
             }
             for (entry, m) in matches {
@@ -393,11 +450,19 @@ impl<N: Runner> UserspaceProxy<N> {
             id: id.to_string(),
             source,
         };
+        let v6 = id.family == IpFamily::Ipv6;
         let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
         let targets = Arc::new(Targets::new());
         match protocol {
             Protocol::Udp => {
-                let sock = Arc::new(UdpSocket::bind(any).await.map_err(bind_err)?);
+                let sock = if v6 {
+                    UdpSocket::from_std(
+                        bind_v6_only(socket2::Type::DGRAM).map_err(bind_err)?.into(),
+                    )
+                } else {
+                    UdpSocket::bind(any).await
+                };
+                let sock = Arc::new(sock.map_err(bind_err)?);
                 let local_port = sock.local_addr().map_err(bind_err)?.port();
                 let sessions: Sessions = Arc::default();
                 let task = tokio::spawn(serve_udp(
@@ -417,7 +482,16 @@ impl<N: Runner> UserspaceProxy<N> {
             }
             // SCTP is served by the nftables mode only.
             Protocol::Tcp | Protocol::Sctp => {
-                let l = TcpListener::bind(any).await.map_err(bind_err)?;
+                let l = if v6 {
+                    TcpListener::from_std(
+                        bind_v6_only(socket2::Type::STREAM)
+                            .map_err(bind_err)?
+                            .into(),
+                    )
+                } else {
+                    TcpListener::bind(any).await
+                };
+                let l = l.map_err(bind_err)?;
                 let local_port = l.local_addr().map_err(bind_err)?.port();
                 let task = tokio::spawn(serve_tcp(
                     l,
@@ -442,6 +516,19 @@ impl<N: Runner> UserspaceProxy<N> {
         self.listeners.clear();
         self.applied = None;
     }
+}
+
+/// A non-blocking IPv6-only socket bound to `[::]` on a free port (listening, for a stream):
+/// IPv4 connections never reach it, so the `ip6` table's guard covers every way in.
+fn bind_v6_only(ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV6, ty, None)?;
+    sock.set_only_v6(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
+    if ty == socket2::Type::STREAM {
+        sock.listen(1024)?;
+    }
+    Ok(sock)
 }
 
 async fn serve_tcp(
@@ -472,17 +559,11 @@ async fn serve_tcp(
         let gate = opts.gate.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let client_ip = match peer.ip() {
-                std::net::IpAddr::V4(v4) => v4,
-                std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-            };
-            // Redirected in the output hook (a process of this node): to 127.0.0.1.
+            let client_ip = peer.ip();
+            // Redirected in the output hook (a process of this node): to 127.0.0.1 / ::1.
             let local = client.local_addr().is_ok_and(|a| a.ip().is_loopback());
-            let who = Client {
-                addr: client_ip,
-                local,
-            };
-            let Ok(order) = allowed_order(&targets, gate.as_ref(), who, Protocol::Tcp) else {
+            let Ok(order) = allowed_order(&targets, gate.as_ref(), client_ip, local, Protocol::Tcp)
+            else {
                 tracing::debug!(client = %client_ip, "relay denied by network policy");
                 metrics.connections_denied.inc();
                 refuse(client);
@@ -551,15 +632,18 @@ async fn serve_udp(
                     metrics.udp_sessions_dropped.inc();
                     continue;
                 }
-                let client_ip = match client.ip() {
-                    std::net::IpAddr::V4(v4) => v4,
-                    std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+                let client_ip = client.ip();
+                let local = match client_ip {
+                    IpAddr::V4(v4) => opts.gate.is_some() && is_local_addr(v4),
+                    IpAddr::V6(_) => false,
                 };
-                let who = Client {
-                    addr: client_ip,
-                    local: opts.gate.is_some() && is_local_addr(client_ip),
-                };
-                let ep = match allowed_order(&targets, opts.gate.as_ref(), who, Protocol::Udp) {
+                let ep = match allowed_order(
+                    &targets,
+                    opts.gate.as_ref(),
+                    client_ip,
+                    local,
+                    Protocol::Udp,
+                ) {
                     Ok(order) => order.into_iter().next(),
                     Err(()) => {
                         metrics.connections_denied.inc();
@@ -569,8 +653,12 @@ async fn serve_udp(
                 let Some(ep) = ep else {
                     continue;
                 };
-                let Ok(up) = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).await
-                else {
+                let unspecified: IpAddr = if ep.is_ipv6() {
+                    Ipv6Addr::UNSPECIFIED.into()
+                } else {
+                    Ipv4Addr::UNSPECIFIED.into()
+                };
+                let Ok(up) = UdpSocket::bind(SocketAddr::new(unspecified, 0)).await else {
                     continue;
                 };
                 if up.connect(ep).await.is_err() {
@@ -627,14 +715,15 @@ async fn udp_replies(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddrV4;
 
     #[test]
     fn round_robin_then_affinity() {
         let t = Targets::new();
-        let a = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80);
-        let b = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 80);
+        let a = SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 80));
+        let b = SocketAddr::from((Ipv4Addr::new(10, 0, 0, 2), 80));
         t.set(vec![a, b], None);
-        let c = Ipv4Addr::new(192, 0, 2, 1);
+        let c = IpAddr::from(Ipv4Addr::new(192, 0, 2, 1));
         let firsts: Vec<_> = (0..4).map(|_| t.order(c)[0]).collect();
         assert_eq!(firsts, vec![a, b, a, b]);
         assert_eq!(t.order(c).len(), 2, "every endpoint is a fallback");
@@ -744,5 +833,286 @@ mod tests {
         let port = p.local_port(&id, Entry::Cluster).expect("listener");
         assert_eq!(fetch(port).await, b"");
         assert_eq!(metrics.connections_denied.get(), 1);
+    }
+
+    fn id(name: &str, protocol: Protocol, family: IpFamily) -> PortId {
+        PortId {
+            namespace: "x".into(),
+            name: name.into(),
+            port_name: String::new(),
+            protocol,
+            family,
+        }
+    }
+
+    fn ep(ip: &str, port: u16) -> Endpoint {
+        Endpoint {
+            ip: ip.parse().expect("ip"),
+            port,
+            local: true,
+        }
+    }
+
+    /// A dual-stack TCP Service "web" (node port, IPv6 external IP), an IPv6 UDP Service
+    /// "dns" and an IPv6 TCP Service "empty" without endpoints.
+    fn dual_stack() -> BTreeMap<PortId, ServicePort> {
+        let mut web4 = ServicePort::new(
+            id("web", Protocol::Tcp, IpFamily::Ipv4),
+            Ipv4Addr::new(10, 96, 0, 10),
+            80,
+            vec![ep("10.5.1.2", 8080)],
+        );
+        web4.node_port = Some(30080);
+        let mut web6 = ServicePort::new(
+            id("web", Protocol::Tcp, IpFamily::Ipv6),
+            "fd00:10:96::a".parse::<Ipv6Addr>().expect("ip"),
+            80,
+            vec![ep("fd10:0:0:1::2", 8080), ep("fd10:0:0:1::3", 8080)],
+        );
+        web6.node_port = Some(30080);
+        web6.external_ips = vec!["2001:db8::7".parse().expect("ip")];
+        let dns6 = ServicePort::new(
+            id("dns", Protocol::Udp, IpFamily::Ipv6),
+            "fd00:10:96::53".parse::<Ipv6Addr>().expect("ip"),
+            53,
+            vec![ep("fd10:0:0:1::5", 53)],
+        );
+        let empty6 = ServicePort::new(
+            id("empty", Protocol::Tcp, IpFamily::Ipv6),
+            "fd00:10:96::b".parse::<Ipv6Addr>().expect("ip"),
+            80,
+            vec![],
+        );
+        [web4, web6, dns6, empty6]
+            .into_iter()
+            .map(|p| (p.id.clone(), p))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn ipv6_ports_get_listeners_and_rules_in_the_ip6_table() {
+        let ports = dual_stack();
+        let ipv4_only: BTreeMap<PortId, ServicePort> = ports
+            .iter()
+            .filter(|(id, _)| id.family == IpFamily::Ipv4)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // The IPv4 table alone, as before dual stack.
+        let mut p4 = UserspaceProxy::new(
+            ::nft::FakeNft::default(),
+            UserspaceOptions::default(),
+            ProxyMetrics::default(),
+        );
+        p4.apply(&ipv4_only).await.expect("apply");
+        let only4 = p4.nft.scripts().last().cloned().expect("script");
+        assert!(!only4.contains("ip6"), "{only4}");
+
+        let mut p = UserspaceProxy::new(
+            ::nft::FakeNft::default(),
+            UserspaceOptions::default(),
+            ProxyMetrics::default(),
+        )
+        .with_ipv6(true);
+        assert!(p.serves_ipv6());
+        assert_eq!(p.apply(&ports).await.expect("apply"), 6);
+        let script = p.nft.scripts().last().cloned().expect("script");
+        let (ip, ip6) = script
+            .split_once("add table ip6 flannel-proxy\ndelete table ip6 flannel-proxy\n")
+            .expect("ip6 table after the ip one");
+        let port = |name: &str, proto, family, entry| {
+            p.local_port(&id(name, proto, family), entry)
+                .expect("listener")
+        };
+        let web4 = port("web", Protocol::Tcp, IpFamily::Ipv4, Entry::Cluster);
+        let web4x = port("web", Protocol::Tcp, IpFamily::Ipv4, Entry::External);
+        // The IPv4 table is the one rendered without IPv6 but for its listener ports.
+        let expected4 = only4
+            .replace(
+                &p4.local_port(&id("web", Protocol::Tcp, IpFamily::Ipv4), Entry::Cluster)
+                    .expect("listener")
+                    .to_string(),
+                "CLUSTER",
+            )
+            .replace(
+                &p4.local_port(&id("web", Protocol::Tcp, IpFamily::Ipv4), Entry::External)
+                    .expect("listener")
+                    .to_string(),
+                "EXTERNAL",
+            );
+        let ip = ip
+            .replace(&web4.to_string(), "CLUSTER")
+            .replace(&web4x.to_string(), "EXTERNAL");
+        assert_eq!(ip, expected4);
+
+        let web = port("web", Protocol::Tcp, IpFamily::Ipv6, Entry::Cluster);
+        let webx = port("web", Protocol::Tcp, IpFamily::Ipv6, Entry::External);
+        let dns = port("dns", Protocol::Udp, IpFamily::Ipv6, Entry::Cluster);
+        let empty = port("empty", Protocol::Tcp, IpFamily::Ipv6, Entry::Cluster);
+        let t = format!("ip6 {TABLE}");
+        let mut listening = [
+            format!("tcp . {web}"),
+            format!("tcp . {webx}"),
+            format!("tcp . {empty}"),
+            format!("udp . {dns}"),
+        ];
+        listening.sort();
+        let expected6 = format!(
+            "{}add set {t} {LISTENERS_SET} {{ type inet_proto . inet_service; }}\n\
+             add element {t} {LISTENERS_SET} {{ {} }}\n\
+             add chain {t} filter-input {{ type filter hook input priority filter; policy accept; }}\n\
+             add rule {t} filter-input ct state new meta l4proto . th dport @{LISTENERS_SET} ct status ! dnat reject\n\
+             add rule {t} services ip6 daddr fd00:10:96::53 udp dport 53 redirect to :{dns}\n\
+             add rule {t} endpoints-check ip6 daddr fd00:10:96::b tcp dport 80 reject with tcp reset\n\
+             add rule {t} services ip6 daddr fd00:10:96::a tcp dport 80 redirect to :{web}\n\
+             add rule {t} services ip6 daddr 2001:db8::7 tcp dport 80 redirect to :{webx}\n\
+             add rule {t} services fib daddr type local ip6 daddr != ::1 ip6 daddr != fe80::/10 tcp dport 30080 redirect to :{webx}\n",
+            crate::nft::skeleton_in(::nft::Family::Ip6)
+                .trim_start_matches("add table ip6 flannel-proxy\ndelete table ip6 flannel-proxy\n"),
+            listening.join(", "),
+        );
+        assert_eq!(ip6, expected6);
+        // IPv6 listeners take no IPv4 connection (IPV6_V6ONLY): the ip6 guard covers them.
+        assert!(std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, web)).is_err());
+        assert!(std::net::TcpStream::connect((Ipv6Addr::LOCALHOST, web)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn with_a_gate_ipv6_ports_are_refused() {
+        let ports = dual_stack();
+        let opts = UserspaceOptions {
+            gate: Some(Arc::new(Deny(vec![]))),
+            ..UserspaceOptions::default()
+        };
+        let mut p = UserspaceProxy::new(::nft::FakeNft::default(), opts, ProxyMetrics::default())
+            .with_ipv6(true);
+        assert!(!p.serves_ipv6());
+        assert_eq!(
+            p.apply(&ports).await.expect("apply"),
+            2,
+            "IPv4 listeners only"
+        );
+        assert_eq!(p.refused.len(), 3);
+        let script = p.nft.scripts().last().cloned().expect("script");
+        assert!(!script.contains("ip6"), "{script}");
+        // Nor does the gate let an IPv6 relay through, should one be asked for.
+        let t = Targets::new();
+        t.set(vec![SocketAddr::from((Ipv6Addr::LOCALHOST, 80))], None);
+        let gate: Arc<dyn Gate> = Arc::new(Deny(vec![]));
+        let v4 = IpAddr::from(Ipv4Addr::new(10, 5, 1, 2));
+        assert_eq!(
+            allowed_order(&t, Some(&gate), v4, false, Protocol::Tcp),
+            Err(())
+        );
+        t.set(
+            vec![SocketAddr::from((Ipv4Addr::new(10, 5, 2, 2), 80))],
+            None,
+        );
+        let v6 = IpAddr::from(Ipv6Addr::LOCALHOST);
+        assert_eq!(
+            allowed_order(&t, Some(&gate), v6, true, Protocol::Tcp),
+            Err(())
+        );
+        assert!(allowed_order(&t, None, v6, true, Protocol::Tcp).is_ok_and(|o| o.len() == 1));
+    }
+
+    #[tokio::test]
+    async fn ipv6_relays_retry_the_next_endpoint() {
+        let live = {
+            let l = TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
+                .await
+                .expect("bind");
+            let port = l.local_addr().expect("addr").port();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = s.write_all(b"six").await;
+                }
+            });
+            port
+        };
+        // A port nothing listens on: refused, the next endpoint is tried.
+        let dead = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let id6 = id("web", Protocol::Tcp, IpFamily::Ipv6);
+        let sp = ServicePort::new(
+            id6.clone(),
+            "fd00:10:96::a".parse::<Ipv6Addr>().expect("ip"),
+            80,
+            vec![ep("::1", dead), ep("::1", live)],
+        );
+        let ports: BTreeMap<PortId, ServicePort> = [(id6.clone(), sp)].into();
+        let metrics = ProxyMetrics::default();
+        let mut p = UserspaceProxy::new(
+            ::nft::FakeNft::default(),
+            UserspaceOptions::default(),
+            metrics.clone(),
+        )
+        .with_ipv6(true);
+        p.apply(&ports).await.expect("apply");
+        let port = p.local_port(&id6, Entry::Cluster).expect("listener");
+        for _ in 0..4 {
+            use tokio::io::AsyncReadExt;
+            let mut s = TcpStream::connect((Ipv6Addr::LOCALHOST, port))
+                .await
+                .expect("connect");
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+            assert_eq!(out, b"six");
+        }
+        assert_eq!(
+            metrics.connect_failures.get(),
+            2,
+            "every other relay met the dead one"
+        );
+    }
+
+    #[tokio::test]
+    async fn ipv6_udp_sessions_relay_to_ipv6_endpoints() {
+        let server = UdpSocket::bind((Ipv6Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        let server_port = server.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = server.recv_from(&mut buf).await {
+                let mut reply = b"six:".to_vec();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = server.send_to(&reply, from).await;
+            }
+        });
+        let id6 = id("dns", Protocol::Udp, IpFamily::Ipv6);
+        let sp = ServicePort::new(
+            id6.clone(),
+            "fd00:10:96::53".parse::<Ipv6Addr>().expect("ip"),
+            53,
+            vec![ep("::1", server_port)],
+        );
+        let ports: BTreeMap<PortId, ServicePort> = [(id6.clone(), sp)].into();
+        let metrics = ProxyMetrics::default();
+        let mut p = UserspaceProxy::new(
+            ::nft::FakeNft::default(),
+            UserspaceOptions::default(),
+            metrics.clone(),
+        )
+        .with_ipv6(true);
+        p.apply(&ports).await.expect("apply");
+        let port = p.local_port(&id6, Entry::Cluster).expect("listener");
+        let c = UdpSocket::bind((Ipv6Addr::LOCALHOST, 0))
+            .await
+            .expect("bind");
+        c.connect((Ipv6Addr::LOCALHOST, port))
+            .await
+            .expect("connect");
+        c.send(b"q").await.expect("send");
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.recv(&mut buf))
+            .await
+            .expect("an answer")
+            .expect("recv");
+        assert_eq!(&buf[..n], b"six:q");
+        assert_eq!(metrics.udp_sessions.get(), 1);
     }
 }

@@ -71,8 +71,8 @@ pub(super) async fn serve(
             };
             let network6 = cfg.ipv6_network();
             let mut opts = service_proxy::run::ProxyOptions::new(mode, node, cfg.ipv4_network());
-            // IPv6 Services in table ip6 flannel-proxy (nftables mode) when the cluster has
-            // IPv6 pods.
+            // IPv6 Services (table ip6 flannel-proxy; userspace listeners on [::]) when the
+            // cluster has IPv6 pods.
             opts.ipv6 = network6.is_some();
             opts.cluster_cidr6 = network6;
             opts.userspace.gate = policy_gate
