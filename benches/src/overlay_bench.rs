@@ -513,14 +513,19 @@ fn run_flanneld(
         .context("flanneld did not program its routes in 30 s")?;
     }
     if v6.is_some() {
-        // IPv6: vxlan a route per peer on flannel-v6.1, host-gw via the peer's IPv6 on eth0.
-        let dev6 = if backend == "host-gw" {
-            "eth0"
-        } else {
-            "flannel-v6.1"
+        // IPv6: vxlan a route per peer on flannel-v6.1, host-gw via the peer's IPv6 on eth0,
+        // udp the IPv6Network route on flannel0.
+        let dev6 = match backend {
+            "host-gw" => "eth0",
+            "udp" => "flannel0",
+            _ => "flannel-v6.1",
         };
         for n in 0..2 {
-            let want = format!("{} via", SUBNETS6[1 - n]);
+            let want = if backend == "udp" {
+                "fd10::/48".to_string()
+            } else {
+                format!("{} via", SUBNETS6[1 - n])
+            };
             wait_for(Duration::from_secs(30), || {
                 tb.exec(&tb.nodes[n].ns, &["ip", "-6", "route", "show", "dev", dev6])
                     .ok()
@@ -537,7 +542,12 @@ fn run_flanneld(
                 env.contains(&format!("FLANNEL_IPV6_SUBNET={want}\n")),
                 "node {n} did not take its reserved IPv6 subnet {want}:\n{env}"
             );
-            let mtu = if backend == "host-gw" { 1500 } else { 1430 };
+            let mtu = match backend {
+                "host-gw" => 1500,
+                // The IPv4 underlay carries both families: interface − 28.
+                "udp" => 1472,
+                _ => 1430,
+            };
             ensure!(
                 env.contains(&format!("FLANNEL_MTU={mtu}\n")),
                 "node {n}: FLANNEL_MTU is not {mtu}:\n{env}"
