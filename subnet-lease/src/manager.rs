@@ -302,14 +302,36 @@ impl<R: LeaseStore> LeaseManager<R> {
                         None => *grant.insert(self.store.grant(self.opts.ttl).await?),
                     };
                     if let Some(revision) = self.store.create_lease(key, &self.attrs, id).await? {
-                        *grant = None;
-                        tracing::info!(subnet = %key, "acquired new lease");
-                        return Ok(Lease {
+                        let ours = Lease {
                             key,
                             attrs: self.attrs.clone(),
                             etcd_lease: id,
                             mod_revision: revision,
-                        });
+                        };
+                        // A dual-stack key names two subnets, and two joiners may pick the same
+                        // IPv4 (or IPv6) subnet with different other halves: distinct keys, so
+                        // the create txn does not stop the second. The later creator (higher
+                        // revision) yields and chooses again; the earlier one sees no earlier
+                        // holder and keeps its lease.
+                        if key.ipv4.is_some() && key.ipv6.is_some() {
+                            let now = self.store.list_leases().await?.leases;
+                            let first = now.iter().find(|l| {
+                                l.key != key
+                                    && l.mod_revision < revision
+                                    && ((l.key.ipv4.is_some() && l.key.ipv4 == key.ipv4)
+                                        || (l.key.ipv6.is_some() && l.key.ipv6 == key.ipv6))
+                            });
+                            if let Some(first) = first {
+                                tracing::info!(subnet = %key, other = %first.key, attempt, "another node created a lease with one of these subnets first; choosing again");
+                                self.store.delete_lease(&ours).await?;
+                                // The etcd lease is free again: reused for the next try.
+                                leases = now.into_iter().filter(|l| l.key != key).collect();
+                                continue;
+                            }
+                        }
+                        *grant = None;
+                        tracing::info!(subnet = %key, "acquired new lease");
+                        return Ok(ours);
                     }
                     tracing::info!(subnet = %key, attempt, "lost the race for a subnet; choosing again");
                     // Someone holds it now: count it as taken without re-reading everything.

@@ -416,3 +416,42 @@ async fn a_full_network_fails_acquire_and_reacquire_waits_for_a_free_subnet() {
     );
     assert_eq!(load(&stats.reacquisitions), 1);
 }
+
+/// Two joiners may pick the same IPv4 subnet with different IPv6 halves: the keys differ, so
+/// both creates succeed. The later creator sees the earlier lease (lower revision) sharing a
+/// subnet, deletes its own key and chooses again: no two nodes hold one subnet.
+#[tokio::test(start_paused = true)]
+async fn a_dual_stack_create_sharing_a_subnet_with_an_earlier_one_yields() {
+    let store = MemoryLeaseStore::new();
+    let conf = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{"Type":"vxlan"}}"#;
+    let m = manager(&store, conf, opts());
+    let injected = Arc::new(Mutex::new(None::<SubnetKey>));
+    let seen = injected.clone();
+    store.set_hook(move |s, call| {
+        if let Call::CreateLease(k) = call {
+            let mut first = seen.lock().unwrap();
+            if first.is_none() {
+                // Another node creates a lease with our IPv4 subnet just before we do.
+                let other = SubnetKey::dual(k.ipv4.unwrap(), "fd10:0:0:ffff::/64".parse().unwrap());
+                let id = s.grant_lease(Duration::from_secs(60));
+                s.put(other, attrs(9), id).unwrap();
+                *first = Some(other);
+            }
+        }
+        Ok(())
+    });
+    let own = m.acquire(None).await.unwrap();
+    let other = injected.lock().unwrap().expect("a create happened");
+    assert_ne!(
+        own.key.ipv4, other.ipv4,
+        "ours {} shares IPv4 with {other}",
+        own.key
+    );
+    assert!(store.get(&other).is_some(), "the earlier lease stays");
+    assert_eq!(store.leases().len(), 2, "{:?}", store.leases());
+    assert_eq!(
+        store.calls("create lease"),
+        2,
+        "one more create after yielding"
+    );
+}
