@@ -177,71 +177,13 @@ pub struct Wanted<'a> {
     pub public_ipv6: Option<Ipv6Addr>,
 }
 
-/// One family's addresses on the chosen interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FamilyAddr<A> {
-    /// The interface's own address.
-    pub iface_ip: A,
-    /// Prefix length of `iface_ip` (peers inside that prefix are on the same segment).
-    pub prefix_len: u8,
-    /// The address published in the lease (`--public-ip`/`--public-ipv6`, else `iface_ip`).
-    pub public_ip: A,
-}
+/// One family's addresses on the chosen interface (the backends' type: interface address,
+/// prefix length, the address published in the lease).
+pub type FamilyAddr<A> = backends::ExtAddr<A>;
 
 /// The external interface with an address for each enabled family (`v4` is Some exactly when
-/// EnableIPv4, `v6` exactly when EnableIPv6).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Chosen {
-    pub name: String,
-    pub index: u32,
-    pub mtu: u32,
-    pub v4: Option<FamilyAddr<Ipv4Addr>>,
-    pub v6: Option<FamilyAddr<Ipv6Addr>>,
-}
-
-impl Chosen {
-    fn from_ipv4(e: ExternalInterface) -> Chosen {
-        Chosen {
-            v4: e.v4.map(|a| FamilyAddr {
-                iface_ip: a.iface_ip,
-                prefix_len: a.prefix_len,
-                public_ip: a.public_ip,
-            }),
-            v6: None,
-            name: e.name,
-            index: e.index,
-            mtu: e.mtu,
-        }
-    }
-
-    /// The interface as the backends take it.
-    pub fn external(&self) -> ExternalInterface {
-        ExternalInterface {
-            name: self.name.clone(),
-            index: self.index,
-            mtu: self.mtu,
-            v4: self.v4.map(|f| backends::ExtAddr {
-                iface_ip: f.iface_ip,
-                prefix_len: f.prefix_len,
-                public_ip: f.public_ip,
-            }),
-            v6: self.v6.map(|f| backends::ExtAddr {
-                iface_ip: f.iface_ip,
-                prefix_len: f.prefix_len,
-                public_ip: f.public_ip,
-            }),
-        }
-    }
-
-    /// The IPv4 part alone (None when IPv4 is off).
-    #[cfg(test)]
-    fn ipv4_interface(&self) -> Option<ExternalInterface> {
-        self.v4.is_some().then(|| ExternalInterface {
-            v6: None,
-            ..self.external()
-        })
-    }
-}
+/// EnableIPv4, `v6` exactly when EnableIPv6), as the backends take it.
+pub type Chosen = ExternalInterface;
 
 /// Picks the external interface and its address per enabled family, as flannel's
 /// pkg/ipmatch/match.go (with main.go's candidate loops):
@@ -278,7 +220,7 @@ pub fn choose_families(snap: &Snapshot, w: &Wanted) -> Result<Chosen> {
                 w.iface_regex,
                 w.public_ip,
             )?;
-            return Ok(Chosen::from_ipv4(ext));
+            return Ok(ext);
         }
         (false, true) => {
             if let Some(p) = w.public_ip {
@@ -667,6 +609,20 @@ pub fn default_route_iface6() -> Result<Option<String>> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    /// The IPv4 part alone (None when IPv4 is off).
+    trait Ipv4Part {
+        fn ipv4_interface(&self) -> Option<ExternalInterface>;
+    }
+
+    impl Ipv4Part for Chosen {
+        fn ipv4_interface(&self) -> Option<ExternalInterface> {
+            self.v4.is_some().then(|| ExternalInterface {
+                v6: None,
+                ..self.clone()
+            })
+        }
+    }
+
     use super::*;
 
     fn ifaces() -> Vec<IfaceInfo> {
@@ -1180,7 +1136,7 @@ mod tests {
                 (Ok(t), Ok(n)) => {
                     assert_eq!(n.v6, None);
                     assert_eq!(n.ipv4_interface(), Some(t.clone()), "{iface:?} {regex:?}");
-                    assert_eq!(Chosen::from_ipv4(t), n);
+                    assert_eq!(t, n, "the IPv4-only choice is today's, v6 None");
                 }
                 (Err(t), Err(n)) => assert_eq!(t.to_string(), n.to_string()),
                 (t, n) => panic!("{iface:?} {regex:?}: today {t:?}, now {n:?}"),

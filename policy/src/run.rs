@@ -232,7 +232,7 @@ impl Cache {
     pub fn pod_views(&self) -> Vec<PodView> {
         let mut newest: BTreeMap<IpAddr, (&Key, i64)> = BTreeMap::new();
         for (k, (rec, rev)) in &self.records {
-            for a in record_addrs(rec) {
+            for a in rec.addrs() {
                 match newest.get(&a) {
                     Some((_, r)) if *r >= *rev => {}
                     _ => {
@@ -245,7 +245,8 @@ impl Cache {
             .records
             .iter()
             .filter_map(|(k, (rec, _))| {
-                let ips: Vec<IpAddr> = record_addrs(rec)
+                let ips: Vec<IpAddr> = rec
+                    .addrs()
                     .into_iter()
                     .filter(|a| newest.get(a).is_some_and(|(w, _)| *w == k))
                     .collect();
@@ -290,11 +291,6 @@ impl Cache {
             family,
         )
     }
-}
-
-/// The addresses a record claims: its `IP`, then the other addresses of `IPs`.
-fn record_addrs(rec: &PodRecord) -> Vec<IpAddr> {
-    rec.addrs()
 }
 
 /// Whether a pod of `node` has an IPv6 address.

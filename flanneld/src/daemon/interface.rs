@@ -11,7 +11,7 @@ use crate::iface;
 
 pub(super) fn external_interface(flags: &Flags, cfg: &NetConfig) -> Result<ExternalInterface> {
     let snap = iface::system_snapshot()?;
-    let chosen = iface::choose_families(
+    let ext = iface::choose_families(
         &snap,
         &iface::Wanted {
             ipv4: cfg.enable_ipv4,
@@ -22,7 +22,6 @@ pub(super) fn external_interface(flags: &Flags, cfg: &NetConfig) -> Result<Exter
             public_ipv6: flags.public_ipv6,
         },
     )?;
-    let ext = chosen.external();
     let fam = |ip: String, public: String| format!("IP {ip}, public IP {public}");
     let v4 = ext
         .v4
