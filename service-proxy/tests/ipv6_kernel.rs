@@ -101,25 +101,8 @@ fn ipv6_cluster_ip_node_port_and_reject_carry_real_traffic() {
         (&client, "cni0", "fd10:0:0:11::1", CLIENT6),
         (&server, "cnb0", "fd10:0:0:12::1", SERVER6),
     ] {
-        sh(
-            &tb,
-            ns,
-            &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"],
-        );
-        sh(&tb, ns, &["sysctl", "-qw", "net.ipv6.conf.all.accept_ra=0"]);
-        let gw_cidr = format!("{gw}/64");
-        sh(
-            &tb,
-            &node,
-            &["ip", "-6", "addr", "add", &gw_cidr, "dev", bridge, "nodad"],
-        );
-        let cidr = format!("{addr}/64");
-        sh(
-            &tb,
-            ns,
-            &["ip", "-6", "addr", "add", &cidr, "dev", "eth0", "nodad"],
-        );
-        sh(&tb, ns, &["ip", "-6", "route", "add", "default", "via", gw]);
+        tb.add_pod_ipv6(0, ns, bridge, gw, addr)
+            .unwrap_or_else(|e| panic!("IPv6 for {ns}: {e}"));
     }
     // The server answers with its name on both families.
     tb.spawn(

@@ -324,6 +324,37 @@ impl Testbed {
         self.add_pod_on(node, "cni0", ip_cidr, gateway_cidr, mtu)
     }
 
+    /// Gives pod namespace `pod` (behind bridge `bridge` of node `node`) the IPv6 address
+    /// `addr`/64 with `gateway` on the bridge as its default route (both `nodad`: usable at
+    /// once; no router advertisements taken).
+    pub fn add_pod_ipv6(
+        &self,
+        node: usize,
+        pod: &str,
+        bridge: &str,
+        gateway: &str,
+        addr: &str,
+    ) -> Result<(), String> {
+        let node_ns = &self
+            .nodes
+            .get(node)
+            .ok_or_else(|| format!("no node {node}"))?
+            .ns;
+        let sysctl = |kv: &str| sh("ip", &["netns", "exec", pod, "sysctl", "-qw", kv]);
+        sysctl("net.ipv6.conf.all.disable_ipv6=0")?;
+        sysctl("net.ipv6.conf.all.accept_ra=0")?;
+        let gw_cidr = format!("{gateway}/64");
+        ip(&[
+            "-n", node_ns, "-6", "addr", "add", &gw_cidr, "dev", bridge, "nodad",
+        ])?;
+        let cidr = format!("{addr}/64");
+        ip(&[
+            "-n", pod, "-6", "addr", "add", &cidr, "dev", "eth0", "nodad",
+        ])?;
+        ip(&["-n", pod, "-6", "route", "add", "default", "via", gateway])?;
+        Ok(())
+    }
+
     /// [`Testbed::add_pod`] behind bridge `bridge` of the node (created with `gateway_cidr` and
     /// `mtu` when missing), e.g. `docker0` the way dockerd makes it from `--bip`/`--mtu`.
     pub fn add_pod_on(
