@@ -9,7 +9,8 @@
 //! [`netlink::Netlink`] trait.
 //!
 //! Implemented: `vxlan` (kernel VXLAN), `udp` (userspace TUN, flannel's wire format), `host-gw`
-//! (routes via the peers' addresses, no encapsulation) and `alloc` (lease only). Any other type
+//! (routes via the peers' addresses, no encapsulation), `wireguard` (userspace WireGuard on a
+//! TUN, flannel's lease format and the standard protocol) and `alloc` (lease only). Any other type
 //! runs as `alloc` with a warning, publishing `BackendType: "alloc"` so no peer mistakes this
 //! node for one it can reach.
 
@@ -24,6 +25,7 @@ pub mod peerlog;
 pub mod set;
 pub mod udp;
 pub mod vxlan;
+pub mod wireguard;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -219,6 +221,7 @@ pub fn validate(cfg: &BackendConfig) -> Result<Vec<String>, BackendError> {
         "vxlan" => vxlan::VxlanConfig::parse(&cfg.options)?.1,
         "udp" => udp::UdpConfig::parse(&cfg.options)?.1,
         "host-gw" => hostgw::parse_options(&cfg.options),
+        "wireguard" => wireguard::WgConfig::parse(&cfg.options)?.1,
         _ => Vec::new(),
     })
 }
@@ -273,6 +276,13 @@ pub async fn create(
             Box::new(hostgw::HostGwBackend::new(ctx)?),
             hostgw::parse_options(&cfg.options),
         )),
+        "wireguard" => {
+            let (wcfg, warnings) = wireguard::WgConfig::parse(&cfg.options)?;
+            Ok((
+                Box::new(wireguard::WireguardBackend::new(wcfg, ctx).await?),
+                warnings,
+            ))
+        }
         "alloc" => Ok((Box::new(AllocBackend::new(&ctx.ext)), Vec::new())),
         other => Ok((
             Box::new(AllocBackend::new(&ctx.ext)),

@@ -36,6 +36,11 @@ impl<'a> Options<'a> {
             .filter(|v| !v.is_null())
     }
 
+    /// The value of `key`, if present and not null.
+    pub(crate) fn raw(&self, key: &str) -> Option<&'a Value> {
+        self.get(key)
+    }
+
     /// An integer from 0 to `max`, if present.
     pub(crate) fn uint(&self, key: &str, max: u64) -> Result<Option<u64>, BackendError> {
         match self.get(key) {

@@ -35,13 +35,17 @@ fn same_settings(a: &BackendConfig, b: &BackendConfig) -> bool {
             (crate::udp::UdpConfig::parse(&a.options), crate::udp::UdpConfig::parse(&b.options)),
             (Ok((x, _)), Ok((y, _))) if x == y
         ),
+        "wireguard" => matches!(
+            (crate::wireguard::WgConfig::parse(&a.options), crate::wireguard::WgConfig::parse(&b.options)),
+            (Ok((x, _)), Ok((y, _))) if x == y
+        ),
         "host-gw" | "alloc" => true,
         _ => a.options == b.options,
     }
 }
 
 /// Types a node can run beside its primary for peers that advertise them.
-const DATA_PLANES: &[&str] = &["vxlan", "udp", "host-gw"];
+const DATA_PLANES: &[&str] = &["vxlan", "udp", "host-gw", "wireguard"];
 
 /// VXLAN devices an earlier run may have left that nothing running here owns: with no vxlan
 /// backend running (`vni` None), the default ones `flannel.1` and `flannel-v6.1`; with one

@@ -13,6 +13,8 @@ const BACKENDS: &[(&str, bool, bool)] = &[
     ("vxlan", true, true),
     ("host-gw", true, true),
     ("udp", true, true),
+    // IPv4 underlay, IPv4 pods (docs/wireguard.md): no BackendV6Data, no flannel-wg-v6 yet.
+    ("wireguard", true, false),
     ("alloc", true, true),
 ];
 
@@ -104,12 +106,16 @@ mod tests {
 
     #[test]
     fn ipv6_is_refused_where_no_data_plane_carries_it() {
-        // Every backend the config accepts carries IPv6 now; a type without a row (the config
-        // parser refuses unknown types first) is refused.
-        for mut c in [dual("vxlan"), v6only("vxlan")] {
-            c.backend.backend_type = "wireguard".into();
+        // wireguard carries IPv4 only; a type without a row (the config parser refuses
+        // unknown types first) is refused too.
+        for c in [dual("wireguard"), v6only("wireguard")] {
             let e = check(&c, NONE).unwrap_err();
             assert!(e.contains("EnableIPv6") && e.contains("wireguard"), "{e}");
+        }
+        for mut c in [dual("vxlan"), v6only("vxlan")] {
+            c.backend.backend_type = "ipip".into();
+            let e = check(&c, NONE).unwrap_err();
+            assert!(e.contains("EnableIPv6") && e.contains("ipip"), "{e}");
         }
         for t in ["vxlan", "host-gw", "udp", "alloc"] {
             assert_eq!(check(&dual(t), NONE), Ok(()), "{t}");

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use crate::ipmath::{self, Family};
 
 /// Backend types this project implements (`Backend.Type`, compared case-insensitively).
-pub const KNOWN_BACKENDS: &[&str] = &["vxlan", "udp", "host-gw", "alloc"];
+pub const KNOWN_BACKENDS: &[&str] = &["vxlan", "udp", "host-gw", "wireguard", "alloc"];
 
 /// The default backend type when `Backend` or `Backend.Type` is absent.
 pub const DEFAULT_BACKEND: &str = "vxlan";
@@ -686,8 +686,8 @@ mod tests {
     #[test]
     fn unknown_backend_type() {
         assert!(
-            err(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard"}}"#)
-                .starts_with("Backend.Type: unknown backend type \"wireguard\"")
+            err(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"ipip"}}"#)
+                .starts_with("Backend.Type: unknown backend type \"ipip\"")
         );
         assert!(err(r#"{"Network":"10.5.0.0/16","Backend":"vxlan"}"#)
             .starts_with("Backend: must be an object"));

@@ -1,0 +1,906 @@
+//! The wireguard data plane: TUN `flannel-wg` and one UDP socket on `ListenPort`, three OS
+//! threads (egress TUN → peer, ingress peer → TUN, timers), one boringtun `Tunn` (the protocol
+//! core: Noise IK handshake, cookies, rekey timers, replay window) per peer.
+//!
+//! The protocol steps are the functions [`seal`] and [`open`] over caller-owned buffers, so a
+//! batched pipeline (GSO/GRO, several cores) can call them later without changing them.
+//!
+//! Security: a datagram reaches the TUN only after its peer's `Tunn` authenticated and
+//! decrypted it (replays are refused by the core's window), and only if the inner source is in
+//! that peer's allowed IPs (its lease subnet); every refusal is counted by reason. Handshake
+//! initiations pass the MAC1 check and, under load, the cookie check before the Diffie-Hellman
+//! that finds their sender.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::Ipv4Net;
+use tun_rs::SyncDevice;
+
+use super::key::PrivateKey;
+use super::peers::{diff, Diff, WgPeer};
+use crate::udp::packet::{icmp_limiter, unreachable_reply};
+
+/// Longest a packet loop sleeps before it looks at the stop flag again.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often every peer's timers run (boringtun's device uses 250 ms).
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Handshake messages per second before cookies are asked for. Initiations are counted twice
+/// (the check before the DH, then the peer's core), so about 50 initiations a second.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Bytes a sealed packet adds: type 4, index 4, counter 8, tag 16.
+const DATA_OVERHEAD: usize = 32;
+/// Largest handshake message (an initiation).
+const HANDSHAKE_MAX: usize = 148;
+/// Receive and work buffers: the largest UDP datagram.
+const BUF: usize = 65536;
+
+/// Why a packet was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Read from the TUN and not IPv4 (the device's own IPv6 noise).
+    NotIpv4,
+    /// To an address no peer's allowed IPs contain (ICMP unreachable sent, rate limited).
+    NoPeer,
+    /// Not a WireGuard message.
+    Invalid,
+    /// A handshake from a key that is no peer's.
+    UnknownKey,
+    /// A message for a session index no peer has.
+    UnknownIndex,
+    /// Failed authentication (MAC, AEAD tag, key).
+    AuthFailed,
+    /// A data counter already seen or too old, or a handshake timestamp not newer: a replay.
+    Replayed,
+    /// Decrypted, but its source is not in the sender's allowed IPs.
+    Spoofed,
+    /// Refused while under load without a valid cookie (a cookie reply was sent).
+    UnderLoad,
+    /// Refused by the core for another reason (session expired, unexpected message).
+    Refused,
+    /// A system call failed.
+    IoError,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 11] = [
+        DropReason::NotIpv4,
+        DropReason::NoPeer,
+        DropReason::Invalid,
+        DropReason::UnknownKey,
+        DropReason::UnknownIndex,
+        DropReason::AuthFailed,
+        DropReason::Replayed,
+        DropReason::Spoofed,
+        DropReason::UnderLoad,
+        DropReason::Refused,
+        DropReason::IoError,
+    ];
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            DropReason::NotIpv4 => "not_ipv4",
+            DropReason::NoPeer => "no_peer",
+            DropReason::Invalid => "invalid",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::UnknownIndex => "unknown_index",
+            DropReason::AuthFailed => "auth_failed",
+            DropReason::Replayed => "replayed",
+            DropReason::Spoofed => "spoofed_source",
+            DropReason::UnderLoad => "under_load",
+            DropReason::Refused => "refused",
+            DropReason::IoError => "io_error",
+        }
+    }
+
+    fn of(e: &WireGuardError) -> Self {
+        match e {
+            WireGuardError::DuplicateCounter
+            | WireGuardError::InvalidCounter
+            | WireGuardError::WrongTai64nTimestamp => DropReason::Replayed,
+            WireGuardError::InvalidAeadTag
+            | WireGuardError::InvalidMac
+            | WireGuardError::WrongKey
+            | WireGuardError::InvalidTai64nTimestamp => DropReason::AuthFailed,
+            WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => {
+                DropReason::UnknownIndex
+            }
+            WireGuardError::UnderLoad => DropReason::UnderLoad,
+            WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => {
+                DropReason::Invalid
+            }
+            _ => DropReason::Refused,
+        }
+    }
+}
+
+/// Device counters, read by metrics.
+#[derive(Debug, Default)]
+pub struct WgStats {
+    /// Inner packets sent to peers (sealed) and delivered to the TUN (opened).
+    pub tx_packets: AtomicU64,
+    pub rx_packets: AtomicU64,
+    /// Datagram bytes sent and received (every message type).
+    pub tx_bytes: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Handshake messages and keepalives sent by the timers.
+    pub timer_sends: AtomicU64,
+    pub cookie_replies: AtomicU64,
+    pub icmp_sent: AtomicU64,
+    dropped: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl WgStats {
+    pub fn count(&self, d: DropReason) {
+        if let Some(i) = DropReason::ALL.iter().position(|x| *x == d) {
+            self.dropped[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn dropped(&self, d: DropReason) -> u64 {
+        DropReason::ALL
+            .iter()
+            .position(|x| *x == d)
+            .map_or(0, |i| self.dropped[i].load(Ordering::Relaxed))
+    }
+}
+
+/// What one protocol step asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step<'a> {
+    /// Send this datagram to the peer.
+    Network(&'a [u8]),
+    /// Deliver this inner packet to the TUN.
+    Tunnel(&'a [u8]),
+    /// Nothing to do (a keepalive arrived, a packet waits for the handshake in progress).
+    Nothing,
+    Drop(DropReason),
+}
+
+/// The size `out` must have for [`seal`] of a `len`-byte packet.
+pub fn sealed_len(len: usize) -> usize {
+    (len + DATA_OVERHEAD).max(HANDSHAKE_MAX)
+}
+
+/// Seals one inner packet for the peer `t` into `out` (at least [`sealed_len`] bytes). Without
+/// a session the packet is queued in the core and a handshake initiation is returned.
+pub fn seal<'a>(t: &mut Tunn, packet: &[u8], out: &'a mut [u8]) -> Step<'a> {
+    if out.len() < sealed_len(packet.len()) {
+        return Step::Drop(DropReason::Invalid);
+    }
+    match t.encapsulate(packet, out) {
+        TunnResult::WriteToNetwork(d) => Step::Network(d),
+        TunnResult::Done => Step::Nothing,
+        TunnResult::Err(e) => Step::Drop(DropReason::of(&e)),
+        // encapsulate never asks to write to the tunnel.
+        TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+            Step::Drop(DropReason::Refused)
+        }
+    }
+}
+
+/// Opens one datagram from `from` with the peer `t`'s core into `out` (at least as long as the
+/// datagram and 148 bytes). An inner packet is returned only if its source is in `allowed`.
+pub fn open<'a>(
+    t: &mut Tunn,
+    from: IpAddr,
+    datagram: &[u8],
+    out: &'a mut [u8],
+    allowed: &[Ipv4Net],
+) -> Step<'a> {
+    if out.len() < datagram.len().max(HANDSHAKE_MAX) {
+        return Step::Drop(DropReason::Invalid);
+    }
+    match t.decapsulate(Some(from), datagram, out) {
+        TunnResult::WriteToNetwork(d) => Step::Network(d),
+        TunnResult::WriteToTunnelV4(p, src) => {
+            if allowed.iter().any(|n| n.contains(&src)) {
+                Step::Tunnel(p)
+            } else {
+                Step::Drop(DropReason::Spoofed)
+            }
+        }
+        // This device carries IPv4 only: no peer has IPv6 allowed IPs.
+        TunnResult::WriteToTunnelV6(..) => Step::Drop(DropReason::Spoofed),
+        TunnResult::Done => Step::Nothing,
+        TunnResult::Err(e) => Step::Drop(DropReason::of(&e)),
+    }
+}
+
+/// A peer's state as `wg show` reports it (for the UAPI server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSnapshot {
+    pub public_key: [u8; 32],
+    /// Where datagrams go now (the lease's endpoint, or where the peer roamed to).
+    pub endpoint: SocketAddr,
+    pub allowed_ips: Vec<Ipv4Net>,
+    /// When the current session was made; None before the first handshake.
+    pub last_handshake: Option<SystemTime>,
+    /// Datagram bytes received from and sent to the peer.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Debug)]
+struct PeerState {
+    /// Where datagrams go: the lease's endpoint until an authenticated datagram comes from
+    /// elsewhere (roaming, as WireGuard does).
+    endpoint: SocketAddr,
+    /// The endpoint the lease gave (a change in the lease overrides roaming).
+    lease_endpoint: SocketAddr,
+    allowed: Vec<Ipv4Net>,
+}
+
+struct Peer {
+    public_key: [u8; 32],
+    tunn: Mutex<Tunn>,
+    state: Mutex<PeerState>,
+    rx_bytes: AtomicU64,
+    tx_bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("public_key", &super::config::encode_key(&self.public_key))
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peer {
+    fn endpoint(&self) -> SocketAddr {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).endpoint
+    }
+
+    fn allowed(&self) -> Vec<Ipv4Net> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allowed
+            .clone()
+    }
+
+    fn roam(&self, from: SocketAddr) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.endpoint != from {
+            tracing::info!(peer = %super::config::encode_key(&self.public_key), from = %s.endpoint, to = %from, "wireguard peer roamed");
+            s.endpoint = from;
+        }
+    }
+}
+
+/// Peers by key, by session index, and by allowed IPs (longest prefix first).
+#[derive(Debug, Default)]
+struct Table {
+    by_key: HashMap<[u8; 32], Arc<Peer>>,
+    by_idx: HashMap<u32, Arc<Peer>>,
+    routes: Vec<(Ipv4Net, Arc<Peer>)>,
+}
+
+impl Table {
+    fn lookup(&self, dst: Ipv4Addr) -> Option<&Arc<Peer>> {
+        self.routes
+            .iter()
+            .find(|(n, _)| n.contains(&dst))
+            .map(|(_, p)| p)
+    }
+
+    fn rebuild_routes(&mut self) {
+        let mut routes: Vec<(Ipv4Net, Arc<Peer>)> = self
+            .by_key
+            .values()
+            .flat_map(|p| p.allowed().into_iter().map(move |n| (n, p.clone())))
+            .collect();
+        routes.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()).then(a.0.cmp(&b.0)));
+        self.routes = routes;
+    }
+}
+
+/// Everything the threads share.
+struct Shared {
+    dev: SyncDevice,
+    sock: UdpSocket,
+    secret: StaticSecret,
+    public: PublicKey,
+    psk: Option<[u8; 32]>,
+    keepalive: Option<u16>,
+    limiter: Arc<RateLimiter>,
+    table: RwLock<Table>,
+    /// The peers as last applied (what [`Device::apply`] diffs against).
+    applied: Mutex<Vec<WgPeer>>,
+    next_index: AtomicU32,
+    stats: Arc<WgStats>,
+    stop: AtomicBool,
+    mtu: u32,
+}
+
+/// The running data plane.
+pub struct Device {
+    sh: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("public_key", &super::config::encode_key(&self.sh.public.to_bytes()))
+            .field("mtu", &self.sh.mtu)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings of the data plane.
+#[derive(Debug)]
+pub struct DeviceConfig<'a> {
+    pub key: &'a PrivateKey,
+    pub psk: Option<[u8; 32]>,
+    pub keepalive: Option<u16>,
+    pub mtu: u32,
+}
+
+impl Device {
+    /// Starts the three threads on `dev` (made non-blocking here) and `sock`.
+    pub fn start(dev: SyncDevice, sock: UdpSocket, cfg: DeviceConfig<'_>) -> std::io::Result<Self> {
+        dev.set_nonblocking(true)?;
+        sock.set_read_timeout(Some(POLL_INTERVAL))?;
+        let secret = cfg.key.secret();
+        let public = PublicKey::from(&secret);
+        let mut seed = [0u8; 4];
+        // A random first session index (24 bits), as WireGuard's are random.
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            let _ = std::io::Read::read_exact(&mut f, &mut seed);
+        }
+        let sh = Arc::new(Shared {
+            dev,
+            sock,
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            psk: cfg.psk,
+            keepalive: cfg.keepalive,
+            table: RwLock::new(Table::default()),
+            applied: Mutex::new(Vec::new()),
+            next_index: AtomicU32::new(u32::from_le_bytes(seed)),
+            stats: Arc::new(WgStats::default()),
+            stop: AtomicBool::new(false),
+            mtu: cfg.mtu,
+        });
+        let mut threads = Vec::new();
+        for (name, f) in [
+            ("wg-egress", egress as fn(&Shared)),
+            ("wg-ingress", ingress),
+            ("wg-timers", timers),
+        ] {
+            let s = sh.clone();
+            match std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(&s))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    sh.stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Device { sh, threads })
+    }
+
+    pub fn stats(&self) -> Arc<WgStats> {
+        self.sh.stats.clone()
+    }
+
+    /// Brings the peers to `want`: new keys get a core (sessions start at the first packet),
+    /// changed endpoints and allowed IPs are updated in place, keys no longer wanted go (with
+    /// their sessions). Returns what changed.
+    pub fn apply(&self, want: &[WgPeer]) -> Diff {
+        let mut applied = self.sh.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let d = diff(&applied, want);
+        if d.is_empty() {
+            return d;
+        }
+        let mut table = self.sh.table.write().unwrap_or_else(|e| e.into_inner());
+        for k in &d.remove {
+            if let Some(p) = table.by_key.remove(k) {
+                table.by_idx.retain(|_, q| !Arc::ptr_eq(q, &p));
+            }
+        }
+        for w in &d.update {
+            if let Some(p) = table.by_key.get(&w.public_key) {
+                let mut s = p.state.lock().unwrap_or_else(|e| e.into_inner());
+                if s.lease_endpoint != w.endpoint {
+                    s.lease_endpoint = w.endpoint;
+                    s.endpoint = w.endpoint;
+                }
+                s.allowed = vec![w.allowed];
+            }
+        }
+        for w in &d.add {
+            let index = self.sh.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+            let tunn = Tunn::new(
+                self.sh.secret.clone(),
+                PublicKey::from(w.public_key),
+                self.sh.psk,
+                self.sh.keepalive,
+                index,
+                Some(self.sh.limiter.clone()),
+            );
+            let p = Arc::new(Peer {
+                public_key: w.public_key,
+                tunn: Mutex::new(tunn),
+                state: Mutex::new(PeerState {
+                    endpoint: w.endpoint,
+                    lease_endpoint: w.endpoint,
+                    allowed: vec![w.allowed],
+                }),
+                rx_bytes: AtomicU64::new(0),
+                tx_bytes: AtomicU64::new(0),
+            });
+            table.by_key.insert(w.public_key, p.clone());
+            table.by_idx.insert(index, p);
+        }
+        table.rebuild_routes();
+        *applied = want.to_vec();
+        d
+    }
+
+    /// Every peer's state, by public key.
+    pub fn snapshot(&self) -> Vec<PeerSnapshot> {
+        let peers: Vec<Arc<Peer>> = {
+            let t = self.sh.table.read().unwrap_or_else(|e| e.into_inner());
+            t.by_key.values().cloned().collect()
+        };
+        let now = SystemTime::now();
+        let mut v: Vec<PeerSnapshot> = peers
+            .iter()
+            .map(|p| {
+                let since = p
+                    .tunn
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .time_since_last_handshake();
+                let s = p.state.lock().unwrap_or_else(|e| e.into_inner());
+                PeerSnapshot {
+                    public_key: p.public_key,
+                    endpoint: s.endpoint,
+                    allowed_ips: s.allowed.clone(),
+                    last_handshake: since.and_then(|d| now.checked_sub(d)),
+                    rx_bytes: p.rx_bytes.load(Ordering::Relaxed),
+                    tx_bytes: p.tx_bytes.load(Ordering::Relaxed),
+                    persistent_keepalive: self.sh.keepalive,
+                }
+            })
+            .collect();
+        v.sort_by_key(|p| p.public_key);
+        v
+    }
+
+    /// Stops the threads (each sees the flag within [`POLL_INTERVAL`]) and returns them to
+    /// be joined; the TUN and socket close when the last thread ends.
+    pub fn stop(&mut self) -> Vec<JoinHandle<()>> {
+        self.sh.stop.store(true, Ordering::Relaxed);
+        self.threads.drain(..).collect()
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.sh.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn send(sh: &Shared, peer: &Peer, d: &[u8], to: SocketAddr) {
+    match sh.sock.send_to(d, to) {
+        Ok(n) => {
+            sh.stats.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            peer.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(e) => {
+            tracing::debug!("wireguard send to {to}: {e}");
+            sh.stats.count(DropReason::IoError);
+        }
+    }
+}
+
+/// TUN → peers.
+fn egress(sh: &Shared) {
+    let mut buf = vec![0u8; BUF];
+    let mut out = vec![0u8; sealed_len(BUF)];
+    let mut limiter = icmp_limiter(Instant::now());
+    while !sh.stop.load(Ordering::Relaxed) {
+        let n = match sh.dev.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut fds = [nix::poll::PollFd::new(
+                    sh.dev.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::debug!("reading {}: {e}", super::DEVICE);
+                sh.stats.count(DropReason::IoError);
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let pkt = &buf[..n];
+        if n < 20 || pkt[0] >> 4 != 4 {
+            sh.stats.count(DropReason::NotIpv4);
+            continue;
+        }
+        let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+        let peer = {
+            let t = sh.table.read().unwrap_or_else(|e| e.into_inner());
+            t.lookup(dst).cloned()
+        };
+        let Some(peer) = peer else {
+            sh.stats.count(DropReason::NoPeer);
+            if limiter.allow(Instant::now()) {
+                if let Some(reply) = unreachable_reply(pkt) {
+                    if sh.dev.send(&reply).is_ok() {
+                        sh.stats.icmp_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            continue;
+        };
+        let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+        match seal(&mut t, pkt, &mut out) {
+            Step::Network(d) => {
+                // A sealed data message is 32 bytes longer than its packet; a handshake
+                // initiation (the packet waits in the core) is exactly 148.
+                if d.len() == n + DATA_OVERHEAD {
+                    sh.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
+                }
+                send(sh, &peer, d, peer.endpoint());
+            }
+            Step::Nothing | Step::Tunnel(_) => {}
+            Step::Drop(r) => sh.stats.count(r),
+        }
+    }
+}
+
+/// Peers → TUN.
+fn ingress(sh: &Shared) {
+    let mut buf = vec![0u8; BUF];
+    let mut out = vec![0u8; BUF];
+    while !sh.stop.load(Ordering::Relaxed) {
+        let (n, from) = match sh.sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                tracing::debug!("wireguard receive: {e}");
+                sh.stats.count(DropReason::IoError);
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        sh.stats.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let datagram = &buf[..n];
+        let parsed = match Tunn::parse_incoming_packet(datagram) {
+            Ok(p) => p,
+            Err(_) => {
+                sh.stats.count(DropReason::Invalid);
+                continue;
+            }
+        };
+        let is_data = matches!(parsed, Packet::PacketData(_));
+        let peer = match &parsed {
+            Packet::HandshakeInit(init) => {
+                // MAC1, and under load the cookie, before the DH that names the sender.
+                match sh.limiter.verify_packet(Some(from.ip()), datagram, &mut out) {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        if sh.sock.send_to(cookie, from).is_ok() {
+                            sh.stats.cookie_replies.fetch_add(1, Ordering::Relaxed);
+                        }
+                        sh.stats.count(DropReason::UnderLoad);
+                        continue;
+                    }
+                    Err(TunnResult::Err(e)) => {
+                        sh.stats.count(DropReason::of(&e));
+                        continue;
+                    }
+                    Err(_) => {
+                        sh.stats.count(DropReason::Refused);
+                        continue;
+                    }
+                }
+                let Ok(half) = parse_handshake_anon(&sh.secret, &sh.public, init) else {
+                    sh.stats.count(DropReason::AuthFailed);
+                    continue;
+                };
+                let t = sh.table.read().unwrap_or_else(|e| e.into_inner());
+                match t.by_key.get(&half.peer_static_public) {
+                    Some(p) => p.clone(),
+                    None => {
+                        drop(t);
+                        sh.stats.count(DropReason::UnknownKey);
+                        continue;
+                    }
+                }
+            }
+            Packet::HandshakeResponse(p) => match by_index(sh, p.receiver_idx) {
+                Some(p) => p,
+                None => continue,
+            },
+            Packet::PacketCookieReply(p) => match by_index(sh, p.receiver_idx) {
+                Some(p) => p,
+                None => continue,
+            },
+            Packet::PacketData(p) => match by_index(sh, p.receiver_idx) {
+                Some(p) => p,
+                None => continue,
+            },
+        };
+        let allowed = peer.allowed();
+        let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+        let authenticated = match open(&mut t, from.ip(), datagram, &mut out, &allowed) {
+            Step::Network(d) => {
+                send(sh, &peer, d, from);
+                // A finished handshake releases the packets that waited for it.
+                while let TunnResult::WriteToNetwork(d) = t.decapsulate(None, &[], &mut out) {
+                    sh.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
+                    send(sh, &peer, d, from);
+                }
+                true
+            }
+            Step::Tunnel(p) => {
+                match sh.dev.send(p) {
+                    Ok(_) => {
+                        sh.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::debug!("writing {}: {e}", super::DEVICE);
+                        sh.stats.count(DropReason::IoError);
+                    }
+                }
+                true
+            }
+            // A keepalive (data) or a cookie reply (not proof of the sender's address).
+            Step::Nothing => is_data,
+            Step::Drop(r) => {
+                sh.stats.count(r);
+                // Spoofed inner sources still came from the authenticated peer, but no
+                // roaming on a refused packet.
+                false
+            }
+        };
+        drop(t);
+        peer.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        if authenticated {
+            peer.roam(from);
+        }
+    }
+}
+
+fn by_index(sh: &Shared, receiver: u32) -> Option<Arc<Peer>> {
+    let t = sh.table.read().unwrap_or_else(|e| e.into_inner());
+    let p = t.by_idx.get(&(receiver >> 8)).cloned();
+    if p.is_none() {
+        sh.stats.count(DropReason::UnknownIndex);
+    }
+    p
+}
+
+/// Every [`TIMER_TICK`]: the rate limiter's window, then each peer's timers (handshake
+/// retries, rekeying, keepalives, persistent keepalives, expiry).
+fn timers(sh: &Shared) {
+    let mut out = vec![0u8; sealed_len(0)];
+    while !sh.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(TIMER_TICK);
+        sh.limiter.reset_count();
+        let peers: Vec<Arc<Peer>> = {
+            let t = sh.table.read().unwrap_or_else(|e| e.into_inner());
+            t.by_key.values().cloned().collect()
+        };
+        for p in peers {
+            let mut t = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
+            match t.update_timers(&mut out) {
+                TunnResult::WriteToNetwork(d) => {
+                    sh.stats.timer_sends.fetch_add(1, Ordering::Relaxed);
+                    send(sh, &p, d, p.endpoint());
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) | TunnResult::Done => {}
+                TunnResult::Err(e) => tracing::debug!("wireguard timers: {e:?}"),
+                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> PrivateKey {
+        PrivateKey::from_random([b; 32])
+    }
+
+    fn tunn(own: &PrivateKey, peer: &PrivateKey, index: u32) -> Tunn {
+        Tunn::new(
+            own.secret(),
+            PublicKey::from(peer.public()),
+            None,
+            None,
+            index,
+            None,
+        )
+    }
+
+    /// A minimal IPv4/UDP packet from `src` to `dst` with `payload`.
+    fn ipv4(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let len = 28 + payload.len();
+        let mut p = vec![0x45, 0, (len >> 8) as u8, len as u8, 0, 0, 0, 0, 64, 17, 0, 0];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(&[0x30, 0x39, 0x30, 0x39, 0, (8 + payload.len()) as u8, 0, 0]);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// A handshake between a (initiator) and b, then one packet a → b; returns the cores and
+    /// the sealed datagram.
+    fn connected(payload: &[u8], src: [u8; 4]) -> (Tunn, Tunn, Vec<u8>) {
+        let (ka, kb) = (key(1), key(2));
+        let (mut a, mut b) = (tunn(&ka, &kb, 1), tunn(&kb, &ka, 2));
+        let pkt = ipv4(src, [10, 5, 2, 5], payload);
+        let mut out = vec![0u8; 2048];
+        let mut out2 = vec![0u8; 2048];
+        let init = match seal(&mut a, &pkt, &mut out) {
+            Step::Network(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(init.len(), 148, "a handshake initiation; the packet waits");
+        let from: IpAddr = "172.30.0.11".parse().unwrap();
+        let resp = match open(&mut b, from, &init, &mut out2, &[]) {
+            Step::Network(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        // The response completes a's handshake: a keepalive goes out, then the queued packet.
+        let ka = match open(&mut a, from, &resp, &mut out, &[]) {
+            Step::Network(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(open(&mut b, from, &ka, &mut out2, &[]), Step::Nothing);
+        let sealed = match a.decapsulate(None, &[], &mut out) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        (a, b, sealed)
+    }
+
+    #[test]
+    fn sealed_packets_open_once_and_only_from_allowed_sources() {
+        let payload = b"flannel-wireguard-payload";
+        let (mut a, mut b, sealed) = connected(payload, [10, 5, 1, 5]);
+        assert!(
+            !sealed.windows(payload.len()).any(|w| w == payload),
+            "the payload is encrypted"
+        );
+        let from: IpAddr = "172.30.0.11".parse().unwrap();
+        let allowed: Vec<Ipv4Net> = vec!["10.5.1.0/24".parse().unwrap()];
+        let mut out = vec![0u8; 2048];
+        match open(&mut b, from, &sealed, &mut out, &allowed) {
+            Step::Tunnel(p) => assert_eq!(p, ipv4([10, 5, 1, 5], [10, 5, 2, 5], payload)),
+            other => panic!("{other:?}"),
+        }
+        // The same datagram again: a replay.
+        assert_eq!(
+            open(&mut b, from, &sealed, &mut out, &allowed),
+            Step::Drop(DropReason::Replayed)
+        );
+        // The next packet with one bit flipped: refused by the AEAD; the genuine one still
+        // opens (a forgery does not use up its counter).
+        let pkt2 = ipv4([10, 5, 1, 5], [10, 5, 2, 5], b"second");
+        let mut out_a = vec![0u8; 2048];
+        let second = match seal(&mut a, &pkt2, &mut out_a) {
+            Step::Network(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let mut forged = second.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert_eq!(
+            open(&mut b, from, &forged, &mut out, &allowed),
+            Step::Drop(DropReason::AuthFailed)
+        );
+        assert_eq!(open(&mut b, from, &second, &mut out, &allowed), Step::Tunnel(&pkt2[..]));
+    }
+
+    #[test]
+    fn an_inner_source_outside_the_peers_subnet_is_dropped() {
+        let (_a, mut b, sealed) = connected(b"x", [10, 5, 3, 5]);
+        let allowed: Vec<Ipv4Net> = vec!["10.5.1.0/24".parse().unwrap()];
+        let mut out = vec![0u8; 2048];
+        assert_eq!(
+            open(&mut b, "172.30.0.11".parse().unwrap(), &sealed, &mut out, &allowed),
+            Step::Drop(DropReason::Spoofed)
+        );
+    }
+
+    #[test]
+    fn a_handshake_with_the_wrong_key_fails() {
+        // c believes it talks to b but b's core expects a.
+        let (kb, kc) = (key(2), key(3));
+        let mut c = tunn(&kc, &kb, 3);
+        let mut b = tunn(&kb, &key(1), 2);
+        let mut out = vec![0u8; 2048];
+        let init = match seal(&mut c, &ipv4([10, 5, 3, 5], [10, 5, 2, 5], b"x"), &mut out) {
+            Step::Network(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let mut out2 = vec![0u8; 2048];
+        assert!(matches!(
+            open(&mut b, "172.30.0.13".parse().unwrap(), &init, &mut out2, &[]),
+            Step::Drop(_)
+        ));
+        // Garbage is not a message.
+        assert_eq!(
+            open(&mut b, "172.30.0.13".parse().unwrap(), b"nonsense", &mut out2, &[]),
+            Step::Drop(DropReason::Invalid)
+        );
+    }
+
+    #[test]
+    fn buffers_too_small_are_refused_not_a_panic() {
+        let (ka, kb) = (key(1), key(2));
+        let mut a = tunn(&ka, &kb, 1);
+        let mut small = vec![0u8; 64];
+        assert_eq!(
+            seal(&mut a, &ipv4([10, 5, 1, 5], [10, 5, 2, 5], b"x"), &mut small),
+            Step::Drop(DropReason::Invalid)
+        );
+        assert_eq!(sealed_len(1400), 1432);
+        assert_eq!(sealed_len(0), 148);
+    }
+
+    #[test]
+    fn routes_prefer_the_longest_prefix() {
+        let mk = |b: u8, nets: &[&str]| {
+            Arc::new(Peer {
+                public_key: [b; 32],
+                tunn: Mutex::new(tunn(&key(9), &key(b), b.into())),
+                state: Mutex::new(PeerState {
+                    endpoint: "172.30.0.1:51820".parse().unwrap(),
+                    lease_endpoint: "172.30.0.1:51820".parse().unwrap(),
+                    allowed: nets.iter().map(|n| n.parse().unwrap()).collect(),
+                }),
+                rx_bytes: AtomicU64::new(0),
+                tx_bytes: AtomicU64::new(0),
+            })
+        };
+        let mut t = Table::default();
+        t.by_key.insert([1; 32], mk(1, &["10.5.0.0/16"]));
+        t.by_key.insert([2; 32], mk(2, &["10.5.2.0/24"]));
+        t.rebuild_routes();
+        assert_eq!(t.lookup("10.5.2.9".parse().unwrap()).unwrap().public_key, [2; 32]);
+        assert_eq!(t.lookup("10.5.3.9".parse().unwrap()).unwrap().public_key, [1; 32]);
+        assert!(t.lookup("10.6.0.1".parse().unwrap()).is_none());
+    }
+}
