@@ -502,8 +502,8 @@ fn a_full_network_waits_not_ready_and_takes_a_freed_subnet() {
 /// Peers this node cannot reach are logged once each when their state changes, rate limited,
 /// not every unreachable peer at every change of their number: 200 alloc leases written one
 /// by one gave ~20,000 "peer unreachable" lines (130k for 1000 leases in 4 s). The peers here
-/// advertise wireguard (this node, on alloc, has no such data plane; alloc peers of an alloc
-/// node count as reached).
+/// advertise ipip (flannel's type that this build has no data plane for; alloc peers of an
+/// alloc node count as reached).
 #[test]
 fn unreachable_peers_are_logged_once_per_change_and_rate_limited() {
     let Some(etcd) = Etcd::start() else { return };
@@ -553,7 +553,7 @@ fn unreachable_peers_are_logged_once_per_change_and_rate_limited() {
             "put",
             &format!("{prefix}/subnets/{subnet}-24"),
             &format!(
-                r#"{{"PublicIP":"10.9.9.{}","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"k","Port":51820}}}}"#,
+                r#"{{"PublicIP":"10.9.9.{}","PublicIPv6":null,"BackendType":"ipip","BackendData":{{"PublicKey":"k","Port":51820}}}}"#,
                 i % 250
             ),
         ])
@@ -577,7 +577,7 @@ fn unreachable_peers_are_logged_once_per_change_and_rate_limited() {
          one per peer, at most the rate limit of 20 per 10 s plus a summary)"
     );
     assert!(
-        log.contains("it advertises \"wireguard\", which has no data plane"),
+        log.contains("it advertises \"ipip\", which has no data plane"),
         "{log}"
     );
     assert_eq!(d.terminate(), Some(0));

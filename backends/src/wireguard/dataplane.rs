@@ -402,9 +402,10 @@ impl Device {
         self.sh.stats.clone()
     }
 
-    /// Brings the peers to `want`: new keys get a core (sessions start at the first packet),
-    /// changed endpoints and allowed IPs are updated in place, keys no longer wanted go (with
-    /// their sessions). Returns what changed.
+    /// Brings the peers to `want`: new keys get a core and a handshake initiation at once (a
+    /// restarted node so gives its peers fresh sessions instead of letting them send into the
+    /// old ones until their rekey timeout), changed endpoints and allowed IPs are updated in
+    /// place, keys no longer wanted go (with their sessions). Returns what changed.
     pub fn apply(&self, want: &[WgPeer]) -> Diff {
         let mut applied = self.sh.applied.lock().unwrap_or_else(|e| e.into_inner());
         let d = diff(&applied, want);
@@ -412,6 +413,7 @@ impl Device {
             return d;
         }
         let mut table = self.sh.table.write().unwrap_or_else(|e| e.into_inner());
+        let mut added = Vec::new();
         for k in &d.remove {
             if let Some(p) = table.by_key.remove(k) {
                 table.by_idx.retain(|_, q| !Arc::ptr_eq(q, &p));
@@ -449,10 +451,19 @@ impl Device {
                 tx_bytes: AtomicU64::new(0),
             });
             table.by_key.insert(w.public_key, p.clone());
-            table.by_idx.insert(index, p);
+            table.by_idx.insert(index, p.clone());
+            added.push(p);
         }
         table.rebuild_routes();
+        drop(table);
         *applied = want.to_vec();
+        let mut out = [0u8; HANDSHAKE_MAX];
+        for p in added {
+            let mut t = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
+            if let TunnResult::WriteToNetwork(m) = t.format_handshake_initiation(&mut out, false) {
+                send(&self.sh, &p, m, p.endpoint());
+            }
+        }
         d
     }
 

@@ -32,6 +32,8 @@ use subnet_lease::{Lease, SubnetKey};
 use crate::netlink::{ensure_subnet_address, Family, Netlink, Route};
 use crate::peerlog::PeerLog;
 use crate::{Backend, BackendContext, BackendError, PeerTable};
+/// The protocol core, for tests and tools that speak WireGuard to this backend.
+pub use boringtun;
 pub use config::{Mode, WgConfig};
 pub use dataplane::{DropReason, PeerSnapshot, WgStats};
 

@@ -28,6 +28,8 @@ pub struct Daemons {
     endpoint: String,
     extra: Vec<String>,
     runs: Vec<u32>,
+    /// Extra environment per node: (node, name, value).
+    pub node_env: Vec<(usize, String, String)>,
 }
 
 impl Daemons {
@@ -39,6 +41,7 @@ impl Daemons {
             endpoint: endpoint.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             runs: Vec::new(),
+            node_env: Vec::new(),
         }
     }
 
@@ -90,8 +93,14 @@ impl Daemons {
         ]);
         args.extend(self.extra.iter().map(String::as_str));
         let ns = tb.nodes[i].ns.clone();
-        tb.spawn(&ns, BIN, &args, &[("RUST_LOG", "info")], &self.log_file(i))
-            .unwrap()
+        let mut env = vec![("RUST_LOG", "info")];
+        env.extend(
+            self.node_env
+                .iter()
+                .filter(|(n, _, _)| *n == i)
+                .map(|(_, k, v)| (k.as_str(), v.as_str())),
+        );
+        tb.spawn(&ns, BIN, &args, &env, &self.log_file(i)).unwrap()
     }
 
     /// Node i's subnet file, waiting up to 30 s for it.

@@ -1,0 +1,310 @@
+//! The wireguard backend on nodes built from network namespaces: flannel's lease format, pod
+//! traffic over TCP and UDP, nothing readable on the wire, the key kept across a restart, and
+//! what an impostor or a replayed datagram achieves (nothing). Needs root; skips with a reason
+//! without it, fails under CI.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backends::wireguard::boringtun::noise::{Tunn, TunnResult};
+use backends::wireguard::boringtun::x25519::{PublicKey, StaticSecret};
+use backends::wireguard::config::decode_key;
+use backends::wireguard::key;
+use test_support::{
+    in_netns, require_root_with, send_and_verify, send_spoofed_udp, wait_for, whoami, Testbed,
+};
+
+mod common;
+
+use common::{backend_counter as metric, full_mesh, lease_value, pods_per_node, sock, start_servers, Daemons};
+
+const PORT: u16 = 5001;
+const HASH_PORT: u16 = 5002;
+const WG_PORT: u16 = 51820;
+/// A pre-shared key for the cluster (must never appear in a log).
+const PSK: &str = "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE=";
+/// Bytes of the recognisable transfer.
+const TRANSFER: usize = 2 << 20;
+
+/// The bytes `send_and_verify` sends (its xorshift stream), to look for on the wire.
+fn transfer_bytes(len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    let mut x: u32 = 0x1234_5678;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    data
+}
+
+/// The UDP payloads of IPv4 Ethernet frames: (src, dst, payload).
+fn udp_datagrams(frames: &[Vec<u8>]) -> Vec<(SocketAddrV4, SocketAddrV4, Vec<u8>)> {
+    let mut out = Vec::new();
+    for frame in frames {
+        if frame.len() < 14 + 28 || frame[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        let ip = &frame[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        if ip[9] != 17 || ip.len() < ihl + 8 {
+            continue;
+        }
+        let addr = |o: usize| std::net::Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
+        let udp = &ip[ihl..];
+        let port = |o: usize| u16::from_be_bytes([udp[o], udp[o + 1]]);
+        out.push((
+            SocketAddrV4::new(addr(12), port(0)),
+            SocketAddrV4::new(addr(16), port(2)),
+            udp[8..].to_vec(),
+        ));
+    }
+    out
+}
+
+/// Every frame crossing the hub's interfaces (a packet socket in the hub namespace: the nodes'
+/// underlay traffic, once per hub port it passes), until [`Capture::finish`].
+struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Vec<u8>>>>,
+}
+
+impl Capture {
+    fn start(ns: &str) -> Capture {
+        use nix::sys::socket::{setsockopt, socket, sockopt, AddressFamily, SockFlag, SockProtocol, SockType};
+        let fd = in_netns(ns, || {
+            socket(AddressFamily::Packet, SockType::Raw, SockFlag::empty(), SockProtocol::EthAll)
+        })
+        .unwrap()
+        .unwrap();
+        let _ = setsockopt(&fd, sockopt::RcvBufForce, &(32 << 20));
+        setsockopt(&fd, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(0, 100_000)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok(n) = nix::sys::socket::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    &mut buf,
+                    nix::sys::socket::MsgFlags::empty(),
+                ) {
+                    frames.push(buf[..n].to_vec());
+                }
+            }
+            frames
+        });
+        Capture {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn key_file(d: &Daemons, i: usize) -> PathBuf {
+    d.dir.path().join(format!("wgkey{i}"))
+}
+
+/// The `PublicKey` of node i's lease.
+fn lease_key(tb: &Testbed, subnet: ipnet::Ipv4Net) -> String {
+    let v: serde_json::Value = serde_json::from_str(lease_value(tb, subnet).trim()).unwrap();
+    v["BackendData"]["PublicKey"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn wireguard_backend_end_to_end() {
+    if !require_root_with(&["ip", "nft", "etcd", "etcdctl"]) {
+        return;
+    }
+    let mut tb = Testbed::new(3).unwrap();
+    let endpoint = tb
+        .start_etcd_with_config(&format!(
+            r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"wireguard","PSK":"{PSK}","PersistentKeepaliveInterval":5}}}}"#
+        ))
+        .unwrap();
+    let (outside_ns, _) = tb.add_outside_host().unwrap();
+    let mut d = Daemons::new(&endpoint, &[]);
+    for i in 0..3 {
+        let f = key_file(&d, i).to_str().unwrap().to_string();
+        d.node_env.push((i, "WIREGUARD_KEY_FILE".into(), f));
+    }
+    let mut handles: Vec<usize> = (0..3).map(|i| d.start(&mut tb, i)).collect();
+    let log = |d: &Daemons, i: usize| d.log(i);
+    let (pods, subnets) = pods_per_node(&mut tb, &d, |env| {
+        assert_eq!(env.mtu, 1420, "wireguard MTU = 1500 - 80");
+    });
+
+    // Each node made its key file (0400) and publishes its public key exactly as flannel does.
+    let mut privates = Vec::new();
+    for i in 0..3 {
+        let path = key_file(&d, i);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o400, "key file of node {i}");
+        let k = key::read(&path).unwrap();
+        assert_eq!(
+            lease_value(&tb, subnets[i]).trim(),
+            format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{}","Port":51820}}}}"#,
+                tb.nodes[i].ip,
+                k.public_base64()
+            )
+        );
+        privates.push(std::fs::read_to_string(&path).unwrap());
+    }
+    // The device: flannel-wg with the subnet's network address /32 and the Network route.
+    let addr = tb.exec(&tb.nodes[0].ns, &["ip", "-4", "-o", "addr", "show", "dev", "flannel-wg"]).unwrap();
+    assert!(
+        addr.contains(&format!("{}/32", subnets[0].network())),
+        "{addr}"
+    );
+    let routes = tb.exec(&tb.nodes[0].ns, &["ip", "-4", "route", "show", "dev", "flannel-wg"]).unwrap();
+    assert!(routes.contains("10.5.0.0/16") && routes.contains("scope link"), "{routes}");
+
+    // Everything the nodes send each other on the underlay is captured at the hub.
+    let cap = Capture::start(&tb.hub);
+
+    let _servers = start_servers(&pods, PORT, HASH_PORT);
+    // Every pod reaches every other over TCP and UDP, seen with its own address.
+    full_mesh(&pods, PORT, |i| log(&d, i));
+    // A recognisable transfer from a pod of node 0 to one of node 1 arrives byte for byte.
+    send_and_verify(&pods[0].ns, sock(&pods[2].ip, HASH_PORT), TRANSFER, Duration::from_secs(30)).unwrap();
+    let frames = cap.finish();
+    let datagrams = udp_datagrams(&frames);
+    let wg_bytes: usize = datagrams
+        .iter()
+        .filter(|(s, t, _)| s.port() == WG_PORT && t.port() == WG_PORT)
+        .map(|(_, _, p)| p.len())
+        .sum();
+    assert!(
+        wg_bytes > TRANSFER,
+        "the transfer crossed the captured port as WireGuard datagrams ({wg_bytes} bytes of {} datagrams)",
+        datagrams.len()
+    );
+    let sent = transfer_bytes(TRANSFER);
+    let visible = (0..64)
+        .map(|k| &sent[k * (TRANSFER / 64)..k * (TRANSFER / 64) + 24])
+        .filter(|chunk| frames.iter().any(|f| contains(f, chunk)))
+        .count();
+    assert_eq!(visible, 0, "plaintext of the transfer seen on the underlay");
+    // No inner header either: the pods' addresses never appear in a WireGuard datagram.
+    let pod_addr: std::net::Ipv4Addr = pods[0].ip.parse().unwrap();
+    assert!(
+        !datagrams
+            .iter()
+            .filter(|(s, _, _)| s.port() == WG_PORT)
+            .any(|(_, _, p)| contains(p, &pod_addr.octets())),
+        "a pod address in clear text inside a WireGuard datagram"
+    );
+
+    // A replayed data datagram (node 0 → node 1, sent again from elsewhere with node 0's
+    // address) is refused by node 1's replay window and counted.
+    let (src, dst, replay) = datagrams
+        .iter()
+        .find(|(s, t, p)| {
+            s.ip().to_string() == tb.nodes[0].ip
+                && t.ip().to_string() == tb.nodes[1].ip
+                && p.first() == Some(&4)
+                && p.len() > 200
+        })
+        .cloned()
+        .expect("a data datagram from node 0 to node 1 in the capture");
+    let before = metric(&tb, 1, "wireguard_dropped_replayed");
+    let delivered = metric(&tb, 1, "wireguard_rx_packets");
+    for _ in 0..3 {
+        send_spoofed_udp(&outside_ns, src, dst, &replay).unwrap();
+    }
+    wait_for(Duration::from_secs(5), || {
+        (metric(&tb, 1, "wireguard_dropped_replayed") >= before + 3).then_some(())
+    })
+    .unwrap_or_else(|| panic!("replays not counted:\n{}", common::http(&tb, 1, "/metrics")));
+    // Nothing of it reached the TUN: deliveries did not grow by the replays (no traffic runs now
+    // but keepalives, which are not deliveries).
+    assert_eq!(metric(&tb, 1, "wireguard_rx_packets"), delivered);
+
+    // An impostor: a WireGuard handshake to node 0 from a key no lease has gets no answer and
+    // is counted; so does a data message for a session index nobody has.
+    let node0_pub = decode_key(&lease_key(&tb, subnets[0])).unwrap();
+    let mut impostor = Tunn::new(
+        StaticSecret::from([7u8; 32]),
+        PublicKey::from(node0_pub),
+        None,
+        None,
+        1,
+        None,
+    );
+    let mut buf = vec![0u8; 2048];
+    let init = match impostor.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(m) => m.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    let node0: SocketAddr = format!("{}:{WG_PORT}", tb.nodes[0].ip).parse().unwrap();
+    let s = in_netns(&outside_ns, || UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let before = metric(&tb, 0, "wireguard_dropped_unknown_key");
+    s.send_to(&init, node0).unwrap();
+    let mut fake_data = vec![4u8, 0, 0, 0, 0xaa, 0xbb, 0xcc, 0xdd];
+    fake_data.extend_from_slice(&[0u8; 8 + 16 + 64]);
+    s.send_to(&fake_data, node0).unwrap();
+    let mut reply = [0u8; 256];
+    assert!(s.recv_from(&mut reply).is_err(), "node 0 answered an unknown key");
+    wait_for(Duration::from_secs(5), || {
+        (metric(&tb, 0, "wireguard_dropped_unknown_key") > before
+            && metric(&tb, 0, "wireguard_dropped_unknown_index") > 0)
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("impostor not counted:\n{}", common::http(&tb, 0, "/metrics")));
+
+    // A node restarted keeps its key (same lease data) and its peers re-handshake at once.
+    let st = tb.stop(handles[1], Duration::from_secs(10)).unwrap();
+    assert_eq!(st.code(), Some(0), "{}", d.log(1));
+    let key_before = lease_key(&tb, subnets[1]);
+    handles[1] = d.start(&mut tb, 1);
+    let restarted = Instant::now();
+    assert_eq!(d.subnet_env(1).subnet, Some(subnets[1]));
+    let back = wait_for(Duration::from_secs(30), || {
+        (whoami(&pods[0].ns, sock(&pods[2].ip, PORT), Duration::from_secs(1)).ok()? == pods[0].ip
+            && whoami(&pods[3].ns, sock(&pods[4].ip, PORT), Duration::from_secs(1)).ok()?
+                == pods[3].ip)
+            .then(|| restarted.elapsed())
+    })
+    .unwrap_or_else(|| panic!("traffic did not resume after the restart:\n{}", d.log(1)));
+    eprintln!("traffic through the restarted node resumed after {back:?}");
+    assert_eq!(lease_key(&tb, subnets[1]), key_before, "the restarted node changed its key");
+    assert!(!d.log(1).contains("made a new WireGuard private key"), "{}", d.log(1));
+    full_mesh(&pods, PORT, |i| log(&d, i));
+
+    // Secrets never reach a log.
+    for i in 0..3 {
+        let l = d.log(i);
+        assert!(!l.contains(PSK), "PSK in the log of node {i}");
+        for p in &privates {
+            assert!(!l.contains(p.trim()), "a private key in the log of node {i}");
+        }
+    }
+    for h in handles {
+        assert_eq!(tb.stop(h, Duration::from_secs(10)).and_then(|s| s.code()), Some(0));
+    }
+}
