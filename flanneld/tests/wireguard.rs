@@ -308,3 +308,101 @@ fn wireguard_backend_end_to_end() {
         assert_eq!(tb.stop(h, Duration::from_secs(10)).and_then(|s| s.code()), Some(0));
     }
 }
+
+/// A node that runs the standard WireGuard implementation, configured the way flannel's kernel
+/// backend configures its device (wireguard-go stands in for the kernel module, which this
+/// machine lacks; `wg` sets it up as flannel's wgctrl calls do), with a lease exactly as
+/// flannel writes it, forms one cluster with our nodes: pods reach each other both ways, with
+/// the PSK, and both of our nodes completed a handshake with it.
+#[test]
+fn a_standard_wireguard_node_configured_as_flannel_does_joins_the_cluster() {
+    if !require_root_with(&["ip", "nft", "etcd", "etcdctl", "wireguard-go", "wg"]) {
+        return;
+    }
+    let mut tb = Testbed::new(3).unwrap();
+    let endpoint = tb
+        .start_etcd_with_config(&format!(
+            r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"wireguard","PSK":"{PSK}"}}}}"#
+        ))
+        .unwrap();
+    let mut d = Daemons::new(&endpoint, &[]);
+    // Node 2 is "flannel": its key in flannel's format, its lease as flannel writes it (on an
+    // etcd lease, like a running flannel's), before our nodes pick their subnets.
+    let flannel_key_file = d.dir.path().join("flannel-wgkey");
+    let (flannel_key, _) = key::load_or_generate(&flannel_key_file).unwrap();
+    let flannel_subnet: ipnet::Ipv4Net = "10.5.77.0/24".parse().unwrap();
+    let grant = tb.etcdctl(&["lease", "grant", "600"]).unwrap();
+    let id = grant.split_whitespace().nth(1).unwrap().to_string();
+    let value = format!(
+        r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{}","Port":51820}}}}"#,
+        tb.nodes[2].ip,
+        flannel_key.public_base64()
+    );
+    tb.etcdctl(&["put", "--lease", &id, "/coreos.com/network/subnets/10.5.77.0-24", &value])
+        .unwrap();
+    for i in 0..2 {
+        let f = key_file(&d, i).to_str().unwrap().to_string();
+        d.node_env.push((i, "WIREGUARD_KEY_FILE".into(), f));
+        d.start(&mut tb, i);
+    }
+    let envs: Vec<_> = (0..2).map(|i| d.subnet_env(i)).collect();
+
+    // The standard implementation on node 2, set up as flannel's backend does: private key and
+    // ListenPort, one peer per lease (endpoint PublicIP:Port, allowed IPs = its subnet, PSK),
+    // the device address = subnet network /32, MTU 1500 - 80, one route for the Network.
+    let ns2 = tb.nodes[2].ns.clone();
+    let dev = format!("fwg{}", tb.tag);
+    let wg_log = d.dir.path().join("wireguard-go.log");
+    let wg_go = tb
+        .spawn(
+            &ns2,
+            "wireguard-go",
+            &["-f", &dev],
+            &[("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")],
+            &wg_log,
+        )
+        .unwrap();
+    wait_for(Duration::from_secs(10), || tb.exec(&ns2, &["wg", "show", &dev]).ok())
+        .unwrap_or_else(|| panic!("wireguard-go did not start: {:?}", std::fs::read_to_string(&wg_log)));
+    let psk_file = d.dir.path().join("psk");
+    std::fs::write(&psk_file, PSK).unwrap();
+    let kf = flannel_key_file.to_str().unwrap();
+    tb.exec(&ns2, &["wg", "set", &dev, "private-key", kf, "listen-port", "51820"]).unwrap();
+    for (i, env) in envs.iter().enumerate() {
+        let subnet = env.subnet.unwrap();
+        let subnet = ipnet::Ipv4Net::new(subnet.network(), subnet.prefix_len()).unwrap();
+        let endpoint = format!("{}:51820", tb.nodes[i].ip);
+        tb.exec(
+            &ns2,
+            &[
+                "wg", "set", &dev, "peer", &lease_key(&tb, subnet), "endpoint", &endpoint,
+                "allowed-ips", &subnet.to_string(), "preshared-key", psk_file.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    }
+    let own = format!("{}/32", flannel_subnet.network());
+    tb.exec(&ns2, &["ip", "addr", "add", &own, "dev", &dev]).unwrap();
+    tb.exec(&ns2, &["ip", "link", "set", &dev, "mtu", "1420", "up"]).unwrap();
+    tb.exec(&ns2, &["ip", "route", "add", "10.5.0.0/16", "dev", &dev, "scope", "link"]).unwrap();
+
+    let mut pods = Vec::new();
+    for (i, env) in envs.iter().enumerate() {
+        pods.extend(common::add_pods(&mut tb, i, env, 1, env.mtu));
+    }
+    pods.push(tb.add_pod(2, "10.5.77.2/24", "10.5.77.1/24", 1420).unwrap());
+    let _servers = start_servers(&pods, PORT, HASH_PORT);
+    full_mesh(&pods, PORT, |i| d.log(i));
+    send_and_verify(&pods[2].ns, sock(&pods[0].ip, HASH_PORT), 1 << 20, Duration::from_secs(30))
+        .unwrap();
+    send_and_verify(&pods[1].ns, sock(&pods[2].ip, HASH_PORT), 1 << 20, Duration::from_secs(30))
+        .unwrap();
+    // The standard side completed a handshake with both of our nodes.
+    let shakes = tb.exec(&ns2, &["wg", "show", &dev, "latest-handshakes"]).unwrap();
+    let done = shakes
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1).is_some_and(|t| t != "0"))
+        .count();
+    assert_eq!(done, 2, "handshakes seen by the standard implementation:\n{shakes}");
+    tb.stop(wg_go, Duration::from_secs(5));
+}
