@@ -406,3 +406,113 @@ fn a_standard_wireguard_node_configured_as_flannel_does_joins_the_cluster() {
     assert_eq!(done, 2, "handshakes seen by the standard implementation:\n{shakes}");
     tb.stop(wg_go, Duration::from_secs(5));
 }
+
+fn lease_type(tb: &Testbed, subnet: ipnet::Ipv4Net) -> String {
+    serde_json::from_str::<serde_json::Value>(lease_value(tb, subnet).trim())
+        .ok()
+        .and_then(|j| j["BackendType"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn has_link(tb: &Testbed, n: usize, name: &str) -> bool {
+    tb.exec(&tb.nodes[n].ns, &["ip", "-o", "link", "show"])
+        .unwrap()
+        .contains(&format!(": {name}:"))
+}
+
+fn all_pods_reach(tb: &Testbed, pods: &[test_support::Pod]) -> Result<(), String> {
+    for a in pods {
+        for b in pods {
+            if a.ns == b.ns {
+                continue;
+            }
+            wait_for(Duration::from_secs(10), || {
+                tb.exec_status(&a.ns, &["ping", "-c1", "-W1", &b.ip], Duration::from_secs(3))
+                    .0
+                    .then_some(())
+            })
+            .ok_or_else(|| format!("{} cannot reach {}", a.ip, b.ip))?;
+        }
+    }
+    Ok(())
+}
+
+/// Live switches vxlan → wireguard → vxlan with a TCP stream running (no segment lost), the
+/// old backend gone afterwards, and a mixed cluster (node 2 held on vxlan while the others run
+/// wireguard) with every pod reaching every pod.
+#[test]
+fn live_switches_to_and_from_wireguard_keep_traffic_flowing() {
+    if !require_root_with(&["ip", "nft", "etcd", "etcdctl", "ping"]) {
+        return;
+    }
+    let config = |b: &str| format!(r#"{{"Network":"10.5.0.0/16","Backend":{{"Type":"{b}"}}}}"#);
+    let mut tb = Testbed::new(3).unwrap();
+    let endpoint = tb.start_etcd_with_config(&config("vxlan")).unwrap();
+    let mut d = Daemons::new(&endpoint, &[]);
+    for i in 0..3 {
+        let f = key_file(&d, i).to_str().unwrap().to_string();
+        d.node_env.push((i, "WIREGUARD_KEY_FILE".into(), f));
+    }
+    let mut handles: Vec<usize> = (0..3).map(|i| d.start(&mut tb, i)).collect();
+    let mut pods = Vec::new();
+    let mut subnets = Vec::new();
+    for i in 0..3 {
+        let env = d.subnet_env(i);
+        subnets.push(env.subnet.unwrap());
+        // The smaller MTU of the two backends, so pods work on both.
+        pods.extend(common::add_pods(&mut tb, i, &env, 1, 1420));
+    }
+    all_pods_reach(&tb, &pods).unwrap();
+    let ticker = common::Ticker::start(&pods[0], &pods[1]);
+    std::thread::sleep(Duration::from_millis(500));
+    ticker.take_max_gap_ms();
+    for (old, new, old_link) in [("vxlan", "wireguard", "flannel.1"), ("wireguard", "vxlan", "flannel-wg")] {
+        tb.etcdctl(&["put", "/coreos.com/network/config", &config(new)]).unwrap();
+        for (n, sn) in subnets.iter().enumerate() {
+            wait_for(Duration::from_secs(20), || (lease_type(&tb, *sn) == new).then_some(()))
+                .unwrap_or_else(|| panic!("node {n} did not switch to {new}:\n{}", d.log(n)));
+        }
+        for n in 0..3 {
+            wait_for(Duration::from_secs(10), || (!has_link(&tb, n, old_link)).then_some(()))
+                .unwrap_or_else(|| panic!("node {n} kept {old_link} after {old} -> {new}:\n{}", d.log(n)));
+        }
+        all_pods_reach(&tb, &pods).unwrap_or_else(|e| panic!("after {old} -> {new}: {e}"));
+        assert!(ticker.alive(), "the TCP stream broke switching {old} -> {new}");
+        let gap = ticker.take_max_gap_ms();
+        let accepted: usize = (0..3)
+            .map(|n| d.log(n).matches("(switching) accepted").count())
+            .sum();
+        println!(
+            "switch {old} -> {new}: longest gap in the TCP stream {gap:.0} ms; peers mid-switch accepted so far: {accepted}"
+        );
+        let lost = ticker.retransmissions();
+        assert!(lost.is_empty(), "switch {old} -> {new}: segments lost: {lost:?}");
+        assert!(gap < 4.0 * common::MAX_GAP_MS, "switch {old} -> {new}: stalled {gap:.0} ms");
+    }
+
+    // Mixed: node 2 held on vxlan (daemon stopped, kernel state kept), the others on wireguard.
+    let st = tb.stop(handles[2], Duration::from_secs(10)).unwrap();
+    assert_eq!(st.code(), Some(0));
+    tb.etcdctl(&["put", "/coreos.com/network/config", &config("wireguard")]).unwrap();
+    for n in 0..2 {
+        wait_for(Duration::from_secs(20), || (lease_type(&tb, subnets[n]) == "wireguard").then_some(()))
+            .unwrap_or_else(|| panic!("node {n} did not switch to wireguard:\n{}", d.log(n)));
+    }
+    all_pods_reach(&tb, &pods).unwrap_or_else(|e| panic!("mixed cluster: {e}"));
+    for n in 0..2 {
+        assert!(has_link(&tb, n, "flannel.1"), "node {n} must keep vxlan for node 2");
+    }
+    handles[2] = d.start(&mut tb, 2);
+    wait_for(Duration::from_secs(20), || (lease_type(&tb, subnets[2]) == "wireguard").then_some(()))
+        .unwrap_or_else(|| panic!("node 2 did not come back on wireguard:\n{}", d.log(2)));
+    for n in 0..3 {
+        wait_for(Duration::from_secs(10), || (!has_link(&tb, n, "flannel.1")).then_some(()))
+            .unwrap_or_else(|| panic!("node {n} kept vxlan after the cluster left it:\n{}", d.log(n)));
+    }
+    all_pods_reach(&tb, &pods).unwrap();
+    assert!(ticker.alive(), "the TCP stream broke in the mixed cluster");
+    drop(ticker);
+    for h in handles {
+        tb.stop(h, Duration::from_secs(10));
+    }
+}

@@ -28,7 +28,7 @@ use ipnet::Ipv4Net;
 use tun_rs::SyncDevice;
 
 use super::key::PrivateKey;
-use super::peers::{diff, Diff, WgPeer};
+use super::peers::{diff, Diff, Switching, WgPeer};
 use crate::udp::packet::{icmp_limiter, unreachable_reply};
 
 /// Longest a packet loop sleeps before it looks at the stop flag again.
@@ -287,6 +287,9 @@ struct Table {
     by_key: HashMap<[u8; 32], Arc<Peer>>,
     by_idx: HashMap<u32, Arc<Peer>>,
     routes: Vec<(Ipv4Net, Arc<Peer>)>,
+    /// Peers of other types by PublicIP: a handshake from there with an unknown key makes a
+    /// peer for that lease (its wireguard secondary, mid-switch).
+    switching: HashMap<Ipv4Addr, Switching>,
 }
 
 impl Table {
@@ -406,13 +409,30 @@ impl Device {
     /// restarted node so gives its peers fresh sessions instead of letting them send into the
     /// old ones until their rekey timeout), changed endpoints and allowed IPs are updated in
     /// place, keys no longer wanted go (with their sessions). Returns what changed.
-    pub fn apply(&self, want: &[WgPeer]) -> Diff {
+    ///
+    /// `switching` are the peer leases of other types: a peer already known for such a lease
+    /// (it advertised wireguard before, or its wireguard secondary handshook from its
+    /// PublicIP) is kept while the lease is there, so traffic keeps flowing while a cluster
+    /// switches types.
+    pub fn apply(&self, want: &[WgPeer], switching: &[Switching]) -> Diff {
         let mut applied = self.sh.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let kept: Vec<WgPeer> = applied
+            .iter()
+            .filter(|p| {
+                switching
+                    .iter()
+                    .any(|s| s.lease == p.lease && s.allowed == p.allowed)
+                    && !want.iter().any(|w| w.public_key == p.public_key)
+            })
+            .cloned()
+            .collect();
+        let want = &[want, &kept[..]].concat()[..];
         let d = diff(&applied, want);
+        let mut table = self.sh.table.write().unwrap_or_else(|e| e.into_inner());
+        table.switching = switching.iter().map(|s| (s.public_ip, *s)).collect();
         if d.is_empty() {
             return d;
         }
-        let mut table = self.sh.table.write().unwrap_or_else(|e| e.into_inner());
         let mut added = Vec::new();
         for k in &d.remove {
             if let Some(p) = table.by_key.remove(k) {
@@ -430,29 +450,7 @@ impl Device {
             }
         }
         for w in &d.add {
-            let index = self.sh.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
-            let tunn = Tunn::new(
-                self.sh.secret.clone(),
-                PublicKey::from(w.public_key),
-                self.sh.psk,
-                self.sh.keepalive,
-                index,
-                Some(self.sh.limiter.clone()),
-            );
-            let p = Arc::new(Peer {
-                public_key: w.public_key,
-                tunn: Mutex::new(tunn),
-                state: Mutex::new(PeerState {
-                    endpoint: w.endpoint,
-                    lease_endpoint: w.endpoint,
-                    allowed: vec![w.allowed],
-                }),
-                rx_bytes: AtomicU64::new(0),
-                tx_bytes: AtomicU64::new(0),
-            });
-            table.by_key.insert(w.public_key, p.clone());
-            table.by_idx.insert(index, p.clone());
-            added.push(p);
+            added.push(insert_peer(&self.sh, &mut table, w));
         }
         table.rebuild_routes();
         drop(table);
@@ -510,6 +508,62 @@ impl Drop for Device {
     fn drop(&mut self) {
         self.sh.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// A new peer with its own core, in every index of the table.
+fn insert_peer(sh: &Shared, table: &mut Table, w: &WgPeer) -> Arc<Peer> {
+    let index = sh.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+    let tunn = Tunn::new(
+        sh.secret.clone(),
+        PublicKey::from(w.public_key),
+        sh.psk,
+        sh.keepalive,
+        index,
+        Some(sh.limiter.clone()),
+    );
+    let p = Arc::new(Peer {
+        public_key: w.public_key,
+        tunn: Mutex::new(tunn),
+        state: Mutex::new(PeerState {
+            endpoint: w.endpoint,
+            lease_endpoint: w.endpoint,
+            allowed: vec![w.allowed],
+        }),
+        rx_bytes: AtomicU64::new(0),
+        tx_bytes: AtomicU64::new(0),
+    });
+    table.by_key.insert(w.public_key, p.clone());
+    table.by_idx.insert(index, p.clone());
+    table.rebuild_routes();
+    p
+}
+
+/// The peer for a handshake from `from` with key `key` that no peer has: one made for the
+/// lease of another type at that address (its wireguard secondary, mid-switch), if any.
+fn switching_peer(sh: &Shared, key: [u8; 32], from: SocketAddr) -> Option<Arc<Peer>> {
+    let IpAddr::V4(ip) = from.ip() else { return None };
+    let mut applied = sh.applied.lock().unwrap_or_else(|e| e.into_inner());
+    let mut table = sh.table.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = table.by_key.get(&key) {
+        return Some(p.clone());
+    }
+    let s = *table.switching.get(&ip)?;
+    // The lease's earlier key (if any) gives way to the one its node uses now.
+    if let Some(old) = applied.iter().position(|p| p.lease == s.lease) {
+        let old = applied.remove(old);
+        if let Some(p) = table.by_key.remove(&old.public_key) {
+            table.by_idx.retain(|_, q| !Arc::ptr_eq(q, &p));
+        }
+    }
+    let w = WgPeer {
+        public_key: key,
+        endpoint: from,
+        allowed: s.allowed,
+        lease: s.lease,
+    };
+    tracing::info!(subnet = %s.allowed, endpoint = %from, "wireguard peer of another type (switching) accepted");
+    applied.push(w.clone());
+    Some(insert_peer(sh, &mut table, &w))
 }
 
 fn send(sh: &Shared, peer: &Peer, d: &[u8], to: SocketAddr) {
@@ -645,11 +699,13 @@ fn ingress(sh: &Shared) {
                     sh.stats.count(DropReason::AuthFailed);
                     continue;
                 };
-                let t = sh.table.read().unwrap_or_else(|e| e.into_inner());
-                match t.by_key.get(&half.peer_static_public) {
-                    Some(p) => p.clone(),
+                let known = {
+                    let t = sh.table.read().unwrap_or_else(|e| e.into_inner());
+                    t.by_key.get(&half.peer_static_public).cloned()
+                };
+                match known.or_else(|| switching_peer(sh, half.peer_static_public, from)) {
+                    Some(p) => p,
                     None => {
-                        drop(t);
                         sh.stats.count(DropReason::UnknownKey);
                         continue;
                     }

@@ -247,7 +247,8 @@ impl Backend for WireguardBackend {
             .collect();
         self.problems
             .log("wireguard peer not configured", std::time::Instant::now(), status);
-        let d = self.device.apply(&want);
+        let switching = peers::switching(self.peers.leases());
+        let d = self.device.apply(&want, &switching);
         for p in &d.add {
             tracing::info!(subnet = %p.allowed, endpoint = %p.endpoint, "wireguard peer added");
         }
@@ -280,6 +281,13 @@ impl Backend for WireguardBackend {
             .filter(|r| r.oif == self.index)
             .collect();
         crate::netlink::del_routes(self.nl.as_ref(), routes).await?;
+        // The TUN goes now (its descriptor lives as long as this value): a backend of this
+        // type made next (a switch with new options) gets the name free.
+        if let Some(l) = self.nl.link_by_name(DEVICE).await? {
+            if l.index == self.index {
+                self.nl.delete_link(l.index).await?;
+            }
+        }
         Ok(())
     }
 

@@ -109,6 +109,40 @@ pub fn desired<'a>(
     (peers, problems)
 }
 
+/// A peer lease of another type (a node that has not switched to wireguard yet, or has
+/// switched away): its wireguard secondary, if it runs one, may handshake from its PublicIP
+/// with a key its lease does not carry (docs/wireguard.md, live switch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Switching {
+    pub lease: SubnetKey,
+    pub public_ip: std::net::Ipv4Addr,
+    pub allowed: Ipv4Net,
+}
+
+/// Types whose traffic a node already takes unauthenticated from the peer's address (this
+/// node runs a secondary of that type for such a peer): accepting a WireGuard key from that
+/// address for that subnet opens nothing new. `alloc` and unknown types are not among them.
+const UNAUTHENTICATED_PLANES: &[&str] = &["vxlan", "udp", "host-gw"];
+
+/// The leases of other data planes (see [`UNAUTHENTICATED_PLANES`]) that have an IPv4 subnet
+/// and a PublicIP.
+pub fn switching<'a>(leases: impl IntoIterator<Item = &'a Lease>) -> Vec<Switching> {
+    leases
+        .into_iter()
+        .filter(|l| {
+            UNAUTHENTICATED_PLANES.contains(&l.attrs.data_plane())
+                && !l.attrs.public_ip.is_unspecified()
+        })
+        .filter_map(|l| {
+            Some(Switching {
+                lease: l.key,
+                public_ip: l.attrs.public_ip,
+                allowed: l.key.ipv4?,
+            })
+        })
+        .collect()
+}
+
 /// The changes from `have` to `want`, by public key: new peers, peers whose endpoint or
 /// allowed IPs changed (their sessions are kept), and keys no longer wanted.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -236,6 +270,30 @@ mod tests {
         // No port: ours.
         let (peers, _) = desired(&leases[2..3], 51820, &own);
         assert_eq!(peers[0].endpoint, "172.30.0.13:51820".parse().unwrap());
+    }
+
+    #[test]
+    fn leases_of_other_types_are_switching_peers() {
+        let leases = [
+            wg("10.5.1.0/24", "172.30.0.11", &format!(r#"{{"PublicKey":"{K1}"}}"#)),
+            lease(
+                "10.5.5.0/24",
+                r#"{"PublicIP":"172.30.0.15","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#,
+            ),
+            lease("10.5.6.0/24", r#"{"PublicIP":"172.30.0.16","PublicIPv6":null}"#),
+            lease(
+                "10.5.7.0/24",
+                r#"{"PublicIP":"172.30.0.17","PublicIPv6":null,"BackendType":"alloc"}"#,
+            ),
+        ];
+        let s = switching(&leases);
+        assert_eq!(
+            s.iter().map(|s| (s.allowed.to_string(), s.public_ip.to_string())).collect::<Vec<_>>(),
+            vec![
+                ("10.5.5.0/24".to_string(), "172.30.0.15".to_string()),
+                ("10.5.6.0/24".to_string(), "172.30.0.16".to_string())
+            ]
+        );
     }
 
     #[test]
