@@ -3,7 +3,7 @@
 //! what an impostor or a replayed datagram achieves (nothing). Needs root; skips with a reason
 //! without it, fails under CI.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
@@ -22,7 +22,9 @@ use test_support::{
 
 mod common;
 
-use common::{backend_counter as metric, full_mesh, lease_value, pods_per_node, sock, start_servers, Daemons};
+use common::{
+    backend_counter as metric, full_mesh, lease_value, pods_per_node, sock, start_servers, Daemons,
+};
 
 const PORT: u16 = 5001;
 const HASH_PORT: u16 = 5002;
@@ -78,14 +80,26 @@ struct Capture {
 
 impl Capture {
     fn start(ns: &str) -> Capture {
-        use nix::sys::socket::{setsockopt, socket, sockopt, AddressFamily, SockFlag, SockProtocol, SockType};
+        use nix::sys::socket::{
+            setsockopt, socket, sockopt, AddressFamily, SockFlag, SockProtocol, SockType,
+        };
         let fd = in_netns(ns, || {
-            socket(AddressFamily::Packet, SockType::Raw, SockFlag::empty(), SockProtocol::EthAll)
+            socket(
+                AddressFamily::Packet,
+                SockType::Raw,
+                SockFlag::empty(),
+                SockProtocol::EthAll,
+            )
         })
         .unwrap()
         .unwrap();
         let _ = setsockopt(&fd, sockopt::RcvBufForce, &(32 << 20));
-        setsockopt(&fd, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(0, 100_000)).unwrap();
+        setsockopt(
+            &fd,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(0, 100_000),
+        )
+        .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -175,13 +189,26 @@ fn wireguard_backend_end_to_end() {
         privates.push(std::fs::read_to_string(&path).unwrap());
     }
     // The device: flannel-wg with the subnet's network address /32 and the Network route.
-    let addr = tb.exec(&tb.nodes[0].ns, &["ip", "-4", "-o", "addr", "show", "dev", "flannel-wg"]).unwrap();
+    let addr = tb
+        .exec(
+            &tb.nodes[0].ns,
+            &["ip", "-4", "-o", "addr", "show", "dev", "flannel-wg"],
+        )
+        .unwrap();
     assert!(
         addr.contains(&format!("{}/32", subnets[0].network())),
         "{addr}"
     );
-    let routes = tb.exec(&tb.nodes[0].ns, &["ip", "-4", "route", "show", "dev", "flannel-wg"]).unwrap();
-    assert!(routes.contains("10.5.0.0/16") && routes.contains("scope link"), "{routes}");
+    let routes = tb
+        .exec(
+            &tb.nodes[0].ns,
+            &["ip", "-4", "route", "show", "dev", "flannel-wg"],
+        )
+        .unwrap();
+    assert!(
+        routes.contains("10.5.0.0/16") && routes.contains("scope link"),
+        "{routes}"
+    );
 
     // Everything the nodes send each other on the underlay is captured at the hub.
     let cap = Capture::start(&tb.hub);
@@ -190,7 +217,13 @@ fn wireguard_backend_end_to_end() {
     // Every pod reaches every other over TCP and UDP, seen with its own address.
     full_mesh(&pods, PORT, |i| log(&d, i));
     // A recognisable transfer from a pod of node 0 to one of node 1 arrives byte for byte.
-    send_and_verify(&pods[0].ns, sock(&pods[2].ip, HASH_PORT), TRANSFER, Duration::from_secs(30)).unwrap();
+    send_and_verify(
+        &pods[0].ns,
+        sock(&pods[2].ip, HASH_PORT),
+        TRANSFER,
+        Duration::from_secs(30),
+    )
+    .unwrap();
     let frames = cap.finish();
     let datagrams = udp_datagrams(&frames);
     let wg_bytes: usize = datagrams
@@ -261,7 +294,9 @@ fn wireguard_backend_end_to_end() {
         other => panic!("{other:?}"),
     };
     let node0: SocketAddr = format!("{}:{WG_PORT}", tb.nodes[0].ip).parse().unwrap();
-    let s = in_netns(&outside_ns, || UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    let s = in_netns(&outside_ns, || UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let before = metric(&tb, 0, "wireguard_dropped_unknown_key");
     s.send_to(&init, node0).unwrap();
@@ -269,13 +304,21 @@ fn wireguard_backend_end_to_end() {
     fake_data.extend_from_slice(&[0u8; 8 + 16 + 64]);
     s.send_to(&fake_data, node0).unwrap();
     let mut reply = [0u8; 256];
-    assert!(s.recv_from(&mut reply).is_err(), "node 0 answered an unknown key");
+    assert!(
+        s.recv_from(&mut reply).is_err(),
+        "node 0 answered an unknown key"
+    );
     wait_for(Duration::from_secs(5), || {
         (metric(&tb, 0, "wireguard_dropped_unknown_key") > before
             && metric(&tb, 0, "wireguard_dropped_unknown_index") > 0)
             .then_some(())
     })
-    .unwrap_or_else(|| panic!("impostor not counted:\n{}", common::http(&tb, 0, "/metrics")));
+    .unwrap_or_else(|| {
+        panic!(
+            "impostor not counted:\n{}",
+            common::http(&tb, 0, "/metrics")
+        )
+    });
 
     // A node restarted keeps its key (same lease data) and its peers re-handshake at once.
     let st = tb.stop(handles[1], Duration::from_secs(10)).unwrap();
@@ -292,8 +335,16 @@ fn wireguard_backend_end_to_end() {
     })
     .unwrap_or_else(|| panic!("traffic did not resume after the restart:\n{}", d.log(1)));
     eprintln!("traffic through the restarted node resumed after {back:?}");
-    assert_eq!(lease_key(&tb, subnets[1]), key_before, "the restarted node changed its key");
-    assert!(!d.log(1).contains("made a new WireGuard private key"), "{}", d.log(1));
+    assert_eq!(
+        lease_key(&tb, subnets[1]),
+        key_before,
+        "the restarted node changed its key"
+    );
+    assert!(
+        !d.log(1).contains("made a new WireGuard private key"),
+        "{}",
+        d.log(1)
+    );
     full_mesh(&pods, PORT, |i| log(&d, i));
 
     // Secrets never reach a log.
@@ -301,11 +352,17 @@ fn wireguard_backend_end_to_end() {
         let l = d.log(i);
         assert!(!l.contains(PSK), "PSK in the log of node {i}");
         for p in &privates {
-            assert!(!l.contains(p.trim()), "a private key in the log of node {i}");
+            assert!(
+                !l.contains(p.trim()),
+                "a private key in the log of node {i}"
+            );
         }
     }
     for h in handles {
-        assert_eq!(tb.stop(h, Duration::from_secs(10)).and_then(|s| s.code()), Some(0));
+        assert_eq!(
+            tb.stop(h, Duration::from_secs(10)).and_then(|s| s.code()),
+            Some(0)
+        );
     }
 }
 
@@ -338,8 +395,14 @@ fn a_standard_wireguard_node_configured_as_flannel_does_joins_the_cluster() {
         tb.nodes[2].ip,
         flannel_key.public_base64()
     );
-    tb.etcdctl(&["put", "--lease", &id, "/coreos.com/network/subnets/10.5.77.0-24", &value])
-        .unwrap();
+    tb.etcdctl(&[
+        "put",
+        "--lease",
+        &id,
+        "/coreos.com/network/subnets/10.5.77.0-24",
+        &value,
+    ])
+    .unwrap();
     for i in 0..2 {
         let f = key_file(&d, i).to_str().unwrap().to_string();
         d.node_env.push((i, "WIREGUARD_KEY_FILE".into(), f));
@@ -362,12 +425,23 @@ fn a_standard_wireguard_node_configured_as_flannel_does_joins_the_cluster() {
             &wg_log,
         )
         .unwrap();
-    wait_for(Duration::from_secs(10), || tb.exec(&ns2, &["wg", "show", &dev]).ok())
-        .unwrap_or_else(|| panic!("wireguard-go did not start: {:?}", std::fs::read_to_string(&wg_log)));
+    wait_for(Duration::from_secs(10), || {
+        tb.exec(&ns2, &["wg", "show", &dev]).ok()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "wireguard-go did not start: {:?}",
+            std::fs::read_to_string(&wg_log)
+        )
+    });
     let psk_file = d.dir.path().join("psk");
     std::fs::write(&psk_file, PSK).unwrap();
     let kf = flannel_key_file.to_str().unwrap();
-    tb.exec(&ns2, &["wg", "set", &dev, "private-key", kf, "listen-port", "51820"]).unwrap();
+    tb.exec(
+        &ns2,
+        &["wg", "set", &dev, "private-key", kf, "listen-port", "51820"],
+    )
+    .unwrap();
     for (i, env) in envs.iter().enumerate() {
         let subnet = env.subnet.unwrap();
         let subnet = ipnet::Ipv4Net::new(subnet.network(), subnet.prefix_len()).unwrap();
@@ -375,16 +449,40 @@ fn a_standard_wireguard_node_configured_as_flannel_does_joins_the_cluster() {
         tb.exec(
             &ns2,
             &[
-                "wg", "set", &dev, "peer", &lease_key(&tb, subnet), "endpoint", &endpoint,
-                "allowed-ips", &subnet.to_string(), "preshared-key", psk_file.to_str().unwrap(),
+                "wg",
+                "set",
+                &dev,
+                "peer",
+                &lease_key(&tb, subnet),
+                "endpoint",
+                &endpoint,
+                "allowed-ips",
+                &subnet.to_string(),
+                "preshared-key",
+                psk_file.to_str().unwrap(),
             ],
         )
         .unwrap();
     }
     let own = format!("{}/32", flannel_subnet.network());
-    tb.exec(&ns2, &["ip", "addr", "add", &own, "dev", &dev]).unwrap();
-    tb.exec(&ns2, &["ip", "link", "set", &dev, "mtu", "1420", "up"]).unwrap();
-    tb.exec(&ns2, &["ip", "route", "add", "10.5.0.0/16", "dev", &dev, "scope", "link"]).unwrap();
+    tb.exec(&ns2, &["ip", "addr", "add", &own, "dev", &dev])
+        .unwrap();
+    tb.exec(&ns2, &["ip", "link", "set", &dev, "mtu", "1420", "up"])
+        .unwrap();
+    tb.exec(
+        &ns2,
+        &[
+            "ip",
+            "route",
+            "add",
+            "10.5.0.0/16",
+            "dev",
+            &dev,
+            "scope",
+            "link",
+        ],
+    )
+    .unwrap();
 
     let mut pods = Vec::new();
     for (i, env) in envs.iter().enumerate() {
@@ -393,17 +491,32 @@ fn a_standard_wireguard_node_configured_as_flannel_does_joins_the_cluster() {
     pods.push(tb.add_pod(2, "10.5.77.2/24", "10.5.77.1/24", 1420).unwrap());
     let _servers = start_servers(&pods, PORT, HASH_PORT);
     full_mesh(&pods, PORT, |i| d.log(i));
-    send_and_verify(&pods[2].ns, sock(&pods[0].ip, HASH_PORT), 1 << 20, Duration::from_secs(30))
-        .unwrap();
-    send_and_verify(&pods[1].ns, sock(&pods[2].ip, HASH_PORT), 1 << 20, Duration::from_secs(30))
-        .unwrap();
+    send_and_verify(
+        &pods[2].ns,
+        sock(&pods[0].ip, HASH_PORT),
+        1 << 20,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    send_and_verify(
+        &pods[1].ns,
+        sock(&pods[2].ip, HASH_PORT),
+        1 << 20,
+        Duration::from_secs(30),
+    )
+    .unwrap();
     // The standard side completed a handshake with both of our nodes.
-    let shakes = tb.exec(&ns2, &["wg", "show", &dev, "latest-handshakes"]).unwrap();
+    let shakes = tb
+        .exec(&ns2, &["wg", "show", &dev, "latest-handshakes"])
+        .unwrap();
     let done = shakes
         .lines()
         .filter(|l| l.split_whitespace().nth(1).is_some_and(|t| t != "0"))
         .count();
-    assert_eq!(done, 2, "handshakes seen by the standard implementation:\n{shakes}");
+    assert_eq!(
+        done, 2,
+        "handshakes seen by the standard implementation:\n{shakes}"
+    );
     tb.stop(wg_go, Duration::from_secs(5));
 }
 
@@ -427,9 +540,13 @@ fn all_pods_reach(tb: &Testbed, pods: &[test_support::Pod]) -> Result<(), String
                 continue;
             }
             wait_for(Duration::from_secs(10), || {
-                tb.exec_status(&a.ns, &["ping", "-c1", "-W1", &b.ip], Duration::from_secs(3))
-                    .0
-                    .then_some(())
+                tb.exec_status(
+                    &a.ns,
+                    &["ping", "-c1", "-W1", &b.ip],
+                    Duration::from_secs(3),
+                )
+                .0
+                .then_some(())
             })
             .ok_or_else(|| format!("{} cannot reach {}", a.ip, b.ip))?;
         }
@@ -466,18 +583,34 @@ fn live_switches_to_and_from_wireguard_keep_traffic_flowing() {
     let ticker = common::Ticker::start(&pods[0], &pods[1]);
     std::thread::sleep(Duration::from_millis(500));
     ticker.take_max_gap_ms();
-    for (old, new, old_link) in [("vxlan", "wireguard", "flannel.1"), ("wireguard", "vxlan", "flannel-wg")] {
-        tb.etcdctl(&["put", "/coreos.com/network/config", &config(new)]).unwrap();
+    for (old, new, old_link) in [
+        ("vxlan", "wireguard", "flannel.1"),
+        ("wireguard", "vxlan", "flannel-wg"),
+    ] {
+        tb.etcdctl(&["put", "/coreos.com/network/config", &config(new)])
+            .unwrap();
         for (n, sn) in subnets.iter().enumerate() {
-            wait_for(Duration::from_secs(20), || (lease_type(&tb, *sn) == new).then_some(()))
-                .unwrap_or_else(|| panic!("node {n} did not switch to {new}:\n{}", d.log(n)));
+            wait_for(Duration::from_secs(20), || {
+                (lease_type(&tb, *sn) == new).then_some(())
+            })
+            .unwrap_or_else(|| panic!("node {n} did not switch to {new}:\n{}", d.log(n)));
         }
         for n in 0..3 {
-            wait_for(Duration::from_secs(10), || (!has_link(&tb, n, old_link)).then_some(()))
-                .unwrap_or_else(|| panic!("node {n} kept {old_link} after {old} -> {new}:\n{}", d.log(n)));
+            wait_for(Duration::from_secs(10), || {
+                (!has_link(&tb, n, old_link)).then_some(())
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "node {n} kept {old_link} after {old} -> {new}:\n{}",
+                    d.log(n)
+                )
+            });
         }
         all_pods_reach(&tb, &pods).unwrap_or_else(|e| panic!("after {old} -> {new}: {e}"));
-        assert!(ticker.alive(), "the TCP stream broke switching {old} -> {new}");
+        assert!(
+            ticker.alive(),
+            "the TCP stream broke switching {old} -> {new}"
+        );
         let gap = ticker.take_max_gap_ms();
         let accepted: usize = (0..3)
             .map(|n| d.log(n).matches("(switching) accepted").count())
@@ -486,28 +619,49 @@ fn live_switches_to_and_from_wireguard_keep_traffic_flowing() {
             "switch {old} -> {new}: longest gap in the TCP stream {gap:.0} ms; peers mid-switch accepted so far: {accepted}"
         );
         let lost = ticker.retransmissions();
-        assert!(lost.is_empty(), "switch {old} -> {new}: segments lost: {lost:?}");
-        assert!(gap < 4.0 * common::MAX_GAP_MS, "switch {old} -> {new}: stalled {gap:.0} ms");
+        assert!(
+            lost.is_empty(),
+            "switch {old} -> {new}: segments lost: {lost:?}"
+        );
+        assert!(
+            gap < 4.0 * common::MAX_GAP_MS,
+            "switch {old} -> {new}: stalled {gap:.0} ms"
+        );
     }
 
     // Mixed: node 2 held on vxlan (daemon stopped, kernel state kept), the others on wireguard.
     let st = tb.stop(handles[2], Duration::from_secs(10)).unwrap();
     assert_eq!(st.code(), Some(0));
-    tb.etcdctl(&["put", "/coreos.com/network/config", &config("wireguard")]).unwrap();
+    tb.etcdctl(&["put", "/coreos.com/network/config", &config("wireguard")])
+        .unwrap();
     for n in 0..2 {
-        wait_for(Duration::from_secs(20), || (lease_type(&tb, subnets[n]) == "wireguard").then_some(()))
-            .unwrap_or_else(|| panic!("node {n} did not switch to wireguard:\n{}", d.log(n)));
+        wait_for(Duration::from_secs(20), || {
+            (lease_type(&tb, subnets[n]) == "wireguard").then_some(())
+        })
+        .unwrap_or_else(|| panic!("node {n} did not switch to wireguard:\n{}", d.log(n)));
     }
     all_pods_reach(&tb, &pods).unwrap_or_else(|e| panic!("mixed cluster: {e}"));
     for n in 0..2 {
-        assert!(has_link(&tb, n, "flannel.1"), "node {n} must keep vxlan for node 2");
+        assert!(
+            has_link(&tb, n, "flannel.1"),
+            "node {n} must keep vxlan for node 2"
+        );
     }
     handles[2] = d.start(&mut tb, 2);
-    wait_for(Duration::from_secs(20), || (lease_type(&tb, subnets[2]) == "wireguard").then_some(()))
-        .unwrap_or_else(|| panic!("node 2 did not come back on wireguard:\n{}", d.log(2)));
+    wait_for(Duration::from_secs(20), || {
+        (lease_type(&tb, subnets[2]) == "wireguard").then_some(())
+    })
+    .unwrap_or_else(|| panic!("node 2 did not come back on wireguard:\n{}", d.log(2)));
     for n in 0..3 {
-        wait_for(Duration::from_secs(10), || (!has_link(&tb, n, "flannel.1")).then_some(()))
-            .unwrap_or_else(|| panic!("node {n} kept vxlan after the cluster left it:\n{}", d.log(n)));
+        wait_for(Duration::from_secs(10), || {
+            (!has_link(&tb, n, "flannel.1")).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "node {n} kept vxlan after the cluster left it:\n{}",
+                d.log(n)
+            )
+        });
     }
     all_pods_reach(&tb, &pods).unwrap();
     assert!(ticker.alive(), "the TCP stream broke in the mixed cluster");

@@ -134,16 +134,17 @@ impl WgConfig {
                 "\"ipv6\" (every peer over an IPv6 underlay) is not supported by this build's wireguard backend yet; use \"separate\", \"auto\" or \"ipv4\"",
             ));
         }
-        let mtu = match o.uint("MTU", 65535)? {
-            None | Some(0) => None,
-            Some(m) if m < MIN_MTU => {
-                return Err(bad(
+        let mtu =
+            match o.uint("MTU", 65535)? {
+                None | Some(0) => None,
+                Some(m) if m < MIN_MTU => return Err(bad(
                     "MTU",
-                    format!("must be at least {MIN_MTU} (the device gets MTU - {OVERHEAD}), got {m}"),
-                ))
-            }
-            Some(m) => Some(m as u32),
-        };
+                    format!(
+                        "must be at least {MIN_MTU} (the device gets MTU - {OVERHEAD}), got {m}"
+                    ),
+                )),
+                Some(m) => Some(m as u32),
+            };
         Ok((
             WgConfig {
                 listen_port,
@@ -228,11 +229,17 @@ mod tests {
             .starts_with("Backend.PersistentKeepaliveInterval:"));
         assert!(err(r#"{"Mode":"both"}"#).starts_with("Backend.Mode:"));
         let e = err(r#"{"Mode":"ipv6"}"#);
-        assert!(e.starts_with("Backend.Mode:") && e.contains("not supported"), "{e}");
+        assert!(
+            e.starts_with("Backend.Mode:") && e.contains("not supported"),
+            "{e}"
+        );
         assert!(err(r#"{"MTU":100}"#).starts_with("Backend.MTU:"));
         let secretish = "c2VjcmV0LXRvby1zaG9ydA==";
         let e = err(&format!(r#"{{"PSK":"{secretish}"}}"#));
-        assert!(e.starts_with("Backend.PSK:") && !e.contains(secretish), "{e}");
+        assert!(
+            e.starts_with("Backend.PSK:") && !e.contains(secretish),
+            "{e}"
+        );
         let e = err(r#"{"PSK":12345}"#);
         assert!(e.starts_with("Backend.PSK:") && !e.contains("12345"), "{e}");
         let (c, _) = WgConfig::parse(&o(&format!(r#"{{"PSK":"{PSK}"}}"#))).unwrap();

@@ -261,7 +261,10 @@ impl std::fmt::Debug for Peer {
 
 impl Peer {
     fn endpoint(&self) -> SocketAddr {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).endpoint
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .endpoint
     }
 
     fn allowed(&self) -> Vec<Ipv4Net> {
@@ -338,7 +341,10 @@ pub struct Device {
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Device")
-            .field("public_key", &super::config::encode_key(&self.sh.public.to_bytes()))
+            .field(
+                "public_key",
+                &super::config::encode_key(&self.sh.public.to_bytes()),
+            )
             .field("mtu", &self.sh.mtu)
             .finish_non_exhaustive()
     }
@@ -541,7 +547,9 @@ fn insert_peer(sh: &Shared, table: &mut Table, w: &WgPeer) -> Arc<Peer> {
 /// The peer for a handshake from `from` with key `key` that no peer has: one made for the
 /// lease of another type at that address (its wireguard secondary, mid-switch), if any.
 fn switching_peer(sh: &Shared, key: [u8; 32], from: SocketAddr) -> Option<Arc<Peer>> {
-    let IpAddr::V4(ip) = from.ip() else { return None };
+    let IpAddr::V4(ip) = from.ip() else {
+        return None;
+    };
     let mut applied = sh.applied.lock().unwrap_or_else(|e| e.into_inner());
     let mut table = sh.table.write().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = table.by_key.get(&key) {
@@ -677,7 +685,10 @@ fn ingress(sh: &Shared) {
         let peer = match &parsed {
             Packet::HandshakeInit(init) => {
                 // MAC1, and under load the cookie, before the DH that names the sender.
-                match sh.limiter.verify_packet(Some(from.ip()), datagram, &mut out) {
+                match sh
+                    .limiter
+                    .verify_packet(Some(from.ip()), datagram, &mut out)
+                {
                     Ok(_) => {}
                     Err(TunnResult::WriteToNetwork(cookie)) => {
                         if sh.sock.send_to(cookie, from).is_ok() {
@@ -823,7 +834,20 @@ mod tests {
     /// A minimal IPv4/UDP packet from `src` to `dst` with `payload`.
     fn ipv4(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
         let len = 28 + payload.len();
-        let mut p = vec![0x45, 0, (len >> 8) as u8, len as u8, 0, 0, 0, 0, 64, 17, 0, 0];
+        let mut p = vec![
+            0x45,
+            0,
+            (len >> 8) as u8,
+            len as u8,
+            0,
+            0,
+            0,
+            0,
+            64,
+            17,
+            0,
+            0,
+        ];
         p.extend_from_slice(&src);
         p.extend_from_slice(&dst);
         p.extend_from_slice(&[0x30, 0x39, 0x30, 0x39, 0, (8 + payload.len()) as u8, 0, 0]);
@@ -897,7 +921,10 @@ mod tests {
             open(&mut b, from, &forged, &mut out, &allowed),
             Step::Drop(DropReason::AuthFailed)
         );
-        assert_eq!(open(&mut b, from, &second, &mut out, &allowed), Step::Tunnel(&pkt2[..]));
+        assert_eq!(
+            open(&mut b, from, &second, &mut out, &allowed),
+            Step::Tunnel(&pkt2[..])
+        );
     }
 
     #[test]
@@ -906,7 +933,13 @@ mod tests {
         let allowed: Vec<Ipv4Net> = vec!["10.5.1.0/24".parse().unwrap()];
         let mut out = vec![0u8; 2048];
         assert_eq!(
-            open(&mut b, "172.30.0.11".parse().unwrap(), &sealed, &mut out, &allowed),
+            open(
+                &mut b,
+                "172.30.0.11".parse().unwrap(),
+                &sealed,
+                &mut out,
+                &allowed
+            ),
             Step::Drop(DropReason::Spoofed)
         );
     }
@@ -924,12 +957,24 @@ mod tests {
         };
         let mut out2 = vec![0u8; 2048];
         assert!(matches!(
-            open(&mut b, "172.30.0.13".parse().unwrap(), &init, &mut out2, &[]),
+            open(
+                &mut b,
+                "172.30.0.13".parse().unwrap(),
+                &init,
+                &mut out2,
+                &[]
+            ),
             Step::Drop(_)
         ));
         // Garbage is not a message.
         assert_eq!(
-            open(&mut b, "172.30.0.13".parse().unwrap(), b"nonsense", &mut out2, &[]),
+            open(
+                &mut b,
+                "172.30.0.13".parse().unwrap(),
+                b"nonsense",
+                &mut out2,
+                &[]
+            ),
             Step::Drop(DropReason::Invalid)
         );
     }
@@ -940,7 +985,11 @@ mod tests {
         let mut a = tunn(&ka, &kb, 1);
         let mut small = vec![0u8; 64];
         assert_eq!(
-            seal(&mut a, &ipv4([10, 5, 1, 5], [10, 5, 2, 5], b"x"), &mut small),
+            seal(
+                &mut a,
+                &ipv4([10, 5, 1, 5], [10, 5, 2, 5], b"x"),
+                &mut small
+            ),
             Step::Drop(DropReason::Invalid)
         );
         assert_eq!(sealed_len(1400), 1432);
@@ -966,8 +1015,14 @@ mod tests {
         t.by_key.insert([1; 32], mk(1, &["10.5.0.0/16"]));
         t.by_key.insert([2; 32], mk(2, &["10.5.2.0/24"]));
         t.rebuild_routes();
-        assert_eq!(t.lookup("10.5.2.9".parse().unwrap()).unwrap().public_key, [2; 32]);
-        assert_eq!(t.lookup("10.5.3.9".parse().unwrap()).unwrap().public_key, [1; 32]);
+        assert_eq!(
+            t.lookup("10.5.2.9".parse().unwrap()).unwrap().public_key,
+            [2; 32]
+        );
+        assert_eq!(
+            t.lookup("10.5.3.9".parse().unwrap()).unwrap().public_key,
+            [1; 32]
+        );
         assert!(t.lookup("10.6.0.1".parse().unwrap()).is_none());
     }
 }

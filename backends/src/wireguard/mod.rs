@@ -178,7 +178,8 @@ impl WireguardBackend {
     /// per wireguard peer; routes of ours to subnets no peer has any more go.
     async fn ensure_routes(&self, peer_nets: &[Ipv4Net]) -> Result<usize, BackendError> {
         let Some(own) = self.own else { return Ok(0) };
-        let mut changes = ensure_subnet_address(self.nl.as_ref(), self.index, IpNet::V4(own)).await?;
+        let mut changes =
+            ensure_subnet_address(self.nl.as_ref(), self.index, IpNet::V4(own)).await?;
         let have = self.nl.routes(Family::V4).await?;
         let net = IpNet::V4(self.network);
         if !have.iter().any(|r| r.dst == net && r.gateway.is_none()) {
@@ -201,7 +202,7 @@ impl WireguardBackend {
                         && self.network.contains(&d)
                         && !peer_nets.contains(&d))
         }) {
-            self.nl.del_route(r.clone()).await?;
+            self.nl.del_route(*r).await?;
             changes += 1;
         }
         Ok(changes)
@@ -241,12 +242,18 @@ impl Backend for WireguardBackend {
             .leases()
             .filter(|l| l.attrs.backend_type == peers::BACKEND_TYPE)
             .map(|l| {
-                let why = problems.iter().find(|(k, _)| *k == l.key).map(|(_, e)| e.clone());
+                let why = problems
+                    .iter()
+                    .find(|(k, _)| *k == l.key)
+                    .map(|(_, e)| e.clone());
                 (l.key, why)
             })
             .collect();
-        self.problems
-            .log("wireguard peer not configured", std::time::Instant::now(), status);
+        self.problems.log(
+            "wireguard peer not configured",
+            std::time::Instant::now(),
+            status,
+        );
         let switching = peers::switching(self.peers.leases());
         let d = self.device.apply(&want, &switching);
         for p in &d.add {

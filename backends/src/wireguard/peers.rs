@@ -36,9 +36,8 @@ pub fn parse_backend_data(v: Option<&Value>) -> Result<([u8; 32], Option<u16>), 
             .filter(|v| !v.is_null())
     };
     let key = match get("PublicKey") {
-        Some(Value::String(s)) => {
-            decode_key(s).ok_or("BackendData.PublicKey is not a WireGuard key (base64 of 32 bytes)")?
-        }
+        Some(Value::String(s)) => decode_key(s)
+            .ok_or("BackendData.PublicKey is not a WireGuard key (base64 of 32 bytes)")?,
         _ => return Err("BackendData has no PublicKey".into()),
     };
     let port = match get("Port") {
@@ -169,7 +168,11 @@ pub fn diff(have: &[WgPeer], want: &[WgPeer]) -> Diff {
             Some(_) => {}
         }
     }
-    d.remove = old.keys().filter(|k| !new.contains_key(*k)).copied().collect();
+    d.remove = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .copied()
+        .collect();
     d
 }
 
@@ -236,16 +239,31 @@ mod tests {
         );
         assert!(parse_backend_data(None).is_err());
         assert!(parse_backend_data(Some(&v(r#"{"PublicKey":"k","Port":1}"#))).is_err());
-        assert!(parse_backend_data(Some(&v(&format!(r#"{{"PublicKey":"{K1}","Port":70000}}"#)))).is_err());
+        assert!(
+            parse_backend_data(Some(&v(&format!(r#"{{"PublicKey":"{K1}","Port":70000}}"#))))
+                .is_err()
+        );
     }
 
     #[test]
     fn leases_become_peers_with_their_subnet_and_endpoint() {
         let own = decode_key(K2).unwrap();
         let leases = [
-            wg("10.5.1.0/24", "172.30.0.11", &format!(r#"{{"PublicKey":"{K1}","Port":51000}}"#)),
-            wg("10.5.2.0/24", "172.30.0.12", &format!(r#"{{"PublicKey":"{K2}"}}"#)),
-            wg("10.5.3.0/24", "172.30.0.13", &format!(r#"{{"PublicKey":"{K1}"}}"#)),
+            wg(
+                "10.5.1.0/24",
+                "172.30.0.11",
+                &format!(r#"{{"PublicKey":"{K1}","Port":51000}}"#),
+            ),
+            wg(
+                "10.5.2.0/24",
+                "172.30.0.12",
+                &format!(r#"{{"PublicKey":"{K2}"}}"#),
+            ),
+            wg(
+                "10.5.3.0/24",
+                "172.30.0.13",
+                &format!(r#"{{"PublicKey":"{K1}"}}"#),
+            ),
             wg("10.5.4.0/24", "172.30.0.14", r#"{"PublicKey":"bad"}"#),
             lease(
                 "10.5.5.0/24",
@@ -275,12 +293,19 @@ mod tests {
     #[test]
     fn leases_of_other_types_are_switching_peers() {
         let leases = [
-            wg("10.5.1.0/24", "172.30.0.11", &format!(r#"{{"PublicKey":"{K1}"}}"#)),
+            wg(
+                "10.5.1.0/24",
+                "172.30.0.11",
+                &format!(r#"{{"PublicKey":"{K1}"}}"#),
+            ),
             lease(
                 "10.5.5.0/24",
                 r#"{"PublicIP":"172.30.0.15","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}"#,
             ),
-            lease("10.5.6.0/24", r#"{"PublicIP":"172.30.0.16","PublicIPv6":null}"#),
+            lease(
+                "10.5.6.0/24",
+                r#"{"PublicIP":"172.30.0.16","PublicIPv6":null}"#,
+            ),
             lease(
                 "10.5.7.0/24",
                 r#"{"PublicIP":"172.30.0.17","PublicIPv6":null,"BackendType":"alloc"}"#,
@@ -288,7 +313,9 @@ mod tests {
         ];
         let s = switching(&leases);
         assert_eq!(
-            s.iter().map(|s| (s.allowed.to_string(), s.public_ip.to_string())).collect::<Vec<_>>(),
+            s.iter()
+                .map(|s| (s.allowed.to_string(), s.public_ip.to_string()))
+                .collect::<Vec<_>>(),
             vec![
                 ("10.5.5.0/24".to_string(), "172.30.0.15".to_string()),
                 ("10.5.6.0/24".to_string(), "172.30.0.16".to_string())
