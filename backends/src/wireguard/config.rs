@@ -134,17 +134,18 @@ impl WgConfig {
                 "\"ipv6\" (every peer over an IPv6 underlay) is not supported by this build's wireguard backend yet; use \"separate\", \"auto\" or \"ipv4\"",
             ));
         }
-        let mtu =
-            match o.uint("MTU", 65535)? {
-                None | Some(0) => None,
-                Some(m) if m < MIN_MTU => return Err(bad(
+        let mtu = match o.uint("MTU", 65535)? {
+            None | Some(0) => None,
+            Some(m) if m < MIN_MTU => {
+                return Err(bad(
                     "MTU",
                     format!(
                         "must be at least {MIN_MTU} (the device gets MTU - {OVERHEAD}), got {m}"
                     ),
-                )),
-                Some(m) => Some(m as u32),
-            };
+                ))
+            }
+            Some(m) => Some(m as u32),
+        };
         Ok((
             WgConfig {
                 listen_port,
