@@ -651,7 +651,8 @@ fn egress(sh: &Shared) {
 /// Peers → TUN.
 fn ingress(sh: &Shared) {
     let mut buf = vec![0u8; BUF];
-    let mut out = vec![0u8; BUF];
+    // Also seals the packets a finished handshake releases.
+    let mut out = vec![0u8; sealed_len(BUF)];
     while !sh.stop.load(Ordering::Relaxed) {
         let (n, from) = match sh.sock.recv_from(&mut buf) {
             Ok(x) => x,
