@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use backends::wireguard::dataplane::{Device, DeviceConfig, DropReason};
 use backends::wireguard::key::PrivateKey;
-use backends::wireguard::peers::WgPeer;
+use backends::wireguard::peers::{Switching, WgPeer};
 use subnet_lease::SubnetKey;
 use test_support::{in_netns, require_root_with, wait_for, Testbed};
 
@@ -146,4 +146,89 @@ fn two_devices_carry_a_datagram_and_report_their_peers() {
         (refused() > before).then_some(())
     })
     .expect("the removed peer's packet was not counted");
+}
+
+/// A node mid-switch: B has no wireguard peer for A (A's lease is still vxlan, say), but A's
+/// wireguard handshakes from A's PublicIP with a key no lease has: B takes it for A's lease
+/// subnet, the datagram arrives, and the peer goes with the lease.
+#[test]
+fn a_peer_of_another_type_handshaking_from_its_public_ip_is_accepted_for_its_subnet() {
+    if !require_root_with(&["ip"]) {
+        return;
+    }
+    let tb = Testbed::new(2).unwrap();
+    let (ka, kb) = (
+        PrivateKey::from_random([3; 32]),
+        PrivateKey::from_random([4; 32]),
+    );
+    let a = device(&tb, 0, "wga", &ka);
+    let b = device(&tb, 1, "wgb", &kb);
+    for (n, dev, own, other) in [
+        (0, "wga", "10.9.1.1", "10.9.2.0/24"),
+        (1, "wgb", "10.9.2.1", "10.9.1.0/24"),
+    ] {
+        let ns = &tb.nodes[n].ns;
+        tb.exec(ns, &["ip", "addr", "add", &format!("{own}/32"), "dev", dev])
+            .unwrap();
+        tb.exec(ns, &["ip", "route", "add", other, "dev", dev])
+            .unwrap();
+    }
+    a.apply(
+        &[peer(
+            &kb,
+            &format!("{}:{PORT}", tb.nodes[1].ip),
+            "10.9.2.0/24",
+        )],
+        &[],
+    );
+    let a_lease = Switching {
+        lease: SubnetKey::v4("10.9.1.0/24".parse().unwrap()),
+        public_ip: tb.nodes[0].ip.parse().unwrap(),
+        allowed: "10.9.1.0/24".parse().unwrap(),
+    };
+    // First from an address that is no such peer's: refused.
+    let elsewhere = Switching {
+        public_ip: "172.30.0.99".parse().unwrap(),
+        ..a_lease
+    };
+    b.apply(&[], &[elsewhere]);
+    let rx = in_netns(&tb.nodes[1].ns, || {
+        UdpSocket::bind("10.9.2.1:7000").unwrap()
+    })
+    .unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let tx = in_netns(&tb.nodes[0].ns, || UdpSocket::bind("10.9.1.1:0").unwrap()).unwrap();
+    let mut buf = [0u8; 64];
+    tx.send_to(b"x", "10.9.2.1:7000").unwrap();
+    assert!(rx.recv_from(&mut buf).is_err());
+    wait_for(Duration::from_secs(5), || {
+        (b.stats().dropped(DropReason::UnknownKey) > 0).then_some(())
+    })
+    .expect("the unknown key was not counted");
+    assert!(b.snapshot().is_empty());
+    // From A's PublicIP, A's lease being of another type: accepted.
+    b.apply(&[], &[a_lease]);
+    // A's core held "x" while no handshake succeeded; it arrives first now.
+    let mut arrived = Vec::new();
+    wait_for(Duration::from_secs(15), || {
+        tx.send_to(b"mid-switch", "10.9.2.1:7000").ok()?;
+        while let Ok((n, _)) = rx.recv_from(&mut buf) {
+            arrived.push(buf[..n].to_vec());
+        }
+        arrived.iter().any(|d| d == b"mid-switch").then_some(())
+    })
+    .unwrap_or_else(|| panic!("nothing arrived from the peer mid-switch: {arrived:?}"));
+    assert!(
+        arrived.iter().all(|d| d == b"mid-switch" || d == b"x"),
+        "{arrived:?}"
+    );
+    let snap = b.snapshot();
+    assert_eq!(snap.len(), 1);
+    assert_eq!(snap[0].public_key, ka.public());
+    assert_eq!(snap[0].allowed_ips, vec![a_lease.allowed]);
+    // Kept while the lease is there; gone with it.
+    assert!(b.apply(&[], &[a_lease]).is_empty());
+    assert_eq!(b.apply(&[], &[]).remove, vec![ka.public()]);
+    assert!(b.snapshot().is_empty());
 }
