@@ -15,7 +15,6 @@ use backends::netlink::{
 };
 use backends::netlink_rt::RtNetlink;
 use ipnet::IpNet;
-use nix::sched::{unshare, CloneFlags};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -35,25 +34,14 @@ fn ipv6_vxlan_entries_round_trip_through_rtnetlink() {
     if !test_support::require_root_with(&["ip", "bridge"]) {
         return;
     }
-    // unshare(CLONE_NEWNET) moves only this thread (and what it spawns); the namespace goes
-    // when the thread ends.
-    let outer = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
-    let worker = std::thread::spawn(move || {
-        unshare(CloneFlags::CLONE_NEWNET).unwrap();
-        // The programs this thread starts run in its new namespace, not the test's.
-        let child_ns = show("readlink", &["/proc/self/ns/net"]);
-        assert_ne!(
-            child_ns.trim(),
-            outer.to_string_lossy(),
-            "not in a new namespace"
-        );
+    test_support::in_new_netns(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(round_trip());
-    });
-    worker.join().unwrap();
+    })
+    .unwrap();
 }
 
 async fn round_trip() {
