@@ -467,7 +467,13 @@ mod tests {
         assert_eq!(summary.peers, 2);
         assert_eq!(
             summary.keys,
-            ["private_key", "listen_port", "public_key", "allowed_ip", "remove"]
+            [
+                "private_key",
+                "listen_port",
+                "public_key",
+                "allowed_ip",
+                "remove"
+            ]
         );
         assert!(!summary.truncated);
         // The connection goes on: a get after the refused set.

@@ -504,7 +504,16 @@ mod tests {
         for ok in ["wg0", "flannel-wg", "flannel-wg-v6", "a23456789012345"] {
             assert!(check_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "a234567890123456", "../x", "a/b", ".", "..", "wg 0", "wg\0"] {
+        for bad in [
+            "",
+            "a234567890123456",
+            "../x",
+            "a/b",
+            ".",
+            "..",
+            "wg 0",
+            "wg\0",
+        ] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }
