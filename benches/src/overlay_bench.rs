@@ -505,10 +505,11 @@ fn hand_wireguard_go(tb: &mut Testbed, dir: &Path, sockets: &mut WgSockets) -> R
             .map_err(anyhow::Error::msg)?;
         let key_file = dir.join(format!("wg{n}.key"));
         write_file(&key_file, key.trim())?;
+        // `wg pubkey` reads the key on stdin (run_checked gives commands a null stdin).
         let public = run_checked(
-            Command::new("wg").args(["pubkey"]).stdin(
-                std::fs::File::open(&key_file).context("the key file")?,
-            ),
+            Command::new("sh")
+                .args(["-c", "exec wg pubkey < \"$0\""])
+                .arg(&key_file),
             Duration::from_secs(10),
         );
         publics.push(public.map_err(anyhow::Error::msg)?.trim().to_string());
