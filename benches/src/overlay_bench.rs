@@ -16,7 +16,8 @@
 //!
 //! Per setup and round: TCP with one stream and with 4 parallel streams, UDP loss at fixed
 //! offered rates (`--udp-rates 1,3`, Gbit/s), ping RTT p50/p99 over 200 pings, and CPU seconds
-//! per GB during the one-stream TCP run (the flanneld processes' own, and the whole machine's).
+//! per GB during the one-stream TCP run (the daemons' own — flanneld, or wireguard-go —
+//! and the whole machine's).
 //! etcd runs in the hub in every setup (it is part of the cluster, not of the data plane).
 //! Rounds alternate the setups' order (`--rounds N`, `--seconds S` per iperf3 run); each figure
 //! is the median over rounds. Prints a markdown table (also to `--out FILE`) and writes an SVG
@@ -484,7 +485,7 @@ fn hand_wireguard_go(tb: &mut Testbed, dir: &Path, sockets: &mut WgSockets) -> R
     let mut devs = Vec::new();
     let mut handles = Vec::new();
     let mut publics = Vec::new();
-    for n in 0..2 {
+    for (n, subnet) in SUBNETS.iter().enumerate() {
         let ns = tb.nodes[n].ns.clone();
         let dev = format!("wg{}{n}", tb.tag);
         let sock = PathBuf::from("/var/run/wireguard").join(format!("{dev}.sock"));
@@ -527,7 +528,7 @@ fn hand_wireguard_go(tb: &mut Testbed, dir: &Path, sockets: &mut WgSockets) -> R
             ],
         )
         .map_err(anyhow::Error::msg)?;
-        let own = SUBNETS[n].replace(".0/24", ".0/32");
+        let own = subnet.replace(".0/24", ".0/32");
         let mtu = WG_MTU.to_string();
         ip(tb, n, &["addr", "add", &own, "dev", &dev])?;
         ip(tb, n, &["link", "set", &dev, "mtu", &mtu, "up"])?;
@@ -539,7 +540,7 @@ fn hand_wireguard_go(tb: &mut Testbed, dir: &Path, sockets: &mut WgSockets) -> R
         devs.push(dev);
         handles.push((handle, ns));
     }
-    for n in 0..2 {
+    for (n, dev) in devs.iter().enumerate() {
         let p = 1 - n;
         let endpoint = format!("{}:{WG_PORT}", tb.nodes[p].ip);
         tb.exec(
@@ -547,7 +548,7 @@ fn hand_wireguard_go(tb: &mut Testbed, dir: &Path, sockets: &mut WgSockets) -> R
             &[
                 "wg",
                 "set",
-                &devs[n],
+                dev,
                 "peer",
                 &publics[p],
                 "allowed-ips",
