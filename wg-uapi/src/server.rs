@@ -180,15 +180,33 @@ fn remove_stale(path: &Path) -> Result<(), UapiError> {
     if !meta.file_type().is_socket() {
         return Err(UapiError::NotASocket(path.to_path_buf()));
     }
-    // A unix stream connect does not block: it succeeds at once while a listener exists
-    // (queued in its backlog) and fails with ECONNREFUSED when nobody listens.
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(UapiError::InUse(path.to_path_buf())),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+    match probe(path) {
+        Ok(true) => Err(UapiError::InUse(path.to_path_buf())),
+        Ok(false) => {
             tracing::info!(path = %path.display(), "replacing a stale UAPI socket");
             std::fs::remove_file(path).map_err(io_err(path))
         }
         Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// Whether a process listens on the unix socket at `path`. The connect is non-blocking, so a
+/// wedged listener with a full backlog (EAGAIN) cannot hold us up: it counts as listening.
+fn probe(path: &Path) -> io::Result<bool> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) | Err(Errno::EAGAIN) | Err(Errno::EINPROGRESS) => Ok(true),
+        Err(Errno::ECONNREFUSED) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -481,6 +499,38 @@ mod tests {
         std::fs::write(&path, b"x").unwrap();
         let e = UapiServer::start_in(dir.path(), "wg0", src.clone()).unwrap_err();
         assert!(matches!(e, UapiError::NotASocket(_)), "{e}");
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
+    async fn wedged_listener_counts_as_live() {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wg0.sock");
+        // A listener that never accepts, its backlog filled with non-blocking connects: a
+        // blocking probe would hang here.
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let addr = UnixAddr::new(&path).unwrap();
+        let mut held = Vec::new();
+        let full = (0..5000).any(|_| {
+            let fd = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .unwrap();
+            let r = connect(fd.as_raw_fd(), &addr);
+            held.push(fd);
+            r == Err(nix::errno::Errno::EAGAIN)
+        });
+        assert!(full, "backlog never filled");
+        let started = std::time::Instant::now();
+        let e = UapiServer::start_in(dir.path(), "wg0", source(Arc::new(AtomicU64::new(0))))
+            .unwrap_err();
+        assert!(matches!(e, UapiError::InUse(_)), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(1));
         assert!(path.exists());
     }
 
