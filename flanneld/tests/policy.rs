@@ -14,14 +14,14 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use policy::eval::{self, Family, NamedPort, Peer, PodView};
 use registry::{Labels, NetworkPolicy, Object, Protocol};
 use test_support::{
-    in_netns, random_tag, require, require_root_with, IdServer, Testbed, UdpIdServer,
+    connect_seeing_icmp, in_netns, random_tag, require, require_root_with, IdServer, Testbed, UdpIdServer,
 };
 
 mod common;
@@ -35,7 +35,8 @@ const NET_DUAL: &str = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Networ
 /// a lost reply waits this long.
 const PROBE: Duration = Duration::from_millis(1500);
 /// A TCP refusal must come this fast: well under the 1 s after which a client retransmits
-/// its SYN (a refusal that only answers the retransmission is a bug, not a refusal).
+/// its SYN (a refusal that only answers the retransmission is a bug, not a refusal; IPv6
+/// probes ask for ICMPv6 errors, see [`connect_seeing_icmp`]).
 const QUICK: Duration = Duration::from_millis(400);
 /// How long a case may take to converge on every node.
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -125,7 +126,9 @@ fn probe_timed(netns: &str, proto: Protocol, to: SocketAddr) -> (bool, Duration)
                 s.recv(&mut buf)?;
             }
             _ => {
-                let mut s = TcpStream::connect_timeout(&to, PROBE)?;
+                // IPv6 sockets see an ICMPv6 refusal of the first SYN at once only with
+                // IPV6_RECVERR (IPv4 ones always): see connect_seeing_icmp.
+                let mut s = connect_seeing_icmp(to, PROBE)?;
                 s.set_read_timeout(Some(PROBE))?;
                 let n = s.read(&mut buf)?;
                 if n == 0 {

@@ -15,8 +15,8 @@
 //! - maps `ingress` / `egress`: local pod address -> `jump in|out/<hash>`, only for pods a
 //!   policy isolates in that direction (others have no element and pass);
 //! - chains `in|out/<hash>`: one `return` rule per peer of each rule of the policies that
-//!   select a pod, then reject (TCP reset, other protocols ICMP admin-prohibited). Pods
-//!   selected by the same policies share one chain;
+//!   select a pod, then reject (TCP reset unless the connection was DNATed, else ICMP
+//!   admin-prohibited). Pods selected by the same policies share one chain;
 //! - sets `peer/<hash>`, one per distinct peer (a podSelector in a namespace, a
 //!   namespaceSelector with or without podSelector, an ipBlock): the matching pod addresses of
 //!   the whole cluster, or the block's intervals minus its excepts; `ports/<hash>` per
@@ -477,15 +477,12 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
             .into_iter()
             .filter(|r| seen.insert(r.clone()))
             .collect();
-        // TCP: a reset, also for a connection DNATed on this node (a ClusterIP): the kernel
-        // attaches the connection's conntrack entry to the reset, so NAT gives it the Service
-        // address and port the client used. Not ICMP for TCP: when the client is on this node
-        // (or its SYN crossed only veths and VXLAN), the error comes back while connect()
-        // still holds the client's socket, and TCP then keeps it as a soft error
-        // (TcpExtLockDroppedIcmps) and fails only on the retransmitted SYN, 1 s later; a
-        // reset is queued to the socket's backlog and acted on at once. Other protocols:
-        // ICMP admin-prohibited, which conntrack translates back the same way.
-        chain.push("meta l4proto tcp reject with tcp reset".to_string());
+        // A TCP reset where the connection was not DNATed; else (and for other protocols)
+        // ICMP admin-prohibited, which conntrack translates back to the Service address
+        // the client used. A reset cannot be used there: for a bridged packet (a pod's, with
+        // br_netfilter) the kernel sends it straight out of the bridge port without NAT, so it
+        // carries the pod's address, which the client ignores (docs/network-policy.md).
+        chain.push("meta l4proto tcp ct status ! dnat reject with tcp reset".to_string());
         chain.push(reject_icmp(family).to_string());
         let name = names.name(dir.tag(), &chain.join("\n"));
         rs.chains.insert(name.clone(), chain);
@@ -915,7 +912,7 @@ mod tests {
     }
 
     const REJECT: [&str; 2] = [
-        "meta l4proto tcp reject with tcp reset",
+        "meta l4proto tcp ct status ! dnat reject with tcp reset",
         "reject with icmp type admin-prohibited",
     ];
 
