@@ -582,25 +582,37 @@ impl Netlink for RtNetlink {
                 .execute()
         };
         match bounded(&op, add()).await {
-            // The kernel checks an IPv6 onlink gateway against the routes it has, and a route
-            // to the same destination through another device (host-gw's, while switching to
-            // vxlan) makes it refuse with EINVAL instead of replacing it. Replace means "take
-            // over this destination": remove that route (any device) and add ours.
+            // The kernel checks an IPv6 gateway (onlink too) against the routes it already
+            // has: the most specific route to the gateway address must be a unicast route
+            // through the same device, else EINVAL ("Nexthop has invalid gateway or device
+            // mismatch"). Two routes through other devices make it refuse ours: one to the
+            // same destination (host-gw's, while switching to vxlan), and one covering the
+            // gateway (the udp backend's IPv6Network route on flannel0, while switching or
+            // with udp peers beside vxlan ones). Take the destination over in two steps:
+            // first through our device without a gateway (nothing to check; it replaces a
+            // route to the same destination), which makes the gateway resolve through our
+            // device, then with the gateway (replacing that one).
+            // (Only for a gateway inside the destination, as vxlan's peer network address: for
+            // any other the first step would not help.)
             Err(e)
                 if matches!(r.dst, IpNet::V6(_))
-                    && r.onlink
+                    && r.gateway.is_some_and(|gw| r.dst.contains(&gw))
                     && e.errno() == Some(Errno::EINVAL) =>
             {
-                let other = Route {
+                let direct = Route {
                     dst: r.dst,
                     gateway: None,
-                    oif: 0,
+                    oif: r.oif,
                     onlink: false,
                 };
-                let del = format!("delete route {} (to replace it)", r.dst);
-                bounded_del(
-                    &del,
-                    self.handle.route().del(route_message(&other)).execute(),
+                let step = format!("set route {} on link {} (before its gateway)", r.dst, r.oif);
+                bounded(
+                    &step,
+                    self.handle
+                        .route()
+                        .add(route_message(&direct))
+                        .replace()
+                        .execute(),
                 )
                 .await?;
                 bounded(&op, add()).await

@@ -419,13 +419,16 @@ fn switch_live(c: &Cluster, v4: &[Pod], v6: &[Pod], steps: &[(&str, &str)]) -> (
             // No segment lost (a retransmission is the proof of one); the gap bound only
             // catches a stall that lost nothing, with room for a busy machine's scheduling.
             let lost = t.retransmissions();
+            let logs = || format!("--- node 0:\n{}\n--- node 1:\n{}", c.d.log(0), c.d.log(1));
             assert!(
                 lost.is_empty(),
-                "{old} -> {new}: {fam} segments lost: {lost:?}"
+                "{old} -> {new}: {fam} segments lost: {lost:?}\n{}",
+                logs()
             );
             assert!(
                 gap < 4.0 * MAX_GAP_MS,
-                "{old} -> {new}: the {fam} stream stalled {gap:.0} ms"
+                "{old} -> {new}: the {fam} stream stalled {gap:.0} ms\n{}",
+                logs()
             );
         }
         assert!((0..3).all(|n| metric(&c.tb, n, "flannel_backend_switches_total") >= 1));
