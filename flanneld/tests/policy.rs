@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use policy::eval::{self, Family, NamedPort, Peer, PodView};
 use registry::{Labels, NetworkPolicy, Object, Protocol};
 use test_support::{
-    connect_seeing_icmp, in_netns, random_tag, require, require_root_with, IdServer, Testbed, UdpIdServer,
+    connect_seeing_icmp, in_netns, random_tag, require, require_root_with, IdServer, Testbed,
+    UdpIdServer,
 };
 
 mod common;

@@ -768,10 +768,7 @@ mod tests {
         ));
         let gate = PolicyGate::default();
         let ip = |a: &str| -> IpAddr { a.parse().unwrap() };
-        let from = |a: &str, local: bool| Client {
-            addr: ip(a),
-            local,
-        };
+        let from = |a: &str, local: bool| Client { addr: ip(a), local };
         let srv6 = SocketAddr::new(ip("fd10:0:0:1::2"), 80);
         let srv4 = SocketAddr::new(ip("10.5.1.2"), 80);
         assert!(!gate.allows(from("fd10:0:0:2::3", false), srv6, Protocol::Tcp));
@@ -807,7 +804,10 @@ mod tests {
                     .iter()
                     .find(|p| p.ips.contains(&a))
                     .map(Peer::Pod)
-                    .unwrap_or(Peer::Host { addr: a, node: None })
+                    .unwrap_or(Peer::Host {
+                        addr: a,
+                        node: None,
+                    })
             };
             let fam = eval::family_of(ep.ip());
             assert_eq!(

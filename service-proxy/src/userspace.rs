@@ -1098,12 +1098,12 @@ mod tests {
             allowed_order(&t, Some(&gate), pod, false, Protocol::Udp),
             Ok(vec![a])
         );
-        assert!(judge
-            .asked
-            .lock()
-            .expect("lock")
-            .iter()
-            .all(|(c, _, pr)| *c == Client { addr: pod, local: false } && *pr == Protocol::Udp));
+        assert!(judge.asked.lock().expect("lock").iter().all(|(c, _, pr)| *c
+            == Client {
+                addr: pod,
+                local: false
+            }
+            && *pr == Protocol::Udp));
         assert!(allowed_order(&t, None, pod, false, Protocol::Tcp).is_ok_and(|o| o.len() == 2));
     }
 
