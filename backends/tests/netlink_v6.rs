@@ -280,6 +280,11 @@ async fn round_trip() {
         "{all:?}"
     );
     assert!(!all.contains(&hostgw), "{all:?}");
+    // The gateways' host routes used for the kernel's check are gone again.
+    assert!(
+        all.iter().all(|x| x.dst.prefix_len() < 128),
+        "host route left: {all:?}"
+    );
     assert_eq!(
         all.iter().filter(|x| x.dst == took.dst).count(),
         1,
