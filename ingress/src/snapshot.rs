@@ -1,0 +1,233 @@
+//! One consistent view for serving: the route table of the Ingresses we serve, every backend
+//! resolved to its endpoints, and the TLS certificates by Secret. Built from the registry's
+//! objects after each burst of changes and swapped in whole (a `tokio::sync::watch` of
+//! `Arc<Snapshot>`): a request or handshake takes the snapshot of its moment and keeps it, so
+//! an update never drops a connection or changes a request in flight.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::sign::CertifiedKey;
+
+use crate::class::{ClassConfig, ClassFilter};
+use crate::endpoints::{resolve, ResolveError};
+use crate::objects::Objects;
+use crate::routes::{BackendRef, RouteTable};
+use crate::tls::{CertCache, CertError};
+
+/// The endpoints of one backend, with its round-robin position.
+#[derive(Debug)]
+pub struct Upstream {
+    pub addrs: Result<Vec<SocketAddr>, ResolveError>,
+    next: AtomicUsize,
+}
+
+impl Upstream {
+    pub fn new(addrs: Result<Vec<SocketAddr>, ResolveError>) -> Upstream {
+        Upstream {
+            addrs,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next endpoint in round-robin order that is not in `tried` and not ejected (an
+    /// ejected one when every other was tried or is ejected too); None when all were tried.
+    pub fn pick(&self, tried: &[SocketAddr], ejected: &Ejections) -> Option<SocketAddr> {
+        let addrs = self.addrs.as_ref().ok()?;
+        if addrs.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut fallback = None;
+        for i in 0..addrs.len() {
+            let a = addrs[(start + i) % addrs.len()];
+            if tried.contains(&a) {
+                continue;
+            }
+            if ejected.is_ejected(a) {
+                fallback.get_or_insert(a);
+                continue;
+            }
+            return Some(a);
+        }
+        fallback
+    }
+}
+
+/// Passive ejection: an endpoint that refused a connection is skipped for a while (kept across
+/// snapshots, since an endpoint outlives them).
+#[derive(Debug)]
+pub struct Ejections {
+    period: Duration,
+    until: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Ejections {
+    pub fn new(period: Duration) -> Ejections {
+        Ejections {
+            period,
+            until: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn eject(&self, a: SocketAddr) {
+        if let Ok(mut m) = self.until.lock() {
+            let now = Instant::now();
+            m.retain(|_, t| *t > now);
+            m.insert(a, now + self.period);
+        }
+    }
+
+    pub fn is_ejected(&self, a: SocketAddr) -> bool {
+        self.until
+            .lock()
+            .map(|m| m.get(&a).is_some_and(|t| *t > Instant::now()))
+            .unwrap_or(false)
+    }
+
+    /// A successful exchange clears it.
+    pub fn clear(&self, a: SocketAddr) {
+        if let Ok(mut m) = self.until.lock() {
+            m.remove(&a);
+        }
+    }
+}
+
+/// What the proxy serves from, at one moment.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub routes: RouteTable,
+    pub upstreams: HashMap<BackendRef, Arc<Upstream>>,
+    /// Usable certificates by (namespace, Secret name).
+    pub certs: HashMap<(String, String), Arc<CertifiedKey>>,
+    pub default_cert: Arc<CertifiedKey>,
+    /// Counts the rebuilds (0: nothing read from etcd yet).
+    pub generation: u64,
+}
+
+/// Problems found while building, to log (each certificate problem once per content).
+#[derive(Debug, Default)]
+pub struct BuildReport {
+    pub cert_errors: Vec<CertError>,
+    pub ingresses: usize,
+}
+
+impl Snapshot {
+    /// Nothing to serve yet (every request: 404; every handshake: the default certificate).
+    pub fn empty(default_cert: Arc<CertifiedKey>) -> Snapshot {
+        Snapshot {
+            routes: RouteTable::default(),
+            upstreams: HashMap::new(),
+            certs: HashMap::new(),
+            default_cert,
+            generation: 0,
+        }
+    }
+
+    /// Builds the snapshot from `objects`; `previous` lends its round-robin positions to
+    /// backends whose endpoints did not change.
+    pub fn build(
+        objects: &Objects,
+        class: &ClassConfig,
+        certs: &mut CertCache,
+        previous: &Snapshot,
+    ) -> (Snapshot, BuildReport) {
+        let filter = ClassFilter::new(class.clone(), objects.classes.values());
+        let served: Vec<_> = objects
+            .ingresses
+            .values()
+            .filter(|i| filter.serves(i))
+            .collect();
+        let routes = RouteTable::build(served.iter().copied());
+        let mut upstreams = HashMap::new();
+        for b in routes.backends() {
+            let addrs = resolve(objects, b);
+            let up = match previous.upstreams.get(b) {
+                Some(old) if old.addrs == addrs => old.clone(),
+                _ => Arc::new(Upstream::new(addrs)),
+            };
+            upstreams.insert(b.clone(), up);
+        }
+        let mut report = BuildReport {
+            ingresses: served.len(),
+            ..BuildReport::default()
+        };
+        let mut used = HashSet::new();
+        let mut loaded = HashMap::new();
+        for (ns, name) in routes.secrets() {
+            let key = (ns.to_string(), name.to_string());
+            if !used.insert(key.clone()) {
+                continue;
+            }
+            let (r, fresh) = certs.get(ns, name, objects.secrets.get(&key));
+            match r {
+                Ok(ck) => {
+                    loaded.insert(key, ck);
+                }
+                Err(e) if fresh => report.cert_errors.push(e),
+                Err(_) => {}
+            }
+        }
+        certs.retain(&used);
+        let snap = Snapshot {
+            routes,
+            upstreams,
+            certs: loaded,
+            default_cert: previous.default_cert.clone(),
+            generation: previous.generation + 1,
+        };
+        (snap, report)
+    }
+
+    /// The certificate for a handshake naming `sni` (empty: no SNI).
+    pub fn certificate(&self, sni: &str) -> Arc<CertifiedKey> {
+        self.routes
+            .tls(sni)
+            .and_then(|t| {
+                let s = t.secret.as_ref()?;
+                self.certs.get(&(t.namespace.clone(), s.clone()))
+            })
+            .cloned()
+            .unwrap_or_else(|| self.default_cert.clone())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn round_robin_skips_tried_and_ejected() {
+        let up = Upstream::new(Ok(vec![
+            sa("10.0.0.1:80"),
+            sa("10.0.0.2:80"),
+            sa("10.0.0.3:80"),
+        ]));
+        let ej = Ejections::new(Duration::from_secs(10));
+        let picks: Vec<_> = (0..6).map(|_| up.pick(&[], &ej).unwrap()).collect();
+        assert_eq!(picks[..3], picks[3..]);
+        let distinct: HashSet<_> = picks.iter().collect();
+        assert_eq!(distinct.len(), 3);
+        ej.eject(sa("10.0.0.2:80"));
+        for _ in 0..6 {
+            assert_ne!(up.pick(&[], &ej), Some(sa("10.0.0.2:80")));
+        }
+        // Retries go to endpoints not tried yet; the ejected one last.
+        let tried = [sa("10.0.0.1:80"), sa("10.0.0.3:80")];
+        assert_eq!(up.pick(&tried, &ej), Some(sa("10.0.0.2:80")));
+        let all = [sa("10.0.0.1:80"), sa("10.0.0.2:80"), sa("10.0.0.3:80")];
+        assert_eq!(up.pick(&all, &ej), None);
+        ej.clear(sa("10.0.0.2:80"));
+        assert!(!ej.is_ejected(sa("10.0.0.2:80")));
+        let none = Upstream::new(Err(ResolveError::NoEndpoints("x".into())));
+        assert_eq!(none.pick(&[], &ej), None);
+    }
+}
