@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -384,7 +384,7 @@ impl Proxy {
             match tokio::time::timeout(self.opts.upstream_timeout, self.client.request(up)).await {
                 Ok(Ok(resp)) => {
                     self.ejections.clear(addr);
-                    out.response = self.answer(resp, client_upgrade, &parts.method);
+                    out.response = self.answer(resp, client_upgrade);
                     return out;
                 }
                 Ok(Err(e)) if e.is_connect() => {
@@ -433,7 +433,6 @@ impl Proxy {
         &self,
         mut resp: Response<Incoming>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-        _method: &Method,
     ) -> Response<Body> {
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let upgrade = strip_hop_by_hop(resp.headers_mut());

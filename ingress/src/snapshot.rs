@@ -204,6 +204,123 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn objects(yaml: &str) -> Objects {
+        let mut o = Objects::new("/coreos.com/network");
+        for obj in registry::parse_documents(yaml).unwrap() {
+            o.insert(obj);
+        }
+        o
+    }
+
+    fn pem_pair(host: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![host.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn indent(t: &str) -> String {
+        t.lines().map(|l| format!("    {l}\n")).collect()
+    }
+
+    fn secret(name: &str, crt: &str, key: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: web}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}---\n",
+            indent(crt),
+            indent(key)
+        )
+    }
+
+    const BASE: &str = "apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: flannel}
+spec: {controller: flannel.io/ingress}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: app, namespace: web}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: app, namespace: web}
+subsets: [{addresses: [{ip: 10.5.1.2}], ports: [{name: http, port: 8080}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: ours, namespace: web}
+spec:
+  ingressClassName: flannel
+  tls:
+  - {hosts: [good.test], secretName: good}
+  - {hosts: [bad.test], secretName: bad}
+  - {hosts: [gone.test], secretName: gone}
+  rules:
+  - host: good.test
+    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: app, port: {number: 80}}}}]}
+  - host: bad.test
+    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: none, port: {name: http}}}}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: theirs, namespace: web}
+spec:
+  ingressClassName: other
+  rules:
+  - host: theirs.test
+    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: app, port: {number: 80}}}}]}
+";
+
+    #[test]
+    fn build_resolves_backends_loads_certificates_and_reports_bad_ones_once() {
+        let (crt, key) = pem_pair("good.test");
+        let (_, other_key) = pem_pair("bad.test");
+        let yaml = format!(
+            "{}{}{BASE}",
+            secret("good", &crt, &key),
+            secret("bad", &crt, &other_key)
+        );
+        let o = objects(&yaml);
+        let default = crate::tls::default_certificate().unwrap();
+        let empty = Snapshot::empty(default.clone());
+        let mut certs = CertCache::default();
+        let (snap, report) = Snapshot::build(&o, &ClassConfig::default(), &mut certs, &empty);
+        assert_eq!(snap.generation, 1);
+        assert_eq!(report.ingresses, 1, "the other class is not served");
+        assert!(snap.routes.route("theirs.test", "/").is_none());
+        let good = snap.routes.route("good.test", "/x").unwrap();
+        let up = &snap.upstreams[&good.backend];
+        assert_eq!(up.addrs, Ok(vec![sa("10.5.1.2:8080")]));
+        let bad = snap.routes.route("bad.test", "/").unwrap();
+        assert!(matches!(
+            snap.upstreams[&bad.backend].addrs,
+            Err(ResolveError::NoService(_))
+        ));
+        // Certificates: the good Secret's; the default for a mismatched key, a missing Secret,
+        // an unknown name and no SNI.
+        assert_eq!(snap.certificate("good.test").cert, vec![crt_der(&crt)]);
+        for sni in ["bad.test", "gone.test", "unknown.test", ""] {
+            assert!(Arc::ptr_eq(&snap.certificate(sni), &default), "{sni}");
+        }
+        let mut errs: Vec<String> = report.cert_errors.iter().map(|e| e.to_string()).collect();
+        errs.sort();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].starts_with("Secret web/bad: the key"), "{errs:?}");
+        assert_eq!(errs[1], "Secret web/gone not found");
+        // Rebuilt without changes: nothing reported again, round-robin state kept.
+        let (again, report) = Snapshot::build(&o, &ClassConfig::default(), &mut certs, &snap);
+        assert!(report.cert_errors.is_empty(), "{:?}", report.cert_errors);
+        assert_eq!(again.generation, 2);
+        assert!(Arc::ptr_eq(&again.upstreams[&good.backend], up));
+    }
+
+    fn crt_der(pem: &str) -> rustls_pki_types::CertificateDer<'static> {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
     #[test]
     fn round_robin_skips_tried_and_ejected() {
         let up = Upstream::new(Ok(vec![

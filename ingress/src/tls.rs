@@ -100,8 +100,9 @@ pub struct CertCache {
 
 #[derive(Debug)]
 struct Entry {
-    /// tls.crt and tls.key as last parsed (compared, never printed).
-    material: (Vec<u8>, Vec<u8>),
+    /// The type, tls.crt and tls.key as last parsed (compared, never printed); None: the
+    /// Secret was missing.
+    material: Option<(String, Vec<u8>, Vec<u8>)>,
     result: Result<Arc<CertifiedKey>, CertError>,
 }
 
@@ -116,23 +117,23 @@ impl CertCache {
     ) -> (Result<Arc<CertifiedKey>, CertError>, bool) {
         let key = (ns.to_string(), name.to_string());
         let full = format!("{ns}/{name}");
-        let Some(secret) = secret else {
-            let fresh = self.entries.remove(&key).is_some_and(|e| e.result.is_ok());
-            return (Err(CertError::NotFound(full)), fresh);
-        };
-        let material = (
-            secret.value(TLS_CERT_KEY).unwrap_or_default().to_vec(),
-            secret
-                .value(TLS_PRIVATE_KEY_KEY)
-                .unwrap_or_default()
-                .to_vec(),
-        );
+        // None for a missing Secret; the type is part of what is compared.
+        let material = secret.map(|s| {
+            (
+                s.secret_type().to_string(),
+                s.value(TLS_CERT_KEY).unwrap_or_default().to_vec(),
+                s.value(TLS_PRIVATE_KEY_KEY).unwrap_or_default().to_vec(),
+            )
+        });
         if let Some(e) = self.entries.get(&key) {
-            if e.material == material && secret.secret_type() == SECRET_TYPE_TLS {
+            if e.material == material {
                 return (e.result.clone(), false);
             }
         }
-        let result = certified_key(&full, secret);
+        let result = match secret {
+            Some(s) => certified_key(&full, s),
+            None => Err(CertError::NotFound(full)),
+        };
         self.entries.insert(
             key,
             Entry {
