@@ -288,10 +288,17 @@ impl Proxy {
         };
 
         // The request head as it goes upstream.
-        let client_upgrade = match version_allows_upgrade(req.version()) {
-            true => Some(hyper::upgrade::on(&mut req)),
-            false => None,
-        };
+        // Only an HTTP/1.1 request asking for an upgrade has its connection handed over.
+        let asks_upgrade = req.version() == Version::HTTP_11
+            && req.headers().contains_key(header::UPGRADE)
+            && req
+                .headers()
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        let client_upgrade = asks_upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let mut headers = parts.headers;
         let upgrade = strip_hop_by_hop(&mut headers);
@@ -465,10 +472,6 @@ impl Proxy {
         }
         resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed())
     }
-}
-
-fn version_allows_upgrade(v: Version) -> bool {
-    v == Version::HTTP_11
 }
 
 #[cfg(test)]

@@ -653,6 +653,27 @@ fn ingress_routes_http_and_https_to_pods_on_three_nodes() {
     let answer = String::from_utf8_lossy(&buf[..n]);
     assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
 
+    // Garbage is answered 400 and closed; others are served meanwhile.
+    for junk in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+    ] {
+        let s = in_netns(&bed.tb.hub, move || TcpStream::connect_timeout(&to, LIMIT))
+            .unwrap()
+            .unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        (&s).write_all(junk).unwrap();
+        let mut answer = String::new();
+        let _ = (&s).read_to_string(&mut answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{:?} → {answer:?}",
+            String::from_utf8_lossy(junk)
+        );
+    }
+    assert_eq!(bed.get("a.example.test", "/api").0, 200);
+
     // Load on a kept-alive connection while the Ingress changes and an endpoint goes away.
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
