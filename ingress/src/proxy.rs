@@ -1,8 +1,9 @@
 //! The reverse proxy: one request in, routed by host and normalized path through the current
-//! snapshot, sent to one of the backend's endpoints (round robin, the next one on a connect
-//! failure, endpoints that refused skipped for a while), the answer passed back. Hop-by-hop
-//! headers are removed both ways; `X-Forwarded-*` and `Forwarded` are set from the connection
-//! (never trusted from the client). HTTP/1.1 upgrades (WebSocket) are joined end to end.
+//! snapshot, sent to one of the backend's endpoints, the answer passed back. Round robin; the
+//! next endpoint on a connect failure or, for idempotent methods, on a failed exchange; an
+//! endpoint that failed is skipped for a while. Hop-by-hop headers are removed both ways;
+//! `X-Forwarded-*` and `Forwarded` are set from the connection (never trusted from the
+//! client). HTTP/1.1 upgrades (WebSocket) are joined end to end.
 //!
 //! Answers of its own: 400 for a path that cannot be routed, 404 without a route, 413 for a
 //! body over the limit, 502 when no endpoint could be reached or the upstream failed, 503
@@ -410,6 +411,13 @@ impl Proxy {
                 Ok(Err(e)) => {
                     self.upstream_error(&out.backend, "response");
                     tracing::debug!(endpoint = %addr, error = %e, "ingress: the upstream failed");
+                    // The request may have been sent: only an idempotent one goes to another
+                    // endpoint (nginx's proxy_next_upstream rule).
+                    if parts.method.is_idempotent() && tried.len() < self.opts.attempts {
+                        self.ejections.eject(addr);
+                        self.metrics.retries.inc();
+                        continue;
+                    }
                     out.response = plain(
                         StatusCode::BAD_GATEWAY,
                         "502 Bad Gateway: the upstream failed",
