@@ -315,6 +315,22 @@ fn route_message(r: &Route) -> RouteMessage {
     }
 }
 
+/// For an IPv6 route whose gateway lies inside its destination (and is not all of it): a
+/// host route to that gateway through the route's device, without a gateway.
+fn gateway_inside(r: &Route) -> Option<Route> {
+    match (r.dst, r.gateway) {
+        (IpNet::V6(dst), Some(IpAddr::V6(gw))) if dst.prefix_len() < 128 && dst.contains(&gw) => {
+            Some(Route {
+                dst: IpNet::V6(Ipv6Net::new(gw, 128).ok()?),
+                gateway: None,
+                oif: r.oif,
+                onlink: false,
+            })
+        }
+        _ => None,
+    }
+}
+
 impl RtNetlink {
     async fn dump_neighbours(
         &self,
@@ -581,32 +597,37 @@ impl Netlink for RtNetlink {
                 .replace()
                 .execute()
         };
-        match bounded(&op, add()).await {
-            // The kernel checks an IPv6 onlink gateway against the routes it has, and a route
-            // to the same destination through another device (host-gw's, while switching to
-            // vxlan) makes it refuse with EINVAL instead of replacing it. Replace means "take
-            // over this destination": remove that route (any device) and add ours.
-            Err(e)
-                if matches!(r.dst, IpNet::V6(_))
-                    && r.onlink
-                    && e.errno() == Some(Errno::EINVAL) =>
-            {
-                let other = Route {
-                    dst: r.dst,
-                    gateway: None,
-                    oif: 0,
-                    onlink: false,
-                };
-                let del = format!("delete route {} (to replace it)", r.dst);
-                bounded_del(
-                    &del,
-                    self.handle.route().del(route_message(&other)).execute(),
-                )
-                .await?;
-                bounded(&op, add()).await
-            }
-            other => other,
-        }
+        // The kernel checks an IPv6 gateway (onlink too) against the routes it already has:
+        // the most specific route to the gateway address must be a unicast route through the
+        // same device, else EINVAL ("Nexthop has invalid gateway or device mismatch"). Two
+        // routes through other devices make it refuse ours: one to the same destination
+        // (host-gw's, while switching to vxlan), and one covering the gateway (the udp
+        // backend's IPv6Network route on flannel0, while switching or with udp peers beside
+        // vxlan ones). A host route for the gateway alone through our device makes the check
+        // pass; ours then replaces (or joins) the others in one step, so no packet to the
+        // destination ever lacks a route, and the host route goes again. Only for a gateway
+        // inside the destination, as vxlan's peer network address (no pod has it); for any
+        // other the refusal stands.
+        let first = bounded(&op, add()).await;
+        let hop = match (&first, gateway_inside(&r)) {
+            (Err(e), Some(hop)) if e.errno() == Some(Errno::EINVAL) => hop,
+            _ => return first,
+        };
+        let step = format!("set route {} (for the gateway check)", hop.dst);
+        bounded(
+            &step,
+            self.handle
+                .route()
+                .add(route_message(&hop))
+                .replace()
+                .execute(),
+        )
+        .await?;
+        let set = bounded(&op, add()).await;
+        let del = format!("delete route {} (after the gateway check)", hop.dst);
+        let removed =
+            bounded_del(&del, self.handle.route().del(route_message(&hop)).execute()).await;
+        set.and(removed)
     }
 
     async fn del_route(&self, r: Route) -> Result<(), NetlinkError> {

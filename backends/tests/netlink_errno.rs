@@ -8,16 +8,13 @@ use std::net::Ipv4Addr;
 
 use backends::netlink::{Errno, Mac, Netlink, Route, VxlanParams};
 use backends::netlink_rt::RtNetlink;
-use nix::sched::{unshare, CloneFlags};
 
 #[test]
 fn kernel_refusals_keep_their_errno() {
     if !test_support::require(test_support::is_root(), "needs root (network namespaces)") {
         return;
     }
-    // unshare(CLONE_NEWNET) moves only this thread; the namespace goes when the thread ends.
-    let worker = std::thread::spawn(|| {
-        unshare(CloneFlags::CLONE_NEWNET).unwrap();
+    test_support::in_new_netns(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -61,6 +58,6 @@ fn kernel_refusals_keep_their_errno() {
             nl.delete_link(index).await.unwrap();
             assert!(nl.link_by_name("flannel.1").await.unwrap().is_none());
         });
-    });
-    worker.join().unwrap();
+    })
+    .unwrap();
 }

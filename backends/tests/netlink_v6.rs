@@ -15,7 +15,6 @@ use backends::netlink::{
 };
 use backends::netlink_rt::RtNetlink;
 use ipnet::IpNet;
-use nix::sched::{unshare, CloneFlags};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -35,25 +34,14 @@ fn ipv6_vxlan_entries_round_trip_through_rtnetlink() {
     if !test_support::require_root_with(&["ip", "bridge"]) {
         return;
     }
-    // unshare(CLONE_NEWNET) moves only this thread (and what it spawns); the namespace goes
-    // when the thread ends.
-    let outer = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
-    let worker = std::thread::spawn(move || {
-        unshare(CloneFlags::CLONE_NEWNET).unwrap();
-        // The programs this thread starts run in its new namespace, not the test's.
-        let child_ns = show("readlink", &["/proc/self/ns/net"]);
-        assert_ne!(
-            child_ns.trim(),
-            outer.to_string_lossy(),
-            "not in a new namespace"
-        );
+    test_support::in_new_netns(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(round_trip());
-    });
-    worker.join().unwrap();
+    })
+    .unwrap();
 }
 
 async fn round_trip() {
@@ -253,6 +241,78 @@ async fn round_trip() {
             .all(|x| !x.dst.addr().to_string().starts_with("fe80")),
         "{all:?}"
     );
+    // Routes through other devices that make the kernel refuse an IPv6 onlink gateway
+    // (EINVAL: the gateway must resolve through the route's own device) are taken over: a
+    // route covering the gateway (the udp backend's IPv6Network route on flannel0) stays and
+    // ours is added; a route to the same destination (host-gw's via the underlay) is
+    // replaced.
+    let covering = Route {
+        dst: net("fd10::/48"),
+        gateway: None,
+        oif: va.index,
+        onlink: false,
+    };
+    nl.set_route(covering).await.unwrap();
+    let under = Route {
+        dst: net("fd10:0:0:14::/64"),
+        gateway: Some(ip("fd10:0:0:14::")),
+        oif: dev,
+        onlink: true,
+    };
+    nl.set_route(under).await.unwrap();
+    let hostgw = Route {
+        dst: net("fd10:0:0:15::/64"),
+        gateway: Some(ip("fd00:99::2")),
+        oif: va.index,
+        onlink: false,
+    };
+    nl.set_route(hostgw).await.unwrap();
+    let took = Route {
+        dst: hostgw.dst,
+        gateway: Some(ip("fd10:0:0:15::")),
+        ..under
+    };
+    nl.set_route(took).await.unwrap();
+    nl.set_route(took).await.unwrap();
+    let all = nl.routes(Family::V6).await.unwrap();
+    assert!(
+        all.contains(&covering) && all.contains(&under) && all.contains(&took),
+        "{all:?}"
+    );
+    assert!(!all.contains(&hostgw), "{all:?}");
+    // The gateways' host routes used for the kernel's check are gone again.
+    assert!(
+        all.iter().all(|x| x.dst.prefix_len() < 128),
+        "host route left: {all:?}"
+    );
+    assert_eq!(
+        all.iter().filter(|x| x.dst == took.dst).count(),
+        1,
+        "one route to {}: {all:?}",
+        took.dst
+    );
+    for x in [under, took, covering] {
+        nl.del_route(x).await.unwrap();
+    }
+    // A gateway outside the destination that the kernel refuses stays refused (no
+    // gatewayless route left behind).
+    nl.set_route(covering).await.unwrap();
+    let outside = Route {
+        dst: net("fd10:0:0:16::/64"),
+        gateway: Some(ip("fd10:0:0:99::")),
+        oif: dev,
+        onlink: true,
+    };
+    let refused = nl.set_route(outside).await.unwrap_err();
+    assert_eq!(refused.errno(), Some(Errno::EINVAL), "{refused}");
+    assert!(!nl
+        .routes(Family::V6)
+        .await
+        .unwrap()
+        .iter()
+        .any(|x| x.dst == outside.dst));
+    nl.del_route(covering).await.unwrap();
+
     // A gateway of the other family never reaches the kernel.
     let mixed = nl
         .set_route(Route {

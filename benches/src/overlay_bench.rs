@@ -5,6 +5,9 @@
 //! - our flanneld with `Backend.Type: vxlan` (`flanneld`; `norules` adds
 //!   `--iptables-forward-rules=false`, measured only when listed in `--setups`);
 //! - our flanneld with `Backend.Type: udp` (userspace TUN + UDP with offloads);
+//! - a wireguard-go (Debian) tunnel between the two nodes set up by hand with `wg set`, as
+//!   flannel's wireguard backend would configure it (`wggo`, measured only when listed): the
+//!   independent baseline for our userspace WireGuard backend;
 //! - over IPv6 (issue 22), on a dual-stack underlay: plain IPv6 routes (`plain6`) and kernel
 //!   VXLAN over IPv6 programmed by hand as flannel's backend does it (`hand6`, the baseline of
 //!   the IPv6 ratios), both measured whenever an IPv6 row is; our flanneld vxlan and host-gw
@@ -13,7 +16,8 @@
 //!
 //! Per setup and round: TCP with one stream and with 4 parallel streams, UDP loss at fixed
 //! offered rates (`--udp-rates 1,3`, Gbit/s), ping RTT p50/p99 over 200 pings, and CPU seconds
-//! per GB during the one-stream TCP run (the flanneld processes' own, and the whole machine's).
+//! per GB during the one-stream TCP run (the daemons' own — flanneld, or wireguard-go —
+//! and the whole machine's).
 //! etcd runs in the hub in every setup (it is part of the cluster, not of the data plane).
 //! Rounds alternate the setups' order (`--rounds N`, `--seconds S` per iperf3 run); each figure
 //! is the median over rounds. Prints a markdown table (also to `--out FILE`) and writes an SVG
@@ -52,6 +56,7 @@ enum Setup {
     FlanneldVxlanDual,
     FlanneldHostGwDual,
     FlanneldUdpDual,
+    HandWireguardGo,
 }
 
 /// An address family the pods talk over.
@@ -62,7 +67,7 @@ enum Fam {
 }
 
 /// Every setup, in table order, with its `--setups` key. The first two are the baselines.
-const ALL: [(&str, Setup); 11] = [
+const ALL: [(&str, Setup); 12] = [
     ("plain", Setup::Plain),
     ("hand", Setup::HandVxlan),
     ("flanneld", Setup::Flanneld),
@@ -74,6 +79,11 @@ const ALL: [(&str, Setup); 11] = [
     ("vxlan-dual", Setup::FlanneldVxlanDual),
     ("hostgw-dual", Setup::FlanneldHostGwDual),
     ("udp-dual", Setup::FlanneldUdpDual),
+    ("wggo", Setup::HandWireguardGo),
+    // Our wireguard backend (`Backend.Type: wireguard`, issue 23) goes here once it lands:
+    // `run_flanneld(.., "wireguard", ..)` waiting for the Network route on its device, pod
+    // MTU 1420 as for `wggo`. Note that the two nodes share /var/run/wireguard, so their UAPI
+    // sockets need distinct device names (or a mount namespace per node).
 ];
 
 /// Measured when `--setups` is not given (besides the baselines).
@@ -90,10 +100,14 @@ const HAND: usize = 1;
 
 const PINGS: u32 = 200;
 const PING_INTERVAL_MS: u32 = 10;
-/// UDP payload: fits the smallest pod MTU (1450) minus IPv4 and UDP headers.
-const UDP_DATAGRAM: &str = "1400";
+/// UDP payload: fits the pod MTU of VXLAN (1450) minus IPv4 and UDP headers.
+const UDP_DATAGRAM: u32 = 1400;
 /// Over IPv6: fits the pod MTU of VXLAN over IPv6 (1430) minus IPv6 and UDP headers.
-const UDP_DATAGRAM_V6: &str = "1380";
+const UDP_DATAGRAM_V6: u32 = 1380;
+/// The WireGuard device's MTU, flannel's (1500 − 80), and the pods' behind it.
+const WG_MTU: u32 = 1420;
+/// The nodes' WireGuard listen port (flannel's default ListenPort).
+const WG_PORT: u16 = 51820;
 
 impl Setup {
     fn name(self) -> &'static str {
@@ -109,6 +123,7 @@ impl Setup {
             Setup::FlanneldVxlanDual => "flanneld vxlan backend, dual stack",
             Setup::FlanneldHostGwDual => "flanneld host-gw backend, dual stack",
             Setup::FlanneldUdpDual => "flanneld udp backend, dual stack (IPv4 underlay)",
+            Setup::HandWireguardGo => "wireguard-go (Debian) tunnel set up by hand",
         }
     }
 
@@ -125,11 +140,25 @@ impl Setup {
             Setup::FlanneldVxlanDual => "flanneld vxlan dual",
             Setup::FlanneldHostGwDual => "flanneld host-gw dual",
             Setup::FlanneldUdpDual => "flanneld udp dual",
+            Setup::HandWireguardGo => "wireguard-go",
         }
     }
 
-    fn has_daemon(self) -> bool {
+    /// Whether flanneld runs (and must be built) for this setup.
+    fn needs_flanneld(self) -> bool {
         !matches!(
+            self,
+            Setup::Plain
+                | Setup::HandVxlan
+                | Setup::Plain6
+                | Setup::HandVxlan6
+                | Setup::HandWireguardGo
+        )
+    }
+
+    /// The baselines: always measured (the IPv6 ones whenever an IPv6 row is).
+    fn baseline(self) -> bool {
+        matches!(
             self,
             Setup::Plain | Setup::HandVxlan | Setup::Plain6 | Setup::HandVxlan6
         )
@@ -146,6 +175,16 @@ impl Setup {
         }
     }
 
+    /// UDP payload for iperf3 over `fam`: 1400 (IPv4) / 1380 (IPv6), less where the pod MTU
+    /// is smaller (WireGuard's 1420: 1392).
+    fn udp_datagram(self, fam: Fam) -> u32 {
+        let mtu = self.pod_mtu();
+        match fam {
+            Fam::V4 => UDP_DATAGRAM.min(mtu - 28),
+            Fam::V6 => UDP_DATAGRAM_V6.min(mtu - 48),
+        }
+    }
+
     /// The pod MTU: what flannel's subnet file says for the backend (checked against the
     /// file for the dual-stack setups). Dual-stack vxlan: 1430 for both families, the IPv6
     /// VXLAN device's MTU (the kernel adds 70 bytes over IPv6).
@@ -156,6 +195,8 @@ impl Setup {
             }
             Setup::FlanneldUdp | Setup::FlanneldUdpDual => 1472,
             Setup::HandVxlan6 | Setup::FlanneldVxlanDual => 1430,
+            // flannel's wireguard backend: device MTU = interface MTU − 80.
+            Setup::HandWireguardGo => WG_MTU,
             _ => 1450,
         }
     }
@@ -419,6 +460,111 @@ fn hand_vxlan6(tb: &Testbed, v6: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// WireGuard devices' UAPI sockets under /var/run/wireguard (shared by every namespace) that
+/// this run created; removed on drop if the device left them behind (names are unique per run).
+#[derive(Debug, Default)]
+struct WgSockets(Vec<PathBuf>);
+
+impl Drop for WgSockets {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A wireguard-go tunnel between the two nodes, set up by hand the way flannel's wireguard
+/// backend configures its device: one wireguard-go per node (`wireguard-go -f`, started in the
+/// node's namespace, stopped by PID with the testbed), keys from `wg genkey`, `wg set` with
+/// listen port 51820 and the other node as peer (allowed IPs = its pod subnet, endpoint = its
+/// underlay address), device address = own subnet's network address /32, MTU 1420, one route
+/// for the whole Network via the device (`scope link`). Device names are unique per run:
+/// wireguard-go's socket directory /var/run/wireguard is shared by all namespaces. Returns the
+/// two wireguard-go PIDs (their CPU is the "daemon" column).
+fn hand_wireguard_go(tb: &mut Testbed, dir: &Path, sockets: &mut WgSockets) -> Result<Vec<u32>> {
+    let mut devs = Vec::new();
+    let mut handles = Vec::new();
+    let mut publics = Vec::new();
+    for (n, subnet) in SUBNETS.iter().enumerate() {
+        let ns = tb.nodes[n].ns.clone();
+        let dev = format!("wg{}{n}", tb.tag);
+        let sock = PathBuf::from("/var/run/wireguard").join(format!("{dev}.sock"));
+        ensure!(!sock.exists(), "{} exists already", sock.display());
+        sockets.0.push(sock.clone());
+        let handle = tb
+            .spawn(
+                &ns,
+                "wireguard-go",
+                &["-f", &dev],
+                &[],
+                &dir.join(format!("wg{n}.log")),
+            )
+            .map_err(anyhow::Error::msg)?;
+        wait_for(Duration::from_secs(10), || sock.exists().then_some(()))
+            .with_context(|| format!("wireguard-go in {ns}: no UAPI socket in 10 s"))?;
+        let key = run_checked(Command::new("wg").arg("genkey"), Duration::from_secs(10))
+            .map_err(anyhow::Error::msg)?;
+        let key_file = dir.join(format!("wg{n}.key"));
+        write_file(&key_file, key.trim())?;
+        // `wg pubkey` reads the key on stdin (run_checked gives commands a null stdin).
+        let public = run_checked(
+            Command::new("sh")
+                .args(["-c", "exec wg pubkey < \"$0\""])
+                .arg(&key_file),
+            Duration::from_secs(10),
+        );
+        publics.push(public.map_err(anyhow::Error::msg)?.trim().to_string());
+        let port = WG_PORT.to_string();
+        tb.exec(
+            &ns,
+            &[
+                "wg",
+                "set",
+                &dev,
+                "private-key",
+                key_file.to_str().context("path")?,
+                "listen-port",
+                &port,
+            ],
+        )
+        .map_err(anyhow::Error::msg)?;
+        let own = subnet.replace(".0/24", ".0/32");
+        let mtu = WG_MTU.to_string();
+        ip(tb, n, &["addr", "add", &own, "dev", &dev])?;
+        ip(tb, n, &["link", "set", &dev, "mtu", &mtu, "up"])?;
+        ip(
+            tb,
+            n,
+            &["route", "add", "10.5.0.0/16", "dev", &dev, "scope", "link"],
+        )?;
+        devs.push(dev);
+        handles.push((handle, ns));
+    }
+    for (n, dev) in devs.iter().enumerate() {
+        let p = 1 - n;
+        let endpoint = format!("{}:{WG_PORT}", tb.nodes[p].ip);
+        tb.exec(
+            &tb.nodes[n].ns,
+            &[
+                "wg",
+                "set",
+                dev,
+                "peer",
+                &publics[p],
+                "allowed-ips",
+                SUBNETS[p],
+                "endpoint",
+                &endpoint,
+            ],
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
+    handles
+        .iter()
+        .map(|(handle, ns)| daemon_pid(tb, *handle, ns, "wireguard-go"))
+        .collect()
+}
+
 /// Starts flanneld on both nodes with `backend` (dual stack with `v6`, the nodes' underlay
 /// IPv6 addresses), waits for its routes, and returns the two daemons' PIDs.
 fn run_flanneld(
@@ -556,7 +702,7 @@ fn run_flanneld(
     }
     handles
         .iter()
-        .map(|(handle, ns)| daemon_pid(tb, *handle, ns))
+        .map(|(handle, ns)| daemon_pid(tb, *handle, ns, "flanneld"))
         .collect()
 }
 
@@ -567,13 +713,14 @@ fn comm(pid: u32) -> Option<String> {
         .map(|c| c.trim_end().to_string())
 }
 
-/// flanneld's PID. `ip netns exec` normally execs the program, so the spawned child is
-/// flanneld itself; should it fork instead, look for flanneld among the namespace's processes.
-fn daemon_pid(tb: &Testbed, handle: usize, ns: &str) -> Result<u32> {
+/// The PID of the daemon `name` (flanneld, wireguard-go). `ip netns exec` normally execs the
+/// program, so the spawned child is the daemon itself; should it fork instead, look for it
+/// among the namespace's processes.
+fn daemon_pid(tb: &Testbed, handle: usize, ns: &str, name: &str) -> Result<u32> {
     let pid = tb
         .pid(handle)
-        .with_context(|| format!("flanneld in {ns} is not running"))?;
-    if comm(pid).as_deref() == Some("flanneld") {
+        .with_context(|| format!("{name} in {ns} is not running"))?;
+    if comm(pid).as_deref() == Some(name) {
         return Ok(pid);
     }
     let pids = run_checked(
@@ -583,8 +730,8 @@ fn daemon_pid(tb: &Testbed, handle: usize, ns: &str) -> Result<u32> {
     .map_err(anyhow::Error::msg)?;
     pids.split_whitespace()
         .filter_map(|p| p.parse::<u32>().ok())
-        .find(|&p| comm(p).as_deref() == Some("flanneld"))
-        .with_context(|| format!("no flanneld process in namespace {ns}"))
+        .find(|&p| comm(p).as_deref() == Some(name))
+        .with_context(|| format!("no {name} process in namespace {ns}"))
 }
 
 /// Runs a command in a namespace with a time bound; stdout and stderr kept apart.
@@ -738,9 +885,9 @@ impl CpuSnapshot {
 fn daemon_ticks(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path)
-        .with_context(|| format!("{path}: flanneld (pid {pid}) exited"))?;
+        .with_context(|| format!("{path}: the daemon (pid {pid}) exited"))?;
     let cpu = parse::proc_pid_cpu(&stat).with_context(|| path.clone())?;
-    ensure!(cpu.state != 'Z', "flanneld (pid {pid}) exited");
+    ensure!(cpu.state != 'Z', "the daemon (pid {pid}) exited");
     Ok(cpu.ticks)
 }
 
@@ -809,6 +956,8 @@ fn add_ipv6(tb: &Testbed, pod: &Pod) -> Result<Pod> {
 /// family the setup measures (in [`Setup::families`] order).
 fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Vec<Sample>> {
     check_stop()?;
+    // Declared before the testbed so it drops after it (once wireguard-go is stopped).
+    let mut wg_sockets = WgSockets::default();
     let mut tb = Testbed::new(2).map_err(anyhow::Error::msg)?;
     let v6 = if setup.families().contains(&Fam::V6) {
         Some(tb.add_ipv6_underlay().map_err(anyhow::Error::msg)?)
@@ -835,6 +984,7 @@ fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Vec<Sample>> {
         Setup::FlanneldVxlanDual => run_flanneld(&mut tb, d, &endpoint, true, "vxlan", v6s)?,
         Setup::FlanneldHostGwDual => run_flanneld(&mut tb, d, &endpoint, true, "host-gw", v6s)?,
         Setup::FlanneldUdpDual => run_flanneld(&mut tb, d, &endpoint, true, "udp", v6s)?,
+        Setup::HandWireguardGo => hand_wireguard_go(&mut tb, d, &mut wg_sockets)?,
     };
     let mtu = setup.pod_mtu();
     let p1 = tb
@@ -867,16 +1017,17 @@ fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Vec<Sample>> {
     std::thread::sleep(Duration::from_secs(3));
     let mut samples = Vec::new();
     for ((a, b), &fam) in pairs.iter().zip(setup.families()) {
-        samples.push(measure(a, b, fam, &daemons, opts, clk_tck, d)?);
+        let datagram = setup.udp_datagram(fam);
+        samples.push(measure(a, b, datagram, &daemons, opts, clk_tck, d)?);
     }
     Ok(samples)
 }
 
-/// Every measurement from pod `p1` to pod `p2` over `fam`.
+/// Every measurement from pod `p1` to pod `p2`, UDP in `datagram`-byte payloads.
 fn measure(
     p1: &Pod,
     p2: &Pod,
-    fam: Fam,
+    datagram: u32,
     daemons: &[u32],
     opts: &Opts,
     clk_tck: u64,
@@ -896,14 +1047,11 @@ fn measure(
     check_stop()?;
 
     let tcp4 = iperf_tcp(p1, p2, opts.seconds, 4, dir)?;
-    let datagram = match fam {
-        Fam::V4 => UDP_DATAGRAM,
-        Fam::V6 => UDP_DATAGRAM_V6,
-    };
+    let datagram = datagram.to_string();
     let mut udp = Vec::new();
     for &gbps in &opts.udp_rates {
         check_stop()?;
-        udp.push(iperf_udp(p1, p2, opts.seconds, gbps, datagram, dir)?);
+        udp.push(iperf_udp(p1, p2, opts.seconds, gbps, &datagram, dir)?);
     }
     check_stop()?;
     let (rtt_p50, rtt_p99) = ping_rtt(p1, p2)?;
@@ -1024,10 +1172,11 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
         .map(|(_, s)| *s)
         .filter(|s| {
             wanted.contains(s)
-                || match s.families() {
-                    [Fam::V4] => !s.has_daemon(),
-                    _ => !s.has_daemon() && any_v6,
-                }
+                || (s.baseline()
+                    && match s.families() {
+                        [Fam::V4] => true,
+                        _ => any_v6,
+                    })
         })
         .collect();
     Ok(Opts {
@@ -1106,7 +1255,7 @@ fn main() -> Result<()> {
         bail!("needs root (network namespaces)");
     }
     common::on_signals()?;
-    if opts.setups.iter().any(|s| s.has_daemon()) {
+    if opts.setups.iter().any(|s| s.needs_flanneld()) {
         flanneld_bin()?;
     }
     let clk_tck = clock_ticks_per_second()?;
@@ -1216,6 +1365,19 @@ mod tests {
                 Setup::FlanneldHostGwDual
             ]
         );
+        // The wireguard-go baseline is measured only when asked, after the IPv4 rows.
+        let o = args(&["--setups", "wggo,udp"]).unwrap();
+        assert_eq!(
+            o.setups,
+            vec![
+                Setup::Plain,
+                Setup::HandVxlan,
+                Setup::FlanneldUdp,
+                Setup::HandWireguardGo
+            ]
+        );
+        assert!(!Setup::HandWireguardGo.needs_flanneld());
+        assert!(Setup::FlanneldUdp.needs_flanneld());
         let o = args(&["--setups", "hand6"]).unwrap();
         assert_eq!(
             o.setups,
@@ -1270,6 +1432,22 @@ mod tests {
         assert_eq!(v6[0].ratio, Some(1.0));
         assert_eq!(v6[1].ratio, Some(0.75));
         assert!(summarize_family(&rows[..1], &samples[..1], Fam::V6, 0).is_empty());
+    }
+
+    #[test]
+    fn udp_datagrams_fit_the_pod_mtu() {
+        assert_eq!(Setup::HandVxlan.udp_datagram(Fam::V4), 1400);
+        assert_eq!(Setup::FlanneldUdp.udp_datagram(Fam::V4), 1400);
+        assert_eq!(Setup::HandVxlan6.udp_datagram(Fam::V6), 1380);
+        assert_eq!(Setup::FlanneldVxlanDual.udp_datagram(Fam::V6), 1380);
+        // WireGuard: pod MTU 1420 − 20 − 8.
+        assert_eq!(Setup::HandWireguardGo.udp_datagram(Fam::V4), 1392);
+        for (_, s) in ALL {
+            for &fam in s.families() {
+                let hdr = if fam == Fam::V4 { 28 } else { 48 };
+                assert!(s.udp_datagram(fam) + hdr <= s.pod_mtu(), "{s:?} {fam:?}");
+            }
+        }
     }
 
     #[test]

@@ -161,7 +161,11 @@ impl Objects {
             Object::Namespace(_) => {
                 self.namespaces.insert(name, ());
             }
-            Object::NetworkPolicy(_) => {}
+            // Kinds that publish no name.
+            Object::NetworkPolicy(_)
+            | Object::Secret(_)
+            | Object::Ingress(_)
+            | Object::IngressClass(_) => {}
         }
     }
 

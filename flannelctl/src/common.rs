@@ -101,7 +101,7 @@ pub fn block_on<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<
 /// A kind as the user typed it (`svc`, `services`, `Service`, ...).
 pub fn parse_kind(s: &str) -> Result<Kind, String> {
     Kind::parse(s).ok_or_else(|| {
-        format!("unknown kind {s:?} (namespaces/ns, pods/po, services/svc, endpoints/ep)")
+        format!("unknown kind {s:?} (namespaces/ns, pods/po, services/svc, endpoints/ep, networkpolicies/netpol, secrets, ingresses/ing, ingressclasses)")
     })
 }
 

@@ -17,7 +17,8 @@ pub enum Output {
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// namespaces (ns), pods (po), services (svc) or endpoints (ep).
+    /// namespaces (ns), pods (po), services (svc), endpoints (ep), networkpolicies (netpol),
+    /// secrets, ingresses (ing) or ingressclasses.
     #[arg(value_parser = parse_kind)]
     kind: Kind,
     /// One object; all of the kind when absent.
@@ -30,6 +31,10 @@ pub struct GetArgs {
     all_namespaces: bool,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
+    /// With -o json/yaml: print Secrets' values too (hidden otherwise: only the keys and their
+    /// sizes go to stderr).
+    #[arg(long)]
+    show_secret_data: bool,
 }
 
 pub async fn run(etcd: &EtcdFlags, args: GetArgs) -> Result<()> {
@@ -55,6 +60,11 @@ pub async fn run(etcd: &EtcdFlags, args: GetArgs) -> Result<()> {
         None => store.list(kind, ns).await.map_err(|e| etcd.err(e))?,
     };
     let single = args.name.is_some();
+    let objs = if args.output != Output::Table && !args.show_secret_data {
+        hide_secret_values(objs)
+    } else {
+        objs
+    };
     match args.output {
         Output::Json => {
             let v = if single {
@@ -86,6 +96,31 @@ pub async fn run(etcd: &EtcdFlags, args: GetArgs) -> Result<()> {
     Ok(())
 }
 
+/// Secrets without their values; each hidden key and its size is named on stderr.
+fn hide_secret_values(objs: Vec<Object>) -> Vec<Object> {
+    objs.into_iter()
+        .map(|o| match o {
+            Object::Secret(s) => {
+                let (copy, sizes) = s.redacted();
+                if !sizes.is_empty() {
+                    let keys: Vec<String> = sizes
+                        .iter()
+                        .map(|(k, n)| format!("{k} ({n} bytes)"))
+                        .collect();
+                    eprintln!(
+                        "Secret {}/{}: values of {} hidden (--show-secret-data prints them)",
+                        copy.metadata.namespace.as_deref().unwrap_or_default(),
+                        copy.metadata.name,
+                        keys.join(", ")
+                    );
+                }
+                Object::Secret(copy)
+            }
+            other => other,
+        })
+        .collect()
+}
+
 const NONE: &str = "<none>";
 
 fn or_none(s: String) -> String {
@@ -112,6 +147,9 @@ pub fn rows(kind: Kind, objs: &[Object]) -> Vec<Vec<String>> {
         ],
         Kind::Endpoints => &["NAMESPACE", "NAME", "ENDPOINTS"],
         Kind::NetworkPolicy => &["NAMESPACE", "NAME", "POD-SELECTOR"],
+        Kind::Secret => &["NAMESPACE", "NAME", "TYPE", "DATA"],
+        Kind::Ingress => &["NAMESPACE", "NAME", "CLASS", "HOSTS", "PORTS"],
+        Kind::IngressClass => &["NAME", "CONTROLLER", "PARAMETERS"],
     };
     let mut out = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     for obj in objs {
@@ -178,6 +216,55 @@ pub fn rows(kind: Kind, objs: &[Object]) -> Vec<Vec<String>> {
                 m.name.clone(),
                 or_none(np.spec.pod_selector.to_string()),
             ],
+            Object::Secret(s) => {
+                let mut keys: Vec<&String> = s.data.keys().chain(s.string_data.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                vec![
+                    ns,
+                    m.name.clone(),
+                    s.secret_type().to_string(),
+                    keys.len().to_string(),
+                ]
+            }
+            Object::Ingress(i) => {
+                // As kubectl: the rules' hosts (`*` for a rule without one), 80 and 443 with TLS.
+                let hosts: Vec<&str> = i
+                    .spec
+                    .rules
+                    .iter()
+                    .map(|r| r.host.as_deref().filter(|h| !h.is_empty()).unwrap_or("*"))
+                    .collect();
+                let hosts = if hosts.is_empty() {
+                    "*".to_string()
+                } else {
+                    hosts.join(",")
+                };
+                let ports = if i.spec.tls.is_empty() {
+                    "80"
+                } else {
+                    "80, 443"
+                };
+                vec![
+                    ns,
+                    m.name.clone(),
+                    or_none(i.spec.ingress_class_name.clone().unwrap_or_default()),
+                    hosts,
+                    ports.to_string(),
+                ]
+            }
+            Object::IngressClass(c) => {
+                let params = c
+                    .spec
+                    .parameters
+                    .as_ref()
+                    .map(|p| match &p.api_group {
+                        Some(g) if !g.is_empty() => format!("{}.{g}/{}", p.kind, p.name),
+                        _ => format!("{}/{}", p.kind, p.name),
+                    })
+                    .unwrap_or_default();
+                vec![m.name.clone(), c.spec.controller.clone(), or_none(params)]
+            }
         };
         out.push(row);
     }
@@ -327,6 +414,67 @@ metadata: {name: empty, namespace: default}
         assert_eq!(
             table(Kind::Namespace, &objs),
             "NAME   LABELS\nshop   kubernetes.io/metadata.name=shop\n"
+        );
+    }
+
+    #[test]
+    fn ingress_secret_and_class_tables_and_hidden_values() {
+        let objs = parse_documents(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: shop, namespace: web}
+spec:
+  ingressClassName: flannel
+  tls: [{hosts: [shop.example.com], secretName: shop-tls}]
+  rules:
+  - host: shop.example.com
+    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: front, port: {number: 80}}}}]}
+  - http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: front, port: {number: 80}}}}]}
+"#,
+        )
+        .unwrap();
+        let t = table(Kind::Ingress, &objs);
+        assert_eq!(
+            t.lines().collect::<Vec<_>>(),
+            [
+                "NAMESPACE   NAME   CLASS     HOSTS                PORTS",
+                "web         shop   flannel   shop.example.com,*   80, 443"
+            ]
+        );
+        let objs = parse_documents(
+            r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: shop-tls, namespace: web}
+type: kubernetes.io/tls
+data: {tls.crt: Y2VydA==, tls.key: a2V5LWJ5dGVz}
+"#,
+        )
+        .unwrap();
+        let t = table(Kind::Secret, &objs);
+        assert!(
+            t.ends_with("web         shop-tls   kubernetes.io/tls   2\n"),
+            "{t}"
+        );
+        let hidden = hide_secret_values(objs);
+        let json = to_json(&hidden[0]).to_string();
+        assert!(
+            !json.contains("a2V5LWJ5dGVz") && !json.contains("\"data\""),
+            "{json}"
+        );
+        let objs = parse_documents(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: flannel}
+spec: {controller: flannel.io/ingress}
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            table(Kind::IngressClass, &objs),
+            "NAME      CONTROLLER           PARAMETERS\nflannel   flannel.io/ingress   <none>\n"
         );
     }
 }

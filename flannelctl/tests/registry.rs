@@ -587,3 +587,52 @@ fn apply_a_file_of_more_than_1024_documents() {
         "header + one line per Service"
     );
 }
+
+#[test]
+fn secrets_are_applied_but_their_values_not_printed_unless_asked() {
+    let Some(ctl) = Ctl::start() else { return };
+    let manifest = ctl.file(
+        "tls.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: shop-tls, namespace: shop}\ntype: kubernetes.io/tls\nstringData: {tls.crt: the-cert, tls.key: the-private-key}\n---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: shop, namespace: shop}\nspec:\n  tls: [{hosts: [shop.example.com], secretName: shop-tls}]\n  rules:\n  - host: shop.example.com\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}]}\n",
+    );
+    assert_eq!(
+        ctl.ok(&["apply", "-f", &manifest]),
+        "namespace/shop created\nsecret/shop-tls created\ningress/shop created\n"
+    );
+    let table = ctl.ok(&["get", "secrets", "-n", "shop"]);
+    assert!(table.contains("kubernetes.io/tls"), "{table}");
+    let hidden = ctl.run(&["get", "secret", "shop-tls", "-n", "shop", "-o", "yaml"]);
+    assert_eq!(hidden.code, 0, "{}", hidden.stderr);
+    // base64 of "the-private-key"
+    let b64 = "dGhlLXByaXZhdGUta2V5";
+    assert!(
+        !hidden.stdout.contains(b64) && !hidden.stdout.contains("the-private-key"),
+        "{}",
+        hidden.stdout
+    );
+    assert!(
+        hidden.stderr.contains("tls.key (15 bytes)"),
+        "{}",
+        hidden.stderr
+    );
+    let shown = ctl.ok(&[
+        "get",
+        "secret",
+        "shop-tls",
+        "-n",
+        "shop",
+        "-o",
+        "json",
+        "--show-secret-data",
+    ]);
+    assert!(shown.contains(b64), "{shown}");
+    let ing = ctl.ok(&["get", "ing", "-n", "shop"]);
+    assert!(
+        ing.contains("shop.example.com") && ing.contains("80, 443"),
+        "{ing}"
+    );
+    assert_eq!(
+        ctl.ok(&["delete", "secret", "shop-tls", "-n", "shop"]),
+        "secret/shop-tls deleted\n"
+    );
+}

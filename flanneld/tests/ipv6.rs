@@ -351,29 +351,26 @@ fn ipv6_only(backend: &str) {
 /// long as TCP's retransmission timeout, the old backend's IPv6 state goes, every pod pair
 /// still reaches every other over both families, and `--cleanup` then removes both host-rule
 /// tables and both VXLAN devices.
-#[test]
-fn dual_stack_live_switch_and_cleanup() {
-    let conf = |t: &str| {
-        format!(
-            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"{t}"}}}}"#
-        )
-    };
-    let Some(mut c) = Cluster::start(&conf("vxlan"), &[]) else {
-        return;
-    };
-    c.add_pods();
-    let v4 = c.pods_of(false);
-    let v6 = c.pods_of(true);
-    let _servers = start_servers(&v4, PORT, HASH_PORT);
-    full_mesh(&v6, PORT, |i| c.d.log(i));
+/// The network config of the dual-stack cluster with backend type `t`.
+fn dual_conf(t: &str) -> String {
+    format!(
+        r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"{t}"}}}}"#
+    )
+}
+
+/// Switches the running dual-stack cluster live through `steps` (old type, new type) while
+/// a TCP stream per family runs between pods on node 0 and node 1: every node advertises the
+/// new type, the old backend's IPv6 state goes, every pod pair of both families connects, and
+/// neither stream lost a segment (no retransmission) or stalled. Returns the streams.
+fn switch_live(c: &Cluster, v4: &[Pod], v6: &[Pod], steps: &[(&str, &str)]) -> (Ticker, Ticker) {
     // Pods 0, 1 are on node 0 and 2, 3 on node 1 (one echo server per pod namespace).
     let t4 = Ticker::start(&v4[0], &v4[2]);
     let t6 = Ticker::start(&v6[1], &v6[3]);
     std::thread::sleep(Duration::from_millis(500));
     t4.take_max_gap_ms();
     t6.take_max_gap_ms();
-    for (old, new) in [("vxlan", "host-gw"), ("host-gw", "vxlan")] {
-        c.tb.etcdctl(&["put", "/coreos.com/network/config", &conf(new)])
+    for &(old, new) in steps {
+        c.tb.etcdctl(&["put", "/coreos.com/network/config", &dual_conf(new)])
             .unwrap();
         let switched = wait_for(Duration::from_secs(20), || {
             let leases = c.leases();
@@ -390,13 +387,17 @@ fn dual_stack_live_switch_and_cleanup() {
         // The old backend's IPv6 state goes once every peer advertises the new type.
         for n in 0..3 {
             let gone = wait_for(Duration::from_secs(10), || {
-                let left = if old == "vxlan" {
-                    c.node(n, &["ip", "-o", "link", "show"])
-                        .contains("flannel-v6.1")
-                } else {
-                    c.node(n, &["ip", "-6", "route", "show", "dev", "eth0"])
+                let left = match old {
+                    "vxlan" => c
+                        .node(n, &["ip", "-o", "link", "show"])
+                        .contains("flannel-v6.1"),
+                    "udp" => c
+                        .node(n, &["ip", "-o", "link", "show"])
+                        .contains("flannel0"),
+                    _ => c
+                        .node(n, &["ip", "-6", "route", "show", "dev", "eth0"])
                         .lines()
-                        .any(|l| l.starts_with("fd10:") && l.contains(" via "))
+                        .any(|l| l.starts_with("fd10:") && l.contains(" via ")),
                 };
                 (!left).then_some(())
             });
@@ -406,8 +407,8 @@ fn dual_stack_live_switch_and_cleanup() {
                 c.d.log(n)
             );
         }
-        full_mesh(&v4, PORT, |i| c.d.log(i));
-        full_mesh(&v6, PORT, |i| c.d.log(i));
+        full_mesh(v4, PORT, |i| c.d.log(i));
+        full_mesh(v6, PORT, |i| c.d.log(i));
         for (fam, t) in [("IPv4", &t4), ("IPv6", &t6)] {
             assert!(
                 t.alive(),
@@ -418,17 +419,34 @@ fn dual_stack_live_switch_and_cleanup() {
             // No segment lost (a retransmission is the proof of one); the gap bound only
             // catches a stall that lost nothing, with room for a busy machine's scheduling.
             let lost = t.retransmissions();
+            let logs = || format!("--- node 0:\n{}\n--- node 1:\n{}", c.d.log(0), c.d.log(1));
             assert!(
                 lost.is_empty(),
-                "{old} -> {new}: {fam} segments lost: {lost:?}"
+                "{old} -> {new}: {fam} segments lost: {lost:?}\n{}",
+                logs()
             );
             assert!(
                 gap < 4.0 * MAX_GAP_MS,
-                "{old} -> {new}: the {fam} stream stalled {gap:.0} ms"
+                "{old} -> {new}: the {fam} stream stalled {gap:.0} ms\n{}",
+                logs()
             );
         }
         assert!((0..3).all(|n| metric(&c.tb, n, "flannel_backend_switches_total") >= 1));
     }
+    (t4, t6)
+}
+
+#[test]
+fn dual_stack_live_switch_and_cleanup() {
+    let Some(mut c) = Cluster::start(&dual_conf("vxlan"), &[]) else {
+        return;
+    };
+    c.add_pods();
+    let v4 = c.pods_of(false);
+    let v6 = c.pods_of(true);
+    let _servers = start_servers(&v4, PORT, HASH_PORT);
+    full_mesh(&v6, PORT, |i| c.d.log(i));
+    let (t4, t6) = switch_live(&c, &v4, &v6, &[("vxlan", "host-gw"), ("host-gw", "vxlan")]);
     drop((t4, t6));
     // --cleanup on node 2 (its daemon stopped first) removes both tables and both devices.
     let tables = c.node(2, &["nft", "list", "tables"]);
@@ -458,6 +476,35 @@ fn dual_stack_live_switch_and_cleanup() {
             && !links.contains("flannel-v6.1"),
         "left after --cleanup:\n{tables}\n{links}"
     );
+}
+
+/// vxlan → udp → vxlan live in dual stack: the udp backend carries both inner families over
+/// the IPv4 underlay (flannel0 with the IPv6 /128 and the IPv6Network route), made before the
+/// vxlan devices are broken and the other way round, with a TCP stream per family that loses
+/// no segment.
+#[test]
+fn dual_stack_live_switch_udp() {
+    let Some(mut c) = Cluster::start(&dual_conf("vxlan"), &[]) else {
+        return;
+    };
+    c.add_pods();
+    let v4 = c.pods_of(false);
+    let v6 = c.pods_of(true);
+    let _servers = start_servers(&v4, PORT, HASH_PORT);
+    full_mesh(&v6, PORT, |i| c.d.log(i));
+    let streams = switch_live(&c, &v4, &v6, &[("vxlan", "udp")]);
+    // On udp: flannel0 carries IPv6 (its /128 and the IPv6Network route; MTU 1500 − 28).
+    udp_device(&c, "fd10::/48", 1472);
+    drop(streams);
+    let streams = switch_live(&c, &v4, &v6, &[("udp", "vxlan")]);
+    drop(streams);
+    for n in 0..3 {
+        let links = c.node(n, &["ip", "-o", "link", "show"]);
+        assert!(
+            links.contains("flannel.1") && links.contains("flannel-v6.1"),
+            "node {n} has no vxlan devices back:\n{links}"
+        );
+    }
 }
 
 /// A dual-stack Service (`RequireDualStack`, clusterIPs in both families) on the nftables

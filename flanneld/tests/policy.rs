@@ -14,14 +14,15 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use policy::eval::{self, Family, NamedPort, Peer, PodView};
 use registry::{Labels, NetworkPolicy, Object, Protocol};
 use test_support::{
-    in_netns, random_tag, require, require_root_with, IdServer, Testbed, UdpIdServer,
+    connect_seeing_icmp, in_netns, random_tag, require, require_root_with, IdServer, Testbed,
+    UdpIdServer,
 };
 
 mod common;
@@ -34,6 +35,10 @@ const NET_DUAL: &str = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Networ
 /// One probe's limit: refusals (TCP reset, ICMP admin-prohibited) come back at once, so only
 /// a lost reply waits this long.
 const PROBE: Duration = Duration::from_millis(1500);
+/// A TCP refusal must come this fast: well under the 1 s after which a client retransmits
+/// its SYN (a refusal that only answers the retransmission is a bug, not a refusal; IPv6
+/// probes ask for ICMPv6 errors, see [`connect_seeing_icmp`]).
+const QUICK: Duration = Duration::from_millis(400);
 /// How long a case may take to converge on every node.
 const CONVERGE: Duration = Duration::from_secs(20);
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
@@ -104,6 +109,12 @@ fn ports() -> Vec<NamedPort> {
 /// Whether a new connection (TCP) or an exchange (UDP, connected socket so that ICMP errors
 /// are seen) from `netns` to `to` gets an answer.
 fn probe(netns: &str, proto: Protocol, to: SocketAddr) -> bool {
+    probe_timed(netns, proto, to).0
+}
+
+/// [`probe`] and how long it took.
+fn probe_timed(netns: &str, proto: Protocol, to: SocketAddr) -> (bool, Duration) {
+    let started = Instant::now();
     let r = in_netns(netns, move || -> std::io::Result<()> {
         let mut buf = [0u8; 128];
         match proto {
@@ -116,7 +127,9 @@ fn probe(netns: &str, proto: Protocol, to: SocketAddr) -> bool {
                 s.recv(&mut buf)?;
             }
             _ => {
-                let mut s = TcpStream::connect_timeout(&to, PROBE)?;
+                // IPv6 sockets see an ICMPv6 refusal of the first SYN at once only with
+                // IPV6_RECVERR (IPv4 ones always): see connect_seeing_icmp.
+                let mut s = connect_seeing_icmp(to, PROBE)?;
                 s.set_read_timeout(Some(PROBE))?;
                 let n = s.read(&mut buf)?;
                 if n == 0 {
@@ -126,7 +139,7 @@ fn probe(netns: &str, proto: Protocol, to: SocketAddr) -> bool {
         }
         Ok(())
     });
-    matches!(r, Ok(Ok(())))
+    (matches!(r, Ok(Ok(()))), started.elapsed())
 }
 
 /// A reachability matrix: [source][destination].
@@ -394,14 +407,17 @@ impl World {
             .collect()
     }
 
-    /// The matrix the cluster shows over `family`: one thread per source pod.
+    /// The matrix the cluster shows over `family`: one thread per source pod; and the
+    /// refused pairs (TCP) whose refusal was not [`QUICK`].
     fn observed(
         &self,
         family: Family,
         (proto, port): (Protocol, u16),
         via_service: bool,
-    ) -> Matrix {
-        std::thread::scope(|s| {
+    ) -> (Matrix, Vec<String>) {
+        let slow = std::sync::Mutex::new(Vec::new());
+        let slow_ref = &slow;
+        let m = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .pods
                 .iter()
@@ -415,14 +431,24 @@ impl World {
                                 } else {
                                     dst.view.addr(family).unwrap()
                                 };
-                                probe(&src.netns, proto, SocketAddr::from((ip, port)))
+                                let to = SocketAddr::from((ip, port));
+                                let (ok, took) = probe_timed(&src.netns, proto, to);
+                                if !ok && proto == Protocol::Tcp && took >= QUICK {
+                                    slow_ref.lock().unwrap().push(format!(
+                                        "{} -> {to} ({}) refused after {took:?}",
+                                        src.id(),
+                                        dst.id()
+                                    ));
+                                }
+                                ok
                             })
                             .collect::<Vec<bool>>()
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
-        })
+        });
+        (m, slow.into_inner().unwrap())
     }
 
     fn render(&self, m: &Matrix, other: &Matrix) -> String {
@@ -480,9 +506,10 @@ impl World {
         for via_service in [false, true] {
             let how = if via_service { "ClusterIP" } else { "direct" };
             let mut got;
+            let mut slow;
             loop {
                 let t = Instant::now();
-                got = self.observed(family, pp, via_service);
+                (got, slow) = self.observed(family, pp, via_service);
                 rounds.push(format!("{fam} {} {} {how} {:?}", pp.0, pp.1, t.elapsed()));
                 if got == want || started.elapsed() > CONVERGE {
                     break;
@@ -497,6 +524,15 @@ impl World {
                 self.render(&want, &got),
                 self.render(&got, &want),
                 self.logs()
+            );
+            // Every denied TCP connection is refused at once, over both families, directly
+            // and through ClusterIPs (not after the client's SYN retransmission).
+            assert!(
+                slow.is_empty(),
+                "case {case:?}: {fam} {} {} {how}: slow refusals:\n{}",
+                pp.0,
+                pp.1,
+                slow.join("\n")
             );
         }
     }
@@ -774,6 +810,19 @@ fn settle(want: bool, mut f: impl FnMut() -> bool) -> bool {
 /// original client instead, and the listeners must take only redirected connections.
 #[test]
 fn userspace_mode_keeps_policy() {
+    userspace_policy(false);
+}
+
+/// The same in a dual-stack cluster with a dual-stack Service: its IPv6 ClusterIP is relayed
+/// by the userspace proxy behind the gate (judged exactly as IPv4: the allowed client gets
+/// in over IPv6, the denied ones on both nodes are refused at once, counted by the gate),
+/// and the IPv6 listeners take only redirected connections too.
+#[test]
+fn userspace_mode_keeps_policy_dual_stack() {
+    userspace_policy(true);
+}
+
+fn userspace_policy(dual: bool) {
     if !require_root_with(&["ip", "nft", "conntrack"])
         || !require(
             Path::new(REFERENCE_PLUGINS).join("bridge").is_file(),
@@ -783,7 +832,14 @@ fn userspace_mode_keeps_policy() {
         return;
     }
     let mut tb = Testbed::new(2).unwrap();
-    let endpoint = tb.start_etcd_with_config(NET).unwrap();
+    let v6 = if dual {
+        tb.add_ipv6_underlay().unwrap()
+    } else {
+        Vec::new()
+    };
+    let endpoint = tb
+        .start_etcd_with_config(if dual { NET_DUAL } else { NET })
+        .unwrap();
     let mut d = Daemons::new(
         &endpoint,
         &["--ip-masq", "--proxy-mode", "userspace", "--network-policy"],
@@ -794,59 +850,73 @@ fn userspace_mode_keeps_policy() {
     let cni = Cni::new();
     // The server and two clients on node 0 (their relays leave from node 0 itself, which
     // the table always allows), a third client on node 1 (relayed there).
-    let (srv_ns, _) = cni.add(&mut tb, &d, 0, "x", "srv");
+    let (srv_ns, _) = cni.add_any(&mut tb, &d, 0, "x", "srv");
     let _srv = IdServer::start(&srv_ns, 80).unwrap();
-    let (ok_ns, _) = cni.add(&mut tb, &d, 0, "y", "ok");
-    let (bad_ns, _) = cni.add(&mut tb, &d, 0, "y", "bad");
-    let (far_ns, _) = cni.add(&mut tb, &d, 1, "y", "far");
+    let (ok_ns, _) = cni.add_any(&mut tb, &d, 0, "y", "ok");
+    let (bad_ns, _) = cni.add_any(&mut tb, &d, 0, "y", "bad");
+    let (far_ns, _) = cni.add_any(&mut tb, &d, 1, "y", "far");
     let pod = |ns: &str, name: &str, labels: &str| {
         format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: \"{ns}\", labels: {{{labels}}}}}\nspec:\n  containers: [{{name: c}}]\n---\n")
     };
     let cluster_ip: Ipv4Addr = "10.96.0.50".parse().unwrap();
+    let cluster_ip6: Ipv6Addr = "fd00:10:96::50".parse().unwrap();
+    let families = if dual {
+        format!("  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [{cluster_ip}, \"{cluster_ip6}\"]\n")
+    } else {
+        String::new()
+    };
     apply(
         &tb,
         &d,
         &endpoint,
         &(format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: \"x\"}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: \"y\"}}\n---\n\
-             apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: \"x\"}}\nspec:\n  clusterIP: {cluster_ip}\n  selector: {{app: web}}\n  ports: [{{port: 80}}]\n---\n"
+             apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: \"x\"}}\nspec:\n  clusterIP: {cluster_ip}\n{families}  selector: {{app: web}}\n  ports: [{{port: 80}}]\n---\n"
         ) + &pod("x", "srv", "app: web")
             + &pod("y", "ok", "role: client")
             + &pod("y", "bad", "role: other")
             + &pod("y", "far", "role: other")),
     );
-    let service = SocketAddr::from((cluster_ip, 80));
+    let mut services = vec![SocketAddr::from((cluster_ip, 80))];
+    if dual {
+        services.push(SocketAddr::from((cluster_ip6, 80)));
+    }
     let logs = || format!("--- node 0:\n{}\n--- node 1:\n{}", d.log(0), d.log(1));
-    for ns in [&ok_ns, &bad_ns, &far_ns] {
-        assert!(
-            settle(true, || probe(ns, Protocol::Tcp, service)),
-            "{ns}: no relay through the ClusterIP before any policy\n{}",
-            logs()
-        );
+    for service in &services {
+        for ns in [&ok_ns, &bad_ns, &far_ns] {
+            assert!(
+                settle(true, || probe(ns, Protocol::Tcp, *service)),
+                "{ns}: no relay through the ClusterIP {service} before any policy\n{}",
+                logs()
+            );
+        }
     }
 
     // The listener's own port, addressed directly: from another node, and from a pod of
     // the node (to its gateway address). Before any policy a relay would be allowed, so only
     // the guard stops these.
-    let listeners = tb
-        .exec(
-            &tb.nodes[0].ns,
-            &[
-                "nft",
-                "list",
-                "set",
-                "ip",
-                "flannel-proxy",
-                "userspace-listeners",
-            ],
-        )
-        .unwrap();
-    let port: u16 = listeners
-        .split("tcp . ")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no TCP listener in {listeners}"));
+    let listener = |family: &str| -> u16 {
+        let listeners = tb
+            .exec(
+                &tb.nodes[0].ns,
+                &[
+                    "nft",
+                    "list",
+                    "set",
+                    family,
+                    "flannel-proxy",
+                    "userspace-listeners",
+                ],
+            )
+            .unwrap();
+        listeners
+            .split("tcp . ")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no TCP listener in {listeners}"))
+    };
+    let port = listener("ip");
     let node0: Ipv4Addr = tb.nodes[0].ip.parse().unwrap();
     let gateway = d.subnet_env(0).subnet.unwrap().addr();
     assert!(
@@ -861,6 +931,18 @@ fn userspace_mode_keeps_policy() {
         !probe(&ok_ns, Protocol::Tcp, SocketAddr::from((gateway, port))),
         "a pod reached the listener {gateway}:{port} directly"
     );
+    if dual {
+        let port = listener("ip6");
+        let node0: Ipv6Addr = v6[0].parse().unwrap();
+        let net6 = d.subnet_env(0).ipv6_subnet.unwrap().addr();
+        let gateway = Ipv6Addr::from(u128::from(net6) + 1);
+        for (from, to) in [(&tb.nodes[1].ns, node0), (&ok_ns, gateway)] {
+            assert!(
+                !probe(from, Protocol::Tcp, SocketAddr::from((to, port))),
+                "{from} reached the IPv6 listener [{to}]:{port} directly"
+            );
+        }
+    }
 
     // Only clients (role=client) may reach x/srv.
     apply(
@@ -873,28 +955,43 @@ fn userspace_mode_keeps_policy() {
             "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {role: client}}}]}]\n",
         ),
     );
-    assert!(
-        !settle(false, || probe(&bad_ns, Protocol::Tcp, service)),
-        "y/bad (same node) reached x/srv through the ClusterIP in userspace mode\n{}",
-        logs()
-    );
-    assert!(
-        probe(&ok_ns, Protocol::Tcp, service),
-        "y/ok lost its access\n{}",
-        logs()
-    );
-    assert!(
-        !settle(false, || probe(&far_ns, Protocol::Tcp, service)),
-        "y/far (node 1) reached x/srv through the ClusterIP\n{}",
-        logs()
-    );
-    // Both nodes refused at the relay (node 1's gate, not only node 0's table).
-    for i in 0..2 {
+    for service in &services {
+        let denied = |i: usize| common::metric(&tb, i, "flannel_proxy_connections_denied_total");
+        let before = [denied(0), denied(1)];
         assert!(
-            common::metric(&tb, i, "flannel_proxy_connections_denied_total") > 0,
-            "node {i} denied no relay\n{}",
+            !settle(false, || probe(&bad_ns, Protocol::Tcp, *service)),
+            "y/bad (same node) reached x/srv through the ClusterIP {service} in userspace mode\n{}",
             logs()
         );
+        assert!(
+            probe(&ok_ns, Protocol::Tcp, *service),
+            "y/ok lost its access to {service}\n{}",
+            logs()
+        );
+        assert!(
+            !settle(false, || probe(&far_ns, Protocol::Tcp, *service)),
+            "y/far (node 1) reached x/srv through the ClusterIP {service}\n{}",
+            logs()
+        );
+        // A denied relay is refused at once (a reset from the listener), not timed out.
+        for ns in [&bad_ns, &far_ns] {
+            let t = Instant::now();
+            assert!(!probe(ns, Protocol::Tcp, *service));
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "{ns} -> {service} refused only after {:?}",
+                t.elapsed()
+            );
+        }
+        // Both nodes refused at the relay (node 1's gate, not only node 0's table), over
+        // this family.
+        for (i, b) in before.iter().enumerate() {
+            assert!(
+                denied(i) > *b,
+                "node {i} denied no relay to {service}\n{}",
+                logs()
+            );
+        }
     }
     let _ = srv_ns;
 }

@@ -23,23 +23,14 @@ fn an_ip6_table_is_kept() {
     if !test_support::require_root_with(&["nft"]) {
         return;
     }
-    let outer = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
-    let worker = std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        // The programs this thread starts run in its new namespace, not the test's.
-        let child_ns = test_support::sh("readlink", &["/proc/self/ns/net"]).unwrap();
-        assert_ne!(
-            child_ns.trim(),
-            outer.to_string_lossy(),
-            "not in a new namespace"
-        );
+    test_support::in_new_netns(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(keep());
-    });
-    worker.join().unwrap();
+    })
+    .unwrap();
 }
 
 async fn keep() {

@@ -479,7 +479,9 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
             .collect();
         // A TCP reset where the connection was not DNATed; else (and for other protocols)
         // ICMP admin-prohibited, which conntrack translates back to the Service address
-        // the client used (a reset generated here would carry the pod's address).
+        // the client used. A reset cannot be used there: for a bridged packet (a pod's, with
+        // br_netfilter) the kernel sends it straight out of the bridge port without NAT, so it
+        // carries the pod's address, which the client ignores (docs/network-policy.md).
         chain.push("meta l4proto tcp ct status ! dnat reject with tcp reset".to_string());
         chain.push(reject_icmp(family).to_string());
         let name = names.name(dir.tag(), &chain.join("\n"));

@@ -5,7 +5,7 @@
 //! a failure).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -55,12 +55,14 @@ impl PolicyOptions {
     }
 }
 
-/// The policy decision for the userspace service proxy's relays (IPv4, as the proxy). The proxy opens every
-/// upstream connection from the node, which the forward hook never sees (same node) or sees
-/// coming from the node (other nodes), so the module judges each relay instead: the client
-/// (the redirected connection's source) against the endpoint, source egress and destination
-/// ingress, with the semantics of [`crate::eval`] on the module's current objects. Until the
-/// first sync every relay is refused (fail closed).
+/// The policy decision for the userspace service proxy's relays, over both families. The
+/// proxy opens every upstream connection from the node, which the forward hook never sees
+/// (same node) or sees coming from the node (other nodes), so the module judges each relay
+/// instead: the client (the redirected connection's source) against the endpoint, source
+/// egress and destination ingress, with the semantics of [`crate::eval`] on the module's
+/// current objects, in the family of the endpoint (pods take part with their addresses of
+/// that family, ipBlocks of the other family match nothing), exactly as the `ip` and `ip6`
+/// tables judge forwarded traffic. Until the first sync every relay is refused (fail closed).
 #[derive(Debug, Clone, Default)]
 pub struct PolicyGate {
     view: Arc<RwLock<Option<Arc<GateView>>>>,
@@ -70,23 +72,27 @@ pub struct PolicyGate {
 struct GateView {
     node: String,
     cluster: eval::Cluster,
-    pods: HashMap<Ipv4Addr, PodView>,
+    /// Every address of every pod (both families) -> the pod.
+    pods: HashMap<IpAddr, Arc<PodView>>,
 }
 
 impl PolicyGate {
     /// Replaces the objects decisions are made on.
     pub fn update(&self, cache: &Cache, node: &str) {
+        let mut pods = HashMap::new();
+        for p in cache.pod_views() {
+            let p = Arc::new(p);
+            for a in &p.ips {
+                pods.insert(*a, p.clone());
+            }
+        }
         let view = GateView {
             node: node.to_string(),
             cluster: eval::Cluster {
                 namespaces: cache.namespaces.clone(),
                 policies: cache.policies.values().cloned().collect(),
             },
-            pods: cache
-                .pod_views()
-                .into_iter()
-                .filter_map(|p| Some((p.ipv4()?, p)))
-                .collect(),
+            pods,
         };
         if let Ok(mut v) = self.view.write() {
             *v = Some(Arc::new(view));
@@ -95,33 +101,38 @@ impl PolicyGate {
 }
 
 impl Gate for PolicyGate {
-    fn allows(&self, client: Client, endpoint: SocketAddrV4, protocol: Protocol) -> bool {
+    fn allows(&self, client: Client, endpoint: SocketAddr, protocol: Protocol) -> bool {
         let Some(v) = self.view.read().ok().and_then(|v| v.clone()) else {
             return false;
         };
+        // A listener relays to endpoints of its own family only.
+        if client.addr.is_ipv6() != endpoint.is_ipv6() {
+            return false;
+        }
+        let family = eval::family_of(endpoint.ip());
         let src = if client.local {
             Peer::Host {
-                addr: IpAddr::V4(client.addr),
+                addr: client.addr,
                 node: Some(&v.node),
             }
         } else {
             match v.pods.get(&client.addr) {
                 Some(p) => Peer::Pod(p),
                 None => Peer::Host {
-                    addr: IpAddr::V4(client.addr),
+                    addr: client.addr,
                     node: None,
                 },
             }
         };
-        let dst = match v.pods.get(endpoint.ip()) {
+        let dst = match v.pods.get(&endpoint.ip()) {
             Some(p) => Peer::Pod(p),
             None => Peer::Host {
-                addr: IpAddr::V4(*endpoint.ip()),
+                addr: endpoint.ip(),
                 node: None,
             },
         };
         v.cluster
-            .allows(Family::Ip, src, dst, protocol, endpoint.port())
+            .allows(family, src, dst, protocol, endpoint.port())
     }
 }
 
@@ -533,6 +544,7 @@ pub async fn run(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     const PREFIX: &str = "/coreos.com/network";
 
@@ -708,9 +720,9 @@ mod tests {
             4
         ));
         let gate = PolicyGate::default();
-        let srv = SocketAddrV4::new(Ipv4Addr::new(10, 5, 1, 2), 80);
+        let srv = SocketAddr::from(([10, 5, 1, 2], 80));
         let from = |a: [u8; 4], local: bool| Client {
-            addr: Ipv4Addr::from(a),
+            addr: IpAddr::from(a),
             local,
         };
         // Before the first sync nothing is known: refused.
@@ -722,7 +734,99 @@ mod tests {
         assert!(!gate.allows(from([192, 0, 2, 9], false), srv, Protocol::Tcp));
         assert!(gate.allows(from([192, 0, 2, 1], true), srv, Protocol::Tcp));
         // A pod not isolated accepts anyone.
-        let other = SocketAddrV4::new(Ipv4Addr::new(10, 5, 1, 4), 80);
+        let other = SocketAddr::from(([10, 5, 1, 4], 80));
         assert!(gate.allows(from([10, 5, 1, 3], false), other, Protocol::Tcp));
+    }
+
+    /// The gate over IPv6 (and dual-stack pods) decides every relay as the evaluator does over
+    /// the endpoint's family: pods known by either address, ipBlocks of that family only,
+    /// this node's own relays (from `::1`) allowed, mixed families refused.
+    #[test]
+    fn the_gate_judges_ipv6_relays_like_the_evaluator() {
+        let mut c = Cache::new(PREFIX);
+        for (name, app) in [
+            ("srv", "web"),
+            ("ok", "client"),
+            ("bad", "other"),
+            ("six", "other"),
+        ] {
+            assert!(put(
+                &mut c,
+                &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: {app}}}}}\nspec:\n  containers: [{{name: c}}]\n"),
+                2
+            ));
+        }
+        record_ips(&mut c, "srv", "n1", &["10.5.1.2", "fd10:0:0:1::2"], 3);
+        record_ips(&mut c, "ok", "n2", &["10.5.2.3", "fd10:0:0:2::3"], 3);
+        record_ips(&mut c, "bad", "n2", &["10.5.2.4", "fd10:0:0:2::4"], 3);
+        // An IPv6-only pod, let in by an IPv6 ipBlock (which opens nothing over IPv4).
+        record_ips(&mut c, "six", "n1", &["fd10:0:0:1::6"], 3);
+        assert!(put(
+            &mut c,
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {app: client}}\n    - ipBlock: {cidr: \"fd10:0:0:1::/64\"}\n",
+            4
+        ));
+        let gate = PolicyGate::default();
+        let ip = |a: &str| -> IpAddr { a.parse().unwrap() };
+        let from = |a: &str, local: bool| Client { addr: ip(a), local };
+        let srv6 = SocketAddr::new(ip("fd10:0:0:1::2"), 80);
+        let srv4 = SocketAddr::new(ip("10.5.1.2"), 80);
+        assert!(!gate.allows(from("fd10:0:0:2::3", false), srv6, Protocol::Tcp));
+        gate.update(&c, "n1");
+        let views = c.pod_views();
+        let view = |n: &str| views.iter().find(|p| p.name == n).unwrap();
+        let cluster = eval::Cluster {
+            namespaces: c.namespaces.clone(),
+            policies: c.policies.values().cloned().collect(),
+        };
+        // (client, endpoint, allowed)
+        let cases = [
+            ("fd10:0:0:2::3", srv6, true),
+            ("fd10:0:0:2::4", srv6, false),
+            // In the ipBlock, but the pod is known by address: its labels count, and the
+            // block lets it in anyway.
+            ("fd10:0:0:1::6", srv6, true),
+            // An outside IPv6 client, inside and outside the block.
+            ("fd10:0:0:1::99", srv6, true),
+            ("2001:db8::9", srv6, false),
+            ("10.5.2.3", srv4, true),
+            ("10.5.2.4", srv4, false),
+        ];
+        for (client, ep, want) in cases {
+            assert_eq!(
+                gate.allows(from(client, false), ep, Protocol::Tcp),
+                want,
+                "{client} -> {ep}"
+            );
+            // The evaluator's answer over the endpoint's family, pods by their address.
+            let peer = |a: IpAddr| {
+                views
+                    .iter()
+                    .find(|p| p.ips.contains(&a))
+                    .map(Peer::Pod)
+                    .unwrap_or(Peer::Host {
+                        addr: a,
+                        node: None,
+                    })
+            };
+            let fam = eval::family_of(ep.ip());
+            assert_eq!(
+                cluster.allows(fam, peer(ip(client)), peer(ep.ip()), Protocol::Tcp, 80),
+                want,
+                "evaluator: {client} -> {ep}"
+            );
+        }
+        // This node's own relays (redirected in the output hook: from ::1) are allowed.
+        assert!(gate.allows(from("::1", true), srv6, Protocol::Tcp));
+        // The IPv6 block does not open IPv4: the same pod by its IPv4 address is an outside
+        // host there.
+        assert!(!gate.allows(from("10.5.1.99", false), srv4, Protocol::Tcp));
+        // A relay across families is never asked for; refused.
+        assert!(!gate.allows(from("fd10:0:0:2::3", false), srv4, Protocol::Tcp));
+        assert!(!gate.allows(from("10.5.2.3", false), srv6, Protocol::Tcp));
+        // The IPv6-only pod is not isolated: anyone reaches it over IPv6.
+        let six = SocketAddr::new(ip("fd10:0:0:1::6"), 8080);
+        assert!(gate.allows(from("fd10:0:0:2::4", false), six, Protocol::Udp));
+        assert_eq!(view("six").ips.len(), 1);
     }
 }

@@ -2,14 +2,16 @@
 //! userspace mode) and the module that decides which connections are allowed (network
 //! policy): both depend on it, neither on the other.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use crate::Protocol;
 
-/// The client of a relayed connection, as the listener saw it.
+/// The client of a relayed connection, as the listener saw it (either family: a listener
+/// takes connections of its service port's family only, so a client and the endpoints it may
+/// be relayed to are of the same family).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Client {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// The connection was made on this node itself (redirected in the output hook).
     pub local: bool,
 }
@@ -18,6 +20,9 @@ pub struct Client {
 /// every upstream connection from the node, which network policy always allows, so without
 /// a gate the client's own policies (and the endpoint's, for endpoints on this node) would
 /// never be applied; the policy module provides one (`policy::run::PolicyGate`).
+///
+/// A connection is judged in the family of the endpoint; a client of the other family (which
+/// the proxy never asks about) is refused.
 pub trait Gate: Send + Sync + std::fmt::Debug {
-    fn allows(&self, client: Client, endpoint: SocketAddrV4, protocol: Protocol) -> bool;
+    fn allows(&self, client: Client, endpoint: SocketAddr, protocol: Protocol) -> bool;
 }

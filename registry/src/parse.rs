@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::types::{Endpoints, Kind, Namespace, NetworkPolicy, Object, Pod, Service};
+use crate::types::{
+    Endpoints, Ingress, IngressClass, Kind, Namespace, NetworkPolicy, Object, Pod, Secret, Service,
+};
 
 /// The only `apiVersion` of these kinds.
 pub const API_VERSION: &str = "v1";
@@ -244,7 +246,7 @@ pub fn object_from_value(v: Value) -> Result<Object, ObjectError> {
                 return Err(ObjectError::new(
                     Some("kind"),
                     format!(
-                        "unknown kind {k:?} (supported: Namespace, Pod, Service, Endpoints, NetworkPolicy, List)"
+                        "unknown kind {k:?} (supported: Namespace, Pod, Service, Endpoints, NetworkPolicy, Secret, Ingress, IngressClass, List)"
                     ),
                 ))
             }
@@ -266,6 +268,9 @@ pub fn object_from_value(v: Value) -> Result<Object, ObjectError> {
         Kind::Service => Object::Service(decode::<Service>(v)?),
         Kind::Endpoints => Object::Endpoints(decode::<Endpoints>(v)?),
         Kind::NetworkPolicy => Object::NetworkPolicy(decode::<NetworkPolicy>(v)?),
+        Kind::Secret => Object::Secret(decode::<Secret>(v)?),
+        Kind::Ingress => Object::Ingress(decode::<Ingress>(v)?),
+        Kind::IngressClass => Object::IngressClass(decode::<IngressClass>(v)?),
     })
 }
 
@@ -288,6 +293,9 @@ pub fn to_json(obj: &Object) -> Value {
         Object::Service(o) => with_header(obj.kind(), o),
         Object::Endpoints(o) => with_header(obj.kind(), o),
         Object::NetworkPolicy(o) => with_header(obj.kind(), o),
+        Object::Secret(o) => with_header(obj.kind(), o),
+        Object::Ingress(o) => with_header(obj.kind(), o),
+        Object::IngressClass(o) => with_header(obj.kind(), o),
     }
 }
 
@@ -460,7 +468,7 @@ items:
         );
         assert_eq!(
             err("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a}\n"),
-            "document 1 (Deployment a): kind: unknown kind \"Deployment\" (supported: Namespace, Pod, Service, Endpoints, NetworkPolicy, List)"
+            "document 1 (Deployment a): kind: unknown kind \"Deployment\" (supported: Namespace, Pod, Service, Endpoints, NetworkPolicy, Secret, Ingress, IngressClass, List)"
         );
         assert_eq!(
             err("apiVersion: v1\nmetadata: {name: a}\n"),

@@ -31,9 +31,12 @@ pub use crate::keys::{
     DEFAULT_NAMESPACE, IMPLICIT_NAMESPACES, NAMESPACE_NAME_LABEL, REGISTRY_DIR,
 };
 use crate::parse::to_json;
-use crate::types::{Endpoints, Kind, Namespace, NetworkPolicy, Object, ObjectMeta, Pod, Service};
+use crate::types::{
+    Endpoints, Ingress, IngressClass, Kind, Namespace, NetworkPolicy, Object, ObjectMeta, Pod,
+    Secret, Service, SECRET_TYPE_OPAQUE,
+};
 use crate::validate::{
-    is_dns1123_label, is_dns1123_subdomain, validate, FieldError, ValidationErrors,
+    is_dns1123_label, is_dns1123_subdomain, update_errors, validate, FieldError, ValidationErrors,
 };
 
 /// etcd's default `--max-txn-ops`.
@@ -123,7 +126,8 @@ impl StoreError {
 /// Fills in what the API server would before validating: the namespace (`namespace_override`
 /// or `default`; it must match one the object names), none for a Namespace, which gets the
 /// `kubernetes.io/metadata.name` label; a Service's empty `clusterIP` becomes absent, or
-/// `clusterIPs[0]` when that is given. `resourceVersion` is dropped.
+/// `clusterIPs[0]` when that is given; a Secret's `stringData` is merged into `data` and its
+/// type defaults to `Opaque`. `resourceVersion` is dropped.
 pub fn normalize(mut obj: Object, namespace_override: Option<&str>) -> Result<Object, StoreError> {
     let kind = obj.kind();
     let m = obj.metadata_mut();
@@ -151,6 +155,12 @@ pub fn normalize(mut obj: Object, namespace_override: Option<&str>) -> Result<Ob
             ns.metadata
                 .labels
                 .insert(NAMESPACE_NAME_LABEL.to_string(), name);
+        }
+        Object::Secret(s) => {
+            s.merge_string_data();
+            if s.type_.as_deref().is_none_or(str::is_empty) {
+                s.type_ = Some(SECRET_TYPE_OPAQUE.to_string());
+            }
         }
         Object::Service(s) => {
             if s.spec.cluster_ip.as_deref() == Some("") {
@@ -190,6 +200,18 @@ fn stub(kind: Kind, namespace: Option<&str>, name: &str) -> Object {
         Kind::NetworkPolicy => Object::NetworkPolicy(NetworkPolicy {
             metadata,
             ..NetworkPolicy::default()
+        }),
+        Kind::Secret => Object::Secret(Secret {
+            metadata,
+            ..Secret::default()
+        }),
+        Kind::Ingress => Object::Ingress(Ingress {
+            metadata,
+            ..Ingress::default()
+        }),
+        Kind::IngressClass => Object::IngressClass(IngressClass {
+            metadata,
+            ..IngressClass::default()
         }),
     }
 }
@@ -476,6 +498,17 @@ impl Store {
                 }
             },
         };
+        if let Some(o) = &old {
+            let errors = update_errors(o, obj);
+            if !errors.is_empty() {
+                return Err(StoreError::Invalid(ValidationErrors {
+                    kind,
+                    namespace: ns.clone(),
+                    name: m.name.clone(),
+                    errors,
+                }));
+            }
+        }
         compares.push(match &existing {
             None => Compare::version(key.clone(), CompareOp::Equal, 0),
             Some(kv) => Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),

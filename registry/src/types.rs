@@ -7,6 +7,20 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+mod ingress;
+mod secret;
+
+pub use ingress::{
+    HttpIngressPath, HttpIngressRuleValue, Ingress, IngressBackend, IngressClass,
+    IngressClassParametersReference, IngressClassSpec, IngressRule, IngressServiceBackend,
+    IngressSpec, IngressTls, PathType, ServiceBackendPort, DEFAULT_CLASS_ANNOTATION,
+    LEGACY_CLASS_ANNOTATION,
+};
+pub use secret::{
+    Secret, SecretBytes, SecretString, MAX_SECRET_SIZE, SECRET_TYPE_OPAQUE, SECRET_TYPE_TLS,
+    TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY,
+};
+
 /// Labels or a selector's `matchLabels`: sorted for stable output.
 pub type Labels = BTreeMap<String, String>;
 
@@ -474,21 +488,28 @@ pub enum Kind {
     Service,
     Endpoints,
     NetworkPolicy,
+    Secret,
+    Ingress,
+    IngressClass,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
         Kind::Endpoints,
         Kind::NetworkPolicy,
+        Kind::Secret,
+        Kind::Ingress,
+        Kind::IngressClass,
     ];
 
-    /// The `apiVersion` of the kind (`networking.k8s.io/v1` for NetworkPolicy, `v1` else).
+    /// The `apiVersion` of the kind (`networking.k8s.io/v1` for NetworkPolicy, Ingress and
+    /// IngressClass, `v1` else).
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::NetworkPolicy => "networking.k8s.io/v1",
+            Kind::NetworkPolicy | Kind::Ingress | Kind::IngressClass => "networking.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -501,6 +522,9 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Endpoints => "Endpoints",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Secret => "Secret",
+            Kind::Ingress => "Ingress",
+            Kind::IngressClass => "IngressClass",
         }
     }
 
@@ -512,12 +536,15 @@ impl Kind {
             Kind::Service => "services",
             Kind::Endpoints => "endpoints",
             Kind::NetworkPolicy => "networkpolicies",
+            Kind::Secret => "secrets",
+            Kind::Ingress => "ingresses",
+            Kind::IngressClass => "ingressclasses",
         }
     }
 
     /// Namespaced kinds live under `<plural>/<namespace>/<name>`.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace)
+        !matches!(self, Kind::Namespace | Kind::IngressClass)
     }
 
     /// Parses what a user types: `Service`, `service`, `services`, `svc`, `ns`, `po`, `ep`.
@@ -528,6 +555,9 @@ impl Kind {
             "service" | "services" | "svc" => Some(Kind::Service),
             "endpoints" | "ep" => Some(Kind::Endpoints),
             "networkpolicy" | "networkpolicies" | "netpol" => Some(Kind::NetworkPolicy),
+            "secret" | "secrets" => Some(Kind::Secret),
+            "ingress" | "ingresses" | "ing" => Some(Kind::Ingress),
+            "ingressclass" | "ingressclasses" => Some(Kind::IngressClass),
             _ => None,
         }
     }
@@ -712,6 +742,9 @@ pub enum Object {
     Service(Service),
     Endpoints(Endpoints),
     NetworkPolicy(NetworkPolicy),
+    Secret(Secret),
+    Ingress(Ingress),
+    IngressClass(IngressClass),
 }
 
 impl Object {
@@ -722,6 +755,9 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::Endpoints(_) => Kind::Endpoints,
             Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::Secret(_) => Kind::Secret,
+            Object::Ingress(_) => Kind::Ingress,
+            Object::IngressClass(_) => Kind::IngressClass,
         }
     }
 
@@ -732,6 +768,9 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::Endpoints(o) => &o.metadata,
             Object::NetworkPolicy(o) => &o.metadata,
+            Object::Secret(o) => &o.metadata,
+            Object::Ingress(o) => &o.metadata,
+            Object::IngressClass(o) => &o.metadata,
         }
     }
 
@@ -742,6 +781,9 @@ impl Object {
             Object::Service(o) => &mut o.metadata,
             Object::Endpoints(o) => &mut o.metadata,
             Object::NetworkPolicy(o) => &mut o.metadata,
+            Object::Secret(o) => &mut o.metadata,
+            Object::Ingress(o) => &mut o.metadata,
+            Object::IngressClass(o) => &mut o.metadata,
         }
     }
 }

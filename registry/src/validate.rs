@@ -10,6 +10,16 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+mod ingress;
+
+pub use ingress::is_wildcard_dns1123_subdomain;
+
+/// The rules an update breaks that only the stored object shows (a Secret's type and an
+/// `immutable` Secret's data, an IngressClass's controller); empty when none.
+pub fn update_errors(old: &Object, new: &Object) -> Vec<FieldError> {
+    ingress::update_errors(old, new)
+}
+
 use crate::alloc::ServiceNetworks;
 use crate::types::{
     Container, Endpoints, IntOrString, IpBlock, IpFamily, Kind, LabelSelector, Labels, Namespace,
@@ -86,6 +96,9 @@ pub fn validate(
         Object::Service(o) => service(&mut v, o, &nets),
         Object::Endpoints(o) => endpoints(&mut v, o),
         Object::NetworkPolicy(o) => network_policy(&mut v, o),
+        Object::Secret(o) => ingress::secret(&mut v, o),
+        Object::Ingress(o) => ingress::ingress(&mut v, o),
+        Object::IngressClass(o) => ingress::ingress_class(&mut v, o),
     }
     if v.0.is_empty() {
         return Ok(());
@@ -326,7 +339,7 @@ fn metadata(v: &mut Errors, m: &ObjectMeta, kind: Kind) {
     } else {
         let (ok, msg) = match kind {
             Kind::Namespace => (is_dns1123_label(&m.name), DNS1123_LABEL_MSG),
-            Kind::Pod | Kind::NetworkPolicy => {
+            Kind::Pod | Kind::NetworkPolicy | Kind::Secret | Kind::Ingress | Kind::IngressClass => {
                 (is_dns1123_subdomain(&m.name), DNS1123_SUBDOMAIN_MSG)
             }
             Kind::Service | Kind::Endpoints => (is_dns1035_label(&m.name), DNS1035_LABEL_MSG),

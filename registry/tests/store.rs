@@ -943,3 +943,108 @@ async fn ipv6_service_network_overlap_is_refused() {
         format!("network config {}: IPv6ServiceNetwork fd00:10:96::/112 (the default) overlaps IPv6Network fd00::/16: set IPv6ServiceNetwork to a range outside it", subnet_lease::store::config_key(env.reg.prefix()))
     );
 }
+
+#[tokio::test]
+async fn ingress_class_ingress_and_secret() {
+    let Some(env) = Env::start(Some(NET_CONF)).await else {
+        return;
+    };
+    let s = &env.store;
+    env.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n")
+        .await
+        .unwrap();
+
+    // IngressClass: cluster-scoped (no namespace in its key), controller immutable.
+    let class = "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: flannel, annotations: {ingressclass.kubernetes.io/is-default-class: \"true\"}}\nspec: {controller: flannel.io/ingress}\n";
+    assert_eq!(env.apply(class).await.unwrap().outcome, Outcome::Created);
+    assert!(env
+        .raw(&object_key(
+            &env.prefix(),
+            Kind::IngressClass,
+            None,
+            "flannel"
+        ))
+        .await
+        .is_some());
+    let Some(Object::IngressClass(c)) = s.get(Kind::IngressClass, None, "flannel").await.unwrap()
+    else {
+        panic!("no class")
+    };
+    assert!(c.is_default());
+    let e = env
+        .apply(&class.replace("flannel.io/ingress", "example.com/other"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "IngressClass flannel is invalid: spec.controller: field is immutable"
+    );
+
+    // Secret: stringData merged into data (base64 in etcd), type defaulted; values round-trip.
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: shop-tls, namespace: shop}\ntype: kubernetes.io/tls\ndata: {tls.crt: Y2VydA==}\nstringData: {tls.key: private}\n";
+    env.apply(secret).await.unwrap();
+    let raw = env
+        .raw(&object_key(
+            &env.prefix(),
+            Kind::Secret,
+            Some("shop"),
+            "shop-tls",
+        ))
+        .await
+        .unwrap();
+    assert!(
+        raw.contains(r#""tls.key":"cHJpdmF0ZQ==""#)
+            && !raw.contains("stringData")
+            && !raw.contains("private"),
+        "{raw}"
+    );
+    let Some(Object::Secret(got)) = s.get(Kind::Secret, Some("shop"), "shop-tls").await.unwrap()
+    else {
+        panic!("no secret")
+    };
+    assert_eq!(got.value("tls.key"), Some(&b"private"[..]));
+    assert_eq!(got.value("tls.crt"), Some(&b"cert"[..]));
+    let opaque =
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: o, namespace: shop}\nstringData: {a: b}\n";
+    let applied = env.apply(opaque).await.unwrap();
+    let Object::Secret(o) = &applied.object else {
+        panic!()
+    };
+    assert_eq!(o.type_.as_deref(), Some("Opaque"));
+    // Applying the same manifest again changes nothing (stringData is compared merged).
+    assert_eq!(env.apply(opaque).await.unwrap().outcome, Outcome::Unchanged);
+    // The type is immutable; a TLS Secret without its key is refused and nothing is written.
+    let e = env
+        .apply(&secret.replace("kubernetes.io/tls", "Opaque"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().ends_with("type: field is immutable"), "{e}");
+    let e = env
+        .apply("apiVersion: v1\nkind: Secret\nmetadata: {name: half, namespace: shop}\ntype: kubernetes.io/tls\ndata: {tls.crt: Y2VydA==}\n")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Secret shop/half is invalid: data[tls.key]: required for type kubernetes.io/tls"
+    );
+
+    // Ingress: validated, stored, listed; its Service need not exist yet (as the API server).
+    let ing = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: shop, namespace: shop}\nspec:\n  ingressClassName: flannel\n  tls: [{hosts: [shop.example.com], secretName: shop-tls}]\n  rules:\n  - host: shop.example.com\n    http: {paths: [{path: /api, pathType: Prefix, backend: {service: {name: api, port: {number: 80}}}}]}\n";
+    assert_eq!(env.apply(ing).await.unwrap().outcome, Outcome::Created);
+    let listed = s.list(Kind::Ingress, Some("shop")).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let e = env
+        .apply(&ing.replace("path: /api", "path: api"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Ingress shop/shop is invalid: spec.rules[0].http.paths[0].path: \"api\" must be an absolute path"
+    );
+    s.delete(Kind::Ingress, Some("shop"), "shop").await.unwrap();
+    assert!(s
+        .list(Kind::Ingress, Some("shop"))
+        .await
+        .unwrap()
+        .is_empty());
+}

@@ -370,17 +370,9 @@ pub async fn run(
         cluster_cidr: opts.cluster_cidr,
         cluster_cidr6: opts.cluster_cidr6,
     };
-    // The userspace mode's relays pass the policy gate, which judges IPv4 only: with a gate
-    // IPv6 service ports are refused rather than relayed unchecked.
-    let user6 = opts.mode == Mode::Userspace && opts.userspace.gate.is_none();
-    if !(opts.ipv6 && (opts.mode == Mode::Nftables || user6)) {
+    if !opts.ipv6 {
         // Not served: a table an earlier run left would DNAT to stale endpoints.
         let _ = nft.apply(&crate::nft::cleanup_in(::nft::Family::Ip6)).await;
-    }
-    if opts.ipv6 && opts.mode == Mode::Userspace && !user6 {
-        tracing::warn!(
-            "userspace proxy mode with network policy serves IPv4 Services only (the policy gate judges IPv4 relays); IPv6 ClusterIPs get nothing"
-        );
     }
     let plane = match opts.mode {
         Mode::Nftables => Plane::Nft(

@@ -13,10 +13,9 @@
 //! Both families: IPv4 service ports are redirected by `ip flannel-proxy` to IPv4 listeners,
 //! and, when IPv6 is on ([`UserspaceProxy::with_ipv6`]), IPv6 ones by `ip6 flannel-proxy` to
 //! IPv6-only listeners (`IPV6_V6ONLY`, so each table's guard covers exactly its listeners).
-//! The policy gate judges IPv4 relays only: with a gate, IPv6 service ports are refused
-//! (logged, no listener, no redirect) and no IPv6 relay is ever opened.
+//! The policy gate, when set, judges every relay of either family the same way.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -150,7 +149,8 @@ impl Targets {
 
 /// The endpoints the client at `peer` (`local`: redirected in the output hook) may be relayed
 /// to, in the order to try them; `Err(())` when there are endpoints but the gate allows none.
-/// The gate judges IPv4 only: with a gate, no IPv6 client or endpoint is ever allowed.
+/// The gate judges each client/endpoint pair in the endpoint's family (a listener's endpoints
+/// and clients are of its service port's family).
 fn allowed_order(
     targets: &Targets,
     gate: Option<&Arc<dyn Gate>>,
@@ -163,16 +163,8 @@ fn allowed_order(
         return Ok(order);
     };
     let had = !order.is_empty();
-    match peer {
-        IpAddr::V4(addr) => {
-            let client = Client { addr, local };
-            order.retain(|ep| match ep {
-                SocketAddr::V4(ep) => gate.allows(client, *ep, protocol),
-                SocketAddr::V6(_) => false,
-            });
-        }
-        IpAddr::V6(_) => order.clear(),
-    }
+    let client = Client { addr: peer, local };
+    order.retain(|ep| gate.allows(client, *ep, protocol));
     if had && order.is_empty() {
         Err(())
     } else {
@@ -180,8 +172,9 @@ fn allowed_order(
     }
 }
 
-/// Whether `addr` is an address of this node (a bind to it succeeds).
-fn is_local_addr(addr: Ipv4Addr) -> bool {
+/// Whether `addr` is an address of this node (a bind to it succeeds; IPv6 link-local
+/// addresses, which need a scope to bind, count as not local).
+fn is_local_addr(addr: IpAddr) -> bool {
     addr.is_loopback() || std::net::UdpSocket::bind((addr, 0)).is_ok()
 }
 
@@ -230,10 +223,8 @@ pub struct UserspaceProxy<N> {
     listeners: BTreeMap<(PortId, Entry), Listener>,
     /// The script last applied; `None` forces a rewrite.
     applied: Option<String>,
-    /// IPv6 is on: IPv6 service ports are served (without a gate) or refused (with one).
+    /// IPv6 is on: IPv6 service ports are served too.
     ipv6: bool,
-    /// IPv6 service ports refused because a gate is set (each logged once).
-    refused: BTreeSet<PortId>,
 }
 
 impl<N: Runner> UserspaceProxy<N> {
@@ -246,20 +237,18 @@ impl<N: Runner> UserspaceProxy<N> {
             listeners: BTreeMap::new(),
             applied: None,
             ipv6: false,
-            refused: BTreeSet::new(),
         }
     }
 
-    /// Serves IPv6 service ports too (in `ip6 flannel-proxy`), unless a gate is set: the gate
-    /// judges IPv4 only, so with one IPv6 service ports are refused (logged and skipped).
+    /// Serves IPv6 service ports too (in `ip6 flannel-proxy`), behind the gate when one is set.
     pub fn with_ipv6(mut self, on: bool) -> Self {
         self.ipv6 = on;
         self
     }
 
-    /// Whether IPv6 service ports get listeners and the `ip6` table (IPv6 on, no gate).
+    /// Whether IPv6 service ports get listeners and the `ip6` table.
     pub fn serves_ipv6(&self) -> bool {
-        self.ipv6 && self.opts.gate.is_none()
+        self.ipv6
     }
 
     pub fn invalidate(&mut self) {
@@ -282,18 +271,8 @@ impl<N: Runner> UserspaceProxy<N> {
     ) -> Result<usize, UserspaceError> {
         let serve6 = self.serves_ipv6();
         let mut wanted: BTreeMap<(PortId, Entry), Wanted> = BTreeMap::new();
-        let mut refused = BTreeSet::new();
         for (id, sp) in ports {
             if id.family == IpFamily::Ipv6 && !serve6 {
-                if self.ipv6 {
-                    if !self.refused.contains(id) {
-                        tracing::warn!(
-                            port = %id,
-                            "IPv6 service port not served: the userspace proxy's network policy gate judges IPv4 only (use --proxy-mode nftables)"
-                        );
-                    }
-                    refused.insert(id.clone());
-                }
                 continue;
             }
             wanted.insert(
@@ -312,7 +291,6 @@ impl<N: Runner> UserspaceProxy<N> {
                 );
             }
         }
-        self.refused = refused;
         let before = self.listeners.len();
         self.listeners
             .retain(|k, l| wanted.get(k).is_some_and(|w| w.0 == l.protocol));
@@ -633,10 +611,7 @@ async fn serve_udp(
                     continue;
                 }
                 let client_ip = client.ip();
-                let local = match client_ip {
-                    IpAddr::V4(v4) => opts.gate.is_some() && is_local_addr(v4),
-                    IpAddr::V6(_) => false,
-                };
+                let local = opts.gate.is_some() && is_local_addr(client_ip);
                 let ep = match allowed_order(
                     &targets,
                     opts.gate.as_ref(),
@@ -715,7 +690,6 @@ async fn udp_replies(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddrV4;
 
     #[test]
     fn round_robin_then_affinity() {
@@ -740,9 +714,46 @@ mod tests {
     struct Deny(Vec<Ipv4Addr>);
 
     impl Gate for Deny {
-        fn allows(&self, _: Client, endpoint: SocketAddrV4, _: Protocol) -> bool {
-            !self.0.contains(endpoint.ip())
+        fn allows(&self, _: Client, endpoint: SocketAddr, _: Protocol) -> bool {
+            !self.0.iter().any(|a| IpAddr::V4(*a) == endpoint.ip())
         }
+    }
+
+    /// Denies relays to the listed endpoints and records every question.
+    #[derive(Debug, Default)]
+    struct Judge {
+        deny: Vec<SocketAddr>,
+        asked: Mutex<Vec<(Client, SocketAddr, Protocol)>>,
+    }
+
+    impl Gate for Judge {
+        fn allows(&self, client: Client, endpoint: SocketAddr, protocol: Protocol) -> bool {
+            if let Ok(mut a) = self.asked.lock() {
+                a.push((client, endpoint, protocol));
+            }
+            !self.deny.contains(&endpoint)
+        }
+    }
+
+    /// A server at `addr` (any family) that writes `tag` to every connection.
+    async fn tagged_at(addr: IpAddr, tag: &'static [u8]) -> SocketAddr {
+        let l = TcpListener::bind((addr, 0)).await.expect("bind");
+        let at = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(tag).await;
+            }
+        });
+        at
+    }
+
+    async fn fetch_from(addr: IpAddr, port: u16) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut s = TcpStream::connect((addr, port)).await.expect("connect");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        out
     }
 
     /// A server at `addr` that writes `tag` to every connection.
@@ -994,7 +1005,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn with_a_gate_ipv6_ports_are_refused() {
+    async fn with_a_gate_ipv6_ports_are_served_and_judged() {
+        // With a gate the IPv6 half is served as without one: same listeners, same table.
         let ports = dual_stack();
         let opts = UserspaceOptions {
             gate: Some(Arc::new(Deny(vec![]))),
@@ -1002,34 +1014,97 @@ mod tests {
         };
         let mut p = UserspaceProxy::new(::nft::FakeNft::default(), opts, ProxyMetrics::default())
             .with_ipv6(true);
-        assert!(!p.serves_ipv6());
-        assert_eq!(
-            p.apply(&ports).await.expect("apply"),
-            2,
-            "IPv4 listeners only"
-        );
-        assert_eq!(p.refused.len(), 3);
+        assert!(p.serves_ipv6());
+        assert_eq!(p.apply(&ports).await.expect("apply"), 6);
         let script = p.nft.scripts().last().cloned().expect("script");
-        assert!(!script.contains("ip6"), "{script}");
-        // Nor does the gate let an IPv6 relay through, should one be asked for.
+        let web = p
+            .local_port(&id("web", Protocol::Tcp, IpFamily::Ipv6), Entry::Cluster)
+            .expect("listener");
+        assert!(
+            script.contains(&format!(
+                "add rule ip6 {TABLE} services ip6 daddr fd00:10:96::a tcp dport 80 redirect to :{web}\n"
+            )),
+            "{script}"
+        );
+
+        // Real relays over IPv6: every one is asked for, as this node's own client (the
+        // output hook's redirect arrives from ::1), and the denied endpoint is skipped.
+        let a = tagged_at(Ipv6Addr::LOCALHOST.into(), b"A").await;
+        let b = tagged_at(Ipv6Addr::LOCALHOST.into(), b"B").await;
+        let id6 = id("web", Protocol::Tcp, IpFamily::Ipv6);
+        let sp = ServicePort::new(
+            id6.clone(),
+            "fd00:10:96::a".parse::<Ipv6Addr>().expect("ip"),
+            80,
+            vec![ep("::1", a.port()), ep("::1", b.port())],
+        );
+        let ports: BTreeMap<PortId, ServicePort> = [(id6.clone(), sp)].into();
+        let judge = Arc::new(Judge {
+            deny: vec![a],
+            ..Judge::default()
+        });
+        let metrics = ProxyMetrics::default();
+        let opts = UserspaceOptions {
+            gate: Some(judge.clone()),
+            ..UserspaceOptions::default()
+        };
+        let mut p =
+            UserspaceProxy::new(::nft::FakeNft::default(), opts, metrics.clone()).with_ipv6(true);
+        p.apply(&ports).await.expect("apply");
+        let port = p.local_port(&id6, Entry::Cluster).expect("listener");
+        for _ in 0..4 {
+            assert_eq!(fetch_from(Ipv6Addr::LOCALHOST.into(), port).await, b"B");
+        }
+        let asked = judge.asked.lock().expect("lock").clone();
+        let client = Client {
+            addr: Ipv6Addr::LOCALHOST.into(),
+            local: true,
+        };
+        assert_eq!(asked.len(), 8, "both endpoints judged per relay: {asked:?}");
+        assert!(
+            asked
+                .iter()
+                .all(|(c, e, pr)| *c == client && (*e == a || *e == b) && *pr == Protocol::Tcp),
+            "{asked:?}"
+        );
+        assert_eq!(metrics.connections_denied.get(), 0);
+
+        // Both denied: the client is refused (reset, no byte) and it is counted.
+        p.shutdown().await;
+        let opts = UserspaceOptions {
+            gate: Some(Arc::new(Judge {
+                deny: vec![a, b],
+                ..Judge::default()
+            })),
+            ..UserspaceOptions::default()
+        };
+        let mut p =
+            UserspaceProxy::new(::nft::FakeNft::default(), opts, metrics.clone()).with_ipv6(true);
+        p.apply(&ports).await.expect("apply");
+        let port = p.local_port(&id6, Entry::Cluster).expect("listener");
+        assert_eq!(fetch_from(Ipv6Addr::LOCALHOST.into(), port).await, b"");
+        assert_eq!(metrics.connections_denied.get(), 1);
+
+        // The pure choice: an IPv6 client from elsewhere is judged as itself, not local.
         let t = Targets::new();
-        t.set(vec![SocketAddr::from((Ipv6Addr::LOCALHOST, 80))], None);
-        let gate: Arc<dyn Gate> = Arc::new(Deny(vec![]));
-        let v4 = IpAddr::from(Ipv4Addr::new(10, 5, 1, 2));
+        t.set(vec![a, b], None);
+        let judge = Arc::new(Judge {
+            deny: vec![b],
+            ..Judge::default()
+        });
+        let gate: Arc<dyn Gate> = judge.clone();
+        let pod: IpAddr = "fd10:0:0:2::3".parse().expect("ip");
         assert_eq!(
-            allowed_order(&t, Some(&gate), v4, false, Protocol::Tcp),
-            Err(())
+            allowed_order(&t, Some(&gate), pod, false, Protocol::Udp),
+            Ok(vec![a])
         );
-        t.set(
-            vec![SocketAddr::from((Ipv4Addr::new(10, 5, 2, 2), 80))],
-            None,
-        );
-        let v6 = IpAddr::from(Ipv6Addr::LOCALHOST);
-        assert_eq!(
-            allowed_order(&t, Some(&gate), v6, true, Protocol::Tcp),
-            Err(())
-        );
-        assert!(allowed_order(&t, None, v6, true, Protocol::Tcp).is_ok_and(|o| o.len() == 1));
+        assert!(judge.asked.lock().expect("lock").iter().all(|(c, _, pr)| *c
+            == Client {
+                addr: pod,
+                local: false
+            }
+            && *pr == Protocol::Udp));
+        assert!(allowed_order(&t, None, pod, false, Protocol::Tcp).is_ok_and(|o| o.len() == 2));
     }
 
     #[tokio::test]

@@ -422,6 +422,33 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| "thread in namespace panicked".to_string())?
 }
 
+/// Runs `f` on a thread of its own that has moved to a new, anonymous network namespace
+/// (`unshare(CLONE_NEWNET)` moves only the calling thread and what it spawns): the links and
+/// sockets `f` makes and the programs it starts live there, and the namespace goes when the
+/// thread ends, also on a panic. Nothing outside it is touched. Refuses (Err) when the thread did
+/// not end up in a namespace of its own; a panic in `f` is resumed on the caller's thread, so an
+/// assertion keeps its message.
+pub fn in_new_netns<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let outer = std::fs::read_link("/proc/thread-self/ns/net")
+        .map_err(|e| format!("/proc/thread-self/ns/net: {e}"))?;
+    let worker = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+        // What this thread starts must run in the new namespace, not the test's.
+        let child = sh("readlink", &["/proc/self/ns/net"])?;
+        if Path::new(child.trim()) == outer {
+            return Err(format!("still in {}: not a new namespace", outer.display()));
+        }
+        Ok(f())
+    });
+    match worker.join() {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
         let mut errors = Vec::new();

@@ -406,3 +406,27 @@ fn split_id(line: &str, to: SocketAddr) -> Result<(String, String), String> {
         _ => Err(format!("unexpected answer {line:?} from {to}")),
     }
 }
+
+/// A TCP connection to `to` within `limit` (in the caller's namespace), with IPv6 sockets
+/// asking for ICMPv6 errors (`IPV6_RECVERR`). The kernel queues an ICMP error that answers a
+/// SYN to the socket's error queue, so that a waiting non-blocking connect sees it at once,
+/// without the option for IPv4 only (`tcp_v4_err` → `ip_icmp_error`); IPv6 needs the option
+/// (`ipv6_icmp_error`). Without it an IPv6 client whose own connect() still held the socket
+/// when the error arrived (a round trip through veths and bridges on one host runs inside
+/// that call) keeps it as a soft error and fails only on its retransmitted SYN, a second
+/// later. With it a refusal by ICMP is seen as fast over both families.
+pub fn connect_seeing_icmp(to: SocketAddr, limit: Duration) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let domain = if to.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let sock = Socket::new(domain, Type::STREAM, None)?;
+    if to.is_ipv6() {
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Ipv6RecvErr, &true)
+            .map_err(std::io::Error::from)?;
+    }
+    sock.connect_timeout(&to.into(), limit)?;
+    Ok(sock.into())
+}

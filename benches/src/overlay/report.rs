@@ -152,9 +152,9 @@ pub fn render_tables(meta: &Meta, v4: &[Summary], v6: &[Summary]) -> String {
         out,
         "Pod to pod across two namespace nodes, {rounds} (order reversed every other \
          round), iperf3 {s} s per run: TCP with 1 and 4 streams, UDP with 1400-byte datagrams{v6} \
-         offered at {r} Gbit/s; ping {p} × {i} ms. Figures are medians over rounds; the ratio is \
+         (1392 at WireGuard's pod MTU 1420) offered at {r} Gbit/s; ping {p} × {i} ms. Figures are medians over rounds; the ratio is \
          the median of per-round ratios. CPU s/GB: CPU seconds during the 1-stream TCP run per \
-         GB (1e9 bytes) received, for both flanneld processes (utime + stime) and for the whole \
+         GB (1e9 bytes) received, for both daemons (utime + stime: flanneld, or wireguard-go in its row) and for the whole \
          machine (/proc/stat busy time).\n",
         rounds = meta.rounds_text(),
         s = meta.seconds,

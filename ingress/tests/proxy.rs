@@ -1,0 +1,289 @@
+//! The proxy on loopback, without root or etcd: a snapshot built from objects, the HTTP
+//! listener on 127.0.0.1, upstream servers on other loopback ports. Checks what the namespace
+//! e2e cannot force: a refused endpoint and one that drops the connection without answering
+//! (GET goes to the next endpoint, POST is not sent twice: 502), the body limit (413), an
+//! upstream answering late (504), and a snapshot swapped under a kept-alive connection.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ingress::class::ClassConfig;
+use ingress::metrics::Metrics;
+use ingress::objects::Objects;
+use ingress::proxy::{Proxy, ProxyOptions};
+use ingress::snapshot::Snapshot;
+use ingress::tls::{default_certificate, CertCache};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// An upstream answering `name` to every request (HTTP/1.1, keep-alive).
+async fn good(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                loop {
+                    let mut len = 0usize;
+                    let mut first = true;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" && !first {
+                            break;
+                        }
+                        first = false;
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if r.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let text = format!("{name} {}", body.len());
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    if w.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that reads the request head and closes without answering; counts requests.
+async fn dropper(count: Arc<std::sync::atomic::AtomicUsize>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut r = BufReader::new(s);
+                let mut line = String::new();
+                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    if line == "\r\n" {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that never answers.
+async fn silent() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            if let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        }
+    });
+    addr
+}
+
+/// A port with nothing listening.
+async fn refused() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+fn objects(services: &[(&str, Vec<SocketAddr>)]) -> Objects {
+    let mut yaml = String::from(
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: i, namespace: web}\nspec:\n  rules:\n",
+    );
+    for (name, _) in services {
+        yaml += &format!(
+            "  - host: {name}.test\n    http: {{paths: [{{path: /, pathType: Prefix, backend: {{service: {{name: {name}, port: {{number: 80}}}}}}}}]}}\n"
+        );
+    }
+    for (name, addrs) in services {
+        // One subset per endpoint: each has its own port.
+        let subsets: Vec<String> = addrs
+            .iter()
+            .map(|a| {
+                format!(
+                    "{{addresses: [{{ip: {}}}], ports: [{{port: {}}}]}}",
+                    a.ip(),
+                    a.port()
+                )
+            })
+            .collect();
+        yaml += &format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: web}}\nspec: {{ports: [{{port: 80}}]}}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}, namespace: web}}\nsubsets: [{}]\n",
+            subsets.join(", ")
+        );
+    }
+    let mut o = Objects::new("/coreos.com/network");
+    for obj in registry::parse_documents(&yaml).unwrap() {
+        o.insert(obj);
+    }
+    o
+}
+
+fn snapshot(o: &Objects, previous: &Snapshot) -> Snapshot {
+    let cfg = ClassConfig {
+        watch_without_class: true,
+        ..ClassConfig::default()
+    };
+    Snapshot::build(o, &cfg, &mut CertCache::default(), previous).0
+}
+
+/// One request on a fresh connection; returns (status, body).
+async fn request(to: SocketAddr, raw: String) -> (u16, String) {
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(raw.as_bytes()).await.unwrap();
+    read_response(&mut BufReader::new(&mut s)).await
+}
+
+async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> (u16, String) {
+    let mut status = String::new();
+    r.read_line(&mut status).await.unwrap();
+    let code = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).await.unwrap();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn get(host: &str) -> String {
+    format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n")
+}
+
+#[tokio::test]
+async fn retries_limits_timeouts_and_swaps() {
+    let drops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (a, b) = (good("a").await, good("b").await);
+    let (gone, drop_addr, late) = (
+        refused().await,
+        dropper(drops.clone()).await,
+        silent().await,
+    );
+    let o = objects(&[
+        ("refused", vec![gone, a]),
+        ("dropping", vec![drop_addr, b]),
+        ("late", vec![late]),
+        ("ok", vec![a]),
+    ]);
+    let empty = Snapshot::empty(default_certificate().unwrap());
+    let (tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
+    let opts = ProxyOptions {
+        upstream_timeout: Duration::from_millis(500),
+        max_body_bytes: 1000,
+        eject_for: Duration::from_millis(1),
+        ..ProxyOptions::default()
+    };
+    let proxy = Arc::new(Proxy::new(rx, opts, Metrics::default()));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = l.local_addr().unwrap();
+    let (_stop_tx, stop) = watch::channel(false);
+    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+
+    // A refused endpoint: every request still answered, by the other one.
+    for _ in 0..4 {
+        assert_eq!(request(to, get("refused.test")).await, (200, "a 0".into()));
+    }
+    // An endpoint dropping the connection after the request: GETs go to the next endpoint...
+    for _ in 0..4 {
+        assert_eq!(request(to, get("dropping.test")).await, (200, "b 0".into()));
+    }
+    // ...a POST is not sent twice (it may have been processed): 502 when it met the dropper.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let before = drops.load(std::sync::atomic::Ordering::SeqCst);
+        let (code, body) = request(
+            to,
+            "POST / HTTP/1.1\r\nHost: dropping.test\r\nContent-Length: 3\r\n\r\nabc".into(),
+        )
+        .await;
+        let dropped = drops.load(std::sync::atomic::Ordering::SeqCst) > before;
+        match dropped {
+            true => assert_eq!(code, 502, "{body}"),
+            false => assert_eq!((code, body.as_str()), (200, "b 3")),
+        }
+        statuses.push(code);
+    }
+    assert!(
+        statuses.contains(&502) && statuses.contains(&200),
+        "{statuses:?}"
+    );
+    // Body limit.
+    let big = "x".repeat(1001);
+    let (code, _) = request(
+        to,
+        format!("POST / HTTP/1.1\r\nHost: ok.test\r\nContent-Length: 1001\r\n\r\n{big}"),
+    )
+    .await;
+    assert_eq!(code, 413);
+    let (code, body) = request(
+        to,
+        format!("POST / HTTP/1.1\r\nHost: ok.test\r\nTransfer-Encoding: chunked\r\n\r\n3e9\r\n{big}\r\n0\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(code, 413, "{body}");
+    // A late upstream: 504 after the upstream timeout.
+    let started = std::time::Instant::now();
+    assert_eq!(request(to, get("late.test")).await.0, 504);
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // A kept-alive connection across a snapshot swap: the next request uses the new routes.
+    let mut s = BufReader::new(TcpStream::connect(to).await.unwrap());
+    s.get_mut()
+        .write_all(get("ok.test").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s).await, (200, "a 0".into()));
+    let o2 = objects(&[("ok", vec![b])]);
+    let next = snapshot(&o2, &tx.borrow());
+    tx.send_replace(Arc::new(next));
+    s.get_mut()
+        .write_all(get("ok.test").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s).await, (200, "b 0".into()));
+    s.get_mut()
+        .write_all(get("refused.test").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s).await.0, 404);
+}
