@@ -12,7 +12,7 @@
 //! that finds their sender.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -24,7 +24,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use tun_rs::SyncDevice;
 
 use super::key::PrivateKey;
@@ -48,7 +48,8 @@ const BUF: usize = 65536;
 /// Why a packet was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
-    /// Read from the TUN and not IPv4 (the device's own IPv6 noise).
+    /// Read from the TUN and not for a peer: not IP, or the TUN's own IPv6 link-local and
+    /// multicast noise (router and neighbour solicitations, MLD).
     NotIpv4,
     /// To an address no peer's allowed IPs contain (ICMP unreachable sent, rate limited).
     NoPeer,
@@ -196,24 +197,44 @@ pub fn open<'a>(
     from: IpAddr,
     datagram: &[u8],
     out: &'a mut [u8],
-    allowed: &[Ipv4Net],
+    allowed: &[IpNet],
 ) -> Step<'a> {
     if out.len() < datagram.len().max(HANDSHAKE_MAX) {
         return Step::Drop(DropReason::Invalid);
     }
     match t.decapsulate(Some(from), datagram, out) {
         TunnResult::WriteToNetwork(d) => Step::Network(d),
-        TunnResult::WriteToTunnelV4(p, src) => {
-            if allowed.iter().any(|n| n.contains(&src)) {
-                Step::Tunnel(p)
-            } else {
-                Step::Drop(DropReason::Spoofed)
-            }
-        }
-        // This device carries IPv4 only: no peer has IPv6 allowed IPs.
-        TunnResult::WriteToTunnelV6(..) => Step::Drop(DropReason::Spoofed),
+        TunnResult::WriteToTunnelV4(p, src) => allowed_step(p, IpAddr::V4(src), allowed),
+        TunnResult::WriteToTunnelV6(p, src) => allowed_step(p, IpAddr::V6(src), allowed),
         TunnResult::Done => Step::Nothing,
         TunnResult::Err(e) => Step::Drop(DropReason::of(&e)),
+    }
+}
+
+/// The inner packet `p` from `src`, if `src` is in the peer's `allowed` IPs (either family).
+fn allowed_step<'a>(p: &'a [u8], src: IpAddr, allowed: &[IpNet]) -> Step<'a> {
+    if allowed.iter().any(|n| n.contains(&src)) {
+        Step::Tunnel(p)
+    } else {
+        Step::Drop(DropReason::Spoofed)
+    }
+}
+
+/// The destination of an inner packet read from a TUN (IPv4 or IPv6); None for anything a
+/// peer cannot be for: too short, not IP, IPv6 link-local or multicast (the TUN's own noise).
+pub fn inner_dst(pkt: &[u8]) -> Option<IpAddr> {
+    match pkt.first()? >> 4 {
+        4 => {
+            let a: [u8; 4] = pkt.get(16..20)?.try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(a)))
+        }
+        6 => {
+            let a: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
+            let d = Ipv6Addr::from(a);
+            let noise = d.is_multicast() || (d.segments()[0] & 0xffc0) == 0xfe80;
+            (!noise).then_some(IpAddr::V6(d))
+        }
+        _ => None,
     }
 }
 
@@ -223,7 +244,7 @@ pub struct PeerSnapshot {
     pub public_key: [u8; 32],
     /// Where datagrams go now (the lease's endpoint, or where the peer roamed to).
     pub endpoint: SocketAddr,
-    pub allowed_ips: Vec<Ipv4Net>,
+    pub allowed_ips: Vec<IpNet>,
     /// When the current session was made; None before the first handshake.
     pub last_handshake: Option<SystemTime>,
     /// Datagram bytes received from and sent to the peer.
@@ -239,7 +260,7 @@ struct PeerState {
     endpoint: SocketAddr,
     /// The endpoint the lease gave (a change in the lease overrides roaming).
     lease_endpoint: SocketAddr,
-    allowed: Vec<Ipv4Net>,
+    allowed: Vec<IpNet>,
 }
 
 struct Peer {
@@ -267,7 +288,7 @@ impl Peer {
             .endpoint
     }
 
-    fn allowed(&self) -> Vec<Ipv4Net> {
+    fn allowed(&self) -> Vec<IpNet> {
         self.state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -289,14 +310,14 @@ impl Peer {
 struct Table {
     by_key: HashMap<[u8; 32], Arc<Peer>>,
     by_idx: HashMap<u32, Arc<Peer>>,
-    routes: Vec<(Ipv4Net, Arc<Peer>)>,
+    routes: Vec<(IpNet, Arc<Peer>)>,
     /// Peers of other types by PublicIP: a handshake from there with an unknown key makes a
     /// peer for that lease (its wireguard secondary, mid-switch).
     switching: HashMap<Ipv4Addr, Switching>,
 }
 
 impl Table {
-    fn lookup(&self, dst: Ipv4Addr) -> Option<&Arc<Peer>> {
+    fn lookup(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
         self.routes
             .iter()
             .find(|(n, _)| n.contains(&dst))
@@ -304,7 +325,7 @@ impl Table {
     }
 
     fn rebuild_routes(&mut self) {
-        let mut routes: Vec<(Ipv4Net, Arc<Peer>)> = self
+        let mut routes: Vec<(IpNet, Arc<Peer>)> = self
             .by_key
             .values()
             .flat_map(|p| p.allowed().into_iter().map(move |n| (n, p.clone())))
@@ -427,7 +448,7 @@ impl Device {
             .filter(|p| {
                 switching
                     .iter()
-                    .any(|s| s.lease == p.lease && s.allowed == p.allowed)
+                    .any(|s| s.lease == p.lease && IpNet::V4(s.allowed) == p.allowed)
                     && !want.iter().any(|w| w.public_key == p.public_key)
             })
             .cloned()
@@ -566,7 +587,7 @@ fn switching_peer(sh: &Shared, key: [u8; 32], from: SocketAddr) -> Option<Arc<Pe
     let w = WgPeer {
         public_key: key,
         endpoint: from,
-        allowed: s.allowed,
+        allowed: IpNet::V4(s.allowed),
         lease: s.lease,
     };
     tracing::info!(subnet = %s.allowed, endpoint = %from, "wireguard peer of another type (switching) accepted");
@@ -612,11 +633,10 @@ fn egress(sh: &Shared) {
             }
         };
         let pkt = &buf[..n];
-        if n < 20 || pkt[0] >> 4 != 4 {
+        let Some(dst) = inner_dst(pkt) else {
             sh.stats.count(DropReason::NotIpv4);
             continue;
-        }
-        let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+        };
         let peer = {
             let t = sh.table.read().unwrap_or_else(|e| e.into_inner());
             t.lookup(dst).cloned()
@@ -896,7 +916,7 @@ mod tests {
             "the payload is encrypted"
         );
         let from: IpAddr = "172.30.0.11".parse().unwrap();
-        let allowed: Vec<Ipv4Net> = vec!["10.5.1.0/24".parse().unwrap()];
+        let allowed: Vec<IpNet> = vec!["10.5.1.0/24".parse().unwrap()];
         let mut out = vec![0u8; 2048];
         match open(&mut b, from, &sealed, &mut out, &allowed) {
             Step::Tunnel(p) => assert_eq!(p, ipv4([10, 5, 1, 5], [10, 5, 2, 5], payload)),
@@ -931,7 +951,7 @@ mod tests {
     #[test]
     fn an_inner_source_outside_the_peers_subnet_is_dropped() {
         let (_a, mut b, sealed) = connected(b"x", [10, 5, 3, 5]);
-        let allowed: Vec<Ipv4Net> = vec!["10.5.1.0/24".parse().unwrap()];
+        let allowed: Vec<IpNet> = vec!["10.5.1.0/24".parse().unwrap()];
         let mut out = vec![0u8; 2048];
         assert_eq!(
             open(
@@ -995,6 +1015,45 @@ mod tests {
         );
         assert_eq!(sealed_len(1400), 1432);
         assert_eq!(sealed_len(0), 148);
+    }
+
+    #[test]
+    fn inner_destinations_of_both_families_and_the_tuns_noise() {
+        let v4 = ipv4([10, 5, 1, 5], [10, 5, 2, 5], b"x");
+        assert_eq!(inner_dst(&v4), Some("10.5.2.5".parse().unwrap()));
+        let v6 = |dst: &str| {
+            let mut p = vec![0x60, 0, 0, 0, 0, 0, 17, 64];
+            p.extend_from_slice(&"fd10:0:0:1::5".parse::<Ipv6Addr>().unwrap().octets());
+            p.extend_from_slice(&dst.parse::<Ipv6Addr>().unwrap().octets());
+            p
+        };
+        assert_eq!(
+            inner_dst(&v6("fd10:0:0:2::5")),
+            Some("fd10:0:0:2::5".parse().unwrap())
+        );
+        // Router solicitations, MLD, link-local: the TUN's own, for no peer.
+        assert_eq!(inner_dst(&v6("ff02::2")), None);
+        assert_eq!(inner_dst(&v6("fe80::1")), None);
+        assert_eq!(inner_dst(&v4[..12]), None);
+        assert_eq!(inner_dst(&[]), None);
+        assert_eq!(inner_dst(&[0x20; 40]), None);
+    }
+
+    #[test]
+    fn inner_ipv6_sources_are_checked_against_the_allowed_ips() {
+        let allowed: Vec<IpNet> = vec!["fd10:0:0:1::/64".parse().unwrap()];
+        let p = [0u8; 4];
+        assert_eq!(
+            allowed_step(&p, "fd10:0:0:1::5".parse().unwrap(), &allowed),
+            Step::Tunnel(&p[..])
+        );
+        for src in ["fd10:0:0:3::5", "10.5.1.5", "::ffff:10.5.1.5"] {
+            assert_eq!(
+                allowed_step(&p, src.parse().unwrap(), &allowed),
+                Step::Drop(DropReason::Spoofed),
+                "{src}"
+            );
+        }
     }
 
     #[test]
