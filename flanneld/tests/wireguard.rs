@@ -148,9 +148,49 @@ fn lease_key(tb: &Testbed, subnet: ipnet::Ipv4Net) -> String {
     v["BackendData"]["PublicKey"].as_str().unwrap().to_string()
 }
 
+/// `wg show flannel-wg dump` on each of `nodes` (through its UAPI socket): the device's key
+/// and port, every other node as a peer with its lease key, endpoint, subnet and the PSK, a
+/// handshake, bytes both ways and the keepalive.
+fn wg_show_lists_the_peers(tb: &Testbed, d: &Daemons, subnets: &[ipnet::Ipv4Net], nodes: &[usize]) {
+    for &i in nodes {
+        let dump = d
+            .wg(tb, i, &["show", "flannel-wg", "dump"])
+            .unwrap_or_else(|e| panic!("wg show on node {i}: {e}\n{}", d.log(i)));
+        let mut lines = dump.lines();
+        let dev: Vec<&str> = lines.next().unwrap().split('\t').collect();
+        let own = key::read(&key_file(d, i)).unwrap();
+        assert_eq!(dev[1], own.public_base64(), "node {i}: {dump}");
+        assert_eq!(dev[2], WG_PORT.to_string(), "node {i}: {dump}");
+        let peers: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+        assert_eq!(peers.len(), subnets.len() - 1, "node {i}: {dump}");
+        for (j, sn) in subnets.iter().enumerate().filter(|(j, _)| *j != i) {
+            let p = peers
+                .iter()
+                .find(|p| p[0] == lease_key(tb, *sn))
+                .unwrap_or_else(|| panic!("node {i} lacks node {j}'s key: {dump}"));
+            assert_eq!(p[1], PSK, "node {i}, peer {j}: the cluster PSK");
+            assert_eq!(p[2], format!("{}:{WG_PORT}", tb.nodes[j].ip));
+            assert_eq!(p[3], sn.to_string());
+            let num = |k: usize| p[k].parse::<u64>().unwrap();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            assert!(num(4) > 0 && num(4) <= now + 1, "handshake time: {}", p[4]);
+            assert!(num(5) > 0 && num(6) > 0, "transfer rx {} tx {}", p[5], p[6]);
+            assert_eq!(num(7), 5, "persistent keepalive");
+        }
+        // The human form says the same.
+        let show = d.wg(tb, i, &["show", "flannel-wg"]).unwrap();
+        assert_eq!(show.matches("latest handshake:").count(), 2, "{show}");
+        assert_eq!(show.matches("transfer:").count(), 2, "{show}");
+        assert_eq!(show.matches("preshared key: (hidden)").count(), 2, "{show}");
+    }
+}
+
 #[test]
 fn wireguard_backend_end_to_end() {
-    if !require_root_with(&["ip", "nft", "etcd", "etcdctl"]) {
+    if !require_root_with(&["ip", "nft", "etcd", "etcdctl", "wg"]) {
         return;
     }
     let mut tb = Testbed::new(3).unwrap();
@@ -165,6 +205,11 @@ fn wireguard_backend_end_to_end() {
         let f = key_file(&d, i).to_str().unwrap().to_string();
         d.node_env.push((i, "WIREGUARD_KEY_FILE".into(), f));
     }
+    // Each node its own /run/wireguard; on node 2 another process already answers on
+    // flannel-wg.sock (as a second flanneld of the same host would): node 2 runs without it.
+    d.private_wg_run = true;
+    std::fs::create_dir_all(d.wg_dir(2)).unwrap();
+    let _taken = std::os::unix::net::UnixListener::bind(d.wg_dir(2).join("flannel-wg.sock")).unwrap();
     let mut handles: Vec<usize> = (0..3).map(|i| d.start(&mut tb, i)).collect();
     let log = |d: &Daemons, i: usize| d.log(i);
     let (pods, subnets) = pods_per_node(&mut tb, &d, |env| {
@@ -216,6 +261,13 @@ fn wireguard_backend_end_to_end() {
     let _servers = start_servers(&pods, PORT, HASH_PORT);
     // Every pod reaches every other over TCP and UDP, seen with its own address.
     full_mesh(&pods, PORT, |i| log(&d, i));
+    wg_show_lists_the_peers(&tb, &d, &subnets, &[0, 1]);
+    assert!(
+        d.log(2).contains("no `wg show flannel-wg` on this node")
+            && d.log(2).contains("another process answers"),
+        "{}",
+        d.log(2)
+    );
     // A recognisable transfer from a pod of node 0 to one of node 1 arrives byte for byte.
     send_and_verify(
         &pods[0].ns,
@@ -333,6 +385,10 @@ fn wireguard_backend_end_to_end() {
     // A node restarted keeps its key (same lease data) and its peers re-handshake at once.
     let st = tb.stop(handles[1], Duration::from_secs(10)).unwrap();
     assert_eq!(st.code(), Some(0), "{}", d.log(1));
+    assert!(
+        !d.wg_dir(1).join("flannel-wg.sock").exists(),
+        "the UAPI socket outlived its daemon"
+    );
     let key_before = lease_key(&tb, subnets[1]);
     handles[1] = d.start(&mut tb, 1);
     let restarted = Instant::now();
@@ -393,6 +449,7 @@ fn a_standard_wireguard_node_configured_as_flannel_does_joins_the_cluster() {
         ))
         .unwrap();
     let mut d = Daemons::new(&endpoint, &[]);
+    d.private_wg_run = true;
     // Node 2 is "flannel": its key in flannel's format, its lease as flannel writes it (on an
     // etcd lease, like a running flannel's), before our nodes pick their subnets.
     let flannel_key_file = d.dir.path().join("flannel-wgkey");
@@ -527,6 +584,16 @@ fn a_standard_wireguard_node_configured_as_flannel_does_joins_the_cluster() {
         done, 2,
         "handshakes seen by the standard implementation:\n{shakes}"
     );
+    // And `wg show` on our node 0 (its own socket; wireguard-go's is named after its device,
+    // fwg<tag>) shows the standard node with a handshake, as `wg` shows any device.
+    let ours = d
+        .wg(&tb, 0, &["show", "flannel-wg", "latest-handshakes"])
+        .unwrap();
+    let line = ours
+        .lines()
+        .find(|l| l.starts_with(&flannel_key.public_base64()))
+        .unwrap_or_else(|| panic!("the standard node missing from node 0's wg show:\n{ours}"));
+    assert_ne!(line.split_whitespace().nth(1), Some("0"), "{ours}");
     tb.stop(wg_go, Duration::from_secs(5));
 }
 
@@ -576,6 +643,7 @@ fn live_switches_to_and_from_wireguard_keep_traffic_flowing() {
     let mut tb = Testbed::new(3).unwrap();
     let endpoint = tb.start_etcd_with_config(&config("vxlan")).unwrap();
     let mut d = Daemons::new(&endpoint, &[]);
+    d.private_wg_run = true;
     for i in 0..3 {
         let f = key_file(&d, i).to_str().unwrap().to_string();
         d.node_env.push((i, "WIREGUARD_KEY_FILE".into(), f));
