@@ -748,3 +748,163 @@ fn live_switches_to_and_from_wireguard_keep_traffic_flowing() {
         tb.stop(h, Duration::from_secs(10));
     }
 }
+
+/// Dual stack as flannel's `separate` mode (the default): `flannel-wg` for IPv4 and
+/// `flannel-wg-v6` for IPv6 (subnet network address /128, the IPv6Network route, ListenPortV6,
+/// peers at `[PublicIPv6]:51821` from BackendV6Data), the lease as flannel writes it, every pod
+/// reaching every other over both families, IPv6 pod traffic crossing the underlay only as
+/// WireGuard over IPv6, and `wg show` on both devices.
+#[test]
+fn dual_stack_wireguard_in_separate_mode() {
+    if !require_root_with(&["ip", "bridge", "nft", "etcd", "etcdctl", "wg"]) {
+        return;
+    }
+    let mut tb = Testbed::new(3).unwrap();
+    let v6 = tb.add_ipv6_underlay().unwrap();
+    let endpoint = tb
+        .start_etcd_with_config(&format!(
+            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"wireguard","PSK":"{PSK}","PersistentKeepaliveInterval":5}}}}"#
+        ))
+        .unwrap();
+    // --ip-masq: the CNI chain then leaves pod-to-pod sources alone (FLANNEL_IPMASQ=true).
+    let mut d = Daemons::new(&endpoint, &["--ip-masq"]);
+    d.private_wg_run = true;
+    for i in 0..3 {
+        let f = key_file(&d, i).to_str().unwrap().to_string();
+        d.node_env.push((i, "WIREGUARD_KEY_FILE".into(), f));
+    }
+    let handles: Vec<usize> = (0..3).map(|i| d.start(&mut tb, i)).collect();
+    let mut subnets = Vec::new();
+    let mut subnets6 = Vec::new();
+    for i in 0..3 {
+        let env = d.subnet_env(i);
+        assert_eq!(env.mtu, 1420, "1500 - 80 for both families");
+        assert_eq!(env.ipv6_network, Some("fd10::/48".parse().unwrap()));
+        subnets.push(env.subnet.unwrap().trunc());
+        subnets6.push(
+            env.ipv6_subnet
+                .unwrap_or_else(|| panic!("no IPv6 subnet:\n{}", d.log(i)))
+                .trunc(),
+        );
+    }
+    // The lease: both data, one key, the two ports (flannel's newSubnetAttrs).
+    for i in 0..3 {
+        let k = key::read(&key_file(&d, i)).unwrap().public_base64();
+        let key = format!(
+            "/coreos.com/network/subnets/{}-24&{}-64",
+            subnets[i].network(),
+            subnets6[i].network()
+        );
+        let value = tb.etcdctl(&["get", &key, "--print-value-only"]).unwrap();
+        assert_eq!(
+            value.trim(),
+            format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"wireguard","BackendData":{{"PublicKey":"{k}","Port":51820}},"BackendV6Data":{{"PublicKey":"{k}","Port":51821}}}}"#,
+                tb.nodes[i].ip, v6[i]
+            )
+        );
+    }
+    // flannel-wg-v6 on node 0: the subnet's network address /128, the IPv6Network route.
+    let ns0 = tb.nodes[0].ns.clone();
+    let addr = tb
+        .exec(&ns0, &["ip", "-6", "-o", "addr", "show", "dev", "flannel-wg-v6"])
+        .unwrap();
+    assert!(
+        addr.contains(&format!("{}/128", subnets6[0].network())),
+        "{addr}"
+    );
+    let routes = tb
+        .exec(&ns0, &["ip", "-6", "route", "show", "dev", "flannel-wg-v6"])
+        .unwrap();
+    assert!(
+        routes.lines().any(|l| l.starts_with("fd10::/48 ")),
+        "{routes}"
+    );
+    let link = tb.exec(&ns0, &["ip", "link", "show", "flannel-wg-v6"]).unwrap();
+    assert!(link.contains("mtu 1420"), "{link}");
+
+    let cni = common::Cni::new();
+    let mut pods4 = Vec::new();
+    let mut pods6 = Vec::new();
+    for i in 0..3 {
+        let (ns, ips) = cni.add_any(&mut tb, &d, i, "default", &format!("p{i}"));
+        for ip in ips {
+            let p = test_support::Pod {
+                ns: ns.clone(),
+                ip: ip.to_string(),
+                node: i,
+            };
+            if ip.is_ipv6() {
+                pods6.push(p);
+            } else {
+                pods4.push(p);
+            }
+        }
+    }
+    assert_eq!((pods4.len(), pods6.len()), (3, 3), "dual-stack pods");
+    // One set of servers per pod answers on both families.
+    let _servers = start_servers(&pods4, PORT, HASH_PORT);
+    full_mesh(&pods4, PORT, |i| d.log(i));
+    full_mesh(&pods6, PORT, |i| d.log(i));
+
+    // A recognisable IPv6 transfer crosses the underlay as WireGuard over IPv6 on 51821 only.
+    let cap = Capture::start(&tb.hub);
+    send_and_verify(
+        &pods6[0].ns,
+        sock(&pods6[1].ip, HASH_PORT),
+        TRANSFER,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let frames = cap.finish();
+    let wg6: usize = frames
+        .iter()
+        .filter(|f| {
+            f.len() > 58
+                && f[12..14] == [0x86, 0xdd]
+                && f[20] == 17
+                && u16::from_be_bytes([f[56], f[57]]) == 51821
+        })
+        .map(|f| f.len())
+        .sum();
+    assert!(wg6 > TRANSFER, "IPv6 WireGuard bytes at the hub: {wg6}");
+    let sent = transfer_bytes(TRANSFER);
+    let visible = (0..64)
+        .map(|k| &sent[k * (TRANSFER / 64)..k * (TRANSFER / 64) + 24])
+        .filter(|chunk| frames.iter().any(|f| contains(f, chunk)))
+        .count();
+    assert_eq!(visible, 0, "plaintext of the IPv6 transfer seen on the underlay");
+
+    // wg show on both devices of node 0.
+    let dump6 = d
+        .wg(&tb, 0, &["show", "flannel-wg-v6", "dump"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log(0)));
+    let mut lines = dump6.lines();
+    let dev: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    assert_eq!(dev[2], "51821", "{dump6}");
+    let peers: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+    assert_eq!(peers.len(), 2, "{dump6}");
+    for j in 1..3 {
+        let k = key::read(&key_file(&d, j)).unwrap().public_base64();
+        let p = peers
+            .iter()
+            .find(|p| p[0] == k)
+            .unwrap_or_else(|| panic!("node {j} missing: {dump6}"));
+        assert_eq!(p[2], format!("[{}]:51821", v6[j]), "{dump6}");
+        assert_eq!(p[3], subnets6[j].to_string(), "{dump6}");
+        assert!(p[4] != "0" && p[5] != "0" && p[6] != "0", "{dump6}");
+    }
+    let dump4 = d.wg(&tb, 0, &["show", "flannel-wg", "dump"]).unwrap();
+    for j in 1..3 {
+        assert!(
+            dump4.contains(&format!("\t{}:51820\t{}\t", tb.nodes[j].ip, subnets[j])),
+            "{dump4}"
+        );
+    }
+    for h in handles {
+        assert_eq!(
+            tb.stop(h, Duration::from_secs(10)).and_then(|s| s.code()),
+            Some(0)
+        );
+    }
+}
