@@ -209,7 +209,8 @@ fn wireguard_backend_end_to_end() {
     // flannel-wg.sock (as a second flanneld of the same host would): node 2 runs without it.
     d.private_wg_run = true;
     std::fs::create_dir_all(d.wg_dir(2)).unwrap();
-    let _taken = std::os::unix::net::UnixListener::bind(d.wg_dir(2).join("flannel-wg.sock")).unwrap();
+    let _taken =
+        std::os::unix::net::UnixListener::bind(d.wg_dir(2).join("flannel-wg.sock")).unwrap();
     let mut handles: Vec<usize> = (0..3).map(|i| d.start(&mut tb, i)).collect();
     let log = |d: &Daemons, i: usize| d.log(i);
     let (pods, subnets) = pods_per_node(&mut tb, &d, |env| {
@@ -807,7 +808,10 @@ fn dual_stack_wireguard_in_separate_mode() {
     // flannel-wg-v6 on node 0: the subnet's network address /128, the IPv6Network route.
     let ns0 = tb.nodes[0].ns.clone();
     let addr = tb
-        .exec(&ns0, &["ip", "-6", "-o", "addr", "show", "dev", "flannel-wg-v6"])
+        .exec(
+            &ns0,
+            &["ip", "-6", "-o", "addr", "show", "dev", "flannel-wg-v6"],
+        )
         .unwrap();
     assert!(
         addr.contains(&format!("{}/128", subnets6[0].network())),
@@ -820,7 +824,9 @@ fn dual_stack_wireguard_in_separate_mode() {
         routes.lines().any(|l| l.starts_with("fd10::/48 ")),
         "{routes}"
     );
-    let link = tb.exec(&ns0, &["ip", "link", "show", "flannel-wg-v6"]).unwrap();
+    let link = tb
+        .exec(&ns0, &["ip", "link", "show", "flannel-wg-v6"])
+        .unwrap();
     assert!(link.contains("mtu 1420"), "{link}");
 
     let cni = common::Cni::new();
@@ -873,7 +879,10 @@ fn dual_stack_wireguard_in_separate_mode() {
         .map(|k| &sent[k * (TRANSFER / 64)..k * (TRANSFER / 64) + 24])
         .filter(|chunk| frames.iter().any(|f| contains(f, chunk)))
         .count();
-    assert_eq!(visible, 0, "plaintext of the IPv6 transfer seen on the underlay");
+    assert_eq!(
+        visible, 0,
+        "plaintext of the IPv6 transfer seen on the underlay"
+    );
 
     // wg show on both devices of node 0.
     let dump6 = d

@@ -219,6 +219,33 @@ fn start_uapi(
     }
 }
 
+/// What this build carries: with `EnableIPv6` only `Mode: "separate"` (two devices); each
+/// enabled family needs an address of that family on the external interface.
+fn check_families(cfg: &WgConfig, ctx: &BackendContext) -> Result<(), BackendError> {
+    if ctx.network6.is_some() && cfg.mode != Mode::Separate {
+        return Err(config_err(
+            "Mode",
+            format!(
+                "{:?} (one device for both families) with EnableIPv6 is not supported by this build; use \"separate\" (the default: flannel-wg and flannel-wg-v6)",
+                cfg.mode.as_str()
+            ),
+        ));
+    }
+    if ctx.network.is_some() && ctx.ext.v4.is_none() {
+        return Err(config_err(
+            "Type",
+            format!("wireguard: interface {} has no IPv4 address", ctx.ext.name),
+        ));
+    }
+    if ctx.network6.is_some() && ctx.ext.v6.is_none() {
+        return Err(config_err(
+            "Type",
+            format!("wireguard: interface {} has no IPv6 address", ctx.ext.name),
+        ));
+    }
+    Ok(())
+}
+
 /// The running wireguard backend.
 #[derive(Debug)]
 pub struct WireguardBackend {
@@ -234,27 +261,7 @@ pub struct WireguardBackend {
 
 impl WireguardBackend {
     pub async fn new(cfg: WgConfig, ctx: &BackendContext) -> Result<Self, BackendError> {
-        if ctx.network6.is_some() && cfg.mode != Mode::Separate {
-            return Err(config_err(
-                "Mode",
-                format!(
-                    "{:?} (one device for both families) with EnableIPv6 is not supported by this build; use \"separate\" (the default: flannel-wg and flannel-wg-v6)",
-                    cfg.mode.as_str()
-                ),
-            ));
-        }
-        if ctx.network.is_some() && ctx.ext.v4.is_none() {
-            return Err(config_err(
-                "Type",
-                format!("wireguard: interface {} has no IPv4 address", ctx.ext.name),
-            ));
-        }
-        if ctx.network6.is_some() && ctx.ext.v6.is_none() {
-            return Err(config_err(
-                "Type",
-                format!("wireguard: interface {} has no IPv6 address", ctx.ext.name),
-            ));
-        }
+        check_families(&cfg, ctx)?;
         let path = key::key_file(std::env::var_os(key::KEY_FILE_ENV));
         let (private, made) =
             key::load_or_generate(&path).map_err(|e| config_err("Type", e.to_string()))?;
@@ -545,6 +552,40 @@ mod tests {
     use super::*;
     use std::time::{Duration, SystemTime};
 
+    #[test]
+    fn ipv6_is_carried_in_separate_mode_only() {
+        let nl = Arc::new(crate::netlink::FakeNetlink::default());
+        let cfg = |mode: &str| {
+            let o = serde_json::json!({ "Mode": mode });
+            WgConfig::parse(o.as_object().unwrap()).unwrap().0
+        };
+        for (v4, v6) in [(true, false), (true, true), (false, true)] {
+            let ctx = crate::testing::ctx(nl.clone(), v4, v6);
+            assert!(check_families(&cfg("separate"), &ctx).is_ok(), "{v4} {v6}");
+        }
+        for mode in ["auto", "ipv4"] {
+            assert!(
+                check_families(&cfg(mode), &crate::testing::ctx(nl.clone(), true, false)).is_ok()
+            );
+            for (v4, v6) in [(true, true), (false, true)] {
+                let e = check_families(&cfg(mode), &crate::testing::ctx(nl.clone(), v4, v6))
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.starts_with("Backend.Mode:") && e.contains("separate"),
+                    "{e}"
+                );
+            }
+        }
+        // A family enabled without an address of it on the interface.
+        let mut ctx = crate::testing::ctx(nl.clone(), true, true);
+        ctx.ext.v6 = None;
+        let e = check_families(&cfg("separate"), &ctx)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no IPv6 address"), "{e}");
+    }
+
     fn s_peer() -> PeerSnapshot {
         PeerSnapshot {
             public_key: [3; 32],
@@ -586,7 +627,11 @@ mod tests {
             "private_key={}\nlisten_port=51820\n",
             "07".repeat(32)
         )));
-        assert_eq!(text.matches(&format!("preshared_key={}", "09".repeat(32))).count(), 2);
+        assert_eq!(
+            text.matches(&format!("preshared_key={}", "09".repeat(32)))
+                .count(),
+            2
+        );
         for line in [
             "endpoint=172.30.0.12:51820",
             "endpoint=[fd00::12]:51821",

@@ -368,7 +368,11 @@ mod tests {
                     r#"{{"PublicIP":"172.30.0.14","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{K2}"}},"BackendV6Data":{{"PublicKey":"{K2}"}}}}"#
                 ),
             ),
-            wg("10.5.5.0/24", "172.30.0.15", r#"{"PublicKey":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykQ="}"#),
+            wg(
+                "10.5.5.0/24",
+                "172.30.0.15",
+                r#"{"PublicKey":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykQ="}"#,
+            ),
         ];
         let (peers, problems) = desired_for(&leases, Half::V6, 51821, &own);
         assert_eq!(
@@ -383,7 +387,11 @@ mod tests {
         let why: Vec<&str> = problems.iter().map(|(_, e)| e.as_str()).collect();
         assert_eq!(
             why,
-            vec!["no BackendV6Data", "no PublicIPv6 (flannel-wg-v6 peers are reached over IPv6)", "no IPv6 subnet"]
+            vec![
+                "no BackendV6Data",
+                "no PublicIPv6 (flannel-wg-v6 peers are reached over IPv6)",
+                "no IPv6 subnet"
+            ]
         );
         // The IPv4 half of the same leases: BackendData, PublicIP, the v4 subnet.
         let (peers, _) = desired_for(&leases[..1], Half::V4, 51820, &own);
