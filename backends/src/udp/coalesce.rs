@@ -727,7 +727,11 @@ mod tests {
         ] {
             let mut pkts = stream6(1, 3, 100, 100);
             pkts[1][53] = flags;
-            assert_eq!(runs(&pkts), vec![(0, 1), (1, 1), (2, 1)], "flags {flags:#x}");
+            assert_eq!(
+                runs(&pkts),
+                vec![(0, 1), (1, 1), (2, 1)],
+                "flags {flags:#x}"
+            );
         }
         // Another traffic class, flow label, hop limit, address, port, ack number, window,
         // urgent pointer, options: not the same flow or not mergeable.
@@ -997,7 +1001,11 @@ mod tests {
                 let mut sizes = vec![0usize; part.len()];
                 let k = tun_rs::gso_split(&mut whole, vh, &mut out, &mut sizes, 0, v6).unwrap();
                 assert_eq!(k, part.len());
-                let (l, proto) = if v6 { (40, part[0][6]) } else { (20, part[0][9]) };
+                let (l, proto) = if v6 {
+                    (40, part[0][6])
+                } else {
+                    (20, part[0][9])
+                };
                 let l4_csum = l + if proto == 17 { 6 } else { 16 };
                 for (i, orig) in part.iter().enumerate() {
                     let mut back = out[i][..sizes[i]].to_vec();
