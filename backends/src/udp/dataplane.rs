@@ -5,7 +5,8 @@
 //! - egress (`tun_to_udp`): one TUN read returns up to 64 KiB (vnet header, TSO) that tun-rs
 //!   splits into MTU packets; runs of packets to one peer leave in one `sendmsg` with UDP_SEGMENT.
 //! - ingress (`udp_to_tun`): one `recvmsg` with UDP_GRO returns many datagrams of one size; each
-//!   is validated, then tun-rs's GRO table coalesces them into super-packets for the TUN write.
+//!   is validated, then runs that Linux GRO would merge (coalesce.rs; TCP and UDP, IPv4 and
+//!   IPv6) leave in one TUN write each, a TSO/USO super-packet gathered without copies.
 //!
 //! Both loops wake at least every [`POLL_INTERVAL`] to see the stop flag; the TUN is
 //! non-blocking and polled, the socket blocks with a receive timeout. Sends block, which turns a
@@ -365,24 +366,30 @@ pub fn udp_to_tun(sh: Arc<Shared>) {
             }
         }
         if vnet {
+            // IPv4 and IPv6 alike (TSO for TCPv4/TCPv6, USO for UDP of both families).
             coalesce::plan(&valid, uso, &mut runs);
+            let plain = coalesce::plain_vnet_header();
             for run in &runs {
                 let pkts = &valid[run.start..run.start + run.count];
-                let vhdr = if run.count > 1 {
+                let merged = if run.count > 1 {
                     coalesce::merged_header(pkts, &mut hdr)
                 } else {
-                    coalesce::plain_vnet_header()
+                    None
                 };
-                let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(run.count + 2);
-                iov.push(IoSlice::new(&vhdr));
-                if run.count > 1 {
+                if let Some(vhdr) = merged {
+                    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(run.count + 2);
+                    iov.push(IoSlice::new(&vhdr));
                     iov.push(IoSlice::new(&hdr));
                     let h = hdr.len();
                     iov.extend(pkts.iter().map(|p| IoSlice::new(&p[h..])));
+                    write_tun(dev, &iov, pkts, stats);
                 } else {
-                    iov.push(IoSlice::new(pkts[0]));
+                    // A packet alone (merged_header refuses only what plan never merges).
+                    for pkt in pkts {
+                        let iov = [IoSlice::new(&plain), IoSlice::new(pkt)];
+                        write_tun(dev, &iov, std::slice::from_ref(pkt), stats);
+                    }
                 }
-                write_tun(dev, &iov, pkts, stats);
             }
         } else {
             for pkt in &valid {
