@@ -757,16 +757,32 @@ fn live_switches_to_and_from_wireguard_keep_traffic_flowing() {
 /// WireGuard over IPv6, and `wg show` on both devices.
 #[test]
 fn dual_stack_wireguard_in_separate_mode() {
+    separate_mode(true);
+}
+
+/// An IPv6-only cluster: `flannel-wg-v6` alone, flannel's `0.0.0.0-0&…` lease with
+/// `"PublicIP":"0.0.0.0"` and `BackendV6Data` only, pods with IPv6 addresses only.
+#[test]
+fn ipv6_only_wireguard() {
+    separate_mode(false);
+}
+
+fn separate_mode(v4: bool) {
     if !require_root_with(&["ip", "bridge", "nft", "etcd", "etcdctl", "wg"]) {
         return;
     }
+    let conf = if v4 {
+        format!(
+            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"wireguard","PSK":"{PSK}","PersistentKeepaliveInterval":5}}}}"#
+        )
+    } else {
+        format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"wireguard","PSK":"{PSK}","PersistentKeepaliveInterval":5}}}}"#
+        )
+    };
     let mut tb = Testbed::new(3).unwrap();
     let v6 = tb.add_ipv6_underlay().unwrap();
-    let endpoint = tb
-        .start_etcd_with_config(&format!(
-            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"wireguard","PSK":"{PSK}","PersistentKeepaliveInterval":5}}}}"#
-        ))
-        .unwrap();
+    let endpoint = tb.start_etcd_with_config(&conf).unwrap();
     // --ip-masq: the CNI chain then leaves pod-to-pod sources alone (FLANNEL_IPMASQ=true).
     let mut d = Daemons::new(&endpoint, &["--ip-masq"]);
     d.private_wg_run = true;
@@ -781,7 +797,8 @@ fn dual_stack_wireguard_in_separate_mode() {
         let env = d.subnet_env(i);
         assert_eq!(env.mtu, 1420, "1500 - 80 for both families");
         assert_eq!(env.ipv6_network, Some("fd10::/48".parse().unwrap()));
-        subnets.push(env.subnet.unwrap().trunc());
+        assert_eq!(env.subnet.is_some(), v4, "{env:?}");
+        subnets.push(env.subnet.map(|s| s.trunc()));
         subnets6.push(
             env.ipv6_subnet
                 .unwrap_or_else(|| panic!("no IPv6 subnet:\n{}", d.log(i)))
@@ -791,17 +808,24 @@ fn dual_stack_wireguard_in_separate_mode() {
     // The lease: both data, one key, the two ports (flannel's newSubnetAttrs).
     for i in 0..3 {
         let k = key::read(&key_file(&d, i)).unwrap().public_base64();
+        let (v4_key, public_ip, data) = match subnets[i] {
+            Some(s) => (
+                format!("{}-24", s.network()),
+                tb.nodes[i].ip.clone(),
+                format!(r#","BackendData":{{"PublicKey":"{k}","Port":51820}}"#),
+            ),
+            None => ("0.0.0.0-0".into(), "0.0.0.0".into(), String::new()),
+        };
         let key = format!(
-            "/coreos.com/network/subnets/{}-24&{}-64",
-            subnets[i].network(),
+            "/coreos.com/network/subnets/{v4_key}&{}-64",
             subnets6[i].network()
         );
         let value = tb.etcdctl(&["get", &key, "--print-value-only"]).unwrap();
         assert_eq!(
             value.trim(),
             format!(
-                r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"wireguard","BackendData":{{"PublicKey":"{k}","Port":51820}},"BackendV6Data":{{"PublicKey":"{k}","Port":51821}}}}"#,
-                tb.nodes[i].ip, v6[i]
+                r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{}","BackendType":"wireguard"{data},"BackendV6Data":{{"PublicKey":"{k}","Port":51821}}}}"#,
+                v6[i]
             )
         );
     }
@@ -828,6 +852,8 @@ fn dual_stack_wireguard_in_separate_mode() {
         .exec(&ns0, &["ip", "link", "show", "flannel-wg-v6"])
         .unwrap();
     assert!(link.contains("mtu 1420"), "{link}");
+    let links = tb.exec(&ns0, &["ip", "-o", "link", "show"]).unwrap();
+    assert_eq!(links.contains(": flannel-wg:"), v4, "{links}");
 
     let cni = common::Cni::new();
     let mut pods4 = Vec::new();
@@ -847,9 +873,9 @@ fn dual_stack_wireguard_in_separate_mode() {
             }
         }
     }
-    assert_eq!((pods4.len(), pods6.len()), (3, 3), "dual-stack pods");
+    assert_eq!((pods4.len(), pods6.len()), (if v4 { 3 } else { 0 }, 3));
     // One set of servers per pod answers on both families.
-    let _servers = start_servers(&pods4, PORT, HASH_PORT);
+    let _servers = start_servers(if v4 { &pods4 } else { &pods6 }, PORT, HASH_PORT);
     full_mesh(&pods4, PORT, |i| d.log(i));
     full_mesh(&pods6, PORT, |i| d.log(i));
 
@@ -903,12 +929,18 @@ fn dual_stack_wireguard_in_separate_mode() {
         assert_eq!(p[3], subnets6[j].to_string(), "{dump6}");
         assert!(p[4] != "0" && p[5] != "0" && p[6] != "0", "{dump6}");
     }
-    let dump4 = d.wg(&tb, 0, &["show", "flannel-wg", "dump"]).unwrap();
-    for j in 1..3 {
-        assert!(
-            dump4.contains(&format!("\t{}:51820\t{}\t", tb.nodes[j].ip, subnets[j])),
-            "{dump4}"
-        );
+    if v4 {
+        let dump4 = d.wg(&tb, 0, &["show", "flannel-wg", "dump"]).unwrap();
+        for j in 1..3 {
+            assert!(
+                dump4.contains(&format!(
+                    "\t{}:51820\t{}\t",
+                    tb.nodes[j].ip,
+                    subnets[j].unwrap()
+                )),
+                "{dump4}"
+            );
+        }
     }
     for h in handles {
         assert_eq!(
