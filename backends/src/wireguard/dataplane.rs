@@ -1021,12 +1021,7 @@ mod tests {
     fn inner_destinations_of_both_families_and_the_tuns_noise() {
         let v4 = ipv4([10, 5, 1, 5], [10, 5, 2, 5], b"x");
         assert_eq!(inner_dst(&v4), Some("10.5.2.5".parse().unwrap()));
-        let v6 = |dst: &str| {
-            let mut p = vec![0x60, 0, 0, 0, 0, 0, 17, 64];
-            p.extend_from_slice(&"fd10:0:0:1::5".parse::<Ipv6Addr>().unwrap().octets());
-            p.extend_from_slice(&dst.parse::<Ipv6Addr>().unwrap().octets());
-            p
-        };
+        let v6 = |dst: &str| ipv6("fd10:0:0:1::5", dst, b"");
         assert_eq!(
             inner_dst(&v6("fd10:0:0:2::5")),
             Some("fd10:0:0:2::5".parse().unwrap())
@@ -1037,6 +1032,48 @@ mod tests {
         assert_eq!(inner_dst(&v4[..12]), None);
         assert_eq!(inner_dst(&[]), None);
         assert_eq!(inner_dst(&[0x20; 40]), None);
+    }
+
+    /// A minimal IPv6/UDP packet from `src` to `dst`.
+    fn ipv6(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+        let len = 8 + payload.len();
+        let mut p = vec![0x60, 0, 0, 0, (len >> 8) as u8, len as u8, 17, 64];
+        p.extend_from_slice(&src.parse::<Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(&dst.parse::<Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(&[0x30, 0x39, 0x30, 0x39, 0, len as u8, 0, 0]);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn sealed_ipv6_packets_open_only_from_the_peers_ipv6_subnet() {
+        let (mut a, mut b, _) = connected(b"x", [10, 5, 1, 5]);
+        let from: IpAddr = "fd00:210::11".parse().unwrap();
+        let allowed: Vec<IpNet> = vec!["fd10:0:0:1::/64".parse().unwrap()];
+        let mut out_a = vec![0u8; 2048];
+        let mut out = vec![0u8; 2048];
+        let mut sealed = |pkt: &[u8]| match seal(&mut a, pkt, &mut out_a) {
+            Step::Network(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let good = ipv6("fd10:0:0:1::5", "fd10:0:0:2::5", b"v6");
+        let spoofed = ipv6("fd10:0:0:3::5", "fd10:0:0:2::5", b"v6");
+        let (good_d, spoofed_d) = (sealed(&good), sealed(&spoofed));
+        assert_eq!(
+            open(&mut b, from, &good_d, &mut out, &allowed),
+            Step::Tunnel(&good[..])
+        );
+        assert_eq!(
+            open(&mut b, from, &spoofed_d, &mut out, &allowed),
+            Step::Drop(DropReason::Spoofed)
+        );
+        // A peer of the IPv4 device (IPv4 allowed IPs only) gets no IPv6 packet through.
+        let v4only: Vec<IpNet> = vec!["10.5.1.0/24".parse().unwrap()];
+        let again = sealed(&good);
+        assert_eq!(
+            open(&mut b, from, &again, &mut out, &v4only),
+            Step::Drop(DropReason::Spoofed)
+        );
     }
 
     #[test]
