@@ -16,7 +16,7 @@ use registry::follow::{follow, FollowOptions, Follower};
 use registry::gate::{Client, Gate};
 use registry::pods::{parse_pod_key, pods_prefix};
 use registry::PodRecord;
-use registry::{Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
+use registry::{ClusterNetworkPolicy, Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
 use tokio::sync::watch;
 
 use crate::compile::{self, Family, Input, Ruleset};
@@ -91,6 +91,7 @@ impl PolicyGate {
             cluster: eval::Cluster {
                 namespaces: cache.namespaces.clone(),
                 policies: cache.policies.values().cloned().collect(),
+                cluster_policies: cache.cluster_policies.values().cloned().collect(),
             },
             pods,
         };
@@ -149,6 +150,8 @@ pub struct Cache {
     /// Pod records with the etcd revision they were written at.
     pub records: BTreeMap<Key, (PodRecord, i64)>,
     pub policies: BTreeMap<Key, NetworkPolicy>,
+    /// ClusterNetworkPolicies by name.
+    pub cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
     /// Objects ignored because they do not decode or are not valid
     /// (`flannel_policy_invalid_objects_total` once shared with [`PolicyMetrics`]).
     pub invalid_objects: Counter,
@@ -164,6 +167,7 @@ impl Cache {
             pods: BTreeMap::new(),
             records: BTreeMap::new(),
             policies: BTreeMap::new(),
+            cluster_policies: BTreeMap::new(),
             invalid_objects: Counter::default(),
         }
     }
@@ -173,6 +177,7 @@ impl Cache {
         self.pods.clear();
         self.records.clear();
         self.policies.clear();
+        self.cluster_policies.clear();
     }
 
     /// Applies one key's new value (`None`: deleted). Returns whether anything the module
@@ -182,7 +187,10 @@ impl Cache {
             let Some((kind, ns, name)) = registry::store::parse_key(&self.prefix, key) else {
                 return false;
             };
-            if !matches!(kind, Kind::Namespace | Kind::Pod | Kind::NetworkPolicy) {
+            if !matches!(
+                kind,
+                Kind::Namespace | Kind::Pod | Kind::NetworkPolicy | Kind::ClusterNetworkPolicy
+            ) {
                 return false;
             }
             let obj = value.and_then(|v| {
@@ -206,9 +214,15 @@ impl Cache {
                 (_, Some(Object::NetworkPolicy(o))) => {
                     self.policies.insert(k, o);
                 }
+                (_, Some(Object::ClusterNetworkPolicy(o))) => {
+                    self.cluster_policies.insert(k.1, o);
+                }
                 (Kind::Namespace, _) => return self.namespaces.remove(&k.1).is_some(),
                 (Kind::Pod, _) => return self.pods.remove(&k).is_some(),
                 (Kind::NetworkPolicy, _) => return self.policies.remove(&k).is_some(),
+                (Kind::ClusterNetworkPolicy, _) => {
+                    return self.cluster_policies.remove(&k.1).is_some()
+                }
                 _ => return false,
             }
             true
@@ -778,6 +792,7 @@ mod tests {
         let cluster = eval::Cluster {
             namespaces: c.namespaces.clone(),
             policies: c.policies.values().cloned().collect(),
+            ..eval::Cluster::default()
         };
         // (client, endpoint, allowed)
         let cases = [

@@ -347,6 +347,7 @@ fn compiled_tables_agree_with_the_evaluator_in_both_families() {
         let cluster = Cluster {
             namespaces: namespaces.clone(),
             policies: nps.clone(),
+            ..Cluster::default()
         };
         let hosts: Vec<IpAddr> = ["192.0.2.7", "192.0.2.200", "2001:db8::5", "2001:db8::1:5"]
             .iter()

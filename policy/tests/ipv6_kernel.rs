@@ -434,6 +434,7 @@ impl World {
         let cluster = Cluster {
             namespaces: self.namespaces.clone(),
             policies: nps,
+            ..Cluster::default()
         };
         self.check_pairs(what, &cluster, Family::Ip6);
         self.check_pairs(what, &cluster, Family::Ip);
