@@ -171,13 +171,53 @@ pub enum Direction {
 
 /// The policies of `tier` in evaluation order: priority, then name (the API leaves equal
 /// priorities to the implementation; by name the order is total and the same on every node).
-pub fn tier_order(policies: &[ClusterNetworkPolicy], tier: Tier) -> Vec<&ClusterNetworkPolicy> {
+pub fn tier_order<'a>(
+    policies: impl IntoIterator<Item = &'a ClusterNetworkPolicy>,
+    tier: Tier,
+) -> Vec<&'a ClusterNetworkPolicy> {
     let mut v: Vec<&ClusterNetworkPolicy> = policies
-        .iter()
+        .into_iter()
         .filter(|p| p.spec.tier == Some(tier))
         .collect();
     v.sort_by(|a, b| (a.spec.priority, &a.metadata.name).cmp(&(b.spec.priority, &b.metadata.name)));
     v
+}
+
+/// One ClusterNetworkPolicy rule's parts: action, peers, protocols (absent: all).
+pub type RuleParts<'a> = (
+    Option<RuleAction>,
+    &'a [ClusterNetworkPolicyPeer],
+    Option<&'a [ClusterNetworkPolicyProtocol]>,
+);
+
+/// A policy's rules of `dir`, in order.
+pub fn rule_parts(p: &ClusterNetworkPolicy, dir: Direction) -> Vec<RuleParts<'_>> {
+    match dir {
+        Direction::Ingress => p
+            .spec
+            .ingress
+            .iter()
+            .map(|r| {
+                (
+                    r.action,
+                    r.from.as_deref().unwrap_or(&[]),
+                    r.protocols.as_deref(),
+                )
+            })
+            .collect(),
+        Direction::Egress => p
+            .spec
+            .egress
+            .iter()
+            .map(|r| {
+                (
+                    r.action,
+                    r.to.as_deref().unwrap_or(&[]),
+                    r.protocols.as_deref(),
+                )
+            })
+            .collect(),
+    }
 }
 
 /// Whether a `pods` selector (namespace AND pod) matches a pod given its namespace's labels.
@@ -422,37 +462,7 @@ impl Cluster {
             if !self.subject_selects(p, subject) {
                 continue;
             }
-            let rules: Vec<(
-                Option<RuleAction>,
-                &[ClusterNetworkPolicyPeer],
-                Option<&[ClusterNetworkPolicyProtocol]>,
-            )> = match dir {
-                Direction::Ingress => p
-                    .spec
-                    .ingress
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.action,
-                            r.from.as_deref().unwrap_or(&[]),
-                            r.protocols.as_deref(),
-                        )
-                    })
-                    .collect(),
-                Direction::Egress => p
-                    .spec
-                    .egress
-                    .iter()
-                    .map(|r| {
-                        (
-                            r.action,
-                            r.to.as_deref().unwrap_or(&[]),
-                            r.protocols.as_deref(),
-                        )
-                    })
-                    .collect(),
-            };
-            for (action, peers, protocols) in rules {
+            for (action, peers, protocols) in rule_parts(p, dir) {
                 let Some(action) = action else { continue };
                 if peers
                     .iter()

@@ -306,10 +306,12 @@ impl Cache {
 
     fn compile_with(&self, pods: &[PodView], node: &str, family: Family) -> Ruleset {
         let policies: Vec<&NetworkPolicy> = self.policies.values().collect();
+        let cluster_policies: Vec<&ClusterNetworkPolicy> = self.cluster_policies.values().collect();
         compile::compile_family(
             Input {
                 namespaces: &self.namespaces,
                 policies: &policies,
+                cluster_policies: &cluster_policies,
                 pods,
                 node,
             },

@@ -301,6 +301,7 @@ impl World {
                     Input {
                         namespaces: &self.namespaces,
                         policies: &refs,
+                        cluster_policies: &[],
                         pods: &views,
                         node: &node,
                     },
