@@ -677,6 +677,50 @@ mod tests {
     }
 
     #[test]
+    fn cluster_network_policies_are_followed_and_compiled() {
+        let mut c = Cache::new(PREFIX);
+        assert!(put(
+            &mut c,
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: [{name: c}]}\n",
+            2
+        ));
+        record(&mut c, "a", "10.5.1.2", 3);
+        let cnp = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: deny}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n  ingress: [{action: Deny, from: [{namespaces: {}}]}]\n";
+        assert!(put(&mut c, cnp, 4));
+        assert_eq!(c.cluster_policies.len(), 1);
+        let rs = c.compile("n1");
+        let chain = &rs.ingress[&IpAddr::from([10, 5, 1, 2])];
+        assert!(chain.starts_with("ain/"), "{chain}");
+        assert!(rs.chains[chain][0].ends_with(" drop"));
+        // The gate judges with them too.
+        let gate = PolicyGate::default();
+        gate.update(&c, "n1");
+        let ep = SocketAddr::from(([10, 5, 1, 2], 80));
+        let from_pod = Client {
+            addr: "10.5.1.2".parse().unwrap(),
+            local: false,
+        };
+        assert!(
+            gate.allows(from_pod, ep, Protocol::Tcp),
+            "a pod reaching itself"
+        );
+        // Deleted: the pod is no longer under any policy.
+        let key = registry::store::object_key(PREFIX, Kind::ClusterNetworkPolicy, None, "deny");
+        assert!(c.apply(&key, None, 5));
+        assert!(c.compile("n1").ingress.is_empty());
+        // An invalid one written past flannelctl is counted and ignored.
+        let bad = serde_json::json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "bad"},
+            "spec": {"tier": "Admin", "priority": 5000, "subject": {"namespaces": {}}}
+        });
+        let key = registry::store::object_key(PREFIX, Kind::ClusterNetworkPolicy, None, "bad");
+        assert!(!c.apply(&key, Some(bad.to_string().as_bytes()), 6));
+        assert!(c.cluster_policies.is_empty());
+        assert_eq!(c.invalid_objects.get(), 1);
+    }
+
+    #[test]
     fn invalid_objects_written_past_flannelctl_are_ignored() {
         let mut c = Cache::new(PREFIX);
         // A port name nft could not take; validation refuses it, so the table never sees it.
