@@ -16,7 +16,7 @@ use registry::follow::{follow, FollowOptions, Follower};
 use registry::gate::{Client, Gate};
 use registry::pods::{parse_pod_key, pods_prefix};
 use registry::PodRecord;
-use registry::{ClusterNetworkPolicy, Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
+use registry::{ClusterNetworkPolicy, Kind, Labels, NetworkPolicy, Object, Pod, Protocol, Tier};
 use tokio::sync::watch;
 
 use crate::compile::{self, Family, Input, Ruleset};
@@ -320,6 +320,23 @@ impl Cache {
     }
 }
 
+/// Per tier: the valid ClusterNetworkPolicies and the pods of `node` one of them selects.
+fn tier_counts<'a>(cache: &Cache, pods: &[PodView], node: &str) -> [(&'a str, usize, usize); 2] {
+    let cluster = eval::Cluster {
+        namespaces: cache.namespaces.clone(),
+        ..eval::Cluster::default()
+    };
+    [Tier::Admin, Tier::Baseline].map(|tier| {
+        let ps: Vec<&ClusterNetworkPolicy> =
+            eval::tier_order(cache.cluster_policies.values(), tier);
+        let selected = pods
+            .iter()
+            .filter(|p| p.node == node && ps.iter().any(|c| cluster.subject_selects(c, p)))
+            .count();
+        (tier.as_str(), ps.len(), selected)
+    })
+}
+
 /// Whether a pod of `node` has an IPv6 address.
 fn has_ipv6_pods(pods: &[PodView], node: &str) -> bool {
     pods.iter()
@@ -492,6 +509,8 @@ impl<N: Runner> Follower for Policy<N> {
                     elapsed: a.elapsed + b.elapsed,
                 };
                 self.metrics.observe(&rep, ingress, egress);
+                self.metrics
+                    .observe_tiers(&tier_counts(&self.cache, &pods, &self.node));
                 tracing::debug!(?rep, ingress, egress, "network policy sync");
                 Ok(())
             }
@@ -703,6 +722,10 @@ mod tests {
         assert!(
             gate.allows(from_pod, ep, Protocol::Tcp),
             "a pod reaching itself"
+        );
+        assert_eq!(
+            tier_counts(&c, &c.pod_views(), "n1"),
+            [("Admin", 1, 1), ("Baseline", 0, 0)]
         );
         // Deleted: the pod is no longer under any policy.
         let key = registry::store::object_key(PREFIX, Kind::ClusterNetworkPolicy, None, "deny");
