@@ -509,7 +509,14 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
     // (first matching rule: Accept `return`, Deny `drop`, Pass `goto` the rest), then the
     // NetworkPolicy chain when one isolates the pod (final), else the Baseline chain (Pass
     // and Accept `return`, Deny `drop`), else the default (allowed: back in `forward`).
-    let tiers = TierRules::new(&ctx, &mut rs, &mut names, input.cluster_policies);
+    let local_pods: Vec<&PodView> = local.values().copied().collect();
+    let tiers = TierRules::new(
+        &ctx,
+        &mut rs,
+        &mut names,
+        input.cluster_policies,
+        &local_pods,
+    );
     for (ip, pod) in &local {
         for dir in [Dir::In, Dir::Out] {
             let baseline = tiers.rules(Tier::Baseline, dir, pod, &ctx);
@@ -587,10 +594,24 @@ impl<'a> TierRules<'a> {
         rs: &mut Ruleset,
         names: &mut Names,
         cnps: &'a [&'a ClusterNetworkPolicy],
+        local: &[&PodView],
     ) -> TierRules<'a> {
         let mut policies = Vec::new();
         for tier in [Tier::Admin, Tier::Baseline] {
             for p in tier_order(cnps.iter().copied(), tier) {
+                // Only policies that select a pod of this node reach the table (their sets
+                // too), as for NetworkPolicy.
+                let selects_local = local.iter().any(|pod| {
+                    let ns = ctx
+                        .ns_labels
+                        .get(pod.namespace.as_str())
+                        .cloned()
+                        .unwrap_or_default();
+                    cnp_subject_selects(p, &ns, pod)
+                });
+                if !selects_local {
+                    continue;
+                }
                 let lines = [
                     cnp_rules(ctx, rs, names, p, Dir::In),
                     cnp_rules(ctx, rs, names, p, Dir::Out),
@@ -1762,5 +1783,39 @@ spec:
         assert!(last_add_chain < first_rule, "{d}");
         let back = diff(&rs, &Ruleset::empty(Family::Ip)).unwrap();
         assert!(back.rfind("flush chain ").unwrap() < back.find("delete chain ").unwrap());
+    }
+
+    #[test]
+    fn the_table_does_not_grow_with_policies_that_select_no_local_pod() {
+        let cnps = cluster_policies(TIERS);
+        let mut more = cnps.clone();
+        for i in 0..200 {
+            more.extend(cluster_policies(&format!(
+                "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: other-{i}}}\nspec:\n  tier: Admin\n  priority: {}\n  subject: {{namespaces: {{matchLabels: {{tenant: t{i}}}}}}}\n  ingress: [{{action: Deny, from: [{{namespaces: {{matchLabels: {{tenant: t{i}}}}}}}]}}]\n",
+                i % 1000
+            )));
+        }
+        let namespaces = BTreeMap::new();
+        let ps = pods();
+        let table = |cnps: &[ClusterNetworkPolicy]| {
+            let crefs: Vec<&ClusterNetworkPolicy> = cnps.iter().collect();
+            compile(Input {
+                namespaces: &namespaces,
+                policies: &[],
+                cluster_policies: &crefs,
+                pods: &ps,
+                node: "n1",
+            })
+        };
+        let (few, many) = (table(&cnps), table(&more));
+        assert_eq!(few.ingress, many.ingress, "same chains for every pod");
+        assert_eq!(
+            few.sets, many.sets,
+            "no set for a policy that selects no local pod"
+        );
+        assert_eq!(few.egress, many.egress);
+        for name in few.ingress.values().chain(few.egress.values()) {
+            assert_eq!(few.chains[name], many.chains[name]);
+        }
     }
 }
