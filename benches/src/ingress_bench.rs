@@ -65,6 +65,9 @@ struct Args {
     /// Only these modes (comma separated: http, http-close, https, https-close).
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
+    /// Turn both proxies' access logs off (to see what the log line per request costs).
+    #[arg(long)]
+    no_access_log: bool,
     /// Keep the work directory (configs, logs) and print where it is.
     #[arg(long)]
     keep: bool,
@@ -127,8 +130,19 @@ http {{
 
 /// nginx as ingress-nginx renders it for the same Ingress: one upstream with keepalive to the
 /// pods, a server per host (plain and TLS), a location per path, the forwarded headers ours sets.
-fn proxy_nginx_conf(dir: &Path, workers: usize, hosts: &[String], pods: &[String]) -> String {
+fn proxy_nginx_conf(
+    dir: &Path,
+    workers: usize,
+    hosts: &[String],
+    pods: &[String],
+    access_log: bool,
+) -> String {
     let d = dir.display();
+    let access = if access_log {
+        format!("{d}/access.log upstreaminfo")
+    } else {
+        "off".to_string()
+    };
     let mut c = format!(
         r#"worker_processes {workers};
 daemon off;
@@ -145,7 +159,7 @@ http {{
   scgi_temp_path {d}/scgi;
   # ingress-nginx's log format (upstreaminfo), one line per request as ours writes.
   log_format upstreaminfo '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" $request_length $request_time [$proxy_upstream_name] [] $upstream_addr $upstream_response_length $upstream_response_time $upstream_status $req_id';
-  access_log {d}/access.log upstreaminfo;
+  access_log {access};
   sendfile on;
   tcp_nopush on;
   tcp_nodelay on;
@@ -666,7 +680,14 @@ fn main() -> Result<()> {
                 "--worker-threads",
                 &workers,
             ],
-            &[("RUST_LOG", "info")],
+            &[(
+                "RUST_LOG",
+                if a.no_access_log {
+                    "info,access=off"
+                } else {
+                    "info"
+                },
+            )],
             &dir.join("flannel-ingress.log"),
         )
         .map_err(anyhow::Error::msg)?;
@@ -676,7 +697,10 @@ fn main() -> Result<()> {
     std::fs::copy(dir.join("tls.crt"), ndir.join("tls.crt"))?;
     std::fs::copy(dir.join("tls.key"), ndir.join("tls.key"))?;
     let conf = ndir.join("nginx.conf");
-    write_file(&conf, &proxy_nginx_conf(&ndir, a.workers, &hosts, &pods))?;
+    write_file(
+        &conf,
+        &proxy_nginx_conf(&ndir, a.workers, &hosts, &pods, !a.no_access_log),
+    )?;
     let theirs = tb
         .spawn(
             &node_ns,
@@ -784,13 +808,14 @@ fn main() -> Result<()> {
         report,
         "flannel-ingress and nginx (ingress-nginx-style configuration) in front of the same two \
          nginx pods answering {} bytes; wrk -t {} -c {} -d {}s --latency from the hub; \
-         CPU budget {} (tokio worker threads / nginx worker_processes); {} round(s), \
+         CPU budget {} (tokio worker threads / nginx worker_processes); access logs {}; {} round(s), \
          the proxy going first alternating; load average at each round's start: {}.\n",
         BODY.len(),
         a.wrk_threads,
         a.connections,
         a.seconds,
         a.workers,
+        if a.no_access_log { "off" } else { "on" },
         a.rounds,
         loads.join("; ")
     );
