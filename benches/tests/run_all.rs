@@ -49,8 +49,9 @@ fn run_all_writes_a_report_with_tables_and_charts() {
     let svg = std::fs::read_to_string(out.join("charts/lease-1.svg")).unwrap();
     assert_eq!(svg.matches("<rect x=").count(), 3, "{svg}");
     assert_eq!(
+        // overlay, switch, proxy, policy, dns, ingress
         report.matches("Not run: no result file").count(),
-        5,
+        6,
         "{report}"
     );
     assert!(report.contains("lease-bench 10 100 1000"), "{report}");
