@@ -30,9 +30,9 @@ use super::{UdpStats, DEVICE};
 /// Longest a loop sleeps before it looks at the stop flag again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Most segments one UDP GSO send may carry (kernel limit UDP_MAX_SEGMENTS).
-const GSO_MAX_SEGMENTS: usize = 64;
+pub(crate) const GSO_MAX_SEGMENTS: usize = 64;
 /// Most payload bytes one UDP GSO send may carry.
-const GSO_MAX_BYTES: usize = 65_000;
+pub(crate) const GSO_MAX_BYTES: usize = 65_000;
 /// `flannel0`'s transmit queue (packets waiting for the egress thread).
 const TX_QUEUE_LEN: u32 = 1000;
 /// Socket buffers asked for (SO_*BUFFORCE as root, else capped by net.core.*mem_max): a GRO
@@ -57,6 +57,12 @@ pub fn prepare(dev: &SyncDevice, sock: &UdpSocket) -> std::io::Result<()> {
     // TUN's default queue of 500 overflows in the bursts of a fast UDP flow (which arrives one
     // packet per read); Ethernet's 1000 absorbs them (3 Gbit/s offered: 14% -> 7.7% lost).
     dev.set_tx_queue_len(TX_QUEUE_LEN)?;
+    prepare_socket(sock)
+}
+
+/// The socket half of [`prepare`]: blocking with a receive timeout of [`POLL_INTERVAL`],
+/// [`SOCKET_BUFFER`]-byte buffers.
+pub(crate) fn prepare_socket(sock: &UdpSocket) -> std::io::Result<()> {
     sock.set_nonblocking(false)?;
     sock.set_read_timeout(Some(POLL_INTERVAL))?;
     // Root may exceed net.core.[rw]mem_max; otherwise the kernel caps the plain request.
@@ -70,12 +76,39 @@ pub fn prepare(dev: &SyncDevice, sock: &UdpSocket) -> std::io::Result<()> {
 }
 
 /// Waits until `fd` is readable or [`POLL_INTERVAL`] passed.
-fn wait_readable(fd: &impl AsFd) {
+pub(crate) fn wait_readable(fd: &impl AsFd) {
     let mut fds = [nix::poll::PollFd::new(
         fd.as_fd(),
         nix::poll::PollFlags::POLLIN,
     )];
     let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+}
+
+/// One `sendmsg` of the datagrams `run` (each `seg` bytes, the last possibly shorter) to `to`
+/// with UDP_SEGMENT: the kernel joins the iovecs and cuts them at `seg` (no copy here).
+/// Returns the bytes sent; EIO, EINVAL or EOPNOTSUPP mean the kernel refuses GSO.
+pub(crate) fn gso_send(
+    sock: &UdpSocket,
+    run: &[&[u8]],
+    seg: usize,
+    to: SocketAddr,
+) -> nix::Result<usize> {
+    let addr = SockaddrStorage::from(to);
+    let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
+    let iov: Vec<std::io::IoSlice<'_>> = run.iter().map(|p| std::io::IoSlice::new(p)).collect();
+    let cmsg = [ControlMessage::UdpGsoSegments(&seg16)];
+    loop {
+        match socket::sendmsg(
+            sock.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::empty(),
+            Some(&addr),
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
 }
 
 /// Sends `run` (datagrams of `seg` bytes, the last possibly shorter, all to `to`): one sendmsg
@@ -94,23 +127,7 @@ fn flush(
         return;
     }
     if *gso && run.len() > 1 {
-        let addr = SockaddrStorage::from(to);
-        let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
-        let iov: Vec<std::io::IoSlice<'_>> = run.iter().map(|p| std::io::IoSlice::new(p)).collect();
-        let cmsg = [ControlMessage::UdpGsoSegments(&seg16)];
-        let r = loop {
-            match socket::sendmsg(
-                sock.as_raw_fd(),
-                &iov,
-                &cmsg,
-                MsgFlags::empty(),
-                Some(&addr),
-            ) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                other => break other,
-            }
-        };
-        match r {
+        match gso_send(sock, run, seg, to) {
             Ok(bytes) => {
                 stats
                     .tx_packets
@@ -290,7 +307,7 @@ fn sender(a: &SockaddrStorage) -> Option<SocketAddr> {
 }
 
 /// Reads one datagram (with UDP_GRO: several of one size, the size in a cmsg) into `buf`.
-fn receive(
+pub(crate) fn receive(
     sock: &UdpSocket,
     buf: &mut [u8],
 ) -> nix::Result<(usize, Option<SocketAddr>, Option<usize>)> {
@@ -364,42 +381,68 @@ pub fn udp_to_tun(sh: Arc<Shared>) {
                 }
             }
         }
-        if vnet {
-            coalesce::plan(&valid, uso, &mut runs);
-            for run in &runs {
-                let pkts = &valid[run.start..run.start + run.count];
-                let vhdr = if run.count > 1 {
-                    coalesce::merged_header(pkts, &mut hdr)
-                } else {
-                    coalesce::plain_vnet_header()
-                };
-                let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(run.count + 2);
-                iov.push(IoSlice::new(&vhdr));
-                if run.count > 1 {
-                    iov.push(IoSlice::new(&hdr));
-                    let h = hdr.len();
-                    iov.extend(pkts.iter().map(|p| IoSlice::new(&p[h..])));
-                } else {
-                    iov.push(IoSlice::new(pkts[0]));
-                }
-                write_tun(dev, &iov, pkts, stats);
+        write_batch(dev, &valid, vnet, uso, &mut runs, &mut hdr, |pkts, r| {
+            count_write(pkts, r, stats)
+        });
+    }
+}
+
+/// Writes a batch of inner packets (from one receive) to the TUN: with the vnet header
+/// (`vnet`), runs that [`coalesce::plan`] finds leave as one super-packet each (a `writev` of
+/// the merged header and the payloads where they lie), the rest one packet per write; without
+/// it, one packet per write. `done` learns each write's packets and result. `runs` and `hdr`
+/// are the caller's scratch space (kept between batches: no allocation per batch).
+pub(crate) fn write_batch(
+    dev: &SyncDevice,
+    valid: &[&[u8]],
+    vnet: bool,
+    uso: bool,
+    runs: &mut Vec<coalesce::Run>,
+    hdr: &mut Vec<u8>,
+    mut done: impl FnMut(&[&[u8]], nix::Result<usize>),
+) {
+    if vnet {
+        coalesce::plan(valid, uso, runs);
+        for run in runs.iter() {
+            let pkts = &valid[run.start..run.start + run.count];
+            let vhdr = if run.count > 1 {
+                coalesce::merged_header(pkts, hdr)
+            } else {
+                coalesce::plain_vnet_header()
+            };
+            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(run.count + 2);
+            iov.push(IoSlice::new(&vhdr));
+            if run.count > 1 {
+                iov.push(IoSlice::new(hdr));
+                let h = hdr.len();
+                iov.extend(pkts.iter().map(|p| IoSlice::new(&p[h..])));
+            } else {
+                iov.push(IoSlice::new(pkts[0]));
             }
-        } else {
-            for pkt in &valid {
-                write_tun(dev, &[IoSlice::new(pkt)], std::slice::from_ref(pkt), stats);
-            }
+            done(pkts, write_tun(dev, &iov));
+        }
+    } else {
+        for pkt in valid {
+            done(
+                std::slice::from_ref(pkt),
+                write_tun(dev, &[IoSlice::new(pkt)]),
+            );
         }
     }
 }
 
-/// One TUN write (a packet, or a coalesced run gathered from its parts), counted.
-fn write_tun(dev: &SyncDevice, iov: &[IoSlice<'_>], pkts: &[&[u8]], stats: &UdpStats) {
-    let r = loop {
+/// One TUN write (a packet, or a coalesced run gathered from its parts).
+fn write_tun(dev: &SyncDevice, iov: &[IoSlice<'_>]) -> nix::Result<usize> {
+    loop {
         match nix::sys::uio::writev(dev, iov) {
             Err(nix::errno::Errno::EINTR) => continue,
-            other => break other,
+            other => return other,
         }
-    };
+    }
+}
+
+/// Counts one TUN write of `pkts`.
+fn count_write(pkts: &[&[u8]], r: nix::Result<usize>, stats: &UdpStats) {
     match r {
         Ok(_) => {
             stats

@@ -91,13 +91,7 @@ impl WireguardBackend {
             tracing::warn!("{DEVICE} already exists; recreating it");
             ctx.netlink.delete_link(old.index).await?;
         }
-        let dev = tun_rs::DeviceBuilder::new()
-            .name(DEVICE)
-            .mtu(u16::try_from(mtu).unwrap_or(1420))
-            .packet_information(false)
-            .enable(true)
-            .build_sync()
-            .map_err(|e| io_err(&format!("creating TUN {DEVICE}"), e))?;
+        let dev = dataplane::build_tun(DEVICE, mtu).map_err(|e| io_err(&format!("creating TUN {DEVICE}"), e))?;
         let link = ctx
             .netlink
             .link_by_name(DEVICE)
@@ -312,6 +306,13 @@ impl Backend for WireguardBackend {
             ("wireguard_timer_sends", &s.timer_sends),
             ("wireguard_cookie_replies", &s.cookie_replies),
             ("wireguard_icmp_sent", &s.icmp_sent),
+            ("wireguard_tun_reads", &s.tun_reads),
+            ("wireguard_gso_sends", &s.gso_sends),
+            ("wireguard_udp_receives", &s.udp_receives),
+            ("wireguard_tun_coalesced_writes", &s.tun_coalesced_writes),
+            ("wireguard_offload_disabled", &s.offload_disabled),
+            ("wireguard_gso_disabled", &s.gso_disabled),
+            ("wireguard_gro_disabled", &s.gro_disabled),
         ];
         let mut m: BTreeMap<String, u64> = named
             .into_iter()
