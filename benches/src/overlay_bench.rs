@@ -644,7 +644,10 @@ fn run_flanneld(
     let (dev, want) = if backend == "udp" {
         ("flannel0", vec!["10.5.0.0/16".to_string(); 2])
     } else if backend == "wireguard" {
-        ("flannel-wg", vec![SUBNETS[1].to_string(), SUBNETS[0].to_string()])
+        (
+            "flannel-wg",
+            vec![SUBNETS[1].to_string(), SUBNETS[0].to_string()],
+        )
     } else if backend == "host-gw" {
         (
             "eth0",

@@ -266,13 +266,15 @@ fn wireguard_backend_end_to_end() {
         (1, "wireguard_tun_coalesced_writes"),
     ] {
         // Metrics are copied at each 1 s resync.
-        wait_for(Duration::from_secs(5), || (metric(&tb, node, name) > 0).then_some(()))
-            .unwrap_or_else(|| {
-                panic!(
-                    "{name} on node {node}:\n{}",
-                    common::http(&tb, node, "/metrics")
-                )
-            });
+        wait_for(Duration::from_secs(5), || {
+            (metric(&tb, node, name) > 0).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} on node {node}:\n{}",
+                common::http(&tb, node, "/metrics")
+            )
+        });
     }
     assert_eq!(metric(&tb, 0, "wireguard_offload_disabled"), 0);
     // No inner header either: the pods' addresses never appear in a WireGuard datagram.

@@ -699,20 +699,30 @@ fn deliver(sh: &Shared, pkts: &[&[u8]], runs: &mut Vec<coalesce::Run>, hdr: &mut
     if pkts.is_empty() {
         return;
     }
-    udp_plane::write_batch(&sh.dev, pkts, sh.vnet, sh.uso, runs, hdr, |done, r| match r {
-        Ok(_) => {
-            sh.stats
-                .rx_packets
-                .fetch_add(done.len() as u64, Ordering::Relaxed);
-            if done.len() > 1 {
-                sh.stats.tun_coalesced_writes.fetch_add(1, Ordering::Relaxed);
+    udp_plane::write_batch(
+        &sh.dev,
+        pkts,
+        sh.vnet,
+        sh.uso,
+        runs,
+        hdr,
+        |done, r| match r {
+            Ok(_) => {
+                sh.stats
+                    .rx_packets
+                    .fetch_add(done.len() as u64, Ordering::Relaxed);
+                if done.len() > 1 {
+                    sh.stats
+                        .tun_coalesced_writes
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
-        }
-        Err(e) => {
-            tracing::debug!("writing {}: {e}", super::DEVICE);
-            sh.stats.count(DropReason::IoError);
-        }
-    });
+            Err(e) => {
+                tracing::debug!("writing {}: {e}", super::DEVICE);
+                sh.stats.count(DropReason::IoError);
+            }
+        },
+    );
 }
 
 /// TUN → peers. One read returns up to 64 KiB (TSO, vnet header) that tun-rs splits into MTU
@@ -781,7 +791,8 @@ fn egress(sh: &Shared) {
                     Route::Skip
                 } else {
                     let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-                    t.lookup(dst).map_or(Route::NoPeer, |p| Route::Peer(p.clone()))
+                    t.lookup(dst)
+                        .map_or(Route::NoPeer, |p| Route::Peer(p.clone()))
                 });
             }
         }
@@ -958,10 +969,7 @@ fn flush_opened(
     hdr: &mut Vec<u8>,
 ) {
     // One small allocation per receive (≤ 64 slices).
-    let pkts: Vec<&[u8]> = got
-        .iter()
-        .filter_map(|&(o, n)| out.get(o..o + n))
-        .collect();
+    let pkts: Vec<&[u8]> = got.iter().filter_map(|&(o, n)| out.get(o..o + n)).collect();
     deliver(sh, &pkts, runs, hdr);
 }
 
@@ -1032,10 +1040,7 @@ fn receive_one(
         }
         Packet::HandshakeInit(init) => {
             // MAC1, and under load the cookie, before the DH that names the sender.
-            match sh
-                .limiter
-                .verify_packet(Some(from.ip()), datagram, scratch)
-            {
+            match sh.limiter.verify_packet(Some(from.ip()), datagram, scratch) {
                 Ok(_) => {}
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     if sh.sock.send_to(cookie, from).is_ok() {

@@ -91,7 +91,8 @@ impl WireguardBackend {
             tracing::warn!("{DEVICE} already exists; recreating it");
             ctx.netlink.delete_link(old.index).await?;
         }
-        let dev = dataplane::build_tun(DEVICE, mtu).map_err(|e| io_err(&format!("creating TUN {DEVICE}"), e))?;
+        let dev = dataplane::build_tun(DEVICE, mtu)
+            .map_err(|e| io_err(&format!("creating TUN {DEVICE}"), e))?;
         let link = ctx
             .netlink
             .link_by_name(DEVICE)
