@@ -226,7 +226,7 @@ fn a_peer_of_another_type_handshaking_from_its_public_ip_is_accepted_for_its_sub
     let snap = b.snapshot();
     assert_eq!(snap.len(), 1);
     assert_eq!(snap[0].public_key, ka.public());
-    assert_eq!(snap[0].allowed_ips, vec![a_lease.allowed]);
+    assert_eq!(snap[0].allowed_ips, vec![ipnet::IpNet::V4(a_lease.allowed)]);
     // Kept while the lease is there; gone with it.
     assert!(b.apply(&[], &[a_lease]).is_empty());
     assert_eq!(b.apply(&[], &[]).remove, vec![ka.public()]);

@@ -689,9 +689,16 @@ fn run_flanneld(
             .context("flanneld did not program its IPv6 routes in 30 s")?;
         }
         // The pods' MTU is the subnet file's (dual-stack vxlan: the IPv6 device's, 1430).
+        // The routes can be there before the subnet file is (flanneld writes it once the
+        // backend is up): wait for it, bounded, rather than read it at once.
         for (n, subnet) in SUBNETS6.iter().enumerate() {
-            let env = std::fs::read_to_string(dir.join(format!("n{n}.env")))
-                .context("flanneld's subnet file")?;
+            let path = dir.join(format!("n{n}.env"));
+            let env = wait_for(Duration::from_secs(30), || {
+                std::fs::read_to_string(&path)
+                    .ok()
+                    .filter(|e| e.contains("FLANNEL_IPV6_SUBNET=") && e.contains("FLANNEL_MTU="))
+            })
+            .with_context(|| format!("flanneld's subnet file {} in 30 s", path.display()))?;
             let want = subnet.replace("::/64", "::1/64");
             ensure!(
                 env.contains(&format!("FLANNEL_IPV6_SUBNET={want}\n")),

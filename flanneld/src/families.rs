@@ -13,8 +13,9 @@ const BACKENDS: &[(&str, bool, bool)] = &[
     ("vxlan", true, true),
     ("host-gw", true, true),
     ("udp", true, true),
-    // IPv4 underlay, IPv4 pods (docs/wireguard.md): no BackendV6Data, no flannel-wg-v6 yet.
-    ("wireguard", true, false),
+    // IPv6 on flannel-wg-v6 (Mode "separate"; the backend refuses the other modes with
+    // EnableIPv6, docs/wireguard.md).
+    ("wireguard", true, true),
     ("alloc", true, true),
 ];
 
@@ -58,7 +59,7 @@ pub fn check(cfg: &NetConfig, parts: Parts) -> Result<(), String> {
     if cfg.enable_ipv6 && !v6 {
         return Err(format!(
             "EnableIPv6 is true but backend {t} carries IPv4 only here: pods would get IPv6 \
-             addresses that no node routes. Use backend vxlan, host-gw or udp, or remove \
+             addresses that no node routes. Use backend vxlan, host-gw, udp or wireguard, or remove \
              EnableIPv6/IPv6Network from the network config"
         ));
     }
@@ -106,18 +107,13 @@ mod tests {
 
     #[test]
     fn ipv6_is_refused_where_no_data_plane_carries_it() {
-        // wireguard carries IPv4 only; a type without a row (the config parser refuses
-        // unknown types first) is refused too.
-        for c in [dual("wireguard"), v6only("wireguard")] {
-            let e = check(&c, NONE).unwrap_err();
-            assert!(e.contains("EnableIPv6") && e.contains("wireguard"), "{e}");
-        }
+        // A type without a row (the config parser refuses unknown types first) is refused.
         for mut c in [dual("vxlan"), v6only("vxlan")] {
             c.backend.backend_type = "ipip".into();
             let e = check(&c, NONE).unwrap_err();
             assert!(e.contains("EnableIPv6") && e.contains("ipip"), "{e}");
         }
-        for t in ["vxlan", "host-gw", "udp", "alloc"] {
+        for t in ["vxlan", "host-gw", "udp", "wireguard", "alloc"] {
             assert_eq!(check(&dual(t), NONE), Ok(()), "{t}");
             assert_eq!(check(&v6only(t), NONE), Ok(()), "{t}");
         }

@@ -210,6 +210,7 @@ fn dual_stack(backend: &str) {
     let routes = c.node(0, &["ip", "-6", "route", "show"]);
     if backend == "udp" {
         udp_device(&c, "fd10::/48", 1472);
+        udp_bulk_v6(&c, &v6);
         masquerades_to_the_outside(&c);
         return;
     }
@@ -283,6 +284,28 @@ fn udp_device(c: &Cluster, net6: &str, mtu: u32) {
     assert!(rx.is_some(), "udp received nothing:\n{}", c.d.log(0));
 }
 
+/// A large TCP transfer over IPv6 from a pod on node 0 to one on node 2 arrives byte for byte,
+/// and node 2's udp backend wrote coalesced TCPv6 super-packets to its TUN on the way.
+fn udp_bulk_v6(c: &Cluster, v6: &[Pod]) {
+    let before = common::backend_counter(&c.tb, 2, "udp_tun_coalesced_writes");
+    test_support::send_and_verify(
+        &v6[0].ns,
+        sock(&v6[4].ip, HASH_PORT),
+        16 << 20,
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("IPv6 bulk transfer: {e}\n{}", c.d.log(2)));
+    let coalesced = wait_for(Duration::from_secs(10), || {
+        let n = common::backend_counter(&c.tb, 2, "udp_tun_coalesced_writes");
+        (n > before).then_some(n)
+    });
+    assert!(
+        coalesced.is_some(),
+        "no coalesced TUN write on node 2 ({before} before)\n{}",
+        c.d.log(2)
+    );
+}
+
 /// An IPv6-only cluster (`EnableIPv4: false`): flannel's `0.0.0.0-0&…` keys with
 /// `"PublicIP":"0.0.0.0"`, a subnet file without IPv4 lines, pods with only IPv6 addresses.
 #[test]
@@ -335,6 +358,7 @@ fn ipv6_only(backend: &str) {
     );
     if backend == "udp" {
         udp_device(&c, "fd10::/48", 1452);
+        udp_bulk_v6(&c, &v6);
         let v4 = c.node(0, &["ip", "-4", "addr", "show", "dev", "flannel0"]);
         assert!(!v4.contains("inet "), "no IPv4 on flannel0:\n{v4}");
         let sockets = c.node(0, &["ss", "-uln"]);

@@ -165,9 +165,49 @@ fn lease_key(tb: &Testbed, subnet: ipnet::Ipv4Net) -> String {
     v["BackendData"]["PublicKey"].as_str().unwrap().to_string()
 }
 
+/// `wg show flannel-wg dump` on each of `nodes` (through its UAPI socket): the device's key
+/// and port, every other node as a peer with its lease key, endpoint, subnet and the PSK, a
+/// handshake, bytes both ways and the keepalive.
+fn wg_show_lists_the_peers(tb: &Testbed, d: &Daemons, subnets: &[ipnet::Ipv4Net], nodes: &[usize]) {
+    for &i in nodes {
+        let dump = d
+            .wg(tb, i, &["show", "flannel-wg", "dump"])
+            .unwrap_or_else(|e| panic!("wg show on node {i}: {e}\n{}", d.log(i)));
+        let mut lines = dump.lines();
+        let dev: Vec<&str> = lines.next().unwrap().split('\t').collect();
+        let own = key::read(&key_file(d, i)).unwrap();
+        assert_eq!(dev[1], own.public_base64(), "node {i}: {dump}");
+        assert_eq!(dev[2], WG_PORT.to_string(), "node {i}: {dump}");
+        let peers: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+        assert_eq!(peers.len(), subnets.len() - 1, "node {i}: {dump}");
+        for (j, sn) in subnets.iter().enumerate().filter(|(j, _)| *j != i) {
+            let p = peers
+                .iter()
+                .find(|p| p[0] == lease_key(tb, *sn))
+                .unwrap_or_else(|| panic!("node {i} lacks node {j}'s key: {dump}"));
+            assert_eq!(p[1], PSK, "node {i}, peer {j}: the cluster PSK");
+            assert_eq!(p[2], format!("{}:{WG_PORT}", tb.nodes[j].ip));
+            assert_eq!(p[3], sn.to_string());
+            let num = |k: usize| p[k].parse::<u64>().unwrap();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            assert!(num(4) > 0 && num(4) <= now + 1, "handshake time: {}", p[4]);
+            assert!(num(5) > 0 && num(6) > 0, "transfer rx {} tx {}", p[5], p[6]);
+            assert_eq!(num(7), 5, "persistent keepalive");
+        }
+        // The human form says the same.
+        let show = d.wg(tb, i, &["show", "flannel-wg"]).unwrap();
+        assert_eq!(show.matches("latest handshake:").count(), 2, "{show}");
+        assert_eq!(show.matches("transfer:").count(), 2, "{show}");
+        assert_eq!(show.matches("preshared key: (hidden)").count(), 2, "{show}");
+    }
+}
+
 #[test]
 fn wireguard_backend_end_to_end() {
-    if !require_root_with(&["ip", "nft", "etcd", "etcdctl"]) {
+    if !require_root_with(&["ip", "nft", "etcd", "etcdctl", "wg"]) {
         return;
     }
     let mut tb = Testbed::new(3).unwrap();
@@ -182,6 +222,12 @@ fn wireguard_backend_end_to_end() {
         let f = key_file(&d, i).to_str().unwrap().to_string();
         d.node_env.push((i, "WIREGUARD_KEY_FILE".into(), f));
     }
+    // Each node its own /run/wireguard; on node 2 another process already answers on
+    // flannel-wg.sock (as a second flanneld of the same host would): node 2 runs without it.
+    d.private_wg_run = true;
+    std::fs::create_dir_all(d.wg_dir(2)).unwrap();
+    let _taken =
+        std::os::unix::net::UnixListener::bind(d.wg_dir(2).join("flannel-wg.sock")).unwrap();
     let mut handles: Vec<usize> = (0..3).map(|i| d.start(&mut tb, i)).collect();
     let log = |d: &Daemons, i: usize| d.log(i);
     let (pods, subnets) = pods_per_node(&mut tb, &d, |env| {
@@ -233,6 +279,13 @@ fn wireguard_backend_end_to_end() {
     let _servers = start_servers(&pods, PORT, HASH_PORT);
     // Every pod reaches every other over TCP and UDP, seen with its own address.
     full_mesh(&pods, PORT, |i| log(&d, i));
+    wg_show_lists_the_peers(&tb, &d, &subnets, &[0, 1]);
+    assert!(
+        d.log(2).contains("no `wg show flannel-wg` on this node")
+            && d.log(2).contains("another process answers"),
+        "{}",
+        d.log(2)
+    );
     // A recognisable transfer from a pod of node 0 to one of node 1 arrives byte for byte.
     send_and_verify(
         &pods[0].ns,
@@ -368,6 +421,10 @@ fn wireguard_backend_end_to_end() {
     // A node restarted keeps its key (same lease data) and its peers re-handshake at once.
     let st = tb.stop(handles[1], Duration::from_secs(10)).unwrap();
     assert_eq!(st.code(), Some(0), "{}", d.log(1));
+    assert!(
+        !d.wg_dir(1).join("flannel-wg.sock").exists(),
+        "the UAPI socket outlived its daemon"
+    );
     let key_before = lease_key(&tb, subnets[1]);
     handles[1] = d.start(&mut tb, 1);
     let restarted = Instant::now();
@@ -428,6 +485,7 @@ fn a_standard_wireguard_node_configured_as_flannel_does_joins_the_cluster() {
         ))
         .unwrap();
     let mut d = Daemons::new(&endpoint, &[]);
+    d.private_wg_run = true;
     // Node 2 is "flannel": its key in flannel's format, its lease as flannel writes it (on an
     // etcd lease, like a running flannel's), before our nodes pick their subnets.
     let flannel_key_file = d.dir.path().join("flannel-wgkey");
@@ -562,6 +620,16 @@ fn a_standard_wireguard_node_configured_as_flannel_does_joins_the_cluster() {
         done, 2,
         "handshakes seen by the standard implementation:\n{shakes}"
     );
+    // And `wg show` on our node 0 (its own socket; wireguard-go's is named after its device,
+    // fwg<tag>) shows the standard node with a handshake, as `wg` shows any device.
+    let ours = d
+        .wg(&tb, 0, &["show", "flannel-wg", "latest-handshakes"])
+        .unwrap();
+    let line = ours
+        .lines()
+        .find(|l| l.starts_with(&flannel_key.public_base64()))
+        .unwrap_or_else(|| panic!("the standard node missing from node 0's wg show:\n{ours}"));
+    assert_ne!(line.split_whitespace().nth(1), Some("0"), "{ours}");
     tb.stop(wg_go, Duration::from_secs(5));
 }
 
@@ -611,6 +679,7 @@ fn live_switches_to_and_from_wireguard_keep_traffic_flowing() {
     let mut tb = Testbed::new(3).unwrap();
     let endpoint = tb.start_etcd_with_config(&config("vxlan")).unwrap();
     let mut d = Daemons::new(&endpoint, &[]);
+    d.private_wg_run = true;
     for i in 0..3 {
         let f = key_file(&d, i).to_str().unwrap().to_string();
         d.node_env.push((i, "WIREGUARD_KEY_FILE".into(), f));
@@ -713,5 +782,205 @@ fn live_switches_to_and_from_wireguard_keep_traffic_flowing() {
     drop(ticker);
     for h in handles {
         tb.stop(h, Duration::from_secs(10));
+    }
+}
+
+/// Dual stack as flannel's `separate` mode (the default): `flannel-wg` for IPv4 and
+/// `flannel-wg-v6` for IPv6 (subnet network address /128, the IPv6Network route, ListenPortV6,
+/// peers at `[PublicIPv6]:51821` from BackendV6Data), the lease as flannel writes it, every pod
+/// reaching every other over both families, IPv6 pod traffic crossing the underlay only as
+/// WireGuard over IPv6, and `wg show` on both devices.
+#[test]
+fn dual_stack_wireguard_in_separate_mode() {
+    separate_mode(true);
+}
+
+/// An IPv6-only cluster: `flannel-wg-v6` alone, flannel's `0.0.0.0-0&…` lease with
+/// `"PublicIP":"0.0.0.0"` and `BackendV6Data` only, pods with IPv6 addresses only.
+#[test]
+fn ipv6_only_wireguard() {
+    separate_mode(false);
+}
+
+fn separate_mode(v4: bool) {
+    if !require_root_with(&["ip", "bridge", "nft", "etcd", "etcdctl", "wg"]) {
+        return;
+    }
+    let conf = if v4 {
+        format!(
+            r#"{{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"wireguard","PSK":"{PSK}","PersistentKeepaliveInterval":5}}}}"#
+        )
+    } else {
+        format!(
+            r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10::/48","Backend":{{"Type":"wireguard","PSK":"{PSK}","PersistentKeepaliveInterval":5}}}}"#
+        )
+    };
+    let mut tb = Testbed::new(3).unwrap();
+    let v6 = tb.add_ipv6_underlay().unwrap();
+    let endpoint = tb.start_etcd_with_config(&conf).unwrap();
+    // --ip-masq: the CNI chain then leaves pod-to-pod sources alone (FLANNEL_IPMASQ=true).
+    let mut d = Daemons::new(&endpoint, &["--ip-masq"]);
+    d.private_wg_run = true;
+    for i in 0..3 {
+        let f = key_file(&d, i).to_str().unwrap().to_string();
+        d.node_env.push((i, "WIREGUARD_KEY_FILE".into(), f));
+    }
+    let handles: Vec<usize> = (0..3).map(|i| d.start(&mut tb, i)).collect();
+    let mut subnets = Vec::new();
+    let mut subnets6 = Vec::new();
+    for i in 0..3 {
+        let env = d.subnet_env(i);
+        assert_eq!(env.mtu, 1420, "1500 - 80 for both families");
+        assert_eq!(env.ipv6_network, Some("fd10::/48".parse().unwrap()));
+        assert_eq!(env.subnet.is_some(), v4, "{env:?}");
+        subnets.push(env.subnet.map(|s| s.trunc()));
+        subnets6.push(
+            env.ipv6_subnet
+                .unwrap_or_else(|| panic!("no IPv6 subnet:\n{}", d.log(i)))
+                .trunc(),
+        );
+    }
+    // The lease: both data, one key, the two ports (flannel's newSubnetAttrs).
+    for i in 0..3 {
+        let k = key::read(&key_file(&d, i)).unwrap().public_base64();
+        let (v4_key, public_ip, data) = match subnets[i] {
+            Some(s) => (
+                format!("{}-24", s.network()),
+                tb.nodes[i].ip.clone(),
+                format!(r#","BackendData":{{"PublicKey":"{k}","Port":51820}}"#),
+            ),
+            None => ("0.0.0.0-0".into(), "0.0.0.0".into(), String::new()),
+        };
+        let key = format!(
+            "/coreos.com/network/subnets/{v4_key}&{}-64",
+            subnets6[i].network()
+        );
+        let value = tb.etcdctl(&["get", &key, "--print-value-only"]).unwrap();
+        assert_eq!(
+            value.trim(),
+            format!(
+                r#"{{"PublicIP":"{public_ip}","PublicIPv6":"{}","BackendType":"wireguard"{data},"BackendV6Data":{{"PublicKey":"{k}","Port":51821}}}}"#,
+                v6[i]
+            )
+        );
+    }
+    // flannel-wg-v6 on node 0: the subnet's network address /128, the IPv6Network route.
+    let ns0 = tb.nodes[0].ns.clone();
+    let addr = tb
+        .exec(
+            &ns0,
+            &["ip", "-6", "-o", "addr", "show", "dev", "flannel-wg-v6"],
+        )
+        .unwrap();
+    assert!(
+        addr.contains(&format!("{}/128", subnets6[0].network())),
+        "{addr}"
+    );
+    let routes = tb
+        .exec(&ns0, &["ip", "-6", "route", "show", "dev", "flannel-wg-v6"])
+        .unwrap();
+    assert!(
+        routes.lines().any(|l| l.starts_with("fd10::/48 ")),
+        "{routes}"
+    );
+    let link = tb
+        .exec(&ns0, &["ip", "link", "show", "flannel-wg-v6"])
+        .unwrap();
+    assert!(link.contains("mtu 1420"), "{link}");
+    let links = tb.exec(&ns0, &["ip", "-o", "link", "show"]).unwrap();
+    assert_eq!(links.contains(": flannel-wg:"), v4, "{links}");
+
+    let cni = common::Cni::new();
+    let mut pods4 = Vec::new();
+    let mut pods6 = Vec::new();
+    for i in 0..3 {
+        let (ns, ips) = cni.add_any(&mut tb, &d, i, "default", &format!("p{i}"));
+        for ip in ips {
+            let p = test_support::Pod {
+                ns: ns.clone(),
+                ip: ip.to_string(),
+                node: i,
+            };
+            if ip.is_ipv6() {
+                pods6.push(p);
+            } else {
+                pods4.push(p);
+            }
+        }
+    }
+    assert_eq!((pods4.len(), pods6.len()), (if v4 { 3 } else { 0 }, 3));
+    // One set of servers per pod answers on both families.
+    let _servers = start_servers(if v4 { &pods4 } else { &pods6 }, PORT, HASH_PORT);
+    full_mesh(&pods4, PORT, |i| d.log(i));
+    full_mesh(&pods6, PORT, |i| d.log(i));
+
+    // A recognisable IPv6 transfer crosses the underlay as WireGuard over IPv6 on 51821 only.
+    let cap = Capture::start(&tb.hub);
+    send_and_verify(
+        &pods6[0].ns,
+        sock(&pods6[1].ip, HASH_PORT),
+        TRANSFER,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let frames = cap.finish();
+    let wg6: usize = frames
+        .iter()
+        .filter(|f| {
+            f.len() > 58
+                && f[12..14] == [0x86, 0xdd]
+                && f[20] == 17
+                && u16::from_be_bytes([f[56], f[57]]) == 51821
+        })
+        .map(|f| f.len())
+        .sum();
+    assert!(wg6 > TRANSFER, "IPv6 WireGuard bytes at the hub: {wg6}");
+    let sent = transfer_bytes(TRANSFER);
+    let visible = (0..64)
+        .map(|k| &sent[k * (TRANSFER / 64)..k * (TRANSFER / 64) + 24])
+        .filter(|chunk| frames.iter().any(|f| contains(f, chunk)))
+        .count();
+    assert_eq!(
+        visible, 0,
+        "plaintext of the IPv6 transfer seen on the underlay"
+    );
+
+    // wg show on both devices of node 0.
+    let dump6 = d
+        .wg(&tb, 0, &["show", "flannel-wg-v6", "dump"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log(0)));
+    let mut lines = dump6.lines();
+    let dev: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    assert_eq!(dev[2], "51821", "{dump6}");
+    let peers: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+    assert_eq!(peers.len(), 2, "{dump6}");
+    for j in 1..3 {
+        let k = key::read(&key_file(&d, j)).unwrap().public_base64();
+        let p = peers
+            .iter()
+            .find(|p| p[0] == k)
+            .unwrap_or_else(|| panic!("node {j} missing: {dump6}"));
+        assert_eq!(p[2], format!("[{}]:51821", v6[j]), "{dump6}");
+        assert_eq!(p[3], subnets6[j].to_string(), "{dump6}");
+        assert!(p[4] != "0" && p[5] != "0" && p[6] != "0", "{dump6}");
+    }
+    if v4 {
+        let dump4 = d.wg(&tb, 0, &["show", "flannel-wg", "dump"]).unwrap();
+        for j in 1..3 {
+            assert!(
+                dump4.contains(&format!(
+                    "\t{}:51820\t{}\t",
+                    tb.nodes[j].ip,
+                    subnets[j].unwrap()
+                )),
+                "{dump4}"
+            );
+        }
+    }
+    for h in handles {
+        assert_eq!(
+            tb.stop(h, Duration::from_secs(10)).and_then(|s| s.code()),
+            Some(0)
+        );
     }
 }

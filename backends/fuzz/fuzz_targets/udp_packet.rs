@@ -67,11 +67,16 @@ fuzz_target!(|data: &[u8]| {
     let mut hdr = Vec::new();
     for r in runs.iter().filter(|r| r.count > 1) {
         let run = &valid[r.start..r.start + r.count];
-        coalesce::merged_header(run, &mut hdr);
+        coalesce::merged_header(run, &mut hdr).expect("runs cut by plan merge");
         let payload: usize = run.iter().map(|p| p.len() - hdr.len()).sum();
-        let total = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
-        assert_eq!(total, hdr.len() + payload, "merged length");
-        assert_eq!(checksum(&hdr[..20]), 0, "merged IPv4 checksum");
+        if hdr[0] >> 4 == 6 {
+            let len = usize::from(u16::from_be_bytes([hdr[4], hdr[5]]));
+            assert_eq!(40 + len, hdr.len() + payload, "merged IPv6 payload length");
+        } else {
+            let total = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
+            assert_eq!(total, hdr.len() + payload, "merged length");
+            assert_eq!(checksum(&hdr[..20]), 0, "merged IPv4 checksum");
+        }
     }
     let mut copy = pkt.to_vec();
     let header_ok = packet::parse_ipv4(pkt).map(|h| checksum(&pkt[..h.header_len]) == 0);

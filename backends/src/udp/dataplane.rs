@@ -5,7 +5,8 @@
 //! - egress (`tun_to_udp`): one TUN read returns up to 64 KiB (vnet header, TSO) that tun-rs
 //!   splits into MTU packets; runs of packets to one peer leave in one `sendmsg` with UDP_SEGMENT.
 //! - ingress (`udp_to_tun`): one `recvmsg` with UDP_GRO returns many datagrams of one size; each
-//!   is validated, then tun-rs's GRO table coalesces them into super-packets for the TUN write.
+//!   is validated, then runs that Linux GRO would merge (coalesce.rs; TCP and UDP, IPv4 and
+//!   IPv6) leave in one TUN write each, a TSO/USO super-packet gathered without copies.
 //!
 //! Both loops wake at least every [`POLL_INTERVAL`] to see the stop flag; the TUN is
 //! non-blocking and polled, the socket blocks with a receive timeout. Sends block, which turns a
@@ -390,8 +391,9 @@ pub fn udp_to_tun(sh: Arc<Shared>) {
 /// Writes a batch of inner packets (from one receive) to the TUN: with the vnet header
 /// (`vnet`), runs that [`coalesce::plan`] finds leave as one super-packet each (a `writev` of
 /// the merged header and the payloads where they lie), the rest one packet per write; without
-/// it, one packet per write. `done` learns each write's packets and result. `runs` and `hdr`
-/// are the caller's scratch space (kept between batches: no allocation per batch).
+/// it, one packet per write. IPv4 and IPv6 alike (TSO for TCPv4/TCPv6, USO for UDP of both
+/// families when `uso`). `done` learns each write's packets and result. `runs` and `hdr` are
+/// the caller's scratch space (kept between batches).
 pub(crate) fn write_batch(
     dev: &SyncDevice,
     valid: &[&[u8]],
@@ -401,32 +403,37 @@ pub(crate) fn write_batch(
     hdr: &mut Vec<u8>,
     mut done: impl FnMut(&[&[u8]], nix::Result<usize>),
 ) {
-    if vnet {
-        coalesce::plan(valid, uso, runs);
-        for run in runs.iter() {
-            let pkts = &valid[run.start..run.start + run.count];
-            let vhdr = if run.count > 1 {
-                coalesce::merged_header(pkts, hdr)
-            } else {
-                coalesce::plain_vnet_header()
-            };
-            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(run.count + 2);
-            iov.push(IoSlice::new(&vhdr));
-            if run.count > 1 {
-                iov.push(IoSlice::new(hdr));
-                let h = hdr.len();
-                iov.extend(pkts.iter().map(|p| IoSlice::new(&p[h..])));
-            } else {
-                iov.push(IoSlice::new(pkts[0]));
-            }
-            done(pkts, write_tun(dev, &iov));
-        }
-    } else {
+    if !vnet {
         for pkt in valid {
             done(
                 std::slice::from_ref(pkt),
                 write_tun(dev, &[IoSlice::new(pkt)]),
             );
+        }
+        return;
+    }
+    coalesce::plan(valid, uso, runs);
+    let plain = coalesce::plain_vnet_header();
+    for run in runs.iter() {
+        let pkts = &valid[run.start..run.start + run.count];
+        let merged = if run.count > 1 {
+            coalesce::merged_header(pkts, hdr)
+        } else {
+            None
+        };
+        if let Some(vhdr) = merged {
+            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(run.count + 2);
+            iov.push(IoSlice::new(&vhdr));
+            iov.push(IoSlice::new(hdr));
+            let h = hdr.len();
+            iov.extend(pkts.iter().map(|p| IoSlice::new(&p[h..])));
+            done(pkts, write_tun(dev, &iov));
+        } else {
+            // A packet alone (merged_header refuses only what plan never merges).
+            for pkt in pkts {
+                let iov = [IoSlice::new(&plain), IoSlice::new(pkt)];
+                done(std::slice::from_ref(pkt), write_tun(dev, &iov));
+            }
         }
     }
 }

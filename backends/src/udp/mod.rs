@@ -12,15 +12,17 @@
 //! IPv6-only: the socket is `[interface IPv6]:port`, peers are reached at their `PublicIPv6`,
 //! and the TUN MTU is the interface's − 48. `flannel0` gets our IPv6 subnet's network address
 //! /128 and a route for `IPv6Network`; `addr_gen_mode=1` (set before the device goes up) keeps
-//! the kernel from giving it a link-local address and sending RS/MLD into the tunnel. IPv6
-//! packets are written to the TUN uncoalesced (coalesce.rs is IPv4-only); TCPv6 super-packets
-//! read from the TUN are split (tun-rs) and leave with UDP GSO like IPv4 ones.
+//! the kernel from giving it a link-local address and sending RS/MLD into the tunnel. The
+//! offloads treat IPv6 as IPv4: the TUN takes TSO6 (and USO6), TCPv6 super-packets read from
+//! it are split (tun-rs) and leave with UDP GSO, and arriving TCPv6/UDPv6 runs are coalesced
+//! into one TUN write (coalesce.rs), over either underlay.
 //!
 //! Fast path: the TUN carries a virtio-net header (TSO/checksum offload), so one read returns up to
 //! 64 KiB that tun-rs splits into MTU packets; consecutive packets to one peer leave in one
-//! `sendmsg` with UDP_SEGMENT (GSO). Receiving uses UDP_GRO (many datagrams per call) and tun-rs's
-//! GRO table to write coalesced super-packets. Each offload falls back on its own when the kernel
-//! refuses it, reported in the log and in `/metrics`.
+//! `sendmsg` with UDP_SEGMENT (GSO). Receiving uses UDP_GRO (many datagrams per call) and writes
+//! runs of segments of one flow as one super-packet (coalesce.rs: the header rewritten, the
+//! payloads gathered in place). Each offload falls back on its own when the kernel refuses it,
+//! reported in the log and in `/metrics`.
 
 pub mod coalesce;
 pub(crate) mod dataplane;

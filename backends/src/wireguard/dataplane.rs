@@ -12,7 +12,7 @@
 //! that finds their sender.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -23,7 +23,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use nix::sys::socket::{self, sockopt};
 use tun_rs::SyncDevice;
 
@@ -57,7 +57,8 @@ const OUT: usize = BUF + udp_plane::GSO_MAX_SEGMENTS * HANDSHAKE_MAX;
 /// Why a packet was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
-    /// Read from the TUN and not IPv4 (the device's own IPv6 noise).
+    /// Read from the TUN and not for a peer: not IP, or the TUN's own IPv6 link-local and
+    /// multicast noise (router and neighbour solicitations, MLD).
     NotIpv4,
     /// To an address no peer's allowed IPs contain (ICMP unreachable sent, rate limited).
     NoPeer,
@@ -216,24 +217,44 @@ pub fn open<'a>(
     from: IpAddr,
     datagram: &[u8],
     out: &'a mut [u8],
-    allowed: &[Ipv4Net],
+    allowed: &[IpNet],
 ) -> Step<'a> {
     if out.len() < datagram.len().max(HANDSHAKE_MAX) {
         return Step::Drop(DropReason::Invalid);
     }
     match t.decapsulate(Some(from), datagram, out) {
         TunnResult::WriteToNetwork(d) => Step::Network(d),
-        TunnResult::WriteToTunnelV4(p, src) => {
-            if allowed.iter().any(|n| n.contains(&src)) {
-                Step::Tunnel(p)
-            } else {
-                Step::Drop(DropReason::Spoofed)
-            }
-        }
-        // This device carries IPv4 only: no peer has IPv6 allowed IPs.
-        TunnResult::WriteToTunnelV6(..) => Step::Drop(DropReason::Spoofed),
+        TunnResult::WriteToTunnelV4(p, src) => allowed_step(p, IpAddr::V4(src), allowed),
+        TunnResult::WriteToTunnelV6(p, src) => allowed_step(p, IpAddr::V6(src), allowed),
         TunnResult::Done => Step::Nothing,
         TunnResult::Err(e) => Step::Drop(DropReason::of(&e)),
+    }
+}
+
+/// The inner packet `p` from `src`, if `src` is in the peer's `allowed` IPs (either family).
+fn allowed_step<'a>(p: &'a [u8], src: IpAddr, allowed: &[IpNet]) -> Step<'a> {
+    if allowed.iter().any(|n| n.contains(&src)) {
+        Step::Tunnel(p)
+    } else {
+        Step::Drop(DropReason::Spoofed)
+    }
+}
+
+/// The destination of an inner packet read from a TUN (IPv4 or IPv6); None for anything a
+/// peer cannot be for: too short, not IP, IPv6 link-local or multicast (the TUN's own noise).
+pub fn inner_dst(pkt: &[u8]) -> Option<IpAddr> {
+    match pkt.first()? >> 4 {
+        4 => {
+            let a: [u8; 4] = pkt.get(16..20)?.try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(a)))
+        }
+        6 => {
+            let a: [u8; 16] = pkt.get(24..40)?.try_into().ok()?;
+            let d = Ipv6Addr::from(a);
+            let noise = d.is_multicast() || (d.segments()[0] & 0xffc0) == 0xfe80;
+            (!noise).then_some(IpAddr::V6(d))
+        }
+        _ => None,
     }
 }
 
@@ -243,7 +264,7 @@ pub struct PeerSnapshot {
     pub public_key: [u8; 32],
     /// Where datagrams go now (the lease's endpoint, or where the peer roamed to).
     pub endpoint: SocketAddr,
-    pub allowed_ips: Vec<Ipv4Net>,
+    pub allowed_ips: Vec<IpNet>,
     /// When the current session was made; None before the first handshake.
     pub last_handshake: Option<SystemTime>,
     /// Datagram bytes received from and sent to the peer.
@@ -259,7 +280,7 @@ struct PeerState {
     endpoint: SocketAddr,
     /// The endpoint the lease gave (a change in the lease overrides roaming).
     lease_endpoint: SocketAddr,
-    allowed: Vec<Ipv4Net>,
+    allowed: Vec<IpNet>,
 }
 
 struct Peer {
@@ -287,7 +308,7 @@ impl Peer {
             .endpoint
     }
 
-    fn allowed(&self) -> Vec<Ipv4Net> {
+    fn allowed(&self) -> Vec<IpNet> {
         self.state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -309,14 +330,14 @@ impl Peer {
 struct Table {
     by_key: HashMap<[u8; 32], Arc<Peer>>,
     by_idx: HashMap<u32, Arc<Peer>>,
-    routes: Vec<(Ipv4Net, Arc<Peer>)>,
+    routes: Vec<(IpNet, Arc<Peer>)>,
     /// Peers of other types by PublicIP: a handshake from there with an unknown key makes a
     /// peer for that lease (its wireguard secondary, mid-switch).
     switching: HashMap<Ipv4Addr, Switching>,
 }
 
 impl Table {
-    fn lookup(&self, dst: Ipv4Addr) -> Option<&Arc<Peer>> {
+    fn lookup(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
         self.routes
             .iter()
             .find(|(n, _)| n.contains(&dst))
@@ -324,7 +345,7 @@ impl Table {
     }
 
     fn rebuild_routes(&mut self) {
-        let mut routes: Vec<(Ipv4Net, Arc<Peer>)> = self
+        let mut routes: Vec<(IpNet, Arc<Peer>)> = self
             .by_key
             .values()
             .flat_map(|p| p.allowed().into_iter().map(move |n| (n, p.clone())))
@@ -488,7 +509,7 @@ impl Device {
             .filter(|p| {
                 switching
                     .iter()
-                    .any(|s| s.lease == p.lease && s.allowed == p.allowed)
+                    .any(|s| s.lease == p.lease && IpNet::V4(s.allowed) == p.allowed)
                     && !want.iter().any(|w| w.public_key == p.public_key)
             })
             .cloned()
@@ -627,7 +648,7 @@ fn switching_peer(sh: &Shared, key: [u8; 32], from: SocketAddr) -> Option<Arc<Pe
     let w = WgPeer {
         public_key: key,
         endpoint: from,
-        allowed: s.allowed,
+        allowed: IpNet::V4(s.allowed),
         lease: s.lease,
     };
     tracing::info!(subnet = %s.allowed, endpoint = %from, "wireguard peer of another type (switching) accepted");
@@ -689,7 +710,7 @@ enum Route {
     Peer(Arc<Peer>),
     /// No peer's allowed IPs contain the destination (ICMP unreachable, rate limited).
     NoPeer,
-    /// Dropped and counted already (not IPv4).
+    /// Dropped and counted already (not for a peer: not IP, or the TUN's own IPv6 noise).
     Skip,
 }
 
@@ -786,13 +807,14 @@ fn egress(sh: &Shared) {
             let t = sh.table.read().unwrap_or_else(|e| e.into_inner());
             for i in 0..n {
                 let pkt = &bufs[i][..sizes[i]];
-                routes.push(if pkt.len() < 20 || pkt[0] >> 4 != 4 {
-                    sh.stats.count(DropReason::NotIpv4);
-                    Route::Skip
-                } else {
-                    let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
-                    t.lookup(dst)
-                        .map_or(Route::NoPeer, |p| Route::Peer(p.clone()))
+                routes.push(match inner_dst(pkt) {
+                    None => {
+                        sh.stats.count(DropReason::NotIpv4);
+                        Route::Skip
+                    }
+                    Some(dst) => t
+                        .lookup(dst)
+                        .map_or(Route::NoPeer, |p| Route::Peer(p.clone())),
                 });
             }
         }
@@ -891,7 +913,7 @@ struct Current {
     /// The session index the batch's datagrams name (ours, without the 8 random low bits).
     idx: u32,
     peer: Arc<Peer>,
-    allowed: Vec<Ipv4Net>,
+    allowed: Vec<IpNet>,
     /// An authenticated datagram of the batch came from it (roam once per batch).
     authenticated: bool,
 }
@@ -1225,7 +1247,7 @@ mod tests {
             "the payload is encrypted"
         );
         let from: IpAddr = "172.30.0.11".parse().unwrap();
-        let allowed: Vec<Ipv4Net> = vec!["10.5.1.0/24".parse().unwrap()];
+        let allowed: Vec<IpNet> = vec!["10.5.1.0/24".parse().unwrap()];
         let mut out = vec![0u8; 2048];
         match open(&mut b, from, &sealed, &mut out, &allowed) {
             Step::Tunnel(p) => assert_eq!(p, ipv4([10, 5, 1, 5], [10, 5, 2, 5], payload)),
@@ -1260,7 +1282,7 @@ mod tests {
     #[test]
     fn an_inner_source_outside_the_peers_subnet_is_dropped() {
         let (_a, mut b, sealed) = connected(b"x", [10, 5, 3, 5]);
-        let allowed: Vec<Ipv4Net> = vec!["10.5.1.0/24".parse().unwrap()];
+        let allowed: Vec<IpNet> = vec!["10.5.1.0/24".parse().unwrap()];
         let mut out = vec![0u8; 2048];
         assert_eq!(
             open(
@@ -1324,6 +1346,82 @@ mod tests {
         );
         assert_eq!(sealed_len(1400), 1432);
         assert_eq!(sealed_len(0), 148);
+    }
+
+    #[test]
+    fn inner_destinations_of_both_families_and_the_tuns_noise() {
+        let v4 = ipv4([10, 5, 1, 5], [10, 5, 2, 5], b"x");
+        assert_eq!(inner_dst(&v4), Some("10.5.2.5".parse().unwrap()));
+        let v6 = |dst: &str| ipv6("fd10:0:0:1::5", dst, b"");
+        assert_eq!(
+            inner_dst(&v6("fd10:0:0:2::5")),
+            Some("fd10:0:0:2::5".parse().unwrap())
+        );
+        // Router solicitations, MLD, link-local: the TUN's own, for no peer.
+        assert_eq!(inner_dst(&v6("ff02::2")), None);
+        assert_eq!(inner_dst(&v6("fe80::1")), None);
+        assert_eq!(inner_dst(&v4[..12]), None);
+        assert_eq!(inner_dst(&[]), None);
+        assert_eq!(inner_dst(&[0x20; 40]), None);
+    }
+
+    /// A minimal IPv6/UDP packet from `src` to `dst`.
+    fn ipv6(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+        let len = 8 + payload.len();
+        let mut p = vec![0x60, 0, 0, 0, (len >> 8) as u8, len as u8, 17, 64];
+        p.extend_from_slice(&src.parse::<Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(&dst.parse::<Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(&[0x30, 0x39, 0x30, 0x39, 0, len as u8, 0, 0]);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    #[test]
+    fn sealed_ipv6_packets_open_only_from_the_peers_ipv6_subnet() {
+        let (mut a, mut b, _) = connected(b"x", [10, 5, 1, 5]);
+        let from: IpAddr = "fd00:210::11".parse().unwrap();
+        let allowed: Vec<IpNet> = vec!["fd10:0:0:1::/64".parse().unwrap()];
+        let mut out_a = vec![0u8; 2048];
+        let mut out = vec![0u8; 2048];
+        let mut sealed = |pkt: &[u8]| match seal(&mut a, pkt, &mut out_a) {
+            Step::Network(d) => d.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let good = ipv6("fd10:0:0:1::5", "fd10:0:0:2::5", b"v6");
+        let spoofed = ipv6("fd10:0:0:3::5", "fd10:0:0:2::5", b"v6");
+        let (good_d, spoofed_d) = (sealed(&good), sealed(&spoofed));
+        assert_eq!(
+            open(&mut b, from, &good_d, &mut out, &allowed),
+            Step::Tunnel(&good[..])
+        );
+        assert_eq!(
+            open(&mut b, from, &spoofed_d, &mut out, &allowed),
+            Step::Drop(DropReason::Spoofed)
+        );
+        // A peer of the IPv4 device (IPv4 allowed IPs only) gets no IPv6 packet through.
+        let v4only: Vec<IpNet> = vec!["10.5.1.0/24".parse().unwrap()];
+        let again = sealed(&good);
+        assert_eq!(
+            open(&mut b, from, &again, &mut out, &v4only),
+            Step::Drop(DropReason::Spoofed)
+        );
+    }
+
+    #[test]
+    fn inner_ipv6_sources_are_checked_against_the_allowed_ips() {
+        let allowed: Vec<IpNet> = vec!["fd10:0:0:1::/64".parse().unwrap()];
+        let p = [0u8; 4];
+        assert_eq!(
+            allowed_step(&p, "fd10:0:0:1::5".parse().unwrap(), &allowed),
+            Step::Tunnel(&p[..])
+        );
+        for src in ["fd10:0:0:3::5", "10.5.1.5", "::ffff:10.5.1.5"] {
+            assert_eq!(
+                allowed_step(&p, src.parse().unwrap(), &allowed),
+                Step::Drop(DropReason::Spoofed),
+                "{src}"
+            );
+        }
     }
 
     #[test]

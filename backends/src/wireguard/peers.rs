@@ -2,9 +2,9 @@
 //! each peer's public key, endpoint and allowed IPs, and the difference between two peer sets.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde_json::{Map, Value};
 use subnet_lease::{Lease, SubnetKey};
 
@@ -56,9 +56,51 @@ pub fn parse_backend_data(v: Option<&Value>) -> Result<([u8; 32], Option<u16>), 
 pub struct WgPeer {
     pub public_key: [u8; 32],
     pub endpoint: SocketAddr,
-    /// The peer's lease subnet.
-    pub allowed: Ipv4Net,
+    /// The peer's lease subnet (of the device's family).
+    pub allowed: IpNet,
     pub lease: SubnetKey,
+}
+
+/// Which half of a lease a device's peers come from: `flannel-wg` takes the IPv4 subnet,
+/// `BackendData` and `PublicIP`; `flannel-wg-v6` (flannel's `separate` mode) the IPv6 subnet,
+/// `BackendV6Data` and `PublicIPv6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    V4,
+    V6,
+}
+
+/// The lease's subnet, BackendData and underlay address for `half`.
+fn lease_half(l: &Lease, half: Half) -> Result<(IpNet, Option<&Value>, IpAddr), String> {
+    match half {
+        Half::V4 => {
+            let net = l.key.ipv4.ok_or("no IPv4 subnet")?;
+            if l.attrs.public_ip.is_unspecified() {
+                return Err("PublicIP is 0.0.0.0 (no IPv4 underlay address)".into());
+            }
+            Ok((
+                IpNet::V4(net),
+                l.attrs.backend_data.as_ref(),
+                IpAddr::V4(l.attrs.public_ip),
+            ))
+        }
+        Half::V6 => {
+            let net = l.key.ipv6.ok_or("no IPv6 subnet")?;
+            let ip = l
+                .attrs
+                .public_ipv6
+                .filter(|ip| !ip.is_unspecified())
+                .ok_or("no PublicIPv6 (flannel-wg-v6 peers are reached over IPv6)")?;
+            if l.attrs.backend_v6_data.is_none() {
+                return Err("no BackendV6Data".into());
+            }
+            Ok((
+                IpNet::V6(net),
+                l.attrs.backend_v6_data.as_ref(),
+                IpAddr::V6(ip),
+            ))
+        }
+    }
 }
 
 /// The peers `leases` describe (those advertising wireguard), in subnet order, and for each
@@ -69,6 +111,16 @@ pub fn desired<'a>(
     listen_port: u16,
     own_key: &[u8; 32],
 ) -> (Vec<WgPeer>, Vec<(SubnetKey, String)>) {
+    desired_for(leases, Half::V4, listen_port, own_key)
+}
+
+/// As [`desired`], for the device of `half` (`listen_port`: that device's port).
+pub fn desired_for<'a>(
+    leases: impl IntoIterator<Item = &'a Lease>,
+    half: Half,
+    listen_port: u16,
+    own_key: &[u8; 32],
+) -> (Vec<WgPeer>, Vec<(SubnetKey, String)>) {
     let mut peers: Vec<WgPeer> = Vec::new();
     let mut problems = Vec::new();
     for l in leases {
@@ -76,11 +128,8 @@ pub fn desired<'a>(
             continue;
         }
         let r = (|| {
-            let allowed = l.key.ipv4.ok_or("no IPv4 subnet")?;
-            let (public_key, port) = parse_backend_data(l.attrs.backend_data.as_ref())?;
-            if l.attrs.public_ip.is_unspecified() {
-                return Err("PublicIP is 0.0.0.0 (an IPv6 underlay is not supported here)".into());
-            }
+            let (allowed, data, ip) = lease_half(l, half)?;
+            let (public_key, port) = parse_backend_data(data)?;
             if &public_key == own_key {
                 return Err("advertises this node's own public key".into());
             }
@@ -92,10 +141,7 @@ pub fn desired<'a>(
             }
             Ok(WgPeer {
                 public_key,
-                endpoint: SocketAddr::V4(SocketAddrV4::new(
-                    l.attrs.public_ip,
-                    port.unwrap_or(listen_port),
-                )),
+                endpoint: SocketAddr::new(ip, port.unwrap_or(listen_port)),
                 allowed,
                 lease: l.key,
             })
@@ -288,6 +334,69 @@ mod tests {
         // No port: ours.
         let (peers, _) = desired(&leases[2..3], 51820, &own);
         assert_eq!(peers[0].endpoint, "172.30.0.13:51820".parse().unwrap());
+    }
+
+    #[test]
+    fn the_ipv6_half_takes_the_v6_subnet_data_and_address() {
+        let own = decode_key(K2).unwrap();
+        let dual = |v4: &str, v6: &str, json: &str| Lease {
+            key: SubnetKey::dual(v4.parse().unwrap(), v6.parse().unwrap()),
+            attrs: serde_json::from_str(json).unwrap(),
+            etcd_lease: 1,
+            mod_revision: 1,
+        };
+        let leases = [
+            // As flannel writes a dual-stack lease: the same key in both, the ports differ.
+            dual(
+                "10.5.1.0/24",
+                "fd10:0:0:1::/64",
+                &format!(
+                    r#"{{"PublicIP":"172.30.0.11","PublicIPv6":"fd00:210::11","BackendType":"wireguard","BackendData":{{"PublicKey":"{K1}","Port":51820}},"BackendV6Data":{{"PublicKey":"{K1}","Port":51821}}}}"#
+                ),
+            ),
+            // No BackendV6Data (flannel drops such a lease whole): IPv4 only here.
+            dual(
+                "10.5.3.0/24",
+                "fd10:0:0:3::/64",
+                r#"{"PublicIP":"172.30.0.13","PublicIPv6":"fd00:210::13","BackendType":"wireguard","BackendData":{"PublicKey":"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dh="}}"#,
+            ),
+            // No PublicIPv6, or no IPv6 subnet.
+            dual(
+                "10.5.4.0/24",
+                "fd10:0:0:4::/64",
+                &format!(
+                    r#"{{"PublicIP":"172.30.0.14","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{K2}"}},"BackendV6Data":{{"PublicKey":"{K2}"}}}}"#
+                ),
+            ),
+            wg(
+                "10.5.5.0/24",
+                "172.30.0.15",
+                r#"{"PublicKey":"HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykQ="}"#,
+            ),
+        ];
+        let (peers, problems) = desired_for(&leases, Half::V6, 51821, &own);
+        assert_eq!(
+            peers,
+            vec![WgPeer {
+                public_key: decode_key(K1).unwrap(),
+                endpoint: "[fd00:210::11]:51821".parse().unwrap(),
+                allowed: "fd10:0:0:1::/64".parse().unwrap(),
+                lease: leases[0].key,
+            }]
+        );
+        let why: Vec<&str> = problems.iter().map(|(_, e)| e.as_str()).collect();
+        assert_eq!(
+            why,
+            vec![
+                "no BackendV6Data",
+                "no PublicIPv6 (flannel-wg-v6 peers are reached over IPv6)",
+                "no IPv6 subnet"
+            ]
+        );
+        // The IPv4 half of the same leases: BackendData, PublicIP, the v4 subnet.
+        let (peers, _) = desired_for(&leases[..1], Half::V4, 51820, &own);
+        assert_eq!(peers[0].endpoint, "172.30.0.11:51820".parse().unwrap());
+        assert_eq!(peers[0].allowed, "10.5.1.0/24".parse::<IpNet>().unwrap());
     }
 
     #[test]

@@ -20,6 +20,12 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_flanneld");
 /// Where every test daemon serves /healthz, /readyz and /metrics (inside its node).
 pub const HEALTH: (Ipv4Addr, u16) = (Ipv4Addr::LOCALHOST, 8471);
 
+/// `sh -c` script: bind-mounts `$0` on /run/wireguard (in the private mount namespace `ip netns
+/// exec` gives each command; the mount point is made if the host has none) and execs `$@` (the
+/// same process: its PID is the one the testbed stops).
+const WG_RUN_WRAPPER: &str =
+    r#"mkdir -p /run/wireguard && mount --bind "$0" /run/wireguard && exec "$@""#;
+
 /// The flanneld processes of a testbed: one per node, each (re)start with its own log.
 pub struct Daemons {
     pub dir: tempfile::TempDir,
@@ -30,6 +36,11 @@ pub struct Daemons {
     runs: Vec<u32>,
     /// Extra environment per node: (node, name, value).
     pub node_env: Vec<(usize, String, String)>,
+    /// Each node's daemon sees its own /run/wireguard ([`Daemons::wg_dir`], bind-mounted in
+    /// the daemon's private mount namespace that `ip netns exec` makes): the nodes of a host
+    /// (and parallel tests) would otherwise share one `flannel-wg.sock`. Read with
+    /// [`Daemons::wg`].
+    pub private_wg_run: bool,
 }
 
 impl Daemons {
@@ -42,7 +53,21 @@ impl Daemons {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             runs: Vec::new(),
             node_env: Vec::new(),
+            private_wg_run: false,
         }
+    }
+
+    /// Node i's /run/wireguard when [`Daemons::private_wg_run`] is set.
+    pub fn wg_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("wgrun{i}"))
+    }
+
+    /// `wg args…` run in node i with its own /run/wireguard in view.
+    pub fn wg(&self, tb: &Testbed, i: usize, args: &[&str]) -> Result<String, String> {
+        let dir = self.wg_dir(i);
+        let mut full = vec!["sh", "-c", WG_RUN_WRAPPER, dir.to_str().unwrap(), "wg"];
+        full.extend_from_slice(args);
+        tb.exec(&tb.nodes[i].ns, &full)
     }
 
     pub fn env_file(&self, i: usize) -> PathBuf {
@@ -100,6 +125,15 @@ impl Daemons {
                 .filter(|(n, _, _)| *n == i)
                 .map(|(_, k, v)| (k.as_str(), v.as_str())),
         );
+        if self.private_wg_run {
+            let dir = self.wg_dir(i);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut wrapped = vec!["-c", WG_RUN_WRAPPER, dir.to_str().unwrap(), BIN];
+            wrapped.extend_from_slice(&args);
+            return tb
+                .spawn(&ns, "sh", &wrapped, &env, &self.log_file(i))
+                .unwrap();
+        }
         tb.spawn(&ns, BIN, &args, &env, &self.log_file(i)).unwrap()
     }
 
