@@ -147,7 +147,8 @@ async fn make_plane(
         tracing::warn!("{name} already exists; recreating it");
         ctx.netlink.delete_link(old.index).await?;
     }
-    let dev = dataplane::build_tun(name, mtu).map_err(|e| io_err(&format!("creating TUN {name}"), e))?;
+    let dev =
+        dataplane::build_tun(name, mtu).map_err(|e| io_err(&format!("creating TUN {name}"), e))?;
     let link = ctx
         .netlink
         .link_by_name(name)
