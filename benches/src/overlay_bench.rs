@@ -8,6 +8,8 @@
 //! - a wireguard-go (Debian) tunnel between the two nodes set up by hand with `wg set`, as
 //!   flannel's wireguard backend would configure it (`wggo`, measured only when listed): the
 //!   independent baseline for our userspace WireGuard backend;
+//! - our flanneld with `Backend.Type: wireguard` (`wireguard`, measured only when listed; each
+//!   node its own key file);
 //! - over IPv6 (issue 22), on a dual-stack underlay: plain IPv6 routes (`plain6`) and kernel
 //!   VXLAN over IPv6 programmed by hand as flannel's backend does it (`hand6`, the baseline of
 //!   the IPv6 ratios), both measured whenever an IPv6 row is; our flanneld vxlan and host-gw
