@@ -152,6 +152,7 @@ impl World {
         compile(Input {
             namespaces: &self.namespaces,
             policies: &policies,
+            cluster_policies: &[],
             pods: &self.pods,
             node: "node0",
         })

@@ -165,7 +165,8 @@ impl Objects {
             Object::NetworkPolicy(_)
             | Object::Secret(_)
             | Object::Ingress(_)
-            | Object::IngressClass(_) => {}
+            | Object::IngressClass(_)
+            | Object::ClusterNetworkPolicy(_) => {}
         }
     }
 

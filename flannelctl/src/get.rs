@@ -150,6 +150,7 @@ pub fn rows(kind: Kind, objs: &[Object]) -> Vec<Vec<String>> {
         Kind::Secret => &["NAMESPACE", "NAME", "TYPE", "DATA"],
         Kind::Ingress => &["NAMESPACE", "NAME", "CLASS", "HOSTS", "PORTS"],
         Kind::IngressClass => &["NAME", "CONTROLLER", "PARAMETERS"],
+        Kind::ClusterNetworkPolicy => &["NAME", "TIER", "PRIORITY"],
     };
     let mut out = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     for obj in objs {
@@ -265,6 +266,11 @@ pub fn rows(kind: Kind, objs: &[Object]) -> Vec<Vec<String>> {
                     .unwrap_or_default();
                 vec![m.name.clone(), c.spec.controller.clone(), or_none(params)]
             }
+            Object::ClusterNetworkPolicy(p) => vec![
+                m.name.clone(),
+                or_none(p.spec.tier.map(|t| t.to_string()).unwrap_or_default()),
+                or_none(p.spec.priority.map(|n| n.to_string()).unwrap_or_default()),
+            ],
         };
         out.push(row);
     }
@@ -475,6 +481,28 @@ spec: {controller: flannel.io/ingress}
         assert_eq!(
             table(Kind::IngressClass, &objs),
             "NAME      CONTROLLER           PARAMETERS\nflannel   flannel.io/ingress   <none>\n"
+        );
+    }
+
+    #[test]
+    fn cluster_network_policy_rows() {
+        let objs = parse_documents(
+            r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: isolate-blue}
+spec: {tier: Admin, priority: 10, subject: {namespaces: {}}}
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: default-deny}
+spec: {tier: Baseline, priority: 1000, subject: {namespaces: {}}}
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            table(Kind::ClusterNetworkPolicy, &objs),
+            "NAME           TIER       PRIORITY\nisolate-blue   Admin      10\ndefault-deny   Baseline   1000\n"
         );
     }
 }

@@ -438,6 +438,17 @@ mod tests {
         assert_eq!(respond(&st, "GET /readyz HTTP/1.1").0, 200);
         let m = respond(&st, "GET /metrics HTTP/1.1").2;
         assert!(m.contains("flannel_policy_br_netfilter 1"), "{m}");
+        st.policy
+            .observe_tiers(&[("Admin", 2, 1), ("Baseline", 1, 3)]);
+        let m = respond(&st, "GET /metrics HTTP/1.1").2;
+        assert!(
+            m.contains("flannel_policy_cluster_policies{tier=\"Admin\"} 2"),
+            "{m}"
+        );
+        assert!(
+            m.contains("flannel_policy_tier_pods{tier=\"Baseline\"} 3"),
+            "{m}"
+        );
         assert_eq!(respond(&st, "GET /nope HTTP/1.1").0, 404);
         assert_eq!(respond(&st, "POST /healthz HTTP/1.1").0, 405);
         st.peers.set(3);

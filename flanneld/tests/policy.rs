@@ -8,6 +8,9 @@
 //! The same cases run twice: on an IPv4-only cluster, and on a dual-stack one (IPv6 underlay,
 //! `EnableIPv6`, dual-stack Services) where every matrix is checked over both families, with
 //! extra ipBlock cases for IPv6 blocks and IPv4 blocks that must not open IPv6.
+//! ClusterNetworkPolicy cases (policy.networking.k8s.io/v1alpha2) follow the NetworkPolicy ones
+//! on the same matrices: their Deny drops (the probe must time out, as the network-policy-api
+//! conformance suite counts a denial), NetworkPolicy's refusals stay quick.
 //! Needs root and the reference CNI plugins; skips with a reason without them, fails under CI.
 
 #![allow(clippy::unwrap_used)]
@@ -18,8 +21,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use policy::eval::{self, Family, NamedPort, Peer, PodView};
-use registry::{Labels, NetworkPolicy, Object, Protocol};
+use policy::eval::{self, Family, NamedPort, Peer, PodView, Verdict};
+use registry::{ClusterNetworkPolicy, Labels, NetworkPolicy, Object, Protocol};
 use test_support::{
     connect_seeing_icmp, in_netns, random_tag, require, require_root_with, IdServer, Testbed,
     UdpIdServer,
@@ -81,6 +84,7 @@ struct World {
     pods: Vec<TestPod>,
     namespaces: BTreeMap<String, Labels>,
     policies: Vec<NetworkPolicy>,
+    cluster_policies: Vec<ClusterNetworkPolicy>,
     _servers: Vec<(IdServer, IdServer, UdpIdServer, UdpIdServer)>,
     _cni: Cni,
     files: usize,
@@ -244,6 +248,7 @@ impl World {
             pods,
             namespaces,
             policies: Vec::new(),
+            cluster_policies: Vec::new(),
             _servers: servers,
             _cni: cni,
             files: 0,
@@ -338,21 +343,29 @@ impl World {
         )
     }
 
-    /// Adds policies (their YAML) to the cluster and to the model.
+    /// Adds policies (their YAML: NetworkPolicies and ClusterNetworkPolicies) to the cluster
+    /// and to the model (a ClusterNetworkPolicy of an existing name replaces it).
     fn add_policies(&mut self, yaml: &str) {
         for obj in registry::parse_documents(yaml).unwrap() {
-            let Object::NetworkPolicy(mut np) = obj else {
-                panic!("not a NetworkPolicy: {obj:?}");
-            };
-            np.metadata
-                .namespace
-                .get_or_insert_with(|| "default".into());
-            self.policies.push(np);
+            match obj {
+                Object::NetworkPolicy(mut np) => {
+                    np.metadata
+                        .namespace
+                        .get_or_insert_with(|| "default".into());
+                    self.policies.push(np);
+                }
+                Object::ClusterNetworkPolicy(p) => {
+                    self.cluster_policies
+                        .retain(|o| o.metadata.name != p.metadata.name);
+                    self.cluster_policies.push(p);
+                }
+                other => panic!("not a policy: {other:?}"),
+            }
         }
         self.ctl(&["apply"], yaml);
     }
 
-    /// Deletes every policy (from the cluster and the model).
+    /// Deletes every policy of both kinds (from the cluster and the model).
     fn clear_policies(&mut self) {
         let mut yaml = String::new();
         for np in std::mem::take(&mut self.policies) {
@@ -360,6 +373,12 @@ impl World {
                 "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {}, namespace: \"{}\"}}\nspec: {{podSelector: {{}}}}\n---\n",
                 np.metadata.name,
                 np.metadata.namespace.unwrap()
+            );
+        }
+        for p in std::mem::take(&mut self.cluster_policies) {
+            yaml += &format!(
+                "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {}}}\n---\n",
+                p.metadata.name
             );
         }
         if !yaml.is_empty() {
@@ -388,11 +407,16 @@ impl World {
         self.ctl(&["apply"], &yaml);
     }
 
-    /// The matrix the semantics give over `family` (computed by the pure evaluator only).
-    fn expected(&self, family: Family, (proto, port): (Protocol, u16)) -> Matrix {
+    /// The verdicts the semantics give over `family` (computed by the pure evaluator only).
+    fn expected_verdicts(
+        &self,
+        family: Family,
+        (proto, port): (Protocol, u16),
+    ) -> Vec<Vec<Verdict>> {
         let cluster = eval::Cluster {
             namespaces: self.namespaces.clone(),
             policies: self.policies.clone(),
+            cluster_policies: self.cluster_policies.clone(),
         };
         self.pods
             .iter()
@@ -400,24 +424,30 @@ impl World {
                 self.pods
                     .iter()
                     .map(|d| {
-                        cluster.allows(family, Peer::Pod(&s.view), Peer::Pod(&d.view), proto, port)
+                        cluster.verdict(family, Peer::Pod(&s.view), Peer::Pod(&d.view), proto, port)
                     })
                     .collect()
             })
             .collect()
     }
 
-    /// The matrix the cluster shows over `family`: one thread per source pod; and the
-    /// refused pairs (TCP) whose refusal was not [`QUICK`].
+    /// The matrix the semantics give over `family`.
+    fn expected(&self, family: Family, pp: (Protocol, u16)) -> Matrix {
+        self.expected_verdicts(family, pp)
+            .into_iter()
+            .map(|row| row.into_iter().map(Verdict::allowed).collect())
+            .collect()
+    }
+
+    /// The matrix the cluster shows over `family` (one thread per source pod) and how long
+    /// each probe took.
     fn observed(
         &self,
         family: Family,
         (proto, port): (Protocol, u16),
         via_service: bool,
-    ) -> (Matrix, Vec<String>) {
-        let slow = std::sync::Mutex::new(Vec::new());
-        let slow_ref = &slow;
-        let m = std::thread::scope(|s| {
+    ) -> (Matrix, Vec<Vec<Duration>>) {
+        let rows: Vec<Vec<(bool, Duration)>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .pods
                 .iter()
@@ -431,24 +461,23 @@ impl World {
                                 } else {
                                     dst.view.addr(family).unwrap()
                                 };
-                                let to = SocketAddr::from((ip, port));
-                                let (ok, took) = probe_timed(&src.netns, proto, to);
-                                if !ok && proto == Protocol::Tcp && took >= QUICK {
-                                    slow_ref.lock().unwrap().push(format!(
-                                        "{} -> {to} ({}) refused after {took:?}",
-                                        src.id(),
-                                        dst.id()
-                                    ));
-                                }
-                                ok
+                                probe_timed(&src.netns, proto, SocketAddr::from((ip, port)))
                             })
-                            .collect::<Vec<bool>>()
+                            .collect::<Vec<(bool, Duration)>>()
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        (m, slow.into_inner().unwrap())
+        let m = rows
+            .iter()
+            .map(|r| r.iter().map(|(ok, _)| *ok).collect())
+            .collect();
+        let took = rows
+            .iter()
+            .map(|r| r.iter().map(|(_, t)| *t).collect())
+            .collect();
+        (m, took)
     }
 
     fn render(&self, m: &Matrix, other: &Matrix) -> String {
@@ -502,14 +531,18 @@ impl World {
             Family::Ip => "IPv4",
             Family::Ip6 => "IPv6",
         };
-        let want = self.expected(family, pp);
+        let verdicts = self.expected_verdicts(family, pp);
+        let want: Matrix = verdicts
+            .iter()
+            .map(|row| row.iter().map(|v| v.allowed()).collect())
+            .collect();
         for via_service in [false, true] {
             let how = if via_service { "ClusterIP" } else { "direct" };
             let mut got;
-            let mut slow;
+            let mut took;
             loop {
                 let t = Instant::now();
-                (got, slow) = self.observed(family, pp, via_service);
+                (got, took) = self.observed(family, pp, via_service);
                 rounds.push(format!("{fam} {} {} {how} {:?}", pp.0, pp.1, t.elapsed()));
                 if got == want || started.elapsed() > CONVERGE {
                     break;
@@ -525,14 +558,35 @@ impl World {
                 self.render(&got, &want),
                 self.logs()
             );
-            // Every denied TCP connection is refused at once, over both families, directly
-            // and through ClusterIPs (not after the client's SYN retransmission).
+            // Every TCP connection a NetworkPolicy denies is refused at once, over both
+            // families, directly and through ClusterIPs (not after the client's SYN
+            // retransmission); one a ClusterNetworkPolicy denies is dropped: the client
+            // waits for its timeout.
+            let mut wrong = Vec::new();
+            for (i, src) in self.pods.iter().enumerate() {
+                for (j, dst) in self.pods.iter().enumerate() {
+                    let t = took[i][j];
+                    let bad = match verdicts[i][j] {
+                        Verdict::Allow => false,
+                        Verdict::Reject => pp.0 == Protocol::Tcp && t >= QUICK,
+                        Verdict::Drop => t < PROBE - Duration::from_millis(100),
+                    };
+                    if bad {
+                        wrong.push(format!(
+                            "{} -> {} {:?}: denied after {t:?}",
+                            src.id(),
+                            dst.id(),
+                            verdicts[i][j]
+                        ));
+                    }
+                }
+            }
             assert!(
-                slow.is_empty(),
-                "case {case:?}: {fam} {} {} {how}: slow refusals:\n{}",
+                wrong.is_empty(),
+                "case {case:?}: {fam} {} {} {how}: refusals not quick (Reject) or drops not timing out (Drop):\n{}",
                 pp.0,
                 pp.1,
-                slow.join("\n")
+                wrong.join("\n")
             );
         }
     }
@@ -542,6 +596,123 @@ fn np(name: &str, ns: &str, spec: &str) -> String {
     format!(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: \"{ns}\"}}\nspec:\n{spec}---\n"
     )
+}
+
+fn cnp(name: &str, tier: &str, priority: u32, body: &str) -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: {tier}\n  priority: {priority}\n{body}---\n"
+    )
+}
+
+/// ClusterNetworkPolicy on the same matrices: tiers against NetworkPolicy, Pass, an egress
+/// network, and an update that leaves established flows alone.
+fn cluster_policy_cases(w: &mut World) {
+    // An Admin Deny beats a NetworkPolicy that allows everything into x.
+    w.add_policies(
+        &(np("allow-all", "x", "  podSelector: {}\n  ingress: [{}]\n")
+            + &cnp(
+                "deny-y-to-x",
+                "Admin",
+                10,
+                "  subject: {namespaces: {matchLabels: {ns: \"x\"}}}\n  ingress:\n  - {name: from-y, action: Deny, from: [{namespaces: {matchLabels: {ns: \"y\"}}}]}\n",
+            )),
+    );
+    w.check(
+        "CNP: Admin Deny beats an allowing NetworkPolicy",
+        &[TCP80, UDP81],
+    );
+    w.clear_policies();
+
+    // A Baseline default deny for z, opened into z/a from x by a NetworkPolicy (which then
+    // decides for z/a alone: the others are refused there, not dropped).
+    w.add_policies(
+        &(cnp(
+            "z-default-deny",
+            "Baseline",
+            1000,
+            "  subject: {namespaces: {matchLabels: {ns: \"z\"}}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n",
+        ) + &np(
+            "from-x",
+            "z",
+            "  podSelector: {matchLabels: {pod: \"a\"}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: \"x\"}}}]}]\n",
+        )),
+    );
+    w.check("CNP: Baseline Deny opened by a NetworkPolicy", &[TCP80]);
+    w.clear_policies();
+
+    // Pass: the b pods are passed to NetworkPolicy (x/a: only from y), everyone else into x
+    // is denied by a later Admin policy.
+    w.add_policies(
+        &(cnp(
+            "pass-b",
+            "Admin",
+            1,
+            "  subject: {namespaces: {matchLabels: {ns: \"x\"}}}\n  ingress:\n  - {action: Pass, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {pod: \"b\"}}}}]}\n",
+        ) + &cnp(
+            "deny-into-x",
+            "Admin",
+            2,
+            "  subject: {namespaces: {matchLabels: {ns: \"x\"}}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n",
+        ) + &np(
+            "a-from-y",
+            "x",
+            "  podSelector: {matchLabels: {pod: \"a\"}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: \"y\"}}}]}]\n",
+        )),
+    );
+    w.check("CNP: Pass to NetworkPolicy", &[TCP80]);
+    w.clear_policies();
+
+    // An egress Deny to a network: z may not reach node 1's pod subnet (both families'
+    // subnets in the dual-stack cluster), on TCP 80 only.
+    let env = w.d.subnet_env(1);
+    let mut nets = vec![format!("\"{}\"", env.subnet.unwrap())];
+    if let Some(v6) = env.ipv6_subnet {
+        nets.push(format!("\"{v6}\""));
+    }
+    w.add_policies(&cnp(
+        "z-not-to-node1",
+        "Admin",
+        5,
+        &format!(
+            "  subject: {{namespaces: {{matchLabels: {{ns: \"z\"}}}}}}\n  egress:\n  - {{action: Deny, to: [{{networks: [{}]}}], protocols: [{{tcp: {{destinationPort: {{number: 80}}}}}}]}}\n",
+            nets.join(", ")
+        ),
+    ));
+    w.check("CNP: egress Deny to a network", &[TCP80, TCP81]);
+    w.clear_policies();
+
+    // An update takes effect for new connections and leaves established ones alone: a UDP
+    // flow from y/a to x/a (answered, so conntrack holds it) keeps working after a Deny
+    // lands, while a new flow is dropped; then the Deny turns into an Accept.
+    let src = w.pods.iter().find(|p| p.id() == "y/a").unwrap();
+    let dst = w.pods.iter().find(|p| p.id() == "x/a").unwrap();
+    let to = SocketAddr::from((dst.view.addr(Family::Ip).unwrap(), 81));
+    let flow = in_netns(&src.netns, || UdpSocket::bind(("0.0.0.0", 0)))
+        .unwrap()
+        .unwrap();
+    flow.connect(to).unwrap();
+    flow.set_read_timeout(Some(PROBE)).unwrap();
+    let exchange = |s: &UdpSocket| {
+        let mut buf = [0u8; 128];
+        s.send(b"probe").is_ok() && s.recv(&mut buf).is_ok()
+    };
+    assert!(exchange(&flow), "the flow before any policy");
+    let deny = |action: &str| {
+        cnp(
+            "update",
+            "Admin",
+            3,
+            &format!("  subject: {{namespaces: {{matchLabels: {{ns: \"x\"}}}}}}\n  ingress:\n  - {{action: {action}, from: [{{namespaces: {{matchLabels: {{ns: \"y\"}}}}}}]}}\n"),
+        )
+    };
+    w.add_policies(&deny("Deny"));
+    w.check("CNP update: Deny", &[UDP81]);
+    assert!(exchange(&flow), "the established flow survives the Deny");
+    w.add_policies(&deny("Accept"));
+    w.check("CNP update: Deny becomes Accept", &[UDP81]);
+    assert!(exchange(&flow));
+    w.clear_policies();
+    w.check("CNP: all gone", &[TCP80]);
 }
 
 fn can_run() -> bool {
@@ -741,6 +912,8 @@ fn matrices(w: &mut World) {
     w.check("egress to a service backend", &[TCP80, UDP80, TCP81]);
     w.clear_policies();
     w.check("all policies gone", &[TCP80, UDP80]);
+
+    cluster_policy_cases(w);
 
     // `flannelctl status` from the hub: every node ready with its two peers programmed and
     // policy on (br_netfilter present).

@@ -83,7 +83,10 @@ impl Objects {
             let Some((kind, ns, name)) = registry::store::parse_key(&self.prefix, key) else {
                 return false;
             };
-            if matches!(kind, Kind::Namespace | Kind::NetworkPolicy) {
+            if matches!(
+                kind,
+                Kind::Namespace | Kind::NetworkPolicy | Kind::ClusterNetworkPolicy
+            ) {
                 return false;
             }
             let obj = value.and_then(|v| {

@@ -37,10 +37,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 pub use nft::Family;
 use registry::{
-    IntOrString, Labels, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, PolicyType, Protocol,
+    ClusterNetworkPolicy, ClusterNetworkPolicyPeer, IntOrString, Labels, NetworkPolicy,
+    NetworkPolicyPeer, NetworkPolicyPort, PolicyType, Protocol, RuleAction, Tier,
 };
 
-use crate::eval::{family_of, PodView, NAMESPACE_NAME_LABEL};
+use crate::eval::{
+    family_of, namespaced_pod_matches, rule_parts, tier_order, Direction, PodView,
+    NAMESPACE_NAME_LABEL,
+};
 
 /// The table the module owns.
 pub const TABLE: &str = "flannel-policy";
@@ -139,6 +143,8 @@ pub struct Input<'a> {
     /// Namespace name -> labels (the name label is implied).
     pub namespaces: &'a BTreeMap<String, Labels>,
     pub policies: &'a [&'a NetworkPolicy],
+    /// ClusterNetworkPolicies (any order: they are sorted per tier as the evaluator does).
+    pub cluster_policies: &'a [&'a ClusterNetworkPolicy],
     /// Every pod of the cluster that has an address.
     pub pods: &'a [PodView],
     /// This node's name: its pods get chains.
@@ -156,6 +162,15 @@ impl Dir {
         match self {
             Dir::In => "in",
             Dir::Out => "out",
+        }
+    }
+    /// The chain prefix of a ClusterNetworkPolicy tier's chains (`ain`, `aout`, `bin`, `bout`).
+    fn tier_tag(self, tier: Tier) -> &'static str {
+        match (tier, self) {
+            (Tier::Admin, Dir::In) => "ain",
+            (Tier::Admin, Dir::Out) => "aout",
+            (Tier::Baseline, Dir::In) => "bin",
+            (Tier::Baseline, Dir::Out) => "bout",
         }
     }
     fn policy_type(self) -> PolicyType {
@@ -470,6 +485,8 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
             }
         }
     }
+    // (pod address, direction) -> its NetworkPolicy chain (when a policy isolates it).
+    let mut np_chain: BTreeMap<(IpAddr, Dir), String> = BTreeMap::new();
     for ((ip, dir), rules) in per_pod {
         // Policies often repeat each other's rules; a rule only returns, so once is enough.
         let mut seen = BTreeSet::new();
@@ -486,10 +503,68 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
         chain.push(reject_icmp(family).to_string());
         let name = names.name(dir.tag(), &chain.join("\n"));
         rs.chains.insert(name.clone(), chain);
-        match dir {
-            Dir::In => rs.ingress.insert(ip, name),
-            Dir::Out => rs.egress.insert(ip, name),
-        };
+        np_chain.insert((ip, dir), name);
+    }
+    // ClusterNetworkPolicy tiers around it, per local pod and direction: the Admin chain
+    // (first matching rule: Accept `return`, Deny `drop`, Pass `goto` the rest), then the
+    // NetworkPolicy chain when one isolates the pod (final), else the Baseline chain (Pass
+    // and Accept `return`, Deny `drop`), else the default (allowed: back in `forward`).
+    let local_pods: Vec<&PodView> = local.values().copied().collect();
+    let tiers = TierRules::new(
+        &ctx,
+        &mut rs,
+        &mut names,
+        input.cluster_policies,
+        &local_pods,
+    );
+    for (ip, pod) in &local {
+        for dir in [Dir::In, Dir::Out] {
+            let baseline = tiers.rules(Tier::Baseline, dir, pod, &ctx);
+            let rest = match np_chain.get(&(*ip, dir)) {
+                Some(np) => Some(np.clone()),
+                None if baseline.is_empty() => None,
+                None => {
+                    let chain: Vec<String> = baseline
+                        .into_iter()
+                        .map(|(m, action)| match action {
+                            RuleAction::Deny => format!("{m}drop"),
+                            RuleAction::Accept | RuleAction::Pass => format!("{m}return"),
+                        })
+                        .collect();
+                    let name = names.name(dir.tier_tag(Tier::Baseline), &chain.join("\n"));
+                    rs.chains.insert(name.clone(), chain);
+                    Some(name)
+                }
+            };
+            let admin = tiers.rules(Tier::Admin, dir, pod, &ctx);
+            let head = if admin.is_empty() {
+                rest
+            } else {
+                let pass = rest
+                    .as_ref()
+                    .map_or("return".to_string(), |r| format!("goto {r}"));
+                let mut chain: Vec<String> = admin
+                    .into_iter()
+                    .map(|(m, action)| match action {
+                        RuleAction::Accept => format!("{m}return"),
+                        RuleAction::Deny => format!("{m}drop"),
+                        RuleAction::Pass => format!("{m}{pass}"),
+                    })
+                    .collect();
+                if let Some(r) = &rest {
+                    chain.push(format!("goto {r}"));
+                }
+                let name = names.name(dir.tier_tag(Tier::Admin), &chain.join("\n"));
+                rs.chains.insert(name.clone(), chain);
+                Some(name)
+            };
+            if let Some(name) = head {
+                match dir {
+                    Dir::In => rs.ingress.insert(*ip, name),
+                    Dir::Out => rs.egress.insert(*ip, name),
+                };
+            }
+        }
     }
     // A pod reaching itself (through its own Service, hairpin) is always allowed.
     let isolated: BTreeSet<&IpAddr> = rs.ingress.keys().chain(rs.egress.keys()).collect();
@@ -501,6 +576,224 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
         },
     );
     rs
+}
+
+/// Rule lines: a match prefix (ending in a space, or empty) and the rule's action.
+type Lines = Vec<(String, RuleAction)>;
+
+/// The ClusterNetworkPolicy rules of both tiers, compiled once per table: per policy (in tier
+/// order) and direction, its rules as (match prefix, action) lines, every peer's set registered.
+struct TierRules<'a> {
+    /// (tier, policy in tier order, its lines per direction).
+    policies: Vec<(Tier, &'a ClusterNetworkPolicy, [Lines; 2])>,
+}
+
+impl<'a> TierRules<'a> {
+    fn new(
+        ctx: &Ctx<'_>,
+        rs: &mut Ruleset,
+        names: &mut Names,
+        cnps: &'a [&'a ClusterNetworkPolicy],
+        local: &[&PodView],
+    ) -> TierRules<'a> {
+        let mut policies = Vec::new();
+        for tier in [Tier::Admin, Tier::Baseline] {
+            for p in tier_order(cnps.iter().copied(), tier) {
+                // Only policies that select a pod of this node reach the table (their sets
+                // too), as for NetworkPolicy.
+                let selects_local = local.iter().any(|pod| {
+                    let ns = ctx
+                        .ns_labels
+                        .get(pod.namespace.as_str())
+                        .cloned()
+                        .unwrap_or_default();
+                    cnp_subject_selects(p, &ns, pod)
+                });
+                if !selects_local {
+                    continue;
+                }
+                let lines = [
+                    cnp_rules(ctx, rs, names, p, Dir::In),
+                    cnp_rules(ctx, rs, names, p, Dir::Out),
+                ];
+                policies.push((tier, p, lines));
+            }
+        }
+        TierRules { policies }
+    }
+
+    /// The lines of `tier` for `pod` in `dir`, in evaluation order.
+    fn rules(
+        &self,
+        tier: Tier,
+        dir: Dir,
+        pod: &PodView,
+        ctx: &Ctx<'_>,
+    ) -> Vec<(String, RuleAction)> {
+        let ns = ctx
+            .ns_labels
+            .get(pod.namespace.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let idx = match dir {
+            Dir::In => 0,
+            Dir::Out => 1,
+        };
+        self.policies
+            .iter()
+            .filter(|(t, p, _)| *t == tier && cnp_subject_selects(p, &ns, pod))
+            .flat_map(|(_, _, lines)| lines[idx].iter().cloned())
+            .collect()
+    }
+}
+
+fn cnp_subject_selects(p: &ClusterNetworkPolicy, ns_labels: &Labels, pod: &PodView) -> bool {
+    match (&p.spec.subject.namespaces, &p.spec.subject.pods) {
+        (Some(sel), None) => sel.matches(ns_labels),
+        (None, Some(np)) => namespaced_pod_matches(np, ns_labels, pod),
+        _ => false,
+    }
+}
+
+/// The lines of one ClusterNetworkPolicy's rules of `dir`: per rule, one line per peer (and
+/// per kind of port match), each a match prefix ending in a space (or empty) and the rule's
+/// action. A rule whose peers all match nothing in this family has no line.
+fn cnp_rules(
+    ctx: &Ctx<'_>,
+    rs: &mut Ruleset,
+    names: &mut Names,
+    p: &ClusterNetworkPolicy,
+    dir: Dir,
+) -> Vec<(String, RuleAction)> {
+    let direction = match dir {
+        Dir::In => Direction::Ingress,
+        Dir::Out => Direction::Egress,
+    };
+    let rules = rule_parts(p, direction);
+    let family = rs.family;
+    let fam = family.as_str();
+    let mut out = Vec::new();
+    for (action, peers, protocols) in rules {
+        let Some(action) = action else { continue };
+        let mut peer_matches = Vec::new();
+        for peer in peers {
+            let Some(name) = cnp_peer_set(ctx, rs, names, peer) else {
+                continue;
+            };
+            peer_matches.push(format!("{fam} {} @{name} ", dir.peer_field()));
+        }
+        // Port matches: none (all traffic), or the numeric set and the named ports.
+        let mut port_matches: Vec<String> = Vec::new();
+        match protocols {
+            None => port_matches.push(String::new()),
+            Some(list) => {
+                let mut numeric: Vec<NetworkPolicyPort> = Vec::new();
+                let mut named: BTreeSet<String> = BTreeSet::new();
+                for pr in list {
+                    for (proto, pp) in pr.protocol_ports() {
+                        if let Some((lo, hi)) =
+                            pp.destination_port.as_ref().and_then(|d| d.bounds())
+                        {
+                            numeric.push(NetworkPolicyPort {
+                                protocol: Some(proto),
+                                port: Some(IntOrString::Int(lo)),
+                                end_port: (hi != lo).then_some(hi),
+                            });
+                        }
+                    }
+                    if let Some(n) = pr
+                        .destination_named_port
+                        .as_deref()
+                        .filter(|n| !n.is_empty())
+                    {
+                        named.insert(n.to_string());
+                    }
+                }
+                let (elements, _) = split_ports(&numeric);
+                if !elements.is_empty() {
+                    let key: Vec<&str> = elements.iter().map(String::as_str).collect();
+                    let name = names.name("ports", &key.join(","));
+                    rs.sets.entry(name.clone()).or_insert_with(|| Set {
+                        ty: SetType::Ports,
+                        elements,
+                    });
+                    port_matches.push(format!("meta l4proto . th dport @{name} "));
+                }
+                for port_name in named {
+                    let set = names.name("named", &port_name);
+                    rs.sets.entry(set.clone()).or_insert_with(|| Set {
+                        ty: SetType::Named,
+                        elements: ctx.named_elements(family, &port_name),
+                    });
+                    // Any protocol: the container port's own (the set holds it).
+                    port_matches.push(format!("{fam} daddr . meta l4proto . th dport @{set} "));
+                }
+            }
+        }
+        for pm in &peer_matches {
+            for ports in &port_matches {
+                out.push((format!("{pm}{ports}"), action));
+            }
+        }
+    }
+    out
+}
+
+/// The set of a ClusterNetworkPolicy peer (shared with NetworkPolicy peers of the same
+/// meaning), or None when it matches nothing in this family (networks of the other family
+/// only; an invalid peer).
+fn cnp_peer_set(
+    ctx: &Ctx<'_>,
+    rs: &mut Ruleset,
+    names: &mut Names,
+    peer: &ClusterNetworkPolicyPeer,
+) -> Option<String> {
+    let family = rs.family;
+    let (key, ranges) = match (&peer.namespaces, &peer.pods, &peer.networks) {
+        (Some(sel), None, None) => {
+            let np = NetworkPolicyPeer {
+                namespace_selector: Some(sel.clone()),
+                ..NetworkPolicyPeer::default()
+            };
+            (peer_key(&np, ""), ctx.peer_ranges(family, &np, ""))
+        }
+        (None, Some(pods), None) => {
+            let np = NetworkPolicyPeer {
+                namespace_selector: Some(pods.namespace_selector.clone()),
+                pod_selector: pods.pod_selector.clone(),
+                ..NetworkPolicyPeer::default()
+            };
+            (peer_key(&np, ""), ctx.peer_ranges(family, &np, ""))
+        }
+        (None, None, Some(nets)) => {
+            let mut v = Vec::new();
+            for n in nets {
+                v.extend(block_ranges(family, n, &[]));
+            }
+            if v.is_empty() {
+                return None;
+            }
+            let mut sorted = nets.clone();
+            sorted.sort();
+            (format!("networks {}", sorted.join(",")), merge(v))
+        }
+        _ => return None,
+    };
+    let name = names.name("peer", &key);
+    if !rs.sets.contains_key(&name) {
+        let elements = ranges
+            .into_iter()
+            .map(|r| render_range(family, r))
+            .collect();
+        rs.sets.insert(
+            name.clone(),
+            Set {
+                ty: SetType::Addrs,
+                elements,
+            },
+        );
+    }
+    Some(name)
 }
 
 /// The set of (pod, pod) pairs of isolated local pods (always there: a base chain uses it).
@@ -688,7 +981,10 @@ pub fn full(rs: &Ruleset) -> String {
         }
         s.push_str("  }\n");
     }
-    for (name, rules) in &rs.chains {
+    // Chains that `goto` another come after the chains they name.
+    let mut chains: Vec<(&String, &Vec<String>)> = rs.chains.iter().collect();
+    chains.sort_by_key(|(name, rules)| (rules.iter().any(|r| r.contains("goto ")), *name));
+    for (name, rules) in chains {
         let _ = writeln!(s, "  chain {name} {{");
         for r in rules {
             let _ = writeln!(s, "    {r}");
@@ -743,15 +1039,15 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> Option<String> {
             let _ = writeln!(s, "delete element {t} {map} {{ {} }}", gone.join(", "));
         }
     }
+    // All flushes before any delete: a chain may `goto` another that goes too.
     for (name, rules) in &old.chains {
-        match new.chains.get(name) {
-            Some(r) if r == rules => {}
-            Some(_) => {
-                let _ = writeln!(s, "flush chain {t} {name}");
-            }
-            None => {
-                let _ = writeln!(s, "flush chain {t} {name}\ndelete chain {t} {name}");
-            }
+        if new.chains.get(name) != Some(rules) {
+            let _ = writeln!(s, "flush chain {t} {name}");
+        }
+    }
+    for name in old.chains.keys() {
+        if !new.chains.contains_key(name) {
+            let _ = writeln!(s, "delete chain {t} {name}");
         }
     }
     for (name, set) in &old.sets {
@@ -785,13 +1081,15 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> Option<String> {
             let _ = writeln!(s, "add element {t} {name} {{ {} }}", join(&added));
         }
     }
-    for (name, rules) in &new.chains {
-        let old_rules = old.chains.get(name);
-        if old_rules == Some(rules) {
-            continue;
-        }
-        if old_rules.is_none() {
+    // Every new chain exists before any rule is added: a rule may `goto` a new chain.
+    for name in new.chains.keys() {
+        if !old.chains.contains_key(name) {
             let _ = writeln!(s, "add chain {t} {name}");
+        }
+    }
+    for (name, rules) in &new.chains {
+        if old.chains.get(name) == Some(rules) {
+            continue;
         }
         for r in rules {
             let _ = writeln!(s, "add rule {t} {name} {r}");
@@ -872,6 +1170,7 @@ mod tests {
         compile(Input {
             namespaces: &namespaces,
             policies: &refs,
+            cluster_policies: &[],
             pods,
             node,
         })
@@ -1201,6 +1500,7 @@ spec:
         let input = Input {
             namespaces: &namespaces,
             policies: &refs,
+            cluster_policies: &[],
             pods: &ps,
             node: "n1",
         };
@@ -1358,5 +1658,164 @@ spec:
         let salted = n.name("peer", "k1");
         assert_ne!(salted, taken);
         assert_eq!(salted, n.name("peer", "k1"), "stable once salted");
+    }
+
+    fn cluster_policies(yaml: &str) -> Vec<ClusterNetworkPolicy> {
+        registry::parse_documents(yaml)
+            .unwrap()
+            .into_iter()
+            .map(|o| match o {
+                Object::ClusterNetworkPolicy(p) => p,
+                other => panic!("not a cluster policy: {other:?}"),
+            })
+            .collect()
+    }
+
+    const TIERS: &str = "
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: admin}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}
+  ingress:
+  - {action: Pass, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {pod: b}}}}]}
+  - {action: Deny, from: [{namespaces: {}}], protocols: [{tcp: {destinationPort: {number: 80}}}, {destinationNamedPort: http}]}
+  - {action: Accept, from: [{namespaces: {}}]}
+  egress:
+  - {action: Deny, to: [{networks: [192.0.2.0/24, '2001:db8::/32']}]}
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: baseline}
+spec:
+  tier: Baseline
+  priority: 1000
+  subject: {namespaces: {}}
+  ingress:
+  - {action: Deny, from: [{namespaces: {}}]}
+";
+
+    #[test]
+    fn tiers_wrap_the_network_policy_chains() {
+        let nps = policies(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a-only, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {}}]}]\n",
+        );
+        let cnps = cluster_policies(TIERS);
+        let refs: Vec<&NetworkPolicy> = nps.iter().collect();
+        let crefs: Vec<&ClusterNetworkPolicy> = cnps.iter().collect();
+        let namespaces = BTreeMap::new();
+        let ps = pods();
+        let rs = compile(Input {
+            namespaces: &namespaces,
+            policies: &refs,
+            cluster_policies: &crefs,
+            pods: &ps,
+            node: "n1",
+        });
+        let chain = |ip: [u8; 4], map: &BTreeMap<IpAddr, String>| {
+            let name = map[&IpAddr::from(ip)].clone();
+            (name.clone(), rs.chains[&name].clone())
+        };
+        // x/a: Admin chain, then (Pass, or no Admin rule matched) its NetworkPolicy chain.
+        let (admin_in, rules) = chain([10, 5, 1, 2], &rs.ingress);
+        assert!(admin_in.starts_with("ain/"), "{admin_in}");
+        let np = rules
+            .last()
+            .unwrap()
+            .strip_prefix("goto ")
+            .unwrap()
+            .to_string();
+        assert!(np.starts_with("in/"), "{np}");
+        assert!(
+            rules[0].starts_with("ip saddr @peer/") && rules[0].ends_with(&format!(" goto {np}"))
+        );
+        assert!(
+            rules[1].contains("meta l4proto . th dport @ports/") && rules[1].ends_with(" drop")
+        );
+        assert!(
+            rules[2].contains("ip daddr . meta l4proto . th dport @named/")
+                && rules[2].ends_with(" drop")
+        );
+        assert!(
+            !rules[2].starts_with("meta l4proto tcp"),
+            "a named port of any protocol"
+        );
+        assert!(rules[3].ends_with(" return"));
+        assert_eq!(rules.len(), 5);
+        assert_eq!(
+            rs.chains[&np].last().unwrap(),
+            "reject with icmp type admin-prohibited"
+        );
+        // x/b: no NetworkPolicy, so the Admin chain goes on to the Baseline chain.
+        let (_, rules) = chain([10, 5, 1, 3], &rs.ingress);
+        let base = rules.last().unwrap().strip_prefix("goto ").unwrap();
+        assert!(base.starts_with("bin/"), "{base}");
+        assert_eq!(rs.chains[base].len(), 1);
+        assert!(rs.chains[base][0].ends_with(" drop"));
+        // Egress: the IPv4 network only in the ip table; no rest: the chain ends.
+        let (name, rules) = chain([10, 5, 1, 2], &rs.egress);
+        assert!(name.starts_with("aout/"));
+        assert_eq!(rules.len(), 1, "{rules:?}");
+        let set = rules[0].split(' ').nth(2).unwrap().trim_start_matches('@');
+        assert_eq!(
+            rs.sets[set].elements.iter().cloned().collect::<Vec<_>>(),
+            ["192.0.2.0/24"]
+        );
+        // Pods of other namespaces only have the baseline; all of them are hairpin pods.
+        let y = pods()
+            .into_iter()
+            .find(|p| p.namespace != "x" && p.node == "n1");
+        if let Some(y) = y {
+            let a = y.addr(Family::Ip).unwrap();
+            assert!(rs.ingress[&a].starts_with("bin/"));
+            assert!(!rs.egress.contains_key(&a));
+        }
+        // The full script writes chains that goto after those they name, and a diff from
+        // nothing creates every chain before any rule.
+        let script = full(&rs);
+        let pos = |needle: &str| script.find(needle).unwrap();
+        assert!(pos(&format!("chain {np} {{")) < pos(&format!("chain {admin_in} {{")));
+        let d = diff(&Ruleset::empty(Family::Ip), &rs).unwrap();
+        let last_add_chain = d.rfind("add chain ").unwrap();
+        let first_rule = d.find("add rule ").unwrap();
+        assert!(last_add_chain < first_rule, "{d}");
+        let back = diff(&rs, &Ruleset::empty(Family::Ip)).unwrap();
+        assert!(back.rfind("flush chain ").unwrap() < back.find("delete chain ").unwrap());
+    }
+
+    #[test]
+    fn the_table_does_not_grow_with_policies_that_select_no_local_pod() {
+        let cnps = cluster_policies(TIERS);
+        let mut more = cnps.clone();
+        for i in 0..200 {
+            more.extend(cluster_policies(&format!(
+                "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: other-{i}}}\nspec:\n  tier: Admin\n  priority: {}\n  subject: {{namespaces: {{matchLabels: {{tenant: t{i}}}}}}}\n  ingress: [{{action: Deny, from: [{{namespaces: {{matchLabels: {{tenant: t{i}}}}}}}]}}]\n",
+                i % 1000
+            )));
+        }
+        let namespaces = BTreeMap::new();
+        let ps = pods();
+        let table = |cnps: &[ClusterNetworkPolicy]| {
+            let crefs: Vec<&ClusterNetworkPolicy> = cnps.iter().collect();
+            compile(Input {
+                namespaces: &namespaces,
+                policies: &[],
+                cluster_policies: &crefs,
+                pods: &ps,
+                node: "n1",
+            })
+        };
+        let (few, many) = (table(&cnps), table(&more));
+        assert_eq!(few.ingress, many.ingress, "same chains for every pod");
+        assert_eq!(
+            few.sets, many.sets,
+            "no set for a policy that selects no local pod"
+        );
+        assert_eq!(few.egress, many.egress);
+        for name in few.ingress.values().chain(few.egress.values()) {
+            assert_eq!(few.chains[name], many.chains[name]);
+        }
     }
 }

@@ -30,6 +30,23 @@
 //! - hosts (not pods) are never isolated: only pods have policies;
 //! - a named port in an egress rule matches only when the destination is a pod that has a
 //!   container port of that name and protocol.
+//!
+//! ClusterNetworkPolicy (`policy.networking.k8s.io/v1alpha2`) wraps that per direction, at the
+//! source for egress and at the destination for ingress ([`Cluster::egress_verdict`],
+//! [`Cluster::ingress_verdict`]):
+//! 1. the Admin tier: the policies whose subject selects the pod, by priority (lower first;
+//!    equal priorities by name, so the order is total and the same on every node), each one's
+//!    rules of that direction in order; the first rule whose peers and protocols match decides:
+//!    Accept (allowed, nothing later counts), Deny (dropped), Pass (the rest of the tier is
+//!    skipped);
+//! 2. NetworkPolicy, as above, when it isolates the pod for that direction (final then);
+//! 3. the Baseline tier, as the Admin tier (Pass: to the default);
+//! 4. the default: allowed.
+//!
+//! The own-node and pod-to-itself exceptions hold for ClusterNetworkPolicy too. A `networks`
+//! peer matches any address of its family, pods' included (as the API says); `namespaces` and
+//! `pods` peers match pods only; a `destinationNamedPort` matches only a destination pod with a
+//! container port of that name (any protocol), so in egress rules never a host.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -37,8 +54,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::IpNet;
 pub use nft::Family;
 use registry::{
-    IntOrString, IpBlock, Labels, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, PolicyType,
-    Protocol,
+    ClusterNetworkPolicy, ClusterNetworkPolicyPeer, ClusterNetworkPolicyProtocol, IntOrString,
+    IpBlock, Labels, NamespacedPod, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
+    PolicyType, Protocol, RuleAction, Tier,
 };
 
 /// The label every namespace carries with its own name.
@@ -124,6 +142,91 @@ pub struct Cluster {
     /// Namespace name -> its labels (the name label is added when missing).
     pub namespaces: BTreeMap<String, Labels>,
     pub policies: Vec<NetworkPolicy>,
+    /// ClusterNetworkPolicies (any order; evaluation sorts them per tier).
+    pub cluster_policies: Vec<ClusterNetworkPolicy>,
+}
+
+/// How a new connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Allow,
+    /// Refused by NetworkPolicy (a TCP reset or ICMP admin-prohibited).
+    Reject,
+    /// Dropped by a ClusterNetworkPolicy Deny rule (the client times out).
+    Drop,
+}
+
+impl Verdict {
+    pub fn allowed(self) -> bool {
+        self == Verdict::Allow
+    }
+}
+
+/// The direction a ClusterNetworkPolicy rule applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+/// The policies of `tier` in evaluation order: priority, then name (the API leaves equal
+/// priorities to the implementation; by name the order is total and the same on every node).
+pub fn tier_order<'a>(
+    policies: impl IntoIterator<Item = &'a ClusterNetworkPolicy>,
+    tier: Tier,
+) -> Vec<&'a ClusterNetworkPolicy> {
+    let mut v: Vec<&ClusterNetworkPolicy> = policies
+        .into_iter()
+        .filter(|p| p.spec.tier == Some(tier))
+        .collect();
+    v.sort_by(|a, b| (a.spec.priority, &a.metadata.name).cmp(&(b.spec.priority, &b.metadata.name)));
+    v
+}
+
+/// One ClusterNetworkPolicy rule's parts: action, peers, protocols (absent: all).
+pub type RuleParts<'a> = (
+    Option<RuleAction>,
+    &'a [ClusterNetworkPolicyPeer],
+    Option<&'a [ClusterNetworkPolicyProtocol]>,
+);
+
+/// A policy's rules of `dir`, in order.
+pub fn rule_parts(p: &ClusterNetworkPolicy, dir: Direction) -> Vec<RuleParts<'_>> {
+    match dir {
+        Direction::Ingress => p
+            .spec
+            .ingress
+            .iter()
+            .map(|r| {
+                (
+                    r.action,
+                    r.from.as_deref().unwrap_or(&[]),
+                    r.protocols.as_deref(),
+                )
+            })
+            .collect(),
+        Direction::Egress => p
+            .spec
+            .egress
+            .iter()
+            .map(|r| {
+                (
+                    r.action,
+                    r.to.as_deref().unwrap_or(&[]),
+                    r.protocols.as_deref(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Whether a `pods` selector (namespace AND pod) matches a pod given its namespace's labels.
+pub fn namespaced_pod_matches(np: &NamespacedPod, ns_labels: &Labels, pod: &PodView) -> bool {
+    np.namespace_selector.matches(ns_labels)
+        && np
+            .pod_selector
+            .as_ref()
+            .is_none_or(|s| s.matches(&pod.labels))
 }
 
 impl Cluster {
@@ -159,13 +262,28 @@ impl Cluster {
         protocol: Protocol,
         port: u16,
     ) -> bool {
+        self.verdict(family, src, dst, protocol, port).allowed()
+    }
+
+    /// How a new connection ends: the source's egress decides first, then the destination's
+    /// ingress.
+    pub fn verdict(
+        &self,
+        family: Family,
+        src: Peer<'_>,
+        dst: Peer<'_>,
+        protocol: Protocol,
+        port: u16,
+    ) -> Verdict {
         if let (Peer::Pod(a), Peer::Pod(b)) = (src, dst) {
             if a.namespace == b.namespace && a.name == b.name {
-                return true;
+                return Verdict::Allow;
             }
         }
-        self.egress_allows(family, src, dst, protocol, port)
-            && self.ingress_allows(family, src, dst, protocol, port)
+        match self.egress_verdict(family, src, dst, protocol, port) {
+            Verdict::Allow => self.ingress_verdict(family, src, dst, protocol, port),
+            v => v,
+        }
     }
 
     /// The destination side: does `dst` accept from `src`?
@@ -177,30 +295,8 @@ impl Cluster {
         protocol: Protocol,
         port: u16,
     ) -> bool {
-        let Peer::Pod(pod) = dst else {
-            return true;
-        };
-        if let Peer::Host {
-            node: Some(node), ..
-        } = src
-        {
-            if node == pod.node {
-                return true;
-            }
-        }
-        let mut isolated = false;
-        for np in self.isolating(pod, PolicyType::Ingress) {
-            isolated = true;
-            let ns = np.metadata.namespace.as_deref().unwrap_or("default");
-            for rule in &np.spec.ingress {
-                if self.peers_match(&rule.from, ns, family, src)
-                    && ports_match(&rule.ports, protocol, port, Some(pod))
-                {
-                    return true;
-                }
-            }
-        }
-        !isolated
+        self.ingress_verdict(family, src, dst, protocol, port)
+            .allowed()
     }
 
     /// The source side: may `src` open to `dst`?
@@ -212,8 +308,79 @@ impl Cluster {
         protocol: Protocol,
         port: u16,
     ) -> bool {
+        self.egress_verdict(family, src, dst, protocol, port)
+            .allowed()
+    }
+
+    /// The destination side, all tiers.
+    pub fn ingress_verdict(
+        &self,
+        family: Family,
+        src: Peer<'_>,
+        dst: Peer<'_>,
+        protocol: Protocol,
+        port: u16,
+    ) -> Verdict {
+        let Peer::Pod(pod) = dst else {
+            return Verdict::Allow;
+        };
+        if let Peer::Host {
+            node: Some(node), ..
+        } = src
+        {
+            if node == pod.node {
+                return Verdict::Allow;
+            }
+        }
+        let tier = |t| {
+            self.tier_action(
+                t,
+                Direction::Ingress,
+                pod,
+                family,
+                src,
+                Some(pod),
+                protocol,
+                port,
+            )
+        };
+        match tier(Tier::Admin) {
+            Some(RuleAction::Accept) => return Verdict::Allow,
+            Some(RuleAction::Deny) => return Verdict::Drop,
+            Some(RuleAction::Pass) | None => {}
+        }
+        let mut isolated = false;
+        for np in self.isolating(pod, PolicyType::Ingress) {
+            isolated = true;
+            let ns = np.metadata.namespace.as_deref().unwrap_or("default");
+            for rule in &np.spec.ingress {
+                if self.peers_match(&rule.from, ns, family, src)
+                    && ports_match(&rule.ports, protocol, port, Some(pod))
+                {
+                    return Verdict::Allow;
+                }
+            }
+        }
+        if isolated {
+            return Verdict::Reject;
+        }
+        match tier(Tier::Baseline) {
+            Some(RuleAction::Deny) => Verdict::Drop,
+            _ => Verdict::Allow,
+        }
+    }
+
+    /// The source side, all tiers.
+    pub fn egress_verdict(
+        &self,
+        family: Family,
+        src: Peer<'_>,
+        dst: Peer<'_>,
+        protocol: Protocol,
+        port: u16,
+    ) -> Verdict {
         let Peer::Pod(pod) = src else {
-            return true;
+            return Verdict::Allow;
         };
         // Traffic to and from the pod's own node is always allowed (the API's docs).
         if let Peer::Host {
@@ -221,13 +388,30 @@ impl Cluster {
         } = dst
         {
             if node == pod.node {
-                return true;
+                return Verdict::Allow;
             }
         }
         let dst_pod = match dst {
             Peer::Pod(p) => Some(p),
             Peer::Host { .. } => None,
         };
+        let tier = |t| {
+            self.tier_action(
+                t,
+                Direction::Egress,
+                pod,
+                family,
+                dst,
+                dst_pod,
+                protocol,
+                port,
+            )
+        };
+        match tier(Tier::Admin) {
+            Some(RuleAction::Accept) => return Verdict::Allow,
+            Some(RuleAction::Deny) => return Verdict::Drop,
+            Some(RuleAction::Pass) | None => {}
+        }
         let mut isolated = false;
         for np in self.isolating(pod, PolicyType::Egress) {
             isolated = true;
@@ -236,11 +420,87 @@ impl Cluster {
                 if self.peers_match(&rule.to, ns, family, dst)
                     && ports_match(&rule.ports, protocol, port, dst_pod)
                 {
-                    return true;
+                    return Verdict::Allow;
                 }
             }
         }
-        !isolated
+        if isolated {
+            return Verdict::Reject;
+        }
+        match tier(Tier::Baseline) {
+            Some(RuleAction::Deny) => Verdict::Drop,
+            _ => Verdict::Allow,
+        }
+    }
+
+    /// Whether a ClusterNetworkPolicy's subject selects `pod`.
+    pub fn subject_selects(&self, p: &ClusterNetworkPolicy, pod: &PodView) -> bool {
+        let ns = self.namespace_labels(&pod.namespace);
+        match (&p.spec.subject.namespaces, &p.spec.subject.pods) {
+            (Some(sel), None) => sel.matches(&ns),
+            (None, Some(np)) => namespaced_pod_matches(np, &ns, pod),
+            // Not valid (validation keeps it out): selects nothing.
+            _ => false,
+        }
+    }
+
+    /// The action of the first matching rule of `tier` for `subject` in `dir` (the other end
+    /// is `peer`; named ports resolve on `dst_pod`), or None when no rule matches.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tier_action(
+        &self,
+        tier: Tier,
+        dir: Direction,
+        subject: &PodView,
+        family: Family,
+        peer: Peer<'_>,
+        dst_pod: Option<&PodView>,
+        protocol: Protocol,
+        port: u16,
+    ) -> Option<RuleAction> {
+        for p in tier_order(&self.cluster_policies, tier) {
+            if !self.subject_selects(p, subject) {
+                continue;
+            }
+            for (action, peers, protocols) in rule_parts(p, dir) {
+                let Some(action) = action else { continue };
+                if peers
+                    .iter()
+                    .any(|pe| self.cnp_peer_matches(pe, family, peer))
+                    && cnp_protocols_match(protocols, protocol, port, dst_pod)
+                {
+                    return Some(action);
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether `peer` is the ClusterNetworkPolicy peer `p`.
+    pub fn cnp_peer_matches(
+        &self,
+        p: &ClusterNetworkPolicyPeer,
+        family: Family,
+        peer: Peer<'_>,
+    ) -> bool {
+        if let Some(nets) = &p.networks {
+            return peer.addr(family).is_some_and(|a| {
+                nets.iter()
+                    .any(|n| n.parse::<IpNet>().is_ok_and(|n| n.trunc().contains(&a)))
+            });
+        }
+        let Peer::Pod(pod) = peer else {
+            return false;
+        };
+        if pod.addr(family).is_none() {
+            return false;
+        }
+        let ns = self.namespace_labels(&pod.namespace);
+        match (&p.namespaces, &p.pods) {
+            (Some(sel), None) => sel.matches(&ns),
+            (None, Some(np)) => namespaced_pod_matches(np, &ns, pod),
+            _ => false,
+        }
     }
 
     /// Whether `peer` is among `peers` of a policy in namespace `policy_ns` (empty: all).
@@ -324,6 +584,42 @@ pub fn ports_match(
                 }),
             }
         })
+}
+
+/// Whether (protocol, port) is among a ClusterNetworkPolicy rule's `protocols` (absent:
+/// everything, ICMP included); a destination named port resolves on `dst` (any protocol of
+/// the container port).
+pub fn cnp_protocols_match(
+    protocols: Option<&[ClusterNetworkPolicyProtocol]>,
+    protocol: Protocol,
+    port: u16,
+    dst: Option<&PodView>,
+) -> bool {
+    let Some(list) = protocols else {
+        return true;
+    };
+    list.iter().any(|p| {
+        let numeric = p.protocol_ports().any(|(proto, pp)| {
+            proto == protocol
+                && pp
+                    .destination_port
+                    .as_ref()
+                    .and_then(|d| d.bounds())
+                    .is_some_and(|(lo, hi)| (lo..=hi).contains(&i64::from(port)))
+        });
+        let named = p
+            .destination_named_port
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .is_some_and(|name| {
+                dst.is_some_and(|pod| {
+                    pod.ports
+                        .iter()
+                        .any(|np| np.name == name && np.protocol == protocol && np.port == port)
+                })
+            });
+        numeric || named
+    })
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Kubernetes NetworkPolicy (`networking.k8s.io/v1`) for the pods of the overlay.
+//! Kubernetes NetworkPolicy (`networking.k8s.io/v1`) and ClusterNetworkPolicy
+//! (`policy.networking.k8s.io/v1alpha2`) for the pods of the overlay.
 //!
 //! Contract: [`eval::Cluster::allows`] decides, from the objects alone (namespaces, pods with
 //! their addresses, nodes and container ports, policies), whether a connection is allowed by
@@ -11,6 +12,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(test)]
+mod cnp_eval_tests;
 pub mod compile;
 pub mod enforce;
 pub mod eval;

@@ -4,6 +4,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -18,6 +19,11 @@ pub struct PolicyMetrics {
     pub isolated_ingress: Gauge,
     pub isolated_egress: Gauge,
     pub invalid_objects: Counter,
+    /// Valid ClusterNetworkPolicies in the registry, by tier (`Admin`, `Baseline`).
+    pub cluster_policies: Family<Vec<(String, String)>, Gauge>,
+    /// Pods of this node that a ClusterNetworkPolicy of the tier selects (either
+    /// direction; a dual-stack pod counts once), by tier.
+    pub tier_pods: Family<Vec<(String, String)>, Gauge>,
     /// 1 while the module runs (`--network-policy`).
     pub enabled: Gauge,
     /// 1 when the forward hook sees same-node (bridged) pod traffic (br_netfilter with
@@ -52,12 +58,12 @@ impl PolicyMetrics {
         );
         r.register(
             "isolated_ingress_pods",
-            "Pods of this node isolated for ingress",
+            "Pods of this node with an ingress chain (isolated by a NetworkPolicy or selected by a ClusterNetworkPolicy)",
             self.isolated_ingress.clone(),
         );
         r.register(
             "isolated_egress_pods",
-            "Pods of this node isolated for egress",
+            "Pods of this node with an egress chain (isolated by a NetworkPolicy or selected by a ClusterNetworkPolicy)",
             self.isolated_egress.clone(),
         );
         r.register(
@@ -69,6 +75,16 @@ impl PolicyMetrics {
             "br_netfilter",
             "1 when the policy hook sees same-node pod traffic (br_netfilter, bridge-nf-call-iptables=1); 0: same-node traffic is not policed",
             self.br_netfilter.clone(),
+        );
+        r.register(
+            "cluster_policies",
+            "Valid ClusterNetworkPolicies, by tier",
+            self.cluster_policies.clone(),
+        );
+        r.register(
+            "tier_pods",
+            "Pods of this node selected by a ClusterNetworkPolicy of the tier",
+            self.tier_pods.clone(),
         );
         r.register(
             "invalid_objects",
@@ -89,6 +105,17 @@ impl PolicyMetrics {
     /// Why the node is not ready because of the module, if it is not.
     pub fn not_ready_reason(&self) -> Option<String> {
         self.not_ready.read().ok().and_then(|r| r.clone())
+    }
+
+    /// Records the ClusterNetworkPolicies per tier: (tier, policies, pods of this node).
+    pub fn observe_tiers(&self, tiers: &[(&str, usize, usize)]) {
+        for (tier, policies, pods) in tiers {
+            let label = vec![("tier".to_string(), tier.to_string())];
+            self.cluster_policies
+                .get_or_create(&label)
+                .set(*policies as i64);
+            self.tier_pods.get_or_create(&label).set(*pods as i64);
+        }
     }
 
     pub fn observe(&self, rep: &SyncReport, ingress: usize, egress: usize) {

@@ -16,7 +16,7 @@ use registry::follow::{follow, FollowOptions, Follower};
 use registry::gate::{Client, Gate};
 use registry::pods::{parse_pod_key, pods_prefix};
 use registry::PodRecord;
-use registry::{Kind, Labels, NetworkPolicy, Object, Pod, Protocol};
+use registry::{ClusterNetworkPolicy, Kind, Labels, NetworkPolicy, Object, Pod, Protocol, Tier};
 use tokio::sync::watch;
 
 use crate::compile::{self, Family, Input, Ruleset};
@@ -91,6 +91,7 @@ impl PolicyGate {
             cluster: eval::Cluster {
                 namespaces: cache.namespaces.clone(),
                 policies: cache.policies.values().cloned().collect(),
+                cluster_policies: cache.cluster_policies.values().cloned().collect(),
             },
             pods,
         };
@@ -149,6 +150,8 @@ pub struct Cache {
     /// Pod records with the etcd revision they were written at.
     pub records: BTreeMap<Key, (PodRecord, i64)>,
     pub policies: BTreeMap<Key, NetworkPolicy>,
+    /// ClusterNetworkPolicies by name.
+    pub cluster_policies: BTreeMap<String, ClusterNetworkPolicy>,
     /// Objects ignored because they do not decode or are not valid
     /// (`flannel_policy_invalid_objects_total` once shared with [`PolicyMetrics`]).
     pub invalid_objects: Counter,
@@ -164,6 +167,7 @@ impl Cache {
             pods: BTreeMap::new(),
             records: BTreeMap::new(),
             policies: BTreeMap::new(),
+            cluster_policies: BTreeMap::new(),
             invalid_objects: Counter::default(),
         }
     }
@@ -173,6 +177,7 @@ impl Cache {
         self.pods.clear();
         self.records.clear();
         self.policies.clear();
+        self.cluster_policies.clear();
     }
 
     /// Applies one key's new value (`None`: deleted). Returns whether anything the module
@@ -182,7 +187,10 @@ impl Cache {
             let Some((kind, ns, name)) = registry::store::parse_key(&self.prefix, key) else {
                 return false;
             };
-            if !matches!(kind, Kind::Namespace | Kind::Pod | Kind::NetworkPolicy) {
+            if !matches!(
+                kind,
+                Kind::Namespace | Kind::Pod | Kind::NetworkPolicy | Kind::ClusterNetworkPolicy
+            ) {
                 return false;
             }
             let obj = value.and_then(|v| {
@@ -206,9 +214,15 @@ impl Cache {
                 (_, Some(Object::NetworkPolicy(o))) => {
                     self.policies.insert(k, o);
                 }
+                (_, Some(Object::ClusterNetworkPolicy(o))) => {
+                    self.cluster_policies.insert(k.1, o);
+                }
                 (Kind::Namespace, _) => return self.namespaces.remove(&k.1).is_some(),
                 (Kind::Pod, _) => return self.pods.remove(&k).is_some(),
                 (Kind::NetworkPolicy, _) => return self.policies.remove(&k).is_some(),
+                (Kind::ClusterNetworkPolicy, _) => {
+                    return self.cluster_policies.remove(&k.1).is_some()
+                }
                 _ => return false,
             }
             true
@@ -292,16 +306,35 @@ impl Cache {
 
     fn compile_with(&self, pods: &[PodView], node: &str, family: Family) -> Ruleset {
         let policies: Vec<&NetworkPolicy> = self.policies.values().collect();
+        let cluster_policies: Vec<&ClusterNetworkPolicy> = self.cluster_policies.values().collect();
         compile::compile_family(
             Input {
                 namespaces: &self.namespaces,
                 policies: &policies,
+                cluster_policies: &cluster_policies,
                 pods,
                 node,
             },
             family,
         )
     }
+}
+
+/// Per tier: the valid ClusterNetworkPolicies and the pods of `node` one of them selects.
+fn tier_counts<'a>(cache: &Cache, pods: &[PodView], node: &str) -> [(&'a str, usize, usize); 2] {
+    let cluster = eval::Cluster {
+        namespaces: cache.namespaces.clone(),
+        ..eval::Cluster::default()
+    };
+    [Tier::Admin, Tier::Baseline].map(|tier| {
+        let ps: Vec<&ClusterNetworkPolicy> =
+            eval::tier_order(cache.cluster_policies.values(), tier);
+        let selected = pods
+            .iter()
+            .filter(|p| p.node == node && ps.iter().any(|c| cluster.subject_selects(c, p)))
+            .count();
+        (tier.as_str(), ps.len(), selected)
+    })
 }
 
 /// Whether a pod of `node` has an IPv6 address.
@@ -476,6 +509,8 @@ impl<N: Runner> Follower for Policy<N> {
                     elapsed: a.elapsed + b.elapsed,
                 };
                 self.metrics.observe(&rep, ingress, egress);
+                self.metrics
+                    .observe_tiers(&tier_counts(&self.cache, &pods, &self.node));
                 tracing::debug!(?rep, ingress, egress, "network policy sync");
                 Ok(())
             }
@@ -661,6 +696,54 @@ mod tests {
     }
 
     #[test]
+    fn cluster_network_policies_are_followed_and_compiled() {
+        let mut c = Cache::new(PREFIX);
+        assert!(put(
+            &mut c,
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: [{name: c}]}\n",
+            2
+        ));
+        record(&mut c, "a", "10.5.1.2", 3);
+        let cnp = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: deny}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n  ingress: [{action: Deny, from: [{namespaces: {}}]}]\n";
+        assert!(put(&mut c, cnp, 4));
+        assert_eq!(c.cluster_policies.len(), 1);
+        let rs = c.compile("n1");
+        let chain = &rs.ingress[&IpAddr::from([10, 5, 1, 2])];
+        assert!(chain.starts_with("ain/"), "{chain}");
+        assert!(rs.chains[chain][0].ends_with(" drop"));
+        // The gate judges with them too.
+        let gate = PolicyGate::default();
+        gate.update(&c, "n1");
+        let ep = SocketAddr::from(([10, 5, 1, 2], 80));
+        let from_pod = Client {
+            addr: "10.5.1.2".parse().unwrap(),
+            local: false,
+        };
+        assert!(
+            gate.allows(from_pod, ep, Protocol::Tcp),
+            "a pod reaching itself"
+        );
+        assert_eq!(
+            tier_counts(&c, &c.pod_views(), "n1"),
+            [("Admin", 1, 1), ("Baseline", 0, 0)]
+        );
+        // Deleted: the pod is no longer under any policy.
+        let key = registry::store::object_key(PREFIX, Kind::ClusterNetworkPolicy, None, "deny");
+        assert!(c.apply(&key, None, 5));
+        assert!(c.compile("n1").ingress.is_empty());
+        // An invalid one written past flannelctl is counted and ignored.
+        let bad = serde_json::json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "bad"},
+            "spec": {"tier": "Admin", "priority": 5000, "subject": {"namespaces": {}}}
+        });
+        let key = registry::store::object_key(PREFIX, Kind::ClusterNetworkPolicy, None, "bad");
+        assert!(!c.apply(&key, Some(bad.to_string().as_bytes()), 6));
+        assert!(c.cluster_policies.is_empty());
+        assert_eq!(c.invalid_objects.get(), 1);
+    }
+
+    #[test]
     fn invalid_objects_written_past_flannelctl_are_ignored() {
         let mut c = Cache::new(PREFIX);
         // A port name nft could not take; validation refuses it, so the table never sees it.
@@ -778,6 +861,7 @@ mod tests {
         let cluster = eval::Cluster {
             namespaces: c.namespaces.clone(),
             policies: c.policies.values().cloned().collect(),
+            ..eval::Cluster::default()
         };
         // (client, endpoint, allowed)
         let cases = [

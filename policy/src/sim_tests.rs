@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use registry::{Labels, NetworkPolicy, Object, Protocol};
+use registry::{ClusterNetworkPolicy, Labels, NetworkPolicy, Object, Protocol};
 
 use crate::compile::{compile_family, Input, Ruleset, SetType};
 use crate::eval::{Cluster, Family, NamedPort, Peer, PodView};
@@ -81,6 +81,8 @@ fn in_set(rs: &Ruleset, name: &str, p: &Packet, field: Option<IpAddr>) -> bool {
 enum Verdict {
     Return,
     Reject,
+    Drop,
+    Goto(String),
 }
 
 /// The verdict of one rule, when all its matches hold (the grammar `compile` writes).
@@ -92,6 +94,8 @@ fn rule(rs: &Ruleset, text: &str, p: &Packet) -> Option<Verdict> {
         let rest = &t[i..];
         match rest {
             ["return"] => return Some(Verdict::Return),
+            ["drop"] => return Some(Verdict::Drop),
+            ["goto", chain] => return Some(Verdict::Goto(chain.to_string())),
             ["reject", ..] => return Some(Verdict::Reject),
             ["meta", "l4proto", "tcp", "ct", "status", "!", "dnat", "reject", ..] => {
                 // No connection here is DNATed.
@@ -128,23 +132,57 @@ fn rule(rs: &Ruleset, text: &str, p: &Packet) -> Option<Verdict> {
     panic!("rule without a verdict: {text:?}")
 }
 
-/// Whether the first packet passes the table's forward chain (the base chain's steps
-/// after `ct state`: hairpin, egress map, ingress map; every pod address is global).
-fn forward(rs: &Ruleset, p: &Packet) -> bool {
+/// A chain's outcome for the packet: the first rule that decides; `goto` continues in the
+/// named chain (whose `return` goes back to `forward`); falling off the end returns.
+fn run_chain(rs: &Ruleset, name: &str, p: &Packet) -> Verdict {
+    let rules = rs
+        .chains
+        .get(name)
+        .unwrap_or_else(|| panic!("no chain {name}"));
+    for r in rules {
+        match rule(rs, r, p) {
+            None => continue,
+            Some(Verdict::Goto(next)) => return run_chain(rs, &next, p),
+            Some(v) => return v,
+        }
+    }
+    Verdict::Return
+}
+
+/// How the first packet leaves the table's forward chain (the base chain's steps after
+/// `ct state`: hairpin, egress map, ingress map; every pod address is global).
+fn forward(rs: &Ruleset, p: &Packet) -> crate::eval::Verdict {
+    use crate::eval::Verdict as V;
     if in_set(rs, "hairpin", p, None) {
-        return true;
+        return V::Allow;
     }
     for chain in [rs.egress.get(&p.saddr), rs.ingress.get(&p.daddr)]
         .into_iter()
         .flatten()
     {
-        let rules = &rs.chains[chain];
-        let v = rules.iter().find_map(|r| rule(rs, r, p));
-        if v != Some(Verdict::Return) {
-            return false;
+        match run_chain(rs, chain, p) {
+            Verdict::Return => {}
+            Verdict::Reject => return V::Reject,
+            Verdict::Drop => return V::Drop,
+            Verdict::Goto(_) => unreachable!("run_chain follows goto"),
         }
     }
-    true
+    V::Allow
+}
+
+/// A connection between pods: the source's node, then the destination's when it is another.
+fn pod_to_pod(
+    tables: &BTreeMap<(&'static str, Family), Ruleset>,
+    family: Family,
+    a: &PodView,
+    b: &PodView,
+    p: &Packet,
+) -> crate::eval::Verdict {
+    let first = forward(&tables[&(a.node.as_str(), family)], p);
+    if first != crate::eval::Verdict::Allow || a.node == b.node {
+        return first;
+    }
+    forward(&tables[&(b.node.as_str(), family)], p)
 }
 
 /// xorshift64*: deterministic, so a failing seed reproduces.
@@ -304,19 +342,105 @@ fn random_policies(r: &mut Rng) -> Vec<NetworkPolicy> {
         .collect()
 }
 
+const CNP_PEERS: [&str; 8] = [
+    "{namespaces: {}}",
+    "{namespaces: {matchLabels: {team: blue}}}",
+    "{namespaces: {matchLabels: {kubernetes.io/metadata.name: z}}}",
+    "{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}",
+    "{pods: {namespaceSelector: {matchLabels: {team: blue}}, podSelector: {matchLabels: {tier: b}}}}",
+    "{pods: {podSelector: {}}}",
+    "{networks: [10.5.1.0/24, 'fd10:0:0:1::/64']}",
+    "{networks: [192.0.2.0/25, '2001:db8::/120']}",
+];
+const CNP_PROTOCOLS: [&str; 6] = [
+    "",
+    ", protocols: [{tcp: {destinationPort: {number: 80}}}]",
+    ", protocols: [{udp: {destinationPort: {number: 81}}}]",
+    ", protocols: [{tcp: {destinationPort: {range: {start: 79, end: 85}}}}]",
+    ", protocols: [{destinationNamedPort: http}]",
+    ", protocols: [{sctp: {destinationPort: {number: 80}}}, {destinationNamedPort: http}]",
+];
+const CNP_SUBJECTS: [&str; 4] = [
+    "{namespaces: {}}",
+    "{namespaces: {matchLabels: {team: blue}}}",
+    "{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}}",
+    "{pods: {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: x}}, podSelector: {matchLabels: {tier: f}}}}",
+];
+
+fn random_cnp_rules(r: &mut Rng, peers_key: &str, egress: bool) -> String {
+    let mut s = String::new();
+    for _ in 0..r.below(4) {
+        let peers: Vec<&str> = (0..1 + r.below(2))
+            .map(|_| {
+                // Ingress peers have no networks.
+                let n = if egress {
+                    CNP_PEERS.len()
+                } else {
+                    CNP_PEERS.len() - 2
+                };
+                CNP_PEERS[r.below(n)]
+            })
+            .collect();
+        s += &format!(
+            "  - {{action: {}, {peers_key}: [{}]{}}}\n",
+            r.pick(&["Accept", "Deny", "Pass"]),
+            peers.join(", "),
+            r.pick(&CNP_PROTOCOLS)
+        );
+    }
+    s
+}
+
+fn random_cluster_policies(r: &mut Rng) -> Vec<ClusterNetworkPolicy> {
+    let mut yaml = String::new();
+    for i in 0..1 + r.below(4) {
+        yaml += &format!(
+            "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: c{i}}}\nspec:\n  tier: {}\n  priority: {}\n  subject: {}\n",
+            r.pick(&["Admin", "Baseline"]),
+            // Few values, so that ties (ordered by name) happen.
+            r.below(3),
+            r.pick(&CNP_SUBJECTS)
+        );
+        let ingress = random_cnp_rules(r, "from", false);
+        if !ingress.is_empty() {
+            yaml += &format!("  ingress:\n{ingress}");
+        }
+        let egress = random_cnp_rules(r, "to", true);
+        if !egress.is_empty() {
+            yaml += &format!("  egress:\n{egress}");
+        }
+    }
+    registry::parse_documents(&yaml)
+        .unwrap_or_else(|e| panic!("{e:?}\n{yaml}"))
+        .into_iter()
+        .map(|o| match o {
+            Object::ClusterNetworkPolicy(p) => {
+                let net: ipnet::Ipv4Net = "10.96.0.0/12".parse().unwrap();
+                registry::validate::validate(&Object::ClusterNetworkPolicy(p.clone()), net)
+                    .unwrap_or_else(|e| panic!("{e:?}\n{yaml}"));
+                p
+            }
+            other => panic!("not a cluster policy: {other:?}"),
+        })
+        .collect()
+}
+
 /// Every node's table of every family.
 fn tables(
     namespaces: &BTreeMap<String, Labels>,
     pods: &[PodView],
     nps: &[NetworkPolicy],
+    cnps: &[ClusterNetworkPolicy],
 ) -> BTreeMap<(&'static str, Family), Ruleset> {
     let refs: Vec<&NetworkPolicy> = nps.iter().collect();
+    let crefs: Vec<&ClusterNetworkPolicy> = cnps.iter().collect();
     let mut out = BTreeMap::new();
     for node in NODES {
         for family in [Family::Ip, Family::Ip6] {
             let input = Input {
                 namespaces,
                 policies: &refs,
+                cluster_policies: &crefs,
                 pods,
                 node,
             };
@@ -335,18 +459,46 @@ const PROBES: [(Protocol, u16); 4] = [
 
 #[test]
 fn compiled_tables_agree_with_the_evaluator_in_both_families() {
+    let (compared, denied) = agree(300, false);
+    // The generator must exercise both families and both answers.
+    assert!(compared[0] > 10_000 && compared[1] > 10_000, "{compared:?}");
+    assert!(denied[0] > 1000, "{denied:?}");
+}
+
+#[test]
+fn compiled_tiers_agree_with_the_evaluator() {
+    let (compared, denied) = agree(300, true);
+    assert!(compared[0] > 10_000 && compared[1] > 10_000, "{compared:?}");
+    // Rejected (NetworkPolicy) and dropped (ClusterNetworkPolicy Deny) both occur.
+    assert!(denied[0] > 1000 && denied[1] > 1000, "{denied:?}");
+}
+
+/// Compares every pair, host, family and probe of `seeds` random clusters (with random
+/// ClusterNetworkPolicies when `tiers`); returns the comparisons per family and the
+/// rejected / dropped counts.
+fn agree(seeds: u64, tiers: bool) -> ([usize; 2], [usize; 2]) {
     let mut compared = [0usize; 2];
-    let mut denied = 0;
-    for seed in 1..=300u64 {
+    let mut denied = [0usize; 2];
+    for seed in 1..=seeds {
         let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let pods = random_pods(&mut r);
-        let nps = random_policies(&mut r);
+        let nps = if tiers && r.below(3) == 0 {
+            Vec::new()
+        } else {
+            random_policies(&mut r)
+        };
+        let cnps = if tiers {
+            random_cluster_policies(&mut r)
+        } else {
+            Vec::new()
+        };
         let mut namespaces = BTreeMap::new();
         namespaces.insert("y".to_string(), labels(&[("team", "blue")]));
-        let tables = tables(&namespaces, &pods, &nps);
+        let tables = tables(&namespaces, &pods, &nps, &cnps);
         let cluster = Cluster {
             namespaces: namespaces.clone(),
             policies: nps.clone(),
+            cluster_policies: cnps.clone(),
         };
         let hosts: Vec<IpAddr> = ["192.0.2.7", "192.0.2.200", "2001:db8::5", "2001:db8::1:5"]
             .iter()
@@ -370,17 +522,19 @@ fn compiled_tables_agree_with_the_evaluator_in_both_families() {
                             proto,
                             port,
                         };
-                        let got = forward(&tables[&(a.node.as_str(), family)], &p)
-                            && (a.node == b.node
-                                || forward(&tables[&(b.node.as_str(), family)], &p));
-                        let want = cluster.allows(family, Peer::Pod(a), Peer::Pod(b), proto, port);
+                        let got = pod_to_pod(&tables, family, a, b, &p);
+                        let want = cluster.verdict(family, Peer::Pod(a), Peer::Pod(b), proto, port);
                         assert_eq!(
                             got, want,
-                            "seed {seed} {family} {}/{} -> {}/{} {proto:?} {port}\n{:#?}\n{:#?}",
-                            a.namespace, a.name, b.namespace, b.name, nps, pods
+                            "seed {seed} {family} {}/{} -> {}/{} {proto:?} {port}\n{:#?}\n{:#?}\n{:#?}",
+                            a.namespace, a.name, b.namespace, b.name, nps, cnps, pods
                         );
                         compared[fi] += 1;
-                        denied += usize::from(!want);
+                        match want {
+                            crate::eval::Verdict::Allow => {}
+                            crate::eval::Verdict::Reject => denied[0] += 1,
+                            crate::eval::Verdict::Drop => denied[1] += 1,
+                        }
                     }
                 }
                 // Outside hosts to pods and back (each end at its pod's node only).
@@ -400,8 +554,8 @@ fn compiled_tables_agree_with_the_evaluator_in_both_families() {
                         };
                         assert_eq!(
                             forward(table, &inbound),
-                            cluster.allows(family, host, Peer::Pod(b), proto, port),
-                            "seed {seed} {family} {h} -> {}/{} {proto:?} {port}\n{nps:#?}",
+                            cluster.verdict(family, host, Peer::Pod(b), proto, port),
+                            "seed {seed} {family} {h} -> {}/{} {proto:?} {port}\n{nps:#?}\n{cnps:#?}",
                             b.namespace,
                             b.name
                         );
@@ -413,8 +567,8 @@ fn compiled_tables_agree_with_the_evaluator_in_both_families() {
                         };
                         assert_eq!(
                             forward(table, &outbound),
-                            cluster.allows(family, Peer::Pod(b), host, proto, port),
-                            "seed {seed} {family} {}/{} -> {h} {proto:?} {port}\n{nps:#?}",
+                            cluster.verdict(family, Peer::Pod(b), host, proto, port),
+                            "seed {seed} {family} {}/{} -> {h} {proto:?} {port}\n{nps:#?}\n{cnps:#?}",
                             b.namespace,
                             b.name
                         );
@@ -424,7 +578,5 @@ fn compiled_tables_agree_with_the_evaluator_in_both_families() {
             }
         }
     }
-    // The generator must exercise both families and both answers.
-    assert!(compared[0] > 10_000 && compared[1] > 10_000, "{compared:?}");
-    assert!(denied > 1000, "{denied}");
+    (compared, denied)
 }

@@ -301,6 +301,7 @@ impl World {
                     Input {
                         namespaces: &self.namespaces,
                         policies: &refs,
+                        cluster_policies: &[],
                         pods: &views,
                         node: &node,
                     },
@@ -434,6 +435,7 @@ impl World {
         let cluster = Cluster {
             namespaces: self.namespaces.clone(),
             policies: nps,
+            ..Cluster::default()
         };
         self.check_pairs(what, &cluster, Family::Ip6);
         self.check_pairs(what, &cluster, Family::Ip);

@@ -10,7 +10,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::types::{
-    Endpoints, Ingress, IngressClass, Kind, Namespace, NetworkPolicy, Object, Pod, Secret, Service,
+    ClusterNetworkPolicy, Endpoints, Ingress, IngressClass, Kind, Namespace, NetworkPolicy, Object,
+    Pod, Secret, Service,
 };
 
 /// The only `apiVersion` of these kinds.
@@ -246,7 +247,7 @@ pub fn object_from_value(v: Value) -> Result<Object, ObjectError> {
                 return Err(ObjectError::new(
                     Some("kind"),
                     format!(
-                        "unknown kind {k:?} (supported: Namespace, Pod, Service, Endpoints, NetworkPolicy, Secret, Ingress, IngressClass, List)"
+                        "unknown kind {k:?} (supported: Namespace, Pod, Service, Endpoints, NetworkPolicy, Secret, Ingress, IngressClass, ClusterNetworkPolicy, List)"
                     ),
                 ))
             }
@@ -271,6 +272,9 @@ pub fn object_from_value(v: Value) -> Result<Object, ObjectError> {
         Kind::Secret => Object::Secret(decode::<Secret>(v)?),
         Kind::Ingress => Object::Ingress(decode::<Ingress>(v)?),
         Kind::IngressClass => Object::IngressClass(decode::<IngressClass>(v)?),
+        Kind::ClusterNetworkPolicy => {
+            Object::ClusterNetworkPolicy(decode::<ClusterNetworkPolicy>(v)?)
+        }
     })
 }
 
@@ -296,6 +300,7 @@ pub fn to_json(obj: &Object) -> Value {
         Object::Secret(o) => with_header(obj.kind(), o),
         Object::Ingress(o) => with_header(obj.kind(), o),
         Object::IngressClass(o) => with_header(obj.kind(), o),
+        Object::ClusterNetworkPolicy(o) => with_header(obj.kind(), o),
     }
 }
 
@@ -468,7 +473,7 @@ items:
         );
         assert_eq!(
             err("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a}\n"),
-            "document 1 (Deployment a): kind: unknown kind \"Deployment\" (supported: Namespace, Pod, Service, Endpoints, NetworkPolicy, Secret, Ingress, IngressClass, List)"
+            "document 1 (Deployment a): kind: unknown kind \"Deployment\" (supported: Namespace, Pod, Service, Endpoints, NetworkPolicy, Secret, Ingress, IngressClass, ClusterNetworkPolicy, List)"
         );
         assert_eq!(
             err("apiVersion: v1\nmetadata: {name: a}\n"),

@@ -32,8 +32,8 @@ pub use crate::keys::{
 };
 use crate::parse::to_json;
 use crate::types::{
-    Endpoints, Ingress, IngressClass, Kind, Namespace, NetworkPolicy, Object, ObjectMeta, Pod,
-    Secret, Service, SECRET_TYPE_OPAQUE,
+    ClusterNetworkPolicy, Endpoints, Ingress, IngressClass, Kind, Namespace, NetworkPolicy, Object,
+    ObjectMeta, Pod, Secret, Service, SECRET_TYPE_OPAQUE,
 };
 use crate::validate::{
     is_dns1123_label, is_dns1123_subdomain, update_errors, validate, FieldError, ValidationErrors,
@@ -212,6 +212,10 @@ fn stub(kind: Kind, namespace: Option<&str>, name: &str) -> Object {
         Kind::IngressClass => Object::IngressClass(IngressClass {
             metadata,
             ..IngressClass::default()
+        }),
+        Kind::ClusterNetworkPolicy => Object::ClusterNetworkPolicy(ClusterNetworkPolicy {
+            metadata,
+            ..ClusterNetworkPolicy::default()
         }),
     }
 }

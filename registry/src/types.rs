@@ -7,8 +7,17 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+mod cnp;
 mod ingress;
 mod secret;
+
+pub use cnp::{
+    ClusterNetworkPolicy, ClusterNetworkPolicyEgressRule, ClusterNetworkPolicyIngressRule,
+    ClusterNetworkPolicyPeer, ClusterNetworkPolicyProtocol, ClusterNetworkPolicySpec,
+    ClusterNetworkPolicySubject, CnpPort, CnpPortRange, NamespacedPod, ProtocolPort, RuleAction,
+    Tier, CNP_CIDR_MAX_LEN, CNP_MAX_NETWORKS, CNP_MAX_PEERS, CNP_MAX_PROTOCOLS, CNP_MAX_RULES,
+    CNP_PRIORITY_MAX, CNP_RULE_NAME_MAX,
+};
 
 pub use ingress::{
     HttpIngressPath, HttpIngressRuleValue, Ingress, IngressBackend, IngressClass,
@@ -491,10 +500,11 @@ pub enum Kind {
     Secret,
     Ingress,
     IngressClass,
+    ClusterNetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -503,13 +513,15 @@ impl Kind {
         Kind::Secret,
         Kind::Ingress,
         Kind::IngressClass,
+        Kind::ClusterNetworkPolicy,
     ];
 
     /// The `apiVersion` of the kind (`networking.k8s.io/v1` for NetworkPolicy, Ingress and
-    /// IngressClass, `v1` else).
+    /// IngressClass, `policy.networking.k8s.io/v1alpha2` for ClusterNetworkPolicy, `v1` else).
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::NetworkPolicy | Kind::Ingress | Kind::IngressClass => "networking.k8s.io/v1",
+            Kind::ClusterNetworkPolicy => "policy.networking.k8s.io/v1alpha2",
             _ => "v1",
         }
     }
@@ -525,6 +537,7 @@ impl Kind {
             Kind::Secret => "Secret",
             Kind::Ingress => "Ingress",
             Kind::IngressClass => "IngressClass",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
     }
 
@@ -539,12 +552,16 @@ impl Kind {
             Kind::Secret => "secrets",
             Kind::Ingress => "ingresses",
             Kind::IngressClass => "ingressclasses",
+            Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
         }
     }
 
     /// Namespaced kinds live under `<plural>/<namespace>/<name>`.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace | Kind::IngressClass)
+        !matches!(
+            self,
+            Kind::Namespace | Kind::IngressClass | Kind::ClusterNetworkPolicy
+        )
     }
 
     /// Parses what a user types: `Service`, `service`, `services`, `svc`, `ns`, `po`, `ep`.
@@ -558,6 +575,9 @@ impl Kind {
             "secret" | "secrets" => Some(Kind::Secret),
             "ingress" | "ingresses" | "ing" => Some(Kind::Ingress),
             "ingressclass" | "ingressclasses" => Some(Kind::IngressClass),
+            "clusternetworkpolicy" | "clusternetworkpolicies" | "cnp" => {
+                Some(Kind::ClusterNetworkPolicy)
+            }
             _ => None,
         }
     }
@@ -745,6 +765,7 @@ pub enum Object {
     Secret(Secret),
     Ingress(Ingress),
     IngressClass(IngressClass),
+    ClusterNetworkPolicy(ClusterNetworkPolicy),
 }
 
 impl Object {
@@ -758,6 +779,7 @@ impl Object {
             Object::Secret(_) => Kind::Secret,
             Object::Ingress(_) => Kind::Ingress,
             Object::IngressClass(_) => Kind::IngressClass,
+            Object::ClusterNetworkPolicy(_) => Kind::ClusterNetworkPolicy,
         }
     }
 
@@ -771,6 +793,7 @@ impl Object {
             Object::Secret(o) => &o.metadata,
             Object::Ingress(o) => &o.metadata,
             Object::IngressClass(o) => &o.metadata,
+            Object::ClusterNetworkPolicy(o) => &o.metadata,
         }
     }
 
@@ -784,6 +807,7 @@ impl Object {
             Object::Secret(o) => &mut o.metadata,
             Object::Ingress(o) => &mut o.metadata,
             Object::IngressClass(o) => &mut o.metadata,
+            Object::ClusterNetworkPolicy(o) => &mut o.metadata,
         }
     }
 }

@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+mod cnp;
 mod ingress;
 
 pub use ingress::is_wildcard_dns1123_subdomain;
@@ -99,6 +100,7 @@ pub fn validate(
         Object::Secret(o) => ingress::secret(&mut v, o),
         Object::Ingress(o) => ingress::ingress(&mut v, o),
         Object::IngressClass(o) => ingress::ingress_class(&mut v, o),
+        Object::ClusterNetworkPolicy(o) => cnp::cluster_network_policy(&mut v, o),
     }
     if v.0.is_empty() {
         return Ok(());
@@ -339,9 +341,12 @@ fn metadata(v: &mut Errors, m: &ObjectMeta, kind: Kind) {
     } else {
         let (ok, msg) = match kind {
             Kind::Namespace => (is_dns1123_label(&m.name), DNS1123_LABEL_MSG),
-            Kind::Pod | Kind::NetworkPolicy | Kind::Secret | Kind::Ingress | Kind::IngressClass => {
-                (is_dns1123_subdomain(&m.name), DNS1123_SUBDOMAIN_MSG)
-            }
+            Kind::Pod
+            | Kind::NetworkPolicy
+            | Kind::Secret
+            | Kind::Ingress
+            | Kind::IngressClass
+            | Kind::ClusterNetworkPolicy => (is_dns1123_subdomain(&m.name), DNS1123_SUBDOMAIN_MSG),
             Kind::Service | Kind::Endpoints => (is_dns1035_label(&m.name), DNS1035_LABEL_MSG),
         };
         if !ok {
