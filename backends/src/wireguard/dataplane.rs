@@ -46,6 +46,8 @@ const DATA_OVERHEAD: usize = 32;
 const HANDSHAKE_MAX: usize = 148;
 /// Receive and work buffers: the largest UDP datagram.
 const BUF: usize = 65536;
+/// Whether the ingress thread asks for UDP_GRO (see [`ingress`]).
+const UDP_GRO: bool = false;
 /// The TUN's transmit queue (packets waiting for the egress thread), as the udp backend's.
 const TX_QUEUE_LEN: u32 = 1000;
 /// Inner packets one egress round handles at most (a 64 KiB TSO read split at the MTU).
@@ -408,16 +410,15 @@ pub fn build_tun(name: &str, mtu: u32) -> std::io::Result<SyncDevice> {
             .build_sync()
     };
     match build(true) {
-        Ok(d) if d.tcp_gso() => Ok(d),
-        other => {
-            match other {
-                Ok(_) => tracing::warn!("TUN offload (TSO) not available; one packet per read"),
-                Err(e) => tracing::warn!("TUN without vnet header ({e}); one packet per read"),
-            }
-            // The first device (if any) is closed before the second takes the name.
-            build(false)
+        Ok(d) if d.tcp_gso() => return Ok(d),
+        Ok(d) => {
+            tracing::warn!("TUN offload (TSO) not available; one packet per read");
+            // Closed before the second device takes the name (a live one keeps it busy).
+            drop(d);
         }
+        Err(e) => tracing::warn!("TUN without vnet header ({e}); one packet per read"),
     }
+    build(false)
 }
 
 /// Settings of the data plane.
@@ -922,10 +923,14 @@ struct Current {
 /// sender; each is opened into its own slot of `out`, and the inner packets of the batch go to
 /// the TUN with TCP runs coalesced into one super-packet per run (vnet header, no copy).
 fn ingress(sh: &Shared) {
-    let gro = sh.vnet && socket::setsockopt(&sh.sock, sockopt::UdpGroSegment, &true).is_ok();
+    // UDP_GRO stays off for now: with it on, the live vxlan -> wireguard switch e2e test saw
+    // one spurious TCP retransmission in about half of its runs (never with it off, nor on
+    // main's one-datagram path); the cause is not found yet (docs/wireguard.md). Without it
+    // one receive is one datagram, written to the TUN as it is.
+    let gro =
+        UDP_GRO && sh.vnet && socket::setsockopt(&sh.sock, sockopt::UdpGroSegment, &true).is_ok();
     if !gro {
         sh.stats.gro_disabled.store(1, Ordering::Relaxed);
-        tracing::warn!("UDP GRO not available; receiving one datagram per call");
     }
     let mut buf = vec![0u8; BUF];
     // Opened packets, one slot per datagram of a receive (bounded: a full `out` is written
