@@ -3,7 +3,8 @@
 set -euo pipefail
 pkgs=(protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 nftables iperf3
       containernetworking-plugins conntrack jq procps iputils-ping openssl socat debootstrap
-      unbound knot dnsperf bind9-dnsutils wireguard-go wireguard-tools curl)
+      unbound knot dnsperf bind9-dnsutils wireguard-go wireguard-tools curl
+      nginx wrk)
 # The compose testbed needs a Docker engine and a compose tool: Debian's docker.io where no
 # engine is installed, docker-compose unless the engine has the `docker compose` plugin.
 if ! command -v dockerd >/dev/null && ! command -v docker >/dev/null; then

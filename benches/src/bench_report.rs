@@ -44,6 +44,11 @@ const SECTIONS: &[(&str, &str, &str)] = &[
         "Cluster DNS against Unbound and Knot (dns-bench)",
         "dnsperf query mixes at 100 and 10k Services: QPS, server CPU per query, latency p50/p99, RSS; Unbound and Knot serve the same records.",
     ),
+    (
+        "ingress",
+        "Ingress proxy against nginx (ingress-bench)",
+        "wrk through flannel-ingress and through nginx configured as ingress-nginx, same pods, same CPU budget: HTTP and HTTPS, with and without keep-alive; req/s, p50/p99, CPU, RSS.",
+    ),
 ];
 
 /// Headings of an included file one level down (its `#` becomes `###`).

@@ -3,13 +3,14 @@
 //! "host + path → Service port" with the precedence of the Ingress specification ([`routes`]),
 //! backends resolved to pod addresses ([`endpoints`]). Around it, the reverse proxy that the
 //! `flannel-ingress` binary runs: the registry followed into swapped [`snapshot`]s ([`run`]),
-//! TLS certificates from Secrets ([`tls`]), the proxy ([`proxy`]), listeners ([`server`]) and
-//! [`metrics`].
+//! TLS certificates from Secrets ([`tls`]), the proxy ([`proxy`]), listeners ([`server`]),
+//! [`metrics`] and the non-blocking log output ([`logwriter`]).
 
 #![forbid(unsafe_code)]
 
 pub mod class;
 pub mod endpoints;
+pub mod logwriter;
 pub mod metrics;
 pub mod objects;
 pub mod path;

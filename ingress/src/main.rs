@@ -107,6 +107,9 @@ struct Flags {
     /// Endpoints tried per request when connecting fails.
     #[arg(long, env = "FLANNEL_INGRESS_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
     attempts: u64,
+    /// Worker threads serving connections (0: one per CPU).
+    #[arg(long, env = "FLANNEL_INGRESS_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
 }
 
 impl Flags {
@@ -126,17 +129,27 @@ impl Flags {
 
 fn main() -> std::process::ExitCode {
     let flags = Flags::parse();
+    // Log lines (one per request) go out through a thread of their own: a request never
+    // waits for stderr.
+    let (log_out, _log_guard) = match ingress::logwriter::NonBlocking::new(std::io::stderr()) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("flannel-ingress: starting the log writer: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(move || log_out.clone())
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if flags.worker_threads > 0 {
+        builder.worker_threads(flags.worker_threads);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("starting the async runtime: {e}");

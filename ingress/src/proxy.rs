@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use http_body::Body as _;
+use http_body_util::{combinators::BoxBody, BodyExt, Collected, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -159,6 +160,18 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
     r
 }
 
+/// An endpoint address for the access log, empty when none was chosen (no allocation).
+struct OptAddr(Option<SocketAddr>);
+
+impl std::fmt::Display for OptAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What one request came to, for the access log and the metrics.
 struct Outcome {
     response: Response<Body>,
@@ -223,7 +236,7 @@ impl Proxy {
             .unwrap_or_else(|| "/".into());
         let version = req.version();
         let host = request_host(&req).unwrap_or_default();
-        let out = self.route(req, conn, &host).await;
+        let mut out = self.route(req, conn, &host).await;
         let status = out.response.status().as_u16();
         let elapsed = started.elapsed();
         self.metrics
@@ -237,7 +250,7 @@ impl Proxy {
         self.metrics
             .duration
             .get_or_create(&HostLabels {
-                host: out.rule_host.clone(),
+                host: std::mem::take(&mut out.rule_host),
             })
             .observe(elapsed.as_secs_f64());
         tracing::info!(
@@ -250,7 +263,7 @@ impl Proxy {
             target = %target,
             status,
             backend = %out.backend,
-            upstream = %out.upstream.map(|a| a.to_string()).unwrap_or_default(),
+            upstream = %OptAddr(out.upstream),
             ms = format_args!("{:.2}", elapsed.as_secs_f64() * 1e3),
         );
         out.response
@@ -344,11 +357,16 @@ impl Proxy {
             out.response = plain(StatusCode::PAYLOAD_TOO_LARGE, "413 Payload Too Large");
             return out;
         }
-        let collected = tokio::time::timeout(
-            self.opts.upstream_timeout,
-            Limited::new(body, self.opts.max_body_bytes).collect(),
-        )
-        .await;
+        // A request without a body (most GETs) skips the buffering and its timer.
+        let collected = if body.is_end_stream() {
+            Ok(Ok(Collected::default()))
+        } else {
+            tokio::time::timeout(
+                self.opts.upstream_timeout,
+                Limited::new(body, self.opts.max_body_bytes).collect(),
+            )
+            .await
+        };
         let body = match collected {
             Ok(Ok(c)) => c.to_bytes(),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {

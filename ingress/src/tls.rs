@@ -177,6 +177,9 @@ pub fn server_config(resolver: SniResolver) -> Result<rustls::ServerConfig, Cert
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Session resumption (TLS 1.2 session IDs, TLS 1.3 stateful tickets) for as many clients
+    // as nginx's `ssl_session_cache shared:SSL:10m` holds about (rustls keeps 256 by default).
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(16 * 1024);
     Ok(cfg)
 }
 
