@@ -8,6 +8,8 @@
 //! - a wireguard-go (Debian) tunnel between the two nodes set up by hand with `wg set`, as
 //!   flannel's wireguard backend would configure it (`wggo`, measured only when listed): the
 //!   independent baseline for our userspace WireGuard backend;
+//! - our flanneld with `Backend.Type: wireguard` (`wireguard`, measured only when listed; each
+//!   node its own key file);
 //! - over IPv6 (issue 22), on a dual-stack underlay: plain IPv6 routes (`plain6`) and kernel
 //!   VXLAN over IPv6 programmed by hand as flannel's backend does it (`hand6`, the baseline of
 //!   the IPv6 ratios), both measured whenever an IPv6 row is; our flanneld vxlan and host-gw
@@ -57,6 +59,7 @@ enum Setup {
     FlanneldHostGwDual,
     FlanneldUdpDual,
     HandWireguardGo,
+    FlanneldWireguard,
 }
 
 /// An address family the pods talk over.
@@ -67,7 +70,7 @@ enum Fam {
 }
 
 /// Every setup, in table order, with its `--setups` key. The first two are the baselines.
-const ALL: [(&str, Setup); 12] = [
+const ALL: [(&str, Setup); 13] = [
     ("plain", Setup::Plain),
     ("hand", Setup::HandVxlan),
     ("flanneld", Setup::Flanneld),
@@ -80,10 +83,7 @@ const ALL: [(&str, Setup); 12] = [
     ("hostgw-dual", Setup::FlanneldHostGwDual),
     ("udp-dual", Setup::FlanneldUdpDual),
     ("wggo", Setup::HandWireguardGo),
-    // Our wireguard backend (`Backend.Type: wireguard`, issue 23) goes here once it lands:
-    // `run_flanneld(.., "wireguard", ..)` waiting for the Network route on its device, pod
-    // MTU 1420 as for `wggo`. Note that the two nodes share /var/run/wireguard, so their UAPI
-    // sockets need distinct device names (or a mount namespace per node).
+    ("wireguard", Setup::FlanneldWireguard),
 ];
 
 /// Measured when `--setups` is not given (besides the baselines).
@@ -124,6 +124,7 @@ impl Setup {
             Setup::FlanneldHostGwDual => "flanneld host-gw backend, dual stack",
             Setup::FlanneldUdpDual => "flanneld udp backend, dual stack (IPv4 underlay)",
             Setup::HandWireguardGo => "wireguard-go (Debian) tunnel set up by hand",
+            Setup::FlanneldWireguard => "flanneld wireguard backend (userspace, boringtun)",
         }
     }
 
@@ -141,6 +142,7 @@ impl Setup {
             Setup::FlanneldHostGwDual => "flanneld host-gw dual",
             Setup::FlanneldUdpDual => "flanneld udp dual",
             Setup::HandWireguardGo => "wireguard-go",
+            Setup::FlanneldWireguard => "flanneld wireguard",
         }
     }
 
@@ -196,7 +198,7 @@ impl Setup {
             Setup::FlanneldUdp | Setup::FlanneldUdpDual => 1472,
             Setup::HandVxlan6 | Setup::FlanneldVxlanDual => 1430,
             // flannel's wireguard backend: device MTU = interface MTU − 80.
-            Setup::HandWireguardGo => WG_MTU,
+            Setup::HandWireguardGo | Setup::FlanneldWireguard => WG_MTU,
             _ => 1450,
         }
     }
@@ -611,6 +613,9 @@ fn run_flanneld(
     for n in 0..2 {
         let ns = tb.nodes[n].ns.clone();
         let env = dir.join(format!("n{n}.env"));
+        // wireguard: each node its own private key (the default path is shared by the nodes).
+        let key_file = dir.join(format!("n{n}.wgkey"));
+        let key_file = key_file.to_str().context("path")?;
         let handle = tb
             .spawn(
                 &ns,
@@ -628,7 +633,7 @@ fn run_flanneld(
                         "--iptables-forward-rules=false"
                     },
                 ],
-                &[("RUST_LOG", "warn")],
+                &[("RUST_LOG", "warn"), ("WIREGUARD_KEY_FILE", key_file)],
                 &dir.join(format!("n{n}.log")),
             )
             .map_err(anyhow::Error::msg)?;
@@ -636,9 +641,15 @@ fn run_flanneld(
     }
     // vxlan: a route per peer on flannel.1; udp: the Network route on flannel0 (the peer table
     // lives in the daemon, so the pods' ping in `one` confirms it); host-gw: a route per peer
-    // via its address on eth0.
+    // via its address on eth0; wireguard: a route per peer on flannel-wg (the handshake is
+    // confirmed by the pods' ping too).
     let (dev, want) = if backend == "udp" {
         ("flannel0", vec!["10.5.0.0/16".to_string(); 2])
+    } else if backend == "wireguard" {
+        (
+            "flannel-wg",
+            vec![SUBNETS[1].to_string(), SUBNETS[0].to_string()],
+        )
     } else if backend == "host-gw" {
         (
             "eth0",
@@ -992,6 +1003,7 @@ fn one(setup: Setup, opts: &Opts, clk_tck: u64) -> Result<Vec<Sample>> {
         Setup::FlanneldHostGwDual => run_flanneld(&mut tb, d, &endpoint, true, "host-gw", v6s)?,
         Setup::FlanneldUdpDual => run_flanneld(&mut tb, d, &endpoint, true, "udp", v6s)?,
         Setup::HandWireguardGo => hand_wireguard_go(&mut tb, d, &mut wg_sockets)?,
+        Setup::FlanneldWireguard => run_flanneld(&mut tb, d, &endpoint, true, "wireguard", None)?,
     };
     let mtu = setup.pod_mtu();
     let p1 = tb
@@ -1384,6 +1396,18 @@ mod tests {
             ]
         );
         assert!(!Setup::HandWireguardGo.needs_flanneld());
+        let o = args(&["--setups", "wireguard,wggo"]).unwrap();
+        assert_eq!(
+            o.setups,
+            vec![
+                Setup::Plain,
+                Setup::HandVxlan,
+                Setup::HandWireguardGo,
+                Setup::FlanneldWireguard
+            ]
+        );
+        assert!(Setup::FlanneldWireguard.needs_flanneld());
+        assert_eq!(Setup::FlanneldWireguard.udp_datagram(Fam::V4), 1392);
         assert!(Setup::FlanneldUdp.needs_flanneld());
         let o = args(&["--setups", "hand6"]).unwrap();
         assert_eq!(
@@ -1463,7 +1487,7 @@ mod tests {
             &["--rounds"][..],
             &["--rounds", "0"],
             &["--seconds", "x"],
-            &["--setups", "flanneld,wireguard"],
+            &["--setups", "flanneld,kernel-wireguard"],
             &["--udp-rates", "1,fast"],
             &["--udp-rates", "-1"],
             &["--frobnicate"],

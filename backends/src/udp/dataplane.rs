@@ -31,9 +31,9 @@ use super::{UdpStats, DEVICE};
 /// Longest a loop sleeps before it looks at the stop flag again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Most segments one UDP GSO send may carry (kernel limit UDP_MAX_SEGMENTS).
-const GSO_MAX_SEGMENTS: usize = 64;
+pub(crate) const GSO_MAX_SEGMENTS: usize = 64;
 /// Most payload bytes one UDP GSO send may carry.
-const GSO_MAX_BYTES: usize = 65_000;
+pub(crate) const GSO_MAX_BYTES: usize = 65_000;
 /// `flannel0`'s transmit queue (packets waiting for the egress thread).
 const TX_QUEUE_LEN: u32 = 1000;
 /// Socket buffers asked for (SO_*BUFFORCE as root, else capped by net.core.*mem_max): a GRO
@@ -58,6 +58,12 @@ pub fn prepare(dev: &SyncDevice, sock: &UdpSocket) -> std::io::Result<()> {
     // TUN's default queue of 500 overflows in the bursts of a fast UDP flow (which arrives one
     // packet per read); Ethernet's 1000 absorbs them (3 Gbit/s offered: 14% -> 7.7% lost).
     dev.set_tx_queue_len(TX_QUEUE_LEN)?;
+    prepare_socket(sock)
+}
+
+/// The socket half of [`prepare`]: blocking with a receive timeout of [`POLL_INTERVAL`],
+/// [`SOCKET_BUFFER`]-byte buffers.
+pub(crate) fn prepare_socket(sock: &UdpSocket) -> std::io::Result<()> {
     sock.set_nonblocking(false)?;
     sock.set_read_timeout(Some(POLL_INTERVAL))?;
     // Root may exceed net.core.[rw]mem_max; otherwise the kernel caps the plain request.
@@ -71,12 +77,39 @@ pub fn prepare(dev: &SyncDevice, sock: &UdpSocket) -> std::io::Result<()> {
 }
 
 /// Waits until `fd` is readable or [`POLL_INTERVAL`] passed.
-fn wait_readable(fd: &impl AsFd) {
+pub(crate) fn wait_readable(fd: &impl AsFd) {
     let mut fds = [nix::poll::PollFd::new(
         fd.as_fd(),
         nix::poll::PollFlags::POLLIN,
     )];
     let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+}
+
+/// One `sendmsg` of the datagrams `run` (each `seg` bytes, the last possibly shorter) to `to`
+/// with UDP_SEGMENT: the kernel joins the iovecs and cuts them at `seg` (no copy here).
+/// Returns the bytes sent; EIO, EINVAL or EOPNOTSUPP mean the kernel refuses GSO.
+pub(crate) fn gso_send(
+    sock: &UdpSocket,
+    run: &[&[u8]],
+    seg: usize,
+    to: SocketAddr,
+) -> nix::Result<usize> {
+    let addr = SockaddrStorage::from(to);
+    let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
+    let iov: Vec<std::io::IoSlice<'_>> = run.iter().map(|p| std::io::IoSlice::new(p)).collect();
+    let cmsg = [ControlMessage::UdpGsoSegments(&seg16)];
+    loop {
+        match socket::sendmsg(
+            sock.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::empty(),
+            Some(&addr),
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
 }
 
 /// Sends `run` (datagrams of `seg` bytes, the last possibly shorter, all to `to`): one sendmsg
@@ -95,23 +128,7 @@ fn flush(
         return;
     }
     if *gso && run.len() > 1 {
-        let addr = SockaddrStorage::from(to);
-        let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
-        let iov: Vec<std::io::IoSlice<'_>> = run.iter().map(|p| std::io::IoSlice::new(p)).collect();
-        let cmsg = [ControlMessage::UdpGsoSegments(&seg16)];
-        let r = loop {
-            match socket::sendmsg(
-                sock.as_raw_fd(),
-                &iov,
-                &cmsg,
-                MsgFlags::empty(),
-                Some(&addr),
-            ) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                other => break other,
-            }
-        };
-        match r {
+        match gso_send(sock, run, seg, to) {
             Ok(bytes) => {
                 stats
                     .tx_packets
@@ -291,7 +308,7 @@ fn sender(a: &SockaddrStorage) -> Option<SocketAddr> {
 }
 
 /// Reads one datagram (with UDP_GRO: several of one size, the size in a cmsg) into `buf`.
-fn receive(
+pub(crate) fn receive(
     sock: &UdpSocket,
     buf: &mut [u8],
 ) -> nix::Result<(usize, Option<SocketAddr>, Option<usize>)> {
@@ -365,48 +382,74 @@ pub fn udp_to_tun(sh: Arc<Shared>) {
                 }
             }
         }
-        if vnet {
-            // IPv4 and IPv6 alike (TSO for TCPv4/TCPv6, USO for UDP of both families).
-            coalesce::plan(&valid, uso, &mut runs);
-            let plain = coalesce::plain_vnet_header();
-            for run in &runs {
-                let pkts = &valid[run.start..run.start + run.count];
-                let merged = if run.count > 1 {
-                    coalesce::merged_header(pkts, &mut hdr)
-                } else {
-                    None
-                };
-                if let Some(vhdr) = merged {
-                    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(run.count + 2);
-                    iov.push(IoSlice::new(&vhdr));
-                    iov.push(IoSlice::new(&hdr));
-                    let h = hdr.len();
-                    iov.extend(pkts.iter().map(|p| IoSlice::new(&p[h..])));
-                    write_tun(dev, &iov, pkts, stats);
-                } else {
-                    // A packet alone (merged_header refuses only what plan never merges).
-                    for pkt in pkts {
-                        let iov = [IoSlice::new(&plain), IoSlice::new(pkt)];
-                        write_tun(dev, &iov, std::slice::from_ref(pkt), stats);
-                    }
-                }
-            }
+        write_batch(dev, &valid, vnet, uso, &mut runs, &mut hdr, |pkts, r| {
+            count_write(pkts, r, stats)
+        });
+    }
+}
+
+/// Writes a batch of inner packets (from one receive) to the TUN: with the vnet header
+/// (`vnet`), runs that [`coalesce::plan`] finds leave as one super-packet each (a `writev` of
+/// the merged header and the payloads where they lie), the rest one packet per write; without
+/// it, one packet per write. IPv4 and IPv6 alike (TSO for TCPv4/TCPv6, USO for UDP of both
+/// families when `uso`). `done` learns each write's packets and result. `runs` and `hdr` are
+/// the caller's scratch space (kept between batches).
+pub(crate) fn write_batch(
+    dev: &SyncDevice,
+    valid: &[&[u8]],
+    vnet: bool,
+    uso: bool,
+    runs: &mut Vec<coalesce::Run>,
+    hdr: &mut Vec<u8>,
+    mut done: impl FnMut(&[&[u8]], nix::Result<usize>),
+) {
+    if !vnet {
+        for pkt in valid {
+            done(
+                std::slice::from_ref(pkt),
+                write_tun(dev, &[IoSlice::new(pkt)]),
+            );
+        }
+        return;
+    }
+    coalesce::plan(valid, uso, runs);
+    let plain = coalesce::plain_vnet_header();
+    for run in runs.iter() {
+        let pkts = &valid[run.start..run.start + run.count];
+        let merged = if run.count > 1 {
+            coalesce::merged_header(pkts, hdr)
         } else {
-            for pkt in &valid {
-                write_tun(dev, &[IoSlice::new(pkt)], std::slice::from_ref(pkt), stats);
+            None
+        };
+        if let Some(vhdr) = merged {
+            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(run.count + 2);
+            iov.push(IoSlice::new(&vhdr));
+            iov.push(IoSlice::new(hdr));
+            let h = hdr.len();
+            iov.extend(pkts.iter().map(|p| IoSlice::new(&p[h..])));
+            done(pkts, write_tun(dev, &iov));
+        } else {
+            // A packet alone (merged_header refuses only what plan never merges).
+            for pkt in pkts {
+                let iov = [IoSlice::new(&plain), IoSlice::new(pkt)];
+                done(std::slice::from_ref(pkt), write_tun(dev, &iov));
             }
         }
     }
 }
 
-/// One TUN write (a packet, or a coalesced run gathered from its parts), counted.
-fn write_tun(dev: &SyncDevice, iov: &[IoSlice<'_>], pkts: &[&[u8]], stats: &UdpStats) {
-    let r = loop {
+/// One TUN write (a packet, or a coalesced run gathered from its parts).
+fn write_tun(dev: &SyncDevice, iov: &[IoSlice<'_>]) -> nix::Result<usize> {
+    loop {
         match nix::sys::uio::writev(dev, iov) {
             Err(nix::errno::Errno::EINTR) => continue,
-            other => break other,
+            other => return other,
         }
-    };
+    }
+}
+
+/// Counts one TUN write of `pkts`.
+fn count_write(pkts: &[&[u8]], r: nix::Result<usize>, stats: &UdpStats) {
     match r {
         Ok(_) => {
             stats

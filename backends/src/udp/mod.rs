@@ -25,7 +25,7 @@
 //! reported in the log and in `/metrics`.
 
 pub mod coalesce;
-mod dataplane;
+pub(crate) mod dataplane;
 pub mod packet;
 
 use std::collections::BTreeMap;

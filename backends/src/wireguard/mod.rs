@@ -147,13 +147,8 @@ async fn make_plane(
         tracing::warn!("{name} already exists; recreating it");
         ctx.netlink.delete_link(old.index).await?;
     }
-    let dev = tun_rs::DeviceBuilder::new()
-        .name(name)
-        .mtu(u16::try_from(mtu).unwrap_or(1420))
-        .packet_information(false)
-        .enable(true)
-        .build_sync()
-        .map_err(|e| io_err(&format!("creating TUN {name}"), e))?;
+    let dev =
+        dataplane::build_tun(name, mtu).map_err(|e| io_err(&format!("creating TUN {name}"), e))?;
     let link = ctx
         .netlink
         .link_by_name(name)
@@ -532,6 +527,13 @@ impl Backend for WireguardBackend {
                 ("wireguard_timer_sends", &s.timer_sends),
                 ("wireguard_cookie_replies", &s.cookie_replies),
                 ("wireguard_icmp_sent", &s.icmp_sent),
+                ("wireguard_tun_reads", &s.tun_reads),
+                ("wireguard_gso_sends", &s.gso_sends),
+                ("wireguard_udp_receives", &s.udp_receives),
+                ("wireguard_tun_coalesced_writes", &s.tun_coalesced_writes),
+                ("wireguard_offload_disabled", &s.offload_disabled),
+                ("wireguard_gso_disabled", &s.gso_disabled),
+                ("wireguard_gro_disabled", &s.gro_disabled),
             ];
             for (k, v) in named {
                 add(k.to_string(), v.load(Ordering::Relaxed));
