@@ -43,6 +43,28 @@ fn device(tb: &Testbed, node: usize, name: &str, key: &PrivateKey) -> Device {
     .unwrap()
 }
 
+/// Devices `wga` (node 0, 10.9.1.1, keyed from `seed_a`) and `wgb` (node 1, 10.9.2.1, keyed
+/// from `seed_b`), each with its address and a route to the other's /24 through it.
+fn two_devices(tb: &Testbed, seed_a: u8, seed_b: u8) -> (PrivateKey, PrivateKey, Device, Device) {
+    let (ka, kb) = (
+        PrivateKey::from_random([seed_a; 32]),
+        PrivateKey::from_random([seed_b; 32]),
+    );
+    let a = device(tb, 0, "wga", &ka);
+    let b = device(tb, 1, "wgb", &kb);
+    for (n, dev, own, other) in [
+        (0, "wga", "10.9.1.1", "10.9.2.0/24"),
+        (1, "wgb", "10.9.2.1", "10.9.1.0/24"),
+    ] {
+        let ns = &tb.nodes[n].ns;
+        tb.exec(ns, &["ip", "addr", "add", &format!("{own}/32"), "dev", dev])
+            .unwrap();
+        tb.exec(ns, &["ip", "route", "add", other, "dev", dev])
+            .unwrap();
+    }
+    (ka, kb, a, b)
+}
+
 fn peer(key: &PrivateKey, endpoint: &str, subnet: &str) -> WgPeer {
     WgPeer {
         public_key: key.public(),
@@ -58,22 +80,7 @@ fn two_devices_carry_a_datagram_and_report_their_peers() {
         return;
     }
     let tb = Testbed::new(2).unwrap();
-    let (ka, kb) = (
-        PrivateKey::from_random([1; 32]),
-        PrivateKey::from_random([2; 32]),
-    );
-    let a = device(&tb, 0, "wga", &ka);
-    let b = device(&tb, 1, "wgb", &kb);
-    for (n, dev, own, other) in [
-        (0, "wga", "10.9.1.1", "10.9.2.0/24"),
-        (1, "wgb", "10.9.2.1", "10.9.1.0/24"),
-    ] {
-        let ns = &tb.nodes[n].ns;
-        tb.exec(ns, &["ip", "addr", "add", &format!("{own}/32"), "dev", dev])
-            .unwrap();
-        tb.exec(ns, &["ip", "route", "add", other, "dev", dev])
-            .unwrap();
-    }
+    let (ka, kb, a, b) = two_devices(&tb, 1, 2);
     let to_b = peer(&kb, &format!("{}:{PORT}", tb.nodes[1].ip), "10.9.2.0/24");
     let to_a = peer(&ka, &format!("{}:{PORT}", tb.nodes[0].ip), "10.9.1.0/24");
     assert_eq!(a.apply(std::slice::from_ref(&to_b), &[]).add.len(), 1);
@@ -157,22 +164,7 @@ fn a_peer_of_another_type_handshaking_from_its_public_ip_is_accepted_for_its_sub
         return;
     }
     let tb = Testbed::new(2).unwrap();
-    let (ka, kb) = (
-        PrivateKey::from_random([3; 32]),
-        PrivateKey::from_random([4; 32]),
-    );
-    let a = device(&tb, 0, "wga", &ka);
-    let b = device(&tb, 1, "wgb", &kb);
-    for (n, dev, own, other) in [
-        (0, "wga", "10.9.1.1", "10.9.2.0/24"),
-        (1, "wgb", "10.9.2.1", "10.9.1.0/24"),
-    ] {
-        let ns = &tb.nodes[n].ns;
-        tb.exec(ns, &["ip", "addr", "add", &format!("{own}/32"), "dev", dev])
-            .unwrap();
-        tb.exec(ns, &["ip", "route", "add", other, "dev", dev])
-            .unwrap();
-    }
+    let (ka, kb, a, b) = two_devices(&tb, 3, 4);
     a.apply(
         &[peer(
             &kb,
