@@ -747,7 +747,10 @@ mod tests {
         set.offer(&bad);
         assert_eq!(set.secondary_config("vxlan"), cfg("vxlan"));
         set.offer(&vni7);
-        set.peer_event(&Event::PeerAdded(lease("10.5.2.0/24", 12, "vxlan")));
+        let mut peer = lease("10.5.2.0/24", 12, "vxlan");
+        peer.attrs.backend_data =
+            Some(serde_json::json!({"VNI": 7, "VtepMAC": "02:00:00:00:00:0c"}));
+        set.peer_event(&Event::PeerAdded(peer));
         assert!(set.wants_secondary());
         set.reconcile().await.unwrap();
         assert!(!set.wants_secondary());
