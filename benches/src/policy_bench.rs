@@ -95,12 +95,11 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
-/// `n` objects of `kind` (plural with an s).
+/// `n` objects of `kind` (a `…Policy`).
 fn count(n: usize, kind: &str) -> String {
-    if n == 1 {
-        format!("1 {kind}")
-    } else {
-        format!("{n} {kind}s")
+    match kind.strip_suffix('y') {
+        Some(stem) if n != 1 => format!("{n} {stem}ies"),
+        _ => format!("{n} {kind}"),
     }
 }
 
