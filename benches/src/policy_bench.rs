@@ -16,7 +16,8 @@
 //!
 //! Data path, every table in the same run as ratios to no table: TCP connection set-up
 //! latency (connect + one byte) client → server, p50/p99 over `--connections` taken in
-//! `--rounds` interleaved rounds (each table applied in turn, so drift hits all alike), and
+//! `--rounds` interleaved rounds (each table applied in turn, so drift hits all alike; 200 ms
+//! and 20 connections after each apply are not counted), and
 //! iperf3 throughput client → server, with no table, 1 and 1000 NetworkPolicies, and 1000
 //! NetworkPolicies + 1/100/1000 ClusterNetworkPolicies. Needs root, nft and iperf3.
 //!
@@ -528,6 +529,10 @@ fn main() -> Result<()> {
         for (i, (_, rs)) in tables.iter().enumerate() {
             check_stop()?;
             use_table(&rt, &nft, &mut e, rs.as_ref())?;
+            // Let the kernel finish with the previous table (objects freed after the
+            // transaction) and warm up before the samples.
+            std::thread::sleep(Duration::from_millis(200));
+            connect_latencies(&client.ns, to, 20)?;
             lat[i].extend(connect_latencies(&client.ns, to, per_round)?);
         }
     }
