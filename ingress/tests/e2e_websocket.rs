@@ -5,8 +5,8 @@
 //! changed to the other pod while both connections are open: new connections go to the new
 //! pod within a second, the open ones keep talking to theirs (no reload closes a connection),
 //! then close cleanly. WebSocket over HTTP/2 (RFC 8441 extended CONNECT) is not offered: the
-//! SETTINGS say so and a `:protocol` request is refused with a stream reset. Needs root, curl
-//! and openssl; skips with a reason without them, fails under CI.
+//! SETTINGS say so, a `:protocol` request is refused with a stream reset and a plain CONNECT
+//! with 400. Needs root, curl and openssl; skips with a reason without them, fails under CI.
 
 #![allow(clippy::unwrap_used)]
 
@@ -239,6 +239,15 @@ fn websocket_through_the_ingress_survives_a_change() {
             Ok(other) => return Err(format!("extended CONNECT answered {other:?}")),
             Err(_) => return Err("extended CONNECT: no answer".into()),
         }
+        // A plain CONNECT (a tunnel, no path) is not proxied: 400.
+        let mut client = client.ready().await.map_err(|e| e.to_string())?;
+        let req = http::Request::connect("ws.test:443").body(()).unwrap();
+        let (resp, _) = client.send_request(req, true).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(LIMIT, resp)
+            .await
+            .map_err(|_| "h2 CONNECT timed out")?
+            .map_err(|e| format!("h2 CONNECT: {e}"))?;
+        assert_eq!(resp.status(), 400, "plain CONNECT over HTTP/2");
         Ok(())
     });
     if let Err(e) = result {
