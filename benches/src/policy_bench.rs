@@ -298,13 +298,13 @@ fn synthetic_cnp(k: usize) -> String {
         k % 7,
         (k + 1) % NAMESPACES
     );
-    if k % 2 == 0 {
+    if k.is_multiple_of(2) {
         s += &format!(
             "  - {{name: dns, action: Deny, from: [{{namespaces: {{matchLabels: {{team: t{}}}}}}}], protocols: [{{udp: {{destinationPort: {{number: 53}}}}}}]}}\n",
             (k + 1) % 3
         );
     }
-    if k % 3 == 0 {
+    if k.is_multiple_of(3) {
         s += &format!(
             "  egress:\n  - {{name: nets, action: Deny, to: [{{networks: [10.{}.0.0/16, 192.168.{}.0/24]}}]}}\n  - {{name: app, action: Accept, to: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: app{}}}}}}}}}], protocols: [{{tcp: {{destinationPort: {{range: {{start: 9000, end: 9100}}}}}}}}]}}\n",
             100 + k % 100,

@@ -511,7 +511,7 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
     let tiers = TierRules::new(&ctx, &mut rs, &mut names, input.cluster_policies, &pods);
     // Pods under the same policies share their chains: built once per (direction, selecting
     // policies, NetworkPolicy chain).
-    let mut heads: BTreeMap<(Dir, &[usize], Option<&String>), Option<String>> = BTreeMap::new();
+    let mut heads: BTreeMap<HeadKey, Option<String>> = BTreeMap::new();
     for (i, (ip, _)) in local_pods.iter().enumerate() {
         for dir in [Dir::In, Dir::Out] {
             let np = np_chain.get(&(*ip, dir));
@@ -543,6 +543,10 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
     );
     rs
 }
+
+/// What a local pod's head chain depends on: the direction, the ClusterNetworkPolicies
+/// selecting it (indices into [`TierRules`]) and its NetworkPolicy chain.
+type HeadKey<'a> = (Dir, &'a [usize], Option<&'a String>);
 
 /// Rule lines: a match prefix (ending in a space, or empty) and the rule's action.
 type Lines = Vec<(String, RuleAction)>;
