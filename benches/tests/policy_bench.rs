@@ -13,7 +13,9 @@ use test_support::{require_root_with, run_bounded};
 /// The number after `what` in `text` (e.g. "12 chains" → 12 for " chains").
 fn number_before(text: &str, what: &str) -> usize {
     let end = text.find(what).unwrap_or_else(|| panic!("{what}: {text}"));
-    let start = text[..end].rfind(' ').map_or(0, |i| i + 1);
+    let start = text[..end]
+        .rfind(|c: char| !c.is_ascii_digit())
+        .map_or(0, |i| i + 1);
     text[start..end]
         .parse()
         .unwrap_or_else(|e| panic!("{what}: {e}: {text}"))
