@@ -313,24 +313,18 @@ fn wireguard_backend_end_to_end() {
         .count();
     assert_eq!(visible, 0, "plaintext of the transfer seen on the underlay");
     // The bulk transfer took the batched path: TSO reads split and sealed into UDP GSO sends
-    // on node 0, GRO receives opened and coalesced into TSO writes on node 1. Metrics are
-    // copied at each 1 s resync.
-    for (node, name) in [
-        (0, "wireguard_gso_sends"),
-        (1, "wireguard_tun_coalesced_writes"),
-    ] {
-        wait_for(Duration::from_secs(5), || {
-            (metric(&tb, node, name) > 0).then_some(())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} on node {node}:\n{}",
-                common::http(&tb, node, "/metrics")
-            )
-        });
-    }
+    // on node 0 (UDP GRO on the receiving side is off for now, docs/wireguard.md). Metrics
+    // are copied at each 1 s resync.
+    wait_for(Duration::from_secs(5), || {
+        (metric(&tb, 0, "wireguard_gso_sends") > 0).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no GSO send on node 0:\n{}",
+            common::http(&tb, 0, "/metrics")
+        )
+    });
     assert_eq!(metric(&tb, 0, "wireguard_offload_disabled"), 0);
-    assert_eq!(metric(&tb, 1, "wireguard_gro_disabled"), 0);
     // No inner header either: the pods' addresses never appear in a WireGuard datagram.
     let pod_addr: std::net::Ipv4Addr = pods[0].ip.parse().unwrap();
     assert!(
