@@ -662,6 +662,68 @@ fn all_pods_reach(tb: &Testbed, pods: &[test_support::Pod]) -> Result<(), String
     Ok(())
 }
 
+/// Every node's wireguard counters and the kernel's UDP counters: what a failed switch
+/// assertion prints (a segment lost between two nodes' underlay and their pods is counted in
+/// one of them, or in none: then it is the kernel's or the coalesced TUN write's).
+fn switch_diagnostics(tb: &Testbed) -> String {
+    let mut out = String::new();
+    for n in 0..tb.nodes.len() {
+        out.push_str(&format!("--- node {n} ---\n"));
+        for l in common::http(tb, n, "/metrics").lines() {
+            if l.contains("wireguard") && !l.starts_with('#') && !l.ends_with(" 0") {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        let snmp = tb
+            .exec(&tb.nodes[n].ns, &["cat", "/proc/net/snmp"])
+            .unwrap_or_default();
+        for l in snmp.lines().filter(|l| l.starts_with("Udp:")) {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// tcpdump processes (one per node, `-i any`), stopped by PID when dropped.
+struct Pcaps(Vec<std::process::Child>);
+
+impl Pcaps {
+    fn start(tb: &Testbed, dir: &str) -> Pcaps {
+        let mut v = Vec::new();
+        for (n, node) in tb.nodes.iter().enumerate() {
+            let file = format!("{dir}/node{n}.pcap");
+            let child = std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &node.ns, "tcpdump", "-i", "any", "-U", "-s", "256",
+                ])
+                .args(["-w", &file, "udp port 51820 or tcp port 5010"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            v.push(child);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        Pcaps(v)
+    }
+}
+
+impl Drop for Pcaps {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Live switches vxlan → wireguard → vxlan with a TCP stream running (no segment lost), the
 /// old backend gone afterwards, and a mixed cluster (node 2 held on vxlan while the others run
 /// wireguard) with every pod reaching every pod.
@@ -689,6 +751,12 @@ fn live_switches_to_and_from_wireguard_keep_traffic_flowing() {
         pods.extend(common::add_pods(&mut tb, i, &env, 1, 1420));
     }
     all_pods_reach(&tb, &pods).unwrap();
+    // WG_SWITCH_DIAG=1: the counters after every switch, not only on a failure.
+    // WG_SWITCH_PCAP=<dir>: every node's underlay WireGuard and the stream's TCP, on every
+    // interface (`-i any` sees the devices the switch creates), for a failure's post-mortem.
+    let _pcaps = std::env::var("WG_SWITCH_PCAP")
+        .ok()
+        .map(|dir| Pcaps::start(&tb, &dir));
     let ticker = common::Ticker::start(&pods[0], &pods[1]);
     std::thread::sleep(Duration::from_millis(500));
     ticker.take_max_gap_ms();
@@ -727,10 +795,14 @@ fn live_switches_to_and_from_wireguard_keep_traffic_flowing() {
         println!(
             "switch {old} -> {new}: longest gap in the TCP stream {gap:.0} ms; peers mid-switch accepted so far: {accepted}"
         );
+        if std::env::var_os("WG_SWITCH_DIAG").is_some() {
+            println!("after {old} -> {new}:\n{}", switch_diagnostics(&tb));
+        }
         let lost = ticker.retransmissions();
         assert!(
             lost.is_empty(),
-            "switch {old} -> {new}: segments lost: {lost:?}"
+            "switch {old} -> {new}: segments lost: {lost:?}\n{}",
+            switch_diagnostics(&tb)
         );
         assert!(
             gap < 4.0 * common::MAX_GAP_MS,

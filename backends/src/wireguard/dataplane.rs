@@ -155,6 +155,8 @@ pub struct WgStats {
     pub gso_sends: AtomicU64,
     pub udp_receives: AtomicU64,
     pub tun_coalesced_writes: AtomicU64,
+    /// UDP receives that carried more than one datagram (a GRO batch).
+    pub gro_batches: AtomicU64,
     /// 1 when the TUN runs without the vnet header (no TSO reads, no coalesced writes), when
     /// UDP GSO was refused, when UDP GRO is not available.
     pub offload_disabled: AtomicU64,
@@ -993,6 +995,9 @@ fn ingress(sh: &Shared) {
             continue;
         };
         let seg = seg.unwrap_or(len).max(1);
+        if len > seg {
+            sh.stats.gro_batches.fetch_add(1, Ordering::Relaxed);
+        }
         let mut cur: Option<Current> = None;
         got.clear();
         let mut off = 0;

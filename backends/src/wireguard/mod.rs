@@ -531,6 +531,7 @@ impl Backend for WireguardBackend {
                 ("wireguard_gso_sends", &s.gso_sends),
                 ("wireguard_udp_receives", &s.udp_receives),
                 ("wireguard_tun_coalesced_writes", &s.tun_coalesced_writes),
+                ("wireguard_gro_batches", &s.gro_batches),
                 ("wireguard_offload_disabled", &s.offload_disabled),
                 ("wireguard_gso_disabled", &s.gso_disabled),
                 ("wireguard_gro_disabled", &s.gro_disabled),
