@@ -6,7 +6,8 @@
 //! side streams it, so a request is one task from the client's bytes to the upstream's and
 //! back (as nginx's event loop does it). A connection goes back to the pool when its response
 //! body has ended and the connection is ready for the next request; a body dropped early
-//! closes it.
+//! closes it. A connection lives in a `Box`: it is moved between the pool, the request and
+//! the body, and its state is large.
 //!
 //! Upgrades (`Connection: upgrade`) take a fresh connection run as a task of its own (hyper
 //! hands the upgraded stream over from there) and never come back to the pool.
@@ -49,7 +50,7 @@ impl std::fmt::Debug for UpConn {
 }
 
 struct Idle {
-    conn: UpConn,
+    conn: Box<UpConn>,
     since: Instant,
 }
 
@@ -121,7 +122,7 @@ impl Pool {
     }
 
     /// An idle connection to `addr`, most recently used first.
-    pub fn checkout(&self, addr: SocketAddr) -> Option<UpConn> {
+    pub fn checkout(&self, addr: SocketAddr) -> Option<Box<UpConn>> {
         let mut idle = self.idle.lock().ok()?;
         let list = idle.by_addr.get_mut(&addr)?;
         while let Some(i) = list.pop() {
@@ -134,7 +135,7 @@ impl Pool {
         None
     }
 
-    fn checkin(&self, conn: UpConn) {
+    fn checkin(&self, conn: Box<UpConn>) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
@@ -177,19 +178,19 @@ impl Pool {
     }
 
     /// A new connection to `addr` (bounded by the connect timeout).
-    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<UpConn> {
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<Box<UpConn>> {
         let tcp = self.tcp(addr).await?;
         let (send, conn) = self
             .builder
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(std::io::Error::other)?;
-        Ok(UpConn {
+        Ok(Box::new(UpConn {
             send,
             conn,
             addr,
             reused: false,
-        })
+        }))
     }
 
     /// A new connection for an upgrade, run as a task of its own; the response's upgrade
@@ -235,7 +236,7 @@ impl UpConn {
     /// Sends `req` and waits for the response head, polling the connection in this task.
     /// The body of the answer keeps polling it, and gives it back to `pool` at its end.
     pub async fn send(
-        mut self,
+        mut self: Box<Self>,
         req: Request<Full<Bytes>>,
         pool: &Arc<Pool>,
     ) -> Result<Response<UpBody>, SendError> {
@@ -267,9 +268,17 @@ impl UpConn {
                 })
             }
             None => {
-                return Err(SendError::Failed(
-                    "the connection closed before the response".into(),
-                ))
+                // The connection ended (the upstream closed it while it sat idle) without
+                // taking the request: dropping it hands the queued request back.
+                let UpConn { conn, .. } = *self;
+                drop(conn);
+                return Err(match sent.await {
+                    Err(mut e) => match e.take_message() {
+                        Some(req) => SendError::NotSent(req),
+                        None => classify(e.into_error()),
+                    },
+                    Ok(_) => SendError::Failed("an answer after the connection ended".into()),
+                });
             }
         };
         let (parts, inner) = resp.into_parts();
@@ -294,7 +303,7 @@ impl UpConn {
 /// gives the connection back to the pool at its end.
 pub struct UpBody {
     inner: Incoming,
-    conn: Option<UpConn>,
+    conn: Option<Box<UpConn>>,
     pool: Weak<Pool>,
 }
 

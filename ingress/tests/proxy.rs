@@ -289,7 +289,7 @@ async fn retries_limits_timeouts_and_swaps() {
 }
 
 /// An upstream that answers by path (`/big`: a 40 KiB response head, `/empty`: 204, else
-/// 200 with a body), keeps connections alive, closes each one `close_after` after its last
+/// 200 with a body, none for HEAD), keeps connections alive, closes each one `close_after` after its last
 /// answer, and counts the connections it accepted.
 async fn scripted(accepts: Arc<std::sync::atomic::AtomicUsize>, close_after: Duration) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -304,6 +304,7 @@ async fn scripted(accepts: Arc<std::sync::atomic::AtomicUsize>, close_after: Dur
                 let (r, mut w) = s.into_split();
                 let mut r = BufReader::new(r);
                 loop {
+                    let mut method = String::new();
                     let mut path = String::new();
                     let mut len = 0usize;
                     let mut first = true;
@@ -314,7 +315,9 @@ async fn scripted(accepts: Arc<std::sync::atomic::AtomicUsize>, close_after: Dur
                             _ => return,
                         }
                         if first {
-                            path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                            let mut words = line.split_whitespace();
+                            method = words.next().unwrap_or("").to_string();
+                            path = words.next().unwrap_or("/").to_string();
                             first = false;
                             continue;
                         }
@@ -335,6 +338,7 @@ async fn scripted(accepts: Arc<std::sync::atomic::AtomicUsize>, close_after: Dur
                             "b".repeat(40 * 1024)
                         ),
                         "/empty" => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+                        _ if method == "HEAD" => "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n".into(),
                         _ => format!("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok {}", len % 10),
                     };
                     if w.write_all(resp.as_bytes()).await.is_err() {
