@@ -37,7 +37,7 @@ const SECTIONS: &[(&str, &str, &str)] = &[
     (
         "policy",
         "Network policy scale (policy-bench)",
-        "1/100/1000 policies applied, a label change taking effect, connect latency and throughput with a policy table.",
+        "1/100/1000 NetworkPolicies and 1/100/1000 ClusterNetworkPolicies beside them applied, a label and a priority change taking effect, connect latency and throughput per table as ratios to no table.",
     ),
     (
         "dns",

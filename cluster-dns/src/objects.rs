@@ -7,16 +7,14 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use prometheus_client::metrics::counter::Counter;
-use registry::pods::{parse_pod_key, pods_prefix};
+use registry::follow::{KeyReader, Update};
 use registry::{Endpoints, Kind, Object, Pod, PodRecord, Service};
 
 type Key = (String, String);
 
 #[derive(Debug, Clone)]
 pub struct Objects {
-    prefix: String,
-    registry_prefix: String,
-    pods_prefix: String,
+    reader: KeyReader,
     services: BTreeMap<Key, Service>,
     endpoints: BTreeMap<Key, Endpoints>,
     namespaces: BTreeMap<String, ()>,
@@ -31,9 +29,12 @@ pub struct Objects {
 impl Objects {
     pub fn new(prefix: &str) -> Objects {
         Objects {
-            prefix: prefix.to_string(),
-            registry_prefix: registry::store::registry_prefix(prefix),
-            pods_prefix: pods_prefix(prefix),
+            reader: KeyReader::new(
+                prefix,
+                "cluster DNS",
+                &[Kind::Service, Kind::Endpoints, Kind::Pod, Kind::Namespace],
+                true,
+            ),
             services: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             namespaces: BTreeMap::new(),
@@ -76,28 +77,17 @@ impl Objects {
     /// pods (or with [`Objects::with_pod_ips`]), so pods coming and going in a cluster of 10k
     /// Services do not rebuild its zone each time.
     pub fn apply(&mut self, key: &str, value: Option<&[u8]>, mod_revision: i64) -> bool {
-        if key.starts_with(&self.registry_prefix) {
-            let Some((kind, ns, name)) = registry::store::parse_key(&self.prefix, key) else {
-                return false;
-            };
-            if !matches!(
+        let u = self.reader.read(key, value, mod_revision);
+        if u.rejected() {
+            self.invalid_objects.inc();
+        }
+        match u {
+            Update::Object {
                 kind,
-                Kind::Service | Kind::Endpoints | Kind::Pod | Kind::Namespace
-            ) {
-                return false;
-            }
-            let obj = value.and_then(|v| {
-                match registry::follow::checked_object(&self.prefix, key, v, mod_revision) {
-                    Ok(o) => Some(o),
-                    Err(e) => {
-                        tracing::warn!(key, "cluster DNS: {e}");
-                        self.invalid_objects.inc();
-                        None
-                    }
-                }
-            });
-            let k = (ns.unwrap_or_default(), name);
-            match (kind, obj) {
+                key: k,
+                object,
+                ..
+            } => match (kind, object) {
                 (_, Some(Object::Service(o))) => {
                     self.services.insert(k, o);
                     true
@@ -117,30 +107,18 @@ impl Objects {
                 (Kind::Pod, _) => self.pods.remove(&k).is_some() && self.selects_pods(&k.0),
                 (Kind::Namespace, _) => self.namespaces.remove(&k.1).is_some(),
                 _ => false,
-            }
-        } else if key.starts_with(&self.pods_prefix) {
-            let Ok((ns, name)) = parse_pod_key(&self.prefix, key) else {
-                return false;
-            };
-            let k = (ns.to_string(), name.to_string());
-            let rec = value.and_then(|v| match serde_json::from_slice::<PodRecord>(v) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "cluster DNS: ignoring a pod record that does not decode");
-                    self.invalid_objects.inc();
-                    None
+            },
+            Update::Record { key: k, record, .. } => {
+                let matters = self.pod_ips_matter || self.selects_pods(&k.0);
+                match record {
+                    Some(r) => {
+                        self.records.insert(k, r);
+                        matters
+                    }
+                    None => self.records.remove(&k).is_some() && matters,
                 }
-            });
-            let matters = self.pod_ips_matter || self.selects_pods(&k.0);
-            match rec {
-                Some(r) => {
-                    self.records.insert(k, r);
-                    matters
-                }
-                None => self.records.remove(&k).is_some() && matters,
             }
-        } else {
-            false
+            Update::Ignored => false,
         }
     }
 

@@ -6,17 +6,25 @@
 use std::collections::BTreeMap;
 
 use prometheus_client::metrics::counter::Counter;
-use registry::pods::{parse_pod_key, pods_prefix};
+use registry::follow::{KeyReader, Update};
 use registry::{Endpoints, Ingress, IngressClass, Kind, Object, Pod, PodRecord, Secret, Service};
+
+/// The kinds the controller reads.
+const KINDS: &[Kind] = &[
+    Kind::Ingress,
+    Kind::IngressClass,
+    Kind::Secret,
+    Kind::Service,
+    Kind::Endpoints,
+    Kind::Pod,
+];
 
 /// (namespace, name); cluster-scoped objects have an empty namespace.
 pub type Key = (String, String);
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Objects {
-    prefix: String,
-    registry_prefix: String,
-    pods_prefix: String,
+    reader: KeyReader,
     pub ingresses: BTreeMap<Key, Ingress>,
     pub classes: BTreeMap<String, IngressClass>,
     pub secrets: BTreeMap<Key, Secret>,
@@ -31,10 +39,15 @@ pub struct Objects {
 impl Objects {
     pub fn new(prefix: &str) -> Objects {
         Objects {
-            prefix: prefix.to_string(),
-            registry_prefix: registry::store::registry_prefix(prefix),
-            pods_prefix: pods_prefix(prefix),
-            ..Objects::default()
+            reader: KeyReader::new(prefix, "ingress", KINDS, true),
+            ingresses: BTreeMap::new(),
+            classes: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+            services: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            records: BTreeMap::new(),
+            invalid_objects: Counter::default(),
         }
     }
 
@@ -79,64 +92,34 @@ impl Objects {
     /// Applies one key's new value (`None`: deleted); returns whether anything the controller
     /// uses may have changed.
     pub fn apply(&mut self, key: &str, value: Option<&[u8]>, mod_revision: i64) -> bool {
-        if key.starts_with(&self.registry_prefix) {
-            let Some((kind, ns, name)) = registry::store::parse_key(&self.prefix, key) else {
-                return false;
-            };
-            if matches!(
-                kind,
-                Kind::Namespace | Kind::NetworkPolicy | Kind::ClusterNetworkPolicy
-            ) {
-                return false;
+        let u = self.reader.read(key, value, mod_revision);
+        if u.rejected() {
+            self.invalid_objects.inc();
+        }
+        match u {
+            Update::Object {
+                object: Some(o), ..
+            } => {
+                self.insert(o);
+                true
             }
-            let obj = value.and_then(|v| {
-                match registry::follow::checked_object(&self.prefix, key, v, mod_revision) {
-                    Ok(o) => Some(o),
-                    Err(e) => {
-                        tracing::warn!(key, "ingress: {e}");
-                        self.invalid_objects.inc();
-                        None
-                    }
-                }
-            });
-            let k = (ns.unwrap_or_default(), name);
-            match obj {
-                Some(o) => {
-                    self.insert(o);
-                    true
-                }
-                None => match kind {
-                    Kind::Ingress => self.ingresses.remove(&k).is_some(),
-                    Kind::IngressClass => self.classes.remove(&k.1).is_some(),
-                    Kind::Secret => self.secrets.remove(&k).is_some(),
-                    Kind::Service => self.services.remove(&k).is_some(),
-                    Kind::Endpoints => self.endpoints.remove(&k).is_some(),
-                    Kind::Pod => self.pods.remove(&k).is_some(),
-                    _ => false,
-                },
-            }
-        } else if key.starts_with(&self.pods_prefix) {
-            let Ok((ns, name)) = parse_pod_key(&self.prefix, key) else {
-                return false;
-            };
-            let k = (ns.to_string(), name.to_string());
-            let rec = value.and_then(|v| match serde_json::from_slice::<PodRecord>(v) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "ingress: ignoring a pod record that does not decode");
-                    self.invalid_objects.inc();
-                    None
-                }
-            });
-            match rec {
+            Update::Object { kind, key: k, .. } => match kind {
+                Kind::Ingress => self.ingresses.remove(&k).is_some(),
+                Kind::IngressClass => self.classes.remove(&k.1).is_some(),
+                Kind::Secret => self.secrets.remove(&k).is_some(),
+                Kind::Service => self.services.remove(&k).is_some(),
+                Kind::Endpoints => self.endpoints.remove(&k).is_some(),
+                Kind::Pod => self.pods.remove(&k).is_some(),
+                _ => false,
+            },
+            Update::Record { key: k, record, .. } => match record {
                 Some(r) => {
                     self.records.insert(k, r);
                     true
                 }
                 None => self.records.remove(&k).is_some(),
-            }
-        } else {
-            false
+            },
+            Update::Ignored => false,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The proxy on loopback, without root or etcd: a snapshot built from objects, the HTTP
 //! listener on 127.0.0.1, upstream servers on other loopback ports. Checks what the namespace
 //! e2e cannot force: a refused endpoint and one that drops the connection without answering
-//! (GET goes to the next endpoint, POST is not sent twice: 502), the body limit (413), an
-//! upstream answering late (504), and a snapshot swapped under a kept-alive connection.
+//! (GET goes to the next endpoint, POST is not sent twice: 502), the body limit (413), a
+//! CONNECT refused (400), an upstream answering late (504), and a snapshot swapped under a
+//! kept-alive connection.
 
 #![allow(clippy::unwrap_used)]
 
@@ -261,6 +262,13 @@ async fn retries_limits_timeouts_and_swaps() {
     )
     .await;
     assert_eq!(code, 413, "{body}");
+    // CONNECT (a tunnel, not a resource: authority form, no path) is not proxied.
+    let (code, body) = request(
+        to,
+        "CONNECT ok.test:80 HTTP/1.1\r\nHost: ok.test:80\r\n\r\n".into(),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
     // A late upstream: 504 after the upstream timeout.
     let started = std::time::Instant::now();
     assert_eq!(request(to, get("late.test")).await.0, 504);

@@ -41,10 +41,7 @@ use registry::{
     NetworkPolicyPeer, NetworkPolicyPort, PolicyType, Protocol, RuleAction, Tier,
 };
 
-use crate::eval::{
-    family_of, namespaced_pod_matches, rule_parts, tier_order, Direction, PodView,
-    NAMESPACE_NAME_LABEL,
-};
+use crate::eval::{family_of, rule_parts, tier_order, Direction, PodView, NAMESPACE_NAME_LABEL};
 
 /// The table the module owns.
 pub const TABLE: &str = "flannel-policy";
@@ -509,54 +506,23 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
     // (first matching rule: Accept `return`, Deny `drop`, Pass `goto` the rest), then the
     // NetworkPolicy chain when one isolates the pod (final), else the Baseline chain (Pass
     // and Accept `return`, Deny `drop`), else the default (allowed: back in `forward`).
-    let local_pods: Vec<&PodView> = local.values().copied().collect();
-    let tiers = TierRules::new(
-        &ctx,
-        &mut rs,
-        &mut names,
-        input.cluster_policies,
-        &local_pods,
-    );
-    for (ip, pod) in &local {
+    let local_pods: Vec<(IpAddr, &PodView)> = local.iter().map(|(a, p)| (*a, *p)).collect();
+    let pods: Vec<&PodView> = local_pods.iter().map(|(_, p)| *p).collect();
+    let tiers = TierRules::new(&ctx, &mut rs, &mut names, input.cluster_policies, &pods);
+    // Pods under the same policies share their chains: built once per (direction, selecting
+    // policies, NetworkPolicy chain).
+    let mut heads: BTreeMap<HeadKey, Option<String>> = BTreeMap::new();
+    for (i, (ip, _)) in local_pods.iter().enumerate() {
         for dir in [Dir::In, Dir::Out] {
-            let baseline = tiers.rules(Tier::Baseline, dir, pod, &ctx);
-            let rest = match np_chain.get(&(*ip, dir)) {
-                Some(np) => Some(np.clone()),
-                None if baseline.is_empty() => None,
+            let np = np_chain.get(&(*ip, dir));
+            let key = (dir, tiers.selecting[i].as_slice(), np);
+            let head = match heads.get(&key) {
+                Some(h) => h.clone(),
                 None => {
-                    let chain: Vec<String> = baseline
-                        .into_iter()
-                        .map(|(m, action)| match action {
-                            RuleAction::Deny => format!("{m}drop"),
-                            RuleAction::Accept | RuleAction::Pass => format!("{m}return"),
-                        })
-                        .collect();
-                    let name = names.name(dir.tier_tag(Tier::Baseline), &chain.join("\n"));
-                    rs.chains.insert(name.clone(), chain);
-                    Some(name)
+                    let h = tiers.head_chain(&mut rs, &mut names, i, dir, np);
+                    heads.insert(key, h.clone());
+                    h
                 }
-            };
-            let admin = tiers.rules(Tier::Admin, dir, pod, &ctx);
-            let head = if admin.is_empty() {
-                rest
-            } else {
-                let pass = rest
-                    .as_ref()
-                    .map_or("return".to_string(), |r| format!("goto {r}"));
-                let mut chain: Vec<String> = admin
-                    .into_iter()
-                    .map(|(m, action)| match action {
-                        RuleAction::Accept => format!("{m}return"),
-                        RuleAction::Deny => format!("{m}drop"),
-                        RuleAction::Pass => format!("{m}{pass}"),
-                    })
-                    .collect();
-                if let Some(r) = &rest {
-                    chain.push(format!("goto {r}"));
-                }
-                let name = names.name(dir.tier_tag(Tier::Admin), &chain.join("\n"));
-                rs.chains.insert(name.clone(), chain);
-                Some(name)
             };
             if let Some(name) = head {
                 match dir {
@@ -578,80 +544,147 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
     rs
 }
 
+/// What a local pod's head chain depends on: the direction, the ClusterNetworkPolicies
+/// selecting it (indices into [`TierRules`]) and its NetworkPolicy chain.
+type HeadKey<'a> = (Dir, &'a [usize], Option<&'a String>);
+
 /// Rule lines: a match prefix (ending in a space, or empty) and the rule's action.
 type Lines = Vec<(String, RuleAction)>;
 
-/// The ClusterNetworkPolicy rules of both tiers, compiled once per table: per policy (in tier
-/// order) and direction, its rules as (match prefix, action) lines, every peer's set registered.
-struct TierRules<'a> {
-    /// (tier, policy in tier order, its lines per direction).
-    policies: Vec<(Tier, &'a ClusterNetworkPolicy, [Lines; 2])>,
+/// The ClusterNetworkPolicy rules of both tiers, compiled once per table: per policy that
+/// selects a pod of the node (in tier order), its rules of each direction as (match prefix,
+/// action) lines, every peer's set registered; and per local pod the policies selecting it.
+struct TierRules {
+    /// (tier, lines per direction), Admin policies first, each tier in evaluation order.
+    policies: Vec<(Tier, [Lines; 2])>,
+    /// Per local pod (as passed to [`TierRules::new`]): indices into `policies`, ascending.
+    selecting: Vec<Vec<usize>>,
 }
 
-impl<'a> TierRules<'a> {
+impl TierRules {
     fn new(
         ctx: &Ctx<'_>,
         rs: &mut Ruleset,
         names: &mut Names,
-        cnps: &'a [&'a ClusterNetworkPolicy],
+        cnps: &[&ClusterNetworkPolicy],
         local: &[&PodView],
-    ) -> TierRules<'a> {
+    ) -> TierRules {
+        // Local pods by namespace: a subject's namespace selector is matched once per
+        // namespace, its pod selector only on the pods of the namespaces it selects.
+        let empty = Labels::new();
+        let mut by_ns: BTreeMap<&str, (&Labels, Vec<usize>)> = BTreeMap::new();
+        for (i, pod) in local.iter().enumerate() {
+            let ns = pod.namespace.as_str();
+            by_ns
+                .entry(ns)
+                .or_insert_with(|| (ctx.ns_labels.get(ns).unwrap_or(&empty), Vec::new()))
+                .1
+                .push(i);
+        }
         let mut policies = Vec::new();
+        let mut selecting = vec![Vec::new(); local.len()];
         for tier in [Tier::Admin, Tier::Baseline] {
             for p in tier_order(cnps.iter().copied(), tier) {
+                let mut selected = Vec::new();
+                for (ns_labels, pods) in by_ns.values() {
+                    match (&p.spec.subject.namespaces, &p.spec.subject.pods) {
+                        (Some(sel), None) if sel.matches(ns_labels) => {
+                            selected.extend_from_slice(pods);
+                        }
+                        (None, Some(np)) if np.namespace_selector.matches(ns_labels) => {
+                            selected.extend(pods.iter().copied().filter(|&i| {
+                                np.pod_selector
+                                    .as_ref()
+                                    .is_none_or(|s| s.matches(&local[i].labels))
+                            }));
+                        }
+                        _ => {}
+                    }
+                }
                 // Only policies that select a pod of this node reach the table (their sets
                 // too), as for NetworkPolicy.
-                let selects_local = local.iter().any(|pod| {
-                    let ns = ctx
-                        .ns_labels
-                        .get(pod.namespace.as_str())
-                        .cloned()
-                        .unwrap_or_default();
-                    cnp_subject_selects(p, &ns, pod)
-                });
-                if !selects_local {
+                if selected.is_empty() {
                     continue;
                 }
                 let lines = [
                     cnp_rules(ctx, rs, names, p, Dir::In),
                     cnp_rules(ctx, rs, names, p, Dir::Out),
                 ];
-                policies.push((tier, p, lines));
+                let idx = policies.len();
+                policies.push((tier, lines));
+                for i in selected {
+                    selecting[i].push(idx);
+                }
             }
         }
-        TierRules { policies }
+        TierRules {
+            policies,
+            selecting,
+        }
     }
 
-    /// The lines of `tier` for `pod` in `dir`, in evaluation order.
-    fn rules(
-        &self,
-        tier: Tier,
-        dir: Dir,
-        pod: &PodView,
-        ctx: &Ctx<'_>,
-    ) -> Vec<(String, RuleAction)> {
-        let ns = ctx
-            .ns_labels
-            .get(pod.namespace.as_str())
-            .cloned()
-            .unwrap_or_default();
+    /// The lines of `tier` for local pod `i` in `dir`, in evaluation order.
+    fn rules(&self, tier: Tier, dir: Dir, i: usize) -> impl Iterator<Item = &(String, RuleAction)> {
         let idx = match dir {
             Dir::In => 0,
             Dir::Out => 1,
         };
-        self.policies
+        self.selecting[i]
             .iter()
-            .filter(|(t, p, _)| *t == tier && cnp_subject_selects(p, &ns, pod))
-            .flat_map(|(_, _, lines)| lines[idx].iter().cloned())
-            .collect()
+            .map(|&p| &self.policies[p])
+            .filter(move |(t, _)| *t == tier)
+            .flat_map(move |(_, lines)| lines[idx].iter())
     }
-}
 
-fn cnp_subject_selects(p: &ClusterNetworkPolicy, ns_labels: &Labels, pod: &PodView) -> bool {
-    match (&p.spec.subject.namespaces, &p.spec.subject.pods) {
-        (Some(sel), None) => sel.matches(ns_labels),
-        (None, Some(np)) => namespaced_pod_matches(np, ns_labels, pod),
-        _ => false,
+    /// The chain a local pod's map element in `dir` points at (registered in `rs`), given its
+    /// NetworkPolicy chain; None when nothing judges the pod in that direction.
+    fn head_chain(
+        &self,
+        rs: &mut Ruleset,
+        names: &mut Names,
+        i: usize,
+        dir: Dir,
+        np: Option<&String>,
+    ) -> Option<String> {
+        let rest = match np {
+            Some(np) => Some(np.clone()),
+            None => {
+                let chain: Vec<String> = self
+                    .rules(Tier::Baseline, dir, i)
+                    .map(|(m, action)| match action {
+                        RuleAction::Deny => format!("{m}drop"),
+                        RuleAction::Accept | RuleAction::Pass => format!("{m}return"),
+                    })
+                    .collect();
+                if chain.is_empty() {
+                    None
+                } else {
+                    let name = names.name(dir.tier_tag(Tier::Baseline), &chain.join("\n"));
+                    rs.chains.insert(name.clone(), chain);
+                    Some(name)
+                }
+            }
+        };
+        let pass = rest
+            .as_ref()
+            .map_or("return".to_string(), |r| format!("goto {r}"));
+        let mut chain: Vec<String> = self
+            .rules(Tier::Admin, dir, i)
+            .map(|(m, action)| match action {
+                RuleAction::Accept => format!("{m}return"),
+                RuleAction::Deny => format!("{m}drop"),
+                RuleAction::Pass => format!("{m}{pass}"),
+            })
+            .collect();
+        if chain.is_empty() {
+            return rest;
+        }
+        if let Some(r) = &rest {
+            chain.push(format!("goto {r}"));
+        }
+        let name = names.name(dir.tier_tag(Tier::Admin), &chain.join("\n"));
+        rs.chains.insert(name.clone(), chain);
+        Some(name)
     }
 }
 
@@ -749,13 +782,15 @@ fn cnp_peer_set(
     peer: &ClusterNetworkPolicyPeer,
 ) -> Option<String> {
     let family = rs.family;
-    let (key, ranges) = match (&peer.namespaces, &peer.pods, &peer.networks) {
+    // Pods (namespaces, or pods in namespaces) as the NetworkPolicy peer of that meaning;
+    // its addresses are looked up only when the set is new.
+    let (key, selector_peer, ranges) = match (&peer.namespaces, &peer.pods, &peer.networks) {
         (Some(sel), None, None) => {
             let np = NetworkPolicyPeer {
                 namespace_selector: Some(sel.clone()),
                 ..NetworkPolicyPeer::default()
             };
-            (peer_key(&np, ""), ctx.peer_ranges(family, &np, ""))
+            (peer_key(&np, ""), Some(np), Vec::new())
         }
         (None, Some(pods), None) => {
             let np = NetworkPolicyPeer {
@@ -763,7 +798,7 @@ fn cnp_peer_set(
                 pod_selector: pods.pod_selector.clone(),
                 ..NetworkPolicyPeer::default()
             };
-            (peer_key(&np, ""), ctx.peer_ranges(family, &np, ""))
+            (peer_key(&np, ""), Some(np), Vec::new())
         }
         (None, None, Some(nets)) => {
             let mut v = Vec::new();
@@ -775,12 +810,16 @@ fn cnp_peer_set(
             }
             let mut sorted = nets.clone();
             sorted.sort();
-            (format!("networks {}", sorted.join(",")), merge(v))
+            (format!("networks {}", sorted.join(",")), None, merge(v))
         }
         _ => return None,
     };
     let name = names.name("peer", &key);
     if !rs.sets.contains_key(&name) {
+        let ranges = match &selector_peer {
+            Some(np) => ctx.peer_ranges(family, np, ""),
+            None => ranges,
+        };
         let elements = ranges
             .into_iter()
             .map(|r| render_range(family, r))

@@ -13,8 +13,8 @@ use etcd_access::Connection;
 use nft::{NftCommand, Runner};
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
+use registry::follow::{KeyReader, Update};
 use registry::gate::{Client, Gate};
-use registry::pods::{parse_pod_key, pods_prefix};
 use registry::PodRecord;
 use registry::{ClusterNetworkPolicy, Kind, Labels, NetworkPolicy, Object, Pod, Protocol, Tier};
 use tokio::sync::watch;
@@ -142,9 +142,7 @@ type Key = (String, String);
 /// The module's copy of the etcd data it uses, updated key by key (pure).
 #[derive(Debug, Clone)]
 pub struct Cache {
-    prefix: String,
-    registry_prefix: String,
-    pods_prefix: String,
+    reader: KeyReader,
     pub namespaces: BTreeMap<String, Labels>,
     pub pods: BTreeMap<Key, Pod>,
     /// Pod records with the etcd revision they were written at.
@@ -160,9 +158,17 @@ pub struct Cache {
 impl Cache {
     pub fn new(prefix: &str) -> Cache {
         Cache {
-            prefix: prefix.to_string(),
-            registry_prefix: registry::store::registry_prefix(prefix),
-            pods_prefix: pods_prefix(prefix),
+            reader: KeyReader::new(
+                prefix,
+                "network policy",
+                &[
+                    Kind::Namespace,
+                    Kind::Pod,
+                    Kind::NetworkPolicy,
+                    Kind::ClusterNetworkPolicy,
+                ],
+                true,
+            ),
             namespaces: BTreeMap::new(),
             pods: BTreeMap::new(),
             records: BTreeMap::new(),
@@ -183,70 +189,47 @@ impl Cache {
     /// Applies one key's new value (`None`: deleted). Returns whether anything the module
     /// uses changed. Values that do not decode are logged and treated as absent.
     pub fn apply(&mut self, key: &str, value: Option<&[u8]>, mod_revision: i64) -> bool {
-        if key.starts_with(&self.registry_prefix) {
-            let Some((kind, ns, name)) = registry::store::parse_key(&self.prefix, key) else {
-                return false;
-            };
-            if !matches!(
+        let u = self.reader.read(key, value, mod_revision);
+        if u.rejected() {
+            self.invalid_objects.inc();
+        }
+        match u {
+            Update::Object {
                 kind,
-                Kind::Namespace | Kind::Pod | Kind::NetworkPolicy | Kind::ClusterNetworkPolicy
-            ) {
-                return false;
-            }
-            let obj = value.and_then(|v| {
-                match registry::follow::checked_object(&self.prefix, key, v, mod_revision) {
-                    Ok(o) => Some(o),
-                    Err(e) => {
-                        tracing::warn!(key, "network policy: {e}");
-                        self.invalid_objects.inc();
-                        None
-                    }
-                }
-            });
-            let k = (ns.unwrap_or_default(), name);
-            match (kind, obj) {
+                key: k,
+                object,
+                ..
+            } => match (kind, object) {
                 (_, Some(Object::Namespace(o))) => {
                     self.namespaces.insert(k.1, o.metadata.labels);
+                    true
                 }
                 (_, Some(Object::Pod(o))) => {
                     self.pods.insert(k, o);
+                    true
                 }
                 (_, Some(Object::NetworkPolicy(o))) => {
                     self.policies.insert(k, o);
+                    true
                 }
                 (_, Some(Object::ClusterNetworkPolicy(o))) => {
                     self.cluster_policies.insert(k.1, o);
+                    true
                 }
-                (Kind::Namespace, _) => return self.namespaces.remove(&k.1).is_some(),
-                (Kind::Pod, _) => return self.pods.remove(&k).is_some(),
-                (Kind::NetworkPolicy, _) => return self.policies.remove(&k).is_some(),
-                (Kind::ClusterNetworkPolicy, _) => {
-                    return self.cluster_policies.remove(&k.1).is_some()
-                }
-                _ => return false,
-            }
-            true
-        } else if key.starts_with(&self.pods_prefix) {
-            let Ok((ns, name)) = parse_pod_key(&self.prefix, key) else {
-                return false;
-            };
-            let k = (ns.to_string(), name.to_string());
-            let rec = value.and_then(|v| match serde_json::from_slice::<PodRecord>(v) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "ignoring a pod record that does not decode");
-                    None
-                }
-            });
-            match rec {
+                (Kind::Namespace, _) => self.namespaces.remove(&k.1).is_some(),
+                (Kind::Pod, _) => self.pods.remove(&k).is_some(),
+                (Kind::NetworkPolicy, _) => self.policies.remove(&k).is_some(),
+                (Kind::ClusterNetworkPolicy, _) => self.cluster_policies.remove(&k.1).is_some(),
+                _ => false,
+            },
+            Update::Record { key: k, record, .. } => match record {
                 Some(r) => {
                     self.records.insert(k, (r, mod_revision));
                     true
                 }
                 None => self.records.remove(&k).is_some(),
-            }
-        } else {
-            false
+            },
+            Update::Ignored => false,
         }
     }
 
@@ -579,6 +562,7 @@ pub async fn run(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use registry::pods::pods_prefix;
     use std::net::Ipv4Addr;
 
     const PREFIX: &str = "/coreos.com/network";

@@ -44,6 +44,126 @@ pub fn checked_object(
     Ok(o)
 }
 
+/// One followed key, read for a follower ([`KeyReader::read`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// A registry object of a kind the follower reads, by (namespace, name); cluster-scoped
+    /// objects have an empty namespace. `object` is `None` when the key was deleted or its
+    /// value was rejected (`rejected`: logged already, the follower counts it).
+    Object {
+        kind: crate::Kind,
+        key: (String, String),
+        object: Option<crate::Object>,
+        rejected: bool,
+    },
+    /// A pod's attachment record under `<prefix>/pods/<namespace>/<name>`; `None` when
+    /// deleted or not decodable (`rejected`).
+    Record {
+        key: (String, String),
+        record: Option<crate::PodRecord>,
+        rejected: bool,
+    },
+    /// A key the follower does not read.
+    Ignored,
+}
+
+impl Update {
+    /// Whether the value was refused (it is treated as absent); followers count these.
+    pub fn rejected(&self) -> bool {
+        matches!(
+            self,
+            Update::Object { rejected: true, .. } | Update::Record { rejected: true, .. }
+        )
+    }
+}
+
+/// Turns followed keys into typed updates for one follower: the registry objects of the
+/// kinds it reads, decoded and checked ([`checked_object`]), and (if asked) the pods'
+/// attachment records. What every follower (service proxy, network policy, cluster DNS,
+/// ingress) used to do by hand, so that each only keeps what it needs from the updates.
+#[derive(Debug, Clone)]
+pub struct KeyReader {
+    prefix: String,
+    registry_prefix: String,
+    pods_prefix: String,
+    kinds: &'static [crate::Kind],
+    records: bool,
+    /// The follower's name in log lines (`service proxy`, `cluster DNS`).
+    name: &'static str,
+}
+
+impl KeyReader {
+    /// A reader of `kinds` under `prefix`; `records`: the pods' attachment records too.
+    pub fn new(
+        prefix: &str,
+        name: &'static str,
+        kinds: &'static [crate::Kind],
+        records: bool,
+    ) -> KeyReader {
+        KeyReader {
+            prefix: prefix.to_string(),
+            registry_prefix: crate::registry_prefix(prefix),
+            pods_prefix: crate::pods::pods_prefix(prefix),
+            kinds,
+            records,
+            name,
+        }
+    }
+
+    /// One key's new value (`None`: deleted). A value that does not decode or breaks the API
+    /// server's rules is logged and comes back as absent with `rejected` set.
+    pub fn read(&self, key: &str, value: Option<&[u8]>, mod_revision: i64) -> Update {
+        if key.starts_with(&self.registry_prefix) {
+            let Some((kind, ns, name)) = crate::parse_key(&self.prefix, key) else {
+                return Update::Ignored;
+            };
+            if !self.kinds.contains(&kind) {
+                return Update::Ignored;
+            }
+            let mut rejected = false;
+            let object =
+                value.and_then(
+                    |v| match checked_object(&self.prefix, key, v, mod_revision) {
+                        Ok(o) => Some(o),
+                        Err(e) => {
+                            tracing::warn!(key, "{}: {e}", self.name);
+                            rejected = true;
+                            None
+                        }
+                    },
+                );
+            Update::Object {
+                kind,
+                key: (ns.unwrap_or_default(), name),
+                object,
+                rejected,
+            }
+        } else if self.records && key.starts_with(&self.pods_prefix) {
+            let Ok((ns, name)) = crate::pods::parse_pod_key(&self.prefix, key) else {
+                return Update::Ignored;
+            };
+            let mut rejected = false;
+            let record = value.and_then(|v| {
+                match serde_json::from_slice::<crate::PodRecord>(v) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "{}: ignoring a pod record that does not decode", self.name);
+                        rejected = true;
+                        None
+                    }
+                }
+            });
+            Update::Record {
+                key: (ns.to_string(), name.to_string()),
+                record,
+                rejected,
+            }
+        } else {
+            Update::Ignored
+        }
+    }
+}
+
 /// What a follower does with the keys and when to touch its data plane.
 pub trait Follower {
     /// Why a sync failed (logged with its causes, then retried).
@@ -210,5 +330,94 @@ pub async fn follow<F: Follower>(
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::Kind;
+
+    const PREFIX: &str = "/coreos.com/network";
+
+    fn key_of(obj: &crate::Object) -> String {
+        let m = obj.metadata();
+        crate::object_key(PREFIX, obj.kind(), m.namespace.as_deref(), &m.name)
+    }
+
+    fn service() -> crate::Object {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+                    spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+        let obj = crate::parse_documents(yaml).unwrap().remove(0);
+        crate::store::normalize(obj, None).unwrap()
+    }
+
+    #[test]
+    fn objects_of_the_read_kinds_come_back_typed_others_are_ignored() {
+        let r = KeyReader::new(PREFIX, "test", &[Kind::Service], false);
+        let svc = service();
+        let key = key_of(&svc);
+        let value = crate::to_json(&svc).to_string();
+        match r.read(&key, Some(value.as_bytes()), 7) {
+            Update::Object {
+                kind: Kind::Service,
+                key: (ns, name),
+                object: Some(crate::Object::Service(s)),
+                rejected: false,
+            } => {
+                assert_eq!((ns.as_str(), name.as_str()), ("shop", "web"));
+                assert_eq!(s.metadata.name, "web");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Deleted: the key, no object, not a rejection.
+        assert_eq!(
+            r.read(&key, None, 8),
+            Update::Object {
+                kind: Kind::Service,
+                key: ("shop".into(), "web".into()),
+                object: None,
+                rejected: false,
+            }
+        );
+        // A kind the follower does not read, a foreign key, pod records when not asked for.
+        let only_pods = KeyReader::new(PREFIX, "test", &[Kind::Pod], false);
+        assert_eq!(
+            only_pods.read(&key, Some(value.as_bytes()), 7),
+            Update::Ignored
+        );
+        assert_eq!(r.read("/elsewhere/x", Some(b"{}"), 7), Update::Ignored);
+        let rec_key = format!("{}shop/web-1", crate::pods::pods_prefix(PREFIX));
+        assert_eq!(r.read(&rec_key, Some(b"{}"), 7), Update::Ignored);
+    }
+
+    #[test]
+    fn values_that_do_not_decode_or_validate_are_rejected_as_absent() {
+        let r = KeyReader::new(PREFIX, "test", &[Kind::Service], true);
+        let svc = service();
+        let key = key_of(&svc);
+        let u = r.read(&key, Some(b"{not json"), 3);
+        assert!(u.rejected());
+        assert!(matches!(u, Update::Object { object: None, .. }));
+        // Decodes, but breaks the API server's rules (a port out of range).
+        let bad = crate::to_json(&svc)
+            .to_string()
+            .replace("\"port\":80", "\"port\":70000");
+        assert_ne!(bad, crate::to_json(&svc).to_string());
+        assert!(r.read(&key, Some(bad.as_bytes()), 3).rejected());
+
+        let rec_key = format!("{}shop/web-1", crate::pods::pods_prefix(PREFIX));
+        let u = r.read(&rec_key, Some(b"[1,2]"), 3);
+        assert!(u.rejected());
+        assert_eq!(
+            u,
+            Update::Record {
+                key: ("shop".into(), "web-1".into()),
+                record: None,
+                rejected: true,
+            }
+        );
+        assert!(!r.read(&rec_key, None, 4).rejected());
     }
 }

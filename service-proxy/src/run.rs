@@ -10,8 +10,7 @@ use etcd_access::Connection;
 use ipnet::{Ipv4Net, Ipv6Net};
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
-use registry::pods::{parse_pod_key, pods_prefix};
-use registry::PodRecord;
+use registry::follow::{KeyReader, Update};
 use registry::{IpFamily, Kind, Object};
 use tokio::sync::watch;
 
@@ -78,9 +77,7 @@ impl ProxyOptions {
 /// The proxy's copy of the etcd data it uses, updated key by key (pure).
 #[derive(Debug, Clone)]
 pub struct Cache {
-    prefix: String,
-    registry_prefix: String,
-    pods_prefix: String,
+    reader: KeyReader,
     pub snap: Snapshot,
     /// What changed since [`Cache::take_touched`].
     touched: Touched,
@@ -92,9 +89,12 @@ pub struct Cache {
 impl Cache {
     pub fn new(prefix: &str) -> Cache {
         Cache {
-            prefix: prefix.to_string(),
-            registry_prefix: registry::store::registry_prefix(prefix),
-            pods_prefix: pods_prefix(prefix),
+            reader: KeyReader::new(
+                prefix,
+                "service proxy",
+                &[Kind::Service, Kind::Endpoints, Kind::Pod],
+                true,
+            ),
             snap: Snapshot::default(),
             touched: Touched::default(),
             invalid_objects: Counter::default(),
@@ -111,82 +111,64 @@ impl Cache {
     /// rules, `registry::validate`) are logged, counted and treated as absent: anyone who can
     /// write one key must not be able to break the table or put text of their choosing in it.
     pub fn apply(&mut self, key: &str, value: Option<&[u8]>, mod_revision: i64) -> bool {
-        if key.starts_with(&self.registry_prefix) {
-            let Some((kind, ns, name)) = registry::store::parse_key(&self.prefix, key) else {
-                return false;
-            };
-            if !matches!(kind, Kind::Service | Kind::Endpoints | Kind::Pod) {
-                return false;
-            }
-            let k = (ns.unwrap_or_default(), name);
-            let obj = value.and_then(|v| {
-                match registry::follow::checked_object(&self.prefix, key, v, mod_revision) {
-                    Ok(o) => Some(o),
-                    Err(e) => {
-                        tracing::warn!(key, "service proxy: {e}");
-                        self.invalid_objects.inc();
-                        None
-                    }
+        let u = self.reader.read(key, value, mod_revision);
+        if u.rejected() {
+            self.invalid_objects.inc();
+        }
+        let s = &mut self.snap;
+        let t = &mut self.touched;
+        match u {
+            Update::Object {
+                kind,
+                key: k,
+                object,
+                ..
+            } => {
+                if matches!(kind, Kind::Service | Kind::Endpoints) {
+                    t.services.insert(k.clone());
                 }
-            });
-            let s = &mut self.snap;
-            let t = &mut self.touched;
-            if matches!(kind, Kind::Service | Kind::Endpoints) {
-                t.services.insert(k.clone());
-            }
-            match (kind, obj) {
-                (_, Some(Object::Service(o))) => {
-                    s.services.insert(k, o);
-                    true
-                }
-                (_, Some(Object::Endpoints(o))) => {
-                    s.endpoints.insert(k, o);
-                    true
-                }
-                (_, Some(Object::Pod(o))) => {
-                    t.pod_labels.push((k.0.clone(), o.metadata.labels.clone()));
-                    if let Some(old) = s.pods.insert(k.clone(), o) {
-                        t.pod_labels.push((k.0, old.metadata.labels));
-                    }
-                    true
-                }
-                (Kind::Service, _) => s.services.remove(&k).is_some(),
-                (Kind::Endpoints, _) => s.endpoints.remove(&k).is_some(),
-                (Kind::Pod, _) => match s.pods.remove(&k) {
-                    Some(old) => {
-                        t.pod_labels.push((k.0, old.metadata.labels));
+                match (kind, object) {
+                    (_, Some(Object::Service(o))) => {
+                        s.services.insert(k, o);
                         true
                     }
-                    None => false,
-                },
-                _ => false,
-            }
-        } else if key.starts_with(&self.pods_prefix) {
-            let Ok((ns, name)) = parse_pod_key(&self.prefix, key) else {
-                return false;
-            };
-            let k = (ns.to_string(), name.to_string());
-            let rec = value.and_then(|v| match serde_json::from_slice::<PodRecord>(v) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(key, error = %e, "ignoring a pod record that does not decode");
-                    None
+                    (_, Some(Object::Endpoints(o))) => {
+                        s.endpoints.insert(k, o);
+                        true
+                    }
+                    (_, Some(Object::Pod(o))) => {
+                        t.pod_labels.push((k.0.clone(), o.metadata.labels.clone()));
+                        if let Some(old) = s.pods.insert(k.clone(), o) {
+                            t.pod_labels.push((k.0, old.metadata.labels));
+                        }
+                        true
+                    }
+                    (Kind::Service, _) => s.services.remove(&k).is_some(),
+                    (Kind::Endpoints, _) => s.endpoints.remove(&k).is_some(),
+                    (Kind::Pod, _) => match s.pods.remove(&k) {
+                        Some(old) => {
+                            t.pod_labels.push((k.0, old.metadata.labels));
+                            true
+                        }
+                        None => false,
+                    },
+                    _ => false,
                 }
-            });
-            if let Some(pod) = self.snap.pods.get(&k) {
-                self.touched
-                    .pod_labels
-                    .push((k.0.clone(), pod.metadata.labels.clone()));
             }
-            match rec {
-                Some(r) => {
-                    self.snap.records.insert(k, r);
-                    true
+            Update::Record { key: k, record, .. } => {
+                if let Some(pod) = s.pods.get(&k) {
+                    t.pod_labels
+                        .push((k.0.clone(), pod.metadata.labels.clone()));
                 }
-                None => self.snap.records.remove(&k).is_some(),
+                match record {
+                    Some(r) => {
+                        s.records.insert(k, r);
+                        true
+                    }
+                    None => s.records.remove(&k).is_some(),
+                }
             }
-        } else {
-            false
+            Update::Ignored => false,
         }
     }
 }
