@@ -172,7 +172,9 @@ impl Pool {
     async fn tcp(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
         tcp.set_nodelay(true)?;
         Ok(tcp)
     }

@@ -299,7 +299,10 @@ async fn retries_limits_timeouts_and_swaps() {
 /// An upstream that answers by path (`/big`: a 40 KiB response head, `/empty`: 204, else
 /// 200 with a body, none for HEAD), keeps connections alive, closes each one `close_after` after its last
 /// answer, and counts the connections it accepted.
-async fn scripted(accepts: Arc<std::sync::atomic::AtomicUsize>, close_after: Duration) -> SocketAddr {
+async fn scripted(
+    accepts: Arc<std::sync::atomic::AtomicUsize>,
+    close_after: Duration,
+) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -346,8 +349,13 @@ async fn scripted(accepts: Arc<std::sync::atomic::AtomicUsize>, close_after: Dur
                             "b".repeat(40 * 1024)
                         ),
                         "/empty" => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
-                        _ if method == "HEAD" => "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n".into(),
-                        _ => format!("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok {}", len % 10),
+                        _ if method == "HEAD" => {
+                            "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n".into()
+                        }
+                        _ => format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok {}",
+                            len % 10
+                        ),
                     };
                     if w.write_all(resp.as_bytes()).await.is_err() {
                         return;
