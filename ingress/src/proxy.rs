@@ -578,7 +578,7 @@ impl Proxy {
             *up.headers_mut() = headers;
             Ok::<_, Failure>(up)
         };
-        let unbuild = |head: &mut Option<(Uri, HeaderMap)>, req: Request<Full<Bytes>>| {
+        let unbuild = |head: &mut Option<(Uri, HeaderMap)>, req: Box<Request<Full<Bytes>>>| {
             let (p, _) = req.into_parts();
             *head = Some((p.uri, p.headers));
         };

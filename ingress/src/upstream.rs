@@ -59,7 +59,7 @@ struct Idle {
 pub enum SendError {
     /// The request never left: the connection was found closed before it was written (safe
     /// to send again, whatever the method).
-    NotSent(Request<Full<Bytes>>),
+    NotSent(Box<Request<Full<Bytes>>>),
     /// The upstream's response head was larger than the limit (nginx: "upstream sent too big
     /// header").
     HeaderTooBig,
@@ -265,7 +265,7 @@ impl UpConn {
             Some(Ok(resp)) => resp,
             Some(Err(mut e)) => {
                 return Err(match e.take_message() {
-                    Some(req) => SendError::NotSent(req),
+                    Some(req) => SendError::NotSent(Box::new(req)),
                     None => classify(e.into_error()),
                 })
             }
@@ -276,7 +276,7 @@ impl UpConn {
                 drop(conn);
                 return Err(match sent.await {
                     Err(mut e) => match e.take_message() {
-                        Some(req) => SendError::NotSent(req),
+                        Some(req) => SendError::NotSent(Box::new(req)),
                         None => classify(e.into_error()),
                     },
                     Ok(_) => SendError::Failed("an answer after the connection ended".into()),
