@@ -86,8 +86,12 @@ pub struct BackendSet {
     /// The config of the primary backend, and the backend.
     primary_cfg: BackendConfig,
     primary: Box<dyn Backend>,
-    /// Backends run for peers of other types, by type.
+    /// Backends run for peers of other types, by type, and the config each runs with.
     backends: BTreeMap<String, Box<dyn Backend>>,
+    secondary_cfgs: BTreeMap<String, BackendConfig>,
+    /// The newest network config's `Backend` this node has seen but may not have applied yet
+    /// ([`BackendSet::offer`]): a secondary of its type starts with its options (a `PSK`).
+    offered: Option<BackendConfig>,
     peers: PeerTable,
     own: Option<Lease>,
     /// Types that could not be started for peers: type → reason.
@@ -116,6 +120,8 @@ impl BackendSet {
                 primary_cfg,
                 primary: b,
                 backends: BTreeMap::new(),
+                secondary_cfgs: BTreeMap::new(),
+                offered: None,
                 peers: PeerTable::default(),
                 own: None,
                 failed: BTreeMap::new(),
@@ -159,6 +165,36 @@ impl BackendSet {
         Ok(())
     }
 
+    /// The `Backend` of the newest network config, as soon as this node sees it (before it
+    /// is applied, or when it cannot be yet): a secondary started for peers of that type
+    /// takes its options, so a node that lags in a switch to, say, wireguard with a `PSK`
+    /// handshakes with the nodes already switched instead of failing until it switches too.
+    /// Invalid options are not offered (the secondary gets the defaults).
+    pub fn offer(&mut self, cfg: &BackendConfig) {
+        self.offered = crate::validate(cfg).is_ok().then(|| cfg.clone());
+    }
+
+    /// Whether peers advertise a type with a data plane that runs nowhere here and has not
+    /// failed to start: the next reconcile starts a secondary (the caller may
+    /// [`BackendSet::offer`] the newest config first).
+    pub fn wants_secondary(&self) -> bool {
+        self.peer_types().iter().any(|t| {
+            !self.runs(t) && DATA_PLANES.contains(&t.as_str()) && !self.failed.contains_key(t)
+        })
+    }
+
+    /// The config a secondary of type `t` starts with: the offered one when it is of that
+    /// type, else the type's defaults.
+    fn secondary_config(&self, t: &str) -> BackendConfig {
+        match &self.offered {
+            Some(c) if c.backend_type == t => c.clone(),
+            _ => BackendConfig {
+                backend_type: t.to_string(),
+                options: Default::default(),
+            },
+        }
+    }
+
     pub fn peer_event(&mut self, ev: &Event) {
         self.peers.apply(ev);
         self.primary.peer_event(ev);
@@ -181,10 +217,7 @@ impl BackendSet {
             if self.runs(t) || !DATA_PLANES.contains(&t.as_str()) {
                 continue;
             }
-            let cfg = BackendConfig {
-                backend_type: t.clone(),
-                options: Default::default(),
-            };
+            let cfg = self.secondary_config(t);
             match self.start_secondary(&cfg).await {
                 Ok(()) => {
                     self.failed.remove(t);
@@ -226,6 +259,7 @@ impl BackendSet {
         }
         for t in retire {
             self.unwanted_since.remove(&t);
+            self.secondary_cfgs.remove(&t);
             if let Some(mut b) = self.backends.remove(&t) {
                 tracing::info!(backend = %t, "no peer advertises it any more; tearing it down");
                 if let Err(e) = b.teardown().await {
@@ -280,14 +314,18 @@ impl BackendSet {
                 }
             }
         } else {
-            // A secondary of the new type runs with default options already: promote it when
-            // the new config means the same (no moment without its routes), else replace it.
-            let defaults = BackendConfig {
-                backend_type: cfg.backend_type.clone(),
-                options: Default::default(),
-            };
+            // A secondary of the new type runs already (with the offered config's options or
+            // the defaults, or as the primary it was): promote it when the new config means
+            // the same (no moment without its routes), else replace it.
+            let running = self
+                .secondary_cfgs
+                .remove(&cfg.backend_type)
+                .unwrap_or_else(|| BackendConfig {
+                    backend_type: cfg.backend_type.clone(),
+                    options: Default::default(),
+                });
             if let Some(mut b) = self.backends.remove(&cfg.backend_type) {
-                if same_settings(&defaults, cfg) {
+                if same_settings(&running, cfg) {
                     self.install_primary(b, cfg).await?;
                     return crate::validate(cfg);
                 }
@@ -314,10 +352,12 @@ impl BackendSet {
         let mut cfg = cfg.clone();
         cfg.backend_type = b.backend_type().to_string();
         self.failed.remove(&cfg.backend_type);
-        let old_type = std::mem::replace(&mut self.primary_cfg, cfg).backend_type;
+        let old_cfg = std::mem::replace(&mut self.primary_cfg, cfg);
         let old = std::mem::replace(&mut self.primary, b);
-        if old_type != self.primary_cfg.backend_type {
-            self.backends.insert(old_type, old);
+        if old_cfg.backend_type != self.primary_cfg.backend_type {
+            self.backends.insert(old_cfg.backend_type.clone(), old);
+            self.secondary_cfgs
+                .insert(old_cfg.backend_type.clone(), old_cfg);
         }
         Ok(())
     }
@@ -336,7 +376,14 @@ impl BackendSet {
             });
         }
         self.feed(b.as_mut()).await?;
+        if cfg.options.is_empty() {
+            tracing::info!(backend = %cfg.backend_type, "secondary runs with the default options");
+        } else {
+            tracing::info!(backend = %cfg.backend_type, "secondary runs with the newest network config's options");
+        }
         self.backends.insert(cfg.backend_type.clone(), b);
+        self.secondary_cfgs
+            .insert(cfg.backend_type.clone(), cfg.clone());
         Ok(())
     }
 
@@ -408,8 +455,8 @@ impl BackendSet {
         n
     }
 
-    /// The VNI of the vxlan backend running here, if one runs (a secondary runs with the
-    /// default options).
+    /// The VNI of the vxlan backend running here, if one runs (a secondary's from the config
+    /// it runs with).
     fn running_vni(&self) -> Option<u32> {
         if self.primary_cfg.backend_type == "vxlan" {
             let vni = crate::vxlan::VxlanConfig::parse(&self.primary_cfg.options)
@@ -417,7 +464,12 @@ impl BackendSet {
                 .unwrap_or(1);
             Some(vni)
         } else if self.backends.contains_key("vxlan") {
-            Some(1)
+            let vni = self
+                .secondary_cfgs
+                .get("vxlan")
+                .and_then(|c| crate::vxlan::VxlanConfig::parse(&c.options).ok())
+                .map_or(1, |(c, _)| c.vni);
+            Some(vni)
         } else {
             None
         }
@@ -670,6 +722,65 @@ mod tests {
             set.primary_config().options.get("VNI"),
             Some(&serde_json::json!(7))
         );
+    }
+
+    /// A node that lags in a switch: peers advertise vxlan with VNI 7 before this node
+    /// applied that config. The secondary started for them takes the offered config's options
+    /// (here the VNI; for wireguard the PSK), and the switch promotes it instead of replacing
+    /// it. Without an offer (or an offer of another type) it runs with the defaults.
+    #[tokio::test]
+    async fn a_secondary_runs_with_the_offered_config_and_is_promoted_by_it() {
+        let nl = Arc::new(FakeNetlink::with_underlay(2, "eth0", 1500));
+        let (mut set, _) = BackendSet::start(&cfg("host-gw"), ctx(nl.clone()))
+            .await
+            .unwrap();
+        set.set_lease(&lease("10.5.1.0/24", 11, "host-gw"))
+            .await
+            .unwrap();
+        assert!(!set.wants_secondary());
+        let mut vni7 = cfg("vxlan");
+        vni7.options.insert("VNI".into(), serde_json::json!(7));
+        // An offer of another type, and an invalid one, change nothing.
+        set.offer(&cfg("udp"));
+        let mut bad = cfg("vxlan");
+        bad.options.insert("VNI".into(), serde_json::json!("seven"));
+        set.offer(&bad);
+        assert_eq!(set.secondary_config("vxlan"), cfg("vxlan"));
+        set.offer(&vni7);
+        let mut peer = lease("10.5.2.0/24", 12, "vxlan");
+        peer.attrs.backend_data =
+            Some(serde_json::json!({"VNI": 7, "VtepMAC": "02:00:00:00:00:0c"}));
+        set.peer_event(&Event::PeerAdded(peer));
+        assert!(set.wants_secondary());
+        set.reconcile().await.unwrap();
+        assert!(!set.wants_secondary());
+        assert_eq!(set.running(), vec!["host-gw", "vxlan"]);
+        let vx = nl.link_by_name("flannel.7").await.unwrap().unwrap().index;
+        assert!(nl.link_by_name("flannel.1").await.unwrap().is_none());
+        assert_eq!(route_dev(&nl, "10.5.2.0/24").await, Some(vx));
+        // The config arrives: the secondary is promoted, its device kept.
+        set.switch(&vni7).await.unwrap();
+        assert_eq!(set.primary().backend_type(), "vxlan");
+        assert_eq!(
+            nl.link_by_name("flannel.7").await.unwrap().unwrap().index,
+            vx
+        );
+        // Back to host-gw: vxlan (VNI 7) stays as a secondary with its options, and a switch
+        // back to the same options promotes it again.
+        set.switch(&cfg("host-gw")).await.unwrap();
+        assert_eq!(set.running(), vec!["host-gw", "vxlan"]);
+        set.switch(&vni7).await.unwrap();
+        assert_eq!(
+            nl.link_by_name("flannel.7").await.unwrap().unwrap().index,
+            vx
+        );
+        // A secondary running with other options (the old primary's defaults) is replaced.
+        let (nl2, mut fresh) = vxlan_node().await;
+        fresh.switch(&cfg("host-gw")).await.unwrap();
+        assert!(nl2.link_by_name("flannel.1").await.unwrap().is_some());
+        fresh.switch(&vni7).await.unwrap();
+        assert!(nl2.link_by_name("flannel.7").await.unwrap().is_some());
+        assert!(nl2.link_by_name("flannel.1").await.unwrap().is_none());
     }
 
     // ---- IPv6 and dual stack ----

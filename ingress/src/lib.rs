@@ -20,6 +20,7 @@ pub mod run;
 pub mod server;
 pub mod snapshot;
 pub mod tls;
+pub mod upstream;
 
 pub use class::{ClassConfig, ClassFilter};
 pub use path::{normalize_path, PathError};

@@ -101,13 +101,18 @@ struct Flags {
     /// Largest request head in bytes.
     #[arg(long, env = "FLANNEL_INGRESS_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
     max_header_bytes: usize,
+    /// Largest upstream response head in bytes (status line and headers; 502 beyond, as
+    /// nginx's proxy_buffer_size).
+    #[arg(long, env = "FLANNEL_INGRESS_MAX_RESPONSE_HEADER_BYTES", default_value_t = 32 * 1024, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]
+    max_response_header_bytes: u64,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "FLANNEL_INGRESS_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
     /// Endpoints tried per request when connecting fails.
     #[arg(long, env = "FLANNEL_INGRESS_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
     attempts: u64,
-    /// Worker threads serving connections (0: one per CPU).
+    /// Worker threads serving connections (0: one per CPU; 1: a single-threaded runtime, the
+    /// event loop on the main thread as one nginx worker).
     #[arg(long, env = "FLANNEL_INGRESS_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
 }
@@ -145,8 +150,14 @@ fn main() -> std::process::ExitCode {
         .with_writer(move || log_out.clone())
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if flags.worker_threads > 0 {
+    // One thread: tokio's current-thread scheduler (no work-stealing bookkeeping, no wake-ups
+    // across threads); more: the multi-thread one.
+    let mut builder = if flags.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if flags.worker_threads > 1 {
         builder.worker_threads(flags.worker_threads);
     }
     let rt = match builder.enable_all().build() {
@@ -180,6 +191,8 @@ async fn run(flags: Flags) -> Result<()> {
         upstream_timeout: Duration::from_secs(flags.upstream_timeout),
         max_header_bytes: flags.max_header_bytes,
         max_body_bytes: flags.max_body_bytes,
+        max_response_header_bytes: usize::try_from(flags.max_response_header_bytes)
+            .unwrap_or(32 * 1024),
         attempts: usize::try_from(flags.attempts).unwrap_or(3),
         ..ProxyOptions::default()
     };

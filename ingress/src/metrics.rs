@@ -120,3 +120,52 @@ impl Metrics {
 pub fn status_class(code: u16) -> String {
     format!("{}xx", code / 100)
 }
+
+/// One route's series, looked up once (per snapshot) rather than by labels per request; a
+/// status class's series is made on its first answer (as `get_or_create` would).
+#[derive(Debug)]
+pub struct RouteMetrics {
+    family: Family<RequestLabels, Counter>,
+    host: String,
+    path: String,
+    /// `requests_total` by status class, `1xx` to `5xx`.
+    requests: [std::sync::OnceLock<Counter>; 5],
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    /// Counts one answer of `status` that took `seconds` to its head.
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[class]
+            .get_or_init(|| {
+                self.family
+                    .get_or_create(&RequestLabels {
+                        host: self.host.clone(),
+                        path: self.path.clone(),
+                        status: ["1xx", "2xx", "3xx", "4xx", "5xx"][class].to_string(),
+                    })
+                    .clone()
+            })
+            .inc();
+        self.duration.observe(seconds);
+    }
+}
+
+impl Metrics {
+    /// The series of a rule (`host`, `path`).
+    pub fn route(&self, host: &str, path: &str) -> RouteMetrics {
+        RouteMetrics {
+            family: self.requests.clone(),
+            host: host.to_string(),
+            path: path.to_string(),
+            requests: Default::default(),
+            duration: self
+                .duration
+                .get_or_create(&HostLabels {
+                    host: host.to_string(),
+                })
+                .clone(),
+        }
+    }
+}

@@ -6,31 +6,80 @@
 //! client). HTTP/1.1 upgrades (WebSocket) are joined end to end.
 //!
 //! Answers of its own: 400 for a path that cannot be routed, 404 without a route, 413 for a
-//! body over the limit, 502 when no endpoint could be reached or the upstream failed, 503
-//! when the Service has no ready endpoint, 504 when the upstream's answer is late.
+//! body over the limit, 502 when no endpoint could be reached, the upstream failed or its
+//! response head was too large, 503 when the Service has no ready endpoint, 504 when the
+//! upstream's answer is late.
+//!
+//! Per request the work is kept to what the request needs: the upstream connection is driven
+//! in the request's own task ([`crate::upstream`]), the route's metric series are looked up
+//! once per snapshot, the request's headers are copied only when a retry could need them.
 
+use std::collections::HashMap;
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
-use http_body::Body as _;
-use http_body_util::{combinators::BoxBody, BodyExt, Collected, Full, Limited};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::{BodyExt, Collected, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
-use crate::metrics::{status_class, HostLabels, Metrics, RequestLabels, UpstreamLabels};
+use crate::metrics::{Metrics, RouteMetrics, UpstreamLabels};
 use crate::path::normalize_path;
+use crate::routes::Route;
 use crate::snapshot::{Ejections, Snapshot};
+use crate::upstream::{Pool, SendError, UpBody};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Response bodies: the upstream's, streamed, or one of ours.
-pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Response bodies: the upstream's, streamed (its connection polled as it is read), or one of
+/// ours.
+#[derive(Debug)]
+pub enum Body {
+    Upstream(UpBody),
+    Own(Full<Bytes>),
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Body::Upstream(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+            Body::Own(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|never| match never {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Upstream(b) => b.is_end_stream(),
+            Body::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Upstream(b) => b.size_hint(),
+            Body::Own(b) => b.size_hint(),
+        }
+    }
+}
 
 /// Limits and timeouts.
 #[derive(Debug, Clone)]
@@ -43,6 +92,9 @@ pub struct ProxyOptions {
     pub upstream_timeout: Duration,
     /// A request head's size (HTTP/1.1 buffer, HTTP/2 header list); at least 8192.
     pub max_header_bytes: usize,
+    /// An upstream's response head (status line and headers); 502 beyond, as nginx's
+    /// `proxy_buffer_size` ("upstream sent too big header").
+    pub max_response_header_bytes: usize,
     /// A request body's size (413 beyond; bodies are buffered so a retry can send them again).
     pub max_body_bytes: usize,
     /// Endpoints tried per request when connecting fails.
@@ -51,6 +103,8 @@ pub struct ProxyOptions {
     pub eject_for: Duration,
     /// Idle keep-alive connections kept per endpoint.
     pub idle_per_endpoint: usize,
+    /// How long an idle upstream connection is kept.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ProxyOptions {
@@ -60,10 +114,12 @@ impl Default for ProxyOptions {
             header_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(60),
             max_header_bytes: 32 * 1024,
+            max_response_header_bytes: 32 * 1024,
             max_body_bytes: 1024 * 1024,
             attempts: 3,
             eject_for: Duration::from_secs(10),
             idle_per_endpoint: 64,
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -76,82 +132,114 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// Route series of the current snapshot, by the route's address in it.
+#[derive(Debug, Default)]
+struct RouteSeries {
+    generation: u64,
+    by_route: HashMap<usize, RouteMetrics>,
+}
+
 /// The proxy's shared state (one per process; cheap to share in an `Arc`).
 #[derive(Debug)]
 pub struct Proxy {
     snap: watch::Receiver<Arc<Snapshot>>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    pool: Arc<Pool>,
     opts: ProxyOptions,
     metrics: Metrics,
+    series: Mutex<RouteSeries>,
     ejections: Ejections,
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Hop-by-hop headers (RFC 9110 7.6.1 and the classic list), never forwarded.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers and those the Connection header names; returns the Upgrade
 /// value when the message asked for an upgrade.
 fn strip_hop_by_hop(h: &mut HeaderMap) -> Option<HeaderValue> {
+    // Most messages carry none (or only `Connection: keep-alive`): one pass over the names.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return None;
+    }
     let mut upgrade_asked = false;
-    let named: Vec<String> = h
+    let mut named: Vec<HeaderName> = Vec::new();
+    for t in h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
+        .map(str::trim)
         .filter(|t| !t.is_empty())
-        .collect();
-    let upgrade_value = h.get(header::UPGRADE).cloned();
-    for t in &named {
-        if t == "upgrade" {
+    {
+        if t.eq_ignore_ascii_case("upgrade") {
             upgrade_asked = true;
-        }
-        if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
-            h.remove(n);
+        } else if t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close") {
+            // Removed below anyway (keep-alive) or no header at all (close).
+        } else if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+            named.push(n);
         }
     }
-    let upgrade = upgrade_value.filter(|_| upgrade_asked);
-    for n in HOP_BY_HOP {
+    let upgrade = if upgrade_asked {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    for n in &named {
+        h.remove(n);
+    }
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
     upgrade
 }
 
 /// The host a request names: `:authority` (HTTP/2) or the absolute URI's, else `Host`.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
+fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
     if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_string());
+        return HeaderValue::from_str(a.as_str()).ok();
     }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
+    req.headers().get(header::HOST).cloned()
 }
 
 /// An address as `Forwarded` writes it (RFC 7239: IPv6 quoted in brackets).
-fn forwarded_node(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("\"[{a}]\""),
-    }
+fn write_forwarded_node(b: &mut Vec<u8>, ip: IpAddr) {
+    let _ = match ip {
+        IpAddr::V4(a) => write!(b, "{a}"),
+        IpAddr::V6(a) => write!(b, "\"[{a}]\""),
+    };
 }
 
-fn plain(status: StatusCode, text: &str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(format!("{text}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+/// `for=…;host="…";proto=…` (RFC 7239), the host without quotes and backslashes.
+fn forwarded(ip: IpAddr, host: &[u8], proto: &str) -> Option<HeaderValue> {
+    let mut b = Vec::with_capacity(32 + host.len());
+    b.extend_from_slice(b"for=");
+    write_forwarded_node(&mut b, ip);
+    b.extend_from_slice(b";host=\"");
+    b.extend(host.iter().filter(|c| !matches!(c, b'"' | b'\\')));
+    b.extend_from_slice(b"\";proto=");
+    b.extend_from_slice(proto.as_bytes());
+    HeaderValue::from_maybe_shared(Bytes::from(b)).ok()
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(Body::Own(Full::new(Bytes::from_static(text.as_bytes()))));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -172,22 +260,31 @@ impl std::fmt::Display for OptAddr {
     }
 }
 
-/// What one request came to, for the access log and the metrics.
-struct Outcome {
+/// A header value for the log (empty when it is not text).
+fn text(v: &Option<HeaderValue>) -> &str {
+    v.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+const BAD_PATH: &str = "400 Bad Request: the path cannot be routed\n";
+const NO_ROUTE: &str = "404 Not Found: no route for this host and path\n";
+const NO_ENDPOINTS: &str = "503 Service Unavailable: the Service has no ready endpoint\n";
+const TOO_LARGE: &str = "413 Payload Too Large\n";
+const BAD_BODY: &str = "400 Bad Request: the request body could not be read\n";
+const UNREACHABLE: &str = "502 Bad Gateway: no endpoint could be reached\n";
+const FAILED: &str = "502 Bad Gateway: the upstream failed\n";
+const HEADER_TOO_BIG: &str = "502 Bad Gateway: the upstream sent too big a header\n";
+const LATE: &str = "504 Gateway Timeout\n";
+
+/// What forwarding came to.
+struct Forwarded {
     response: Response<Body>,
-    rule_host: String,
-    rule_path: String,
-    backend: String,
     upstream: Option<SocketAddr>,
 }
 
-impl Outcome {
-    fn own(status: StatusCode, text: &str) -> Outcome {
-        Outcome {
+impl Forwarded {
+    fn own(status: StatusCode, text: &'static str) -> Forwarded {
+        Forwarded {
             response: plain(status, text),
-            rule_host: String::new(),
-            rule_path: String::new(),
-            backend: String::new(),
             upstream: None,
         }
     }
@@ -199,21 +296,19 @@ impl Proxy {
         opts: ProxyOptions,
         metrics: Metrics,
     ) -> Proxy {
-        let mut conn = HttpConnector::new();
-        conn.set_connect_timeout(Some(opts.connect_timeout));
-        conn.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(opts.idle_per_endpoint)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(conn);
+        let pool = Pool::new(
+            opts.idle_per_endpoint,
+            opts.idle_timeout,
+            opts.connect_timeout,
+            opts.max_response_header_bytes,
+        );
         Proxy {
             snap,
-            client,
+            pool,
             ejections: Ejections::new(opts.eject_for),
             opts,
             metrics,
+            series: Mutex::new(RouteSeries::default()),
         }
     }
 
@@ -225,80 +320,88 @@ impl Proxy {
         &self.metrics
     }
 
+    /// Idle upstream connections in the pool.
+    pub fn idle_upstream_connections(&self) -> usize {
+        self.pool.idle_count()
+    }
+
+    /// Counts one answer in the route's series (looked up once per snapshot).
+    fn count(&self, snap: &Snapshot, route: Option<&Route>, status: u16, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let (host, path) = route.map_or(("", ""), |r| (r.host.as_str(), r.path.as_str()));
+        let key = route.map_or(0, |r| r as *const Route as usize);
+        if let Ok(mut s) = self.series.lock() {
+            if s.generation != snap.generation {
+                if s.generation > snap.generation {
+                    // A request still on an older snapshot: no caching for it.
+                    drop(s);
+                    self.metrics.route(host, path).observe(status, secs);
+                    return;
+                }
+                s.generation = snap.generation;
+                s.by_route.clear();
+            }
+            s.by_route
+                .entry(key)
+                .or_insert_with(|| self.metrics.route(host, path))
+                .observe(status, secs);
+        }
+    }
+
     /// Answers one request (never fails: errors become 4xx/5xx answers).
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
-        let target = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
+        let uri = req.uri().clone();
         let version = req.version();
-        let host = request_host(&req).unwrap_or_default();
-        let mut out = self.route(req, conn, &host).await;
+        let host = request_host(&req);
+        // The snapshot of this moment serves the whole request.
+        let snap = self.snap.borrow().clone();
+        let (route, out) = match normalize_path(uri.path()) {
+            Err(_) => (None, Forwarded::own(StatusCode::BAD_REQUEST, BAD_PATH)),
+            Ok(path) => match snap.routes.route(text(&host), &path) {
+                None => (None, Forwarded::own(StatusCode::NOT_FOUND, NO_ROUTE)),
+                Some(route) => (
+                    Some(route),
+                    self.forward(&snap, route, req, conn, host.as_ref()).await,
+                ),
+            },
+        };
         let status = out.response.status().as_u16();
         let elapsed = started.elapsed();
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                host: out.rule_host.clone(),
-                path: out.rule_path.clone(),
-                status: status_class(status),
-            })
-            .inc();
-        self.metrics
-            .duration
-            .get_or_create(&HostLabels {
-                host: std::mem::take(&mut out.rule_host),
-            })
-            .observe(elapsed.as_secs_f64());
+        self.count(&snap, route, status, elapsed);
+        let backend = route.map(|r| &r.backend);
         tracing::info!(
             target: "access",
             client = %conn.peer.ip().to_canonical(),
             proto = if conn.tls { "https" } else { "http" },
             version = ?version,
             %method,
-            host = %host,
-            target = %target,
+            host = %text(&host),
+            target = %uri.path_and_query().map_or("/", PathAndQuery::as_str),
             status,
-            backend = %out.backend,
+            backend = %OptDisplay(backend),
             upstream = %OptAddr(out.upstream),
             ms = format_args!("{:.2}", elapsed.as_secs_f64() * 1e3),
         );
         out.response
     }
 
-    async fn route(&self, mut req: Request<Incoming>, conn: ConnInfo, host: &str) -> Outcome {
-        // The snapshot of this moment serves the whole request.
-        let snap = self.snap.borrow().clone();
-        let Ok(path) = normalize_path(req.uri().path()) else {
-            return Outcome::own(
-                StatusCode::BAD_REQUEST,
-                "400 Bad Request: the path cannot be routed",
-            );
-        };
-        let Some(route) = snap.routes.route(host, &path) else {
-            return Outcome::own(
-                StatusCode::NOT_FOUND,
-                "404 Not Found: no route for this host and path",
-            );
-        };
-        let mut out = Outcome::own(StatusCode::OK, "");
-        out.rule_host = route.host.clone();
-        out.rule_path = route.path.clone();
-        out.backend = route.backend.to_string();
+    async fn forward(
+        &self,
+        snap: &Snapshot,
+        route: &Route,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        host: Option<&HeaderValue>,
+    ) -> Forwarded {
         let upstream = snap
             .upstreams
             .get(&route.backend)
             .filter(|u| u.addrs.is_ok());
         let Some(upstream) = upstream else {
-            self.upstream_error(&out.backend, "no_endpoints");
-            out.response = plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "503 Service Unavailable: the Service has no ready endpoint",
-            );
-            return out;
+            self.upstream_error(route, "no_endpoints");
+            return Forwarded::own(StatusCode::SERVICE_UNAVAILABLE, NO_ENDPOINTS);
         };
 
         // The request head as it goes upstream.
@@ -325,26 +428,22 @@ impl Proxy {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, u.clone());
         }
-        if let Ok(h) = HeaderValue::from_str(host) {
+        if let Some(h) = host {
             headers.insert(header::HOST, h.clone());
-            headers.insert("x-forwarded-host", h);
+            headers.insert(X_FORWARDED_HOST, h.clone());
         }
         let client_ip = conn.peer.ip().to_canonical();
         let proto = if conn.tls { "https" } else { "http" };
-        if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
-            headers.insert("x-forwarded-for", v.clone());
-            headers.insert("x-real-ip", v);
+        let mut ip = Vec::with_capacity(40);
+        let _ = write!(ip, "{client_ip}");
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(ip)) {
+            headers.insert(X_FORWARDED_FOR, v.clone());
+            headers.insert(X_REAL_IP, v);
         }
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-        if let Ok(v) = HeaderValue::from_str(&conn.local.port().to_string()) {
-            headers.insert("x-forwarded-port", v);
-        }
-        let fwd = format!(
-            "for={};host=\"{}\";proto={proto}",
-            forwarded_node(client_ip),
-            host.replace(['"', '\\'], "")
-        );
-        if let Ok(v) = HeaderValue::from_str(&fwd) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        headers.insert(X_FORWARDED_PORT, HeaderValue::from(conn.local.port()));
+        let host_bytes = host.map_or(&b""[..], HeaderValue::as_bytes);
+        if let Some(v) = forwarded(client_ip, host_bytes, proto) {
             headers.insert(header::FORWARDED, v);
         }
 
@@ -354,8 +453,7 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.opts.max_body_bytes as u64) {
-            out.response = plain(StatusCode::PAYLOAD_TOO_LARGE, "413 Payload Too Large");
-            return out;
+            return Forwarded::own(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE);
         }
         // A request without a body (most GETs) skips the buffering and its timer.
         let collected = if body.is_end_stream() {
@@ -370,92 +468,175 @@ impl Proxy {
         let body = match collected {
             Ok(Ok(c)) => c.to_bytes(),
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                out.response = plain(StatusCode::PAYLOAD_TOO_LARGE, "413 Payload Too Large");
-                return out;
+                return Forwarded::own(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE);
             }
             Ok(Err(_)) | Err(_) => {
-                out.response = plain(
-                    StatusCode::BAD_REQUEST,
-                    "400 Bad Request: the request body could not be read",
-                );
-                return out;
+                return Forwarded::own(StatusCode::BAD_REQUEST, BAD_BODY);
             }
         };
 
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        let mut tried = Vec::new();
+        // Origin form: the path and query as the client sent them.
+        let uri = if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
+            parts.uri
+        } else {
+            Uri::from(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            )
+        };
+        let method = parts.method;
+        let mut head = Some((uri, headers));
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut out = Forwarded {
+            response: plain(StatusCode::BAD_GATEWAY, UNREACHABLE),
+            upstream: None,
+        };
         loop {
             let Some(addr) = upstream.pick(&tried, &self.ejections) else {
-                out.response = plain(
-                    StatusCode::BAD_GATEWAY,
-                    "502 Bad Gateway: no endpoint could be reached",
-                );
                 return out;
             };
             tried.push(addr);
             out.upstream = Some(addr);
-            let Ok(uri) = format!("http://{addr}{path_and_query}").parse::<Uri>() else {
-                out.response = plain(StatusCode::BAD_REQUEST, "400 Bad Request");
-                return out;
-            };
-            let mut up = Request::new(Full::new(body.clone()));
-            *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = uri;
-            *up.version_mut() = Version::HTTP_11;
-            *up.headers_mut() = headers.clone();
-            match tokio::time::timeout(self.opts.upstream_timeout, self.client.request(up)).await {
+            let last = tried.len() >= self.opts.attempts;
+            let exchange = self.exchange(
+                addr,
+                &method,
+                &mut head,
+                &body,
+                !last && method.is_idempotent(),
+                client_upgrade.is_some(),
+            );
+            match tokio::time::timeout(self.opts.upstream_timeout, exchange).await {
                 Ok(Ok(resp)) => {
                     self.ejections.clear(addr);
-                    out.response = self.answer(resp, client_upgrade);
+                    out.response = self.answer(route, resp, client_upgrade);
                     return out;
                 }
-                Ok(Err(e)) if e.is_connect() => {
+                Ok(Err(Failure::Connect(e))) => {
                     self.ejections.eject(addr);
-                    self.upstream_error(&out.backend, "connect");
+                    self.upstream_error(route, "connect");
                     tracing::debug!(endpoint = %addr, error = %e, "ingress: connecting to an endpoint failed");
-                    if tried.len() >= self.opts.attempts {
-                        out.response = plain(
-                            StatusCode::BAD_GATEWAY,
-                            "502 Bad Gateway: no endpoint could be reached",
-                        );
+                    if last {
                         return out;
                     }
                     self.metrics.retries.inc();
                 }
-                Ok(Err(e)) => {
-                    self.upstream_error(&out.backend, "response");
+                Ok(Err(Failure::HeaderTooBig)) => {
+                    // nginx: "upstream sent too big header", not retried (invalid_header is
+                    // not in proxy_next_upstream's default).
+                    self.upstream_error(route, "header_too_big");
+                    tracing::warn!(endpoint = %addr, limit = self.opts.max_response_header_bytes,
+                        "ingress: the upstream sent too big a response header");
+                    out.response = plain(StatusCode::BAD_GATEWAY, HEADER_TOO_BIG);
+                    return out;
+                }
+                Ok(Err(Failure::Exchange(e))) => {
+                    self.upstream_error(route, "response");
                     tracing::debug!(endpoint = %addr, error = %e, "ingress: the upstream failed");
                     // The request may have been sent: only an idempotent one goes to another
                     // endpoint (nginx's proxy_next_upstream rule).
-                    if parts.method.is_idempotent() && tried.len() < self.opts.attempts {
+                    if head.is_some() && !last {
                         self.ejections.eject(addr);
                         self.metrics.retries.inc();
                         continue;
                     }
-                    out.response = plain(
-                        StatusCode::BAD_GATEWAY,
-                        "502 Bad Gateway: the upstream failed",
-                    );
+                    out.response = plain(StatusCode::BAD_GATEWAY, FAILED);
                     return out;
                 }
                 Err(_) => {
-                    self.upstream_error(&out.backend, "timeout");
-                    out.response = plain(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout");
+                    self.upstream_error(route, "timeout");
+                    out.response = plain(StatusCode::GATEWAY_TIMEOUT, LATE);
                     return out;
                 }
             }
         }
     }
 
-    fn upstream_error(&self, backend: &str, kind: &str) {
+    /// One exchange with `addr`: a pooled connection (a fresh one when the pooled one turns
+    /// out closed before the request left, or failed on an idempotent request), else a new
+    /// one. `head` is taken when the request goes out, and left (a copy) when `keep` says a
+    /// retry on another endpoint may need it, or when the request provably did not leave.
+    async fn exchange(
+        &self,
+        addr: SocketAddr,
+        method: &Method,
+        head: &mut Option<(Uri, HeaderMap)>,
+        body: &Bytes,
+        keep: bool,
+        upgrade: bool,
+    ) -> Result<Response<UpBody>, Failure> {
+        let build = |head: &mut Option<(Uri, HeaderMap)>, copy: bool| {
+            let (uri, headers) = if copy { head.clone() } else { head.take() }
+                .ok_or_else(|| Failure::Exchange("the request is gone".into()))?;
+            let mut up = Request::new(Full::new(body.clone()));
+            *up.method_mut() = method.clone();
+            *up.uri_mut() = uri;
+            *up.version_mut() = Version::HTTP_11;
+            *up.headers_mut() = headers;
+            Ok::<_, Failure>(up)
+        };
+        let unbuild = |head: &mut Option<(Uri, HeaderMap)>, req: Box<Request<Full<Bytes>>>| {
+            let (p, _) = req.into_parts();
+            *head = Some((p.uri, p.headers));
+        };
+        if upgrade {
+            let mut send = self
+                .pool
+                .connect_upgradable(addr)
+                .await
+                .map_err(Failure::Connect)?;
+            return send
+                .send_request(build(head, false)?)
+                .await
+                .map(|r| r.map(UpBody::detached))
+                .map_err(|e| match e.is_parse_too_large() {
+                    true => Failure::HeaderTooBig,
+                    false => Failure::Exchange(e.to_string()),
+                });
+        }
+        // Pooled connections first. One found closed before the request left gives the
+        // request back; one that fails after it may have left is followed by a fresh
+        // connection for idempotent methods (nginx does not count a cached connection's
+        // failure as a try either).
+        while let Some(c) = self.pool.checkout(addr) {
+            match c
+                .send(build(head, keep || method.is_idempotent())?, &self.pool)
+                .await
+            {
+                Ok(resp) => return Ok(resp),
+                Err(SendError::NotSent(r)) => unbuild(head, r),
+                Err(SendError::HeaderTooBig) => return Err(Failure::HeaderTooBig),
+                Err(SendError::Failed(e)) if method.is_idempotent() => {
+                    tracing::debug!(endpoint = %addr, error = %e, "ingress: a kept-alive upstream connection failed; trying a new one");
+                }
+                Err(SendError::Failed(e)) => {
+                    *head = None;
+                    return Err(Failure::Exchange(e));
+                }
+            }
+        }
+        let c = self.pool.connect(addr).await.map_err(Failure::Connect)?;
+        match c.send(build(head, keep)?, &self.pool).await {
+            Ok(resp) => Ok(resp),
+            Err(SendError::NotSent(r)) => {
+                unbuild(head, r);
+                Err(Failure::Exchange(
+                    "the connection closed before the request was sent".into(),
+                ))
+            }
+            Err(SendError::HeaderTooBig) => Err(Failure::HeaderTooBig),
+            Err(SendError::Failed(e)) => Err(Failure::Exchange(e)),
+        }
+    }
+
+    fn upstream_error(&self, route: &Route, kind: &str) {
         self.metrics
             .upstream_errors
             .get_or_create(&UpstreamLabels {
-                backend: backend.to_string(),
+                backend: route.backend.to_string(),
                 kind: kind.to_string(),
             })
             .inc();
@@ -464,7 +645,8 @@ impl Proxy {
     /// The upstream's response as the client gets it; a 101 joins the two upgraded streams.
     fn answer(
         &self,
-        mut resp: Response<Incoming>,
+        route: &Route,
+        mut resp: Response<UpBody>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<Body> {
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -488,15 +670,34 @@ impl Proxy {
                     });
                 }
                 _ => {
-                    self.upstream_error("", "response");
+                    self.upstream_error(route, "response");
                     return plain(
                         StatusCode::BAD_GATEWAY,
-                        "502 Bad Gateway: unexpected 101 from the upstream",
+                        "502 Bad Gateway: unexpected 101 from the upstream\n",
                     );
                 }
             }
         }
-        resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed())
+        resp.map(Body::Upstream)
+    }
+}
+
+/// Why one exchange failed.
+enum Failure {
+    Connect(std::io::Error),
+    HeaderTooBig,
+    Exchange(String),
+}
+
+/// An optional value for the access log, empty when absent.
+struct OptDisplay<'a, T>(Option<&'a T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OptDisplay<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => Ok(()),
+        }
     }
 }
 
@@ -531,7 +732,14 @@ mod tests {
 
     #[test]
     fn forwarded_quotes_ipv6() {
-        assert_eq!(forwarded_node("10.0.0.1".parse().unwrap()), "10.0.0.1");
-        assert_eq!(forwarded_node("fd00::1".parse().unwrap()), "\"[fd00::1]\"");
+        let f = |ip: &str, host: &[u8]| forwarded(ip.parse().unwrap(), host, "https").unwrap();
+        assert_eq!(
+            f("10.0.0.1", b"a.test"),
+            "for=10.0.0.1;host=\"a.test\";proto=https"
+        );
+        assert_eq!(
+            f("fd00::1", b"a\"b\\.test:8443"),
+            "for=\"[fd00::1]\";host=\"ab.test:8443\";proto=https"
+        );
     }
 }

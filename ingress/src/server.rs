@@ -42,11 +42,15 @@ fn builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
     b
 }
 
-async fn serve_io<I>(io: I, proxy: Arc<Proxy>, info: ConnInfo, mut stop: watch::Receiver<bool>)
-where
+async fn serve_io<I>(
+    io: I,
+    b: &auto::Builder<TokioExecutor>,
+    proxy: Arc<Proxy>,
+    info: ConnInfo,
+    mut stop: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let b = builder(&proxy);
     let p = proxy.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let p = p.clone();
@@ -75,6 +79,8 @@ pub async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let mut stop_accept = stop.clone();
+    // One builder for every connection (it holds the options, the executor and the timer).
+    let b = Arc::new(builder(&proxy));
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -94,6 +100,7 @@ pub async fn serve(
         let tls = tls.clone();
         let stop = stop.clone();
         let metrics_conns = proxy.metrics().connections.clone();
+        let b = b.clone();
         tokio::spawn(async move {
             metrics_conns.inc();
             let info = ConnInfo {
@@ -102,11 +109,11 @@ pub async fn serve(
                 tls: tls.is_some(),
             };
             match tls {
-                None => serve_io(tcp, proxy, info, stop).await,
+                None => serve_io(tcp, &b, proxy, info, stop).await,
                 Some(acceptor) => {
                     let timeout = proxy.options().header_timeout;
                     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_io(stream, proxy, info, stop).await,
+                        Ok(Ok(stream)) => serve_io(stream, &b, proxy, info, stop).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "ingress: TLS handshake failed")
                         }

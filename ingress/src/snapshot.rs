@@ -63,6 +63,8 @@ impl Upstream {
 pub struct Ejections {
     period: Duration,
     until: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Entries in `until` (read without the lock: most requests find none).
+    held: AtomicUsize,
 }
 
 impl Ejections {
@@ -70,6 +72,7 @@ impl Ejections {
         Ejections {
             period,
             until: Mutex::new(HashMap::new()),
+            held: AtomicUsize::new(0),
         }
     }
 
@@ -78,10 +81,14 @@ impl Ejections {
             let now = Instant::now();
             m.retain(|_, t| *t > now);
             m.insert(a, now + self.period);
+            self.held.store(m.len(), Ordering::Release);
         }
     }
 
     pub fn is_ejected(&self, a: SocketAddr) -> bool {
+        if self.held.load(Ordering::Acquire) == 0 {
+            return false;
+        }
         self.until
             .lock()
             .map(|m| m.get(&a).is_some_and(|t| *t > Instant::now()))
@@ -90,8 +97,12 @@ impl Ejections {
 
     /// A successful exchange clears it.
     pub fn clear(&self, a: SocketAddr) {
+        if self.held.load(Ordering::Acquire) == 0 {
+            return;
+        }
         if let Ok(mut m) = self.until.lock() {
             m.remove(&a);
+            self.held.store(m.len(), Ordering::Release);
         }
     }
 }

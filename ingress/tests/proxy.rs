@@ -295,3 +295,145 @@ async fn retries_limits_timeouts_and_swaps() {
         .unwrap();
     assert_eq!(read_response(&mut s).await.0, 404);
 }
+
+/// An upstream that answers by path (`/big`: a 40 KiB response head, `/empty`: 204, else
+/// 200 with a body, none for HEAD), keeps connections alive, closes each one `close_after` after its last
+/// answer, and counts the connections it accepted.
+async fn scripted(
+    accepts: Arc<std::sync::atomic::AtomicUsize>,
+    close_after: Duration,
+) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            accepts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                loop {
+                    let mut method = String::new();
+                    let mut path = String::new();
+                    let mut len = 0usize;
+                    let mut first = true;
+                    loop {
+                        let mut line = String::new();
+                        match tokio::time::timeout(close_after, r.read_line(&mut line)).await {
+                            Ok(Ok(n)) if n > 0 => {}
+                            _ => return,
+                        }
+                        if first {
+                            let mut words = line.split_whitespace();
+                            method = words.next().unwrap_or("").to_string();
+                            path = words.next().unwrap_or("/").to_string();
+                            first = false;
+                            continue;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if r.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let resp = match path.as_str() {
+                        "/big" => format!(
+                            "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 2\r\n\r\nok",
+                            "b".repeat(40 * 1024)
+                        ),
+                        "/empty" => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+                        _ if method == "HEAD" => {
+                            "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n".into()
+                        }
+                        _ => format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok {}",
+                            len % 10
+                        ),
+                    };
+                    if w.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn upstream_connections_reused_and_response_head_limited() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (keep_accepts, stale_accepts) = (
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    );
+    let keep = scripted(keep_accepts.clone(), Duration::from_secs(30)).await;
+    let stale = scripted(stale_accepts.clone(), Duration::from_millis(50)).await;
+    let o = objects(&[("keep", vec![keep]), ("stale", vec![stale])]);
+    let empty = Snapshot::empty(default_certificate().unwrap());
+    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
+    let metrics = Metrics::default();
+    let proxy = Arc::new(Proxy::new(rx, ProxyOptions::default(), metrics.clone()));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = l.local_addr().unwrap();
+    let (_stop_tx, stop) = watch::channel(false);
+    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+
+    // Sequential requests (bodies, no bodies, a POST) share one upstream connection.
+    for raw in [
+        get("keep.test"),
+        "GET /empty HTTP/1.1\r\nHost: keep.test\r\n\r\n".into(),
+        "HEAD / HTTP/1.1\r\nHost: keep.test\r\n\r\n".into(),
+        "POST / HTTP/1.1\r\nHost: keep.test\r\nContent-Length: 3\r\n\r\nabc".into(),
+        get("keep.test"),
+    ] {
+        let mut s = TcpStream::connect(to).await.unwrap();
+        s.write_all(raw.as_bytes()).await.unwrap();
+        let mut r = BufReader::new(&mut s);
+        let mut status = String::new();
+        r.read_line(&mut status).await.unwrap();
+        assert!(
+            status.contains(" 200 ") || status.contains(" 204 "),
+            "{raw}: {status}"
+        );
+    }
+    assert_eq!(keep_accepts.load(SeqCst), 1);
+    assert_eq!(proxy.idle_upstream_connections(), 1);
+
+    // A response head over the limit: 502, counted, the next request served.
+    let (code, body) = request(to, "GET /big HTTP/1.1\r\nHost: keep.test\r\n\r\n".into()).await;
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("too big"), "{body}");
+    assert_eq!(request(to, get("keep.test")).await, (200, "ok 0".into()));
+    let mut text = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("flannel_ingress_upstream_errors_total{backend=\"web/keep:80\",kind=\"header_too_big\"} 1"),
+        "{text}"
+    );
+
+    // An upstream closing kept-alive connections while they sit idle: every request (GET
+    // and POST) is still answered, each on a new connection, and the endpoint (the only
+    // one) is not ejected.
+    for i in 0..3 {
+        assert_eq!(request(to, get("stale.test")).await, (200, "ok 0".into()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (code, body) = request(
+            to,
+            "POST / HTTP/1.1\r\nHost: stale.test\r\nContent-Length: 3\r\n\r\nabc".into(),
+        )
+        .await;
+        assert_eq!((code, body.as_str()), (200, "ok 3"), "round {i}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(stale_accepts.load(SeqCst), 6);
+}

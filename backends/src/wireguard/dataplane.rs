@@ -670,6 +670,34 @@ fn send(sh: &Shared, peer: &Peer, d: &[u8], to: SocketAddr) {
     }
 }
 
+/// Sends the packets `t` (the peer's core, locked) queued while it had no session, once it
+/// has one, oldest first; returns how many left. boringtun releases its queue only when asked
+/// (`decapsulate` with an empty datagram), and asking without a session sends the oldest
+/// packet to the back of the queue and may start a new handshake; so this asks only with a
+/// session. It runs before every run of packets sealed for the peer (new packets must not
+/// overtake queued ones) and after every authenticated message from it: a responder's session
+/// becomes usable only with the initiator's first data message (or keepalive), which is not a
+/// handshake message, so queued packets waited for the next handshake (seconds) before.
+fn release_queued(
+    sh: &Shared,
+    peer: &Peer,
+    t: &mut Tunn,
+    out: &mut [u8],
+    mut to: Option<SocketAddr>,
+) -> usize {
+    if t.time_since_last_handshake().is_none() {
+        return 0;
+    }
+    let mut n = 0;
+    while let TunnResult::WriteToNetwork(d) = t.decapsulate(None, &[], out) {
+        n += 1;
+        sh.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
+        let dst = *to.get_or_insert_with(|| peer.endpoint());
+        send(sh, peer, d, dst);
+    }
+    n
+}
+
 /// Sends `run` (sealed datagrams to `peer`, each `seg` bytes, the last possibly shorter): one
 /// `sendmsg` with UDP_SEGMENT when GSO works, else one datagram per call. GSO is switched off
 /// for good (and counted) the first time the kernel refuses it.
@@ -761,6 +789,8 @@ fn egress(sh: &Shared) {
     // Length of each sealed data datagram in `sealed`; 0: nothing to send for that packet.
     let mut lens = vec![0usize; BATCH];
     let mut routes: Vec<Route> = Vec::with_capacity(BATCH);
+    // Packets the cores queued while waiting for a handshake, sealed when released.
+    let mut queued = vec![0u8; sealed_len(mtu)];
     let mut gso = sh.vnet;
     if !gso {
         sh.stats.gso_disabled.store(1, Ordering::Relaxed);
@@ -847,6 +877,8 @@ fn egress(sh: &Shared) {
                 }
             };
             let mut t = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+            // Packets that waited for a session leave before the new ones.
+            release_queued(sh, &peer, &mut t, &mut queued, None);
             while i < n && matches!(&routes[i], Route::Peer(p) if Arc::ptr_eq(p, &peer)) {
                 let len = sizes[i];
                 lens[i] = 0;
@@ -923,13 +955,16 @@ struct Current {
 /// sender; each is opened into its own slot of `out`, and the inner packets of the batch go to
 /// the TUN with TCP runs coalesced into one super-packet per run (vnet header, no copy).
 fn ingress(sh: &Shared) {
-    // UDP_GRO stays off for now: with it on, the live vxlan -> wireguard switch e2e test saw
-    // one spurious TCP retransmission in about half of its runs (never with it off, nor on
-    // main's one-datagram path); the cause is not found yet (docs/wireguard.md). Without it
-    // one receive is one datagram, written to the TUN as it is.
+    // UDP_GRO stays off: with it on, the live vxlan -> wireguard switch e2e test loses a
+    // segment in a third to a half of its runs on a loaded machine (a datagram that reached
+    // the receiving node's underlay never reaches its TUN); the cause is not found yet
+    // (docs/wireguard.md). Without it one receive is one datagram, written to the TUN as it is.
     let gro =
         UDP_GRO && sh.vnet && socket::setsockopt(&sh.sock, sockopt::UdpGroSegment, &true).is_ok();
     if !gro {
+        if UDP_GRO && sh.vnet {
+            tracing::warn!("UDP GRO not available; receiving one datagram per call");
+        }
         sh.stats.gro_disabled.store(1, Ordering::Relaxed);
     }
     let mut buf = vec![0u8; BUF];
@@ -983,6 +1018,9 @@ fn ingress(sh: &Shared) {
         flush_opened(sh, &out, &got, &mut runs, &mut hdr);
         if let Some(c) = cur.filter(|c| c.authenticated) {
             c.peer.roam(from);
+            // The peer's data may have made a session usable (a responder's first one).
+            let mut t = c.peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+            release_queued(sh, &c.peer, &mut t, &mut scratch, Some(from));
         }
     }
 }
@@ -1111,11 +1149,8 @@ fn receive_one(
     let authenticated = match open(&mut t, from.ip(), datagram, scratch, &allowed) {
         Step::Network(d) => {
             send(sh, &peer, d, from);
-            // A finished handshake releases the packets that waited for it.
-            while let TunnResult::WriteToNetwork(d) = t.decapsulate(None, &[], scratch) {
-                sh.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
-                send(sh, &peer, d, from);
-            }
+            // A finished handshake (as initiator) releases the packets that waited for it.
+            release_queued(sh, &peer, &mut t, scratch, Some(from));
             true
         }
         // Handshake messages never carry an inner packet; a cookie reply is not proof of the

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use backends::set::BackendSet;
 use backends::ExternalInterface;
 use subnet_lease::manager::Event;
+use subnet_lease::LeaseStore;
 use subnet_lease::{config, BackendConfig, Backoff, Lease, NetConfig, Republish};
 use tokio::sync::mpsc;
 
@@ -104,6 +105,9 @@ pub(super) async fn follow(
             }
             backend.peer_event(ev);
         }
+        if listed && backend.wants_secondary() {
+            offer_newest_config(&services.registry, &mut backend).await;
+        }
         sync(&mut backend, &mut rules, status, listed).await;
     }
     tracing::debug!("stopping with lease {}", describe(&own));
@@ -111,6 +115,23 @@ pub(super) async fn follow(
     drop(events);
     let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
     Ok(())
+}
+
+/// Before a secondary backend starts (peers advertise a type not running here), the network
+/// config as etcd has it now: peers switch because of a new config, which this node's own
+/// config watch may not have delivered yet, and a secondary of that type should run with its
+/// options (a wireguard `PSK`: without it, handshakes with the switched nodes fail until this
+/// node switches too). Bounded (2 s); on any failure the secondary gets the defaults.
+async fn offer_newest_config(reg: &subnet_lease::EtcdLeaseStore, set: &mut BackendSet) {
+    match tokio::time::timeout(Duration::from_secs(2), reg.get_config()).await {
+        Ok(Ok(Some(text))) => match config::parse(&text) {
+            Ok(p) => set.offer(&p.config.backend),
+            Err(e) => tracing::debug!("network config not offered to secondaries: {e}"),
+        },
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => tracing::debug!("reading the network config for a secondary: {e}"),
+        Err(_) => tracing::debug!("reading the network config for a secondary: timed out"),
+    }
 }
 
 /// The settings other than `Backend` that differ between two configs, as "Key old -> new".

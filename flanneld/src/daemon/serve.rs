@@ -20,6 +20,8 @@ use crate::pods::{self, PodOptions};
 pub(super) struct Services {
     /// Every value of `<prefix>/config` seen (the current one first).
     pub config_changes: mpsc::Receiver<String>,
+    /// The registry, for reading the config when a secondary backend is about to start.
+    pub registry: EtcdLeaseStore,
     /// Our subnet for the pod publisher (a re-acquired lease is passed on).
     pub subnet: watch::Sender<SubnetKey>,
     config_watch: JoinHandle<()>,
@@ -127,6 +129,7 @@ pub(super) async fn serve(
     };
     Services {
         config_changes,
+        registry: reg.clone(),
         subnet,
         config_watch,
         pods,
