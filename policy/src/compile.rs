@@ -649,8 +649,7 @@ impl TierRules {
         let rest = match np {
             Some(np) => Some(np.clone()),
             None => {
-                let chain: Vec<String> = self
-                    .rules(Tier::Baseline, dir, i)
+                let chain: Vec<String> = first_matches(self.rules(Tier::Baseline, dir, i))
                     .map(|(m, action)| match action {
                         RuleAction::Deny => format!("{m}drop"),
                         RuleAction::Accept | RuleAction::Pass => format!("{m}return"),
@@ -668,8 +667,7 @@ impl TierRules {
         let pass = rest
             .as_ref()
             .map_or("return".to_string(), |r| format!("goto {r}"));
-        let mut chain: Vec<String> = self
-            .rules(Tier::Admin, dir, i)
+        let mut chain: Vec<String> = first_matches(self.rules(Tier::Admin, dir, i))
             .map(|(m, action)| match action {
                 RuleAction::Accept => format!("{m}return"),
                 RuleAction::Deny => format!("{m}drop"),
@@ -686,6 +684,16 @@ impl TierRules {
         rs.chains.insert(name.clone(), chain);
         Some(name)
     }
+}
+
+/// The lines of a tier chain that can match: the first line wins, so a line whose match is
+/// the same text as an earlier one's (the same peer set and port match, from another rule or
+/// policy) never sees a packet and is left out. Policies often repeat each other's peers.
+fn first_matches<'a>(
+    lines: impl Iterator<Item = &'a (String, RuleAction)>,
+) -> impl Iterator<Item = &'a (String, RuleAction)> {
+    let mut seen: BTreeSet<&'a str> = BTreeSet::new();
+    lines.filter(move |(m, _)| seen.insert(m.as_str()))
 }
 
 /// The lines of one ClusterNetworkPolicy's rules of `dir`: per rule, one line per peer (and
@@ -1822,6 +1830,61 @@ spec:
         assert!(last_add_chain < first_rule, "{d}");
         let back = diff(&rs, &Ruleset::empty(Family::Ip)).unwrap();
         assert!(back.rfind("flush chain ").unwrap() < back.find("delete chain ").unwrap());
+    }
+
+    #[test]
+    fn a_line_shadowed_by_an_earlier_identical_match_is_left_out() {
+        // Admin: `first` (Deny from namespace y, priority 1) shadows `second`'s Accept from
+        // the same peer (priority 2) but not its Accept from namespace x; Baseline likewise.
+        let cnp = |name: &str, tier: &str, priority: u32, rules: &str| {
+            format!(
+                "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: {tier}\n  priority: {priority}\n  subject: {{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: x}}}}}}\n  ingress:\n{rules}---\n"
+            )
+        };
+        let from = |action: &str, ns: &str| {
+            format!("  - {{action: {action}, from: [{{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: '{ns}'}}}}}}]}}\n")
+        };
+        let yaml = [
+            cnp("first", "Admin", 1, &from("Deny", "y")),
+            cnp(
+                "second",
+                "Admin",
+                2,
+                &(from("Accept", "y") + &from("Accept", "x")),
+            ),
+            cnp("third", "Baseline", 1, &from("Accept", "y")),
+            cnp(
+                "fourth",
+                "Baseline",
+                2,
+                &(from("Deny", "y") + &from("Deny", "x")),
+            ),
+        ]
+        .concat();
+        let cnps = cluster_policies(&yaml);
+        let crefs: Vec<&ClusterNetworkPolicy> = cnps.iter().collect();
+        let namespaces = BTreeMap::new();
+        let ps = pods();
+        let rs = compile(Input {
+            namespaces: &namespaces,
+            policies: &[],
+            cluster_policies: &crefs,
+            pods: &ps,
+            node: "n1",
+        });
+        let admin = &rs.chains[&rs.ingress[&IpAddr::from([10, 5, 1, 2])]];
+        let peer = |rule: &str| rule.split(' ').nth(2).unwrap().to_string();
+        assert_eq!(admin.len(), 3, "{admin:?}");
+        assert!(admin[0].ends_with(" drop"), "{admin:?}");
+        assert!(admin[1].ends_with(" return"), "{admin:?}");
+        assert_ne!(peer(&admin[0]), peer(&admin[1]));
+        let base = admin[2].strip_prefix("goto ").unwrap();
+        let base = &rs.chains[base];
+        assert_eq!(base.len(), 2, "{base:?}");
+        assert_eq!(peer(&base[0]), peer(&admin[0]));
+        assert!(base[0].ends_with(" return"), "{base:?}");
+        assert!(base[1].ends_with(" drop"), "{base:?}");
+        assert_eq!(peer(&base[1]), peer(&admin[1]));
     }
 
     #[test]
