@@ -17,7 +17,8 @@ use backends::wireguard::boringtun::x25519::{PublicKey, StaticSecret};
 use backends::wireguard::config::decode_key;
 use backends::wireguard::key;
 use test_support::{
-    in_netns, require_root_with, send_and_verify, send_spoofed_udp, wait_for, whoami, Testbed,
+    in_netns, require_root_with, send_and_verify, send_spoofed_udp, transfer_bytes, wait_for,
+    whoami, Testbed,
 };
 
 mod common;
@@ -33,19 +34,6 @@ const WG_PORT: u16 = 51820;
 const PSK: &str = "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE=";
 /// Bytes of the recognisable transfer.
 const TRANSFER: usize = 2 << 20;
-
-/// The bytes `send_and_verify` sends (its xorshift stream), to look for on the wire.
-fn transfer_bytes(len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    let mut x: u32 = 0x1234_5678;
-    for b in data.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        *b = x as u8;
-    }
-    data
-}
 
 /// The UDP payloads of IPv4 Ethernet frames: (src, dst, payload).
 fn udp_datagrams(frames: &[Vec<u8>]) -> Vec<(SocketAddrV4, SocketAddrV4, Vec<u8>)> {

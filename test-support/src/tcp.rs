@@ -175,13 +175,9 @@ impl HashServer {
     }
 }
 
-/// Sends `len` pseudo-random bytes from `ns` to a [`HashServer`]; Ok if it saw exactly them.
-pub fn send_and_verify(
-    ns: &str,
-    to: SocketAddr,
-    len: usize,
-    limit: Duration,
-) -> Result<(), String> {
+/// The `len` bytes [`send_and_verify`] sends (an xorshift stream): tests look for them on the
+/// wire to show that an encrypted overlay carries none of them in the clear.
+pub fn transfer_bytes(len: usize) -> Vec<u8> {
     let mut data = vec![0u8; len];
     let mut x: u32 = 0x1234_5678;
     for b in data.iter_mut() {
@@ -190,6 +186,17 @@ pub fn send_and_verify(
         x ^= x << 5;
         *b = x as u8;
     }
+    data
+}
+
+/// Sends `len` pseudo-random bytes from `ns` to a [`HashServer`]; Ok if it saw exactly them.
+pub fn send_and_verify(
+    ns: &str,
+    to: SocketAddr,
+    len: usize,
+    limit: Duration,
+) -> Result<(), String> {
+    let data = transfer_bytes(len);
     let want = format!("{len} {:x}", fnv(FNV_START, &data));
     let mut s = in_netns(ns, move || TcpStream::connect_timeout(&to, limit))?
         .map_err(|e| format!("connect {to}: {e}"))?;

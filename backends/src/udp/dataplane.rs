@@ -85,9 +85,18 @@ pub(crate) fn wait_readable(fd: &impl AsFd) {
     let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
 }
 
+/// Whether a [`gso_send`] error means the kernel refuses UDP GSO for good (EIO, EINVAL,
+/// EOPNOTSUPP): the sender falls back to one datagram per call from then on.
+pub(crate) fn gso_refused(e: nix::errno::Errno) -> bool {
+    matches!(
+        e,
+        nix::errno::Errno::EIO | nix::errno::Errno::EINVAL | nix::errno::Errno::EOPNOTSUPP
+    )
+}
+
 /// One `sendmsg` of the datagrams `run` (each `seg` bytes, the last possibly shorter) to `to`
 /// with UDP_SEGMENT: the kernel joins the iovecs and cuts them at `seg` (no copy here).
-/// Returns the bytes sent; EIO, EINVAL or EOPNOTSUPP mean the kernel refuses GSO.
+/// Returns the bytes sent; an error for which [`gso_refused`] holds means the kernel refuses GSO.
 pub(crate) fn gso_send(
     sock: &UdpSocket,
     run: &[&[u8]],
@@ -137,11 +146,7 @@ fn flush(
                 stats.gso_sends.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Err(
-                e @ (nix::errno::Errno::EIO
-                | nix::errno::Errno::EINVAL
-                | nix::errno::Errno::EOPNOTSUPP),
-            ) => {
+            Err(e) if gso_refused(e) => {
                 tracing::warn!("UDP GSO refused ({e}); sending one datagram per call from now on");
                 *gso = false;
                 stats.gso_disabled.store(1, Ordering::Relaxed);

@@ -715,11 +715,7 @@ fn flush(sh: &Shared, peer: &Peer, run: &[&[u8]], seg: usize, to: SocketAddr, gs
                 sh.stats.gso_sends.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Err(
-                e @ (nix::errno::Errno::EIO
-                | nix::errno::Errno::EINVAL
-                | nix::errno::Errno::EOPNOTSUPP),
-            ) => {
+            Err(e) if udp_plane::gso_refused(e) => {
                 tracing::warn!("UDP GSO refused ({e}); sending one datagram per call from now on");
                 *gso = false;
                 sh.stats.gso_disabled.store(1, Ordering::Relaxed);
