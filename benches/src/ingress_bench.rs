@@ -651,18 +651,8 @@ fn main() -> Result<()> {
     // flannel-ingress.
     let objs = objects(&dir, &hosts, &pods)?;
     write_file(&dir.join("objects.yaml"), &objs)?;
-    tb.exec(
-        &hub,
-        &[
-            flannelctl.to_str().context("path")?,
-            "--etcd-endpoints",
-            &endpoint,
-            "apply",
-            "-f",
-            dir.join("objects.yaml").to_str().context("path")?,
-        ],
-    )
-    .map_err(|e| anyhow::anyhow!("flannelctl apply: {e}"))?;
+    tb.flannelctl_apply(&hub, &flannelctl, &endpoint, &dir.join("objects.yaml"))
+        .map_err(anyhow::Error::msg)?;
     let workers = a.workers.to_string();
     let ours = tb
         .spawn(

@@ -119,20 +119,9 @@ impl Cluster {
     fn apply(&self, yaml: &str) {
         let file = self.d.dir.path().join(format!("m{}.yaml", rand_suffix()));
         std::fs::write(&file, yaml).unwrap();
-        let ctl = sibling("flannelctl");
         self.tb
-            .exec(
-                &self.tb.hub,
-                &[
-                    ctl.to_str().unwrap(),
-                    "--etcd-endpoints",
-                    &self.endpoint,
-                    "apply",
-                    "-f",
-                    file.to_str().unwrap(),
-                ],
-            )
-            .unwrap_or_else(|e| panic!("flannelctl apply: {e}"));
+            .flannelctl_apply(&self.tb.hub, &sibling("flannelctl"), &self.endpoint, &file)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn pod_yaml(&self, p: &PodInfo, extra: &[(&str, &str)]) -> String {

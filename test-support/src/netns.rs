@@ -219,6 +219,25 @@ impl Testbed {
         sh("ip", &full)
     }
 
+    /// `flannelctl --etcd-endpoints <endpoint> apply -f <file>` run in `ns` (where etcd is
+    /// reachable); the tool's output, or what went wrong.
+    pub fn flannelctl_apply(
+        &self,
+        ns: &str,
+        flannelctl: &Path,
+        endpoint: &str,
+        file: &Path,
+    ) -> Result<String, String> {
+        let (Some(ctl), Some(file)) = (flannelctl.to_str(), file.to_str()) else {
+            return Err(format!("not UTF-8: {flannelctl:?} or {file:?}"));
+        };
+        self.exec(
+            ns,
+            &[ctl, "--etcd-endpoints", endpoint, "apply", "-f", file],
+        )
+        .map_err(|e| format!("flannelctl apply: {e}"))
+    }
+
     /// Runs a command in a namespace with a custom time bound; returns (success, stdout+stderr).
     pub fn exec_status(&self, ns: &str, args: &[&str], limit: Duration) -> (bool, String) {
         match run_bounded(

@@ -248,20 +248,9 @@ impl Bed {
             .path()
             .join(format!("m{}.yaml", test_support::random_tag(6)));
         std::fs::write(&file, yaml).unwrap();
-        let ctl = flannelctl();
         self.tb
-            .exec(
-                &self.tb.hub,
-                &[
-                    ctl.to_str().unwrap(),
-                    "--etcd-endpoints",
-                    &self.endpoint,
-                    "apply",
-                    "-f",
-                    file.to_str().unwrap(),
-                ],
-            )
-            .unwrap_or_else(|e| panic!("flannelctl apply: {e}"));
+            .flannelctl_apply(&self.tb.hub, &flannelctl(), &self.endpoint, &file)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Starts flannel-ingress on node `node` with the etcd endpoint, health on
