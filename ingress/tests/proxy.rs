@@ -109,10 +109,14 @@ async fn silent() -> SocketAddr {
     addr
 }
 
-/// A port with nothing listening.
+/// A port with nothing listening: bound (never listening) and kept for the life of the test
+/// process, so that no other test's listener can take it while connections to it must fail.
 async fn refused() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = s.local_addr().unwrap();
+    std::mem::forget(s);
+    addr
 }
 
 fn objects(services: &[(&str, Vec<SocketAddr>)]) -> Objects {
