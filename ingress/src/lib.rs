@@ -4,10 +4,11 @@
 //! backends resolved to pod addresses ([`endpoints`]). Around it, the reverse proxy that the
 //! `flannel-ingress` binary runs: the registry followed into swapped [`snapshot`]s ([`run`]),
 //! TLS certificates from Secrets ([`tls`]), the proxy ([`proxy`]), listeners ([`server`]),
-//! [`metrics`] and the non-blocking log output ([`logwriter`]).
+//! [`metrics`], the non-blocking log output ([`logwriter`]) and the access line ([`accesslog`]).
 
 #![forbid(unsafe_code)]
 
+pub mod accesslog;
 pub mod class;
 pub mod endpoints;
 pub mod logwriter;

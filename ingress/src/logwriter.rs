@@ -90,6 +90,28 @@ impl NonBlocking {
         ))
     }
 
+    /// Appends one line that `write` puts straight into the buffer (no copy, one lock); the
+    /// line is dropped and counted when the buffer would grow beyond its bound.
+    pub fn append_with(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        let Ok(mut buf) = self.shared.buf.lock() else {
+            return;
+        };
+        let start = buf.len();
+        if start >= MAX_BUFFERED {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        write(&mut buf);
+        if buf.len() > MAX_BUFFERED {
+            buf.truncate(start);
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if start < WAKE_AT && buf.len() >= WAKE_AT {
+            self.shared.wake.notify_one();
+        }
+    }
+
     /// Lines dropped so far and not yet reported.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
@@ -172,6 +194,32 @@ mod tests {
         assert_eq!(lines.len(), 1000);
         assert_eq!(lines[0], "line 0");
         assert_eq!(lines[999], "line 999");
+    }
+
+    #[test]
+    fn appended_lines_arrive_and_are_bounded() {
+        let sink = Sink::default();
+        let stall = sink.stall.lock().unwrap();
+        let (w, guard) = NonBlocking::new(sink.clone()).unwrap();
+        w.append_with(|b| b.extend_from_slice(b"first\n"));
+        // 8 MiB against a 4 MiB buffer while the output is stuck: some are dropped.
+        for _ in 0..8192 {
+            w.append_with(|b| {
+                b.extend_from_slice(&[b'y'; 1023]);
+                b.push(b'\n');
+            });
+        }
+        assert!(w.dropped() > 0, "nothing dropped");
+        drop(stall);
+        drop(guard);
+        let text = String::from_utf8(sink.data.lock().unwrap().clone()).unwrap();
+        // In order (the drop report may come first), every line kept whole: a dropped one
+        // leaves nothing behind.
+        let mut lines = text.lines().filter(|l| !l.contains("log lines dropped"));
+        assert_eq!(lines.next(), Some("first"));
+        assert!(lines.all(|l| l == "y".repeat(1023)));
+        let kept = text.lines().filter(|l| l.starts_with('y')).count();
+        assert!((4096 - 1..8192).contains(&kept), "kept {kept}");
     }
 
     #[test]

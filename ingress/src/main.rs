@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use etcd_access::{Connection, EtcdOptions, Password};
 use ingress::class::ClassConfig;
+use ingress::logwriter::NonBlocking;
 use ingress::metrics::Metrics;
 use ingress::proxy::{Proxy, ProxyOptions};
 use ingress::run::Controller;
@@ -136,13 +137,14 @@ fn main() -> std::process::ExitCode {
     let flags = Flags::parse();
     // Log lines (one per request) go out through a thread of their own: a request never
     // waits for stderr.
-    let (log_out, _log_guard) = match ingress::logwriter::NonBlocking::new(std::io::stderr()) {
+    let (log_out, _log_guard) = match NonBlocking::new(std::io::stderr()) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("flannel-ingress: starting the log writer: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
+    let access_out = log_out.clone();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -150,6 +152,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(move || log_out.clone())
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
+    // The access lines are written straight into the same output (ingress/src/accesslog.rs),
+    // when the filter lets target `access` at info through (`RUST_LOG=info,access=off`: none).
+    let access_log =
+        tracing::enabled!(target: "access", tracing::Level::INFO).then_some(access_out);
     // One thread: tokio's current-thread scheduler (no work-stealing bookkeeping, no wake-ups
     // across threads); more: the multi-thread one.
     let mut builder = if flags.worker_threads == 1 {
@@ -167,7 +173,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(flags)) {
+    match rt.block_on(run(flags, access_log)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -176,7 +182,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(flags: Flags) -> Result<()> {
+async fn run(flags: Flags, access_log: Option<NonBlocking>) -> Result<()> {
     let conn = Connection::connect(&flags.etcd())
         .await
         .context("connecting to etcd")?;
@@ -196,7 +202,11 @@ async fn run(flags: Flags) -> Result<()> {
         attempts: usize::try_from(flags.attempts).unwrap_or(3),
         ..ProxyOptions::default()
     };
-    let proxy = Arc::new(Proxy::new(rx.clone(), opts, metrics.clone()));
+    let mut proxy = Proxy::new(rx.clone(), opts, metrics.clone());
+    if let Some(log) = access_log {
+        proxy = proxy.with_access_log(log);
+    }
+    let proxy = Arc::new(proxy);
     let tls_config =
         tls::server_config(tls::SniResolver::new(rx.clone())).context("TLS configuration")?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));

@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -32,6 +32,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
+use crate::accesslog::AccessLine;
+use crate::logwriter::NonBlocking;
 use crate::metrics::{Metrics, RouteMetrics, UpstreamLabels};
 use crate::path::normalize_path;
 use crate::routes::Route;
@@ -148,6 +150,8 @@ pub struct Proxy {
     metrics: Metrics,
     series: Mutex<RouteSeries>,
     ejections: Ejections,
+    /// Where the access lines go (none: no access log).
+    access_log: Option<NonBlocking>,
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -248,18 +252,6 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     r
 }
 
-/// An endpoint address for the access log, empty when none was chosen (no allocation).
-struct OptAddr(Option<SocketAddr>);
-
-impl std::fmt::Display for OptAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(a) => a.fmt(f),
-            None => Ok(()),
-        }
-    }
-}
-
 /// A header value for the log (empty when it is not text).
 fn text(v: &Option<HeaderValue>) -> &str {
     v.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("")
@@ -309,7 +301,14 @@ impl Proxy {
             opts,
             metrics,
             series: Mutex::new(RouteSeries::default()),
+            access_log: None,
         }
+    }
+
+    /// Writes an access line per request into `log` ([`crate::accesslog`]).
+    pub fn with_access_log(mut self, log: NonBlocking) -> Proxy {
+        self.access_log = Some(log);
+        self
     }
 
     pub fn options(&self) -> &ProxyOptions {
@@ -370,20 +369,22 @@ impl Proxy {
         let status = out.response.status().as_u16();
         let elapsed = started.elapsed();
         self.count(&snap, route, status, elapsed);
-        let backend = route.map(|r| &r.backend);
-        tracing::info!(
-            target: "access",
-            client = %conn.peer.ip().to_canonical(),
-            proto = if conn.tls { "https" } else { "http" },
-            version = ?version,
-            %method,
-            host = %text(&host),
-            target = %uri.path_and_query().map_or("/", PathAndQuery::as_str),
-            status,
-            backend = %OptDisplay(backend),
-            upstream = %OptAddr(out.upstream),
-            ms = format_args!("{:.2}", elapsed.as_secs_f64() * 1e3),
-        );
+        if let Some(log) = &self.access_log {
+            let line = AccessLine {
+                time: SystemTime::now(),
+                client: conn.peer.ip().to_canonical(),
+                tls: conn.tls,
+                version,
+                method: &method,
+                host: host.as_ref().map_or(&b""[..], HeaderValue::as_bytes),
+                target: uri.path_and_query().map_or("/", PathAndQuery::as_str),
+                status,
+                backend: route.map(|r| &r.backend),
+                upstream: out.upstream,
+                elapsed,
+            };
+            log.append_with(|buf| line.write(buf));
+        }
         out.response
     }
 
@@ -687,18 +688,6 @@ enum Failure {
     Connect(std::io::Error),
     HeaderTooBig,
     Exchange(String),
-}
-
-/// An optional value for the access log, empty when absent.
-struct OptDisplay<'a, T>(Option<&'a T>);
-
-impl<T: std::fmt::Display> std::fmt::Display for OptDisplay<'_, T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(v) => v.fmt(f),
-            None => Ok(()),
-        }
-    }
 }
 
 #[cfg(test)]
