@@ -130,7 +130,8 @@ impl Default for ProxyOptions {
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
-    pub local: SocketAddr,
+    /// The listener's port.
+    pub local_port: u16,
     pub tls: bool,
 }
 
@@ -442,7 +443,7 @@ impl Proxy {
             headers.insert(X_REAL_IP, v);
         }
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        headers.insert(X_FORWARDED_PORT, HeaderValue::from(conn.local.port()));
+        headers.insert(X_FORWARDED_PORT, HeaderValue::from(conn.local_port));
         let host_bytes = host.map_or(&b""[..], HeaderValue::as_bytes);
         if let Some(v) = forwarded(client_ip, host_bytes, proto) {
             headers.insert(header::FORWARDED, v);

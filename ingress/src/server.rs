@@ -1,77 +1,250 @@
 //! Listeners: plain HTTP, HTTPS (rustls, certificate by SNI, ALPN h2/http1.1), each connection
-//! served by hyper's auto builder (HTTP/1.1 or HTTP/2, upgrades allowed), bounded in header
-//! size and header time; and the health/metrics listener. On stop, listeners close and open
+//! served by hyper's HTTP/1.1 server (upgrades allowed) or its HTTP/2 server (by ALPN, or by
+//! the first bytes: prior knowledge), bounded in header size and header time; and the health/metrics listener. On stop, listeners close and open
 //! connections are asked to finish (graceful shutdown), bounded by `grace`.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
+use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::{BoxError, ConnInfo, Proxy};
 use crate::snapshot::Snapshot;
 
 /// How long open connections get to finish after a stop.
 pub const GRACE: Duration = Duration::from_secs(10);
 
-fn builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
-    let o = proxy.options();
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(o.header_timeout)
-        .max_buf_size(o.max_header_bytes.max(8192));
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(o.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Duration::from_secs(30));
-    b
+/// The HTTP/1.1 and HTTP/2 server settings of a listener (built once, used by every
+/// connection).
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    header_timeout: Duration,
 }
 
-async fn serve_io<I>(
+impl Builders {
+    fn new(proxy: &Proxy) -> Builders {
+        let o = proxy.options();
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(o.header_timeout)
+            .max_buf_size(o.max_header_bytes.max(8192));
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(o.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Duration::from_secs(30));
+        Builders {
+            h1,
+            h2,
+            header_timeout: o.header_timeout,
+        }
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the first bytes of a connection can still become the HTTP/2 preface (`Some(true)`
+/// once all of it is there), or cannot (`Some(false)`: HTTP/1); `None`: too short to tell.
+fn preface(first: &[u8]) -> Option<bool> {
+    let n = first.len().min(H2_PREFACE.len());
+    if first[..n] != H2_PREFACE[..n] {
+        Some(false)
+    } else if n == H2_PREFACE.len() {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// Bytes read from a connection to tell HTTP/1 from HTTP/2, given back to the server before
+/// anything else the connection sends. One read usually holds the whole request head, so the
+/// server parses it without a read of its own (hyper-util's version sniffing reads 24 bytes,
+/// copies them and lets the server read the rest).
+struct Prefixed<I> {
+    first: Vec<u8>,
+    at: usize,
     io: I,
-    b: &auto::Builder<TokioExecutor>,
-    proxy: Arc<Proxy>,
-    info: ConnInfo,
-    mut stop: watch::Receiver<bool>,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.first.len() {
+            let n = (this.first.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.first[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.first.len() {
+                // Gone for good: no memory held by a kept-alive connection.
+                this.first = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Reads the first bytes of `io` until they tell HTTP/2's preface from HTTP/1; `None` when
+/// the client closed or sent nothing in time.
+async fn sniff<I: AsyncRead + Unpin>(mut io: I, timeout: Duration) -> Option<(bool, Prefixed<I>)> {
+    let mut first = Vec::with_capacity(2048);
+    let read = async {
+        loop {
+            if first.len() == first.capacity() {
+                first.reserve(2048);
+            }
+            match io.read_buf(&mut first).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {
+                    if let Some(h2) = preface(&first) {
+                        return Some(h2);
+                    }
+                }
+            }
+        }
+    };
+    let h2 = tokio::time::timeout(timeout, read).await.ok()??;
+    Some((h2, Prefixed { first, at: 0, io }))
+}
+
+/// A connection future that can be asked to finish what it is doing and stop.
+trait Graceful: Future<Output = Result<(), hyper::Error>> {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S> Graceful for http1::UpgradeableConnection<I, S>
+where
+    S: HttpService<Incoming>,
+    S::Error: Into<BoxError>,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let p = proxy.clone();
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let p = p.clone();
-        async move { Ok::<_, Infallible>(p.handle(req, info).await) }
-    });
-    let conn = b.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S> Graceful for http2::Connection<I, S, TokioExecutor>
+where
+    S: HttpService<Incoming>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    S::ResBody: http_body::Body + Send + 'static,
+    <S::ResBody as http_body::Body>::Data: Send,
+    <S::ResBody as http_body::Body>::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Drives one connection until it ends, or until `stop` (then: a graceful end within
+/// [`GRACE`]).
+async fn drive<C: Graceful>(conn: C, peer: SocketAddr, mut stop: watch::Receiver<bool>) {
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
-                tracing::debug!(peer = %info.peer, error = %e, "ingress: connection ended with an error");
+                tracing::debug!(%peer, error = %e, "ingress: connection ended with an error");
             }
         }
         _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-            conn.as_mut().graceful_shutdown();
+            conn.as_mut().graceful();
             let _ = tokio::time::timeout(GRACE, conn).await;
         }
     }
 }
 
-/// Accepts on `listener` until `stop`; TLS when `tls` is given.
+/// Serves one connection: HTTP/2 when `h2` says so, else HTTP/1.1 with upgrades.
+async fn serve_io<I>(
+    io: I,
+    h2: bool,
+    b: &Builders,
+    proxy: Arc<Proxy>,
+    info: ConnInfo,
+    stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let p = proxy.clone();
+        async move { Ok::<_, Infallible>(p.handle(req, info).await) }
+    });
+    if h2 {
+        drive(
+            b.h2.serve_connection(TokioIo::new(io), svc),
+            info.peer,
+            stop,
+        )
+        .await;
+    } else {
+        drive(
+            b.h1.serve_connection(TokioIo::new(io), svc).with_upgrades(),
+            info.peer,
+            stop,
+        )
+        .await;
+    }
+}
+
+/// Accepts on `listener` until `stop`; TLS when `tls` is given. Plain connections: HTTP/2
+/// with prior knowledge when they open with its preface, else HTTP/1.1. TLS: by ALPN (`h2`,
+/// `http/1.1`); without ALPN, by the first bytes as on plain connections.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -79,8 +252,11 @@ pub async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let mut stop_accept = stop.clone();
-    // One builder for every connection (it holds the options, the executor and the timer).
-    let b = Arc::new(builder(&proxy));
+    // One set of builders for every connection (options, executor, timer).
+    let b = Arc::new(Builders::new(&proxy));
+    // Only the port of the local address is used (X-Forwarded-Port): the listener's.
+    let local_port = listener.local_addr().map_or(0, |a| a.port());
+    let mut nodelay_inherited = None;
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -94,35 +270,54 @@ pub async fn serve(
             },
             _ = async { let _ = stop_accept.wait_for(|s| *s).await; } => break,
         };
-        let _ = tcp.set_nodelay(true);
-        let local = tcp.local_addr().unwrap_or(peer);
+        // Accepted sockets inherit TCP_NODELAY from a listener made by [`bind`]; one made
+        // elsewhere gets it set per connection.
+        if !*nodelay_inherited.get_or_insert_with(|| tcp.nodelay().unwrap_or(false)) {
+            let _ = tcp.set_nodelay(true);
+        }
+        let info = ConnInfo {
+            peer,
+            local_port,
+            tls: tls.is_some(),
+        };
         let proxy = proxy.clone();
-        let tls = tls.clone();
         let stop = stop.clone();
-        let metrics_conns = proxy.metrics().connections.clone();
         let b = b.clone();
-        tokio::spawn(async move {
-            metrics_conns.inc();
-            let info = ConnInfo {
-                peer,
-                local,
-                tls: tls.is_some(),
-            };
-            match tls {
-                None => serve_io(tcp, &b, proxy, info, stop).await,
-                Some(acceptor) => {
-                    let timeout = proxy.options().header_timeout;
-                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_io(stream, &b, proxy, info, stop).await,
+        match &tls {
+            None => {
+                tokio::spawn(async move {
+                    let conns = proxy.metrics().connections.clone();
+                    conns.inc();
+                    if let Some((h2, io)) = sniff(tcp, b.header_timeout).await {
+                        serve_io(io, h2, &b, proxy, info, stop).await;
+                    }
+                    conns.dec();
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let conns = proxy.metrics().connections.clone();
+                    conns.inc();
+                    match tokio::time::timeout(b.header_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => match stream.get_ref().1.alpn_protocol() {
+                            Some(b"h2") => serve_io(stream, true, &b, proxy, info, stop).await,
+                            Some(_) => serve_io(stream, false, &b, proxy, info, stop).await,
+                            None => {
+                                if let Some((h2, io)) = sniff(stream, b.header_timeout).await {
+                                    serve_io(io, h2, &b, proxy, info, stop).await;
+                                }
+                            }
+                        },
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "ingress: TLS handshake failed")
                         }
                         Err(_) => tracing::debug!(%peer, "ingress: TLS handshake timed out"),
                     }
-                }
+                    conns.dec();
+                });
             }
-            metrics_conns.dec();
-        });
+        }
     }
 }
 
@@ -202,9 +397,80 @@ pub async fn serve_health(
     }
 }
 
-/// Binds a listener (the error names the address).
+/// Binds a listener (the error names the address) with `TCP_NODELAY`, which the connections
+/// it accepts inherit (Linux): no socket option to set per connection.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+    let listen = || {
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.set_nodelay(true)?;
+        sock.bind(addr)?;
+        sock.listen(1024)
+    };
+    listen().map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_h2_preface_is_told_from_http1() {
+        assert_eq!(preface(b"GET / HTTP/1.1\r\n"), Some(false));
+        assert_eq!(preface(b"P"), None);
+        assert_eq!(preface(b"PRI * HTTP/2.0\r\n"), None);
+        assert_eq!(preface(b"PRI * HTTP/1.1\r\n"), Some(false));
+        assert_eq!(preface(H2_PREFACE), Some(true));
+        assert_eq!(
+            preface(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\x12\x04"),
+            Some(true)
+        );
+    }
+
+    #[tokio::test]
+    async fn sniffed_bytes_are_read_again_and_accepted_connections_have_nodelay() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let to = l.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(to).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut c, b"PRI * HTTP/2.0\r\n")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::io::AsyncWriteExt::write_all(&mut c, b"\r\nSM\r\n\r\nrest")
+                .await
+                .unwrap();
+            c
+        });
+        let (tcp, _) = l.accept().await.unwrap();
+        // Inherited from the listener, not set on the connection.
+        assert!(tcp.nodelay().unwrap());
+        let (h2, mut io) = sniff(tcp, Duration::from_secs(5)).await.unwrap();
+        assert!(h2);
+        let _c = client.await.unwrap();
+        let mut all = vec![0u8; 28];
+        io.read_exact(&mut all).await.unwrap();
+        assert_eq!(&all[..24], H2_PREFACE);
+        assert_eq!(&all[24..], b"rest");
+        // HTTP/1 and a client that sends nothing.
+        let c = tokio::net::TcpStream::connect(to).await.unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        assert!(sniff(tcp, Duration::from_millis(50)).await.is_none());
+        drop(c);
+        let mut c = tokio::net::TcpStream::connect(to).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut c, b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let (h2, mut io) = sniff(tcp, Duration::from_secs(5)).await.unwrap();
+        assert!(!h2);
+        let mut all = vec![0u8; 18];
+        io.read_exact(&mut all).await.unwrap();
+        assert_eq!(&all, b"GET / HTTP/1.1\r\n\r\n");
+    }
 }
