@@ -441,3 +441,56 @@ async fn upstream_connections_reused_and_response_head_limited() {
     }
     assert_eq!(stale_accepts.load(SeqCst), 6);
 }
+
+/// Plain HTTP: HTTP/2 with prior knowledge and HTTP/1.1 on the same listener, told apart by
+/// the first bytes however they arrive; the X-Forwarded-Port is the listener's.
+#[tokio::test]
+async fn h2_prior_knowledge_and_http1_on_one_listener() {
+    let a = good("a").await;
+    let o = objects(&[("ok", vec![a])]);
+    let empty = Snapshot::empty(default_certificate().unwrap());
+    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
+    let proxy = Arc::new(Proxy::new(rx, ProxyOptions::default(), Metrics::default()));
+    let l = ingress::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let to = l.local_addr().unwrap();
+    let (_stop_tx, stop) = watch::channel(false);
+    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+
+    // HTTP/2 (h2c, prior knowledge), two streams on one connection.
+    let tcp = TcpStream::connect(to).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    for _ in 0..2 {
+        let req = http::Request::get("http://ok.test/").body(()).unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = body.data().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(got, b"a 0");
+    }
+
+    // HTTP/1.1 whose first read holds only a prefix of the preface ("P"), then the rest.
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    s.write_all(b"OST / HTTP/1.1\r\nHost: ok.test\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_response(&mut BufReader::new(&mut s)).await,
+        (200, "a 2".into())
+    );
+    // And a plain GET on a fresh connection.
+    assert_eq!(request(to, get("ok.test")).await, (200, "a 0".into()));
+}
