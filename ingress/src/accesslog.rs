@@ -150,7 +150,8 @@ fn write_padded(out: &mut Vec<u8>, n: u64, width: usize) {
     }
 }
 
-fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
+/// An address as `Display` writes it (IPv4 by hand, without `core::fmt`).
+pub(crate) fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(a) => {
             for (i, o) in a.octets().into_iter().enumerate() {

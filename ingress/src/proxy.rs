@@ -32,7 +32,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
-use crate::accesslog::AccessLine;
+use crate::accesslog::{write_ip, AccessLine};
 use crate::logwriter::NonBlocking;
 use crate::metrics::{Metrics, RouteMetrics, UpstreamLabels};
 use crate::path::normalize_path;
@@ -163,8 +163,9 @@ const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Hop-by-hop headers (RFC 9110 7.6.1 and the classic list), never forwarded.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// Hop-by-hop headers (RFC 9110 7.6.1 and the classic list), never forwarded. A `static`:
+/// a `const` array would be built and dropped at every use.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -179,8 +180,15 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Removes hop-by-hop headers and those the Connection header names; returns the Upgrade
 /// value when the message asked for an upgrade.
 fn strip_hop_by_hop(h: &mut HeaderMap) -> Option<HeaderValue> {
-    // Most messages carry none (or only `Connection: keep-alive`): one pass over the names.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // Most messages carry none (or only `Connection: keep-alive`): one pass over the names
+    // finds those present, and only those are removed below.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for k in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
         return None;
     }
     let mut upgrade_asked = false;
@@ -209,7 +217,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) -> Option<HeaderValue> {
     for n in &named {
         h.remove(n);
     }
-    for n in &HOP_BY_HOP {
+    for (n, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         h.remove(n);
     }
     upgrade
@@ -225,15 +233,18 @@ fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
 
 /// An address as `Forwarded` writes it (RFC 7239: IPv6 quoted in brackets).
 fn write_forwarded_node(b: &mut Vec<u8>, ip: IpAddr) {
-    let _ = match ip {
-        IpAddr::V4(a) => write!(b, "{a}"),
-        IpAddr::V6(a) => write!(b, "\"[{a}]\""),
-    };
+    match ip {
+        IpAddr::V4(_) => write_ip(b, ip),
+        IpAddr::V6(a) => {
+            let _ = write!(b, "\"[{a}]\"");
+        }
+    }
 }
 
 /// `for=…;host="…";proto=…` (RFC 7239), the host without quotes and backslashes.
 fn forwarded(ip: IpAddr, host: &[u8], proto: &str) -> Option<HeaderValue> {
-    let mut b = Vec::with_capacity(32 + host.len());
+    // `for=` (4), an IPv4 address (15), `;host="` (7), `";proto=https` (14).
+    let mut b = Vec::with_capacity(48 + host.len());
     b.extend_from_slice(b"for=");
     write_forwarded_node(&mut b, ip);
     b.extend_from_slice(b";host=\"");
@@ -430,6 +441,9 @@ impl Proxy {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, u.clone());
         }
+        // Up to seven headers are added (Host, X-Forwarded-*, X-Real-IP, Forwarded): room at
+        // once rather than growing the map on the way.
+        headers.reserve(7);
         if let Some(h) = host {
             headers.insert(header::HOST, h.clone());
             headers.insert(X_FORWARDED_HOST, h.clone());
@@ -437,7 +451,7 @@ impl Proxy {
         let client_ip = conn.peer.ip().to_canonical();
         let proto = if conn.tls { "https" } else { "http" };
         let mut ip = Vec::with_capacity(40);
-        let _ = write!(ip, "{client_ip}");
+        write_ip(&mut ip, client_ip);
         if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(ip)) {
             headers.insert(X_FORWARDED_FOR, v.clone());
             headers.insert(X_REAL_IP, v);
@@ -491,17 +505,17 @@ impl Proxy {
         };
         let method = parts.method;
         let mut head = Some((uri, headers));
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut out = Forwarded {
-            response: plain(StatusCode::BAD_GATEWAY, UNREACHABLE),
-            upstream: None,
+        let mut tried: Vec<SocketAddr> = Vec::with_capacity(self.opts.attempts);
+        // An answer of ours, naming the endpoint tried last (built only when needed).
+        let own = |status, text, upstream| Forwarded {
+            response: plain(status, text),
+            upstream,
         };
         loop {
             let Some(addr) = upstream.pick(&tried, &self.ejections) else {
-                return out;
+                return own(StatusCode::BAD_GATEWAY, UNREACHABLE, tried.last().copied());
             };
             tried.push(addr);
-            out.upstream = Some(addr);
             let last = tried.len() >= self.opts.attempts;
             let exchange = self.exchange(
                 addr,
@@ -514,15 +528,17 @@ impl Proxy {
             match tokio::time::timeout(self.opts.upstream_timeout, exchange).await {
                 Ok(Ok(resp)) => {
                     self.ejections.clear(addr);
-                    out.response = self.answer(route, resp, client_upgrade);
-                    return out;
+                    return Forwarded {
+                        response: self.answer(route, resp, client_upgrade),
+                        upstream: Some(addr),
+                    };
                 }
                 Ok(Err(Failure::Connect(e))) => {
                     self.ejections.eject(addr);
                     self.upstream_error(route, "connect");
                     tracing::debug!(endpoint = %addr, error = %e, "ingress: connecting to an endpoint failed");
                     if last {
-                        return out;
+                        return own(StatusCode::BAD_GATEWAY, UNREACHABLE, Some(addr));
                     }
                     self.metrics.retries.inc();
                 }
@@ -532,8 +548,7 @@ impl Proxy {
                     self.upstream_error(route, "header_too_big");
                     tracing::warn!(endpoint = %addr, limit = self.opts.max_response_header_bytes,
                         "ingress: the upstream sent too big a response header");
-                    out.response = plain(StatusCode::BAD_GATEWAY, HEADER_TOO_BIG);
-                    return out;
+                    return own(StatusCode::BAD_GATEWAY, HEADER_TOO_BIG, Some(addr));
                 }
                 Ok(Err(Failure::Exchange(e))) => {
                     self.upstream_error(route, "response");
@@ -545,13 +560,11 @@ impl Proxy {
                         self.metrics.retries.inc();
                         continue;
                     }
-                    out.response = plain(StatusCode::BAD_GATEWAY, FAILED);
-                    return out;
+                    return own(StatusCode::BAD_GATEWAY, FAILED, Some(addr));
                 }
                 Err(_) => {
                     self.upstream_error(route, "timeout");
-                    out.response = plain(StatusCode::GATEWAY_TIMEOUT, LATE);
-                    return out;
+                    return own(StatusCode::GATEWAY_TIMEOUT, LATE, Some(addr));
                 }
             }
         }
