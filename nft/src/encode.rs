@@ -1,10 +1,12 @@
 //! nf_tables messages and batches as bytes (pure: no socket, no clock).
 //!
 //! [`Msg`] builds one message attribute by attribute and checks every length against its
-//! field; [`Exprs`] appends rule expressions the way `nft` writes them; the functions below
-//! build the messages for chains, rules, sets and elements of a table (family `ip`);
-//! [`batch`] frames messages as one nfnetlink batch (begin, messages, end), which the kernel
-//! applies atomically.
+//! field; [`Exprs`] appends rule expressions the way `nft` 1.0.6 writes them (checked with
+//! `nft --debug=netlink`/`--debug=mnl`); [`Table`] builds the messages for chains, rules,
+//! sets and elements of a table of either family (`ip`, `ip6`), the free functions the same
+//! for family `ip`; [`Elem`] is one set element as nft sends it (interval sets: a start and
+//! an end element per interval, see [`address_intervals`]); [`batch`] frames messages as one
+//! nfnetlink batch (begin, messages, end), which the kernel applies atomically.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -13,6 +15,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use crate::sys::*;
+use crate::Family;
 
 /// The longest name nf_tables takes (`NFT_NAME_MAXLEN` is 256 with the terminating NUL).
 pub const MAX_NAME_LEN: usize = 255;
@@ -71,11 +74,16 @@ impl Msg {
 
     /// An nf_tables message of family `ip`.
     pub fn nft(msg: u16, flags: u16, seq: u32) -> Msg {
+        Msg::nft_in(Family::Ip, msg, flags, seq)
+    }
+
+    /// An nf_tables message of `family`.
+    pub fn nft_in(family: Family, msg: u16, flags: u16, seq: u32) -> Msg {
         Msg::new(
             (NFNL_SUBSYS_NFTABLES << 8) | msg,
             flags,
             seq,
-            NFPROTO_IPV4,
+            family.nfproto(),
             0,
         )
     }
@@ -207,6 +215,7 @@ impl Msg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict<'a> {
     Drop,
+    Return,
     Jump(&'a str),
     Goto(&'a str),
 }
@@ -215,9 +224,51 @@ impl Verdict<'_> {
     fn code(&self) -> (i32, Option<&str>) {
         match self {
             Verdict::Drop => (NF_DROP, None),
+            Verdict::Return => (NFT_RETURN, None),
             Verdict::Jump(c) => (NFT_JUMP, Some(c)),
             Verdict::Goto(c) => (NFT_GOTO, Some(c)),
         }
+    }
+}
+
+/// An address field of the network header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddrField {
+    Saddr,
+    Daddr,
+}
+
+impl AddrField {
+    /// (offset, length) of the field in the network header of `family`.
+    fn place(self, family: Family) -> (u32, u32) {
+        match (family, self) {
+            (Family::Ip, AddrField::Saddr) => (SADDR, 4),
+            (Family::Ip, AddrField::Daddr) => (DADDR, 4),
+            (Family::Ip6, AddrField::Saddr) => (8, 16),
+            (Family::Ip6, AddrField::Daddr) => (24, 16),
+        }
+    }
+}
+
+/// What a `reject` answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// `reject with tcp reset`.
+    TcpReset,
+    /// `reject with icmp type admin-prohibited` (`ip`) or `reject with icmpv6 type
+    /// admin-prohibited` (`ip6`).
+    AdminProhibited(Family),
+}
+
+/// The register nft loads the 32-bit word `word` of a concatenation into (words counted
+/// from the start of register 1): a 16-byte register where the word starts one
+/// (`NFT_REG_1`..), else the 4-byte register (`NFT_REG32_00` is 8). Both name the same place;
+/// nft prints and sends them so.
+fn concat_register(word: u32) -> u32 {
+    if word.is_multiple_of(4) {
+        REG_1 + word / 4
+    } else {
+        8 + word
     }
 }
 
@@ -248,11 +299,92 @@ impl Exprs<'_> {
 
     /// `len` bytes of the network header at `offset` into register 1.
     pub fn payload(&mut self, offset: u32, len: u32) {
+        self.payload_into(NFT_PAYLOAD_NETWORK_HEADER, offset, len, REG_1);
+    }
+
+    fn payload_into(&mut self, base: u32, offset: u32, len: u32, reg: u32) {
         self.expr("payload", |m| {
-            m.u32(NFTA_PAYLOAD_DREG, REG_1);
-            m.u32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER);
+            m.u32(NFTA_PAYLOAD_DREG, reg);
+            m.u32(NFTA_PAYLOAD_BASE, base);
             m.u32(NFTA_PAYLOAD_OFFSET, offset);
             m.u32(NFTA_PAYLOAD_LEN, len);
+        });
+    }
+
+    fn l4proto_into(&mut self, reg: u32) {
+        self.expr("meta", |m| {
+            m.u32(NFTA_META_KEY, NFT_META_L4PROTO);
+            m.u32(NFTA_META_DREG, reg);
+        });
+    }
+
+    /// `th dport` into `reg`.
+    fn dport_into(&mut self, reg: u32) {
+        self.payload_into(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, reg);
+    }
+
+    /// `ip|ip6 saddr|daddr @SET` (an address set of the table's `family`).
+    pub fn addr_in_set(&mut self, family: Family, field: AddrField, set: &str) {
+        let (offset, len) = field.place(family);
+        self.payload(offset, len);
+        self.lookup(set);
+    }
+
+    /// `meta l4proto . th dport @SET` (a `inet_proto . inet_service` interval set): nft
+    /// turns the protocol byte to network order over 2 bytes first, as interval keys are
+    /// compared in network order.
+    pub fn proto_port_in_set(&mut self, set: &str) {
+        self.l4proto_into(REG_1);
+        self.expr("byteorder", |m| {
+            m.u32(NFTA_BYTEORDER_SREG, REG_1);
+            m.u32(NFTA_BYTEORDER_DREG, REG_1);
+            m.u32(NFTA_BYTEORDER_OP, NFT_BYTEORDER_HTON);
+            m.u32(NFTA_BYTEORDER_LEN, 1);
+            m.u32(NFTA_BYTEORDER_SIZE, 2);
+        });
+        self.dport_into(concat_register(1));
+        self.lookup(set);
+    }
+
+    /// `ip|ip6 daddr . meta l4proto . th dport @SET` (a set without intervals): the three
+    /// fields in consecutive 32-bit words from register 1.
+    pub fn daddr_proto_port_in_set(&mut self, family: Family, set: &str) {
+        let (offset, len) = AddrField::Daddr.place(family);
+        self.payload(offset, len);
+        let words = len / 4;
+        self.l4proto_into(concat_register(words));
+        self.dport_into(concat_register(words + 1));
+        self.lookup(set);
+    }
+
+    /// `ct status ! dnat` (the connection was not DNATed).
+    pub fn not_dnat(&mut self) {
+        self.expr("ct", |m| {
+            m.u32(NFTA_CT_KEY, NFT_CT_STATUS);
+            m.u32(NFTA_CT_DREG, REG_1);
+        });
+        self.expr("bitwise", |m| {
+            m.u32(NFTA_BITWISE_SREG, REG_1);
+            m.u32(NFTA_BITWISE_DREG, REG_1);
+            m.u32(NFTA_BITWISE_LEN, 4);
+            m.value(NFTA_BITWISE_MASK, &IPS_DST_NAT.to_ne_bytes());
+            m.value(NFTA_BITWISE_XOR, &[0; 4]);
+        });
+        self.cmp(NFT_CMP_EQ, &[0; 4]);
+    }
+
+    /// `reject with ...`.
+    pub fn reject(&mut self, r: Reject) {
+        let (kind, code) = match r {
+            Reject::TcpReset => (NFT_REJECT_TCP_RST, 0),
+            Reject::AdminProhibited(Family::Ip) => (NFT_REJECT_ICMP_UNREACH, ICMP_ADMIN_PROHIBITED),
+            Reject::AdminProhibited(Family::Ip6) => {
+                (NFT_REJECT_ICMP_UNREACH, ICMPV6_ADMIN_PROHIBITED)
+            }
+        };
+        self.expr("reject", |m| {
+            m.u32(NFTA_REJECT_TYPE, kind);
+            m.bytes(NFTA_REJECT_ICMP_CODE, &[code]);
         });
     }
 
@@ -305,10 +437,7 @@ impl Exprs<'_> {
 
     /// `meta l4proto P` (P: the IP protocol number).
     pub fn l4proto_is(&mut self, protocol: u8) {
-        self.expr("meta", |m| {
-            m.u32(NFTA_META_KEY, NFT_META_L4PROTO);
-            m.u32(NFTA_META_DREG, REG_1);
-        });
+        self.l4proto_into(REG_1);
         self.cmp(NFT_CMP_EQ, &[protocol]);
     }
 
@@ -378,34 +507,22 @@ impl Exprs<'_> {
 
 /// `add chain ip TABLE NAME` (a regular chain).
 pub fn add_chain(table: &str, name: &str, seq: u32) -> Msg {
-    let mut m = Msg::nft(NFT_MSG_NEWCHAIN, NLM_F_CREATE, seq);
-    m.str(NFTA_CHAIN_TABLE, table);
-    m.str(NFTA_CHAIN_NAME, name);
-    m
+    Table::new(Family::Ip, table).add_chain(name, seq)
 }
 
-/// Asks for one chain (answered by the chain or ENOENT).
+/// Asks for one chain of `ip TABLE` (answered by the chain or ENOENT).
 pub fn get_chain(table: &str, name: &str, seq: u32) -> Msg {
-    let mut m = Msg::nft(NFT_MSG_GETCHAIN, NLM_F_ACK, seq);
-    m.str(NFTA_CHAIN_TABLE, table);
-    m.str(NFTA_CHAIN_NAME, name);
-    m
+    Table::new(Family::Ip, table).get_chain(name, seq)
 }
 
 /// `flush chain ip TABLE NAME`.
 pub fn flush_chain(table: &str, name: &str, seq: u32) -> Msg {
-    let mut m = Msg::nft(NFT_MSG_DELRULE, 0, seq);
-    m.str(NFTA_RULE_TABLE, table);
-    m.str(NFTA_RULE_CHAIN, name);
-    m
+    Table::new(Family::Ip, table).flush_chain(name, seq)
 }
 
 /// `delete chain ip TABLE NAME`.
 pub fn delete_chain(table: &str, name: &str, seq: u32) -> Msg {
-    let mut m = Msg::nft(NFT_MSG_DELCHAIN, 0, seq);
-    m.str(NFTA_CHAIN_TABLE, table);
-    m.str(NFTA_CHAIN_NAME, name);
-    m
+    Table::new(Family::Ip, table).delete_chain(name, seq)
 }
 
 /// `add rule ip TABLE CHAIN <exprs>`; `exprs` appends the expressions.
@@ -416,13 +533,7 @@ pub fn add_rule(
     set_ids: &SetIds,
     exprs: impl FnOnce(&mut Exprs<'_>),
 ) -> Msg {
-    let mut m = Msg::nft(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, seq);
-    m.str(NFTA_RULE_TABLE, table);
-    m.str(NFTA_RULE_CHAIN, chain);
-    m.begin(NFTA_RULE_EXPRESSIONS);
-    exprs(&mut Exprs { m: &mut m, set_ids });
-    m.end();
-    m
+    Table::new(Family::Ip, table).add_rule(chain, seq, set_ids, exprs)
 }
 
 /// `add set ip TABLE NAME { type ipv4_addr; flags dynamic,timeout; timeout Ns; }`; records
@@ -450,38 +561,345 @@ pub fn add_address_set(
 
 /// `delete set ip TABLE NAME`.
 pub fn delete_set(table: &str, name: &str, seq: u32) -> Msg {
-    let mut m = Msg::nft(NFT_MSG_DELSET, 0, seq);
-    m.str(NFTA_SET_TABLE, table);
-    m.str(NFTA_SET_NAME, name);
-    m
-}
-
-fn element(m: &mut Msg, table: &str, map: &str, key: &[u8], verdict: Option<Verdict<'_>>) {
-    m.str(NFTA_SET_ELEM_LIST_TABLE, table);
-    m.str(NFTA_SET_ELEM_LIST_SET, map);
-    m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
-    m.begin(NFTA_LIST_ELEM);
-    m.value(NFTA_SET_ELEM_KEY, key);
-    if let Some(v) = verdict {
-        m.verdict(NFTA_SET_ELEM_DATA, v);
-    }
-    m.end();
-    m.end();
+    Table::new(Family::Ip, table).delete_set(name, seq)
 }
 
 /// `add element ip TABLE MAP { KEY : VERDICT }` (`key`: the key's bytes as nft lays them
 /// out, each field of a concatenation padded to 4 bytes).
 pub fn add_element(table: &str, map: &str, key: &[u8], verdict: Verdict<'_>, seq: u32) -> Msg {
-    let mut m = Msg::nft(NFT_MSG_NEWSETELEM, NLM_F_CREATE, seq);
-    element(&mut m, table, map, key, Some(verdict));
-    m
+    let e = Elem::map(key.to_vec(), verdict);
+    Table::new(Family::Ip, table).add_elements(map, &[e], seq, &SetIds::new())
 }
 
 /// `delete element ip TABLE MAP { KEY }`.
 pub fn delete_element(table: &str, map: &str, key: &[u8], seq: u32) -> Msg {
-    let mut m = Msg::nft(NFT_MSG_DELSETELEM, 0, seq);
-    element(&mut m, table, map, key, None);
-    m
+    Table::new(Family::Ip, table).delete_elements(map, &[Elem::key(key.to_vec())], seq)
+}
+
+/// A table of one family: the messages for its chains, rules, sets and elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table<'a> {
+    pub family: Family,
+    pub name: &'a str,
+}
+
+/// The key of a named set (with the table's family for the addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKey {
+    /// `type ipv4_addr|ipv6_addr; flags interval`.
+    AddrIntervals,
+    /// `type inet_proto . inet_service; flags interval`.
+    ProtoPortIntervals,
+    /// `type ipv4_addr|ipv6_addr . inet_proto . inet_service`.
+    AddrProtoPort,
+    /// `type ipv4_addr . ipv4_addr` (`ipv6_addr . ipv6_addr`).
+    AddrPair,
+}
+
+/// What a set declaration sends: flags, key type, key length, the field lengths of a
+/// concatenation with intervals, userdata.
+type SetDecl = (u32, u32, u32, &'static [u32], &'static [u8]);
+
+impl SetKey {
+    fn decl(self, family: Family) -> SetDecl {
+        let (addr_type, alen) = match family {
+            Family::Ip => (TYPE_IPADDR, 4),
+            Family::Ip6 => (TYPE_IP6ADDR, 16),
+        };
+        let concat = &SET_USERDATA_CONCAT[..];
+        match self {
+            SetKey::AddrIntervals => (
+                NFT_SET_INTERVAL,
+                addr_type,
+                alen,
+                &[],
+                &SET_USERDATA_KEY_BIG_ENDIAN[..],
+            ),
+            SetKey::ProtoPortIntervals => (
+                NFT_SET_INTERVAL | NFT_SET_CONCAT,
+                (TYPE_INET_PROTO << 6) | TYPE_INET_SERVICE,
+                8,
+                &[1, 2],
+                concat,
+            ),
+            SetKey::AddrProtoPort => (
+                0,
+                (addr_type << 12) | (TYPE_INET_PROTO << 6) | TYPE_INET_SERVICE,
+                alen + 8,
+                &[],
+                concat,
+            ),
+            SetKey::AddrPair => (0, (addr_type << 6) | addr_type, 2 * alen, &[], concat),
+        }
+    }
+}
+
+/// One set element as nft sends it: the key (each field of a concatenation padded to 4
+/// bytes), for concatenated intervals the key the interval ends at, for plain interval sets
+/// whether it ends an interval (then it is the first key after it) or starts one that runs
+/// to the top of the space (`open`), for maps its verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Elem<'a> {
+    pub key: Vec<u8>,
+    pub key_end: Option<Vec<u8>>,
+    pub interval_end: bool,
+    pub open: bool,
+    pub verdict: Option<Verdict<'a>>,
+}
+
+impl<'a> Elem<'a> {
+    /// A key alone.
+    pub fn key(key: Vec<u8>) -> Elem<'a> {
+        Elem {
+            key,
+            key_end: None,
+            interval_end: false,
+            open: false,
+            verdict: None,
+        }
+    }
+
+    /// A map element `KEY : VERDICT`.
+    pub fn map(key: Vec<u8>, verdict: Verdict<'a>) -> Elem<'a> {
+        Elem {
+            verdict: Some(verdict),
+            ..Elem::key(key)
+        }
+    }
+
+    /// A concatenated interval `start-end` (nft sends the end with every added element, a
+    /// single key too, and with a deleted one only when it differs from the start).
+    pub fn range(start: Vec<u8>, end: Vec<u8>) -> Elem<'a> {
+        Elem {
+            key_end: Some(end),
+            ..Elem::key(start)
+        }
+    }
+
+    /// The bytes the element takes in a message (to split long lists).
+    pub fn encoded_len(&self) -> usize {
+        let pad = |n: usize| (n + 3) & !3;
+        let key = |k: &[u8]| 4 + 4 + pad(k.len());
+        let mut n = 4 + key(&self.key);
+        if let Some(e) = &self.key_end {
+            n += key(e);
+        }
+        if self.interval_end {
+            n += 8;
+        }
+        if self.open {
+            n += 4 + pad(ELEM_USERDATA_INTERVAL_OPEN.len());
+        }
+        if let Some(v) = &self.verdict {
+            n += 4 + 4 + 8;
+            if let (_, Some(c)) = v.code() {
+                n += 4 + pad(c.len() + 1);
+            }
+        }
+        n
+    }
+}
+
+/// The elements of an address interval set for intervals `[lo, hi]` of addresses `len`
+/// bytes long (4 or 16), ascending and disjoint, as nft sends them: a start element and an
+/// end element at `hi + 1` per interval; an interval reaching the top of the space has no
+/// end and is marked open. `leading_end`: the set is new (created in the same batch), for
+/// which nft first sends an end element at the zero address when the first interval does
+/// not start there.
+pub fn address_intervals<'a>(
+    ranges: &[(u128, u128)],
+    len: usize,
+    leading_end: bool,
+) -> Vec<Elem<'a>> {
+    let len = len.min(16);
+    let bytes = |v: u128| v.to_be_bytes()[16 - len..].to_vec();
+    let max = if len >= 16 {
+        u128::MAX
+    } else {
+        (1u128 << (8 * len)) - 1
+    };
+    let mut out = Vec::with_capacity(2 * ranges.len() + 1);
+    if leading_end && ranges.first().is_some_and(|(lo, _)| *lo != 0) {
+        out.push(Elem {
+            interval_end: true,
+            ..Elem::key(bytes(0))
+        });
+    }
+    for &(lo, hi) in ranges {
+        if hi >= max {
+            out.push(Elem {
+                open: true,
+                ..Elem::key(bytes(lo))
+            });
+        } else {
+            out.push(Elem::key(bytes(lo)));
+            out.push(Elem {
+                interval_end: true,
+                ..Elem::key(bytes(hi + 1))
+            });
+        }
+    }
+    out
+}
+
+/// The most element bytes one message carries (its element list is one attribute, whose
+/// length is 16 bits); longer lists go in several messages, as nft sends them.
+pub const MAX_ELEMENT_BYTES: usize = 60_000;
+
+/// `elems` cut into lists that fit one message each ([`MAX_ELEMENT_BYTES`]).
+pub fn element_chunks<'e, 'a>(elems: &'e [Elem<'a>]) -> Vec<&'e [Elem<'a>]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, e) in elems.iter().enumerate() {
+        let n = e.encoded_len();
+        if bytes + n > MAX_ELEMENT_BYTES && i > start {
+            out.push(&elems[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += n;
+    }
+    if start < elems.len() {
+        out.push(&elems[start..]);
+    }
+    out
+}
+
+impl<'a> Table<'a> {
+    pub fn new(family: Family, name: &'a str) -> Table<'a> {
+        Table { family, name }
+    }
+
+    fn msg(&self, kind: u16, flags: u16, seq: u32) -> Msg {
+        Msg::nft_in(self.family, kind, flags, seq)
+    }
+
+    /// `add chain FAMILY TABLE NAME` (a regular chain).
+    pub fn add_chain(&self, name: &str, seq: u32) -> Msg {
+        let mut m = self.msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE, seq);
+        m.str(NFTA_CHAIN_TABLE, self.name);
+        m.str(NFTA_CHAIN_NAME, name);
+        m
+    }
+
+    /// Asks for one chain (answered by the chain or ENOENT).
+    pub fn get_chain(&self, name: &str, seq: u32) -> Msg {
+        let mut m = self.msg(NFT_MSG_GETCHAIN, NLM_F_ACK, seq);
+        m.str(NFTA_CHAIN_TABLE, self.name);
+        m.str(NFTA_CHAIN_NAME, name);
+        m
+    }
+
+    /// `flush chain FAMILY TABLE NAME`.
+    pub fn flush_chain(&self, name: &str, seq: u32) -> Msg {
+        let mut m = self.msg(NFT_MSG_DELRULE, 0, seq);
+        m.str(NFTA_RULE_TABLE, self.name);
+        m.str(NFTA_RULE_CHAIN, name);
+        m
+    }
+
+    /// `delete chain FAMILY TABLE NAME`.
+    pub fn delete_chain(&self, name: &str, seq: u32) -> Msg {
+        let mut m = self.msg(NFT_MSG_DELCHAIN, 0, seq);
+        m.str(NFTA_CHAIN_TABLE, self.name);
+        m.str(NFTA_CHAIN_NAME, name);
+        m
+    }
+
+    /// `add rule FAMILY TABLE CHAIN <exprs>`; `exprs` appends the expressions.
+    pub fn add_rule(
+        &self,
+        chain: &str,
+        seq: u32,
+        set_ids: &SetIds,
+        exprs: impl FnOnce(&mut Exprs<'_>),
+    ) -> Msg {
+        let mut m = self.msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, seq);
+        m.str(NFTA_RULE_TABLE, self.name);
+        m.str(NFTA_RULE_CHAIN, chain);
+        m.begin(NFTA_RULE_EXPRESSIONS);
+        exprs(&mut Exprs { m: &mut m, set_ids });
+        m.end();
+        m
+    }
+
+    /// `add set FAMILY TABLE NAME { type ...; [flags interval;] }`; records the set's
+    /// batch-local id in `set_ids`.
+    pub fn add_set(&self, name: &str, key: SetKey, seq: u32, set_ids: &mut SetIds) -> Msg {
+        let id = set_ids.len() as u32 + 1;
+        set_ids.insert(name.to_string(), id);
+        let (flags, key_type, key_len, fields, userdata) = key.decl(self.family);
+        let mut m = self.msg(NFT_MSG_NEWSET, NLM_F_CREATE, seq);
+        m.str(NFTA_SET_TABLE, self.name);
+        m.str(NFTA_SET_NAME, name);
+        m.u32(NFTA_SET_FLAGS, flags);
+        m.u32(NFTA_SET_KEY_TYPE, key_type);
+        m.u32(NFTA_SET_KEY_LEN, key_len);
+        m.u32(NFTA_SET_ID, id);
+        if !fields.is_empty() {
+            m.begin(NFTA_SET_DESC);
+            m.begin(NFTA_SET_DESC_CONCAT);
+            for f in fields {
+                m.begin(NFTA_LIST_ELEM);
+                m.u32(NFTA_SET_FIELD_LEN, *f);
+                m.end();
+            }
+            m.end();
+            m.end();
+        }
+        m.bytes(NFTA_SET_USERDATA, userdata);
+        m
+    }
+
+    /// `delete set FAMILY TABLE NAME`.
+    pub fn delete_set(&self, name: &str, seq: u32) -> Msg {
+        let mut m = self.msg(NFT_MSG_DELSET, 0, seq);
+        m.str(NFTA_SET_TABLE, self.name);
+        m.str(NFTA_SET_NAME, name);
+        m
+    }
+
+    fn elements(&self, m: &mut Msg, set: &str, id: Option<u32>, elems: &[Elem<'_>]) {
+        m.str(NFTA_SET_ELEM_LIST_TABLE, self.name);
+        m.str(NFTA_SET_ELEM_LIST_SET, set);
+        if let Some(id) = id {
+            m.u32(NFTA_SET_ELEM_LIST_SET_ID, id);
+        }
+        m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+        for e in elems {
+            m.begin(NFTA_LIST_ELEM);
+            if e.interval_end {
+                m.u32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+            }
+            m.value(NFTA_SET_ELEM_KEY, &e.key);
+            if let Some(end) = &e.key_end {
+                m.value(NFTA_SET_ELEM_KEY_END, end);
+            }
+            if let Some(v) = e.verdict {
+                m.verdict(NFTA_SET_ELEM_DATA, v);
+            }
+            if e.open {
+                m.bytes(NFTA_SET_ELEM_USERDATA, &ELEM_USERDATA_INTERVAL_OPEN);
+            }
+            m.end();
+        }
+        m.end();
+    }
+
+    /// `add element FAMILY TABLE SET { ... }` (a set added earlier in the batch is named by
+    /// its id too, as nft does).
+    pub fn add_elements(&self, set: &str, elems: &[Elem<'_>], seq: u32, set_ids: &SetIds) -> Msg {
+        let mut m = self.msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, seq);
+        self.elements(&mut m, set, set_ids.get(set).copied(), elems);
+        m
+    }
+
+    /// `delete element FAMILY TABLE SET { ... }`.
+    pub fn delete_elements(&self, set: &str, elems: &[Elem<'_>], seq: u32) -> Msg {
+        let mut m = self.msg(NFT_MSG_DELSETELEM, 0, seq);
+        self.elements(&mut m, set, None, elems);
+        m
+    }
 }
 
 /// An encoded batch: `steps[i]` is the message with sequence number `first_seq + 1 + i`
