@@ -992,4 +992,242 @@ mod tests {
         assert_eq!(e.what, "second");
         assert_eq!(e.to_string(), "cannot encode second: name \"\": empty");
     }
+
+    /// Top-level attributes of a message body or nest: (type without flags, payload).
+    fn attrs(mut b: &[u8]) -> Vec<(u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        while b.len() >= 4 {
+            let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+            let kind = u16::from_ne_bytes([b[2], b[3]]) & !NLA_F_NESTED;
+            out.push((kind, b[4..len].to_vec()));
+            b = &b[((len + 3) & !3).min(b.len())..];
+        }
+        out
+    }
+
+    fn get(a: &[(u16, Vec<u8>)], kind: u16) -> Vec<u8> {
+        a.iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no attribute {kind}"))
+    }
+
+    #[test]
+    fn interval_elements_as_nft_sends_them() {
+        // nft --debug=netlink, `add element ip t p { 10.5.2.4, 255.255.255.0/24 }` to a set
+        // added in the same batch: 0 (end), 10.5.2.4, 10.5.2.5 (end), 255.255.255.0 (open).
+        let ip = |s: &str| u128::from(u32::from(s.parse::<Ipv4Addr>().expect("addr")));
+        let e = address_intervals(
+            &[
+                (ip("10.5.2.4"), ip("10.5.2.4")),
+                (ip("255.255.255.0"), ip("255.255.255.255")),
+            ],
+            4,
+            true,
+        );
+        let got: Vec<(Vec<u8>, bool, bool)> = e
+            .iter()
+            .map(|e| (e.key.clone(), e.interval_end, e.open))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (vec![0, 0, 0, 0], true, false),
+                (vec![10, 5, 2, 4], false, false),
+                (vec![10, 5, 2, 5], true, false),
+                (vec![255, 255, 255, 0], false, true),
+            ]
+        );
+        // To an existing set: no leading end. The whole space: one open element at zero.
+        assert_eq!(address_intervals(&[(5, 5)], 4, false).len(), 2);
+        let all = address_intervals(&[(0, u128::from(u32::MAX))], 4, true);
+        assert_eq!(all.len(), 1);
+        assert!(all[0].open && all[0].key == [0; 4]);
+        let all6 = address_intervals(&[(0, u128::MAX)], 16, true);
+        assert_eq!(all6.len(), 1);
+        assert!(all6[0].open && all6[0].key == [0; 16]);
+        // An IPv6 interval: start and the address after its end, 16 bytes each.
+        let v6 = address_intervals(&[(1, 5)], 16, false);
+        assert_eq!(v6[1].key[15], 6);
+        assert!(v6[1].interval_end && v6[1].key.len() == 16);
+        // The open element carries nft's userdata; ends carry the flag.
+        let mut ids = SetIds::new();
+        let m = Table::new(Family::Ip, "t")
+            .add_elements("p", &e, 1, &ids)
+            .finish()
+            .expect("encodes");
+        let a = attrs(&m[20..]);
+        let elems = attrs(&get(&a, NFTA_SET_ELEM_LIST_ELEMENTS));
+        let first = attrs(&elems[0].1);
+        assert_eq!(get(&first, NFTA_SET_ELEM_FLAGS), vec![0, 0, 0, 1]);
+        let last = attrs(&elems[3].1);
+        assert_eq!(get(&last, NFTA_SET_ELEM_USERDATA), vec![1, 4, 1, 0, 0, 0]);
+        // A set added earlier in the batch is named by its id too.
+        Table::new(Family::Ip, "t").add_set("p", SetKey::AddrIntervals, 1, &mut ids);
+        let m = Table::new(Family::Ip, "t")
+            .add_elements("p", &e, 2, &ids)
+            .finish()
+            .expect("encodes");
+        assert_eq!(
+            get(&attrs(&m[20..]), NFTA_SET_ELEM_LIST_SET_ID),
+            vec![0, 0, 0, 1]
+        );
+    }
+
+    #[test]
+    fn set_declarations_match_what_nft_sends() {
+        // nft --debug=mnl for `add set ip t ports { type inet_proto . inet_service; flags
+        // interval; }` and `add set ip6 t named { type ipv6_addr . inet_proto . inet_service; }`.
+        let mut ids = SetIds::new();
+        let m = Table::new(Family::Ip, "t")
+            .add_set("ports", SetKey::ProtoPortIntervals, 1, &mut ids)
+            .finish()
+            .expect("encodes");
+        assert_eq!(m[16], NFPROTO_IPV4);
+        let a = attrs(&m[20..]);
+        assert_eq!(get(&a, NFTA_SET_FLAGS), vec![0, 0, 0, 0x84]);
+        assert_eq!(get(&a, NFTA_SET_KEY_TYPE), vec![0, 0, 3, 0x0d]);
+        assert_eq!(get(&a, NFTA_SET_KEY_LEN), vec![0, 0, 0, 8]);
+        assert_eq!(
+            get(&a, NFTA_SET_DESC),
+            vec![28, 0, 2, 0x80, 12, 0, 1, 0x80, 8, 0, 1, 0, 0, 0, 0, 1, 12, 0, 1, 0x80, 8, 0, 1, 0, 0, 0, 0, 2]
+        );
+        assert_eq!(get(&a, NFTA_SET_USERDATA), SET_USERDATA_CONCAT.to_vec());
+        let m = Table::new(Family::Ip6, "t")
+            .add_set("named", SetKey::AddrProtoPort, 2, &mut ids)
+            .finish()
+            .expect("encodes");
+        assert_eq!(m[16], NFPROTO_IPV6);
+        let a = attrs(&m[20..]);
+        assert_eq!(get(&a, NFTA_SET_FLAGS), vec![0, 0, 0, 0]);
+        assert_eq!(get(&a, NFTA_SET_KEY_TYPE), vec![0, 0, 0x83, 0x0d]);
+        assert_eq!(get(&a, NFTA_SET_KEY_LEN), vec![0, 0, 0, 24]);
+        assert_eq!(get(&a, NFTA_SET_ID), vec![0, 0, 0, 2]);
+        assert!(a.iter().all(|(k, _)| *k != NFTA_SET_DESC));
+        let m = Table::new(Family::Ip6, "t")
+            .add_set("p", SetKey::AddrIntervals, 3, &mut ids)
+            .finish()
+            .expect("encodes");
+        let a = attrs(&m[20..]);
+        assert_eq!(get(&a, NFTA_SET_FLAGS), vec![0, 0, 0, 4]);
+        assert_eq!(get(&a, NFTA_SET_KEY_TYPE), vec![0, 0, 0, 8]);
+        assert_eq!(get(&a, NFTA_SET_KEY_LEN), vec![0, 0, 0, 16]);
+        assert_eq!(get(&a, NFTA_SET_USERDATA), vec![0, 4, 2, 0, 0, 0]);
+    }
+
+    /// (expression name, its attributes) of a rule message.
+    fn exprs(m: &[u8]) -> Vec<(String, Vec<(u16, Vec<u8>)>)> {
+        let a = attrs(&m[20..]);
+        attrs(&get(&a, NFTA_RULE_EXPRESSIONS))
+            .into_iter()
+            .map(|(_, e)| {
+                let e = attrs(&e);
+                let name = get(&e, NFTA_EXPR_NAME);
+                (
+                    String::from_utf8_lossy(&name[..name.len() - 1]).to_string(),
+                    attrs(&get(&e, NFTA_EXPR_DATA)),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn concatenations_use_nfts_registers() {
+        // nft --debug=netlink: `ip daddr . meta l4proto . th dport @s` loads reg 1, 9, 10;
+        // `ip6 ...` reg 1, 2, 13; `meta l4proto . th dport @s` reg 1 (hton 1 byte in 2),
+        // then reg 9.
+        let regs = |family: Family, f: &dyn Fn(&mut Exprs<'_>)| {
+            let m = Table::new(family, "t")
+                .add_rule("c", 1, &SetIds::new(), f)
+                .finish()
+                .expect("encodes");
+            exprs(&m)
+                .into_iter()
+                .filter(|(n, _)| n == "payload" || n == "meta")
+                .map(|(_, a)| u32::from_be_bytes(get(&a, 1).try_into().expect("u32")))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            regs(Family::Ip, &|e| e.daddr_proto_port_in_set(Family::Ip, "s")),
+            [1, 9, 10]
+        );
+        assert_eq!(
+            regs(Family::Ip6, &|e| e.daddr_proto_port_in_set(Family::Ip6, "s")),
+            [1, 2, 13]
+        );
+        assert_eq!(regs(Family::Ip, &|e| e.proto_port_in_set("s")), [1, 9]);
+        let m = Table::new(Family::Ip6, "t")
+            .add_rule("c", 1, &SetIds::new(), |e| {
+                e.addr_in_set(Family::Ip6, AddrField::Saddr, "s");
+                e.l4proto_is(6);
+                e.not_dnat();
+                e.reject(Reject::TcpReset);
+                e.reject(Reject::AdminProhibited(Family::Ip6));
+                e.reject(Reject::AdminProhibited(Family::Ip));
+                e.verdict(Verdict::Return);
+            })
+            .finish()
+            .expect("encodes");
+        let x = exprs(&m);
+        let names: Vec<&str> = x.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "payload", "lookup", "meta", "cmp", "ct", "bitwise", "cmp", "reject", "reject",
+                "reject", "immediate"
+            ]
+        );
+        // ip6 saddr: 16 bytes at 8.
+        assert_eq!(get(&x[0].1, NFTA_PAYLOAD_OFFSET), vec![0, 0, 0, 8]);
+        assert_eq!(get(&x[0].1, NFTA_PAYLOAD_LEN), vec![0, 0, 0, 16]);
+        // ct status & 0x20 (dnat, host order) == 0.
+        assert_eq!(get(&x[4].1, NFTA_CT_KEY), vec![0, 0, 0, 2]);
+        let mask = attrs(&get(&x[5].1, NFTA_BITWISE_MASK));
+        assert_eq!(mask[0].1, 0x20u32.to_ne_bytes().to_vec());
+        // reject type 1 code 0; type 0 code 1 (icmpv6); type 0 code 13 (icmp).
+        let reject = |i: usize| (get(&x[i].1, NFTA_REJECT_TYPE), get(&x[i].1, NFTA_REJECT_ICMP_CODE));
+        assert_eq!(reject(7), (vec![0, 0, 0, 1], vec![0]));
+        assert_eq!(reject(8), (vec![0, 0, 0, 0], vec![1]));
+        assert_eq!(reject(9), (vec![0, 0, 0, 0], vec![13]));
+        let verdict = attrs(&get(&x[10].1, NFTA_IMMEDIATE_DATA));
+        assert_eq!(
+            attrs(&verdict[0].1)[0].1,
+            (-5i32 as u32).to_be_bytes().to_vec(),
+            "return"
+        );
+    }
+
+    #[test]
+    fn long_element_lists_are_cut_to_fit_a_message() {
+        let elems: Vec<Elem<'_>> = (0..10_000u32)
+            .map(|i| Elem::key(i.to_be_bytes().to_vec()))
+            .collect();
+        let chunks = element_chunks(&elems);
+        assert!(chunks.len() > 1);
+        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), 10_000);
+        for c in &chunks {
+            let m = Table::new(Family::Ip, "t")
+                .add_elements("s", c, 1, &SetIds::new())
+                .finish();
+            assert!(m.is_ok(), "every part encodes");
+        }
+        // And the estimate is the encoded size.
+        let m = Table::new(Family::Ip, "t")
+            .add_elements("s", chunks[0], 1, &SetIds::new())
+            .finish()
+            .expect("encodes");
+        let list = get(&attrs(&m[20..]), NFTA_SET_ELEM_LIST_ELEMENTS);
+        assert_eq!(
+            list.len(),
+            chunks[0].iter().map(Elem::encoded_len).sum::<usize>()
+        );
+        let v = Elem::map(vec![1, 2, 3, 4], Verdict::Jump("in/abc"));
+        let m = Table::new(Family::Ip, "t")
+            .add_elements("m", std::slice::from_ref(&v), 1, &SetIds::new())
+            .finish()
+            .expect("encodes");
+        let list = get(&attrs(&m[20..]), NFTA_SET_ELEM_LIST_ELEMENTS);
+        assert_eq!(list.len(), v.encoded_len());
+    }
+
 }

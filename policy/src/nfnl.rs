@@ -740,3 +740,149 @@ impl Netlink for FakeNetlink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::compile::{diff, Set};
+
+    #[test]
+    fn the_compilers_vocabulary_parses_and_nothing_else() {
+        let ok = [
+            (Family::Ip, "ip saddr @peer/a meta l4proto . th dport @ports/b return"),
+            (
+                Family::Ip,
+                "meta l4proto tcp ip saddr @peer/a ip daddr . meta l4proto . th dport @named/c return",
+            ),
+            (Family::Ip6, "ip6 daddr @peer/a drop"),
+            (Family::Ip6, "ip6 daddr . meta l4proto . th dport @named/c goto in/x"),
+            (Family::Ip, "meta l4proto tcp ct status ! dnat reject with tcp reset"),
+            (Family::Ip, "reject with icmp type admin-prohibited"),
+            (Family::Ip6, "reject with icmpv6 type admin-prohibited"),
+            (Family::Ip, "meta l4proto sctp return"),
+            (Family::Ip, "goto in/x"),
+        ];
+        for (family, line) in ok {
+            parse_rule(family, line).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let refused = [
+            (Family::Ip, "ip6 saddr @peer/a return"),
+            (Family::Ip6, "reject with icmp type admin-prohibited"),
+            (Family::Ip, "counter accept"),
+            (Family::Ip, "ip saddr @peer/a"),
+            (Family::Ip, "return drop"),
+            (Family::Ip, "return ip saddr @a"),
+            (Family::Ip, "meta l4proto icmp return"),
+            (Family::Ip, "ip saddr 10.0.0.1 return"),
+            (Family::Ip, "goto"),
+            (Family::Ip, "reject with icmp type host-unreachable"),
+            (Family::Ip, ""),
+        ];
+        for (family, line) in refused {
+            assert_eq!(parse_rule(family, line), Err(Unknown(line.into())), "{line}");
+        }
+    }
+
+    #[test]
+    fn elements_parse_in_their_family_and_type() {
+        let p = |f, ty, s| parse_element(f, ty, s);
+        assert_eq!(
+            p(Family::Ip, SetType::Addrs, "0.0.0.0/0"),
+            Some(Element::Addrs(0, u128::from(u32::MAX)))
+        );
+        assert_eq!(
+            p(Family::Ip6, SetType::Addrs, "::/0"),
+            Some(Element::Addrs(0, u128::MAX))
+        );
+        assert_eq!(
+            p(Family::Ip, SetType::Addrs, "10.0.0.2-10.0.0.9"),
+            Some(Element::Addrs(0x0a00_0002, 0x0a00_0009))
+        );
+        assert_eq!(
+            p(Family::Ip, SetType::Ports, "udp . 1000-2000"),
+            Some(Element::Ports(17, 1000, 2000))
+        );
+        for (f, ty, s) in [
+            (Family::Ip, SetType::Addrs, "fd00::1"),
+            (Family::Ip6, SetType::Addrs, "10.0.0.1"),
+            (Family::Ip, SetType::Addrs, "10.0.0.1/24"),
+            (Family::Ip, SetType::Addrs, "10.0.0.9-10.0.0.2"),
+            (Family::Ip, SetType::Ports, "tcp . 90-80"),
+            (Family::Ip, SetType::Ports, "icmp . 1"),
+            (Family::Ip, SetType::Named, "10.0.0.1 . tcp"),
+            (Family::Ip6, SetType::Pairs, "fd00::1 . 10.0.0.1"),
+        ] {
+            assert_eq!(p(f, ty, s), None, "{s}");
+        }
+        // Keys as nft lays them out (nft --debug=netlink).
+        let named = set_elems(
+            Family::Ip,
+            SetType::Named,
+            &[p(Family::Ip, SetType::Named, "10.5.1.2 . tcp . 8080").unwrap()],
+            true,
+            false,
+        );
+        assert_eq!(named[0].key, [10, 5, 1, 2, 6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+        // Port intervals: the end with every add, with a delete only for a range.
+        let ports = [
+            p(Family::Ip, SetType::Ports, "tcp . 80").unwrap(),
+            p(Family::Ip, SetType::Ports, "tcp . 81-90").unwrap(),
+        ];
+        let add = set_elems(Family::Ip, SetType::Ports, &ports, true, false);
+        assert_eq!(add[0].key_end.as_deref(), Some(&[6, 0, 0, 0, 0, 80, 0, 0][..]));
+        assert_eq!(add[1].key_end.as_deref(), Some(&[6, 0, 0, 0, 0, 90, 0, 0][..]));
+        let del = set_elems(Family::Ip, SetType::Ports, &ports, false, false);
+        assert_eq!(del[0].key_end, None);
+        assert!(del[1].key_end.is_some());
+    }
+
+    fn table(family: Family, peers: &[&str], rules: &[&str], map: &[(&str, &str)]) -> Ruleset {
+        let mut rs = Ruleset::empty(family);
+        rs.sets.insert(
+            "peer/a".into(),
+            Set {
+                ty: SetType::Addrs,
+                elements: peers.iter().map(|s| s.to_string()).collect(),
+            },
+        );
+        rs.chains
+            .insert("in/a".into(), rules.iter().map(|s| s.to_string()).collect());
+        for (ip, chain) in map {
+            rs.ingress.insert(ip.parse().unwrap(), chain.to_string());
+        }
+        rs
+    }
+
+    #[test]
+    fn steps_are_the_diffs_lines_and_long_lists_take_several_messages() {
+        let old = table(
+            Family::Ip,
+            &["10.0.0.1"],
+            &["ip saddr @peer/a return"],
+            &[("10.5.1.2", "in/a")],
+        );
+        let many: Vec<String> = (0..5000u32)
+            .map(|i| std::net::Ipv4Addr::from(0x0a01_0000 + 2 * i).to_string())
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let new = table(Family::Ip, &many, &["drop"], &[("10.5.1.3", "in/a")]);
+        let o = ops(&old, &new).unwrap();
+        assert_eq!(Some(o.script()), diff(&old, &new));
+        let steps = steps(&o);
+        // Map element out, flush, set element out, set elements in (5000 intervals: 10000
+        // elements in several messages), the rule, map element in.
+        assert!(steps.len() > 6, "{}", steps.len());
+        let names: Vec<String> = steps.iter().map(ToString::to_string).collect();
+        assert!(names[3].starts_with("add element ip flannel-policy peer/a { 10.1.0.0, "));
+        assert!(names[3].ends_with(" (message 1 of 4)"), "{}", &names[3][names[3].len() - 30..]);
+        assert_eq!(message_count(&o), steps.len());
+        let batch = encode(&o, 7).unwrap();
+        assert_eq!(batch.last_seq, 7 + steps.len() as u32 + 1);
+        // Nothing changed: no steps.
+        assert!(ops(&new, &new).unwrap().is_empty());
+        // A line outside the vocabulary is reported, not guessed.
+        let odd = table(Family::Ip, &[], &["counter drop"], &[]);
+        assert_eq!(ops(&old, &odd), Err(Unknown("counter drop".into())));
+    }
+}
