@@ -1090,7 +1090,10 @@ mod tests {
         assert_eq!(get(&a, NFTA_SET_KEY_LEN), vec![0, 0, 0, 8]);
         assert_eq!(
             get(&a, NFTA_SET_DESC),
-            vec![28, 0, 2, 0x80, 12, 0, 1, 0x80, 8, 0, 1, 0, 0, 0, 0, 1, 12, 0, 1, 0x80, 8, 0, 1, 0, 0, 0, 0, 2]
+            vec![
+                28, 0, 2, 0x80, 12, 0, 1, 0x80, 8, 0, 1, 0, 0, 0, 0, 1, 12, 0, 1, 0x80, 8, 0, 1, 0,
+                0, 0, 0, 2
+            ]
         );
         assert_eq!(get(&a, NFTA_SET_USERDATA), SET_USERDATA_CONCAT.to_vec());
         let m = Table::new(Family::Ip6, "t")
@@ -1115,8 +1118,10 @@ mod tests {
         assert_eq!(get(&a, NFTA_SET_USERDATA), vec![0, 4, 2, 0, 0, 0]);
     }
 
+    type Attrs = Vec<(u16, Vec<u8>)>;
+
     /// (expression name, its attributes) of a rule message.
-    fn exprs(m: &[u8]) -> Vec<(String, Vec<(u16, Vec<u8>)>)> {
+    fn exprs(m: &[u8]) -> Vec<(String, Attrs)> {
         let a = attrs(&m[20..]);
         attrs(&get(&a, NFTA_RULE_EXPRESSIONS))
             .into_iter()
@@ -1152,7 +1157,8 @@ mod tests {
             [1, 9, 10]
         );
         assert_eq!(
-            regs(Family::Ip6, &|e| e.daddr_proto_port_in_set(Family::Ip6, "s")),
+            regs(Family::Ip6, &|e| e
+                .daddr_proto_port_in_set(Family::Ip6, "s")),
             [1, 2, 13]
         );
         assert_eq!(regs(Family::Ip, &|e| e.proto_port_in_set("s")), [1, 9]);
@@ -1173,8 +1179,17 @@ mod tests {
         assert_eq!(
             names,
             [
-                "payload", "lookup", "meta", "cmp", "ct", "bitwise", "cmp", "reject", "reject",
-                "reject", "immediate"
+                "payload",
+                "lookup",
+                "meta",
+                "cmp",
+                "ct",
+                "bitwise",
+                "cmp",
+                "reject",
+                "reject",
+                "reject",
+                "immediate"
             ]
         );
         // ip6 saddr: 16 bytes at 8.
@@ -1185,7 +1200,12 @@ mod tests {
         let mask = attrs(&get(&x[5].1, NFTA_BITWISE_MASK));
         assert_eq!(mask[0].1, 0x20u32.to_ne_bytes().to_vec());
         // reject type 1 code 0; type 0 code 1 (icmpv6); type 0 code 13 (icmp).
-        let reject = |i: usize| (get(&x[i].1, NFTA_REJECT_TYPE), get(&x[i].1, NFTA_REJECT_ICMP_CODE));
+        let reject = |i: usize| {
+            (
+                get(&x[i].1, NFTA_REJECT_TYPE),
+                get(&x[i].1, NFTA_REJECT_ICMP_CODE),
+            )
+        };
         assert_eq!(reject(7), (vec![0, 0, 0, 1], vec![0]));
         assert_eq!(reject(8), (vec![0, 0, 0, 0], vec![1]));
         assert_eq!(reject(9), (vec![0, 0, 0, 0], vec![13]));
@@ -1229,5 +1249,4 @@ mod tests {
         let list = get(&attrs(&m[20..]), NFTA_SET_ELEM_LIST_ELEMENTS);
         assert_eq!(list.len(), v.encoded_len());
     }
-
 }

@@ -780,7 +780,11 @@ mod tests {
             (Family::Ip, ""),
         ];
         for (family, line) in refused {
-            assert_eq!(parse_rule(family, line), Err(Unknown(line.into())), "{line}");
+            assert_eq!(
+                parse_rule(family, line),
+                Err(Unknown(line.into())),
+                "{line}"
+            );
         }
     }
 
@@ -830,8 +834,14 @@ mod tests {
             p(Family::Ip, SetType::Ports, "tcp . 81-90").unwrap(),
         ];
         let add = set_elems(Family::Ip, SetType::Ports, &ports, true, false);
-        assert_eq!(add[0].key_end.as_deref(), Some(&[6, 0, 0, 0, 0, 80, 0, 0][..]));
-        assert_eq!(add[1].key_end.as_deref(), Some(&[6, 0, 0, 0, 0, 90, 0, 0][..]));
+        assert_eq!(
+            add[0].key_end.as_deref(),
+            Some(&[6, 0, 0, 0, 0, 80, 0, 0][..])
+        );
+        assert_eq!(
+            add[1].key_end.as_deref(),
+            Some(&[6, 0, 0, 0, 0, 90, 0, 0][..])
+        );
         let del = set_elems(Family::Ip, SetType::Ports, &ports, false, false);
         assert_eq!(del[0].key_end, None);
         assert!(del[1].key_end.is_some());
@@ -875,7 +885,11 @@ mod tests {
         assert!(steps.len() > 6, "{}", steps.len());
         let names: Vec<String> = steps.iter().map(ToString::to_string).collect();
         assert!(names[3].starts_with("add element ip flannel-policy peer/a { 10.1.0.0, "));
-        assert!(names[3].ends_with(" (message 1 of 4)"), "{}", &names[3][names[3].len() - 30..]);
+        assert!(
+            names[3].ends_with(" (message 1 of 4)"),
+            "{}",
+            &names[3][names[3].len() - 30..]
+        );
         assert_eq!(message_count(&o), steps.len());
         let batch = encode(&o, 7).unwrap();
         assert_eq!(batch.last_seq, 7 + steps.len() as u32 + 1);
