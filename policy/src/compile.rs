@@ -30,15 +30,16 @@
 //! policies in the cluster. [`diff`] turns two rulesets into the steps between them (one
 //! transaction); [`full`] writes the table from scratch.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 pub use nft::Family;
 use registry::{
-    ClusterNetworkPolicy, ClusterNetworkPolicyPeer, IntOrString, Labels, NetworkPolicy,
-    NetworkPolicyPeer, NetworkPolicyPort, PolicyType, Protocol, RuleAction, Tier,
+    ClusterNetworkPolicy, ClusterNetworkPolicyPeer, IntOrString, LabelSelector, Labels,
+    NamespacedPod, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, PolicyType, Protocol,
+    RuleAction, Tier,
 };
 
 use crate::eval::{family_of, rule_parts, tier_order, Direction, PodView, NAMESPACE_NAME_LABEL};
@@ -202,12 +203,24 @@ fn fnv(text: &str) -> u64 {
 /// Content-addressed names: `<prefix>/<hash of key>`; a (practically impossible) collision
 /// of two keys is resolved by salting the later one.
 #[derive(Default)]
-struct Names {
+struct Names<'a> {
     /// name -> the key it stands for
     used: BTreeMap<String, String>,
+    /// The set of each NetworkPolicy peer (with the policy's namespace) met in this compile:
+    /// policies repeat each other's peers, and the key text is only built the first time.
+    np_peers: HashMap<(&'a NetworkPolicyPeer, &'a str), String>,
+    /// The same for ClusterNetworkPolicy peers (None: the peer matches nothing here).
+    cnp_peers: HashMap<CnpPeer<'a>, Option<String>>,
 }
 
-impl Names {
+/// What a ClusterNetworkPolicy peer's set depends on.
+type CnpPeer<'a> = (
+    Option<&'a LabelSelector>,
+    Option<&'a NamespacedPod>,
+    Option<&'a Vec<String>>,
+);
+
+impl Names<'_> {
     fn name(&mut self, prefix: &str, key: &str) -> String {
         let mut salt = 0u32;
         loop {
@@ -337,12 +350,17 @@ fn render_range(family: Family, (lo, hi): (u128, u128)) -> String {
 struct Ctx<'a> {
     input: Input<'a>,
     ns_labels: BTreeMap<&'a str, Labels>,
+    /// Every pod of the cluster by namespace: a selector peer looks at the pods of the
+    /// namespaces it selects only.
+    pods_by_ns: BTreeMap<&'a str, Vec<&'a PodView>>,
 }
 
 impl<'a> Ctx<'a> {
     fn new(input: Input<'a>) -> Ctx<'a> {
         let mut ns_labels: BTreeMap<&str, Labels> = BTreeMap::new();
+        let mut pods_by_ns: BTreeMap<&str, Vec<&PodView>> = BTreeMap::new();
         for p in input.pods {
+            pods_by_ns.entry(p.namespace.as_str()).or_default().push(p);
             ns_labels.entry(p.namespace.as_str()).or_insert_with(|| {
                 let mut l = input
                     .namespaces
@@ -353,7 +371,11 @@ impl<'a> Ctx<'a> {
                 l
             });
         }
-        Ctx { input, ns_labels }
+        Ctx {
+            input,
+            ns_labels,
+            pods_by_ns,
+        }
     }
 
     /// Intervals of the addresses of `family` a peer stands for.
@@ -367,21 +389,22 @@ impl<'a> Ctx<'a> {
         if let Some(b) = &peer.ip_block {
             v.extend(block_ranges(family, &b.cidr, &b.except));
         } else {
-            for pod in self.input.pods {
+            for (ns, pods) in &self.pods_by_ns {
                 let in_ns = match &peer.namespace_selector {
-                    None => pod.namespace == policy_ns,
-                    Some(sel) => self
-                        .ns_labels
-                        .get(pod.namespace.as_str())
-                        .is_some_and(|l| sel.matches(l)),
+                    None => *ns == policy_ns,
+                    Some(sel) => self.ns_labels.get(ns).is_some_and(|l| sel.matches(l)),
                 };
-                if in_ns
-                    && peer
+                if !in_ns {
+                    continue;
+                }
+                for pod in pods {
+                    if peer
                         .pod_selector
                         .as_ref()
                         .is_none_or(|s| s.matches(&pod.labels))
-                {
-                    v.extend(pod.addrs(family).map(|a| (to_int(a), to_int(a))));
+                    {
+                        v.extend(pod.addrs(family).map(|a| (to_int(a), to_int(a))));
+                    }
                 }
             }
         }
@@ -457,39 +480,57 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
             local.insert(a, p);
         }
     }
-    // (pod address, direction) -> the allow rules of its policies, in policy order.
-    let mut per_pod: BTreeMap<(IpAddr, Dir), Vec<String>> = BTreeMap::new();
+    // Local pods by namespace: a policy only looks at the pods of its own namespace.
+    let mut local_by_ns: BTreeMap<&str, Vec<(IpAddr, &PodView)>> = BTreeMap::new();
+    for (a, p) in &local {
+        local_by_ns
+            .entry(p.namespace.as_str())
+            .or_default()
+            .push((*a, *p));
+    }
+    // The allow rules of each (policy, direction) that selects a local pod, compiled once;
+    // (pod address, direction) -> indices into them, in policy order.
+    let mut np_rules: Vec<Vec<String>> = Vec::new();
+    let mut per_pod: BTreeMap<(IpAddr, Dir), Vec<usize>> = BTreeMap::new();
     for np in policies {
-        let ns = namespace_of(np);
+        let Some(candidates) = local_by_ns.get(namespace_of(np)) else {
+            continue;
+        };
         for dir in [Dir::In, Dir::Out] {
             if !np.spec.isolates(dir.policy_type()) {
                 continue;
             }
-            let selected: Vec<IpAddr> = local
+            let selected: Vec<IpAddr> = candidates
                 .iter()
-                .filter(|(_, p)| p.namespace == ns && np.spec.pod_selector.matches(&p.labels))
+                .filter(|(_, p)| np.spec.pod_selector.matches(&p.labels))
                 .map(|(a, _)| *a)
                 .collect();
             if selected.is_empty() {
                 continue;
             }
-            let rules = policy_rules(&ctx, &mut rs, &mut names, np, dir);
+            let idx = np_rules.len();
+            np_rules.push(policy_rules(&ctx, &mut rs, &mut names, np, dir));
             for ip in selected {
-                per_pod
-                    .entry((ip, dir))
-                    .or_default()
-                    .extend(rules.iter().cloned());
+                per_pod.entry((ip, dir)).or_default().push(idx);
             }
         }
     }
-    // (pod address, direction) -> its NetworkPolicy chain (when a policy isolates it).
+    // (pod address, direction) -> its NetworkPolicy chain (when a policy isolates it). Pods
+    // under the same policies share one chain, built once.
     let mut np_chain: BTreeMap<(IpAddr, Dir), String> = BTreeMap::new();
-    for ((ip, dir), rules) in per_pod {
+    let mut built: BTreeMap<(Dir, &[usize]), String> = BTreeMap::new();
+    for ((ip, dir), idxs) in &per_pod {
+        if let Some(name) = built.get(&(*dir, idxs.as_slice())) {
+            np_chain.insert((*ip, *dir), name.clone());
+            continue;
+        }
         // Policies often repeat each other's rules; a rule only returns, so once is enough.
-        let mut seen = BTreeSet::new();
-        let mut chain: Vec<String> = rules
-            .into_iter()
-            .filter(|r| seen.insert(r.clone()))
+        let mut seen: BTreeSet<&str> = BTreeSet::new();
+        let mut chain: Vec<String> = idxs
+            .iter()
+            .flat_map(|&i| np_rules[i].iter())
+            .filter(|r| seen.insert(r.as_str()))
+            .cloned()
             .collect();
         // A TCP reset where the connection was not DNATed; else (and for other protocols)
         // ICMP admin-prohibited, which conntrack translates back to the Service address
@@ -500,7 +541,8 @@ pub fn compile_family(input: Input<'_>, family: Family) -> Ruleset {
         chain.push(reject_icmp(family).to_string());
         let name = names.name(dir.tag(), &chain.join("\n"));
         rs.chains.insert(name.clone(), chain);
-        np_chain.insert((ip, dir), name);
+        built.insert((*dir, idxs.as_slice()), name.clone());
+        np_chain.insert((*ip, *dir), name);
     }
     // ClusterNetworkPolicy tiers around it, per local pod and direction: the Admin chain
     // (first matching rule: Accept `return`, Deny `drop`, Pass `goto` the rest), then the
@@ -562,11 +604,11 @@ struct TierRules {
 }
 
 impl TierRules {
-    fn new(
+    fn new<'a>(
         ctx: &Ctx<'_>,
         rs: &mut Ruleset,
-        names: &mut Names,
-        cnps: &[&ClusterNetworkPolicy],
+        names: &mut Names<'a>,
+        cnps: &[&'a ClusterNetworkPolicy],
         local: &[&PodView],
     ) -> TierRules {
         // Local pods by namespace: a subject's namespace selector is matched once per
@@ -699,11 +741,11 @@ fn first_matches<'a>(
 /// The lines of one ClusterNetworkPolicy's rules of `dir`: per rule, one line per peer (and
 /// per kind of port match), each a match prefix ending in a space (or empty) and the rule's
 /// action. A rule whose peers all match nothing in this family has no line.
-fn cnp_rules(
+fn cnp_rules<'a>(
     ctx: &Ctx<'_>,
     rs: &mut Ruleset,
-    names: &mut Names,
-    p: &ClusterNetworkPolicy,
+    names: &mut Names<'a>,
+    p: &'a ClusterNetworkPolicy,
     dir: Dir,
 ) -> Vec<(String, RuleAction)> {
     let direction = match dir {
@@ -783,10 +825,30 @@ fn cnp_rules(
 /// The set of a ClusterNetworkPolicy peer (shared with NetworkPolicy peers of the same
 /// meaning), or None when it matches nothing in this family (networks of the other family
 /// only; an invalid peer).
-fn cnp_peer_set(
+fn cnp_peer_set<'a>(
     ctx: &Ctx<'_>,
     rs: &mut Ruleset,
-    names: &mut Names,
+    names: &mut Names<'a>,
+    peer: &'a ClusterNetworkPolicyPeer,
+) -> Option<String> {
+    let id = (
+        peer.namespaces.as_ref(),
+        peer.pods.as_ref(),
+        peer.networks.as_ref(),
+    );
+    if let Some(name) = names.cnp_peers.get(&id) {
+        return name.clone();
+    }
+    let name = new_cnp_peer_set(ctx, rs, names, peer);
+    names.cnp_peers.insert(id, name.clone());
+    name
+}
+
+/// [`cnp_peer_set`] the first time a peer is met.
+fn new_cnp_peer_set(
+    ctx: &Ctx<'_>,
+    rs: &mut Ruleset,
+    names: &mut Names<'_>,
     peer: &ClusterNetworkPolicyPeer,
 ) -> Option<String> {
     let family = rs.family;
@@ -847,15 +909,15 @@ fn cnp_peer_set(
 const HAIRPIN: &str = "hairpin";
 
 /// The `return` rules of one policy for one direction (registering the sets they use).
-fn policy_rules(
+fn policy_rules<'a>(
     ctx: &Ctx<'_>,
     rs: &mut Ruleset,
-    names: &mut Names,
-    np: &NetworkPolicy,
+    names: &mut Names<'a>,
+    np: &'a NetworkPolicy,
     dir: Dir,
 ) -> Vec<String> {
     let ns = namespace_of(np);
-    let rules: Vec<(&[NetworkPolicyPeer], &[NetworkPolicyPort])> = match dir {
+    let rules: Vec<(&'a [NetworkPolicyPeer], &'a [NetworkPolicyPort])> = match dir {
         Dir::In => np
             .spec
             .ingress
@@ -884,8 +946,13 @@ fn policy_rules(
             {
                 continue;
             }
+            if let Some(name) = names.np_peers.get(&(peer, ns)) {
+                peer_matches.push(format!("{fam} {} @{name} ", dir.peer_field()));
+                continue;
+            }
             let key = peer_key(peer, ns);
             let name = names.name("peer", &key);
+            names.np_peers.insert((peer, ns), name.clone());
             if !rs.sets.contains_key(&name) {
                 let elements = ctx
                     .peer_ranges(family, peer, ns)

@@ -591,7 +591,7 @@ impl std::fmt::Display for Kind {
 
 /// A label selector (`matchLabels` AND every `matchExpressions` requirement). Empty selects
 /// everything.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -601,7 +601,7 @@ pub struct LabelSelector {
 }
 
 /// One `matchExpressions` entry.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelectorRequirement {
     pub key: String,
@@ -610,7 +610,7 @@ pub struct LabelSelectorRequirement {
     pub values: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SelectorOperator {
     #[default]
     In,
@@ -722,7 +722,7 @@ pub struct NetworkPolicyEgressRule {
 }
 
 /// Pods (by pod and/or namespace selector; both: AND) or an address block.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicyPeer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -734,7 +734,7 @@ pub struct NetworkPolicyPeer {
 }
 
 /// `cidr` minus every `except` block.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct IpBlock {
     pub cidr: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -78,7 +78,7 @@ pub struct ClusterNetworkPolicySubject {
 
 /// Pods matching `podSelector` (required; empty: all) in namespaces matching
 /// `namespaceSelector` (empty or absent: all).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NamespacedPod {
     #[serde(default)]
