@@ -3,7 +3,7 @@
 //! One namespace node with two real pods behind its bridge (a server and a client, same node:
 //! bridged traffic through br_netfilter, the harder path) and 1000 synthetic pods on the same
 //! node (records only) in 10 namespaces. Control plane, the daemon's own code path (objects →
-//! `compile` → `diff` → one `nft -f -`):
+//! `compile` → the difference as one netlink batch; whole tables through `nft -f -`):
 //! - apply 1, 100 and 1000 NetworkPolicies at once to a table holding the 1000 pods; with
 //!   1000, a pod label change (the client gains the label its server's policy allows), timed
 //!   from the change until a connection gets through;
@@ -29,10 +29,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use nft::NftCommand;
+use nft::{NfNetlink, NftCommand};
 use policy::compile::{compile, Input, Ruleset};
 use policy::enforce::Enforcer;
 use policy::eval::{NamedPort, PodView};
@@ -342,11 +343,14 @@ fn size(rs: &Ruleset) -> (usize, usize, usize, usize) {
 }
 
 /// Applies `rs` (timed from here: compile already done by the caller) and checks it was a
-/// difference, not a rewrite.
+/// difference, not a rewrite, sent as a netlink batch (as the daemon sends it).
 fn apply(rt: &tokio::runtime::Runtime, e: &mut Enforcer<NftCommand>, rs: Ruleset) -> Result<()> {
     let rep = rt.block_on(e.sync(rs)).map_err(anyhow::Error::msg)?;
     if rep.full {
         bail!("applying policies was a full rewrite");
+    }
+    if rep.changed && !rep.netlink {
+        bail!("the difference did not go as a netlink batch");
     }
     Ok(())
 }
@@ -422,7 +426,12 @@ fn main() -> Result<()> {
     let mut tables: Vec<(String, Option<Ruleset>)> = vec![("no policy table".into(), None)];
 
     // Apply n NetworkPolicies at once to a table that holds the pods and no policy.
-    let mut e = Enforcer::new(nft.clone());
+    // Differences as netlink batches through a socket in the node's namespace, as the daemon
+    // sends them; whole tables through nft there.
+    let socket = in_netns(&node_ns, NfNetlink::open)
+        .map_err(anyhow::Error::msg)?
+        .map_err(anyhow::Error::msg)?;
+    let mut e = Enforcer::new(nft.clone()).with_netlink(Arc::new(socket));
     // The table with no policy in it: its `ct state` rules turn conntrack on in the node's
     // namespace (no table: no conntrack at all), every map is empty. A cluster node tracks
     // connections anyway (the service proxy's NAT), so this is the baseline policies add to.

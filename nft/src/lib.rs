@@ -4,9 +4,11 @@
 //! table and probes a chain ([`NftCommand`] runs the program, bounded in time; [`FakeNft`]
 //! records calls for unit tests); [`TableKeeper`] keeps one table equal to its script and
 //! re-installs it on drift. For transactions `nft` makes slow on big tables, [`encode`]
-//! builds nf_tables messages and batches (pure), [`NfNetlink`] sends a batch and waits for
-//! the verdict, which [`ack`] reads (pure). The `nft` program side works on tables of either
-//! [`Family`] (`ip`, `ip6`); [`encode`] and [`NfNetlink::chain_exists`] on family `ip` only.
+//! builds nf_tables messages and batches (pure: the messages `nft` 1.0.6 sends for the same
+//! text, as the service proxy's and the network policy's incremental steps need them),
+//! [`NfNetlink`] sends a batch and waits for the verdict, which [`ack`] reads (pure). Both
+//! sides work on tables of either [`Family`] (`ip`, `ip6`: [`encode::Table`]), except
+//! [`NfNetlink::chain_exists`] and [`encode`]'s free functions (family `ip`).
 //! What goes into a table (rules, names, keys) is the callers' business. A failed transaction changes nothing.
 
 #![forbid(unsafe_code)]

@@ -18,6 +18,7 @@ pub mod compile;
 pub mod enforce;
 pub mod eval;
 pub mod metrics;
+pub mod nfnl;
 pub mod run;
 #[cfg(test)]
 mod sim_tests;

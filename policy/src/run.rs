@@ -1,8 +1,8 @@
 //! The module's loop: it follows the registry (namespaces, pods, policies) and the pod
 //! records in etcd ([`registry::follow`]) and after each burst of changes compiles this
 //! node's two tables (`ip` and `ip6 flannel-policy`) and applies, per table, the difference
-//! from what the kernel has in one `nft -f -` transaction (the whole table after a start or
-//! a failure).
+//! from what the kernel has in one transaction: a netlink batch (through `nft -f -` when no
+//! socket could be opened), the whole table through `nft -f -` after a start or a failure.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use etcd_access::Connection;
-use nft::{NftCommand, Runner};
+use nft::{NfNetlink, NftCommand, Runner};
 use prometheus_client::metrics::counter::Counter;
 use registry::follow::{follow, FollowOptions, Follower};
 use registry::follow::{KeyReader, Update};
@@ -32,8 +32,13 @@ pub struct PolicyOptions {
     pub debounce: Duration,
     /// How often to check that the table is still there (and rebuild it when not).
     pub check_interval: Duration,
-    /// `nft` behind an optional command prefix.
+    /// `nft` behind an optional command prefix (it writes whole tables, and differences
+    /// when there is no netlink socket).
     pub nft: NftCommand,
+    /// Send differences as netlink batches through a socket opened in this process's
+    /// network namespace (default). Turn off when `nft` writes to another namespace (a
+    /// prefix such as `ip netns exec`).
+    pub netlink: bool,
     /// Kept current for the userspace service proxy's relays (`--proxy-mode userspace`).
     pub gate: Option<PolicyGate>,
     /// Keep the `ip6` table too (default). Without it (a cluster without IPv6, where no
@@ -49,6 +54,7 @@ impl PolicyOptions {
             debounce: Duration::from_millis(5),
             check_interval: Duration::from_secs(10),
             nft: NftCommand::default(),
+            netlink: true,
             gate: None,
             ipv6: true,
         }
@@ -481,6 +487,7 @@ impl<N: Runner> Follower for Policy<N> {
             _ => Ok(SyncReport {
                 full: false,
                 changed: false,
+                netlink: false,
                 elapsed: std::time::Duration::ZERO,
             }),
         };
@@ -489,6 +496,7 @@ impl<N: Runner> Follower for Policy<N> {
                 let rep = SyncReport {
                     full: a.full || b.full,
                     changed: a.changed || b.changed,
+                    netlink: a.netlink || b.netlink,
                     elapsed: a.elapsed + b.elapsed,
                 };
                 self.metrics.observe(&rep, ingress, egress);
@@ -544,12 +552,24 @@ pub async fn run(
             tracing::warn!("network policy: removing a leftover ip6 table: {e}");
         }
     }
+    let with_netlink = |e: Enforcer<NftCommand>| {
+        if !opts.netlink {
+            return e;
+        }
+        match NfNetlink::open() {
+            Ok(nl) => e.with_netlink(Arc::new(nl)),
+            Err(err) => {
+                tracing::warn!("network policy: {err}; differences go through nft");
+                e
+            }
+        }
+    };
     let mut policy = Policy {
         cache,
-        enforcer: Enforcer::new(opts.nft.clone()),
+        enforcer: with_netlink(Enforcer::new(opts.nft.clone())),
         enforcer6: opts
             .ipv6
-            .then(|| Enforcer::for_family(opts.nft, Family::Ip6)),
+            .then(|| with_netlink(Enforcer::for_family(opts.nft.clone(), Family::Ip6))),
         ipv6_pods: false,
         gate: opts.gate,
         node: opts.node,

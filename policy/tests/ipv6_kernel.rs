@@ -2,7 +2,8 @@
 //! the evaluator. Two namespace nodes (host-gw style routes over a dual-stack underlay), five
 //! dual-stack pods behind the nodes' `cni0` bridges (three on the first node: same-node
 //! traffic is bridged and needs br_netfilter), the tables compiled by `compile_family` and
-//! applied by the `Enforcer`s through `ip netns exec <node> nft`. For each set of policies
+//! applied by the `Enforcer`s (whole tables through `ip netns exec <node> nft`, differences
+//! as netlink batches through a socket in the node's namespace). For each set of policies
 //! every ordered pod pair is probed over both families (a connection that gets the server's
 //! answer, the source address it saw: the reply came back) after the neighbour caches are
 //! flushed (so neighbour discovery runs under the isolation), and the matrices must equal
@@ -19,7 +20,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::Duration;
 
-use nft::NftCommand;
+use std::sync::Arc;
+
+use nft::{NfNetlink, NftCommand};
 use policy::compile::{compile_family, Input};
 use policy::enforce::Enforcer;
 use policy::eval::{Cluster, Family, NamedPort, Peer, PodView};
@@ -49,7 +52,7 @@ struct World {
     /// Per node: (namespace, cni0's global IPv6, cni0's link-local, cni0's index, eth0's IPv6).
     nodes: Vec<(String, Ipv6Addr, Ipv6Addr, u32, Ipv6Addr)>,
     namespaces: BTreeMap<String, Labels>,
-    enforcers: Vec<[Enforcer<NftCommand>; 2]>,
+    enforcers: Vec<[Enforcer<NftCommand, Arc<NfNetlink>>; 2]>,
     rt: tokio::runtime::Runtime,
     _servers: Vec<WhoAmIServer>,
 }
@@ -242,9 +245,18 @@ fn setup() -> World {
             let nft = NftCommand {
                 prefix: vec!["ip".into(), "netns".into(), "exec".into(), ns.clone()],
             };
+            // Differences go as netlink batches through sockets in the node's namespace.
+            let socket = || {
+                let ns = ns.clone();
+                Arc::new(
+                    in_netns(&ns, NfNetlink::open)
+                        .expect("enter namespace")
+                        .expect("netlink socket"),
+                )
+            };
             [
-                Enforcer::for_family(nft.clone(), Family::Ip),
-                Enforcer::for_family(nft, Family::Ip6),
+                Enforcer::for_family(nft.clone(), Family::Ip).with_netlink(socket()),
+                Enforcer::for_family(nft, Family::Ip6).with_netlink(socket()),
             ]
         })
         .collect();
@@ -307,7 +319,9 @@ impl World {
                     },
                     family,
                 );
-                self.rt.block_on(e.sync(rs)).expect("nft transaction");
+                let rep = self.rt.block_on(e.sync(rs)).expect("nft transaction");
+                // Whole tables by nft, differences over netlink.
+                assert_eq!(rep.netlink, rep.changed && !rep.full, "{rep:?}");
             }
         }
     }
