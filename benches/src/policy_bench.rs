@@ -69,10 +69,12 @@ struct Args {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     changes: u32,
     /// Connections per latency measurement (per table, over all rounds).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 4000)]
     connections: usize,
-    /// Interleaved latency rounds (each table applied in turn per round).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Interleaved latency rounds (each table applied in turn per round). Many short rounds:
+    /// the p50 of one table drifts by ±15% from one minute to the next on a 2-vCPU VM, and
+    /// short rounds spread that drift over every table alike.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -423,7 +425,13 @@ fn main() -> Result<()> {
         a.pods
     );
     // The tables the data path is measured with, in report order (None: no table).
-    let mut tables: Vec<(String, Option<Ruleset>)> = vec![("no policy table".into(), None)];
+    let mut tables: Vec<(String, Table)> = vec![
+        ("no policy table".into(), Table::None),
+        (
+            "no policy table, conntrack on (a table with one `ct state` rule)".into(),
+            Table::Conntrack,
+        ),
+    ];
 
     // Apply n NetworkPolicies at once to a table that holds the pods and no policy.
     // Differences as netlink batches through a socket in the node's namespace, as the daemon
@@ -437,7 +445,7 @@ fn main() -> Result<()> {
     // connections anyway (the service proxy's NAT), so this is the baseline policies add to.
     tables.push((
         "empty policy table (0 policies, conntrack on)".into(),
-        Some(w.compile()),
+        Table::Policy(w.compile()),
     ));
     for &n in &a.policies {
         check_stop()?;
@@ -481,7 +489,7 @@ fn main() -> Result<()> {
             if !connects(&client.ns, to, Duration::from_secs(1)) {
                 bail!("the client does not reach the server with {n} NetworkPolicies");
             }
-            tables.push((count(n, "NetworkPolicy"), Some(rs)));
+            tables.push((count(n, "NetworkPolicy"), Table::Policy(rs)));
         }
     }
 
@@ -520,7 +528,7 @@ fn main() -> Result<()> {
                 count(np_max, "NetworkPolicy"),
                 count(n, "ClusterNetworkPolicy")
             ),
-            Some(rs),
+            Table::Policy(rs),
         ));
         if n == cnp_max && n >= 2 {
             // Priority change: the pair's Accept moved above its Deny, until a connection
@@ -551,7 +559,7 @@ fn main() -> Result<()> {
         for i in order {
             let rs = &tables[i].1;
             check_stop()?;
-            use_table(&rt, &nft, &mut e, rs.as_ref())?;
+            use_table(&rt, &nft, &mut e, rs)?;
             // Let the kernel finish with the previous table (objects freed after the
             // transaction) and warm up before the samples.
             std::thread::sleep(Duration::from_millis(200));
@@ -564,7 +572,8 @@ fn main() -> Result<()> {
         v.sort();
     }
     let base = percentile(&lat[0], 0.5).as_secs_f64();
-    let empty = percentile(&lat[1], 0.5).as_secs_f64();
+    // Rows 0-2: no table, conntrack only, the empty policy table.
+    let empty = percentile(&lat[2], 0.5).as_secs_f64();
     for ((what, _), v) in tables.iter().zip(&lat) {
         let p50 = percentile(v, 0.5).as_secs_f64();
         report += &format!(
@@ -581,7 +590,7 @@ fn main() -> Result<()> {
     let mut base = None;
     for (what, rs) in &tables {
         check_stop()?;
-        use_table(&rt, &nft, &mut e, rs.as_ref())?;
+        use_table(&rt, &nft, &mut e, rs)?;
         let g = iperf(&server.ns, &client.ns, server_ip, a.seconds)?;
         let b = *base.get_or_insert(g);
         report += &format!("| {what} | {g:.2} | {:.3} |\n", g / b);
@@ -602,19 +611,43 @@ fn selects_here(p: &ClusterNetworkPolicy) -> bool {
         .is_none_or(|s| !s.match_labels.values().any(|v| v == "elsewhere"))
 }
 
-/// Puts `rs` in the kernel (None: no table at all).
+/// A table of the data-path comparison.
+#[derive(Debug)]
+enum Table {
+    /// No table at all: nothing in the node's namespace uses conntrack.
+    None,
+    /// No policy table, and [`CONNTRACK_TABLE`]: conntrack on, as on any node that NATs.
+    Conntrack,
+    /// The policy table.
+    Policy(Ruleset),
+}
+
+/// A table of its own whose one `ct state` rule turns conntrack on in the namespace.
+const CONNTRACK_TABLE: &str = "bench-conntrack";
+
+/// Puts `table` in the kernel (and only it).
 fn use_table(
     rt: &tokio::runtime::Runtime,
     nft: &NftCommand,
     e: &mut Enforcer<NftCommand>,
-    rs: Option<&Ruleset>,
+    table: &Table,
 ) -> Result<()> {
-    match rs {
-        None => {
-            rt.block_on(nft.apply(&policy::compile::cleanup()))?;
+    let without_conntrack_table = nft::remove_table_script(nft::Family::Ip, CONNTRACK_TABLE);
+    match table {
+        Table::None => {
+            rt.block_on(nft.apply(&(policy::compile::cleanup() + &without_conntrack_table)))?;
             e.invalidate();
         }
-        Some(rs) => {
+        Table::Conntrack => {
+            let script = format!(
+                "{}{without_conntrack_table}table ip {CONNTRACK_TABLE} {{\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    ct state established,related accept\n  }}\n}}\n",
+                policy::compile::cleanup()
+            );
+            rt.block_on(nft.apply(&script))?;
+            e.invalidate();
+        }
+        Table::Policy(rs) => {
+            rt.block_on(nft.apply(&without_conntrack_table))?;
             rt.block_on(e.sync(rs.clone()))
                 .map_err(anyhow::Error::msg)?;
         }
