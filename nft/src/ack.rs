@@ -3,7 +3,7 @@
 //! deciding when a batch is answered and which step was refused.
 
 use crate::encode::Batch;
-use crate::sys::NLMSG_ERROR;
+use crate::sys::{NLA_F_NESTED, NLMSG_ERROR};
 
 /// The netlink messages in `buf`: `(type, sequence number, payload)`; a cut message ends the
 /// list.
@@ -19,6 +19,23 @@ pub fn messages(buf: &[u8]) -> Vec<(u16, u32, &[u8])> {
         let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
         out.push((kind, word(at + 8), &buf[at + 16..at + len]));
         at += (len + 3) & !3;
+    }
+    out
+}
+
+/// The top-level attributes of a message payload or of a nest: `(type without the nested
+/// flag, payload)`; a cut attribute ends the list. For reading back what was encoded (tests)
+/// as well as answers.
+pub fn attributes(mut b: &[u8]) -> Vec<(u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        let kind = u16::from_ne_bytes([b[2], b[3]]) & !NLA_F_NESTED;
+        out.push((kind, b[4..len].to_vec()));
+        b = &b[((len + 3) & !3).min(b.len())..];
     }
     out
 }
@@ -106,6 +123,25 @@ mod tests {
         buf.extend_from_slice(&0u32.to_ne_bytes());
         buf.extend_from_slice(&errno.to_ne_bytes());
         buf.extend_from_slice(&[0; 16]);
+    }
+
+    #[test]
+    fn attributes_are_read_until_one_is_cut() {
+        let mut b = Vec::new();
+        for (kind, payload) in [(1u16 | NLA_F_NESTED, &b"abcde"[..]), (2, &b""[..])] {
+            b.extend_from_slice(&(4 + payload.len() as u16).to_ne_bytes());
+            b.extend_from_slice(&kind.to_ne_bytes());
+            b.extend_from_slice(payload);
+            b.resize(b.len().next_multiple_of(4), 0);
+        }
+        let whole = vec![(1, b"abcde".to_vec()), (2, Vec::new())];
+        assert_eq!(attributes(&b), whole);
+        // An attribute longer than what is left, or shorter than its header, ends the list.
+        b.extend_from_slice(&[200, 0, 3, 0, 1, 2]);
+        assert_eq!(attributes(&b), whole);
+        b.truncate(b.len() - 6);
+        b.extend_from_slice(&[2, 0, 3, 0]);
+        assert_eq!(attributes(&b), whole);
     }
 
     #[test]

@@ -956,6 +956,7 @@ pub fn batch<T: Display>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ack::attributes as attrs;
 
     #[test]
     fn over_long_attributes_and_bad_names_are_errors_not_cut() {
@@ -991,18 +992,6 @@ mod tests {
         .expect_err("refused");
         assert_eq!(e.what, "second");
         assert_eq!(e.to_string(), "cannot encode second: name \"\": empty");
-    }
-
-    /// Top-level attributes of a message body or nest: (type without flags, payload).
-    fn attrs(mut b: &[u8]) -> Vec<(u16, Vec<u8>)> {
-        let mut out = Vec::new();
-        while b.len() >= 4 {
-            let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-            let kind = u16::from_ne_bytes([b[2], b[3]]) & !NLA_F_NESTED;
-            out.push((kind, b[4..len].to_vec()));
-            b = &b[((len + 3) & !3).min(b.len())..];
-        }
-        out
     }
 
     fn get(a: &[(u16, Vec<u8>)], kind: u16) -> Vec<u8> {

@@ -174,19 +174,9 @@ pub fn apply(nl: &NfNetlink, ops: &[Op]) -> Result<(), ::nft::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ::nft::ack::attributes as attrs;
     use ::nft::sys::*;
     use std::net::Ipv4Addr;
-
-    fn attrs(mut b: &[u8]) -> Vec<(u16, Vec<u8>)> {
-        let mut out = Vec::new();
-        while b.len() >= 4 {
-            let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-            let kind = u16::from_ne_bytes([b[2], b[3]]) & !NLA_F_NESTED;
-            out.push((kind, b[4..len].to_vec()));
-            b = &b[((len + 3) & !3).min(b.len())..];
-        }
-        out
-    }
 
     #[test]
     fn batch_is_begin_messages_end_with_consecutive_sequence_numbers() {
