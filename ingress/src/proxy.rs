@@ -504,12 +504,19 @@ impl Proxy {
             )
         };
         let method = parts.method;
-        let mut head = Some((uri, headers));
+        let target = uri.path_and_query().map_or("/", PathAndQuery::as_str);
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(self.opts.attempts);
         // An answer of ours, naming the endpoint tried last (built only when needed).
         let own = |status, text, upstream| Forwarded {
             response: plain(status, text),
             upstream,
+        };
+        let out = Outgoing {
+            method: &method,
+            uri: &uri,
+            target,
+            headers: &headers,
+            body: &body,
         };
         loop {
             let Some(addr) = upstream.pick(&tried, &self.ejections) else {
@@ -517,14 +524,7 @@ impl Proxy {
             };
             tried.push(addr);
             let last = tried.len() >= self.opts.attempts;
-            let exchange = self.exchange(
-                addr,
-                &method,
-                &mut head,
-                &body,
-                !last && method.is_idempotent(),
-                client_upgrade.is_some(),
-            );
+            let exchange = self.exchange(addr, &out, client_upgrade.is_some());
             match tokio::time::timeout(self.opts.upstream_timeout, exchange).await {
                 Ok(Ok(resp)) => {
                     self.ejections.clear(addr);
@@ -550,12 +550,13 @@ impl Proxy {
                         "ingress: the upstream sent too big a response header");
                     return own(StatusCode::BAD_GATEWAY, HEADER_TOO_BIG, Some(addr));
                 }
-                Ok(Err(Failure::Exchange(e))) => {
+                Ok(Err(Failure::Exchange { error, retry })) => {
                     self.upstream_error(route, "response");
-                    tracing::debug!(endpoint = %addr, error = %e, "ingress: the upstream failed");
-                    // The request may have been sent: only an idempotent one goes to another
-                    // endpoint (nginx's proxy_next_upstream rule).
-                    if head.is_some() && !last {
+                    tracing::debug!(endpoint = %addr, %error, "ingress: the upstream failed");
+                    // The request may have been sent: only an idempotent one (or one that
+                    // provably did not leave) goes to another endpoint (nginx's
+                    // proxy_next_upstream rule).
+                    if retry && !last {
                         self.ejections.eject(addr);
                         self.metrics.retries.inc();
                         continue;
@@ -570,80 +571,74 @@ impl Proxy {
         }
     }
 
-    /// One exchange with `addr`: a pooled connection (a fresh one when the pooled one turns
+    /// One exchange with `addr`: a pooled connection (the next one when a pooled one turns
     /// out closed before the request left, or failed on an idempotent request), else a new
-    /// one. `head` is taken when the request goes out, and left (a copy) when `keep` says a
-    /// retry on another endpoint may need it, or when the request provably did not leave.
+    /// one. An upgrade goes through hyper's client on a new connection.
     async fn exchange(
         &self,
         addr: SocketAddr,
-        method: &Method,
-        head: &mut Option<(Uri, HeaderMap)>,
-        body: &Bytes,
-        keep: bool,
+        out: &Outgoing<'_>,
         upgrade: bool,
     ) -> Result<Response<UpBody>, Failure> {
-        let build = |head: &mut Option<(Uri, HeaderMap)>, copy: bool| {
-            let (uri, headers) = if copy { head.clone() } else { head.take() }
-                .ok_or_else(|| Failure::Exchange("the request is gone".into()))?;
-            let mut up = Request::new(Full::new(body.clone()));
-            *up.method_mut() = method.clone();
-            *up.uri_mut() = uri;
-            *up.version_mut() = Version::HTTP_11;
-            *up.headers_mut() = headers;
-            Ok::<_, Failure>(up)
-        };
-        let unbuild = |head: &mut Option<(Uri, HeaderMap)>, req: Box<Request<Full<Bytes>>>| {
-            let (p, _) = req.into_parts();
-            *head = Some((p.uri, p.headers));
-        };
+        let idempotent = out.method.is_idempotent();
         if upgrade {
             let mut send = self
                 .pool
                 .connect_upgradable(addr)
                 .await
                 .map_err(Failure::Connect)?;
+            let mut up = Request::new(Full::new(out.body.clone()));
+            *up.method_mut() = out.method.clone();
+            *up.uri_mut() = out.uri.clone();
+            *up.version_mut() = Version::HTTP_11;
+            *up.headers_mut() = out.headers.clone();
             return send
-                .send_request(build(head, false)?)
+                .send_request(up)
                 .await
                 .map(|r| r.map(UpBody::detached))
                 .map_err(|e| match e.is_parse_too_large() {
                     true => Failure::HeaderTooBig,
-                    false => Failure::Exchange(e.to_string()),
+                    false => Failure::Exchange {
+                        error: e.to_string(),
+                        retry: false,
+                    },
                 });
         }
-        // Pooled connections first. One found closed before the request left gives the
-        // request back; one that fails after it may have left is followed by a fresh
-        // connection for idempotent methods (nginx does not count a cached connection's
-        // failure as a try either).
+        // Pooled connections first. One found closed before the request left is followed by
+        // the next; one that fails after it may have left is followed by the next only for
+        // idempotent methods (nginx does not count a cached connection's failure as a try
+        // either).
+        let send = |c: Box<crate::upstream::UpConn>| {
+            c.send(out.method, out.target, out.headers, out.body, &self.pool)
+        };
         while let Some(c) = self.pool.checkout(addr) {
-            match c
-                .send(build(head, keep || method.is_idempotent())?, &self.pool)
-                .await
-            {
+            match send(c).await {
                 Ok(resp) => return Ok(resp),
-                Err(SendError::NotSent(r)) => unbuild(head, r),
+                Err(SendError::NotSent) => {}
                 Err(SendError::HeaderTooBig) => return Err(Failure::HeaderTooBig),
-                Err(SendError::Failed(e)) if method.is_idempotent() => {
+                Err(SendError::Failed(e)) if idempotent => {
                     tracing::debug!(endpoint = %addr, error = %e, "ingress: a kept-alive upstream connection failed; trying a new one");
                 }
-                Err(SendError::Failed(e)) => {
-                    *head = None;
-                    return Err(Failure::Exchange(e));
+                Err(SendError::Failed(error)) => {
+                    return Err(Failure::Exchange {
+                        error,
+                        retry: false,
+                    })
                 }
             }
         }
         let c = self.pool.connect(addr).await.map_err(Failure::Connect)?;
-        match c.send(build(head, keep)?, &self.pool).await {
+        match send(c).await {
             Ok(resp) => Ok(resp),
-            Err(SendError::NotSent(r)) => {
-                unbuild(head, r);
-                Err(Failure::Exchange(
-                    "the connection closed before the request was sent".into(),
-                ))
-            }
+            Err(SendError::NotSent) => Err(Failure::Exchange {
+                error: "the connection closed before the request was sent".into(),
+                retry: true,
+            }),
             Err(SendError::HeaderTooBig) => Err(Failure::HeaderTooBig),
-            Err(SendError::Failed(e)) => Err(Failure::Exchange(e)),
+            Err(SendError::Failed(error)) => Err(Failure::Exchange {
+                error,
+                retry: idempotent,
+            }),
         }
     }
 
@@ -701,7 +696,22 @@ impl Proxy {
 enum Failure {
     Connect(std::io::Error),
     HeaderTooBig,
-    Exchange(String),
+    /// The exchange failed; `retry`: another endpoint may get the request (idempotent, or
+    /// it provably did not leave).
+    Exchange {
+        error: String,
+        retry: bool,
+    },
+}
+
+/// The request as it goes upstream (borrowed by every attempt).
+struct Outgoing<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    /// The path and query of `uri`.
+    target: &'a str,
+    headers: &'a HeaderMap,
+    body: &'a Bytes,
 }
 
 #[cfg(test)]
