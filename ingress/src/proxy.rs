@@ -10,9 +10,10 @@
 //! response head was too large, 503 when the Service has no ready endpoint, 504 when the
 //! upstream's answer is late.
 //!
-//! Per request the work is kept to what the request needs: the upstream connection is driven
-//! in the request's own task ([`crate::upstream`]), the route's metric series are looked up
-//! once per snapshot, the request's headers are copied only when a retry could need them.
+//! Per request the work is kept to what the request needs: the upstream exchange runs in the
+//! request's own task on a connection of our own ([`crate::upstream`]), the route's metric
+//! series are looked up once per snapshot, the request head is written upstream from borrowed
+//! parts (every attempt and retry reads the same head; nothing is copied for them).
 
 use std::collections::HashMap;
 use std::io::Write as _;

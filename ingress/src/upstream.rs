@@ -60,6 +60,8 @@ pub struct UpConn {
     /// The request head as written (reused from request to request).
     wbuf: Vec<u8>,
     addr: SocketAddr,
+    /// The last read took less than it could: the socket was empty then.
+    drained: bool,
     /// Taken from the pool (it served requests before).
     pub reused: bool,
 }
@@ -164,6 +166,7 @@ impl Pool {
     }
 
     fn checkin(&self, mut conn: Box<UpConn>) {
+        conn.settle();
         if conn.rbuf.capacity() > KEEP_BUFFER {
             conn.rbuf = BytesMut::new();
         }
@@ -221,6 +224,7 @@ impl Pool {
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
             addr,
+            drained: false,
             reused: false,
         }))
     }
@@ -438,7 +442,7 @@ fn framing(head_request: bool, head: &Head) -> Result<(Framing, bool), String> {
         let last = h
             .get_all(header::TRANSFER_ENCODING)
             .iter()
-            .last()
+            .next_back()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
             .map(str::trim);
@@ -591,13 +595,30 @@ impl UpConn {
         if self.rbuf.capacity() - self.rbuf.len() < READ_ROOM / 2 {
             self.rbuf.reserve(READ_ROOM);
         }
+        let room = self.rbuf.capacity() - self.rbuf.len();
         loop {
             match self.io.try_read_buf(&mut self.rbuf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     ready!(self.io.poll_read_ready(cx))?;
                 }
-                r => return Poll::Ready(r),
+                r => {
+                    self.drained = matches!(r, Ok(n) if n > 0 && n < room);
+                    return Poll::Ready(r);
+                }
             }
+        }
+    }
+
+    /// Going idle: when the last read found the socket empty, tokio's read readiness is
+    /// cleared without a system call, so that the check before the next request
+    /// ([`UpConn::idle_and_open`]) reads only if the upstream sent something (or closed) in
+    /// between; otherwise that check would cost a `recv` answering EAGAIN per request. A
+    /// close that arrives later is an epoll event of its own and sets the readiness again.
+    fn settle(&mut self) {
+        if std::mem::take(&mut self.drained) {
+            let _ = self.io.try_io(tokio::io::Interest::READABLE, || {
+                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+            });
         }
     }
 
