@@ -883,8 +883,11 @@ struct Bulk {
     threads: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>,
     done: Vec<Arc<std::sync::atomic::AtomicUsize>>,
     /// Start and end of every completed transfer, per direction.
-    spans: Vec<Arc<std::sync::Mutex<Vec<(Instant, Instant)>>>>,
+    spans: Vec<Spans>,
 }
+
+/// Start and end of the transfers one direction completed.
+type Spans = Arc<std::sync::Mutex<Vec<(Instant, Instant)>>>;
 
 const BULK: usize = 4 << 20;
 
