@@ -583,11 +583,10 @@ fn agree(seeds: u64, tiers: bool) -> ([usize; 2], [usize; 2]) {
 
 /// Every rule line the compiler writes into a chain and every set element of random
 /// clusters (with and without ClusterNetworkPolicies, both families) is in the netlink
-/// encoder's vocabulary, and its steps between two tables are [`crate::compile::diff`]'s
-/// lines, in order (from nothing, and from the previous random table of the same node).
+/// encoder's vocabulary, and the steps between two tables encode (from nothing, and from the
+/// previous random table of the same node).
 #[test]
-fn every_compiled_line_encodes_for_netlink_and_the_steps_are_the_diff() {
-    use crate::compile::diff;
+fn every_compiled_line_and_element_encodes_for_netlink() {
     use crate::nfnl::{encode, ops, parse_rule};
     let mut prev: BTreeMap<(&str, Family), Ruleset> = BTreeMap::new();
     let mut lines = 0usize;
@@ -630,8 +629,6 @@ fn every_compiled_line_encodes_for_netlink_and_the_steps_are_the_diff() {
                 from.extend(prev.get(key));
                 for old in from {
                     let steps = ops(old, rs).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-                    let want = diff(old, rs).unwrap_or_default();
-                    assert_eq!(steps.script(), want, "seed {seed} {key:?}");
                     encode(&steps, 1).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
                 }
             }
