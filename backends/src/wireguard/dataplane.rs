@@ -46,7 +46,7 @@ const DATA_OVERHEAD: usize = 32;
 const HANDSHAKE_MAX: usize = 148;
 /// Receive and work buffers: the largest UDP datagram.
 const BUF: usize = 65536;
-/// Whether the ingress thread asks for UDP_GRO (see [`ingress`]; docs/wireguard.md, "GRO").
+/// Whether the ingress thread asks for UDP_GRO (see [`ingress`]; docs/wireguard.md, "Data plane").
 const UDP_GRO: bool = true;
 /// The TUN's transmit queue (packets waiting for the egress thread), as the udp backend's.
 const TX_QUEUE_LEN: u32 = 1000;
