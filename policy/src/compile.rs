@@ -1132,73 +1132,232 @@ pub fn cleanup() -> String {
     cleanup_table(Family::Ip) + &cleanup_table(Family::Ip6)
 }
 
-/// The steps from `old` (what the kernel has) to `new`, as one transaction; `None` when
+/// One step from one table to the next: one line of [`diff`]'s script. Rules and set
+/// elements are `R` and `E`: their text as [`changes`] gives them; [`crate::nfnl`] maps them
+/// to parsed forms that keep the text ([`Change::try_map`]), so the text script and the
+/// netlink batch are the same steps in the same order by construction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change<R = String, E = String> {
+    DeleteMapElements {
+        map: &'static str,
+        keys: Vec<IpAddr>,
+    },
+    FlushChain(String),
+    DeleteChain(String),
+    DeleteSet(String),
+    DeleteElements {
+        set: String,
+        ty: SetType,
+        elements: Vec<E>,
+    },
+    AddSet {
+        name: String,
+        ty: SetType,
+    },
+    AddElements {
+        set: String,
+        ty: SetType,
+        elements: Vec<E>,
+        /// The set is created in the same transaction.
+        new: bool,
+    },
+    AddChain(String),
+    AddRule {
+        chain: String,
+        rule: R,
+    },
+    AddMapElements {
+        map: &'static str,
+        elements: Vec<(IpAddr, String)>,
+    },
+}
+
+impl<R, E> Change<R, E> {
+    /// The same step with its rule and elements converted (each element with its set's
+    /// type); the first failure is returned.
+    pub fn try_map<R2, E2, X>(
+        self,
+        rule: impl Fn(R) -> Result<R2, X>,
+        element: impl Fn(SetType, E) -> Result<E2, X>,
+    ) -> Result<Change<R2, E2>, X> {
+        Ok(match self {
+            Change::DeleteMapElements { map, keys } => Change::DeleteMapElements { map, keys },
+            Change::FlushChain(c) => Change::FlushChain(c),
+            Change::DeleteChain(c) => Change::DeleteChain(c),
+            Change::DeleteSet(s) => Change::DeleteSet(s),
+            Change::DeleteElements { set, ty, elements } => Change::DeleteElements {
+                set,
+                ty,
+                elements: elements
+                    .into_iter()
+                    .map(|e| element(ty, e))
+                    .collect::<Result<_, _>>()?,
+            },
+            Change::AddSet { name, ty } => Change::AddSet { name, ty },
+            Change::AddElements {
+                set,
+                ty,
+                elements,
+                new,
+            } => Change::AddElements {
+                set,
+                ty,
+                elements: elements
+                    .into_iter()
+                    .map(|e| element(ty, e))
+                    .collect::<Result<_, _>>()?,
+                new,
+            },
+            Change::AddChain(c) => Change::AddChain(c),
+            Change::AddRule { chain, rule: r } => Change::AddRule {
+                chain,
+                rule: rule(r)?,
+            },
+            Change::AddMapElements { map, elements } => Change::AddMapElements { map, elements },
+        })
+    }
+}
+
+/// A step with its table's family: `Display` writes its line of the script.
+#[derive(Debug)]
+pub struct Line<'a, R, E>(pub Family, pub &'a Change<R, E>);
+
+impl<R: AsRef<str>, E: AsRef<str>> std::fmt::Display for Line<'_, R, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Line(family, change) = *self;
+        let list = |f: &mut std::fmt::Formatter<'_>, items: &[E]| {
+            for (i, e) in items.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(", ")?;
+                }
+                f.write_str(e.as_ref())?;
+            }
+            Ok(())
+        };
+        match change {
+            Change::DeleteMapElements { map, keys } => {
+                write!(f, "delete element {family} {TABLE} {map} {{ ")?;
+                for (i, k) in keys.iter().enumerate() {
+                    write!(f, "{}{k}", if i > 0 { ", " } else { "" })?;
+                }
+                f.write_str(" }")
+            }
+            Change::FlushChain(c) => write!(f, "flush chain {family} {TABLE} {c}"),
+            Change::DeleteChain(c) => write!(f, "delete chain {family} {TABLE} {c}"),
+            Change::DeleteSet(s) => write!(f, "delete set {family} {TABLE} {s}"),
+            Change::DeleteElements { set, elements, .. } => {
+                write!(f, "delete element {family} {TABLE} {set} {{ ")?;
+                list(f, elements)?;
+                f.write_str(" }")
+            }
+            Change::AddSet { name, ty } => write!(
+                f,
+                "add set {family} {TABLE} {name} {{ {}; }}",
+                ty.decl(family).join("; ")
+            ),
+            Change::AddElements { set, elements, .. } => {
+                write!(f, "add element {family} {TABLE} {set} {{ ")?;
+                list(f, elements)?;
+                f.write_str(" }")
+            }
+            Change::AddChain(c) => write!(f, "add chain {family} {TABLE} {c}"),
+            Change::AddRule { chain, rule } => {
+                write!(f, "add rule {family} {TABLE} {chain} {}", rule.as_ref())
+            }
+            Change::AddMapElements { map, elements } => {
+                write!(f, "add element {family} {TABLE} {map} {{ ")?;
+                for (i, (ip, c)) in elements.iter().enumerate() {
+                    write!(f, "{}{ip} : jump {c}", if i > 0 { ", " } else { "" })?;
+                }
+                f.write_str(" }")
+            }
+        }
+    }
+}
+
+/// The script of `changes` in a table of `family`, one line per step.
+pub fn script<R: AsRef<str>, E: AsRef<str>>(family: Family, changes: &[Change<R, E>]) -> String {
+    let mut s = String::new();
+    for c in changes {
+        let _ = writeln!(s, "{}", Line(family, c));
+    }
+    s
+}
+
+/// The steps from `old` (what the kernel has) to `new`, as one transaction; empty when
 /// nothing changed. Order: map elements that go, chains emptied and removed, sets removed
 /// and updated (removals before additions), chains created and filled, map elements added.
 /// Both must be of one family (that of `new` names the table).
-pub fn diff(old: &Ruleset, new: &Ruleset) -> Option<String> {
-    let family = new.family;
-    let t = format!("{family} {TABLE}");
-    let mut s = String::new();
-    for (map, o, n) in [
+pub fn changes(old: &Ruleset, new: &Ruleset) -> Vec<Change> {
+    let mut out = Vec::new();
+    let maps = [
         ("ingress", &old.ingress, &new.ingress),
         ("egress", &old.egress, &new.egress),
-    ] {
-        let gone: Vec<String> = o
+    ];
+    for (map, o, n) in maps {
+        let keys: Vec<IpAddr> = o
             .iter()
             .filter(|(ip, c)| n.get(ip) != Some(c))
-            .map(|(ip, _)| ip.to_string())
+            .map(|(ip, _)| *ip)
             .collect();
-        if !gone.is_empty() {
-            let _ = writeln!(s, "delete element {t} {map} {{ {} }}", gone.join(", "));
+        if !keys.is_empty() {
+            out.push(Change::DeleteMapElements { map, keys });
         }
     }
     // All flushes before any delete: a chain may `goto` another that goes too.
     for (name, rules) in &old.chains {
         if new.chains.get(name) != Some(rules) {
-            let _ = writeln!(s, "flush chain {t} {name}");
+            out.push(Change::FlushChain(name.clone()));
         }
     }
     for name in old.chains.keys() {
         if !new.chains.contains_key(name) {
-            let _ = writeln!(s, "delete chain {t} {name}");
+            out.push(Change::DeleteChain(name.clone()));
         }
     }
     for (name, set) in &old.sets {
         match new.sets.get(name) {
             // A name always has one type (the suffix says which), so a set is kept or goes.
-            None => {
-                let _ = writeln!(s, "delete set {t} {name}");
-            }
+            None => out.push(Change::DeleteSet(name.clone())),
             Some(n) => {
-                let gone: BTreeSet<String> =
-                    set.elements.difference(&n.elements).cloned().collect();
+                let gone: Vec<String> = set.elements.difference(&n.elements).cloned().collect();
                 if !gone.is_empty() {
-                    let _ = writeln!(s, "delete element {t} {name} {{ {} }}", join(&gone));
+                    out.push(Change::DeleteElements {
+                        set: name.clone(),
+                        ty: set.ty,
+                        elements: gone,
+                    });
                 }
             }
         }
     }
     for (name, set) in &new.sets {
-        let added: BTreeSet<String> = match old.sets.get(name) {
-            Some(o) => set.elements.difference(&o.elements).cloned().collect(),
+        let (added, is_new): (Vec<String>, bool) = match old.sets.get(name) {
+            Some(o) => (
+                set.elements.difference(&o.elements).cloned().collect(),
+                false,
+            ),
             None => {
-                let _ = writeln!(
-                    s,
-                    "add set {t} {name} {{ {}; }}",
-                    set.ty.decl(family).join("; ")
-                );
-                set.elements.clone()
+                out.push(Change::AddSet {
+                    name: name.clone(),
+                    ty: set.ty,
+                });
+                (set.elements.iter().cloned().collect(), true)
             }
         };
         if !added.is_empty() {
-            let _ = writeln!(s, "add element {t} {name} {{ {} }}", join(&added));
+            out.push(Change::AddElements {
+                set: name.clone(),
+                ty: set.ty,
+                elements: added,
+                new: is_new,
+            });
         }
     }
     // Every new chain exists before any rule is added: a rule may `goto` a new chain.
     for name in new.chains.keys() {
         if !old.chains.contains_key(name) {
-            let _ = writeln!(s, "add chain {t} {name}");
+            out.push(Change::AddChain(name.clone()));
         }
     }
     for (name, rules) in &new.chains {
@@ -1206,23 +1365,29 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> Option<String> {
             continue;
         }
         for r in rules {
-            let _ = writeln!(s, "add rule {t} {name} {r}");
+            out.push(Change::AddRule {
+                chain: name.clone(),
+                rule: r.clone(),
+            });
         }
     }
-    for (map, o, n) in [
-        ("ingress", &old.ingress, &new.ingress),
-        ("egress", &old.egress, &new.egress),
-    ] {
-        let added: Vec<String> = n
+    for (map, o, n) in maps {
+        let elements: Vec<(IpAddr, String)> = n
             .iter()
             .filter(|(ip, c)| o.get(ip) != Some(c))
-            .map(|(ip, c)| format!("{ip} : jump {c}"))
+            .map(|(ip, c)| (*ip, c.clone()))
             .collect();
-        if !added.is_empty() {
-            let _ = writeln!(s, "add element {t} {map} {{ {} }}", added.join(", "));
+        if !elements.is_empty() {
+            out.push(Change::AddMapElements { map, elements });
         }
     }
-    (!s.is_empty()).then_some(s)
+    out
+}
+
+/// [`changes`] as the script `nft -f -` takes; `None` when nothing changed.
+pub fn diff(old: &Ruleset, new: &Ruleset) -> Option<String> {
+    let changes = changes(old, new);
+    (!changes.is_empty()).then(|| script(new.family, &changes))
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! `nft -f -` spends as long parsing and evaluating a big difference (thousands of rules,
 //! hundreds of sets) as the kernel spends applying it. The difference uses a small, closed
 //! vocabulary (the rule lines [`crate::compile`] writes, its four kinds of sets, the verdict
-//! maps), so [`ops`] turns two rulesets into the steps of [`compile::diff`] — in its order,
-//! with the same text ([`Op`]'s `Display` is the line of the script) — and [`encode`] turns
+//! maps), so [`ops`] parses the rules and elements of [`compile::changes`]' steps (the steps
+//! [`compile::diff`] writes as text, in the same order and keeping their text) and [`encode`] turns
 //! them into the messages `nft` 1.0.6 sends for that text (checked with `nft --debug=netlink`
 //! and by a root test that lists the table after both). [`apply`] sends them through the
 //! `nft` crate's socket; [`Netlink`] is what the enforcer needs of it, [`FakeNetlink`] its
@@ -14,7 +14,6 @@
 //! text difference through `nft` (never expected: a test parses every line the compiler
 //! writes for random clusters).
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
@@ -27,7 +26,7 @@ use ::nft::encode::{
 use ::nft::NfNetlink;
 use ipnet::IpNet;
 
-use crate::compile::{Family, Ruleset, SetType, TABLE};
+use crate::compile::{self, Change, Family, Line, Ruleset, SetType, TABLE};
 
 /// A rule line or set element the encoder does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -232,15 +231,15 @@ fn proto_port(p: u8, port: u16) -> [u8; 8] {
 fn set_elems<'a>(
     family: Family,
     ty: SetType,
-    elements: &[Element],
+    elements: &[SetElement],
     adding: bool,
     new: bool,
 ) -> Vec<Elem<'a>> {
     if ty == SetType::Addrs {
         let mut ranges: Vec<(u128, u128)> = elements
             .iter()
-            .filter_map(|e| match e {
-                Element::Addrs(lo, hi) => Some((*lo, *hi)),
+            .filter_map(|e| match e.parsed {
+                Element::Addrs(lo, hi) => Some((lo, hi)),
                 _ => None,
             })
             .collect();
@@ -253,7 +252,7 @@ fn set_elems<'a>(
     }
     elements
         .iter()
-        .map(|e| match e {
+        .map(|e| match &e.parsed {
             Element::Ports(p, lo, hi) => {
                 let (start, end) = (proto_port(*p, *lo).to_vec(), proto_port(*p, *hi).to_vec());
                 if adding || lo != hi {
@@ -286,128 +285,48 @@ fn set_key(ty: SetType) -> SetKey {
     }
 }
 
-/// The declaration text of a set, as [`compile::diff`] writes it.
-fn decl(family: Family, ty: SetType) -> &'static str {
-    match (ty, family) {
-        (SetType::Addrs, Family::Ip) => "type ipv4_addr; flags interval",
-        (SetType::Addrs, Family::Ip6) => "type ipv6_addr; flags interval",
-        (SetType::Ports, _) => "type inet_proto . inet_service; flags interval",
-        (SetType::Named, Family::Ip) => "type ipv4_addr . inet_proto . inet_service",
-        (SetType::Named, Family::Ip6) => "type ipv6_addr . inet_proto . inet_service",
-        (SetType::Pairs, Family::Ip) => "type ipv4_addr . ipv4_addr",
-        (SetType::Pairs, Family::Ip6) => "type ipv6_addr . ipv6_addr",
+/// A set element: its text (for the script line) and parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetElement {
+    text: String,
+    parsed: Element,
+}
+
+impl SetElement {
+    fn parse(family: Family, ty: SetType, text: String) -> Result<SetElement, Unknown> {
+        match parse_element(family, ty, &text) {
+            Some(parsed) => Ok(SetElement { text, parsed }),
+            None => Err(Unknown(text)),
+        }
     }
 }
 
-/// Elements of a named set: their text (for the script line) and parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Elements {
-    ty: SetType,
-    text: Vec<String>,
-    parsed: Vec<Element>,
-}
-
-impl Elements {
-    fn new(family: Family, ty: SetType, text: Vec<String>) -> Result<Elements, Unknown> {
-        let parsed = text
-            .iter()
-            .map(|e| parse_element(family, ty, e).ok_or_else(|| Unknown(e.clone())))
-            .collect::<Result<_, _>>()?;
-        Ok(Elements { ty, text, parsed })
+impl AsRef<str> for SetElement {
+    fn as_ref(&self) -> &str {
+        &self.text
     }
 }
 
-/// One step of a difference (one line of [`compile::diff`]'s script).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    DeleteMapElements {
-        map: &'static str,
-        keys: Vec<IpAddr>,
-    },
-    FlushChain(String),
-    DeleteChain(String),
-    DeleteSet(String),
-    DeleteElements {
-        set: String,
-        elements: Elements,
-    },
-    AddSet {
-        name: String,
-        ty: SetType,
-    },
-    AddElements {
-        set: String,
-        elements: Elements,
-        /// The set is created in the same batch.
-        new: bool,
-    },
-    AddChain(String),
-    AddRule {
-        chain: String,
-        rule: Rule,
-    },
-    AddMapElements {
-        map: &'static str,
-        elements: Vec<(IpAddr, String)>,
-    },
+impl AsRef<str> for Rule {
+    fn as_ref(&self) -> &str {
+        &self.text
+    }
 }
 
-/// [`Op`]s of one table (their `Display` needs the family).
+/// One step of a difference: [`compile::changes`]' step with its rule or elements parsed.
+pub type Op = Change<Rule, SetElement>;
+
+/// [`Op`]s of one table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ops {
     pub family: Family,
     pub ops: Vec<Op>,
 }
 
-/// An op with its table's family, shown as the line of the script.
-struct Line<'a>(Family, &'a Op);
-
-impl fmt::Display for Line<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let t = format!("{} {TABLE}", self.0);
-        let join = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(", ");
-        match self.1 {
-            Op::DeleteMapElements { map, keys } => write!(
-                f,
-                "delete element {t} {map} {{ {} }}",
-                join(&mut keys.iter().map(ToString::to_string))
-            ),
-            Op::FlushChain(c) => write!(f, "flush chain {t} {c}"),
-            Op::DeleteChain(c) => write!(f, "delete chain {t} {c}"),
-            Op::DeleteSet(s) => write!(f, "delete set {t} {s}"),
-            Op::DeleteElements { set, elements } => write!(
-                f,
-                "delete element {t} {set} {{ {} }}",
-                elements.text.join(", ")
-            ),
-            Op::AddSet { name, ty } => {
-                write!(f, "add set {t} {name} {{ {}; }}", decl(self.0, *ty))
-            }
-            Op::AddElements { set, elements, .. } => write!(
-                f,
-                "add element {t} {set} {{ {} }}",
-                elements.text.join(", ")
-            ),
-            Op::AddChain(c) => write!(f, "add chain {t} {c}"),
-            Op::AddRule { chain, rule } => write!(f, "add rule {t} {chain} {}", rule.text),
-            Op::AddMapElements { map, elements } => write!(
-                f,
-                "add element {t} {map} {{ {} }}",
-                join(&mut elements.iter().map(|(ip, c)| format!("{ip} : jump {c}")))
-            ),
-        }
-    }
-}
-
 impl Ops {
     /// The script `nft -f -` would be given for these steps (what [`compile::diff`] writes).
     pub fn script(&self) -> String {
-        let mut s = String::new();
-        for op in &self.ops {
-            s.push_str(&Line(self.family, op).to_string());
-            s.push('\n');
-        }
-        s
+        compile::script(self.family, &self.ops)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -423,98 +342,21 @@ impl Ops {
     }
 }
 
-/// The steps from `old` (what the kernel has) to `new`, in [`compile::diff`]'s order; empty
-/// when nothing changed. Fails on a rule line or element outside the vocabulary.
+/// The steps from `old` (what the kernel has) to `new`: [`compile::changes`] with every rule
+/// and element parsed; empty when nothing changed. Fails on a rule line or element outside
+/// the vocabulary.
 pub fn ops(old: &Ruleset, new: &Ruleset) -> Result<Ops, Unknown> {
     let family = new.family;
-    let mut out = Vec::new();
-    let maps = [
-        ("ingress", &old.ingress, &new.ingress),
-        ("egress", &old.egress, &new.egress),
-    ];
-    for (map, o, n) in maps {
-        let keys: Vec<IpAddr> = o
-            .iter()
-            .filter(|(ip, c)| n.get(ip) != Some(c))
-            .map(|(ip, _)| *ip)
-            .collect();
-        if !keys.is_empty() {
-            out.push(Op::DeleteMapElements { map, keys });
-        }
-    }
-    for (name, rules) in &old.chains {
-        if new.chains.get(name) != Some(rules) {
-            out.push(Op::FlushChain(name.clone()));
-        }
-    }
-    for name in old.chains.keys() {
-        if !new.chains.contains_key(name) {
-            out.push(Op::DeleteChain(name.clone()));
-        }
-    }
-    for (name, set) in &old.sets {
-        match new.sets.get(name) {
-            None => out.push(Op::DeleteSet(name.clone())),
-            Some(n) => {
-                let gone: Vec<String> = set.elements.difference(&n.elements).cloned().collect();
-                if !gone.is_empty() {
-                    out.push(Op::DeleteElements {
-                        set: name.clone(),
-                        elements: Elements::new(family, set.ty, gone)?,
-                    });
-                }
-            }
-        }
-    }
-    for (name, set) in &new.sets {
-        let (added, is_new): (BTreeSet<String>, bool) = match old.sets.get(name) {
-            Some(o) => (
-                set.elements.difference(&o.elements).cloned().collect(),
-                false,
-            ),
-            None => {
-                out.push(Op::AddSet {
-                    name: name.clone(),
-                    ty: set.ty,
-                });
-                (set.elements.clone(), true)
-            }
-        };
-        if !added.is_empty() {
-            out.push(Op::AddElements {
-                set: name.clone(),
-                elements: Elements::new(family, set.ty, added.into_iter().collect())?,
-                new: is_new,
-            });
-        }
-    }
-    for name in new.chains.keys() {
-        if !old.chains.contains_key(name) {
-            out.push(Op::AddChain(name.clone()));
-        }
-    }
-    for (name, rules) in &new.chains {
-        if old.chains.get(name) == Some(rules) {
-            continue;
-        }
-        for r in rules {
-            out.push(Op::AddRule {
-                chain: name.clone(),
-                rule: parse_rule(family, r)?,
-            });
-        }
-    }
-    for (map, o, n) in maps {
-        let elements: Vec<(IpAddr, String)> = n
-            .iter()
-            .filter(|(ip, c)| o.get(ip) != Some(c))
-            .map(|(ip, c)| (*ip, c.clone()))
-            .collect();
-        if !elements.is_empty() {
-            out.push(Op::AddMapElements { map, elements });
-        }
-    }
-    Ok(Ops { family, ops: out })
+    let ops = compile::changes(old, new)
+        .into_iter()
+        .map(|c| {
+            c.try_map(
+                |rule| parse_rule(family, &rule),
+                |ty, e| SetElement::parse(family, ty, e),
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Ops { family, ops })
 }
 
 /// What one message of the batch does.
@@ -562,36 +404,36 @@ fn steps(ops: &Ops) -> Vec<Step<'_>> {
     };
     for (i, op) in ops.ops.iter().enumerate() {
         let elems: (Vec<Elem<'_>>, &str, bool) = match op {
-            Op::FlushChain(c) => {
+            Change::FlushChain(c) => {
                 out.push(one(i, Kind::FlushChain(c)));
                 continue;
             }
-            Op::DeleteChain(c) => {
+            Change::DeleteChain(c) => {
                 out.push(one(i, Kind::DeleteChain(c)));
                 continue;
             }
-            Op::DeleteSet(s) => {
+            Change::DeleteSet(s) => {
                 out.push(one(i, Kind::DeleteSet(s)));
                 continue;
             }
-            Op::AddSet { name, ty } => {
+            Change::AddSet { name, ty } => {
                 out.push(one(i, Kind::AddSet(name, set_key(*ty))));
                 continue;
             }
-            Op::AddChain(c) => {
+            Change::AddChain(c) => {
                 out.push(one(i, Kind::AddChain(c)));
                 continue;
             }
-            Op::AddRule { chain, rule } => {
+            Change::AddRule { chain, rule } => {
                 out.push(one(i, Kind::AddRule(chain, &rule.items)));
                 continue;
             }
-            Op::DeleteMapElements { map, keys } => (
+            Change::DeleteMapElements { map, keys } => (
                 keys.iter().map(|a| Elem::key(addr_bytes(*a))).collect(),
                 *map,
                 false,
             ),
-            Op::AddMapElements { map, elements } => (
+            Change::AddMapElements { map, elements } => (
                 elements
                     .iter()
                     .map(|(a, c)| Elem::map(addr_bytes(*a), V::Jump(c)))
@@ -599,16 +441,15 @@ fn steps(ops: &Ops) -> Vec<Step<'_>> {
                 *map,
                 true,
             ),
-            Op::DeleteElements { set, elements } => (
-                set_elems(family, elements.ty, &elements.parsed, false, false),
+            Change::DeleteElements { set, ty, elements } => {
+                (set_elems(family, *ty, elements, false, false), set, false)
+            }
+            Change::AddElements {
                 set,
-                false,
-            ),
-            Op::AddElements { set, elements, new } => (
-                set_elems(family, elements.ty, &elements.parsed, true, *new),
-                set,
-                true,
-            ),
+                ty,
+                elements,
+                new,
+            } => (set_elems(family, *ty, elements, true, *new), set, true),
         };
         let (elems, set, adding) = elems;
         let chunks = enc::element_chunks(&elems);
@@ -745,7 +586,7 @@ impl Netlink for FakeNetlink {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::compile::{diff, Set};
+    use crate::compile::Set;
 
     #[test]
     fn the_compilers_vocabulary_parses_and_nothing_else() {
@@ -820,18 +661,23 @@ mod tests {
             assert_eq!(p(f, ty, s), None, "{s}");
         }
         // Keys as nft lays them out (nft --debug=netlink).
+        let e = |ty, s: &str| SetElement::parse(Family::Ip, ty, s.to_string()).unwrap();
+        assert_eq!(
+            SetElement::parse(Family::Ip, SetType::Ports, "icmp . 1".into()),
+            Err(Unknown("icmp . 1".into()))
+        );
         let named = set_elems(
             Family::Ip,
             SetType::Named,
-            &[p(Family::Ip, SetType::Named, "10.5.1.2 . tcp . 8080").unwrap()],
+            &[e(SetType::Named, "10.5.1.2 . tcp . 8080")],
             true,
             false,
         );
         assert_eq!(named[0].key, [10, 5, 1, 2, 6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
         // Port intervals: the end with every add, with a delete only for a range.
         let ports = [
-            p(Family::Ip, SetType::Ports, "tcp . 80").unwrap(),
-            p(Family::Ip, SetType::Ports, "tcp . 81-90").unwrap(),
+            e(SetType::Ports, "tcp . 80"),
+            e(SetType::Ports, "tcp . 81-90"),
         ];
         let add = set_elems(Family::Ip, SetType::Ports, &ports, true, false);
         assert_eq!(
@@ -865,7 +711,7 @@ mod tests {
     }
 
     #[test]
-    fn steps_are_the_diffs_lines_and_long_lists_take_several_messages() {
+    fn long_element_lists_take_several_messages() {
         let old = table(
             Family::Ip,
             &["10.0.0.1"],
@@ -878,7 +724,6 @@ mod tests {
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         let new = table(Family::Ip, &many, &["drop"], &[("10.5.1.3", "in/a")]);
         let o = ops(&old, &new).unwrap();
-        assert_eq!(Some(o.script()), diff(&old, &new));
         let steps = steps(&o);
         // Map element out, flush, set element out, set elements in (5000 intervals: 10000
         // elements in several messages), the rule, map element in.

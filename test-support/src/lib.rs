@@ -18,8 +18,8 @@ pub use etcd::{Etcd, TlsFiles};
 pub use netns::{in_netns, in_new_netns, Node, Pod, Testbed, HUB_IP, HUB_IP6};
 pub use tcp::{
     connect_seeing_icmp, http_get, send_and_verify, send_spoofed_udp, transfer_bytes,
-    udp_burst_verify, udp_who_serves, udp_whoami, who_serves, whoami, BurstResult, HashServer,
-    IdServer, UdpIdServer, UdpWhoAmIServer, WhoAmIServer,
+    udp_burst_verify, udp_who_serves, udp_whoami, udp_window_verify, who_serves, whoami,
+    BurstResult, HashServer, IdServer, UdpIdServer, UdpWhoAmIServer, WhoAmIServer, WindowResult,
 };
 
 use std::process::{Command, Output};

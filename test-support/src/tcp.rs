@@ -337,6 +337,105 @@ pub fn udp_burst_verify(
         .map_err(|_| "burst receiver panicked".to_string())
 }
 
+/// What a windowed UDP transfer delivered ([`udp_window_verify`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowResult {
+    pub sent: usize,
+    /// Distinct datagrams received exactly as sent.
+    pub received: usize,
+    /// Datagrams received that were not one datagram as sent (wrong length or bytes: merged,
+    /// split or corrupted on the way), or a second copy of one.
+    pub damaged: usize,
+}
+
+/// Sends `count` datagrams (lengths and bytes as [`udp_burst_verify`]'s) from `from_ns` to `to`
+/// (an address in `to_ns`, port free there) in back-to-back bursts of `window`, each burst
+/// only once the receiver has every datagram sent so far, or after `stall` without progress.
+/// So nothing in between has to queue more than one window (no queue on the path overflows,
+/// however slow the machine), while every burst still leaves at once (batches for a receiver's
+/// UDP GRO). Every datagram that arrives is checked.
+pub fn udp_window_verify(
+    from_ns: &str,
+    to_ns: &str,
+    to: SocketAddr,
+    count: u32,
+    size: usize,
+    window: u32,
+    stall: Duration,
+) -> Result<WindowResult, String> {
+    use std::sync::atomic::AtomicUsize;
+    let rx = in_netns(to_ns, move || -> std::io::Result<std::net::UdpSocket> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        s.set_recv_buffer_size(8 << 20)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], to.port())).into())?;
+        Ok(s.into())
+    })?
+    .map_err(|e| format!("udp bind :{} in {to_ns}: {e}", to.port()))?;
+    rx.set_read_timeout(Some(Duration::from_millis(50)))
+        .map_err(|e| e.to_string())?;
+    let tx = in_netns(from_ns, || std::net::UdpSocket::bind(("0.0.0.0", 0)))?
+        .map_err(|e| format!("udp bind in {from_ns}: {e}"))?;
+    let good = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let (g, d) = (good.clone(), done.clone());
+    let receiver = std::thread::spawn(move || {
+        let mut seen = vec![false; count as usize];
+        let mut damaged = 0;
+        let mut buf = vec![0u8; 65536];
+        while !d.load(Ordering::Relaxed) {
+            let Ok(n) = rx.recv(&mut buf) else { continue };
+            let seq = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            match seen.get_mut(seq as usize) {
+                Some(s) if !*s && n >= 8 && buf[..n] == burst_payload(seq, size)[..] => {
+                    *s = true;
+                    g.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => damaged += 1,
+            }
+        }
+        damaged
+    });
+    let mut sent = 0u32;
+    let mut result = Ok(());
+    while sent < count {
+        let end = (sent + window).min(count);
+        for seq in sent..end {
+            if let Err(e) = tx.send_to(&burst_payload(seq, size), to) {
+                result = Err(format!("udp send to {to}: {e}"));
+                break;
+            }
+        }
+        if result.is_err() {
+            break;
+        }
+        sent = end;
+        // Wait for the window to drain, as long as the receiver makes progress.
+        let (mut last, mut since) = (good.load(Ordering::Relaxed), std::time::Instant::now());
+        loop {
+            let now = good.load(Ordering::Relaxed);
+            if now >= sent as usize || since.elapsed() > stall {
+                break;
+            }
+            if now != last {
+                (last, since) = (now, std::time::Instant::now());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    // Late datagrams and duplicates: a last look.
+    std::thread::sleep(Duration::from_millis(200));
+    done.store(true, Ordering::Relaxed);
+    let damaged = receiver
+        .join()
+        .map_err(|_| "window receiver panicked".to_string())?;
+    result?;
+    Ok(WindowResult {
+        sent: sent as usize,
+        received: good.load(Ordering::Relaxed),
+        damaged,
+    })
+}
+
 /// Answers every connection on `port` in a namespace with "<server address> <source IP>\n":
 /// which endpoint served (behind a service address) and whom it saw. Stops on drop.
 #[derive(Debug)]

@@ -46,8 +46,8 @@ const DATA_OVERHEAD: usize = 32;
 const HANDSHAKE_MAX: usize = 148;
 /// Receive and work buffers: the largest UDP datagram.
 const BUF: usize = 65536;
-/// Whether the ingress thread asks for UDP_GRO (see [`ingress`]).
-const UDP_GRO: bool = false;
+/// Whether the ingress thread asks for UDP_GRO (see [`ingress`]; docs/wireguard.md, "Data plane").
+const UDP_GRO: bool = true;
 /// The TUN's transmit queue (packets waiting for the egress thread), as the udp backend's.
 const TX_QUEUE_LEN: u32 = 1000;
 /// Inner packets one egress round handles at most (a 64 KiB TSO read split at the MTU).
@@ -953,10 +953,8 @@ struct Current {
 /// sender; each is opened into its own slot of `out`, and the inner packets of the batch go to
 /// the TUN with TCP runs coalesced into one super-packet per run (vnet header, no copy).
 fn ingress(sh: &Shared) {
-    // UDP_GRO stays off: with it on, the live vxlan -> wireguard switch e2e test loses a
-    // segment in a third to a half of its runs on a loaded machine (a datagram that reached
-    // the receiving node's underlay never reaches its TUN); the cause is not found yet
-    // (docs/wireguard.md). Without it one receive is one datagram, written to the TUN as it is.
+    // Without UDP_GRO (or without the TUN's vnet header) one receive is one datagram, written
+    // to the TUN as it is.
     let gro =
         UDP_GRO && sh.vnet && socket::setsockopt(&sh.sock, sockopt::UdpGroSegment, &true).is_ok();
     if !gro {
