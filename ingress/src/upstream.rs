@@ -414,8 +414,19 @@ fn connection_has(h: &HeaderMap, token: &str) -> bool {
 }
 
 /// The body's framing (RFC 9112 section 6.3) and whether the connection can take another
-/// request after it; an error for framing that cannot be trusted.
-fn framing(head_request: bool, head: &Head) -> Result<(Framing, bool), String> {
+/// request after it; an error for framing that cannot be trusted. A `Content-Length` beside
+/// `Transfer-Encoding` is removed (it does not describe the body passed on).
+fn framing(head_request: bool, head: &mut Head) -> Result<(Framing, bool), String> {
+    if head.headers.contains_key(header::TRANSFER_ENCODING)
+        && head.headers.contains_key(header::CONTENT_LENGTH)
+        && !(head_request || head.status.is_informational())
+        && !matches!(head.status.as_u16(), 204 | 304)
+        && head.version == Version::HTTP_11
+    {
+        head.headers.remove(header::CONTENT_LENGTH);
+        let (framing, _) = framing(head_request, head)?;
+        return Ok((framing, false));
+    }
     let h = &head.headers;
     let mut reusable = match head.version {
         Version::HTTP_11 => !connection_has(h, "close"),
@@ -677,7 +688,7 @@ impl UpConn {
         self.wbuf = wbuf;
 
         let max = pool.max_response_header;
-        let head = loop {
+        let mut head = loop {
             match parse_head(&mut self.rbuf, max) {
                 Ok(Some(h)) if h.status.is_informational() && h.status.as_u16() != 101 => {
                     // 100 Continue, 103 Early Hints: the final answer follows.
@@ -704,7 +715,7 @@ impl UpConn {
             }
         };
         let (framing, reusable) =
-            framing(*method == Method::HEAD, &head).map_err(SendError::Failed)?;
+            framing(*method == Method::HEAD, &mut head).map_err(SendError::Failed)?;
         let mut body = OwnBody {
             conn: Some(self),
             framing,
@@ -888,7 +899,7 @@ mod tests {
     }
 
     fn frame_of(raw: &str, head_request: bool) -> Result<(Framing, bool), String> {
-        framing(head_request, &head(raw).unwrap().unwrap())
+        framing(head_request, &mut head(raw).unwrap().unwrap())
     }
 
     #[test]
@@ -982,6 +993,15 @@ mod tests {
             ok("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
             (Chunked(Chunk::Size), false)
         );
+        let mut h =
+            head("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            framing(false, &mut h).unwrap(),
+            (Chunked(Chunk::Size), false)
+        );
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
         assert_eq!(
             ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
             (Close, false)
