@@ -60,8 +60,6 @@ pub struct UpConn {
     /// The request head as written (reused from request to request).
     wbuf: Vec<u8>,
     addr: SocketAddr,
-    /// The last read took less than it could: the socket was empty then.
-    drained: bool,
     /// Taken from the pool (it served requests before).
     pub reused: bool,
 }
@@ -166,7 +164,9 @@ impl Pool {
     }
 
     fn checkin(&self, mut conn: Box<UpConn>) {
-        conn.settle();
+        if self.max_idle == 0 {
+            return;
+        }
         if conn.rbuf.capacity() > KEEP_BUFFER {
             conn.rbuf = BytesMut::new();
         }
@@ -224,7 +224,6 @@ impl Pool {
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
             addr,
-            drained: false,
             reused: false,
         }))
     }
@@ -498,9 +497,11 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
     for &d in digits {
         n = n * 16 + u64::from((d as char).to_digit(16)?);
     }
-    // After the size only whitespace and extensions.
+    // After the size only whitespace and extensions, with no control character but tab
+    // (a CR or NUL inside an extension is refused rather than guessed about).
     let rest = line[end..].trim_ascii_start();
-    (rest.is_empty() || rest[0] == b';').then_some(n)
+    let clean = rest.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f));
+    (clean && (rest.is_empty() || rest[0] == b';')).then_some(n)
 }
 
 /// One step of a chunked body over the bytes at hand.
@@ -573,6 +574,15 @@ fn chunked_step(
                 let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let (n, map) = match httparse::parse_headers(buf, &mut slots) {
                     Ok(httparse::Status::Complete((n, fields))) => {
+                        // httparse takes a bare LF as a line end; the framing does not.
+                        let head = &buf[..n];
+                        if head
+                            .iter()
+                            .enumerate()
+                            .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+                        {
+                            return Err("bare LF in trailers".into());
+                        }
                         let mut map = HeaderMap::with_capacity(fields.len());
                         for f in fields {
                             let name = HeaderName::from_bytes(f.name.as_bytes())
@@ -606,30 +616,13 @@ impl UpConn {
         if self.rbuf.capacity() - self.rbuf.len() < READ_ROOM / 2 {
             self.rbuf.reserve(READ_ROOM);
         }
-        let room = self.rbuf.capacity() - self.rbuf.len();
         loop {
             match self.io.try_read_buf(&mut self.rbuf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     ready!(self.io.poll_read_ready(cx))?;
                 }
-                r => {
-                    self.drained = matches!(r, Ok(n) if n > 0 && n < room);
-                    return Poll::Ready(r);
-                }
+                r => return Poll::Ready(r),
             }
-        }
-    }
-
-    /// Going idle: when the last read found the socket empty, tokio's read readiness is
-    /// cleared without a system call, so that the check before the next request
-    /// ([`UpConn::idle_and_open`]) reads only if the upstream sent something (or closed) in
-    /// between; otherwise that check would cost a `recv` answering EAGAIN per request. A
-    /// close that arrives later is an epoll event of its own and sets the readiness again.
-    fn settle(&mut self) {
-        if std::mem::take(&mut self.drained) {
-            let _ = self.io.try_io(tokio::io::Interest::READABLE, || {
-                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
-            });
         }
     }
 
@@ -1068,7 +1061,8 @@ mod tests {
 
     #[test]
     fn chunked_bodies_decode_in_any_pieces() {
-        let raw = b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\n\r\nNEXT";
+        let raw =
+            b"5;ext=1\t; b=\"q\"\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\n\r\nNEXT";
         for step in [1, 2, 3, 7, 100] {
             let (body, trailers, left) = dechunk(raw, step).unwrap();
             assert_eq!(body, b"helloabcdefghijklmnopqrstuvwxyz");
@@ -1093,6 +1087,11 @@ mod tests {
             b"3\r\nabcX\r\n0\r\n\r\n",
             b"3 x\r\nabc\r\n",
             b"1000000000000000\r\n",
+            b"3;a\rb\r\nabc\r\n0\r\n\r\n",
+            b"3;a\x00\r\nabc\r\n0\r\n\r\n",
+            b"3\r\nabc\r\n0\r\n\n",
+            b"3\r\nabc\r\n0\r\nX-A: b\n\r\n",
+            b"3\r\nabc\r\n0\r\nX-A: b\r\n\n",
         ] {
             assert!(
                 matches!(dechunk(bad, 100), Err(e) if e != "truncated"),
@@ -1108,5 +1107,64 @@ mod tests {
         assert!(matches!(dechunk(&t, 50), Err(e) if e.contains("too big")));
         // A truncated body asks for more.
         assert_eq!(dechunk(b"5\r\nab", 100).unwrap_err(), "truncated");
+    }
+
+    /// An upstream that writes after its answer ended (here: a second answer nobody asked
+    /// for, after a 204) leaves its connection unusable: the next request on it is not sent
+    /// there (it would read the stale answer as its own), and one that stayed quiet is reused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_after_an_answer_keep_the_connection_from_being_reused() {
+        use http_body_util::BodyExt;
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            // Quiet answers first, then one with stale bytes behind it.
+            for i in 0..3 {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "request {i}");
+                s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
+                .await
+                .unwrap();
+            let _ = sent_tx.send(());
+            // Stays open: only the bytes tell the connection is spoilt.
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        });
+        let pool = Pool::new(4, Duration::from_secs(10), Duration::from_secs(1), 8192);
+        let get = |c: Box<UpConn>| {
+            let pool = Arc::clone(&pool);
+            async move {
+                c.send(&Method::GET, "/", &HeaderMap::new(), &Bytes::new(), &pool)
+                    .await
+            }
+        };
+        let mut conn = pool.connect(addr).await.unwrap();
+        for i in 0..3 {
+            let resp = get(conn).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+            resp.into_body().collect().await.unwrap();
+            assert_eq!(pool.idle_count(), 1, "answer {i} ended cleanly: pooled");
+            conn = pool.checkout(addr).unwrap();
+            if i == 2 {
+                break;
+            }
+        }
+        pool.checkin(conn);
+        tokio::time::timeout(Duration::from_secs(5), sent_rx)
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let spoilt = pool.checkout(addr).unwrap();
+        assert!(matches!(get(spoilt).await, Err(SendError::NotSent)));
+        server.abort();
     }
 }
