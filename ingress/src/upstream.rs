@@ -10,7 +10,7 @@
 //! body) serialized from borrowed parts into one reused buffer and written to the socket; the
 //! response head read into a reused buffer and parsed with `httparse` (hyper's own parser); the
 //! header values sharing the read buffer's bytes; the body framed as RFC 9112 section 6.3 says
-//! (no body for HEAD, 1xx, 204 and 304; `Transfer-Encoding` ending in chunked; else
+//! (no body for HEAD, 1xx, 204 and 304; `Transfer-Encoding` ending in chunked, applied once; else
 //! `Content-Length`; else until the upstream closes) and streamed as an [`http_body::Body`]
 //! that gives the connection back to the pool only when the body ended cleanly with nothing
 //! read beyond it.
@@ -443,6 +443,17 @@ fn framing(head_request: bool, head: &mut Head) -> Result<(Framing, bool), Strin
     if h.contains_key(header::TRANSFER_ENCODING) {
         if head.version == Version::HTTP_10 {
             return Err("Transfer-Encoding in an HTTP/1.0 response".into());
+        }
+        // A sender must not apply chunked more than once (RFC 9112 6.1): where such a body
+        // ends is in doubt, so the response is refused rather than guessed about.
+        let chunked = h
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+            .count();
+        if chunked > 1 {
+            return Err("Transfer-Encoding applies chunked more than once".into());
         }
         // With a Content-Length beside it, Transfer-Encoding wins and the connection is
         // not used again (RFC 9112 6.3, point 3).
@@ -1023,6 +1034,10 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
             "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: CHUNKED\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked,chunked\r\n\r\n",
         ] {
             assert!(frame_of(bad, false).is_err(), "{bad}");
         }
@@ -1166,5 +1181,212 @@ mod tests {
         let spoilt = pool.checkout(addr).unwrap();
         assert!(matches!(get(spoilt).await, Err(SendError::NotSent)));
         server.abort();
+    }
+
+    /// Reads one request head (these requests have no body): false when the client closed.
+    async fn read_request(s: &mut TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    }
+
+    /// Whether the client closed `s` (within 5 s) without sending anything more.
+    async fn closed_by_client(s: &mut TcpStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    async fn get_on(c: Box<UpConn>, pool: &Arc<Pool>) -> Result<Response<UpBody>, SendError> {
+        c.send(&Method::GET, "/", &HeaderMap::new(), &Bytes::new(), pool)
+            .await
+    }
+
+    async fn body_of(resp: Response<UpBody>) -> Vec<u8> {
+        use http_body_util::BodyExt;
+        let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect());
+        body.await.unwrap().unwrap().to_bytes().to_vec()
+    }
+
+    /// `Transfer-Encoding: gzip, chunked` beside a `Content-Length` (RFC 9112 6.3, rule 3):
+    /// the body is read chunked (the length, shorter, would cut it), the length is not
+    /// passed on, and the connection is closed rather than pooled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transfer_encoding_beside_a_length_wins_and_the_connection_is_not_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            assert!(read_request(&mut s).await);
+            s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n",
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(b"6\r\n world\r\n0\r\n\r\n").await.unwrap();
+            closed_by_client(&mut s).await
+        });
+        let pool = Pool::new(4, Duration::from_secs(60), Duration::from_secs(1), 8192);
+        let resp = get_on(pool.connect(addr).await.unwrap(), &pool)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(!resp.headers().contains_key(header::CONTENT_LENGTH));
+        assert_eq!(resp.body().size_hint().exact(), None);
+        assert_eq!(body_of(resp).await, b"hello world");
+        assert_eq!(pool.idle_count(), 0);
+        assert!(pool.checkout(addr).is_none());
+        assert!(
+            server.await.unwrap(),
+            "the connection was closed after the answer"
+        );
+    }
+
+    /// Chunked applied twice (one header line or two) is refused before any body is read,
+    /// and the connection is closed, not pooled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunked_applied_twice_is_refused_and_the_connection_closed() {
+        for te in [
+            "Transfer-Encoding: chunked, chunked\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                assert!(read_request(&mut s).await);
+                let answer = format!("HTTP/1.1 200 OK\r\n{te}\r\n5\r\nhello\r\n0\r\n\r\n");
+                s.write_all(answer.as_bytes()).await.unwrap();
+                closed_by_client(&mut s).await
+            });
+            let pool = Pool::new(4, Duration::from_secs(60), Duration::from_secs(1), 8192);
+            let sent = get_on(pool.connect(addr).await.unwrap(), &pool).await;
+            assert!(
+                matches!(&sent, Err(SendError::Failed(e)) if e.contains("chunked more than once")),
+                "{te}: {sent:?}"
+            );
+            assert_eq!(pool.idle_count(), 0, "{te}");
+            assert!(server.await.unwrap(), "{te}: the connection was closed");
+        }
+    }
+
+    /// 100 Continue and 103 Early Hints before the answer (written apart, then all in one
+    /// write): the caller gets the final answer with its own headers and its body, and the
+    /// connection serves the next request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn interim_answers_are_skipped_and_the_connection_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            assert!(read_request(&mut s).await);
+            for piece in [
+                &b"HTTP/1.1 100 Continue\r\n\r\n"[..],
+                b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: 1\r\n\r\nhello",
+            ] {
+                s.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(
+                read_request(&mut s).await,
+                "a second request on the connection"
+            );
+            s.write_all(
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n\
+                  HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond",
+            )
+            .await
+            .unwrap();
+            closed_by_client(&mut s).await
+        });
+        let pool = Pool::new(4, Duration::from_secs(60), Duration::from_secs(1), 8192);
+        let resp = get_on(pool.connect(addr).await.unwrap(), &pool)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["x-final"], "1");
+        assert!(!resp.headers().contains_key(header::LINK));
+        assert_eq!(body_of(resp).await, b"hello");
+        assert_eq!(pool.idle_count(), 1);
+        let conn = pool.checkout(addr).unwrap();
+        let resp = get_on(conn, &pool).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_of(resp).await, b"second");
+        assert_eq!(pool.idle_count(), 1);
+        drop(pool);
+        assert!(server.await.unwrap());
+    }
+
+    /// An upstream that closes a pooled connection while it sits idle: the request, sent
+    /// as the proxy sends it (pooled connections first, then a new one), is not failed: the
+    /// closed connection gives `NotSent` and a new one carries the request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_closed_while_idle_does_not_fail_the_next_request() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            assert!(read_request(&mut s).await);
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // FIN while the connection is idle in the pool.
+            drop(s);
+            let _ = closed_tx.send(());
+            let (mut s, _) = listener.accept().await.unwrap();
+            assert!(read_request(&mut s).await);
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+                .await
+                .unwrap();
+            closed_by_client(&mut s).await
+        });
+        // Idle timeout long enough for the sweeper to stay out of the way.
+        let pool = Pool::new(4, Duration::from_secs(60), Duration::from_secs(1), 8192);
+        let resp = get_on(pool.connect(addr).await.unwrap(), &pool)
+            .await
+            .unwrap();
+        assert_eq!(body_of(resp).await, b"first");
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::timeout(Duration::from_secs(5), closed_rx)
+            .await
+            .unwrap()
+            .unwrap();
+        // The FIN reaches our socket.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut not_sent = 0;
+        let resp = loop {
+            match pool.checkout(addr) {
+                Some(c) => match get_on(c, &pool).await {
+                    Ok(resp) => panic!("answered on the closed connection: {resp:?}"),
+                    Err(SendError::NotSent) => not_sent += 1,
+                    Err(e) => panic!("the request failed on the closed connection: {e:?}"),
+                },
+                None => {
+                    break get_on(pool.connect(addr).await.unwrap(), &pool)
+                        .await
+                        .unwrap()
+                }
+            }
+        };
+        assert!(not_sent <= 1);
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_of(resp).await, b"second");
+        assert_eq!(pool.idle_count(), 1);
+        drop(pool);
+        assert!(server.await.unwrap());
     }
 }

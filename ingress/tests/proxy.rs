@@ -497,3 +497,51 @@ async fn h2_prior_knowledge_and_http1_on_one_listener() {
     // And a plain GET on a fresh connection.
     assert_eq!(request(to, get("ok.test")).await, (200, "a 0".into()));
 }
+
+/// An upstream whose answer applies chunked twice (RFC 9112 6.1 forbids it: where the body
+/// ends is in doubt): the client gets a 502, not the body read one way or another.
+#[tokio::test]
+async fn an_answer_chunked_twice_is_a_502() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let twice = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                loop {
+                    let mut line = String::new();
+                    match r.read_line(&mut line).await {
+                        Ok(n) if n > 0 => {}
+                        _ => return,
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let _ = w
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                    )
+                    .await;
+                let mut rest = Vec::new();
+                let _ = r.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    let o = objects(&[("twice", vec![twice])]);
+    let empty = Snapshot::empty(default_certificate().unwrap());
+    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
+    let proxy = Arc::new(Proxy::new(rx, ProxyOptions::default(), Metrics::default()));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = l.local_addr().unwrap();
+    let (_stop_tx, stop) = watch::channel(false);
+    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+    let (code, body) = request(to, get("twice.test")).await;
+    assert_eq!(code, 502, "{body}");
+    assert!(!body.contains("hello"), "{body}");
+    assert_eq!(proxy.idle_upstream_connections(), 0);
+}
