@@ -288,6 +288,29 @@ fn burst_payload(seq: u32, size: usize) -> Vec<u8> {
     p
 }
 
+/// The sockets of a UDP transfer from `from_ns` to `to` (an address in `to_ns`): a receiver
+/// bound to `to.port()` on every address in `to_ns` with an 8 MiB receive buffer and
+/// `read_timeout`, and a sender bound in `from_ns`. Returns (receiver, sender).
+fn udp_pair(
+    from_ns: &str,
+    to_ns: &str,
+    to: SocketAddr,
+    read_timeout: Duration,
+) -> Result<(std::net::UdpSocket, std::net::UdpSocket), String> {
+    let rx = in_netns(to_ns, move || -> std::io::Result<std::net::UdpSocket> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        s.set_recv_buffer_size(8 << 20)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], to.port())).into())?;
+        Ok(s.into())
+    })?
+    .map_err(|e| format!("udp bind :{} in {to_ns}: {e}", to.port()))?;
+    rx.set_read_timeout(Some(read_timeout))
+        .map_err(|e| e.to_string())?;
+    let tx = in_netns(from_ns, || std::net::UdpSocket::bind(("0.0.0.0", 0)))?
+        .map_err(|e| format!("udp bind in {from_ns}: {e}"))?;
+    Ok((rx, tx))
+}
+
 /// Sends `count` datagrams of up to `size` bytes as fast as possible from namespace `from_ns`
 /// to `to` (an address in `to_ns`, port free there) and checks each one that arrives: datagram
 /// boundaries and bytes must be exactly as sent. Loss is allowed (and reported by `received`).
@@ -298,17 +321,7 @@ pub fn udp_burst_verify(
     count: u32,
     size: usize,
 ) -> Result<BurstResult, String> {
-    let rx = in_netns(to_ns, move || -> std::io::Result<std::net::UdpSocket> {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-        s.set_recv_buffer_size(8 << 20)?;
-        s.bind(&SocketAddr::from(([0, 0, 0, 0], to.port())).into())?;
-        Ok(s.into())
-    })?
-    .map_err(|e| format!("udp bind :{} in {to_ns}: {e}", to.port()))?;
-    rx.set_read_timeout(Some(Duration::from_millis(500)))
-        .map_err(|e| e.to_string())?;
-    let tx = in_netns(from_ns, || std::net::UdpSocket::bind(("0.0.0.0", 0)))?
-        .map_err(|e| format!("udp bind in {from_ns}: {e}"))?;
+    let (rx, tx) = udp_pair(from_ns, to_ns, to, Duration::from_millis(500))?;
     let receiver = std::thread::spawn(move || {
         let mut r = BurstResult {
             received: 0,
@@ -364,17 +377,7 @@ pub fn udp_window_verify(
     stall: Duration,
 ) -> Result<WindowResult, String> {
     use std::sync::atomic::AtomicUsize;
-    let rx = in_netns(to_ns, move || -> std::io::Result<std::net::UdpSocket> {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-        s.set_recv_buffer_size(8 << 20)?;
-        s.bind(&SocketAddr::from(([0, 0, 0, 0], to.port())).into())?;
-        Ok(s.into())
-    })?
-    .map_err(|e| format!("udp bind :{} in {to_ns}: {e}", to.port()))?;
-    rx.set_read_timeout(Some(Duration::from_millis(50)))
-        .map_err(|e| e.to_string())?;
-    let tx = in_netns(from_ns, || std::net::UdpSocket::bind(("0.0.0.0", 0)))?
-        .map_err(|e| format!("udp bind in {from_ns}: {e}"))?;
+    let (rx, tx) = udp_pair(from_ns, to_ns, to, Duration::from_millis(50))?;
     let good = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let (g, d) = (good.clone(), done.clone());
