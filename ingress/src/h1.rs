@@ -374,9 +374,9 @@ impl Stop {
         }
     }
 
-    /// `f`'s output, or `None` when the connection has to end first.
-    async fn or<F: Future>(&mut self, f: F, idle: bool) -> Option<F::Output> {
-        let mut f = std::pin::pin!(f);
+    /// `f`'s output, or `None` when the connection has to end first. (`f` pinned by the
+    /// caller: a future taken by value would be stored twice in this one's state.)
+    async fn or<F: Future>(&mut self, mut f: Pin<&mut F>, idle: bool) -> Option<F::Output> {
         poll_fn(|cx| {
             if let Poll::Ready(v) = f.as_mut().poll(cx) {
                 return Poll::Ready(Some(v));
@@ -429,10 +429,10 @@ async fn read_head_bytes<I: AsyncRead + Unpin>(
 async fn send<I: AsyncWrite + Unpin>(io: &mut I, buf: &mut Vec<u8>, stop: &mut Stop) -> bool {
     let ok = matches!(
         stop.or(
-            async {
+            std::pin::pin!(async {
                 io.write_all(buf).await?;
                 io.flush().await
-            },
+            }),
             false
         )
         .await,
@@ -501,7 +501,8 @@ where
         let mut keep_alive = head.keep_alive;
 
         // The answer.
-        let Some(resp) = stop.or(proxy.handle(req, info), false).await else {
+        let handling = std::pin::pin!(proxy.handle(req, info));
+        let Some(resp) = stop.or(handling, false).await else {
             return End::Closed;
         };
         let (parts, mut body) = resp.into_parts();
@@ -529,7 +530,7 @@ where
                             return End::Closed;
                         }
                         let waited = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
-                        match stop.or(waited, false).await {
+                        match stop.or(std::pin::pin!(waited), false).await {
                             Some(f) => f,
                             None => return End::Closed,
                         }
@@ -572,7 +573,11 @@ where
             wbuf = Vec::with_capacity(1024);
         }
         if !whole || !keep_alive || stop.stopping() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+            // TLS: close_notify before the end. Plain TCP: dropping the socket sends the FIN
+            // (a shutdown first would add a system call and change nothing).
+            if info.tls {
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+            }
             return End::Closed;
         }
     }

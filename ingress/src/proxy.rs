@@ -595,27 +595,8 @@ impl Proxy {
     ) -> Result<Response<UpBody>, Failure> {
         let idempotent = out.method.is_idempotent();
         if upgrade {
-            let mut send = self
-                .pool
-                .connect_upgradable(addr)
-                .await
-                .map_err(Failure::Connect)?;
-            let mut up = Request::new(Full::new(out.body.clone()));
-            *up.method_mut() = out.method.clone();
-            *up.uri_mut() = out.uri.clone();
-            *up.version_mut() = Version::HTTP_11;
-            *up.headers_mut() = out.headers.clone();
-            return send
-                .send_request(up)
-                .await
-                .map(|r| r.map(UpBody::detached))
-                .map_err(|e| match e.is_parse_too_large() {
-                    true => Failure::HeaderTooBig,
-                    false => Failure::Exchange {
-                        error: e.to_string(),
-                        retry: false,
-                    },
-                });
+            // Rare: boxed, so that its state does not make every request's future larger.
+            return Box::pin(self.exchange_upgrade(addr, out)).await;
         }
         // Pooled connections first. One found closed before the request left is followed by
         // the next; one that fails after it may have left is followed by the next only for
@@ -653,6 +634,34 @@ impl Proxy {
                 retry: idempotent,
             }),
         }
+    }
+
+    /// An upgrade's exchange: a new connection through hyper's client.
+    async fn exchange_upgrade(
+        &self,
+        addr: SocketAddr,
+        out: &Outgoing<'_>,
+    ) -> Result<Response<UpBody>, Failure> {
+        let mut send = self
+            .pool
+            .connect_upgradable(addr)
+            .await
+            .map_err(Failure::Connect)?;
+        let mut up = Request::new(Full::new(out.body.clone()));
+        *up.method_mut() = out.method.clone();
+        *up.uri_mut() = out.uri.clone();
+        *up.version_mut() = Version::HTTP_11;
+        *up.headers_mut() = out.headers.clone();
+        send.send_request(up)
+            .await
+            .map(|r| r.map(UpBody::detached))
+            .map_err(|e| match e.is_parse_too_large() {
+                true => Failure::HeaderTooBig,
+                false => Failure::Exchange {
+                    error: e.to_string(),
+                    retry: false,
+                },
+            })
     }
 
     fn upstream_error(&self, route: &Route, kind: &str) {
