@@ -11,6 +11,7 @@
 pub mod accesslog;
 pub mod class;
 pub mod endpoints;
+pub mod h1;
 pub mod logwriter;
 pub mod metrics;
 pub mod objects;

@@ -116,6 +116,11 @@ struct Flags {
     /// event loop on the main thread as one nginx worker).
     #[arg(long, env = "FLANNEL_INGRESS_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
+    /// Which server answers HTTP/1.1 requests without a body: `own` (ours, the default) or
+    /// `hyper` (hyper's serves every HTTP/1.1 request; requests with a body, upgrades and
+    /// anything unusual go to hyper's either way).
+    #[arg(long, env = "FLANNEL_INGRESS_HTTP1_SERVER", default_value = "own", value_parser = ["own", "hyper"])]
+    http1_server: String,
 }
 
 impl Flags {
@@ -200,6 +205,7 @@ async fn run(flags: Flags, access_log: Option<NonBlocking>) -> Result<()> {
         max_response_header_bytes: usize::try_from(flags.max_response_header_bytes)
             .unwrap_or(32 * 1024),
         attempts: usize::try_from(flags.attempts).unwrap_or(3),
+        own_http1: flags.http1_server == "own",
         ..ProxyOptions::default()
     };
     let mut proxy = Proxy::new(rx.clone(), opts, metrics.clone());

@@ -27,9 +27,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Collected, Full, Limited};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
@@ -108,6 +107,9 @@ pub struct ProxyOptions {
     pub idle_per_endpoint: usize,
     /// How long an idle upstream connection is kept.
     pub idle_timeout: Duration,
+    /// HTTP/1.1 requests without a body served by our own server ([`crate::h1`]) rather than
+    /// hyper's (which serves every other HTTP/1.1 request either way).
+    pub own_http1: bool,
 }
 
 impl Default for ProxyOptions {
@@ -123,6 +125,7 @@ impl Default for ProxyOptions {
             eject_for: Duration::from_secs(10),
             idle_per_endpoint: 64,
             idle_timeout: Duration::from_secs(60),
+            own_http1: true,
         }
     }
 }
@@ -225,7 +228,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) -> Option<HeaderValue> {
 }
 
 /// The host a request names: `:authority` (HTTP/2) or the absolute URI's, else `Host`.
-fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
+fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     if let Some(a) = req.uri().authority() {
         return HeaderValue::from_str(a.as_str()).ok();
     }
@@ -360,8 +363,13 @@ impl Proxy {
         }
     }
 
-    /// Answers one request (never fails: errors become 4xx/5xx answers).
-    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    /// Answers one request (never fails: errors become 4xx/5xx answers). The body: hyper's
+    /// (`Incoming`), or none from our own HTTP/1.1 server.
+    pub async fn handle<B>(&self, req: Request<B>, conn: ConnInfo) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin,
+        B::Error: Into<BoxError>,
+    {
         let started = Instant::now();
         let method = req.method().clone();
         let uri = req.uri().clone();
@@ -401,14 +409,18 @@ impl Proxy {
         out.response
     }
 
-    async fn forward(
+    async fn forward<B>(
         &self,
         snap: &Snapshot,
         route: &Route,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         conn: ConnInfo,
         host: Option<&HeaderValue>,
-    ) -> Forwarded {
+    ) -> Forwarded
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin,
+        B::Error: Into<BoxError>,
+    {
         let upstream = snap
             .upstreams
             .get(&route.backend)
@@ -583,27 +595,8 @@ impl Proxy {
     ) -> Result<Response<UpBody>, Failure> {
         let idempotent = out.method.is_idempotent();
         if upgrade {
-            let mut send = self
-                .pool
-                .connect_upgradable(addr)
-                .await
-                .map_err(Failure::Connect)?;
-            let mut up = Request::new(Full::new(out.body.clone()));
-            *up.method_mut() = out.method.clone();
-            *up.uri_mut() = out.uri.clone();
-            *up.version_mut() = Version::HTTP_11;
-            *up.headers_mut() = out.headers.clone();
-            return send
-                .send_request(up)
-                .await
-                .map(|r| r.map(UpBody::detached))
-                .map_err(|e| match e.is_parse_too_large() {
-                    true => Failure::HeaderTooBig,
-                    false => Failure::Exchange {
-                        error: e.to_string(),
-                        retry: false,
-                    },
-                });
+            // Rare: boxed, so that its state does not make every request's future larger.
+            return Box::pin(self.exchange_upgrade(addr, out)).await;
         }
         // Pooled connections first. One found closed before the request left is followed by
         // the next; one that fails after it may have left is followed by the next only for
@@ -641,6 +634,34 @@ impl Proxy {
                 retry: idempotent,
             }),
         }
+    }
+
+    /// An upgrade's exchange: a new connection through hyper's client.
+    async fn exchange_upgrade(
+        &self,
+        addr: SocketAddr,
+        out: &Outgoing<'_>,
+    ) -> Result<Response<UpBody>, Failure> {
+        let mut send = self
+            .pool
+            .connect_upgradable(addr)
+            .await
+            .map_err(Failure::Connect)?;
+        let mut up = Request::new(Full::new(out.body.clone()));
+        *up.method_mut() = out.method.clone();
+        *up.uri_mut() = out.uri.clone();
+        *up.version_mut() = Version::HTTP_11;
+        *up.headers_mut() = out.headers.clone();
+        send.send_request(up)
+            .await
+            .map(|r| r.map(UpBody::detached))
+            .map_err(|e| match e.is_parse_too_large() {
+                true => Failure::HeaderTooBig,
+                false => Failure::Exchange {
+                    error: e.to_string(),
+                    retry: false,
+                },
+            })
     }
 
     fn upstream_error(&self, route: &Route, kind: &str) {

@@ -1,6 +1,8 @@
 //! Listeners: plain HTTP, HTTPS (rustls, certificate by SNI, ALPN h2/http1.1), each connection
-//! served by hyper's HTTP/1.1 server (upgrades allowed) or its HTTP/2 server (by ALPN, or by
-//! the first bytes: prior knowledge), bounded in header size and header time; and the health/metrics listener. On stop, listeners close and open
+//! served by hyper's HTTP/2 server (by ALPN, or by the first bytes: prior knowledge) or as
+//! HTTP/1.1: by our own server for bodiless requests ([`crate::h1`]) and by hyper's from the
+//! first request that needs it (bodies, upgrades, anything unusual), bounded in header size and
+//! header time; and the health/metrics listener. On stop, listeners close and open
 //! connections are asked to finish (graceful shutdown), bounded by `grace`.
 
 use std::convert::Infallible;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -25,6 +27,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::h1;
 use crate::proxy::{BoxError, ConnInfo, Proxy};
 use crate::snapshot::Snapshot;
 
@@ -37,6 +40,8 @@ struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     header_timeout: Duration,
+    /// Our own HTTP/1.1 server first ([`crate::h1`]), or hyper's for every request.
+    own_http1: bool,
 }
 
 impl Builders {
@@ -55,6 +60,7 @@ impl Builders {
             h1,
             h2,
             header_timeout: o.header_timeout,
+            own_http1: o.own_http1,
         }
     }
 }
@@ -75,13 +81,10 @@ fn preface(first: &[u8]) -> Option<bool> {
     }
 }
 
-/// Bytes read from a connection to tell HTTP/1 from HTTP/2, given back to the server before
-/// anything else the connection sends. One read usually holds the whole request head, so the
-/// server parses it without a read of its own (hyper-util's version sniffing reads 24 bytes,
-/// copies them and lets the server read the rest).
+/// Bytes read from a connection to tell HTTP/1 from HTTP/2, given back to hyper's server
+/// before anything else the connection sends.
 struct Prefixed<I> {
-    first: Vec<u8>,
-    at: usize,
+    first: BytesMut,
     io: I,
 }
 
@@ -92,14 +95,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if this.at < this.first.len() {
-            let n = (this.first.len() - this.at).min(buf.remaining());
-            buf.put_slice(&this.first[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.first.len() {
+        if !this.first.is_empty() {
+            let n = this.first.len().min(buf.remaining());
+            buf.put_slice(&this.first.split_to(n));
+            if this.first.is_empty() {
                 // Gone for good: no memory held by a kept-alive connection.
-                this.first = Vec::new();
-                this.at = 0;
+                this.first = BytesMut::new();
             }
             return Poll::Ready(Ok(()));
         }
@@ -137,15 +138,14 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
     }
 }
 
-/// Reads the first bytes of `io` until they tell HTTP/2's preface from HTTP/1; `None` when
-/// the client closed or sent nothing in time.
-async fn sniff<I: AsyncRead + Unpin>(mut io: I, timeout: Duration) -> Option<(bool, Prefixed<I>)> {
-    let mut first = Vec::with_capacity(2048);
+/// Reads the first bytes of `io` until they tell HTTP/2's preface from HTTP/1 (one read
+/// usually holds a whole HTTP/1 request head, which is then parsed without a read of its own);
+/// `None` when the client closed or sent nothing in time.
+async fn sniff<I: AsyncRead + Unpin>(mut io: I, timeout: Duration) -> Option<(bool, BytesMut, I)> {
+    let mut first = BytesMut::with_capacity(4096);
     let read = async {
         loop {
-            if first.len() == first.capacity() {
-                first.reserve(2048);
-            }
+            first.reserve(2048);
             match io.read_buf(&mut first).await {
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {
@@ -157,7 +157,7 @@ async fn sniff<I: AsyncRead + Unpin>(mut io: I, timeout: Duration) -> Option<(bo
         }
     };
     let h2 = tokio::time::timeout(timeout, read).await.ok()??;
-    Some((h2, Prefixed { first, at: 0, io }))
+    Some((h2, first, io))
 }
 
 /// A connection future that can be asked to finish what it is doing and stop.
@@ -210,9 +210,12 @@ async fn drive<C: Graceful>(conn: C, peer: SocketAddr, mut stop: watch::Receiver
     }
 }
 
-/// Serves one connection: HTTP/2 when `h2` says so, else HTTP/1.1 with upgrades.
+/// Serves one connection whose first bytes (already read) are `first`: HTTP/2 when `h2` says
+/// so; else HTTP/1.1 by our own server ([`crate::h1`]) until a request needs hyper's (which
+/// then serves the rest of the connection, upgrades included).
 async fn serve_io<I>(
     io: I,
+    first: BytesMut,
     h2: bool,
     b: &Builders,
     proxy: Arc<Proxy>,
@@ -221,6 +224,15 @@ async fn serve_io<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (io, first) = if h2 || !b.own_http1 {
+        (io, first)
+    } else {
+        match h1::serve(io, first, &proxy, info, stop.clone()).await {
+            h1::End::Closed => return,
+            h1::End::Fallback(io, rest) => (io, rest),
+        }
+    };
+    let io = Prefixed { first, io };
     let svc = service_fn(move |req: Request<Incoming>| {
         let p = proxy.clone();
         async move { Ok::<_, Infallible>(p.handle(req, info).await) }
@@ -288,8 +300,8 @@ pub async fn serve(
                 tokio::spawn(async move {
                     let conns = proxy.metrics().connections.clone();
                     conns.inc();
-                    if let Some((h2, io)) = sniff(tcp, b.header_timeout).await {
-                        serve_io(io, h2, &b, proxy, info, stop).await;
+                    if let Some((h2, first, io)) = sniff(tcp, b.header_timeout).await {
+                        serve_io(io, first, h2, &b, proxy, info, stop).await;
                     }
                     conns.dec();
                 });
@@ -301,11 +313,17 @@ pub async fn serve(
                     conns.inc();
                     match tokio::time::timeout(b.header_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => match stream.get_ref().1.alpn_protocol() {
-                            Some(b"h2") => serve_io(stream, true, &b, proxy, info, stop).await,
-                            Some(_) => serve_io(stream, false, &b, proxy, info, stop).await,
+                            Some(b"h2") => {
+                                serve_io(stream, BytesMut::new(), true, &b, proxy, info, stop).await
+                            }
+                            Some(_) => {
+                                serve_io(stream, BytesMut::new(), false, &b, proxy, info, stop)
+                                    .await
+                            }
                             None => {
-                                if let Some((h2, io)) = sniff(stream, b.header_timeout).await {
-                                    serve_io(io, h2, &b, proxy, info, stop).await;
+                                if let Some((h2, first, io)) = sniff(stream, b.header_timeout).await
+                                {
+                                    serve_io(io, first, h2, &b, proxy, info, stop).await;
                                 }
                             }
                         },
@@ -450,8 +468,9 @@ mod tests {
         let (tcp, _) = l.accept().await.unwrap();
         // Inherited from the listener, not set on the connection.
         assert!(tcp.nodelay().unwrap());
-        let (h2, mut io) = sniff(tcp, Duration::from_secs(5)).await.unwrap();
+        let (h2, first, io) = sniff(tcp, Duration::from_secs(5)).await.unwrap();
         assert!(h2);
+        let mut io = Prefixed { first, io };
         let _c = client.await.unwrap();
         let mut all = vec![0u8; 28];
         io.read_exact(&mut all).await.unwrap();
@@ -467,8 +486,9 @@ mod tests {
             .await
             .unwrap();
         let (tcp, _) = l.accept().await.unwrap();
-        let (h2, mut io) = sniff(tcp, Duration::from_secs(5)).await.unwrap();
+        let (h2, first, io) = sniff(tcp, Duration::from_secs(5)).await.unwrap();
         assert!(!h2);
+        let mut io = Prefixed { first, io };
         let mut all = vec![0u8; 18];
         io.read_exact(&mut all).await.unwrap();
         assert_eq!(&all, b"GET / HTTP/1.1\r\n\r\n");

@@ -303,7 +303,8 @@ async fn retries_limits_timeouts_and_swaps() {
     assert_eq!(read_response(&mut s).await.0, 404);
 }
 
-/// An upstream that answers by path (`/big`: a 40 KiB response head, `/empty`: 204, else
+/// An upstream that answers by path (`/big`: a 40 KiB response head, `/empty`: 204,
+/// `/chunked`: "abcde" in two chunks, `/close`: a body delimited by closing the connection, else
 /// 200 with a body, none for HEAD), keeps connections alive, closes each one `close_after` after its last
 /// answer, and counts the connections it accepted.
 async fn scripted(
@@ -356,6 +357,13 @@ async fn scripted(
                             "b".repeat(40 * 1024)
                         ),
                         "/empty" => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+                        "/chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n".to_string(),
+                        "/close" => {
+                            let _ = w
+                                .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-close")
+                                .await;
+                            return;
+                        }
                         _ if method == "HEAD" => {
                             "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n".into()
                         }
@@ -544,4 +552,171 @@ async fn an_answer_chunked_twice_is_a_502() {
     assert_eq!(code, 502, "{body}");
     assert!(!body.contains("hello"), "{body}");
     assert_eq!(proxy.idle_upstream_connections(), 0);
+}
+
+/// Reads until the proxy closes the connection (bounded).
+async fn read_to_close(s: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .expect("the proxy did not close the connection")
+        .unwrap();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// Whether the proxy closes `s` within `within` (true) or keeps it open.
+async fn closes(s: &mut TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// The HTTP/1.1 server of our own (h1.rs) as a client sees it: pipelining, keep-alive rules of
+/// both versions, bodiless answers, body framing chosen for the client, a connection handed to
+/// hyper's server at the first request with a body, bad and oversized heads (hyper's answers),
+/// a slow head cut off without hurting others, and idle connections closed on stop.
+#[tokio::test]
+async fn own_http1_server_keeps_the_rules() {
+    let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let up = scripted(accepts, Duration::from_secs(30)).await;
+    let o = objects(&[("s", vec![up])]);
+    let empty = Snapshot::empty(default_certificate().unwrap());
+    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
+    let opts = ProxyOptions {
+        header_timeout: Duration::from_millis(400),
+        max_header_bytes: 8192,
+        ..ProxyOptions::default()
+    };
+    let proxy = Arc::new(Proxy::new(rx, opts, Metrics::default()));
+    let l = ingress::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let to = l.local_addr().unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+    let get_s = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: s.test\r\n\r\n");
+
+    // Three requests in one write (the last a HEAD): three answers in order, one connection.
+    let mut s = TcpStream::connect(to).await.unwrap();
+    let raw = get_s("/a")
+        + "HEAD /b HTTP/1.1\r\nHost: s.test\r\n\r\n"
+        + &get_s("/nothing-here").replace("s.test", "other.test");
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let mut r = BufReader::new(&mut s);
+    assert_eq!(read_response(&mut r).await, (200, "ok 0".into()));
+    // HEAD: the length of the GET, no body (the next answer starts right after the head).
+    let mut status = String::new();
+    r.read_line(&mut status).await.unwrap();
+    assert!(status.starts_with("HTTP/1.1 200 OK"), "{status}");
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        head += &line;
+    }
+    assert!(head.contains("content-length: 4\r\n"), "{head}");
+    // Our own 404, with a Date.
+    let (code, body) = read_response(&mut r).await;
+    assert_eq!(code, 404, "{body}");
+
+    // A chunked upstream answer: chunked to an HTTP/1.1 client, until close to HTTP/1.0.
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(b"GET /chunked HTTP/1.1\r\nHost: s.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let all = read_to_close(&mut s).await;
+    assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+    assert!(all.contains("\r\ntransfer-encoding: chunked\r\n"), "{all}");
+    assert!(all.contains("\r\nconnection: close\r\n"), "{all}");
+    assert!(all.contains("\r\ndate: "), "{all}");
+    assert!(
+        all.ends_with("\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
+        "{all}"
+    );
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(b"GET /close HTTP/1.0\r\nHost: s.test\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let all = read_to_close(&mut s).await;
+    assert!(!all.contains("transfer-encoding"), "{all}");
+    assert!(!all.contains("connection: keep-alive"), "{all}");
+    assert!(all.ends_with("\r\n\r\nuntil-close"), "{all}");
+
+    // HTTP/1.0: closed after the answer unless kept alive, then said so.
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let all = read_to_close(&mut s).await;
+    assert!(
+        all.starts_with("HTTP/1.1 404 ") && all.ends_with("and path\n"),
+        "{all}"
+    );
+    assert!(!all.contains("connection: keep-alive"), "{all}");
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\nHost: s.test\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut r = BufReader::new(&mut s);
+    assert_eq!(read_response(&mut r).await, (200, "ok 0".into()));
+    assert!(!closes(&mut s, Duration::from_millis(100)).await);
+
+    // One connection: ours, then hyper's from the POST on (bodies), every answer right.
+    let mut s = TcpStream::connect(to).await.unwrap();
+    let mut r = BufReader::new(&mut s);
+    for (raw, want) in [
+        (get_s("/"), "ok 0"),
+        (
+            "POST / HTTP/1.1\r\nHost: s.test\r\nContent-Length: 5\r\n\r\nabcde".into(),
+            "ok 5",
+        ),
+        (get_s("/"), "ok 0"),
+    ] {
+        r.get_mut().write_all(raw.as_bytes()).await.unwrap();
+        assert_eq!(read_response(&mut r).await, (200, want.into()), "{raw}");
+    }
+
+    // Bad heads get hyper's answers: garbage 400, a head over the limit 431.
+    let (code, _) = request(
+        to,
+        "GET / HTTP/1.1\r\nHost: s.test\r\nBad Header\r\n\r\n".into(),
+    )
+    .await;
+    assert_eq!(code, 400);
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: s.test\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(9000)
+    );
+    let (code, _) = request(to, big).await;
+    assert_eq!(code, 431);
+
+    // A head that never ends: cut off after the header timeout; others are served meanwhile.
+    let mut slow = TcpStream::connect(to).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: s.te")
+        .await
+        .unwrap();
+    assert_eq!(request(to, get_s("/")).await, (200, "ok 0".into()));
+    assert!(closes(&mut slow, Duration::from_secs(3)).await);
+    // So is a kept-alive connection that sends nothing more.
+    let mut idle = TcpStream::connect(to).await.unwrap();
+    idle.write_all(get_s("/").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_response(&mut BufReader::new(&mut idle)).await,
+        (200, "ok 0".into())
+    );
+    assert!(!closes(&mut idle, Duration::from_millis(150)).await);
+    assert!(closes(&mut idle, Duration::from_secs(3)).await);
+
+    // On stop, an idle kept-alive connection is closed at once.
+    let mut idle = TcpStream::connect(to).await.unwrap();
+    idle.write_all(get_s("/").as_bytes()).await.unwrap();
+    assert_eq!(
+        read_response(&mut BufReader::new(&mut idle)).await,
+        (200, "ok 0".into())
+    );
+    stop_tx.send(true).unwrap();
+    assert!(closes(&mut idle, Duration::from_millis(300)).await);
 }
