@@ -161,15 +161,32 @@ impl Drop for FlushGuard {
 mod tests {
     use super::*;
 
-    /// A sink the test can read, optionally stalled.
+    /// A sink the test can read, optionally stalled; `entered` tells that the writer thread
+    /// is in a write (so, while stalled, stuck there holding what it took).
     #[derive(Clone, Default)]
     struct Sink {
         data: Arc<Mutex<Vec<u8>>>,
         stall: Arc<Mutex<()>>,
+        entered: Arc<AtomicBool>,
+    }
+
+    impl Sink {
+        /// Waits (bounded) until the writer thread is inside a write.
+        fn wait_entered(&self) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !self.entered.load(Ordering::Acquire) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the writer thread never wrote"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     impl Write for Sink {
         fn write(&mut self, d: &[u8]) -> std::io::Result<usize> {
+            self.entered.store(true, Ordering::Release);
             let _g = self.stall.lock().unwrap();
             self.data.lock().unwrap().extend_from_slice(d);
             Ok(d.len())
@@ -199,17 +216,21 @@ mod tests {
     #[test]
     fn appended_lines_arrive_and_are_bounded() {
         let sink = Sink::default();
-        let stall = sink.stall.lock().unwrap();
         let (w, guard) = NonBlocking::new(sink.clone()).unwrap();
+        // Taken after the guard: a failing assertion releases the output before the guard
+        // waits for the thread (no hang).
+        let stall = sink.stall.lock().unwrap();
         w.append_with(|b| b.extend_from_slice(b"first\n"));
-        // 8 MiB against a 4 MiB buffer while the output is stuck: some are dropped.
+        // The thread took "first" and is stuck writing it: the buffer is empty again.
+        sink.wait_entered();
+        // 8 MiB against a 4 MiB buffer while the output is stuck: the second half is dropped.
         for _ in 0..8192 {
             w.append_with(|b| {
                 b.extend_from_slice(&[b'y'; 1023]);
                 b.push(b'\n');
             });
         }
-        assert!(w.dropped() > 0, "nothing dropped");
+        assert_eq!(w.dropped(), 4096);
         drop(stall);
         drop(guard);
         let text = String::from_utf8(sink.data.lock().unwrap().clone()).unwrap();
@@ -219,14 +240,16 @@ mod tests {
         assert_eq!(lines.next(), Some("first"));
         assert!(lines.all(|l| l == "y".repeat(1023)));
         let kept = text.lines().filter(|l| l.starts_with('y')).count();
-        assert!((4096 - 1..8192).contains(&kept), "kept {kept}");
+        assert_eq!(kept, 4096);
     }
 
     #[test]
     fn a_stalled_output_does_not_block_writers_and_drops_are_reported() {
         let sink = Sink::default();
-        let stall = sink.stall.lock().unwrap();
         let (w, guard) = NonBlocking::new(sink.clone()).unwrap();
+        let stall = sink.stall.lock().unwrap();
+        w.clone().write_all(b"first\n").unwrap();
+        sink.wait_entered();
         let line = vec![b'x'; 1023];
         let started = std::time::Instant::now();
         // 8 MiB of lines against a 4 MiB buffer while the output is stuck.
@@ -236,13 +259,12 @@ mod tests {
             w.clone().write_all(&l).unwrap();
         }
         assert!(started.elapsed() < Duration::from_secs(5));
-        // The thread may have swapped out up to one buffer before stalling.
-        assert!(w.dropped() > 0, "nothing dropped");
+        assert_eq!(w.dropped(), 4096);
         drop(stall);
         drop(guard);
         let text = String::from_utf8(sink.data.lock().unwrap().clone()).unwrap();
         assert!(text.contains("log lines dropped"), "no drop report");
         let kept = text.lines().filter(|l| l.starts_with('x')).count();
-        assert!((4096 - 1..8192).contains(&kept), "kept {kept}");
+        assert_eq!(kept, 4096);
     }
 }
