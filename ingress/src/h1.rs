@@ -22,10 +22,17 @@
 //!   `Connection: keep-alive`; pipelined requests are answered in order;
 //! - a response: `Content-Length` as given (a body that ends short or runs long closes the
 //!   connection after what was promised), else the body's exact size, else chunked (HTTP/1.1
-//!   clients) or until close (HTTP/1.0); none for HEAD, 1xx, 204 and 304; trailers are dropped
-//!   (no request on this path offered `TE: trailers`); `Date` added when missing;
-//! - on stop: an idle connection closes at once, a busy one after its answer, at the latest
-//!   [`crate::server::GRACE`] later.
+//!   clients) or until close (HTTP/1.0); none for HEAD (which gets the length a GET would
+//!   have), 1xx, 204 and 304; trailers are dropped (no request on this path offered
+//!   `TE: trailers`); `Date` added when missing; the status line says `HTTP/1.1` to both
+//!   versions (RFC 9110 2.5; hyper echoed `HTTP/1.0`), with no reason phrase for a status
+//!   without a canonical one (hyper wrote `<none>`); frames of 16 KiB or more are written from
+//!   where they are, smaller ones gathered;
+//! - while an answer is pending, a kept-alive connection is read (as hyper does): a client
+//!   that closed (or half-closed, as hyper without `half_close`) ends the exchange at once;
+//!   bytes of pipelined requests are kept;
+//! - on stop: an idle connection closes at once, a busy one after its answer (which then says
+//!   `connection: close`), at the latest [`crate::server::GRACE`] later.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -48,8 +55,8 @@ use crate::proxy::{ConnInfo, Proxy};
 const MAX_HEADERS: usize = 100;
 /// Free room asked for before each read.
 const READ_ROOM: usize = 4 * 1024;
-/// Body frames up to this size are copied behind the head (or the previous frame) and written
-/// with it; larger ones are written on their own.
+/// Body frames below this size are copied behind the head (or the previous frame) and written
+/// with it; larger ones are written from where they are.
 const COALESCE: usize = 16 * 1024;
 /// A write buffer grown beyond this is not kept between requests.
 const KEEP_BUFFER: usize = 64 * 1024;
@@ -267,6 +274,14 @@ fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     let framing = if bodiless {
+        if head_request && length.is_none() && !status.is_informational() && status != 204 {
+            // The length a GET would have had (hyper writes it too).
+            if let Some(n) = exact {
+                out.extend_from_slice(b"content-length: ");
+                write_decimal(out, n);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
         Framing::None
     } else if let Some(n) = length {
         Framing::Length(n)
@@ -296,43 +311,46 @@ fn encode_head(
     framing
 }
 
-/// Appends one data frame as `framing` says; `sent` counts body bytes of a `Length` body
-/// (bytes beyond the length are not written: `false` then, the connection must close).
-fn frame_into(out: &mut Vec<u8>, framing: Framing, sent: &mut u64, data: &[u8]) -> bool {
-    match framing {
-        Framing::None => true,
-        Framing::Length(n) => {
-            let left = n - *sent;
-            let take = (data.len() as u64).min(left) as usize;
-            out.extend_from_slice(&data[..take]);
-            *sent += take as u64;
-            take == data.len()
-        }
-        Framing::Chunked => {
-            if !data.is_empty() {
-                let mut size = [0u8; 16];
-                let mut i = size.len();
-                let mut n = data.len();
-                loop {
-                    i -= 1;
-                    size[i] = b"0123456789abcdef"[n & 15];
-                    n >>= 4;
-                    if n == 0 {
-                        break;
-                    }
-                }
-                out.extend_from_slice(&size[i..]);
-                out.extend_from_slice(b"\r\n");
-                out.extend_from_slice(data);
-                out.extend_from_slice(b"\r\n");
-            }
-            true
-        }
-        Framing::Close => {
-            out.extend_from_slice(data);
-            true
+/// Appends a chunk-size line.
+fn chunk_head(out: &mut Vec<u8>, len: usize) {
+    let mut size = [0u8; 16];
+    let mut i = size.len();
+    let mut n = len;
+    loop {
+        i -= 1;
+        size[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
         }
     }
+    out.extend_from_slice(&size[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one data frame as `framing` says (an empty one writes nothing: an empty chunk
+/// would end a chunked body).
+fn frame_into(out: &mut Vec<u8>, framing: Framing, data: &[u8]) {
+    match framing {
+        Framing::None => {}
+        Framing::Length(_) | Framing::Close => out.extend_from_slice(data),
+        Framing::Chunked if data.is_empty() => {}
+        Framing::Chunked => {
+            chunk_head(out, data.len());
+            out.extend_from_slice(data);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// Whether the bytes from `from` on (with the 3 before) can end a request head: a line feed
+/// followed by an empty line (CRLF or bare LF, as httparse reads them). Only then is the head
+/// parsed again, so a head trickling in byte by byte is not scanned from its start each time.
+fn may_end_head(buf: &[u8], from: usize) -> bool {
+    let tail = &buf[from.saturating_sub(3).min(buf.len())..];
+    tail.windows(2)
+        .enumerate()
+        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && tail.get(i + 2) == Some(&b'\n')))
 }
 
 /// The stop signal of a connection, polled only while it waits: once seen, an idle
@@ -387,6 +405,35 @@ impl Stop {
     }
 }
 
+/// Waits for `f` (the answer, or the next piece of its body). A kept-alive connection is read
+/// meanwhile, as hyper's server does, so that a client that went away ends the wait (and the
+/// upstream exchange with it) rather than leaving it to run to its timeout; bytes of a
+/// pipelined request are kept in `rbuf`, only into its spare room (no allocation, at most
+/// `max` bytes). `None`: the client closed, or the connection has to stop.
+async fn busy<I: AsyncRead + Unpin, F: Future>(
+    mut f: Pin<&mut F>,
+    io: &mut I,
+    rbuf: &mut BytesMut,
+    watch: bool,
+    max: usize,
+    stop: &mut Stop,
+) -> Option<F::Output> {
+    poll_fn(|cx| {
+        if let Poll::Ready(v) = f.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        while watch && rbuf.len() < max && rbuf.capacity() > rbuf.len() {
+            match std::pin::pin!(io.read_buf(rbuf)).poll(cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => break,
+            }
+        }
+        stop.poll(cx, false).map(|()| None)
+    })
+    .await
+}
+
 /// What waiting for request bytes came to.
 enum Wait {
     Read(usize),
@@ -425,19 +472,25 @@ async fn read_head_bytes<I: AsyncRead + Unpin>(
     .await
 }
 
-/// Writes `buf` (then clears it) and flushes (TLS: the records go out).
-async fn send<I: AsyncWrite + Unpin>(io: &mut I, buf: &mut Vec<u8>, stop: &mut Stop) -> bool {
-    let ok = matches!(
+/// Writes `data` and flushes (TLS: the records go out); `false` when that failed or the
+/// connection has to stop.
+async fn write_out<I: AsyncWrite + Unpin>(io: &mut I, data: &[u8], stop: &mut Stop) -> bool {
+    matches!(
         stop.or(
             std::pin::pin!(async {
-                io.write_all(buf).await?;
+                io.write_all(data).await?;
                 io.flush().await
             }),
             false
         )
         .await,
         Some(Ok(()))
-    );
+    )
+}
+
+/// Writes `buf` as [`write_out`] does, then clears it.
+async fn send<I: AsyncWrite + Unpin>(io: &mut I, buf: &mut Vec<u8>, stop: &mut Stop) -> bool {
+    let ok = write_out(io, buf, stop).await;
     buf.clear();
     ok
 }
@@ -464,13 +517,21 @@ where
     loop {
         // A request head.
         let deadline = Instant::now() + head_timeout;
+        // Bytes known not to end a head.
+        let mut scanned = 0;
         let mut head = loop {
-            if !rbuf.is_empty() {
+            if may_end_head(&rbuf, scanned) {
                 match parse(&rbuf, &mut names) {
+                    // Over the limit although complete: hyper's 431, as for an incomplete one.
+                    Ok(Some(h)) if h.len > max_head => return End::Fallback(io, rbuf),
                     Ok(Some(h)) => break h,
-                    Ok(None) if rbuf.len() < max_head => {}
-                    Ok(None) | Err(NotOurs) => return End::Fallback(io, rbuf),
+                    Ok(None) => {}
+                    Err(NotOurs) => return End::Fallback(io, rbuf),
                 }
+            }
+            scanned = rbuf.len();
+            if rbuf.len() >= max_head {
+                return End::Fallback(io, rbuf);
             }
             if stop.stopping() && rbuf.is_empty() {
                 return End::Closed;
@@ -502,9 +563,13 @@ where
 
         // The answer.
         let handling = std::pin::pin!(proxy.handle(req, info));
-        let Some(resp) = stop.or(handling, false).await else {
+        let watch = keep_alive;
+        let Some(resp) = busy(handling, &mut io, &mut rbuf, watch, max_head, &mut stop).await
+        else {
             return End::Closed;
         };
+        // A stop meanwhile: this answer is the last and says so.
+        keep_alive &= !stop.stopping();
         let (parts, mut body) = resp.into_parts();
         let framing = encode_head(
             &mut wbuf,
@@ -529,8 +594,9 @@ where
                         if !wbuf.is_empty() && !send(&mut io, &mut wbuf, &mut stop).await {
                             return End::Closed;
                         }
-                        let waited = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
-                        match stop.or(std::pin::pin!(waited), false).await {
+                        let waited =
+                            std::pin::pin!(poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)));
+                        match busy(waited, &mut io, &mut rbuf, watch, max_head, &mut stop).await {
                             Some(f) => f,
                             None => return End::Closed,
                         }
@@ -540,16 +606,41 @@ where
                     None => break,
                     Some(Ok(frame)) => {
                         // Trailers are dropped.
-                        let Ok(data) = frame.into_data() else {
+                        let Ok(mut data) = frame.into_data() else {
                             continue;
                         };
-                        if !frame_into(&mut wbuf, framing, &mut sent, &data) {
-                            // The body ran past its Content-Length.
+                        // Past the promised Content-Length: cut, and the connection ends.
+                        let over = match framing {
+                            Framing::Length(n) if data.len() as u64 > n - sent => {
+                                data.truncate((n - sent) as usize);
+                                true
+                            }
+                            _ => false,
+                        };
+                        sent += data.len() as u64;
+                        if data.len() >= COALESCE {
+                            // Large: written from where it is, not copied.
+                            if framing == Framing::Chunked {
+                                chunk_head(&mut wbuf, data.len());
+                            }
+                            if !send(&mut io, &mut wbuf, &mut stop).await
+                                || !write_out(&mut io, &data, &mut stop).await
+                            {
+                                return End::Closed;
+                            }
+                            if framing == Framing::Chunked {
+                                wbuf.extend_from_slice(b"\r\n");
+                            }
+                        } else {
+                            frame_into(&mut wbuf, framing, &data);
+                            if wbuf.len() >= COALESCE && !send(&mut io, &mut wbuf, &mut stop).await
+                            {
+                                return End::Closed;
+                            }
+                        }
+                        if over {
                             whole = false;
                             break;
-                        }
-                        if wbuf.len() >= COALESCE && !send(&mut io, &mut wbuf, &mut stop).await {
-                            return End::Closed;
                         }
                     }
                     Some(Err(e)) => {
@@ -573,9 +664,10 @@ where
             wbuf = Vec::with_capacity(1024);
         }
         if !whole || !keep_alive || stop.stopping() {
-            // TLS: close_notify before the end. Plain TCP: dropping the socket sends the FIN
-            // (a shutdown first would add a system call and change nothing).
-            if info.tls {
+            // TLS: close_notify before the end, unless the answer broke off (the client must
+            // not take a cut body for a whole one). Plain TCP: dropping the socket sends the
+            // FIN (a shutdown first would add a system call and change nothing).
+            if info.tls && whole {
                 let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
             }
             return End::Closed;
@@ -742,6 +834,10 @@ mod tests {
         );
         assert!(h.contains("content-length: 4\r\n"), "{h}");
         assert_eq!(f, Framing::None);
+        // HEAD of one of our own pages: the length its GET would have.
+        let (h, f, _) = head_of(404, &date, Some(7), Version::HTTP_11, true, true);
+        assert!(h.contains("content-length: 7\r\n"), "{h}");
+        assert_eq!(f, Framing::None);
         let (h, f, _) = head_of(
             204,
             &[("content-length", "0"), date[0]],
@@ -768,23 +864,58 @@ mod tests {
     #[test]
     fn frames_are_framed() {
         let mut out = Vec::new();
-        let mut sent = 0;
-        assert!(frame_into(&mut out, Framing::Chunked, &mut sent, b""));
+        frame_into(&mut out, Framing::Chunked, b"");
         assert!(out.is_empty(), "an empty chunk would end the body");
-        assert!(frame_into(
-            &mut out,
-            Framing::Chunked,
-            &mut sent,
-            &[b'x'; 26]
-        ));
+        frame_into(&mut out, Framing::Chunked, &[b'x'; 26]);
         assert_eq!(out, [&b"1a\r\n"[..], &[b'x'; 26], b"\r\n"].concat());
         out.clear();
-        assert!(frame_into(&mut out, Framing::Length(3), &mut sent, b"ab"));
-        assert!(!frame_into(&mut out, Framing::Length(3), &mut sent, b"cd"));
-        assert_eq!((out.as_slice(), sent), (&b"abc"[..], 3));
+        frame_into(&mut out, Framing::Length(3), b"ab");
+        frame_into(&mut out, Framing::Close, b"c");
+        frame_into(&mut out, Framing::None, b"d");
+        assert_eq!(out, b"abc");
+        out.clear();
+        chunk_head(&mut out, 0x10000);
+        assert_eq!(out, b"10000\r\n");
         let mut d = Vec::new();
         write_decimal(&mut d, 0);
         write_decimal(&mut d, 18_446_744_073_709_551_615);
         assert_eq!(d, b"018446744073709551615");
+    }
+
+    #[test]
+    fn a_head_is_parsed_again_only_when_it_can_have_ended() {
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        for n in 0..head.len() {
+            assert!(!may_end_head(&head[..n], 0), "{n}");
+        }
+        assert!(may_end_head(head, 0));
+        // Only the new bytes (and the three before them) are looked at.
+        assert!(may_end_head(head, head.len() - 1));
+        assert!(may_end_head(head, head.len()));
+        assert!(!may_end_head(b"\n\r\nGET / HTTP/1.1\r\nHost", 8));
+        assert!(may_end_head(b"GET / HTTP/1.1\nHost: x\n\n", 20));
+        assert!(may_end_head(b"GET / HTTP/1.1\r\nHost: x\r\n\n", 26));
+        assert!(!may_end_head(b"", 0));
+        assert!(!may_end_head(b"\n", 5));
+    }
+
+    #[test]
+    fn content_length_zero_in_any_spelling_httparse_keeps_is_no_body() {
+        for raw in [
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 00\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length:  0 \r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            // Bare line feeds, as hyper's parser (the same httparse) accepts them.
+            "GET / HTTP/1.1\nHost: x\n\n",
+        ] {
+            assert!(ours(raw).unwrap().is_some(), "{raw:?}");
+        }
+        for raw in [
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: +0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0x0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 1\r\n\r\n",
+        ] {
+            assert_eq!(ours(raw).err(), Some(NotOurs), "{raw:?}");
+        }
     }
 }

@@ -304,7 +304,8 @@ async fn retries_limits_timeouts_and_swaps() {
 }
 
 /// An upstream that answers by path (`/big`: a 40 KiB response head, `/empty`: 204,
-/// `/chunked`: "abcde" in two chunks, `/close`: a body delimited by closing the connection, else
+/// `/chunked`: "abcde" in two chunks, `/close`: a body delimited by closing the connection,
+/// `/short`: 3 of 10 promised bytes and a close, `/slow`: "slow" after 500 ms, else
 /// 200 with a body, none for HEAD), keeps connections alive, closes each one `close_after` after its last
 /// answer, and counts the connections it accepted.
 async fn scripted(
@@ -358,6 +359,16 @@ async fn scripted(
                         ),
                         "/empty" => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
                         "/chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n".to_string(),
+                        "/short" => {
+                            let _ = w
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+                                .await;
+                            return;
+                        }
+                        "/slow" => {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow".to_string()
+                        }
                         "/close" => {
                             let _ = w
                                 .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-close")
@@ -585,7 +596,7 @@ async fn own_http1_server_keeps_the_rules() {
     let empty = Snapshot::empty(default_certificate().unwrap());
     let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
     let opts = ProxyOptions {
-        header_timeout: Duration::from_millis(400),
+        header_timeout: Duration::from_secs(1),
         max_header_bytes: 8192,
         ..ProxyOptions::default()
     };
@@ -679,7 +690,31 @@ async fn own_http1_server_keeps_the_rules() {
         assert_eq!(read_response(&mut r).await, (200, want.into()), "{raw}");
     }
 
-    // Bad heads get hyper's answers: garbage 400, a head over the limit 431.
+    // The same in one write (pipelined): hyper takes over with the bytes after the first head.
+    let mut s = TcpStream::connect(to).await.unwrap();
+    let raw = get_s("/")
+        + "POST / HTTP/1.1\r\nHost: s.test\r\nContent-Length: 5\r\n\r\nabcde"
+        + &get_s("/");
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let mut r = BufReader::new(&mut s);
+    for want in ["ok 0", "ok 5", "ok 0"] {
+        assert_eq!(read_response(&mut r).await, (200, want.into()));
+    }
+
+    // A head httparse takes but whose target `http` refuses: given back whole to hyper (400).
+    let (code, _) = request(to, "GET /a`b HTTP/1.1\r\nHost: s.test\r\n\r\n".into()).await;
+    assert_eq!(code, 400);
+
+    // An upstream body that ends short of its length: the client gets what came, then the
+    // connection closes (it cannot be mistaken for a whole answer).
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(get_s("/short").as_bytes()).await.unwrap();
+    let all = read_to_close(&mut s).await;
+    assert!(all.contains("content-length: 10\r\n"), "{all}");
+    assert!(all.ends_with("\r\n\r\nabc"), "{all}");
+
+    // Bad heads get hyper's answers: garbage 400, a head over the limit 431 (also one that
+    // arrives complete in the read that crosses the limit).
     let (code, _) = request(
         to,
         "GET / HTTP/1.1\r\nHost: s.test\r\nBad Header\r\n\r\n".into(),
@@ -692,6 +727,15 @@ async fn own_http1_server_keeps_the_rules() {
     );
     let (code, _) = request(to, big).await;
     assert_eq!(code, 431);
+    let mut s = TcpStream::connect(to).await.unwrap();
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: s.test\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(9000)
+    );
+    s.write_all(&big.as_bytes()[..6000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(&big.as_bytes()[6000..]).await.unwrap();
+    assert_eq!(read_response(&mut BufReader::new(&mut s)).await.0, 431);
 
     // A head that never ends: cut off after the header timeout; others are served meanwhile.
     let mut slow = TcpStream::connect(to).await.unwrap();
@@ -699,7 +743,7 @@ async fn own_http1_server_keeps_the_rules() {
         .await
         .unwrap();
     assert_eq!(request(to, get_s("/")).await, (200, "ok 0".into()));
-    assert!(closes(&mut slow, Duration::from_secs(3)).await);
+    assert!(closes(&mut slow, Duration::from_secs(5)).await);
     // So is a kept-alive connection that sends nothing more.
     let mut idle = TcpStream::connect(to).await.unwrap();
     idle.write_all(get_s("/").as_bytes()).await.unwrap();
@@ -707,8 +751,8 @@ async fn own_http1_server_keeps_the_rules() {
         read_response(&mut BufReader::new(&mut idle)).await,
         (200, "ok 0".into())
     );
-    assert!(!closes(&mut idle, Duration::from_millis(150)).await);
-    assert!(closes(&mut idle, Duration::from_secs(3)).await);
+    assert!(!closes(&mut idle, Duration::from_millis(300)).await);
+    assert!(closes(&mut idle, Duration::from_secs(5)).await);
 
     // On stop, an idle kept-alive connection is closed at once.
     let mut idle = TcpStream::connect(to).await.unwrap();
@@ -718,5 +762,76 @@ async fn own_http1_server_keeps_the_rules() {
         (200, "ok 0".into())
     );
     stop_tx.send(true).unwrap();
-    assert!(closes(&mut idle, Duration::from_millis(300)).await);
+    // At once, not after the 10 s grace.
+    assert!(closes(&mut idle, Duration::from_secs(3)).await);
+}
+
+/// An upstream that reads one request head and then waits, without answering, until the
+/// proxy closes the connection; it reports that close.
+async fn waits_for_close(closed: tokio::sync::mpsc::Sender<()>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let mut s = BufReader::new(s);
+                let mut line = String::new();
+                while s.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    if line.ends_with("\r\n\r\n") || line == "\r\n" {
+                        break;
+                    }
+                    line.clear();
+                }
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+                let _ = closed.send(()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Our HTTP/1.1 server while an answer is pending: a client that goes away ends the upstream
+/// exchange at once (not after the upstream timeout), and a stop lets the answer out, marked
+/// as the last one, then closes.
+#[tokio::test]
+async fn own_http1_server_while_an_answer_is_pending() {
+    let (tx, mut closed) = tokio::sync::mpsc::channel(4);
+    let waiting = waits_for_close(tx).await;
+    let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let up = scripted(accepts, Duration::from_secs(30)).await;
+    let o = objects(&[("wait", vec![waiting]), ("s", vec![up])]);
+    let empty = Snapshot::empty(default_certificate().unwrap());
+    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
+    let proxy = Arc::new(Proxy::new(rx, ProxyOptions::default(), Metrics::default()));
+    let l = ingress::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let to = l.local_addr().unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(get("wait.test").as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("the upstream exchange went on after the client left")
+        .unwrap();
+
+    let mut s = TcpStream::connect(to).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: s.test\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop_tx.send(true).unwrap();
+    let all = read_to_close(&mut s).await;
+    assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+    assert!(all.contains("\r\nconnection: close\r\n"), "{all}");
+    assert!(all.ends_with("\r\n\r\nslow"), "{all}");
 }
