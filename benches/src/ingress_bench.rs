@@ -41,7 +41,7 @@ const NGINX_HTTPS: u16 = 8443;
 const BODY: &str = "hello from the pod\n";
 
 /// flannel-ingress against nginx (ingress-nginx style config), wrk from the hub (root).
-#[derive(Debug, clap::Parser)]
+#[derive(Debug, Clone, clap::Parser)]
 #[command(name = "ingress-bench")]
 struct Args {
     /// Seconds per wrk run.
@@ -50,6 +50,10 @@ struct Args {
     /// Rounds (each runs every mode against both proxies).
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Seconds of unrecorded load per mode and proxy before the first round (0: none), so
+    /// that the proxy going first does not meet cold pods, pools and caches alone.
+    #[arg(long, default_value_t = 2)]
+    warmup: u32,
     /// wrk connections.
     #[arg(long, default_value_t = 32)]
     connections: u32,
@@ -68,6 +72,11 @@ struct Args {
     /// Turn both proxies' access logs off (to see what the log line per request costs).
     #[arg(long)]
     no_access_log: bool,
+    /// Pin each proxy (every thread and process of it, its log writer included) to the last
+    /// CPU, and wrk and the pods to the other CPUs: each proxy has one core of its own rather
+    /// than competing with the load generator (needs 2 CPUs or more).
+    #[arg(long)]
+    pin: bool,
     /// Keep the work directory (configs, logs) and print where it is.
     #[arg(long)]
     keep: bool,
@@ -89,6 +98,34 @@ fn sibling(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// With `--pin`: the CPU of the proxies and the CPU list of everything else.
+fn pinning() -> Result<(String, String)> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if n < 2 {
+        bail!("--pin needs at least 2 CPUs, this machine has {n}");
+    }
+    let rest = if n == 2 {
+        "0".to_string()
+    } else {
+        format!("0-{}", n - 2)
+    };
+    Ok(((n - 1).to_string(), rest))
+}
+
+/// Pins every thread of `pid` and of its children to `cpus` (new threads and processes
+/// inherit it).
+fn pin(pid: u32, cpus: &str) -> Result<()> {
+    for p in family(pid) {
+        run_checked(
+            Command::new("taskset").args(["-a", "-p", "-c", cpus, &p.to_string()]),
+            Duration::from_secs(5),
+        )
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("pinning {p} to CPU {cpus}"))?;
+    }
+    Ok(())
 }
 
 fn need(program: &str) -> Result<()> {
@@ -466,10 +503,12 @@ fn run_wrk(hub: &str, a: &Args, mode: Mode, p: &Proxy, node_ip: &str) -> Result<
     let conns = a.connections.max(a.wrk_threads).to_string();
     let dur = format!("{}s", a.seconds);
     let host = format!("Host: {HOST}");
-    let mut args = vec![
-        "netns",
-        "exec",
-        hub,
+    let rest = if a.pin { pinning()?.1 } else { String::new() };
+    let mut args = vec!["netns", "exec", hub];
+    if a.pin {
+        args.extend(["taskset", "-c", &rest]);
+    }
+    args.extend([
         "wrk",
         "-t",
         &threads,
@@ -480,7 +519,7 @@ fn run_wrk(hub: &str, a: &Args, mode: Mode, p: &Proxy, node_ip: &str) -> Result<
         "--latency",
         "-H",
         &host,
-    ];
+    ]);
     if mode.close() {
         args.extend(["-H", "Connection: close"]);
     }
@@ -585,6 +624,7 @@ fn main() -> Result<()> {
 
     // Endpoints: two pods, nginx in each.
     let mut pods = Vec::new();
+    let mut pod_procs = Vec::new();
     for k in 0..2u8 {
         let ip = format!("10.5.1.{}", k + 2);
         let pod = tb
@@ -594,21 +634,23 @@ fn main() -> Result<()> {
         std::fs::create_dir_all(&pdir)?;
         write_file(&pdir.join("nginx.conf"), &pod_nginx_conf(&pdir))?;
         let conf = pdir.join("nginx.conf");
-        tb.spawn(
-            &pod.ns,
-            "nginx",
-            &[
-                "-c",
-                conf.to_str().context("path")?,
-                "-e",
-                pdir.join("error.log").to_str().context("path")?,
-                "-p",
-                pdir.to_str().context("path")?,
-            ],
-            &[],
-            &pdir.join("stderr.log"),
-        )
-        .map_err(anyhow::Error::msg)?;
+        let h = tb
+            .spawn(
+                &pod.ns,
+                "nginx",
+                &[
+                    "-c",
+                    conf.to_str().context("path")?,
+                    "-e",
+                    pdir.join("error.log").to_str().context("path")?,
+                    "-p",
+                    pdir.to_str().context("path")?,
+                ],
+                &[],
+                &pdir.join("stderr.log"),
+            )
+            .map_err(anyhow::Error::msg)?;
+        pod_procs.push(h);
         pods.push(ip);
     }
     for ip in &pods {
@@ -749,10 +791,32 @@ fn main() -> Result<()> {
     if a.keep {
         eprintln!("work directory: {}", dir.display());
     }
+    if a.pin {
+        let (proxy_cpu, rest) = pinning()?;
+        for p in &proxies {
+            pin(p.pid, &proxy_cpu)?;
+        }
+        for &h in &pod_procs {
+            pin(tb.pid(h).context("pod nginx pid")?, &rest)?;
+        }
+    }
 
     // results[mode][proxy] = runs
     let mut results: Vec<[Vec<Run>; 2]> = modes.iter().map(|_| [Vec::new(), Vec::new()]).collect();
     let mut loads = Vec::new();
+    if a.warmup > 0 {
+        let w = Args {
+            seconds: a.warmup,
+            ..a.clone()
+        };
+        for &mode in &modes {
+            for p in &proxies {
+                check_stop()?;
+                run_wrk(&hub, &w, mode, p, &node_ip)
+                    .with_context(|| format!("warm-up of {} ({})", p.name, mode.name()))?;
+            }
+        }
+    }
     for round in 0..a.rounds {
         loads.push(
             std::fs::read_to_string("/proc/loadavg")
@@ -799,7 +863,7 @@ fn main() -> Result<()> {
         "flannel-ingress and nginx (ingress-nginx-style configuration) in front of the same two \
          nginx pods answering {} bytes; wrk -t {} -c {} -d {}s --latency from the hub; \
          CPU budget {} (tokio worker threads / nginx worker_processes); access logs {}; {} round(s), \
-         the proxy going first alternating; load average at each round's start: {}.\n",
+         the proxy going first alternating, after {} s of unrecorded load per mode and proxy{}; load average at each round's start: {}.\n",
         BODY.len(),
         a.wrk_threads,
         a.connections,
@@ -807,6 +871,12 @@ fn main() -> Result<()> {
         a.workers,
         if a.no_access_log { "off" } else { "on" },
         a.rounds,
+        a.warmup,
+        if a.pin {
+            "; pinned (`--pin`): each proxy on the last CPU, wrk and the pods on the others"
+        } else {
+            ""
+        },
         loads.join("; ")
     );
     report += "Figures are the mean over rounds (min–max in brackets).\n\n";
