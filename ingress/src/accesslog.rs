@@ -125,7 +125,8 @@ pub fn write_escaped(out: &mut Vec<u8>, value: &[u8]) {
     }
 }
 
-fn write_uint(out: &mut Vec<u8>, mut n: u64) {
+/// `n` in decimal (the access line, and the lengths in heads: h1.rs, upstream.rs).
+pub(crate) fn write_uint(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {

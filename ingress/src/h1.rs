@@ -49,6 +49,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
+use crate::accesslog::write_uint;
 use crate::proxy::{ConnInfo, Proxy};
 
 /// Headers in a request head (hyper's server limit as well); more goes to hyper (431).
@@ -212,21 +213,6 @@ fn write_date(out: &mut Vec<u8>) {
     });
 }
 
-fn write_decimal(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-}
-
 /// Writes the response head into `out` and says how the body goes; `keep_alive` is cleared
 /// when the answer ends the connection.
 fn encode_head(
@@ -278,7 +264,7 @@ fn encode_head(
             // The length a GET would have had (hyper writes it too).
             if let Some(n) = exact {
                 out.extend_from_slice(b"content-length: ");
-                write_decimal(out, n);
+                write_uint(out, n);
                 out.extend_from_slice(b"\r\n");
             }
         }
@@ -287,7 +273,7 @@ fn encode_head(
         Framing::Length(n)
     } else if let Some(n) = exact {
         out.extend_from_slice(b"content-length: ");
-        write_decimal(out, n);
+        write_uint(out, n);
         out.extend_from_slice(b"\r\n");
         Framing::Length(n)
     } else if request == Version::HTTP_11 {
@@ -877,8 +863,8 @@ mod tests {
         chunk_head(&mut out, 0x10000);
         assert_eq!(out, b"10000\r\n");
         let mut d = Vec::new();
-        write_decimal(&mut d, 0);
-        write_decimal(&mut d, 18_446_744_073_709_551_615);
+        write_uint(&mut d, 0);
+        write_uint(&mut d, 18_446_744_073_709_551_615);
         assert_eq!(d, b"018446744073709551615");
     }
 

@@ -292,18 +292,7 @@ fn write_head(
     }
     if body_len > 0 || had_length || always_length(method) {
         w.extend_from_slice(b"content-length: ");
-        let mut digits = [0u8; 20];
-        let mut n = body_len;
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        w.extend_from_slice(&digits[at..]);
+        crate::accesslog::write_uint(w, body_len as u64);
         w.extend_from_slice(b"\r\n");
     }
     w.extend_from_slice(b"\r\n");
