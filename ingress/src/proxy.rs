@@ -235,6 +235,19 @@ fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     req.headers().get(header::HOST).cloned()
 }
 
+/// RFC 9112 section 3.2: an HTTP/1.1 request without a `Host` header, and an HTTP/1.x request
+/// with more than one, are answered 400 (as nginx does: "client sent duplicate host header");
+/// two hosts would leave routing and the endpoint to disagree on which one counts. HTTP/2
+/// names its host in `:authority`.
+fn host_count_ok<B>(req: &Request<B>) -> bool {
+    let n = req.headers().get_all(header::HOST).iter().take(2).count();
+    match req.version() {
+        Version::HTTP_11 => n == 1,
+        Version::HTTP_10 | Version::HTTP_09 => n <= 1,
+        _ => true,
+    }
+}
+
 /// An address as `Forwarded` writes it (RFC 7239: IPv6 quoted in brackets).
 fn write_forwarded_node(b: &mut Vec<u8>, ip: IpAddr) {
     match ip {
@@ -274,6 +287,7 @@ fn text(v: &Option<HeaderValue>) -> &str {
 }
 
 const BAD_PATH: &str = "400 Bad Request: the path cannot be routed\n";
+const BAD_HOST: &str = "400 Bad Request: an HTTP/1.1 request needs exactly one Host header\n";
 const NO_ROUTE: &str = "404 Not Found: no route for this host and path\n";
 const NO_ENDPOINTS: &str = "503 Service Unavailable: the Service has no ready endpoint\n";
 const TOO_LARGE: &str = "413 Payload Too Large\n";
@@ -377,8 +391,12 @@ impl Proxy {
         let host = request_host(&req);
         // The snapshot of this moment serves the whole request.
         let snap = self.snap.borrow().clone();
-        let (route, out) = match normalize_path(uri.path()) {
-            Err(_) => (None, Forwarded::own(StatusCode::BAD_REQUEST, BAD_PATH)),
+        let path = match host_count_ok(&req) {
+            true => normalize_path(uri.path()).map_err(|_| BAD_PATH),
+            false => Err(BAD_HOST),
+        };
+        let (route, out) = match path {
+            Err(why) => (None, Forwarded::own(StatusCode::BAD_REQUEST, why)),
             Ok(path) => match snap.routes.route(text(&host), &path) {
                 None => (None, Forwarded::own(StatusCode::NOT_FOUND, NO_ROUTE)),
                 Some(route) => (
@@ -531,9 +549,11 @@ impl Proxy {
             headers: &headers,
             body: &body,
         };
+        // The answer when no endpoint is left to try: what the last try came to.
+        let mut failed = (StatusCode::BAD_GATEWAY, UNREACHABLE);
         loop {
             let Some(addr) = upstream.pick(&tried, &self.ejections) else {
-                return own(StatusCode::BAD_GATEWAY, UNREACHABLE, tried.last().copied());
+                return own(failed.0, failed.1, tried.last().copied());
             };
             tried.push(addr);
             let last = tried.len() >= self.opts.attempts;
@@ -572,12 +592,24 @@ impl Proxy {
                     if retry && !last {
                         self.ejections.eject(addr);
                         self.metrics.retries.inc();
+                        failed = (StatusCode::BAD_GATEWAY, FAILED);
                         continue;
                     }
                     return own(StatusCode::BAD_GATEWAY, FAILED, Some(addr));
                 }
                 Err(_) => {
+                    // No response head in time: the endpoint counts as failing (ejected, as
+                    // nginx counts a timeout against max_fails), and an idempotent request
+                    // goes to the next endpoint (proxy_next_upstream's default `error
+                    // timeout`); any other may have been processed: 504.
+                    self.ejections.eject(addr);
                     self.upstream_error(route, "timeout");
+                    tracing::debug!(endpoint = %addr, "ingress: the upstream did not answer in time");
+                    if method.is_idempotent() && !last {
+                        self.metrics.retries.inc();
+                        failed = (StatusCode::GATEWAY_TIMEOUT, LATE);
+                        continue;
+                    }
                     return own(StatusCode::GATEWAY_TIMEOUT, LATE, Some(addr));
                 }
             }

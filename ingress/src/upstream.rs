@@ -17,13 +17,16 @@
 //!
 //! A pooled connection is checked before the request is written: one the upstream closed
 //! while it sat idle (or that sent bytes nobody asked for) fails with [`SendError::NotSent`],
-//! and the request can go anywhere else, whatever its method.
+//! and the request can go anywhere else, whatever its method. For idempotent requests the
+//! check reads only when the event loop saw the socket become readable (no system call
+//! otherwise); for the others it asks the kernel ([`UpConn::idle_and_open`]).
 //!
 //! Upgrades (`Connection: upgrade`) take a fresh connection through hyper's client run as a
 //! task of its own (hyper hands the upgraded stream over from there) and never come back to
 //! the pool.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -38,7 +41,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Headers in a response head (hyper's client limit as well); more is "too big".
@@ -193,7 +196,7 @@ impl Pool {
         };
         let timeout = self.idle_timeout;
         idle.by_addr.retain(|_, list| {
-            list.retain_mut(|i| i.since.elapsed() < timeout && i.conn.idle_and_open());
+            list.retain_mut(|i| i.since.elapsed() < timeout && i.conn.idle_and_open(false));
             !list.is_empty()
         });
     }
@@ -611,26 +614,34 @@ fn chunked_step(
 
 impl UpConn {
     /// Reads what the socket has into the read buffer: `Ready(Ok(0))` when the upstream
-    /// closed.
+    /// closed. Through tokio's `poll_read`, which forgets the socket's read readiness after a
+    /// read that came back short (the buffer was drained) but only if no readiness event came
+    /// since the read began: the pool's next look at the connection ([`Self::idle_and_open`])
+    /// costs no system call unless the upstream wrote or closed since.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < READ_ROOM / 2 {
             self.rbuf.reserve(READ_ROOM);
         }
-        loop {
-            match self.io.try_read_buf(&mut self.rbuf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    ready!(self.io.poll_read_ready(cx))?;
-                }
-                r => return Poll::Ready(r),
-            }
-        }
+        std::pin::pin!(self.io.read_buf(&mut self.rbuf)).poll(cx)
     }
 
     /// An idle connection is usable when the upstream has neither closed it nor sent
-    /// anything (an answer nobody asked for makes the next one ambiguous).
-    fn idle_and_open(&mut self) -> bool {
+    /// anything (an answer nobody asked for makes the next one ambiguous). `exact`: ask the
+    /// kernel (a peek), for a request that must not be sent twice; else the runtime's
+    /// readiness decides whether a read is tried, which sees what its event loop has taken
+    /// note of (as nginx's event loop does for its cached connections): a close or stray
+    /// bytes that arrived in the same instant fail the exchange after the request left, and
+    /// only idempotent requests are tried again then.
+    fn idle_and_open(&mut self, exact: bool) -> bool {
         if !self.rbuf.is_empty() {
             return false;
+        }
+        if exact {
+            let mut one = [std::mem::MaybeUninit::<u8>::uninit()];
+            return match socket2::SockRef::from(&self.io).peek(&mut one) {
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                Ok(_) => false,
+            };
         }
         match self.io.try_read_buf(&mut self.rbuf) {
             Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
@@ -648,7 +659,7 @@ impl UpConn {
         body: &Bytes,
         pool: &Arc<Pool>,
     ) -> Result<Response<UpBody>, SendError> {
-        if self.reused && !self.idle_and_open() {
+        if self.reused && !self.idle_and_open(!method.is_idempotent()) {
             return Err(SendError::NotSent);
         }
         let mut wbuf = std::mem::take(&mut self.wbuf);
@@ -1170,6 +1181,55 @@ mod tests {
         let spoilt = pool.checkout(addr).unwrap();
         assert!(matches!(get(spoilt).await, Err(SendError::NotSent)));
         server.abort();
+    }
+
+    /// A request that must not be sent twice asks the kernel whether a pooled connection is
+    /// still clean, not the runtime: bytes an upstream wrote after its answer are seen even
+    /// when the event loop has not taken note of them yet (here it cannot: nothing awaits
+    /// between the bytes' arrival and the check, on a single-threaded runtime).
+    #[test]
+    fn a_post_looks_at_a_pooled_connection_in_the_kernel() {
+        use std::io::{Read, Write};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (sent_tx, sent_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 4096];
+            assert!(s.read(&mut buf).unwrap() > 0);
+            s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap();
+            go_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")
+                .unwrap();
+            sent_tx.send(()).unwrap();
+            // Open until the client goes (or sends a request it should not have).
+            let _ = s.read(&mut buf);
+        });
+        rt.block_on(async {
+            let pool = Pool::new(4, Duration::from_secs(60), Duration::from_secs(1), 8192);
+            let resp = get_on(pool.connect(addr).await.unwrap(), &pool)
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+            assert_eq!(pool.idle_count(), 1);
+            let c = pool.checkout(addr).unwrap();
+            // No await from here to the check: the runtime's event loop does not run.
+            go_tx.send(()).unwrap();
+            sent_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let r = c
+                .send(&Method::POST, "/", &HeaderMap::new(), &Bytes::new(), &pool)
+                .await;
+            assert!(matches!(r, Err(SendError::NotSent)), "{r:?}");
+        });
+        drop(rt);
+        server.join().unwrap();
     }
 
     /// Reads one request head (these requests have no body): false when the client closed.

@@ -303,6 +303,108 @@ async fn retries_limits_timeouts_and_swaps() {
     assert_eq!(read_response(&mut s).await.0, 404);
 }
 
+/// Host headers as RFC 9112 section 3.2 wants them: an HTTP/1.1 request needs exactly one,
+/// an HTTP/1.0 one at most one; else 400 before any routing (nginx: "client sent duplicate
+/// host header"). An absolute target names the host itself.
+#[tokio::test]
+async fn host_headers_are_checked() {
+    let a = good("a").await;
+    let o = objects(&[("ok", vec![a])]);
+    let empty = Snapshot::empty(default_certificate().unwrap());
+    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
+    let proxy = Arc::new(Proxy::new(rx, ProxyOptions::default(), Metrics::default()));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = l.local_addr().unwrap();
+    let (_stop_tx, stop) = watch::channel(false);
+    tokio::spawn(ingress::server::serve(l, proxy, None, stop));
+    for (raw, want) in [
+        ("GET / HTTP/1.1\r\nHost: ok.test\r\n\r\n", 200),
+        (
+            "GET / HTTP/1.1\r\nHost: ok.test\r\nHost: ok.test\r\n\r\n",
+            400,
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: ok.test\r\nHost: other.test\r\n\r\n",
+            400,
+        ),
+        ("GET / HTTP/1.1\r\n\r\n", 400),
+        ("GET http://ok.test/ HTTP/1.1\r\n\r\n", 400),
+        (
+            "GET http://ok.test/ HTTP/1.1\r\nHost: other.test\r\n\r\n",
+            200,
+        ),
+        ("GET / HTTP/1.0\r\nHost: ok.test\r\n\r\n", 200),
+        (
+            "GET / HTTP/1.0\r\nHost: ok.test\r\nHost: ok.test\r\n\r\n",
+            400,
+        ),
+        // HTTP/1.0 without a Host: valid, and no route for no host.
+        ("GET / HTTP/1.0\r\n\r\n", 404),
+    ] {
+        let (code, body) = request(to, raw.into()).await;
+        assert_eq!(code, want, "{raw:?}: {body}");
+        if want == 400 {
+            assert!(body.contains("Host"), "{raw:?}: {body}");
+        }
+    }
+}
+
+/// An endpoint that does not answer in time counts as failing, as in nginx (proxy_next_upstream
+/// `timeout`, the default with `error`): an idempotent request goes on to the next endpoint and
+/// the late one is skipped while ejected; a POST that met it is answered 504, not sent again.
+#[tokio::test]
+async fn a_late_endpoint_is_passed_over() {
+    let (a, b) = (good("a").await, good("b").await);
+    let (late_get, late_post) = (silent().await, silent().await);
+    let o = objects(&[
+        ("slow", vec![late_get, a]),
+        ("slowpost", vec![late_post, b]),
+    ]);
+    let empty = Snapshot::empty(default_certificate().unwrap());
+    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
+    let timeout = Duration::from_millis(300);
+    let opts = ProxyOptions {
+        upstream_timeout: timeout,
+        eject_for: Duration::from_secs(30),
+        ..ProxyOptions::default()
+    };
+    let proxy = Arc::new(Proxy::new(rx, opts, Metrics::default()));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = l.local_addr().unwrap();
+    let (_stop_tx, stop) = watch::channel(false);
+    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+
+    // Round robin meets the late endpoint within two requests; every GET is answered by the
+    // other one, and only one waited for the timeout (the late one is ejected after it).
+    let mut waited = 0;
+    for _ in 0..4 {
+        let started = std::time::Instant::now();
+        assert_eq!(request(to, get("slow.test")).await, (200, "a 0".into()));
+        if started.elapsed() >= timeout {
+            waited += 1;
+        }
+    }
+    assert_eq!(waited, 1);
+    // A POST is not sent twice: 504 when it met the late endpoint (within two requests).
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let (code, body) = request(
+            to,
+            "POST / HTTP/1.1\r\nHost: slowpost.test\r\nContent-Length: 3\r\n\r\nabc".into(),
+        )
+        .await;
+        match code {
+            504 => {}
+            _ => assert_eq!((code, body.as_str()), (200, "b 3")),
+        }
+        statuses.push(code);
+        if code == 504 {
+            break;
+        }
+    }
+    assert_eq!(statuses.last(), Some(&504), "{statuses:?}");
+}
+
 /// An upstream that answers by path (`/big`: a 40 KiB response head, `/empty`: 204,
 /// `/chunked`: "abcde" in two chunks, `/close`: a body delimited by closing the connection,
 /// `/short`: 3 of 10 promised bytes and a close, `/slow`: "slow" after 500 ms, else
