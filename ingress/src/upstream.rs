@@ -19,7 +19,7 @@
 //! while it sat idle (or that sent bytes nobody asked for) fails with [`SendError::NotSent`],
 //! and the request can go anywhere else, whatever its method. For idempotent requests the
 //! check reads only when the event loop saw the socket become readable (no system call
-//! otherwise); for the others it asks the kernel ([`UpConn::idle_and_open`]).
+//! otherwise); for the others it asks the kernel (a peek).
 //!
 //! Upgrades (`Connection: upgrade`) take a fresh connection through hyper's client run as a
 //! task of its own (hyper hands the upgraded stream over from there) and never come back to
