@@ -229,7 +229,9 @@ fn encode_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let bodiless = head_request || status.is_informational() || status == 204 || status == 304;
+    // No Content-Length may go with these (RFC 9110 8.6).
+    let no_length = status.is_informational() || status == 204;
+    let bodiless = head_request || no_length || status == 304;
     let mut length = None;
     let mut has_date = false;
     for (name, value) in headers {
@@ -247,7 +249,7 @@ fn encode_head(
                     Some(n) => length = Some(n),
                     None => continue,
                 }
-                if status.is_informational() || status == 204 {
+                if no_length {
                     continue;
                 }
             }
@@ -259,22 +261,20 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let framing = if bodiless {
-        if head_request && length.is_none() && !status.is_informational() && status != 204 {
-            // The length a GET would have had (hyper writes it too).
-            if let Some(n) = exact {
-                out.extend_from_slice(b"content-length: ");
-                write_uint(out, n);
-                out.extend_from_slice(b"\r\n");
-            }
-        }
-        Framing::None
-    } else if let Some(n) = length {
-        Framing::Length(n)
-    } else if let Some(n) = exact {
+    // A length of our own when the upstream named none and the size is known: for an answer
+    // with a body, and for HEAD (the length a GET would have had, as hyper writes it).
+    let added = match exact {
+        Some(n) if length.is_none() && !no_length && (head_request || !bodiless) => Some(n),
+        _ => None,
+    };
+    if let Some(n) = added {
         out.extend_from_slice(b"content-length: ");
         write_uint(out, n);
         out.extend_from_slice(b"\r\n");
+    }
+    let framing = if bodiless {
+        Framing::None
+    } else if let Some(n) = length.or(added) {
         Framing::Length(n)
     } else if request == Version::HTTP_11 {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -834,7 +834,13 @@ mod tests {
         );
         assert!(!h.contains("content-length"), "{h}");
         assert_eq!(f, Framing::None);
-        let (_, f, _) = head_of(304, &date, Some(0), Version::HTTP_11, false, true);
+        // No length of ours on a 304 (it would have to be the 200's) nor on a 204 answering
+        // a HEAD.
+        let (h, f, _) = head_of(304, &date, Some(0), Version::HTTP_11, false, true);
+        assert!(!h.contains("content-length"), "{h}");
+        assert_eq!(f, Framing::None);
+        let (h, f, _) = head_of(204, &date, Some(0), Version::HTTP_11, true, true);
+        assert!(!h.contains("content-length"), "{h}");
         assert_eq!(f, Framing::None);
         // HTTP/1.0 kept alive: said so.
         let (h, _, ka) = head_of(200, &date, Some(1), Version::HTTP_10, false, true);
