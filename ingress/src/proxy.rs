@@ -287,7 +287,7 @@ fn text(v: &Option<HeaderValue>) -> &str {
 }
 
 const BAD_PATH: &str = "400 Bad Request: the path cannot be routed\n";
-const BAD_HOST: &str = "400 Bad Request: an HTTP/1.1 request needs exactly one Host header\n";
+const BAD_HOST: &str = "400 Bad Request: a missing or duplicate Host header\n";
 const NO_ROUTE: &str = "404 Not Found: no route for this host and path\n";
 const NO_ENDPOINTS: &str = "503 Service Unavailable: the Service has no ready endpoint\n";
 const TOO_LARGE: &str = "413 Payload Too Large\n";
@@ -555,6 +555,10 @@ impl Proxy {
             let Some(addr) = upstream.pick(&tried, &self.ejections) else {
                 return own(failed.0, failed.1, tried.last().copied());
             };
+            if !tried.is_empty() {
+                // Counted when the next try starts, not when one failed.
+                self.metrics.retries.inc();
+            }
             tried.push(addr);
             let last = tried.len() >= self.opts.attempts;
             let exchange = self.exchange(addr, &out, client_upgrade.is_some());
@@ -573,7 +577,7 @@ impl Proxy {
                     if last {
                         return own(StatusCode::BAD_GATEWAY, UNREACHABLE, Some(addr));
                     }
-                    self.metrics.retries.inc();
+                    failed = (StatusCode::BAD_GATEWAY, UNREACHABLE);
                 }
                 Ok(Err(Failure::HeaderTooBig)) => {
                     // nginx: "upstream sent too big header", not retried (invalid_header is
@@ -591,7 +595,6 @@ impl Proxy {
                     // proxy_next_upstream rule).
                     if retry && !last {
                         self.ejections.eject(addr);
-                        self.metrics.retries.inc();
                         failed = (StatusCode::BAD_GATEWAY, FAILED);
                         continue;
                     }
@@ -606,7 +609,6 @@ impl Proxy {
                     self.upstream_error(route, "timeout");
                     tracing::debug!(endpoint = %addr, "ingress: the upstream did not answer in time");
                     if method.is_idempotent() && !last {
-                        self.metrics.retries.inc();
                         failed = (StatusCode::GATEWAY_TIMEOUT, LATE);
                         continue;
                     }
