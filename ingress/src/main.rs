@@ -109,7 +109,8 @@ struct Flags {
     /// Largest request body in bytes (413 beyond).
     #[arg(long, env = "FLANNEL_INGRESS_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
-    /// Endpoints tried per request when connecting fails.
+    /// Endpoints tried per request (after a connect failure; after a failed exchange or a
+    /// timeout for idempotent methods).
     #[arg(long, env = "FLANNEL_INGRESS_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
     attempts: u64,
     /// Worker threads serving connections (0: one per CPU; 1: a single-threaded runtime, the

@@ -99,9 +99,10 @@ pub struct ProxyOptions {
     pub max_response_header_bytes: usize,
     /// A request body's size (413 beyond; bodies are buffered so a retry can send them again).
     pub max_body_bytes: usize,
-    /// Endpoints tried per request when connecting fails.
+    /// Endpoints tried per request (after a connect failure; after a failed exchange or a
+    /// timeout for idempotent methods).
     pub attempts: usize,
-    /// How long an endpoint that refused a connection is skipped.
+    /// How long a failing endpoint (refused, failed or late) is skipped.
     pub eject_for: Duration,
     /// Idle keep-alive connections kept per endpoint.
     pub idle_per_endpoint: usize,

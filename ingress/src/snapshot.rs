@@ -57,8 +57,8 @@ impl Upstream {
     }
 }
 
-/// Passive ejection: an endpoint that refused a connection is skipped for a while (kept across
-/// snapshots, since an endpoint outlives them).
+/// Passive ejection: an endpoint that refused a connection, failed an exchange or answered late
+/// is skipped for a while (kept across snapshots, since an endpoint outlives them).
 #[derive(Debug)]
 pub struct Ejections {
     period: Duration,
