@@ -166,6 +166,37 @@ fn snapshot(o: &Objects, previous: &Snapshot) -> Snapshot {
     Snapshot::build(o, &cfg, &mut CertCache::default(), previous).0
 }
 
+/// A proxy serving `o` on a loopback port (plain HTTP/1.1, HTTP/2 by prior knowledge). Kept
+/// alive as long as this is: dropping `stop` stops the server.
+struct Running {
+    to: SocketAddr,
+    proxy: Arc<Proxy>,
+    metrics: Metrics,
+    /// Swaps the snapshot.
+    snap: watch::Sender<Arc<Snapshot>>,
+    stop: watch::Sender<bool>,
+}
+
+async fn run(o: &Objects, opts: ProxyOptions) -> Running {
+    let empty = Snapshot::empty(default_certificate().unwrap());
+    let (snap, rx) = watch::channel(Arc::new(snapshot(o, &empty)));
+    let metrics = Metrics::default();
+    let proxy = Arc::new(Proxy::new(rx, opts, metrics.clone()));
+    let l = ingress::server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let to = l.local_addr().unwrap();
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop_rx));
+    Running {
+        to,
+        proxy,
+        metrics,
+        snap,
+        stop,
+    }
+}
+
 /// One request on a fresh connection; returns (status, body).
 async fn request(to: SocketAddr, raw: String) -> (u16, String) {
     let mut s = TcpStream::connect(to).await.unwrap();
@@ -216,19 +247,14 @@ async fn retries_limits_timeouts_and_swaps() {
         ("late", vec![late]),
         ("ok", vec![a]),
     ]);
-    let empty = Snapshot::empty(default_certificate().unwrap());
-    let (tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
     let opts = ProxyOptions {
         upstream_timeout: Duration::from_millis(500),
         max_body_bytes: 1000,
         eject_for: Duration::from_millis(1),
         ..ProxyOptions::default()
     };
-    let proxy = Arc::new(Proxy::new(rx, opts, Metrics::default()));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let to = l.local_addr().unwrap();
-    let (_stop_tx, stop) = watch::channel(false);
-    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+    let px = run(&o, opts).await;
+    let to = px.to;
 
     // A refused endpoint: every request still answered, by the other one.
     for _ in 0..4 {
@@ -295,8 +321,8 @@ async fn retries_limits_timeouts_and_swaps() {
         .unwrap();
     assert_eq!(read_response(&mut s).await, (200, "a 0".into()));
     let o2 = objects(&[("ok", vec![b])]);
-    let next = snapshot(&o2, &tx.borrow());
-    tx.send_replace(Arc::new(next));
+    let next = snapshot(&o2, &px.snap.borrow());
+    px.snap.send_replace(Arc::new(next));
     s.get_mut()
         .write_all(get("ok.test").as_bytes())
         .await
@@ -316,13 +342,8 @@ async fn retries_limits_timeouts_and_swaps() {
 async fn host_headers_are_checked() {
     let a = good("a").await;
     let o = objects(&[("ok", vec![a])]);
-    let empty = Snapshot::empty(default_certificate().unwrap());
-    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
-    let proxy = Arc::new(Proxy::new(rx, ProxyOptions::default(), Metrics::default()));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let to = l.local_addr().unwrap();
-    let (_stop_tx, stop) = watch::channel(false);
-    tokio::spawn(ingress::server::serve(l, proxy, None, stop));
+    let px = run(&o, ProxyOptions::default()).await;
+    let to = px.to;
     for (raw, want) in [
         ("GET / HTTP/1.1\r\nHost: ok.test\r\n\r\n", 200),
         (
@@ -367,20 +388,14 @@ async fn a_late_endpoint_is_passed_over() {
         ("slow", vec![late_get, a]),
         ("slowpost", vec![late_post, b]),
     ]);
-    let empty = Snapshot::empty(default_certificate().unwrap());
-    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
     let timeout = Duration::from_millis(300);
     let opts = ProxyOptions {
         upstream_timeout: timeout,
         eject_for: Duration::from_secs(30),
         ..ProxyOptions::default()
     };
-    let metrics = Metrics::default();
-    let proxy = Arc::new(Proxy::new(rx, opts, metrics.clone()));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let to = l.local_addr().unwrap();
-    let (_stop_tx, stop) = watch::channel(false);
-    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+    let px = run(&o, opts).await;
+    let to = px.to;
 
     // Round robin meets the late endpoint within two requests; every GET is answered by the
     // other one, and the late one was tried once (ejected after its timeout), one retry.
@@ -388,7 +403,7 @@ async fn a_late_endpoint_is_passed_over() {
         assert_eq!(request(to, get("slow.test")).await, (200, "a 0".into()));
     }
     assert_eq!(met.load(std::sync::atomic::Ordering::SeqCst), 1);
-    assert_eq!(metrics.retries.get(), 1);
+    assert_eq!(px.metrics.retries.get(), 1);
     // A POST is not sent twice: 504 when it met the late endpoint (within two requests).
     let mut statuses = Vec::new();
     for _ in 0..2 {
@@ -408,7 +423,7 @@ async fn a_late_endpoint_is_passed_over() {
     }
     assert_eq!(statuses.last(), Some(&504), "{statuses:?}");
     // Not retried: no retry counted.
-    assert_eq!(metrics.retries.get(), 1);
+    assert_eq!(px.metrics.retries.get(), 1);
 }
 
 /// An upstream that answers by path (`/big`: a 40 KiB response head, `/empty`: 204,
@@ -511,14 +526,8 @@ async fn upstream_connections_reused_and_response_head_limited() {
     let keep = scripted(keep_accepts.clone(), Duration::from_secs(30)).await;
     let stale = scripted(stale_accepts.clone(), Duration::from_millis(50)).await;
     let o = objects(&[("keep", vec![keep]), ("stale", vec![stale])]);
-    let empty = Snapshot::empty(default_certificate().unwrap());
-    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
-    let metrics = Metrics::default();
-    let proxy = Arc::new(Proxy::new(rx, ProxyOptions::default(), metrics.clone()));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let to = l.local_addr().unwrap();
-    let (_stop_tx, stop) = watch::channel(false);
-    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+    let px = run(&o, ProxyOptions::default()).await;
+    let to = px.to;
 
     // Sequential requests (bodies, no bodies, a POST) share one upstream connection.
     for raw in [
@@ -539,7 +548,7 @@ async fn upstream_connections_reused_and_response_head_limited() {
         );
     }
     assert_eq!(keep_accepts.load(SeqCst), 1);
-    assert_eq!(proxy.idle_upstream_connections(), 1);
+    assert_eq!(px.proxy.idle_upstream_connections(), 1);
 
     // A response head over the limit: 502, counted, the next request served.
     let (code, body) = request(to, "GET /big HTTP/1.1\r\nHost: keep.test\r\n\r\n".into()).await;
@@ -548,7 +557,7 @@ async fn upstream_connections_reused_and_response_head_limited() {
     assert_eq!(request(to, get("keep.test")).await, (200, "ok 0".into()));
     let mut text = String::new();
     let mut registry = prometheus_client::registry::Registry::default();
-    metrics.register(&mut registry);
+    px.metrics.register(&mut registry);
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(
         text.contains("flannel_ingress_upstream_errors_total{backend=\"web/keep:80\",kind=\"header_too_big\"} 1"),
@@ -578,15 +587,8 @@ async fn upstream_connections_reused_and_response_head_limited() {
 async fn h2_prior_knowledge_and_http1_on_one_listener() {
     let a = good("a").await;
     let o = objects(&[("ok", vec![a])]);
-    let empty = Snapshot::empty(default_certificate().unwrap());
-    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
-    let proxy = Arc::new(Proxy::new(rx, ProxyOptions::default(), Metrics::default()));
-    let l = ingress::server::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let to = l.local_addr().unwrap();
-    let (_stop_tx, stop) = watch::channel(false);
-    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+    let px = run(&o, ProxyOptions::default()).await;
+    let to = px.to;
 
     // HTTP/2 (h2c, prior knowledge), two streams on one connection.
     let tcp = TcpStream::connect(to).await.unwrap();
@@ -660,17 +662,12 @@ async fn an_answer_chunked_twice_is_a_502() {
         }
     });
     let o = objects(&[("twice", vec![twice])]);
-    let empty = Snapshot::empty(default_certificate().unwrap());
-    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
-    let proxy = Arc::new(Proxy::new(rx, ProxyOptions::default(), Metrics::default()));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let to = l.local_addr().unwrap();
-    let (_stop_tx, stop) = watch::channel(false);
-    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+    let px = run(&o, ProxyOptions::default()).await;
+    let to = px.to;
     let (code, body) = request(to, get("twice.test")).await;
     assert_eq!(code, 502, "{body}");
     assert!(!body.contains("hello"), "{body}");
-    assert_eq!(proxy.idle_upstream_connections(), 0);
+    assert_eq!(px.proxy.idle_upstream_connections(), 0);
 }
 
 /// Reads until the proxy closes the connection (bounded).
@@ -701,20 +698,13 @@ async fn own_http1_server_keeps_the_rules() {
     let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let up = scripted(accepts, Duration::from_secs(30)).await;
     let o = objects(&[("s", vec![up])]);
-    let empty = Snapshot::empty(default_certificate().unwrap());
-    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
     let opts = ProxyOptions {
         header_timeout: Duration::from_secs(1),
         max_header_bytes: 8192,
         ..ProxyOptions::default()
     };
-    let proxy = Arc::new(Proxy::new(rx, opts, Metrics::default()));
-    let l = ingress::server::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let to = l.local_addr().unwrap();
-    let (stop_tx, stop) = watch::channel(false);
-    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+    let px = run(&o, opts).await;
+    let to = px.to;
     let get_s = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: s.test\r\n\r\n");
 
     // Three requests in one write (the last a HEAD): three answers in order, one connection.
@@ -869,7 +859,7 @@ async fn own_http1_server_keeps_the_rules() {
         read_response(&mut BufReader::new(&mut idle)).await,
         (200, "ok 0".into())
     );
-    stop_tx.send(true).unwrap();
+    px.stop.send(true).unwrap();
     // At once, not after the 10 s grace.
     assert!(closes(&mut idle, Duration::from_secs(3)).await);
 }
@@ -913,15 +903,8 @@ async fn own_http1_server_while_an_answer_is_pending() {
     let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let up = scripted(accepts, Duration::from_secs(30)).await;
     let o = objects(&[("wait", vec![waiting]), ("s", vec![up])]);
-    let empty = Snapshot::empty(default_certificate().unwrap());
-    let (_tx, rx) = watch::channel(Arc::new(snapshot(&o, &empty)));
-    let proxy = Arc::new(Proxy::new(rx, ProxyOptions::default(), Metrics::default()));
-    let l = ingress::server::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let to = l.local_addr().unwrap();
-    let (stop_tx, stop) = watch::channel(false);
-    tokio::spawn(ingress::server::serve(l, proxy.clone(), None, stop));
+    let px = run(&o, ProxyOptions::default()).await;
+    let to = px.to;
 
     let mut s = TcpStream::connect(to).await.unwrap();
     s.write_all(get("wait.test").as_bytes()).await.unwrap();
@@ -937,7 +920,7 @@ async fn own_http1_server_while_an_answer_is_pending() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    stop_tx.send(true).unwrap();
+    px.stop.send(true).unwrap();
     let all = read_to_close(&mut s).await;
     assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
     assert!(all.contains("\r\nconnection: close\r\n"), "{all}");
