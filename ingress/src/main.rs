@@ -2,6 +2,11 @@
 //! IngressClasses, Secrets, Services, Endpoints, pods) and serves HTTP and HTTPS routed by host
 //! and path to the Services' pods (docs/ingress.md).
 
+/// mimalloc rather than glibc's malloc: 3 % less CPU per request (some allocations per request
+/// are above glibc's per-thread cache), twice the RSS (docs/ingress.md, Performance (g)).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
