@@ -198,19 +198,20 @@ fn strip_hop_by_hop(h: &mut HeaderMap) -> Option<HeaderValue> {
     }
     let mut upgrade_asked = false;
     let mut named: Vec<HeaderName> = Vec::new();
+    // Read as bytes: a value with other than visible ASCII somewhere (obs-text) still names
+    // its fields (reading it as text would skip the whole value and pass them on).
     for t in h
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
     {
-        if t.eq_ignore_ascii_case("upgrade") {
+        if t.eq_ignore_ascii_case(b"upgrade") {
             upgrade_asked = true;
-        } else if t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close") {
+        } else if t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close") {
             // Removed below anyway (keep-alive) or no header at all (close).
-        } else if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+        } else if let Ok(n) = HeaderName::from_bytes(t) {
             named.push(n);
         }
     }
@@ -793,6 +794,16 @@ mod tests {
         assert_eq!(up, Some(HeaderValue::from_static("websocket")));
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("accept"));
+        // A Connection value with obs-text still names its fields.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_bytes(b"X-Secret, \xff").unwrap(),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
         // Upgrade without Connection: upgrade is no upgrade.
         let mut h = HeaderMap::new();
         h.insert("upgrade", HeaderValue::from_static("websocket"));

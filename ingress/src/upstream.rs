@@ -395,13 +395,13 @@ enum Chunk {
     Trailers,
 }
 
-/// Whether the connection's `Connection` header lists `token`.
+/// Whether the connection's `Connection` header lists `token` (values read as bytes: one
+/// with obs-text elsewhere still says `close`).
 fn connection_has(h: &HeaderMap, token: &str) -> bool {
     h.get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// The body's framing (RFC 9112 section 6.3) and whether the connection can take another
@@ -984,6 +984,12 @@ mod tests {
             ok("HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 5\r\n\r\n"),
             (Length(5), true)
         );
+        // A Connection value with obs-text elsewhere still counts.
+        let mut b = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nConnection: close, \xff\r\nContent-Length: 5\r\n\r\n"[..],
+        );
+        let mut h = parse_head(&mut b, 1024).unwrap().unwrap();
+        assert_eq!(framing(false, &mut h).unwrap(), (Length(5), false));
         assert_eq!(
             ok("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
             (Chunked(Chunk::Size), true)
