@@ -629,9 +629,10 @@ impl UpConn {
     /// anything (an answer nobody asked for makes the next one ambiguous). `exact`: ask the
     /// kernel (a peek), for a request that must not be sent twice; else the runtime's
     /// readiness decides whether a read is tried, which sees what its event loop has taken
-    /// note of (as nginx's event loop does for its cached connections): a close or stray
-    /// bytes that arrived in the same instant fail the exchange after the request left, and
-    /// only idempotent requests are tried again then.
+    /// note of (as nginx's event loop does for its cached connections): a close that arrived
+    /// in that instant fails the exchange after the request left (an idempotent request is
+    /// then sent again on another connection), and stray bytes that arrived in it would be
+    /// read as the answer (docs/ingress.md, "Why an HTTP/1.1 upstream client of our own").
     fn idle_and_open(&mut self, exact: bool) -> bool {
         if !self.rbuf.is_empty() {
             return false;
