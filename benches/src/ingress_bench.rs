@@ -100,6 +100,25 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Starts Debian's nginx in `ns` with `dir/nginx.conf`, its error log and output in `dir`
+/// (`dir` as its prefix); the handle of the process.
+fn spawn_nginx(tb: &mut Testbed, ns: &str, dir: &Path) -> Result<usize> {
+    let path = |p: &Path| p.to_str().context("path").map(str::to_string);
+    let (conf, err, prefix) = (
+        path(&dir.join("nginx.conf"))?,
+        path(&dir.join("error.log"))?,
+        path(dir)?,
+    );
+    tb.spawn(
+        ns,
+        "nginx",
+        &["-c", &conf, "-e", &err, "-p", &prefix],
+        &[],
+        &dir.join("stderr.log"),
+    )
+    .map_err(anyhow::Error::msg)
+}
+
 /// With `--pin`: the CPU of the proxies and the CPU list of everything else.
 fn pinning() -> Result<(String, String)> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -633,23 +652,7 @@ fn main() -> Result<()> {
         let pdir = dir.join(format!("pod{k}"));
         std::fs::create_dir_all(&pdir)?;
         write_file(&pdir.join("nginx.conf"), &pod_nginx_conf(&pdir))?;
-        let conf = pdir.join("nginx.conf");
-        let h = tb
-            .spawn(
-                &pod.ns,
-                "nginx",
-                &[
-                    "-c",
-                    conf.to_str().context("path")?,
-                    "-e",
-                    pdir.join("error.log").to_str().context("path")?,
-                    "-p",
-                    pdir.to_str().context("path")?,
-                ],
-                &[],
-                &pdir.join("stderr.log"),
-            )
-            .map_err(anyhow::Error::msg)?;
+        let h = spawn_nginx(&mut tb, &pod.ns, &pdir)?;
         pod_procs.push(h);
         pods.push(ip);
     }
@@ -728,27 +731,11 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&ndir)?;
     std::fs::copy(dir.join("tls.crt"), ndir.join("tls.crt"))?;
     std::fs::copy(dir.join("tls.key"), ndir.join("tls.key"))?;
-    let conf = ndir.join("nginx.conf");
     write_file(
-        &conf,
+        &ndir.join("nginx.conf"),
         &proxy_nginx_conf(&ndir, a.workers, &hosts, &pods, !a.no_access_log),
     )?;
-    let theirs = tb
-        .spawn(
-            &node_ns,
-            "nginx",
-            &[
-                "-c",
-                conf.to_str().context("path")?,
-                "-e",
-                ndir.join("error.log").to_str().context("path")?,
-                "-p",
-                ndir.to_str().context("path")?,
-            ],
-            &[],
-            &ndir.join("stderr.log"),
-        )
-        .map_err(anyhow::Error::msg)?;
+    let theirs = spawn_nginx(&mut tb, &node_ns, &ndir)?;
     let proxies = [
         Proxy {
             name: "flannel-ingress",

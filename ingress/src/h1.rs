@@ -50,7 +50,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::accesslog::write_uint;
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::{has_token, ConnInfo, Proxy};
 
 /// Headers in a request head (hyper's server limit as well); more goes to hyper (431).
 const MAX_HEADERS: usize = 100;
@@ -94,13 +94,6 @@ struct NotOurs;
 fn place(buf: &[u8], part: &[u8]) -> (usize, usize) {
     let start = part.as_ptr() as usize - buf.as_ptr() as usize;
     (start, start + part.len())
-}
-
-/// Whether a comma-separated header value holds `token` (case-insensitive).
-fn has_token(value: &[u8], token: &str) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Parses the head at the start of `buf`: `Ok(None)` while incomplete, `Err` when the request

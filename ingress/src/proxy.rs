@@ -182,6 +182,14 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// Whether a comma-separated header value holds `token` (case-insensitive), read as bytes (a
+/// value with obs-text elsewhere still counts).
+pub(crate) fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
 /// Removes hop-by-hop headers and those the Connection header names; returns the Upgrade
 /// value when the message asked for an upgrade.
 fn strip_hop_by_hop(h: &mut HeaderMap) -> Option<HeaderValue> {
@@ -393,9 +401,10 @@ impl Proxy {
         let host = request_host(&req);
         // The snapshot of this moment serves the whole request.
         let snap = self.snap.borrow().clone();
-        let path = match host_count_ok(&req) {
-            true => normalize_path(uri.path()).map_err(|_| BAD_PATH),
-            false => Err(BAD_HOST),
+        let path = if host_count_ok(&req) {
+            normalize_path(uri.path()).map_err(|_| BAD_PATH)
+        } else {
+            Err(BAD_HOST)
         };
         let (route, out) = match path {
             Err(why) => (None, Forwarded::own(StatusCode::BAD_REQUEST, why)),

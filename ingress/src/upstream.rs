@@ -395,13 +395,11 @@ enum Chunk {
     Trailers,
 }
 
-/// Whether the connection's `Connection` header lists `token` (values read as bytes: one
-/// with obs-text elsewhere still says `close`).
+/// Whether the connection's `Connection` header lists `token`.
 fn connection_has(h: &HeaderMap, token: &str) -> bool {
     h.get_all(header::CONNECTION)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        .any(|v| crate::proxy::has_token(v.as_bytes(), token))
 }
 
 /// The body's framing (RFC 9112 section 6.3) and whether the connection can take another
