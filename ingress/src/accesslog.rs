@@ -13,6 +13,7 @@
 //! always one line of `key=value` pairs separated by single spaces. `backend` and `upstream`
 //! are empty when the request was not routed or no endpoint was tried.
 
+use std::cell::Cell;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
@@ -126,29 +127,16 @@ pub fn write_escaped(out: &mut Vec<u8>, value: &[u8]) {
 }
 
 /// `n` in decimal (the access line, and the lengths in heads: h1.rs, upstream.rs).
-pub(crate) fn write_uint(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+pub(crate) fn write_uint(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// `n` in at least `width` digits, zeros in front.
 fn write_padded(out: &mut Vec<u8>, n: u64, width: usize) {
-    let start = out.len();
-    write_uint(out, n);
-    let written = out.len() - start;
-    if written < width {
-        let pad = width - written;
-        out.splice(start..start, std::iter::repeat_n(b'0', pad));
-    }
+    let mut b = itoa::Buffer::new();
+    let digits = b.format(n).as_bytes();
+    out.resize(out.len() + width.saturating_sub(digits.len()), b'0');
+    out.extend_from_slice(digits);
 }
 
 /// An address as `Display` writes it (IPv4 by hand, without `core::fmt`).
@@ -191,25 +179,47 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// RFC 3339 in UTC with microseconds, as tracing's `fmt` writes it (a clock before 1970 is
-/// written as 1970).
+/// written as 1970). The part up to the second is formatted once per second per thread.
 fn write_time(out: &mut Vec<u8>, t: SystemTime) {
+    thread_local! {
+        /// The last second formatted and its `YYYY-MM-DDTHH:MM:SS.`.
+        static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+    }
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
-    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-    let (year, month, day) = civil_from_days(days);
-    let rem = secs % 86_400;
-    write_padded(out, u64::try_from(year).unwrap_or(0), 4);
-    out.push(b'-');
-    write_padded(out, u64::from(month), 2);
-    out.push(b'-');
-    write_padded(out, u64::from(day), 2);
-    out.push(b'T');
-    write_padded(out, rem / 3_600, 2);
-    out.push(b':');
-    write_padded(out, rem / 60 % 60, 2);
-    out.push(b':');
-    write_padded(out, rem % 60, 2);
-    out.push(b'.');
+    let (cached, mut prefix) = SECOND.get();
+    if cached != secs {
+        let mut p = Vec::with_capacity(20);
+        let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
+        let (year, month, day) = civil_from_days(days);
+        let rem = secs % 86_400;
+        write_padded(&mut p, u64::try_from(year).unwrap_or(0), 4);
+        p.push(b'-');
+        write_padded(&mut p, u64::from(month), 2);
+        p.push(b'-');
+        write_padded(&mut p, u64::from(day), 2);
+        p.push(b'T');
+        write_padded(&mut p, rem / 3_600, 2);
+        p.push(b':');
+        write_padded(&mut p, rem / 60 % 60, 2);
+        p.push(b':');
+        write_padded(&mut p, rem % 60, 2);
+        p.push(b'.');
+        match <[u8; 20]>::try_from(p.as_slice()) {
+            Ok(a) => {
+                prefix = a;
+                SECOND.set((secs, prefix));
+            }
+            // A year beyond 9999: not cached.
+            Err(_) => {
+                out.extend_from_slice(&p);
+                write_padded(out, u64::from(since.subsec_micros()), 6);
+                out.push(b'Z');
+                return;
+            }
+        }
+    }
+    out.extend_from_slice(&prefix);
     write_padded(out, u64::from(since.subsec_micros()), 6);
     out.push(b'Z');
 }
@@ -323,6 +333,23 @@ mod tests {
         assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59.000000Z");
         assert_eq!(at(4_107_542_400), "2100-03-01T00:00:00.000000Z");
         assert_eq!(at(1_798_761_599), "2026-12-31T23:59:59.000000Z");
+        // The text up to the second is kept per thread: the same second again, the next one,
+        // an earlier one, and a year of five digits (not kept).
+        let at_us = |secs: u64, micros: u32| {
+            let mut out = Vec::new();
+            write_time(
+                &mut out,
+                SystemTime::UNIX_EPOCH + Duration::new(secs, micros * 1_000),
+            );
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(at_us(1_798_761_599, 5), "2026-12-31T23:59:59.000005Z");
+        assert_eq!(at_us(1_798_761_599, 999_999), "2026-12-31T23:59:59.999999Z");
+        assert_eq!(at_us(1_798_761_600, 10), "2027-01-01T00:00:00.000010Z");
+        assert_eq!(at_us(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
+        assert_eq!(at_us(253_402_300_800, 1), "10000-01-01T00:00:00.000001Z");
+        assert_eq!(at_us(253_402_300_800, 2), "10000-01-01T00:00:00.000002Z");
+        assert_eq!(at_us(1_798_761_600, 11), "2027-01-01T00:00:00.000011Z");
         let ms = |d: Duration| {
             let mut out = Vec::new();
             write_ms(&mut out, d);

@@ -99,9 +99,10 @@ fn place(buf: &[u8], part: &[u8]) -> (usize, usize) {
 /// Parses the head at the start of `buf`: `Ok(None)` while incomplete, `Err` when the request
 /// is not one this path serves (hyper's server then reads the same bytes).
 fn parse(buf: &[u8], names: &mut Vec<(HeaderName, usize, usize)>) -> Result<Option<Head>, NotOurs> {
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut raw);
-    let len = match req.parse(buf) {
+    // httparse's slots left uninitialized (no 3 KiB written per request).
+    let mut raw = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut raw) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(NotOurs),

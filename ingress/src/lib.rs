@@ -24,6 +24,13 @@ pub mod snapshot;
 pub mod tls;
 pub mod upstream;
 
+/// The hash map of the request path (routes, upstreams, pools, ejections, metric series):
+/// foldhash, seeded per map, rather than std's SipHash, which cost about 3 % of the user-space
+/// instructions per proxied request (docs/ingress.md, Performance (h)). The keys come from the
+/// registry's objects and the endpoints, never from a client's request (a client only looks
+/// up), so a client cannot fill a map with colliding keys.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub use class::{ClassConfig, ClassFilter};
 pub use path::{normalize_path, PathError};
 pub use routes::{

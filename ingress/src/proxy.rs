@@ -15,7 +15,7 @@
 //! series are looked up once per snapshot, the request head is written upstream from borrowed
 //! parts (every attempt and retry reads the same head; nothing is copied for them).
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -144,7 +144,7 @@ pub struct ConnInfo {
 #[derive(Debug, Default)]
 struct RouteSeries {
     generation: u64,
-    by_route: HashMap<usize, RouteMetrics>,
+    by_route: FastMap<usize, RouteMetrics>,
 }
 
 /// The proxy's shared state (one per process; cheap to share in an `Arc`).

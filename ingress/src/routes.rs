@@ -20,7 +20,7 @@
 //! TLS host with different Secrets: the first wins and the other is reported as a
 //! [`Conflict`], deterministically.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::fmt;
 
 use registry::{Ingress, IngressBackend, PathType};
@@ -133,7 +133,7 @@ impl PrefixRoute {
 /// The routes of one host (or of the wildcard, or of "any host").
 #[derive(Debug, Clone, Default)]
 struct HostRoutes {
-    exact: HashMap<String, Route>,
+    exact: FastMap<String, Route>,
     /// Longest key first.
     prefixes: Vec<PrefixRoute>,
     default: Option<Route>,
@@ -156,13 +156,13 @@ impl HostRoutes {
 /// Every route of the served Ingresses.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
-    hosts: HashMap<String, HostRoutes>,
+    hosts: FastMap<String, HostRoutes>,
     /// Keyed by the part after `*.`.
-    wildcards: HashMap<String, HostRoutes>,
+    wildcards: FastMap<String, HostRoutes>,
     any: HostRoutes,
     catch_all: Option<Route>,
-    tls_hosts: HashMap<String, TlsRef>,
-    tls_wildcards: HashMap<String, TlsRef>,
+    tls_hosts: FastMap<String, TlsRef>,
+    tls_wildcards: FastMap<String, TlsRef>,
     tls_default: Option<TlsRef>,
     conflicts: Vec<Conflict>,
     routes: usize,

@@ -4,6 +4,7 @@
 //! `Arc<Snapshot>`): a request or handshake takes the snapshot of its moment and keeps it, so
 //! an update never drops a connection or changes a request in flight.
 
+use crate::FastMap;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,7 +63,7 @@ impl Upstream {
 #[derive(Debug)]
 pub struct Ejections {
     period: Duration,
-    until: Mutex<HashMap<SocketAddr, Instant>>,
+    until: Mutex<FastMap<SocketAddr, Instant>>,
     /// Entries in `until` (read without the lock: most requests find none).
     held: AtomicUsize,
 }
@@ -71,7 +72,7 @@ impl Ejections {
     pub fn new(period: Duration) -> Ejections {
         Ejections {
             period,
-            until: Mutex::new(HashMap::new()),
+            until: Mutex::new(FastMap::default()),
             held: AtomicUsize::new(0),
         }
     }
@@ -111,7 +112,7 @@ impl Ejections {
 #[derive(Debug)]
 pub struct Snapshot {
     pub routes: RouteTable,
-    pub upstreams: HashMap<BackendRef, Arc<Upstream>>,
+    pub upstreams: FastMap<BackendRef, Arc<Upstream>>,
     /// Usable certificates by (namespace, Secret name).
     pub certs: HashMap<(String, String), Arc<CertifiedKey>>,
     pub default_cert: Arc<CertifiedKey>,
@@ -131,7 +132,7 @@ impl Snapshot {
     pub fn empty(default_cert: Arc<CertifiedKey>) -> Snapshot {
         Snapshot {
             routes: RouteTable::default(),
-            upstreams: HashMap::new(),
+            upstreams: FastMap::default(),
             certs: HashMap::new(),
             default_cert,
             generation: 0,
@@ -153,7 +154,7 @@ impl Snapshot {
             .filter(|i| filter.serves(i))
             .collect();
         let routes = RouteTable::build(served.iter().copied());
-        let mut upstreams = HashMap::new();
+        let mut upstreams = FastMap::default();
         for b in routes.backends() {
             let addrs = resolve(objects, b);
             let up = match previous.upstreams.get(b) {
