@@ -179,49 +179,46 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// RFC 3339 in UTC with microseconds, as tracing's `fmt` writes it (a clock before 1970 is
-/// written as 1970). The part up to the second is formatted once per second per thread.
+/// written as 1970). The text up to the second is kept per thread and rebuilt once a second.
 fn write_time(out: &mut Vec<u8>, t: SystemTime) {
     thread_local! {
-        /// The last second formatted and its `YYYY-MM-DDTHH:MM:SS.`.
+        /// The second last written and its `YYYY-MM-DDTHH:MM:SS.`.
         static SECOND: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
     }
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
-    let (cached, mut prefix) = SECOND.get();
-    if cached != secs {
-        let mut p = Vec::with_capacity(20);
-        let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-        let (year, month, day) = civil_from_days(days);
-        let rem = secs % 86_400;
-        write_padded(&mut p, u64::try_from(year).unwrap_or(0), 4);
-        p.push(b'-');
-        write_padded(&mut p, u64::from(month), 2);
-        p.push(b'-');
-        write_padded(&mut p, u64::from(day), 2);
-        p.push(b'T');
-        write_padded(&mut p, rem / 3_600, 2);
-        p.push(b':');
-        write_padded(&mut p, rem / 60 % 60, 2);
-        p.push(b':');
-        write_padded(&mut p, rem % 60, 2);
-        p.push(b'.');
-        match <[u8; 20]>::try_from(p.as_slice()) {
-            Ok(a) => {
-                prefix = a;
-                SECOND.set((secs, prefix));
-            }
-            // A year beyond 9999: not cached.
-            Err(_) => {
-                out.extend_from_slice(&p);
-                write_padded(out, u64::from(since.subsec_micros()), 6);
-                out.push(b'Z');
-                return;
-            }
+    let (kept, text) = SECOND.get();
+    if kept == secs {
+        out.extend_from_slice(&text);
+    } else {
+        let start = out.len();
+        write_second(out, secs);
+        // Not kept for a year of five digits (the text is then longer).
+        if let Ok(text) = <[u8; 20]>::try_from(&out[start..]) {
+            SECOND.set((secs, text));
         }
     }
-    out.extend_from_slice(&prefix);
     write_padded(out, u64::from(since.subsec_micros()), 6);
     out.push(b'Z');
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.` of `secs` since 1970.
+fn write_second(out: &mut Vec<u8>, secs: u64) {
+    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
+    let (year, month, day) = civil_from_days(days);
+    let rem = secs % 86_400;
+    write_padded(out, u64::try_from(year).unwrap_or(0), 4);
+    out.push(b'-');
+    write_padded(out, u64::from(month), 2);
+    out.push(b'-');
+    write_padded(out, u64::from(day), 2);
+    out.push(b'T');
+    write_padded(out, rem / 3_600, 2);
+    out.push(b':');
+    write_padded(out, rem / 60 % 60, 2);
+    out.push(b':');
+    write_padded(out, rem % 60, 2);
+    out.push(b'.');
 }
 
 #[cfg(test)]

@@ -15,7 +15,6 @@
 //! series are looked up once per snapshot, the request head is written upstream from borrowed
 //! parts (every attempt and retry reads the same head; nothing is copied for them).
 
-use crate::FastMap;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -39,6 +38,7 @@ use crate::path::normalize_path;
 use crate::routes::Route;
 use crate::snapshot::{Ejections, Snapshot};
 use crate::upstream::{Pool, SendError, UpBody};
+use crate::FastMap;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

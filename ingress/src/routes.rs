@@ -20,10 +20,11 @@
 //! TLS host with different Secrets: the first wins and the other is reported as a
 //! [`Conflict`], deterministically.
 
-use crate::FastMap;
 use std::fmt;
 
 use registry::{Ingress, IngressBackend, PathType};
+
+use crate::FastMap;
 
 /// A Service port by number or by name (resolved against the Service later).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -4,7 +4,6 @@
 //! `Arc<Snapshot>`): a request or handshake takes the snapshot of its moment and keeps it, so
 //! an update never drops a connection or changes a request in flight.
 
-use crate::FastMap;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +17,7 @@ use crate::endpoints::{resolve, ResolveError};
 use crate::objects::Objects;
 use crate::routes::{BackendRef, RouteTable};
 use crate::tls::{CertCache, CertError};
+use crate::FastMap;
 
 /// The endpoints of one backend, with its round-robin position.
 #[derive(Debug)]

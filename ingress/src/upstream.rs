@@ -25,7 +25,6 @@
 //! task of its own (hyper hands the upgraded stream over from there) and never come back to
 //! the pool.
 
-use crate::FastMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -43,6 +42,8 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::FastMap;
 
 /// Headers in a response head (hyper's client limit as well); more is "too big".
 const MAX_HEADERS: usize = 100;
@@ -320,7 +321,8 @@ struct Head {
 /// Parses the response head at the start of `buf` and splits it off: `None` while it is
 /// incomplete (and within `max` bytes).
 fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, HeadError> {
-    // httparse's slots left uninitialized (zeroing 100 of them cost more than the parse).
+    // httparse's slots left uninitialized: zeroing them and a 100-entry offset table wrote
+    // 6.4 KiB per response.
     let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let (len, code, minor, at) = {
