@@ -182,12 +182,18 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Whether a comma-separated header value holds `token` (case-insensitive), read as bytes (a
-/// value with obs-text elsewhere still counts).
-pub(crate) fn has_token(value: &[u8], token: &str) -> bool {
+/// The non-empty elements of a comma-separated header value, trimmed, read as bytes (a value
+/// with obs-text somewhere still has its other elements read).
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether a comma-separated header value holds `token` (case-insensitive).
+pub(crate) fn has_token(value: &[u8], token: &str) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Removes hop-by-hop headers and those the Connection header names; returns the Upgrade
@@ -211,9 +217,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) -> Option<HeaderValue> {
     for t in h
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
+        .flat_map(|v| tokens(v.as_bytes()))
     {
         if t.eq_ignore_ascii_case(b"upgrade") {
             upgrade_asked = true;
